@@ -1,0 +1,29 @@
+"""LLaVA-1.5: a CLIP tower whose patch features become a fixed number of image tokens, Llama LM (1-D RoPE)."""
+
+from __future__ import annotations
+
+from kscale.models.registry import Adapter, LoadedModel, register
+
+
+@register
+class LlavaAdapter(Adapter):
+    family = "llava"
+    model_class = "LlavaForConditionalGeneration"
+    default_template = "USER: {image}\n{text} ASSISTANT:"
+    add_bos = True
+
+    def image_token_id(self, config) -> int:
+        return config.image_token_id
+
+    def tokens_per_image(self, config) -> int:
+        v = config.vision_config
+        n = (v.image_size // v.patch_size) ** 2
+        return n + 1 if config.vision_feature_select_strategy == "full" else n
+
+    def image_inputs(self, loaded: LoadedModel, images: list):
+        out = loaded.image_processor(images=images, return_tensors="pt")
+        n = self.tokens_per_image(loaded.model.config)
+        return {"pixel_values": out["pixel_values"].to(loaded.dtype)}, [n] * len(images)
+
+    def image_block(self, loaded: LoadedModel, n_tokens: int) -> list[int]:
+        return [loaded.model.config.image_token_id] * n_tokens

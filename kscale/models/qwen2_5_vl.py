@@ -1,0 +1,50 @@
+"""Qwen2.5-VL: dynamic-resolution images, fused vision tower, 3-D M-RoPE in the language model.
+
+Pitfall handled here: the model uses 3-D M-RoPE positions only when ``mm_token_type_ids`` is passed
+(1 on image tokens, 2 on video tokens); without it it silently falls back to 1-D positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kscale.models.registry import Adapter, LoadedModel, register
+
+
+@register
+class Qwen2_5_VLAdapter(Adapter):
+    family = "qwen2_5_vl"
+    model_class = "Qwen2_5_VLForConditionalGeneration"
+    default_template = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
+
+    def processor_kwargs(self, mspec) -> dict:
+        kw = {}
+        if mspec.min_pixels is not None:
+            kw["min_pixels"] = mspec.min_pixels
+        if mspec.max_pixels is not None:
+            kw["max_pixels"] = mspec.max_pixels
+        return kw
+
+    def image_token_id(self, config) -> int:
+        return config.image_token_id
+
+    def video_token_id(self, config) -> int | None:
+        return config.video_token_id
+
+    def image_inputs(self, loaded: LoadedModel, images: list):
+        out = loaded.image_processor(images=images, return_tensors="pt")
+        merge = loaded.image_processor.merge_size
+        counts = [int(g.prod()) // (merge * merge) for g in out["image_grid_thw"]]
+        return {"pixel_values": out["pixel_values"].to(loaded.dtype), "image_grid_thw": out["image_grid_thw"]}, counts
+
+    def image_block(self, loaded: LoadedModel, n_tokens: int) -> list[int]:
+        cfg = loaded.model.config
+        return [cfg.vision_start_token_id] + [cfg.image_token_id] * n_tokens + [cfg.vision_end_token_id]
+
+    def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
+        mm = (input_ids_BT == config.image_token_id).int() + 2 * (input_ids_BT == config.video_token_id).int()
+        return {"mm_token_type_ids": mm}
+
+    def special_ids(self, loaded: LoadedModel) -> set[int]:
+        cfg = loaded.model.config
+        return super().special_ids(loaded) | {cfg.vision_start_token_id, cfg.vision_end_token_id}

@@ -1,0 +1,286 @@
+"""Model knowledge in one place: which family a checkpoint is, how to load it, where its projections are.
+
+An ``Adapter`` per family (``qwen2_5_vl.py``, ``llava.py``) answers every architecture question the rest
+of kscale asks: the language model's key/query projection modules (never the vision tower's), the
+rotary embedding module (hooked to capture the positions the model really used), the visual token ids,
+how (image, text[, answer]) becomes a padded batch, and the modality tag of every token.
+
+Legend: B batch, T tokens (padded), R rope position rows (3 for Qwen's M-RoPE, 1 for 1-D RoPE).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+# Modality tags stored per token. PAD is never stored.
+TEXT, IMAGE, VIDEO, SPECIAL, PAD = 0, 1, 2, 3, -1
+MODALITY_CODES = {"text": TEXT, "image": IMAGE, "video": VIDEO, "special": SPECIAL}
+MODALITY_NAMES = {v: k for k, v in MODALITY_CODES.items()}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What kscale needs from a config.json, read without loading weights."""
+
+    family: str
+    model_type: str
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    hidden_size: int
+    config_hash: str
+    path: str
+
+
+@dataclass
+class LoadedModel:
+    adapter: "Adapter"
+    model: torch.nn.Module
+    tokenizer: Any
+    image_processor: Any
+    info: ModelInfo
+    device: torch.device
+    dtype: torch.dtype
+    processor_settings: dict = field(default_factory=dict)
+    template: str = "{image}{text}"
+
+
+@dataclass
+class Batch:
+    """A padded model batch plus the per-token facts kscale records."""
+
+    inputs: dict[str, torch.Tensor]  # what the model's forward takes
+    modality_BT: torch.Tensor  # int8 tags, PAD where attention_mask is 0
+    image_index_BT: torch.Tensor  # int16: which image of the sample (-1 for non-image tokens)
+    answer_mask_BT: torch.Tensor  # bool: tokens of the answer span (all False without answers)
+    n_image_tokens: list[int]  # processor formula per sample (sum over its images)
+
+
+def resolve_model_path(path: str) -> str:
+    if path.startswith("debug:"):
+        from kscale.models.debug import debug_model_dir
+
+        return debug_model_dir(path.split(":", 1)[1])
+    return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
+
+
+def _read_config_json(mspec) -> tuple[dict, str]:
+    path = resolve_model_path(mspec.path)
+    cfg_file = Path(path) / "config.json"
+    if cfg_file.is_file():
+        text = cfg_file.read_text()
+        return json.loads(text), hashlib.sha256(text.encode()).hexdigest()[:16]
+    if Path(path).exists():
+        raise ValueError(f"{path!r} has no config.json: not a transformers checkpoint")
+    # a hub id: let transformers fetch the config (fails clearly when offline)
+    from transformers import AutoConfig
+
+    try:
+        cfg = AutoConfig.from_pretrained(path, revision=mspec.revision, trust_remote_code=mspec.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - any hub failure becomes a clear boundary error
+        raise ValueError(f"cannot read model {path!r}: not a local directory and the hub lookup failed "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+    d = cfg.to_dict()
+    return d, hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def read_model_config(mspec) -> ModelInfo:
+    """ModelInfo from the checkpoint's config.json (no weights)."""
+    cfg, digest = _read_config_json(mspec)
+    model_type = cfg.get("model_type", "")
+    family = mspec.architecture if mspec.architecture != "auto" else model_type
+    if family not in ADAPTERS:
+        raise ValueError(f"model {mspec.path!r}: model_type {model_type!r} is not supported "
+                         f"(supported: {', '.join(ADAPTERS)}; set model.architecture to force one)")
+    text = cfg.get("text_config") or cfg
+    heads = text["num_attention_heads"]
+    return ModelInfo(
+        family=family, model_type=model_type, num_layers=text["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads,
+        head_dim=text.get("head_dim") or text["hidden_size"] // heads, hidden_size=text["hidden_size"],
+        config_hash=digest, path=resolve_model_path(mspec.path),
+    )
+
+
+def get_adapter(family: str) -> "Adapter":
+    if family not in ADAPTERS:
+        raise ValueError(f"unknown model family {family!r} (supported: {', '.join(ADAPTERS)})")
+    return ADAPTERS[family]()
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("model.device: 'cuda' requested but no CUDA device is visible")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def load_model(mspec) -> LoadedModel:
+    """Load model, tokenizer and image processor with the real ``from_pretrained`` path."""
+    info = read_model_config(mspec)
+    adapter = get_adapter(info.family)
+    device = pick_device(mspec.device)
+    dtype = pick_dtype(mspec.dtype, device)
+    return adapter.load(mspec, info, device, dtype)
+
+
+class Adapter:
+    """Family-specific knowledge; subclasses fill in the hooks below."""
+
+    family: str = ""
+    model_class: str = ""
+    default_template: str = "{image}{text}"
+    add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
+
+    # -- loading
+    def load(self, mspec, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+        import transformers
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        cls = getattr(transformers, self.model_class)
+        common = dict(revision=mspec.revision, trust_remote_code=mspec.trust_remote_code)
+        model = cls.from_pretrained(info.path, dtype=dtype, attn_implementation=mspec.attn_implementation, **common)
+        model.to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(info.path, **common)
+        tokenizer.padding_side = "right"
+        proc_kwargs = self.processor_kwargs(mspec)
+        image_processor = AutoImageProcessor.from_pretrained(info.path, **common, **proc_kwargs)
+        settings = {k: v for k, v in image_processor.to_dict().items() if not k.startswith("_")}
+        template = mspec.prompt_template or self.default_template
+        return LoadedModel(self, model, tokenizer, image_processor, info, device, dtype, settings, template)
+
+    def processor_kwargs(self, mspec) -> dict:
+        return {}
+
+    # -- module locations (language model only)
+    def decoder_layers(self, model) -> list[torch.nn.Module]:
+        return list(model.model.language_model.layers)
+
+    def key_modules(self, model) -> list[torch.nn.Module]:
+        return [layer.self_attn.k_proj for layer in self.decoder_layers(model)]
+
+    def query_modules(self, model) -> list[torch.nn.Module]:
+        return [layer.self_attn.q_proj for layer in self.decoder_layers(model)]
+
+    def rotary_module(self, model) -> torch.nn.Module:
+        return model.model.language_model.rotary_emb
+
+    # -- token ids
+    def image_token_id(self, config) -> int:
+        raise NotImplementedError
+
+    def video_token_id(self, config) -> int | None:
+        return None
+
+    def special_ids(self, loaded: LoadedModel) -> set[int]:
+        ids = set(loaded.tokenizer.all_special_ids) - {loaded.tokenizer.unk_token_id}
+        return ids - {self.image_token_id(loaded.model.config), self.video_token_id(loaded.model.config)}
+
+    # -- inputs
+    def image_inputs(self, loaded: LoadedModel, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pixel tensors for the images of a batch and the number of LM tokens each image becomes."""
+        raise NotImplementedError
+
+    def image_block(self, loaded: LoadedModel, n_tokens: int) -> list[int]:
+        raise NotImplementedError
+
+    def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
+        return {}
+
+    def build_batch(self, loaded: LoadedModel, images: list, texts: list[str],
+                    answers: list[str] | None = None) -> Batch:
+        """Tokenise (image, text[, answer]) samples into one right-padded batch.
+
+        ``images[i]`` is a PIL image or None (text only). Image placeholders are expanded to the
+        processor's token count here, so the count is known exactly (no string re-tokenisation).
+        """
+        tok = loaded.tokenizer
+        present = [im for im in images if im is not None]
+        pix, counts = self.image_inputs(loaded, present) if present else ({}, [])
+        template = loaded.template
+        count_iter = iter(counts)
+        seqs, ans_spans, n_img = [], [], []
+        for im, text, ans in zip(images, texts, answers or [None] * len(texts)):
+            n = next(count_iter) if im is not None else 0
+            ids = self._render(tok, template, self.image_block(loaded, n) if im is not None else [], text)
+            if self.add_bos and tok.bos_token_id is not None:
+                ids = [tok.bos_token_id] + ids
+            start = len(ids)
+            if ans is not None:
+                ids += tok(" " + ans, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            seqs.append(ids)
+            ans_spans.append((start, len(ids)))
+            n_img.append(n)
+        T = max(len(s) for s in seqs)
+        pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+        input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
+        attn = torch.zeros((len(seqs), T), dtype=torch.long)
+        answer_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
+        for i, s in enumerate(seqs):
+            input_ids[i, : len(s)] = torch.tensor(s)
+            attn[i, : len(s)] = 1
+            answer_mask[i, ans_spans[i][0]: ans_spans[i][1]] = True
+        inputs = {"input_ids": input_ids, "attention_mask": attn, **pix}
+        inputs.update(self.extra_inputs(input_ids, loaded.model.config))
+        modality, image_index = self.tag(loaded, input_ids, attn)
+        return Batch(inputs, modality, image_index, answer_mask, n_img)
+
+    @staticmethod
+    def _render(tok, template: str, image_ids: list[int], text: str) -> list[int]:
+        ids: list[int] = []
+        rest = template
+        while rest:
+            i_img, i_txt = rest.find("{image}"), rest.find("{text}")
+            cands = [(i, k) for i, k in ((i_img, "image"), (i_txt, "text")) if i >= 0]
+            if not cands:
+                ids += tok(rest, add_special_tokens=False).input_ids
+                break
+            i, k = min(cands)
+            if i > 0:
+                ids += tok(rest[:i], add_special_tokens=False).input_ids
+            ids += image_ids if k == "image" else tok(text, add_special_tokens=False).input_ids
+            rest = rest[i + len(k) + 2:]
+        return ids
+
+    def tag(self, loaded: LoadedModel, input_ids_BT: torch.Tensor, attn_BT: torch.Tensor):
+        """Modality tag and image index of every token (PAD where attention_mask is 0)."""
+        cfg = loaded.model.config
+        modality = torch.full(input_ids_BT.shape, TEXT, dtype=torch.int8)
+        special = torch.tensor(sorted(self.special_ids(loaded)), dtype=input_ids_BT.dtype)
+        modality[torch.isin(input_ids_BT, special)] = SPECIAL
+        is_img = input_ids_BT == self.image_token_id(cfg)
+        modality[is_img] = IMAGE
+        vid = self.video_token_id(cfg)
+        if vid is not None:
+            modality[input_ids_BT == vid] = VIDEO
+        modality[attn_BT == 0] = PAD
+        starts = is_img & ~torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
+        image_index = (torch.cumsum(starts.int(), dim=1) - 1).to(torch.int16)
+        image_index[~is_img | (attn_BT == 0)] = -1
+        return modality, image_index
+
+
+ADAPTERS: dict[str, type[Adapter]] = {}
+
+
+def register(cls: type[Adapter]) -> type[Adapter]:
+    ADAPTERS[cls.family] = cls
+    return cls
+
+
+from kscale.models import llava as _llava  # noqa: E402,F401  (registers the adapters)
+from kscale.models import qwen2_5_vl as _qwen  # noqa: E402,F401
