@@ -1,0 +1,8 @@
+"""MaLoRA, laid out like a PEFT tuner: :mod:`.config`, :mod:`.layer` (the gated two-branch Linear) and
+:mod:`.model` (inject into the language model, modality-mask hook, save/load/merge)."""
+
+from kscale.train.malora.config import MaLoRAConfig
+from kscale.train.malora.layer import MALORA_PARAM_NAMES, MaLoRALinear, ModalityContext
+from kscale.train.malora.model import MaLoRAModel
+
+__all__ = ["MALORA_PARAM_NAMES", "MaLoRAConfig", "MaLoRALinear", "MaLoRAModel", "ModalityContext"]
