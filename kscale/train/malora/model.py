@@ -35,26 +35,23 @@ ADAPTER_CONFIG = "adapter_config.json"
 FORMAT_VERSION = 1
 
 
-def language_layers(model: nn.Module) -> nn.ModuleList:
-    """Decoder layers of the language model (Qwen2.5-VL and LLaVA in transformers 5.x)."""
-    try:
-        return model.model.language_model.layers
-    except AttributeError as e:
-        raise ValueError(
-            f"{type(model).__name__} has no model.language_model.layers: not a supported vision-language model"
-        ) from e
+def model_adapter(model: nn.Module) -> Any:
+    """The :mod:`kscale.models` adapter of a loaded model (where its decoder layers and token ids are)."""
+    from kscale.models.registry import get_adapter
+
+    return get_adapter(getattr(model.config, "model_type", ""))
 
 
-def visual_token_ids(config: Any) -> tuple[int, ...]:
-    """Token ids that stand for image or video patches: image_token_id (or LLaVA's image_token_index), video_token_id."""
-    ids = []
-    for name in ("image_token_id", "image_token_index", "video_token_id"):
-        value = getattr(config, name, None)
-        if value is not None and value not in ids:
-            ids.append(int(value))
-    if not ids:
-        raise ValueError(f"{type(config).__name__} names no image_token_id: cannot tell image tokens from text")
-    return tuple(ids)
+def language_layers(model: nn.Module) -> list[nn.Module]:
+    """Decoder layers of the language model (never the vision tower's)."""
+    return list(model_adapter(model).decoder_layers(model))
+
+
+def visual_token_ids(model: nn.Module) -> tuple[int, ...]:
+    """Token ids that stand for image or video patches."""
+    adapter = model_adapter(model)
+    ids = [adapter.image_token_id(model.config), adapter.video_token_id(model.config)]
+    return tuple(int(i) for i in ids if i is not None)
 
 
 def resolve_layers(layers: str | list[int], n_layers: int, field_name: str = "layers") -> list[int]:
@@ -69,10 +66,9 @@ def resolve_layers(layers: str | list[int], n_layers: int, field_name: str = "la
     return out
 
 
-def target_module_name(layer_idx: int, target: str) -> str:
-    """Path of a target projection relative to the language model's layer list."""
-    parent = "self_attn" if target in ATTENTION_TARGETS else "mlp"
-    return f"{layer_idx}.{parent}.{target}"
+def target_parent(target: str) -> str:
+    """Sub-module of a decoder layer that holds a target projection."""
+    return "self_attn" if target in ATTENTION_TARGETS else "mlp"
 
 
 class MaLoRAModel(nn.Module):
@@ -86,7 +82,7 @@ class MaLoRAModel(nn.Module):
         self.model = model
         self.malora_config = config
         self.context = ModalityContext()
-        self._visual_ids = visual_token_ids(model.config)
+        self._visual_ids = visual_token_ids(model)
         model.requires_grad_(False)
         self._inject()
         self._hook = model.register_forward_pre_hook(self._set_modality_mask, with_kwargs=True)
@@ -95,12 +91,11 @@ class MaLoRAModel(nn.Module):
         layers = language_layers(self.model)
         for idx in resolve_layers(self.malora_config.layers, len(layers), "malora.layers"):
             for target in self.malora_config.target_modules:
-                parent_name, _, leaf = target_module_name(idx, target).rpartition(".")
-                parent = layers.get_submodule(parent_name)
-                base = getattr(parent, leaf, None)
+                parent = getattr(layers[idx], target_parent(target))
+                base = getattr(parent, target, None)
                 if not isinstance(base, nn.Linear):
                     raise ValueError(f"Target module {target!r} not found as nn.Linear in language layer {idx}")
-                setattr(parent, leaf, MaLoRALinear(base, self.malora_config, self.context))
+                setattr(parent, target, MaLoRALinear(base, self.malora_config, self.context))
 
     def _set_modality_mask(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         input_ids = kwargs.get("input_ids", args[0] if args else None)

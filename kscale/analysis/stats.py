@@ -1,0 +1,122 @@
+"""Sampling errors, intervals and p-values for the estimators of ``mmd.py`` and ``jsd.py``.
+
+Tokens of one sample are dependent, so every error here is clustered by sample: samples are hashed
+into K buckets (``source.bucket_table``) and buckets are the clusters.
+
+- :func:`witness_influence` linearises MMD^2 around the estimated witness ``f = mu_x - mu_y``: each
+  bucket's influence is ``2 (sum_x f - n_b mean_x f)/n - 2 (sum_y f - n_b mean_y f)/m``, and
+  ``se^2 = G/(G-1) sum_b r_b^2`` (G non-empty buckets). This is the witness-variance SE; it is first
+  order and shrinks to 0 at the null (degenerate U-statistic), so use p-values for testing.
+- :func:`cross_mmd_p`: witness from one half of the buckets, its mean difference studentised on the
+  other half (Kübler et al. 2022 / Shekhar et al. 2022 "cross-MMD"): a one-sided t-test, no
+  permutations, valid at any size because the witness is independent of the test half.
+- :func:`permutation_p`: sequence-level permutations of per-(sample, modality) feature sums.
+- :func:`fieller_interval` for ratios (cross / intra) with covariance from joint influences.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from scipy import stats as sps
+
+from kscale.analysis.mmd import Side
+
+
+def witness_influence(x: Side, y: Side) -> np.ndarray:
+    """Per-bucket influence (K,) of MMD^2 (both sides share bucket indices)."""
+    n, m = x.n, y.n
+    delta_F = x.total() / n - y.total() / m
+    fx_K, fy_K = x.feat_KF @ delta_F, y.feat_KF @ delta_F
+    return 2 * (fx_K - x.n_K * fx_K.sum() / n) / n - 2 * (fy_K - y.n_K * fy_K.sum() / m) / m
+
+
+def cluster_se(influence_K: np.ndarray, nonempty_K: np.ndarray) -> float:
+    g = int(nonempty_K.sum())
+    if g < 2:
+        return float("nan")
+    return float(np.sqrt(g / (g - 1) * (influence_K[nonempty_K] ** 2).sum()))
+
+
+def cluster_cov(a_K: np.ndarray, b_K: np.ndarray, nonempty_K: np.ndarray) -> float:
+    g = int(nonempty_K.sum())
+    return float(g / (g - 1) * (a_K[nonempty_K] * b_K[nonempty_K]).sum()) if g > 1 else float("nan")
+
+
+def t_interval(value: float, se: float, n_clusters: int, alpha: float) -> tuple[float, float]:
+    if not np.isfinite(se) or n_clusters < 2:
+        return float("nan"), float("nan")
+    q = sps.t.ppf(1 - alpha / 2, n_clusters - 1)
+    return value - q * se, value + q * se
+
+
+def cross_mmd_p(x: Side, y: Side, fold_K: np.ndarray) -> tuple[float, float]:
+    """(one-sided p, z) of the cross-MMD test: witness on fold 0, studentised mean gap on fold 1."""
+    x0, y0 = x.restrict(fold_K == 0), y.restrict(fold_K == 0)
+    x1, y1 = x.restrict(fold_K == 1), y.restrict(fold_K == 1)
+    if min(x0.n, y0.n, x1.n, y1.n) < 2:
+        return float("nan"), float("nan")
+    delta_F = x0.total() / x0.n - y0.total() / y0.n
+    fx_K, fy_K = x1.feat_KF @ delta_F, y1.feat_KF @ delta_F
+    mx, my = fx_K.sum() / x1.n, fy_K.sum() / y1.n
+    r_K = (fx_K - x1.n_K * mx) / x1.n - (fy_K - y1.n_K * my) / y1.n
+    test_K = (fold_K == 1) & ((x1.n_K + y1.n_K) > 0)
+    se = cluster_se(r_K, test_K)
+    if not se > 0:
+        return float("nan"), float("nan")
+    z = (mx - my) / se
+    return float(sps.t.sf(z, int(test_K.sum()) - 1)), float(z)
+
+
+def permutation_p(feat_UF: np.ndarray, count_U: np.ndarray, sq_U: np.ndarray, is_x_U: np.ndarray,
+                  n_perm: int, seed: int, chunk: int = 250) -> tuple[float, float]:
+    """(p, observed MMD^2_u) of a permutation test that reassigns whole sequences (units) to sides.
+
+    The statistic is recomputed from permuted unit sums, ``S_x* = L @ feat``, one matrix product per
+    chunk of permutations; ``p = (1 + #{T* >= T}) / (1 + n_perm)``.
+    """
+    rng = np.random.default_rng([seed, 0xBEE])
+    total_F, n_tot, sq_tot = feat_UF.sum(0), count_U.sum(), sq_U.sum()
+    n_x_units = int(is_x_U.sum())
+
+    def stat(lab_PU: np.ndarray) -> np.ndarray:
+        sx_PF = lab_PU @ feat_UF
+        n = lab_PU @ count_U
+        qx = lab_PU @ sq_U
+        sy_PF = total_F - sx_PF
+        m, qy = n_tot - n, sq_tot - qx
+        sxx, syy, sxy = (sx_PF**2).sum(1), (sy_PF**2).sum(1), (sx_PF * sy_PF).sum(1)
+        return (sxx - qx) / (n * (n - 1)) + (syy - qy) / (m * (m - 1)) - 2 * sxy / (n * m)
+
+    observed = float(stat(is_x_U[None].astype(np.float64))[0])
+    exceed = 0
+    for lo in range(0, n_perm, chunk):
+        p = min(chunk, n_perm - lo)
+        order_PU = np.argsort(rng.random((p, len(count_U))), axis=1)
+        lab_PU = np.zeros((p, len(count_U)))
+        np.put_along_axis(lab_PU, order_PU[:, :n_x_units], 1.0, axis=1)
+        exceed += int((stat(lab_PU) >= observed).sum())
+    return (1 + exceed) / (1 + n_perm), observed
+
+
+def fieller_interval(a: float, b: float, var_a: float, var_b: float, cov: float,
+                     alpha: float) -> tuple[float, float]:
+    """Fieller's interval for a / b; unbounded (-inf, inf) when b is not significantly non-zero."""
+    z2 = sps.norm.ppf(1 - alpha / 2) ** 2
+    qa, qb, qc = b * b - z2 * var_b, -2 * (a * b - z2 * cov), a * a - z2 * var_a
+    disc = qb * qb - 4 * qa * qc
+    if not (np.isfinite(disc) and qa > 0 and disc >= 0):
+        return -math.inf, math.inf
+    root = math.sqrt(disc)
+    return (-qb - root) / (2 * qa), (-qb + root) / (2 * qa)
+
+
+def jackknife(full: float, leave_one_out_G: np.ndarray) -> tuple[float, float]:
+    """(bias-corrected value, SE) of the delete-one-cluster jackknife."""
+    g = len(leave_one_out_G)
+    if g < 2:
+        return full, float("nan")
+    mean = leave_one_out_G.mean()
+    se = math.sqrt((g - 1) / g * ((leave_one_out_G - mean) ** 2).sum())
+    return full, se

@@ -1,0 +1,136 @@
+"""The front door: ``kscale submit job.yaml`` and friends. Thin: parse, load the spec, dispatch.
+
+Knobs live in the spec; flags only say *where* to run (``--target``, ``--address``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import click
+
+from kscale.spec import SpecError, load_spec
+
+
+def _load(path: str):
+    try:
+        return load_spec(path)
+    except SpecError as e:
+        click.echo(str(e), err=True)
+        sys.exit(2)
+
+
+@click.group()
+@click.version_option(package_name="kscale")
+def main() -> None:
+    """kscale: the key-space modality gap of multimodal LLMs, measured and closed at cluster scale."""
+
+
+def print_summary(summary: dict) -> None:
+    if summary.get("kind") == "extract":
+        tok = summary.get("tokens", {})
+        click.echo(
+            f"kscale: extract {summary.get('state')}: shards {summary.get('shards_done', 0)} done, "
+            f"{summary.get('shards_skipped', 0)} skipped (already committed), {summary.get('shards_failed', 0)} failed"
+            f"; samples {summary.get('samples', 0)} ({summary.get('sample_errors', 0)} recorded errors); tokens "
+            + ", ".join(f"{k} {v}" for k, v in sorted(tok.items()))
+            + f"; {summary.get('bytes', 0) / 1e6:.2f} MB of keys in {summary.get('seconds', 0):.1f} s "
+            f"({summary.get('samples_per_s', 0):.2f} samples/s); store {summary.get('store')}")
+        for name, err in (summary.get("quarantined") or {}).items():
+            click.echo(f"kscale: quarantined {name}: {err.splitlines()[0]}", err=True)
+    else:
+        click.echo(json.dumps(summary, indent=1, default=str))
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--target", type=click.Choice(["local", "ray", "slurm", "k8s"]), default=None,
+              help="Where to run: local (this machine; embedded Ray if the spec uses ray), ray (the cluster at "
+                   "--address / RAY_ADDRESS via the Jobs API), slurm (sbatch) or k8s (KubeRay).")
+@click.option("--address", default=None, help="Ray Jobs API address of a running cluster (http://HEAD:8265).")
+@click.option("--dry-run", is_flag=True, help="Print what would be submitted (slurm/k8s) and stop.")
+@click.option("--force", is_flag=True, help="Submit a new run even if the same job was submitted before.")
+@click.option("--no-progress", is_flag=True, help="No progress bar.")
+def submit(job: str, target: str | None, address: str | None, dry_run: bool, force: bool, no_progress: bool) -> None:
+    """Run JOB (a YAML spec) here or on a cluster."""
+    spec = _load(job)
+    env_address = os.environ.get("RAY_ADDRESS") or None
+    # An http(s) address is a Jobs API endpoint to submit to; any other RAY_ADDRESS (set by Ray inside a
+    # cluster job, or "auto") means: run the driver here and join that cluster.
+    if address is None and target is None and env_address and env_address.startswith(("http://", "https://")):
+        address = env_address
+    if target in ("slurm", "k8s", "ray") or address:
+        from kscale.cli_cluster import submit_remote
+
+        sys.exit(submit_remote(job, spec, target or "ray", address, dry_run, force))
+    from kscale.runner import run_job
+
+    summary = run_job(spec, address=env_address, show_bar=not no_progress)
+    print_summary(summary)
+    sys.exit(1 if summary.get("shards_failed") or summary.get("state") == "failed" else 0)
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--explain", is_flag=True, help="Also print every field with its type, default and meaning.")
+def validate(job: str, explain: bool) -> None:
+    """Check JOB and report every problem with its dotted field."""
+    spec = _load(job)
+    click.echo(f"{job}: ok (kind {spec.kind}, fingerprint {spec.fingerprint()})")
+    if explain:
+        from kscale.spec import explain as rows
+
+        for name, tp, default, doc in rows():
+            click.echo(f"{name:38s} {tp:28s} {default:14s} {doc}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
+def info(store: str, as_json: bool) -> None:
+    """Summarise a key store: samples, tokens per modality, layers, heads, bytes, errors."""
+    import kscale.store
+
+    try:
+        s = kscale.store.open(store)
+    except kscale.store.StoreError as e:
+        click.echo(f"kscale info: {e}", err=True)
+        sys.exit(2)
+    summ = s.summary()
+    if as_json:
+        click.echo(json.dumps(summ, indent=1))
+        return
+    for k, v in summ.items():
+        click.echo(f"{k:18s} {v}")
+    for e in s.errors()[:20]:
+        click.echo(f"  error sample {e['sample_id']} ({e['source_id']}): {e['reason']}")
+
+
+@main.command("debug-model")
+@click.argument("family", type=click.Choice(["qwen2_5_vl", "llava"]))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+def debug_model(family: str, out_dir: str) -> None:
+    """Save a tiny random FAMILY model + tokenizer + image processor to OUT_DIR."""
+    from kscale.models.debug import build_debug_model
+
+    click.echo(build_debug_model(family, out_dir))
+
+
+def _register_optional() -> None:
+    """Commands of stages that live in their own modules (cluster, analysis report)."""
+    try:
+        from kscale import cli_cluster
+    except ImportError:
+        return
+    for name in ("status", "logs", "stop", "doctor"):
+        cmd = getattr(cli_cluster, name, None)
+        if cmd is not None:
+            main.add_command(cmd)
+
+
+_register_optional()
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,10 @@
+"""Executors decide where and when a stage's shards run; the work itself is a plain function.
+
+A stage is a module with ``setup(spec) -> state`` (once per worker, e.g. load the model) and
+``run_shard(spec, shard, state) -> marker dict``. ``LocalExecutor`` runs it in this process;
+``RayExecutor`` runs a pool of named Ray actors with dynamic hand-out, retries and quarantine.
+Both report through ``Progress`` (terminal bar + ``_progress.json`` beside the outputs).
+"""
+
+from kscale.executors.local import LocalExecutor  # noqa: F401
+from kscale.executors.progress import Progress  # noqa: F401

@@ -1,0 +1,81 @@
+"""Progress of a sharded job: a terminal bar and ``_progress.json`` next to the outputs.
+
+The JSON file outlives any cluster, so ``kscale status RUN`` works after the job's Ray is gone.
+Quarantined shards are also written as ``shards/<name>.failed.json`` with their last error.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+from tqdm import tqdm
+
+from kscale.store.layout import write_json_atomic
+
+
+class Progress:
+    def __init__(self, out_dir: str, job: str, stage: str, total: int, skipped: int, show_bar: bool = True):
+        self.path = Path(out_dir) / "_progress.json"
+        self.out_dir = Path(out_dir)
+        self.job, self.stage = job, stage
+        self.total, self.skipped = total, skipped
+        self.done = self.failed = self.samples = self.sample_errors = self.bytes = 0
+        self.tokens: dict[str, int] = {}
+        self.quarantined: dict[str, str] = {}
+        self.retries = 0
+        self.t0 = time.time()
+        self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.bar = tqdm(total=total, initial=skipped, unit="shard", desc=f"{stage} {job}", file=sys.stderr,
+                        disable=not show_bar, dynamic_ncols=True)
+        self._write("running")
+
+    def shard_done(self, marker: dict) -> None:
+        self.done += 1
+        self.samples += marker.get("n_samples_ok", 0)
+        self.sample_errors += marker.get("n_errors", 0)
+        self.bytes += marker.get("key_bytes", 0)
+        for k, v in marker.get("tokens", {}).items():
+            self.tokens[k] = self.tokens.get(k, 0) + v
+        dt = max(time.time() - self.t0, 1e-9)
+        self.bar.set_postfix(samples_s=f"{self.samples / dt:.1f}", tok_s=f"{sum(self.tokens.values()) / dt:.0f}",
+                             MB_s=f"{self.bytes / dt / 1e6:.2f}")
+        self.bar.update(1)
+        self._write("running")
+
+    def shard_retry(self, name: str, error: str) -> None:
+        self.retries += 1
+        tqdm.write(f"kscale: shard {name} failed, retrying: {error}", file=sys.stderr)
+
+    def shard_failed(self, name: str, error: str, attempts: int) -> None:
+        self.failed += 1
+        self.quarantined[name] = error
+        shards = self.out_dir / "shards"
+        shards.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(shards / f"{name}.failed.json", {"shard": name, "attempts": attempts, "error": error})
+        tqdm.write(f"kscale: shard {name} quarantined after {attempts} attempt(s): {error}", file=sys.stderr)
+        self.bar.update(1)
+        self._write("running")
+
+    def finish(self) -> dict:
+        self.bar.close()
+        state = "failed" if self.failed else "succeeded"
+        return self._write(state)
+
+    def snapshot(self, state: str) -> dict:
+        secs = time.time() - self.t0
+        return {
+            "job": self.job, "stage": self.stage, "state": state, "shards_total": self.total,
+            "shards_done": self.done, "shards_skipped": self.skipped, "shards_failed": self.failed,
+            "quarantined": self.quarantined, "retries": self.retries, "samples": self.samples,
+            "sample_errors": self.sample_errors, "tokens": self.tokens, "bytes": self.bytes,
+            "seconds": round(secs, 3), "samples_per_s": round(self.samples / max(secs, 1e-9), 3),
+            "started_at": self.started_at, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+
+    def _write(self, state: str) -> dict:
+        snap = self.snapshot(state)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path, snap)
+        return snap

@@ -1,0 +1,108 @@
+"""``run_extract(spec)``: prepare the store, plan shards, skip committed ones, run the rest.
+
+Store policy (``output.if_exists``): ``resume`` continues a store written by the same spec (its
+fingerprint must match: a different spec is an error, never a silent mix), ``fail`` refuses an existing
+store, ``overwrite`` deletes it first. A directory that is not a kscale store is never deleted.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from pathlib import Path
+
+import zarr
+
+from kscale import __version__
+from kscale.data import open_source, plan_shards
+from kscale.spec import to_dict
+from kscale.store.layout import STORE_FORMAT, STORE_VERSION, committed_shards, is_store
+
+
+class StoreExistsError(RuntimeError):
+    pass
+
+
+def _versions() -> dict:
+    import numpy
+    import torch
+    import transformers
+
+    return {"kscale": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "zarr": zarr.__version__, "numpy": numpy.__version__}
+
+
+def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
+               shards: int) -> dict:
+    return {
+        "format": STORE_FORMAT, "version": STORE_VERSION,
+        "model": {"path": spec.model.path, "resolved_path": info.path, "family": info.family,
+                  "model_type": info.model_type, "config_hash": info.config_hash, "revision": spec.model.revision,
+                  "num_layers": info.num_layers, "num_heads": info.num_heads, "num_kv_heads": info.num_kv_heads,
+                  "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation},
+        "processor": processor_settings,
+        "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
+        "versions": _versions(),
+        "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "rope_pos": ["token", "rope_row"]},
+        "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
+        "key_space": "pre_rope", "rope_rows": 3 if info.family == "qwen2_5_vl" else 1,
+        "modality_codes": {"text": 0, "image": 1, "video": 2, "special": 3},
+        "plan": {"n_samples": n_samples, "shard_size": spec.data.shard_size, "n_shards": shards},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def prepare_store(spec, attrs_fn) -> str:
+    """Create, check or overwrite the output store per ``output.if_exists``; return its path."""
+    path = Path(spec.output.path).expanduser()
+    if path.exists() and any(path.iterdir()):
+        if not is_store(path):
+            raise StoreExistsError(f"output.path: {str(path)!r} exists and is not a kscale store; "
+                                   "refusing to write into it")
+        mode = spec.output.if_exists
+        if mode == "fail":
+            raise StoreExistsError(f"output.path: store {str(path)!r} exists and output.if_exists is 'fail'")
+        if mode == "overwrite":
+            shutil.rmtree(path)
+        else:
+            found = dict(zarr.open_group(str(path), mode="r").attrs).get("spec_fingerprint")
+            if found != spec.fingerprint():
+                raise StoreExistsError(
+                    f"output.path: store {str(path)!r} was written by a different spec (fingerprint {found}, "
+                    f"this spec {spec.fingerprint()}); choose another path or output.if_exists: overwrite")
+            return str(path)
+    g = zarr.open_group(str(path), mode="w")
+    g.attrs.update(attrs_fn())
+    (path / "shards").mkdir(exist_ok=True)
+    return str(path)
+
+
+def run_extract(spec, executor) -> dict:
+    """Extract keys for every uncommitted shard through ``executor``; return the job summary."""
+    from kscale.models import get_adapter, read_model_config
+    from kscale.extract.worker import resolve_heads, resolve_layers
+
+    info = read_model_config(spec.model)
+    n = len(open_source(spec.data))
+    shards = plan_shards(n, spec.data.shard_size)
+    layers = resolve_layers(spec.extract.layers, info.num_layers)
+    heads = resolve_heads(spec.extract.heads, info.num_kv_heads)
+
+    def attrs():
+        settings = _processor_settings(spec, info, get_adapter(info.family))
+        return root_attrs(spec, info, settings, layers, heads, n, len(shards))
+
+    store = prepare_store(spec, attrs)
+    done = set(committed_shards(store))
+    todo = [s for s in shards if s.name not in done]
+    result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
+    return {"kind": "extract", "store": store, "shards_total": len(shards), **result}
+
+
+def _processor_settings(spec, info, adapter) -> dict:
+    from transformers import AutoImageProcessor
+
+    proc = AutoImageProcessor.from_pretrained(info.path, revision=spec.model.revision,
+                                              trust_remote_code=spec.model.trust_remote_code,
+                                              **adapter.processor_kwargs(spec.model))
+    return {k: v for k, v in proc.to_dict().items() if not k.startswith("_")}

@@ -1,0 +1,154 @@
+"""The unit of work of extraction: a plain function of (spec, shard), no Ray in it.
+
+``setup(spec)`` loads the model once per worker; ``run_shard(spec, shard, state)`` reads the shard's
+records, runs batched forwards with key hooks, tags and samples tokens, and writes the shard through a
+``ShardWriter`` that commits last. Executors (local, Ray) only decide where this runs.
+
+Legend: B batch, T tokens, L hooked layers, H kept KV heads, D head dim, R rope rows, N kept tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kscale.data import Record, Shard, open_source
+from kscale.extract.hooks import capture
+from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model
+from kscale.store.writer import ShardWriter
+
+
+@dataclass
+class ExtractState:
+    loaded: LoadedModel
+    layers: list[int]  # model layer indices, ascending
+    heads: list[int]  # KV head indices
+    source: object
+
+
+def resolve_layers(layers, n: int) -> list[int]:
+    return list(range(n)) if layers == "all" else sorted({(i + n) % n for i in layers})
+
+
+def resolve_heads(heads, n: int) -> list[int]:
+    return list(range(n)) if heads == "all" else list(heads)
+
+
+def setup(spec) -> ExtractState:
+    if spec.resources.torch_threads:
+        torch.set_num_threads(spec.resources.torch_threads)
+    loaded = load_model(spec.model)
+    info = loaded.info
+    return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers),
+                        resolve_heads(spec.extract.heads, info.num_kv_heads), open_source(spec.data))
+
+
+def _error(rec: Record, reason: str) -> dict:
+    return {"sample_id": rec.sample_id, "source_id": rec.source_id, "reason": reason}
+
+
+def _keep_mask(modality_BT: torch.Tensor, sample_ids: list[int], sample_tokens) -> torch.Tensor:
+    """Which real tokens to store: all, or at most k per (sample, modality), seeded by sample id."""
+    keep = modality_BT != PAD
+    for name, code in MODALITY_CODES.items():
+        k = getattr(sample_tokens, name)
+        if k == "all":
+            continue
+        for b, sid in enumerate(sample_ids):
+            idx = torch.nonzero(modality_BT[b] == code).flatten()
+            if len(idx) > k:
+                rng = np.random.default_rng([sample_tokens.seed, sid, code])
+                drop = np.setdiff1d(np.arange(len(idx)), rng.choice(len(idx), size=k, replace=False))
+                keep[b, idx[torch.from_numpy(drop)]] = False
+    return keep
+
+
+def build(state: ExtractState, recs: list[Record]):
+    lm = state.loaded
+    return lm.adapter.build_batch(lm, [r.image for r in recs], [r.text for r in recs])
+
+
+def forward_keys(state: ExtractState, batch):
+    """Forward one batch with hooks; return (keys_LBTHD float32 on CPU, positions_BTR)."""
+    lm = state.loaded
+    key_mods = lm.adapter.key_modules(lm.model)
+    inputs = {k: v.to(lm.device) for k, v in batch.inputs.items()}
+    with torch.inference_mode(), capture({i: key_mods[i] for i in state.layers},
+                                         lm.adapter.rotary_module(lm.model)) as cap:
+        lm.model(**inputs, use_cache=False)
+    B, T = batch.inputs["input_ids"].shape
+    Hkv, D = lm.info.num_kv_heads, lm.info.head_dim
+    keys = torch.stack([cap.outputs[i] for i in state.layers]).view(len(state.layers), B, T, Hkv, D)
+    return keys[:, :, :, state.heads].float().cpu(), cap.positions_BTR.cpu()
+
+
+def _check_tags(batch, recs: list[Record]) -> None:
+    from kscale.models import IMAGE
+
+    got = (batch.modality_BT == IMAGE).sum(1).tolist()
+    # an invariant of the adapters: placeholder expansion used the processor's own count
+    assert got == batch.n_image_tokens, f"image tokens {got} != processor formula {batch.n_image_tokens}"
+
+
+def write_batch(writer: ShardWriter, spec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
+    keep = _keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens)
+    ids = batch.inputs["input_ids"]
+    B, T = ids.shape
+    sid_BT = torch.tensor([r.sample_id for r in recs], dtype=torch.int64)[:, None].expand(B, T)
+    pos_BT = torch.arange(T, dtype=torch.int32)[None].expand(B, T)
+    for name, code in MODALITY_CODES.items():
+        m = keep & (batch.modality_BT == code)
+        if not m.any():
+            continue
+        k = keys_LBTHD[:, m]  # (L, N, H, D), rows in (sample, position) order
+        if not torch.isfinite(k).all():
+            raise ValueError(f"non-finite key values in {name} tokens of samples {[r.sample_id for r in recs]}")
+        k = k.numpy().astype(spec.extract.key_dtype)
+        if not np.isfinite(k).all():
+            raise ValueError(f"keys overflow {spec.extract.key_dtype} in {name} tokens of samples "
+                             f"{[r.sample_id for r in recs]}; use extract.key_dtype: float32")
+        writer.append(name, k, {
+            "sample_id": sid_BT[m].numpy(), "position": pos_BT[m].numpy(),
+            "rope_pos": pos_BTR[m].numpy().astype(np.int32), "token_id": ids[m].numpy().astype(np.int32),
+            "image_index": batch.image_index_BT[m].numpy(),
+        })
+
+
+def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = None) -> dict:
+    """Extract one shard into ``store_path`` (default: the spec's output) and commit it."""
+    t0 = time.perf_counter()
+    info = state.loaded.info
+    writer = ShardWriter(store_path or spec.output.path, shard.name, n_layers=len(state.layers),
+                         n_heads=len(state.heads), head_dim=info.head_dim,
+                         rope_rows=3 if info.family == "qwen2_5_vl" else 1,
+                         key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens)
+    errors: list[dict] = []
+    good: list[Record] = []
+    for i in range(shard.start, shard.stop):
+        rec = state.source.get(i)
+        (errors.append(_error(rec, rec.error)) if rec.error else good.append(rec))
+    n_ok = 0
+    bs, max_len = spec.extract.batch_size, spec.extract.max_seq_len
+    for a in range(0, len(good), bs):
+        recs = good[a: a + bs]
+        batch = build(state, recs)
+        lengths = batch.inputs["attention_mask"].sum(1).tolist()
+        too_long = [j for j, n in enumerate(lengths) if n > max_len]
+        if too_long:
+            for j in reversed(too_long):
+                errors.append(_error(recs.pop(j), f"sequence of {lengths[j]} tokens is longer than "
+                                                  f"extract.max_seq_len={max_len}"))
+            if not recs:
+                continue
+            batch = build(state, recs)
+        keys, pos = forward_keys(state, batch)
+        _check_tags(batch, recs)
+        write_batch(writer, spec, batch, recs, keys, pos)
+        n_ok += len(recs)
+    errors.sort(key=lambda e: e["sample_id"])
+    stats = {"shard": shard.name, "start": shard.start, "stop": shard.stop, "n_samples": shard.stop - shard.start,
+             "n_samples_ok": n_ok, "n_errors": len(errors), "seconds": round(time.perf_counter() - t0, 3)}
+    return writer.commit(stats, errors)

@@ -1,0 +1,102 @@
+"""Run a JobSpec on this machine or a Ray cluster: the one place that connects specs to executors.
+
+``run_job(spec, address)`` makes relative paths absolute (workers may run elsewhere), starts or joins
+Ray when the spec's executor is ``ray`` (embedded local Ray, dashboard on 127.0.0.1, when no address
+is given), and calls the stage's public entry: ``run_extract``, ``run_analyze``, ``run_train``,
+``run_bias``. It reads no argv and no environment: the CLI does that.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+
+from kscale.spec import JobSpec
+
+STAGE_MODULES = {"extract": "kscale.extract.worker", "bias": "kscale.bias.worker"}
+
+
+def absolutize(spec: JobSpec, cwd: str | None = None) -> JobSpec:
+    """Resolve relative paths against ``cwd`` so that workers anywhere see the same files."""
+    base = Path(cwd or os.getcwd())
+
+    def fix(p: str | None) -> str | None:
+        if p is None or Path(p).expanduser().is_absolute():
+            return p if p is None else str(Path(p).expanduser())
+        return str((base / p).resolve())
+
+    changes: dict = {"output": dataclasses.replace(spec.output, path=fix(spec.output.path))}
+    if spec.data is not None and spec.data.path is not None:
+        changes["data"] = dataclasses.replace(spec.data, path=fix(spec.data.path))
+    if spec.model is not None and not spec.model.path.startswith("debug:") and (base / spec.model.path).exists():
+        changes["model"] = dataclasses.replace(spec.model, path=fix(spec.model.path))
+    return dataclasses.replace(spec, **changes)
+
+
+@contextmanager
+def ray_session(spec: JobSpec, address: str | None, dashboard: bool = True, quiet: bool = False):
+    """Join ``address`` (or an already-initialised Ray), else start an embedded local Ray."""
+    import ray
+
+    if ray.is_initialized():
+        yield None
+        return
+    if address:
+        ctx = ray.init(address=address, log_to_driver=True)
+    else:
+        r = spec.resources
+        need_cpus = max(os.cpu_count() or 1, int(r.workers * r.cpus_per_worker + 0.999))
+        ctx = ray.init(num_cpus=need_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                       log_to_driver=True, configure_logging=True, logging_level="warning")
+    url = getattr(ctx, "dashboard_url", None)
+    if url and not quiet:
+        print(f"kscale: Ray dashboard at http://{url}", file=sys.stderr, flush=True)
+    try:
+        yield ctx
+    finally:
+        ray.shutdown()
+
+
+def make_executor(spec: JobSpec, stage_module: str, show_bar: bool = True):
+    if spec.resources.executor == "local":
+        from kscale.executors.local import LocalExecutor
+
+        return LocalExecutor(stage_module, show_bar)
+    from kscale.executors.ray import RayExecutor
+
+    return RayExecutor(stage_module, show_bar)
+
+
+def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True, dashboard: bool = True) -> dict:
+    spec = absolutize(spec)
+    if spec.kind == "extract":
+        from kscale.extract.run import run_extract
+
+        with _maybe_ray(spec, address, dashboard):
+            return run_extract(spec, make_executor(spec, STAGE_MODULES["extract"], show_bar))
+    if spec.kind == "analyze":
+        from kscale.analysis.run import run_analyze
+
+        return run_analyze(spec)
+    if spec.kind == "train":
+        from kscale.train.run import run_train
+
+        return run_train(spec)
+    if spec.kind == "bias":
+        from kscale.bias.run import run_bias
+
+        with _maybe_ray(spec, address, dashboard):
+            return run_bias(spec, make_executor(spec, STAGE_MODULES["bias"], show_bar))
+    raise AssertionError(spec.kind)  # load_spec admits only the kinds above
+
+
+@contextmanager
+def _maybe_ray(spec: JobSpec, address: str | None, dashboard: bool):
+    if spec.resources.executor == "ray":
+        with ray_session(spec, address, dashboard):
+            yield
+    else:
+        yield

@@ -1,0 +1,92 @@
+"""Writes one shard of a key store: buffered appends, whole-chunk writes, a commit marker last.
+
+A ``ShardWriter`` owns ``shards/<name>/`` exclusively. ``append`` buffers token rows per modality and
+writes only whole chunks; ``commit`` flushes the tail and then writes the marker, so a shard without
+its marker is by construction incomplete and is deleted and redone by the next run.
+
+Legend: L layers, N tokens, H kv heads, D head dim, R rope rows.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from kscale.store.layout import KEY_DIMS, MODALITIES, TABLE_COLUMNS, marker_path, shard_dir, write_json_atomic
+
+
+class _ModalityBuffer:
+    def __init__(self, group: zarr.Group, modality: str, L: int, H: int, D: int, R: int, key_dtype: str,
+                 chunk: int):
+        self.g = group.create_group(modality)
+        self.chunk, self.n_written = chunk, 0
+        self.keys = self.g.create_array("keys", shape=(L, 0, H, D), chunks=(1, chunk, H, D), dtype=key_dtype,
+                                        dimension_names=list(KEY_DIMS))
+        self.cols = {}
+        for name, dt in TABLE_COLUMNS.items():
+            shape, chunks, dims = ((0, R), (chunk, R), ["token", "rope_row"]) if name == "rope_pos" else (
+                (0,), (chunk,), ["token"])
+            self.cols[name] = self.g.create_array(name, shape=shape, chunks=chunks, dtype=dt, dimension_names=dims)
+        self.pending_keys: list[np.ndarray] = []
+        self.pending_cols: dict[str, list[np.ndarray]] = {k: [] for k in TABLE_COLUMNS}
+        self.n_pending = 0
+
+    def append(self, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+        self.pending_keys.append(keys_LNHD)
+        for k in TABLE_COLUMNS:
+            self.pending_cols[k].append(cols[k])
+        self.n_pending += keys_LNHD.shape[1]
+        if self.n_pending >= self.chunk:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        """Write buffered rows: whole chunks only, unless ``final``."""
+        if not self.n_pending:
+            return
+        keys = np.concatenate(self.pending_keys, axis=1)
+        cols = {k: np.concatenate(v, axis=0) for k, v in self.pending_cols.items()}
+        n = keys.shape[1] if final else (keys.shape[1] // self.chunk) * self.chunk
+        a, b = self.n_written, self.n_written + n
+        self.keys.resize((keys.shape[0], b, *keys.shape[2:]))
+        self.keys[:, a:b] = keys[:, :n]
+        for k, arr in self.cols.items():
+            arr.resize((b, *arr.shape[1:]))
+            arr[a:b] = cols[k][:n]
+        self.n_written = b
+        self.pending_keys = [keys[:, n:]] if n < keys.shape[1] else []
+        self.pending_cols = {k: ([v[n:]] if n < len(v) else []) for k, v in cols.items()}
+        self.n_pending = keys.shape[1] - n
+
+
+class ShardWriter:
+    def __init__(self, store: str | Path, shard_name: str, *, n_layers: int, n_heads: int, head_dim: int,
+                 rope_rows: int, key_dtype: str, chunk_tokens: int):
+        self.store, self.name = Path(store), shard_name
+        d = shard_dir(store, shard_name)
+        if d.exists():  # a partial shard from an interrupted run
+            shutil.rmtree(d)
+        self.group = zarr.open_group(str(d), mode="w")
+        self.dims = dict(L=n_layers, H=n_heads, D=head_dim, R=rope_rows, key_dtype=key_dtype, chunk=chunk_tokens)
+        self.buffers: dict[str, _ModalityBuffer] = {}
+        self.bytes_written = 0
+        self.tokens = {m: 0 for m in MODALITIES}
+
+    def append(self, modality: str, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+        if keys_LNHD.shape[1] == 0:
+            return
+        buf = self.buffers.get(modality)
+        if buf is None:
+            buf = self.buffers[modality] = _ModalityBuffer(self.group, modality, **self.dims)
+        self.tokens[modality] += keys_LNHD.shape[1]
+        self.bytes_written += keys_LNHD.nbytes
+        buf.append(keys_LNHD, cols)
+
+    def commit(self, stats: dict, errors: list[dict]) -> dict:
+        for buf in self.buffers.values():
+            buf.flush(final=True)
+        marker = {**stats, "tokens": self.tokens, "key_bytes": self.bytes_written, "errors": errors}
+        write_json_atomic(marker_path(self.store, self.name), marker)
+        return marker
