@@ -251,3 +251,20 @@ def chunk_sums(block_NHd: np.ndarray, sample_ids_N: np.ndarray, plan: ChunkPlan)
 
 def merge_sums(a: dict[int, Sums], b: dict[int, Sums]) -> dict[int, Sums]:
     return {k: a[k].merge(b[k]) for k in a}
+
+
+def single_target_plan(d: int, *, n_features: int, bandwidth: float, sample_ids: np.ndarray,
+                       kernels: tuple[str, ...] = ("rbf",), multiples: tuple[float, ...] = (1.0,),
+                       orthogonal: bool = True, seed: int = 0, n_buckets: int = 1,
+                       collect_units: bool = False, dtype: str = "float32",
+                       batch_rows: int = 2048) -> ChunkPlan:
+    """A plan for plain (N, d) arrays — one target, no normalisation; used by the benchmark and tests.
+
+    Buckets are assigned round-robin over the sorted unique ``sample_ids``.
+    """
+    ids = np.unique(sample_ids)
+    target = TargetPlan(heads=[0], bandwidth={"none": bandwidth}, centre_d=np.zeros(d), scale_d=np.ones(d))
+    configs = [FeatureConfig("none", k, m) for k in kernels for m in multiples]
+    return ChunkPlan(draw_frequencies(d, n_features, orthogonal=orthogonal, seed=seed), configs, [],
+                     {0: target}, ids, np.arange(len(ids)) % n_buckets, n_buckets, dtype, batch_rows,
+                     collect_units)

@@ -10,7 +10,7 @@ Legend: B batch, T tokens, R rope rows, L hooked layers.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -19,7 +19,7 @@ import torch
 
 @dataclass
 class Capture:
-    outputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T, H*D)
+    outputs: dict[Hashable, torch.Tensor] = field(default_factory=dict)  # e.g. ("k", layer) -> (B, T, H*D)
     positions_BTR: torch.Tensor | None = None
 
     def clear(self) -> None:
@@ -34,11 +34,11 @@ def _positions_BTR(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @contextmanager
-def capture(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | None = None) -> Iterator[Capture]:
+def capture(modules: dict[Hashable, torch.nn.Module], rotary: torch.nn.Module | None = None) -> Iterator[Capture]:
     cap = Capture()
     handles = []
 
-    def on_output(layer: int):
+    def on_output(layer: Hashable):
         def hook(_mod, _inp, out):
             cap.outputs[layer] = out.detach()
         return hook

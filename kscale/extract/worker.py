@@ -71,17 +71,24 @@ def build(state: ExtractState, recs: list[Record]):
     return lm.adapter.build_batch(lm, [r.image for r in recs], [r.text for r in recs])
 
 
-def forward_keys(state: ExtractState, batch):
-    """Forward one batch with hooks; return (keys_LBTHD float32 on CPU, positions_BTR)."""
+def forward_capture(state: ExtractState, batch, queries: bool = False):
+    """Forward one batch with hooks on k_proj (and q_proj if ``queries``) of the chosen layers."""
     lm = state.loaded
-    key_mods = lm.adapter.key_modules(lm.model)
+    mods = {("k", i): m for i, m in enumerate(lm.adapter.key_modules(lm.model)) if i in state.layers}
+    if queries:
+        mods.update({("q", i): m for i, m in enumerate(lm.adapter.query_modules(lm.model)) if i in state.layers})
     inputs = {k: v.to(lm.device) for k, v in batch.inputs.items()}
-    with torch.inference_mode(), capture({i: key_mods[i] for i in state.layers},
-                                         lm.adapter.rotary_module(lm.model)) as cap:
+    with torch.inference_mode(), capture(mods, lm.adapter.rotary_module(lm.model)) as cap:
         lm.model(**inputs, use_cache=False)
+    return cap
+
+
+def stacked_keys(state: ExtractState, batch, cap):
+    """(keys_LBTHD float32 on CPU for the kept heads, positions_BTR) from a capture."""
+    lm = state.loaded
     B, T = batch.inputs["input_ids"].shape
     Hkv, D = lm.info.num_kv_heads, lm.info.head_dim
-    keys = torch.stack([cap.outputs[i] for i in state.layers]).view(len(state.layers), B, T, Hkv, D)
+    keys = torch.stack([cap.outputs[("k", i)] for i in state.layers]).view(len(state.layers), B, T, Hkv, D)
     return keys[:, :, :, state.heads].float().cpu(), cap.positions_BTR.cpu()
 
 
@@ -144,9 +151,15 @@ def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = 
             if not recs:
                 continue
             batch = build(state, recs)
-        keys, pos = forward_keys(state, batch)
+        attn = spec.extract.attention
+        cap = forward_capture(state, batch, queries=attn.enabled or attn.store_queries)
+        keys, pos = stacked_keys(state, batch, cap)
         _check_tags(batch, recs)
         write_batch(writer, spec, batch, recs, keys, pos)
+        if attn.enabled:
+            from kscale.attention.stats import batch_stats
+
+            writer.append_table("attention", batch_stats(state, batch, cap, attn, [r.sample_id for r in recs]))
         n_ok += len(recs)
     errors.sort(key=lambda e: e["sample_id"])
     stats = {"shard": shard.name, "start": shard.start, "stop": shard.stop, "n_samples": shard.stop - shard.start,

@@ -87,6 +87,18 @@ class KeyStore:
         return {k: (np.concatenate(v) if v else np.zeros((0, R) if k == "rope_pos" else (0,), dtype=TABLE_COLUMNS[k]))
                 for k, v in cols.items()}
 
+    def table(self, name: str) -> dict[str, np.ndarray]:
+        """A per-shard side table (e.g. "attention") concatenated over committed shards."""
+        cols: dict[str, list[np.ndarray]] = {}
+        for shard in self.shards:
+            d = shard_dir(self.path, shard) / name
+            if not d.is_dir():
+                continue
+            g = zarr.open_group(str(d), mode="r")
+            for k, arr in g.arrays():
+                cols.setdefault(k, []).append(arr[:])
+        return {k: np.concatenate(v) for k, v in cols.items()}
+
     def errors(self) -> list[dict]:
         return [e for m in self.shards.values() for e in m.get("errors", [])]
 

@@ -84,6 +84,21 @@ class ShardWriter:
         self.bytes_written += keys_LNHD.nbytes
         buf.append(keys_LNHD, cols)
 
+    def append_table(self, name: str, cols: dict[str, np.ndarray]) -> None:
+        """Append rows of a per-shard side table (e.g. per-sample attention statistics) under ``name/``."""
+        if not cols or len(next(iter(cols.values()))) == 0:
+            return
+        g = self.group.require_group(name)
+        for k, v in cols.items():
+            v = np.asarray(v)
+            if k in g:
+                arr = g[k]
+                n = arr.shape[0]
+                arr.resize((n + len(v), *arr.shape[1:]))
+                arr[n:] = v
+            else:
+                g.create_array(k, data=v, chunks=(max(len(v), 1024), *v.shape[1:]))
+
     def commit(self, stats: dict, errors: list[dict]) -> dict:
         for buf in self.buffers.values():
             buf.flush(final=True)
