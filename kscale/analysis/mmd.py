@@ -97,17 +97,23 @@ def _sqdist(a_bd: np.ndarray, b_bd: np.ndarray) -> np.ndarray:
 
 
 def _row_sums(a_nd: np.ndarray, b_md: np.ndarray, kernels: list[tuple[str, float]], same: bool,
-              block: int) -> np.ndarray:
-    """Row sums (len(kernels), n) of k(a_i, b_j) over j (j != i when ``same``), float64 blocks."""
-    out_kn = np.zeros((len(kernels), len(a_nd)))
+              block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Row and column sums (len(kernels), n) / (len(kernels), m) of k(a_i, b_j), float64 blocks.
+
+    With ``same`` (a is b) the diagonal is left out: k(x, x) enters the estimators only through n.
+    """
+    rows_kn = np.zeros((len(kernels), len(a_nd)))
+    cols_km = np.zeros((len(kernels), len(b_md)))
     for i in range(0, len(a_nd), block):
         for j in range(0, len(b_md), block):
             sq = _sqdist(a_nd[i:i + block], b_md[j:j + block])
             if same and i == j:
-                np.fill_diagonal(sq, np.inf)  # drops the diagonal: k(x, x) enters only via n below
+                np.fill_diagonal(sq, np.inf)
             for k, (kernel, bw) in enumerate(kernels):
-                out_kn[k, i:i + block] += kernel_block(sq, kernel, bw).sum(1)
-    return out_kn
+                kb = kernel_block(sq, kernel, bw)
+                rows_kn[k, i:i + block] += kb.sum(1)
+                cols_km[k, j:j + block] += kb.sum(0)
+    return rows_kn, cols_km
 
 
 @dataclass(frozen=True)
@@ -129,10 +135,9 @@ def exact_mmd2(x_nd: np.ndarray, y_md: np.ndarray, kernels: list[tuple[str, floa
     """
     x_nd, y_md = np.asarray(x_nd, np.float64), np.asarray(y_md, np.float64)
     n, m = len(x_nd), len(y_md)
-    kxx_kn = _row_sums(x_nd, x_nd, kernels, True, block)
-    kyy_km = _row_sums(y_md, y_md, kernels, True, block)
-    kxy_kn = _row_sums(x_nd, y_md, kernels, False, block)
-    kyx_km = _row_sums(y_md, x_nd, kernels, False, block)
+    kxx_kn, _ = _row_sums(x_nd, x_nd, kernels, True, block)
+    kyy_km, _ = _row_sums(y_md, y_md, kernels, True, block)
+    kxy_kn, kyx_km = _row_sums(x_nd, y_md, kernels, False, block)
     if biased:
         value = (kxx_kn.sum(1) + n) / n**2 + (kyy_km.sum(1) + m) / m**2 - 2 * kxy_kn.sum(1) / (n * m)
     else:
