@@ -87,11 +87,7 @@ class SlurmConfig:
     modules: list[str] = doc("Environment modules to load on every node (`module load ...`).", factory=list)
     setup: list[str] = doc("Shell lines run on every node before Ray starts (e.g. `source venv/bin/activate`).",
                            factory=list)
-    python: str | None = doc("Python interpreter on the nodes. None: the interpreter that ran `kscale submit` "
-                             "(same path on a shared filesystem), or `python` inside a container.", None)
     sbatch_args: list[str] = doc("Extra sbatch options, one per item (e.g. `--constraint=h100`).", factory=list)
-    shared_dir: str | None = doc("Directory on the shared filesystem for the script, logs, the spec copy and "
-                                 "the dask scheduler file. None: `<output.path>/_cluster`.", None)
     grace_s: int = doc("Seconds before the time limit at which Slurm signals the driver so it can stop "
                        "cleanly (committed shards are kept; resubmit to resume).", 120)
 
@@ -180,6 +176,13 @@ class K8sConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ClusterConfig:
+    python: str | None = doc("Python (with kscale installed) that runs the driver on the cluster. None: `python` "
+                             "on the Ray Jobs API and Kubernetes (the cluster's PATH), on Slurm the interpreter "
+                             "that ran `kscale submit` (same path on a shared filesystem) or `python` in a "
+                             "container.", None)
+    record_dir: str | None = doc("Directory for the run's records: spec copy, rendered script or manifest, "
+                                 "driver log, state, Ray logs, dask scheduler file. None: `<output.path>.cluster` "
+                                 "beside the outputs (on Slurm it must be on the shared filesystem).", None)
     env: dict[str, str] = doc("Environment variables for the driver and workers on every target "
                               "(e.g. HF_HOME, HF_HUB_OFFLINE).", factory=dict)
     ray: RayConfig = doc("Ray settings when kscale starts Ray itself (Slurm).", factory=RayConfig)
