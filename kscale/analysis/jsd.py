@@ -1,0 +1,157 @@
+"""Jensen-Shannon divergence between image and text keys: two estimators that answer different questions.
+
+``JSD(P, Q) = 1/2 KL(P | M) + 1/2 KL(Q | M)``, ``M = (P + Q)/2``, in nats (<= log 2) or bits (<= 1).
+
+1. **Histogram JSD** (:func:`hist_jsd`) of 1-d views: per-dimension marginals and slices along random,
+   PCA or LDA directions, with bins shared by both sides (quantiles of the pooled subsample), and the
+   plug-in's finite-sample bias ``(B - 1)(1/n + 1/m)/8`` nats subtracted. A 1-d view can only lose
+   information (data processing), so these are *lower* bounds of the full JSD up to binning and noise —
+   for separable 128-d clouds an order of magnitude lower. They say how different single coordinates
+   or projections are.
+2. **Classifier bound** (:func:`train_probe` + :func:`balanced_log_loss`): for any classifier q(x) the
+   balanced held-out log-loss L satisfies ``JSD >= log 2 - L`` (equality at the Bayes classifier), so a
+   trained logistic probe and a small MLP give lower bounds of the *full* d-dimensional JSD. They are
+   trained streaming over the store on training buckets of samples and scored on held-out buckets.
+
+Shapes: K buckets, P histogram columns, B bins, N tokens, d dims.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import numpy as np
+
+LOG2 = math.log(2.0)
+
+
+def to_units(nats: float, units: str) -> float:
+    return nats / LOG2 if units == "bits" else nats
+
+
+def hist_jsd(p_PB: np.ndarray, q_PB: np.ndarray) -> np.ndarray:
+    """Plug-in JSD (nats) of histograms along the last axis; inputs are counts or probabilities."""
+    p = p_PB / p_PB.sum(-1, keepdims=True)
+    q = q_PB / q_PB.sum(-1, keepdims=True)
+    m = 0.5 * (p + q)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kp = np.where(p > 0, p * np.log(p / m), 0.0)
+        kq = np.where(q > 0, q * np.log(q / m), 0.0)
+    return 0.5 * kp.sum(-1) + 0.5 * kq.sum(-1)
+
+
+def hist_bias(n_bins: int, n: float, m: float) -> float:
+    """First-order bias of the plug-in JSD (nats) when both sides come from one distribution."""
+    return (n_bins - 1) * (1.0 / n + 1.0 / m) / 8.0
+
+
+def corrected_hist_jsd(x_KPB: np.ndarray, y_KPB: np.ndarray, columns: np.ndarray) -> float:
+    """Bias-corrected histogram JSD (nats) averaged over ``columns`` of per-bucket counts."""
+    px, py = x_KPB.sum(0)[columns], y_KPB.sum(0)[columns]
+    n, m = px[0].sum(), py[0].sum()
+    return float(hist_jsd(px, py).mean() - hist_bias(px.shape[-1], n, m))
+
+
+def hist_jsd_with_jackknife(x_KPB: np.ndarray, y_KPB: np.ndarray, columns: np.ndarray,
+                            ) -> tuple[float, np.ndarray]:
+    """Value and delete-one-bucket replicates (over non-empty buckets) for a jackknife SE."""
+    full = corrected_hist_jsd(x_KPB, y_KPB, columns)
+    keep = np.flatnonzero(x_KPB[:, columns[0]].sum(-1) + y_KPB[:, columns[0]].sum(-1) > 0)
+    reps = []
+    for b in keep:
+        xs, ys = x_KPB.copy(), y_KPB.copy()
+        xs[b], ys[b] = 0, 0
+        if xs[:, columns[0]].sum() > 0 and ys[:, columns[0]].sum() > 0:
+            reps.append(corrected_hist_jsd(xs, ys, columns))
+    return full, np.asarray(reps)
+
+
+def quantile_edges(values_NP: np.ndarray, n_bins: int) -> np.ndarray:
+    """Interior edges (P, B-1) at pooled quantiles; outer bins reach to -inf and +inf."""
+    qs = np.linspace(0, 1, n_bins + 1)[1:-1]
+    return np.quantile(values_NP, qs, axis=0).T.copy()
+
+
+def lda_direction(x_nd: np.ndarray, y_md: np.ndarray, ridge: float = 1e-3) -> np.ndarray:
+    """Fisher's discriminant direction (unit norm) with a ridge on the pooled within-class covariance."""
+    cov = 0.5 * (np.cov(x_nd, rowvar=False) + np.cov(y_md, rowvar=False))
+    cov = cov + ridge * np.trace(cov) / len(cov) * np.eye(len(cov))
+    w = np.linalg.solve(cov, x_nd.mean(0) - y_md.mean(0))
+    return w / max(np.linalg.norm(w), 1e-30)
+
+
+def pca_directions(pool_nd: np.ndarray, k: int) -> np.ndarray:
+    """Leading principal directions (d, k) of a pooled subsample."""
+    centred = pool_nd - pool_nd.mean(0)
+    _, _, vt = np.linalg.svd(centred, full_matrices=False)
+    return vt[:k].T.copy()
+
+
+def random_directions(d: int, k: int, seed: int) -> np.ndarray:
+    g = np.random.default_rng([seed, 0xD1]).standard_normal((d, k))
+    return g / np.linalg.norm(g, axis=0)
+
+
+# --- classifier lower bound -----------------------------------------------------------------------
+
+def make_probe(kind: str, d: int, hidden: int, seed: int):
+    """A logistic probe or a 2-hidden-layer MLP returning logits (torch is a core dependency)."""
+    import torch
+
+    torch.manual_seed(seed)
+    if kind == "logistic":
+        return torch.nn.Linear(d, 1, dtype=torch.float32)
+    if kind == "mlp":
+        return torch.nn.Sequential(
+            torch.nn.Linear(d, hidden), torch.nn.GELU(), torch.nn.Linear(hidden, hidden), torch.nn.GELU(),
+            torch.nn.Linear(hidden, 1))
+    raise ValueError(f"unknown probe {kind!r}")
+
+
+def train_probe(kind: str, d: int, pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, hidden: int,
+                batch_size: int, lr: float, seed: int):
+    """Train on a stream of (x_pos_Nd, x_neg_Md) chunk pairs with balanced minibatches (Adam, BCE).
+
+    Each pair is shuffled and walked in minibatches of ``batch_size`` per class; the shorter side
+    cycles, so every minibatch is balanced and the loss targets the balanced log-loss.
+    """
+    import torch
+
+    model = make_probe(kind, d, hidden, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    rng = np.random.default_rng([seed, 0x7A1])
+    target = torch.cat([torch.ones(batch_size), torch.zeros(batch_size)])
+    for pos_Nd, neg_Md in pairs:
+        if len(pos_Nd) == 0 or len(neg_Md) == 0:
+            continue
+        pos_Nd, neg_Md = pos_Nd[rng.permutation(len(pos_Nd))], neg_Md[rng.permutation(len(neg_Md))]
+        steps = max(len(pos_Nd), len(neg_Md)) // batch_size + 1
+        for s in range(steps):
+            ip = np.arange(s * batch_size, (s + 1) * batch_size) % len(pos_Nd)
+            im = np.arange(s * batch_size, (s + 1) * batch_size) % len(neg_Md)
+            xb = torch.from_numpy(np.concatenate([pos_Nd[ip], neg_Md[im]]).astype(np.float32))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(xb)[:, 0], target)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+def token_log_loss(model, x_Nd: np.ndarray, label: int) -> np.ndarray:
+    """Per-token log-loss (nats) of the probe for tokens of class ``label``."""
+    import torch
+
+    with torch.no_grad():
+        logit = model(torch.from_numpy(np.asarray(x_Nd, np.float32)))[:, 0].double()
+        sign = -1.0 if label == 1 else 1.0
+        return torch.nn.functional.softplus(sign * logit).numpy()
+
+
+def balanced_log_loss(loss_pos_K: np.ndarray, n_pos_K: np.ndarray, loss_neg_K: np.ndarray,
+                      n_neg_K: np.ndarray) -> tuple[float, np.ndarray]:
+    """Balanced log-loss ``(mean_pos + mean_neg)/2`` and its per-bucket influence for a clustered SE."""
+    n, m = n_pos_K.sum(), n_neg_K.sum()
+    lp, ln = loss_pos_K.sum() / n, loss_neg_K.sum() / m
+    infl_K = 0.5 * (loss_pos_K - n_pos_K * lp) / n + 0.5 * (loss_neg_K - n_neg_K * ln) / m
+    return 0.5 * (lp + ln), infl_K
