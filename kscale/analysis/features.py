@@ -237,13 +237,13 @@ def _add_batch(acc: Sums, plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray,
 
 def chunk_sums(block_NHd: np.ndarray, sample_ids_N: np.ndarray, plan: ChunkPlan) -> dict[int, Sums]:
     """Sums of every target of ``plan`` over one chunk of keys (the unit of streamed work)."""
-    block_NHd = np.asarray(block_NHd, dtype=np.float64)
     out: dict[int, Sums] = {}
     for tid, target in plan.targets.items():
         acc = empty_sums(plan, target, block_NHd.shape[-1])
         rows = max(1, plan.batch_rows // len(target.heads))
         for lo in range(0, len(block_NHd), rows):
-            x_Nd, sid_N = _target_rows(block_NHd[lo:lo + rows], sample_ids_N[lo:lo + rows], target)
+            batch_NHd = np.asarray(block_NHd[lo:lo + rows], dtype=np.float64)
+            x_Nd, sid_N = _target_rows(batch_NHd, sample_ids_N[lo:lo + rows], target)
             _add_batch(acc, plan, target, x_Nd, sid_N)
         out[tid] = acc
     return out

@@ -1,0 +1,42 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up .venv first (idempotent).
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+STAMP := $(VENV)/.kscale-installed
+export KSCALE_CACHE ?= $(CURDIR)/.cache/kscale
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export HF_HUB_OFFLINE ?= 1
+export TOKENIZERS_PARALLELISM ?= false
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup demo test test-slow test-all bench clean-runs
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	# torch first and pinned: an unpinned torch pulls several GB of CUDA wheels
+	$(PIP) install -q --disable-pip-version-check torch==2.13.0
+	$(PIP) install -q --disable-pip-version-check -e ".[train,analysis,dev]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(VENV)/bin/kscale submit jobs/demo.yaml
+	@if [ -f jobs/demo_analyze.yaml ]; then $(VENV)/bin/kscale submit jobs/demo_analyze.yaml; fi
+
+test: setup
+	$(PY) -m pytest -q -ra
+
+test-slow: setup
+	$(PY) -m pytest -q -ra -m slow
+
+test-all: setup
+	$(PY) -m pytest -q -ra -m "not gpu"
+
+bench: setup
+	$(PY) bench/extract_overhead.py
+	@for b in bench/mmd.py bench/attention_overhead.py bench/malora.py; do \
+		if [ -f $$b ]; then echo "== $$b"; $(PY) $$b || exit 1; fi; done
+
+clean-runs:
+	rm -rf runs

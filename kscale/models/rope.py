@@ -1,0 +1,92 @@
+"""Each family's rotary position embedding, rebuilt from the checkpoint's config alone (no weights).
+
+The key store holds pre-RoPE keys (``k_proj`` outputs) and the RoPE positions the model used
+(``rope_pos``: 3 rows for Qwen2.5-VL's M-RoPE, 1 row for Llama-style 1-D RoPE). Applying the family's own
+rotary module to those positions rebuilds exactly the post-RoPE keys the model attends with (the keys in
+its KV cache). The same functions serve the attention statistics (``kscale.attention.stats``), which
+call them with the *loaded* model's rotary module, and the reader (``kscale.attention.keyspace``), which
+builds the module here from config.json, so both key spaces are available without storing keys twice.
+
+Positions travel in kscale's layout ``pos_BTR`` (what ``kscale.extract.hooks.capture`` records);
+``native_positions`` turns them back into what the rotary module takes: (3, B, T) for M-RoPE, (B, T)
+for 1-D RoPE.
+
+Legend: B batch, T tokens, N store rows (tokens), H heads, D head dim, R rope rows.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+import numpy as np
+import torch
+
+
+def _rotary_class(model_type: str) -> type[torch.nn.Module]:
+    """``<Prefix>RotaryEmbedding`` from ``transformers.models.<model_type>`` (e.g. llama -> LlamaRotaryEmbedding)."""
+    try:
+        mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError as e:
+        raise ValueError(f"no transformers modeling module for model_type {model_type!r}") from e
+    want = model_type.replace("_", "").lower() + "rotaryembedding"
+    for name in dir(mod):
+        if name.replace("_", "").lower() == want:
+            return getattr(mod, name)
+    raise ValueError(f"transformers.models.{model_type} has no rotary embedding class (looked for {want!r})")
+
+
+def rotary_from_config(config: Any) -> torch.nn.Module:
+    """The language model's rotary module for a full model config (Qwen2.5-VL or LLaVA + its text model).
+
+    Only the config is read: the module holds ``inv_freq`` (computed from ``rope_parameters``) and
+    ``attention_scaling``, no weights. Qwen2.5-VL's text config gets ``Qwen2_5_VLRotaryEmbedding``, which
+    knows its ``mrope_section``; LLaVA's gets the rotary class of its text model (Llama for LLaVA-1.5).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    if config.model_type == "qwen2_5_vl":
+        cls = _rotary_class("qwen2_5_vl")
+    else:
+        cls = _rotary_class(text.model_type)
+    return cls(text).eval()
+
+
+def load_rotary(model_path: str) -> torch.nn.Module:
+    """``rotary_from_config`` for a checkpoint directory (config.json only)."""
+    from transformers import AutoConfig
+
+    return rotary_from_config(AutoConfig.from_pretrained(model_path))
+
+
+def native_positions(pos_BTR: torch.Tensor) -> torch.Tensor:
+    """kscale's (B, T, R) positions in the rotary module's layout: (R, B, T) if R == 3, else (B, T)."""
+    if pos_BTR.shape[-1] == 1:
+        return pos_BTR[..., 0]
+    return pos_BTR.permute(2, 0, 1)
+
+
+def cos_sin(rotary: torch.nn.Module, pos_BTR: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos_BTD, sin_BTD) in float32 from the rotary module, attention_scaling included (as the model does)."""
+    probe = torch.empty(0, dtype=torch.float32, device=pos_BTR.device)  # the module reads only device/dtype
+    with torch.no_grad():
+        cos, sin = rotary(probe, native_positions(pos_BTR).long())
+    return cos.float(), sin.float()
+
+
+def rotate(x_BTHD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+    """``x*cos + rotate_half(x)*sin`` with heads on dim 2 (transformers' apply_rotary_pos_emb, unsqueeze_dim=2)."""
+    half = x_BTHD.shape[-1] // 2
+    rot = torch.cat((-x_BTHD[..., half:], x_BTHD[..., :half]), dim=-1)
+    return x_BTHD * cos_BTD[:, :, None] + rot * sin_BTD[:, :, None]
+
+
+def apply_rope(keys_NHD: np.ndarray | torch.Tensor, rope_pos_NR: np.ndarray | torch.Tensor,
+               rotary: torch.nn.Module) -> np.ndarray:
+    """Post-RoPE float32 keys for store rows: any block of rows works (rows are independent), so it maps
+    over dask blocks. Returns numpy, like the blocks it is given."""
+    k = torch.as_tensor(np.asarray(keys_NHD, dtype=np.float32))
+    pos = torch.as_tensor(np.asarray(rope_pos_NR, dtype=np.int64))
+    if k.shape[0] == 0:
+        return k.numpy()
+    cos, sin = cos_sin(rotary, pos[None])  # one "batch" of N tokens
+    return rotate(k[None], cos, sin)[0].numpy()

@@ -1,0 +1,140 @@
+"""DeepSpeed plumbing for MaLoRA: process group, engine config, checkpoints.
+
+The training loop in :mod:`kscale.train.run` only sees a DeepSpeed engine wrapping a
+:class:`~kscale.train.objective.MaLoRAObjective`. This module turns a
+:class:`~kscale.train.config.TrainConfig` into the DeepSpeed config (ZeRO 2/3, offload, bf16, gradient
+accumulation, clipping), joins or creates the process group (torchrun / the deepspeed launcher / Ray
+Train create it; a lone process gets a one-rank gloo group backed by a file in the run directory), and
+saves/loads resumable checkpoints (adapter parameters and optimizer state only: the frozen base is
+excluded).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kscale.train.config import TrainConfig
+
+CHECKPOINTS = "checkpoints"
+
+
+def require_deepspeed() -> Any:
+    try:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+        import deepspeed
+    except ImportError as e:
+        raise ImportError("training needs DeepSpeed: pip install 'kscale[train]'") from e
+    return deepspeed
+
+
+def ensure_process_group(device: torch.device) -> tuple[int, int]:
+    """Join the launcher's process group, or describe a lone process as rank 0 of 1; returns (rank, world).
+
+    torchrun, the deepspeed launcher and Ray Train set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_*; DeepSpeed
+    insists on LOCAL_RANK even for one process, so a lone process gets those variables with a free port.
+    """
+    import torch.distributed as dist
+
+    deepspeed = require_deepspeed()
+    if not dist.is_initialized() and "RANK" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                           "MASTER_PORT": str(_free_port())})
+    os.environ.setdefault("LOCAL_RANK", os.environ.get("RANK", "0") if not dist.is_initialized() else "0")
+    deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
+    ds = cfg.deepspeed
+    zero: dict[str, Any] = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if ds.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum,
+        "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
+        "gradient_clipping": cfg.clip_grad,
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.bf16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+    if ds.offload_optimizer:  # DeepSpeed's CPU Adam needs the optimizer from the config
+        config["optimizer"] = {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay}}
+    return _merge(config, ds.extra)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def lr_lambda(warmup_steps: int):
+    """Linear warmup from 0 to the base learning rate, then constant."""
+    return lambda step: min(1.0, (step + 1) / warmup_steps) if warmup_steps > 0 else 1.0
+
+
+def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int) -> Any:
+    """``deepspeed.initialize`` over the trainable (adapter) parameters; returns the engine."""
+    deepspeed = require_deepspeed()
+    params = [p for p in module.parameters() if p.requires_grad]
+    config = deepspeed_config(cfg, world_size)
+    optimizer = None
+    if "optimizer" not in config:
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=module, optimizer=optimizer, model_parameters=params, config=config,
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg.warmup_steps)),
+    )
+    return engine
+
+
+def save_checkpoint(engine: Any, run_dir: Path, step: int, keep: int) -> None:
+    """Resumable state at ``step`` (adapter + optimizer + scheduler), keeping the newest ``keep``."""
+    import torch.distributed as dist
+
+    root = run_dir / CHECKPOINTS
+    engine.save_checkpoint(str(root), tag=f"step{step:08d}", client_state={"step": step},
+                           exclude_frozen_parameters=True)
+    dist.barrier()
+    if dist.get_rank() == 0:
+        tags = sorted(p for p in root.glob("step*") if p.is_dir())
+        for old in tags[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    dist.barrier()
+
+
+def load_latest_checkpoint(engine: Any, run_dir: Path) -> int:
+    """Restore the newest checkpoint if there is one; returns the number of steps already done."""
+    root = run_dir / CHECKPOINTS
+    if not (root / "latest").exists():
+        return 0
+    _, client_state = engine.load_checkpoint(str(root), load_module_strict=False)
+    return int(client_state["step"])
+
+
+def gathered_adapter_state(engine: Any, params: dict[str, torch.nn.Parameter]) -> dict[str, torch.Tensor] | None:
+    """Full adapter tensors on rank 0 (gathering ZeRO-3 partitions on every rank); None elsewhere."""
+    import torch.distributed as dist
+
+    deepspeed = require_deepspeed()
+    with deepspeed.zero.GatheredParameters(list(params.values()), modifier_rank=None):
+        if dist.get_rank() != 0:
+            return None
+        return {name: p.detach().float().cpu().clone() for name, p in params.items()}

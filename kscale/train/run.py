@@ -1,0 +1,131 @@
+"""``run_train(spec)``: the one public entry of the training stage (``kind: train``).
+
+It runs in whatever process group it finds: a lone process, every rank of ``torchrun`` / the
+``deepspeed`` launcher, or every worker of Ray Train's ``TorchTrainer`` (:mod:`kscale.train.ray`).
+Each rank loads the model, injects MaLoRA with the same seed, wraps the
+:class:`~kscale.train.objective.MaLoRAObjective` in a DeepSpeed engine, resumes from the newest
+checkpoint in the run directory, and trains. Run directory (``output.path``)::
+
+    metrics.jsonl        one line per logged step: loss terms, lr, grad norm, gate values
+    checkpoints/stepN/   resumable DeepSpeed state (adapter + optimizer), newest ``keep_checkpoints``
+    adapter/             the final adapter (safetensors + adapter_config.json)
+    eval.json, eval.md   the before/after table on held-out data (:mod:`kscale.train.evaluate`)
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kscale.train import engine as ds
+from kscale.train.config import TrainConfig
+from kscale.train.data import MicroBatchPlan, collate, split_indices
+from kscale.train.malora import MaLoRAModel
+from kscale.train.objective import MaLoRAObjective
+
+METRICS = "metrics.jsonl"
+ADAPTER_DIR = "adapter"
+
+
+def run_train(spec: Any) -> dict[str, Any]:
+    """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank."""
+    import torch.distributed as dist
+
+    from kscale.data import open_source
+    from kscale.models.registry import load_model
+
+    cfg: TrainConfig = spec.train
+    run_dir = Path(spec.output.path)
+    loaded = load_model(spec.model)
+    rank, world = ds.ensure_process_group(loaded.device)
+    torch.manual_seed(cfg.seed)  # the same adapter init on every rank
+    malora = MaLoRAModel(loaded.model, cfg.malora)
+    if cfg.activation_checkpointing:
+        malora.enable_activation_checkpointing()
+    objective = MaLoRAObjective(malora, cfg.align)
+    source = open_source(spec.data)
+    split = split_indices(len(source), cfg.eval.heldout_fraction, cfg.eval.max_samples, cfg.seed)
+    plan = MicroBatchPlan(source, split.train, cfg.micro_batch_size, cfg.grad_accum, world, cfg.seed)
+    engine = ds.build_engine(objective, cfg, world)
+    start = ds.load_latest_checkpoint(engine, run_dir)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "split.json").write_text(json.dumps({"train": split.train, "heldout": split.heldout}))
+    last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world)
+    state = ds.gathered_adapter_state(engine, malora.adapter_parameters())
+    if rank == 0:
+        malora.save_pretrained(run_dir / ADAPTER_DIR, state=state)
+    dist.barrier()
+    summary = {"run_dir": str(run_dir), "steps": cfg.max_steps, "resumed_from": start, "last": last}
+    if cfg.eval.at_end and rank == 0:
+        from kscale.train.evaluate import evaluate_run
+
+        summary["eval"] = evaluate_run(spec)
+    dist.barrier()
+    return summary
+
+
+def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, loaded: Any, cfg: TrainConfig,
+               run_dir: Path, start: int, rank: int, world: int) -> dict[str, float]:
+    """Optimizer steps ``start .. max_steps``: forward/backward per micro-batch, log, checkpoint."""
+    from tqdm.auto import tqdm
+
+    engine.train()
+    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+    last: dict[str, float] = {}
+    for step in range(start, cfg.max_steps):
+        t0 = time.perf_counter()
+        sums: dict[str, torch.Tensor] = {}
+        for micro in range(cfg.grad_accum):
+            batch = collate(loaded, plan.records(step, micro, rank))
+            loss, terms = engine(_to(batch.inputs, engine.device), batch.answer_mask_BT.to(engine.device),
+                                 batch.modality_BT.to(engine.device))
+            engine.backward(loss)
+            engine.step()
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.float() / cfg.grad_accum
+        last = _reduce_mean(sums, world)
+        if (step + 1) % cfg.log_every == 0 or step + 1 == cfg.max_steps:
+            record = _log_record(engine, objective, step + 1, last, time.perf_counter() - t0)
+            if rank == 0:
+                with open(run_dir / METRICS, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+        bar.update(1)
+        bar.set_postfix(loss=f"{last['loss']:.4f}", lm=f"{last['lm']:.4f}", align=f"{last['align']:.4f}")
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
+            ds.save_checkpoint(engine, run_dir, step + 1, cfg.keep_checkpoints)
+    bar.close()
+    if start < cfg.max_steps:
+        ds.save_checkpoint(engine, run_dir, cfg.max_steps, cfg.keep_checkpoints)
+    return last
+
+
+def _to(inputs: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in inputs.items()}
+
+
+def _reduce_mean(terms: dict[str, torch.Tensor], world: int) -> dict[str, float]:
+    import torch.distributed as dist
+
+    names = sorted(terms)
+    stacked = torch.stack([torch.as_tensor(terms[k], dtype=torch.float32) for k in names])
+    if world > 1:
+        dist.all_reduce(stacked)
+        stacked /= world
+    return {k: float(v) for k, v in zip(names, stacked.tolist())}
+
+
+def _log_record(engine: Any, objective: MaLoRAObjective, step: int, terms: dict[str, float],
+                seconds: float) -> dict[str, Any]:
+    deepspeed = ds.require_deepspeed()
+    gates = [p for n, p in objective.malora.adapter_parameters().items() if "gate" in n]
+    with deepspeed.zero.GatheredParameters(gates, modifier_rank=None):  # every rank joins under ZeRO-3
+        gate_values = objective.malora.gate_values()
+    grad_norm = engine.get_global_grad_norm()
+    return {"step": step, **terms, "lr": engine.get_lr()[0],
+            "grad_norm": None if grad_norm is None else float(grad_norm), "step_seconds": round(seconds, 4),
+            "gates": gate_values}

@@ -1,0 +1,292 @@
+"""Extraction end to end on tiny models: stored keys against independent references, invariances,
+resume after SIGKILL, Ray vs in-process, bad input.
+
+Legend: T tokens, H kv heads, D head dim, L layers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import kscale.store
+from kscale.extract import worker
+from kscale.models import IMAGE, load_model
+from kscale.runner import run_job
+from kscale.spec import spec_from_dict
+from kscale.store.layout import MODALITIES, marker_path
+from tests.conftest import extract_spec
+
+FAMILIES = ["debug:qwen2_5_vl", "debug:llava"]
+
+
+def sample_keys(store, sample_id: int, layer: int):
+    """(positions, keys_THD, rope_pos) of one sample over all modalities, ordered by position."""
+    pos, keys, rope = [], [], []
+    for m in MODALITIES:
+        t = store.tokens(m)
+        sel = t["sample_id"] == sample_id
+        if not sel.any():
+            continue
+        pos.append(t["position"][sel])
+        keys.append(store.keys(layer, m).compute()[sel])
+        rope.append(t["rope_pos"][sel])
+    pos, keys, rope = np.concatenate(pos), np.concatenate(keys), np.concatenate(rope)
+    order = np.argsort(pos)
+    return pos[order], keys[order], rope[order]
+
+
+def reference_inputs(spec, sample_id: int):
+    lm = load_model(spec.model)
+    state = worker.ExtractState(lm, [0, 1], [0, 1], __import__("kscale.data", fromlist=["x"]).open_source(spec.data))
+    rec = state.source.get(sample_id)
+    return lm, lm.adapter.build_batch(lm, [rec.image], [rec.text])
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def bs1_store(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param.split(":")[1])
+    spec = spec_from_dict(extract_spec(tmp, model=request.param, extract={"batch_size": 1, "key_dtype": "float32"}))
+    run_job(spec, show_bar=False)
+    return spec, kscale.store.open(spec.output.path)
+
+
+def test_keys_equal_recomputation_from_hidden_states(bs1_store):
+    spec, store = bs1_store
+    for sid in (0, 5):
+        lm, batch = reference_inputs(spec, sid)
+        with torch.no_grad():
+            out = lm.model(**batch.inputs, output_hidden_states=True)
+        layers = lm.adapter.decoder_layers(lm.model)
+        for li in store.layers:
+            with torch.no_grad():
+                ref = layers[li].self_attn.k_proj(layers[li].input_layernorm(out.hidden_states[li]))[0]
+            ref_THD = ref.view(ref.shape[0], lm.info.num_kv_heads, lm.info.head_dim).numpy()
+            pos, got, _ = sample_keys(store, sid, li)
+            assert np.array_equal(pos, np.arange(ref_THD.shape[0]))  # every real token, no padding
+            np.testing.assert_allclose(got, ref_THD, atol=1e-5, rtol=0)
+
+
+def test_keys_and_positions_reproduce_kv_cache(bs1_store):
+    spec, store = bs1_store
+    lm, batch = reference_inputs(spec, 3)
+    assert batch.n_image_tokens[0] > 0
+    with torch.no_grad():
+        out = lm.model(**batch.inputs, use_cache=True)
+    mod = sys.modules[type(lm.adapter.decoder_layers(lm.model)[0].self_attn).__module__]
+    rotary = lm.adapter.rotary_module(lm.model)
+    for li in store.layers:
+        _, k_THD, rope_TR = sample_keys(store, 3, li)
+        k = torch.from_numpy(k_THD).permute(1, 0, 2)[None]  # (1, H, T, D)
+        pos = torch.from_numpy(rope_TR).long()
+        pos = pos.T[:, None, :] if pos.shape[1] == 3 else pos.T  # (3, 1, T) or (1, T)
+        cos, sin = rotary(k, pos)
+        _, k_rot = mod.apply_rotary_pos_emb(k, k, cos, sin)
+        cached = out.past_key_values.layers[li].keys
+        torch.testing.assert_close(k_rot, cached, atol=1e-5, rtol=0)
+    if spec.model.path.endswith("qwen2_5_vl"):  # 3-D M-RoPE really used: image rows differ in h/w
+        _, _, rope_TR = sample_keys(store, 3, 0)
+        assert (rope_TR[:, 1] != rope_TR[:, 2]).any()
+
+
+def test_batch_invariance_and_tag_counts(bs1_store, tmp_path):
+    spec1, store1 = bs1_store
+    d = extract_spec(tmp_path, model=spec1.model.path, extract={"batch_size": 4, "key_dtype": "float32"})
+    spec4 = spec_from_dict(d)
+    run_job(spec4, show_bar=False)
+    store4 = kscale.store.open(spec4.output.path)
+    for m in MODALITIES:
+        t1, t4 = store1.tokens(m), store4.tokens(m)
+        for col in t1:
+            assert np.array_equal(t1[col], t4[col]), (m, col)
+        for li in store1.layers:
+            # padded batches run different kernels: equal to float32 rounding, stated tolerance 1e-5
+            np.testing.assert_allclose(store4.keys(li, m).compute(), store1.keys(li, m).compute(), atol=1e-5)
+    # image tokens per sample = the processor's formula; no pad token stored
+    lm = load_model(spec1.model)
+    img = store1.tokens("image")
+    src = __import__("kscale.data", fromlist=["x"]).open_source(spec1.data)
+    for sid in range(len(src)):
+        b = lm.adapter.build_batch(lm, [src.get(sid).image], [src.get(sid).text])
+        assert (img["sample_id"] == sid).sum() == b.n_image_tokens[0] > 0
+    if lm.info.family == "qwen2_5_vl":
+        grid = lm.image_processor(images=[src.get(0).image], return_tensors="pt")["image_grid_thw"][0]
+        assert (img["sample_id"] == 0).sum() == int(grid.prod()) // 4
+    pad = lm.tokenizer.pad_token_id
+    n_real = sum(len(store1.tokens(m)["position"]) for m in MODALITIES)
+    n_pad_tokens = sum(int((store1.tokens(m)["token_id"] == pad).sum()) for m in MODALITIES)
+    assert n_real > 0 and n_pad_tokens == 0
+
+
+def test_token_sampling_is_seeded_and_bounded(tmp_path):
+    d = extract_spec(tmp_path, extract={"sample_tokens": {"image": 3, "text": 2, "seed": 7}})
+    spec = spec_from_dict(d)
+    run_job(spec, show_bar=False)
+    s = kscale.store.open(spec.output.path)
+    counts = np.bincount(s.tokens("image")["sample_id"])
+    assert counts.max() == 3 and np.bincount(s.tokens("text")["sample_id"]).max() == 2
+    d2 = extract_spec(tmp_path / "b", extract={"batch_size": 1, "sample_tokens": {"image": 3, "text": 2, "seed": 7}})
+    run_job(spec_from_dict(d2), show_bar=False)
+    s2 = kscale.store.open(str(tmp_path / "b" / "store"))
+    assert np.array_equal(s.tokens("image")["position"], s2.tokens("image")["position"])
+
+
+def stores_equal(a: str, b: str) -> None:
+    sa, sb = kscale.store.open(a), kscale.store.open(b)
+    assert sorted(sa.shards) == sorted(sb.shards)
+    for m in MODALITIES:
+        ta, tb = sa.tokens(m), sb.tokens(m)
+        for col in ta:
+            assert np.array_equal(ta[col], tb[col]), (m, col)
+        for li in sa.layers:
+            ka, kb = sa.keys(li, m).compute(), sb.keys(li, m).compute()
+            assert ka.dtype == kb.dtype and ka.tobytes() == kb.tobytes(), (m, li)
+
+
+def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
+    over = dict(data={"source": "generated", "generated": {"n_samples": 24, "image_size": 112}, "shard_size": 3},
+                extract={"batch_size": 1, "key_dtype": "float16"})
+    ref_spec = spec_from_dict(extract_spec(tmp_path / "ref", **over))
+    run_job(ref_spec, show_bar=False)
+
+    d = extract_spec(tmp_path / "killed", **over)
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(d))
+    store = Path(d["output"]["path"])
+    proc = subprocess.Popen([sys.executable, "-m", "kscale.cli", "submit", "--no-progress", str(job)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((store / "shards").glob("*.done.json"))) < 2:
+        time.sleep(0.05)
+    # kill mid-shard: wait for a shard directory that has no marker yet
+    while time.time() < deadline:
+        dirs = {p.name for p in (store / "shards").glob("s??????") if p.is_dir()}
+        done = {p.name[:-10] for p in (store / "shards").glob("*.done.json")}
+        if dirs - done:
+            break
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    markers = {p.name: p.stat().st_mtime_ns for p in (store / "shards").glob("*.done.json")}
+    assert 2 <= len(markers) < 8, "the kill must land mid-job"
+
+    summary = run_job(spec_from_dict(d), show_bar=False)
+    assert summary["shards_skipped"] == len(markers) and summary["shards_failed"] == 0
+    for name, mtime in markers.items():  # committed shards were not recomputed
+        assert (store / "shards" / name).stat().st_mtime_ns == mtime
+    stores_equal(ref_spec.output.path, str(store))
+
+
+def test_ray_executor_equals_in_process(tmp_path, ray_local):
+    local = spec_from_dict(extract_spec(tmp_path / "local"))
+    run_job(local, show_bar=False)
+    ray_spec = spec_from_dict(extract_spec(tmp_path / "ray", resources={"executor": "ray", "workers": 2}))
+    summary = run_job(ray_spec, show_bar=False)
+    assert summary["shards_done"] == 3 and summary["state"] == "succeeded"
+    stores_equal(local.output.path, ray_spec.output.path)
+    progress = json.loads((Path(ray_spec.output.path) / "_progress.json").read_text())
+    assert progress["state"] == "succeeded" and progress["shards_done"] == 3
+
+
+def test_killed_ray_worker_shard_is_redone(tmp_path, ray_local):
+    import threading
+
+    import psutil
+
+    over = dict(data={"source": "generated", "generated": {"n_samples": 24, "image_size": 112}, "shard_size": 3},
+                extract={"batch_size": 1, "key_dtype": "float16"}, resources={"executor": "ray", "workers": 2})
+    spec = spec_from_dict(extract_spec(tmp_path / "r", **over))
+    store = Path(spec.output.path)
+    killed = []
+
+    def killer():
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((store / "shards").glob("*.done.json")):
+            time.sleep(0.05)
+        for p in psutil.process_iter(["pid", "cmdline"]):
+            if any("ShardActor" in c for c in (p.info["cmdline"] or [])):
+                os.kill(p.info["pid"], signal.SIGKILL)
+                killed.append(p.info["pid"])
+                return
+
+    t = threading.Thread(target=killer)
+    t.start()
+    summary = run_job(spec, show_bar=False)
+    t.join()
+    assert killed, "no worker process found to kill"
+    assert summary["shards_failed"] == 0 and summary["shards_done"] == 8
+    ref = spec_from_dict(extract_spec(tmp_path / "ref", **{**over, "resources": {"executor": "local"}}))
+    run_job(ref, show_bar=False)
+    stores_equal(ref.output.path, str(store))
+
+
+def test_bad_input_is_recorded_and_skipped(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (100, 80), "red").save(tmp_path / "img" / "ok.png")
+    (tmp_path / "img" / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really a png")
+    rows = [
+        {"image": "img/ok.png", "text": "what color is the square ?"},
+        {"image": "img/missing.png", "text": "what color ?"},
+        {"image": "img/corrupt.png", "text": "what color ?"},
+        {"image": "img/ok.png", "text": "   "},
+        {"image": "img/ok.png", "text": " ".join(["red"] * 200)},
+        {"image": None, "text": "a text only sample"},
+    ]
+    manifest = tmp_path / "data.jsonl"
+    manifest.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    d = extract_spec(tmp_path, data={"source": "manifest", "path": str(manifest), "shard_size": 4,
+                                     "generated": {}}, extract={"max_seq_len": 100})
+    del d["data"]["generated"]
+    summary = run_job(spec_from_dict(d), show_bar=False)
+    assert summary["state"] == "succeeded" and summary["samples"] == 2
+    s = kscale.store.open(d["output"]["path"])
+    errs = {e["sample_id"]: e["reason"] for e in s.errors()}
+    assert set(errs) == {1, 2, 3, 4}
+    assert "missing image file" in errs[1] and "missing.png" in errs[1]
+    assert "corrupt image" in errs[2] and "data.jsonl line 3" in errs[2]
+    assert "empty text" in errs[3]
+    assert "longer than extract.max_seq_len=100" in errs[4]
+    assert set(s.tokens("text")["sample_id"]) == {0, 5} and set(s.tokens("image")["sample_id"]) == {0}
+
+
+def test_store_policies(tmp_path):
+    d = extract_spec(tmp_path, data={"generated": {"n_samples": 4, "image_size": 112}})
+    run_job(spec_from_dict(d), show_bar=False)
+    before = marker_path(d["output"]["path"], "s000000").read_text()
+    from kscale.extract.run import StoreExistsError
+
+    with pytest.raises(StoreExistsError, match="different spec"):
+        run_job(spec_from_dict({**d, "extract": {**d["extract"], "key_dtype": "float16"}}), show_bar=False)
+    with pytest.raises(StoreExistsError, match="'fail'"):
+        run_job(spec_from_dict({**d, "output": {**d["output"], "if_exists": "fail"}}), show_bar=False)
+    assert marker_path(d["output"]["path"], "s000000").read_text() == before
+    other = tmp_path / "not_a_store"
+    other.mkdir()
+    (other / "precious.txt").write_text("keep me")
+    with pytest.raises(StoreExistsError, match="not a kscale store"):
+        run_job(spec_from_dict({**d, "output": {"path": str(other), "if_exists": "overwrite"}}), show_bar=False)
+    assert (other / "precious.txt").read_text() == "keep me"
+    s = run_job(spec_from_dict({**d, "output": {**d["output"], "if_exists": "overwrite"}}), show_bar=False)
+    assert s["shards_done"] == 1 and s["shards_skipped"] == 0
+
+
+def test_info_cli(tmp_path):
+    d = extract_spec(tmp_path, data={"generated": {"n_samples": 4, "image_size": 112}})
+    run_job(spec_from_dict(d), show_bar=False)
+    r = subprocess.run([sys.executable, "-m", "kscale.cli", "info", "--json", d["output"]["path"]],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["samples"] == 4 and info["tokens"]["image"] == 4 * 16 and info["layers"] == [0, 1]
