@@ -1,0 +1,210 @@
+"""Per-sample attention statistics from hooked q/k projections, computed beside the fast forward pass.
+
+How it connects: extraction runs the model with its own kernel (SDPA/flash) under
+``kscale.extract.hooks.capture``, which records every hooked layer's ``q_proj``/``k_proj`` outputs and the
+RoPE positions the model passed to its rotary embedding. ``batch_stats`` rebuilds what the kernel saw —
+post-RoPE queries and keys from the model's *own* rotary module (``kscale.models.rope``), the attention
+module's ``scaling``, the causal + padding mask, grouped-query heads mapped to their KV head — and reduces
+``softmax(q·k·scaling)`` over chunks of selected queries into running sums. Only one (B, H, C, T) block of
+logits exists at a time, so memory is O(T·chunk) however long the image.
+
+One output row per (sample, layer, query head) of the kept KV heads (``extract.heads``):
+
+- ``mass_<m>``: mean over selected queries of the attention probability on keys of modality m;
+- ``share_<m>``: mean over queries of the fraction of visible keys that are of modality m;
+- ``efficiency_<m>`` = mass / share (1: attention proportional to presence; < 1: under-used);
+- ``logit_mean_<m>``, ``logit_sd_<m>``: mean and population SD of ``q·k·scaling`` over all
+  (selected query, visible key of modality m) pairs;
+- ``entropy``: mean over queries of the attention entropy (nats).
+
+Legend: B batch, T tokens, Q selected queries per sample (padded), C queries in a chunk, K kept kv heads,
+G query heads per kv head, H = K·G query heads, D head dim, M key modalities.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kscale.models import IMAGE, MODALITY_CODES, PAD, TEXT
+from kscale.models.rope import cos_sin, rotate
+
+MODALITY_ORDER = tuple(MODALITY_CODES)  # text, image, video, special: the M axis
+
+
+@dataclass
+class _Sums:
+    """Running sums over query chunks for one layer (float64)."""
+
+    n_queries_B: torch.Tensor
+    share_BM: torch.Tensor
+    mass_BHM: torch.Tensor
+    entropy_BH: torch.Tensor
+    n_pairs_BM: torch.Tensor
+    logit_s1_BHM: torch.Tensor  # sum of logits
+    logit_s2_BHM: torch.Tensor  # sum of squared logits (from per-row shifted moments)
+
+
+def select_queries(batch, queries: str, last_k: int) -> torch.Tensor:
+    """query_BT: which tokens' attention rows are measured (``AttentionSpec.queries``)."""
+    mod_BT = batch.modality_BT
+    real_BT = mod_BT != PAD
+    if queries == "answer":
+        return batch.answer_mask_BT & real_BT
+    if queries == "last_k":
+        pos_BT = torch.arange(mod_BT.shape[1])[None]
+        length_B1 = real_BT.sum(1, keepdim=True)
+        return real_BT & (pos_BT >= length_B1 - last_k)
+    # after_image: text tokens after the first image token (none in samples without an image)
+    seen_image_BT = torch.cumsum((mod_BT == IMAGE).int(), dim=1) > 0
+    return seen_image_BT & (mod_BT == TEXT)
+
+
+def gather_queries(query_BT: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(idx_BQ, valid_BQ): each sample's query positions, left-aligned and padded with position 0."""
+    n_B = query_BT.sum(1)
+    Q = int(n_B.max()) if len(n_B) else 0
+    order_BT = torch.argsort((~query_BT).int(), dim=1, stable=True)  # query positions first, in order
+    idx_BQ = order_BT[:, :Q]
+    valid_BQ = torch.arange(Q)[None] < n_B[:, None]
+    return torch.where(valid_BQ, idx_BQ, 0), valid_BQ
+
+
+def modality_onehot(modality_BT: torch.Tensor) -> torch.Tensor:
+    """onehot_BTM float32 over MODALITY_ORDER (all zero for padding)."""
+    codes = torch.tensor([MODALITY_CODES[m] for m in MODALITY_ORDER], dtype=modality_BT.dtype)
+    return (modality_BT[..., None] == codes).float()
+
+
+def _chunk(q_BKGCD: torch.Tensor, idx_BC: torch.Tensor, valid_BC: torch.Tensor, k_BKTD: torch.Tensor,
+           key_valid_BT: torch.Tensor, onehot_BTM: torch.Tensor, scaling: float, sums: _Sums) -> None:
+    """Add one chunk of queries to ``sums``: the only place a (B, H, C, T) tensor exists."""
+    B, K, G, C, D = q_BKGCD.shape
+    T = k_BKTD.shape[2]
+    logits_BHCT = torch.matmul(q_BKGCD.reshape(B, K, G * C, D), k_BKTD.transpose(2, 3)).view(B, K * G, C, T)
+    logits_BHCT.mul_(scaling)
+    key_pos_T = torch.arange(T, device=idx_BC.device)
+    visible_BCT = (key_pos_T[None, None] <= idx_BC[..., None]) & key_valid_BT[:, None]
+    visible_BCT &= valid_BC[..., None]
+    visible_BCT[..., 0] |= ~valid_BC  # padded query rows see key 0 (finite softmax), then get weight 0
+    w_BC = valid_BC.double()
+
+    rowmax_BHC1 = logits_BHCT.masked_fill(~visible_BCT[:, None], float("-inf")).amax(-1, keepdim=True)
+    shifted_BHCT = (logits_BHCT - rowmax_BHC1).masked_fill_(~visible_BCT[:, None], 0.0)
+    exp_BHCT = shifted_BHCT.exp().mul_(visible_BCT[:, None])
+    z_BHC = exp_BHCT.sum(-1)
+    p_BHCT = exp_BHCT.div_(z_BHC[..., None])
+    # entropy = log z - sum p * (x - max); masked entries have p = 0
+    entropy_BHC = z_BHC.log() - (p_BHCT * shifted_BHCT).sum(-1)
+    mass_BHCM = torch.matmul(p_BHCT, onehot_BTM[:, None])
+    n_BCM = torch.matmul(visible_BCT.float(), onehot_BTM).double()
+    # moments per row in the shifted frame (no cancellation against the row's offset), combined in float64
+    s1_BHCM = torch.matmul(shifted_BHCT, onehot_BTM[:, None]).double()
+    s2_BHCM = torch.matmul(shifted_BHCT * shifted_BHCT, onehot_BTM[:, None]).double()
+    n_B1CM = n_BCM[:, None]
+    mu_BHCM = s1_BHCM / n_B1CM.clamp(min=1)
+    m2_BHCM = (s2_BHCM - s1_BHCM * mu_BHCM).clamp(min=0)
+    mean_BHCM = mu_BHCM + rowmax_BHC1.double()
+    wq_B1C1 = w_BC[:, None, :, None]
+
+    sums.n_queries_B += w_BC.sum(1)
+    sums.share_BM += ((n_BCM / n_BCM.sum(-1, keepdim=True)) * w_BC[..., None]).sum(1)
+    sums.mass_BHM += (mass_BHCM.double() * wq_B1C1).sum(2)
+    sums.entropy_BH += (entropy_BHC.double() * w_BC[:, None]).sum(2)
+    sums.n_pairs_BM += (n_BCM * w_BC[..., None]).sum(1)
+    sums.logit_s1_BHM += (n_B1CM * mean_BHCM * wq_B1C1).sum(2)
+    sums.logit_s2_BHM += ((m2_BHCM + n_B1CM * mean_BHCM * mean_BHCM) * wq_B1C1).sum(2)
+
+
+def layer_sums(q_BTKGD: torch.Tensor, k_BTKD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor,
+               idx_BQ: torch.Tensor, valid_BQ: torch.Tensor, key_valid_BT: torch.Tensor,
+               onehot_BTM: torch.Tensor, scaling: float, query_chunk: int) -> _Sums:
+    """Statistics sums of one layer: RoPE on the selected queries and all keys, then chunk over queries."""
+    B, T, K, G, D = q_BTKGD.shape
+    M = onehot_BTM.shape[-1]
+    H = K * G
+    dev = q_BTKGD.device
+    z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
+    sums = _Sums(z(B), z(B, M), z(B, H, M), z(B, H), z(B, M), z(B, H, M), z(B, H, M))
+    k_BKTD = rotate(k_BTKD.float(), cos_BTD, sin_BTD).transpose(1, 2)
+    gather = lambda x, idx: torch.gather(x, 1, idx.view(*idx.shape, *[1] * (x.ndim - 2)).expand(  # noqa: E731
+        *idx.shape, *x.shape[2:]))
+    for a in range(0, idx_BQ.shape[1], query_chunk):
+        idx_BC, valid_BC = idx_BQ[:, a:a + query_chunk], valid_BQ[:, a:a + query_chunk]
+        C = idx_BC.shape[1]
+        q_BCHD = rotate(gather(q_BTKGD, idx_BC).float().view(B, C, H, D), gather(cos_BTD, idx_BC),
+                        gather(sin_BTD, idx_BC))
+        q_BKGCD = q_BCHD.view(B, C, K, G, D).permute(0, 2, 3, 1, 4)
+        _chunk(q_BKGCD, idx_BC, valid_BC, k_BKTD, key_valid_BT, onehot_BTM, scaling, sums)
+    return sums
+
+
+def finish(sums: _Sums) -> dict[str, np.ndarray]:
+    """Per (sample, query head) statistics, each (B, H) float64; NaN where undefined (no queries, no keys)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        nq_B = sums.n_queries_B.cpu().numpy()
+        share_BM = sums.share_BM.cpu().numpy() / nq_B[:, None]
+        mass_BHM = sums.mass_BHM.cpu().numpy() / nq_B[:, None, None]
+        npairs_B1M = sums.n_pairs_BM.cpu().numpy()[:, None]
+        mean_BHM = sums.logit_s1_BHM.cpu().numpy() / npairs_B1M
+        var_BHM = np.maximum(sums.logit_s2_BHM.cpu().numpy() / npairs_B1M - mean_BHM ** 2, 0.0)
+        H = mass_BHM.shape[1]
+        out = {"n_queries": np.repeat(nq_B[:, None], H, 1).astype(np.int32),
+               "entropy": sums.entropy_BH.cpu().numpy() / nq_B[:, None]}
+        for j, m in enumerate(MODALITY_ORDER):
+            share_BH = np.repeat(share_BM[:, j, None], H, 1)
+            out[f"mass_{m}"] = mass_BHM[..., j]
+            out[f"share_{m}"] = share_BH
+            out[f"efficiency_{m}"] = np.where(share_BH > 0, mass_BHM[..., j] / share_BH, np.nan)
+            out[f"logit_mean_{m}"] = mean_BHM[..., j]
+            out[f"logit_sd_{m}"] = np.sqrt(var_BHM[..., j])
+    return out
+
+
+def batch_stats(state, batch, cap, attn, sample_ids: list[int]) -> dict[str, np.ndarray]:
+    """The attention table rows of one extraction batch: one per (sample, layer, query head).
+
+    ``state`` is the worker's ExtractState (loaded model, hooked ``layers``, kept KV ``heads``), ``cap`` the
+    Capture holding ``("q", i)`` and ``("k", i)`` for every hooked layer and ``positions_BTR``, ``attn``
+    the job's AttentionSpec. Rows come out sample-major, then layer, then query head.
+    """
+    lm = state.loaded
+    info = lm.info
+    G = info.num_heads // info.num_kv_heads
+    heads = list(state.heads)
+    mask_BT = batch.inputs["attention_mask"].bool()
+    dev = cap.outputs[("k", state.layers[0])].device
+    with torch.inference_mode():
+        cos_BTD, sin_BTD = cos_sin(lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(dev))
+        idx_BQ, valid_BQ = gather_queries(select_queries(batch, attn.queries, attn.last_k))
+        idx_BQ, valid_BQ, key_valid_BT = idx_BQ.to(dev), valid_BQ.to(dev), mask_BT.to(dev)
+        onehot_BTM = modality_onehot(batch.modality_BT).to(dev)
+        attn_modules = [layer.self_attn for layer in lm.adapter.decoder_layers(lm.model)]
+        per_layer = []
+        for i in state.layers:
+            B, T, _ = cap.outputs[("q", i)].shape
+            q_BTKGD = cap.outputs[("q", i)].view(B, T, info.num_kv_heads, G, info.head_dim)[:, :, heads]
+            k_BTKD = cap.outputs[("k", i)].view(B, T, info.num_kv_heads, info.head_dim)[:, :, heads]
+            sums = layer_sums(q_BTKGD, k_BTKD, cos_BTD, sin_BTD, idx_BQ, valid_BQ, key_valid_BT, onehot_BTM,
+                              float(attn_modules[i].scaling), max(1, attn.query_chunk))
+            per_layer.append(finish(sums))
+    return _rows(per_layer, state.layers, heads, G, sample_ids)
+
+
+def _rows(per_layer: list[dict[str, np.ndarray]], layers: list[int], heads: list[int], G: int,
+          sample_ids: list[int]) -> dict[str, np.ndarray]:
+    """Flatten per-layer (B, H) statistics into table columns ordered (sample, layer, query head)."""
+    B, L, H = len(sample_ids), len(layers), len(heads) * G
+    q_head_H = np.array([k * G + g for k in heads for g in range(G)], dtype=np.int32)
+    b_N, l_N, h_N = (a.ravel() for a in np.meshgrid(np.arange(B), np.arange(L), np.arange(H), indexing="ij"))
+    out = {
+        "sample_id": np.asarray(sample_ids, np.int64)[b_N],
+        "layer": np.asarray(layers, np.int32)[l_N],
+        "q_head": q_head_H[h_N],
+        "kv_head": q_head_H[h_N] // G,
+    }
+    for name in per_layer[0]:
+        out[name] = np.stack([d[name] for d in per_layer], axis=1).reshape(B * L * H)  # (B, L, H)
+    return out
