@@ -109,33 +109,46 @@ def make_probe(kind: str, d: int, hidden: int, seed: int):
     raise ValueError(f"unknown probe {kind!r}")
 
 
-def train_probe(kind: str, d: int, pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, hidden: int,
-                batch_size: int, lr: float, seed: int):
-    """Train on a stream of (x_pos_Nd, x_neg_Md) chunk pairs with balanced minibatches (Adam, BCE).
+class Probe:
+    """A probe and its Adam optimiser, stepped on balanced minibatches of streamed chunks.
 
-    Each pair is shuffled and walked in minibatches of ``batch_size`` per class; the shorter side
+    Each chunk pair is shuffled and walked in minibatches of ``batch_size`` per class; the shorter side
     cycles, so every minibatch is balanced and the loss targets the balanced log-loss.
     """
-    import torch
 
-    model = make_probe(kind, d, hidden, seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    rng = np.random.default_rng([seed, 0x7A1])
-    target = torch.cat([torch.ones(batch_size), torch.zeros(batch_size)])
-    for pos_Nd, neg_Md in pairs:
+    def __init__(self, kind: str, d: int, *, hidden: int, lr: float, batch_size: int, seed: int):
+        import torch
+
+        self.model = make_probe(kind, d, hidden, seed)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.bs = batch_size
+        self.rng = np.random.default_rng([seed, 0x7A1])
+
+    def fit_chunk(self, pos_Nd: np.ndarray, neg_Md: np.ndarray) -> None:
+        import torch
+
         if len(pos_Nd) == 0 or len(neg_Md) == 0:
-            continue
-        pos_Nd, neg_Md = pos_Nd[rng.permutation(len(pos_Nd))], neg_Md[rng.permutation(len(neg_Md))]
-        steps = max(len(pos_Nd), len(neg_Md)) // batch_size + 1
-        for s in range(steps):
-            ip = np.arange(s * batch_size, (s + 1) * batch_size) % len(pos_Nd)
-            im = np.arange(s * batch_size, (s + 1) * batch_size) % len(neg_Md)
-            xb = torch.from_numpy(np.concatenate([pos_Nd[ip], neg_Md[im]]).astype(np.float32))
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(model(xb)[:, 0], target)
-            opt.zero_grad()
+            return
+        self.model.train()
+        target = torch.cat([torch.ones(self.bs), torch.zeros(self.bs)])
+        pos_Nd, neg_Md = pos_Nd[self.rng.permutation(len(pos_Nd))], neg_Md[self.rng.permutation(len(neg_Md))]
+        for s in range(max(len(pos_Nd), len(neg_Md)) // self.bs + 1):
+            idx = np.arange(s * self.bs, (s + 1) * self.bs)
+            xb = torch.from_numpy(np.concatenate([pos_Nd[idx % len(pos_Nd)],
+                                                  neg_Md[idx % len(neg_Md)]]).astype(np.float32))
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(self.model(xb)[:, 0], target)
+            self.opt.zero_grad()
             loss.backward()
-            opt.step()
-    return model.eval()
+            self.opt.step()
+
+
+def train_probe(kind: str, d: int, pairs: Iterable[tuple[np.ndarray, np.ndarray]], *, hidden: int,
+                batch_size: int, lr: float, seed: int):
+    """Train a probe on a stream of (x_pos_Nd, x_neg_Md) chunk pairs; returns the model in eval mode."""
+    probe = Probe(kind, d, hidden=hidden, lr=lr, batch_size=batch_size, seed=seed)
+    for pos_Nd, neg_Md in pairs:
+        probe.fit_chunk(pos_Nd, neg_Md)
+    return probe.model.eval()
 
 
 def token_log_loss(model, x_Nd: np.ndarray, label: int) -> np.ndarray:

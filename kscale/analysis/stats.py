@@ -120,3 +120,13 @@ def jackknife(full: float, leave_one_out_G: np.ndarray) -> tuple[float, float]:
     mean = leave_one_out_G.mean()
     se = math.sqrt((g - 1) / g * ((leave_one_out_G - mean) ** 2).sum())
     return full, se
+
+
+def clustered_witness_se(wx_n: np.ndarray, sid_x: np.ndarray, wy_m: np.ndarray,
+                         sid_y: np.ndarray) -> tuple[float, int]:
+    """(SE, clusters) of an exact MMD^2 from witness values at its points, clustered by sample id."""
+    ids, inv = np.unique(np.concatenate([sid_x, sid_y]), return_inverse=True)
+    n, m = len(wx_n), len(wy_m)
+    contrib = np.concatenate([2 * (wx_n - wx_n.mean()) / n, -2 * (wy_m - wy_m.mean()) / m])
+    r_G = np.bincount(inv, weights=contrib, minlength=len(ids))
+    return cluster_se(r_G, np.ones(len(ids), bool)), len(ids)

@@ -9,6 +9,7 @@ merged into one accumulator as it arrives, so memory is bounded by the window, n
 from __future__ import annotations
 
 from collections.abc import Callable
+import uuid
 from typing import Any
 
 import dask
@@ -62,6 +63,7 @@ class Runner:
             return self._map_reduce_distributed(fn, items, shared, merge)
         acc = None
         task = delayed(fn, pure=False)
+        shared = delayed(shared, name=f"shared-{uuid.uuid4().hex}", traverse=False)
         for lo in range(0, len(items), self.window):
             parts = self.compute(*[task(blk, ids, shared) for blk, ids in items[lo:lo + self.window]])
             for part in parts:

@@ -1,0 +1,138 @@
+"""From a layer's recorded subsample to the plans that drive the streaming pass.
+
+Per layer, a seeded subsample of tokens of each modality is read into memory once. From it come,
+per target (a head, or heads pooled): the median-heuristic bandwidth of every normalisation, the
+standardisation centre/scale (modalities weighted equally), and the histogram columns with their
+shared quantile bins. The same subsample later feeds the exact MMD, the paper mode and the pictures.
+
+Comparisons are defined here too: which modality and which half of the sample buckets is X and Y,
+and which buckets form the two folds of cross-MMD.
+
+Shapes: n subsample tokens, H heads, d head dim, P histogram columns, B bins, K buckets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kscale.analysis.config import AnalyzeConfig
+from kscale.analysis.features import TargetPlan, normalise
+from kscale.analysis.jsd import lda_direction, pca_directions, quantile_edges, random_directions
+from kscale.analysis.mmd import median_bandwidth
+
+POOLED = -1
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """X and Y of one comparison; ``half`` None means all buckets, 0/1 the bucket parity."""
+
+    name: str
+    mod_x: str
+    mod_y: str
+    half_x: int | None
+    half_y: int | None
+
+    def mask(self, side: str, bucket_K: np.ndarray) -> np.ndarray:
+        half = self.half_x if side == "x" else self.half_y
+        return np.ones(len(bucket_K), bool) if half is None else bucket_K % 2 == half
+
+    def fold(self, bucket_K: np.ndarray) -> np.ndarray:
+        """Cross-MMD folds: bucket parity for cross, the next bit for intra (parity is the side)."""
+        return bucket_K % 2 if self.half_x is None else (bucket_K // 2) % 2
+
+
+def comparisons(names: list[str], image_mod: str) -> list[Comparison]:
+    table = {
+        "cross": Comparison("cross", image_mod, "text", None, None),
+        "intra_text": Comparison("intra_text", "text", "text", 0, 1),
+        "intra_image": Comparison("intra_image", image_mod, image_mod, 0, 1),
+    }
+    return [table[n] for n in names]
+
+
+@dataclass
+class Subsample:
+    """Subsampled keys of one layer: rows (n, H, d), their sample ids and buckets, per modality."""
+
+    keys: dict[str, np.ndarray]
+    sample_ids: dict[str, np.ndarray]
+    buckets: dict[str, np.ndarray]
+
+    def target(self, mod: str, heads: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(vectors, sample ids, buckets) of a target; pooled heads stack as extra rows per token."""
+        x_nHd = self.keys[mod][:, heads]
+        rep = len(heads)
+        return (x_nHd.reshape(-1, x_nHd.shape[-1]), np.repeat(self.sample_ids[mod], rep),
+                np.repeat(self.buckets[mod], rep))
+
+    def side(self, comp: Comparison, side: str, heads: list[int], limit: int,
+             ) -> tuple[np.ndarray, np.ndarray]:
+        """Up to ``limit`` vectors (and sample ids) of one side of a comparison, in random order."""
+        mod = comp.mod_x if side == "x" else comp.mod_y
+        x, sid, bucket = self.target(mod, heads)
+        keep = comp.mask(side, bucket)
+        if len(heads) > 1:  # stacked heads are ordered by token: shuffle before truncating
+            order = np.random.default_rng(len(x)).permutation(len(x))
+            x, sid, keep = x[order], sid[order], keep[order]
+        return x[keep][:limit], sid[keep][:limit]
+
+
+def balanced_pool(sub: Subsample, heads: list[int], image_mod: str, k: int) -> np.ndarray:
+    """Equal numbers (<= k) of image and text vectors of a target, for scale-setting statistics."""
+    a, _, _ = sub.target(image_mod, heads)
+    b, _, _ = sub.target("text", heads)
+    rng = np.random.default_rng(k)
+    n = min(k, len(a), len(b))
+    return np.vstack([a[rng.permutation(len(a))[:n]], b[rng.permutation(len(b))[:n]]])
+
+
+def histogram_columns(cfg: AnalyzeConfig, sub: Subsample, heads: list[int], pool_nd: np.ndarray,
+                      comps: list[Comparison], seed: int) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    """Projection (d, P) onto every histogram column and the column indices of each family.
+
+    Families: ``marginal`` (identity), ``random``, ``pca``, and ``lda:<comparison>`` (Fisher direction
+    fitted on the subsample's two sides of that comparison).
+    """
+    d = pool_nd.shape[1]
+    blocks, families, start = [], {}, 0
+
+    def add(name: str, proj_dk: np.ndarray) -> None:
+        nonlocal start
+        blocks.append(proj_dk)
+        families[name] = np.arange(start, start + proj_dk.shape[1])
+        start += proj_dk.shape[1]
+
+    kinds = cfg.jsd.histogram
+    if "marginal" in kinds:
+        add("marginal", np.eye(d))
+    if "random" in kinds and cfg.jsd.n_random:
+        add("random", random_directions(d, cfg.jsd.n_random, seed))
+    if "pca" in kinds and cfg.jsd.n_pca:
+        add("pca", pca_directions(pool_nd, min(cfg.jsd.n_pca, d)))
+    if "lda" in kinds:
+        for comp in comps:
+            x, _ = sub.side(comp, "x", heads, 10**9)
+            y, _ = sub.side(comp, "y", heads, 10**9)
+            if len(x) > 2 and len(y) > 2:
+                add(f"lda:{comp.name}", lda_direction(x, y)[:, None])
+    return np.hstack(blocks), families
+
+
+def target_plan(cfg: AnalyzeConfig, sub: Subsample, heads: list[int], comps: list[Comparison],
+                norms: list[str], with_hist: bool) -> tuple[TargetPlan, dict[str, np.ndarray]]:
+    """Bandwidths, standardisation and histogram bins of one target from the subsample."""
+    pool_nd = balanced_pool(sub, heads, cfg.image_modality, cfg.mmd.median_subsample)
+    centre_d = pool_nd.mean(0)
+    scale_d = np.maximum(pool_nd.std(0), 1e-12)
+    plan = TargetPlan(heads=list(range(len(heads))), bandwidth={}, centre_d=centre_d, scale_d=scale_d)
+    for how in norms:
+        plan.bandwidth[how] = median_bandwidth(normalise(pool_nd, how, plan), seed=cfg.seed)
+    families: dict[str, np.ndarray] = {}
+    if with_hist:
+        proj_dP, families = histogram_columns(cfg, sub, heads, pool_nd, comps, cfg.seed)
+        plan.proj_dP = proj_dP
+        plan.edges_PB = quantile_edges(pool_nd @ proj_dP, cfg.jsd.bins)
+    return plan, families

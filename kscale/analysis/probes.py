@@ -1,0 +1,107 @@
+"""Classifier lower bounds of the JSD, trained streaming over the store (see ``jsd.py`` for the bound).
+
+For one layer and one comparison, blocks of keys are read one at a time (all selected heads at once);
+every target (each head, heads pooled) and every probe kind takes balanced Adam steps on the tokens of
+training buckets. A second pass scores held-out buckets: per-bucket sums of log-loss give the balanced
+held-out log-loss, the bound ``log 2 - L`` and a clustered SE. Memory: one block plus small models.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from kscale.analysis import stats
+from kscale.analysis.config import AnalyzeConfig
+from kscale.analysis.features import TargetPlan
+from kscale.analysis.jsd import LOG2, Probe, balanced_log_loss, to_units, token_log_loss
+from kscale.analysis.plan import Comparison
+from kscale.analysis.source import Buckets
+
+
+def _rows_of(block_NHd: np.ndarray, sid_N: np.ndarray, heads: list[int], plan: TargetPlan,
+             ) -> tuple[np.ndarray, np.ndarray]:
+    x = np.asarray(block_NHd[:, heads], np.float64)
+    x = x.reshape(-1, x.shape[-1])
+    return (x - plan.centre_d) / plan.scale_d, np.repeat(sid_N, len(heads))
+
+
+def _side_rows(comp: Comparison, side: str, x: np.ndarray, bucket: np.ndarray, train_K: np.ndarray,
+               training: bool) -> tuple[np.ndarray, np.ndarray]:
+    keep = comp.mask(side, bucket) & (train_K[bucket] == training)
+    return x[keep], bucket[keep]
+
+
+def probe_rows(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Comparison,
+               targets: dict[int, tuple[list[int], TargetPlan]], buckets: Buckets, ctx_rows) -> list[dict]:
+    """Train and score every probe kind for every target on one comparison; returns table rows.
+
+    ``items[mod]`` are (delayed block, sample ids) pairs of the layer (all selected heads);
+    ``targets`` maps target id -> (positions of its heads in the block, plan); ``ctx_rows(tid)`` gives
+    the row factory for a target.
+    """
+    K = buckets.n_buckets
+    train_K = np.ones(K, bool)
+    train_K[: max(1, round(cfg.jsd.heldout_fraction * K))] = False  # buckets are random already
+    d = next(iter(targets.values()))[1].centre_d.shape[0]
+    probes = {(t, k): Probe(k, d, hidden=cfg.jsd.mlp_hidden, lr=cfg.jsd.lr, batch_size=cfg.jsd.batch_size,
+                             seed=cfg.seed + 17 * (t + 1)) for t in targets for k in cfg.jsd.classifiers}
+    rng = np.random.default_rng([cfg.seed, 0xE90C])
+    bx, by = items[comp.mod_x], items[comp.mod_y]
+    for _ in range(cfg.jsd.epochs):
+        seen = 0
+        ox, oy = rng.permutation(len(bx)), rng.permutation(len(by))
+        for i in range(max(len(bx), len(by))):
+            if seen >= cfg.jsd.max_train_tokens:
+                break
+            (blk_x, sid_x), (blk_y, sid_y) = bx[ox[i % len(bx)]], by[oy[i % len(by)]]
+            arr_x, arr_y = runner.compute(blk_x, blk_y)
+            seen += min(len(sid_x), len(sid_y))
+            for t, (heads, plan) in targets.items():
+                x, sx = _rows_of(arr_x, sid_x, heads, plan)
+                y, sy = _rows_of(arr_y, sid_y, heads, plan)
+                xp, _ = _side_rows(comp, "x", x, buckets.of(sx), train_K, True)
+                yn, _ = _side_rows(comp, "y", y, buckets.of(sy), train_K, True)
+                for k in cfg.jsd.classifiers:
+                    probes[(t, k)].fit_chunk(xp, yn)
+    return _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows)
+
+
+def _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows) -> list[dict]:
+    K = buckets.n_buckets
+    loss = {(t, k, s): np.zeros(K) for t in targets for k in cfg.jsd.classifiers for s in "xy"}
+    count = {(t, s): np.zeros(K) for t in targets for s in "xy"}
+    for side, mod in (("x", comp.mod_x), ("y", comp.mod_y)):
+        for blk, sid in items[mod]:
+            if not (~train_K[buckets.of(np.unique(sid))]).any():
+                continue
+            (arr,) = runner.compute(blk)
+            for t, (heads, plan) in targets.items():
+                x, s = _rows_of(arr, sid, heads, plan)
+                xs, bk = _side_rows(comp, side, x, buckets.of(s), train_K, False)
+                count[(t, side)] += np.bincount(bk, minlength=K)
+                for k in cfg.jsd.classifiers:
+                    ll = token_log_loss(probes[(t, k)].model, xs, 1 if side == "x" else 0)
+                    loss[(t, k, side)] += np.bincount(bk, weights=ll, minlength=K)
+    out = []
+    for t in targets:
+        nx, ny = count[(t, "x")], count[(t, "y")]
+        if nx.sum() < 1 or ny.sum() < 1:
+            continue
+        nonempty = (nx + ny) > 0
+        for k in cfg.jsd.classifiers:
+            value_loss, infl = balanced_log_loss(loss[(t, k, "x")], nx, loss[(t, k, "y")], ny)
+            se = stats.cluster_se(infl, nonempty)
+            bound = LOG2 - value_loss
+            lo, hi = stats.t_interval(bound, se, int(nonempty.sum()), cfg.significance.alpha)
+            u = cfg.jsd.units
+            out.append(ctx_rows(t)(
+                comparison=comp.name, estimator=f"jsd_clf_{k}", kernel=k, value=to_units(bound, u),
+                se=to_units(se, u), ci_low=to_units(lo, u), ci_high=to_units(hi, u), units=u,
+                n_tokens=int(nx.sum() + ny.sum()),
+                conventions={"what": "lower bound: log 2 - balanced held-out log-loss",
+                             "heldout_buckets": int((~train_K).sum()), "epochs": cfg.jsd.epochs,
+                             "max_train_tokens": cfg.jsd.max_train_tokens, "inputs": "standardised",
+                             "max_value": 1.0 if u == "bits" else math.log(2)}))
+    return out
