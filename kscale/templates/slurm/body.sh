@@ -1,0 +1,150 @@
+# ---- kscale Slurm body: start Ray (or dask) across the allocation, run the driver, stop only our own ----
+# Rendered by kscale.executors.slurm below the #SBATCH header and the KSCALE_* settings above; identical
+# for every job, so it can be read (and shellchecked) once. Safe on shared nodes:
+#   - a per-job Ray temp dir on node-local disk, removed at the end;
+#   - ports derived from the job id (20000 + 10 x (id mod 4000)), outside Ray's worker range 10002-19999;
+#   - CPU and GPU counts passed to Ray explicitly from Slurm's variables, never auto-detected;
+#   - token authentication with a fresh per-job token (in the environment only, never on disk);
+#   - it waits for every node to join before the driver starts;
+#   - it stops the processes it started (its own srun steps) by PID: never `ray stop`.
+
+job_id=${SLURM_JOB_ID:?this script runs under sbatch}
+mkdir -p "$KSCALE_RECORD_DIR"
+mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
+head_node=${nodes[0]}
+n_nodes=${#nodes[@]}
+head_ip=$(hostname -I 2>/dev/null | awk '{print $1}')
+head_ip=${head_ip:-$(hostname --ip-address | awk '{print $1}')}
+cpus=${SLURM_CPUS_PER_TASK:-${SLURM_CPUS_ON_NODE:-1}}
+gpus=${SLURM_GPUS_ON_NODE:-0}
+port_base=${KSCALE_PORT_BASE:-$((20000 + 10 * (job_id % 4000)))}
+gcs_port=$port_base
+dashboard_port=$((port_base + 1))
+dask_port=$((port_base + 9))
+node_tmp="$KSCALE_TMP_BASE/kscale-${SLURM_CLUSTER_NAME:-slurm}-$job_id"
+
+RAY_AUTH_TOKEN=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
+export RAY_AUTH_MODE=token RAY_AUTH_TOKEN RAY_USAGE_STATS_ENABLED=0
+# Ray drains a node for 30 s on SIGTERM (for Serve traffic); at cleanup the driver is done, nothing to drain.
+export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
+
+pids=()          # our srun steps, stopped by PID in cleanup
+driver_pid=""
+cleaned=0
+
+# Run a command on the nodes of an srun step, inside the container when one is configured.
+step() {  # step SRUN_ARGS... -- COMMAND...
+    local args=()
+    while [ "$1" != "--" ]; do args+=("$1"); shift; done
+    shift
+    if [ -n "$KSCALE_CONTAINER_IMAGE" ]; then
+        args+=(--container-image="$KSCALE_CONTAINER_IMAGE")
+        [ -n "$KSCALE_CONTAINER_MOUNTS" ] && args+=(--container-mounts="$KSCALE_CONTAINER_MOUNTS")
+    fi
+    srun --overlap --kill-on-bad-exit=0 "${args[@]}" "$@"
+}
+
+ray_ports=(--node-manager-port=$((port_base + 3)) --object-manager-port=$((port_base + 4))
+           --dashboard-agent-grpc-port=$((port_base + 5)) --dashboard-agent-listen-port=$((port_base + 6))
+           --metrics-export-port=$((port_base + 7)) --runtime-env-agent-port=$((port_base + 8)))
+ray_node=(--block --num-cpus="$cpus" --num-gpus="$gpus" --temp-dir="$node_tmp" --disable-usage-stats)
+[ -n "$KSCALE_OBJECT_STORE_BYTES" ] && ray_node+=(--object-store-memory="$KSCALE_OBJECT_STORE_BYTES")
+
+# shellcheck disable=SC2317  # runs through the EXIT trap
+cleanup() {
+    [ "$cleaned" = 1 ] && return
+    cleaned=1
+    trap - TERM INT
+    echo "kscale: stopping our own processes (${#pids[@]} step(s))"
+    [ "${#pids[@]}" -gt 0 ] && { kill -TERM "${pids[@]}" 2>/dev/null || true; }
+    for _ in $(seq 30); do
+        alive=0
+        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+        [ "$alive" = 0 ] && break
+        sleep 1
+    done
+    [ "${#pids[@]}" -gt 0 ] && { kill -KILL "${pids[@]}" 2>/dev/null || true; }
+    # Keep every node's Ray logs beside the outputs, then remove the node-local temp dirs.
+    # shellcheck disable=SC2016  # expanded by the inner bash
+    srun --overlap --nodes="$n_nodes" --ntasks="$n_nodes" --ntasks-per-node=1 bash -c \
+        'd="$1/ray-logs/$2/$(hostname -s)"; mkdir -p "$d"; cp -r "$3"/session_latest/logs/. "$d"/ 2>/dev/null; rm -rf "$3"' \
+        _ "$KSCALE_RECORD_DIR" "$KSCALE_ID" "$node_tmp" || true
+    echo "kscale: logs in $KSCALE_RECORD_DIR"
+}
+# shellcheck disable=SC2317  # runs through the TERM/INT trap
+on_signal() {
+    echo "kscale: signal received (time limit near, or scancel); stopping the driver"
+    [ -n "$driver_pid" ] && { kill -TERM "$driver_pid" 2>/dev/null || true; }
+}
+trap cleanup EXIT
+trap on_signal TERM INT
+
+wait_for_port() {  # wait_for_port HOST PORT SECONDS
+    for _ in $(seq "$3"); do
+        (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
+        sleep 1
+    done
+    echo "kscale: nothing listens on $1:$2 after $3 s" >&2
+    return 1
+}
+
+cat > "$KSCALE_RECORD_DIR/$KSCALE_ID.slurm.json" <<JSON
+{"slurm_job_id": "$job_id", "head_node": "$head_node", "head_ip": "$head_ip", "nodes": $n_nodes,
+ "runtime": "$KSCALE_RUNTIME", "gcs_port": $gcs_port, "dashboard_port": $dashboard_port, "dask_port": $dask_port}
+JSON
+
+if [ "$KSCALE_RUNTIME" = ray ]; then
+    echo "kscale: starting Ray head on $head_node ($head_ip:$gcs_port), $cpus CPU(s) and $gpus GPU(s) per node"
+    step --nodes=1 --ntasks=1 --cpus-per-task="$cpus" -w "$head_node" -- \
+        "$KSCALE_PYTHON" -m ray.scripts.scripts start --head --node-ip-address="$head_ip" --port="$gcs_port" \
+        --dashboard-host="$KSCALE_DASHBOARD_HOST" --dashboard-port="$dashboard_port" \
+        --ray-client-server-port=$((port_base + 2)) "${ray_ports[@]}" "${ray_node[@]}" &
+    pids+=($!)
+    wait_for_port "$head_ip" "$gcs_port" "$KSCALE_NODE_WAIT_S"
+    if [ "$n_nodes" -gt 1 ]; then
+        step --nodes=$((n_nodes - 1)) --ntasks=$((n_nodes - 1)) --ntasks-per-node=1 --cpus-per-task="$cpus" \
+            --exclude="$head_node" -- \
+            "$KSCALE_PYTHON" -m ray.scripts.scripts start --address="$head_ip:$gcs_port" "${ray_ports[@]}" \
+            "${ray_node[@]}" &
+        pids+=($!)
+    fi
+    export RAY_ADDRESS="$head_ip:$gcs_port"
+    step --nodes=1 --ntasks=1 -w "$head_node" -- \
+        "$KSCALE_PYTHON" -m kscale.executors.slurm wait-ray --address "$RAY_ADDRESS" --nodes "$n_nodes" \
+        --timeout "$KSCALE_NODE_WAIT_S"
+    if [ "$KSCALE_DASHBOARD_HOST" = 127.0.0.1 ]; then
+        tunnel="ssh -N -L 8265:127.0.0.1:$dashboard_port -J ${SLURM_SUBMIT_HOST:-LOGIN} $head_node"
+    else
+        tunnel="ssh -N -L 8265:$head_ip:$dashboard_port ${SLURM_SUBMIT_HOST:-LOGIN}"
+    fi
+    echo "kscale: Ray dashboard: $tunnel   then open http://127.0.0.1:8265 (token: ray get-auth-token)"
+elif [ "$KSCALE_RUNTIME" = dask ]; then
+    export KSCALE_DASK_SCHEDULER_FILE="$KSCALE_RECORD_DIR/$KSCALE_ID.dask-scheduler.json"
+    rm -f "$KSCALE_DASK_SCHEDULER_FILE"
+    echo "kscale: starting dask scheduler on $head_node:$dask_port, one worker per node ($cpus threads)"
+    step --nodes=1 --ntasks=1 -w "$head_node" -- \
+        "$KSCALE_PYTHON" -m distributed.cli.dask_scheduler --host "$head_ip" --port "$dask_port" \
+        --dashboard-address "127.0.0.1:$dashboard_port" --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" &
+    pids+=($!)
+    step --nodes="$n_nodes" --ntasks="$n_nodes" --ntasks-per-node=1 --cpus-per-task="$cpus" -- \
+        "$KSCALE_PYTHON" -m distributed.cli.dask_worker --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
+        --nworkers 1 --nthreads "$cpus" --memory-limit 0 --local-directory "$node_tmp" &
+    pids+=($!)
+    step --nodes=1 --ntasks=1 -w "$head_node" -- \
+        "$KSCALE_PYTHON" -m kscale.executors.slurm wait-dask --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
+        --workers "$n_nodes" --timeout "$KSCALE_NODE_WAIT_S"
+    echo "kscale: dask dashboard: ssh -N -L 8787:127.0.0.1:$dashboard_port -J ${SLURM_SUBMIT_HOST:-LOGIN} $head_node"
+fi
+
+echo "kscale: driver for $KSCALE_ID on $head_node (records in $KSCALE_RECORD_DIR)"
+step --nodes=1 --ntasks=1 -w "$head_node" -- \
+    "$KSCALE_PYTHON" -m kscale.executors.progress_files driver --id "$KSCALE_ID" --target slurm \
+    --record-dir "$KSCALE_RECORD_DIR" "$KSCALE_SPEC" &
+driver_pid=$!
+while :; do
+    status=0
+    wait "$driver_pid" || status=$?
+    kill -0 "$driver_pid" 2>/dev/null || break  # a signal interrupted wait: keep waiting for the driver
+done
+echo "kscale: driver exited with status $status"
+exit "$status"
