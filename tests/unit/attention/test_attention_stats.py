@@ -85,3 +85,38 @@ def test_right_padding_equals_batch_size_one(family_models, records):
         for name in STAT_NAMES + ["layer", "q_head"]:
             np.testing.assert_allclose(together[name][rows], alone[name], rtol=1e-5, atol=1e-5, equal_nan=True,
                                        err_msg=f"sample {b} {name}")
+
+
+class TensorSizes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the largest tensor any op creates and how many row maxima (one per query chunk) are taken."""
+
+    def __init__(self):
+        super().__init__()
+        self.max_numel, self.n_amax = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(t, torch.Tensor):
+                self.max_numel = max(self.max_numel, t.numel())
+        self.n_amax += func is torch.ops.aten.amax.default
+        return out
+
+
+def test_long_sequence_never_materialises_full_attention(family_models, records):
+    """~3000 tokens, ~3000 queries: no tensor bigger than one (H, chunk, T) block; one block per chunk."""
+    sdpa, _ = family_models
+    text = " ".join(["red green blue square"] * 750)
+    batch = sdpa.adapter.build_batch(sdpa, [records[0].image], [text])
+    T = batch.inputs["input_ids"].shape[1]
+    state = ExtractState(sdpa, list(range(sdpa.info.num_layers)), [0, 1], None)
+    cap = forward_capture(state, batch, queries=True)
+    attn = AttentionSpec(enabled=True, queries="after_image", query_chunk=128)
+    with TensorSizes() as sizes:
+        got = batch_stats(state, batch, cap, attn, [0])
+    H, L, nq = sdpa.info.num_heads, sdpa.info.num_layers, int(got["n_queries"][0])
+    assert T > 3000 and nq > 2900
+    assert sizes.max_numel <= H * attn.query_chunk * T  # the full matrix would be H*T*T, 24x more
+    assert sizes.n_amax == L * -(-nq // attn.query_chunk)
+    assert np.isfinite(got["entropy"]).all() and np.allclose(sum(got[f"mass_{m}"] for m in
+                                                                  ("text", "image", "video", "special")), 1)
