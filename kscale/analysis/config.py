@@ -66,6 +66,7 @@ class JSDConfig:
     )
     mlp_hidden: int = field(default=128, metadata={"doc": "hidden width of the MLP probe"})
     epochs: int = field(default=3, metadata={"doc": "passes over the training buckets"})
+    min_steps: int = field(default=300, metadata={"doc": "minimum Adam steps per epoch (small runs)"})
     batch_size: int = field(default=512, metadata={"doc": "minibatch size per modality"})
     lr: float = field(default=2e-3, metadata={"doc": "Adam learning rate"})
     max_train_tokens: int = field(

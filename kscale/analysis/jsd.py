@@ -124,7 +124,8 @@ class Probe:
         self.bs = batch_size
         self.rng = np.random.default_rng([seed, 0x7A1])
 
-    def fit_chunk(self, pos_Nd: np.ndarray, neg_Md: np.ndarray) -> None:
+    def fit_chunk(self, pos_Nd: np.ndarray, neg_Md: np.ndarray, min_steps: int = 1) -> None:
+        """One pass over the larger side of a chunk pair, and at least ``min_steps`` minibatches."""
         import torch
 
         if len(pos_Nd) == 0 or len(neg_Md) == 0:
@@ -132,7 +133,7 @@ class Probe:
         self.model.train()
         target = torch.cat([torch.ones(self.bs), torch.zeros(self.bs)])
         pos_Nd, neg_Md = pos_Nd[self.rng.permutation(len(pos_Nd))], neg_Md[self.rng.permutation(len(neg_Md))]
-        for s in range(max(len(pos_Nd), len(neg_Md)) // self.bs + 1):
+        for s in range(max(-(-max(len(pos_Nd), len(neg_Md)) // self.bs), min_steps)):
             idx = np.arange(s * self.bs, (s + 1) * self.bs)
             xb = torch.from_numpy(np.concatenate([pos_Nd[idx % len(pos_Nd)],
                                                   neg_Md[idx % len(neg_Md)]]).astype(np.float32))

@@ -49,6 +49,7 @@ def probe_rows(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Compari
                              seed=cfg.seed + 17 * (t + 1)) for t in targets for k in cfg.jsd.classifiers}
     rng = np.random.default_rng([cfg.seed, 0xE90C])
     bx, by = items[comp.mod_x], items[comp.mod_y]
+    min_steps = -(-cfg.jsd.min_steps // max(len(bx), len(by)))  # small runs still train properly
     for _ in range(cfg.jsd.epochs):
         seen = 0
         ox, oy = rng.permutation(len(bx)), rng.permutation(len(by))
@@ -64,7 +65,7 @@ def probe_rows(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Compari
                 xp, _ = _side_rows(comp, "x", x, buckets.of(sx), train_K, True)
                 yn, _ = _side_rows(comp, "y", y, buckets.of(sy), train_K, True)
                 for k in cfg.jsd.classifiers:
-                    probes[(t, k)].fit_chunk(xp, yn)
+                    probes[(t, k)].fit_chunk(xp, yn, min_steps)
     return _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows)
 
 

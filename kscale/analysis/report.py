@@ -52,6 +52,7 @@ def _by_layer(df: pd.DataFrame, estimators: list[str], path: Path, ylabel: str, 
                         color=COLOURS.get(comp), label=f"{comp}" + (f" ({Path(store).name})" if
                                                                     sel.store.nunique() > 1 else ""))
         ax.set(xlabel="layer", ylabel=ylabel, title=est)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.axhline(0, color="grey", lw=0.5)
         ax.legend(fontsize=7)
     fig.suptitle(title + ("" if head != -1 else " — heads pooled"), fontsize=10)
@@ -105,8 +106,10 @@ def _embed_pictures(embeds: list[dict], out: Path, cfg) -> None:
 
 
 def write_pictures(df: pd.DataFrame, embeds: list[dict], out: Path, cfg) -> None:
-    _by_layer(df, ["mmd2_rf"] if primary_rows(df).empty else ["mmd2_rf"],
-              out / "mmd_by_layer.png", "MMD²", "MMD² by layer (RF, rbf, raw keys; all multiples overlaid)")
+    prim = primary_rows(df)
+    if not prim.empty:
+        _by_layer(prim, ["mmd2_rf"], out / "mmd_by_layer.png", "MMD²",
+                  f"MMD² by layer (RF, rbf, raw keys, {prim.multiple.iloc[0]:g} x median bandwidth)")
     jsd_est = [e for e in ("jsd_clf_mlp", "jsd_clf_logistic", "jsd_hist_marginal", "jsd_hist_lda")
                if (df.estimator == e).any()]
     if jsd_est:
