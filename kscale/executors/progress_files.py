@@ -85,9 +85,26 @@ def format_progress(p: dict) -> str:
 
 
 def driver_command(python: str, spec_file: str, submission_id: str, target: str, rec_dir: str) -> list[str]:
-    """The command every target runs on the cluster: the wrapper around ``kscale submit SPEC``."""
+    """The command every target runs on the cluster: the wrapper around ``kscale submit SPEC``.
+    ``spec_file`` may be ``env:VAR`` for a spec shipped inline in the runtime environment."""
     return [python, "-m", "kscale.executors.progress_files", "driver", "--id", submission_id,
             "--target", target, "--record-dir", rec_dir, spec_file]
+
+
+def materialize_spec(spec_file: str, submission_id: str, rec_dir: Path) -> str:
+    """Keep the spec as run in the record dir (``ID.job.yaml``) and return the path the driver reads.
+    ``env:VAR`` takes the YAML text from the environment variable VAR (KubeRay's clusterSelector mode,
+    where no ConfigMap can be mounted into an existing cluster)."""
+    copy = rec_dir / f"{submission_id}.job.yaml"
+    if spec_file.startswith("env:"):
+        var = spec_file[4:]
+        if not os.environ.get(var):
+            raise SystemExit(f"kscale driver: environment variable {var} with the job spec is empty or unset")
+        copy.write_text(os.environ[var])
+        return str(copy)
+    if Path(spec_file).resolve() != copy.resolve():
+        copy.write_text(Path(spec_file).read_text())
+    return spec_file
 
 
 def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, python: str = sys.executable) -> int:
@@ -95,6 +112,7 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
     ``ID.driver.log`` and record its state; return its exit code. SIGTERM/SIGINT are passed on, so
     ``kscale stop``, ``scancel`` and Slurm's pre-timeout signal stop the driver cleanly."""
     rec_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = materialize_spec(spec_file, submission_id, rec_dir)
     state_path = rec_dir / f"{submission_id}.state.json"
     state = {"submission_id": submission_id, "target": target, "state": "RUNNING", "host": socket.gethostname(),
              "pid": os.getpid(), "started_at": now(), "ray_address": os.environ.get("RAY_ADDRESS")}
