@@ -192,6 +192,7 @@ class OutputSpec:
     if_exists: Literal["resume", "fail", "overwrite"] = doc(
         "When the output exists: resume committed work, fail, or delete and start again.", "resume")
     chunk_tokens: int = doc("Tokens per Zarr chunk along the token axis.", 4096)
+    compress_keys: bool = doc("Compress keys with zstd (fp16 keys shrink only ~8%; costs CPU).", False)
 
     def validate(self) -> list[tuple[str, str]]:
         return [] if self.chunk_tokens >= 1 else [("chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")]

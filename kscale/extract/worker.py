@@ -131,7 +131,8 @@ def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = 
     writer = ShardWriter(store_path or spec.output.path, shard.name, n_layers=len(state.layers),
                          n_heads=len(state.heads), head_dim=info.head_dim,
                          rope_rows=3 if info.family == "qwen2_5_vl" else 1,
-                         key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens)
+                         key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
+                         compress_keys=spec.output.compress_keys)
     errors: list[dict] = []
     good: list[Record] = []
     for i in range(shard.start, shard.stop):
