@@ -39,6 +39,17 @@ from kscale.train.config import AlignConfig
 from kscale.train.malora.model import MaLoRAModel, language_layers, resolve_layers
 
 MEDIAN_SAMPLE = 256  # keys per side used by the median-distance bandwidth heuristic
+PIXEL_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
+
+
+def _image_features(model: nn.Module, pixels: dict[str, torch.Tensor]) -> object:
+    """The model's own image encoder output (``get_image_features``), as its forward would compute it."""
+    cfg = model.config
+    extra = {}
+    if getattr(cfg, "vision_feature_layer", None) is not None:  # LLaVA reads these from its config
+        extra = {"vision_feature_layer": cfg.vision_feature_layer,
+                 "vision_feature_select_strategy": cfg.vision_feature_select_strategy}
+    return model.model.get_image_features(**pixels, **extra, return_dict=True)
 
 
 @contextmanager
@@ -114,10 +125,12 @@ def rff_mmd_loss(img_NHD: torch.Tensor, txt_MHD: torch.Tensor, omega_HDF: torch.
 class MaLoRAObjective(nn.Module):
     """LM + alignment loss around a :class:`MaLoRAModel`; ``forward`` returns ``(loss, terms)``."""
 
-    def __init__(self, malora: MaLoRAModel, align: AlignConfig) -> None:
+    def __init__(self, malora: MaLoRAModel, align: AlignConfig,
+                 dummy_pixels: dict[str, torch.Tensor] | None = None) -> None:
         super().__init__()
         self.malora = malora
         self.align = align
+        self.dummy_pixels = dummy_pixels
         text_cfg = malora.model.config.get_text_config()
         self.num_kv_heads = text_cfg.num_key_value_heads
         self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
@@ -129,10 +142,13 @@ class MaLoRAObjective(nn.Module):
 
     def forward(self, inputs: dict[str, torch.Tensor], answer_mask_BT: torch.Tensor,
                 modality_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        inputs = self._encode_images(inputs)
         image_BT = (modality_BT == IMAGE) | (modality_BT == VIDEO)
         text_BT = modality_BT == TEXT
-        use_align = self.align.loss != "none" and bool(image_BT.any()) and int(text_BT.sum()) >= 2
-        reference = self._frozen_text_keys(inputs) if use_align and self.align.text_reference == "frozen" else None
+        wants_align = self.align.loss != "none"
+        # The reference pass runs on every rank whenever configured, images or not: same collectives.
+        reference = self._frozen_text_keys(inputs) if wants_align and self.align.text_reference == "frozen" else None
+        use_align = wants_align and bool(image_BT.any()) and int(text_BT.sum()) >= 2
         keep_K = answer_positions(answer_mask_BT)
         with capture_keys(self.malora, self.align_layers if use_align else []) as keys:
             logits_BKV = self.malora(**inputs, logits_to_keep=keep_K, use_cache=False).logits
@@ -155,6 +171,26 @@ class MaLoRAObjective(nn.Module):
         if self.align.loss == "coral":
             return coral_loss(img_NHD, txt_MHD)
         return rff_mmd_loss(img_NHD, txt_MHD, self.rff_omega.float(), self.rff_phase.float(), self.align.mmd_bandwidth)
+
+    @torch.no_grad()
+    def _encode_images(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Run the (frozen) vision tower first, on every micro-batch, and hand its output to the model.
+
+        Under ZeRO-3 every rank must gather the same modules in the same order. A micro-batch without
+        images would skip the vision tower inside the model's forward, so the tower always runs here,
+        before the language model, on the real pixels or on ``dummy_pixels`` (output discarded).
+        """
+        pixels = {k: v for k, v in inputs.items() if k in PIXEL_KEYS}
+        if not pixels:
+            if self.dummy_pixels is not None:
+                _image_features(self.malora.model, {k: v.to(self._device()) for k, v in self.dummy_pixels.items()})
+            return inputs
+        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+        out["mm_encoder_outputs"] = {"image": _image_features(self.malora.model, pixels)}
+        return out
+
+    def _device(self) -> torch.device:
+        return next(iter(self.malora.adapter_parameters().values())).device
 
     @torch.no_grad()
     def _frozen_text_keys(self, inputs: dict[str, torch.Tensor]) -> dict[int, torch.Tensor]:

@@ -46,7 +46,7 @@ def run_train(spec: Any) -> dict[str, Any]:
     malora = MaLoRAModel(loaded.model, cfg.malora)
     if cfg.activation_checkpointing:
         malora.enable_activation_checkpointing()
-    objective = MaLoRAObjective(malora, cfg.align)
+    objective = MaLoRAObjective(malora, cfg.align, dummy_pixels=blank_image_inputs(loaded))
     source = open_source(spec.data)
     split = split_indices(len(source), cfg.eval.heldout_fraction, cfg.eval.max_samples, cfg.seed)
     plan = MicroBatchPlan(source, split.train, cfg.micro_batch_size, cfg.grad_accum, world, cfg.seed)
@@ -67,6 +67,14 @@ def run_train(spec: Any) -> dict[str, Any]:
         summary["eval"] = evaluate_run(spec)
     dist.barrier()
     return summary
+
+
+def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:
+    """Pixel inputs of one small blank image: fed to the vision tower on micro-batches without images."""
+    from PIL import Image
+
+    pixels, _ = loaded.adapter.image_inputs(loaded, [Image.new("RGB", (56, 56))])
+    return pixels
 
 
 def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, loaded: Any, cfg: TrainConfig,
