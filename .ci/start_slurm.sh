@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Start (or stop) a private single-node Slurm for tests: munged, slurmctld and slurmd, all under STATE_DIR.
 #
-#   .ci/start_slurm.sh start STATE_DIR [CTLD_PORT] [SLURMD_PORT]   # prints SLURM_CONF=STATE_DIR/slurm.conf
+#   .ci/start_slurm.sh start STATE_DIR [CTLD_PORT] [SLURMD_PORT] [FIRST_JOB_ID]  # prints SLURM_CONF=...
 #   .ci/start_slurm.sh stop  STATE_DIR                              # stops the three daemons by their PIDs
 #
 # Nothing here touches a system Slurm: own config file (use it with SLURM_CONF=...), own munge socket,
@@ -13,6 +13,7 @@ cmd=${1:?usage: start_slurm.sh start|stop STATE_DIR [CTLD_PORT] [SLURMD_PORT]}
 state=$(realpath -m "${2:?STATE_DIR missing}")
 ctld_port=${3:-46817}
 slurmd_port=${4:-46818}
+first_job_id=${5:-1}  # distinct per instance, so job-id-derived names and ports differ between instances
 node=kscale-node
 
 stop_pid() {  # stop_pid NAME PIDFILE: SIGTERM, wait up to 5 s, then SIGKILL
@@ -83,6 +84,7 @@ JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MinJobAge=600
+FirstJobId=$first_job_id
 NodeName=$node NodeAddr=127.0.0.1 NodeHostname=$host CPUs=$cpus RealMemory=$mem_mb State=UNKNOWN
 PartitionName=debug Nodes=$node Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
 CONF

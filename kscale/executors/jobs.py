@@ -62,9 +62,11 @@ def slug(text: str, limit: int = 16) -> str:
 
 
 def submission_id(spec: Any, force: bool = False) -> str:
-    """``kscale-<name>-<hash of spec fingerprint and kscale version>[-f<time>]``, at most 44 characters
-    (a RayJob name may have 47)."""
-    digest = hashlib.sha256(f"{spec.fingerprint()}:{kscale.__version__}".encode()).hexdigest()[:10]
+    """``kscale-<name>-<hash>[-f<time>]``, at most 44 characters (a RayJob name may have 47). The hash covers
+    the spec's fingerprint, kscale's version and the absolute output path (the same YAML submitted from
+    another directory writes elsewhere, so it is another job)."""
+    key = f"{spec.fingerprint()}:{kscale.__version__}:{Path(spec.output.path).expanduser().absolute()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
     sid = f"kscale-{slug(spec.name)}-{digest}"
     return f"{sid}-f{int(time.time()):x}" if force else sid
 

@@ -109,9 +109,11 @@ if [ "$KSCALE_RUNTIME" = ray ]; then
         pids+=($!)
     fi
     export RAY_ADDRESS="$head_ip:$gcs_port"
-    step --nodes=1 --ntasks=1 -w "$head_node" -- \
-        "$KSCALE_PYTHON" -m kscale.executors.slurm wait-ray --address "$RAY_ADDRESS" --nodes "$n_nodes" \
-        --timeout "$KSCALE_NODE_WAIT_S"
+    if [ "$n_nodes" -gt 1 ]; then  # one node: the driver's ray.init waits for the head by itself
+        step --nodes=1 --ntasks=1 -w "$head_node" -- \
+            "$KSCALE_PYTHON" -m kscale.executors.slurm wait-ray --address "$RAY_ADDRESS" --nodes "$n_nodes" \
+            --timeout "$KSCALE_NODE_WAIT_S"
+    fi
     if [ "$KSCALE_DASHBOARD_HOST" = 127.0.0.1 ]; then
         tunnel="ssh -N -L 8265:127.0.0.1:$dashboard_port -J ${SLURM_SUBMIT_HOST:-LOGIN} $head_node"
     else
