@@ -1,0 +1,92 @@
+"""The sbatch script kscale renders: golden files, shellcheck, sizes from the spec, field-named errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import kscale
+from kscale.executors import slurm
+from kscale.spec import SpecError, load_spec, spec_from_dict
+from tests.golden.golden import GOLDEN, SID, assert_golden
+
+
+def _render(name: str) -> str:
+    spec = load_spec(GOLDEN / f"{name}.job.yaml", check_model=False)
+    rec = Path(spec.output.path + ".cluster")
+    return slurm.render_script(spec, SID, rec, rec / f"{SID}.job.yaml", "/home/user/project",
+                               "/opt/venv/bin/python", source=f"{name}.job.yaml")
+
+
+@pytest.fixture(autouse=True)
+def _fixed_version(monkeypatch):
+    monkeypatch.setattr(kscale, "__version__", "0.0.0")
+
+
+@pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze"])
+def test_rendered_script_matches_golden(name):
+    assert_golden(f"{name}.sbatch", _render(name))
+
+
+@pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze"])
+def test_rendered_script_passes_shellcheck(name, tmp_path):
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (apt-get install shellcheck, or .ci/install_slurm.sh)")
+    script = tmp_path / "job.sbatch"
+    script.write_text(_render(name))
+    check = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
+
+
+def test_header_follows_the_spec():
+    text = _render("slurm_gpu_extract")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=h100:4", "#SBATCH --cpus-per-task=24",
+                 "#SBATCH --partition=gpu", "#SBATCH --account=proj-123", "#SBATCH --time=1-00:00:00",
+                 "#SBATCH --mem=480G", "#SBATCH --constraint=h100", "#SBATCH --signal=B:TERM@120",
+                 f"#SBATCH --job-name={SID}", "KSCALE_RUNTIME=ray", "module load cuda/12.4",
+                 "export HF_HUB_OFFLINE=1", "KSCALE_OBJECT_STORE_BYTES=40000000000"):
+        assert line in text.splitlines(), line
+    assert "ray stop" not in text.replace("never `ray stop`", "")  # it stops its own processes by PID
+
+
+def test_analysis_jobs_start_dask_not_ray():
+    text = _render("slurm_analyze")
+    assert "KSCALE_RUNTIME=dask" in text and "--gpus-per-node" not in text
+    assert "#SBATCH --cpus-per-task=32" in text
+
+
+def test_shape_derives_from_resources():
+    spec = spec_from_dict({"kind": "extract", "model": {"path": "debug:llava"}, "data": {},
+                           "output": {"path": "/x"}, "resources": {"workers": 6, "gpus_per_worker": 1,
+                                                                  "cpus_per_worker": 4},
+                           "cluster": {"slurm": {"nodes": 2}}}, check_model=False)
+    assert slurm.shape(spec) == slurm.SlurmShape(nodes=2, gpus_per_node=3, cpus_per_node=12)
+
+
+def test_cluster_section_errors_name_the_field():
+    raw = {"kind": "extract", "model": {"path": "debug:llava"}, "data": {}, "output": {"path": "/x"},
+           "cluster": {"ray": {"port_base": 15000}, "slurm": {"time": "1h", "partiton": "gpu", "mem": "lots"},
+                       "k8s": {"submission_mode": "K8sJobmode"}}}
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(raw, check_model=False)
+    fields = {f for f, _ in e.value.problems}
+    assert {"cluster.ray.port_base", "cluster.slurm.time", "cluster.slurm.partiton", "cluster.slurm.mem",
+            "cluster.k8s.submission_mode"} <= fields
+    assert "worker port range" in dict(e.value.problems)["cluster.ray.port_base"]
+    with pytest.raises(SpecError) as e:
+        spec_from_dict({**raw, "cluster": {"env": {"RAY_ADDRESS": "x", "1BAD": "y"}}}, check_model=False)
+    assert {f for f, _ in e.value.problems} == {"cluster.env.RAY_ADDRESS", "cluster.env.1BAD"}
+
+
+def test_dry_run_prints_and_writes_nothing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = tmp_path / "job.yaml"
+    job.write_text((GOLDEN / "slurm_analyze.job.yaml").read_text().replace("/shared/runs/gap", "out/gap"))
+    spec = load_spec(job, check_model=False)
+    printed = []
+    assert slurm.submit(str(job), spec, force=False, dry_run=True, say=printed.append) == 0
+    assert printed[0].startswith("#!/bin/bash") and f"KSCALE_RECORD_DIR={tmp_path}/out/gap.cluster" in printed[0]
+    assert not (tmp_path / "out").exists()
