@@ -1,0 +1,104 @@
+"""Benchmark: extraction with attention statistics vs without, same batches (not a test).
+
+Mid-size random Qwen2.5-VL on CPU (hidden 512, 8 layers, 8 heads, 4 KV heads; the model of
+bench/extract_overhead.py), generated data. Both runs do the whole per-batch extraction work — hooked
+forward, key gather, Zarr writes — and the second also hooks q_proj and computes the attention table
+(``kscale.attention.stats.batch_stats``). Prints the median time of each and their ratio (goal <= 1.15 on
+CPU for the default query selection, ``after_image``), plus the other query selections.
+
+    python bench/attention_overhead.py [--samples 32] [--batch 4] [--repeats 5] [--image-size 224]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from extract_overhead import build_model  # noqa: E402  (one benchmark model for both overheads)
+
+
+def batch_step(state, spec, writer, batch, recs, attn) -> float:
+    """The worker's per-batch extraction work on one batch (stats too if ``attn``); seconds taken."""
+    from kscale.attention.stats import batch_stats
+    from kscale.extract import worker
+
+    t0 = time.perf_counter()
+    cap = worker.forward_capture(state, batch, queries=attn is not None)
+    keys, pos = worker.stacked_keys(state, batch, cap)
+    worker.write_batch(writer, spec, batch, recs, keys, pos)
+    if attn is not None:
+        writer.append_table("attention", batch_stats(state, batch, cap, attn, [r.sample_id for r in recs]))
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=32)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--image-size", type=int, default=224)
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+
+    from kscale.extract import worker
+    from kscale.spec import AttentionSpec, spec_from_dict
+    from kscale.store.writer import ShardWriter
+
+    tmp = Path(tempfile.mkdtemp(prefix="kscale-bench-attn-"))
+    try:
+        model_dir = build_model(tmp / "model")
+        spec = spec_from_dict({
+            "kind": "extract", "model": {"path": model_dir, "device": args.device, "max_pixels": args.image_size ** 2},
+            "data": {"source": "generated", "generated": {"n_samples": args.samples, "image_size": args.image_size}},
+            "extract": {"batch_size": args.batch, "key_dtype": "float16"},
+            "output": {"path": str(tmp / "store")}, "resources": {"executor": "local"}})
+        state = worker.setup(spec)
+        recs = [state.source.get(i) for i in range(args.samples)]
+        batches = [worker.build(state, recs[a:a + args.batch]) for a in range(0, len(recs), args.batch)]
+        default = AttentionSpec(enabled=True)
+        variants = {"off": None, "after_image": default, "last_k": dataclasses.replace(default, queries="last_k")}
+        # times[variant][batch] over repeats; variants interleaved batch by batch, so load drift on a
+        # shared machine hits all of them alike
+        times = {v: [[] for _ in batches] for v in variants}
+        lm, bs, n = state.loaded, args.batch, 0
+        for k in range(args.repeats + 1):  # round 0 is warm-up
+            writers = {}
+            for v in variants:
+                writers[v] = ShardWriter(tmp / "store", f"s{n:06d}", n_layers=len(state.layers),
+                                         n_heads=len(state.heads), head_dim=lm.info.head_dim, rope_rows=3,
+                                         key_dtype="float16", chunk_tokens=spec.output.chunk_tokens)
+                n += 1
+            for j, b in enumerate(batches):
+                for v, attn in variants.items():
+                    t = batch_step(state, spec, writers[v], b, recs[j * bs:(j + 1) * bs], attn)
+                    if k:
+                        times[v][j].append(t)
+            for w in writers.values():
+                w.commit({}, [])
+        med = {v: sum(statistics.median(ts) for ts in per_batch) for v, per_batch in times.items()}
+        best = {v: sum(min(ts) for ts in per_batch) for v, per_batch in times.items()}
+        n_tok = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
+        print(f"model: hidden 512, 8 layers, 8 heads / 4 KV heads x 64; {args.samples} samples of {args.image_size}px, "
+              f"{n_tok} tokens, batch {args.batch}, device {lm.device}, torch threads {torch.get_num_threads()}, "
+              f"{args.repeats} repeats")
+        for v in variants:
+            label = "without attention" if v == "off" else f"with attention ({v})"
+            print(f"{label:32s} sum of per-batch medians {med[v]:.3f} s, of minima {best[v]:.3f} s")
+        for v in list(variants)[1:]:
+            goal = "  (goal <= 1.15)" if v == "after_image" else ""
+            print(f"ratio {v}/off {med[v] / med['off']:.3f} (medians), {best[v] / best['off']:.3f} (minima){goal}")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
