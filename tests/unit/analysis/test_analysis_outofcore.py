@@ -1,0 +1,68 @@
+"""Streaming from a Zarr store equals in-memory computation, with memory independent of the store size."""
+
+import tracemalloc
+
+import dask.array as da
+import numpy as np
+import pytest
+import zarr
+
+from kscale.analysis.config import DaskConfig
+from kscale.analysis.features import chunk_sums, merge_sums, single_target_plan
+from kscale.analysis.mmd import rf_mmd2, rf_side
+from kscale.analysis.source import blocks
+from kscale.analysis.stream import Runner
+
+
+def write_keys(path, n, heads, d, seed, shift):
+    arr = zarr.create_array(str(path), shape=(n, heads, d), chunks=(65536, heads, d), dtype="float16")
+    rng = np.random.default_rng(seed)
+    for lo in range(0, n, 262144):
+        x = rng.standard_normal((min(262144, n - lo), heads, d)).astype(np.float16)
+        x[:, :, 0] += shift
+        arr[lo:lo + len(x)] = x
+    return arr
+
+
+def streamed_value(x_img, x_txt, sid_img, sid_txt, plan, scheduler="threads", chunk_mb=4):
+    sums = {}
+    with Runner(DaskConfig(scheduler=scheduler, n_workers=2, chunk_mb=chunk_mb)) as runner:
+        for name, x, sid in (("img", x_img, sid_img), ("txt", x_txt, sid_txt)):
+            sums[name] = runner.map_reduce(chunk_sums, blocks(x, sid, chunk_mb), plan, merge_sums)[0]
+    return rf_mmd2(*(rf_side(s.count_K, s.rf_KC2D[:, 0]) for s in sums.values()))[0]
+
+
+def test_out_of_core_equals_in_memory_with_bounded_memory(tmp_path):
+    n, heads, d = 700_000, 2, 32  # 2 x 90 MB of fp16 keys on disk
+    z_img = write_keys(tmp_path / "img.zarr", n, heads, d, 0, 0.3)
+    z_txt = write_keys(tmp_path / "txt.zarr", n, heads, d, 1, 0.0)
+    sid = np.repeat(np.arange(n // 100), 100)
+    sid_txt = sid + n
+    plan = single_target_plan(d, n_features=128, bandwidth=8.0, sample_ids=np.concatenate([sid, sid_txt]),
+                              n_buckets=8)
+    store_bytes = 2 * n * heads * d * 2
+    tracemalloc.start()
+    got = streamed_value(da.from_zarr(z_img), da.from_zarr(z_txt), sid, sid_txt, plan)
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert peak < store_bytes / 4, (peak / 2**20, store_bytes / 2**20)
+    sub = slice(0, 200_000)  # in-memory reference on a part that fits, chunked differently
+    ref_img, ref_txt = np.asarray(z_img[sub]), np.asarray(z_txt[sub])
+    in_mem = streamed_value(da.from_array(ref_img, chunks=(7_777, heads, d)),
+                            da.from_array(ref_txt, chunks=(50_000, heads, d)), sid[sub], sid_txt[sub], plan)
+    on_disk = streamed_value(da.from_zarr(z_img)[sub], da.from_zarr(z_txt)[sub], sid[sub], sid_txt[sub], plan)
+    assert on_disk == pytest.approx(in_mem, rel=1e-9)
+    assert got > 0
+
+
+@pytest.mark.cluster
+def test_distributed_local_cluster_equals_threads(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((20_000, 1, 8)).astype(np.float32)
+    y = rng.standard_normal((20_000, 1, 8)).astype(np.float32) + 0.2
+    sid = np.repeat(np.arange(200), 100)
+    plan = single_target_plan(8, n_features=64, bandwidth=3.0, sample_ids=np.arange(400), n_buckets=4)
+    xa, ya = da.from_array(x, chunks=(3000, 1, 8)), da.from_array(y, chunks=(3000, 1, 8))
+    threads = streamed_value(xa, ya, sid, sid + 200, plan, chunk_mb=1)
+    dist = streamed_value(xa, ya, sid, sid + 200, plan, scheduler="distributed", chunk_mb=1)
+    assert dist == pytest.approx(threads, rel=1e-9)
