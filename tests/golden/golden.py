@@ -26,3 +26,40 @@ def assert_golden(name: str, text: str) -> None:
     if text != want:
         diff = "".join(difflib.unified_diff(want.splitlines(True), text.splitlines(True), str(path), "rendered"))
         raise AssertionError(f"rendering differs from {path} (KSCALE_UPDATE_GOLDEN=1 to accept):\n{diff}")
+
+
+EXAMPLE = GOLDEN.parents[1] / "cluster" / "example-job.yaml"
+
+
+def hand_copies() -> dict[Path, str]:
+    """What ``cluster/`` should hold: ``cluster/example-job.yaml`` rendered for each target, with
+    placeholder paths a reader replaces (the tests keep these files current)."""
+    import dataclasses
+
+    from kscale.executors import k8s, slurm
+    from kscale.spec import load_spec
+
+    spec = load_spec(EXAMPLE, check_model=False)
+    sid = "kscale-demo-0000000000"
+    root = EXAMPLE.parent
+    rec = Path("/path/to/project/runs/demo/keys.cluster")
+    out = {root / "slurm" / "kscale.sbatch": slurm.render_script(
+        spec, sid, rec, rec / f"{sid}.job.yaml", "/path/to/project", "/path/to/project/.venv/bin/python",
+        source="cluster/example-job.yaml")}
+    out[root / "k8s" / "rayjob.yaml"] = k8s.to_yaml(k8s.render_rayjob(spec, str(EXAMPLE), sid))
+    out[root / "k8s" / "raycluster.yaml"] = k8s.to_yaml([k8s.render_raycluster(spec, "kscale-demo")])
+    reuse = dataclasses.replace(spec, cluster=dataclasses.replace(
+        spec.cluster, k8s=dataclasses.replace(spec.cluster.k8s, reuse_cluster="kscale-demo")))
+    out[root / "k8s" / "rayjob-reuse.yaml"] = k8s.to_yaml(k8s.render_rayjob(reuse, str(EXAMPLE), sid))
+    return out
+
+
+def assert_hand_copies_current() -> None:
+    stale = []
+    for path, text in hand_copies().items():
+        if os.environ.get("KSCALE_UPDATE_GOLDEN") == "1":
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        elif not path.exists() or path.read_text() != text:
+            stale.append(str(path))
+    assert not stale, f"out of date: {stale}; regenerate with KSCALE_UPDATE_GOLDEN=1 pytest tests/unit/executors"
