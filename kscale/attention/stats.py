@@ -6,7 +6,8 @@ RoPE positions the model passed to its rotary embedding. ``batch_stats`` rebuild
 post-RoPE queries and keys from the model's *own* rotary module (``kscale.models.rope``), the attention
 module's ``scaling``, the causal + padding mask, grouped-query heads mapped to their KV head — and reduces
 ``softmax(q·k·scaling)`` over chunks of selected queries into running sums. Only one (B, H, C, T) block of
-logits exists at a time, so memory is O(T·chunk) however long the image.
+logits exists at a time, so memory is O(T·chunk) however long the image (short sequences stack several
+layers into one block of at most ``BLOCK_ELEMENTS``, to cut per-operation overhead).
 
 One output row per (sample, layer, query head) of the kept KV heads (``extract.heads``):
 
@@ -17,8 +18,9 @@ One output row per (sample, layer, query head) of the kept KV heads (``extract.h
   (selected query, visible key of modality m) pairs;
 - ``entropy``: mean over queries of the attention entropy (nats).
 
-Legend: B batch, T tokens, Q selected queries per sample (padded), C queries in a chunk, K kept kv heads,
-G query heads per kv head, H = K·G query heads, D head dim, M key modalities.
+Legend: B batch rows (samples, or layer x sample where layers are stacked), N stacked rows, T tokens,
+Q selected queries per sample (padded), C queries in a chunk, K kept kv heads, G query heads per kv head,
+H = K·G query heads, D head dim, M key modalities.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from kscale.models import IMAGE, MODALITY_CODES, PAD, TEXT
 from kscale.models.rope import cos_sin, rotate
 
 MODALITY_ORDER = tuple(MODALITY_CODES)  # text, image, video, special: the M axis
+BLOCK_ELEMENTS = 1 << 22  # logits elements per pass when stacking layers (16 MiB in float32)
 
 
 @dataclass
@@ -79,12 +82,12 @@ def modality_onehot(modality_BT: torch.Tensor) -> torch.Tensor:
 
 
 def _chunk(q_BKGCD: torch.Tensor, idx_BC: torch.Tensor, valid_BC: torch.Tensor, k_BKTD: torch.Tensor,
-           key_valid_BT: torch.Tensor, onehot_BTM: torch.Tensor, scaling: float, sums: _Sums) -> None:
+           key_valid_BT: torch.Tensor, onehot_BTM: torch.Tensor, scaling_B: torch.Tensor, sums: _Sums) -> None:
     """Add one chunk of queries to ``sums``: the only place a (B, H, C, T) tensor exists."""
     B, K, G, C, D = q_BKGCD.shape
     T = k_BKTD.shape[2]
     logits_BHCT = torch.matmul(q_BKGCD.reshape(B, K, G * C, D), k_BKTD.transpose(2, 3)).view(B, K * G, C, T)
-    logits_BHCT.mul_(scaling)
+    logits_BHCT.mul_(scaling_B[:, None, None, None])
     key_pos_T = torch.arange(T, device=idx_BC.device)
     visible_BCT = (key_pos_T[None, None] <= idx_BC[..., None]) & key_valid_BT[:, None]
     visible_BCT &= valid_BC[..., None]
@@ -120,8 +123,8 @@ def _chunk(q_BKGCD: torch.Tensor, idx_BC: torch.Tensor, valid_BC: torch.Tensor, 
 
 def layer_sums(q_BTKGD: torch.Tensor, k_BTKD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor,
                idx_BQ: torch.Tensor, valid_BQ: torch.Tensor, key_valid_BT: torch.Tensor,
-               onehot_BTM: torch.Tensor, scaling: float, query_chunk: int) -> _Sums:
-    """Statistics sums of one layer: RoPE on the selected queries and all keys, then chunk over queries."""
+               onehot_BTM: torch.Tensor, scaling_B: torch.Tensor, query_chunk: int) -> _Sums:
+    """Statistics sums of B rows: RoPE on the selected queries and all keys, then chunk over queries."""
     B, T, K, G, D = q_BTKGD.shape
     M = onehot_BTM.shape[-1]
     H = K * G
@@ -137,7 +140,7 @@ def layer_sums(q_BTKGD: torch.Tensor, k_BTKD: torch.Tensor, cos_BTD: torch.Tenso
         q_BCHD = rotate(gather(q_BTKGD, idx_BC).float().view(B, C, H, D), gather(cos_BTD, idx_BC),
                         gather(sin_BTD, idx_BC))
         q_BKGCD = q_BCHD.view(B, C, K, G, D).permute(0, 2, 3, 1, 4)
-        _chunk(q_BKGCD, idx_BC, valid_BC, k_BKTD, key_valid_BT, onehot_BTM, scaling, sums)
+        _chunk(q_BKGCD, idx_BC, valid_BC, k_BKTD, key_valid_BT, onehot_BTM, scaling_B, sums)
     return sums
 
 
@@ -163,34 +166,48 @@ def finish(sums: _Sums) -> dict[str, np.ndarray]:
     return out
 
 
+def layer_groups(layers: list[int], elements_per_layer: int, budget: int = BLOCK_ELEMENTS) -> list[list[int]]:
+    """Consecutive groups of layers whose (layers·B, H, C, T) logits block stays within ``budget``
+    elements (one layer per group when a single layer's block is already larger)."""
+    per = max(1, budget // max(1, elements_per_layer))
+    return [layers[a:a + per] for a in range(0, len(layers), per)]
+
+
 def batch_stats(state, batch, cap, attn, sample_ids: list[int]) -> dict[str, np.ndarray]:
     """The attention table rows of one extraction batch: one per (sample, layer, query head).
 
     ``state`` is the worker's ExtractState (loaded model, hooked ``layers``, kept KV ``heads``), ``cap`` the
     Capture holding ``("q", i)`` and ``("k", i)`` for every hooked layer and ``positions_BTR``, ``attn``
-    the job's AttentionSpec. Rows come out sample-major, then layer, then query head.
+    the job's AttentionSpec. Rows come out sample-major, then layer, then query head. Short sequences
+    stack several layers into one pass (rows layer-major), which divides the number of small tensor
+    operations; long ones go one layer at a time.
     """
     lm = state.loaded
     info = lm.info
     G = info.num_heads // info.num_kv_heads
     heads = list(state.heads)
-    mask_BT = batch.inputs["attention_mask"].bool()
+    B, T = batch.inputs["attention_mask"].shape
     dev = cap.outputs[("k", state.layers[0])].device
+    attn_modules = [layer.self_attn for layer in lm.adapter.decoder_layers(lm.model)]
     with torch.inference_mode():
         cos_BTD, sin_BTD = cos_sin(lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(dev))
         idx_BQ, valid_BQ = gather_queries(select_queries(batch, attn.queries, attn.last_k))
-        idx_BQ, valid_BQ, key_valid_BT = idx_BQ.to(dev), valid_BQ.to(dev), mask_BT.to(dev)
-        onehot_BTM = modality_onehot(batch.modality_BT).to(dev)
-        attn_modules = [layer.self_attn for layer in lm.adapter.decoder_layers(lm.model)]
-        per_layer = []
-        for i in state.layers:
-            B, T, _ = cap.outputs[("q", i)].shape
-            q_BTKGD = cap.outputs[("q", i)].view(B, T, info.num_kv_heads, G, info.head_dim)[:, :, heads]
-            k_BTKD = cap.outputs[("k", i)].view(B, T, info.num_kv_heads, info.head_dim)[:, :, heads]
-            sums = layer_sums(q_BTKGD, k_BTKD, cos_BTD, sin_BTD, idx_BQ, valid_BQ, key_valid_BT, onehot_BTM,
-                              float(attn_modules[i].scaling), max(1, attn.query_chunk))
-            per_layer.append(finish(sums))
-    return _rows(per_layer, state.layers, heads, G, sample_ids)
+        key_valid_BT = batch.inputs["attention_mask"].bool()
+        onehot_BTM = modality_onehot(batch.modality_BT)
+        shared = [t.to(dev) for t in (cos_BTD, sin_BTD, idx_BQ, valid_BQ, key_valid_BT, onehot_BTM)]
+        chunk = max(1, attn.query_chunk)
+        per_layer: dict[int, dict[str, np.ndarray]] = {}
+        for group in layer_groups(state.layers, B * len(heads) * G * min(chunk, idx_BQ.shape[1]) * T):
+            q_NTKGD = torch.cat([cap.outputs[("q", i)].view(B, T, info.num_kv_heads, G, info.head_dim)[:, :, heads]
+                                 for i in group])
+            k_NTKD = torch.cat([cap.outputs[("k", i)].view(B, T, info.num_kv_heads, info.head_dim)[:, :, heads]
+                                for i in group])
+            scaling_N = torch.tensor([float(attn_modules[i].scaling) for i in group for _ in range(B)], device=dev)
+            rep = [t.repeat(len(group), *[1] * (t.ndim - 1)) for t in shared]
+            stats = finish(layer_sums(q_NTKGD, k_NTKD, *rep, scaling_N, chunk))
+            for j, i in enumerate(group):
+                per_layer[i] = {k: v[j * B:(j + 1) * B] for k, v in stats.items()}
+    return _rows([per_layer[i] for i in state.layers], state.layers, heads, G, sample_ids)
 
 
 def _rows(per_layer: list[dict[str, np.ndarray]], layers: list[int], heads: list[int], G: int,
