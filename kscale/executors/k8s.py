@@ -178,7 +178,7 @@ def render_rayjob(spec: Any, spec_path: str, sid: str) -> list[dict]:
         "jobId": sid,
         "submissionMode": k.submission_mode,
         "backoffLimit": 0,
-        "runtimeEnvYAML": yaml.safe_dump({"env_vars": env_vars}, sort_keys=True),
+        "runtimeEnvYAML": yaml.dump({"env_vars": env_vars}, Dumper=_ManifestDumper, sort_keys=True, width=4096),
         "shutdownAfterJobFinishes": not reuse,
         "ttlSecondsAfterFinished": 0 if reuse else k.ttl_seconds_after_finished,
     }
