@@ -1,0 +1,192 @@
+"""Before/after evaluation of a MaLoRA run on its held-out records: one command, one table.
+
+``python -m kscale.train.evaluate job.yaml`` (or ``run_train`` at the end of training, rank 0) loads the
+base model, injects the run's saved adapter, and evaluates three variants on the same held-out
+(image, question, answer) records, listed in ``split.json`` of the run directory:
+
+- ``base``: both branches off (exactly the base model, B of the text branch aside: see merge);
+- ``malora``: the trained adapter;
+- ``malora_no_image_branch``: the partial-modality ablation (image branch off).
+
+Rows of the table (``eval.json``, ``eval.md``):
+
+- ``key_mmd2_layer{l}``: exact MMD^2 (``kscale.analysis.mmd.exact_mmd2``, RBF kernel) between image and
+  text keys (k_proj output, pre-RoPE) at each alignment layer, averaged over KV heads, each head with
+  the median-distance bandwidth of that variant's own pooled keys (as the analysis stage would measure
+  each model; a bandwidth fixed from the base model would also count a mere rescaling of all keys);
+- ``lm_loss``: answer-token cross-entropy with the real image;
+- ``ll_real`` / ``ll_blank`` / ``ll_swapped``: mean per-token log-likelihood of the answer with the real
+  image, a blank grey image of the same size, and another held-out sample's image;
+- ``acc_real`` / ``acc_blank`` / ``acc_swapped``: teacher-forced exact match of the whole answer;
+- ``visual_dependency`` = ll_real - ll_blank and ``swap_sensitivity`` = ll_real - ll_swapped (text bias
+  shows as values near 0: the answer does not depend on the image).
+
+Legend: B batch, T tokens, K kept logit positions, V vocab, N image keys, M text keys, H KV heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kscale.models.registry import IMAGE, TEXT, VIDEO
+from kscale.train.malora import MaLoRAModel
+from kscale.train.malora.model import language_layers, resolve_layers
+from kscale.train.objective import answer_positions, capture_keys
+
+VARIANTS = ("base", "malora", "malora_no_image_branch")
+MAX_KEYS = 2000  # keys per side and layer kept for the exact MMD
+
+
+@dataclass
+class _Acc:
+    """Running per-sample answer scores and pooled keys for one variant."""
+
+    ll: dict[str, list[float]] = field(default_factory=lambda: {"real": [], "blank": [], "swapped": []})
+    acc: dict[str, list[float]] = field(default_factory=lambda: {"real": [], "blank": [], "swapped": []})
+    ce_sum: float = 0.0
+    ce_count: int = 0
+    img_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    txt_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
+
+
+def evaluate_run(spec: Any, adapter_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+    """Evaluate ``spec``'s run directory; writes eval.json and eval.md there and returns the table."""
+    from kscale.data import open_source
+    from kscale.models.registry import load_model
+    from kscale.train.data import split_indices
+    from kscale.train.run import ADAPTER_DIR
+
+    run_dir = Path(spec.output.path)
+    cfg = spec.train
+    loaded = load_model(spec.model)
+    malora = MaLoRAModel.from_pretrained(loaded.model, adapter_dir or run_dir / ADAPTER_DIR)
+    source = open_source(spec.data)
+    split_file = run_dir / "split.json"
+    if split_file.exists():
+        heldout = json.loads(split_file.read_text())["heldout"]
+    else:
+        heldout = split_indices(len(source), cfg.eval.heldout_fraction, cfg.eval.max_samples, cfg.seed).heldout
+    records = [r for r in (source.get(i) for i in heldout) if r.error is None and r.answer and r.image is not None]
+    layers = resolve_layers(cfg.align.layers, len(language_layers(loaded.model)), "align.layers")
+    table = evaluate(loaded, malora, records, layers, cfg.eval.batch_size)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval.json").write_text(json.dumps(table, indent=2) + "\n")
+    (run_dir / "eval.md").write_text(markdown_table(table, n_samples=len(records)))
+    return table
+
+
+def evaluate(loaded: Any, malora: MaLoRAModel, records: list, layers: list[int],
+             batch_size: int) -> dict[str, dict[str, float]]:
+    """The before/after table (variant -> metric -> value) on ``records`` (each with an image)."""
+    if len(records) < 2:
+        raise ValueError(f"evaluation needs at least 2 held-out records with an image, got {len(records)}")
+    malora.eval()
+    accs = {v: _Acc() for v in VARIANTS}
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        swapped = [records[(start + i + 1) % len(records)].image for i in range(len(chunk))]
+        blank = [Image.new("RGB", r.image.size, (128, 128, 128)) for r in chunk]
+        for condition, images in (("real", [r.image for r in chunk]), ("blank", blank), ("swapped", swapped)):
+            batch = loaded.adapter.build_batch(loaded, images, [r.text for r in chunk], [r.answer for r in chunk])
+            for variant in VARIANTS:
+                with _variant(malora, variant):
+                    _score(malora, batch, condition, layers, accs[variant])
+    return _finish(accs, layers, malora.model.config.get_text_config().num_key_value_heads)
+
+
+def _variant(malora: MaLoRAModel, variant: str):
+    if variant == "base":
+        return malora.branches(image=False, text=False)
+    if variant == "malora_no_image_branch":
+        return malora.branches(image=False, text=True)
+    return malora.branches(image=True, text=True)
+
+
+@torch.no_grad()
+def _score(malora: MaLoRAModel, batch: Any, condition: str, layers: list[int], acc: _Acc) -> None:
+    device = next(malora.model.parameters()).device
+    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    answer_BT = batch.answer_mask_BT.to(device)
+    keep_K = answer_positions(answer_BT)
+    with capture_keys(malora, layers if condition == "real" else []) as keys:
+        logits_BKV = malora(**inputs, logits_to_keep=keep_K, use_cache=False).logits.float()
+    targets_BK = inputs["input_ids"][:, keep_K + 1]
+    valid_BK = answer_BT[:, keep_K + 1]
+    logp_BK = torch.log_softmax(logits_BKV, -1).gather(-1, targets_BK.unsqueeze(-1)).squeeze(-1)
+    hit_BK = logits_BKV.argmax(-1) == targets_BK
+    for b in range(logp_BK.shape[0]):
+        v = valid_BK[b]
+        acc.ll[condition].append(float(logp_BK[b][v].mean()))
+        acc.acc[condition].append(float(hit_BK[b][v].all()))
+    if condition == "real":
+        acc.ce_sum += float(-(logp_BK * valid_BK).sum())
+        acc.ce_count += int(valid_BK.sum())
+        modality_BT = batch.modality_BT.to(device)
+        image_BT = (modality_BT == IMAGE) | (modality_BT == VIDEO)
+        for idx in layers:
+            acc.img_keys.setdefault(idx, []).append(keys[idx][image_BT].float().cpu().numpy())
+            acc.txt_keys.setdefault(idx, []).append(keys[idx][modality_BT == TEXT].float().cpu().numpy())
+
+
+def _finish(accs: dict[str, _Acc], layers: list[int], n_heads: int) -> dict[str, dict[str, float]]:
+    table: dict[str, dict[str, float]] = {}
+    for variant in VARIANTS:
+        a = accs[variant]
+        row = {f"ll_{c}": float(np.mean(a.ll[c])) for c in a.ll}
+        row.update({f"acc_{c}": float(np.mean(a.acc[c])) for c in a.acc})
+        row["lm_loss"] = a.ce_sum / max(a.ce_count, 1)
+        row["visual_dependency"] = row["ll_real"] - row["ll_blank"]
+        row["swap_sensitivity"] = row["ll_real"] - row["ll_swapped"]
+        for idx in layers:
+            img, txt = np.concatenate(a.img_keys[idx]), np.concatenate(a.txt_keys[idx])
+            row[f"key_mmd2_layer{idx}"], _ = key_gap(img, txt, n_heads)
+        table[variant] = row
+    return table
+
+
+def key_gap(img_NF: np.ndarray, txt_MF: np.ndarray, n_heads: int,
+            bandwidth_H: np.ndarray | None = None) -> tuple[float, np.ndarray]:
+    """Exact RBF MMD^2 between image and text keys per KV head, averaged; returns (value, bandwidths)."""
+    from kscale.analysis.mmd import exact_mmd2, median_bandwidth
+
+    rng = np.random.default_rng(0)
+    img_NF = img_NF[rng.permutation(len(img_NF))[:MAX_KEYS]]
+    txt_MF = txt_MF[rng.permutation(len(txt_MF))[:MAX_KEYS]]
+    H = n_heads
+    img_NHD, txt_MHD = img_NF.reshape(len(img_NF), H, -1), txt_MF.reshape(len(txt_MF), H, -1)
+    if bandwidth_H is None:
+        bandwidth_H = np.array([median_bandwidth(np.concatenate([img_NHD[:, h], txt_MHD[:, h]])) for h in range(H)])
+    values = [exact_mmd2(img_NHD[:, h], txt_MHD[:, h], [("rbf", float(bandwidth_H[h]))]).value_k[0] for h in range(H)]
+    return float(np.mean(values)), bandwidth_H
+
+
+def markdown_table(table: dict[str, dict[str, float]], n_samples: int) -> str:
+    metrics = list(next(iter(table.values())))
+    lines = [f"Held-out evaluation on {n_samples} samples", "",
+             "| metric | " + " | ".join(table) + " |", "|---" * (len(table) + 1) + "|"]
+    for m in metrics:
+        lines.append(f"| {m} | " + " | ".join(f"{table[v][m]:.4f}" for v in table) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> None:
+    from kscale.spec import load_spec
+
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m kscale.train.evaluate JOB.yaml")
+    spec = load_spec(argv[0])
+    table = evaluate_run(spec)
+    print(markdown_table(table, n_samples=-1).split("\n", 2)[2])
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
