@@ -321,6 +321,10 @@ def check_k8s(spec: Any | None, spec_path: str | None) -> list[Finding]:
         return out + [Finding("manifest", "fail", "; ".join(f"{f}: {m}" for f, m in e.problems), "set it in the spec")]
     problems = [p for d in docs if d["kind"] == "RayJob" for p in k8s.check_manifest(d, spec)]
     schema_dir = kuberay_schema_dir()
+    try:
+        import jsonschema  # noqa: F401  (optional: pip install jsonschema)
+    except ImportError:
+        schema_dir = None
     if schema_dir is not None:
         problems += [p for d in docs if d["kind"] == "RayJob" for p in k8s.validate_schema(d, schema_dir)]
     if problems:
