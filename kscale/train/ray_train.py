@@ -1,0 +1,56 @@
+"""Training on a Ray cluster: Ray Train's ``TorchTrainer`` runs :func:`kscale.train.run.run_train` on
+every worker. Ray creates the process group (gloo on CPU workers, NCCL on GPUs) and sets
+RANK/WORLD_SIZE/LOCAL_RANK, so each worker runs exactly what a ``torchrun`` rank runs with the same spec.
+
+Workers and their devices come from the job's ``resources`` section (``workers``, ``gpus_per_worker``,
+``cpus_per_worker``). The run directory (``output.path``) must be on storage every worker sees: ranks
+write DeepSpeed checkpoint shards there and rank 0 writes logs, the adapter and the evaluation.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+
+def run_train_on_ray(spec: Any) -> dict[str, Any]:
+    """Fit on the connected Ray cluster (``ray.init`` done by the caller); returns rank 0's summary."""
+    try:
+        from ray.train import RunConfig, ScalingConfig
+        from ray.train.torch import TorchConfig, TorchTrainer
+    except ImportError as e:
+        raise ImportError("training on Ray needs Ray Train: pip install 'ray[train]'") from e
+
+    res = spec.resources
+    use_gpu = res.gpus_per_worker > 0
+    resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    trainer = TorchTrainer(
+        _worker,
+        train_loop_config={"spec": spec},
+        scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=resources),
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        run_config=RunConfig(name=spec.name, storage_path=str(Path(spec.output.path).resolve() / "ray")),
+    )
+    result = trainer.fit()
+    return {**(result.metrics or {}), "adapter_checkpoint": result.checkpoint.path if result.checkpoint else None}
+
+
+def _worker(config: dict[str, Any]) -> None:
+    import os
+
+    import ray.train
+
+    from kscale.train.run import run_train
+
+    if ray.train.get_context().get_world_size() > 1:
+        os.environ.setdefault("OMP_NUM_THREADS", "1")  # gloo ranks sharing a host: avoid oversubscription
+    summary = run_train(config["spec"])
+    metrics = {"loss": summary["last"].get("loss"), "lm": summary["last"].get("lm"),
+               "align": summary["last"].get("align"), "resumed_from": summary["resumed_from"]}
+    # Ray Train keeps metrics only with a checkpoint: rank 0 registers the saved adapter as one.
+    checkpoint = None
+    if ray.train.get_context().get_world_rank() == 0:
+        from kscale.train.run import ADAPTER_DIR
+
+        checkpoint = ray.train.Checkpoint.from_directory(str(Path(summary["run_dir"]) / ADAPTER_DIR))
+    ray.train.report(metrics, checkpoint=checkpoint)
