@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-slow test-all bench clean-runs
+.PHONY: setup demo test test-slow test-all test-cluster golden bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,12 @@ test-slow: setup
 
 test-all: setup
 	$(PY) -m pytest -q -ra -m "not gpu"
+
+test-cluster: setup
+	$(PY) -m pytest -q -ra -m cluster tests/cluster
+
+golden: setup
+	KSCALE_UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/unit/executors
 
 bench: setup
 	$(PY) bench/extract_overhead.py

@@ -67,6 +67,12 @@ def submit(job: str, target: str | None, address: str | None, dry_run: bool, for
         sys.exit(submit_remote(job, spec, target or "ray", address, dry_run, force))
     from kscale.runner import run_job
 
+    sched = os.environ.get("KSCALE_DASK_SCHEDULER_FILE")
+    if sched and spec.kind == "analyze":  # set by kscale's Slurm script: use the allocation's dask cluster
+        import dataclasses
+
+        dask_cfg = dataclasses.replace(spec.analyze.dask, scheduler="distributed", scheduler_file=sched)
+        spec = dataclasses.replace(spec, analyze=dataclasses.replace(spec.analyze, dask=dask_cfg))
     summary = run_job(spec, address=env_address, show_bar=not no_progress)
     print_summary(summary)
     sys.exit(1 if summary.get("shards_failed") or summary.get("state") == "failed" else 0)
@@ -124,7 +130,7 @@ def _register_optional() -> None:
         from kscale import cli_cluster
     except ImportError:
         return
-    for name in ("status", "logs", "stop", "doctor"):
+    for name in ("status", "logs", "stop", "doctor", "render"):
         cmd = getattr(cli_cluster, name, None)
         if cmd is not None:
             main.add_command(cmd)

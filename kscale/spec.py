@@ -480,9 +480,10 @@ def explain(cls: type = JobSpec, prefix: str = "") -> list[tuple[str, str, str, 
         else:
             default = "(required)"
         sub = _dataclass_in(tp)
-        if sub is None and name in STAGE_SECTIONS:
+        lazy = STAGE_SECTIONS.get(name) or (CLUSTER_SECTION if name == "cluster" else None)
+        if sub is None and lazy is not None:
             try:
-                sub = _resolve(STAGE_SECTIONS[name])
+                sub = _resolve(lazy)
             except ImportError:
                 sub = None
         rows.append((name, _type_name(tp), default, f.metadata.get("doc", "")))

@@ -5,6 +5,3 @@ A stage is a module with ``setup(spec) -> state`` (once per worker, e.g. load th
 ``RayExecutor`` runs a pool of named Ray actors with dynamic hand-out, retries and quarantine.
 Both report through ``Progress`` (terminal bar + ``_progress.json`` beside the outputs).
 """
-
-from kscale.executors.local import LocalExecutor  # noqa: F401
-from kscale.executors.progress import Progress  # noqa: F401

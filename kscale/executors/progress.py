@@ -12,6 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from kscale.executors.progress_files import publish_metrics
 from kscale.store.layout import write_json_atomic
 
 
@@ -78,4 +79,5 @@ class Progress:
         snap = self.snapshot(state)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, snap)
+        publish_metrics(snap)  # dashboard gauges (no-op without Ray)
         return snap
