@@ -1,0 +1,108 @@
+"""``run_bias(spec, executor)``: prepare the run directory, plan shards, skip committed ones, run the rest,
+then gather the per-sample table, aggregate it with intervals, draw the pictures and write the report.
+
+Run directory (``output.path``)::
+
+    bias.json                 format marker: spec, its fingerprint, the variants
+    shards/<variant>.sNNNNNN.parquet   per-sample rows of one (variant, data shard)
+    shards/<variant>.sNNNNNN.done.json commit marker, written last (stats, per-sample errors)
+    _progress.json            live progress (kscale status)
+    samples.parquet / .csv    every committed row
+    aggregate.parquet / .csv  one row per (variant, task, metric): value, ci_low, ci_high, n
+    dependency.png  dropping.png  checkpoints.png  report.html
+
+Policy (``output.if_exists``), as for extraction: ``resume`` continues a run of the same spec (same
+fingerprint, else an error), ``fail`` refuses an existing run, ``overwrite`` deletes it; a directory that
+is not a bias run is never written into. A committed shard is skipped only if its variant's weights
+are unchanged (``variant_fingerprint`` in the marker).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from kscale.bias.plan import BiasShard, marker_path, plan, table_path
+from kscale.bias.variants import Variant, enumerate_variants
+from kscale.data import open_source
+from kscale.spec import to_dict
+from kscale.store.layout import write_json_atomic
+
+RUN_FORMAT = "kscale-bias"
+RUN_FILE = "bias.json"
+
+
+class RunExistsError(RuntimeError):
+    pass
+
+
+def prepare_run_dir(spec, variants: list[Variant]) -> Path:
+    """Create, check or overwrite the run directory per ``output.if_exists``; return it."""
+    path = Path(spec.output.path).expanduser()
+    meta_file = path / RUN_FILE
+    if path.exists() and any(path.iterdir()):
+        found = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if found.get("format") != RUN_FORMAT:
+            raise RunExistsError(f"output.path: {str(path)!r} exists and is not a kscale bias run; refusing to write")
+        if spec.output.if_exists == "fail":
+            raise RunExistsError(f"output.path: bias run {str(path)!r} exists and output.if_exists is 'fail'")
+        if spec.output.if_exists == "overwrite":
+            shutil.rmtree(path)
+        elif found.get("spec_fingerprint") != spec.fingerprint():
+            raise RunExistsError(
+                f"output.path: bias run {str(path)!r} was written by a different spec (fingerprint "
+                f"{found.get('spec_fingerprint')}, this spec {spec.fingerprint()}); choose another path or "
+                "output.if_exists: overwrite")
+    (path / "shards").mkdir(parents=True, exist_ok=True)
+    write_json_atomic(meta_file, {"format": RUN_FORMAT, "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
+                                  "variants": [v.__dict__ for v in variants]})
+    return path
+
+
+def is_committed(run_dir: Path, shard: BiasShard) -> bool:
+    m = marker_path(run_dir, shard)
+    if not m.is_file() or not table_path(run_dir, shard).is_file():
+        return False
+    return json.loads(m.read_text()).get("variant_fingerprint") == shard.variant.fingerprint
+
+
+def run_bias(spec, executor) -> dict:
+    """Score every uncommitted (variant, shard) through ``executor``, then write tables, pictures, report."""
+    variants = enumerate_variants(spec.bias)
+    n = len(open_source(spec.data))
+    shards = plan(variants, n, spec.data.shard_size)
+    run_dir = prepare_run_dir(spec, variants)
+    todo = [s for s in shards if not is_committed(run_dir, s)]
+    result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=str(run_dir))
+    outputs = finalize(spec, run_dir, [s for s in shards if is_committed(run_dir, s)])
+    return {"kind": "bias", "run_dir": str(run_dir), "shards_total": len(shards),
+            "variants": [v.name for v in variants], **outputs, **result}
+
+
+def collect(run_dir: Path, shards: list[BiasShard]) -> pd.DataFrame:
+    frames = [pd.read_parquet(table_path(run_dir, s)) for s in shards]
+    frames = [f for f in frames if len(f)]
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+
+
+def finalize(spec, run_dir: Path, committed: list[BiasShard]) -> dict:
+    """samples.*, aggregate.*, pictures and report.html from the committed shards."""
+    from kscale.bias.aggregate import aggregate
+    from kscale.bias.report import build_report, write_pictures
+
+    samples = collect(run_dir, committed)
+    if samples.empty:
+        return {"samples_table": None}
+    samples = samples.sort_values(["variant", "sample_id"], kind="stable").reset_index(drop=True)
+    samples.to_parquet(run_dir / "samples.parquet", index=False)
+    samples.to_csv(run_dir / "samples.csv", index=False)
+    agg = aggregate(samples, spec.bias)
+    agg.to_parquet(run_dir / "aggregate.parquet", index=False)
+    agg.to_csv(run_dir / "aggregate.csv", index=False)
+    write_pictures(agg, run_dir)
+    report = build_report(run_dir)
+    return {"samples_table": str(run_dir / "samples.parquet"), "aggregate_table": str(run_dir / "aggregate.parquet"),
+            "report": str(report)}

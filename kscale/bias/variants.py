@@ -1,0 +1,149 @@
+"""Model variants of a bias job: the base model, base + a saved adapter, and checkpoints of train runs.
+
+How it connects: :func:`enumerate_variants` (driver side) turns ``bias.include_base``, ``bias.adapter``
+and ``bias.train_runs`` into :class:`Variant` records, each carried by the shards that score it; a
+worker calls :func:`apply_variant` before a shard, which injects MaLoRA into its loaded base model
+(:class:`kscale.train.malora.MaLoRAModel`) and loads that variant's adapter weights, or removes the
+adapter for ``base``. Only the small adapter tensors change between variants; the base stays loaded.
+
+A train run directory (``kscale.train.run``) holds ``checkpoints/stepNNNNNNNN/`` (DeepSpeed state: the
+trainable parameters under ``module`` with the prefix ``malora.model.``, the ZeRO stage in ``ds_config``)
+and ``adapter/adapter_config.json`` (how the adapter was built; the same for every checkpoint of the run).
+ZeRO-3 checkpoints keep parameters partitioned: they are gathered with DeepSpeed's ``zero_to_fp32``.
+
+``fingerprint`` (file sizes and modification times) marks which weights a committed shard was scored
+with: a checkpoint rewritten by a resumed training is scored again, never mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from kscale.train.malora.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MaLoRAModel, load_adapter_config
+
+CHECKPOINT_PREFIX = "malora.model."
+STEP_DIR = re.compile(r"^step(\d+)$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # base | adapter | <label>@<step>
+    kind: str  # base | adapter | checkpoint
+    path: str = ""  # adapter directory or checkpoint directory
+    config_dir: str = ""  # directory holding adapter_config.json
+    run: str = ""  # train run label ("" outside train runs)
+    step: int = -1  # checkpoint step (-1 outside train runs)
+    fingerprint: str = "base"
+
+    @property
+    def slug(self) -> str:
+        """File-name-safe form of the name (``malora@50`` -> ``malora-50``)."""
+        return re.sub(r"[^A-Za-z0-9_.-]", "-", self.name)
+
+
+def _files_fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for f in sorted(files):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def adapter_variant(directory: str) -> Variant:
+    d = Path(directory).expanduser()
+    if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
+        raise ValueError(f"bias.adapter: {str(d)!r} is not a saved MaLoRA adapter "
+                         f"(needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    return Variant("adapter", "adapter", str(d), str(d), fingerprint=_files_fingerprint(
+        [d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS]))
+
+
+def checkpoint_variants(label: str, run_dir: str, steps: str | list[int]) -> list[Variant]:
+    """One variant per checkpoint of a train run (ascending steps), filtered by ``steps``."""
+    run = Path(run_dir).expanduser()
+    where = f"bias.train_runs.{label}"
+    cfg_dir = run / "adapter"
+    if not (cfg_dir / ADAPTER_CONFIG).is_file():
+        raise ValueError(f"{where}: {str(cfg_dir / ADAPTER_CONFIG)!r} is missing (is {str(run)!r} a finished "
+                         "`kind: train` run directory?)")
+    found = {}
+    for p in (run / "checkpoints").glob("step*"):
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir() and any(p.glob("mp_rank_*_model_states.pt")):
+            found[int(m.group(1))] = p
+    if not found:
+        raise ValueError(f"{where}: no checkpoints in {str(run / 'checkpoints')!r}")
+    if steps != "all":
+        missing = sorted(set(steps) - set(found))
+        if missing:
+            raise ValueError(f"bias.checkpoint_steps: steps {missing} not in {where} (has {sorted(found)})")
+        found = {s: found[s] for s in steps}
+    return [Variant(f"{label}@{s}", "checkpoint", str(p), str(cfg_dir), label, s,
+                    _files_fingerprint([f for f in p.iterdir() if f.is_file()] + [cfg_dir / ADAPTER_CONFIG]))
+            for s, p in sorted(found.items())]
+
+
+def enumerate_variants(cfg) -> list[Variant]:
+    out = [Variant("base", "base")] if cfg.include_base else []
+    if cfg.adapter:
+        out.append(adapter_variant(cfg.adapter))
+    for label, run_dir in cfg.train_runs.items():
+        out += checkpoint_variants(label, run_dir, cfg.checkpoint_steps)
+    return out
+
+
+def checkpoint_adapter_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """Adapter tensors (names as ``MaLoRAModel.adapter_parameters``) from a DeepSpeed checkpoint directory."""
+    d = Path(checkpoint_dir)
+    states = sorted(d.glob("mp_rank_*_model_states.pt"))
+    meta = torch.load(states[0], map_location="cpu", weights_only=True)
+    stage = (meta.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
+    if stage == 3:
+        try:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        except ImportError as e:
+            raise ImportError(f"{d}: a ZeRO-3 checkpoint needs DeepSpeed to gather: pip install 'kscale[train]'") from e
+        module = get_fp32_state_dict_from_zero_checkpoint(str(d.parent), tag=d.name, exclude_frozen_parameters=True)
+    else:
+        module = meta["module"]
+    state = {k[len(CHECKPOINT_PREFIX):]: v for k, v in module.items() if k.startswith(CHECKPOINT_PREFIX)}
+    if not state:
+        raise ValueError(f"{d}: no MaLoRA parameters (keys starting with {CHECKPOINT_PREFIX!r}) in the checkpoint")
+    return state
+
+
+def variant_weights(variant: Variant) -> dict[str, torch.Tensor]:
+    if variant.kind == "adapter":
+        from safetensors.torch import load_file
+
+        return load_file(str(Path(variant.path) / ADAPTER_WEIGHTS))
+    return checkpoint_adapter_state(variant.path)
+
+
+class VariantSlot:
+    """The adapter currently injected into a worker's base model (at most one; re-injected on config change)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.malora: MaLoRAModel | None = None
+        self.current: str | None = None
+
+    def apply(self, variant: Variant) -> None:
+        key = f"{variant.name}:{variant.fingerprint}"
+        if key == self.current:
+            return
+        config = None if variant.kind == "base" else load_adapter_config(variant.config_dir)
+        if self.malora is not None and (config is None or config != self.malora.malora_config):
+            self.malora.unload()
+            self.malora = None
+        if config is not None:
+            if self.malora is None:
+                self.malora = MaLoRAModel(self.model, config)
+            self.malora.load_adapter_state_dict(variant_weights(variant))
+            self.malora.eval()
+        self.current = key
