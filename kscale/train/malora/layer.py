@@ -117,17 +117,26 @@ class MaLoRALinear(nn.Module):
         return out_BTO + self.low_rank_update(x_BTC)
 
     def low_rank_update(self, x_BTC: torch.Tensor) -> torch.Tensor:
-        """Both branches in one pass: stack A's to (2R, C), weight each half per token, stack B's to (O, 2R)."""
-        A_RC = torch.cat([getattr(self, f"malora_A_{b}") for b in self.branches])
-        B_OR = torch.cat([getattr(self, f"malora_B_{b}") for b in self.branches], dim=1)
-        h_BTR = F.linear(self.dropout(x_BTC), A_RC)
-        coef_BTR = torch.cat(
-            [self._branch_coef(b, x_BTC).expand(*x_BTC.shape[:-1], self.config.rank) for b in self.branches], dim=-1
-        )
-        return F.linear(h_BTR * coef_BTR, B_OR)
+        """Both branches in one pass: A's stacked to (NR, C), a per-token branch weight, B's stacked to (O, NR).
 
-    def _branch_coef(self, branch: str, x_BTC: torch.Tensor) -> torch.Tensor:
-        """Per-token weight of a branch, shape (B, T, 1): mask * gate * scaling (0 where switched off)."""
+        A per-layer gate and the scaling are folded into B (an O x R product per call, not a B x T x O
+        one); only a token-conditioned gate multiplies the activations. The per-token weight is the
+        mask, so ``h`` keeps one non-zero branch per token and autograd saves one (B, T, NR) tensor.
+        """
+        A_RC = torch.cat([getattr(self, f"malora_A_{b}") for b in self.branches])
+        B_OR = torch.cat([getattr(self, f"malora_B_{b}") * self._weight_gate(b) for b in self.branches], dim=1)
+        h_BTNR = F.linear(self.dropout(x_BTC), A_RC).unflatten(-1, (len(self.branches), self.config.rank))
+        weight_BTN1 = torch.stack([self._branch_weight(b, x_BTC) for b in self.branches], dim=-2)
+        return F.linear((h_BTNR * weight_BTN1).flatten(-2), B_OR)
+
+    def _weight_gate(self, branch: str) -> torch.Tensor | float:
+        """What multiplies B: scaling, times the per-layer gate when the gate is a learned value."""
+        if self.config.gate == "scalar":
+            return getattr(self, f"malora_gate_{branch}") * self.scaling
+        return self.scaling
+
+    def _branch_weight(self, branch: str, x_BTC: torch.Tensor) -> torch.Tensor:
+        """Per-token weight of a branch, shape (B, T, 1): its mask (0 where switched off), times a token gate."""
         img_BT1 = self._image_mask(x_BTC)
         if branch == "img":
             mask_BT1 = img_BT1 if self.context.image_on else torch.zeros_like(img_BT1)
@@ -135,7 +144,9 @@ class MaLoRALinear(nn.Module):
             mask_BT1 = -img_BT1 if self.context.text_on else -torch.ones_like(img_BT1)
         else:
             mask_BT1 = 1.0 - img_BT1 if self.context.text_on else torch.zeros_like(img_BT1)
-        return mask_BT1 * (self.gate(branch, x_BTC) * self.scaling)
+        if self.config.gate == "token":
+            return mask_BT1 * self.gate(branch, x_BTC)
+        return mask_BT1
 
     def gate(self, branch: str, x_BTC: torch.Tensor) -> torch.Tensor:
         """The branch's gate: a constant 1, a learned (1,) value, or sigmoid(w.x + b) of shape (B, T, 1)."""
