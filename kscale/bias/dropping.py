@@ -48,8 +48,10 @@ def full_positions(loaded, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 
 def context_text_BT(modality_BT: torch.Tensor, answer_mask_BT: torch.Tensor) -> torch.Tensor:
-    """Text tokens of the prompt (not the answer span, never the first token): candidates for text dropping."""
-    ctx_BT = (modality_BT == TEXT) & ~answer_mask_BT
+    """Text tokens of the prompt that may be dropped: not the answer, not the first token, and not a token
+    whose logits predict an answer token (that query must stay what it is: the one reading the context)."""
+    predicts_answer_BT = torch.nn.functional.pad(answer_mask_BT[:, 1:], (0, 1), value=False)
+    ctx_BT = (modality_BT == TEXT) & ~answer_mask_BT & ~predicts_answer_BT
     ctx_BT[:, 0] = False
     return ctx_BT
 
