@@ -44,6 +44,11 @@ class BiasState:
     source: Any
     slot: VariantSlot
     rank_layers: list[int]
+    tokens_scored: int = 0  # real tokens through the model, all forwards of the current shard
+
+    def score(self, inputs: dict[str, torch.Tensor], answer_mask_BT: torch.Tensor) -> AnswerScores:
+        self.tokens_scored += int(inputs["attention_mask"].sum())
+        return score(self.loaded, inputs, answer_mask_BT)
 
 
 def setup(spec) -> BiasState:
@@ -111,7 +116,7 @@ def score_conditions(spec, state: BiasState, recs: list[Record], cands: dict, ro
             images = [condition_image(r, cond, cfg.seed, cfg.blank_rgb, donors.get(r.sample_id, (0, None))[1])
                       for r, _, _ in chunk]
             batch = lm.adapter.build_batch(lm, images, [r.text for r, _, _ in chunk], [t for _, _, t in chunk])
-            s = score(lm, batch.inputs, batch.answer_mask_BT)
+            s = state.score(batch.inputs, batch.answer_mask_BT)
             for j, (r, k, _) in enumerate(chunk):
                 got[(r.sample_id, k)] = (s.ll_mean[j], s.ll_sum[j], bool(s.exact[j]), s.greedy[j],
                                          batch.n_image_tokens[j])
@@ -146,8 +151,9 @@ def score_dropping(spec, state: BiasState, recs: list[Record], rows: dict[int, d
         received = None
         if {"least_attended", "most_attended"} & set(dcfg.orders):
             received = attention_received(lm, batch, state.rank_layers, dcfg.queries, dcfg.last_k)
+            state.tokens_scored += int(batch.inputs["attention_mask"].sum())
         none_BT = torch.zeros_like(batch.answer_mask_BT)
-        ll0 = score(lm, dropped_inputs(lm, batch.inputs, none_BT, pos), batch.answer_mask_BT).ll_mean
+        ll0 = state.score(dropped_inputs(lm, batch.inputs, none_BT, pos), batch.answer_mask_BT).ll_mean
         n_ctx = context_text_BT(batch.modality_BT, batch.answer_mask_BT).sum(1).tolist()
         for j, sid in enumerate(sids):
             rows[sid]["n_text_context"] = n_ctx[j]
@@ -156,7 +162,8 @@ def score_dropping(spec, state: BiasState, recs: list[Record], rows: dict[int, d
             curve_BF[:, 0] = ll0
             for f_i, frac in enumerate(dcfg.fractions, start=1):
                 drop_BT = drop_plan(batch, order, frac, cfg.seed, sids, received)
-                curve_BF[:, f_i] = score(lm, dropped_inputs(lm, batch.inputs, drop_BT, pos), batch.answer_mask_BT).ll_mean
+                dropped = dropped_inputs(lm, batch.inputs, drop_BT, pos)
+                curve_BF[:, f_i] = state.score(dropped, batch.answer_mask_BT).ll_mean
             for j, sid in enumerate(sids):
                 for f_i, frac in enumerate(fractions):
                     rows[sid][f"ll_drop_{order}_{frac:.2f}"] = curve_BF[j, f_i]
@@ -191,6 +198,7 @@ def run_shard(spec, shard: BiasShard, state: BiasState) -> dict:
     """Score one (variant, sample range) shard into the run directory and commit it."""
     t0 = time.perf_counter()
     state.slot.apply(shard.variant)
+    state.tokens_scored = 0
     recs, errors = _usable(spec, state, shard)
     table = score_records(spec, state, shard, recs)
     out = table_path(spec.output.path, shard)
@@ -201,6 +209,8 @@ def run_shard(spec, shard: BiasShard, state: BiasState) -> dict:
     marker = {"shard": shard.name, "variant": shard.variant.name, "variant_fingerprint": shard.variant.fingerprint,
               "start": shard.start, "stop": shard.stop, "n_samples": shard.stop - shard.start,
               "n_samples_ok": len(recs), "n_errors": len(errors), "errors": errors,
+              # executors report these: unmasked tokens of every forward, bytes of the shard's table
+              "tokens": {"scored": state.tokens_scored}, "key_bytes": out.stat().st_size,
               "seconds": round(time.perf_counter() - t0, 3)}
     write_json_atomic(marker_path(spec.output.path, shard), marker)
     return marker
