@@ -3,8 +3,10 @@
 Mid-size random Qwen2.5-VL on CPU (hidden 512, 8 layers, 8 heads, 4 KV heads; the model of
 bench/extract_overhead.py), generated data. Both runs do the whole per-batch extraction work — hooked
 forward, key gather, Zarr writes — and the second also hooks q_proj and computes the attention table
-(``kscale.attention.stats.batch_stats``). Prints the median time of each and their ratio (goal <= 1.15 on
-CPU for the default query selection, ``after_image``), plus the other query selections.
+(``kscale.attention.stats.batch_stats``). Prints the time of each and their ratio (goal <= 1.15 on CPU for
+the default query selection, ``after_image``), plus ``last_k``, and the attention table written per batch
+(``ShardWriter.append_table`` once per batch, as wired today: each call resizes ~30 Zarr arrays) against
+written once per shard at commit (the proposed writer change; see docs/attention.md).
 
     python bench/attention_overhead.py [--samples 32] [--batch 4] [--repeats 5] [--image-size 224]
 """
@@ -18,25 +20,44 @@ import statistics
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from extract_overhead import build_model  # noqa: E402  (one benchmark model for both overheads)
 
 
-def batch_step(state, spec, writer, batch, recs, attn) -> float:
-    """The worker's per-batch extraction work on one batch (stats too if ``attn``); seconds taken."""
+@dataclass
+class Variant:
+    attn: object  # AttentionSpec or None (no statistics)
+    table_at_commit: bool  # buffer the attention rows and write them once per shard (proposed writer change)
+    pending: list = field(default_factory=list)
+
+
+def batch_step(state, spec, writer, batch, recs, v: Variant) -> float:
+    """The worker's per-batch extraction work on one batch (stats too if ``v.attn``); seconds taken."""
     from kscale.attention.stats import batch_stats
     from kscale.extract import worker
 
     t0 = time.perf_counter()
-    cap = worker.forward_capture(state, batch, queries=attn is not None)
+    cap = worker.forward_capture(state, batch, queries=v.attn is not None)
     keys, pos = worker.stacked_keys(state, batch, cap)
     worker.write_batch(writer, spec, batch, recs, keys, pos)
-    if attn is not None:
-        writer.append_table("attention", batch_stats(state, batch, cap, attn, [r.sample_id for r in recs]))
+    if v.attn is not None:
+        rows = batch_stats(state, batch, cap, v.attn, [r.sample_id for r in recs])
+        v.pending.append(rows) if v.table_at_commit else writer.append_table("attention", rows)
+    return time.perf_counter() - t0
+
+
+def commit(writer, v: Variant) -> float:
+    t0 = time.perf_counter()
+    if v.pending:
+        writer.append_table("attention", {k: np.concatenate([r[k] for r in v.pending]) for k in v.pending[0]})
+        v.pending.clear()
+    writer.commit({}, [])
     return time.perf_counter() - t0
 
 
@@ -65,34 +86,39 @@ def main() -> None:
         recs = [state.source.get(i) for i in range(args.samples)]
         batches = [worker.build(state, recs[a:a + args.batch]) for a in range(0, len(recs), args.batch)]
         default = AttentionSpec(enabled=True)
-        variants = {"off": None, "after_image": default, "last_k": dataclasses.replace(default, queries="last_k")}
-        # times[variant][batch] over repeats; variants interleaved batch by batch, so load drift on a
-        # shared machine hits all of them alike
-        times = {v: [[] for _ in batches] for v in variants}
+        variants = {"off": Variant(None, False),
+                    "after_image": Variant(default, True),
+                    "last_k": Variant(dataclasses.replace(default, queries="last_k"), True),
+                    "after_image, table per batch": Variant(default, False)}
+        # times[variant][batch] over repeats (the shard commit counts as one more step); variants are
+        # interleaved batch by batch, so load drift on a shared machine hits all of them alike
+        times = {name: [[] for _ in range(len(batches) + 1)] for name in variants}
         lm, bs, n = state.loaded, args.batch, 0
         for k in range(args.repeats + 1):  # round 0 is warm-up
             writers = {}
-            for v in variants:
-                writers[v] = ShardWriter(tmp / "store", f"s{n:06d}", n_layers=len(state.layers),
-                                         n_heads=len(state.heads), head_dim=lm.info.head_dim, rope_rows=3,
-                                         key_dtype="float16", chunk_tokens=spec.output.chunk_tokens)
+            for name in variants:
+                writers[name] = ShardWriter(tmp / "store", f"s{n:06d}", n_layers=len(state.layers),
+                                            n_heads=len(state.heads), head_dim=lm.info.head_dim, rope_rows=3,
+                                            key_dtype="float16", chunk_tokens=spec.output.chunk_tokens)
                 n += 1
             for j, b in enumerate(batches):
-                for v, attn in variants.items():
-                    t = batch_step(state, spec, writers[v], b, recs[j * bs:(j + 1) * bs], attn)
+                for name, v in variants.items():
+                    t = batch_step(state, spec, writers[name], b, recs[j * bs:(j + 1) * bs], v)
                     if k:
-                        times[v][j].append(t)
-            for w in writers.values():
-                w.commit({}, [])
-        med = {v: sum(statistics.median(ts) for ts in per_batch) for v, per_batch in times.items()}
-        best = {v: sum(min(ts) for ts in per_batch) for v, per_batch in times.items()}
+                        times[name][j].append(t)
+            for name, v in variants.items():
+                t = commit(writers[name], v)
+                if k:
+                    times[name][-1].append(t)
+        med = {v: sum(statistics.median(ts) for ts in per_step) for v, per_step in times.items()}
+        best = {v: sum(min(ts) for ts in per_step) for v, per_step in times.items()}
         n_tok = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
         print(f"model: hidden 512, 8 layers, 8 heads / 4 KV heads x 64; {args.samples} samples of {args.image_size}px, "
               f"{n_tok} tokens, batch {args.batch}, device {lm.device}, torch threads {torch.get_num_threads()}, "
               f"{args.repeats} repeats")
         for v in variants:
             label = "without attention" if v == "off" else f"with attention ({v})"
-            print(f"{label:32s} sum of per-batch medians {med[v]:.3f} s, of minima {best[v]:.3f} s")
+            print(f"{label:46s} sum of per-batch medians {med[v]:.3f} s, of minima {best[v]:.3f} s")
         for v in list(variants)[1:]:
             goal = "  (goal <= 1.15)" if v == "after_image" else ""
             print(f"ratio {v}/off {med[v] / med['off']:.3f} (medians), {best[v] / best['off']:.3f} (minima){goal}")

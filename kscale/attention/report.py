@@ -27,6 +27,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats as sps
 
+from kscale.attention.stats import flat_columns
+
 Level = Literal["q_head", "kv_head", "layer"]
 # per-sample statistics bootstrapped as means; efficiency is derived from the mass and share means
 MEAN_STATS = ("mass_image", "share_image", "mass_text", "mass_special", "logit_gap", "entropy")
@@ -34,7 +36,9 @@ GAP_COMPARISONS = ("cross", "intra_text", "intra_image")
 
 
 def _frame(table: Mapping[str, np.ndarray] | pd.DataFrame) -> pd.DataFrame:
-    df = table if isinstance(table, pd.DataFrame) else pd.DataFrame({k: np.asarray(v) for k, v in table.items()})
+    if not isinstance(table, pd.DataFrame):
+        table = pd.DataFrame({k: np.asarray(v) for k, v in flat_columns(dict(table)).items()})
+    df = table
     missing = {"sample_id", "layer", "q_head", "kv_head", "n_queries", "mass_image", "share_image",
                "logit_mean_image", "logit_mean_text", "entropy"} - set(df.columns)
     if missing:

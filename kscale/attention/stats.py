@@ -9,14 +9,18 @@ module's ``scaling``, the causal + padding mask, grouped-query heads mapped to t
 logits exists at a time, so memory is O(T·chunk) however long the image (short sequences stack several
 layers into one block of at most ``BLOCK_ELEMENTS``, to cut per-operation overhead).
 
-One output row per (sample, layer, query head) of the kept KV heads (``extract.heads``):
+One output row per (sample, layer, query head) of the kept KV heads (``extract.heads``): ``sample_id``,
+``layer``, ``q_head``, ``kv_head``, ``n_queries``, ``entropy`` (mean over queries of the attention entropy,
+nats), and five (n, M) columns whose column index is the key modality's code (``table["mass"][:, IMAGE]``;
+``flat_columns`` turns them into ``mass_image``, ...):
 
-- ``mass_<m>``: mean over selected queries of the attention probability on keys of modality m;
-- ``share_<m>``: mean over queries of the fraction of visible keys that are of modality m;
-- ``efficiency_<m>`` = mass / share (1: attention proportional to presence; < 1: under-used);
-- ``logit_mean_<m>``, ``logit_sd_<m>``: mean and population SD of ``q·k·scaling`` over all
-  (selected query, visible key of modality m) pairs;
-- ``entropy``: mean over queries of the attention entropy (nats).
+- ``mass``: mean over selected queries of the attention probability on keys of each modality;
+- ``share``: mean over queries of the fraction of visible keys that are of each modality;
+- ``efficiency`` = mass / share (1: attention proportional to presence; < 1: under-used);
+- ``logit_mean``, ``logit_sd``: mean and population SD of ``q·k·scaling`` over all
+  (selected query, visible key of the modality) pairs.
+
+(Few wide columns rather than 26 narrow ones: every column is one Zarr array per shard.)
 
 Legend: B batch rows (samples, or layer x sample where layers are stacked), N stacked rows, T tokens,
 Q selected queries per sample (padded), C queries in a chunk, K kept kv heads, G query heads per kv head,
@@ -33,7 +37,9 @@ import torch
 from kscale.models import IMAGE, MODALITY_CODES, PAD, TEXT
 from kscale.models.rope import cos_sin, rotate
 
-MODALITY_ORDER = tuple(MODALITY_CODES)  # text, image, video, special: the M axis
+MODALITY_ORDER = tuple(MODALITY_CODES)  # text, image, video, special: the M axis, index == modality code
+assert [MODALITY_CODES[m] for m in MODALITY_ORDER] == list(range(len(MODALITY_ORDER)))
+BY_MODALITY = ("mass", "share", "efficiency", "logit_mean", "logit_sd")  # (n, M) columns
 BLOCK_ELEMENTS = 1 << 22  # logits elements per pass when stacking layers (16 MiB in float32)
 
 
@@ -145,24 +151,30 @@ def layer_sums(q_BTKGD: torch.Tensor, k_BTKD: torch.Tensor, cos_BTD: torch.Tenso
 
 
 def finish(sums: _Sums) -> dict[str, np.ndarray]:
-    """Per (sample, query head) statistics, each (B, H) float64; NaN where undefined (no queries, no keys)."""
+    """Per (sample, query head) statistics: (B, H) or, by key modality, (B, H, M) float64; NaN where
+    undefined (no queries, or no visible key of that modality)."""
     with np.errstate(divide="ignore", invalid="ignore"):
         nq_B = sums.n_queries_B.cpu().numpy()
-        share_BM = sums.share_BM.cpu().numpy() / nq_B[:, None]
         mass_BHM = sums.mass_BHM.cpu().numpy() / nq_B[:, None, None]
+        share_BHM = np.broadcast_to((sums.share_BM.cpu().numpy() / nq_B[:, None])[:, None], mass_BHM.shape)
         npairs_B1M = sums.n_pairs_BM.cpu().numpy()[:, None]
         mean_BHM = sums.logit_s1_BHM.cpu().numpy() / npairs_B1M
         var_BHM = np.maximum(sums.logit_s2_BHM.cpu().numpy() / npairs_B1M - mean_BHM ** 2, 0.0)
-        H = mass_BHM.shape[1]
-        out = {"n_queries": np.repeat(nq_B[:, None], H, 1).astype(np.int32),
-               "entropy": sums.entropy_BH.cpu().numpy() / nq_B[:, None]}
-        for j, m in enumerate(MODALITY_ORDER):
-            share_BH = np.repeat(share_BM[:, j, None], H, 1)
-            out[f"mass_{m}"] = mass_BHM[..., j]
-            out[f"share_{m}"] = share_BH
-            out[f"efficiency_{m}"] = np.where(share_BH > 0, mass_BHM[..., j] / share_BH, np.nan)
-            out[f"logit_mean_{m}"] = mean_BHM[..., j]
-            out[f"logit_sd_{m}"] = np.sqrt(var_BHM[..., j])
+        return {"n_queries": np.repeat(nq_B[:, None], mass_BHM.shape[1], 1).astype(np.int32),
+                "entropy": sums.entropy_BH.cpu().numpy() / nq_B[:, None],
+                "mass": mass_BHM, "share": share_BHM,
+                "efficiency": np.where(share_BHM > 0, mass_BHM / share_BHM, np.nan),
+                "logit_mean": mean_BHM, "logit_sd": np.sqrt(var_BHM)}
+
+
+def flat_columns(table: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The table with each (n, M) column split into 1-D ``<stat>_<modality>`` columns (mass_image, ...)."""
+    out = {}
+    for name, col in table.items():
+        if col.ndim == 2 and name in BY_MODALITY:
+            out.update({f"{name}_{m}": col[:, code] for m, code in MODALITY_CODES.items()})
+        else:
+            out[name] = col
     return out
 
 
@@ -222,6 +234,6 @@ def _rows(per_layer: list[dict[str, np.ndarray]], layers: list[int], heads: list
         "q_head": q_head_H[h_N],
         "kv_head": q_head_H[h_N] // G,
     }
-    for name in per_layer[0]:
-        out[name] = np.stack([d[name] for d in per_layer], axis=1).reshape(B * L * H)  # (B, L, H)
+    for name, first in per_layer[0].items():  # (B, H[, M]) per layer -> (B, L, H[, M]) -> rows
+        out[name] = np.stack([d[name] for d in per_layer], axis=1).reshape(B * L * H, *first.shape[2:])
     return out

@@ -13,6 +13,7 @@ import torch
 
 import kscale.store
 from kscale.attention.keyspace import rope_keys, store_rotary
+from kscale.attention.stats import flat_columns
 from kscale.models import load_model
 from kscale.runner import run_job
 from kscale.spec import spec_from_dict
@@ -25,9 +26,11 @@ from tests.unit.attention.conftest import STAT_NAMES, eager_reference, reference
 def attn_store(request, tmp_path_factory):
     """4 samples, batches of 3 (right padding), 2 shards, attention statistics on."""
     tmp = tmp_path_factory.mktemp(request.param.split(":")[1])
-    spec = spec_from_dict(extract_spec(
+    d = extract_spec(
         tmp, model=request.param, data={"generated": {"n_samples": 4, "image_size": 112}, "shard_size": 3},
-        extract={"batch_size": 3, "key_dtype": "float32", "attention": {"enabled": True, "query_chunk": 4}}))
+        extract={"batch_size": 3, "key_dtype": "float32", "attention": {"enabled": True, "query_chunk": 4}})
+    d["model"]["device"] = "cpu"  # the references below run on CPU too
+    spec = spec_from_dict(d)
     run_job(spec, show_bar=False)
     return spec, kscale.store.open(spec.output.path)
 
@@ -68,7 +71,9 @@ def test_rope_keys_equal_kv_cache(attn_store):
 
 def test_attention_table_equals_eager_attention(attn_store, monkeypatch):
     spec, store = attn_store
-    table = store.table("attention")
+    raw = store.table("attention")
+    assert raw["mass"].shape == (len(raw["sample_id"]), 4)  # (n, M) columns survive the store
+    table = flat_columns(raw)
     L, Hq = len(store.layers), store.attrs["model"]["num_heads"]
     assert len(table["sample_id"]) == 4 * L * Hq and set(STAT_NAMES) <= set(table)
     eager = load_model(dataclasses.replace(spec.model, attn_implementation="eager"))

@@ -47,6 +47,13 @@ def test_utilization_estimates_and_intervals():
             assert row.mass_image_ci_high - row.mass_image_ci_low == pytest.approx(2 * half, rel=0.12)
             assert row.efficiency_image_ci_low < row.efficiency_image < row.efficiency_image_ci_high
     u = utilization(t, "q_head")
+    packed = {k: v for k, v in t.items() if k not in ("mass_image", "share_image", "mass_text", "mass_special",
+                                                        "logit_mean_image", "logit_mean_text")}
+    for name, cols in (("mass", ("mass_text", "mass_image", None, "mass_special")),
+                       ("share", (None, "share_image", None, None)),
+                       ("logit_mean", ("logit_mean_text", "logit_mean_image", None, None))):
+        packed[name] = np.stack([t[c] if c else np.full(len(t["layer"]), np.nan) for c in cols], axis=1)
+    pd.testing.assert_frame_equal(utilization(packed, "q_head"), u)  # the store's (n, M) columns read the same
     truth = 0.5 + 0.1 * u.layer + 0.05 * u["head"]
     assert ((u.efficiency_image_ci_low < truth) & (truth < u.efficiency_image_ci_high)).mean() >= 0.8
     assert np.allclose(u.efficiency_image, truth, atol=0.02)
