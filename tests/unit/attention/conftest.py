@@ -57,6 +57,7 @@ def records():
 class EagerReference:
     probs_LBHTT: list[np.ndarray]  # the model's own attention probabilities (output_attentions, eager)
     logits_LBHTT: list[np.ndarray]  # q·k·scaling from the post-RoPE q, k the model's attention received
+    queries_LBHTD: list[np.ndarray]  # the post-RoPE queries the model's attention received
 
 
 def eager_reference(eager: LoadedModel, batch, monkeypatch) -> EagerReference:
@@ -65,11 +66,13 @@ def eager_reference(eager: LoadedModel, batch, monkeypatch) -> EagerReference:
     family_mod = sys.modules[type(attn_mods[0]).__module__]
     original = family_mod.eager_attention_forward
     logits: dict[int, np.ndarray] = {}
+    queries: dict[int, np.ndarray] = {}
 
     def recording(module, query, key, value, attention_mask, scaling, **kw):
         if any(module is m for m in attn_mods):
             k = family_mod.repeat_kv(key, module.num_key_value_groups)
             logits[module.layer_idx] = (torch.matmul(query, k.transpose(2, 3)) * scaling).double().numpy()
+            queries[module.layer_idx] = query.numpy().copy()
         return original(module, query, key, value, attention_mask, scaling, **kw)
 
     monkeypatch.setattr(family_mod, "eager_attention_forward", recording)
@@ -78,7 +81,8 @@ def eager_reference(eager: LoadedModel, batch, monkeypatch) -> EagerReference:
     monkeypatch.setattr(family_mod, "eager_attention_forward", original)
     L = len(attn_mods)
     assert len(out.attentions) == L and sorted(logits) == list(range(L))
-    return EagerReference([a.double().numpy() for a in out.attentions], [logits[i] for i in range(L)])
+    return EagerReference([a.double().numpy() for a in out.attentions], [logits[i] for i in range(L)],
+                          [queries[i] for i in range(L)])
 
 
 def reference_queries(batch, queries: str, last_k: int) -> list[np.ndarray]:

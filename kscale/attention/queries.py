@@ -1,0 +1,117 @@
+"""Query vectors stored like keys (``extract.attention.store_queries``), for offline attention analysis.
+
+Layout, beside the shard's key groups and with the *same rows* (same token sampling, same order), so
+``store.tokens(modality)`` describes them too::
+
+    shards/sNNNNNN/queries/<modality>/queries   (layer, token, q_head, head_dim), chunks (1, chunk_tokens, Hq, D)
+
+Stored queries are pre-RoPE ``q_proj`` outputs (bias included) of the query heads that read the kept KV
+heads (``q_head = kv_head * G + g``); ``read_queries(..., rope=True)`` rotates them with the stored
+positions, exactly as ``keyspace.rope_keys`` does for keys. A ``QueryWriter`` owns its folder inside the
+shard and writes whole chunks only; the worker closes it before the shard's commit marker is written.
+
+Legend: L hooked layers, B batch, T tokens, N kept tokens, H query heads kept, D head dim.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import torch
+import zarr
+
+from kscale.models import MODALITY_CODES
+from kscale.store.layout import MODALITIES, shard_dir
+from kscale.store.reader import KeyStore, StoreError
+
+DIMS = ["layer", "token", "q_head", "head_dim"]
+
+
+def query_heads(kv_heads: list[int], num_heads: int, num_kv_heads: int) -> list[int]:
+    G = num_heads // num_kv_heads
+    return [k * G + g for k in kv_heads for g in range(G)]
+
+
+def stacked_queries(state, batch, cap) -> torch.Tensor:
+    """(L, B, T, H, D) float32 CPU pre-RoPE queries of the kept query heads, from a capture."""
+    info = state.loaded.info
+    B, T = batch.inputs["input_ids"].shape
+    heads = query_heads(state.heads, info.num_heads, info.num_kv_heads)
+    q = torch.stack([cap.outputs[("q", i)] for i in state.layers]).view(len(state.layers), B, T, info.num_heads,
+                                                                        info.head_dim)
+    return q[:, :, :, heads].float().cpu()
+
+
+class QueryWriter:
+    """Buffered whole-chunk writer of one shard's query arrays (create it after the shard's ShardWriter,
+    which clears a partial shard folder)."""
+
+    def __init__(self, store: str | Path, shard_name: str, *, dtype: str, chunk_tokens: int):
+        self.root = zarr.open_group(str(shard_dir(store, shard_name) / "queries"), mode="w")
+        self.dtype, self.chunk = dtype, chunk_tokens
+        self.pending: dict[str, list[np.ndarray]] = {}
+        self.arrays: dict[str, zarr.Array] = {}
+
+    def append(self, modality: str, queries_LNHD: np.ndarray) -> None:
+        if queries_LNHD.shape[1] == 0:
+            return
+        self.pending.setdefault(modality, []).append(queries_LNHD.astype(self.dtype))
+        if sum(p.shape[1] for p in self.pending[modality]) >= self.chunk:
+            self._flush(modality, final=False)
+
+    def _flush(self, modality: str, final: bool) -> None:
+        if not self.pending.get(modality):
+            return
+        q = np.concatenate(self.pending[modality], axis=1)
+        n = q.shape[1] if final else (q.shape[1] // self.chunk) * self.chunk
+        arr = self.arrays.get(modality)
+        if arr is None:
+            L, _, H, D = q.shape
+            arr = self.arrays[modality] = self.root.require_group(modality).create_array(
+                "queries", shape=(L, 0, H, D), chunks=(1, self.chunk, H, D), dtype=self.dtype, dimension_names=DIMS)
+        a = arr.shape[1]
+        arr.resize((arr.shape[0], a + n, *arr.shape[2:]))
+        arr[:, a:a + n] = q[:, :n]
+        self.pending[modality] = [q[:, n:]] if n < q.shape[1] else []
+
+    def append_batch(self, spec, state, batch, recs, cap, keep_BT: torch.Tensor) -> None:
+        """Queries of one batch's kept tokens; ``keep_BT`` must be the mask the keys were written with."""
+        q_LBTHD = stacked_queries(state, batch, cap)
+        for name, code in MODALITY_CODES.items():
+            m = keep_BT & (batch.modality_BT == code)
+            if m.any():
+                self.append(name, q_LBTHD[:, m].numpy())
+
+    def close(self) -> None:
+        for modality in list(self.pending):
+            self._flush(modality, final=True)
+
+
+def read_queries(store: KeyStore, layer: int, modality: str, rope: bool = False,
+                 rotary: torch.nn.Module | None = None) -> da.Array:
+    """(N, H, D) stored queries of one layer and modality over committed shards, rows aligned with
+    ``store.tokens(modality)``; post-RoPE (float32) with ``rope=True``."""
+    if modality not in MODALITIES:
+        raise StoreError(f"unknown modality {modality!r} (choose from {', '.join(MODALITIES)})")
+    li = store.layers.index(layer) if layer in store.layers else None
+    if li is None:
+        raise StoreError(f"layer {layer} is not in store {store.path} (layers: {store.layers})")
+    parts = []
+    for name in store.shards:
+        d = shard_dir(store.path, name) / "queries" / modality
+        if (d / "queries").is_dir():
+            arr = zarr.open_array(str(d / "queries"), mode="r")
+            parts.append(da.from_zarr(arr, chunks=arr.chunks)[li])
+        elif (shard_dir(store.path, name) / modality).is_dir():
+            raise StoreError(f"shard {name} of {store.path} has no stored queries (extract.attention.store_queries "
+                             "was off)")
+    if not parts:
+        raise StoreError(f"store {store.path} has no stored {modality} queries")
+    out = da.concatenate(parts, axis=0)
+    if rope:
+        from kscale.attention.keyspace import rope_lazy, store_rotary
+
+        out = rope_lazy(out, store.tokens(modality)["rope_pos"], rotary if rotary is not None else store_rotary(store))
+    return out
