@@ -240,7 +240,8 @@ def chunk_sums(block_NHd: np.ndarray, sample_ids_N: np.ndarray, plan: ChunkPlan)
     out: dict[int, Sums] = {}
     for tid, target in plan.targets.items():
         acc = empty_sums(plan, target, block_NHd.shape[-1])
-        rows = max(1, plan.batch_rows // len(target.heads))
+        D = plan.freqs.directions_Dd.shape[0] if plan.freqs is not None else 1
+        rows = max(1, min(plan.batch_rows, 2**24 // D) // len(target.heads))  # temporaries ~ rows x D
         for lo in range(0, len(block_NHd), rows):
             batch_NHd = np.asarray(block_NHd[lo:lo + rows], dtype=np.float64)
             x_Nd, sid_N = _target_rows(batch_NHd, sample_ids_N[lo:lo + rows], target)
