@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo test test-slow test-all test-cluster golden bench clean-runs
+.PHONY: setup demo demo-bias test test-slow test-all test-cluster golden bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,9 @@ setup: $(STAMP)
 demo: setup
 	$(VENV)/bin/kscale submit jobs/demo.yaml
 	@if [ -f jobs/demo_analyze.yaml ]; then $(VENV)/bin/kscale submit jobs/demo_analyze.yaml; fi
+
+demo-bias: setup
+	$(VENV)/bin/kscale submit jobs/demo_bias.yaml
 
 test: setup
 	$(PY) -m pytest -q -ra
@@ -41,7 +44,7 @@ golden: setup
 
 bench: setup
 	$(PY) bench/extract_overhead.py
-	@for b in bench/mmd.py bench/attention_overhead.py bench/malora.py; do \
+	@for b in bench/mmd.py bench/attention_overhead.py bench/malora.py bench/bias.py; do \
 		if [ -f $$b ]; then echo "== $$b"; $(PY) $$b || exit 1; fi; done
 
 clean-runs:

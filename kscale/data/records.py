@@ -99,6 +99,8 @@ def _record(i: int, row: dict, dspec, base: Path | None, where: str) -> Record:
     text = row.get(dspec.text_field)
     answer = row.get(dspec.answer_field) if dspec.answer_field else None
     rec = Record(i, sid, None, text if isinstance(text, str) else "", None if answer is None else str(answer))
+    used = {dspec.image_field, dspec.text_field, dspec.answer_field, dspec.id_field}
+    rec.meta = {k: v for k, v in row.items() if k not in used}  # e.g. choices, distractor, conflicting claim
     if dspec.text_field not in row:
         rec.error = f"{where}: missing field {dspec.text_field!r}"
     elif not isinstance(text, str) or not text.strip():

@@ -40,9 +40,11 @@ class ShardActor:
     def run(self, shard) -> dict:
         marker = self.stage.run_shard(self.spec, shard, self.state)
         self.m_shards.inc(1)
-        self.m_samples.inc(marker.get("n_samples_ok", 0) or 0)
-        self.m_tokens.inc(sum(marker.get("tokens", {}).values()) or 0)
-        self.m_bytes.inc(marker.get("key_bytes", 0) or 0)
+        for counter, value in ((self.m_samples, marker.get("n_samples_ok", 0)),
+                               (self.m_tokens, sum(marker.get("tokens", {}).values())),
+                               (self.m_bytes, marker.get("key_bytes", 0))):
+            if value:  # Ray counters refuse inc(0)
+                counter.inc(value)
         self.m_seconds.set(marker.get("seconds", 0.0))
         return marker
 
