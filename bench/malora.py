@@ -102,7 +102,7 @@ def build_variant(model, variant: str, rank: int, targets: list[str], checkpoint
     """(module, step_loss_fn, trainable params) for one variant."""
     from kscale.train.config import AlignConfig
     from kscale.train.malora import MaLoRAConfig, MaLoRAModel
-    from kscale.train.objective import MaLoRAObjective, answer_positions, lm_loss
+    from kscale.train.objective import MaLoRAObjective, answer_positions, encode_images, lm_loss
 
     if variant == "lora":
         from peft import LoraConfig, get_peft_model
@@ -112,9 +112,10 @@ def build_variant(model, variant: str, rank: int, targets: list[str], checkpoint
         if checkpointing:
             peft_model.base_model.model.activation_checkpointing_enable({"use_reentrant": False})
 
-        def loss_fn(b):
+        def loss_fn(b):  # the vision tower runs once without a graph, exactly as in MaLoRAObjective
             keep_K = answer_positions(b["answer"])
-            logits = peft_model(**b["inputs"], logits_to_keep=keep_K, use_cache=False).logits
+            inputs = encode_images(model, b["inputs"])
+            logits = peft_model(**inputs, logits_to_keep=keep_K, use_cache=False).logits
             ids = b["inputs"]["input_ids"]
             return lm_loss(logits, ids[:, keep_K + 1], b["answer"][:, keep_K + 1].float())
 
@@ -174,7 +175,7 @@ def worker(args: argparse.Namespace) -> dict:
 
 def run_round(args: argparse.Namespace, variant: str) -> dict:
     cmd = [sys.executable, __file__, "--worker", "--variant", variant] + _passthrough(args)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     if proc.returncode != 0:
         raise RuntimeError(f"{variant} failed:\n{proc.stderr[-3000:]}")

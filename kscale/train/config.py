@@ -92,7 +92,6 @@ class TrainConfig:
     checkpoint_every: int = _doc("save a resumable checkpoint every N optimizer steps (0: only at the end)", 50)
     keep_checkpoints: int = _doc("resumable checkpoints kept on disk (older ones are deleted)", 2)
     log_every: int = _doc("write loss terms and gate values every N steps to metrics.jsonl", 1)
-    max_seq_len: int = _doc("longer training samples are skipped (and counted in the log)", 4096)
     seed: int = _doc("seed of adapter init, data order and dropout", 0)
 
     def validate(self) -> list[tuple[str, str]]:

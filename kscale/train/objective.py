@@ -42,6 +42,19 @@ MEDIAN_SAMPLE = 128  # keys per side used by the median-distance bandwidth heuri
 PIXEL_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 
 
+@torch.no_grad()
+def encode_images(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``inputs`` with ``pixel_values`` replaced by the frozen vision tower's output (``mm_encoder_outputs``).
+
+    The tower runs once, without a graph; the model's forward then only scatters the features into the
+    image placeholders (and the frozen-base reference pass reuses them).
+    """
+    pixels = {k: v for k, v in inputs.items() if k in PIXEL_KEYS}
+    out = {k: v for k, v in inputs.items() if k != "pixel_values"}
+    out["mm_encoder_outputs"] = {"image": _image_features(model, pixels)}
+    return out
+
+
 def _image_features(model: nn.Module, pixels: dict[str, torch.Tensor]) -> object:
     """The model's own image encoder output (``get_image_features``), as its forward would compute it."""
     cfg = model.config
@@ -137,8 +150,10 @@ class MaLoRAObjective(nn.Module):
         self.align_layers = resolve_layers(align.layers, len(language_layers(malora.model)), "align.layers")
         g = torch.Generator().manual_seed(align.seed)
         shape = (self.num_kv_heads, self.head_dim, align.mmd_features)
-        self.register_buffer("rff_omega", torch.randn(shape, generator=g), persistent=False)
-        self.register_buffer("rff_phase", torch.rand(shape[0], shape[2], generator=g) * 2 * math.pi, persistent=False)
+        device = next(malora.model.parameters()).device
+        self.register_buffer("rff_omega", torch.randn(shape, generator=g).to(device), persistent=False)
+        self.register_buffer("rff_phase", (torch.rand(shape[0], shape[2], generator=g) * 2 * math.pi).to(device),
+                             persistent=False)
 
     def forward(self, inputs: dict[str, torch.Tensor], answer_mask_BT: torch.Tensor,
                 modality_BT: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
@@ -180,14 +195,11 @@ class MaLoRAObjective(nn.Module):
         images would skip the vision tower inside the model's forward, so the tower always runs here,
         before the language model, on the real pixels or on ``dummy_pixels`` (output discarded).
         """
-        pixels = {k: v for k, v in inputs.items() if k in PIXEL_KEYS}
-        if not pixels:
+        if not any(k in inputs for k in PIXEL_KEYS):
             if self.dummy_pixels is not None:
                 _image_features(self.malora.model, {k: v.to(self._device()) for k, v in self.dummy_pixels.items()})
             return inputs
-        out = {k: v for k, v in inputs.items() if k != "pixel_values"}
-        out["mm_encoder_outputs"] = {"image": _image_features(self.malora.model, pixels)}
-        return out
+        return encode_images(self.malora.model, inputs)
 
     def _device(self) -> torch.device:
         return next(iter(self.malora.adapter_parameters().values())).device
