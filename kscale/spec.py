@@ -152,7 +152,8 @@ class SampleTokens:
 class AttentionSpec:
     enabled: bool = doc("Compute per-sample attention statistics during extraction.", False)
     queries: Literal["after_image", "last_k", "answer"] = doc(
-        "Query tokens: text tokens after the first image, the last k tokens, or the answer span.", "after_image")
+        "Query tokens: text tokens after the first image, the last k tokens, or the answer span (`answer` "
+        "appends each record's answer to its prompt, so answer tokens are stored as text keys too).", "after_image")
     last_k: int = doc("k for `queries: last_k`.", 8)
     query_chunk: int = doc("Queries processed at once (memory is O(T x chunk)).", 256)
     store_queries: bool = doc("Also store query vectors (same sampling and layout as keys).", False)

@@ -50,7 +50,7 @@ def _error(rec: Record, reason: str) -> dict:
     return {"sample_id": rec.sample_id, "source_id": rec.source_id, "reason": reason}
 
 
-def _keep_mask(modality_BT: torch.Tensor, sample_ids: list[int], sample_tokens) -> torch.Tensor:
+def keep_mask(modality_BT: torch.Tensor, sample_ids: list[int], sample_tokens) -> torch.Tensor:
     """Which real tokens to store: all, or at most k per (sample, modality), seeded by sample id."""
     keep = modality_BT != PAD
     for name, code in MODALITY_CODES.items():
@@ -66,9 +66,11 @@ def _keep_mask(modality_BT: torch.Tensor, sample_ids: list[int], sample_tokens) 
     return keep
 
 
-def build(state: ExtractState, recs: list[Record]):
+def build(state: ExtractState, recs: list[Record], with_answers: bool = False):
+    """The model batch of some records; answers appended only when asked (attention over the answer span)."""
     lm = state.loaded
-    return lm.adapter.build_batch(lm, [r.image for r in recs], [r.text for r in recs])
+    answers = [r.answer or "" for r in recs] if with_answers else None
+    return lm.adapter.build_batch(lm, [r.image for r in recs], [r.text for r in recs], answers)
 
 
 def forward_capture(state: ExtractState, batch, queries: bool = False):
@@ -101,7 +103,7 @@ def _check_tags(batch, recs: list[Record]) -> None:
 
 
 def write_batch(writer: ShardWriter, spec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
-    keep = _keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens)
+    keep = keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens)
     ids = batch.inputs["input_ids"]
     B, T = ids.shape
     sid_BT = torch.tensor([r.sample_id for r in recs], dtype=torch.int64)[:, None].expand(B, T)
@@ -133,6 +135,14 @@ def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = 
                          rope_rows=3 if info.family == "qwen2_5_vl" else 1,
                          key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
                          compress_keys=spec.output.compress_keys)
+    attn = spec.extract.attention
+    qwriter = None
+    if attn.store_queries:  # after ShardWriter: its constructor clears a partial shard folder
+        from kscale.attention.queries import QueryWriter
+
+        qwriter = QueryWriter(store_path or spec.output.path, shard.name, dtype=spec.extract.key_dtype,
+                              chunk_tokens=spec.output.chunk_tokens)
+    with_answers = attn.enabled and attn.queries == "answer"
     errors: list[dict] = []
     good: list[Record] = []
     for i in range(shard.start, shard.stop):
@@ -142,7 +152,7 @@ def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = 
     bs, max_len = spec.extract.batch_size, spec.extract.max_seq_len
     for a in range(0, len(good), bs):
         recs = good[a: a + bs]
-        batch = build(state, recs)
+        batch = build(state, recs, with_answers)
         lengths = batch.inputs["attention_mask"].sum(1).tolist()
         too_long = [j for j, n in enumerate(lengths) if n > max_len]
         if too_long:
@@ -151,17 +161,21 @@ def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = 
                                                   f"extract.max_seq_len={max_len}"))
             if not recs:
                 continue
-            batch = build(state, recs)
-        attn = spec.extract.attention
+            batch = build(state, recs, with_answers)
         cap = forward_capture(state, batch, queries=attn.enabled or attn.store_queries)
         keys, pos = stacked_keys(state, batch, cap)
         _check_tags(batch, recs)
         write_batch(writer, spec, batch, recs, keys, pos)
+        if qwriter is not None:
+            qwriter.append_batch(spec, state, batch, recs, cap,
+                                 keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens))
         if attn.enabled:
             from kscale.attention.stats import batch_stats
 
             writer.append_table("attention", batch_stats(state, batch, cap, attn, [r.sample_id for r in recs]))
         n_ok += len(recs)
+    if qwriter is not None:
+        qwriter.close()
     errors.sort(key=lambda e: e["sample_id"])
     stats = {"shard": shard.name, "start": shard.start, "stop": shard.stop, "n_samples": shard.stop - shard.start,
              "n_samples_ok": n_ok, "n_errors": len(errors), "seconds": round(time.perf_counter() - t0, 3)}

@@ -53,8 +53,12 @@ class KeyStore:
             raise StoreError(f"layer {layer} is not in store {self.path} (layers: {self.layers})")
         return self.layers.index(layer)
 
-    def keys(self, layer: int, modality: str, heads: list[int] | None = None) -> da.Array:
-        """(N, H, D) keys of one layer and modality, lazily, over all committed shards."""
+    def keys(self, layer: int, modality: str, heads: list[int] | None = None, rope: bool = False) -> da.Array:
+        """(N, H, D) keys of one layer and modality, lazily, over all committed shards.
+
+        Stored keys are pre-RoPE; ``rope=True`` rebuilds the post-RoPE keys the model attended with, from
+        the stored positions and the model's own rotary embedding (built from its config.json).
+        """
         self._check_modality(modality)
         li = self._layer_pos(layer)
         parts = []
@@ -71,7 +75,17 @@ class KeyStore:
             if missing:
                 raise StoreError(f"KV heads {missing} are not in store {self.path} (heads: {self.heads})")
             out = out[:, [self.heads.index(h) for h in heads]]
+        if rope:
+            from kscale.attention.keyspace import rope_lazy, store_rotary
+
+            out = rope_lazy(out, self.tokens(modality)["rope_pos"], store_rotary(self))
         return out
+
+    def queries(self, layer: int, modality: str, rope: bool = False) -> da.Array:
+        """Stored query vectors (``extract.attention.store_queries``), laid out like ``keys``."""
+        from kscale.attention.queries import read_queries
+
+        return read_queries(self, layer, modality, rope)
 
     def tokens(self, modality: str) -> dict[str, np.ndarray]:
         """Token table of one modality, rows aligned with ``keys(layer, modality)``."""

@@ -92,6 +92,7 @@ class ShardWriter:
         self.dims = dict(L=n_layers, H=n_heads, D=head_dim, R=rope_rows, key_dtype=key_dtype, chunk=chunk_tokens,
                          compress_keys=compress_keys, pool=self.pool)
         self.buffers: dict[str, _ModalityBuffer] = {}
+        self.tables: dict[str, list[dict[str, np.ndarray]]] = {}
         self.bytes_written = 0
         self.tokens = {m: 0 for m in MODALITIES}
 
@@ -106,19 +107,16 @@ class ShardWriter:
         buf.append(keys_LNHD, cols)
 
     def append_table(self, name: str, cols: dict[str, np.ndarray]) -> None:
-        """Append rows of a per-shard side table (e.g. per-sample attention statistics) under ``name/``."""
-        if not cols or len(next(iter(cols.values()))) == 0:
-            return
-        g = self.group.require_group(name)
-        for k, v in cols.items():
-            v = np.asarray(v)
-            if k in g:
-                arr = g[k]
-                n = arr.shape[0]
-                arr.resize((n + len(v), *arr.shape[1:]))
-                arr[n:] = v
-            else:
-                g.create_array(k, data=v, chunks=(max(len(v), 1024), *v.shape[1:]))
+        """Add rows to a per-shard side table (e.g. per-sample attention statistics), written at commit."""
+        if cols and len(next(iter(cols.values()))):
+            self.tables.setdefault(name, []).append({k: np.asarray(v) for k, v in cols.items()})
+
+    def _write_tables(self) -> None:
+        for name, parts in self.tables.items():
+            g = self.group.require_group(name)
+            for k in parts[0]:
+                v = np.concatenate([p[k] for p in parts])
+                g.create_array(k, data=v, chunks=(max(len(v), 1), *v.shape[1:]))
 
     def commit(self, stats: dict, errors: list[dict]) -> dict:
         try:
@@ -126,6 +124,7 @@ class ShardWriter:
                 buf.flush(final=True)
             for buf in self.buffers.values():
                 buf.wait()
+            self._write_tables()
         finally:
             self.pool.shutdown(wait=True)
         marker = {**stats, "tokens": self.tokens, "key_bytes": self.bytes_written, "errors": errors}

@@ -1,8 +1,8 @@
 """Stored query vectors: same rows as the keys, pre-RoPE q_proj outputs, and post-RoPE on request equal to
 the queries the model's eager attention receives.
 
-The extraction worker does not write queries yet (wiring pending), so this test replays the worker's
-batches through ``QueryWriter`` into the committed shards of a real extraction store.
+Queries are written by the extraction job itself (``extract.attention.store_queries``), with tiny chunks
+so that the writer flushes several times.
 
 Legend: T tokens, H query heads, D head dim.
 """
@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 import kscale.store
-from kscale.attention.queries import QueryWriter, query_heads, read_queries
+from kscale.attention.queries import query_heads, read_queries
 from kscale.data import open_source
 from kscale.extract import worker
 from kscale.models import load_model
@@ -29,23 +29,14 @@ from tests.unit.attention.conftest import eager_reference
 def test_stored_queries_match_keys_rows_and_model_queries(tmp_path, monkeypatch):
     d = extract_spec(tmp_path, data={"generated": {"n_samples": 3, "image_size": 112}, "shard_size": 2},
                      extract={"batch_size": 2, "key_dtype": "float32", "heads": [1],
-                              "sample_tokens": {"image": 6, "text": 5}})
+                              "sample_tokens": {"image": 6, "text": 5}, "attention": {"store_queries": True}},
+                     output={"chunk_tokens": 3})
     d["model"]["device"] = "cpu"
     spec = spec_from_dict(d)
     run_job(spec, show_bar=False)
     state = worker.setup(spec)
     source = open_source(spec.data)
     store = kscale.store.open(spec.output.path)
-    for shard, marker in store.shards.items():  # replay the worker's batches of each shard
-        qw = QueryWriter(store.path, shard, dtype="float32", chunk_tokens=3)  # tiny chunks: several flushes
-        recs = [source.get(i) for i in range(marker["start"], marker["stop"])]
-        for a in range(0, len(recs), spec.extract.batch_size):
-            batch_recs = recs[a:a + spec.extract.batch_size]
-            batch = worker.build(state, batch_recs)
-            cap = worker.forward_capture(state, batch, queries=True)
-            keep = worker._keep_mask(batch.modality_BT, [r.sample_id for r in batch_recs], spec.extract.sample_tokens)
-            qw.append_batch(spec, state, batch, batch_recs, cap, keep)
-        qw.close()
 
     info = state.loaded.info
     heads = query_heads([1], info.num_heads, info.num_kv_heads)
@@ -61,7 +52,7 @@ def test_stored_queries_match_keys_rows_and_model_queries(tmp_path, monkeypatch)
                 sel = tok["sample_id"] == sid
                 if not sel.any():
                     continue
-                q_pre = read_queries(store, layer, m).compute()
+                q_pre = store.queries(layer, m).compute()
                 q_post = read_queries(store, layer, m, rope=True).compute()
                 assert len(q_pre) == len(tok["sample_id"]) == store.keys(layer, m).shape[0]  # rows of the keys
                 np.testing.assert_allclose(q_post[sel], want_THD[tok["position"][sel]], atol=1e-5, rtol=0)

@@ -94,6 +94,14 @@ def test_keys_and_positions_reproduce_kv_cache(bs1_store):
         _, k_rot = mod.apply_rotary_pos_emb(k, k, cos, sin)
         cached = out.past_key_values.layers[li].keys
         torch.testing.assert_close(k_rot, cached, atol=1e-5, rtol=0)
+        # the reader's post-RoPE keys (issue "Attention") agree with the same cache
+        post = {m: store.keys(li, m, rope=True).compute() for m in MODALITIES}
+        toks = {m: store.tokens(m) for m in MODALITIES}
+        for m in MODALITIES:
+            sel = toks[m]["sample_id"] == 3
+            if sel.any():
+                want = cached[0].permute(1, 0, 2).numpy()[toks[m]["position"][sel]]
+                np.testing.assert_allclose(post[m][sel], want, atol=1e-5, rtol=0)
     if spec.model.path.endswith("qwen2_5_vl"):  # 3-D M-RoPE really used: image rows differ in h/w
         _, _, rope_TR = sample_keys(store, 3, 0)
         assert (rope_TR[:, 1] != rope_TR[:, 2]).any()
