@@ -73,7 +73,7 @@ class Runner:
     def _map_reduce_distributed(self, fn, items, shared, merge):
         from distributed import as_completed
 
-        shared_f = self.client.scatter(shared, broadcast=True)
+        shared_f = self.client.scatter(shared, broadcast=True, hash=False)  # unique key: no release races
         task = delayed(fn, pure=False)
         pending = iter(items)
         futures = [self.client.compute(task(blk, ids, shared_f)) for blk, ids in

@@ -15,7 +15,7 @@ from kscale.analysis.stream import Runner
 
 
 def write_keys(path, n, heads, d, seed, shift):
-    arr = zarr.create_array(str(path), shape=(n, heads, d), chunks=(65536, heads, d), dtype="float16")
+    arr = zarr.create_array(str(path), shape=(n, heads, d), chunks=(16384, heads, d), dtype="float16")
     rng = np.random.default_rng(seed)
     for lo in range(0, n, 262144):
         x = rng.standard_normal((min(262144, n - lo), heads, d)).astype(np.float16)
