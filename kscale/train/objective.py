@@ -116,9 +116,8 @@ def median_bandwidth(img_NHD: torch.Tensor, txt_MHD: torch.Tensor) -> torch.Tens
     """Median pairwise distance of a pooled sample, per head (detached): shape (H,)."""
     pooled_HPD = torch.cat([img_NHD[:MEDIAN_SAMPLE], txt_MHD[:MEDIAN_SAMPLE]]).detach().transpose(0, 1)
     dist_HPP = torch.cdist(pooled_HPD, pooled_HPD)
-    P = dist_HPP.shape[-1]
-    off_diag = dist_HPP[:, ~torch.eye(P, dtype=torch.bool, device=dist_HPP.device)]
-    return off_diag.median(dim=-1).values.clamp(min=1e-6)
+    upper_2Q = torch.triu_indices(dist_HPP.shape[-1], dist_HPP.shape[-1], 1, device=dist_HPP.device)
+    return dist_HPP[:, upper_2Q[0], upper_2Q[1]].median(dim=-1).values.clamp(min=1e-6)
 
 
 def rff_mmd_loss(img_NHD: torch.Tensor, txt_MHD: torch.Tensor, omega_HDF: torch.Tensor, phase_HF: torch.Tensor,
@@ -171,9 +170,12 @@ class MaLoRAObjective(nn.Module):
         lm = lm_loss(logits_BKV, targets_BK, answer_mask_BT[:, keep_K + 1].float())
         align = logits_BKV.new_zeros((), dtype=torch.float32)
         if use_align:  # micro-batches without images skip the term; the branches still ran above
+            # Token indices once per micro-batch: boolean indexing per layer would sync the device each time.
+            img_N, txt_M = image_BT.flatten().nonzero().squeeze(-1), text_BT.flatten().nonzero().squeeze(-1)
             for idx in self.align_layers:
-                txt_keys = reference[idx] if reference is not None else keys[idx].detach()
-                align = align + self.alignment(keys[idx][image_BT], txt_keys[text_BT]) / len(self.align_layers)
+                keys_PF = keys[idx].flatten(0, 1)
+                txt_PF = reference[idx].flatten(0, 1) if reference is not None else keys_PF.detach()
+                align = align + self.alignment(keys_PF[img_N], txt_PF[txt_M]) / len(self.align_layers)
         loss = lm + self.align.weight * align
         return loss, {"loss": loss.detach(), "lm": lm.detach(), "align": align.detach()}
 
