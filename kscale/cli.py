@@ -40,6 +40,9 @@ def print_summary(summary: dict) -> None:
             f"({summary.get('samples_per_s', 0):.2f} samples/s); store {summary.get('store')}")
         for name, err in (summary.get("quarantined") or {}).items():
             click.echo(f"kscale: quarantined {name}: {err.splitlines()[0]}", err=True)
+    elif "out_dir" in summary and "rows" in summary:  # analysis
+        click.echo(f"kscale: analysis done: {summary['rows']} rows in {summary.get('seconds', 0)} s; "
+                   f"table {summary['out_dir']}/results.parquet; report {summary['out_dir']}/report.html")
     else:
         click.echo(json.dumps(summary, indent=1, default=str))
 
@@ -112,6 +115,25 @@ def info(store: str, as_json: bool) -> None:
         click.echo(f"{k:18s} {v}")
     for e in s.errors()[:20]:
         click.echo(f"  error sample {e['sample_id']} ({e['source_id']}): {e['reason']}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+def report(run_dir: str) -> None:
+    """Rebuild RUN_DIR/report.html from an analysis or bias run's tables."""
+    from pathlib import Path
+
+    run = Path(run_dir)
+    bias_meta = run / "bias.json"
+    if bias_meta.is_file() and json.loads(bias_meta.read_text()).get("format") == "kscale-bias":
+        from kscale.bias.report import build_report
+    elif (run / "results.parquet").is_file():
+        from kscale.analysis.report import build_report
+    else:
+        click.echo(f"kscale report: {run_dir!r} is neither an analysis run (results.parquet) nor a bias run "
+                   "(bias.json)", err=True)
+        sys.exit(2)
+    click.echo(str(build_report(run)))
 
 
 @main.command("debug-model")

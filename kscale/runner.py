@@ -33,6 +33,8 @@ def absolutize(spec: JobSpec, cwd: str | None = None) -> JobSpec:
         changes["data"] = dataclasses.replace(spec.data, path=fix(spec.data.path))
     if spec.model is not None and not spec.model.path.startswith("debug:") and (base / spec.model.path).exists():
         changes["model"] = dataclasses.replace(spec.model, path=fix(spec.model.path))
+    if spec.kind == "analyze" and spec.analyze is not None:
+        changes["analyze"] = dataclasses.replace(spec.analyze, stores=[fix(p) for p in spec.analyze.stores])
     return dataclasses.replace(spec, **changes)
 
 

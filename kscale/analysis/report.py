@@ -152,6 +152,25 @@ rows are ratios with Fieller intervals (unbounded when the intra value is not di
 </ul>"""
 
 
+def _attention_section(run: Path) -> str:
+    """Attention utilisation beside the key gap, when the analysed stores carried attention statistics."""
+    parts = []
+    for corr_file in sorted(run.glob("attention_gap_correlation_*.csv")):
+        tag = corr_file.stem[len("attention_gap_correlation_"):]
+        corr = pd.read_csv(corr_file)
+        joined = pd.read_csv(run / f"attention_vs_gap_{tag}.csv")
+        cols = [c for c in ("layer", "head", "efficiency_image", "efficiency_image_ci_low",
+                            "efficiency_image_ci_high", "mmd_cross", "mmd_intra_text", "mmd_intra_image", "gap")
+                if c in joined.columns]
+        parts.append(f"<h3>{html.escape(tag)}</h3><p>Visual attention efficiency = attention mass on image keys / "
+                     "share of image keys among visible keys (1 = attention in proportion), with bootstrap "
+                     "intervals over samples, beside the key gap (cross minus mean intra MMD², RF rbf raw keys "
+                     "1x median). Correlation across layers and layers x KV heads:</p>"
+                     f"{corr.to_html(index=False, float_format=lambda v: f'{v:.4g}')}"
+                     f"{joined[cols].to_html(index=False, float_format=lambda v: f'{v:.4g}')}")
+    return ("<h2>Attention utilisation beside the key gap</h2>" + "".join(parts)) if parts else ""
+
+
 def build_report(run_dir: str | Path) -> Path:
     """(Re)build ``report.html`` from a run directory; returns its path."""
     run = Path(run_dir)
@@ -168,6 +187,7 @@ pre{{background:#f6f6f6;padding:8px;font-size:11px;overflow:auto}}</style></head
 <h2>Headline: cross vs intra MMD² (RF, rbf, raw keys)</h2>{_summary(df)}
 {EXPLAIN}
 <h2>Pictures</h2>{''.join(_img(p) for p in pngs)}
+{_attention_section(run)}
 <h2>Rows per estimator</h2>{counts.to_html(index=False)}
 <h2>Run metadata</h2><pre>{html.escape(json.dumps(meta, indent=1, default=str)[:20000])}</pre>
 <p>The full table is in results.parquet / results.csv next to this file.</p></body></html>"""

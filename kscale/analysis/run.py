@@ -67,8 +67,34 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     from kscale.analysis.report import build_report, write_pictures
 
     write_pictures(df, embeds, out, cfg)
+    attention_beside_gap(stores, df, out)
     build_report(out)
     return df
+
+
+def attention_beside_gap(stores: list[KeyStoreLike], df: pd.DataFrame, out: Path) -> None:
+    """Where a store carries attention statistics (``extract.attention``), put visual attention
+    utilisation beside the key gap: tables and one figure per store (issue "Attention")."""
+    from kscale.attention import report as attn
+
+    for ks in stores:
+        table = ks.table("attention") if hasattr(ks, "table") else {}
+        if not table:
+            continue
+        tag = Path(ks.path).name
+        gap = df[(df["store"] == ks.path) & (df["kernel"] == "rbf") & (df["normalisation"] == "none")]
+        gap = gap[np.isclose(gap["multiple"].astype(float), 1.0)]
+        util = attn.utilization(table, "kv_head")
+        util.to_csv(out / f"attention_utilization_{tag}.csv", index=False)
+        joined, corr = attn.beside_key_gap(table, gap)
+        joined.to_parquet(out / f"attention_vs_gap_{tag}.parquet", index=False)
+        joined.to_csv(out / f"attention_vs_gap_{tag}.csv", index=False)
+        corr.to_csv(out / f"attention_gap_correlation_{tag}.csv", index=False)
+        fig = attn.figure(joined, corr, title=f"visual attention vs key gap — {tag}")
+        fig.savefig(out / f"attention_vs_gap_{tag}.png", dpi=110)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
 
 
 def _meta(cfg: AnalyzeConfig, stores: list[KeyStoreLike]) -> dict:
