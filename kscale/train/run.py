@@ -1,7 +1,7 @@
 """``run_train(spec)``: the one public entry of the training stage (``kind: train``).
 
 It runs in whatever process group it finds: a lone process, every rank of ``torchrun`` / the
-``deepspeed`` launcher, or every worker of Ray Train's ``TorchTrainer`` (:mod:`kscale.train.ray`).
+``deepspeed`` launcher, or every worker of Ray Train's ``TorchTrainer`` (:mod:`kscale.train.ray_train`).
 Each rank loads the model, injects MaLoRA with the same seed, wraps the
 :class:`~kscale.train.objective.MaLoRAObjective` in a DeepSpeed engine, resumes from the newest
 checkpoint in the run directory, and trains. Run directory (``output.path``)::
@@ -42,6 +42,7 @@ def run_train(spec: Any) -> dict[str, Any]:
     run_dir = Path(spec.output.path)
     loaded = load_model(spec.model)
     rank, world = ds.ensure_process_group(loaded.device)
+    _prepare_run_dir(run_dir, spec.output.if_exists, rank)
     torch.manual_seed(cfg.seed)  # the same adapter init on every rank
     malora = MaLoRAModel(loaded.model, cfg.malora)
     if cfg.activation_checkpointing:
@@ -67,6 +68,20 @@ def run_train(spec: Any) -> dict[str, Any]:
         summary["eval"] = evaluate_run(spec)
     dist.barrier()
     return summary
+
+
+def _prepare_run_dir(run_dir: Path, if_exists: str, rank: int) -> None:
+    """``output.if_exists``: resume from the newest checkpoint, fail, or start over (rank 0 deletes)."""
+    import shutil
+
+    import torch.distributed as dist
+
+    started = (run_dir / ds.CHECKPOINTS).exists()
+    if started and if_exists == "fail":
+        raise FileExistsError(f"output.path: {run_dir} already holds a run and output.if_exists is 'fail'")
+    if started and if_exists == "overwrite" and rank == 0:
+        shutil.rmtree(run_dir)
+    dist.barrier()
 
 
 def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ The layer does not see input ids. It reads the mask from a :class:`ModalityConte
 hook in :mod:`kscale.train.malora.model` fills before each forward, and that the checkpoint wrapper
 there restores while a layer is recomputed in the backward pass.
 
-Legend: B batch, T tokens, C input features, O output features, R rank (2R: both branches stacked).
+Legend: B batch, T tokens, C input features, O output features, R rank, N branches (1 or 2; NR stacked).
 """
 
 from __future__ import annotations
