@@ -223,3 +223,10 @@ def test_zero3_bf16_trains_and_saves_a_loadable_adapter(model_dir, tmp_path) -> 
     loaded = load_model(spec_from_dict(raw).model)
     adapter = MaLoRAModel.from_pretrained(loaded.model, tmp_path / "bf16" / "adapter")
     assert any(p.abs().sum() > 0 for n, p in adapter.adapter_parameters().items() if "_B_" in n)
+
+
+@pytest.mark.slow  # builds DeepSpeed's cpu_adam op on first use (~160 s), cached in .cache/torch_extensions
+def test_zero3_with_optimizer_and_parameter_offload_follows_plain_pytorch(model_dir, tmp_path) -> None:
+    raw = _raw_spec(model_dir, tmp_path / "offload", _generated(),
+                    deepspeed={"zero_stage": 3, "offload_optimizer": True, "offload_params": True})
+    _assert_follows(_run(raw, tmp_path / "offload", timeout=500), plain_pytorch_losses(raw, world=1))

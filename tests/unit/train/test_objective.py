@@ -94,3 +94,26 @@ def test_frozen_reference_equals_stopgrad_while_b_is_zero(loaded_qwen, qa_batch)
         values[ref] = objective(qa_batch.inputs, qa_batch.answer_mask_BT, qa_batch.modality_BT)[1]["align"]
     assert values["stopgrad"].item() > 0
     assert values["frozen"].item() == pytest.approx(values["stopgrad"].item(), rel=1e-6)
+
+
+def test_llava_path_zero_b_and_lm_term_match_the_model(llava_dir) -> None:
+    """LLaVA: image features from its own encoder (vision_feature_layer from config), same mask hook."""
+    from kscale.data.generated import GeneratedSource
+    from kscale.models.registry import load_model
+    from kscale.spec import GeneratedDataSpec, ModelSpec
+
+    loaded = load_model(ModelSpec(path=llava_dir, device="cpu", dtype="float32"))
+    src = GeneratedSource(GeneratedDataSpec(n_samples=3, seed=0, tasks=["color"]))
+    recs = [src.get(i) for i in range(3)]
+    batch = loaded.adapter.build_batch(loaded, [r.image for r in recs], [r.text for r in recs], [r.answer for r in recs])
+    labels = torch.where(batch.answer_mask_BT, batch.inputs["input_ids"], -100)
+    with torch.no_grad():
+        expected = loaded.model(**batch.inputs, labels=labels)
+    objective = MaLoRAObjective(MaLoRAModel(loaded.model, MaLoRAConfig()), AlignConfig(loss="mmd"))
+    assert objective.malora.context.image_mask_BT is None
+    with torch.no_grad():
+        assert torch.equal(objective.malora(**batch.inputs).logits, expected.logits)
+        _, terms = objective(batch.inputs, batch.answer_mask_BT, batch.modality_BT)
+    assert int(objective.malora.context.image_mask_BT.sum()) == int((batch.modality_BT == 1).sum()) > 0
+    assert terms["lm"].item() == pytest.approx(expected.loss.item(), rel=1e-5)
+    assert terms["align"].item() > 0
