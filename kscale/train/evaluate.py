@@ -19,7 +19,10 @@ Rows of the table (``eval.json``, ``eval.md``):
   image, a blank grey image of the same size, and another held-out sample's image;
 - ``acc_real`` / ``acc_blank`` / ``acc_swapped``: teacher-forced exact match of the whole answer;
 - ``visual_dependency`` = ll_real - ll_blank and ``swap_sensitivity`` = ll_real - ll_swapped (text bias
-  shows as values near 0: the answer does not depend on the image).
+  shows as values near 0: the answer does not depend on the image);
+- ``attn_mass_image`` / ``attn_efficiency_image``: how much the answer tokens attend to image keys, and
+  that mass over the image tokens' share of the visible keys (``kscale.attention.stats``; 1 means
+  attention in proportion to presence), averaged over the alignment layers' query heads and samples.
 
 Legend: B batch, T tokens, K kept logit positions, V vocab, N image keys, M text keys, H KV heads, D head dim.
 """
@@ -37,7 +40,7 @@ from PIL import Image
 
 from kscale.models.registry import IMAGE, TEXT, VIDEO
 from kscale.train.malora import MaLoRAModel
-from kscale.train.malora.model import language_layers, resolve_layers
+from kscale.train.malora.model import language_layers, model_adapter, resolve_layers
 from kscale.train.objective import answer_positions, capture_keys
 
 VARIANTS = ("base", "malora", "malora_no_image_branch")
@@ -52,6 +55,8 @@ class _Acc:
     acc: dict[str, list[float]] = field(default_factory=lambda: {"real": [], "blank": [], "swapped": []})
     ce_sum: float = 0.0
     ce_count: int = 0
+    attn_mass: list[np.ndarray] = field(default_factory=list)
+    attn_efficiency: list[np.ndarray] = field(default_factory=list)
     img_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
     txt_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
@@ -115,7 +120,8 @@ def _score(malora: MaLoRAModel, batch: Any, condition: str, layers: list[int], a
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     answer_BT = batch.answer_mask_BT.to(device)
     keep_K = answer_positions(answer_BT)
-    with capture_keys(malora, layers if condition == "real" else []) as keys:
+    with capture_keys(malora, layers if condition == "real" else []) as keys, \
+            _attention_capture(malora, layers if condition == "real" else []) as cap:
         logits_BKV = malora(**inputs, logits_to_keep=keep_K, use_cache=False).logits.float()
     targets_BK = inputs["input_ids"][:, keep_K + 1]
     valid_BK = answer_BT[:, keep_K + 1]
@@ -128,11 +134,40 @@ def _score(malora: MaLoRAModel, batch: Any, condition: str, layers: list[int], a
     if condition == "real":
         acc.ce_sum += float(-(logp_BK * valid_BK).sum())
         acc.ce_count += int(valid_BK.sum())
+        _attention_stats(malora, batch, cap, layers, acc)
         modality_BT = batch.modality_BT.to(device)
         image_BT = (modality_BT == IMAGE) | (modality_BT == VIDEO)
         for idx in layers:
             acc.img_keys.setdefault(idx, []).append(keys[idx][image_BT].float().cpu().numpy())
             acc.txt_keys.setdefault(idx, []).append(keys[idx][modality_BT == TEXT].float().cpu().numpy())
+
+
+def _attention_capture(malora: MaLoRAModel, layers: list[int]):
+    """q/k projection outputs and RoPE positions of ``layers`` (kscale.extract.hooks), for the attention stats."""
+    from kscale.extract.hooks import capture
+
+    decoder = language_layers(malora.model)
+    modules = {(kind, i): getattr(decoder[i].self_attn, f"{kind}_proj") for i in layers for kind in ("q", "k")}
+    rotary = model_adapter(malora.model).rotary_module(malora.model) if layers else None
+    return capture(modules, rotary)
+
+
+def _attention_stats(malora: MaLoRAModel, batch: Any, cap: Any, layers: list[int], acc: _Acc) -> None:
+    """Answer tokens' attention to image keys, per (sample, layer, query head), from kscale.attention."""
+    from types import SimpleNamespace
+
+    from kscale.attention.stats import batch_stats
+    from kscale.spec import AttentionSpec
+
+    text_cfg = malora.model.config.get_text_config()
+    heads = text_cfg.num_attention_heads
+    info = SimpleNamespace(num_heads=heads, num_kv_heads=text_cfg.num_key_value_heads,
+                           head_dim=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads)
+    loaded = SimpleNamespace(model=malora.model, adapter=model_adapter(malora.model), info=info)
+    state = SimpleNamespace(loaded=loaded, layers=layers, heads=list(range(text_cfg.num_key_value_heads)))
+    rows = batch_stats(state, batch, cap, AttentionSpec(queries="answer"), list(range(batch.modality_BT.shape[0])))
+    acc.attn_mass.append(rows["mass"][:, IMAGE])
+    acc.attn_efficiency.append(rows["efficiency"][:, IMAGE])
 
 
 def _finish(accs: dict[str, _Acc], layers: list[int], n_heads: int) -> dict[str, dict[str, float]]:
@@ -144,6 +179,8 @@ def _finish(accs: dict[str, _Acc], layers: list[int], n_heads: int) -> dict[str,
         row["lm_loss"] = a.ce_sum / max(a.ce_count, 1)
         row["visual_dependency"] = row["ll_real"] - row["ll_blank"]
         row["swap_sensitivity"] = row["ll_real"] - row["ll_swapped"]
+        row["attn_mass_image"] = float(np.nanmean(np.concatenate(a.attn_mass)))
+        row["attn_efficiency_image"] = float(np.nanmean(np.concatenate(a.attn_efficiency)))
         for idx in layers:
             img, txt = np.concatenate(a.img_keys[idx]), np.concatenate(a.txt_keys[idx])
             row[f"key_mmd2_layer{idx}"], _ = key_gap(img, txt, n_heads)

@@ -42,3 +42,20 @@ def test_key_gap_is_zero_for_one_distribution_and_grows_with_a_shift() -> None:
     same, _ = key_gap(a, b, n_heads=2)
     shifted, _ = key_gap(a + 1.0, b, n_heads=2)
     assert abs(same) < 0.01 < shifted
+
+
+def test_attention_rows_match_a_direct_eager_computation(loaded_qwen) -> None:
+    """attn_mass_image of the base variant equals softmax attention recomputed with eager attention."""
+    records = _records(3)
+    malora = MaLoRAModel(loaded_qwen.model, MaLoRAConfig())
+    table = evaluate(loaded_qwen, malora, records, layers=[1], batch_size=3)
+    batch = loaded_qwen.adapter.build_batch(loaded_qwen, [r.image for r in records], [r.text for r in records],
+                                            [r.answer for r in records])
+    loaded_qwen.model.config._attn_implementation = "eager"
+    loaded_qwen.model.config.get_text_config()._attn_implementation = "eager"
+    with torch.no_grad():
+        attn_BHTT = malora(**batch.inputs, output_attentions=True).attentions[1]
+    answer_BT, image_BT = batch.answer_mask_BT, batch.modality_BT == 1
+    mass = [attn_BHTT[b][:, answer_BT[b]][..., image_BT[b]].sum(-1).mean(-1) for b in range(3)]  # (H,) each
+    assert table["base"]["attn_mass_image"] == pytest.approx(torch.stack(mass).mean().item(), rel=1e-4)
+    assert 0 < table["base"]["attn_efficiency_image"]
