@@ -230,3 +230,16 @@ def test_zero3_with_optimizer_and_parameter_offload_follows_plain_pytorch(model_
     raw = _raw_spec(model_dir, tmp_path / "offload", _generated(),
                     deepspeed={"zero_stage": 3, "offload_optimizer": True, "offload_params": True})
     _assert_follows(_run(raw, tmp_path / "offload", timeout=500), plain_pytorch_losses(raw, world=1))
+
+
+def test_if_exists_fail_refuses_and_overwrite_starts_over(model_dir, tmp_path) -> None:
+    raw = _raw_spec(model_dir, tmp_path / "again", _generated(), max_steps=3)
+    first = _run(raw, tmp_path / "again")
+    raw["output"]["if_exists"] = "fail"
+    proc = _launch(raw, tmp_path / "again")
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0 and "output.if_exists is 'fail'" in out
+    raw["output"]["if_exists"] = "overwrite"
+    (tmp_path / "again" / "marker").write_text("from the first run")
+    assert _run(raw, tmp_path / "again") == first  # the same seeded curve ...
+    assert not (tmp_path / "again" / "marker").exists()  # ... from a fresh directory, not a resume
