@@ -26,23 +26,31 @@ _FAST = {"chunk_key_encoding": {"name": "default", "separator": "."}, "config": 
 
 
 class _ModalityBuffer:
+    """Rows of one modality of one shard. Arrays are created at the first write with their first size
+    (a shard smaller than a chunk costs one metadata write per array, no resize)."""
+
     def __init__(self, group: zarr.Group, modality: str, L: int, H: int, D: int, R: int, key_dtype: str,
                  chunk: int, compress_keys: bool, pool: ThreadPoolExecutor):
         self.g = group.create_group(modality)
         self.chunk, self.n_written, self.pool = chunk, 0, pool
+        self.R, self.key_dtype, self.compress_keys = R, key_dtype, compress_keys
         self.writes: list[Future] = []
-        self.keys = self.g.create_array("keys", shape=(L, 0, H, D), chunks=(1, chunk, H, D), dtype=key_dtype,
-                                        dimension_names=list(KEY_DIMS),
-                                        compressors="auto" if compress_keys else None, **_FAST)
-        self.cols = {}
-        for name, dt in TABLE_COLUMNS.items():
-            shape, chunks, dims = ((0, R), (chunk, R), ["token", "rope_row"]) if name == "rope_pos" else (
-                (0,), (chunk,), ["token"])
-            self.cols[name] = self.g.create_array(name, shape=shape, chunks=chunks, dtype=dt, dimension_names=dims,
-                                                  **_FAST)
+        self.keys: zarr.Array | None = None
+        self.cols: dict[str, zarr.Array] = {}
         self.pending_keys: list[np.ndarray] = []
         self.pending_cols: dict[str, list[np.ndarray]] = {k: [] for k in TABLE_COLUMNS}
         self.n_pending = 0
+
+    def _create(self, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+        L, N, H, D = keys_LNHD.shape
+        self.keys = self.g.create_array(
+            "keys", data=keys_LNHD.astype(self.key_dtype, copy=False), chunks=(1, self.chunk, H, D),
+            dimension_names=list(KEY_DIMS), compressors="auto" if self.compress_keys else None, **_FAST)
+        for name, dt in TABLE_COLUMNS.items():
+            chunks, dims = ((self.chunk, self.R), ["token", "rope_row"]) if name == "rope_pos" else (
+                (self.chunk,), ["token"])
+            self.cols[name] = self.g.create_array(name, data=cols[name].astype(dt, copy=False), chunks=chunks,
+                                                  dimension_names=dims, **_FAST)
 
     def append(self, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
         self.pending_keys.append(keys_LNHD)
@@ -66,8 +74,10 @@ class _ModalityBuffer:
         self.pending_cols = {k: ([v[n:]] if n < len(v) else []) for k, v in cols.items()}
         self.n_pending = keys.shape[1] - n
 
-
     def _write(self, a: int, b: int, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+        if self.keys is None:
+            self._create(keys_LNHD, cols)
+            return
         self.keys.resize((keys_LNHD.shape[0], b, *keys_LNHD.shape[2:]))
         self.keys[:, a:b] = keys_LNHD
         for k, arr in self.cols.items():
