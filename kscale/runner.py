@@ -84,6 +84,11 @@ def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True, da
 
         return run_analyze(spec)
     if spec.kind == "train":
+        if spec.resources.executor == "ray":  # Ray Train's TorchTrainer hosts the DeepSpeed workers
+            from kscale.train.ray_train import run_train_on_ray
+
+            with ray_session(spec, address, dashboard):
+                return run_train_on_ray(spec)
         from kscale.train.run import run_train
 
         return run_train(spec)

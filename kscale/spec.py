@@ -450,6 +450,13 @@ def check_against_model(spec: JobSpec) -> list[tuple[str, str]]:
             for i, h in enumerate(spec.extract.heads):
                 if not 0 <= h < info.num_kv_heads:
                     out.append((f"extract.heads[{i}]", f"KV head {h} out of range (model has {info.num_kv_heads})"))
+    if spec.kind == "train" and spec.train is not None:
+        for section in ("malora", "align"):
+            layers = getattr(getattr(spec.train, section, None), "layers", "all")
+            for i, layer in enumerate([] if layers == "all" else layers):
+                if not -info.num_layers <= layer < info.num_layers:
+                    out.append((f"train.{section}.layers[{i}]",
+                                f"layer {layer} out of range (model has {info.num_layers})"))
     return out
 
 

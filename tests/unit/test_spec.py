@@ -96,3 +96,11 @@ def test_fingerprint_ignores_resources(tmp_path):
     b = spec_from_dict(extract_spec(tmp_path, resources={"executor": "ray", "workers": 3}))
     c = spec_from_dict(extract_spec(tmp_path, extract={"batch_size": 4, "key_dtype": "float16"}))
     assert a.fingerprint() == b.fingerprint() != c.fingerprint()
+
+
+def test_train_layers_checked_against_model(tmp_path):
+    d = {"kind": "train", "model": {"path": "debug:qwen2_5_vl"}, "data": {"source": "generated"},
+         "train": {"malora": {"layers": [0, 7]}, "align": {"layers": [-3]}}, "output": {"path": str(tmp_path)}}
+    p = problems(d)
+    assert p["train.malora.layers[1]"] == "layer 7 out of range (model has 2)"
+    assert "train.align.layers[0]" in p
