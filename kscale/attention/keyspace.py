@@ -44,9 +44,16 @@ def _config_dir(model_attrs: dict) -> Path:
 
 
 def store_rotary(store: KeyStore) -> torch.nn.Module:
-    """The rotary embedding module of the model that wrote ``store`` (from its config.json, no weights)."""
+    """The rotary embedding module of the model that wrote ``store`` (from its config, no weights).
+
+    Stores record the checkpoint's config.json in their attributes, so they stay readable after the
+    checkpoint moves; older stores fall back to the recorded checkpoint directory (hash-checked).
+    """
     from transformers import AutoConfig
 
+    recorded = store.attrs["model"].get("config")
+    if recorded:
+        return rotary_from_config(AutoConfig.for_model(**recorded))
     cfg = AutoConfig.from_pretrained(str(_config_dir(store.attrs["model"])))
     return rotary_from_config(cfg)
 

@@ -298,3 +298,19 @@ def test_info_cli(tmp_path):
     assert r.returncode == 0, r.stderr
     info = json.loads(r.stdout)
     assert info["samples"] == 4 and info["tokens"]["image"] == 4 * 16 and info["layers"] == [0, 1]
+
+
+def test_store_is_self_contained_for_post_rope_keys(tmp_path):
+    import shutil
+
+    from kscale.models.debug import build_debug_model
+
+    model_dir = build_debug_model("qwen2_5_vl", tmp_path / "model")
+    d = extract_spec(tmp_path, model=model_dir, data={"generated": {"n_samples": 4, "image_size": 112}})
+    run_job(spec_from_dict(d), show_bar=False)
+    before = kscale.store.open(d["output"]["path"]).keys(1, "image", rope=True).compute()
+    shutil.rmtree(model_dir)  # the checkpoint moved away: the store's recorded config still serves
+    after = kscale.store.open(d["output"]["path"]).keys(1, "image", rope=True).compute()
+    assert np.array_equal(before, after)
+    pre = kscale.store.open(d["output"]["path"]).keys(1, "image").compute()
+    assert np.abs(after - pre).max() > 1e-3
