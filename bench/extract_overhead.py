@@ -77,7 +77,7 @@ def main() -> None:
                     lm.model(**{k: v.to(lm.device) for k, v in b.inputs.items()}, use_cache=False)
             sync()
 
-        parts = {"forward+hooks": 0.0, "gather+cast": 0.0, "write": 0.0}
+        parts = {"forward+hooks": 0.0, "gather+cast": 0.0, "select+append": 0.0, "commit (zarr)": 0.0}
         written = [0]
 
         def hooked(k: int) -> None:
@@ -94,10 +94,10 @@ def main() -> None:
                 worker.write_batch(w, spec, b, recs[a:a + args.batch], keys, pos)
                 parts["forward+hooks"] += t1 - t0
                 parts["gather+cast"] += t2 - t1
-                parts["write"] += time.perf_counter() - t2
+                parts["select+append"] += time.perf_counter() - t2
             t3 = time.perf_counter()
             marker = w.commit({}, [])
-            parts["write"] += time.perf_counter() - t3
+            parts["commit (zarr)"] += time.perf_counter() - t3
             written[0] = marker["key_bytes"]
 
         plain()  # warm-up
