@@ -34,17 +34,9 @@ QUERY_CHUNK = 128
 
 
 def full_positions(loaded, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """RoPE position ids of the full (unmasked) sequences: (3, B, T) for Qwen2.5-VL, (B, T) otherwise."""
-    ids_BT = inputs["input_ids"]
-    B, T = ids_BT.shape
-    if loaded.info.family == "qwen2_5_vl":
-        if "image_grid_thw" in inputs:
-            pos_RBT, _ = loaded.model.model.get_rope_index(
-                ids_BT, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
-                attention_mask=inputs["attention_mask"])
-            return pos_RBT
-        return torch.arange(T, device=ids_BT.device).view(1, 1, T).expand(3, B, T)
-    return torch.arange(T, device=ids_BT.device).view(1, T).expand(B, T)
+    """RoPE position ids of the full (unmasked) sequences, from the family adapter
+    (:meth:`kscale.models.registry.Adapter.position_ids`): (3, B, T) for Qwen2.5-VL, (B, T) otherwise."""
+    return loaded.adapter.position_ids(loaded, inputs)
 
 
 def context_text_BT(modality_BT: torch.Tensor, answer_mask_BT: torch.Tensor) -> torch.Tensor:

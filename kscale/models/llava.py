@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import torch
+
 from kscale.models.registry import Adapter, LoadedModel, register
 
 
@@ -11,6 +15,7 @@ class LlavaAdapter(Adapter):
     model_class = "LlavaForConditionalGeneration"
     default_template = "USER: {image}\n{text} ASSISTANT:"
     add_bos = True
+    pixel_keys = ("pixel_values", "image_sizes")
 
     def image_token_id(self, config) -> int:
         return config.image_token_id
@@ -27,3 +32,11 @@ class LlavaAdapter(Adapter):
 
     def image_block(self, loaded: LoadedModel, n_tokens: int) -> list[int]:
         return [loaded.model.config.image_token_id] * n_tokens
+
+    def image_features(self, model, inputs: dict[str, torch.Tensor]) -> Any:
+        # the model's forward passes these from its config; get_image_features does not read them itself
+        pixels = {k: v for k, v in inputs.items() if k in self.pixel_keys}
+        cfg = model.config
+        return model.model.get_image_features(**pixels, vision_feature_layer=cfg.vision_feature_layer,
+                                              vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                                              return_dict=True)

@@ -16,6 +16,7 @@ class Qwen2_5_VLAdapter(Adapter):
     family = "qwen2_5_vl"
     model_class = "Qwen2_5_VLForConditionalGeneration"
     default_template = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
+    pixel_keys = ("pixel_values", "image_grid_thw")
 
     def processor_kwargs(self, mspec) -> dict:
         kw = {}
@@ -44,6 +45,17 @@ class Qwen2_5_VLAdapter(Adapter):
     def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
         mm = (input_ids_BT == config.image_token_id).int() + 2 * (input_ids_BT == config.video_token_id).int()
         return {"mm_token_type_ids": mm}
+
+    def position_ids(self, loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(3, B, T) M-RoPE positions from the model's own ``get_rope_index`` (arange on all 3 rows without images)."""
+        ids_BT = inputs["input_ids"]
+        B, T = ids_BT.shape
+        if "image_grid_thw" not in inputs:
+            return torch.arange(T, device=ids_BT.device).view(1, 1, T).expand(3, B, T)
+        pos_RBT, _ = loaded.model.model.get_rope_index(
+            ids_BT, inputs["mm_token_type_ids"], image_grid_thw=inputs["image_grid_thw"],
+            attention_mask=inputs["attention_mask"])
+        return pos_RBT
 
     def special_ids(self, loaded: LoadedModel) -> set[int]:
         cfg = loaded.model.config

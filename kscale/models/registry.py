@@ -2,8 +2,9 @@
 
 An ``Adapter`` per family (``qwen2_5_vl.py``, ``llava.py``) answers every architecture question the rest
 of kscale asks: the language model's key/query projection modules (never the vision tower's), the
-rotary embedding module (hooked to capture the positions the model really used), the visual token ids,
-how (image, text[, answer]) becomes a padded batch, and the modality tag of every token.
+rotary embedding module (hooked to capture the positions the model really used), the RoPE positions of
+a full sequence, how to run the vision tower, the visual token ids, how (image, text[, answer]) becomes
+a padded batch, and the modality tag of every token.
 
 Legend: B batch, T tokens (padded), R rope position rows (3 for Qwen's M-RoPE, 1 for 1-D RoPE).
 """
@@ -178,6 +179,26 @@ class Adapter:
 
     def rotary_module(self, model) -> torch.nn.Module:
         return model.model.language_model.rotary_emb
+
+    # -- vision tower
+    pixel_keys: tuple[str, ...] = ("pixel_values",)  # the batch inputs the vision tower reads
+
+    def image_features(self, model, inputs: dict[str, torch.Tensor]) -> Any:
+        """The vision tower's output for the pixel inputs in ``inputs``, exactly as the model's forward
+        computes it (``get_image_features``); the forward takes it back as ``mm_encoder_outputs["image"]``."""
+        pixels = {k: v for k, v in inputs.items() if k in self.pixel_keys}
+        return model.model.get_image_features(**pixels, return_dict=True)
+
+    # -- RoPE positions
+    def position_ids(self, loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """RoPE position ids of the full (unmasked) sequences of ``inputs``, in the layout the model's
+        ``position_ids`` takes: (B, T) here (1-D RoPE: 0..T-1 in every row); (R, B, T) for M-RoPE.
+
+        Passing these explicitly keeps every token at its full-sequence position when tokens are later
+        masked out as keys (``kscale.bias.dropping``)."""
+        ids_BT = inputs["input_ids"]
+        B, T = ids_BT.shape
+        return torch.arange(T, device=ids_BT.device).view(1, T).expand(B, T)
 
     # -- token ids
     def image_token_id(self, config) -> int:

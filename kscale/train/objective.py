@@ -36,33 +36,22 @@ from torch import nn
 
 from kscale.models.registry import IMAGE, TEXT, VIDEO
 from kscale.train.config import AlignConfig
-from kscale.train.malora.model import MaLoRAModel, language_layers, resolve_layers
+from kscale.train.malora.model import MaLoRAModel, language_layers, model_adapter, resolve_layers
 
 MEDIAN_SAMPLE = 128  # keys per side used by the median-distance bandwidth heuristic
-PIXEL_KEYS = ("pixel_values", "image_grid_thw", "image_sizes")
 
 
 @torch.no_grad()
 def encode_images(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """``inputs`` with ``pixel_values`` replaced by the frozen vision tower's output (``mm_encoder_outputs``).
 
-    The tower runs once, without a graph; the model's forward then only scatters the features into the
-    image placeholders (and the frozen-base reference pass reuses them).
+    The tower runs once, without a graph (the family adapter's ``image_features``, as the model's forward
+    would call it); the model's forward then only scatters the features into the image placeholders (and
+    the frozen-base reference pass reuses them).
     """
-    pixels = {k: v for k, v in inputs.items() if k in PIXEL_KEYS}
     out = {k: v for k, v in inputs.items() if k != "pixel_values"}
-    out["mm_encoder_outputs"] = {"image": _image_features(model, pixels)}
+    out["mm_encoder_outputs"] = {"image": model_adapter(model).image_features(model, inputs)}
     return out
-
-
-def _image_features(model: nn.Module, pixels: dict[str, torch.Tensor]) -> object:
-    """The model's own image encoder output (``get_image_features``), as its forward would compute it."""
-    cfg = model.config
-    extra = {}
-    if getattr(cfg, "vision_feature_layer", None) is not None:  # LLaVA reads these from its config
-        extra = {"vision_feature_layer": cfg.vision_feature_layer,
-                 "vision_feature_select_strategy": cfg.vision_feature_select_strategy}
-    return model.model.get_image_features(**pixels, **extra, return_dict=True)
 
 
 @contextmanager
@@ -202,11 +191,13 @@ class MaLoRAObjective(nn.Module):
         images would skip the vision tower inside the model's forward, so the tower always runs here,
         before the language model, on the real pixels or on ``dummy_pixels`` (output discarded).
         """
-        if not any(k in inputs for k in PIXEL_KEYS):
+        model = self.malora.model
+        if "pixel_values" not in inputs:
             if self.dummy_pixels is not None:
-                _image_features(self.malora.model, {k: v.to(self._device()) for k, v in self.dummy_pixels.items()})
+                dummy = {k: v.to(self._device()) for k, v in self.dummy_pixels.items()}
+                model_adapter(model).image_features(model, dummy)
             return inputs
-        return encode_images(self.malora.model, inputs)
+        return encode_images(model, inputs)
 
     def _device(self) -> torch.device:
         return next(iter(self.malora.adapter_parameters().values())).device
