@@ -4,8 +4,9 @@ How it connects: the bias worker (:mod:`kscale.bias.worker`) runs the model with
 to :func:`answer_positions` (only logits that predict an answer token are materialised), then calls
 :func:`answer_scores` for the teacher-forced log-likelihood and exact match of each row's answer span.
 The other functions turn those scores into the measures of the bias table (candidate choice, evidence
-conflict, curve areas, the blind share). ``kscale.train.evaluate`` computes the same quantities for its
-before/after table and can call :func:`answer_positions` and :func:`answer_scores` directly.
+conflict, curve areas, the blind share). ``kscale.train.evaluate`` scores its before/after table with
+the same two functions, and the MaLoRA objective (``kscale.train.objective``) keeps only the logits of
+:func:`answer_positions` for its LM loss.
 
 Legend: B rows (sample x candidate), T tokens, K kept logit positions, V vocabulary, C candidates, F fractions.
 """

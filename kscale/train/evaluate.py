@@ -16,13 +16,17 @@ Rows of the table (``eval.json``, ``eval.md``):
   each model; a bandwidth fixed from the base model would also count a mere rescaling of all keys);
 - ``lm_loss``: answer-token cross-entropy with the real image;
 - ``ll_real`` / ``ll_blank`` / ``ll_swapped``: mean per-token log-likelihood of the answer with the real
-  image, a blank grey image of the same size, and another held-out sample's image;
+  image, a blank grey image of the same size, and another held-out sample's image (its donor in a
+  derangement of the held-out records seeded by ``train.seed``, resized to this sample's size);
 - ``acc_real`` / ``acc_blank`` / ``acc_swapped``: teacher-forced exact match of the whole answer;
 - ``visual_dependency`` = ll_real - ll_blank and ``swap_sensitivity`` = ll_real - ll_swapped (text bias
   shows as values near 0: the answer does not depend on the image);
 - ``attn_mass_image`` / ``attn_efficiency_image``: how much the answer tokens attend to image keys, and
   that mass over the image tokens' share of the visible keys (``kscale.attention.stats``; 1 means
   attention in proportion to presence), averaged over the alignment layers' query heads and samples.
+
+The image conditions and the answer scores are the bias stage's own (:mod:`kscale.bias.counterfactuals`,
+:mod:`kscale.bias.metrics`), so this table and a bias job measure visual dependency the same way.
 
 Legend: B batch, T tokens, K kept logit positions, V vocab, N image keys, M text keys, H KV heads, D head dim.
 """
@@ -36,14 +40,18 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 
+from kscale.bias.counterfactuals import condition_image, swap_donor
+from kscale.bias.metrics import answer_positions, answer_scores
+from kscale.data import Record
 from kscale.models.registry import IMAGE, TEXT, VIDEO
 from kscale.train.malora import MaLoRAModel
 from kscale.train.malora.model import language_layers, model_adapter, resolve_layers
-from kscale.train.objective import answer_positions, capture_keys
+from kscale.train.objective import capture_keys
 
 VARIANTS = ("base", "malora", "malora_no_image_branch")
+CONDITIONS = ("real", "blank", "swapped")
+BLANK_RGB = [128, 128, 128]
 MAX_KEYS = 2000  # keys per side and layer kept for the exact MMD
 
 
@@ -51,8 +59,8 @@ MAX_KEYS = 2000  # keys per side and layer kept for the exact MMD
 class _Acc:
     """Running per-sample answer scores and pooled keys for one variant."""
 
-    ll: dict[str, list[float]] = field(default_factory=lambda: {"real": [], "blank": [], "swapped": []})
-    acc: dict[str, list[float]] = field(default_factory=lambda: {"real": [], "blank": [], "swapped": []})
+    ll: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONDITIONS})
+    acc: dict[str, list[float]] = field(default_factory=lambda: {c: [] for c in CONDITIONS})
     ce_sum: float = 0.0
     ce_count: int = 0
     attn_mass: list[np.ndarray] = field(default_factory=list)
@@ -80,25 +88,33 @@ def evaluate_run(spec: Any, adapter_dir: str | Path | None = None) -> dict[str, 
         heldout = split_indices(len(source), cfg.eval.heldout_fraction, cfg.eval.max_samples, cfg.seed).heldout
     records = [r for r in (source.get(i) for i in heldout) if r.error is None and r.answer and r.image is not None]
     layers = resolve_layers(cfg.align.layers, len(language_layers(loaded.model)), "align.layers")
-    table = evaluate(loaded, malora, records, layers, cfg.eval.batch_size)
+    table = evaluate(loaded, malora, records, layers, cfg.eval.batch_size, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(table, indent=2) + "\n")
     (run_dir / "eval.md").write_text(markdown_table(table, n_samples=len(records)))
     return table
 
 
+class _Heldout(list):
+    """The held-out records as a source (``len``, ``get``): swap donors are drawn among them only."""
+
+    def get(self, i: int) -> Record:
+        return self[i]
+
+
 def evaluate(loaded: Any, malora: MaLoRAModel, records: list, layers: list[int],
-             batch_size: int) -> dict[str, dict[str, float]]:
+             batch_size: int, seed: int = 0) -> dict[str, dict[str, float]]:
     """The before/after table (variant -> metric -> value) on ``records`` (each with an image)."""
     if len(records) < 2:
         raise ValueError(f"evaluation needs at least 2 held-out records with an image, got {len(records)}")
     malora.eval()
     accs = {v: _Acc() for v in VARIANTS}
+    heldout = _Heldout(records)
+    donors = [swap_donor(heldout, i, seed)[1] for i in range(len(records))]
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        swapped = [records[(start + i + 1) % len(records)].image for i in range(len(chunk))]
-        blank = [Image.new("RGB", r.image.size, (128, 128, 128)) for r in chunk]
-        for condition, images in (("real", [r.image for r in chunk]), ("blank", blank), ("swapped", swapped)):
+        for condition in CONDITIONS:
+            images = [condition_image(r, condition, seed, BLANK_RGB, donors[start + i]) for i, r in enumerate(chunk)]
             batch = loaded.adapter.build_batch(loaded, images, [r.text for r in chunk], [r.answer for r in chunk])
             for variant in VARIANTS:
                 with _variant(malora, variant):
@@ -122,18 +138,13 @@ def _score(malora: MaLoRAModel, batch: Any, condition: str, layers: list[int], a
     keep_K = answer_positions(answer_BT)
     with capture_keys(malora, layers if condition == "real" else []) as keys, \
             _attention_capture(malora, layers if condition == "real" else []) as cap:
-        logits_BKV = malora(**inputs, logits_to_keep=keep_K, use_cache=False).logits.float()
-    targets_BK = inputs["input_ids"][:, keep_K + 1]
-    valid_BK = answer_BT[:, keep_K + 1]
-    logp_BK = torch.log_softmax(logits_BKV, -1).gather(-1, targets_BK.unsqueeze(-1)).squeeze(-1)
-    hit_BK = logits_BKV.argmax(-1) == targets_BK
-    for b in range(logp_BK.shape[0]):
-        v = valid_BK[b]
-        acc.ll[condition].append(float(logp_BK[b][v].mean()))
-        acc.acc[condition].append(float(hit_BK[b][v].all()))
+        logits_BKV = malora(**inputs, logits_to_keep=keep_K, use_cache=False).logits
+    scores = answer_scores(logits_BKV, inputs["input_ids"], answer_BT, keep_K)
+    acc.ll[condition].extend(scores.ll_mean.tolist())
+    acc.acc[condition].extend(scores.exact.astype(float).tolist())
     if condition == "real":
-        acc.ce_sum += float(-(logp_BK * valid_BK).sum())
-        acc.ce_count += int(valid_BK.sum())
+        acc.ce_sum += float(-scores.ll_sum.sum())
+        acc.ce_count += int(scores.n_tokens.sum())
         _attention_stats(malora, batch, cap, layers, acc)
         modality_BT = batch.modality_BT.to(device)
         image_BT = (modality_BT == IMAGE) | (modality_BT == VIDEO)

@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from kscale.bias.metrics import answer_positions  # the logits the loss needs: those predicting answer tokens
 from kscale.models.registry import IMAGE, TEXT, VIDEO
 from kscale.train.config import AlignConfig
 from kscale.train.malora.model import MaLoRAModel, language_layers, model_adapter, resolve_layers
@@ -80,11 +81,6 @@ def lm_loss(logits_BKV: torch.Tensor, targets_BK: torch.Tensor, valid_BK: torch.
     """Mean cross-entropy over the answer tokens, in float32."""
     ce_BK = F.cross_entropy(logits_BKV.float().transpose(1, 2), targets_BK, reduction="none")
     return (ce_BK * valid_BK).sum() / valid_BK.sum().clamp(min=1)
-
-
-def answer_positions(answer_mask_BT: torch.Tensor) -> torch.Tensor:
-    """Positions whose next token is an answer token, in any row: the only logits the loss needs."""
-    return torch.nonzero(answer_mask_BT[:, 1:].any(dim=0)).squeeze(-1)
 
 
 def mean_loss(img_NHD: torch.Tensor, txt_MHD: torch.Tensor) -> torch.Tensor:
