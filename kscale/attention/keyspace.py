@@ -12,7 +12,6 @@ Legend: N tokens (store rows), H kv heads, D head dim, R rope rows.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 
 import dask.array as da

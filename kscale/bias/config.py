@@ -8,17 +8,12 @@ each checkpoint of ``kind: train`` runs. See docs/bias.md.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
+from kscale.spec import doc as _doc  # one field helper for every spec section
 
 CONDITIONS = ("real", "blank", "noise", "swapped", "none")
 DROP_ORDERS = ("random", "least_attended", "most_attended", "text")
-
-
-def _doc(text: str, default: Any = None, factory: Any = None) -> Any:
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -8,16 +8,11 @@ Nested sections: ``malora`` (the adapter, :class:`~kscale.train.malora.config.Ma
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from kscale.train.malora.config import MaLoRAConfig
-
-
-def _doc(text: str, default: Any = None, factory: Any = None) -> Any:
-    if factory is not None:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+from kscale.spec import doc as _doc  # one field helper for every spec section
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

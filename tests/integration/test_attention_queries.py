@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
-import torch
 
 import kscale.store
 from kscale.attention.queries import query_heads, read_queries

@@ -3,7 +3,6 @@
 import json
 from pathlib import Path
 
-import pytest
 
 from kscale.data import plan_shards
 from kscale.executors.local import LocalExecutor

@@ -21,7 +21,7 @@ import yaml
 
 import kscale.store
 from kscale.extract import worker
-from kscale.models import IMAGE, load_model
+from kscale.models import load_model
 from kscale.runner import run_job
 from kscale.spec import spec_from_dict
 from kscale.store.layout import MODALITIES, marker_path
