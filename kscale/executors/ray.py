@@ -52,6 +52,14 @@ class ShardActor:
         return os.getpid()
 
 
+def _gist(msg: str) -> str:
+    """First and last lines of a Ray error (the last names the cause, e.g. a failed constructor)."""
+    lines = [ln.strip() for ln in msg.splitlines() if ln.strip()]
+    if not lines:
+        return ""
+    return lines[0][:300] if len(lines) == 1 else f"{lines[0][:300]} ... {lines[-1][:300]}"
+
+
 class RayExecutor:
     def __init__(self, stage_module: str, show_bar: bool = True):
         self.stage_module = stage_module
@@ -90,7 +98,7 @@ class RayExecutor:
                         idle.append(i)
                         continue
                     except ray.exceptions.RayActorError as e:  # the worker process died
-                        err = f"worker died: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+                        err = f"worker died: {type(e).__name__}: {_gist(str(e))}"
                         generation[i] += 1
                         self.actors[i] = self._make_actor(spec, i, generation[i])
                     except ray.exceptions.RayTaskError as e:  # the shard raised
