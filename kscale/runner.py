@@ -75,8 +75,12 @@ def make_executor(spec: JobSpec, stage_module: str, show_bar: bool = True):
 def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True, dashboard: bool = True) -> dict:
     spec = absolutize(spec)
     if spec.kind == "extract":
-        from kscale.extract.run import run_extract
+        from kscale.extract.run import nothing_to_do, run_extract
 
+        if nothing_to_do(spec):  # a rerun of a finished job: report it without starting Ray
+            from kscale.executors.local import LocalExecutor
+
+            return run_extract(spec, LocalExecutor(STAGE_MODULES["extract"], show_bar))
         with _maybe_ray(spec, address, dashboard):
             return run_extract(spec, make_executor(spec, STAGE_MODULES["extract"], show_bar))
     if spec.kind == "analyze":

@@ -84,6 +84,17 @@ def prepare_store(spec, attrs_fn) -> str:
     return str(path)
 
 
+def nothing_to_do(spec) -> bool:
+    """True when the store exists for this very spec and every planned shard is committed (a rerun)."""
+    path = Path(spec.output.path).expanduser()
+    if spec.output.if_exists != "resume" or not is_store(path):
+        return False
+    if dict(zarr.open_group(str(path), mode="r").attrs).get("spec_fingerprint") != spec.fingerprint():
+        return False
+    planned = {s.name for s in plan_shards(len(open_source(spec.data)), spec.data.shard_size)}
+    return planned <= set(committed_shards(path))
+
+
 def run_extract(spec, executor) -> dict:
     """Extract keys for every uncommitted shard through ``executor``; return the job summary."""
     from kscale.models import get_adapter, read_model_config

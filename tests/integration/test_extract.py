@@ -204,6 +204,8 @@ def test_ray_executor_equals_in_process(tmp_path, ray_local):
     stores_equal(local.output.path, ray_spec.output.path)
     progress = json.loads((Path(ray_spec.output.path) / "_progress.json").read_text())
     assert progress["state"] == "succeeded" and progress["shards_done"] == 3
+    rerun = run_job(ray_spec, show_bar=False)  # everything committed: reported, nothing redone
+    assert rerun["shards_skipped"] == 3 and rerun["shards_done"] == 0 and rerun["state"] == "succeeded"
 
 
 def test_killed_ray_worker_shard_is_redone(tmp_path, ray_local):
