@@ -12,7 +12,6 @@ writes it once per shard at commit (written per batch it cost 1.41x: see docs/at
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import shutil
 import statistics
@@ -25,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from extract_overhead import build_model  # noqa: E402  (one benchmark model for both overheads)
+from extract_overhead import bench_args, bench_setup  # noqa: E402  (one benchmark set-up for both overheads)
 
 
 @dataclass
@@ -54,29 +53,14 @@ def commit(writer, v: Variant) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--samples", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--image-size", type=int, default=224)
-    ap.add_argument("--device", default="cpu")
-    args = ap.parse_args()
+    args = bench_args()
 
-    from kscale.extract import worker
-    from kscale.spec import AttentionSpec, spec_from_dict
+    from kscale.spec import AttentionSpec
     from kscale.store.writer import ShardWriter
 
     tmp = Path(tempfile.mkdtemp(prefix="kscale-bench-attn-"))
     try:
-        model_dir = build_model(tmp / "model")
-        spec = spec_from_dict({
-            "kind": "extract", "model": {"path": model_dir, "device": args.device, "max_pixels": args.image_size ** 2},
-            "data": {"source": "generated", "generated": {"n_samples": args.samples, "image_size": args.image_size}},
-            "extract": {"batch_size": args.batch, "key_dtype": "float16"},
-            "output": {"path": str(tmp / "store")}, "resources": {"executor": "local"}})
-        state = worker.setup(spec)
-        recs = [state.source.get(i) for i in range(args.samples)]
-        batches = [worker.build(state, recs[a:a + args.batch]) for a in range(0, len(recs), args.batch)]
+        spec, state, recs, batches = bench_setup(args, tmp)
         default = AttentionSpec(enabled=True)
         variants = {"off": Variant(None), "after_image": Variant(default),
                     "last_k": Variant(dataclasses.replace(default, queries="last_k"))}
@@ -89,7 +73,7 @@ def main() -> None:
             for name in variants:
                 writers[name] = ShardWriter(tmp / "store", f"s{n:06d}", n_layers=len(state.layers),
                                             n_heads=len(state.heads), head_dim=lm.info.head_dim, rope_rows=3,
-                                            key_dtype="float16", chunk_tokens=spec.output.chunk_tokens)
+                                            key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens)
                 n += 1
             for j, b in enumerate(batches):
                 for name, v in variants.items():

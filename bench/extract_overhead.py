@@ -42,32 +42,44 @@ def build_model(out: Path) -> str:
     return str(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def bench_args(ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
+    """The options both overhead benchmarks share."""
+    ap = ap or argparse.ArgumentParser()
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--key-dtype", default="float16")
-    args = ap.parse_args()
+    return ap.parse_args()
 
+
+def bench_setup(args: argparse.Namespace, tmp: Path):
+    """(spec, worker state, records, prebuilt batches) on the benchmark model saved under ``tmp``."""
     from kscale.extract import worker
     from kscale.spec import spec_from_dict
+
+    model_dir = build_model(tmp / "model")
+    spec = spec_from_dict({
+        "kind": "extract", "model": {"path": model_dir, "device": args.device, "max_pixels": args.image_size ** 2},
+        "data": {"source": "generated", "generated": {"n_samples": args.samples, "image_size": args.image_size}},
+        "extract": {"batch_size": args.batch, "key_dtype": args.key_dtype},
+        "output": {"path": str(tmp / "store")}, "resources": {"executor": "local"}})
+    state = worker.setup(spec)
+    recs = [state.source.get(i) for i in range(args.samples)]
+    batches = [worker.build(state, recs[a:a + args.batch]) for a in range(0, len(recs), args.batch)]
+    return spec, state, recs, batches
+
+
+def main() -> None:
+    args = bench_args()
+
+    from kscale.extract import worker
     from kscale.store.writer import ShardWriter
 
     tmp = Path(tempfile.mkdtemp(prefix="kscale-bench-"))
     try:
-        model_dir = build_model(tmp / "model")
-        spec = spec_from_dict({
-            "kind": "extract", "model": {"path": model_dir, "device": args.device,
-                                         "max_pixels": args.image_size ** 2},
-            "data": {"source": "generated", "generated": {"n_samples": args.samples, "image_size": args.image_size}},
-            "extract": {"batch_size": args.batch, "key_dtype": args.key_dtype},
-            "output": {"path": str(tmp / "store")}, "resources": {"executor": "local"}})
-        state = worker.setup(spec)
-        recs = [state.source.get(i) for i in range(args.samples)]
-        batches = [worker.build(state, recs[a:a + args.batch]) for a in range(0, len(recs), args.batch)]
+        spec, state, recs, batches = bench_setup(args, tmp)
         lm = state.loaded
         sync = torch.cuda.synchronize if lm.device.type == "cuda" else (lambda: None)
 

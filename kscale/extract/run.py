@@ -7,7 +7,6 @@ store, ``overwrite`` deletes it first. A directory that is not a kscale store is
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
@@ -17,6 +16,7 @@ import zarr
 from kscale import __version__
 from kscale.data import open_source, plan_shards
 from kscale.spec import to_dict
+from kscale.models.registry import read_config_json
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, committed_shards, is_store
 
 
@@ -41,7 +41,7 @@ def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: l
                   "model_type": info.model_type, "config_hash": info.config_hash, "revision": spec.model.revision,
                   "num_layers": info.num_layers, "num_heads": info.num_heads, "num_kv_heads": info.num_kv_heads,
                   "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
-                  "config": _config_dict(info.path)},  # makes the store self-contained (post-RoPE rebuild)
+                  "config": read_config_json(spec.model)[0]},  # makes the store self-contained (post-RoPE rebuild)
         "processor": processor_settings,
         "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
         "versions": _versions(),
@@ -52,11 +52,6 @@ def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: l
         "plan": {"n_samples": n_samples, "shard_size": spec.data.shard_size, "n_shards": shards},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-
-
-def _config_dict(model_path: str) -> dict | None:
-    p = Path(model_path) / "config.json"
-    return json.loads(p.read_text()) if p.is_file() else None
 
 
 def prepare_store(spec, attrs_fn) -> str:

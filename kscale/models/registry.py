@@ -72,7 +72,8 @@ def resolve_model_path(path: str) -> str:
     return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
 
 
-def _read_config_json(mspec) -> tuple[dict, str]:
+def read_config_json(mspec) -> tuple[dict, str]:
+    """(config dict, short hash) of a checkpoint: its config.json, or the hub's config for a hub id."""
     path = resolve_model_path(mspec.path)
     cfg_file = Path(path) / "config.json"
     if cfg_file.is_file():
@@ -94,7 +95,7 @@ def _read_config_json(mspec) -> tuple[dict, str]:
 
 def read_model_config(mspec) -> ModelInfo:
     """ModelInfo from the checkpoint's config.json (no weights)."""
-    cfg, digest = _read_config_json(mspec)
+    cfg, digest = read_config_json(mspec)
     model_type = cfg.get("model_type", "")
     family = mspec.architecture if mspec.architecture != "auto" else model_type
     if family not in ADAPTERS:
