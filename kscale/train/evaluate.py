@@ -25,8 +25,8 @@ Rows of the table (``eval.json``, ``eval.md``):
   that mass over the image tokens' share of the visible keys (``kscale.attention.stats``; 1 means
   attention in proportion to presence), averaged over the alignment layers' query heads and samples.
 
-The image conditions and the answer scores are the bias stage's own (:mod:`kscale.bias.counterfactuals`,
-:mod:`kscale.bias.metrics`), so this table and a bias job measure visual dependency the same way.
+The image conditions and the answer scores are the bias stage's too (:mod:`kscale.scoring`), so this table
+and a bias job measure visual dependency the same way.
 
 Legend: B batch, T tokens, K kept logit positions, V vocab, N image keys, M text keys, H KV heads, D head dim.
 """
@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from kscale.bias.counterfactuals import condition_image, swap_donor
-from kscale.bias.metrics import answer_positions, answer_scores
 from kscale.data import Record
 from kscale.models import LoadedModel
 from kscale.models.registry import IMAGE, TEXT, VIDEO
+from kscale.scoring import answer_positions, answer_scores, condition_image, swap_donor
+from kscale.train.layout import ADAPTER_DIR, SPLIT
 from kscale.train.malora import MaLoRAModel
 from kscale.train.malora.model import language_layers, model_adapter, resolve_layers
 from kscale.train.objective import capture_keys
@@ -75,14 +75,13 @@ def evaluate_run(spec: Any, adapter_dir: str | Path | None = None) -> dict[str, 
     from kscale.data import open_source
     from kscale.models.registry import load_model
     from kscale.train.data import split_indices
-    from kscale.train.run import ADAPTER_DIR
 
     run_dir = Path(spec.output.path)
     cfg = spec.train
     loaded = load_model(spec.model)
     malora = MaLoRAModel.from_pretrained(loaded.model, adapter_dir or run_dir / ADAPTER_DIR)
     source = open_source(spec.data)
-    split_file = run_dir / "split.json"
+    split_file = run_dir / SPLIT
     if split_file.exists():
         heldout = json.loads(split_file.read_text())["heldout"]
     else:
@@ -105,7 +104,8 @@ class _Heldout(list):
 
 def evaluate(loaded: Any, malora: MaLoRAModel, records: list, layers: list[int],
              batch_size: int, seed: int = 0) -> dict[str, dict[str, float]]:
-    """The before/after table (variant -> metric -> value) on ``records`` (each with an image)."""
+    """The before/after table (variant -> metric -> value) on ``records`` (each with an image);
+    ``malora`` wraps ``loaded.model``."""
     if len(records) < 2:
         raise ValueError(f"evaluation needs at least 2 held-out records with an image, got {len(records)}")
     malora.eval()
