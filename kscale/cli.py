@@ -147,7 +147,7 @@ def debug_model(family: str, out_dir: str) -> None:
 
 
 def _register_optional() -> None:
-    """Commands of stages that live in their own modules (cluster, analysis report)."""
+    """The cluster commands (status, logs, stop, doctor, render), defined in kscale.cli_cluster."""
     try:
         from kscale import cli_cluster
     except ImportError:

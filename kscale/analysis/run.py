@@ -74,7 +74,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
 
 def attention_beside_gap(stores: list[KeyStoreLike], df: pd.DataFrame, out: Path) -> None:
     """Where a store carries attention statistics (``extract.attention``), put visual attention
-    utilisation beside the key gap: tables and one figure per store (issue "Attention")."""
+    utilisation beside the key gap: tables and one figure per store (docs/attention.md)."""
     from kscale.attention import report as attn
 
     for ks in stores:

@@ -28,13 +28,14 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kscale.bias.counterfactuals import candidates, condition_image, raw_row, swap_donor
+from kscale.bias.candidates import candidates, raw_row
 from kscale.bias.dropping import attention_received, context_text_BT, drop_plan, dropped_inputs, full_positions
-from kscale.bias.metrics import AnswerScores, answer_positions, answer_scores, choose, conflict_outcome, curve_area
+from kscale.bias.metrics import choose, conflict_outcome, curve_area
 from kscale.bias.plan import BiasShard, marker_path, table_path
 from kscale.bias.variants import VariantSlot
 from kscale.data import Record, open_source
 from kscale.models import LoadedModel, load_model
+from kscale.scoring import AnswerScores, answer_positions, answer_scores, condition_image, swap_donor
 from kscale.store.layout import write_json_atomic
 
 

@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kscale.bias.metrics import answer_positions  # the logits the loss needs: those predicting answer tokens
 from kscale.models.registry import IMAGE, TEXT, VIDEO
+from kscale.scoring import answer_positions  # the logits the loss needs: those predicting answer tokens
 from kscale.train.config import AlignConfig
 from kscale.train.malora.model import MaLoRAModel, language_layers, model_adapter, resolve_layers
 

@@ -50,7 +50,7 @@ def _worker(config: dict[str, Any]) -> None:
     # Ray Train keeps metrics only with a checkpoint: rank 0 registers the saved adapter as one.
     checkpoint = None
     if ray.train.get_context().get_world_rank() == 0:
-        from kscale.train.run import ADAPTER_DIR
+        from kscale.train.layout import ADAPTER_DIR
 
         checkpoint = ray.train.Checkpoint.from_directory(str(Path(summary["run_dir"]) / ADAPTER_DIR))
     ray.train.report(metrics, checkpoint=checkpoint)
