@@ -23,8 +23,9 @@ from typing import Any, Literal
 
 import yaml
 
+from kscale.models.facts import FAMILIES, MODALITIES, layer_problems
+
 KINDS = ("extract", "analyze", "train", "bias")
-MODALITIES = ("text", "image", "video", "special")
 
 
 class SpecError(ValueError):
@@ -52,7 +53,7 @@ def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = datacla
 class ModelSpec:
     path: str = doc("Local checkpoint directory, a hub id, or `debug:qwen2_5_vl` / `debug:llava` "
                     "(a tiny random model saved to a local directory and loaded like a real one).")
-    architecture: Literal["auto", "qwen2_5_vl", "llava"] = doc(
+    architecture: Literal[("auto", *FAMILIES)] = doc(  # type: ignore[valid-type]  (one family list)
         "Model family; `auto` reads `model_type` from the checkpoint's config.json.", "auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
         "Weights dtype; `auto` is bfloat16 on CUDA and float32 on CPU.", "auto")
@@ -73,8 +74,8 @@ class ModelSpec:
             out.append(("path", "must be a directory, a hub id or debug:<family>"))
         elif self.path.startswith("debug:"):
             fam = self.path.split(":", 1)[1]
-            if fam not in ("qwen2_5_vl", "llava"):
-                out.append(("path", f"unknown debug model {fam!r} (choose debug:qwen2_5_vl or debug:llava)"))
+            if fam not in FAMILIES:
+                out.append(("path", f"unknown debug model {fam!r} (choose {' or '.join('debug:' + f for f in FAMILIES)})"))
         elif _looks_like_path(self.path) and not Path(self.path).expanduser().is_dir():
             out.append(("path", f"model directory {self.path!r} does not exist"))
         for name in ("min_pixels", "max_pixels"):
@@ -441,22 +442,20 @@ def check_against_model(spec: JobSpec) -> list[tuple[str, str]]:
     except (OSError, ValueError) as e:
         return [("model.path", str(e))]
     out = []
+    selections = []  # (dotted field, layers) of every layer selection the job makes
     if spec.extract is not None:
-        if spec.extract.layers != "all":
-            for i, layer in enumerate(spec.extract.layers):
-                if not -info.num_layers <= layer < info.num_layers:
-                    out.append((f"extract.layers[{i}]", f"layer {layer} out of range (model has {info.num_layers})"))
+        selections.append(("extract.layers", spec.extract.layers))
+    if spec.kind == "train" and spec.train is not None:
+        selections += [("train.malora.layers", spec.train.malora.layers), ("train.align.layers", spec.train.align.layers)]
+    if spec.kind == "bias" and spec.bias is not None:
+        selections.append(("bias.dropping.attention_layers", spec.bias.dropping.attention_layers))
+    for name, layers in selections:
+        out += layer_problems(layers, info.num_layers, name)
+    if spec.extract is not None:
         if spec.extract.heads != "all":
             for i, h in enumerate(spec.extract.heads):
                 if not 0 <= h < info.num_kv_heads:
                     out.append((f"extract.heads[{i}]", f"KV head {h} out of range (model has {info.num_kv_heads})"))
-    if spec.kind == "train" and spec.train is not None:
-        for section in ("malora", "align"):
-            layers = getattr(getattr(spec.train, section, None), "layers", "all")
-            for i, layer in enumerate([] if layers == "all" else layers):
-                if not -info.num_layers <= layer < info.num_layers:
-                    out.append((f"train.{section}.layers[{i}]",
-                                f"layer {layer} out of range (model has {info.num_layers})"))
     return out
 
 

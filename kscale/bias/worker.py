@@ -34,7 +34,7 @@ from kscale.bias.metrics import AnswerScores, answer_positions, answer_scores, c
 from kscale.bias.plan import BiasShard, marker_path, table_path
 from kscale.bias.variants import VariantSlot
 from kscale.data import Record, open_source
-from kscale.models import LoadedModel, load_model
+from kscale.models import LoadedModel, load_model, resolve_layers
 from kscale.store.layout import write_json_atomic
 
 
@@ -55,9 +55,8 @@ def setup(spec) -> BiasState:
     if spec.resources.torch_threads:
         torch.set_num_threads(spec.resources.torch_threads)
     loaded = load_model(spec.model)
-    n = loaded.info.num_layers
-    layers = spec.bias.dropping.attention_layers
-    rank_layers = list(range(n)) if layers == "all" else sorted({i % n for i in layers})
+    rank_layers = resolve_layers(spec.bias.dropping.attention_layers, loaded.info.num_layers,
+                                 "bias.dropping.attention_layers")
     return BiasState(loaded, open_source(spec.data), VariantSlot(loaded.model), rank_layers)
 
 

@@ -17,7 +17,7 @@ import torch
 
 from kscale.data import Record, Shard, open_source
 from kscale.extract.hooks import capture
-from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model
+from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model, resolve_layers
 from kscale.store.writer import ShardWriter
 
 
@@ -29,10 +29,6 @@ class ExtractState:
     source: object
 
 
-def resolve_layers(layers, n: int) -> list[int]:
-    return list(range(n)) if layers == "all" else sorted({(i + n) % n for i in layers})
-
-
 def resolve_heads(heads, n: int) -> list[int]:
     return list(range(n)) if heads == "all" else list(heads)
 
@@ -42,7 +38,7 @@ def setup(spec) -> ExtractState:
         torch.set_num_threads(spec.resources.torch_threads)
     loaded = load_model(spec.model)
     info = loaded.info
-    return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers),
+    return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers, "extract.layers"),
                         resolve_heads(spec.extract.heads, info.num_kv_heads), open_source(spec.data))
 
 
@@ -132,7 +128,7 @@ def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = 
     info = state.loaded.info
     writer = ShardWriter(store_path or spec.output.path, shard.name, n_layers=len(state.layers),
                          n_heads=len(state.heads), head_dim=info.head_dim,
-                         rope_rows=3 if info.family == "qwen2_5_vl" else 1,
+                         rope_rows=state.loaded.adapter.rope_rows,
                          key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
                          compress_keys=spec.output.compress_keys)
     attn = spec.extract.attention

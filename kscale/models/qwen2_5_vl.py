@@ -17,6 +17,7 @@ class Qwen2_5_VLAdapter(Adapter):
     model_class = "Qwen2_5_VLForConditionalGeneration"
     default_template = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
     pixel_keys = ("pixel_values", "image_grid_thw")
+    rope_rows = 3  # M-RoPE: temporal, height, width
 
     def processor_kwargs(self, mspec) -> dict:
         kw = {}

@@ -19,10 +19,10 @@ from typing import Any
 
 import torch
 
-# Modality tags stored per token. PAD is never stored.
-TEXT, IMAGE, VIDEO, SPECIAL, PAD = 0, 1, 2, 3, -1
-MODALITY_CODES = {"text": TEXT, "image": IMAGE, "video": VIDEO, "special": SPECIAL}
-MODALITY_NAMES = {v: k for k, v in MODALITY_CODES.items()}
+from kscale.models.facts import (  # noqa: F401  (re-exported: the registry answers every architecture fact)
+    FAMILIES, IMAGE, MALORA_TARGET_NAMES, MALORA_TARGETS, MODALITIES, MODALITY_CODES, MODALITY_NAMES, PAD,
+    SPECIAL, TEXT, VIDEO, head_dim, layer_problems, resolve_layers,
+)
 
 
 @dataclass(frozen=True)
@@ -101,13 +101,23 @@ def read_model_config(mspec) -> ModelInfo:
     if family not in ADAPTERS:
         raise ValueError(f"model {mspec.path!r}: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(ADAPTERS)}; set model.architecture to force one)")
+    return _info(cfg, family, digest, resolve_model_path(mspec.path))
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    """ModelInfo of a model already in memory (its config; no path, no hash), e.g. one MaLoRA wraps."""
+    cfg = model.config.to_dict()
+    return _info(cfg, cfg.get("model_type", ""), "", "")
+
+
+def _info(cfg: dict, family: str, digest: str, path: str) -> ModelInfo:
+    """The one reading of a config dict's language-model dimensions."""
     text = cfg.get("text_config") or cfg
     heads = text["num_attention_heads"]
     return ModelInfo(
-        family=family, model_type=model_type, num_layers=text["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads") or heads,
-        head_dim=text.get("head_dim") or text["hidden_size"] // heads, hidden_size=text["hidden_size"],
-        config_hash=digest, path=resolve_model_path(mspec.path),
+        family=family, model_type=cfg.get("model_type", ""), num_layers=text["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads, head_dim=head_dim(text),
+        hidden_size=text["hidden_size"], config_hash=digest, path=path,
     )
 
 
@@ -146,6 +156,7 @@ class Adapter:
     family: str = ""
     model_class: str = ""
     default_template: str = "{image}{text}"
+    rope_rows: int = 1  # rows of RoPE positions per token: 1 for 1-D RoPE, 3 for Qwen's M-RoPE
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
 
     # -- loading
@@ -177,6 +188,14 @@ class Adapter:
 
     def query_modules(self, model) -> list[torch.nn.Module]:
         return [layer.self_attn.q_proj for layer in self.decoder_layers(model)]
+
+    def malora_parent(self, target: str) -> str:
+        """Sub-module of a decoder layer that holds MaLoRA target ``target`` (``MALORA_TARGETS``)."""
+        parents = MALORA_TARGETS[self.family]
+        if target not in parents:
+            raise ValueError(f"Target module {target!r} is not a known projection of {self.family} "
+                             f"(known: {', '.join(parents)})")
+        return parents[target]
 
     def rotary_module(self, model) -> torch.nn.Module:
         return model.model.language_model.rotary_emb

@@ -44,9 +44,9 @@ import torch
 from kscale.bias.counterfactuals import condition_image, swap_donor
 from kscale.bias.metrics import answer_positions, answer_scores
 from kscale.data import Record
-from kscale.models.registry import IMAGE, TEXT, VIDEO
+from kscale.models.registry import IMAGE, TEXT, VIDEO, model_info, resolve_layers
 from kscale.train.malora import MaLoRAModel
-from kscale.train.malora.model import language_layers, model_adapter, resolve_layers
+from kscale.train.malora.model import model_adapter
 from kscale.train.objective import capture_keys
 
 VARIANTS = ("base", "malora", "malora_no_image_branch")
@@ -87,7 +87,7 @@ def evaluate_run(spec: Any, adapter_dir: str | Path | None = None) -> dict[str, 
     else:
         heldout = split_indices(len(source), cfg.eval.heldout_fraction, cfg.eval.max_samples, cfg.seed).heldout
     records = [r for r in (source.get(i) for i in heldout) if r.error is None and r.answer and r.image is not None]
-    layers = resolve_layers(cfg.align.layers, len(language_layers(loaded.model)), "align.layers")
+    layers = resolve_layers(cfg.align.layers, loaded.info.num_layers, "align.layers")
     table = evaluate(loaded, malora, records, layers, cfg.eval.batch_size, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(table, indent=2) + "\n")
@@ -157,9 +157,10 @@ def _attention_capture(malora: MaLoRAModel, layers: list[int]):
     """q/k projection outputs and RoPE positions of ``layers`` (kscale.extract.hooks), for the attention stats."""
     from kscale.extract.hooks import capture
 
-    decoder = language_layers(malora.model)
-    modules = {(kind, i): getattr(decoder[i].self_attn, f"{kind}_proj") for i in layers for kind in ("q", "k")}
-    rotary = model_adapter(malora.model).rotary_module(malora.model) if layers else None
+    adapter = model_adapter(malora.model)
+    q_mods, k_mods = adapter.query_modules(malora.model), adapter.key_modules(malora.model)
+    modules = {(kind, i): mods[i] for i in layers for kind, mods in (("q", q_mods), ("k", k_mods))}
+    rotary = adapter.rotary_module(malora.model) if layers else None
     return capture(modules, rotary)
 
 
@@ -170,12 +171,9 @@ def _attention_stats(malora: MaLoRAModel, batch: Any, cap: Any, layers: list[int
     from kscale.attention.stats import batch_stats
     from kscale.spec import AttentionSpec
 
-    text_cfg = malora.model.config.get_text_config()
-    heads = text_cfg.num_attention_heads
-    info = SimpleNamespace(num_heads=heads, num_kv_heads=text_cfg.num_key_value_heads,
-                           head_dim=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads)
+    info = model_info(malora.model)
     loaded = SimpleNamespace(model=malora.model, adapter=model_adapter(malora.model), info=info)
-    state = SimpleNamespace(loaded=loaded, layers=layers, heads=list(range(text_cfg.num_key_value_heads)))
+    state = SimpleNamespace(loaded=loaded, layers=layers, heads=list(range(info.num_kv_heads)))
     rows = batch_stats(state, batch, cap, AttentionSpec(queries="answer"), list(range(batch.modality_BT.shape[0])))
     acc.attn_mass.append(rows["mass"][:, IMAGE])
     acc.attn_efficiency.append(rows["efficiency"][:, IMAGE])

@@ -9,10 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-# Projections of a decoder layer that MaLoRA can adapt, with the sub-module that holds them.
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-KNOWN_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+from kscale.models.facts import MALORA_TARGET_NAMES as KNOWN_TARGETS  # per family: kscale.models MALORA_TARGETS
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
