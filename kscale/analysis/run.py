@@ -35,6 +35,7 @@ from kscale.analysis.probes import probe_rows
 from kscale.analysis.source import (Buckets, KeyStoreLike, blocks, bucket_table, open_store, read_rows,
                                     subsample_index)
 from kscale.analysis.stream import Runner
+from kscale.spec import section_problems
 
 
 def run_analyze(spec) -> dict:
@@ -48,7 +49,7 @@ def run_analyze(spec) -> dict:
 def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] | None = None,
             ) -> pd.DataFrame:
     """Run the analysis; ``stores`` (opened readers) override ``cfg.stores`` (tests pass fakes)."""
-    problems = cfg.validate() if stores is None else [p for p in cfg.validate() if p[0] != "stores"]
+    problems = [p for p in section_problems(cfg) if stores is None or p[0] != "stores"]
     if problems:
         raise ValueError("analyze: " + "; ".join(f"{k}: {m}" for k, m in problems))
     out = Path(out_dir)

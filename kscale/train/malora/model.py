@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from kscale.models.facts import resolve_layers
+from kscale.spec import section_problems
 from kscale.train.malora.config import MaLoRAConfig
 from kscale.train.malora.layer import MALORA_PARAM_NAMES, MaLoRALinear, ModalityContext
 
@@ -55,7 +56,7 @@ class MaLoRAModel(nn.Module):
 
     def __init__(self, model: nn.Module, config: MaLoRAConfig) -> None:
         super().__init__()
-        errors = config.validate()
+        errors = section_problems(config)  # also a config read back from adapter_config.json
         if errors:
             raise ValueError("; ".join(f"malora.{f}: {m}" for f, m in errors))
         self.model = model
