@@ -35,10 +35,10 @@ from kscale.analysis.probes import probe_rows
 from kscale.analysis.source import (Buckets, KeyStoreLike, blocks, bucket_table, open_store, read_rows,
                                     subsample_index)
 from kscale.analysis.stream import Runner
-from kscale.spec import section_problems
+from kscale.spec import JobSpec, section_problems
 
 
-def run_analyze(spec) -> dict:
+def run_analyze(spec: JobSpec) -> dict:
     """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir."""
     t0 = time.time()
     df = analyze(spec.analyze, spec.output.path)

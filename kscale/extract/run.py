@@ -15,7 +15,7 @@ import zarr
 
 from kscale import __version__
 from kscale.data import open_source, plan_shards
-from kscale.spec import to_dict
+from kscale.spec import JobSpec, to_dict
 from kscale.models.registry import MODALITY_CODES, get_adapter, read_config_json
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, committed_shards, is_store
 
@@ -33,7 +33,7 @@ def _versions() -> dict:
             "zarr": zarr.__version__, "numpy": numpy.__version__}
 
 
-def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
+def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
                shards: int) -> dict:
     return {
         "format": STORE_FORMAT, "version": STORE_VERSION,
@@ -90,7 +90,7 @@ def nothing_to_do(spec) -> bool:
     return planned <= set(committed_shards(path))
 
 
-def run_extract(spec, executor) -> dict:
+def run_extract(spec: JobSpec, executor) -> dict:
     """Extract keys for every uncommitted shard through ``executor``; return the job summary."""
     from kscale.models import read_model_config, resolve_layers
     from kscale.extract.worker import resolve_heads
@@ -112,7 +112,7 @@ def run_extract(spec, executor) -> dict:
     return {"kind": "extract", "store": store, "shards_total": len(shards), **result}
 
 
-def _processor_settings(spec, info, adapter) -> dict:
+def _processor_settings(spec: JobSpec, info, adapter) -> dict:
     from transformers import AutoImageProcessor
 
     proc = AutoImageProcessor.from_pretrained(info.path, revision=spec.model.revision,

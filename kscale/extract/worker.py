@@ -18,6 +18,7 @@ import torch
 from kscale.data import Record, Shard, open_source
 from kscale.extract.hooks import capture
 from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model, resolve_layers
+from kscale.spec import JobSpec
 from kscale.store.writer import ShardWriter
 
 
@@ -33,7 +34,7 @@ def resolve_heads(heads, n: int) -> list[int]:
     return list(range(n)) if heads == "all" else list(heads)
 
 
-def setup(spec) -> ExtractState:
+def setup(spec: JobSpec) -> ExtractState:
     if spec.resources.torch_threads:
         torch.set_num_threads(spec.resources.torch_threads)
     loaded = load_model(spec.model)
@@ -98,7 +99,7 @@ def _check_tags(batch, recs: list[Record]) -> None:
     assert got == batch.n_image_tokens, f"image tokens {got} != processor formula {batch.n_image_tokens}"
 
 
-def write_batch(writer: ShardWriter, spec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
+def write_batch(writer: ShardWriter, spec: JobSpec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
     keep = keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens)
     ids = batch.inputs["input_ids"]
     B, T = ids.shape
@@ -122,7 +123,7 @@ def write_batch(writer: ShardWriter, spec, batch, recs: list[Record], keys_LBTHD
         })
 
 
-def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = None) -> dict:
+def run_shard(spec: JobSpec, shard: Shard, state: ExtractState, store_path: str | None = None) -> dict:
     """Extract one shard into ``store_path`` (default: the spec's output) and commit it."""
     t0 = time.perf_counter()
     info = state.loaded.info

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -23,6 +23,9 @@ from kscale.models.facts import (  # noqa: F401  (re-exported: the registry answ
     FAMILIES, IMAGE, MALORA_TARGET_NAMES, MALORA_TARGETS, MODALITIES, MODALITY_CODES, MODALITY_NAMES, PAD,
     SPECIAL, TEXT, VIDEO, head_dim, layer_problems, resolve_layers,
 )
+
+if TYPE_CHECKING:  # models import nothing above them at run time
+    from kscale.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def resolve_model_path(path: str) -> str:
     return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
 
 
-def read_config_json(mspec) -> tuple[dict, str]:
+def read_config_json(mspec: ModelSpec) -> tuple[dict, str]:
     """(config dict, short hash) of a checkpoint: its config.json, or the hub's config for a hub id."""
     path = resolve_model_path(mspec.path)
     cfg_file = Path(path) / "config.json"
@@ -93,7 +96,7 @@ def read_config_json(mspec) -> tuple[dict, str]:
     return d, hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_model_config(mspec) -> ModelInfo:
+def read_model_config(mspec: ModelSpec) -> ModelInfo:
     """ModelInfo from the checkpoint's config.json (no weights)."""
     cfg, digest = read_config_json(mspec)
     model_type = cfg.get("model_type", "")
@@ -141,7 +144,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(mspec) -> LoadedModel:
+def load_model(mspec: ModelSpec) -> LoadedModel:
     """Load model, tokenizer and image processor with the real ``from_pretrained`` path."""
     info = read_model_config(mspec)
     adapter = get_adapter(info.family)
@@ -160,7 +163,7 @@ class Adapter:
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
 
     # -- loading
-    def load(self, mspec, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    def load(self, mspec: ModelSpec, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         import transformers
         from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -176,7 +179,7 @@ class Adapter:
         template = mspec.prompt_template or self.default_template
         return LoadedModel(self, model, tokenizer, image_processor, info, device, dtype, settings, template)
 
-    def processor_kwargs(self, mspec) -> dict:
+    def processor_kwargs(self, mspec: ModelSpec) -> dict:
         return {}
 
     # -- module locations (language model only)

@@ -45,6 +45,7 @@ from kscale.bias.counterfactuals import condition_image, swap_donor
 from kscale.bias.metrics import answer_positions, answer_scores
 from kscale.data import Record
 from kscale.models.registry import IMAGE, TEXT, VIDEO, model_info, resolve_layers
+from kscale.spec import JobSpec
 from kscale.train.malora import MaLoRAModel
 from kscale.train.malora.model import model_adapter
 from kscale.train.objective import capture_keys
@@ -69,7 +70,7 @@ class _Acc:
     txt_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
 
-def evaluate_run(spec: Any, adapter_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+def evaluate_run(spec: JobSpec, adapter_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
     """Evaluate ``spec``'s run directory; writes eval.json and eval.md there and returns the table."""
     from kscale.data import open_source
     from kscale.models.registry import load_model

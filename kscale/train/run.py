@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kscale.spec import JobSpec
 from kscale.train import engine as ds
 from kscale.train.config import TrainConfig
 from kscale.train.data import MicroBatchPlan, collate, split_indices
@@ -31,7 +32,7 @@ METRICS = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 
 
-def run_train(spec: Any) -> dict[str, Any]:
+def run_train(spec: JobSpec) -> dict[str, Any]:
     """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank."""
     import torch.distributed as dist
 
