@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from kscale.models.facts import FAMILIES
 from kscale.spec import SpecError, load_spec
 
 
@@ -137,7 +138,7 @@ def report(run_dir: str) -> None:
 
 
 @main.command("debug-model")
-@click.argument("family", type=click.Choice(["qwen2_5_vl", "llava"]))
+@click.argument("family", type=click.Choice(FAMILIES))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 def debug_model(family: str, out_dir: str) -> None:
     """Save a tiny random FAMILY model + tokenizer + image processor to OUT_DIR."""

@@ -17,7 +17,8 @@ import torch
 
 from kscale.data import Record, Shard, open_source
 from kscale.extract.hooks import capture
-from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model
+from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model, resolve_layers
+from kscale.spec import JobSpec
 from kscale.store.writer import ShardWriter
 
 
@@ -29,20 +30,16 @@ class ExtractState:
     source: object
 
 
-def resolve_layers(layers, n: int) -> list[int]:
-    return list(range(n)) if layers == "all" else sorted({(i + n) % n for i in layers})
-
-
 def resolve_heads(heads, n: int) -> list[int]:
     return list(range(n)) if heads == "all" else list(heads)
 
 
-def setup(spec) -> ExtractState:
+def setup(spec: JobSpec) -> ExtractState:
     if spec.resources.torch_threads:
         torch.set_num_threads(spec.resources.torch_threads)
     loaded = load_model(spec.model)
     info = loaded.info
-    return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers),
+    return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers, "extract.layers"),
                         resolve_heads(spec.extract.heads, info.num_kv_heads), open_source(spec.data))
 
 
@@ -114,7 +111,7 @@ def _check_tags(batch) -> None:
     assert got == batch.n_image_tokens, f"image tokens {got} != processor formula {batch.n_image_tokens}"
 
 
-def write_batch(writer: ShardWriter, spec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
+def write_batch(writer: ShardWriter, spec: JobSpec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
     keep = keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens)
     ids = batch.inputs["input_ids"]
     B, T = ids.shape
@@ -138,13 +135,13 @@ def write_batch(writer: ShardWriter, spec, batch, recs: list[Record], keys_LBTHD
         })
 
 
-def run_shard(spec, shard: Shard, state: ExtractState) -> dict:
+def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
     """Extract one shard into the spec's output store and commit it."""
     t0 = time.perf_counter()
     info = state.loaded.info
     writer = ShardWriter(spec.output.path, shard.name, n_layers=len(state.layers),
                          n_heads=len(state.heads), head_dim=info.head_dim,
-                         rope_rows=3 if info.family == "qwen2_5_vl" else 1,
+                         rope_rows=state.loaded.adapter.rope_rows,
                          key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
                          compress_keys=spec.output.compress_keys)
     attn = spec.extract.attention

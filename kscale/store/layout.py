@@ -24,9 +24,10 @@ import os
 from pathlib import Path
 from typing import Any
 
+from kscale.models.facts import MODALITIES  # noqa: F401  (one definition, with the tags, in kscale.models)
+
 STORE_FORMAT = "kscale-keys"
 STORE_VERSION = 1
-MODALITIES = ("text", "image", "video", "special")
 TABLE_COLUMNS = {  # name -> (dtype, trailing shape key)
     "sample_id": "int64",
     "position": "int32",

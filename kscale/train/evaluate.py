@@ -43,11 +43,12 @@ import torch
 
 from kscale.data import Record
 from kscale.models import LoadedModel
-from kscale.models.registry import IMAGE, TEXT, VIDEO
+from kscale.models.registry import IMAGE, TEXT, VIDEO, resolve_layers
 from kscale.scoring import answer_positions, answer_scores, condition_image, swap_donor
+from kscale.spec import JobSpec
 from kscale.train.layout import ADAPTER_DIR, SPLIT
 from kscale.train.malora import MaLoRAModel
-from kscale.train.malora.model import language_layers, model_adapter, resolve_layers
+from kscale.train.malora.model import model_adapter
 from kscale.train.objective import capture_keys
 
 VARIANTS = ("base", "malora", "malora_no_image_branch")
@@ -70,7 +71,7 @@ class _Acc:
     txt_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
 
-def evaluate_run(spec: Any, adapter_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+def evaluate_run(spec: JobSpec, adapter_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
     """Evaluate ``spec``'s run directory; writes eval.json and eval.md there and returns the table."""
     from kscale.data import open_source
     from kscale.models.registry import load_model
@@ -87,7 +88,7 @@ def evaluate_run(spec: Any, adapter_dir: str | Path | None = None) -> dict[str, 
     else:
         heldout = split_indices(len(source), cfg.eval.heldout_fraction, cfg.eval.max_samples, cfg.seed).heldout
     records = [r for r in (source.get(i) for i in heldout) if r.error is None and r.answer and r.image is not None]
-    layers = resolve_layers(cfg.align.layers, len(language_layers(loaded.model)), "align.layers")
+    layers = resolve_layers(cfg.align.layers, loaded.info.num_layers, "align.layers")
     table = evaluate(loaded, malora, records, layers, cfg.eval.batch_size, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(table, indent=2) + "\n")
@@ -158,9 +159,10 @@ def _attention_capture(malora: MaLoRAModel, layers: list[int]):
     """q/k projection outputs and RoPE positions of ``layers`` (kscale.extract.hooks), for the attention stats."""
     from kscale.extract.hooks import capture
 
-    decoder = language_layers(malora.model)
-    modules = {(kind, i): getattr(decoder[i].self_attn, f"{kind}_proj") for i in layers for kind in ("q", "k")}
-    rotary = model_adapter(malora.model).rotary_module(malora.model) if layers else None
+    adapter = model_adapter(malora.model)
+    q_mods, k_mods = adapter.query_modules(malora.model), adapter.key_modules(malora.model)
+    modules = {(kind, i): mods[i] for i in layers for kind, mods in (("q", q_mods), ("k", k_mods))}
+    rotary = adapter.rotary_module(malora.model) if layers else None
     return capture(modules, rotary)
 
 

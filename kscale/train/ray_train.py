@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kscale.spec import JobSpec
 
-def run_train_on_ray(spec: Any) -> dict[str, Any]:
+
+def run_train_on_ray(spec: JobSpec) -> dict[str, Any]:
     """Fit on the connected Ray cluster (``ray.init`` done by the caller); returns rank 0's summary."""
     try:
         from ray.train import RunConfig, ScalingConfig

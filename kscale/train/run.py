@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from kscale.spec import JobSpec
 from kscale.train import engine as ds
 from kscale.train.config import TrainConfig
 from kscale.train.data import MicroBatchPlan, collate, split_indices
@@ -30,7 +31,7 @@ from kscale.train.malora import MaLoRAModel
 from kscale.train.objective import MaLoRAObjective
 
 
-def run_train(spec: Any) -> dict[str, Any]:
+def run_train(spec: JobSpec) -> dict[str, Any]:
     """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank."""
     import torch.distributed as dist
 

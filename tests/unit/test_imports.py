@@ -1,7 +1,8 @@
 """The package import graph, read from the source: no cycle between packages, lower layers import nothing above.
 
 Every ``import kscale.x`` / ``from kscale.x import y`` counts, at the top of a module or inside a function
-(lazy imports are still dependencies). A package is ``kscale.<name>`` (a folder or a top-level module such as
+(lazy imports are still dependencies); imports under ``if TYPE_CHECKING:`` never run and only name types for
+annotations, so they don't count (``spec`` names the stage sections' types that way). A package is ``kscale.<name>`` (a folder or a top-level module such as
 ``kscale.scoring``); the layers are cli -> runner -> stages -> {models, data, store}.
 """
 
@@ -48,6 +49,22 @@ def _imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
     return out
 
 
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except those inside ``if TYPE_CHECKING:`` blocks."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(c for c in ast.iter_child_nodes(node) if not _is_type_checking(c))
+
+
 def package_of(module: str) -> str | None:
     """``kscale.store.reader`` -> ``store``; ``kscale.scoring`` -> ``scoring``; ``kscale`` -> None."""
     parts = module.split(".")
@@ -59,7 +76,7 @@ def import_graph(root: Path = ROOT) -> Edges:
     for path in sorted(root.rglob("*.py")):
         module = _module_name(path)
         src = package_of(module)
-        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
             for target in _imported(node, module, path.name == "__init__.py"):
                 dst = package_of(target)
                 if src and dst and dst != src:
