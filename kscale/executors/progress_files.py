@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kscale.executors.cluster_config import cluster_of
+from kscale.output import write_json_atomic
 
 TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -44,13 +45,6 @@ def record_dir(spec: Any, output_path: str | None = None) -> Path:
     configured = cluster_of(spec).record_dir
     base = Path(configured) if configured else Path(str(output_path or spec.output.path).rstrip("/") + ".cluster")
     return base.expanduser().absolute()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def read_json(path: Path) -> dict | None:
