@@ -11,16 +11,16 @@ Run directory (``output.path``)::
     aggregate.parquet / .csv  one row per (variant, task, metric): value, ci_low, ci_high, n
     dependency.png  dropping.png  checkpoints.png  report.html
 
-Policy (``output.if_exists``), as for extraction: ``resume`` continues a run of the same spec (same
-fingerprint, else an error), ``fail`` refuses an existing run, ``overwrite`` deletes it; a directory that
-is not a bias run is never written into. A committed shard is skipped only if its variant's weights
+Policy (``output.if_exists``, :mod:`kscale.output`), as for extraction: ``resume`` continues a run of
+the same spec (same fingerprint, else an error), ``fail`` refuses an existing run, ``overwrite``
+replaces it; a directory that is not a bias run (no ``bias.json`` of format ``kscale-bias``) is never
+written into or deleted. A committed shard is skipped only if its variant's weights
 are unchanged (``variant_fingerprint`` in the marker).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -29,36 +29,36 @@ from kscale.bias.plan import BiasShard, marker_path, plan, table_path
 from kscale.bias.variants import Variant, enumerate_variants
 from kscale.data import open_source
 from kscale.spec import to_dict
-from kscale.store.layout import write_json_atomic
+from kscale.output import OutputError, OutputKind, apply_policy, read_json, write_json_atomic
 
 RUN_FORMAT = "kscale-bias"
 RUN_FILE = "bias.json"
 
 
-class RunExistsError(RuntimeError):
-    pass
+RunExistsError = OutputError  # the run policy's refusals (kscale.output: foreign, exists, locked)
+
+
+def bias_marker(path: Path) -> dict | None:
+    """``bias.json`` of a kscale bias run (its kind marker), None for anything else."""
+    found = read_json(path / RUN_FILE)
+    return found if found and found.get("format") == RUN_FORMAT else None
+
+
+BIAS_KIND = OutputKind("bias run", bias_marker)
 
 
 def prepare_run_dir(spec, variants: list[Variant]) -> Path:
     """Create, check or overwrite the run directory per ``output.if_exists``; return it."""
     path = Path(spec.output.path).expanduser()
-    meta_file = path / RUN_FILE
-    if path.exists() and any(path.iterdir()):
-        found = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if found.get("format") != RUN_FORMAT:
-            raise RunExistsError(f"output.path: {str(path)!r} exists and is not a kscale bias run; refusing to write")
-        if spec.output.if_exists == "fail":
-            raise RunExistsError(f"output.path: bias run {str(path)!r} exists and output.if_exists is 'fail'")
-        if spec.output.if_exists == "overwrite":
-            shutil.rmtree(path)
-        elif found.get("spec_fingerprint") != spec.fingerprint():
-            raise RunExistsError(
-                f"output.path: bias run {str(path)!r} was written by a different spec (fingerprint "
-                f"{found.get('spec_fingerprint')}, this spec {spec.fingerprint()}); choose another path or "
-                "output.if_exists: overwrite")
-    (path / "shards").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(meta_file, {"format": RUN_FORMAT, "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
-                                  "variants": [v.__dict__ for v in variants]})
+    meta = {"format": RUN_FORMAT, "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
+            "variants": [v.__dict__ for v in variants]}
+
+    def create(tmp: Path) -> None:
+        (tmp / "shards").mkdir()
+        write_json_atomic(tmp / RUN_FILE, meta)
+
+    if not apply_policy(path, spec.output.if_exists, BIAS_KIND, spec.fingerprint(), create):
+        write_json_atomic(path / RUN_FILE, meta)
     return path
 
 

@@ -1,13 +1,13 @@
 """``run_extract(spec)``: prepare the store, plan shards, skip committed ones, run the rest.
 
-Store policy (``output.if_exists``): ``resume`` continues a store written by the same spec (its
-fingerprint must match: a different spec is an error, never a silent mix), ``fail`` refuses an existing
-store, ``overwrite`` deletes it first. A directory that is not a kscale store is never deleted.
+Store policy (``output.if_exists``, :mod:`kscale.output`): ``resume`` continues a store written by the
+same spec (its fingerprint must match: a different spec is an error, never a silent mix), ``fail``
+refuses an existing store, ``overwrite`` replaces it. A directory that is not a kscale store (its root
+attributes say ``format: kscale-keys``) is never deleted or written into.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -17,11 +17,11 @@ from kscale import __version__
 from kscale.data import open_source, plan_shards
 from kscale.spec import to_dict
 from kscale.models.registry import read_config_json
+from kscale.output import OutputError, OutputKind, apply_policy
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, committed_shards, is_store
 
 
-class StoreExistsError(RuntimeError):
-    pass
+StoreExistsError = OutputError  # the store policy's refusals (kscale.output: foreign, exists, locked)
 
 
 def _versions() -> dict:
@@ -54,28 +54,23 @@ def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: l
     }
 
 
+def store_marker(path: Path) -> dict | None:
+    """The root attributes of a kscale key store (its kind marker), None for anything else."""
+    return dict(zarr.open_group(str(path), mode="r").attrs) if is_store(path) else None
+
+
+STORE_KIND = OutputKind("store", store_marker)
+
+
 def prepare_store(spec, attrs_fn) -> str:
     """Create, check or overwrite the output store per ``output.if_exists``; return its path."""
     path = Path(spec.output.path).expanduser()
-    if path.exists() and any(path.iterdir()):
-        if not is_store(path):
-            raise StoreExistsError(f"output.path: {str(path)!r} exists and is not a kscale store; "
-                                   "refusing to write into it")
-        mode = spec.output.if_exists
-        if mode == "fail":
-            raise StoreExistsError(f"output.path: store {str(path)!r} exists and output.if_exists is 'fail'")
-        if mode == "overwrite":
-            shutil.rmtree(path)
-        else:
-            found = dict(zarr.open_group(str(path), mode="r").attrs).get("spec_fingerprint")
-            if found != spec.fingerprint():
-                raise StoreExistsError(
-                    f"output.path: store {str(path)!r} was written by a different spec (fingerprint {found}, "
-                    f"this spec {spec.fingerprint()}); choose another path or output.if_exists: overwrite")
-            return str(path)
-    g = zarr.open_group(str(path), mode="w")
-    g.attrs.update(attrs_fn())
-    (path / "shards").mkdir(exist_ok=True)
+
+    def create(tmp: Path) -> None:
+        zarr.open_group(str(tmp), mode="w").attrs.update(attrs_fn())
+        (tmp / "shards").mkdir()
+
+    apply_policy(path, spec.output.if_exists, STORE_KIND, spec.fingerprint(), create)
     return str(path)
 
 
