@@ -227,7 +227,7 @@ STAGE_SECTIONS: dict[str, str] = {
     "train": "kscale.train.config:TrainConfig",
     "bias": "kscale.bias.config:BiasConfig",
 }
-CLUSTER_SECTION = "kscale.executors.cluster_config:ClusterConfig"
+CLUSTER_SECTION = "kscale.targets.config:ClusterConfig"
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
