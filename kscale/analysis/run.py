@@ -35,14 +35,15 @@ from kscale.analysis.probes import probe_rows
 from kscale.analysis.source import (Buckets, KeyStoreLike, blocks, bucket_table, open_store, read_rows,
                                     subsample_index)
 from kscale.analysis.stream import Runner
+from kscale.results import AnalyzeResult
 
 
-def run_analyze(spec) -> dict:
+def run_analyze(spec) -> AnalyzeResult:
     """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir."""
     t0 = time.time()
     df = analyze(spec.analyze, spec.output.path)
-    return {"name": getattr(spec, "name", "analyze"), "out_dir": str(spec.output.path), "rows": len(df),
-            "seconds": round(time.time() - t0, 1)}
+    return AnalyzeResult(name=getattr(spec, "name", "analyze"), out_dir=str(spec.output.path), rows=len(df),
+                         seconds=round(time.time() - t0, 1))
 
 
 def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] | None = None,

@@ -29,6 +29,7 @@ from kscale.bias.plan import BiasShard, marker_path, plan, table_path
 from kscale.bias.variants import Variant, enumerate_variants
 from kscale.data import open_source
 from kscale.spec import to_dict
+from kscale.results import BiasResult
 from kscale.output import OutputError, OutputKind, apply_policy, read_json, write_json_atomic
 
 RUN_FORMAT = "kscale-bias"
@@ -69,7 +70,7 @@ def is_committed(run_dir: Path, shard: BiasShard) -> bool:
     return json.loads(m.read_text()).get("variant_fingerprint") == shard.variant.fingerprint
 
 
-def run_bias(spec, executor) -> dict:
+def run_bias(spec, executor) -> BiasResult:
     """Score every uncommitted (variant, shard) through ``executor``, then write tables, pictures, report."""
     variants = enumerate_variants(spec.bias)
     n = len(open_source(spec.data))
@@ -78,8 +79,8 @@ def run_bias(spec, executor) -> dict:
     todo = [s for s in shards if not is_committed(run_dir, s)]
     result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=str(run_dir))
     outputs = finalize(spec, run_dir, [s for s in shards if is_committed(run_dir, s)])
-    return {"kind": "bias", "run_dir": str(run_dir), "shards_total": len(shards),
-            "variants": [v.name for v in variants], **outputs, **result}
+    return BiasResult(run_dir=str(run_dir), variants=[v.name for v in variants], **outputs,
+                      **BiasResult.progress_fields({**result, "shards_total": len(shards)}))
 
 
 def collect(run_dir: Path, shards: list[BiasShard]) -> pd.DataFrame:

@@ -18,6 +18,7 @@ from kscale.data import open_source, plan_shards
 from kscale.spec import to_dict
 from kscale.models.registry import read_config_json
 from kscale.output import OutputError, OutputKind, apply_policy
+from kscale.results import ExtractResult
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, committed_shards, is_store
 
 
@@ -85,7 +86,7 @@ def nothing_to_do(spec) -> bool:
     return planned <= set(committed_shards(path))
 
 
-def run_extract(spec, executor) -> dict:
+def run_extract(spec, executor) -> ExtractResult:
     """Extract keys for every uncommitted shard through ``executor``; return the job summary."""
     from kscale.models import get_adapter, read_model_config
     from kscale.extract.worker import resolve_heads, resolve_layers
@@ -104,7 +105,7 @@ def run_extract(spec, executor) -> dict:
     done = set(committed_shards(store))
     todo = [s for s in shards if s.name not in done]
     result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
-    return {"kind": "extract", "store": store, "shards_total": len(shards), **result}
+    return ExtractResult(store=store, **ExtractResult.progress_fields({**result, "shards_total": len(shards)}))
 
 
 def _processor_settings(spec, info, adapter) -> dict:

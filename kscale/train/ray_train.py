@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kscale.results import TrainResult
 
-def run_train_on_ray(spec: Any) -> dict[str, Any]:
+
+def run_train_on_ray(spec: Any) -> TrainResult:
     """Fit on the connected Ray cluster (``ray.init`` done by the caller); returns rank 0's summary."""
     try:
         from ray.train import RunConfig, ScalingConfig
@@ -32,7 +34,11 @@ def run_train_on_ray(spec: Any) -> dict[str, Any]:
         run_config=RunConfig(name=spec.name, storage_path=str(Path(spec.output.path).resolve() / "ray")),
     )
     result = trainer.fit()
-    return {**(result.metrics or {}), "adapter_checkpoint": result.checkpoint.path if result.checkpoint else None}
+    metrics = result.metrics or {}
+    return TrainResult(run_dir=str(Path(spec.output.path)), steps=spec.train.max_steps,
+                       resumed_from=metrics.get("resumed_from", 0),
+                       last={k: metrics[k] for k in ("loss", "lm", "align") if metrics.get(k) is not None},
+                       adapter_checkpoint=result.checkpoint.path if result.checkpoint else None)
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -45,12 +51,12 @@ def _worker(config: dict[str, Any]) -> None:
     if ray.train.get_context().get_world_size() > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # gloo ranks sharing a host: avoid oversubscription
     summary = run_train(config["spec"])
-    metrics = {"loss": summary["last"].get("loss"), "lm": summary["last"].get("lm"),
-               "align": summary["last"].get("align"), "resumed_from": summary["resumed_from"]}
+    metrics = {"loss": summary.last.get("loss"), "lm": summary.last.get("lm"),
+               "align": summary.last.get("align"), "resumed_from": summary.resumed_from}
     # Ray Train keeps metrics only with a checkpoint: rank 0 registers the saved adapter as one.
     checkpoint = None
     if ray.train.get_context().get_world_rank() == 0:
         from kscale.train.run import ADAPTER_DIR
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(Path(summary["run_dir"]) / ADAPTER_DIR))
+        checkpoint = ray.train.Checkpoint.from_directory(str(Path(summary.run_dir) / ADAPTER_DIR))
     ray.train.report(metrics, checkpoint=checkpoint)

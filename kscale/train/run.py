@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from kscale.results import TrainResult
 from kscale.train import engine as ds
 from kscale.train.config import TrainConfig
 from kscale.train.data import MicroBatchPlan, collate, split_indices
@@ -31,7 +32,7 @@ METRICS = "metrics.jsonl"
 ADAPTER_DIR = "adapter"
 
 
-def run_train(spec: Any) -> dict[str, Any]:
+def run_train(spec: Any) -> TrainResult:
     """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank."""
     import torch.distributed as dist
 
@@ -61,13 +62,13 @@ def run_train(spec: Any) -> dict[str, Any]:
     if rank == 0:
         malora.save_pretrained(run_dir / ADAPTER_DIR, state=state)
     dist.barrier()
-    summary = {"run_dir": str(run_dir), "steps": cfg.max_steps, "resumed_from": start, "last": last}
+    table = None
     if cfg.eval.at_end and rank == 0:
         from kscale.train.evaluate import evaluate_run
 
-        summary["eval"] = evaluate_run(spec)
+        table = evaluate_run(spec)
     dist.barrier()
-    return summary
+    return TrainResult(run_dir=str(run_dir), steps=cfg.max_steps, resumed_from=start, last=last, eval=table)
 
 
 def _prepare_run_dir(run_dir: Path, if_exists: str, rank: int) -> None:
