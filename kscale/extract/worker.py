@@ -18,7 +18,7 @@ import torch
 from kscale.data import Record, Shard, open_source
 from kscale.extract.hooks import capture
 from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model
-from kscale.store.writer import ShardWriter
+from kscale.store.writer import ShardCommitted, ShardWriter
 
 
 @dataclass
@@ -130,11 +130,14 @@ def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = 
     """Extract one shard into ``store_path`` (default: the spec's output) and commit it."""
     t0 = time.perf_counter()
     info = state.loaded.info
-    writer = ShardWriter(store_path or spec.output.path, shard.name, n_layers=len(state.layers),
-                         n_heads=len(state.heads), head_dim=info.head_dim,
-                         rope_rows=3 if info.family == "qwen2_5_vl" else 1,
-                         key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
-                         compress_keys=spec.output.compress_keys)
+    try:
+        writer = ShardWriter(store_path or spec.output.path, shard.name, n_layers=len(state.layers),
+                             n_heads=len(state.heads), head_dim=info.head_dim,
+                             rope_rows=3 if info.family == "qwen2_5_vl" else 1,
+                             key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
+                             compress_keys=spec.output.compress_keys)
+    except ShardCommitted as e:  # committed since it was planned (a worker lost after its commit): keep it
+        return e.marker
     attn = spec.extract.attention
     qwriter = None
     if attn.store_queries:  # after ShardWriter: its constructor clears a partial shard folder
