@@ -65,7 +65,13 @@ def submit(job: str, target: str | None, address: str | None, dry_run: bool, for
 
         dask_cfg = dataclasses.replace(spec.analyze.dask, scheduler="distributed", scheduler_file=sched)
         spec = dataclasses.replace(spec, analyze=dataclasses.replace(spec.analyze, dask=dask_cfg))
-    result = run_job(spec, address=env_address, show_bar=not no_progress)
+    from kscale.output import OutputError
+
+    try:
+        result = run_job(spec, address=env_address, show_bar=not no_progress)
+    except OutputError as e:  # the output is foreign, exists under 'fail', or another run holds it
+        click.echo(f"kscale submit: {type(e).__name__}: {e}", err=True)
+        sys.exit(2)
     print_summary(result)
     sys.exit(1 if result.failed else 0)
 

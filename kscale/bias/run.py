@@ -11,7 +11,8 @@ Run directory (``output.path``)::
     aggregate.parquet / .csv  one row per (variant, task, metric): value, ci_low, ci_high, n
     dependency.png  dropping.png  checkpoints.png  report.html
 
-Policy (``output.if_exists``, :mod:`kscale.output`), as for extraction: ``resume`` continues a run of
+The run directory is claimed (:mod:`kscale.output`: exclusive lock, then the policy) for the whole run.
+Policy (``output.if_exists``), as for extraction: ``resume`` continues a run of
 the same spec (same fingerprint, else an error), ``fail`` refuses an existing run, ``overwrite``
 replaces it; a directory that is not a bias run (no ``bias.json`` of format ``kscale-bias``) is never
 written into or deleted. A committed shard is skipped only if its variant's weights
@@ -21,7 +22,9 @@ are unchanged (``variant_fingerprint`` in the marker).
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
@@ -30,7 +33,7 @@ from kscale.bias.variants import Variant, enumerate_variants
 from kscale.data import open_source
 from kscale.spec import to_dict
 from kscale.results import BiasResult
-from kscale.output import OutputError, OutputKind, apply_policy, read_json, write_json_atomic
+from kscale.output import OutputError, OutputKind, claim_output, read_json, write_json_atomic
 
 RUN_FORMAT = "kscale-bias"
 RUN_FILE = "bias.json"
@@ -48,9 +51,9 @@ def bias_marker(path: Path) -> dict | None:
 BIAS_KIND = OutputKind("bias run", bias_marker)
 
 
-def prepare_run_dir(spec, variants: list[Variant]) -> Path:
-    """Create, check or overwrite the run directory per ``output.if_exists``; return it."""
-    path = Path(spec.output.path).expanduser()
+@contextmanager
+def claim_run_dir(spec, variants: list[Variant]) -> Iterator[Path]:
+    """Lock the run directory, then create, check or overwrite it per ``output.if_exists``."""
     meta = {"format": RUN_FORMAT, "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
             "variants": [v.__dict__ for v in variants]}
 
@@ -58,9 +61,9 @@ def prepare_run_dir(spec, variants: list[Variant]) -> Path:
         (tmp / "shards").mkdir()
         write_json_atomic(tmp / RUN_FILE, meta)
 
-    if not apply_policy(path, spec.output.if_exists, BIAS_KIND, spec.fingerprint(), create):
+    with claim_output(spec.output.path, spec.output.if_exists, BIAS_KIND, spec.fingerprint(), create) as path:
         write_json_atomic(path / RUN_FILE, meta)
-    return path
+        yield path
 
 
 def is_committed(run_dir: Path, shard: BiasShard) -> bool:
@@ -75,10 +78,10 @@ def run_bias(spec, executor) -> BiasResult:
     variants = enumerate_variants(spec.bias)
     n = len(open_source(spec.data))
     shards = plan(variants, n, spec.data.shard_size)
-    run_dir = prepare_run_dir(spec, variants)
-    todo = [s for s in shards if not is_committed(run_dir, s)]
-    result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=str(run_dir))
-    outputs = finalize(spec, run_dir, [s for s in shards if is_committed(run_dir, s)])
+    with claim_run_dir(spec, variants) as run_dir:
+        todo = [s for s in shards if not is_committed(run_dir, s)]
+        result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=str(run_dir))
+        outputs = finalize(spec, run_dir, [s for s in shards if is_committed(run_dir, s)])
     return BiasResult(run_dir=str(run_dir), variants=[v.name for v in variants], **outputs,
                       **BiasResult.progress_fields({**result, "shards_total": len(shards)}))
 

@@ -1,6 +1,8 @@
 """``run_extract(spec)``: prepare the store, plan shards, skip committed ones, run the rest.
 
-Store policy (``output.if_exists``, :mod:`kscale.output`): ``resume`` continues a store written by the
+The store is claimed (:mod:`kscale.output`: an exclusive lock, then the policy) before anything is
+written and released at the end; a second run on it is refused (``OutputLocked``, naming the holder).
+Store policy (``output.if_exists``): ``resume`` continues a store written by the
 same spec (its fingerprint must match: a different spec is an error, never a silent mix), ``fail``
 refuses an existing store, ``overwrite`` replaces it. A directory that is not a kscale store (its root
 attributes say ``format: kscale-keys``) is never deleted or written into.
@@ -17,7 +19,7 @@ from kscale import __version__
 from kscale.data import open_source, plan_shards
 from kscale.spec import to_dict
 from kscale.models.registry import read_config_json
-from kscale.output import OutputError, OutputKind, apply_policy
+from kscale.output import OutputError, OutputKind, claim_output
 from kscale.results import ExtractResult
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, committed_shards, is_store
 
@@ -63,16 +65,14 @@ def store_marker(path: Path) -> dict | None:
 STORE_KIND = OutputKind("store", store_marker)
 
 
-def prepare_store(spec, attrs_fn) -> str:
-    """Create, check or overwrite the output store per ``output.if_exists``; return its path."""
-    path = Path(spec.output.path).expanduser()
+def claim_store(spec, attrs_fn):
+    """Lock the output store, then create, check or overwrite it per ``output.if_exists`` (a context)."""
 
     def create(tmp: Path) -> None:
         zarr.open_group(str(tmp), mode="w").attrs.update(attrs_fn())
         (tmp / "shards").mkdir()
 
-    apply_policy(path, spec.output.if_exists, STORE_KIND, spec.fingerprint(), create)
-    return str(path)
+    return claim_output(spec.output.path, spec.output.if_exists, STORE_KIND, spec.fingerprint(), create)
 
 
 def nothing_to_do(spec) -> bool:
@@ -101,10 +101,11 @@ def run_extract(spec, executor) -> ExtractResult:
         settings = _processor_settings(spec, info, get_adapter(info.family))
         return root_attrs(spec, info, settings, layers, heads, n, len(shards))
 
-    store = prepare_store(spec, attrs)
-    done = set(committed_shards(store))
-    todo = [s for s in shards if s.name not in done]
-    result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
+    with claim_store(spec, attrs) as path:
+        store = str(path)
+        done = set(committed_shards(store))
+        todo = [s for s in shards if s.name not in done]
+        result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
     return ExtractResult(store=store, **ExtractResult.progress_fields({**result, "shards_total": len(shards)}))
 
 

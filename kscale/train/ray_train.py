@@ -26,14 +26,17 @@ def run_train_on_ray(spec: Any) -> TrainResult:
     res = spec.resources
     use_gpu = res.gpus_per_worker > 0
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    from kscale.train.run import claim_run_dir
+
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "output_claimed": True},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=spec.name, storage_path=str(Path(spec.output.path).resolve() / "ray")),
     )
-    result = trainer.fit()
+    with claim_run_dir(spec):  # the driver holds the run directory for its workers (lock + policy)
+        result = trainer.fit()
     metrics = result.metrics or {}
     return TrainResult(run_dir=str(Path(spec.output.path)), steps=spec.train.max_steps,
                        resumed_from=metrics.get("resumed_from", 0),
@@ -50,7 +53,7 @@ def _worker(config: dict[str, Any]) -> None:
 
     if ray.train.get_context().get_world_size() > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # gloo ranks sharing a host: avoid oversubscription
-    summary = run_train(config["spec"])
+    summary = run_train(config["spec"], output_claimed=config["output_claimed"])
     metrics = {"loss": summary.last.get("loss"), "lm": summary.last.get("lm"),
                "align": summary.last.get("align"), "resumed_from": summary.resumed_from}
     # Ray Train keeps metrics only with a checkpoint: rank 0 registers the saved adapter as one.
