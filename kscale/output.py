@@ -35,6 +35,7 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -144,7 +145,10 @@ def temp_sibling(path: Path, tag: str = "") -> Path:
 def remove_garbage(path: Path) -> list[Path]:
     """Delete leftovers of interrupted creations/overwrites of ``path``; call only while holding its lock."""
     removed = []
-    for p in path.parent.glob(f".{path.name}.tmp-*") if path.parent.is_dir() else []:
+    prefix = f".{path.name}.tmp-"
+    for p in path.parent.glob(f"{prefix}*") if path.parent.is_dir() else []:
+        if not re.fullmatch(r"(old-)?\d+", p.name[len(prefix):]):  # e.g. another output named NAME.tmp-x
+            continue
         if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p, ignore_errors=True)
         else:

@@ -181,9 +181,11 @@ def test_leftover_of_an_interrupted_creation_is_garbage(tmp_path) -> None:
     zarr.open_group(str(half), mode="w")
     old = tmp_path / ".keys.tmp-old-424243"  # ... or during an overwrite, the old store moved aside
     old.mkdir()
+    neighbour = tmp_path / ".keys.tmp-x.tmp-77"  # garbage of another output ("keys.tmp-x"): not ours to judge
+    neighbour.mkdir()
     with claim_output(out, "resume", _store_kind(), "fp1", _make_store(STORE_ATTRS)):
         pass
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["keys"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keys.tmp-x.tmp-77", "keys"]
     assert dict(zarr.open_group(str(out), mode="r").attrs) == STORE_ATTRS
 
 
