@@ -55,6 +55,9 @@ def run_train(spec: Any) -> dict[str, Any]:
     start = ds.load_latest_checkpoint(engine, run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _keep_metrics_until(run_dir / METRICS, start)
+        if start:
+            print(f"train: resumed from step {start} ({run_dir / ds.CHECKPOINTS})", flush=True)
         (run_dir / "split.json").write_text(json.dumps({"train": split.train, "heldout": split.heldout}))
     last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world)
     state = ds.gathered_adapter_state(engine, malora.adapter_parameters())
@@ -82,6 +85,17 @@ def _prepare_run_dir(run_dir: Path, if_exists: str, rank: int) -> None:
     if started and if_exists == "overwrite" and rank == 0:
         shutil.rmtree(run_dir)
     dist.barrier()
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop logged steps after ``step`` (logged before a kill, redone after the resume): one line per step."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)  # a line torn by the kill has no newline: dropped
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:
