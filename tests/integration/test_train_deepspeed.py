@@ -212,11 +212,11 @@ def test_resume_after_kill_continues_the_same_curve(model_dir, tmp_path) -> None
     logged = [json.loads(line)["step"] for line in before]
     assert 5 <= checkpoint < max(logged) < steps, (checkpoint, logged)  # steps after the checkpoint get redone
     out = _run_output(killed, tmp_path / "killed")
-    assert f"resumed from step {checkpoint}" in out, out[-4000:]
     after = metrics.read_text().splitlines()
     assert [json.loads(line)["step"] for line in after] == list(range(1, steps + 1))  # each step once, in order
     # Steps up to the checkpoint are not recomputed: their lines (wall times included) are the first run's.
     assert after[:checkpoint] == before[:checkpoint]
+    assert f"resumed from step {checkpoint}" in out, out[-4000:]
     resumed = _losses(tmp_path / "killed")
     straight = _run(reference, tmp_path / "straight")
     assert len(resumed) == steps
