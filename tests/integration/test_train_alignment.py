@@ -17,7 +17,9 @@ import numpy as np
 import pytest
 import yaml
 
-pytest.importorskip("deepspeed")
+from tests.testing_utils import require_module
+
+require_module("deepspeed", install="pip install -e '.[train]'")
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -19,7 +19,9 @@ import pytest
 import torch
 import yaml
 
-pytest.importorskip("deepspeed")
+from tests.testing_utils import require_module
+
+require_module("deepspeed", install="pip install -e '.[train]'")
 
 REPO = Path(__file__).resolve().parents[2]
 STEPS = 20
