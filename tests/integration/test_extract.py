@@ -274,12 +274,12 @@ def test_killed_ray_worker_shard_is_redone(tmp_path, ray_local):
                 extract={"batch_size": 1, "key_dtype": "float16"}, resources={"executor": "ray", "workers": 2})
     spec = spec_from_dict(extract_spec(tmp_path / "r", **over))
     note = Path(spec.output.path) / "kill-me.json"
-    killed = []
+    killed, finished = [], threading.Event()
 
-    def killer():
-        deadline = time.time() + 180
-        while time.time() < deadline and not note.exists():
-            time.sleep(0.05)
+    def killer():  # no deadline of its own: on a loaded machine the victim shard may start late
+        while not note.exists():
+            if finished.wait(0.05):
+                return
         victim = json.loads(note.read_text())
         assert victim["pid"] != os.getpid()  # a Ray worker process, not this test's driver
         os.kill(victim["pid"], signal.SIGKILL)
@@ -287,8 +287,11 @@ def test_killed_ray_worker_shard_is_redone(tmp_path, ray_local):
 
     t = threading.Thread(target=killer, daemon=True)
     t.start()
-    summary = run_extract(spec, RayExecutor("tests.integration.killable_stage", show_bar=False))
-    t.join(timeout=5)
+    try:
+        summary = run_extract(spec, RayExecutor("tests.integration.killable_stage", show_bar=False))
+    finally:
+        finished.set()
+        t.join(timeout=5)
     assert killed and killed[0]["shard"] == VICTIM
     assert summary["retries"] == 1 and list(summary["retried"]) == [VICTIM], summary
     assert summary["retried"][VICTIM][0].startswith("worker died"), summary["retried"]
