@@ -21,7 +21,6 @@ import torch
 from PIL import Image
 
 from kscale.models import load_model
-from kscale.models.debug import debug_model_dir
 from kscale.spec import ModelSpec
 
 TEXT = "what color is the square ?"
@@ -63,11 +62,6 @@ QWEN_PROMPT = "<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{tex
 LLAVA_PROMPT = "USER: <image>\n{text} ASSISTANT:"
 
 
-@pytest.fixture(scope="module")
-def qwen_dir_() -> str:
-    return debug_model_dir("qwen2_5_vl")
-
-
 def _load(path: str, **model):
     return load_model(ModelSpec(path=path, device="cpu", dtype="float32", **model))
 
@@ -91,9 +85,9 @@ def _qwen_expected(w: int, h: int, min_pixels: int, max_pixels: int) -> tuple[in
 @pytest.mark.parametrize("bounds", [{}, {"min_pixels": 112 * 112, "max_pixels": 168 * 168},
                                     {"min_pixels": 28 * 28, "max_pixels": 56 * 56}],
                          ids=["checkpoint", "spec-raises-both", "spec-lowers-both"])
-def test_qwen_inputs_equal_transformers_processor(qwen_dir_, bounds) -> None:
-    lm = _load(qwen_dir_, **bounds)
-    proc = _qwen_processor(qwen_dir_, **bounds)
+def test_qwen_inputs_equal_transformers_processor(qwen_dir, bounds) -> None:
+    lm = _load(qwen_dir, **bounds)
+    proc = _qwen_processor(qwen_dir, **bounds)
     lo, hi = bounds.get("min_pixels", DEBUG_MIN), bounds.get("max_pixels", DEBUG_MAX)
     clamped = set()
     for w, h in SIZES:
@@ -114,10 +108,10 @@ def test_qwen_inputs_equal_transformers_processor(qwen_dir_, bounds) -> None:
     assert clamped == {"up", "down"}  # both bounds were exercised
 
 
-def test_qwen_batch_of_mixed_sizes_equals_transformers_processor(qwen_dir_) -> None:
+def test_qwen_batch_of_mixed_sizes_equals_transformers_processor(qwen_dir) -> None:
     """Two images of different sizes and text lengths in one right-padded batch."""
-    lm = _load(qwen_dir_)
-    proc = _qwen_processor(qwen_dir_)
+    lm = _load(qwen_dir)
+    proc = _qwen_processor(qwen_dir)
     proc.tokenizer.padding_side = "right"
     images, texts = [_image(200, 90), _image(30, 20)], [TEXT, "and here , what shape is it ?"]
     ours = lm.adapter.build_batch(lm, images, texts)
@@ -127,8 +121,8 @@ def test_qwen_batch_of_mixed_sizes_equals_transformers_processor(qwen_dir_) -> N
                                        "mm_token_type_ids"))
 
 
-def test_llava_inputs_equal_transformers_processor() -> None:
-    path = debug_model_dir("llava")
+def test_llava_inputs_equal_transformers_processor(llava_dir) -> None:
+    path = llava_dir
     lm = _load(path)
     proc = _llava_processor(path, lm.model.config)
     v = lm.model.config.vision_config
