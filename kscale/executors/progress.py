@@ -52,6 +52,7 @@ class Progress:
         self.tokens: dict[str, int] = {}
         self.quarantined: dict[str, str] = {}
         self.retries = 0
+        self.retried: dict[str, list[str]] = {}  # shard name -> the error of each failed attempt
         self.t0 = time.time()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.bar = tqdm(total=total, initial=skipped, unit="shard", desc=f"{stage} {job}", file=sys.stderr,
@@ -73,6 +74,7 @@ class Progress:
 
     def shard_retry(self, name: str, error: str) -> None:
         self.retries += 1
+        self.retried.setdefault(name, []).append(error)
         tqdm.write(f"kscale: shard {name} failed, retrying: {error}", file=sys.stderr)
 
     def shard_failed(self, name: str, error: str, attempts: int) -> None:
@@ -95,7 +97,8 @@ class Progress:
         return {
             "job": self.job, "stage": self.stage, "state": state, "shards_total": self.total,
             "shards_done": self.done, "shards_skipped": self.skipped, "shards_failed": self.failed,
-            "quarantined": self.quarantined, "retries": self.retries, "samples": self.samples,
+            "quarantined": self.quarantined, "retries": self.retries, "retried": self.retried,
+            "samples": self.samples,
             "sample_errors": self.sample_errors, "tokens": self.tokens, "bytes": self.bytes,
             "seconds": round(secs, 3), "samples_per_s": round(self.samples / max(secs, 1e-9), 3),
             "started_at": self.started_at, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -34,7 +34,7 @@ from kscale.spec import JobSpec
 from kscale.train import engine as ds
 from kscale.train.config import TrainConfig
 from kscale.train.data import MicroBatchPlan, collate, split_indices
-from kscale.train.layout import ADAPTER_DIR, METRICS, SPLIT
+from kscale.train.layout import ADAPTER_DIR, CHECKPOINTS, METRICS, SPLIT
 from kscale.train.malora import MaLoRAModel
 from kscale.train.objective import MaLoRAObjective
 
@@ -70,6 +70,9 @@ def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> Trai
     start = ds.load_latest_checkpoint(engine, run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _keep_metrics_until(run_dir / METRICS, start)
+        if start:
+            print(f"train: resumed from step {start} ({run_dir / CHECKPOINTS})", flush=True)
         (run_dir / SPLIT).write_text(json.dumps({"train": split.train, "heldout": split.heldout}))
     last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world)
     state = ds.gathered_adapter_state(engine, malora.adapter_parameters())
@@ -119,6 +122,17 @@ def _claimed(spec: Any, rank: int, already: bool) -> Iterator[None]:
         if refused[0] is not None:
             raise OutputError(refused[0])
         yield
+
+
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop logged steps after ``step`` (logged before a kill, redone after the resume): one line per step."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)  # a line torn by the kill has no newline: dropped
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
 
 
 def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:

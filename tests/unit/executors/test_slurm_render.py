@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import kscale
 from kscale.targets import slurm
 from kscale.spec import SpecError, load_spec, spec_from_dict
 from tests.golden.golden import GOLDEN, SID, assert_golden
+from tests.testing_utils import require_binaries
 
 
 def _render(name: str) -> str:
@@ -33,8 +33,7 @@ def test_rendered_script_matches_golden(name):
 
 @pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze"])
 def test_rendered_script_passes_shellcheck(name, tmp_path):
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck, or .ci/install_slurm.sh)")
+    require_binaries("shellcheck", install="apt-get install shellcheck, or sudo .ci/install_slurm.sh")
     script = tmp_path / "job.sbatch"
     script.write_text(_render(name))
     check = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True)
