@@ -84,3 +84,19 @@ def test_model_split_over_two_devices_writes_the_same_store(tmp_path):
     assert a.keys() == b.keys()
     for k in a:
         assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["pipelined", "sync"])
+@pytest.mark.parametrize("scale,message", [(float("nan"), "non-finite key values in"), (1e9, "keys overflow float16")])
+def test_bad_key_values_fail_the_shard_before_its_marker(tmp_path, overlap, scale, message):
+    import torch
+
+    spec = spec_from_dict(extract_spec(tmp_path, extract={"batch_size": 4, "key_dtype": "float16"}))
+    state = worker.setup(spec)
+    state.overlap = overlap
+    with torch.no_grad():
+        state.loaded.adapter.key_modules(state.loaded.model)[1].weight.mul_(scale)
+    shard = plan_shards(len(state.source), spec.data.shard_size)[0]
+    with pytest.raises(ValueError, match=message):
+        worker.run_shard(spec, shard, state, store_path=str(tmp_path / "store"))
+    assert not (tmp_path / "store" / "shards" / f"{shard.name}.done.json").exists()
