@@ -94,7 +94,7 @@ def main() -> None:
         def plain() -> None:
             with torch.inference_mode():
                 for b in batches:
-                    lm.model(**{k: v.to(lm.device) for k, v in b.inputs.items()}, use_cache=False)
+                    lm.model(**{k: v.to(lm.device) for k, v in b.inputs.items()}, **worker.FORWARD_KWARGS)
             sync()
 
         parts = {"forward+hooks": 0.0, "gather+cast": 0.0, "select+append": 0.0, "commit (zarr)": 0.0}

@@ -35,6 +35,9 @@ from kscale.store.writer import ShardWriter
 
 # Batches whose keys may wait for the drain thread at once; bounds host memory (and pinned buffers).
 MAX_IN_FLIGHT = 2
+# Extraction needs no logits: the LM head runs on the last position only (at 152k vocab it is ~7% of a
+# 7B forward and B x T x vocab of memory). Benchmarks pass the same to their plain forward.
+FORWARD_KWARGS = {"use_cache": False, "logits_to_keep": 1}
 
 
 @dataclass
@@ -105,7 +108,7 @@ def forward_capture(state: ExtractState, batch, queries: bool = False):
         mods.update({("q", i): m for i, m in enumerate(lm.adapter.query_modules(lm.model)) if i in state.layers})
     inputs = {k: v.to(lm.device) for k, v in batch.inputs.items()}
     with torch.inference_mode(), capture(mods, lm.adapter.rotary_module(lm.model)) as cap:
-        lm.model(**inputs, use_cache=False)
+        lm.model(**inputs, **FORWARD_KWARGS)
     return cap
 
 
@@ -177,7 +180,7 @@ def forward_keys(state: ExtractState, batch, rows_N: torch.Tensor, key_dtype: st
     with torch.inference_mode(), capture_keys(mods, lm.adapter.rotary_module(lm.model), rows_N,
                                               lm.info.num_kv_heads, heads, getattr(torch, key_dtype),
                                               state.streams) as got:
-        lm.model(**inputs, use_cache=False)
+        lm.model(**inputs, **FORWARD_KWARGS)
     return got.value
 
 
