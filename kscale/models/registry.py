@@ -146,6 +146,13 @@ def load_model(mspec, n_devices: int = 1, devices: list[str] | None = None) -> L
     return adapter.load(mspec, info, device, dtype, devices if n_devices > 1 else None)
 
 
+def _zero3_partitioned() -> bool:
+    """True inside :func:`kscale.train.engine.partitioned_loading` (``from_pretrained`` runs zero.Init)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
 def _visible_gpus(n: int, device: torch.device) -> list[str]:
     if device.type != "cuda":
         raise ValueError(f"resources.gpus_per_worker: {n} spreads the model over {n} GPUs, but model.device "
@@ -207,10 +214,14 @@ class Adapter:
         if devices:
             model = self._load_spread(cls, mspec, info, dtype, devices, common)
             device = torch.device(devices[0])
+        elif device.type == "cuda" and not _zero3_partitioned():  # straight to the GPU, never whole in host RAM
+            model = cls.from_pretrained(info.path, dtype=dtype, attn_implementation=mspec.attn_implementation,
+                                        device_map={"": str(device)}, **common)
         else:
             model = cls.from_pretrained(info.path, dtype=dtype, attn_implementation=mspec.attn_implementation,
                                         **common)
-            model.to(device)
+            if not _zero3_partitioned():  # partitioned parameters already sit where DeepSpeed put them
+                model.to(device)
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(info.path, **common)
         tokenizer.padding_side = "right"

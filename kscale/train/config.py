@@ -46,6 +46,9 @@ class DeepSpeedConfig:
     offload_optimizer: bool = _doc("keep optimizer state in CPU memory (DeepSpeed CPU Adam)", False)
     offload_params: bool = _doc("keep partitioned parameters in CPU memory (ZeRO-3 only)", False)
     bf16: bool = _doc("bfloat16 weights and activations (fp32 master weights in the optimizer)", True)
+    partitioned_load: bool = _doc(
+        "ZeRO-3: build the model partitioned as it loads (zero.Init), so no rank holds all of it; false: every "
+        "rank loads the full model first, then DeepSpeed partitions it", True)
     extra: dict[str, Any] = _doc("merged last into the generated DeepSpeed config (expert knobs)", factory=dict)
 
     def validate(self) -> list[tuple[str, str]]:
@@ -78,6 +81,8 @@ class TrainConfig:
     eval: EvalConfig = _doc("held-out before/after evaluation", factory=EvalConfig)
     max_steps: int = _doc("optimizer steps to train", 100)
     micro_batch_size: int = _doc("samples per forward on each rank", 1)
+    max_seq_len: int = _doc("longest training sequence in tokens (prompt, image tokens, answer); longer samples "
+                            "are skipped and listed in errors.json", 4096)
     grad_accum: int = _doc("micro-batches accumulated per optimizer step on each rank", 1)
     lr: float = _doc("AdamW learning rate of the adapter parameters", 2e-4)
     weight_decay: float = _doc("AdamW weight decay", 0.0)
@@ -91,7 +96,7 @@ class TrainConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
+        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints", "max_seq_len"):
             if getattr(self, name) < 1:
                 out.append((name, f"must be >= 1, got {getattr(self, name)}"))
         if self.lr <= 0:
