@@ -126,8 +126,7 @@ def main() -> None:
             pending = None
             for _ in range(n_shards):
                 k = next(shard_no)
-                fut = worker.start_shard(spec, Shard(k, 0, args.samples), state,
-                                         store_path=str(tmp / "store"))
+                fut = worker.start_shard(spec, Shard(k, 0, args.samples), state)
                 if pending is not None:
                     pending.result()
                 pending = fut

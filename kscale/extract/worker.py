@@ -30,8 +30,9 @@ import torch
 
 from kscale.data import Record, Shard, open_source
 from kscale.extract.hooks import NONFINITE, OVERFLOW, HostKeys, capture, capture_keys
-from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model
-from kscale.store.writer import ShardWriter
+from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model, resolve_layers
+from kscale.spec import JobSpec
+from kscale.store.writer import ShardCommitted, ShardWriter
 
 # Batches whose keys may wait for the drain thread at once; bounds host memory (and pinned buffers).
 MAX_IN_FLIGHT = 2
@@ -56,20 +57,16 @@ class ExtractState:
         return self.drain
 
 
-def resolve_layers(layers, n: int) -> list[int]:
-    return list(range(n)) if layers == "all" else sorted({(i + n) % n for i in layers})
-
-
 def resolve_heads(heads, n: int) -> list[int]:
     return list(range(n)) if heads == "all" else list(heads)
 
 
-def setup(spec) -> ExtractState:
+def setup(spec: JobSpec) -> ExtractState:
     if spec.resources.torch_threads:
         torch.set_num_threads(spec.resources.torch_threads)
     loaded = load_model(spec.model, n_devices=max(1, int(spec.resources.gpus_per_worker)))
     info = loaded.info
-    return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers),
+    return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers, "extract.layers"),
                         resolve_heads(spec.extract.heads, info.num_kv_heads), open_source(spec.data))
 
 
@@ -122,7 +119,19 @@ def stacked_keys(state: ExtractState, batch, cap):
     return keys[:, :, :, state.heads].float(), cap.positions_BTR.cpu()
 
 
-def _check_tags(batch, recs: list[Record]) -> None:
+def stacked_queries(state: ExtractState, batch, cap) -> torch.Tensor:
+    """(L, B, T, H, D) float32 CPU pre-RoPE queries of the query heads reading the kept KV heads."""
+    from kscale.store.queries import query_heads
+
+    info = state.loaded.info
+    B, T = batch.inputs["input_ids"].shape
+    heads = query_heads(state.heads, info.num_heads, info.num_kv_heads)
+    q = torch.stack([cap.outputs[("q", i)].cpu() for i in state.layers]).view(
+        len(state.layers), B, T, info.num_heads, info.head_dim)
+    return q[:, :, :, heads].float()
+
+
+def _check_tags(batch) -> None:
     from kscale.models import IMAGE
 
     got = (batch.modality_BT == IMAGE).sum(1).tolist()
@@ -130,7 +139,7 @@ def _check_tags(batch, recs: list[Record]) -> None:
     assert got == batch.n_image_tokens, f"image tokens {got} != processor formula {batch.n_image_tokens}"
 
 
-def write_batch(writer: ShardWriter, spec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
+def write_batch(writer: ShardWriter, spec: JobSpec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
     keep = keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens)
     ids = batch.inputs["input_ids"]
     B, T = ids.shape
@@ -206,11 +215,11 @@ def write_host_keys(writer: ShardWriter, spec, batch, recs: list[Record], rows_N
         writer.append(name, keys_LNHD[:, a:b], {k: v[a:b] for k, v in cols_N.items()})
 
 
-def _writer(spec, shard: Shard, state: ExtractState, store_path: str | None) -> ShardWriter:
+def _writer(spec: JobSpec, shard: Shard, state: ExtractState) -> ShardWriter:
+    """The shard's writer; raises ``ShardCommitted`` when the shard was committed since it was planned."""
     info = state.loaded.info
-    return ShardWriter(store_path or spec.output.path, shard.name, n_layers=len(state.layers),
-                       n_heads=len(state.heads), head_dim=info.head_dim,
-                       rope_rows=3 if info.family == "qwen2_5_vl" else 1,
+    return ShardWriter(spec.output.path, shard.name, n_layers=len(state.layers),
+                       n_heads=len(state.heads), head_dim=info.head_dim, rope_rows=state.loaded.adapter.rope_rows,
                        key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
                        compress_keys=spec.output.compress_keys)
 
@@ -235,7 +244,7 @@ def _batches(spec, shard: Shard, state: ExtractState, errors: list[dict],
             if not recs:
                 continue
             batch = build(state, recs, with_answers)
-        _check_tags(batch, recs)
+        _check_tags(batch)
         yield recs, batch
 
 
@@ -245,18 +254,22 @@ def _stats(shard: Shard, n_ok: int, errors: list[dict], t0: float) -> dict:
             "n_samples_ok": n_ok, "n_errors": len(errors), "seconds": round(time.perf_counter() - t0, 3)}
 
 
-def start_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = None) -> Future:
+def start_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> Future:
     """Run the shard's forwards now; return a ``Future`` of its commit marker (see the module docstring).
 
     The future resolves after the marker is written; a failed append or commit raises from it. When this
     function itself raises, nothing of the shard is still being written."""
     attn = spec.extract.attention
+    done: Future = Future()
     if not state.overlap or attn.enabled or attn.store_queries:
-        done: Future = Future()
-        done.set_result(_run_sync(spec, shard, state, store_path))
+        done.set_result(_run_sync(spec, shard, state))
         return done
     t0 = time.perf_counter()
-    writer = _writer(spec, shard, state, store_path)
+    try:
+        writer = _writer(spec, shard, state)
+    except ShardCommitted as e:  # committed since it was planned (a worker lost after its commit): keep it
+        done.set_result(e.marker)
+        return done
     drain = state.drain_pool()
     errors: list[dict] = []
     appends: deque[Future] = deque()
@@ -282,21 +295,24 @@ def start_shard(spec, shard: Shard, state: ExtractState, store_path: str | None 
     return drain.submit(commit)
 
 
-def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = None) -> dict:
-    """Extract one shard into ``store_path`` (default: the spec's output) and commit it; returns the marker."""
-    return start_shard(spec, shard, state, store_path).result()
+def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
+    """Extract one shard into the spec's output store and commit it; returns the marker."""
+    return start_shard(spec, shard, state).result()
 
 
-def _run_sync(spec, shard: Shard, state: ExtractState, store_path: str | None) -> dict:
+def _run_sync(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
     """The synchronous path: full projection outputs to the host, then select, cast and write in turn."""
     t0 = time.perf_counter()
-    writer = _writer(spec, shard, state, store_path)
+    try:
+        writer = _writer(spec, shard, state)
+    except ShardCommitted as e:  # committed since it was planned (a worker lost after its commit): keep it
+        return e.marker
     attn = spec.extract.attention
     qwriter = None
     if attn.store_queries:  # after ShardWriter: its constructor clears a partial shard folder
-        from kscale.attention.queries import QueryWriter
+        from kscale.store.queries import QueryWriter
 
-        qwriter = QueryWriter(store_path or spec.output.path, shard.name, dtype=spec.extract.key_dtype,
+        qwriter = QueryWriter(spec.output.path, shard.name, dtype=spec.extract.key_dtype,
                               chunk_tokens=spec.output.chunk_tokens)
     errors: list[dict] = []
     n_ok = 0
@@ -305,12 +321,13 @@ def _run_sync(spec, shard: Shard, state: ExtractState, store_path: str | None) -
         keys, pos = stacked_keys(state, batch, cap)
         write_batch(writer, spec, batch, recs, keys, pos)
         if qwriter is not None:
-            qwriter.append_batch(spec, state, batch, recs, cap,
+            qwriter.append_batch(stacked_queries(state, batch, cap), batch.modality_BT,
                                  keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens))
         if attn.enabled:
             from kscale.attention.stats import batch_stats
 
-            writer.append_table("attention", batch_stats(state, batch, cap, attn, [r.sample_id for r in recs]))
+            writer.append_table("attention", batch_stats(state.loaded, state.layers, state.heads, batch, cap, attn,
+                                                         [r.sample_id for r in recs]))
         n_ok += len(recs)
     if qwriter is not None:
         qwriter.close()

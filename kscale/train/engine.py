@@ -28,8 +28,7 @@ from typing import Any
 import torch
 
 from kscale.train.config import TrainConfig
-
-CHECKPOINTS = "checkpoints"
+from kscale.train.layout import CHECKPOINTS, checkpoint_tag
 
 
 def require_deepspeed() -> Any:
@@ -125,7 +124,9 @@ def partition_report(module: torch.nn.Module) -> dict[str, int]:
 
 def write_partition_report(module: torch.nn.Module, run_dir: Path, rank: int, world: int, when: str) -> None:
     """Add ``when`` (e.g. "loaded", "first_step") to ``ranks/rank<r>.json``: this rank's share of the model."""
-    path = run_dir / "ranks" / f"rank{rank}.json"
+    from kscale.train.layout import RANKS
+
+    path = run_dir / RANKS / f"rank{rank}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     report = json.loads(path.read_text()) if path.exists() else {"rank": rank, "world": world}
     report[when] = partition_report(module)
@@ -157,7 +158,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, keep: int) -> None:
     import torch.distributed as dist
 
     root = run_dir / CHECKPOINTS
-    engine.save_checkpoint(str(root), tag=f"step{step:08d}", client_state={"step": step},
+    engine.save_checkpoint(str(root), tag=checkpoint_tag(step), client_state={"step": step},
                            exclude_frozen_parameters=True)
     dist.barrier()
     if dist.get_rank() == 0:

@@ -11,6 +11,7 @@ Legend: L layers, N tokens, H kv heads, D head dim.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -47,8 +48,9 @@ def shard_arrays(store: str | Path) -> dict[str, bytes]:
 
 def run_state(spec, state, store: Path) -> None:
     """Every shard of ``spec`` through ``state`` into ``store`` (a copy of a store's root metadata)."""
+    into = dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=str(store)))
     for shard in plan_shards(len(open_source(spec.data)), spec.data.shard_size):
-        worker.run_shard(spec, shard, state, store_path=str(store))
+        worker.run_shard(into, shard, state)
 
 
 @pytest.mark.parametrize("model", ["debug:qwen2_5_vl", "debug:llava"])
@@ -98,5 +100,5 @@ def test_bad_key_values_fail_the_shard_before_its_marker(tmp_path, overlap, scal
         state.loaded.adapter.key_modules(state.loaded.model)[1].weight.mul_(scale)
     shard = plan_shards(len(state.source), spec.data.shard_size)[0]
     with pytest.raises(ValueError, match=message):
-        worker.run_shard(spec, shard, state, store_path=str(tmp_path / "store"))
-    assert not (tmp_path / "store" / "shards" / f"{shard.name}.done.json").exists()
+        worker.run_shard(spec, shard, state)
+    assert not (Path(spec.output.path) / "shards" / f"{shard.name}.done.json").exists()
