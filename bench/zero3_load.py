@@ -1,8 +1,9 @@
 """Benchmark: peak host memory per rank while a ZeRO-3 job loads its model (not a test).
 
 Two gloo ranks on CPU (``torchrun``) load a ~1 GB random Qwen2.5-VL (fp32 safetensors) twice: the full
-load (every rank reads the whole model, DeepSpeed partitions it later) and the partitioned load
-(``kscale.train.engine.partitioned_loading``: zero.Init while ``from_pretrained`` builds the model).
+load (every rank reads the whole model, then partitions it as ``deepspeed.initialize`` does) and the
+partitioned load (``kscale.train.engine.partitioned_loading``: zero.Init while ``from_pretrained`` builds
+the model). Both end with each rank holding its half.
 A thread samples ``/proc/self/status`` every 5 ms; the table gives each rank's peak above its
 pre-load level, as a share of the model's bytes: resident (VmRSS, includes the checkpoint's mmapped
 file pages, which the kernel can drop) and anonymous (RssAnon, memory the process owns). Goal: <= 0.6x.
@@ -85,11 +86,15 @@ def rank_main(model_dir: str, mode: str, out: str) -> None:
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     t0 = time.perf_counter()
+    config = ds.deepspeed_config(spec.train, world)
     if mode == "partitioned":
-        with ds.partitioned_loading(ds.deepspeed_config(spec.train, world)):
+        with ds.partitioned_loading(config):
             loaded = load_model(spec.model)
-    else:
+    else:  # load whole, then partition as deepspeed.initialize does: both end with the same partitioned model
+        import deepspeed
+
         loaded = load_model(spec.model)
+        deepspeed.zero.Init(module=loaded.model, config_dict_or_path=config)
     seconds = time.perf_counter() - t0
     stop.set()
     t.join()

@@ -171,8 +171,11 @@ def _visible_gpus(n: int, device: torch.device) -> list[str]:
         raise ValueError(f"resources.gpus_per_worker: {n} spreads the model over {n} GPUs, but model.device "
                          f"is {device.type!r}")
     if torch.cuda.device_count() < n:
+        import os
+
         raise ValueError(f"resources.gpus_per_worker: {n} GPUs per worker, but this worker sees "
-                         f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES={__import__('os').environ.get('CUDA_VISIBLE_DEVICES')!r})")
+                         f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
     return [f"cuda:{i}" for i in range(n)]
 
 

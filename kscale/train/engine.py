@@ -103,12 +103,27 @@ def partitioned_loading(config: dict[str, Any]) -> Iterator[None]:
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
+    if not torch.cuda.is_available():
+        _return_freed_host_memory()
     keep = HfDeepSpeedConfig(config)
     try:
         yield
     finally:
         unset_hf_deepspeed_config()
         del keep
+
+
+def _return_freed_host_memory() -> None:
+    """On CPU the partitions live in host memory: make glibc serve large blocks with mmap, so a module's
+    full tensors, freed once partitioned, go back to the system instead of staying in the heap (measured
+    by bench/zero3_load.py: peak 1.05x -> 0.68x of the model per rank). Elsewhere than glibc: nothing."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name and "libc.so" in name:
+        M_MMAP_THRESHOLD = -3
+        ctypes.CDLL(name).mallopt(M_MMAP_THRESHOLD, 128 * 1024)  # glibc's default start value, now fixed
 
 
 def partition_report(module: torch.nn.Module) -> dict[str, int]:
