@@ -39,6 +39,31 @@ class MMDConfig:
     median_subsample: int = field(
         default=2000, metadata={"doc": "tokens per modality for the median heuristic and standardisation"}
     )
+    estimator: Literal["block", "token"] = field(
+        default="block",
+        metadata={"doc": "block: U-statistic leaving out every pair of tokens within one sample (tokens of a "
+                         "sample are dependent); token: leaves out only i = j (biased under within-sample "
+                         "dependence)"},
+    )
+    bandwidth_policy: Literal["per_target", "per_layer", "fixed", "reference"] = field(
+        default="per_target",
+        metadata={"doc": "where the median bandwidth and standardisation come from: per_target (each head, and "
+                         "heads pooled), per_layer (all selected heads pooled, shared by the layer's rows), "
+                         "fixed (mmd.bandwidths), reference (per layer from mmd.reference_store's pool, shared "
+                         "by every store)"},
+    )
+    bandwidths: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"doc": "bandwidth per normalisation for bandwidth_policy fixed, e.g. {none: 3.0, l2: 1.1}"},
+    )
+    reference_store: str | None = field(
+        default=None, metadata={"doc": "store whose pools set bandwidths for policy reference (default: the first)"}
+    )
+    backend: Literal["auto", "numpy", "torch"] = field(
+        default="auto",
+        metadata={"doc": "random features in numpy, or torch (on the worker's GPU when it has one); auto: "
+                         "torch where CUDA is visible, else numpy"},
+    )
     compute_dtype: Literal["float32", "float64"] = field(
         default="float32", metadata={"doc": "dtype of cos/sin; projections and sums are always float64"}
     )
@@ -158,7 +183,11 @@ class AnalyzeConfig:
     embed: EmbedConfig = field(default_factory=EmbedConfig, metadata={"doc": "t-SNE / PCA pictures"})
     paper_mode: PaperConfig = field(default_factory=PaperConfig, metadata={"doc": "published conventions"})
     dask: DaskConfig = field(default_factory=DaskConfig, metadata={"doc": "where the streaming runs"})
-    seed: int = field(default=0, metadata={"doc": "seeds frequencies, subsamples, buckets and probes"})
+    seed: int = field(
+        default=0,
+        metadata={"doc": "seeds every random choice: frequencies, subsamples, bandwidth pools, buckets, head "
+                         "shuffles, histogram directions, probes and t-SNE (recorded in meta.json and rows)"},
+    )
 
     def validate(self) -> list[tuple[str, str]]:
         problems: list[tuple[str, str]] = []
@@ -188,6 +217,11 @@ class AnalyzeConfig:
         ]:
             if value < low:
                 problems.append((name, f"{value} is below the minimum {low}"))
+        if self.mmd.bandwidth_policy == "fixed":
+            for how in self.mmd.normalisations:
+                if not self.mmd.bandwidths.get(how, 0) > 0:
+                    problems.append((f"mmd.bandwidths.{how}", "bandwidth_policy fixed needs a bandwidth > 0 "
+                                                               "for every normalisation"))
         if any(m <= 0 for m in self.mmd.bandwidth_multiples):
             problems.append(("mmd.bandwidth_multiples", f"{self.mmd.bandwidth_multiples} must be > 0"))
         if not 0 < self.significance.alpha < 1:

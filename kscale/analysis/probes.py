@@ -33,11 +33,31 @@ def _side_rows(comp: Comparison, side: str, x: np.ndarray, bucket: np.ndarray, t
     return x[keep], bucket[keep]
 
 
-def probe_rows(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Comparison,
-               targets: dict[int, tuple[list[int], TargetPlan]], buckets: Buckets, ctx_rows) -> list[dict]:
+def probe_rows(lc, n_samples: dict[str, int], joint: list[dict]) -> list[dict]:
+    """Classifier-bound rows of every comparison and target of one layer (``run.LayerContext``), from its
+    joint blocks (all selected heads)."""
+    from kscale.analysis import rows as R
+
+    sc = lc.store
+    items = {m: [it[m] for it in joint if it[m] is not None] for m in sc.mods}
+    targets = {t: (pos, lc.plans[t]) for t, pos in lc.targets.items()}
+
+    def ctx_rows(t):
+        return lambda **kw: R.row(store=sc.ks.path, layer=lc.layer, head=t,
+                                  n_samples=n_samples[kw["comparison"]], **kw)
+
+    out = []
+    for comp in sc.comps:
+        out += _probe_comparison(lc.cfg, sc.runner, items, comp, targets, sc.buckets, ctx_rows)
+    return out
+
+
+def _probe_comparison(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Comparison,
+                      targets: dict[int, tuple[list[int], TargetPlan]], buckets: Buckets, ctx_rows,
+                      ) -> list[dict]:
     """Train and score every probe kind for every target on one comparison; returns table rows.
 
-    ``items[mod]`` are (delayed block, sample ids) pairs of the layer (all selected heads);
+    ``items[mod]`` are (delayed block, delayed sample ids) pairs of the layer (all selected heads);
     ``targets`` maps target id -> (positions of its heads in the block, plan); ``ctx_rows(tid)`` gives
     the row factory for a target.
     """
@@ -56,8 +76,7 @@ def probe_rows(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Compari
         for i in range(max(len(bx), len(by))):
             if seen >= cfg.jsd.max_train_tokens:
                 break
-            (blk_x, sid_x), (blk_y, sid_y) = bx[ox[i % len(bx)]], by[oy[i % len(by)]]
-            arr_x, arr_y = runner.compute(blk_x, blk_y)
+            arr_x, sid_x, arr_y, sid_y = runner.compute(*bx[ox[i % len(bx)]], *by[oy[i % len(by)]])
             seen += min(len(sid_x), len(sid_y))
             for t, (heads, plan) in targets.items():
                 x, sx = _rows_of(arr_x, sid_x, heads, plan)
@@ -74,10 +93,10 @@ def _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows
     loss = {(t, k, s): np.zeros(K) for t in targets for k in cfg.jsd.classifiers for s in "xy"}
     count = {(t, s): np.zeros(K) for t in targets for s in "xy"}
     for side, mod in (("x", comp.mod_x), ("y", comp.mod_y)):
-        for blk, sid in items[mod]:
+        for blk, sid_blk in items[mod]:
+            arr, sid = runner.compute(blk, sid_blk)
             if not (~train_K[buckets.of(np.unique(sid))]).any():
                 continue
-            (arr,) = runner.compute(blk)
             for t, (heads, plan) in targets.items():
                 x, s = _rows_of(arr, sid, heads, plan)
                 xs, bk = _side_rows(comp, side, x, buckets.of(s), train_K, False)
