@@ -165,3 +165,58 @@ def test_pool_and_pooled_head_shuffle_follow_the_seed():
     sides = [sub.side(comp, "x", [0, 1], 50, seed)[0] for seed in (0, 0, 1)]
     np.testing.assert_array_equal(sides[0], sides[1])
     assert not np.allclose(sides[0], sides[2])
+
+
+def test_shared_bandwidth_policy_makes_two_stores_comparable(tmp_path):
+    """Two stores with the same data (samples renumbered: other order, other subsample, other buckets):
+    per-target bandwidths differ, so do the values; a reference bandwidth makes them equal."""
+    from analysis_fakes import FakeKeyStore, make_store
+
+    a = make_store(n_samples=20, layers=(0,), n_heads=2, head_dim=5, shift=0.6)
+    renumber = {m: 1000 - a.tokens_by[m]["sample_id"] for m in ("image", "text")}  # reverses the order
+    b = FakeKeyStore({k: v[::-1] for k, v in a.keys_by.items()},
+                     {m: {**a.tokens_by[m], "sample_id": renumber[m][::-1]} for m in renumber},
+                     a.layers, a.heads, a.head_dim, path="memory://b")
+
+    def cross_values(policy, store, name):
+        cfg = AnalyzeConfig(stores=["unused"], estimators=["mmd_rf"], comparisons=["cross"],
+                            mmd=MMDConfig(n_features=64, median_subsample=60, compute_dtype="float64",
+                                          bandwidth_policy=policy, reference_store="memory://fake"),
+                            significance=SignificanceConfig(n_buckets=4, permutations=0),
+                            embed=EmbedConfig(methods=[]))
+        df = analyze(cfg, tmp_path / name, stores=[a, store] if policy == "reference" and store is b else [store])
+        df = df[(df.store == store.path) & df.estimator.isin(["mmd2_rf"])]
+        assert set(df.bandwidth_policy) == {policy}
+        return df.sort_values(["head", "kernel", "normalisation", "multiple"]).value.to_numpy()
+
+    own = cross_values("per_target", a, "a"), cross_values("per_target", b, "b")
+    assert not np.allclose(own[0], own[1], rtol=1e-6)
+    shared = cross_values("reference", a, "ra"), cross_values("reference", b, "rb")
+    np.testing.assert_allclose(shared[0], shared[1], rtol=1e-9)
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_torch_random_features_equal_numpy(device):
+    """The torch path (a worker's GPU, or torch on CPU) gives numpy's per-sample sums to 1e-6."""
+    import torch
+
+    from kscale.analysis.features import BlockSamples, ChunkPlan, FeatureConfig, TargetPlan
+    from kscale.analysis.gpu import per_sample_rf_torch
+    from kscale.analysis.features import _per_sample_rf
+    from kscale.analysis.source import Buckets
+
+    if device == "cuda" and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (run on the lent GPU machine)")
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((3000, 16)) * 2
+    ids = np.repeat(np.arange(100), 30)
+    target = TargetPlan([0], {"none": 5.0, "l2": 0.8, "standardize": 4.0}, rng.standard_normal(16),
+                        rng.uniform(0.5, 2, 16))
+    configs = [FeatureConfig(n, k, m) for n in ("none", "l2", "standardize") for k in ("rbf", "laplacian")
+               for m in (0.5, 1.0)]
+    plan = ChunkPlan(draw_frequencies(16, 256, orthogonal=True, seed=1), configs, [], {0: target},
+                     Buckets(8, 0), "float32", 512)
+    smp = BlockSamples.of(ids)
+    ref = _per_sample_rf(plan, target, x, smp)
+    got = per_sample_rf_torch(plan, target, x, smp, torch.device(device))
+    np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
