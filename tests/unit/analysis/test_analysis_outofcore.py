@@ -72,3 +72,30 @@ def test_distributed_local_cluster_equals_threads(tmp_path):
     threads = streamed_value(xa, ya, sid, sid + 200, plan, chunk_mb=1)
     dist = streamed_value(xa, ya, sid, sid + 200, plan, scheduler="distributed", chunk_mb=1)
     assert dist == pytest.approx(threads, rel=1e-9)
+
+
+def test_distributed_analysis_equals_threaded(tmp_path):
+    """A dask.distributed LocalCluster of 2 worker processes gives the threaded run's table (mergeable sums)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from analysis_fakes import make_store
+
+    from kscale.analysis.config import AnalyzeConfig, EmbedConfig, MMDConfig, SignificanceConfig
+    from kscale.analysis.run import analyze
+
+    ks = make_store(n_samples=24, layers=(0,), n_heads=2, head_dim=6, chunk_rows=40)
+
+    def run(scheduler, name):
+        cfg = AnalyzeConfig(stores=["unused"], estimators=["mmd_rf", "jsd_hist"],
+                            mmd=MMDConfig(n_features=64, median_subsample=100, max_accumulator_mb=1),
+                            significance=SignificanceConfig(n_buckets=8, permutations=0),
+                            embed=EmbedConfig(methods=[]),
+                            dask=DaskConfig(scheduler=scheduler, n_workers=2, chunk_mb=1))  # ~6 blocks
+        return analyze(cfg, tmp_path / name, stores=[ks])
+
+    threads, dist = run("threads", "t"), run("distributed", "d")
+    assert len(threads) == len(dist) > 0
+    for col in ("value", "se", "ci_low", "ci_high", "p"):
+        np.testing.assert_allclose(dist[col].astype(float), threads[col].astype(float), rtol=1e-9, atol=1e-15)
