@@ -92,6 +92,10 @@ class JSDConfig:
     mlp_hidden: int = field(default=128, metadata={"doc": "hidden width of the MLP probe"})
     epochs: int = field(default=3, metadata={"doc": "passes over the training buckets"})
     min_steps: int = field(default=300, metadata={"doc": "minimum Adam steps per epoch (small runs)"})
+    max_passes: int = field(
+        default=20, metadata={"doc": "cap on passes over a chunk's training tokens per epoch (bounds min_steps "
+                                     "on tiny stores)"}
+    )
     batch_size: int = field(default=512, metadata={"doc": "minibatch size per modality"})
     lr: float = field(default=2e-3, metadata={"doc": "Adam learning rate"})
     max_train_tokens: int = field(

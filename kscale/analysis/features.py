@@ -128,19 +128,23 @@ class Sums:
     units_dropped: bool = False
 
     def merge(self, other: Sums, max_units: int = 0) -> Sums:
+        """Add ``other`` into these sums, in place (the reducer owns its accumulator), and return them."""
         drop = self.units_dropped or other.units_dropped or (
             sum(map(len, self.unit_ids)) + sum(map(len, other.unit_ids)) > max_units)
-        keep = (lambda a, b: []) if drop else (lambda a, b: a + b)
-        return Sums(
-            self.count_K + other.count_K, self.samples_K + other.samples_K, self.nsq_K + other.nsq_K,
-            self.rf_KC2D + other.rf_KC2D, self.rfself_KCD + other.rfself_KCD, self.lin_KMd + other.lin_KMd,
-            self.linsq_KM + other.linsq_KM, self.linself_KM + other.linself_KM, self.hist_KPB + other.hist_KPB,
-            keep(self.unit_ids, other.unit_ids), keep(self.unit_rf, other.unit_rf),
-            keep(self.unit_count, other.unit_count), drop)
+        for name in _ARRAYS:
+            getattr(self, name).__iadd__(getattr(other, name))
+        for name in ("unit_ids", "unit_rf", "unit_count"):
+            setattr(self, name, [] if drop else getattr(self, name) + getattr(other, name))
+        self.units_dropped = drop
+        return self
 
     def units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids_U, rf_U2D, count_U): per-sequence sums (a sample lies in one block: no joins)."""
         return np.concatenate(self.unit_ids), np.concatenate(self.unit_rf), np.concatenate(self.unit_count)
+
+
+_ARRAYS = ("count_K", "samples_K", "nsq_K", "rf_KC2D", "rfself_KCD", "lin_KMd", "linsq_KM", "linself_KM",
+           "hist_KPB")
 
 
 @dataclass
@@ -156,9 +160,12 @@ class TargetSums:
     union_K: np.ndarray
 
     def merge(self, other: TargetSums, max_units: int = 0) -> TargetSums:
-        return TargetSums({m: s.merge(other.by_mod[m], max_units) for m, s in self.by_mod.items()},
-                          self.rfcross_KCD + other.rfcross_KCD, self.lincross_KM + other.lincross_KM,
-                          self.ncross_K + other.ncross_K, self.union_K + other.union_K)
+        """Add ``other`` in place and return self."""
+        for m, s in self.by_mod.items():
+            s.merge(other.by_mod[m], max_units)
+        for name in ("rfcross_KCD", "lincross_KM", "ncross_K", "union_K"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        return self
 
 
 def empty_sums(plan: ChunkPlan, target: TargetPlan, d: int) -> Sums:
@@ -194,7 +201,13 @@ def run_starts(sample_ids_N: np.ndarray) -> np.ndarray:
 
 
 def _bucket_add(acc_K: np.ndarray, bucket_S: np.ndarray, per_sample_S: np.ndarray) -> None:
-    np.add.at(acc_K, bucket_S, per_sample_S)
+    """acc[k] += sum of per-sample rows in bucket k (a one-hot product: np.add.at is slow on wide rows)."""
+    if per_sample_S.ndim == 1:
+        acc_K += np.bincount(bucket_S, weights=per_sample_S, minlength=len(acc_K))
+        return
+    onehot_KS = np.zeros((len(acc_K), len(bucket_S)))
+    onehot_KS[bucket_S, np.arange(len(bucket_S))] = 1.0
+    acc_K += (onehot_KS @ per_sample_S.reshape(len(bucket_S), -1)).reshape(acc_K.shape)
 
 
 @dataclass(frozen=True)

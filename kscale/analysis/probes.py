@@ -15,7 +15,7 @@ import numpy as np
 from kscale.analysis import stats
 from kscale.analysis.config import AnalyzeConfig
 from kscale.analysis.features import TargetPlan
-from kscale.analysis.jsd import LOG2, Probe, balanced_log_loss, to_units, token_log_loss
+from kscale.analysis.jsd import LOG2, ProbeBank, balanced_log_loss, to_units, token_log_loss
 from kscale.analysis.plan import Comparison
 from kscale.analysis.source import Buckets
 
@@ -65,8 +65,8 @@ def _probe_comparison(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: 
     train_K = np.ones(K, bool)
     train_K[: max(1, round(cfg.jsd.heldout_fraction * K))] = False  # buckets are random already
     d = next(iter(targets.values()))[1].centre_d.shape[0]
-    probes = {(t, k): Probe(k, d, hidden=cfg.jsd.mlp_hidden, lr=cfg.jsd.lr, batch_size=cfg.jsd.batch_size,
-                             seed=cfg.seed + 17 * (t + 1)) for t in targets for k in cfg.jsd.classifiers}
+    bank = ProbeBank({(t, k): k for t in targets for k in cfg.jsd.classifiers}, d, hidden=cfg.jsd.mlp_hidden,
+                     lr=cfg.jsd.lr, batch_size=cfg.jsd.batch_size, seed=cfg.seed)
     rng = np.random.default_rng([cfg.seed, 0xE90C])
     bx, by = items[comp.mod_x], items[comp.mod_y]
     min_steps = -(-cfg.jsd.min_steps // max(len(bx), len(by)))  # small runs still train properly
@@ -78,14 +78,24 @@ def _probe_comparison(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: 
                 break
             arr_x, sid_x, arr_y, sid_y = runner.compute(*bx[ox[i % len(bx)]], *by[oy[i % len(by)]])
             seen += min(len(sid_x), len(sid_y))
+            data = {}
             for t, (heads, plan) in targets.items():
                 x, sx = _rows_of(arr_x, sid_x, heads, plan)
                 y, sy = _rows_of(arr_y, sid_y, heads, plan)
                 xp, _ = _side_rows(comp, "x", x, buckets.of(sx), train_K, True)
                 yn, _ = _side_rows(comp, "y", y, buckets.of(sy), train_K, True)
-                for k in cfg.jsd.classifiers:
-                    probes[(t, k)].fit_chunk(xp, yn, min_steps)
+                data.update({(t, k): (xp, yn) for k in cfg.jsd.classifiers})
+            bank.fit_chunk(data, _steps(cfg, data, min_steps))
+    probes = bank.models
     return _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows)
+
+
+def _steps(cfg: AnalyzeConfig, data: dict, min_steps: int) -> int:
+    """Minibatches for one chunk pair: one pass over the larger side, at least ``min_steps`` but at most
+    ``jsd.max_passes`` passes (a tiny store would otherwise repeat a few hundred tokens hundreds of times)."""
+    rows = max((max(len(p), len(n)) for p, n in data.values()), default=0)
+    one_pass = max(1, -(-rows // cfg.jsd.batch_size))
+    return max(one_pass, min(min_steps, cfg.jsd.max_passes * one_pass))
 
 
 def _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows) -> list[dict]:
@@ -102,7 +112,7 @@ def _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows
                 xs, bk = _side_rows(comp, side, x, buckets.of(s), train_K, False)
                 count[(t, side)] += np.bincount(bk, minlength=K)
                 for k in cfg.jsd.classifiers:
-                    ll = token_log_loss(probes[(t, k)].model, xs, 1 if side == "x" else 0)
+                    ll = token_log_loss(probes[(t, k)], xs, 1 if side == "x" else 0)
                     loss[(t, k, side)] += np.bincount(bk, weights=ll, minlength=K)
     out = []
     for t in targets:
