@@ -78,7 +78,7 @@ class CrossWithin:
 
 def rf_side(count_K: np.ndarray, rf_K2D: np.ndarray, self_KD: np.ndarray, nsq_K: np.ndarray) -> Side:
     """A side from raw cos/sin sums (K, 2, D): groups are frequencies, each token has |phi_j|^2 = 1."""
-    K, _, D = rf_K2D.shape
+    D = rf_K2D.shape[2]
     return Side(count_K, rf_K2D.transpose(0, 2, 1), np.repeat(count_K[:, None], D, 1), self_KD, nsq_K)
 
 

@@ -63,12 +63,12 @@ def _keep(comp: Comparison, side: str, K: int) -> np.ndarray:
     return comp.mask(side, np.arange(K))
 
 
-def _sides(ts: TargetSums, comp: Comparison, make) -> tuple[Side, Side, CrossWithin | None]:
-    """X and Y restricted to their buckets, and the cross within-sample terms (cross comparisons only)."""
+def _sides(ts: TargetSums, comp: Comparison, make) -> tuple[Side, Side]:
+    """X and Y restricted to their buckets."""
     K = len(ts.ncross_K)
     x = make(ts.by_mod[comp.mod_x]).restrict(_keep(comp, "x", K))
     y = make(ts.by_mod[comp.mod_y]).restrict(_keep(comp, "y", K))
-    return x, y, None
+    return x, y
 
 
 def _rf_make(c: int):
@@ -100,7 +100,7 @@ def rf_rows(ctx: Context, ts: TargetSums, comp: Comparison, configs: list[Featur
     """Random-feature MMD^2 rows (one per config); also each config's jackknife replicates."""
     out, reps = [], {}
     for c, fc in enumerate(configs):
-        x, y, _ = _sides(ts, comp, _rf_make(c))
+        x, y = _sides(ts, comp, _rf_make(c))
         xy = _cross_within(ts, comp, ts.rfcross_KCD[:, c])
         value, approx_sd = rf_mmd2(x, y, xy, ctx.estimator)
         fields, reps[(fc.normalisation, fc.kernel, fc.multiple)] = _row_stats(ctx, x, y, xy, comp, value)
@@ -113,7 +113,7 @@ def rf_rows(ctx: Context, ts: TargetSums, comp: Comparison, configs: list[Featur
 def linear_rows(ctx: Context, ts: TargetSums, comp: Comparison, norms: list[str], conv: dict) -> list[dict]:
     out = []
     for m, how in enumerate(norms):
-        x, y, _ = _sides(ts, comp, _lin_make(m))
+        x, y = _sides(ts, comp, _lin_make(m))
         xy = _cross_within(ts, comp, ts.lincross_KM[:, m:m + 1])
         fields, _ = _row_stats(ctx, x, y, xy, comp, mmd2_from_sums(x, y, xy, ctx.estimator))
         out.append(ctx.row(comparison=comp.name, estimator="mmd2_linear", kernel="linear", normalisation=how,

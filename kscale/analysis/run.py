@@ -32,8 +32,7 @@ from kscale.analysis import rows as R
 from kscale.analysis.config import AnalyzeConfig
 from kscale.analysis.features import (RF_KERNELS, ChunkPlan, FeatureConfig, TargetPlan, TargetSums, chunk_sums,
                                       draw_frequencies, merger)
-from kscale.analysis.plan import (POOLED, Comparison, Scales, Subsample, comparisons, layer_scales,
-                                  target_plan)
+from kscale.analysis.plan import POOLED, Comparison, Subsample, comparisons, layer_scales, target_plan
 from kscale.analysis.probes import probe_rows
 from kscale.analysis.source import (BlockPlan, Buckets, KeyStoreLike, block_plan, joint_items, open_store,
                                     read_rows, rows_per_block, subsample_index)

@@ -130,7 +130,7 @@ def test_same_seed_same_bytes_other_seed_moves_every_choice(tmp_path):
         analyze(cfg, tmp_path / name, stores=[ks])
         return (tmp_path / name / "results.csv").read_bytes()
 
-    a, b, c = run(0, "a"), run(0, "b"), run(2, "c")  # (seed 1 hashes no sample of 32 into held-out bucket 1)
+    a, b, _ = run(0, "a"), run(0, "b"), run(2, "c")  # (seed 1 hashes no sample of 32 into held-out bucket 1)
     assert a == b
     da_, dc = pd.read_csv(tmp_path / "a" / "results.csv"), pd.read_csv(tmp_path / "c" / "results.csv")
     key = ["layer", "head", "comparison", "estimator", "kernel", "normalisation", "multiple"]
@@ -200,9 +200,8 @@ def test_torch_random_features_equal_numpy(device):
     """The torch path (a worker's GPU, or torch on CPU) gives numpy's per-sample sums to 1e-6."""
     import torch
 
-    from kscale.analysis.features import BlockSamples, ChunkPlan, FeatureConfig, TargetPlan
+    from kscale.analysis.features import BlockSamples, ChunkPlan, FeatureConfig, TargetPlan, _per_sample_rf
     from kscale.analysis.gpu import per_sample_rf_torch
-    from kscale.analysis.features import _per_sample_rf
     from kscale.analysis.source import Buckets
 
     if device == "cuda" and not torch.cuda.is_available():
