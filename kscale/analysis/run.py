@@ -257,10 +257,10 @@ def _head_groups(lc: LayerContext) -> list[list[int]]:
     return [sc.heads[i:i + size] for i in range(0, len(sc.heads), size)]
 
 
-def _chunk_plan(lc: LayerContext, group: list[int], freqs) -> ChunkPlan:
+def _chunk_plan(lc: LayerContext, group: list[int], freqs, singles: bool, pooled: bool) -> ChunkPlan:
     cfg, sc = lc.cfg, lc.store
-    targets = {h: dataclasses.replace(lc.plans[h], heads=[group.index(h)]) for h in group}
-    if POOLED in lc.plans:
+    targets = {h: dataclasses.replace(lc.plans[h], heads=[group.index(h)]) for h in group} if singles else {}
+    if pooled:
         targets[POOLED] = dataclasses.replace(lc.plans[POOLED], heads=list(range(len(group))))
     return ChunkPlan(freqs, sc.configs, sc.lin_norms, targets, sc.buckets, cfg.mmd.compute_dtype,
                      cfg.mmd.batch_rows, cfg.significance.max_permutation_units
@@ -276,16 +276,20 @@ def layer_items(lc: LayerContext, heads: list[int]) -> list[dict]:
 
 
 def _stream_sums(lc: LayerContext) -> dict[int, TargetSums]:
-    """Streamed TargetSums per target; heads in memory-bounded groups, pooled merged across groups."""
+    """Streamed TargetSums per target; heads in memory-bounded groups. Heads pooled need every head of a
+    sample in one pass (its per-sample sums span heads), so when heads are split pooled gets its own pass."""
     cfg, sc = lc.cfg, lc.store
     freqs = draw_frequencies(sc.ks.head_dim, cfg.mmd.n_features, orthogonal=cfg.mmd.orthogonal,
                              seed=cfg.seed) if sc.configs else None
     merge = merger(cfg.significance.max_permutation_units)
+    groups, pooled = _head_groups(lc), POOLED in lc.plans
+    passes = [(g, True, pooled and len(groups) == 1) for g in groups]
+    if pooled and len(groups) > 1:
+        passes.append((sc.heads, False, True))
     out: dict[int, TargetSums] = {}
-    for group in _head_groups(lc):
-        part = sc.runner.map_reduce(chunk_sums, layer_items(lc, group), _chunk_plan(lc, group, freqs), merge)
-        for t, ts in part.items():
-            out[t] = merge({0: out[t]}, {0: ts})[0] if t in out else ts
+    for group, singles, with_pooled in passes:
+        plan = _chunk_plan(lc, group, freqs, singles, with_pooled)
+        out.update(sc.runner.map_reduce(chunk_sums, layer_items(lc, group), plan, merge))
     return out
 
 

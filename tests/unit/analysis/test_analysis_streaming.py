@@ -1,6 +1,8 @@
 """Streamed sample ids: the reader's lazy token columns, sample-aligned joint blocks, and rows equal to a
 reference that loads every token's sample id and all keys in memory (the path the stage used before)."""
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -73,8 +75,10 @@ def cfg_for(estimator, **kw):
 
 def reference_value(ks, layer, head, row, estimator):
     """The row's value from every token's sample id and all keys in memory (no streaming, no buckets)."""
-    ids = {m: ks.tokens(m)["sample_id"] for m in ("image", "text")}
-    x = {m: ks.keys(layer, m).compute()[:, head].astype(np.float64) for m in ("image", "text")}
+    heads = list(range(HEADS)) if head == -1 else [head]  # pooled: every head's vector is one more point
+    ids = {m: np.repeat(ks.tokens(m)["sample_id"], len(heads)) for m in ("image", "text")}
+    x = {m: ks.keys(layer, m).compute()[:, heads].astype(np.float64).reshape(-1, D_HEAD)
+         for m in ("image", "text")}
     if row.kernel == "linear":
         feats = x
     else:
@@ -95,10 +99,13 @@ def reference_value(ks, layer, head, row, estimator):
 
 @pytest.mark.parametrize("estimator", ["token", "block"])
 def test_streamed_rows_equal_the_in_memory_reference(tmp_path, estimator):
+    """Per head and heads pooled; a tiny accumulator budget splits heads into groups of one."""
     ks = write_store(tmp_path / "s")
-    df = analyze(cfg_for(estimator), tmp_path / "out", stores=[ks])
+    cfg = cfg_for(estimator)
+    cfg = dataclasses.replace(cfg, pooled=True, mmd=dataclasses.replace(cfg.mmd, max_accumulator_mb=1))
+    df = analyze(cfg, tmp_path / "out", stores=[ks])
     rows = df[df.estimator.isin(["mmd2_rf", "mmd2_linear"]) & (df.normalisation == "none")]
-    assert len(rows) == 2 * HEADS * 7  # layers x heads x (rbf, laplacian at 3 multiples; linear)
+    assert len(rows) == 2 * (HEADS + 1) * 7  # layers x (heads, pooled) x (rbf, laplacian at 3 multiples; linear)
     for row in rows.itertuples():
         ref = reference_value(ks, row.layer, row.head, row, estimator)
         assert row.value == pytest.approx(ref, rel=1e-12, abs=1e-14), (row.kernel, row.layer, row.head)
