@@ -202,6 +202,8 @@ def run_starts(sample_ids_N: np.ndarray) -> np.ndarray:
 
 def _bucket_add(acc_K: np.ndarray, bucket_S: np.ndarray, per_sample_S: np.ndarray) -> None:
     """acc[k] += sum of per-sample rows in bucket k (a one-hot product: np.add.at is slow on wide rows)."""
+    if per_sample_S.size == 0:
+        return
     if per_sample_S.ndim == 1:
         acc_K += np.bincount(bucket_S, weights=per_sample_S, minlength=len(acc_K))
         return
