@@ -54,27 +54,33 @@ def measure(fn, warmup=None):
 
 
 def rf_sums(x, y, plan, chunk=8192):
-    from kscale.analysis.features import chunk_sums
+    from kscale.analysis.features import plain_sums
 
     sid = np.repeat(np.arange(2 * len(x) // 100 + 1), 100)
     out = []
     for arr, ids in ((x, sid[: len(x)]), (y, sid[len(x): 2 * len(x)])):
         acc = None
-        for lo in range(0, len(arr), chunk):
-            s = chunk_sums(arr[lo:lo + chunk, None], ids[lo:lo + chunk], plan)[0]
-            acc = s if acc is None else acc.merge(s)
+        for lo in range(0, len(arr), chunk):  # chunk is a multiple of 100: whole samples per chunk
+            s = plain_sums(arr[lo:lo + chunk], ids[lo:lo + chunk], plan)
+            acc = s if acc is None else acc.merge(s, plan.max_units)
         out.append(acc)
     return out
 
 
+def _side(s):
+    from kscale.analysis.mmd import rf_side
+
+    return rf_side(s.count_K, s.rf_KC2D[:, 0], s.rfself_KCD[:, 0], s.nsq_K)
+
+
 def rf_value(x, y, n_features, orthogonal, seed, bw):
     from kscale.analysis.features import single_target_plan
-    from kscale.analysis.mmd import rf_mmd2, rf_side
+    from kscale.analysis.mmd import rf_mmd2
 
     plan = single_target_plan(x.shape[1], n_features=n_features, bandwidth=bw, orthogonal=orthogonal,
                               seed=seed, sample_ids=np.arange(2 * len(x) // 100 + 1), n_buckets=32)
     sx, sy = rf_sums(x, y, plan)
-    return rf_mmd2(rf_side(sx.count_K, sx.rf_KC2D[:, 0]), rf_side(sy.count_K, sy.rf_KC2D[:, 0]))
+    return rf_mmd2(_side(sx), _side(sy), estimator="token")  # i.i.d. tokens: compare with exact
 
 
 def permutation_run(x, y, bw, n_perm=1000):
@@ -82,7 +88,7 @@ def permutation_run(x, y, bw, n_perm=1000):
     from kscale.analysis.features import single_target_plan
     from kscale.analysis.stats import permutation_p
 
-    plan = single_target_plan(x.shape[1], n_features=1024, bandwidth=bw, seed=0, collect_units=True,
+    plan = single_target_plan(x.shape[1], n_features=1024, bandwidth=bw, seed=0, max_units=10**6,
                               sample_ids=np.arange(2 * len(x) // 100 + 1), n_buckets=32)
     sx, sy = rf_sums(x, y, plan)
     feats, counts, flags = [], [], []
@@ -101,8 +107,8 @@ def streaming_rate(n_tokens: int, n_features: int) -> tuple[float, float, float]
     import zarr
 
     from kscale.analysis.config import DaskConfig
-    from kscale.analysis.features import chunk_sums, merge_sums, single_target_plan
-    from kscale.analysis.source import blocks
+    from kscale.analysis.features import chunk_sums, merger, single_target_plan
+    from kscale.analysis.source import block_plan, joint_items, rows_per_block
     from kscale.analysis.stream import Runner
 
     heads, d = 8, 128
@@ -115,10 +121,12 @@ def streaming_rate(n_tokens: int, n_features: int) -> tuple[float, float, float]
         sid = np.repeat(np.arange(n_tokens // 200 + 1), 200)[:n_tokens]
         plan = single_target_plan(d, n_features=n_features, bandwidth=16.0, sample_ids=sid, n_buckets=32)
         plan.targets = {h: dataclasses.replace(plan.targets[0], heads=[h]) for h in range(heads)}
+        ids = {"text": da.from_array(sid, chunks=(16384,))}
         with Runner(DaskConfig(n_workers=2, chunk_mb=32)) as runner:
-            items = blocks(da.from_zarr(z), sid, 32)
+            blocks = block_plan(ids, rows_per_block(32, heads * d * 2), 10**6, "bench")
+            items = joint_items({"text": da.from_zarr(z)}, ids, blocks)
             # dask workers run in other processes: tracemalloc would see only the driver, so no peak here
-            _, dt = timed(lambda: runner.map_reduce(chunk_sums, items, plan, merge_sums))
+            _, dt = timed(lambda: runner.map_reduce(chunk_sums, items, plan, merger(0)))
             peak = float("nan")
     mb = n_tokens * heads * d * 2 / 2**20
     return mb / dt, dt, peak

@@ -103,6 +103,25 @@ class KeyStore:
         return {k: (np.concatenate(v) if v else np.zeros((0, R) if k == "rope_pos" else (0,), dtype=TABLE_COLUMNS[k]))
                 for k, v in cols.items()}
 
+    def token_column(self, modality: str, name: str) -> da.Array:
+        """One token-table column, lazily: rows aligned with ``keys(layer, modality)`` and chunked like its
+        token axis, so a block of keys and its block of (say) sample ids come from the same rows. Streaming
+        consumers (the analysis) read it block by block instead of loading ``tokens()`` whole."""
+        self._check_modality(modality)
+        if name not in TABLE_COLUMNS:
+            raise StoreError(f"unknown token column {name!r} (columns: {', '.join(TABLE_COLUMNS)})")
+        parts = []
+        for shard in self.shards:
+            g = self._group(shard, modality)
+            if g is None:
+                continue
+            col = g[name]
+            parts.append(da.from_zarr(col, chunks=(g["keys"].chunks[1], *col.shape[1:])))
+        if parts:
+            return da.concatenate(parts, axis=0)
+        tail = (int(self.attrs["rope_rows"]),) if name == "rope_pos" else ()
+        return da.zeros((0, *tail), dtype=TABLE_COLUMNS[name])
+
     def table(self, name: str) -> dict[str, np.ndarray]:
         """A per-shard side table (e.g. "attention") concatenated over committed shards."""
         cols: dict[str, list[np.ndarray]] = {}
