@@ -10,6 +10,8 @@ checkpoint in the run directory, and trains. Run directory (``output.path``)::
     checkpoints/stepN/   resumable DeepSpeed state (adapter + optimizer), newest ``keep_checkpoints``
     adapter/             the final adapter (safetensors + adapter_config.json)
     eval.json, eval.md   the before/after table on held-out data (:mod:`kscale.train.evaluate`)
+    report.html          loss, alignment term, gates per layer, key gap before/after (:mod:`kscale.train.report`)
+    tensorboard/         event files when ``train.report_to`` has tensorboard (:mod:`kscale.train.loggers`)
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ def run_train(spec: Any) -> dict[str, Any]:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "split.json").write_text(json.dumps({"train": split.train, "heldout": split.heldout}))
-    last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world)
+    loggers = _loggers(spec, run_dir) if rank == 0 else None
+    last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world, loggers)
     state = ds.gathered_adapter_state(engine, malora.adapter_parameters())
     if rank == 0:
         malora.save_pretrained(run_dir / ADAPTER_DIR, state=state)
@@ -66,8 +69,28 @@ def run_train(spec: Any) -> dict[str, Any]:
         from kscale.train.evaluate import evaluate_run
 
         summary["eval"] = evaluate_run(spec)
+        if loggers is not None:
+            loggers.log_eval(summary["eval"], cfg.max_steps)
+    if rank == 0:
+        from kscale.train.report import build_report
+
+        summary["report"] = str(build_report(run_dir))
+        if loggers is not None:
+            loggers.close()
     dist.barrier()
     return summary
+
+
+def _loggers(spec: Any, run_dir: Path) -> Any:
+    """TensorBoard / W&B views of the logged records (``train.report_to``), or None."""
+    if not spec.train.report_to:
+        return None
+    import dataclasses
+
+    from kscale.train.loggers import RunLoggers
+
+    return RunLoggers(list(spec.train.report_to), run_dir, getattr(spec, "name", "train"),
+                      {"train": dataclasses.asdict(spec.train), "model": spec.model.path})
 
 
 def _prepare_run_dir(run_dir: Path, if_exists: str, rank: int) -> None:
@@ -93,7 +116,7 @@ def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:
 
 
 def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, loaded: Any, cfg: TrainConfig,
-               run_dir: Path, start: int, rank: int, world: int) -> dict[str, float]:
+               run_dir: Path, start: int, rank: int, world: int, loggers: Any = None) -> dict[str, float]:
     """Optimizer steps ``start .. max_steps``: forward/backward per micro-batch, log, checkpoint."""
     from tqdm.auto import tqdm
 
@@ -117,6 +140,8 @@ def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, lo
             if rank == 0:
                 with open(run_dir / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                if loggers is not None:
+                    loggers.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", lm=f"{last['lm']:.4f}", align=f"{last['align']:.4f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
