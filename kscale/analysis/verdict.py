@@ -105,8 +105,9 @@ def _rank(s: Setting) -> tuple:
 
 
 def primary_setting(df: pd.DataFrame) -> Setting | None:
-    """RF MMD² (else exact), RBF, raw keys, the bandwidth multiple closest to 1 (and the most common
-    bandwidth policy / statistic when the table records them)."""
+    """RF MMD² (else exact), RBF, raw keys, the bandwidth multiple closest to 1 (and, when the table
+    records them, a sample-/block-level statistic if there is one, else the most common value, and the
+    most common bandwidth policy)."""
     keys = setting_keys(df)
     for est in ("mmd2_rf", "mmd2_exact"):
         sel = df[(df.estimator == est) & (df.comparison == "cross")]
@@ -119,7 +120,9 @@ def primary_setting(df: pd.DataFrame) -> Setting | None:
         sel = sel[mult == mult.iloc[np.abs(np.log(mult.to_numpy())).argmin()]]
         for extra in ("bandwidth_policy", "statistic"):
             if extra in keys and sel[extra].notna().any():
-                sel = sel[sel[extra] == sel[extra].mode().iloc[0]]
+                values = sel[extra].dropna()
+                dependence_aware = [v for v in values.unique() if any(w in str(v) for w in ("sample", "block"))]
+                sel = sel[sel[extra] == (dependence_aware[0] if dependence_aware else values.mode().iloc[0])]
         first = sel.iloc[0]
         return Setting(tuple((k, first[k]) for k in keys))
     return None
