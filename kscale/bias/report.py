@@ -24,8 +24,8 @@ TREND = ("dependency_blank", "dependency_swapped", "blind_share", "follows_image
 
 
 VARIANT_STYLE = ("o", "s", "D", "^", "v", "P", "X")
-ORDER_STYLE = {"random": ("o", "-", -0.012), "least_attended": ("v", "--", -0.004),
-               "most_attended": ("^", "-.", 0.004), "text": ("s", ":", 0.012)}
+ORDER_STYLE = {"random": ("o", "-", -0.03), "least_attended": ("v", "--", -0.01),
+               "most_attended": ("^", "-.", 0.01), "text": ("s", ":", 0.03)}
 ORDER_LABEL = {"random": "image tokens, random order", "least_attended": "image tokens, least attended first",
                "most_attended": "image tokens, most attended first", "text": "text context tokens"}
 
