@@ -35,20 +35,34 @@ from kscale.analysis.probes import probe_rows
 from kscale.analysis.source import (Buckets, KeyStoreLike, blocks, bucket_table, open_store, read_rows,
                                     subsample_index)
 from kscale.analysis.stream import Runner
+from kscale.output import (RUN_MARKER, OutputKind, claim_output, run_marker, run_marker_reader,
+                           write_json_atomic)
+from kscale.results import AnalyzeResult
+from kscale.spec import JobSpec, section_problems
 
 
-def run_analyze(spec) -> dict:
-    """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir."""
+ANALYZE_KIND = OutputKind("analysis run", run_marker_reader("analyze"), check_fingerprint=False)
+
+
+def run_analyze(spec: JobSpec) -> AnalyzeResult:
+    """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir, claimed
+    (:mod:`kscale.output`) for the run: locked, and never a folder that is not an analysis run (its
+    ``kscale.json``). ``resume`` recomputes into the same run; ``overwrite`` starts from an empty one."""
     t0 = time.time()
-    df = analyze(spec.analyze, spec.output.path)
-    return {"name": getattr(spec, "name", "analyze"), "out_dir": str(spec.output.path), "rows": len(df),
-            "seconds": round(time.time() - t0, 1)}
+
+    def create(tmp: Path) -> None:
+        write_json_atomic(tmp / RUN_MARKER, run_marker("analyze", spec.fingerprint()))
+
+    with claim_output(spec.output.path, spec.output.if_exists, ANALYZE_KIND, spec.fingerprint(), create):
+        df = analyze(spec.analyze, spec.output.path)
+    return AnalyzeResult(name=getattr(spec, "name", "analyze"), out_dir=str(spec.output.path), rows=len(df),
+                         seconds=round(time.time() - t0, 1))
 
 
 def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] | None = None,
             ) -> pd.DataFrame:
     """Run the analysis; ``stores`` (opened readers) override ``cfg.stores`` (tests pass fakes)."""
-    problems = cfg.validate() if stores is None else [p for p in cfg.validate() if p[0] != "stores"]
+    problems = [p for p in section_problems(cfg) if stores is None or p[0] != "stores"]
     if problems:
         raise ValueError("analyze: " + "; ".join(f"{k}: {m}" for k, m in problems))
     out = Path(out_dir)
@@ -74,7 +88,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
 
 def attention_beside_gap(stores: list[KeyStoreLike], df: pd.DataFrame, out: Path) -> None:
     """Where a store carries attention statistics (``extract.attention``), put visual attention
-    utilisation beside the key gap: tables and one figure per store (issue "Attention")."""
+    utilisation beside the key gap: tables and one figure per store (docs/attention.md)."""
     from kscale.attention import report as attn
 
     for ks in stores:

@@ -1,13 +1,15 @@
 """``run_extract(spec)``: prepare the store, plan shards, skip committed ones, run the rest.
 
-Store policy (``output.if_exists``): ``resume`` continues a store written by the same spec (its
-fingerprint must match: a different spec is an error, never a silent mix), ``fail`` refuses an existing
-store, ``overwrite`` deletes it first. A directory that is not a kscale store is never deleted.
+The store is claimed (:mod:`kscale.output`: an exclusive lock, then the policy) before anything is
+written and released at the end; a second run on it is refused (``OutputLocked``, naming the holder).
+Store policy (``output.if_exists``): ``resume`` continues a store written by the
+same spec (its fingerprint must match: a different spec is an error, never a silent mix), ``fail``
+refuses an existing store, ``overwrite`` replaces it. A directory that is not a kscale store (its root
+attributes say ``format: kscale-keys``) is never deleted or written into.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -15,13 +17,14 @@ import zarr
 
 from kscale import __version__
 from kscale.data import open_source, plan_shards
-from kscale.spec import to_dict
-from kscale.models.registry import read_config_json
+from kscale.models.registry import MODALITY_CODES, get_adapter, read_config_json
+from kscale.output import OutputError, OutputKind, claim_output
+from kscale.results import ExtractResult
+from kscale.spec import JobSpec, to_dict
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, committed_shards, is_store
 
 
-class StoreExistsError(RuntimeError):
-    pass
+StoreExistsError = OutputError  # the store policy's refusals (kscale.output: foreign, exists, locked)
 
 
 def _versions() -> dict:
@@ -33,7 +36,7 @@ def _versions() -> dict:
             "zarr": zarr.__version__, "numpy": numpy.__version__}
 
 
-def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
+def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
                shards: int) -> dict:
     return {
         "format": STORE_FORMAT, "version": STORE_VERSION,
@@ -47,36 +50,29 @@ def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: l
         "versions": _versions(),
         "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "rope_pos": ["token", "rope_row"]},
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
-        "key_space": "pre_rope", "rope_rows": 3 if info.family == "qwen2_5_vl" else 1,
-        "modality_codes": {"text": 0, "image": 1, "video": 2, "special": 3},
+        "key_space": "pre_rope", "rope_rows": get_adapter(info.family).rope_rows,
+        "modality_codes": dict(MODALITY_CODES),
         "plan": {"n_samples": n_samples, "shard_size": spec.data.shard_size, "n_shards": shards},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
 
 
-def prepare_store(spec, attrs_fn) -> str:
-    """Create, check or overwrite the output store per ``output.if_exists``; return its path."""
-    path = Path(spec.output.path).expanduser()
-    if path.exists() and any(path.iterdir()):
-        if not is_store(path):
-            raise StoreExistsError(f"output.path: {str(path)!r} exists and is not a kscale store; "
-                                   "refusing to write into it")
-        mode = spec.output.if_exists
-        if mode == "fail":
-            raise StoreExistsError(f"output.path: store {str(path)!r} exists and output.if_exists is 'fail'")
-        if mode == "overwrite":
-            shutil.rmtree(path)
-        else:
-            found = dict(zarr.open_group(str(path), mode="r").attrs).get("spec_fingerprint")
-            if found != spec.fingerprint():
-                raise StoreExistsError(
-                    f"output.path: store {str(path)!r} was written by a different spec (fingerprint {found}, "
-                    f"this spec {spec.fingerprint()}); choose another path or output.if_exists: overwrite")
-            return str(path)
-    g = zarr.open_group(str(path), mode="w")
-    g.attrs.update(attrs_fn())
-    (path / "shards").mkdir(exist_ok=True)
-    return str(path)
+def store_marker(path: Path) -> dict | None:
+    """The root attributes of a kscale key store (its kind marker), None for anything else."""
+    return dict(zarr.open_group(str(path), mode="r").attrs) if is_store(path) else None
+
+
+STORE_KIND = OutputKind("store", store_marker)
+
+
+def claim_store(spec, attrs_fn):
+    """Lock the output store, then create, check or overwrite it per ``output.if_exists`` (a context)."""
+
+    def create(tmp: Path) -> None:
+        zarr.open_group(str(tmp), mode="w").attrs.update(attrs_fn())
+        (tmp / "shards").mkdir()
+
+    return claim_output(spec.output.path, spec.output.if_exists, STORE_KIND, spec.fingerprint(), create)
 
 
 def nothing_to_do(spec) -> bool:
@@ -90,29 +86,30 @@ def nothing_to_do(spec) -> bool:
     return planned <= set(committed_shards(path))
 
 
-def run_extract(spec, executor) -> dict:
+def run_extract(spec: JobSpec, executor) -> ExtractResult:
     """Extract keys for every uncommitted shard through ``executor``; return the job summary."""
-    from kscale.models import get_adapter, read_model_config
-    from kscale.extract.worker import resolve_heads, resolve_layers
+    from kscale.models import read_model_config, resolve_layers
+    from kscale.extract.worker import resolve_heads
 
     info = read_model_config(spec.model)
     n = len(open_source(spec.data))
     shards = plan_shards(n, spec.data.shard_size)
-    layers = resolve_layers(spec.extract.layers, info.num_layers)
+    layers = resolve_layers(spec.extract.layers, info.num_layers, "extract.layers")
     heads = resolve_heads(spec.extract.heads, info.num_kv_heads)
 
     def attrs():
         settings = _processor_settings(spec, info, get_adapter(info.family))
         return root_attrs(spec, info, settings, layers, heads, n, len(shards))
 
-    store = prepare_store(spec, attrs)
-    done = set(committed_shards(store))
-    todo = [s for s in shards if s.name not in done]
-    result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
-    return {"kind": "extract", "store": store, "shards_total": len(shards), **result}
+    with claim_store(spec, attrs) as path:
+        store = str(path)
+        done = set(committed_shards(store))
+        todo = [s for s in shards if s.name not in done]
+        result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
+    return ExtractResult(store=store, **ExtractResult.progress_fields({**result, "shards_total": len(shards)}))
 
 
-def _processor_settings(spec, info, adapter) -> dict:
+def _processor_settings(spec: JobSpec, info, adapter) -> dict:
     from transformers import AutoImageProcessor
 
     proc = AutoImageProcessor.from_pretrained(info.path, revision=spec.model.revision,

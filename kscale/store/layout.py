@@ -20,13 +20,14 @@ Each shard writes only its own groups: no two writers ever touch one chunk.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Any
+
+from kscale.output import write_json_atomic  # noqa: F401  (the one atomic JSON writer; markers use it)
+
+from kscale.models.facts import MODALITIES  # noqa: F401  (one definition, with the tags, in kscale.models)
 
 STORE_FORMAT = "kscale-keys"
 STORE_VERSION = 1
-MODALITIES = ("text", "image", "video", "special")
 TABLE_COLUMNS = {  # name -> (dtype, trailing shape key)
     "sample_id": "int64",
     "position": "int32",
@@ -53,12 +54,6 @@ def is_store(path: str | Path) -> bool:
         return json.loads(meta.read_text()).get("attributes", {}).get("format") == STORE_FORMAT
     except (OSError, json.JSONDecodeError):
         return False
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
 
 
 def committed_shards(store: str | Path) -> dict[str, dict]:

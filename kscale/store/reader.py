@@ -3,6 +3,8 @@
 Only committed shards are visible. ``keys(layer, modality)`` concatenates the shards' arrays for that
 layer in shard order, and ``tokens(modality)`` returns the token table in the same order, so row i of
 one is row i of the other. ``layer`` is the model's layer index, not a position in the stored list.
+Post-RoPE keys (``rope=True``) and stored queries come from :mod:`kscale.store.rope` and
+:mod:`kscale.store.queries`, imported when asked (they need torch).
 """
 
 from __future__ import annotations
@@ -76,14 +78,14 @@ class KeyStore:
                 raise StoreError(f"KV heads {missing} are not in store {self.path} (heads: {self.heads})")
             out = out[:, [self.heads.index(h) for h in heads]]
         if rope:
-            from kscale.attention.keyspace import rope_lazy, store_rotary
+            from kscale.store.rope import rope_lazy, store_rotary
 
             out = rope_lazy(out, self.tokens(modality)["rope_pos"], store_rotary(self))
         return out
 
     def queries(self, layer: int, modality: str, rope: bool = False) -> da.Array:
         """Stored query vectors (``extract.attention.store_queries``), laid out like ``keys``."""
-        from kscale.attention.queries import read_queries
+        from kscale.store.queries import read_queries
 
         return read_queries(self, layer, modality, rope)
 

@@ -3,7 +3,10 @@
 A ``ShardWriter`` owns ``shards/<name>/`` exclusively. ``append`` buffers token rows per modality and
 writes only whole chunks, on one background thread so that writing overlaps the next forward pass;
 ``commit`` waits for those writes, flushes the tail and then writes the marker, so a shard without its
-marker is by construction incomplete and is deleted and redone by the next run. Keys are stored
+marker is by construction incomplete and is deleted and redone by the next run. A shard whose marker
+exists is never touched: the writer checks right before it deletes a partial shard, and the marker is
+created exclusively (``ShardCommitted`` if one appeared meanwhile), so no rerun or requeued shard can
+overwrite a committed one. Keys are stored
 uncompressed by default (fp16 keys shrink ~8% under zstd, not worth the CPU); tables use zstd.
 
 Legend: L layers, N tokens, H kv heads, D head dim, R rope rows.
@@ -18,7 +21,8 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from kscale.store.layout import KEY_DIMS, MODALITIES, TABLE_COLUMNS, marker_path, shard_dir, write_json_atomic
+from kscale.output import create_json_exclusive, read_json
+from kscale.store.layout import KEY_DIMS, MODALITIES, TABLE_COLUMNS, marker_path, shard_dir
 
 
 # Flat chunk files (no directory per index) and no scan for all-fill chunks: keys are never empty.
@@ -90,11 +94,22 @@ class _ModalityBuffer:
         self.writes.clear()
 
 
+class ShardCommitted(RuntimeError):
+    """The shard has a commit marker: it is never rewritten. ``marker`` is what the marker says."""
+
+    def __init__(self, store: Path, name: str):
+        self.marker = read_json(marker_path(store, name)) or {}
+        super().__init__(f"shard {name} of store {str(store)!r} is committed ({marker_path(store, name).name}); "
+                         "refusing to rewrite it")
+
+
 class ShardWriter:
     def __init__(self, store: str | Path, shard_name: str, *, n_layers: int, n_heads: int, head_dim: int,
                  rope_rows: int, key_dtype: str, chunk_tokens: int, compress_keys: bool = False):
         self.store, self.name = Path(store), shard_name
         d = shard_dir(store, shard_name)
+        if marker_path(store, shard_name).exists():  # checked right before deleting anything
+            raise ShardCommitted(self.store, shard_name)
         if d.exists():  # a partial shard from an interrupted run
             shutil.rmtree(d)
         self.group = zarr.open_group(str(d), mode="w")
@@ -138,5 +153,6 @@ class ShardWriter:
         finally:
             self.pool.shutdown(wait=True)
         marker = {**stats, "tokens": self.tokens, "key_bytes": self.bytes_written, "errors": errors}
-        write_json_atomic(marker_path(self.store, self.name), marker)
+        if not create_json_exclusive(marker_path(self.store, self.name), marker):
+            raise ShardCommitted(self.store, self.name)
         return marker

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 
 from kscale import reporting as rep
+from kscale.train.layout import ADAPTER_DIR, METRICS, SPLIT
 
 VARIANT_LABEL = {"base": "base model", "malora": "MaLoRA", "malora_no_image_branch": "MaLoRA, image branch off"}
 VARIANT_STYLE = {"base": ("grey", "o"), "malora": ("tab:red", "s"), "malora_no_image_branch": ("tab:orange", "^")}
@@ -29,7 +30,7 @@ GAP = re.compile(r"key_mmd2_layer(\d+)$")
 
 def read_metrics(run: Path) -> pd.DataFrame:
     """metrics.jsonl as a table: one row per logged step, gates as ``gate:<layer path>.<branch>`` columns."""
-    path = run / "metrics.jsonl"
+    path = run / METRICS
     if not path.exists():
         return pd.DataFrame()
     rows = []
@@ -200,8 +201,8 @@ def build_report(run_dir: str | Path) -> Path:
     drawn = [p for p, ok in ((run / "train_loss.png", loss_figure(metrics, run / "train_loss.png")),
                              (run / "train_gates.png", gates_figure(metrics, run / "train_gates.png")),
                              (run / "train_key_gap.png", key_gap_figure(table, run / "train_key_gap.png"))) if ok]
-    adapter_cfg = run / "adapter" / "adapter_config.json"
-    split = json.loads((run / "split.json").read_text()) if (run / "split.json").exists() else {}
+    adapter_cfg = run / ADAPTER_DIR / "adapter_config.json"
+    split = json.loads((run / SPLIT).read_text()) if (run / SPLIT).exists() else {}
     body = (rep.verdict_html(verdict(metrics, table))
             + f"<p>Run folder <code>{html.escape(run.name)}</code>; {len(split.get('train', []))} training and "
             f"{len(split.get('heldout', []))} held-out records.</p>"

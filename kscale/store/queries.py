@@ -7,8 +7,10 @@ Layout, beside the shard's key groups and with the *same rows* (same token sampl
 
 Stored queries are pre-RoPE ``q_proj`` outputs (bias included) of the query heads that read the kept KV
 heads (``q_head = kv_head * G + g``); ``read_queries(..., rope=True)`` rotates them with the stored
-positions, exactly as ``keyspace.rope_keys`` does for keys. A ``QueryWriter`` owns its folder inside the
-shard and writes whole chunks only; the worker closes it before the shard's commit marker is written.
+positions, exactly as :func:`kscale.store.rope.rope_keys` does for keys. A ``QueryWriter`` owns its folder
+inside the shard and writes whole chunks only; the extraction worker stacks the captured ``q_proj`` outputs
+(``kscale.extract.worker.stacked_queries``), hands them over per batch, and closes the writer before the
+shard's commit marker is written. ``KeyStore.queries`` reads them back through :func:`read_queries`.
 
 Legend: L hooked layers, B batch, T tokens, N kept tokens, H query heads kept, D head dim.
 """
@@ -30,18 +32,9 @@ DIMS = ["layer", "token", "q_head", "head_dim"]
 
 
 def query_heads(kv_heads: list[int], num_heads: int, num_kv_heads: int) -> list[int]:
+    """The query heads stored for ``kv_heads``: those reading them under grouped-query attention."""
     G = num_heads // num_kv_heads
     return [k * G + g for k in kv_heads for g in range(G)]
-
-
-def stacked_queries(state, batch, cap) -> torch.Tensor:
-    """(L, B, T, H, D) float32 CPU pre-RoPE queries of the kept query heads, from a capture."""
-    info = state.loaded.info
-    B, T = batch.inputs["input_ids"].shape
-    heads = query_heads(state.heads, info.num_heads, info.num_kv_heads)
-    q = torch.stack([cap.outputs[("q", i)] for i in state.layers]).view(len(state.layers), B, T, info.num_heads,
-                                                                        info.head_dim)
-    return q[:, :, :, heads].float().cpu()
 
 
 class QueryWriter:
@@ -76,11 +69,11 @@ class QueryWriter:
         arr[:, a:a + n] = q[:, :n]
         self.pending[modality] = [q[:, n:]] if n < q.shape[1] else []
 
-    def append_batch(self, spec, state, batch, recs, cap, keep_BT: torch.Tensor) -> None:
-        """Queries of one batch's kept tokens; ``keep_BT`` must be the mask the keys were written with."""
-        q_LBTHD = stacked_queries(state, batch, cap)
+    def append_batch(self, q_LBTHD: torch.Tensor, modality_BT: torch.Tensor, keep_BT: torch.Tensor) -> None:
+        """Queries of one batch's kept tokens, split by modality tag; ``keep_BT`` must be the mask the keys
+        were written with (same rows)."""
         for name, code in MODALITY_CODES.items():
-            m = keep_BT & (batch.modality_BT == code)
+            m = keep_BT & (modality_BT == code)
             if m.any():
                 self.append(name, q_LBTHD[:, m].numpy())
 
@@ -111,7 +104,7 @@ def read_queries(store: KeyStore, layer: int, modality: str, rope: bool = False,
         raise StoreError(f"store {store.path} has no stored {modality} queries")
     out = da.concatenate(parts, axis=0)
     if rope:
-        from kscale.attention.keyspace import rope_lazy, store_rotary
+        from kscale.store.rope import rope_lazy, store_rotary
 
         out = rope_lazy(out, store.tokens(modality)["rope_pos"], rotary if rotary is not None else store_rotary(store))
     return out

@@ -5,6 +5,8 @@ The store keeps one copy of the keys, pre-RoPE (``k_proj`` outputs), with each t
 rotary embedding (``kscale.models.rope``, rebuilt from the checkpoint's config.json, checked against the
 config hash recorded at extraction) over the lazy key blocks, so analysis can choose either key space
 without keys being stored twice. The result equals the keys in the model's KV cache for the same inputs.
+The reader's ``KeyStore.keys(..., rope=True)`` and stored queries (:mod:`kscale.store.queries`) go through
+:func:`rope_lazy` too, importing this module (and torch) only when asked.
 
 Legend: N tokens (store rows), H kv heads, D head dim, R rope rows.
 """
