@@ -73,14 +73,10 @@ def mmd_by_layer(df: pd.DataFrame, path: Path) -> bool:
     rep.legend_outside(ax)
     rep.save_figure(fig, path, (
         f"Cross-modal and intra-modal MMD² per layer at the primary setting ({setting.label()}"
-        f"{', KV heads pooled' if pooled else ''}), with {_ci_words(df)} intervals. Stars mark layers whose gap is "
+        f"{', KV heads pooled' if pooled else ''}), with 95% intervals. Stars mark layers whose gap is "
         "significant (Holm-corrected p below alpha and the cross interval above the noise floor). Intra-modal "
         "points are shifted slightly left/right so that their intervals stay visible."))
     return True
-
-
-def _ci_words(df: pd.DataFrame) -> str:
-    return "95%"
 
 
 def mmd_per_head(df: pd.DataFrame, path: Path) -> bool:
