@@ -116,11 +116,7 @@ def attention_beside_gap(stores: list[KeyStoreLike], df: pd.DataFrame, out: Path
         joined.to_parquet(out / f"attention_vs_gap_{tag}.parquet", index=False)
         joined.to_csv(out / f"attention_vs_gap_{tag}.csv", index=False)
         corr.to_csv(out / f"attention_gap_correlation_{tag}.csv", index=False)
-        fig = attn.figure(joined, corr, title=f"visual attention vs key gap — {tag}")
-        fig.savefig(out / f"attention_vs_gap_{tag}.png", dpi=110)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        attn.save_figure(joined, corr, out / f"attention_vs_gap_{tag}.png", f"visual attention vs key gap — {tag}")
 
 
 def _meta(cfg: AnalyzeConfig, stores: list[KeyStoreLike]) -> dict:

@@ -76,4 +76,7 @@ class TrainConfig:
     keep_checkpoints: int = _doc("resumable checkpoints kept on disk (older ones are deleted)", 2, ge=1)
     log_every: int = _doc("write loss terms and gate values every N steps to metrics.jsonl", 1, ge=1)
     seed: int = _doc("seed of adapter init, data order and dropout", 0)
+    report_to: list[Literal["tensorboard", "wandb"]] = _doc(
+        "where the logged curves also go besides metrics.jsonl and report.html: tensorboard (event files in "
+        "<output>/tensorboard), wandb (needs `pip install wandb`); [] for none", factory=list)
 

@@ -11,6 +11,8 @@ down once::
     eval.json, eval.md                 the before/after table
     errors.json                        samples skipped in this run, with the reason (train.max_seq_len)
     ranks/rankR.json                   parameters rank R holds after loading and at the first step
+    report.html, train_*.png           the run's page (kscale.train.report)
+    tensorboard/                       event files when train.report_to has tensorboard
 """
 
 from __future__ import annotations

@@ -15,6 +15,8 @@ checkpoint in the run directory, and trains. Run directory (``output.path``; nam
     checkpoints/stepN/   resumable DeepSpeed state (adapter + optimizer), newest ``keep_checkpoints``
     adapter/             the final adapter (safetensors + adapter_config.json)
     eval.json, eval.md   the before/after table on held-out data (:mod:`kscale.train.evaluate`)
+    report.html          loss, alignment term, gates per layer, key gap before/after (:mod:`kscale.train.report`)
+    tensorboard/         event files when ``train.report_to`` has tensorboard (:mod:`kscale.train.loggers`)
 
 Rank 0 claims the directory for the whole run (:func:`claim_run_dir`: an exclusive lock, then
 ``output.if_exists``); a folder that is not a train run is never written into or deleted.
@@ -85,7 +87,8 @@ def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> Trai
         if start:
             print(f"train: resumed from step {start} ({run_dir / CHECKPOINTS})", flush=True)
         (run_dir / SPLIT).write_text(json.dumps({"train": split.train, "heldout": split.heldout}))
-    last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world)
+    loggers = _loggers(spec, run_dir) if rank == 0 else None
+    last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world, loggers)
     write_errors(plan, run_dir, rank, world)
     state = ds.gathered_adapter_state(engine, malora.adapter_parameters())
     if rank == 0:
@@ -96,6 +99,14 @@ def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> Trai
         from kscale.train.evaluate import evaluate_run
 
         table = evaluate_run(spec)
+        if loggers is not None:
+            loggers.log_eval(table, cfg.max_steps)
+    if rank == 0:
+        from kscale.train.report import build_report
+
+        build_report(run_dir)
+        if loggers is not None:
+            loggers.close()
     dist.barrier()
     return TrainResult(run_dir=str(run_dir), steps=cfg.max_steps, resumed_from=start, last=last, eval=table)
 
@@ -110,6 +121,18 @@ def write_errors(plan: MicroBatchPlan, run_dir: Path, rank: int, world: int) -> 
         merged = {sid: reason for part in found for sid, reason in part.items()}
         rows = [{"sample_id": sid, "reason": merged[sid]} for sid in sorted(merged)]
         (run_dir / ERRORS).write_text(json.dumps(rows, indent=1))
+
+
+def _loggers(spec: Any, run_dir: Path) -> Any:
+    """TensorBoard / W&B views of the logged records (``train.report_to``), or None."""
+    if not spec.train.report_to:
+        return None
+    import dataclasses
+
+    from kscale.train.loggers import RunLoggers
+
+    return RunLoggers(list(spec.train.report_to), run_dir, getattr(spec, "name", "train"),
+                      {"train": dataclasses.asdict(spec.train), "model": spec.model.path})
 
 
 TRAIN_KIND = OutputKind("train run", run_marker_reader("train"), check_fingerprint=False)
@@ -168,7 +191,7 @@ def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:
 
 
 def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, loaded: Any, cfg: TrainConfig,
-               run_dir: Path, start: int, rank: int, world: int) -> dict[str, float]:
+               run_dir: Path, start: int, rank: int, world: int, loggers: Any = None) -> dict[str, float]:
     """Optimizer steps ``start .. max_steps``: forward/backward per micro-batch, log, checkpoint."""
     from tqdm.auto import tqdm
 
@@ -192,6 +215,8 @@ def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, lo
             if rank == 0:
                 with open(run_dir / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                if loggers is not None:
+                    loggers.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", lm=f"{last['lm']:.4f}", align=f"{last['align']:.4f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
