@@ -97,6 +97,22 @@ def list_submissions(limit: int = 20) -> list[dict]:
     return out
 
 
+def list_runs(limit: int = 20) -> list[dict]:
+    """:func:`list_submissions` with each run's last recorded state (``state``): the driver's state file in
+    the record dir; a local RUNNING whose driver is gone reads DIED."""
+    out = []
+    for sub in list_submissions(limit):
+        rec = Path(sub["record_dir"]) if sub.get("record_dir") else None
+        st = (read_json(rec / f"{sub['id']}.state.json") or latest_state(rec)) if rec else None
+        state = (st or {}).get("state")
+        if sub.get("target") == "local" and state == "RUNNING":
+            from kscale.targets.local import driver_alive
+
+            state = state if driver_alive(st or {}) else "DIED"
+        out.append({**sub, "state": state, "message": (st or {}).get("message")})
+    return out
+
+
 def absolute_spec_yaml(spec_path: str, cwd: str | None = None) -> str:
     """The job YAML with ``output.path``, ``data.path`` and an existing local ``model.path`` made absolute,
     so the driver (whose working dir is a temporary package on the head) writes where the user meant."""
@@ -207,7 +223,8 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
     write_json_atomic(state_path, state)
     cmd = [python, "-m", "kscale.cli", "submit", spec_file, "--no-progress"]
     print(f"kscale driver: {' '.join(cmd)} (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})", flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "KSCALE_SUBMISSION_ID": submission_id})  # records are kept here
     stopped = []
 
     def forward(signum: int, _frame: Any) -> None:
