@@ -153,9 +153,12 @@ def _term_as_interrupt(signum: int, _frame: Any) -> None:
 
 
 def _spec_dict(spec: Any) -> dict:
+    """The spec's values as recorded (``cluster.env`` values redacted)."""
     import dataclasses
 
-    return dataclasses.asdict(spec) if dataclasses.is_dataclass(spec) else {}
+    from kscale.targets.records import redact_env
+
+    return redact_env(dataclasses.asdict(spec)) if dataclasses.is_dataclass(spec) else {}
 
 
 class LocalTarget(Target):

@@ -15,7 +15,7 @@ both on the (shared) filesystem of the outputs:
   on Slurm, ``ray-logs/ID/`` (every node's Ray session logs).
 
 Every target starts the driver the same way, through ``driver_command`` ->
-``python -m kscale.executors.progress_files driver ...`` (a stable entry name that rendered scripts and
+``python -m kscale.targets.records driver ...`` (a stable entry name that rendered scripts and
 running clusters use; it runs :func:`main` here), which tees the driver's output into the record dir and
 writes the state file at start and end.
 """
@@ -113,6 +113,37 @@ def list_runs(limit: int = 20) -> list[dict]:
     return out
 
 
+REDACTED = "(secret, not recorded)"
+
+
+def redact_env(raw: Any) -> Any:
+    """The raw spec mapping with ``cluster.env`` values replaced by a placeholder (keys kept): what records,
+    spec copies, ConfigMaps and logs may contain. ``cluster.env`` reaches processes only through
+    :func:`write_env_file` (Slurm) or a Kubernetes Secret."""
+    if isinstance(raw, dict) and isinstance(raw.get("cluster"), dict) and isinstance(raw["cluster"].get("env"), dict):
+        raw = {**raw, "cluster": {**raw["cluster"], "env": {k: REDACTED for k in raw["cluster"]["env"]}}}
+    return raw
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` readable by the owner only (0600 from creation, never briefly 0644)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> Path:
+    """``cluster.env`` as shell ``export`` lines (quoted) in a 0600 file the job script sources."""
+    import shlex
+
+    return write_private(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
+
+
 def absolute_spec_yaml(spec_path: str, cwd: str | None = None) -> str:
     """The job YAML with ``output.path``, ``data.path`` and an existing local ``model.path`` made absolute,
     so the driver (whose working dir is a temporary package on the head) writes where the user meant."""
@@ -129,7 +160,7 @@ def absolute_spec_yaml(spec_path: str, cwd: str | None = None) -> str:
     fix("output", False)
     fix("data", False)
     fix("model", True)
-    return yaml.safe_dump(raw, sort_keys=False)
+    return yaml.safe_dump(redact_env(raw), sort_keys=False)
 
 
 def absolute_output(spec: Any) -> str:
@@ -191,7 +222,7 @@ def format_progress(p: dict) -> str:
 def driver_command(python: str, spec_file: str, submission_id: str, target: str, rec_dir: str) -> list[str]:
     """The command every target runs on the cluster: the wrapper around ``kscale submit SPEC``.
     ``spec_file`` may be ``env:VAR`` for a spec shipped inline in the runtime environment."""
-    return [python, "-m", "kscale.executors.progress_files", "driver", "--id", submission_id,
+    return [python, "-m", "kscale.targets.records", "driver", "--id", submission_id,
             "--target", target, "--record-dir", rec_dir, spec_file]
 
 
@@ -248,7 +279,7 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kscale.executors.progress_files",
+    ap = argparse.ArgumentParser(prog="python -m kscale.targets.records",
                                  description="Cluster-side wrapper: run the kscale driver and keep its records.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("driver", help="run `kscale submit SPEC` on the cluster, tee logs, record state")
