@@ -101,15 +101,15 @@ class SlurmConfig:
             out.append(("mem", f"{self.mem!r} is not a Slurm size (e.g. 64G, 512000M)"))
         for name in ("partition", "account", "qos", "gpu_type", "container_image"):
             v = getattr(self, name)
-            if v is not None and not _SHELL_SAFE.match(v):
+            if v is not None and not _SHELL_SAFE.fullmatch(v):
                 out.append((name, f"{v[:60]!r} may only contain letters, digits and _ . , : + = @ / % - "
                                   "(it is written into the sbatch script)"))
         for i, arg in enumerate(self.sbatch_args):
-            if not arg.startswith("-") or not _SHELL_SAFE.match(arg):
+            if not arg.startswith("-") or not _SHELL_SAFE.fullmatch(arg):
                 out.append((f"sbatch_args[{i}]", f"{arg[:60]!r} must be one sbatch option such as "
                                                  "--constraint=h100 (letters, digits and _ . , : + = @ / % -)"))
         for i, m in enumerate(self.container_mounts):
-            if not _SHELL_SAFE.match(m):
+            if not _SHELL_SAFE.fullmatch(m):
                 out.append((f"container_mounts[{i}]", f"{m[:60]!r}: SRC:DST[:FLAGS] with no spaces or shell characters"))
         for name in ("setup", "modules"):
             for i, line in enumerate(getattr(self, name)):
