@@ -467,7 +467,25 @@ def check_k8s(spec: Any | None, spec_path: str | None) -> list[Finding]:
     if problems:
         return out + [Finding("manifest", "fail", "; ".join(problems), "fix the cluster.k8s section")]
     checked = "kscale's checks and the KubeRay CRD schema" if schema_dir else "kscale's checks"
-    return out + [Finding("manifest", "ok", f"rendered RayJob passes {checked}")]
+    return out + [Finding("manifest", "ok", f"rendered RayJob passes {checked}")] + check_output_volume(spec)
+
+
+def check_output_volume(spec: Any) -> list[Finding]:
+    """Outputs must land on a volume that outlives the pods: ``cluster.k8s.output_pvc`` mounted at
+    ``output_mount``, with ``output.path`` (and the record dir) under it."""
+    k = cluster_of(spec).k8s
+    out_path = pod_output_path(spec)
+    if k.output_pvc is None:
+        return [Finding("volume", "warn", f"no cluster.k8s.output_pvc: {out_path} is written inside the pods and is "
+                                          "lost when the RayJob's cluster is deleted",
+                        "set cluster.k8s.output_pvc (a ReadWriteMany PVC) and keep output.path under output_mount")]
+    mount = PurePosixPath(k.output_mount)
+    outside = [str(p) for p in (out_path, str(record_dir(spec, out_path)))
+               if mount != PurePosixPath(p) and mount not in PurePosixPath(p).parents]
+    if outside:
+        return [Finding("volume", "warn", f"{', '.join(outside)} not under the PVC mount {k.output_mount}: lost with "
+                                          "the pods", "use a relative output.path or one under output_mount")]
+    return [Finding("volume", "ok", f"outputs on PVC {k.output_pvc} at {k.output_mount}")]
 
 
 
