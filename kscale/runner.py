@@ -134,16 +134,16 @@ def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True,
     if spec.kind == "analyze":
         from kscale.analysis.run import run_analyze
 
-        return run_analyze(spec)
+        return _record_final(spec, run_analyze(spec))
     if spec.kind == "train":
         if spec.resources.executor == "ray":  # Ray Train's TorchTrainer hosts the DeepSpeed workers
             from kscale.train.ray_train import run_train_on_ray
 
             with ray_session(spec, address, dashboard):
-                return run_train_on_ray(spec)
+                return _record_final(spec, run_train_on_ray(spec))
         from kscale.train.run import run_train
 
-        return run_train(spec)
+        return _record_final(spec, run_train(spec))
     if spec.kind == "bias":
         from kscale.bias.run import run_bias
 
@@ -159,3 +159,20 @@ def _maybe_ray(spec: JobSpec, address: str | None, dashboard: bool):
             yield
     else:
         yield
+
+
+def _record_final(spec: JobSpec, result: StageResult) -> StageResult:
+    """Stages without a shard pool (analyze, train) leave their final summary in ``<output>/_progress.json``
+    too, so ``kscale status`` reports a finished run instead of "none yet"."""
+    import json
+    import time
+
+    from kscale.output import write_json_atomic
+
+    out = Path(spec.output.path)
+    if out.is_dir():
+        write_json_atomic(out / "_progress.json", {
+            "job": spec.name, "stage": spec.kind, "state": "failed" if result.failed else "succeeded",
+            "summary": result.summary_line(), "result": json.loads(json.dumps(result.to_dict(), default=str)),
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return result

@@ -208,6 +208,8 @@ def latest_state(rec_dir: Path) -> dict | None:
 
 def format_progress(p: dict) -> str:
     """One line: ``extract demo: running, shards 5/8 (2 skipped, 0 failed), 40 samples (3.2/s), 1.2 MB``."""
+    if "shards_total" not in p and p.get("summary"):  # analyze / train: the stage's own summary line
+        return f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}; {p['summary']}"
     total = p.get("shards_total", 0)
     finished = p.get("shards_done", 0) + p.get("shards_skipped", 0) + p.get("shards_failed", 0)
     line = (f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}, shards {finished}/{total} "
