@@ -77,6 +77,7 @@ def _write_job(tmp_path: Path, name: str, **over) -> tuple[Path, dict]:
     return job, d
 
 
+@pytest.mark.slow
 def test_ray_run_listed_logged_stopped_and_resumed(tmp_path):
     """`kscale stop` on a local Ray run: STOPPED with the shard count, Ray gone, loopback-only ports, resume."""
     ref = spec_from_dict(extract_spec(tmp_path / "ref", **OVER))
@@ -158,6 +159,7 @@ def test_set_overrides_reach_spec_and_record(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGKILL])
 def test_killed_driver_leaves_no_ray_behind(tmp_path, signum):
     job, d = _write_job(tmp_path, "killme", resources={"executor": "ray", "workers": 1})
