@@ -55,6 +55,8 @@ class Progress:
         self.retried: dict[str, list[str]] = {}  # shard name -> the error of each failed attempt
         self.t0 = time.time()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # A rerun with nothing left to do keeps the last real counts instead of writing "0 samples".
+        self.previous = _previous_counts(self.path, job, stage) if total and skipped >= total else None
         self.bar = tqdm(total=total, initial=skipped, unit="shard", desc=f"{stage} {job}", file=sys.stderr,
                         disable=not show_bar, dynamic_ncols=True)
         self._write("running")
@@ -94,6 +96,11 @@ class Progress:
 
     def snapshot(self, state: str) -> dict:
         secs = time.time() - self.t0
+        if self.previous is not None and not self.done and not self.failed:
+            return {**self.previous, "state": state, "shards_total": self.total, "shards_done": 0,
+                    "shards_skipped": self.skipped, "shards_failed": 0,
+                    "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "note": "nothing to do: every shard was already committed; counts are the last real run's"}
         return {
             "job": self.job, "stage": self.stage, "state": state, "shards_total": self.total,
             "shards_done": self.done, "shards_skipped": self.skipped, "shards_failed": self.failed,
@@ -110,3 +117,20 @@ class Progress:
         write_json_atomic(self.path, snap)
         publish_metrics(snap)  # dashboard gauges (no-op without Ray)
         return snap
+
+
+_COUNTS = ("samples", "sample_errors", "tokens", "bytes", "seconds", "samples_per_s", "started_at", "quarantined",
+           "retries")
+
+
+def _previous_counts(path: Path, job: str, stage: str) -> dict | None:
+    """The counts of the last ``_progress.json`` of the same job and stage that did real work, if any."""
+    import json
+
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if prev.get("job") != job or prev.get("stage") != stage or not (prev.get("samples") or prev.get("bytes")):
+        return None
+    return {"job": job, "stage": stage, **{k: prev[k] for k in _COUNTS if k in prev}}
