@@ -52,6 +52,7 @@ class Progress:
         self.tokens: dict[str, int] = {}
         self.quarantined: dict[str, str] = {}
         self.retries = 0
+        self.write_failed = False  # a _progress.json write failed: warned once, later failures are quiet
         self.t0 = time.time()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         self.bar = tqdm(total=total, initial=skipped, unit="shard", desc=f"{stage} {job}", file=sys.stderr,
@@ -103,7 +104,13 @@ class Progress:
 
     def _write(self, state: str) -> dict:
         snap = self.snapshot(state)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, snap)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, snap)
+        except OSError as e:  # a full disk or a lost mount: progress is a convenience, the job goes on
+            if not self.write_failed:
+                tqdm.write(f"kscale: cannot write {self.path} ({e.strerror or e}); progress will not be saved "
+                           "until it can be (the job goes on)", file=sys.stderr)
+            self.write_failed = True
         publish_metrics(snap)  # dashboard gauges (no-op without Ray)
         return snap

@@ -10,6 +10,7 @@ Legend: B batch, T tokens, L hooked layers, H kept KV heads, D head dim, R rope 
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -135,6 +136,24 @@ def write_batch(writer: ShardWriter, spec: JobSpec, batch, recs: list[Record], k
         })
 
 
+def usable_batches(source, shard: Shard, batch_size: int, errors: list[dict]) -> Iterator[list[Record]]:
+    """The shard's usable records, ``batch_size`` at a time, read (and their images decoded) only when their
+    batch is due: at most one batch of decoded images is alive. Unusable records go to ``errors``. The
+    batches are those of the shard's usable records in order, whatever the errors (same as reading all first)."""
+    batch: list[Record] = []
+    for i in range(shard.start, shard.stop):
+        rec = source.get(i)
+        if rec.error:
+            errors.append(_error(rec, rec.error))
+            continue
+        batch.append(rec)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
     """Extract one shard into the spec's output store and commit it."""
     t0 = time.perf_counter()
@@ -156,14 +175,9 @@ def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
                               chunk_tokens=spec.output.chunk_tokens)
     with_answers = attn.enabled and attn.queries == "answer"
     errors: list[dict] = []
-    good: list[Record] = []
-    for i in range(shard.start, shard.stop):
-        rec = state.source.get(i)
-        (errors.append(_error(rec, rec.error)) if rec.error else good.append(rec))
     n_ok = 0
     bs, max_len = spec.extract.batch_size, spec.extract.max_seq_len
-    for a in range(0, len(good), bs):
-        recs = good[a: a + bs]
+    for recs in usable_batches(state.source, shard, bs, errors):
         batch = build(state, recs, with_answers)
         lengths = batch.inputs["attention_mask"].sum(1).tolist()
         too_long = [j for j, n in enumerate(lengths) if n > max_len]
