@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from kscale.errors import KscaleError
 from kscale.models.facts import FAMILIES
 from kscale.results import StageResult
 from kscale.spec import SpecError, load_spec
@@ -71,7 +72,6 @@ def submit(job: str, target: str | None, address: str | None, dry_run: bool, for
 
         dask_cfg = dataclasses.replace(spec.analyze.dask, scheduler="distributed", scheduler_file=sched)
         spec = dataclasses.replace(spec, analyze=dataclasses.replace(spec.analyze, dask=dask_cfg))
-    from kscale.output import OutputError
     from kscale.targets.local import LocalRun
 
     in_cluster_driver = bool(os.environ.get("KSCALE_SUBMISSION_ID"))  # the cluster wrapper keeps the records
@@ -80,7 +80,7 @@ def submit(job: str, target: str | None, address: str | None, dry_run: bool, for
         with (record if record is not None else _nullcontext()):
             try:
                 result = run_job(spec, address=env_address, show_bar=not no_progress)
-            except OutputError as e:  # the output is foreign, exists under 'fail', or another run holds it
+            except KscaleError as e:  # a refused input: foreign or locked output, changed data, a missing store...
                 click.echo(f"kscale submit: {type(e).__name__}: {e}", err=True)
                 if record is not None:
                     record.finish(2, message=str(e))

@@ -46,6 +46,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Literal
 
+from kscale.errors import KscaleError
+
 IfExists = Literal["resume", "fail", "overwrite"]
 RUN_MARKER = "kscale.json"  # the kind marker of run folders (train, analyze)
 RUN_FORMAT = "kscale-run"
@@ -53,7 +55,7 @@ HEARTBEAT_S = 30.0
 STALE_AFTER_S = 600.0  # another host's lock older than this (20 missed heartbeats) is stale
 
 
-class OutputError(RuntimeError):
+class OutputError(KscaleError, RuntimeError):
     """``output.path`` cannot be used as asked; the message names the path and why."""
 
 
@@ -63,6 +65,11 @@ class OutputExists(OutputError):
 
 class ForeignOutput(OutputError):
     """The path holds something that is not this stage's kind of output: never written into or deleted."""
+
+
+class DataChanged(OutputExists):
+    """``resume`` of an output whose input data changed since it was written (manifest bytes, dataset
+    fingerprint): continuing would mix shards of two datasets. The message says what changed."""
 
 
 class OutputLocked(OutputError):
@@ -97,8 +104,12 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
     """Write JSON so that readers see the old file or the new one, never a part (fsync file and folder)."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    _write_synced(tmp, _dumps(obj))
-    os.replace(tmp, path)
+    try:
+        _write_synced(tmp, _dumps(obj))
+        os.replace(tmp, path)
+    except BaseException:  # e.g. a full disk: leave no partial temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 
@@ -195,9 +206,11 @@ def run_marker_reader(kind: str) -> Callable[[Path], dict | None]:
     return read
 
 
-def run_marker(kind: str, fingerprint: str | None) -> dict:
-    return {"format": RUN_FORMAT, "kind": kind, "spec_fingerprint": fingerprint,
-            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+def run_marker(kind: str, fingerprint: str | None, data: dict | None = None) -> dict:
+    """``kscale.json`` of a run folder; ``data`` (the input data's identity) is checked on resume."""
+    marker = {"format": RUN_FORMAT, "kind": kind, "spec_fingerprint": fingerprint,
+              "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    return {**marker, "data": data} if data else marker
 
 
 def _non_empty(path: Path) -> bool:
@@ -205,8 +218,10 @@ def _non_empty(path: Path) -> bool:
 
 
 def apply_policy(path: Path, if_exists: IfExists, kind: OutputKind, fingerprint: str | None,
-                 create: Callable[[Path], None]) -> bool:
-    """Check or make ``path`` per ``if_exists``; True when a new output was created. Call under the lock."""
+                 create: Callable[[Path], None], data: dict | None = None) -> bool:
+    """Check or make ``path`` per ``if_exists``; True when a new output was created. Call under the lock.
+    ``data``: the input data's identity now (:func:`kscale.data.identity.data_identity`); ``resume`` refuses
+    an output whose marker recorded another (:class:`DataChanged`), whatever ``check_fingerprint`` says."""
     if path.exists() and not path.is_dir():
         raise ForeignOutput(f"output.path: {str(path)!r} exists and is not a folder; refusing to touch it")
     if not _non_empty(path):
@@ -224,6 +239,13 @@ def apply_policy(path: Path, if_exists: IfExists, kind: OutputKind, fingerprint:
         create_dir_atomic(path, create)
         shutil.rmtree(old)
         return True
+    recorded = found.get("data")
+    if data is not None and recorded and "unreadable" not in recorded and recorded != data:
+        from kscale.data.identity import describe_change
+
+        raise DataChanged(f"output.path: {kind.label} {str(path)!r} cannot be resumed: "
+                          f"{describe_change(recorded, data)}; restore the data, or write to another path "
+                          "(or output.if_exists: overwrite)")
     if kind.check_fingerprint and found.get("spec_fingerprint") != fingerprint:
         raise OutputExists(
             f"output.path: {kind.label} {str(path)!r} was written by a different spec (fingerprint "
@@ -234,13 +256,14 @@ def apply_policy(path: Path, if_exists: IfExists, kind: OutputKind, fingerprint:
 
 @contextmanager
 def claim_output(path: str | Path, if_exists: IfExists, kind: OutputKind, fingerprint: str | None,
-                 create: Callable[[Path], None], lock: OutputLock | None = None) -> Iterator[Path]:
+                 create: Callable[[Path], None], lock: OutputLock | None = None,
+                 data: dict | None = None) -> Iterator[Path]:
     """Lock ``path``, clear garbage, apply the policy, yield the path; release the lock at the end."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     with (lock or OutputLock(path)).held():
         remove_garbage(path)
-        apply_policy(path, if_exists, kind, fingerprint, create)
+        apply_policy(path, if_exists, kind, fingerprint, create, data)
         yield path
 
 

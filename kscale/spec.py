@@ -12,9 +12,11 @@ lazily through ``STAGE_SECTIONS`` so that a stage's dependencies load only when 
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import importlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +25,7 @@ from typing import Any, Literal
 
 import yaml
 
+from kscale.errors import KscaleError, shown
 from kscale.models.facts import FAMILIES, layer_problems
 
 if typing.TYPE_CHECKING:  # imported lazily at run time (STAGE_SECTIONS): a stage's dependencies load with its kind
@@ -34,7 +37,12 @@ if typing.TYPE_CHECKING:  # imported lazily at run time (STAGE_SECTIONS): a stag
 KINDS = ("extract", "analyze", "train", "bias")
 
 
-class SpecError(ValueError):
+MAX_SPEC_BYTES = 1 << 20  # a job spec is a few KB; a bigger file is refused before parsing
+MAX_YAML_ALIASES = 100  # `*name` references in one spec
+MAX_YAML_NODES = 100_000  # scalars, lists and mappings once every alias is expanded
+
+
+class SpecError(KscaleError, ValueError):
     """A job spec failed to load; ``problems`` lists ``(dotted_field, message)`` pairs."""
 
     def __init__(self, problems: list[tuple[str, str]], source: str = "spec"):
@@ -69,8 +77,8 @@ def bound_problems(value: Any, bounds: dict[str, float], where: str) -> list[tup
         return []
     if isinstance(value, list):
         return [p for i, v in enumerate(value) for p in bound_problems(v, bounds, f"{where}[{i}]")]
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        return []
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return []  # non-numbers and nan/inf are reported by the type check
     rules = {**_LOWER, **_UPPER}
     if all(rules[k][2](value, b) for k, b in bounds.items()):
         return []
@@ -78,9 +86,18 @@ def bound_problems(value: Any, bounds: dict[str, float], where: str) -> list[tup
     upper = [(k, b) for k, b in bounds.items() if k in _UPPER]
     if lower and upper:
         (lk, lb), (uk, ub) = lower[0], upper[0]
-        return [_ValueProblem((where, f"must be in {_LOWER[lk][1]}{lb}, {ub}{_UPPER[uk][1]} (got {value})"))]
+        return [_ValueProblem((where, f"must be in {_LOWER[lk][1]}{lb}, {ub}{_UPPER[uk][1]} (got {shown(value)})"))]
     k, b = (lower or upper)[0]
-    return [_ValueProblem((where, f"must be {rules[k][0]} {b} (got {value})"))]
+    return [_ValueProblem((where, f"must be {rules[k][0]} {b} (got {shown(value)})"))]
+
+
+def did_you_mean(value: Any, choices: typing.Iterable[Any]) -> str:
+    """`` (did you mean 'dtype'?)`` when a string is close to one of ``choices`` (difflib), else ''."""
+    if not isinstance(value, str) or len(value) > 200:
+        return ""
+    names = {str(c): c for c in choices}
+    close = difflib.get_close_matches(value, list(names), n=1, cutoff=0.6)
+    return f" (did you mean {names[close[0]]!r}?)" if close else ""
 
 
 class _ValueProblem(tuple):
@@ -155,6 +172,9 @@ class DataSpec:
     id_field: str | None = doc("Record field with a stable id (recorded in the store); None: the row number.", None)
     limit: int | None = doc("Use only the first N records.", None, ge=1)
     shard_size: int = doc("Samples per shard: the unit of work, retry and resume.", 16, ge=1)
+    max_image_pixels: int = doc(
+        "Largest image accepted, in pixels (width x height), checked from the file's header before decoding; "
+        "a bigger image is that record's error. 50 Mpx decodes to 150 MB as RGB.", 50_000_000, ge=1)
     generated: GeneratedDataSpec = doc("Options of the generated source.", factory=GeneratedDataSpec)
 
     def validate(self) -> list[tuple[str, str]]:
@@ -226,7 +246,7 @@ class ResourcesSpec:
     gpus_per_worker: float = doc("GPUs per worker (0 on CPU machines).", 0, ge=0)
     cpus_per_worker: float = doc("CPUs per worker.", 1, gt=0)
     max_retries: int = doc("Attempts per shard after the first before it is quarantined.", 2, ge=0)
-    torch_threads: int | None = doc("torch intra-op threads per worker (None: leave torch's default).", None)
+    torch_threads: int | None = doc("torch intra-op threads per worker (None: leave torch's default).", None, ge=1)
 
 
 # Stage sections defined beside their stage, imported only when a job of that kind is loaded.
@@ -254,8 +274,13 @@ class JobSpec:
     cluster: ClusterConfig | None = doc("Slurm / Kubernetes settings for `kscale submit --target`.", None)
 
     def fingerprint(self) -> str:
-        """Hash of everything that determines the output (not resources or if_exists)."""
+        """Hash of everything that determines the output (not resources or if_exists), the data's content
+        included (a manifest's bytes, a saved dataset's fingerprints: :mod:`kscale.data.identity`)."""
+        from kscale.data.identity import data_identity
+
         d = to_dict(self)
+        if self.data is not None and self.data.source != "generated":  # generated data: its parameters
+            d["data_content"] = data_identity(self.data)
         d.pop("resources", None)
         d.pop("cluster", None)
         d["output"].pop("if_exists", None)
@@ -309,12 +334,12 @@ def convert(tp: Any, value: Any, where: str, problems: list[tuple[str, str]]) ->
             if (typing.get_origin(alt) is list and isinstance(value, list)) or (
                 dataclasses.is_dataclass(alt) and isinstance(value, dict)):
                 return convert(alt, value, where, problems)
-        problems.append((where, f"expected {' or '.join(_type_name(a) for a in alts)}, got {value!r}"))
+        problems.append((where, f"expected {' or '.join(_type_name(a) for a in alts)}, got {shown(value)}"))
         return None
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            msg = f"{value!r} is not one of {', '.join(map(repr, choices))}"
+            msg = f"{shown(value)} is not one of {', '.join(map(repr, choices))}{did_you_mean(value, choices)}"
             if isinstance(value, (str, int, float)):  # well typed: keep it, so cross-field checks still run
                 problems.append(_ValueProblem((where, msg)))
                 return value
@@ -324,33 +349,36 @@ def convert(tp: Any, value: Any, where: str, problems: list[tuple[str, str]]) ->
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):
-            problems.append((where, f"expected a list, got {value!r}"))
+            problems.append((where, f"expected a list, got {shown(value)}"))
             return None
         return [convert(item_tp, v, f"{where}[{i}]", problems) for i, v in enumerate(value)]
     if origin is dict:
         if not isinstance(value, dict):
-            problems.append((where, f"expected a mapping, got {value!r}"))
+            problems.append((where, f"expected a mapping, got {shown(value)}"))
             return None
         _, val_tp = typing.get_args(tp)
         return {str(k): convert(val_tp, v, f"{where}.{k}", problems) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
-            problems.append((where, f"expected true or false, got {value!r}"))
+            problems.append((where, f"expected true or false, got {shown(value)}"))
             return None
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            problems.append((where, f"expected an integer, got {value!r}"))
+            problems.append((where, f"expected an integer, got {shown(value)}"))
             return None
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            problems.append((where, f"expected a number, got {value!r}"))
+            problems.append((where, f"expected a number, got {shown(value)}"))
             return None
+        if not math.isfinite(value):
+            problems.append(_ValueProblem((where, f"must be a finite number (got {value})")))
+            return value  # well typed but unusable: the section is still built so every other check runs
         return float(value)
     if tp is str:
         if not isinstance(value, str):
-            problems.append((where, f"expected a string, got {value!r}"))
+            problems.append((where, f"expected a string, got {shown(value)}"))
             return None
         return value
     raise TypeError(f"spec type {tp!r} at {where} is not supported")  # a bug in a section definition
@@ -361,13 +389,14 @@ def _convert_dataclass(cls: type, value: Any, where: str, problems: list[tuple[s
     if value is None:
         value = {}
     if not isinstance(value, dict):
-        problems.append((where, f"expected a mapping, got {value!r}"))
+        problems.append((where, f"expected a mapping, got {shown(value)}"))
         return None
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for key in value:
         if key not in fields:
-            problems.append((f"{prefix}{key}", f"unknown key (known: {', '.join(fields)})"))
+            problems.append(_ValueProblem((f"{prefix}{key}",  # the section is still built from its known keys
+                                           f"unknown key{did_you_mean(key, fields)} (known: {', '.join(fields)})")))
     kwargs: dict[str, Any] = {}
     n_before = len(problems)
     for name, f in fields.items():
@@ -432,7 +461,8 @@ def spec_from_dict(raw: Any, source: str = "spec", check_model: bool = True) -> 
         raise SpecError([("", f"the top level must be a mapping, got {type(raw).__name__}")], source)
     kind = raw.get("kind")
     if kind not in KINDS:
-        raise SpecError([("kind", f"{kind!r} is not one of {', '.join(KINDS)}")], source)
+        raise SpecError([("kind", f"{shown(kind)} is not one of {', '.join(KINDS)}{did_you_mean(kind, KINDS)}")],
+                        source)
     section_types = _hints(JobSpec)
     for k in ("analyze", "train", "bias"):
         section_types[k] = None
@@ -447,7 +477,7 @@ def spec_from_dict(raw: Any, source: str = "spec", check_model: bool = True) -> 
     kwargs: dict[str, Any] = {}
     for key, value in raw.items():
         if key not in fields:
-            problems.append((key, f"unknown key (known: {', '.join(sorted(fields))})"))
+            problems.append((key, f"unknown key{did_you_mean(key, fields)} (known: {', '.join(sorted(fields))})"))
         elif key in ("analyze", "train", "bias") and key != kind:
             problems.append((key, f"section {key!r} does not belong in a job of kind {kind!r}"))
         elif key == "extract" and kind not in ("extract",):
@@ -461,18 +491,19 @@ def spec_from_dict(raw: Any, source: str = "spec", check_model: bool = True) -> 
         kwargs["extract"] = ExtractSpec()
     if kind in STAGE_SECTIONS and raw.get(kind) is None and kind not in kwargs:
         kwargs[kind] = convert(section_types[kind], {}, kind, problems)
+    if check_model and isinstance(kwargs.get("model"), ModelSpec) and not any(f == "model.path" for f, _ in problems):
+        # the model's ranges are checked even when other sections have problems: one pass reports all
+        sections = types.SimpleNamespace(kind=kind, **{k: kwargs.get(k) for k in ("model", "extract", "train", "bias")})
+        problems += check_against_model(sections)  # type: ignore[arg-type]
     if problems:
         raise SpecError(problems, source)
-    spec = JobSpec(**kwargs)
-    if check_model and spec.model is not None:
-        problems += check_against_model(spec)
-    if problems:
-        raise SpecError(problems, source)
-    return spec
+    return JobSpec(**kwargs)
 
 
 def check_against_model(spec: JobSpec) -> list[tuple[str, str]]:
-    """Checks that need the model's config (layer and head ranges); reads only config.json."""
+    """Checks that need the model's config (layer and head ranges); reads only config.json. ``spec`` may be
+    a partly built job (any object with ``kind``, ``model``, ``extract``, ``train``, ``bias``): sections that
+    failed to build are None and skipped."""
     from kscale.models.registry import read_model_config
 
     try:
@@ -483,32 +514,101 @@ def check_against_model(spec: JobSpec) -> list[tuple[str, str]]:
     selections = []  # (dotted field, layers) of every layer selection the job makes
     if spec.extract is not None:
         selections.append(("extract.layers", spec.extract.layers))
-    if spec.kind == "train" and spec.train is not None:
+    if spec.kind == "train" and spec.train is not None and spec.train.malora is not None and spec.train.align is not None:
         selections += [("train.malora.layers", spec.train.malora.layers), ("train.align.layers", spec.train.align.layers)]
-    if spec.kind == "bias" and spec.bias is not None:
+    if spec.kind == "bias" and spec.bias is not None and spec.bias.dropping is not None:
         selections.append(("bias.dropping.attention_layers", spec.bias.dropping.attention_layers))
     for name, layers in selections:
-        out += layer_problems(layers, info.num_layers, name)
-    if spec.extract is not None:
-        if spec.extract.heads != "all":
-            for i, h in enumerate(spec.extract.heads):
-                if not 0 <= h < info.num_kv_heads:
-                    out.append((f"extract.heads[{i}]", f"KV head {h} out of range (model has {info.num_kv_heads})"))
+        if layers is not None and not (isinstance(layers, list) and None in layers):
+            out += layer_problems(layers, info.num_layers, name)
+    if spec.extract is not None and isinstance(spec.extract.heads, list):
+        for i, h in enumerate(spec.extract.heads):
+            if isinstance(h, int) and not 0 <= h < info.num_kv_heads:
+                out.append((f"extract.heads[{i}]", f"KV head {h} out of range (model has {info.num_kv_heads})"))
     return out
 
 
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that counts aliases while composing (``MAX_YAML_ALIASES``): with the expansion
+    check of :func:`parse_yaml` a 1 KB "billion laughs" file is refused before anything is built."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.n_aliases = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            self.n_aliases += 1
+            if self.n_aliases > MAX_YAML_ALIASES:
+                raise _TooBig(f"more than {MAX_YAML_ALIASES} aliases (*name); a job spec needs few or none")
+        return super().compose_node(parent, index)
+
+
+class _TooBig(Exception):
+    pass
+
+
+def _expanded_nodes(node: yaml.Node, memo: dict[int, int], active: set[int]) -> int:
+    """Nodes of ``node`` with every alias expanded, counted without expanding (shared nodes memoised);
+    raises _TooBig past ``MAX_YAML_NODES`` or on an alias inside itself."""
+    key = id(node)
+    if key in memo:
+        return memo[key]
+    if key in active:
+        raise _TooBig("an alias refers to a node that contains it (a recursive structure)")
+    active.add(key)
+    n = 1
+    if isinstance(node, yaml.SequenceNode):
+        children: list[yaml.Node] = list(node.value)
+    elif isinstance(node, yaml.MappingNode):
+        children = [x for kv in node.value for x in kv]
+    else:
+        children = []
+    for child in children:
+        n += _expanded_nodes(child, memo, active)
+        if n > MAX_YAML_NODES:
+            raise _TooBig(f"more than {MAX_YAML_NODES} values once aliases are expanded")
+    active.discard(key)
+    memo[key] = n
+    return n
+
+
+def parse_yaml(text: str) -> Any:
+    """``yaml.safe_load`` with bounds: at most ``MAX_YAML_ALIASES`` aliases and ``MAX_YAML_NODES`` values
+    after expansion (an alias bomb is refused in milliseconds). Raises ``yaml.YAMLError`` or ``ValueError``."""
+    loader = _BoundedLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _expanded_nodes(node, {}, set())
+        return loader.construct_document(node)
+    except _TooBig as e:
+        raise ValueError(str(e)) from None
+    finally:
+        loader.dispose()
+
+
 def load_spec(path: str | Path, check_model: bool = True, overrides: tuple[str, ...] | list[str] = ()) -> JobSpec:
-    """Read a job YAML (safe loading only) into a validated, frozen JobSpec; ``overrides`` are
-    ``a.b=c`` strings (``kscale submit --set``) applied to the YAML before validation."""
+    """Read a job YAML (safe loading only, at most ``MAX_SPEC_BYTES``, aliases bounded) into a validated,
+    frozen JobSpec; ``overrides`` are ``a.b=c`` strings (``kscale submit --set``) applied to the YAML before
+    validation."""
     p = Path(path)
     try:
-        text = p.read_text()
+        with open(p, "rb") as f:
+            data = f.read(MAX_SPEC_BYTES + 1)
     except OSError as e:
         raise SpecError([("", f"cannot read {p}: {e.strerror}")], str(p)) from e
+    if len(data) > MAX_SPEC_BYTES:
+        raise SpecError([("", f"larger than {MAX_SPEC_BYTES} bytes: a job spec is a few KB")], str(p))
     try:
-        raw = yaml.safe_load(text)
+        raw = parse_yaml(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SpecError([("", f"not UTF-8 text (byte {e.start})")], str(p)) from None
     except yaml.YAMLError as e:
-        raise SpecError([("", f"malformed YAML: {e}")], str(p)) from e
+        raise SpecError([("", f"malformed YAML: {e}")], str(p)) from None
+    except ValueError as e:
+        raise SpecError([("", f"refused YAML: {e}")], str(p)) from None
     if not overrides:
         return spec_from_dict(raw, str(p), check_model=check_model)
     raw, bad = apply_overrides(raw, overrides)
@@ -536,8 +636,8 @@ def apply_overrides(raw: Any, overrides: tuple[str, ...] | list[str]) -> tuple[d
             problems.append(("--set", f"{item[:80]!r} is not KEY=VALUE with a dotted KEY (e.g. data.n_samples=8)"))
             continue
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as e:
+            value = parse_yaml(text) if text.strip() else ""
+        except (yaml.YAMLError, ValueError) as e:
             problems.append((key, f"--set value {text[:80]!r} is not a YAML value: {e}"))
             continue
         node = raw
@@ -563,7 +663,8 @@ def explain(cls: type = JobSpec, prefix: str = "") -> list[tuple[str, str, str, 
         if f.default is not dataclasses.MISSING:
             default = repr(f.default)
         elif f.default_factory is not dataclasses.MISSING:
-            default = "(see below)"
+            made = f.default_factory()
+            default = "(see below)" if dataclasses.is_dataclass(made) else repr(made)
         else:
             default = "(required)"
         sub = _dataclass_in(tp)

@@ -9,9 +9,25 @@ pair. Every field carries a one-line ``doc`` that feeds ``kscale validate --expl
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from kscale.spec import doc
+
+
+def store_problems(stores: list[str]) -> list[str]:
+    """Why each listed input store cannot be read (missing, or not a kscale key store), checked at
+    validation so ``kscale validate`` reports it with every other problem instead of a StoreError later."""
+    from kscale.store.layout import is_store
+
+    out = []
+    for i, s in enumerate(stores):
+        p = Path(s).expanduser()
+        if not p.exists():
+            out.append(f"[{i}] {s!r} does not exist")
+        elif not is_store(p):
+            out.append(f"[{i}] {s!r} is not a kscale key store (no kscale-keys root attributes)")
+    return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -139,6 +155,7 @@ class AnalyzeConfig:
                 if not self.mmd.bandwidths.get(how, 0) > 0:
                     problems.append((f"mmd.bandwidths.{how}", "bandwidth_policy fixed needs a bandwidth > 0 "
                                                                "for every normalisation"))
+        problems += [("stores", m) for m in store_problems(self.stores)]
         if self.dask.scheduler == "distributed" and self.dask.address and self.dask.scheduler_file:
             problems.append(("dask.address", "give address or scheduler_file, not both"))
         return problems

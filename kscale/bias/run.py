@@ -54,14 +54,18 @@ BIAS_KIND = OutputKind("bias run", bias_marker)
 @contextmanager
 def claim_run_dir(spec, variants: list[Variant]) -> Iterator[Path]:
     """Lock the run directory, then create, check or overwrite it per ``output.if_exists``."""
+    from kscale.data.identity import data_identity
+
+    data = data_identity(spec.data)  # checked on resume: a changed dataset is refused (DataChanged)
     meta = {"format": RUN_FORMAT, "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
-            "variants": [v.__dict__ for v in variants]}
+            "variants": [v.__dict__ for v in variants], "data": data}
 
     def create(tmp: Path) -> None:
         (tmp / "shards").mkdir()
         write_json_atomic(tmp / RUN_FILE, meta)
 
-    with claim_output(spec.output.path, spec.output.if_exists, BIAS_KIND, spec.fingerprint(), create) as path:
+    with claim_output(spec.output.path, spec.output.if_exists, BIAS_KIND, spec.fingerprint(), create,
+                      data=data) as path:
         write_json_atomic(path / RUN_FILE, meta)
         yield path
 

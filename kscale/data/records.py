@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import io
 import json
+import os
+import stat
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, overload
 
 from PIL import Image
 
@@ -39,8 +42,50 @@ class Source(Protocol):
     def get(self, i: int) -> Record: ...
 
 
-def plan_shards(n_samples: int, shard_size: int) -> list[Shard]:
-    return [Shard(k, s, min(s + shard_size, n_samples)) for k, s in enumerate(range(0, n_samples, shard_size))]
+class ShardPlan(Sequence):
+    """The shards of ``n_samples`` records cut ``shard_size`` at a time: a sequence computed from the shard
+    index (``plan[k]``), never a list built up front, so a plan of 10^12 samples costs nothing to make."""
+
+    def __init__(self, n_samples: int, shard_size: int):
+        if shard_size < 1 or n_samples < 0:
+            raise ValueError(f"cannot plan {n_samples} samples in shards of {shard_size}")
+        self.n_samples, self.shard_size = n_samples, shard_size
+
+    def __len__(self) -> int:
+        return -(-self.n_samples // self.shard_size)
+
+    @overload
+    def __getitem__(self, k: int) -> Shard: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[Shard]: ...
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        n = len(self)
+        if k < 0:
+            k += n
+        if not 0 <= k < n:
+            raise IndexError(f"shard {k} of a plan of {n}")
+        start = k * self.shard_size
+        return Shard(k, start, min(start + self.shard_size, self.n_samples))
+
+    def __iter__(self) -> Iterator[Shard]:
+        return (self[k] for k in range(len(self)))
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, ShardPlan):
+            return (self.n_samples, self.shard_size) == (other.n_samples, other.shard_size)
+        return NotImplemented
+
+    def __repr__(self) -> str:
+        return f"ShardPlan(n_samples={self.n_samples}, shard_size={self.shard_size}, shards={len(self)})"
+
+
+def plan_shards(n_samples: int, shard_size: int) -> ShardPlan:
+    """The deterministic shard plan (lazy: see :class:`ShardPlan`)."""
+    return ShardPlan(n_samples, shard_size)
 
 
 def open_source(dspec) -> Source:
@@ -67,8 +112,17 @@ class _Limited:
         return self.src.get(i)
 
 
-def load_image(ref: Any, base: Path | None = None) -> tuple[Image.Image | None, str | None]:
-    """(RGB image, None) or (None, reason). ``ref`` is a path, bytes, a dict with bytes/path, or a PIL image."""
+DEFAULT_MAX_IMAGE_PIXELS = 50_000_000  # data.max_image_pixels' default (see kscale.spec.DataSpec)
+
+
+def load_image(ref: Any, base: Path | None = None,
+               max_pixels: int = DEFAULT_MAX_IMAGE_PIXELS) -> tuple[Image.Image | None, str | None]:
+    """(RGB image, None) or (None, reason). ``ref`` is a path, bytes, a dict with bytes/path, or a PIL image.
+
+    Size first: ``Image.open`` reads only the header, so an image of more than ``max_pixels`` is refused
+    before any pixel is decoded (a 17 KB PNG can hold 12000 x 12000 pixels). A path must be a regular
+    file: a device (``/dev/zero``) or a FIFO is refused without being opened (reading it would never end).
+    """
     try:
         if isinstance(ref, Image.Image):
             img = ref
@@ -76,64 +130,111 @@ def load_image(ref: Any, base: Path | None = None) -> tuple[Image.Image | None, 
             if ref.get("bytes"):
                 img = Image.open(io.BytesIO(ref["bytes"]))
             elif ref.get("path"):
-                return load_image(ref["path"], base)
+                return load_image(ref["path"], base, max_pixels)
             else:
                 return None, "image field is an empty mapping"
         elif isinstance(ref, (bytes, bytearray)):
             img = Image.open(io.BytesIO(ref))
         elif isinstance(ref, str):
             p = Path(ref) if base is None or Path(ref).is_absolute() else base / ref
-            if not p.is_file():
+            try:
+                mode = os.stat(p).st_mode
+            except FileNotFoundError:
                 return None, f"missing image file {str(p)!r}"
+            except OSError as e:
+                return None, f"cannot read image file {str(p)!r} ({e.strerror})"
+            if not stat.S_ISREG(mode):
+                return None, f"image path {str(p)!r} is not a regular file"
             img = Image.open(p)
         else:
             return None, f"unsupported image value of type {type(ref).__name__}"
+        width, height = img.size
+        if width * height > max_pixels:
+            return None, (f"image of {width}x{height} = {width * height} pixels is larger than "
+                          f"data.max_image_pixels={max_pixels}; not decoded")
         img.load()
         return img.convert("RGB"), None
     except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt image
         return None, f"corrupt image ({type(e).__name__}: {str(e)[:160]})"
 
 
-def _record(i: int, row: dict, dspec, base: Path | None, where: str) -> Record:
+def _record(i: int, row: dict, dspec, base: Path | None, where: str, first_of: dict[str, int] | None = None) -> Record:
+    """The record of row ``i``; ``first_of`` maps each id to the first row that used it (a later row with the
+    same id is that row's error: duplicate ids are recorded, never silently merged)."""
     sid = str(row.get(dspec.id_field, i)) if dspec.id_field else str(i)
     text = row.get(dspec.text_field)
     answer = row.get(dspec.answer_field) if dspec.answer_field else None
     rec = Record(i, sid, None, text if isinstance(text, str) else "", None if answer is None else str(answer))
     used = {dspec.image_field, dspec.text_field, dspec.answer_field, dspec.id_field}
     rec.meta = {k: v for k, v in row.items() if k not in used}  # e.g. choices, distractor, conflicting claim
-    if dspec.text_field not in row:
+    if first_of is not None and first_of.get(sid, i) != i:
+        rec.error = f"{where}: duplicate id {sid[:80]!r} (first used by sample {first_of[sid]})"
+    elif dspec.text_field not in row:
         rec.error = f"{where}: missing field {dspec.text_field!r}"
     elif not isinstance(text, str) or not text.strip():
         rec.error = f"{where}: empty text in field {dspec.text_field!r}"
     elif dspec.image_field not in row:
         rec.error = f"{where}: missing field {dspec.image_field!r} (use null for a text-only sample)"
     elif row[dspec.image_field] is not None:
-        rec.image, err = load_image(row[dspec.image_field], base)
+        rec.image, err = load_image(row[dspec.image_field], base, dspec.max_image_pixels)
         if err:
             rec.error = f"{where}: {err}"
     return rec
 
 
 class ManifestSource:
-    """JSONL, one record per line; image paths relative to the manifest's folder."""
+    """JSONL, one record per line; image paths relative to the manifest's folder.
+
+    The file is read as bytes and each line decoded on its own: a line that is not UTF-8 is that record's
+    error (``lines[i]`` is then empty), never the job's."""
 
     def __init__(self, dspec):
         self.dspec = dspec
         self.path = Path(dspec.path).expanduser()
-        self.lines = [ln for ln in self.path.read_text().splitlines() if ln.strip()]
+        self.lines: list[str] = []
+        self.undecodable: dict[int, str] = {}
+        for raw in self.path.read_bytes().splitlines():
+            if not raw.strip():
+                continue
+            try:
+                self.lines.append(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                self.undecodable[len(self.lines)] = f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+                self.lines.append("")
+        self._first_of: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.lines)
 
-    def get(self, i: int) -> Record:
-        where = f"{self.path.name} line {i + 1}"
+    def _row(self, i: int) -> dict | str:
+        """Row ``i`` as a mapping, or why it is not one."""
+        if i in self.undecodable:
+            return self.undecodable[i]
         try:
             row = json.loads(self.lines[i])
         except json.JSONDecodeError as e:
-            return Record(i, str(i), None, "", error=f"{where}: invalid JSON ({e.msg})")
-        if not isinstance(row, dict):
-            return Record(i, str(i), None, "", error=f"{where}: expected a JSON object")
-        return _record(i, row, self.dspec, self.path.parent, where)
+            return f"invalid JSON ({e.msg})"
+        return row if isinstance(row, dict) else "expected a JSON object"
+
+    def first_of(self) -> dict[str, int] | None:
+        """id -> first row that has it (read once, on first use), None without ``id_field``."""
+        if self.dspec.id_field is None:
+            return None
+        if self._first_of is None:
+            firsts: dict[str, int] = {}
+            for i in range(len(self.lines)):
+                row = self._row(i)
+                if isinstance(row, dict):
+                    firsts.setdefault(str(row.get(self.dspec.id_field, i)), i)
+            self._first_of = firsts
+        return self._first_of
+
+    def get(self, i: int) -> Record:
+        where = f"{self.path.name} line {i + 1}"
+        row = self._row(i)
+        if isinstance(row, str):
+            return Record(i, str(i), None, "", error=f"{where}: {row}")
+        return _record(i, row, self.dspec, self.path.parent, where, self.first_of())
 
 
 class HFDiskSource:
@@ -151,9 +252,23 @@ class HFDiskSource:
             ds = ds[dspec.split]
         self.ds = ds
         self.base = Path(dspec.path).expanduser()
+        self._first_of: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.ds)
 
+    def first_of(self) -> dict[str, int] | None:
+        """id -> first row that has it (one column read, on first use), None without ``id_field``."""
+        field_name = self.dspec.id_field
+        if field_name is None:
+            return None
+        if self._first_of is None:
+            column = self.ds[field_name] if field_name in self.ds.column_names else range(len(self.ds))
+            firsts: dict[str, int] = {}
+            for i, v in enumerate(column):
+                firsts.setdefault(str(v), i)
+            self._first_of = firsts
+        return self._first_of
+
     def get(self, i: int) -> Record:
-        return _record(i, self.ds[i], self.dspec, self.base, f"{self.dspec.path} row {i}")
+        return _record(i, self.ds[i], self.dspec, self.base, f"{self.dspec.path} row {i}", self.first_of())

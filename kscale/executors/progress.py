@@ -53,6 +53,7 @@ class Progress:
         self.quarantined: dict[str, str] = {}
         self.retries = 0
         self.retried: dict[str, list[str]] = {}  # shard name -> the error of each failed attempt
+        self.write_failed = False  # a _progress.json write failed: warned once, later failures are quiet
         self.t0 = time.time()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
         # A rerun with nothing left to do keeps the last real counts instead of writing "0 samples".
@@ -113,8 +114,14 @@ class Progress:
 
     def _write(self, state: str) -> dict:
         snap = self.snapshot(state)
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.path, snap)
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, snap)
+        except OSError as e:  # a full disk or a lost mount: progress is a convenience, the job goes on
+            if not self.write_failed:
+                tqdm.write(f"kscale: cannot write {self.path} ({e.strerror or e}); progress will not be saved "
+                           "until it can be (the job goes on)", file=sys.stderr)
+            self.write_failed = True
         publish_metrics(snap)  # dashboard gauges (no-op without Ray)
         return snap
 

@@ -17,6 +17,7 @@ import zarr
 
 from kscale import __version__
 from kscale.data import open_source, plan_shards
+from kscale.data.identity import data_identity
 from kscale.models.registry import MODALITY_CODES, get_adapter, read_config_json
 from kscale.output import OutputError, OutputKind, claim_output
 from kscale.results import ExtractResult
@@ -46,7 +47,7 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
                   "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
                   "config": read_config_json(spec.model)[0]},  # makes the store self-contained (post-RoPE rebuild)
         "processor": processor_settings,
-        "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
+        "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
         "versions": _versions(),
         "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "rope_pos": ["token", "rope_row"]},
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
@@ -72,7 +73,8 @@ def claim_store(spec, attrs_fn):
         zarr.open_group(str(tmp), mode="w").attrs.update(attrs_fn())
         (tmp / "shards").mkdir()
 
-    return claim_output(spec.output.path, spec.output.if_exists, STORE_KIND, spec.fingerprint(), create)
+    return claim_output(spec.output.path, spec.output.if_exists, STORE_KIND, spec.fingerprint(), create,
+                        data=data_identity(spec.data))
 
 
 def nothing_to_do(spec) -> bool:
@@ -82,8 +84,9 @@ def nothing_to_do(spec) -> bool:
         return False
     if dict(zarr.open_group(str(path), mode="r").attrs).get("spec_fingerprint") != spec.fingerprint():
         return False
-    planned = {s.name for s in plan_shards(len(open_source(spec.data)), spec.data.shard_size)}
-    return planned <= set(committed_shards(path))
+    plan = plan_shards(len(open_source(spec.data)), spec.data.shard_size)
+    done = set(committed_shards(path))
+    return len(done) >= len(plan) and all(s.name in done for s in plan)  # the plan is lazy: no set of it
 
 
 def run_extract(spec: JobSpec, executor) -> ExtractResult:

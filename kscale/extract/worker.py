@@ -224,16 +224,29 @@ def _writer(spec: JobSpec, shard: Shard, state: ExtractState) -> ShardWriter:
                        compress_keys=spec.output.compress_keys)
 
 
+def usable_batches(source, shard: Shard, batch_size: int, errors: list[dict]) -> Iterator[list[Record]]:
+    """The shard's usable records, ``batch_size`` at a time, read (and their images decoded) only when their
+    batch is due: at most one batch of decoded images is alive. Unusable records go to ``errors``. The
+    batches are those of the shard's usable records in order, whatever the errors (same as reading all first)."""
+    batch: list[Record] = []
+    for i in range(shard.start, shard.stop):
+        rec = source.get(i)
+        if rec.error:
+            errors.append(_error(rec, rec.error))
+            continue
+        batch.append(rec)
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
 def _batches(spec, shard: Shard, state: ExtractState, errors: list[dict],
              with_answers: bool) -> Iterator[tuple[list[Record], object]]:
     """(records, model batch) of the shard's usable samples; bad and too-long samples go to ``errors``."""
-    good: list[Record] = []
-    for i in range(shard.start, shard.stop):
-        rec = state.source.get(i)
-        (errors.append(_error(rec, rec.error)) if rec.error else good.append(rec))
     bs, max_len = spec.extract.batch_size, spec.extract.max_seq_len
-    for a in range(0, len(good), bs):
-        recs = good[a: a + bs]
+    for recs in usable_batches(state.source, shard, bs, errors):
         batch = build(state, recs, with_answers)
         lengths = batch.inputs["attention_mask"].sum(1).tolist()
         too_long = [j for j, n in enumerate(lengths) if n > max_len]

@@ -17,10 +17,11 @@ import dask.array as da
 import numpy as np
 import zarr
 
+from kscale.errors import KscaleError
 from kscale.store.layout import MODALITIES, TABLE_COLUMNS, committed_shards, is_store, shard_dir
 
 
-class StoreError(ValueError):
+class StoreError(KscaleError, ValueError):
     pass
 
 

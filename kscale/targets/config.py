@@ -41,7 +41,8 @@ class RayConfig:
         "jobs sharing a node never collide. Must stay outside Ray's worker range 10002-19999.", None)
     temp_dir: str = doc("Node-local base directory for the per-job Ray temp dir (keep it short: Ray's "
                         "socket paths must fit in 107 bytes).", "/tmp")
-    node_wait_s: int = doc("Seconds to wait for every node of the allocation to join before giving up.", 300)
+    node_wait_s: int = doc("Seconds to wait for every node of the allocation to join before giving up.", 300,
+                           ge=1)
     object_store_gb: float | None = doc("Object store size per node in GB (None: Ray's default, 30% of RAM).",
                                         None)
 
@@ -54,8 +55,6 @@ class RayConfig:
             elif not (hi < RAY_WORKER_PORTS[0] or lo > RAY_WORKER_PORTS[1]):
                 out.append(("port_base", f"ports {lo}-{hi} overlap Ray's worker port range "
                                          f"{RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}; use 20000 or above"))
-        if self.node_wait_s < 1:
-            out.append(("node_wait_s", f"must be >= 1, got {self.node_wait_s}"))
         if len(self.temp_dir) > 40:
             out.append(("temp_dir", f"{self.temp_dir!r} is too long for Ray's socket paths (keep it under 40 "
                                     "characters, e.g. /tmp)"))
@@ -68,12 +67,12 @@ class SlurmConfig:
     account: str | None = doc("Account to charge (`--account`).", None)
     qos: str | None = doc("Quality of service (`--qos`).", None)
     time: str = doc("Wall-clock limit, Slurm syntax (`HH:MM:SS`, `D-HH:MM:SS`).", "01:00:00")
-    nodes: int = doc("Nodes in the allocation; Ray's head runs on the first.", 1)
+    nodes: int = doc("Nodes in the allocation; Ray's head runs on the first.", 1, ge=1)
     gpus_per_node: int | None = doc("GPUs per node. None: enough for resources.workers x gpus_per_worker "
-                                    "spread over the nodes.", None)
+                                    "spread over the nodes.", None, ge=0)
     gpu_type: str | None = doc("GPU type for `--gpus-per-node=TYPE:N` (e.g. a100).", None)
     cpus_per_node: int | None = doc("CPUs per node (`--cpus-per-task`, one task per node). None: the workers' "
-                                    "CPUs on that node plus one for the driver and Ray.", None)
+                                    "CPUs on that node plus one for the driver and Ray.", None, ge=1)
     mem: str | None = doc("Memory per node (`--mem`, e.g. 64G); None: the partition's default.", None)
     exclusive: bool = doc("Ask for whole nodes (`--exclusive`).", False)
     container_image: str | None = doc("Run Ray and the driver in this image through pyxis/enroot "
@@ -85,18 +84,12 @@ class SlurmConfig:
                            factory=list)
     sbatch_args: list[str] = doc("Extra sbatch options, one per item (e.g. `--constraint=h100`).", factory=list)
     grace_s: int = doc("Seconds before the time limit at which Slurm signals the driver so it can stop "
-                       "cleanly (committed shards are kept; resubmit to resume).", 120)
+                       "cleanly (committed shards are kept; resubmit to resume).", 120, ge=0)
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
         if not _SLURM_TIME.match(self.time):
             out.append(("time", f"{self.time!r} is not a Slurm time (HH:MM:SS, MM, D-HH, D-HH:MM:SS)"))
-        if self.nodes < 1:
-            out.append(("nodes", f"must be >= 1, got {self.nodes}"))
-        for name in ("gpus_per_node", "cpus_per_node"):
-            v = getattr(self, name)
-            if v is not None and v < (0 if name == "gpus_per_node" else 1):
-                out.append((name, f"must be >= {0 if name == 'gpus_per_node' else 1}, got {v}"))
         if self.mem is not None and not _MEM.match(self.mem):
             out.append(("mem", f"{self.mem!r} is not a Slurm size (e.g. 64G, 512000M)"))
         for name in ("partition", "account", "qos", "gpu_type", "container_image"):
@@ -115,8 +108,6 @@ class SlurmConfig:
             for i, line in enumerate(getattr(self, name)):
                 if "\n" in line or "\r" in line:
                     out.append((f"{name}[{i}]", "one shell line per item, no newlines"))
-        if self.grace_s < 0:
-            out.append(("grace_s", f"must be >= 0, got {self.grace_s}"))
         return out
 
 
@@ -130,8 +121,8 @@ class K8sConfig:
     service_account: str | None = doc("Service account of the pods.", None)
     ray_version: str | None = doc("Ray version in the image (`rayVersion`); None: the local Ray's.", None)
     gpu_resource: str = doc("Extended resource name of a GPU.", "nvidia.com/gpu")
-    worker_replicas: int | None = doc("Worker pods. None: one pod per resources.workers.", None)
-    gpus_per_pod: int | None = doc("GPUs per worker pod. None: ceil(resources.gpus_per_worker).", None)
+    worker_replicas: int | None = doc("Worker pods. None: one pod per resources.workers.", None, ge=1)
+    gpus_per_pod: int | None = doc("GPUs per worker pod. None: ceil(resources.gpus_per_worker).", None, ge=0)
     cpus_per_pod: str | None = doc("CPU request and limit per worker pod. None: resources.cpus_per_worker + 1.",
                                    None)
     memory_per_pod: str = doc("Memory request and limit per worker pod.", "16Gi")
@@ -146,10 +137,11 @@ class K8sConfig:
         "How KubeRay submits the driver. K8sJobMode keeps the submitter's logs in a Kubernetes Job.",
         "K8sJobMode")
     ttl_seconds_after_finished: int = doc("Seconds the finished cluster lingers before deletion (logs, "
-                                          "debugging).", 600)
-    active_deadline_seconds: int | None = doc("Hard limit on the job's run time in seconds (None: none).", None)
+                                          "debugging).", 600, ge=0)
+    active_deadline_seconds: int | None = doc("Hard limit on the job's run time in seconds (None: none).", None,
+                                              ge=1)
     pre_running_deadline_seconds: int | None = doc("Fail if the job is not running after this many seconds "
-                                                   "(stuck image pulls, no GPUs).", 1800)
+                                                   "(stuck image pulls, no GPUs).", 1800, ge=1)
     reuse_cluster: str | None = doc("Name of a running RayCluster to submit to (`clusterSelector`) instead of "
                                     "creating one per job; render it with `kscale render --target raycluster`.",
                                     None)
@@ -160,20 +152,10 @@ class K8sConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
-        for name in ("worker_replicas", "gpus_per_pod"):
-            v = getattr(self, name)
-            if v is not None and v < (1 if name == "worker_replicas" else 0):
-                out.append((name, f"must be >= {1 if name == 'worker_replicas' else 0}, got {v}"))
         for name in ("cpus_per_pod", "memory_per_pod", "head_cpus", "head_memory"):
             v = getattr(self, name)
             if v is not None and not _K8S_QUANTITY.match(v):
                 out.append((name, f"{v!r} is not a Kubernetes quantity (e.g. 4, 500m, 16Gi)"))
-        if self.ttl_seconds_after_finished < 0:
-            out.append(("ttl_seconds_after_finished", f"must be >= 0, got {self.ttl_seconds_after_finished}"))
-        for name in ("active_deadline_seconds", "pre_running_deadline_seconds"):
-            v = getattr(self, name)
-            if v is not None and v < 1:
-                out.append((name, f"must be a positive number of seconds, got {v}"))
         if not self.output_mount.startswith("/"):
             out.append(("output_mount", f"must be an absolute path, got {self.output_mount!r}"))
         return out

@@ -185,10 +185,14 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, keep: int) -> None:
 
 def load_latest_checkpoint(engine: Any, run_dir: Path) -> int:
     """Restore the newest checkpoint if there is one; returns the number of steps already done."""
+    from kscale.train.safe_load import checkpoint_tag_to_load, weights_only_checkpoints
+
     root = run_dir / CHECKPOINTS
-    if not (root / "latest").exists():
+    tag = checkpoint_tag_to_load(root)  # only a stepNNNNNNNN folder of this run
+    if tag is None:
         return 0
-    _, client_state = engine.load_checkpoint(str(root), load_module_strict=False)
+    with weights_only_checkpoints(engine):  # never unpickle code from the run folder (kscale.train.safe_load)
+        _, client_state = engine.load_checkpoint(str(root), tag=tag, load_module_strict=False)
     return int(client_state["step"])
 
 

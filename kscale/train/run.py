@@ -142,10 +142,14 @@ def claim_run_dir(spec: Any) -> Any:
     """The run directory's claim (:mod:`kscale.output`): locked, and only ever a train run (``kscale.json``).
     ``resume`` continues from the newest checkpoint, ``fail`` refuses, ``overwrite`` starts from empty."""
 
-    def create(tmp: Path) -> None:
-        write_json_atomic(tmp / RUN_MARKER, run_marker("train", spec.fingerprint()))
+    from kscale.data.identity import data_identity
 
-    return claim_output(spec.output.path, spec.output.if_exists, TRAIN_KIND, spec.fingerprint(), create)
+    data = data_identity(spec.data)  # checked on resume: a changed dataset is refused (DataChanged)
+
+    def create(tmp: Path) -> None:
+        write_json_atomic(tmp / RUN_MARKER, run_marker("train", spec.fingerprint(), data))
+
+    return claim_output(spec.output.path, spec.output.if_exists, TRAIN_KIND, spec.fingerprint(), create, data=data)
 
 
 @contextmanager

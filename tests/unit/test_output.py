@@ -255,6 +255,10 @@ def test_analyze_refuses_to_write_into_a_foreign_folder(tmp_path) -> None:
     foreign = tmp_path / "papers"
     foreign.mkdir()
     (foreign / "results.csv").write_text("mine")
+    from kscale.store.layout import STORE_FORMAT
+
+    (tmp_path / "store").mkdir()  # validation checks that the input store is one (its root marker)
+    (tmp_path / "store" / "zarr.json").write_text(json.dumps({"attributes": {"format": STORE_FORMAT}}))
     for mode in ("resume", "overwrite"):
         spec = spec_from_dict({"kind": "analyze", "analyze": {"stores": [str(tmp_path / "store")]},
                                "output": {"path": str(foreign), "if_exists": mode}}, check_model=False)

@@ -158,3 +158,25 @@ def test_one_field_helper():
         assert "metadata=" not in inspect.getsource(mod).replace("metadata=metadata", ""), mod.__name__
         for cls in [c for c in vars(mod).values() if dataclasses.is_dataclass(c)]:
             assert all(f.metadata.get("doc") for f in dataclasses.fields(cls)), cls
+
+
+def test_cluster_bounds_are_field_bounds(tmp_path):
+    """The cluster section's numeric limits are declared on the fields (doc(..., ge=)), checked by the loader."""
+    raw = extract_spec(tmp_path)
+    raw["cluster"] = {"ray": {"node_wait_s": 0}, "slurm": {"nodes": 0, "gpus_per_node": -1, "cpus_per_node": 0,
+                                                           "grace_s": -5},
+                      "k8s": {"worker_replicas": 0, "gpus_per_pod": -1, "ttl_seconds_after_finished": -1,
+                              "active_deadline_seconds": 0, "pre_running_deadline_seconds": 0}}
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(raw, check_model=False)
+    p = dict(e.value.problems)
+    assert p["cluster.ray.node_wait_s"] == "must be >= 1 (got 0)"
+    assert p["cluster.slurm.nodes"] == "must be >= 1 (got 0)" and p["cluster.slurm.grace_s"] == "must be >= 0 (got -5)"
+    assert p["cluster.slurm.gpus_per_node"] == "must be >= 0 (got -1)"
+    assert p["cluster.slurm.cpus_per_node"] == "must be >= 1 (got 0)"
+    assert p["cluster.k8s.worker_replicas"] == "must be >= 1 (got 0)"
+    assert p["cluster.k8s.gpus_per_pod"] == "must be >= 0 (got -1)"
+    assert p["cluster.k8s.ttl_seconds_after_finished"] == "must be >= 0 (got -1)"
+    assert p["cluster.k8s.active_deadline_seconds"] == "must be >= 1 (got 0)"
+    assert p["cluster.k8s.pre_running_deadline_seconds"] == "must be >= 1 (got 0)"
+    assert len(p) == 10
