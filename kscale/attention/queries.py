@@ -3,7 +3,8 @@
 Layout, beside the shard's key groups and with the *same rows* (same token sampling, same order), so
 ``store.tokens(modality)`` describes them too::
 
-    shards/sNNNNNN/queries/<modality>/queries   (layer, token, q_head, head_dim), chunks (1, chunk_tokens, Hq, D)
+    shards/sNNNNNN/queries/<modality>/queries   (layer, token, q_head, head_dim), inner chunks (1, chunk_tokens, Hq, D)
+                                                in Zarr shards of (L, chunk_tokens, Hq, D), crc32c
 
 Stored queries are pre-RoPE ``q_proj`` outputs (bias included) of the query heads that read the kept KV
 heads (``q_head = kv_head * G + g``); ``read_queries(..., rope=True)`` rotates them with the stored
@@ -21,9 +22,10 @@ import dask.array as da
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from kscale.models import MODALITY_CODES
-from kscale.store.layout import MODALITIES, shard_dir
+from kscale.store.layout import MODALITIES, shard_dir, staging_dir
 from kscale.store.reader import KeyStore, StoreError
 
 DIMS = ["layer", "token", "q_head", "head_dim"]
@@ -45,11 +47,12 @@ def stacked_queries(state, batch, cap) -> torch.Tensor:
 
 
 class QueryWriter:
-    """Buffered whole-chunk writer of one shard's query arrays (create it after the shard's ShardWriter,
-    which clears a partial shard folder)."""
+    """Buffered whole-chunk writer of one shard's query arrays, into the staging folder of the shard's
+    ``ShardWriter`` (create it after that writer, in the same process; the writer's commit publishes both).
+    Sharded like keys: one file per ``chunk_tokens`` rows holding every layer, crc32c on every chunk."""
 
     def __init__(self, store: str | Path, shard_name: str, *, dtype: str, chunk_tokens: int):
-        self.root = zarr.open_group(str(shard_dir(store, shard_name) / "queries"), mode="w")
+        self.root = zarr.open_group(str(staging_dir(store, shard_name) / "queries"), mode="w")
         self.dtype, self.chunk = dtype, chunk_tokens
         self.pending: dict[str, list[np.ndarray]] = {}
         self.arrays: dict[str, zarr.Array] = {}
@@ -70,7 +73,8 @@ class QueryWriter:
         if arr is None:
             L, _, H, D = q.shape
             arr = self.arrays[modality] = self.root.require_group(modality).create_array(
-                "queries", shape=(L, 0, H, D), chunks=(1, self.chunk, H, D), dtype=self.dtype, dimension_names=DIMS)
+                "queries", shape=(L, 0, H, D), chunks=(1, self.chunk, H, D), shards=(L, self.chunk, H, D),
+                dtype=self.dtype, dimension_names=DIMS, compressors=[Crc32cCodec()])
         a = arr.shape[1]
         arr.resize((arr.shape[0], a + n, *arr.shape[2:]))
         arr[:, a:a + n] = q[:, :n]
