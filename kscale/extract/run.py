@@ -17,7 +17,8 @@ from kscale import __version__
 from kscale.data import open_source, plan_shards
 from kscale.spec import to_dict
 from kscale.models.registry import read_config_json
-from kscale.store.layout import STORE_FORMAT, STORE_VERSION, committed_shards, is_store
+from kscale.store.index import write_index
+from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names
 
 
 class StoreExistsError(RuntimeError):
@@ -45,7 +46,7 @@ def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: l
         "processor": processor_settings,
         "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
         "versions": _versions(),
-        "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "rope_pos": ["token", "rope_row"]},
+        "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
         "key_space": "pre_rope", "rope_rows": 3 if info.family == "qwen2_5_vl" else 1,
         "modality_codes": {"text": 0, "image": 1, "video": 2, "special": 3},
@@ -87,7 +88,7 @@ def nothing_to_do(spec) -> bool:
     if dict(zarr.open_group(str(path), mode="r").attrs).get("spec_fingerprint") != spec.fingerprint():
         return False
     planned = {s.name for s in plan_shards(len(open_source(spec.data)), spec.data.shard_size)}
-    return planned <= set(committed_shards(path))
+    return planned <= set(marker_names(path))
 
 
 def run_extract(spec, executor) -> dict:
@@ -106,9 +107,16 @@ def run_extract(spec, executor) -> dict:
         return root_attrs(spec, info, settings, layers, heads, n, len(shards))
 
     store = prepare_store(spec, attrs)
-    done = set(committed_shards(store))
+    version = dict(zarr.open_group(store, mode="r").attrs).get("version")
+    if version != STORE_VERSION:  # resume never mixes layouts; old stores stay readable
+        raise StoreExistsError(f"output.path: store {store!r} has format version {version}; this kscale writes "
+                               f"version {STORE_VERSION}: choose another path or output.if_exists: overwrite")
+    done = set(marker_names(store))
     todo = [s for s in shards if s.name not in done]
-    result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
+    try:
+        result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
+    finally:
+        write_index(store)  # the committed shards, whatever happened to the others
     return {"kind": "extract", "store": store, "shards_total": len(shards), **result}
 
 
