@@ -101,24 +101,22 @@ def validate(job: str, explain: bool) -> None:
 @click.option("--reindex", is_flag=True, help="Rebuild the store index from the commit markers first.")
 def info(store: str, as_json: bool, reindex: bool) -> None:
     """Summarise a key store: samples, tokens per modality, layers, heads, bytes, errors."""
-    import kscale.store
+    from kscale.store.index import load_index, shard_errors, summarize, write_index
+    from kscale.store.layout import StoreError, read_root_attrs
 
     try:
-        if reindex and kscale.store.is_store(store):
-            from kscale.store.index import write_index
-
-            write_index(store)
-        s = kscale.store.open(store)
-    except kscale.store.StoreError as e:
+        attrs = read_root_attrs(store)  # from the index alone: neither zarr nor dask is imported
+        index = write_index(store) if reindex else load_index(store)
+    except StoreError as e:
         click.echo(f"kscale info: {e}", err=True)
         sys.exit(2)
-    summ = s.summary()
+    summ = summarize(store, attrs, index)
     if as_json:
         click.echo(json.dumps(summ, indent=1))
         return
     for k, v in summ.items():
         click.echo(f"{k:18s} {v}")
-    for e in s.errors()[:20]:
+    for e in shard_errors(store, index)[:20]:
         click.echo(f"  error sample {e['sample_id']} ({e['source_id']}): {e['reason']}")
 
 

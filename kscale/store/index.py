@@ -115,3 +115,42 @@ def load_index(store: str | Path) -> Index:
     new = build_index(store, [n for n in names if n not in known])
     rows = {n: known[n] if n in known else new.rows.get(n) for n in names}
     return Index(rows={n: r for n, r in rows.items() if r is not None}, invalid=new.invalid)
+
+
+def shard_errors(store: str | Path, index: Index) -> list[dict]:
+    """Per-sample errors of committed shards (read from the markers of shards that have some)."""
+    return [e for name, r in index.rows.items() if r["n_errors"]
+            for e in read_marker(store, name).get("errors", [])]
+
+
+def summarize(store: str | Path, attrs: dict[str, Any], index: Index) -> dict[str, Any]:
+    """``KeyStore.summary()`` / ``kscale info``: sums of the index rows, no shard file opened or stat'ed
+    (a store with layout-1 shards, whose markers list no files, is walked for its size as before)."""
+    root = Path(store)
+    rows = index.rows.values()
+    if any(r["disk_bytes"] is None for r in rows):
+        disk = sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+    else:
+        disk = sum(r["disk_bytes"] for r in rows) + sum(
+            p.stat().st_size for p in (root / "zarr.json", root / "shards" / "zarr.json") if p.is_file())
+    tokens = {m: sum(r["tokens"][m] for r in rows) for m in MODALITIES}
+    out = {
+        "path": str(store),
+        "model": attrs.get("model", {}).get("path"),
+        "family": attrs.get("model", {}).get("family"),
+        "version": attrs.get("version", 1),
+        "shards_committed": len(index.rows),
+        "shards_planned": attrs.get("plan", {}).get("n_shards"),
+        "samples": sum(r["n_samples_ok"] for r in rows),
+        "errors": sum(r["n_errors"] for r in rows),
+        "tokens": tokens,
+        "layers": list(attrs["layers"]),
+        "heads": list(attrs["heads"]),
+        "head_dim": int(attrs["head_dim"]),
+        "key_dtype": attrs.get("key_dtype"),
+        "key_bytes": sum(r["key_bytes"] for r in rows),
+        "disk_bytes": disk,
+    }
+    if index.invalid:
+        out["shards_invalid"] = dict(index.invalid)
+    return out

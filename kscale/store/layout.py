@@ -51,6 +51,10 @@ INDEX_FILE = "_index.json"
 MARKER_SUFFIX = ".done.json"
 
 
+class StoreError(ValueError):
+    """A path is not a readable key store, or a read asks for something the store does not hold."""
+
+
 def token_fields(rope_rows: int) -> tuple[str, ...]:
     """Field names of the v2 ``tokens`` array (its second axis)."""
     return ("sample_id", "position", "token_id", "image_index", *(f"rope_{r}" for r in range(rope_rows)))
@@ -95,6 +99,17 @@ def is_store(path: str | Path) -> bool:
         return json.loads(meta.read_text()).get("attributes", {}).get("format") == STORE_FORMAT
     except (OSError, json.JSONDecodeError):
         return False
+
+
+def read_root_attrs(path: str | Path) -> dict[str, Any]:
+    """The store's root attributes (its ``zarr.json``), after checking that ``path`` is a kscale store.
+    Plain JSON: opening a store for ``kscale info`` imports neither zarr nor dask."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise StoreError(f"no store at {str(p)!r}")
+    if not is_store(p):
+        raise StoreError(f"{str(p)!r} is not a kscale key store (no zarr.json with format kscale-keys)")
+    return dict(json.loads((p / "zarr.json").read_text())["attributes"])
 
 
 def write_json_atomic(path: Path, obj: Any) -> None:

@@ -28,13 +28,9 @@ import zarr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from kscale.store.index import Index, load_index
-from kscale.store.layout import (MODALITIES, TABLE_COLUMNS, field_slice, is_store, keys_chunk_file, read_marker,
-                                 shard_dir, tokens_chunk_file)
-
-
-class StoreError(ValueError):
-    pass
+from kscale.store.index import Index, load_index, shard_errors, summarize
+from kscale.store.layout import (MODALITIES, TABLE_COLUMNS, StoreError, field_slice, keys_chunk_file,
+                                 read_root_attrs, shard_dir, tokens_chunk_file)
 
 
 class StoreDamaged(StoreError):
@@ -260,46 +256,14 @@ class KeyStore:
 
     def errors(self) -> list[dict]:
         """Per-sample errors of committed shards (read from the markers of shards that have some)."""
-        return [e for name, r in self.shards.items() if r["n_errors"]
-                for e in read_marker(self.path, name).get("errors", [])]
+        return shard_errors(self.path, self.index)
 
     def n_tokens(self) -> dict[str, int]:
-        out = {m: 0 for m in MODALITIES}
-        for r in self.shards.values():
-            for m in MODALITIES:
-                out[m] += r["tokens"][m]
-        return out
+        return {m: sum(r["tokens"][m] for r in self.shards.values()) for m in MODALITIES}
 
     def summary(self) -> dict[str, Any]:
-        """Counts from the index: no file of a shard is opened or stat'ed (layout-1 stores: walked as before)."""
-        plan = self.attrs.get("plan", {})
-        rows = self.shards.values()
-        if any(r["disk_bytes"] is None for r in rows):
-            disk = sum(p.stat().st_size for p in Path(self.path).rglob("*") if p.is_file())
-        else:
-            root = Path(self.path)
-            disk = sum(r["disk_bytes"] for r in rows) + sum(
-                p.stat().st_size for p in (root / "zarr.json", root / "shards" / "zarr.json") if p.is_file())
-        out = {
-            "path": self.path,
-            "model": self.attrs.get("model", {}).get("path"),
-            "family": self.attrs.get("model", {}).get("family"),
-            "version": self.attrs.get("version", 1),
-            "shards_committed": len(self.shards),
-            "shards_planned": plan.get("n_shards"),
-            "samples": sum(r["n_samples_ok"] for r in rows),
-            "errors": sum(r["n_errors"] for r in rows),
-            "tokens": self.n_tokens(),
-            "layers": self.layers,
-            "heads": self.heads,
-            "head_dim": self.head_dim,
-            "key_dtype": self.attrs.get("key_dtype"),
-            "key_bytes": sum(r["key_bytes"] for r in rows),
-            "disk_bytes": disk,
-        }
-        if self.index.invalid:
-            out["shards_invalid"] = dict(self.index.invalid)
-        return out
+        """Counts from the index (``index.summarize``): no file of a shard is opened or stat'ed."""
+        return summarize(self.path, self.attrs, self.index)
 
     def _check_modality(self, modality: str) -> None:
         if modality not in MODALITIES:
@@ -309,9 +273,5 @@ class KeyStore:
 def open_store(path: str | Path) -> KeyStore:
     """Open a kscale key store for reading (committed shards only, from the index)."""
     p = Path(path).expanduser()
-    if not p.exists():
-        raise StoreError(f"no store at {str(p)!r}")
-    if not is_store(p):
-        raise StoreError(f"{str(p)!r} is not a kscale key store (no zarr.json with format kscale-keys)")
-    attrs = dict(zarr.open_group(str(p), mode="r").attrs)
+    attrs = read_root_attrs(p)
     return KeyStore(str(p), attrs, load_index(p))
