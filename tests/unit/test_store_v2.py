@@ -269,3 +269,13 @@ def test_verify_clean_store_and_info_reindex(tmp_path):
     res = CliRunner().invoke(main, ["info", "--reindex", "--json", path])
     assert res.exit_code == 0 and json.loads(res.output)["shards_committed"] == 3
     assert json.loads((tmp_path / "s" / INDEX_FILE).read_text())["shards"][2]["offset"]["image"] == 9 + 11
+
+
+def test_killed_writer_staging_is_cleared_and_never_read(tmp_path):
+    path = make_store(tmp_path / "s", n_shards=1)
+    junk = tmp_path / "s" / "shards" / ".s000001.tmp-99999"  # a writer killed mid-shard (another pid)
+    (junk / "image" / "keys").mkdir(parents=True)
+    (junk / "image" / "keys" / "c.0.0.0.0").write_bytes(b"partial")
+    assert list(kscale.store.open(path).shards) == ["s000000"]
+    write_shard(path, 1)
+    assert not junk.exists() and list(kscale.store.open(path).shards) == ["s000000", "s000001"]
