@@ -236,6 +236,8 @@ def test_damage_is_named_found_repaired_and_redone(tmp_path, kind):
         ks.tokens("image")
     found = verify_store(path)
     assert {d.shard for d in found} == {"s000001"}
+    quick = verify_store(path, quick=True)  # files and sizes only: finds all but a same-size flip
+    assert {d.shard for d in quick} == (set() if kind == "flipped keys byte" else {"s000001"})
     res = CliRunner().invoke(main, ["verify", path, "--repair"])
     assert res.exit_code == 1 and "s000001" in res.output and "un-committed 1" in res.output
     assert list(kscale.store.open(path).shards) == ["s000000", "s000002"]
