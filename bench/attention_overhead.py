@@ -42,7 +42,8 @@ def batch_step(state, spec, writer, batch, recs, v: Variant) -> float:
     keys, pos = worker.stacked_keys(state, batch, cap)
     worker.write_batch(writer, spec, batch, recs, keys, pos)
     if v.attn is not None:
-        writer.append_table("attention", batch_stats(state, batch, cap, v.attn, [r.sample_id for r in recs]))
+        writer.append_table("attention", batch_stats(state.loaded, state.layers, state.heads, batch, cap, v.attn,
+                                                     [r.sample_id for r in recs]))
     return time.perf_counter() - t0
 
 

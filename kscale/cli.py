@@ -11,6 +11,7 @@ import sys
 
 import click
 
+from kscale.models.facts import FAMILIES
 from kscale.spec import SpecError, load_spec
 
 
@@ -167,7 +168,7 @@ def report(run_dir: str) -> None:
 
 
 @main.command("debug-model")
-@click.argument("family", type=click.Choice(["qwen2_5_vl", "llava"]))
+@click.argument("family", type=click.Choice(FAMILIES))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 def debug_model(family: str, out_dir: str) -> None:
     """Save a tiny random FAMILY model + tokenizer + image processor to OUT_DIR."""
@@ -177,7 +178,7 @@ def debug_model(family: str, out_dir: str) -> None:
 
 
 def _register_optional() -> None:
-    """Commands of stages that live in their own modules (cluster, analysis report)."""
+    """The cluster commands (status, logs, stop, doctor, render), defined in kscale.cli_cluster."""
     try:
         from kscale import cli_cluster
     except ImportError:

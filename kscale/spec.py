@@ -23,8 +23,15 @@ from typing import Any, Literal
 
 import yaml
 
+from kscale.models.facts import FAMILIES, layer_problems
+
+if typing.TYPE_CHECKING:  # imported lazily at run time (STAGE_SECTIONS): a stage's dependencies load with its kind
+    from kscale.analysis.config import AnalyzeConfig
+    from kscale.bias.config import BiasConfig
+    from kscale.executors.cluster_config import ClusterConfig
+    from kscale.train.config import TrainConfig
+
 KINDS = ("extract", "analyze", "train", "bias")
-MODALITIES = ("text", "image", "video", "special")
 
 
 class SpecError(ValueError):
@@ -38,11 +45,47 @@ class SpecError(ValueError):
         super().__init__("\n".join(lines))
 
 
-def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING) -> Any:
-    """A dataclass field with its one-line documentation."""
+def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+        ge: float | None = None, gt: float | None = None, le: float | None = None, lt: float | None = None) -> Any:
+    """A spec field: its one-line documentation, its default and optional bounds.
+
+    Bounds apply to a number, or to every number of a list; ``load_spec`` (and :func:`section_problems`)
+    report a violation as ``section.field: must be >= N (got X)``.
+    """
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    metadata = {"doc": text, "bounds": bounds} if bounds else {"doc": text}
     if factory is not dataclasses.MISSING:
-        return field(default_factory=factory, metadata={"doc": text})
-    return field(default=default, metadata={"doc": text})
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+_LOWER = {"ge": (">=", "[", lambda v, b: v >= b), "gt": (">", "(", lambda v, b: v > b)}
+_UPPER = {"le": ("<=", "]", lambda v, b: v <= b), "lt": ("<", ")", lambda v, b: v < b)}
+
+
+def bound_problems(value: Any, bounds: dict[str, float], where: str) -> list[tuple[str, str]]:
+    """``(where, "must be >= N (got X)")`` when the number ``value`` (or an item of a list) breaks ``bounds``."""
+    if not bounds:
+        return []
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in bound_problems(v, bounds, f"{where}[{i}]")]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return []
+    rules = {**_LOWER, **_UPPER}
+    if all(rules[k][2](value, b) for k, b in bounds.items()):
+        return []
+    lower = [(k, b) for k, b in bounds.items() if k in _LOWER]
+    upper = [(k, b) for k, b in bounds.items() if k in _UPPER]
+    if lower and upper:
+        (lk, lb), (uk, ub) = lower[0], upper[0]
+        return [_ValueProblem((where, f"must be in {_LOWER[lk][1]}{lb}, {ub}{_UPPER[uk][1]} (got {value})"))]
+    k, b = (lower or upper)[0]
+    return [_ValueProblem((where, f"must be {rules[k][0]} {b} (got {value})"))]
+
+
+class _ValueProblem(tuple):
+    """A (field, message) problem of a well-typed value (not an allowed choice, out of bounds). The section
+    is still built, so its cross-field checks run too and one load reports every problem."""
 
 
 # ----------------------------------------------------------------------------- common sections
@@ -52,7 +95,7 @@ def doc(text: str, default: Any = dataclasses.MISSING, *, factory: Any = datacla
 class ModelSpec:
     path: str = doc("Local checkpoint directory, a hub id, or `debug:qwen2_5_vl` / `debug:llava` "
                     "(a tiny random model saved to a local directory and loaded like a real one).")
-    architecture: Literal["auto", "qwen2_5_vl", "llava"] = doc(
+    architecture: Literal[("auto", *FAMILIES)] = doc(  # type: ignore[valid-type]  (one family list)
         "Model family; `auto` reads `model_type` from the checkpoint's config.json.", "auto")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = doc(
         "Weights dtype; `auto` is bfloat16 on CUDA and float32 on CPU.", "auto")
@@ -61,8 +104,10 @@ class ModelSpec:
         "Attention kernel. kscale hooks projections, so the fast kernel stays on.", "sdpa")
     trust_remote_code: bool = doc("Allow code shipped with the checkpoint to run. Off unless you trust it.", False)
     revision: str | None = doc("Hub revision (branch, tag or commit) when loading from the hub.", None)
-    min_pixels: int | None = doc("Qwen2.5-VL image processor: fewest pixels per image (None: processor default).", None)
-    max_pixels: int | None = doc("Qwen2.5-VL image processor: most pixels per image (None: processor default).", None)
+    min_pixels: int | None = doc("Qwen2.5-VL image processor: fewest pixels per image (None: processor default).", None,
+                                 gt=0)
+    max_pixels: int | None = doc("Qwen2.5-VL image processor: most pixels per image (None: processor default).", None,
+                                 gt=0)
     prompt_template: str | None = doc(
         "Prompt around the user text, with `{image}` where the image tokens go and `{text}` for the text. "
         "None: the family's chat format.", None)
@@ -73,14 +118,10 @@ class ModelSpec:
             out.append(("path", "must be a directory, a hub id or debug:<family>"))
         elif self.path.startswith("debug:"):
             fam = self.path.split(":", 1)[1]
-            if fam not in ("qwen2_5_vl", "llava"):
-                out.append(("path", f"unknown debug model {fam!r} (choose debug:qwen2_5_vl or debug:llava)"))
+            if fam not in FAMILIES:
+                out.append(("path", f"unknown debug model {fam!r} (choose {' or '.join('debug:' + f for f in FAMILIES)})"))
         elif _looks_like_path(self.path) and not Path(self.path).expanduser().is_dir():
             out.append(("path", f"model directory {self.path!r} does not exist"))
-        for name in ("min_pixels", "max_pixels"):
-            v = getattr(self, name)
-            if v is not None and v <= 0:
-                out.append((name, f"must be positive, got {v}"))
         if self.min_pixels and self.max_pixels and self.min_pixels > self.max_pixels:
             out.append(("min_pixels", f"{self.min_pixels} is above max_pixels {self.max_pixels}"))
         if self.prompt_template is not None and "{text}" not in self.prompt_template:
@@ -94,10 +135,10 @@ def _looks_like_path(s: str) -> bool:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class GeneratedDataSpec:
-    n_samples: int = doc("How many synthetic samples to generate.", 64)
-    image_size: int = doc("Side of the square synthetic images in pixels.", 56)
+    n_samples: int = doc("How many synthetic samples to generate.", 64, ge=1)
+    image_size: int = doc("Side of the square synthetic images in pixels.", 56, ge=8)
     seed: int = doc("Seed of the generator (same seed, same data).", 0)
-    tasks: list[str] = doc("Question kinds: caption, color, shape, count, position, conflict.",
+    tasks: list[Literal["caption", "color", "shape", "count", "position", "conflict"]] = doc("Question kinds: caption, color, shape, count, position, conflict.",
                            factory=lambda: ["caption", "color", "shape", "count", "position"])
 
 
@@ -112,8 +153,8 @@ class DataSpec:
     text_field: str = doc("Record field holding the text / prompt.", "text")
     answer_field: str | None = doc("Record field with the answer (training and bias jobs).", "answer")
     id_field: str | None = doc("Record field with a stable id (recorded in the store); None: the row number.", None)
-    limit: int | None = doc("Use only the first N records.", None)
-    shard_size: int = doc("Samples per shard: the unit of work, retry and resume.", 16)
+    limit: int | None = doc("Use only the first N records.", None, ge=1)
+    shard_size: int = doc("Samples per shard: the unit of work, retry and resume.", 16, ge=1)
     generated: GeneratedDataSpec = doc("Options of the generated source.", factory=GeneratedDataSpec)
 
     def validate(self) -> list[tuple[str, str]]:
@@ -125,26 +166,15 @@ class DataSpec:
                 out.append(("path", f"{self.path!r} does not exist"))
             elif self.source == "manifest" and not Path(self.path).is_file():
                 out.append(("path", f"{self.path!r} is not a file"))
-        if self.shard_size < 1:
-            out.append(("shard_size", f"must be >= 1, got {self.shard_size}"))
-        if self.limit is not None and self.limit < 1:
-            out.append(("limit", f"must be >= 1, got {self.limit}"))
-        if self.generated.n_samples < 1:
-            out.append(("generated.n_samples", f"must be >= 1, got {self.generated.n_samples}"))
-        if self.generated.image_size < 8:
-            out.append(("generated.image_size", f"must be >= 8, got {self.generated.image_size}"))
-        bad = sorted(set(self.generated.tasks) - {"caption", "color", "shape", "count", "position", "conflict"})
-        if bad:
-            out.append(("generated.tasks", f"unknown task(s) {bad}"))
         return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SampleTokens:
-    text: Literal["all"] | int = doc("Text tokens kept per sample: all, or at most N chosen at random.", "all")
-    image: Literal["all"] | int = doc("Image tokens kept per sample: all, or at most N.", "all")
-    video: Literal["all"] | int = doc("Video tokens kept per sample: all, or at most N.", "all")
-    special: Literal["all"] | int = doc("Special tokens kept per sample: all, or at most N.", "all")
+    text: Literal["all"] | int = doc("Text tokens kept per sample: all, or at most N chosen at random.", "all", ge=1)
+    image: Literal["all"] | int = doc("Image tokens kept per sample: all, or at most N.", "all", ge=1)
+    video: Literal["all"] | int = doc("Video tokens kept per sample: all, or at most N.", "all", ge=1)
+    special: Literal["all"] | int = doc("Special tokens kept per sample: all, or at most N.", "all", ge=1)
     seed: int = doc("Seed of token sampling (mixed with each sample's id, so batches do not matter).", 0)
 
 
@@ -165,21 +195,14 @@ class ExtractSpec:
                                              "from the end).", "all")
     heads: Literal["all"] | list[int] = doc("KV heads to keep: all, or indices.", "all")
     sample_tokens: SampleTokens = doc("Per-modality token sampling per sample.", factory=SampleTokens)
-    batch_size: int = doc("Samples per forward pass.", 4)
-    max_seq_len: int = doc("Longest sequence accepted; longer samples are recorded as errors and skipped.", 4096)
+    batch_size: int = doc("Samples per forward pass.", 4, ge=1)
+    max_seq_len: int = doc("Longest sequence accepted; longer samples are recorded as errors and skipped.", 4096,
+                           ge=8)
     key_dtype: Literal["float16", "float32"] = doc("dtype of stored keys. Non-finite values are an error.", "float16")
     attention: AttentionSpec = doc("Attention statistics (see docs/attention.md).", factory=AttentionSpec)
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
-        if self.batch_size < 1:
-            out.append(("batch_size", f"must be >= 1, got {self.batch_size}"))
-        if self.max_seq_len < 8:
-            out.append(("max_seq_len", f"must be >= 8, got {self.max_seq_len}"))
-        for m in MODALITIES:
-            v = getattr(self.sample_tokens, m)
-            if isinstance(v, int) and v < 1:
-                out.append((f"sample_tokens.{m}", f"must be 'all' or >= 1, got {v}"))
         if self.heads != "all" and len(set(self.heads)) != len(self.heads):
             out.append(("heads", f"duplicate indices in {self.heads}"))
         if self.layers != "all" and len(set(self.layers)) != len(self.layers):
@@ -192,33 +215,18 @@ class OutputSpec:
     path: str = doc("Store (extract) or run directory (analyze, train, bias).")
     if_exists: Literal["resume", "fail", "overwrite"] = doc(
         "When the output exists: resume committed work, fail, or delete and start again.", "resume")
-    chunk_tokens: int = doc("Tokens per Zarr chunk along the token axis.", 4096)
+    chunk_tokens: int = doc("Tokens per Zarr chunk along the token axis.", 4096, ge=1)
     compress_keys: bool = doc("Compress keys with zstd (fp16 keys shrink only ~8%; costs CPU).", False)
-
-    def validate(self) -> list[tuple[str, str]]:
-        return [] if self.chunk_tokens >= 1 else [("chunk_tokens", f"must be >= 1, got {self.chunk_tokens}")]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ResourcesSpec:
     executor: Literal["ray", "local"] = doc("`ray`: a pool of Ray actors; `local`: in this process.", "ray")
-    workers: int = doc("Number of workers (Ray actors), one per GPU on GPU machines.", 1)
-    gpus_per_worker: float = doc("GPUs per worker (0 on CPU machines).", 0)
-    cpus_per_worker: float = doc("CPUs per worker.", 1)
-    max_retries: int = doc("Attempts per shard after the first before it is quarantined.", 2)
+    workers: int = doc("Number of workers (Ray actors), one per GPU on GPU machines.", 1, ge=1)
+    gpus_per_worker: float = doc("GPUs per worker (0 on CPU machines).", 0, ge=0)
+    cpus_per_worker: float = doc("CPUs per worker.", 1, gt=0)
+    max_retries: int = doc("Attempts per shard after the first before it is quarantined.", 2, ge=0)
     torch_threads: int | None = doc("torch intra-op threads per worker (None: leave torch's default).", None)
-
-    def validate(self) -> list[tuple[str, str]]:
-        out = []
-        if self.workers < 1:
-            out.append(("workers", f"must be >= 1, got {self.workers}"))
-        if self.gpus_per_worker < 0:
-            out.append(("gpus_per_worker", f"must be >= 0, got {self.gpus_per_worker}"))
-        if self.cpus_per_worker <= 0:
-            out.append(("cpus_per_worker", f"must be > 0, got {self.cpus_per_worker}"))
-        if self.max_retries < 0:
-            out.append(("max_retries", f"must be >= 0, got {self.max_retries}"))
-        return out
 
 
 # Stage sections defined beside their stage, imported only when a job of that kind is loaded.
@@ -228,6 +236,7 @@ STAGE_SECTIONS: dict[str, str] = {
     "bias": "kscale.bias.config:BiasConfig",
 }
 CLUSTER_SECTION = "kscale.executors.cluster_config:ClusterConfig"
+LAZY_SECTIONS = {**STAGE_SECTIONS, "cluster": CLUSTER_SECTION}
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -239,10 +248,10 @@ class JobSpec:
     extract: ExtractSpec | None = doc("Extraction options (kind: extract).", None)
     output: OutputSpec = doc("Where results go.")
     resources: ResourcesSpec = doc("Workers and devices.", factory=ResourcesSpec)
-    analyze: Any = doc("Analysis options (kind: analyze), see docs/analysis.md.", None)
-    train: Any = doc("MaLoRA training options (kind: train), see docs/malora.md.", None)
-    bias: Any = doc("Bias-diagnosis options (kind: bias).", None)
-    cluster: Any = doc("Slurm / Kubernetes settings for `kscale submit --target`.", None)
+    analyze: AnalyzeConfig | None = doc("Analysis options (kind: analyze), see docs/analysis.md.", None)
+    train: TrainConfig | None = doc("MaLoRA training options (kind: train), see docs/malora.md.", None)
+    bias: BiasConfig | None = doc("Bias-diagnosis options (kind: bias).", None)
+    cluster: ClusterConfig | None = doc("Slurm / Kubernetes settings for `kscale submit --target`.", None)
 
     def fingerprint(self) -> str:
         """Hash of everything that determines the output (not resources or if_exists)."""
@@ -259,6 +268,14 @@ class JobSpec:
 def _resolve(path: str) -> type:
     mod, _, name = path.partition(":")
     return getattr(importlib.import_module(mod), name)
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    """Field types of a section. JobSpec's lazy sections (``LAZY_SECTIONS``) read as ``Any | None`` here,
+    without importing them; the loader and ``explain`` resolve the one a job uses."""
+    if cls is not JobSpec:
+        return typing.get_type_hints(cls)
+    return typing.get_type_hints(cls, localns={p.rpartition(":")[2]: Any for p in LAZY_SECTIONS.values()})
 
 
 def _type_name(tp: Any) -> str:
@@ -297,7 +314,11 @@ def convert(tp: Any, value: Any, where: str, problems: list[tuple[str, str]]) ->
     if origin is Literal:
         choices = typing.get_args(tp)
         if value not in choices:
-            problems.append((where, f"{value!r} is not one of {', '.join(map(repr, choices))}"))
+            msg = f"{value!r} is not one of {', '.join(map(repr, choices))}"
+            if isinstance(value, (str, int, float)):  # well typed: keep it, so cross-field checks still run
+                problems.append(_ValueProblem((where, msg)))
+                return value
+            problems.append((where, msg))
             return None
         return value
     if origin is list:
@@ -352,15 +373,34 @@ def _convert_dataclass(cls: type, value: Any, where: str, problems: list[tuple[s
     for name, f in fields.items():
         if name in value:
             kwargs[name] = convert(hints[name], value[name], f"{prefix}{name}", problems)
+            problems.extend(bound_problems(kwargs[name], f.metadata.get("bounds", {}), f"{prefix}{name}"))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             problems.append((f"{prefix}{name}", "required field is missing"))
-    if len(problems) > n_before:
-        return None
+    if any(not isinstance(p, _ValueProblem) for p in problems[n_before:]):
+        return None  # a value of the wrong type: the section cannot be built
     obj = cls(**kwargs)
     validate = getattr(obj, "validate", None)
     if validate is not None:
         problems.extend((f"{prefix}{f}" if f else where, m) for f, m in validate())
     return obj
+
+
+def section_problems(obj: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """Every problem of a section built in code rather than loaded (e.g. a ``MaLoRAConfig`` read back from
+    an adapter): the same Literal and bound checks as ``load_spec``, nested sections, then ``validate()``."""
+    out: list[tuple[str, str]] = []
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            out += section_problems(value, f"{prefix}{f.name}.")
+            continue
+        convert(hints[f.name], value, f"{prefix}{f.name}", out)
+        out += bound_problems(value, f.metadata.get("bounds", {}), f"{prefix}{f.name}")
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        out += [(f"{prefix}{f}", m) for f, m in validate()]
+    return [tuple(p) for p in out]
 
 
 def to_dict(obj: Any) -> Any:
@@ -393,8 +433,7 @@ def spec_from_dict(raw: Any, source: str = "spec", check_model: bool = True) -> 
     kind = raw.get("kind")
     if kind not in KINDS:
         raise SpecError([("kind", f"{kind!r} is not one of {', '.join(KINDS)}")], source)
-    hints = typing.get_type_hints(JobSpec)
-    section_types = dict(hints)
+    section_types = _hints(JobSpec)
     for k in ("analyze", "train", "bias"):
         section_types[k] = None
     if kind in STAGE_SECTIONS:
@@ -441,22 +480,20 @@ def check_against_model(spec: JobSpec) -> list[tuple[str, str]]:
     except (OSError, ValueError) as e:
         return [("model.path", str(e))]
     out = []
+    selections = []  # (dotted field, layers) of every layer selection the job makes
     if spec.extract is not None:
-        if spec.extract.layers != "all":
-            for i, layer in enumerate(spec.extract.layers):
-                if not -info.num_layers <= layer < info.num_layers:
-                    out.append((f"extract.layers[{i}]", f"layer {layer} out of range (model has {info.num_layers})"))
+        selections.append(("extract.layers", spec.extract.layers))
+    if spec.kind == "train" and spec.train is not None:
+        selections += [("train.malora.layers", spec.train.malora.layers), ("train.align.layers", spec.train.align.layers)]
+    if spec.kind == "bias" and spec.bias is not None:
+        selections.append(("bias.dropping.attention_layers", spec.bias.dropping.attention_layers))
+    for name, layers in selections:
+        out += layer_problems(layers, info.num_layers, name)
+    if spec.extract is not None:
         if spec.extract.heads != "all":
             for i, h in enumerate(spec.extract.heads):
                 if not 0 <= h < info.num_kv_heads:
                     out.append((f"extract.heads[{i}]", f"KV head {h} out of range (model has {info.num_kv_heads})"))
-    if spec.kind == "train" and spec.train is not None:
-        for section in ("malora", "align"):
-            layers = getattr(getattr(spec.train, section, None), "layers", "all")
-            for i, layer in enumerate([] if layers == "all" else layers):
-                if not -info.num_layers <= layer < info.num_layers:
-                    out.append((f"train.{section}.layers[{i}]",
-                                f"layer {layer} out of range (model has {info.num_layers})"))
     return out
 
 
@@ -477,7 +514,7 @@ def load_spec(path: str | Path, check_model: bool = True) -> JobSpec:
 def explain(cls: type = JobSpec, prefix: str = "") -> list[tuple[str, str, str, str]]:
     """(dotted field, type, default, doc) for every field, for `kscale validate --explain`."""
     rows = []
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     for f in dataclasses.fields(cls):
         name = f"{prefix}{f.name}"
         tp = hints[f.name]
@@ -488,13 +525,17 @@ def explain(cls: type = JobSpec, prefix: str = "") -> list[tuple[str, str, str, 
         else:
             default = "(required)"
         sub = _dataclass_in(tp)
-        lazy = STAGE_SECTIONS.get(name) or (CLUSTER_SECTION if name == "cluster" else None)
-        if sub is None and lazy is not None:
+        type_name = _type_name(tp)
+        lazy = LAZY_SECTIONS.get(name) if cls is JobSpec else None
+        if lazy is not None:
+            type_name = f"{lazy.rpartition(':')[2]} | None"
             try:
                 sub = _resolve(lazy)
             except ImportError:
                 sub = None
-        rows.append((name, _type_name(tp), default, f.metadata.get("doc", "")))
+        bounds = f.metadata.get("bounds", {})
+        limits = ", ".join(f"{({**_LOWER, **_UPPER})[k][0]} {b}" for k, b in bounds.items())
+        rows.append((name, type_name, default, f.metadata.get("doc", "") + (f" ({limits})" if limits else "")))
         if sub is not None:
             rows += explain(sub, name + ".")
     return rows

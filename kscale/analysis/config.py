@@ -1,199 +1,122 @@
 """The ``analyze:`` section of a job spec (``kind: analyze``).
 
 The generic loader in ``kscale/spec.py`` builds :class:`AnalyzeConfig` from the YAML mapping, rejects
-unknown keys and calls :meth:`AnalyzeConfig.validate`, which returns ``(dotted field, message)`` pairs.
-Every field carries a one-line ``doc`` that feeds ``kscale validate --explain`` and docs/analysis.md.
+unknown keys, checks the choices (``Literal``) and bounds declared on each field, and calls
+:meth:`AnalyzeConfig.validate` for the cross-field rules; every problem is a ``(dotted field, message)``
+pair. Every field carries a one-line ``doc`` that feeds ``kscale validate --explain`` and docs/analysis.md.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
-Kernel = Literal["rbf", "laplacian", "linear"]
-Normalisation = Literal["none", "l2", "standardize"]
-Comparison = Literal["cross", "intra_text", "intra_image"]
-JSDKind = Literal["marginal", "random", "pca", "lda"]
+from kscale.spec import doc
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MMDConfig:
-    n_features: int = field(
-        default=4096, metadata={"doc": "random Fourier frequencies D (feature dim is 2D: cos and sin)"}
-    )
-    orthogonal: bool = field(
-        default=True, metadata={"doc": "orthogonal random features (blocks of a random rotation); else i.i.d."}
-    )
-    kernels: list[str] = field(
-        default_factory=lambda: ["rbf", "laplacian", "linear"],
-        metadata={"doc": "kernels: rbf exp(-|x-y|^2/2s^2), laplacian exp(-|x-y|/s), linear x.y"},
-    )
-    normalisations: list[str] = field(
-        default_factory=lambda: ["none", "l2", "standardize"],
-        metadata={"doc": "key transforms, each a separate ablation: none, l2 (unit norm), standardize"},
-    )
-    bandwidth_multiples: list[float] = field(
-        default_factory=lambda: [0.5, 1.0, 2.0],
-        metadata={"doc": "multiples of the median-heuristic bandwidth (one matrix product serves all)"},
-    )
-    median_subsample: int = field(
-        default=2000, metadata={"doc": "tokens per modality for the median heuristic and standardisation"}
-    )
-    compute_dtype: Literal["float32", "float64"] = field(
-        default="float32", metadata={"doc": "dtype of cos/sin; projections and sums are always float64"}
-    )
-    batch_rows: int = field(
-        default=2048, metadata={"doc": "rows per feature batch inside a chunk (bounds the N x D temporaries)"}
-    )
-    max_accumulator_mb: int = field(
-        default=256, metadata={"doc": "heads are processed in groups whose feature sums fit this budget"}
-    )
+    n_features: int = doc("random Fourier frequencies D (feature dim is 2D: cos and sin)", 4096, ge=1)
+    orthogonal: bool = doc("orthogonal random features (blocks of a random rotation); else i.i.d.", True)
+    kernels: list[Literal["rbf", "laplacian", "linear"]] = doc(
+        "kernels: rbf exp(-|x-y|^2/2s^2), laplacian exp(-|x-y|/s), linear x.y",
+        factory=lambda: ["rbf", "laplacian", "linear"])
+    normalisations: list[Literal["none", "l2", "standardize"]] = doc(
+        "key transforms, each a separate ablation: none, l2 (unit norm), standardize",
+        factory=lambda: ["none", "l2", "standardize"])
+    bandwidth_multiples: list[float] = doc(
+        "multiples of the median-heuristic bandwidth (one matrix product serves all)",
+        factory=lambda: [0.5, 1.0, 2.0], gt=0)
+    median_subsample: int = doc("tokens per modality for the median heuristic and standardisation", 2000, ge=10)
+    compute_dtype: Literal["float32", "float64"] = doc(
+        "dtype of cos/sin; projections and sums are always float64", "float32")
+    batch_rows: int = doc("rows per feature batch inside a chunk (bounds the N x D temporaries)", 2048)
+    max_accumulator_mb: int = doc("heads are processed in groups whose feature sums fit this budget", 256)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class JSDConfig:
-    units: Literal["nats", "bits"] = field(default="nats", metadata={"doc": "units of every JSD value"})
-    histogram: list[str] = field(
-        default_factory=lambda: ["marginal", "random", "pca", "lda"],
-        metadata={"doc": "histogram JSDs: per-dimension marginals, random/PCA/LDA 1-d slices"},
-    )
-    bins: int = field(default=32, metadata={"doc": "shared quantile bins per dimension or slice"})
-    n_random: int = field(default=16, metadata={"doc": "random unit directions for sliced histograms"})
-    n_pca: int = field(default=8, metadata={"doc": "leading principal directions for sliced histograms"})
-    classifiers: list[str] = field(
-        default_factory=lambda: ["logistic", "mlp"],
-        metadata={"doc": "classifier lower bounds: log 2 - held-out balanced log-loss"},
-    )
-    mlp_hidden: int = field(default=128, metadata={"doc": "hidden width of the MLP probe"})
-    epochs: int = field(default=3, metadata={"doc": "passes over the training buckets"})
-    min_steps: int = field(default=300, metadata={"doc": "minimum Adam steps per epoch (small runs)"})
-    batch_size: int = field(default=512, metadata={"doc": "minibatch size per modality"})
-    lr: float = field(default=2e-3, metadata={"doc": "Adam learning rate"})
-    max_train_tokens: int = field(
-        default=200_000, metadata={"doc": "cap on training tokens per modality and epoch (streamed)"}
-    )
-    heldout_fraction: float = field(
-        default=0.25, metadata={"doc": "fraction of sample buckets held out to score the classifiers"}
-    )
+    units: Literal["nats", "bits"] = doc("units of every JSD value", "nats")
+    histogram: list[Literal["marginal", "random", "pca", "lda"]] = doc(
+        "histogram JSDs: per-dimension marginals, random/PCA/LDA 1-d slices",
+        factory=lambda: ["marginal", "random", "pca", "lda"])
+    bins: int = doc("shared quantile bins per dimension or slice", 32, ge=2)
+    n_random: int = doc("random unit directions for sliced histograms", 16)
+    n_pca: int = doc("leading principal directions for sliced histograms", 8)
+    classifiers: list[Literal["logistic", "mlp"]] = doc(
+        "classifier lower bounds: log 2 - held-out balanced log-loss", factory=lambda: ["logistic", "mlp"])
+    mlp_hidden: int = doc("hidden width of the MLP probe", 128)
+    epochs: int = doc("passes over the training buckets", 3)
+    min_steps: int = doc("minimum Adam steps per epoch (small runs)", 300)
+    batch_size: int = doc("minibatch size per modality", 512)
+    lr: float = doc("Adam learning rate", 2e-3)
+    max_train_tokens: int = doc("cap on training tokens per modality and epoch (streamed)", 200_000)
+    heldout_fraction: float = doc("fraction of sample buckets held out to score the classifiers", 0.25,
+                                   gt=0, lt=1)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class SignificanceConfig:
-    n_buckets: int = field(
-        default=32,
-        metadata={"doc": "samples are hashed into this many groups: clusters for SEs, halves, folds"},
-    )
-    alpha: float = field(default=0.05, metadata={"doc": "test level, and 1 - interval coverage"})
-    permutations: int = field(
-        default=1000, metadata={"doc": "sequence-level permutations (0: off); primary kernel only"}
-    )
-    max_permutation_units: int = field(
-        default=4096, metadata={"doc": "skip permutations when more (sample, modality) sequences than this"}
-    )
+    n_buckets: int = doc("samples are hashed into this many groups: clusters for SEs, halves, folds", 32, ge=4)
+    alpha: float = doc("test level, and 1 - interval coverage", 0.05, gt=0, lt=1)
+    permutations: int = doc("sequence-level permutations (0: off); primary kernel only", 1000)
+    max_permutation_units: int = doc("skip permutations when more (sample, modality) sequences than this", 4096)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EmbedConfig:
-    methods: list[str] = field(
-        default_factory=lambda: ["pca", "tsne"], metadata={"doc": "pictures: pca, tsne (openTSNE)"}
-    )
-    layers: Literal["all"] | list[int] = field(
-        default_factory=list, metadata={"doc": "layers to picture; empty: first, middle and last"}
-    )
-    subsample: int = field(default=1500, metadata={"doc": "tokens per modality in each picture"})
-    perplexity: float = field(default=30.0, metadata={"doc": "t-SNE perplexity"})
+    methods: list[Literal["pca", "tsne"]] = doc("pictures: pca, tsne (openTSNE)", factory=lambda: ["pca", "tsne"])
+    layers: Literal["all"] | list[int] = doc("layers to picture; empty: first, middle and last", factory=list)
+    subsample: int = doc("tokens per modality in each picture", 1500)
+    perplexity: float = doc("t-SNE perplexity", 30.0)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class PaperConfig:
-    enabled: bool = field(default=True, metadata={"doc": "add the paper-compatible exact MMD rows"})
-    estimator: Literal["biased", "unbiased"] = field(
-        default="biased", metadata={"doc": "V-statistic (biased, >= 0) or U-statistic"}
-    )
-    bandwidth_rule: Literal["median", "median_sq", "mean_sq"] = field(
-        default="median",
-        metadata={"doc": "median: s = med|x-y|; median_sq: 2s^2 = med|x-y|^2; mean_sq: 2s^2 = mean|x-y|^2"},
-    )
-    multiples: list[float] = field(
-        default_factory=lambda: [1.0], metadata={"doc": "RBF bandwidth multiples summed into one kernel"}
-    )
+    enabled: bool = doc("add the paper-compatible exact MMD rows", True)
+    estimator: Literal["biased", "unbiased"] = doc("V-statistic (biased, >= 0) or U-statistic", "biased")
+    bandwidth_rule: Literal["median", "median_sq", "mean_sq"] = doc(
+        "median: s = med|x-y|; median_sq: 2s^2 = med|x-y|^2; mean_sq: 2s^2 = mean|x-y|^2", "median")
+    multiples: list[float] = doc("RBF bandwidth multiples summed into one kernel", factory=lambda: [1.0])
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DaskConfig:
-    scheduler: Literal["threads", "distributed", "sync"] = field(
-        default="threads", metadata={"doc": "threads (in process), distributed (a dask cluster), sync (debug)"}
-    )
-    address: str | None = field(default=None, metadata={"doc": "scheduler address of a running cluster"})
-    scheduler_file: str | None = field(default=None, metadata={"doc": "scheduler file of a running cluster"})
-    n_workers: int = field(default=2, metadata={"doc": "threads, or LocalCluster workers when no address"})
-    chunk_mb: int = field(default=32, metadata={"doc": "target size of one streamed chunk of keys"})
+    scheduler: Literal["threads", "distributed", "sync"] = doc(
+        "threads (in process), distributed (a dask cluster), sync (debug)", "threads")
+    address: str | None = doc("scheduler address of a running cluster", None)
+    scheduler_file: str | None = doc("scheduler file of a running cluster", None)
+    n_workers: int = doc("threads, or LocalCluster workers when no address", 2)
+    chunk_mb: int = doc("target size of one streamed chunk of keys", 32)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AnalyzeConfig:
-    stores: list[str] = field(default_factory=list, metadata={"doc": "key store paths (one result set each)"})
-    layers: Literal["all"] | list[int] = field(default="all", metadata={"doc": "model layers to analyse"})
-    heads: Literal["all"] | list[int] = field(
-        default="all", metadata={"doc": "KV heads analysed one by one; heads pooled is always added"}
-    )
-    pooled: bool = field(default=True, metadata={"doc": "add rows for all selected heads pooled (head = -1)"})
-    image_modality: str = field(default="image", metadata={"doc": "the visual side: image or video"})
-    comparisons: list[str] = field(
-        default_factory=lambda: ["cross", "intra_text", "intra_image"],
-        metadata={"doc": "cross (image vs text); intra_* (two halves of the samples, same modality)"},
-    )
-    estimators: list[str] = field(
-        default_factory=lambda: ["mmd_rf", "mmd_exact", "jsd_hist", "jsd_clf"],
-        metadata={"doc": "what to compute: mmd_rf, mmd_exact (+paper mode), jsd_hist, jsd_clf"},
-    )
-    exact_subsample: int = field(
-        default=2000, metadata={"doc": "tokens per side for exact (blocked) and paper-mode MMD"}
-    )
-    mmd: MMDConfig = field(default_factory=MMDConfig, metadata={"doc": "random-feature MMD options"})
-    jsd: JSDConfig = field(default_factory=JSDConfig, metadata={"doc": "Jensen-Shannon options"})
-    significance: SignificanceConfig = field(
-        default_factory=SignificanceConfig, metadata={"doc": "p-values and intervals"}
-    )
-    embed: EmbedConfig = field(default_factory=EmbedConfig, metadata={"doc": "t-SNE / PCA pictures"})
-    paper_mode: PaperConfig = field(default_factory=PaperConfig, metadata={"doc": "published conventions"})
-    dask: DaskConfig = field(default_factory=DaskConfig, metadata={"doc": "where the streaming runs"})
-    seed: int = field(default=0, metadata={"doc": "seeds frequencies, subsamples, buckets and probes"})
+    stores: list[str] = doc("key store paths (one result set each)", factory=list)
+    layers: Literal["all"] | list[int] = doc("model layers to analyse", "all")
+    heads: Literal["all"] | list[int] = doc("KV heads analysed one by one; heads pooled is always added", "all")
+    pooled: bool = doc("add rows for all selected heads pooled (head = -1)", True)
+    image_modality: Literal["image", "video"] = doc("the visual side: image or video", "image")
+    comparisons: list[Literal["cross", "intra_text", "intra_image"]] = doc(
+        "cross (image vs text); intra_* (two halves of the samples, same modality)",
+        factory=lambda: ["cross", "intra_text", "intra_image"])
+    estimators: list[Literal["mmd_rf", "mmd_exact", "jsd_hist", "jsd_clf"]] = doc(
+        "what to compute: mmd_rf, mmd_exact (+paper mode), jsd_hist, jsd_clf",
+        factory=lambda: ["mmd_rf", "mmd_exact", "jsd_hist", "jsd_clf"])
+    exact_subsample: int = doc("tokens per side for exact (blocked) and paper-mode MMD", 2000, ge=4)
+    mmd: MMDConfig = doc("random-feature MMD options", factory=MMDConfig)
+    jsd: JSDConfig = doc("Jensen-Shannon options", factory=JSDConfig)
+    significance: SignificanceConfig = doc("p-values and intervals", factory=SignificanceConfig)
+    embed: EmbedConfig = doc("t-SNE / PCA pictures", factory=EmbedConfig)
+    paper_mode: PaperConfig = doc("published conventions", factory=PaperConfig)
+    dask: DaskConfig = doc("where the streaming runs", factory=DaskConfig)
+    seed: int = doc("seeds frequencies, subsamples, buckets and probes", 0)
 
     def validate(self) -> list[tuple[str, str]]:
+        """Cross-field rules; choices and bounds are declared on the fields (checked by the loader)."""
         problems: list[tuple[str, str]] = []
-
-        def bad_items(name: str, values: list[str], allowed: tuple[str, ...]) -> None:
-            for i, v in enumerate(values):
-                if v not in allowed:
-                    problems.append((f"{name}[{i}]", f"{v!r} is not one of {list(allowed)}"))
-
-        bad_items("comparisons", self.comparisons, ("cross", "intra_text", "intra_image"))
-        bad_items("estimators", self.estimators, ("mmd_rf", "mmd_exact", "jsd_hist", "jsd_clf"))
-        bad_items("mmd.kernels", self.mmd.kernels, ("rbf", "laplacian", "linear"))
-        bad_items("mmd.normalisations", self.mmd.normalisations, ("none", "l2", "standardize"))
-        bad_items("jsd.histogram", self.jsd.histogram, ("marginal", "random", "pca", "lda"))
-        bad_items("jsd.classifiers", self.jsd.classifiers, ("logistic", "mlp"))
-        bad_items("embed.methods", self.embed.methods, ("pca", "tsne"))
-        if self.image_modality not in ("image", "video"):
-            problems.append(("image_modality", f"{self.image_modality!r} is not one of ['image', 'video']"))
         if not self.stores:
             problems.append(("stores", "at least one key store path is needed"))
-        for name, value, low in [
-            ("mmd.n_features", self.mmd.n_features, 1),
-            ("mmd.median_subsample", self.mmd.median_subsample, 10),
-            ("exact_subsample", self.exact_subsample, 4),
-            ("significance.n_buckets", self.significance.n_buckets, 4),
-            ("jsd.bins", self.jsd.bins, 2),
-        ]:
-            if value < low:
-                problems.append((name, f"{value} is below the minimum {low}"))
-        if any(m <= 0 for m in self.mmd.bandwidth_multiples):
-            problems.append(("mmd.bandwidth_multiples", f"{self.mmd.bandwidth_multiples} must be > 0"))
-        if not 0 < self.significance.alpha < 1:
-            problems.append(("significance.alpha", f"{self.significance.alpha} must be in (0, 1)"))
-        if not 0 < self.jsd.heldout_fraction < 1:
-            problems.append(("jsd.heldout_fraction", f"{self.jsd.heldout_fraction} must be in (0, 1)"))
         if self.dask.scheduler == "distributed" and self.dask.address and self.dask.scheduler_file:
             problems.append(("dask.address", "give address or scheduler_file, not both"))
         return problems

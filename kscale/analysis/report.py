@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-PRIMARY = {"estimator": "mmd2_rf", "kernel": "rbf", "normalisation": "none"}
 COLOURS = {"cross": "tab:red", "intra_text": "tab:blue", "intra_image": "tab:green"}
 
 

@@ -35,9 +35,10 @@ from kscale.analysis.probes import probe_rows
 from kscale.analysis.source import (Buckets, KeyStoreLike, blocks, bucket_table, open_store, read_rows,
                                     subsample_index)
 from kscale.analysis.stream import Runner
+from kscale.spec import JobSpec, section_problems
 
 
-def run_analyze(spec) -> dict:
+def run_analyze(spec: JobSpec) -> dict:
     """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir."""
     t0 = time.time()
     df = analyze(spec.analyze, spec.output.path)
@@ -48,7 +49,7 @@ def run_analyze(spec) -> dict:
 def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] | None = None,
             ) -> pd.DataFrame:
     """Run the analysis; ``stores`` (opened readers) override ``cfg.stores`` (tests pass fakes)."""
-    problems = cfg.validate() if stores is None else [p for p in cfg.validate() if p[0] != "stores"]
+    problems = [p for p in section_problems(cfg) if stores is None or p[0] != "stores"]
     if problems:
         raise ValueError("analyze: " + "; ".join(f"{k}: {m}" for k, m in problems))
     out = Path(out_dir)
@@ -74,7 +75,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
 
 def attention_beside_gap(stores: list[KeyStoreLike], df: pd.DataFrame, out: Path) -> None:
     """Where a store carries attention statistics (``extract.attention``), put visual attention
-    utilisation beside the key gap: tables and one figure per store (issue "Attention")."""
+    utilisation beside the key gap: tables and one figure per store (docs/attention.md)."""
     from kscale.attention import report as attn
 
     for ks in stores:

@@ -1,7 +1,9 @@
-"""Attention utilisation beside the key gap (issue 4; docs/attention.md).
+"""Attention utilisation beside the key gap (docs/attention.md).
 
-- ``stats``: per-sample attention statistics computed during extraction from hooked q/k projections;
-- ``keyspace``: post-RoPE keys rebuilt lazily from the stored pre-RoPE keys and positions;
-- ``queries``: optional query vectors stored like keys;
+- ``stats``: per-sample attention statistics computed from hooked q/k projections (during extraction,
+  and in the MaLoRA evaluation);
 - ``report``: utilisation by layer and head with intervals, next to the key gap, and a figure.
+
+Post-RoPE keys and stored query vectors belong to the store (:mod:`kscale.store.rope`,
+:mod:`kscale.store.queries`).
 """

@@ -30,12 +30,16 @@ H = K·G query heads, D head dim, M key modalities.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
-from kscale.models import IMAGE, MODALITY_CODES, PAD, TEXT
+from kscale.models import IMAGE, MODALITY_CODES, PAD, TEXT, Batch, LoadedModel
 from kscale.models.rope import cos_sin, rotate
+
+if TYPE_CHECKING:
+    from kscale.spec import AttentionSpec
 
 MODALITY_ORDER = tuple(MODALITY_CODES)  # text, image, video, special: the M axis, index == modality code
 assert [MODALITY_CODES[m] for m in MODALITY_ORDER] == list(range(len(MODALITY_ORDER)))
@@ -185,21 +189,23 @@ def layer_groups(layers: list[int], elements_per_layer: int, budget: int = BLOCK
     return [layers[a:a + per] for a in range(0, len(layers), per)]
 
 
-def batch_stats(state, batch, cap, attn, sample_ids: list[int]) -> dict[str, np.ndarray]:
-    """The attention table rows of one extraction batch: one per (sample, layer, query head).
+def batch_stats(lm: LoadedModel, layers: list[int], kv_heads: list[int], batch: Batch, cap: Any,
+                attn: AttentionSpec, sample_ids: list[int]) -> dict[str, np.ndarray]:
+    """The attention table rows of one batch: one per (sample, layer, query head).
 
-    ``state`` is the worker's ExtractState (loaded model, hooked ``layers``, kept KV ``heads``), ``cap`` the
-    Capture holding ``("q", i)`` and ``("k", i)`` for every hooked layer and ``positions_BTR``, ``attn``
-    the job's AttentionSpec. Rows come out sample-major, then layer, then query head. Short sequences
-    stack several layers into one pass (rows layer-major), which divides the number of small tensor
-    operations; long ones go one layer at a time.
+    ``lm`` is the model the batch ran through (its adapter finds the attention modules and the rotary
+    embedding; its ``info`` gives the head counts), ``layers`` the hooked model layers, ``kv_heads`` the
+    kept KV heads, ``cap`` the ``kscale.extract.hooks.Capture`` holding ``("q", i)`` and ``("k", i)`` for
+    every layer in ``layers`` and ``positions_BTR``, ``attn`` the AttentionSpec. The extraction worker and
+    the MaLoRA evaluation (``kscale.train.evaluate``) both call it. Rows come out sample-major, then layer,
+    then query head. Short sequences stack several layers into one pass (rows layer-major), which divides
+    the number of small tensor operations; long ones go one layer at a time.
     """
-    lm = state.loaded
     info = lm.info
     G = info.num_heads // info.num_kv_heads
-    heads = list(state.heads)
+    heads = list(kv_heads)
     B, T = batch.inputs["attention_mask"].shape
-    dev = cap.outputs[("k", state.layers[0])].device
+    dev = cap.outputs[("k", layers[0])].device
     attn_modules = [layer.self_attn for layer in lm.adapter.decoder_layers(lm.model)]
     with torch.inference_mode():
         cos_BTD, sin_BTD = cos_sin(lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(dev))
@@ -209,7 +215,7 @@ def batch_stats(state, batch, cap, attn, sample_ids: list[int]) -> dict[str, np.
         shared = [t.to(dev) for t in (cos_BTD, sin_BTD, idx_BQ, valid_BQ, key_valid_BT, onehot_BTM)]
         chunk = max(1, attn.query_chunk)
         per_layer: dict[int, dict[str, np.ndarray]] = {}
-        for group in layer_groups(state.layers, B * len(heads) * G * min(chunk, idx_BQ.shape[1]) * T):
+        for group in layer_groups(layers, B * len(heads) * G * min(chunk, idx_BQ.shape[1]) * T):
             q_NTKGD = torch.cat([cap.outputs[("q", i)].view(B, T, info.num_kv_heads, G, info.head_dim)[:, :, heads]
                                  for i in group])
             k_NTKD = torch.cat([cap.outputs[("k", i)].view(B, T, info.num_kv_heads, info.head_dim)[:, :, heads]
@@ -219,7 +225,7 @@ def batch_stats(state, batch, cap, attn, sample_ids: list[int]) -> dict[str, np.
             stats = finish(layer_sums(q_NTKGD, k_NTKD, *rep, scaling_N, chunk))
             for j, i in enumerate(group):
                 per_layer[i] = {k: v[j * B:(j + 1) * B] for k, v in stats.items()}
-    return _rows([per_layer[i] for i in state.layers], state.layers, heads, G, sample_ids)
+    return _rows([per_layer[i] for i in layers], layers, heads, G, sample_ids)
 
 
 def _rows(per_layer: list[dict[str, np.ndarray]], layers: list[int], heads: list[int], G: int,

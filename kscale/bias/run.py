@@ -28,7 +28,7 @@ import pandas as pd
 from kscale.bias.plan import BiasShard, marker_path, plan, table_path
 from kscale.bias.variants import Variant, enumerate_variants
 from kscale.data import open_source
-from kscale.spec import to_dict
+from kscale.spec import JobSpec, to_dict
 from kscale.store.layout import write_json_atomic
 
 RUN_FORMAT = "kscale-bias"
@@ -69,7 +69,7 @@ def is_committed(run_dir: Path, shard: BiasShard) -> bool:
     return json.loads(m.read_text()).get("variant_fingerprint") == shard.variant.fingerprint
 
 
-def run_bias(spec, executor) -> dict:
+def run_bias(spec: JobSpec, executor) -> dict:
     """Score every uncommitted (variant, shard) through ``executor``, then write tables, pictures, report."""
     variants = enumerate_variants(spec.bias)
     n = len(open_source(spec.data))
@@ -88,7 +88,7 @@ def collect(run_dir: Path, shards: list[BiasShard]) -> pd.DataFrame:
     return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
 
 
-def finalize(spec, run_dir: Path, committed: list[BiasShard]) -> dict:
+def finalize(spec: JobSpec, run_dir: Path, committed: list[BiasShard]) -> dict:
     """samples.*, aggregate.*, pictures and report.html from the committed shards."""
     from kscale.bias.aggregate import aggregate
     from kscale.bias.report import build_report, write_pictures

@@ -1,15 +1,17 @@
 """Model variants of a bias job: the base model, base + a saved adapter, and checkpoints of train runs.
 
 How it connects: :func:`enumerate_variants` (driver side) turns ``bias.include_base``, ``bias.adapter``
-and ``bias.train_runs`` into :class:`Variant` records, each carried by the shards that score it; a
-worker calls :func:`apply_variant` before a shard, which injects MaLoRA into its loaded base model
+and ``bias.train_runs`` into :class:`Variant` records, each carried by the shards that score it; before a
+shard the worker's :class:`VariantSlot` (``slot.apply(variant)``) injects MaLoRA into its loaded base model
 (:class:`kscale.train.malora.MaLoRAModel`) and loads that variant's adapter weights, or removes the
 adapter for ``base``. Only the small adapter tensors change between variants; the base stays loaded.
 
-A train run directory (``kscale.train.run``) holds ``checkpoints/stepNNNNNNNN/`` (DeepSpeed state: the
-trainable parameters under ``module`` with the prefix ``malora.model.``, the ZeRO stage in ``ds_config``)
-and ``adapter/adapter_config.json`` (how the adapter was built; the same for every checkpoint of the run).
-ZeRO-3 checkpoints keep parameters partitioned: they are gathered with DeepSpeed's ``zero_to_fp32``.
+A train run directory (:mod:`kscale.train.layout`) holds ``checkpoints/stepNNNNNNNN/`` (DeepSpeed state:
+the trainable parameters under ``module`` with the prefix ``malora.model.``, the ZeRO stage in
+``ds_config``) and ``adapter/adapter_config.json`` (how the adapter was built; the same for every
+checkpoint of the run). ZeRO-3 checkpoints keep parameters partitioned: they are gathered with
+DeepSpeed's ``zero_to_fp32``. Only the public MaLoRA library (:mod:`kscale.train.malora`) and the run
+directory's names (:mod:`kscale.train.layout`) are used here, never the training stage's code.
 
 ``fingerprint`` (file sizes and modification times) marks which weights a committed shard was scored
 with: a checkpoint rewritten by a resumed training is scored again, never mixed.
@@ -24,10 +26,8 @@ from pathlib import Path
 
 import torch
 
-from kscale.train.malora.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MaLoRAModel, load_adapter_config
-
-CHECKPOINT_PREFIX = "malora.model."
-STEP_DIR = re.compile(r"^step(\d+)$")
+from kscale.train.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, CHECKPOINTS, STEP_DIR
+from kscale.train.malora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MaLoRAModel, load_adapter_config
 
 
 @dataclass(frozen=True)
@@ -67,17 +67,17 @@ def checkpoint_variants(label: str, run_dir: str, steps: str | list[int]) -> lis
     """One variant per checkpoint of a train run (ascending steps), filtered by ``steps``."""
     run = Path(run_dir).expanduser()
     where = f"bias.train_runs.{label}"
-    cfg_dir = run / "adapter"
+    cfg_dir = run / ADAPTER_DIR
     if not (cfg_dir / ADAPTER_CONFIG).is_file():
         raise ValueError(f"{where}: {str(cfg_dir / ADAPTER_CONFIG)!r} is missing (is {str(run)!r} a finished "
                          "`kind: train` run directory?)")
     found = {}
-    for p in (run / "checkpoints").glob("step*"):
+    for p in (run / CHECKPOINTS).glob("step*"):
         m = STEP_DIR.match(p.name)
         if m and p.is_dir() and any(p.glob("mp_rank_*_model_states.pt")):
             found[int(m.group(1))] = p
     if not found:
-        raise ValueError(f"{where}: no checkpoints in {str(run / 'checkpoints')!r}")
+        raise ValueError(f"{where}: no checkpoints in {str(run / CHECKPOINTS)!r}")
     if steps != "all":
         missing = sorted(set(steps) - set(found))
         if missing:

@@ -28,13 +28,15 @@ import numpy as np
 import pandas as pd
 import torch
 
-from kscale.bias.counterfactuals import candidates, condition_image, raw_row, swap_donor
+from kscale.bias.candidates import candidates, raw_row
 from kscale.bias.dropping import attention_received, context_text_BT, drop_plan, dropped_inputs, full_positions
-from kscale.bias.metrics import AnswerScores, answer_positions, answer_scores, choose, conflict_outcome, curve_area
+from kscale.bias.metrics import choose, conflict_outcome, curve_area
 from kscale.bias.plan import BiasShard, marker_path, table_path
 from kscale.bias.variants import VariantSlot
 from kscale.data import Record, open_source
-from kscale.models import LoadedModel, load_model
+from kscale.models import LoadedModel, load_model, resolve_layers
+from kscale.scoring import AnswerScores, answer_positions, answer_scores, condition_image, swap_donor
+from kscale.spec import JobSpec
 from kscale.store.layout import write_json_atomic
 
 
@@ -51,13 +53,12 @@ class BiasState:
         return score(self.loaded, inputs, answer_mask_BT)
 
 
-def setup(spec) -> BiasState:
+def setup(spec: JobSpec) -> BiasState:
     if spec.resources.torch_threads:
         torch.set_num_threads(spec.resources.torch_threads)
     loaded = load_model(spec.model)
-    n = loaded.info.num_layers
-    layers = spec.bias.dropping.attention_layers
-    rank_layers = list(range(n)) if layers == "all" else sorted({i % n for i in layers})
+    rank_layers = resolve_layers(spec.bias.dropping.attention_layers, loaded.info.num_layers,
+                                 "bias.dropping.attention_layers")
     return BiasState(loaded, open_source(spec.data), VariantSlot(loaded.model), rank_layers)
 
 
@@ -75,7 +76,7 @@ def _chunks(items: list, size: int):
         yield items[a:a + size]
 
 
-def _usable(spec, state: BiasState, shard: BiasShard) -> tuple[list[Record], list[dict]]:
+def _usable(spec: JobSpec, state: BiasState, shard: BiasShard) -> tuple[list[Record], list[dict]]:
     """Records that can be scored (image and answer present, short enough) and the errors of the others."""
     good, errors = [], []
     for i in range(shard.start, shard.stop):
@@ -95,7 +96,7 @@ def _usable(spec, state: BiasState, shard: BiasShard) -> tuple[list[Record], lis
     return kept, sorted(errors, key=lambda e: e["sample_id"])
 
 
-def _base_rows(spec, state: BiasState, shard: BiasShard, recs: list[Record], cands: dict) -> dict[int, dict]:
+def _base_rows(spec: JobSpec, state: BiasState, shard: BiasShard, recs: list[Record], cands: dict) -> dict[int, dict]:
     v = shard.variant
     return {r.sample_id: {
         "sample_id": r.sample_id, "source_id": r.source_id, "task": str(r.meta.get("task", "")),
@@ -104,7 +105,7 @@ def _base_rows(spec, state: BiasState, shard: BiasShard, recs: list[Record], can
     } for r in recs}
 
 
-def score_conditions(spec, state: BiasState, recs: list[Record], cands: dict, rows: dict[int, dict]) -> None:
+def score_conditions(spec: JobSpec, state: BiasState, recs: list[Record], cands: dict, rows: dict[int, dict]) -> None:
     """Every candidate of every record under every image condition; fills the condition columns of ``rows``."""
     cfg, lm = spec.bias, state.loaded
     donors = {r.sample_id: swap_donor(state.source, r.sample_id, cfg.seed) for r in recs} \
@@ -139,7 +140,7 @@ def score_conditions(spec, state: BiasState, recs: list[Record], cands: dict, ro
                     per_cand[0], per_cand[c.claim])
 
 
-def score_dropping(spec, state: BiasState, recs: list[Record], rows: dict[int, dict]) -> None:
+def score_dropping(spec: JobSpec, state: BiasState, recs: list[Record], rows: dict[int, dict]) -> None:
     """Answer log-likelihood (real image) as fractions of image / text context tokens are dropped."""
     cfg, lm = spec.bias, state.loaded
     dcfg = cfg.dropping
@@ -170,7 +171,7 @@ def score_dropping(spec, state: BiasState, recs: list[Record], rows: dict[int, d
                 rows[sid][f"auc_{order}"] = curve_area(np.array(fractions), curve_BF[j])
 
 
-def backbone_columns(spec, rows: dict[int, dict], floor: float) -> None:
+def backbone_columns(spec: JobSpec, rows: dict[int, dict], floor: float) -> None:
     for row in rows.values():
         row["ll_floor"] = floor
         if "none" in spec.bias.conditions:
@@ -179,7 +180,7 @@ def backbone_columns(spec, rows: dict[int, dict], floor: float) -> None:
                 row["mc_agree_blind"] = float(row["choice_real"] == row["choice_none"])
 
 
-def score_records(spec, state: BiasState, shard: BiasShard, recs: list[Record]) -> pd.DataFrame:
+def score_records(spec: JobSpec, state: BiasState, shard: BiasShard, recs: list[Record]) -> pd.DataFrame:
     """The per-sample table of ``recs`` for the variant already applied to ``state``."""
     cfg = spec.bias
     cands = {r.sample_id: candidates(r, raw_row(state.source, r.sample_id), cfg.distractor_field, cfg.claim_field)
@@ -194,7 +195,7 @@ def score_records(spec, state: BiasState, shard: BiasShard, recs: list[Record]) 
     return pd.DataFrame([rows[r.sample_id] for r in recs])
 
 
-def run_shard(spec, shard: BiasShard, state: BiasState) -> dict:
+def run_shard(spec: JobSpec, shard: BiasShard, state: BiasState) -> dict:
     """Score one (variant, sample range) shard into the run directory and commit it."""
     t0 = time.perf_counter()
     state.slot.apply(shard.variant)

@@ -22,12 +22,6 @@ from kscale.spec import doc
 
 # Ray picks worker ports from 10002-19999 by default: every fixed port kscale chooses stays outside.
 RAY_WORKER_PORTS = (10002, 19999)
-# Ports a kscale-started Ray node uses, as offsets from ``port_base`` (see RayConfig.port_base).
-PORT_OFFSETS = {
-    "gcs": 0, "dashboard": 1, "client_server": 2, "node_manager": 3, "object_manager": 4,
-    "dashboard_agent_grpc": 5, "dashboard_agent_listen": 6, "metrics_export": 7, "runtime_env_agent": 8,
-    "dask_scheduler": 9,
-}
 PORT_BLOCK = 10  # ports reserved per job
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 _MEM = re.compile(r"^\d+[KMGT]?$")

@@ -2,8 +2,8 @@
 
 ``render_rayjob`` returns two objects: a ConfigMap holding the job YAML (mounted at ``/etc/kscale`` in
 every pod) and a RayJob whose cluster has a head with ``num-cpus: 0`` (the driver and Ray's control
-plane only) and one worker group sized from ``resources`` and ``cluster.k8s``. The RayJob sets what
-the issue list calls out: ``backoffLimit: 0`` (a retry would start from scratch; kscale resumes
+plane only) and one worker group sized from ``resources`` and ``cluster.k8s``. The RayJob sets
+``backoffLimit: 0`` (a retry would start from scratch; kscale resumes
 committed shards by itself when resubmitted), ``submissionMode: K8sJobMode`` (the submitter is a
 Kubernetes Job whose logs outlive the cluster), ``shutdownAfterJobFinishes`` with a TTL, and the
 deadlines. With ``cluster.k8s.reuse_cluster`` the RayJob selects an existing RayCluster

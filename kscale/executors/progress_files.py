@@ -32,8 +32,6 @@ from typing import Any
 
 from kscale.executors.cluster_config import cluster_of
 
-TERMINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
-
 
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")

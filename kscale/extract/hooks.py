@@ -22,10 +22,6 @@ class Capture:
     outputs: dict[Hashable, torch.Tensor] = field(default_factory=dict)  # e.g. ("k", layer) -> (B, T, H*D)
     positions_BTR: torch.Tensor | None = None
 
-    def clear(self) -> None:
-        self.outputs.clear()
-        self.positions_BTR = None
-
 
 def _positions_BTR(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
     if position_ids.ndim == 3:  # (R, B, T): M-RoPE rows

@@ -15,8 +15,8 @@ import zarr
 
 from kscale import __version__
 from kscale.data import open_source, plan_shards
-from kscale.spec import to_dict
-from kscale.models.registry import read_config_json
+from kscale.spec import JobSpec, to_dict
+from kscale.models.registry import MODALITY_CODES, get_adapter, read_config_json
 from kscale.store.index import write_index
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names
 
@@ -34,7 +34,7 @@ def _versions() -> dict:
             "zarr": zarr.__version__, "numpy": numpy.__version__}
 
 
-def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
+def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
                shards: int) -> dict:
     return {
         "format": STORE_FORMAT, "version": STORE_VERSION,
@@ -48,8 +48,8 @@ def root_attrs(spec, info, processor_settings: dict, layers: list[int], heads: l
         "versions": _versions(),
         "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
-        "key_space": "pre_rope", "rope_rows": 3 if info.family == "qwen2_5_vl" else 1,
-        "modality_codes": {"text": 0, "image": 1, "video": 2, "special": 3},
+        "key_space": "pre_rope", "rope_rows": get_adapter(info.family).rope_rows,
+        "modality_codes": dict(MODALITY_CODES),
         "plan": {"n_samples": n_samples, "shard_size": spec.data.shard_size, "n_shards": shards},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
@@ -91,15 +91,15 @@ def nothing_to_do(spec) -> bool:
     return planned <= set(marker_names(path))
 
 
-def run_extract(spec, executor) -> dict:
+def run_extract(spec: JobSpec, executor) -> dict:
     """Extract keys for every uncommitted shard through ``executor``; return the job summary."""
-    from kscale.models import get_adapter, read_model_config
-    from kscale.extract.worker import resolve_heads, resolve_layers
+    from kscale.models import read_model_config, resolve_layers
+    from kscale.extract.worker import resolve_heads
 
     info = read_model_config(spec.model)
     n = len(open_source(spec.data))
     shards = plan_shards(n, spec.data.shard_size)
-    layers = resolve_layers(spec.extract.layers, info.num_layers)
+    layers = resolve_layers(spec.extract.layers, info.num_layers, "extract.layers")
     heads = resolve_heads(spec.extract.heads, info.num_kv_heads)
 
     def attrs():
@@ -120,7 +120,7 @@ def run_extract(spec, executor) -> dict:
     return {"kind": "extract", "store": store, "shards_total": len(shards), **result}
 
 
-def _processor_settings(spec, info, adapter) -> dict:
+def _processor_settings(spec: JobSpec, info, adapter) -> dict:
     from transformers import AutoImageProcessor
 
     proc = AutoImageProcessor.from_pretrained(info.path, revision=spec.model.revision,

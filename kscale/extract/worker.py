@@ -17,7 +17,8 @@ import torch
 
 from kscale.data import Record, Shard, open_source
 from kscale.extract.hooks import capture
-from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model
+from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model, resolve_layers
+from kscale.spec import JobSpec
 from kscale.store.writer import ShardWriter
 
 
@@ -29,20 +30,16 @@ class ExtractState:
     source: object
 
 
-def resolve_layers(layers, n: int) -> list[int]:
-    return list(range(n)) if layers == "all" else sorted({(i + n) % n for i in layers})
-
-
 def resolve_heads(heads, n: int) -> list[int]:
     return list(range(n)) if heads == "all" else list(heads)
 
 
-def setup(spec) -> ExtractState:
+def setup(spec: JobSpec) -> ExtractState:
     if spec.resources.torch_threads:
         torch.set_num_threads(spec.resources.torch_threads)
     loaded = load_model(spec.model)
     info = loaded.info
-    return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers),
+    return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers, "extract.layers"),
                         resolve_heads(spec.extract.heads, info.num_kv_heads), open_source(spec.data))
 
 
@@ -94,7 +91,19 @@ def stacked_keys(state: ExtractState, batch, cap):
     return keys[:, :, :, state.heads].float().cpu(), cap.positions_BTR.cpu()
 
 
-def _check_tags(batch, recs: list[Record]) -> None:
+def stacked_queries(state: ExtractState, batch, cap) -> torch.Tensor:
+    """(L, B, T, H, D) float32 CPU pre-RoPE queries of the query heads reading the kept KV heads."""
+    from kscale.store.queries import query_heads
+
+    info = state.loaded.info
+    B, T = batch.inputs["input_ids"].shape
+    heads = query_heads(state.heads, info.num_heads, info.num_kv_heads)
+    q = torch.stack([cap.outputs[("q", i)] for i in state.layers]).view(len(state.layers), B, T, info.num_heads,
+                                                                        info.head_dim)
+    return q[:, :, :, heads].float().cpu()
+
+
+def _check_tags(batch) -> None:
     from kscale.models import IMAGE
 
     got = (batch.modality_BT == IMAGE).sum(1).tolist()
@@ -102,7 +111,7 @@ def _check_tags(batch, recs: list[Record]) -> None:
     assert got == batch.n_image_tokens, f"image tokens {got} != processor formula {batch.n_image_tokens}"
 
 
-def write_batch(writer: ShardWriter, spec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
+def write_batch(writer: ShardWriter, spec: JobSpec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
     keep = keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens)
     ids = batch.inputs["input_ids"]
     B, T = ids.shape
@@ -126,21 +135,21 @@ def write_batch(writer: ShardWriter, spec, batch, recs: list[Record], keys_LBTHD
         })
 
 
-def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = None) -> dict:
-    """Extract one shard into ``store_path`` (default: the spec's output) and commit it."""
+def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
+    """Extract one shard into the spec's output store and commit it."""
     t0 = time.perf_counter()
     info = state.loaded.info
-    writer = ShardWriter(store_path or spec.output.path, shard.name, n_layers=len(state.layers),
+    writer = ShardWriter(spec.output.path, shard.name, n_layers=len(state.layers),
                          n_heads=len(state.heads), head_dim=info.head_dim,
-                         rope_rows=3 if info.family == "qwen2_5_vl" else 1,
+                         rope_rows=state.loaded.adapter.rope_rows,
                          key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
                          compress_keys=spec.output.compress_keys)
     attn = spec.extract.attention
     qwriter = None
     if attn.store_queries:  # after ShardWriter: its constructor clears a partial shard folder
-        from kscale.attention.queries import QueryWriter
+        from kscale.store.queries import QueryWriter
 
-        qwriter = QueryWriter(store_path or spec.output.path, shard.name, dtype=spec.extract.key_dtype,
+        qwriter = QueryWriter(spec.output.path, shard.name, dtype=spec.extract.key_dtype,
                               chunk_tokens=spec.output.chunk_tokens)
     with_answers = attn.enabled and attn.queries == "answer"
     errors: list[dict] = []
@@ -164,15 +173,16 @@ def run_shard(spec, shard: Shard, state: ExtractState, store_path: str | None = 
             batch = build(state, recs, with_answers)
         cap = forward_capture(state, batch, queries=attn.enabled or attn.store_queries)
         keys, pos = stacked_keys(state, batch, cap)
-        _check_tags(batch, recs)
+        _check_tags(batch)
         write_batch(writer, spec, batch, recs, keys, pos)
         if qwriter is not None:
-            qwriter.append_batch(spec, state, batch, recs, cap,
+            qwriter.append_batch(stacked_queries(state, batch, cap), batch.modality_BT,
                                  keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens))
         if attn.enabled:
             from kscale.attention.stats import batch_stats
 
-            writer.append_table("attention", batch_stats(state, batch, cap, attn, [r.sample_id for r in recs]))
+            writer.append_table("attention", batch_stats(state.loaded, state.layers, state.heads, batch, cap, attn,
+                                                         [r.sample_id for r in recs]))
         n_ok += len(recs)
     if qwriter is not None:
         qwriter.close()

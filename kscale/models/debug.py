@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-FAMILIES = ("qwen2_5_vl", "llava")
+from kscale.models.facts import FAMILIES
 DEBUG_VERSION = "1"  # bump when the tiny architectures change, so caches rebuild
 
 # Words of the generated dataset (kscale.data.generated) plus a few common ones; anything else is [UNK].

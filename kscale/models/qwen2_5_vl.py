@@ -6,9 +6,14 @@ Pitfall handled here: the model uses 3-D M-RoPE positions only when ``mm_token_t
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from kscale.models.registry import Adapter, LoadedModel, register
+
+if TYPE_CHECKING:
+    from kscale.spec import ModelSpec
 
 
 @register
@@ -17,8 +22,9 @@ class Qwen2_5_VLAdapter(Adapter):
     model_class = "Qwen2_5_VLForConditionalGeneration"
     default_template = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
     pixel_keys = ("pixel_values", "image_grid_thw")
+    rope_rows = 3  # M-RoPE: temporal, height, width
 
-    def processor_kwargs(self, mspec) -> dict:
+    def processor_kwargs(self, mspec: ModelSpec) -> dict:
         kw = {}
         if mspec.min_pixels is not None:
             kw["min_pixels"] = mspec.min_pixels

@@ -15,14 +15,17 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-# Modality tags stored per token. PAD is never stored.
-TEXT, IMAGE, VIDEO, SPECIAL, PAD = 0, 1, 2, 3, -1
-MODALITY_CODES = {"text": TEXT, "image": IMAGE, "video": VIDEO, "special": SPECIAL}
-MODALITY_NAMES = {v: k for k, v in MODALITY_CODES.items()}
+from kscale.models.facts import (  # noqa: F401  (re-exported: the registry answers every architecture fact)
+    FAMILIES, IMAGE, MALORA_TARGET_NAMES, MALORA_TARGETS, MODALITIES, MODALITY_CODES, MODALITY_NAMES, PAD,
+    SPECIAL, TEXT, VIDEO, head_dim, layer_problems, resolve_layers,
+)
+
+if TYPE_CHECKING:  # models import nothing above them at run time
+    from kscale.spec import ModelSpec
 
 
 @dataclass(frozen=True)
@@ -72,7 +75,7 @@ def resolve_model_path(path: str) -> str:
     return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
 
 
-def read_config_json(mspec) -> tuple[dict, str]:
+def read_config_json(mspec: ModelSpec) -> tuple[dict, str]:
     """(config dict, short hash) of a checkpoint: its config.json, or the hub's config for a hub id."""
     path = resolve_model_path(mspec.path)
     cfg_file = Path(path) / "config.json"
@@ -93,7 +96,7 @@ def read_config_json(mspec) -> tuple[dict, str]:
     return d, hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_model_config(mspec) -> ModelInfo:
+def read_model_config(mspec: ModelSpec) -> ModelInfo:
     """ModelInfo from the checkpoint's config.json (no weights)."""
     cfg, digest = read_config_json(mspec)
     model_type = cfg.get("model_type", "")
@@ -101,13 +104,23 @@ def read_model_config(mspec) -> ModelInfo:
     if family not in ADAPTERS:
         raise ValueError(f"model {mspec.path!r}: model_type {model_type!r} is not supported "
                          f"(supported: {', '.join(ADAPTERS)}; set model.architecture to force one)")
+    return _info(cfg, family, digest, resolve_model_path(mspec.path))
+
+
+def model_info(model: torch.nn.Module) -> ModelInfo:
+    """ModelInfo of a model already in memory (its config; no path, no hash), e.g. one MaLoRA wraps."""
+    cfg = model.config.to_dict()
+    return _info(cfg, cfg.get("model_type", ""), "", "")
+
+
+def _info(cfg: dict, family: str, digest: str, path: str) -> ModelInfo:
+    """The one reading of a config dict's language-model dimensions."""
     text = cfg.get("text_config") or cfg
     heads = text["num_attention_heads"]
     return ModelInfo(
-        family=family, model_type=model_type, num_layers=text["num_hidden_layers"], num_heads=heads,
-        num_kv_heads=text.get("num_key_value_heads") or heads,
-        head_dim=text.get("head_dim") or text["hidden_size"] // heads, hidden_size=text["hidden_size"],
-        config_hash=digest, path=resolve_model_path(mspec.path),
+        family=family, model_type=cfg.get("model_type", ""), num_layers=text["num_hidden_layers"], num_heads=heads,
+        num_kv_heads=text.get("num_key_value_heads") or heads, head_dim=head_dim(text),
+        hidden_size=text["hidden_size"], config_hash=digest, path=path,
     )
 
 
@@ -131,7 +144,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(mspec) -> LoadedModel:
+def load_model(mspec: ModelSpec) -> LoadedModel:
     """Load model, tokenizer and image processor with the real ``from_pretrained`` path."""
     info = read_model_config(mspec)
     adapter = get_adapter(info.family)
@@ -146,10 +159,11 @@ class Adapter:
     family: str = ""
     model_class: str = ""
     default_template: str = "{image}{text}"
+    rope_rows: int = 1  # rows of RoPE positions per token: 1 for 1-D RoPE, 3 for Qwen's M-RoPE
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
 
     # -- loading
-    def load(self, mspec, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    def load(self, mspec: ModelSpec, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
         import transformers
         from transformers import AutoImageProcessor, AutoTokenizer
 
@@ -165,7 +179,7 @@ class Adapter:
         template = mspec.prompt_template or self.default_template
         return LoadedModel(self, model, tokenizer, image_processor, info, device, dtype, settings, template)
 
-    def processor_kwargs(self, mspec) -> dict:
+    def processor_kwargs(self, mspec: ModelSpec) -> dict:
         return {}
 
     # -- module locations (language model only)
@@ -177,6 +191,14 @@ class Adapter:
 
     def query_modules(self, model) -> list[torch.nn.Module]:
         return [layer.self_attn.q_proj for layer in self.decoder_layers(model)]
+
+    def malora_parent(self, target: str) -> str:
+        """Sub-module of a decoder layer that holds MaLoRA target ``target`` (``MALORA_TARGETS``)."""
+        parents = MALORA_TARGETS[self.family]
+        if target not in parents:
+            raise ValueError(f"Target module {target!r} is not a known projection of {self.family} "
+                             f"(known: {', '.join(parents)})")
+        return parents[target]
 
     def rotary_module(self, model) -> torch.nn.Module:
         return model.model.language_model.rotary_emb

@@ -4,7 +4,7 @@ The key store holds pre-RoPE keys (``k_proj`` outputs) and the RoPE positions th
 (``rope_pos``: 3 rows for Qwen2.5-VL's M-RoPE, 1 row for Llama-style 1-D RoPE). Applying the family's own
 rotary module to those positions rebuilds exactly the post-RoPE keys the model attends with (the keys in
 its KV cache). The same functions serve the attention statistics (``kscale.attention.stats``), which
-call them with the *loaded* model's rotary module, and the reader (``kscale.attention.keyspace``), which
+call them with the *loaded* model's rotary module, and the reader (``kscale.store.rope``), which
 builds the module here from config.json, so both key spaces are available without storing keys twice.
 
 Positions travel in kscale's layout ``pos_BTR`` (what ``kscale.extract.hooks.capture`` records);

@@ -34,10 +34,11 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from kscale.models.facts import MODALITIES  # noqa: F401  (one definition, with the tags, in kscale.models)
+
 STORE_FORMAT = "kscale-keys"
 STORE_VERSION = 2
 SHARD_LAYOUT = 2  # ``layout`` in a v2 marker; v1 markers have none
-MODALITIES = ("text", "image", "video", "special")
 TABLE_COLUMNS = {  # the reader's token columns and their dtypes (v1: one array each; v2: fields of ``tokens``)
     "sample_id": "int64",
     "position": "int32",

@@ -11,6 +11,8 @@ building ``keys(layer, modality)`` over 10,000 shards touches no file. A task re
 truncated or damaged file with ``StoreDamaged`` (store, shard, array, chunk): the file must exist (a
 missing chunk never reads as Zarr's fill value) and every chunk carries a crc32c. Layout-1 shards
 (stores written before format 2) are read exactly as before, through their Zarr metadata.
+Post-RoPE keys (``rope=True``) and stored queries come from :mod:`kscale.store.rope` and
+:mod:`kscale.store.queries`, imported when asked (they need torch).
 """
 
 from __future__ import annotations
@@ -131,7 +133,8 @@ class KeyStore:
     def _direct(self, kind: str, rows: list[dict], modality: str, trail: tuple[int, ...], dtype: str,
                 sel_fn, what: Any) -> da.Array:
         """A dask array over layout-2 shards, one task per (shard, chunk_tokens block), built from rows;
-        ``sel_fn(i, a, b, n)`` names the array, file, full shape and selection of block i; ``what``
+        ``sel_fn(i, a, b, n)`` names the array (path in the shard), file, full shape and selection of
+        block i; ``what``
         tells apart graphs of one kind (layer and heads, or column)."""
         name = f"kscale-{kind}-" + tokenize(self.path, modality, kind, trail, dtype, what,
                                              [(r["name"], r["tokens"][modality], r["chunk_tokens"]) for r in rows])
@@ -141,7 +144,7 @@ class KeyStore:
             for i, a, b in _blocks(n, c):
                 array, file, shape, sel = sel_fn(i, a, b, n)
                 idx = (name, len(sizes)) + (0,) * len(trail)
-                dsk[idx] = (read_block, self.path, r["name"], f"{modality}/{array}", file, shape, sel, dtype)
+                dsk[idx] = (read_block, self.path, r["name"], array, file, shape, sel, dtype)
                 sizes.append(b - a)
         chunks = (tuple(sizes), *((t,) for t in trail))
         return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, chunks, dtype=dtype)
@@ -174,20 +177,20 @@ class KeyStore:
 
             def sel(i, a, b, n):
                 hs = slice(None) if hsel is None else list(hsel)
-                return "keys", keys_chunk_file(i), (L, n, H, D), (li, slice(a, b), hs)
+                return f"{modality}/keys", keys_chunk_file(i), (L, n, H, D), (li, slice(a, b), hs)
             parts.append(self._direct("keys", rows, modality, (H if hsel is None else len(hsel), D), dtype, sel,
                                       (li, hsel)))
         Hs = H if hsel is None else len(hsel)
         out = da.concatenate(parts, axis=0) if parts else da.zeros((0, Hs, D), dtype=dtype)
         if rope:
-            from kscale.attention.keyspace import rope_lazy, store_rotary
+            from kscale.store.rope import rope_lazy, store_rotary
 
-            out = rope_lazy(out, self.tokens(modality)["rope_pos"], store_rotary(self))
+            out = rope_lazy(out, self.token_column(modality, "rope_pos"), store_rotary(self))
         return out
 
     def queries(self, layer: int, modality: str, rope: bool = False) -> da.Array:
         """Stored query vectors (``extract.attention.store_queries``), laid out like ``keys``."""
-        from kscale.attention.queries import read_queries
+        from kscale.store.queries import read_queries
 
         return read_queries(self, layer, modality, rope)
 
@@ -207,7 +210,8 @@ class KeyStore:
                 continue
 
             def sel(i, a, b, n):
-                return "tokens", tokens_chunk_file(i), (n, 4 + R), (slice(a, b), fs if name == "rope_pos" else fs.start)
+                return (f"{modality}/tokens", tokens_chunk_file(i), (n, 4 + R),
+                        (slice(a, b), fs if name == "rope_pos" else fs.start))
             parts.append(self._direct(f"col-{name}", rows, modality, (R,) if name == "rope_pos" else (), dtype, sel,
                                       name))
         if not parts:

@@ -19,25 +19,15 @@ from kscale.spec import doc as _doc  # one field helper for every spec section
 class AlignConfig:
     loss: Literal["mmd", "coral", "mean", "none"] = _doc(
         "alignment of image keys to text keys: random-feature MMD, CORAL (covariance), mean matching, or off", "mmd")
-    weight: float = _doc("lambda: total loss = LM loss on answer tokens + weight x alignment loss", 1.0)
+    weight: float = _doc("lambda: total loss = LM loss on answer tokens + weight x alignment loss", 1.0, ge=0)
     layers: Literal["all"] | list[int] = _doc("language-model layers whose k_proj outputs are aligned", "all")
     text_reference: Literal["stopgrad", "frozen"] = _doc(
         "text side: this forward's text keys with stop-gradient, or the frozen base model's (one extra "
         "no-grad forward per micro-batch)", "stopgrad")
-    mmd_features: int = _doc("random Fourier features per KV head for the MMD estimate", 256)
+    mmd_features: int = _doc("random Fourier features per KV head for the MMD estimate", 256, ge=1)
     mmd_bandwidth: float | None = _doc(
-        "Gaussian kernel bandwidth for MMD; None: median pairwise distance of the batch's keys", None)
+        "Gaussian kernel bandwidth for MMD; None: median pairwise distance of the batch's keys", None, gt=0)
     seed: int = _doc("seed of the random features (fixed for the whole run)", 0)
-
-    def validate(self) -> list[tuple[str, str]]:
-        out = []
-        if self.weight < 0:
-            out.append(("weight", f"must be >= 0, got {self.weight}"))
-        if self.mmd_features < 1:
-            out.append(("mmd_features", f"must be >= 1, got {self.mmd_features}"))
-        if self.mmd_bandwidth is not None and self.mmd_bandwidth <= 0:
-            out.append(("mmd_bandwidth", f"must be > 0, got {self.mmd_bandwidth}"))
-        return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -56,18 +46,11 @@ class DeepSpeedConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class EvalConfig:
-    heldout_fraction: float = _doc("share of the data held out from training for the before/after table", 0.1)
-    max_samples: int = _doc("at most this many held-out samples are evaluated", 64)
+    heldout_fraction: float = _doc("share of the data held out from training for the before/after table", 0.1,
+                                   gt=0, lt=1)
+    max_samples: int = _doc("at most this many held-out samples are evaluated", 64, ge=1)
     batch_size: int = _doc("samples per evaluation forward", 4)
     at_end: bool = _doc("write the before/after table (eval.json, eval.md) when training finishes", True)
-
-    def validate(self) -> list[tuple[str, str]]:
-        out = []
-        if not 0.0 < self.heldout_fraction < 1.0:
-            out.append(("heldout_fraction", f"must be in (0, 1), got {self.heldout_fraction}"))
-        if self.max_samples < 1:
-            out.append(("max_samples", f"must be >= 1, got {self.max_samples}"))
-        return out
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -76,31 +59,16 @@ class TrainConfig:
     align: AlignConfig = _doc("the key-alignment term of the objective", factory=AlignConfig)
     deepspeed: DeepSpeedConfig = _doc("ZeRO stage, offload and precision", factory=DeepSpeedConfig)
     eval: EvalConfig = _doc("held-out before/after evaluation", factory=EvalConfig)
-    max_steps: int = _doc("optimizer steps to train", 100)
-    micro_batch_size: int = _doc("samples per forward on each rank", 1)
-    grad_accum: int = _doc("micro-batches accumulated per optimizer step on each rank", 1)
-    lr: float = _doc("AdamW learning rate of the adapter parameters", 2e-4)
+    max_steps: int = _doc("optimizer steps to train", 100, ge=1)
+    micro_batch_size: int = _doc("samples per forward on each rank", 1, ge=1)
+    grad_accum: int = _doc("micro-batches accumulated per optimizer step on each rank", 1, ge=1)
+    lr: float = _doc("AdamW learning rate of the adapter parameters", 2e-4, gt=0)
     weight_decay: float = _doc("AdamW weight decay", 0.0)
     warmup_steps: int = _doc("linear learning-rate warmup from 0, then constant", 0)
-    clip_grad: float = _doc("global gradient-norm clipping (0: off)", 1.0)
+    clip_grad: float = _doc("global gradient-norm clipping (0: off)", 1.0, ge=0)
     activation_checkpointing: bool = _doc("recompute decoder layers in the backward pass (non-reentrant)", True)
-    checkpoint_every: int = _doc("save a resumable checkpoint every N optimizer steps (0: only at the end)", 50)
-    keep_checkpoints: int = _doc("resumable checkpoints kept on disk (older ones are deleted)", 2)
-    log_every: int = _doc("write loss terms and gate values every N steps to metrics.jsonl", 1)
+    checkpoint_every: int = _doc("save a resumable checkpoint every N optimizer steps (0: only at the end)", 50, ge=0)
+    keep_checkpoints: int = _doc("resumable checkpoints kept on disk (older ones are deleted)", 2, ge=1)
+    log_every: int = _doc("write loss terms and gate values every N steps to metrics.jsonl", 1, ge=1)
     seed: int = _doc("seed of adapter init, data order and dropout", 0)
 
-    def validate(self) -> list[tuple[str, str]]:
-        out = []
-        for name in ("max_steps", "micro_batch_size", "grad_accum", "log_every", "keep_checkpoints"):
-            if getattr(self, name) < 1:
-                out.append((name, f"must be >= 1, got {getattr(self, name)}"))
-        if self.lr <= 0:
-            out.append(("lr", f"must be > 0, got {self.lr}"))
-        if self.checkpoint_every < 0:
-            out.append(("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}"))
-        if self.clip_grad < 0:
-            out.append(("clip_grad", f"must be >= 0, got {self.clip_grad}"))
-        for prefix, section in (("malora", self.malora), ("align", self.align), ("deepspeed", self.deepspeed),
-                                ("eval", self.eval)):
-            out += [(f"{prefix}.{f}", m) for f, m in section.validate()]
-        return out

@@ -20,8 +20,7 @@ from typing import Any
 import torch
 
 from kscale.train.config import TrainConfig
-
-CHECKPOINTS = "checkpoints"
+from kscale.train.layout import CHECKPOINTS, checkpoint_tag
 
 
 def require_deepspeed() -> Any:
@@ -110,7 +109,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, keep: int) -> None:
     import torch.distributed as dist
 
     root = run_dir / CHECKPOINTS
-    engine.save_checkpoint(str(root), tag=f"step{step:08d}", client_state={"step": step},
+    engine.save_checkpoint(str(root), tag=checkpoint_tag(step), client_state={"step": step},
                            exclude_frozen_parameters=True)
     dist.barrier()
     if dist.get_rank() == 0:

@@ -25,8 +25,8 @@ Rows of the table (``eval.json``, ``eval.md``):
   that mass over the image tokens' share of the visible keys (``kscale.attention.stats``; 1 means
   attention in proportion to presence), averaged over the alignment layers' query heads and samples.
 
-The image conditions and the answer scores are the bias stage's own (:mod:`kscale.bias.counterfactuals`,
-:mod:`kscale.bias.metrics`), so this table and a bias job measure visual dependency the same way.
+The image conditions and the answer scores are the bias stage's too (:mod:`kscale.scoring`), so this table
+and a bias job measure visual dependency the same way.
 
 Legend: B batch, T tokens, K kept logit positions, V vocab, N image keys, M text keys, H KV heads, D head dim.
 """
@@ -41,12 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from kscale.bias.counterfactuals import condition_image, swap_donor
-from kscale.bias.metrics import answer_positions, answer_scores
 from kscale.data import Record
-from kscale.models.registry import IMAGE, TEXT, VIDEO
+from kscale.models import LoadedModel
+from kscale.models.registry import IMAGE, TEXT, VIDEO, resolve_layers
+from kscale.scoring import answer_positions, answer_scores, condition_image, swap_donor
+from kscale.spec import JobSpec
+from kscale.train.layout import ADAPTER_DIR, SPLIT
 from kscale.train.malora import MaLoRAModel
-from kscale.train.malora.model import language_layers, model_adapter, resolve_layers
+from kscale.train.malora.model import model_adapter
 from kscale.train.objective import capture_keys
 
 VARIANTS = ("base", "malora", "malora_no_image_branch")
@@ -69,25 +71,24 @@ class _Acc:
     txt_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
 
 
-def evaluate_run(spec: Any, adapter_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
+def evaluate_run(spec: JobSpec, adapter_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
     """Evaluate ``spec``'s run directory; writes eval.json and eval.md there and returns the table."""
     from kscale.data import open_source
     from kscale.models.registry import load_model
     from kscale.train.data import split_indices
-    from kscale.train.run import ADAPTER_DIR
 
     run_dir = Path(spec.output.path)
     cfg = spec.train
     loaded = load_model(spec.model)
     malora = MaLoRAModel.from_pretrained(loaded.model, adapter_dir or run_dir / ADAPTER_DIR)
     source = open_source(spec.data)
-    split_file = run_dir / "split.json"
+    split_file = run_dir / SPLIT
     if split_file.exists():
         heldout = json.loads(split_file.read_text())["heldout"]
     else:
         heldout = split_indices(len(source), cfg.eval.heldout_fraction, cfg.eval.max_samples, cfg.seed).heldout
     records = [r for r in (source.get(i) for i in heldout) if r.error is None and r.answer and r.image is not None]
-    layers = resolve_layers(cfg.align.layers, len(language_layers(loaded.model)), "align.layers")
+    layers = resolve_layers(cfg.align.layers, loaded.info.num_layers, "align.layers")
     table = evaluate(loaded, malora, records, layers, cfg.eval.batch_size, seed=cfg.seed)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(table, indent=2) + "\n")
@@ -104,7 +105,8 @@ class _Heldout(list):
 
 def evaluate(loaded: Any, malora: MaLoRAModel, records: list, layers: list[int],
              batch_size: int, seed: int = 0) -> dict[str, dict[str, float]]:
-    """The before/after table (variant -> metric -> value) on ``records`` (each with an image)."""
+    """The before/after table (variant -> metric -> value) on ``records`` (each with an image);
+    ``malora`` wraps ``loaded.model``."""
     if len(records) < 2:
         raise ValueError(f"evaluation needs at least 2 held-out records with an image, got {len(records)}")
     malora.eval()
@@ -118,7 +120,7 @@ def evaluate(loaded: Any, malora: MaLoRAModel, records: list, layers: list[int],
             batch = loaded.adapter.build_batch(loaded, images, [r.text for r in chunk], [r.answer for r in chunk])
             for variant in VARIANTS:
                 with _variant(malora, variant):
-                    _score(malora, batch, condition, layers, accs[variant])
+                    _score(loaded, malora, batch, condition, layers, accs[variant])
     return _finish(accs, layers, malora.model.config.get_text_config().num_key_value_heads)
 
 
@@ -131,7 +133,7 @@ def _variant(malora: MaLoRAModel, variant: str):
 
 
 @torch.no_grad()
-def _score(malora: MaLoRAModel, batch: Any, condition: str, layers: list[int], acc: _Acc) -> None:
+def _score(loaded: LoadedModel, malora: MaLoRAModel, batch: Any, condition: str, layers: list[int], acc: _Acc) -> None:
     device = next(malora.model.parameters()).device
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     answer_BT = batch.answer_mask_BT.to(device)
@@ -145,7 +147,7 @@ def _score(malora: MaLoRAModel, batch: Any, condition: str, layers: list[int], a
     if condition == "real":
         acc.ce_sum += float(-scores.ll_sum.sum())
         acc.ce_count += int(scores.n_tokens.sum())
-        _attention_stats(malora, batch, cap, layers, acc)
+        _attention_stats(loaded, batch, cap, layers, acc)
         modality_BT = batch.modality_BT.to(device)
         image_BT = (modality_BT == IMAGE) | (modality_BT == VIDEO)
         for idx in layers:
@@ -157,26 +159,24 @@ def _attention_capture(malora: MaLoRAModel, layers: list[int]):
     """q/k projection outputs and RoPE positions of ``layers`` (kscale.extract.hooks), for the attention stats."""
     from kscale.extract.hooks import capture
 
-    decoder = language_layers(malora.model)
-    modules = {(kind, i): getattr(decoder[i].self_attn, f"{kind}_proj") for i in layers for kind in ("q", "k")}
-    rotary = model_adapter(malora.model).rotary_module(malora.model) if layers else None
+    adapter = model_adapter(malora.model)
+    q_mods, k_mods = adapter.query_modules(malora.model), adapter.key_modules(malora.model)
+    modules = {(kind, i): mods[i] for i in layers for kind, mods in (("q", q_mods), ("k", k_mods))}
+    rotary = adapter.rotary_module(malora.model) if layers else None
     return capture(modules, rotary)
 
 
-def _attention_stats(malora: MaLoRAModel, batch: Any, cap: Any, layers: list[int], acc: _Acc) -> None:
-    """Answer tokens' attention to image keys, per (sample, layer, query head), from kscale.attention."""
-    from types import SimpleNamespace
+def _attention_stats(loaded: LoadedModel, batch: Any, cap: Any, layers: list[int], acc: _Acc) -> None:
+    """Answer tokens' attention to image keys, per (sample, layer, query head), from kscale.attention.
 
+    ``loaded`` is the LoadedModel whose ``model`` the adapter was injected into (the attention modules and
+    the rotary embedding are the base model's own)."""
     from kscale.attention.stats import batch_stats
     from kscale.spec import AttentionSpec
 
-    text_cfg = malora.model.config.get_text_config()
-    heads = text_cfg.num_attention_heads
-    info = SimpleNamespace(num_heads=heads, num_kv_heads=text_cfg.num_key_value_heads,
-                           head_dim=getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // heads)
-    loaded = SimpleNamespace(model=malora.model, adapter=model_adapter(malora.model), info=info)
-    state = SimpleNamespace(loaded=loaded, layers=layers, heads=list(range(text_cfg.num_key_value_heads)))
-    rows = batch_stats(state, batch, cap, AttentionSpec(queries="answer"), list(range(batch.modality_BT.shape[0])))
+    kv_heads = list(range(loaded.info.num_kv_heads))
+    rows = batch_stats(loaded, layers, kv_heads, batch, cap, AttentionSpec(queries="answer"),
+                       list(range(batch.modality_BT.shape[0])))
     acc.attn_mass.append(rows["mass"][:, IMAGE])
     acc.attn_efficiency.append(rows["efficiency"][:, IMAGE])
 

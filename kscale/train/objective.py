@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kscale.bias.metrics import answer_positions  # the logits the loss needs: those predicting answer tokens
-from kscale.models.registry import IMAGE, TEXT, VIDEO
+from kscale.models.registry import IMAGE, TEXT, VIDEO, model_info, resolve_layers
+from kscale.scoring import answer_positions  # the logits the loss needs: those predicting answer tokens
 from kscale.train.config import AlignConfig
-from kscale.train.malora.model import MaLoRAModel, language_layers, model_adapter, resolve_layers
+from kscale.train.malora.model import MaLoRAModel, model_adapter
 
 MEDIAN_SAMPLE = 128  # keys per side used by the median-distance bandwidth heuristic
 
@@ -59,7 +59,7 @@ def encode_images(model: nn.Module, inputs: dict[str, torch.Tensor]) -> dict[str
 def capture_keys(wrapped: MaLoRAModel, layers: list[int]) -> Iterator[dict[int, torch.Tensor]]:
     """Record the k_proj output of ``layers`` during the block (first forward only, not recomputes)."""
     captured: dict[int, torch.Tensor] = {}
-    decoder = language_layers(wrapped.model)
+    key_modules = model_adapter(wrapped.model).key_modules(wrapped.model)
     handles = []
 
     def hook_for(idx: int):
@@ -70,7 +70,7 @@ def capture_keys(wrapped: MaLoRAModel, layers: list[int]) -> Iterator[dict[int, 
 
     try:
         for idx in layers:
-            handles.append(decoder[idx].self_attn.k_proj.register_forward_hook(hook_for(idx)))
+            handles.append(key_modules[idx].register_forward_hook(hook_for(idx)))
         yield captured
     finally:
         for h in handles:
@@ -133,10 +133,9 @@ class MaLoRAObjective(nn.Module):
         self.malora = malora
         self.align = align
         self.dummy_pixels = dummy_pixels
-        text_cfg = malora.model.config.get_text_config()
-        self.num_kv_heads = text_cfg.num_key_value_heads
-        self.head_dim = getattr(text_cfg, "head_dim", None) or text_cfg.hidden_size // text_cfg.num_attention_heads
-        self.align_layers = resolve_layers(align.layers, len(language_layers(malora.model)), "align.layers")
+        info = model_info(malora.model)
+        self.num_kv_heads, self.head_dim = info.num_kv_heads, info.head_dim
+        self.align_layers = resolve_layers(align.layers, info.num_layers, "align.layers")
         g = torch.Generator().manual_seed(align.seed)
         shape = (self.num_kv_heads, self.head_dim, align.mmd_features)
         device = next(malora.model.parameters()).device

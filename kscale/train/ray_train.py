@@ -12,8 +12,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kscale.spec import JobSpec
 
-def run_train_on_ray(spec: Any) -> dict[str, Any]:
+
+def run_train_on_ray(spec: JobSpec) -> dict[str, Any]:
     """Fit on the connected Ray cluster (``ray.init`` done by the caller); returns rank 0's summary."""
     try:
         from ray.train import RunConfig, ScalingConfig
@@ -50,7 +52,7 @@ def _worker(config: dict[str, Any]) -> None:
     # Ray Train keeps metrics only with a checkpoint: rank 0 registers the saved adapter as one.
     checkpoint = None
     if ray.train.get_context().get_world_rank() == 0:
-        from kscale.train.run import ADAPTER_DIR
+        from kscale.train.layout import ADAPTER_DIR
 
         checkpoint = ray.train.Checkpoint.from_directory(str(Path(summary["run_dir"]) / ADAPTER_DIR))
     ray.train.report(metrics, checkpoint=checkpoint)

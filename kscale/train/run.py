@@ -4,7 +4,8 @@ It runs in whatever process group it finds: a lone process, every rank of ``torc
 ``deepspeed`` launcher, or every worker of Ray Train's ``TorchTrainer`` (:mod:`kscale.train.ray_train`).
 Each rank loads the model, injects MaLoRA with the same seed, wraps the
 :class:`~kscale.train.objective.MaLoRAObjective` in a DeepSpeed engine, resumes from the newest
-checkpoint in the run directory, and trains. Run directory (``output.path``)::
+checkpoint in the run directory, and trains. Run directory (``output.path``; names in
+:mod:`kscale.train.layout`)::
 
     metrics.jsonl        one line per logged step: loss terms, lr, grad norm, gate values
     checkpoints/stepN/   resumable DeepSpeed state (adapter + optimizer), newest ``keep_checkpoints``
@@ -21,17 +22,16 @@ from typing import Any
 
 import torch
 
+from kscale.spec import JobSpec
 from kscale.train import engine as ds
 from kscale.train.config import TrainConfig
 from kscale.train.data import MicroBatchPlan, collate, split_indices
+from kscale.train.layout import ADAPTER_DIR, METRICS, SPLIT
 from kscale.train.malora import MaLoRAModel
 from kscale.train.objective import MaLoRAObjective
 
-METRICS = "metrics.jsonl"
-ADAPTER_DIR = "adapter"
 
-
-def run_train(spec: Any) -> dict[str, Any]:
+def run_train(spec: JobSpec) -> dict[str, Any]:
     """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank."""
     import torch.distributed as dist
 
@@ -55,7 +55,7 @@ def run_train(spec: Any) -> dict[str, Any]:
     start = ds.load_latest_checkpoint(engine, run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "split.json").write_text(json.dumps({"train": split.train, "heldout": split.heldout}))
+        (run_dir / SPLIT).write_text(json.dumps({"train": split.train, "heldout": split.heldout}))
     last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world)
     state = ds.gathered_adapter_state(engine, malora.adapter_parameters())
     if rank == 0:

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import kscale.store
-from kscale.attention.keyspace import rope_keys, store_rotary
 from kscale.attention.stats import flat_columns
 from kscale.models import load_model
 from kscale.runner import run_job
 from kscale.spec import spec_from_dict
 from kscale.store.layout import MODALITIES
+from kscale.store.rope import rope_keys, store_rotary
 from tests.conftest import extract_spec
 from tests.unit.attention.conftest import STAT_NAMES, eager_reference, reference_queries, reference_stats
 

@@ -14,13 +14,13 @@ import dataclasses
 import numpy as np
 
 import kscale.store
-from kscale.attention.queries import query_heads, read_queries
 from kscale.data import open_source
 from kscale.extract import worker
 from kscale.models import load_model
 from kscale.runner import run_job
 from kscale.spec import spec_from_dict
 from kscale.store.layout import MODALITIES
+from kscale.store.queries import query_heads, read_queries
 from tests.conftest import extract_spec
 from tests.unit.attention.conftest import eager_reference
 

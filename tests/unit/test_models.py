@@ -57,3 +57,82 @@ def test_image_features_are_what_the_forward_computes_from_pixels(loaded) -> Non
         want = loaded.model(**batch.inputs, use_cache=False).logits
         got = loaded.model(**encoded, use_cache=False).logits
     assert torch.equal(got, want)
+
+
+# ----------------------------------------------------------------------------- single-source facts
+
+
+def test_every_family_has_an_adapter_and_the_spec_offers_exactly_those() -> None:
+    import typing
+
+    from kscale.models import FAMILIES
+    from kscale.models.registry import ADAPTERS
+
+    assert set(FAMILIES) == set(ADAPTERS)
+    hint = typing.get_type_hints(ModelSpec)["architecture"]
+    assert typing.get_args(hint) == ("auto", *FAMILIES)
+
+
+def test_rope_rows_match_the_positions_the_model_uses(loaded) -> None:
+    inputs = _batch(loaded).inputs
+    assert _model_positions_BTR(loaded, inputs).shape[-1] == loaded.adapter.rope_rows
+
+
+def test_head_dim_and_model_info_agree_with_the_projection_shapes(loaded) -> None:
+    from kscale.models import model_info
+
+    info = model_info(loaded.model)
+    k_proj = loaded.adapter.key_modules(loaded.model)[0]
+    assert k_proj.out_features == info.num_kv_heads * info.head_dim
+    assert (info.num_layers, info.head_dim) == (loaded.info.num_layers, loaded.info.head_dim)
+
+
+def test_malora_targets_name_real_linear_modules(loaded) -> None:
+    from kscale.models import MALORA_TARGETS
+
+    layer = loaded.adapter.decoder_layers(loaded.model)[0]
+    for target, parent in MALORA_TARGETS[loaded.info.family].items():
+        assert isinstance(getattr(getattr(layer, parent), target), torch.nn.Linear), target
+    with pytest.raises(ValueError, match="'qkv' is not a known projection"):
+        loaded.adapter.malora_parent("qkv")
+
+
+@pytest.mark.parametrize("layers, want", [("all", [0, 1, 2, 3]), ([0, -1], [0, 3]), ([2, 0], [0, 2]), ([-4], [0])])
+def test_resolve_layers_counts_negative_from_the_end_and_sorts(layers, want) -> None:
+    from kscale.models import resolve_layers
+
+    assert resolve_layers(layers, 4, "x.layers") == want
+
+
+@pytest.mark.parametrize("layers, problem", [
+    ([0, 4], ("x.layers[1]", "layer 4 out of range (model has 4)")),
+    ([-5], ("x.layers[0]", "layer -5 out of range (model has 4)")),
+    ([3, -1], ("x.layers[1]", "layer -1 repeats x.layers[0] (both are layer 3)")),
+    ([1, 1], ("x.layers[1]", "layer 1 repeats x.layers[0] (both are layer 1)")),
+])
+def test_resolve_layers_rejects_out_of_range_and_repeats_naming_the_field(layers, problem) -> None:
+    from kscale.models import layer_problems, resolve_layers
+
+    assert layer_problems(layers, 4, "x.layers") == [problem]
+    with pytest.raises(ValueError, match=rf"^{__import__('re').escape(': '.join(problem))}$"):
+        resolve_layers(layers, 4, "x.layers")
+
+
+def test_bias_attention_layers_are_checked_at_load(tmp_path) -> None:
+    from kscale.spec import SpecError, spec_from_dict
+
+    d = {"kind": "bias", "model": {"path": "debug:qwen2_5_vl"}, "data": {"source": "generated"},
+         "bias": {"dropping": {"attention_layers": [1, -1]}}, "output": {"path": str(tmp_path / "run")}}
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(d)
+    assert dict(e.value.problems) == {
+        "bias.dropping.attention_layers[1]": "layer -1 repeats bias.dropping.attention_layers[0] (both are layer 1)"}
+
+
+def test_torch_free_modules_stay_torch_free() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, kscale.spec, kscale.store.layout, kscale.cli, kscale.models; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

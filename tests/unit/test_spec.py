@@ -104,3 +104,57 @@ def test_train_layers_checked_against_model(tmp_path):
     p = problems(d)
     assert p["train.malora.layers[1]"] == "layer 7 out of range (model has 2)"
     assert "train.align.layers[0]" in p
+
+
+def test_bounds_are_checked_by_the_loader_with_the_dotted_field(tmp_path):
+    d = extract_spec(tmp_path)
+    d["extract"].update(batch_size=0, sample_tokens={"image": 0, "text": "all"})
+    d["resources"] = {"cpus_per_worker": 0, "workers": 1}
+    d["data"]["generated"] = {"image_size": 4}
+    p = problems(d)
+    assert p["extract.batch_size"] == "must be >= 1 (got 0)"
+    assert p["extract.sample_tokens.image"] == "must be >= 1 (got 0)"
+    assert p["resources.cpus_per_worker"] == "must be > 0 (got 0.0)"
+    assert p["data.generated.image_size"] == "must be >= 8 (got 4)"
+    assert "extract.sample_tokens.text" not in p
+
+
+def test_enum_lists_name_the_allowed_values_and_cross_field_checks_still_run(tmp_path):
+    d = {"kind": "train", "model": {"path": "debug:qwen2_5_vl"}, "data": {"source": "generated", "generated": {
+        "tasks": ["color", "smell"]}}, "output": {"path": str(tmp_path)},
+         "train": {"malora": {"target_modules": ["qkv"], "image_branch": False, "text_branch": False,
+                              "dropout": 1.0},
+                   "eval": {"heldout_fraction": 1.5}}}
+    p = problems(d)
+    assert p["data.generated.tasks[1]"].startswith("'smell' is not one of 'caption', 'color'")
+    assert p["train.malora.target_modules[0]"].startswith("'qkv' is not one of 'q_proj', 'k_proj'")
+    assert p["train.malora.dropout"] == "must be in [0, 1) (got 1.0)"
+    assert p["train.eval.heldout_fraction"] == "must be in (0, 1) (got 1.5)"
+    assert p["train.malora.image_branch"] == "both branches are off: nothing to train"  # validate() ran too
+
+
+def test_every_section_is_typed_and_explain_shows_types_and_bounds():
+    from kscale.spec import JobSpec, explain
+
+    assert not [t for t in JobSpec.__annotations__.values() if "Any" in str(t)]
+    rows = {name: (tp, doc) for name, tp, _, doc in explain()}
+    assert rows["train"][0] == "TrainConfig | None" and rows["analyze"][0] == "AnalyzeConfig | None"
+    assert rows["train.malora.rank"][1].endswith("(>= 1)")
+    assert "'q_proj'" in rows["train.malora.target_modules"][0]
+
+
+def test_one_field_helper():
+    import dataclasses
+    import inspect
+
+    import kscale.analysis.config
+    import kscale.bias.config
+    import kscale.spec
+    import kscale.train.config
+    import kscale.train.malora.config
+
+    for mod in (kscale.spec, kscale.analysis.config, kscale.bias.config, kscale.train.config,
+                kscale.train.malora.config):
+        assert "metadata=" not in inspect.getsource(mod).replace("metadata=metadata", ""), mod.__name__
+        for cls in [c for c in vars(mod).values() if dataclasses.is_dataclass(c)]:
+            assert all(f.metadata.get("doc") for f in dataclasses.fields(cls)), cls

@@ -1,47 +1,39 @@
 """MaLoRA configuration: one frozen dataclass, shared by the spec (``train.malora``) and the tuner.
 
 The same object is written next to the adapter weights as ``adapter_config.json``, so a saved adapter
-records exactly how it was built (see :mod:`kscale.train.malora.model`).
+records exactly how it was built (see :mod:`kscale.train.malora.model`). Bounds and choices are declared
+on the fields (checked by ``load_spec``, and by :func:`kscale.spec.section_problems` for a config read back
+from an adapter); ``validate`` holds the cross-field rules.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-# Projections of a decoder layer that MaLoRA can adapt, with the sub-module that holds them.
-ATTENTION_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
-MLP_TARGETS = ("gate_proj", "up_proj", "down_proj")
-KNOWN_TARGETS = ATTENTION_TARGETS + MLP_TARGETS
+from kscale.models.facts import MALORA_TARGET_NAMES as KNOWN_TARGETS  # per family: kscale.models MALORA_TARGETS
+from kscale.spec import doc
+
+TargetName = Literal[KNOWN_TARGETS]  # type: ignore[valid-type]  (the names come from kscale.models)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class MaLoRAConfig:
     """Modality-aware LoRA: a separate low-rank update for image tokens and for text tokens."""
 
-    rank: int = field(default=16, metadata={"doc": "rank r of each branch's A (r x in) and B (out x r)"})
-    alpha: float = field(default=32.0, metadata={"doc": "scaling numerator: the update is multiplied by alpha / rank"})
-    dropout: float = field(default=0.0, metadata={"doc": "dropout on the layer input before A (shared by both branches)"})
-    init: Literal["kaiming", "gaussian", "random"] = field(
-        default="kaiming",
-        metadata={"doc": "A init (kaiming-uniform as PEFT, or normal(0, 1/r)); B is zero except with 'random'"},
-    )
-    target_modules: list[str] = field(
-        default_factory=lambda: ["k_proj"],
-        metadata={"doc": f"projections of the language model to adapt, among {', '.join(KNOWN_TARGETS)}"},
-    )
-    layers: Literal["all"] | list[int] = field(
-        default="all", metadata={"doc": "decoder layers of the language model to adapt ('all' or indices)"}
-    )
-    gate: Literal["scalar", "token", "fixed"] = field(
-        default="scalar",
-        metadata={"doc": "branch gate: learnable per-layer value, token-conditioned sigmoid(w.x+b), or fixed 1"},
-    )
-    gate_init: float | None = field(
-        default=None, metadata={"doc": "initial gate value (default 1.0 for 'scalar', 0.5 for 'token')"}
-    )
-    image_branch: bool = field(default=True, metadata={"doc": "train an update for image (and video) tokens"})
-    text_branch: bool = field(default=True, metadata={"doc": "train an update for text tokens"})
+    rank: int = doc("rank r of each branch's A (r x in) and B (out x r)", 16, ge=1)
+    alpha: float = doc("scaling numerator: the update is multiplied by alpha / rank", 32.0, gt=0)
+    dropout: float = doc("dropout on the layer input before A (shared by both branches)", 0.0, ge=0, lt=1)
+    init: Literal["kaiming", "gaussian", "random"] = doc(
+        "A init (kaiming-uniform as PEFT, or normal(0, 1/r)); B is zero except with 'random'", "kaiming")
+    target_modules: list[TargetName] = doc(
+        f"projections of the language model to adapt, among {', '.join(KNOWN_TARGETS)}", factory=lambda: ["k_proj"])
+    layers: Literal["all"] | list[int] = doc("decoder layers of the language model to adapt ('all' or indices)", "all")
+    gate: Literal["scalar", "token", "fixed"] = doc(
+        "branch gate: learnable per-layer value, token-conditioned sigmoid(w.x+b), or fixed 1", "scalar")
+    gate_init: float | None = doc("initial gate value (default 1.0 for 'scalar', 0.5 for 'token')", None)
+    image_branch: bool = doc("train an update for image (and video) tokens", True)
+    text_branch: bool = doc("train an update for text tokens", True)
 
     @property
     def scaling(self) -> float:
@@ -55,15 +47,6 @@ class MaLoRAConfig:
 
     def validate(self) -> list[tuple[str, str]]:
         errors: list[tuple[str, str]] = []
-        if self.rank < 1:
-            errors.append(("rank", f"must be >= 1, got {self.rank}"))
-        if self.alpha <= 0:
-            errors.append(("alpha", f"must be > 0, got {self.alpha}"))
-        if not 0.0 <= self.dropout < 1.0:
-            errors.append(("dropout", f"must be in [0, 1), got {self.dropout}"))
-        for i, name in enumerate(self.target_modules):
-            if name not in KNOWN_TARGETS:
-                errors.append((f"target_modules[{i}]", f"unknown module {name!r} (known: {', '.join(KNOWN_TARGETS)})"))
         if not self.target_modules:
             errors.append(("target_modules", "is empty: name at least one projection"))
         if not (self.image_branch or self.text_branch):

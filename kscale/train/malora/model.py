@@ -27,7 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from kscale.train.malora.config import ATTENTION_TARGETS, MaLoRAConfig
+from kscale.models.facts import resolve_layers
+from kscale.spec import section_problems
+from kscale.train.malora.config import MaLoRAConfig
 from kscale.train.malora.layer import MALORA_PARAM_NAMES, MaLoRALinear, ModalityContext
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -42,11 +44,6 @@ def model_adapter(model: nn.Module) -> Any:
     return get_adapter(getattr(model.config, "model_type", ""))
 
 
-def language_layers(model: nn.Module) -> list[nn.Module]:
-    """Decoder layers of the language model (never the vision tower's)."""
-    return list(model_adapter(model).decoder_layers(model))
-
-
 def visual_token_ids(model: nn.Module) -> tuple[int, ...]:
     """Token ids that stand for image or video patches."""
     adapter = model_adapter(model)
@@ -54,29 +51,12 @@ def visual_token_ids(model: nn.Module) -> tuple[int, ...]:
     return tuple(int(i) for i in ids if i is not None)
 
 
-def resolve_layers(layers: str | list[int], n_layers: int, field_name: str = "layers") -> list[int]:
-    """'all' or explicit indices (negative allowed), checked against the model's depth."""
-    if layers == "all":
-        return list(range(n_layers))
-    out = []
-    for i, idx in enumerate(layers):
-        if not -n_layers <= idx < n_layers:
-            raise ValueError(f"{field_name}[{i}]: layer {idx} out of range (model has {n_layers})")
-        out.append(idx % n_layers)
-    return out
-
-
-def target_parent(target: str) -> str:
-    """Sub-module of a decoder layer that holds a target projection."""
-    return "self_attn" if target in ATTENTION_TARGETS else "mlp"
-
-
 class MaLoRAModel(nn.Module):
     """A frozen vision-language model with MaLoRA layers in its language model; ``forward`` is the model's."""
 
     def __init__(self, model: nn.Module, config: MaLoRAConfig) -> None:
         super().__init__()
-        errors = config.validate()
+        errors = section_problems(config)  # also a config read back from adapter_config.json
         if errors:
             raise ValueError("; ".join(f"malora.{f}: {m}" for f, m in errors))
         self.model = model
@@ -88,10 +68,11 @@ class MaLoRAModel(nn.Module):
         self._hook = model.register_forward_pre_hook(self._set_modality_mask, with_kwargs=True)
 
     def _inject(self) -> None:
-        layers = language_layers(self.model)
+        adapter = model_adapter(self.model)
+        layers = adapter.decoder_layers(self.model)
         for idx in resolve_layers(self.malora_config.layers, len(layers), "malora.layers"):
             for target in self.malora_config.target_modules:
-                parent = getattr(layers[idx], target_parent(target))
+                parent = getattr(layers[idx], adapter.malora_parent(target))
                 base = getattr(parent, target, None)
                 if not isinstance(base, nn.Linear):
                     raise ValueError(f"Target module {target!r} not found as nn.Linear in language layer {idx}")

@@ -12,8 +12,8 @@ import dask.array as da
 import numpy as np
 import torch
 
-from kscale.attention.keyspace import rope_lazy
 from kscale.models.rope import apply_rope, load_rotary
+from kscale.store.rope import rope_lazy
 
 
 def test_config_rotary_and_blockwise_rope_equal_transformers(family_models):

@@ -19,7 +19,7 @@ def run_stats(lm, batch, attn: AttentionSpec, heads: list[int], sample_ids: list
     """kscale's path: the SDPA model under the extraction hooks, then batch_stats."""
     state = ExtractState(lm, list(range(lm.info.num_layers)), heads, None)
     cap = forward_capture(state, batch, queries=True)
-    return flat_columns(batch_stats(state, batch, cap, attn, sample_ids))
+    return flat_columns(batch_stats(lm, state.layers, heads, batch, cap, attn, sample_ids))
 
 
 def assert_matches_reference(got, ref, batch, attn: AttentionSpec) -> int:
@@ -113,7 +113,7 @@ def test_long_sequence_never_materialises_full_attention(family_models, records)
     cap = forward_capture(state, batch, queries=True)
     attn = AttentionSpec(enabled=True, queries="after_image", query_chunk=128)
     with TensorSizes() as sizes:
-        got = flat_columns(batch_stats(state, batch, cap, attn, [0]))
+        got = flat_columns(batch_stats(sdpa, state.layers, state.heads, batch, cap, attn, [0]))
     H, L, nq = sdpa.info.num_heads, sdpa.info.num_layers, int(got["n_queries"][0])
     assert T > 3000 and nq > 2900
     assert sizes.max_numel <= L * H * attn.query_chunk * T  # layers may share a block; H*T*T is 12x more

@@ -7,9 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from kscale.bias.counterfactuals import candidates, condition_image, raw_row, swap_donor
+from kscale.bias.candidates import candidates, raw_row
 from kscale.data.records import Record
 from kscale.models import IMAGE, PAD, TEXT
+from kscale.scoring import condition_image, swap_donor
 from tests.unit.bias.conftest import records
 
 RGB = [128, 128, 128]

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from kscale.bias.aggregate import bootstrap_means, group_rows
-from kscale.bias.metrics import (answer_positions, answer_scores, blind_share, choose, conflict_outcome, curve_area,
-                                 derangement)
+from kscale.bias.metrics import blind_share, choose, conflict_outcome, curve_area
+from kscale.scoring import answer_positions, answer_scores, derangement
 
 
 def test_answer_scores_on_constructed_logits() -> None:

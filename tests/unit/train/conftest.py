@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kscale.train.testing import TinyVLM, tiny_batch, tiny_qwen
+from tests.unit.train.tiny_qwen import TinyVLM, tiny_batch, tiny_qwen
 
 
 @pytest.fixture

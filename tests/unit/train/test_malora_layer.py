@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from kscale.train.malora import MaLoRAConfig, MaLoRALinear, ModalityContext
+from kscale.train.malora.config import KNOWN_TARGETS
 
 # Legend: B batch, T tokens, C in features, O out features.
 B, T, C, O, R = 2, 5, 16, 12, 4
@@ -110,5 +111,10 @@ def test_mask_shape_mismatch_is_reported() -> None:
 
 
 def test_config_validation_names_fields() -> None:
-    errors = dict(MaLoRAConfig(rank=0, target_modules=["k_proj", "qkv"], image_branch=False, text_branch=False).validate())
-    assert set(errors) == {"rank", "target_modules[1]", "image_branch"}
+    from kscale.spec import section_problems
+
+    errors = dict(section_problems(MaLoRAConfig(rank=0, target_modules=["k_proj", "qkv"], image_branch=False,
+                                                text_branch=False)))
+    assert errors == {"rank": "must be >= 1 (got 0)",
+                      "target_modules[1]": f"'qkv' is not one of {', '.join(map(repr, KNOWN_TARGETS))}",
+                      "image_branch": "both branches are off: nothing to train"}

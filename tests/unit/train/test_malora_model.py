@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from kscale.train.malora import MALORA_PARAM_NAMES, MaLoRAConfig, MaLoRAModel
-from kscale.train.testing import tiny_batch, tiny_qwen
+from tests.unit.train.tiny_qwen import tiny_batch, tiny_qwen
 
 
 def _logits(model, batch) -> torch.Tensor:

@@ -1,8 +1,9 @@
-"""Tiny random Qwen2.5-VL pieces for tests, benchmarks and the CPU demo (no downloads).
+"""A tiny random Qwen2.5-VL built in memory, and raw batches for it: the MaLoRA layer/model tests' fixture.
 
-Stands in until ``kscale.models.debug.build_debug_model`` is available: a 2-layer, 64-wide text model with
-a 2-block vision tower (one 56x56 image -> 4 image tokens), a word-level tokenizer whose vocabulary covers
-the generated dataset of :mod:`kscale.train.data`, and the PIL image processor.
+A 2-layer, 64-wide text model with a 2-block vision tower (one 56x56 image -> 4 image tokens), a
+word-level tokenizer and the PIL image processor, driven with hand-made ``input_ids`` (no chat template,
+no kscale adapter) so the MaLoRA tests see the bare Hugging Face model. Tests that go through kscale's
+loading path use the registered debug model instead (``kscale.models.debug``, the ``loaded_qwen`` fixture).
 
 Legend: B batch, T tokens, N image tokens per image.
 """
@@ -10,7 +11,6 @@ Legend: B batch, T tokens, N image tokens per image.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -88,15 +88,6 @@ def tiny_qwen(seed: int = 0, **config_kwargs: Any) -> TinyVLM:
     model = Qwen2_5_VLForConditionalGeneration(tiny_qwen_config(**config_kwargs))
     model.config.use_cache = False
     return TinyVLM(model=model.eval(), image_processor=tiny_image_processor(), tokenizer=tiny_tokenizer())
-
-
-def save_tiny_qwen(out_dir: str | Path, seed: int = 0) -> str:
-    """Save model + tokenizer + image processor so ``from_pretrained(out_dir)`` rebuilds them."""
-    tiny = tiny_qwen(seed)
-    tiny.model.save_pretrained(out_dir)
-    tiny.tokenizer.save_pretrained(out_dir)
-    tiny.image_processor.save_pretrained(out_dir)
-    return str(out_dir)
 
 
 def tiny_batch(tiny: TinyVLM, with_image: list[bool], seed: int = 0, text_len: int = 6) -> dict[str, torch.Tensor]:

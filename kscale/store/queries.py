@@ -8,8 +8,10 @@ Layout, beside the shard's key groups and with the *same rows* (same token sampl
 
 Stored queries are pre-RoPE ``q_proj`` outputs (bias included) of the query heads that read the kept KV
 heads (``q_head = kv_head * G + g``); ``read_queries(..., rope=True)`` rotates them with the stored
-positions, exactly as ``keyspace.rope_keys`` does for keys. A ``QueryWriter`` owns its folder inside the
-shard and writes whole chunks only; the worker closes it before the shard's commit marker is written.
+positions, exactly as :func:`kscale.store.rope.rope_keys` does for keys. A ``QueryWriter`` owns its folder
+inside the shard and writes whole chunks only; the extraction worker stacks the captured ``q_proj`` outputs
+(``kscale.extract.worker.stacked_queries``), hands them over per batch, and closes the writer before the
+shard's commit marker is written. ``KeyStore.queries`` reads them back through :func:`read_queries`.
 
 Legend: L hooked layers, B batch, T tokens, N kept tokens, H query heads kept, D head dim.
 """
@@ -25,25 +27,16 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from kscale.models import MODALITY_CODES
-from kscale.store.layout import MODALITIES, shard_dir, staging_dir
+from kscale.store.layout import MODALITIES, keys_chunk_file, shard_dir, staging_dir
 from kscale.store.reader import KeyStore, StoreError
 
 DIMS = ["layer", "token", "q_head", "head_dim"]
 
 
 def query_heads(kv_heads: list[int], num_heads: int, num_kv_heads: int) -> list[int]:
+    """The query heads stored for ``kv_heads``: those reading them under grouped-query attention."""
     G = num_heads // num_kv_heads
     return [k * G + g for k in kv_heads for g in range(G)]
-
-
-def stacked_queries(state, batch, cap) -> torch.Tensor:
-    """(L, B, T, H, D) float32 CPU pre-RoPE queries of the kept query heads, from a capture."""
-    info = state.loaded.info
-    B, T = batch.inputs["input_ids"].shape
-    heads = query_heads(state.heads, info.num_heads, info.num_kv_heads)
-    q = torch.stack([cap.outputs[("q", i)] for i in state.layers]).view(len(state.layers), B, T, info.num_heads,
-                                                                        info.head_dim)
-    return q[:, :, :, heads].float().cpu()
 
 
 class QueryWriter:
@@ -80,11 +73,11 @@ class QueryWriter:
         arr[:, a:a + n] = q[:, :n]
         self.pending[modality] = [q[:, n:]] if n < q.shape[1] else []
 
-    def append_batch(self, spec, state, batch, recs, cap, keep_BT: torch.Tensor) -> None:
-        """Queries of one batch's kept tokens; ``keep_BT`` must be the mask the keys were written with."""
-        q_LBTHD = stacked_queries(state, batch, cap)
+    def append_batch(self, q_LBTHD: torch.Tensor, modality_BT: torch.Tensor, keep_BT: torch.Tensor) -> None:
+        """Queries of one batch's kept tokens, split by modality tag; ``keep_BT`` must be the mask the keys
+        were written with (same rows)."""
         for name, code in MODALITY_CODES.items():
-            m = keep_BT & (batch.modality_BT == code)
+            m = keep_BT & (modality_BT == code)
             if m.any():
                 self.append(name, q_LBTHD[:, m].numpy())
 
@@ -96,26 +89,40 @@ class QueryWriter:
 def read_queries(store: KeyStore, layer: int, modality: str, rope: bool = False,
                  rotary: torch.nn.Module | None = None) -> da.Array:
     """(N, H, D) stored queries of one layer and modality over committed shards, rows aligned with
-    ``store.tokens(modality)``; post-RoPE (float32) with ``rope=True``."""
+    ``store.tokens(modality)``; post-RoPE (float32) with ``rope=True``. Layout-2 shards: built from the
+    index like ``keys`` (damage named by ``StoreDamaged``); layout-1 shards: through their Zarr metadata."""
     if modality not in MODALITIES:
         raise StoreError(f"unknown modality {modality!r} (choose from {', '.join(MODALITIES)})")
     li = store.layers.index(layer) if layer in store.layers else None
     if li is None:
         raise StoreError(f"layer {layer} is not in store {store.path} (layers: {store.layers})")
     parts = []
-    for name in store.shards:
-        d = shard_dir(store.path, name) / "queries" / modality
-        if (d / "queries").is_dir():
+    for layout, rows in store._runs(modality):
+        missing = [r["name"] for r in rows if layout != 1 and "queries" not in (r.get("groups") or [])]
+        if missing:
+            raise StoreError(f"shard {missing[0]} of {store.path} has no stored queries "
+                             "(extract.attention.store_queries was off)")
+        if layout != 1:
+            m = store.attrs["model"]
+            Hq, L, D = len(store.heads) * m["num_heads"] // m["num_kv_heads"], len(store.layers), store.head_dim
+
+            def sel(i, a, b, n):
+                return (f"queries/{modality}/queries", keys_chunk_file(i), (L, n, Hq, D), (li, slice(a, b)))
+            parts.append(store._direct("queries", rows, modality, (Hq, D), store.attrs["key_dtype"], sel, li))
+            continue
+        for r in rows:
+            d = shard_dir(store.path, r["name"]) / "queries" / modality
+            if not (d / "queries").is_dir():
+                raise StoreError(f"shard {r['name']} of {store.path} has no stored queries "
+                                 "(extract.attention.store_queries was off)")
             arr = zarr.open_array(str(d / "queries"), mode="r")
             parts.append(da.from_zarr(arr, chunks=arr.chunks)[li])
-        elif (shard_dir(store.path, name) / modality).is_dir():
-            raise StoreError(f"shard {name} of {store.path} has no stored queries (extract.attention.store_queries "
-                             "was off)")
     if not parts:
         raise StoreError(f"store {store.path} has no stored {modality} queries")
     out = da.concatenate(parts, axis=0)
     if rope:
-        from kscale.attention.keyspace import rope_lazy, store_rotary
+        from kscale.store.rope import rope_lazy, store_rotary
 
-        out = rope_lazy(out, store.tokens(modality)["rope_pos"], rotary if rotary is not None else store_rotary(store))
+        out = rope_lazy(out, store.token_column(modality, "rope_pos"),
+                        rotary if rotary is not None else store_rotary(store))
     return out

@@ -1,0 +1,67 @@
+"""Architecture facts that need no torch: modality tags, the supported families, the MaLoRA target
+mapping, the head-dim formula and layer resolution.
+
+They live apart from ``registry.py`` (which imports torch and transformers) so that the spec loader, the
+store layout and the CLI can ask them without loading torch. ``kscale.models`` and
+``kscale.models.registry`` re-export every name; each family's ``Adapter`` answers the rest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+
+# Modality tags stored per token. PAD is never stored. The store's groups follow MODALITIES' order.
+TEXT, IMAGE, VIDEO, SPECIAL, PAD = 0, 1, 2, 3, -1
+MODALITY_CODES = {"text": TEXT, "image": IMAGE, "video": VIDEO, "special": SPECIAL}
+MODALITY_NAMES = {v: k for k, v in MODALITY_CODES.items()}
+MODALITIES = tuple(MODALITY_CODES)
+
+# Families with an Adapter (``kscale.models.<family>``); tests check that each one is registered.
+FAMILIES = ("qwen2_5_vl", "llava")
+
+# MaLoRA targets per family: projection name -> the decoder-layer sub-module that holds it (PEFT keeps
+# the same knowledge in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). Both families share the
+# Llama-style layout today.
+_LLAMA_STYLE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
+                "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+MALORA_TARGETS: dict[str, dict[str, str]] = {"qwen2_5_vl": _LLAMA_STYLE, "llava": _LLAMA_STYLE}
+MALORA_TARGET_NAMES = tuple(_LLAMA_STYLE)  # every projection some family can adapt
+
+
+def head_dim(text_config: Mapping[str, Any]) -> int:
+    """Head dim of a language model from its (text) config dict: ``head_dim``, else hidden / heads."""
+    return text_config.get("head_dim") or text_config["hidden_size"] // text_config["num_attention_heads"]
+
+
+def layer_problems(layers: Literal["all"] | Sequence[int], n_layers: int,
+                   field: str = "layers") -> list[tuple[str, str]]:
+    """Problems of a layer selection against a model with ``n_layers`` layers, as (dotted field, message).
+
+    Negative indices count from the end; an index outside [-n_layers, n_layers) is an error, and so is a
+    layer named twice (``[1, -1]`` on a 2-layer model names layer 1 twice).
+    """
+    if layers == "all":
+        return []
+    out: list[tuple[str, str]] = []
+    seen: dict[int, int] = {}
+    for i, idx in enumerate(layers):
+        if not -n_layers <= idx < n_layers:
+            out.append((f"{field}[{i}]", f"layer {idx} out of range (model has {n_layers})"))
+            continue
+        layer = idx % n_layers
+        if layer in seen:
+            out.append((f"{field}[{i}]", f"layer {idx} repeats {field}[{seen[layer]}] (both are layer {layer})"))
+        seen.setdefault(layer, i)
+    return out
+
+
+def resolve_layers(layers: Literal["all"] | Sequence[int], n_layers: int, field: str = "layers") -> list[int]:
+    """Layer indices, ascending, for ``'all'`` or explicit indices (negative count from the end).
+
+    Out-of-range or repeated layers raise ``ValueError`` naming ``field`` (see :func:`layer_problems`).
+    """
+    problems = layer_problems(layers, n_layers, field)
+    if problems:
+        raise ValueError("; ".join(f"{f}: {m}" for f, m in problems))
+    return list(range(n_layers)) if layers == "all" else sorted(idx % n_layers for idx in layers)

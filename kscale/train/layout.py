@@ -1,0 +1,29 @@
+"""The run directory of a ``kind: train`` job: file names other stages may rely on.
+
+``kscale.train.run`` writes it, ``kscale.train.evaluate`` reads it back, and a bias job scores its
+checkpoints (:mod:`kscale.bias.variants`); all three take the names from here, so the format is written
+down once::
+
+    metrics.jsonl                      one line per logged step
+    split.json                         {"train": [...], "heldout": [...]} sample ids
+    checkpoints/stepNNNNNNNN/          DeepSpeed state; adapter tensors under CHECKPOINT_PREFIX
+    adapter/                           the final adapter (kscale.train.malora: safetensors + config)
+    eval.json, eval.md                 the before/after table
+"""
+
+from __future__ import annotations
+
+import re
+
+METRICS = "metrics.jsonl"
+SPLIT = "split.json"
+CHECKPOINTS = "checkpoints"
+ADAPTER_DIR = "adapter"
+# DeepSpeed saves MaLoRAObjective's state: its ``malora`` (MaLoRAModel) wraps the base ``model``
+CHECKPOINT_PREFIX = "malora.model."
+STEP_DIR = re.compile(r"^step(\d+)$")
+
+
+def checkpoint_tag(step: int) -> str:
+    """The checkpoint folder name of ``step`` (matches ``STEP_DIR``; zero-padded so names sort by step)."""
+    return f"step{step:08d}"

@@ -1,0 +1,151 @@
+"""The package import graph, read from the source: no cycle between packages, lower layers import nothing above.
+
+Every ``import kscale.x`` / ``from kscale.x import y`` counts, at the top of a module or inside a function
+(lazy imports are still dependencies); imports under ``if TYPE_CHECKING:`` never run and only name types for
+annotations, so they don't count (``spec`` names the stage sections' types that way). A package is ``kscale.<name>`` (a folder or a top-level module such as
+``kscale.scoring``); the layers are cli -> runner -> stages -> {models, data, store}.
+"""
+
+from __future__ import annotations
+
+import ast
+from collections import defaultdict
+from pathlib import Path
+
+import kscale
+
+ROOT = Path(kscale.__file__).parent
+LOWER = ("models", "data", "store")
+UPPER = ("analysis", "attention", "bias", "train", "extract", "scoring", "executors", "targets", "cli",
+         "cli_cluster", "doctor", "runner")
+
+Edges = dict[str, dict[str, list[str]]]  # package -> imported package -> ["file:line", ...]
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _is_module(dotted: str) -> bool:
+    p = ROOT.parent.joinpath(*dotted.split("."))
+    return p.with_suffix(".py").is_file() or (p / "__init__.py").is_file()
+
+
+def _imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
+    """The kscale modules one import statement names (``from kscale import x``: x where x is a module)."""
+    if isinstance(node, ast.Import):
+        return [a.name for a in node.names if a.name.startswith("kscale.")]
+    if not isinstance(node, ast.ImportFrom):
+        return []
+    base = node.module or ""
+    if node.level:  # relative: resolve against this module's package
+        pkg = module.split(".")[: len(module.split(".")) - node.level + (1 if is_package else 0)]
+        base = ".".join(pkg + ([base] if base else []))
+    if base != "kscale" and not base.startswith("kscale."):
+        return []
+    out = [base] if base != "kscale" else []
+    out += [f"{base}.{a.name}" for a in node.names if _is_module(f"{base}.{a.name}")]
+    return out
+
+
+def _is_type_checking(node: ast.AST) -> bool:
+    test = getattr(node, "test", None)
+    return isinstance(node, ast.If) and (
+        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
+        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
+
+
+def _runtime_nodes(tree: ast.AST):
+    """Every node of ``tree`` except those inside ``if TYPE_CHECKING:`` blocks."""
+    todo = [tree]
+    while todo:
+        node = todo.pop()
+        yield node
+        todo.extend(c for c in ast.iter_child_nodes(node) if not _is_type_checking(c))
+
+
+def package_of(module: str) -> str | None:
+    """``kscale.store.reader`` -> ``store``; ``kscale.scoring`` -> ``scoring``; ``kscale`` -> None."""
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else None
+
+
+def import_graph(root: Path = ROOT) -> Edges:
+    edges: Edges = defaultdict(lambda: defaultdict(list))
+    for path in sorted(root.rglob("*.py")):
+        module = _module_name(path)
+        src = package_of(module)
+        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+            for target in _imported(node, module, path.name == "__init__.py"):
+                dst = package_of(target)
+                if src and dst and dst != src:
+                    edges[src][dst].append(f"{path.relative_to(root.parent)}:{node.lineno}")
+    return edges
+
+
+def find_cycle(edges: Edges) -> list[str] | None:
+    """One cycle of packages (first node repeated at the end), or None."""
+    state: dict[str, int] = {}  # 1: on the DFS stack, 2: done
+    stack: list[str] = []
+
+    def visit(n: str) -> list[str] | None:
+        state[n] = 1
+        stack.append(n)
+        for m in sorted(edges.get(n, {})):
+            if state.get(m) == 1:
+                return stack[stack.index(m):] + [m]
+            if m not in state and (found := visit(m)):
+                return found
+        stack.pop()
+        state[n] = 2
+        return None
+
+    for n in sorted(edges):
+        if n not in state and (found := visit(n)):
+            return found
+    return None
+
+
+def _describe(edges: Edges, cycle: list[str]) -> str:
+    return "; ".join(f"{a} -> {b} ({', '.join(edges[a][b][:3])})" for a, b in zip(cycle, cycle[1:]))
+
+
+def test_the_graph_sees_top_level_and_function_level_imports() -> None:
+    """The reader of the graph itself: known edges of both kinds are found (else the checks below prove nothing)."""
+    edges = import_graph()
+    assert "models" in edges["store"]  # store/queries.py, at the top of the module
+    assert "attention" in edges["extract"]  # extract/worker.py, inside run_shard
+    assert "scoring" in edges["bias"] and "scoring" in edges["train"]
+
+
+def test_no_cycle_between_packages() -> None:
+    edges = import_graph()
+    cycle = find_cycle(edges)
+    assert cycle is None, f"package import cycle {' -> '.join(cycle)}: {_describe(edges, cycle)}"
+
+
+def test_lower_layers_import_nothing_above_them() -> None:
+    edges = import_graph()
+    bad = [f"{low} -> {up} ({', '.join(edges[low][up])})" for low in LOWER for up in UPPER if up in edges.get(low, {})]
+    assert not bad, "models, data and store must not import stages, executors or the CLI: " + "; ".join(bad)
+
+
+def test_malora_is_a_library_outside_the_training_stage() -> None:
+    """Other stages (bias) use kscale.train.malora; it must not pull in the training stage's run, objective
+    or engine."""
+    bad = []
+    for path in sorted((ROOT / "train" / "malora").rglob("*.py")):
+        module = _module_name(path)
+        for node in ast.walk(ast.parse(path.read_text())):
+            bad += [f"{path.name}:{node.lineno} imports {t}"
+                    for t in _imported(node, module, path.name == "__init__.py")
+                    if t.startswith("kscale.train.") and not t.startswith("kscale.train.malora")
+                    or t == "kscale.train"]
+    assert not bad, "; ".join(bad)
+
+
+def test_find_cycle_reports_a_cycle_and_none_without() -> None:
+    edges: Edges = {"a": {"b": ["a.py:1"]}, "b": {"c": ["b.py:2"]}, "c": {"a": ["c.py:3"]}}
+    assert find_cycle(edges) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b": ["a.py:1"]}, "b": {}}) is None
