@@ -12,6 +12,7 @@ import sys
 import click
 
 from kscale.models.facts import FAMILIES
+from kscale.results import StageResult
 from kscale.spec import SpecError, load_spec
 
 
@@ -29,23 +30,11 @@ def main() -> None:
     """kscale: the key-space modality gap of multimodal LLMs, measured and closed at cluster scale."""
 
 
-def print_summary(summary: dict) -> None:
-    if summary.get("kind") == "extract":
-        tok = summary.get("tokens", {})
-        click.echo(
-            f"kscale: extract {summary.get('state')}: shards {summary.get('shards_done', 0)} done, "
-            f"{summary.get('shards_skipped', 0)} skipped (already committed), {summary.get('shards_failed', 0)} failed"
-            f"; samples {summary.get('samples', 0)} ({summary.get('sample_errors', 0)} recorded errors); tokens "
-            + ", ".join(f"{k} {v}" for k, v in sorted(tok.items()))
-            + f"; {summary.get('bytes', 0) / 1e6:.2f} MB of keys in {summary.get('seconds', 0):.1f} s "
-            f"({summary.get('samples_per_s', 0):.2f} samples/s); store {summary.get('store')}")
-        for name, err in (summary.get("quarantined") or {}).items():
-            click.echo(f"kscale: quarantined {name}: {err.splitlines()[0]}", err=True)
-    elif "out_dir" in summary and "rows" in summary:  # analysis
-        click.echo(f"kscale: analysis done: {summary['rows']} rows in {summary.get('seconds', 0)} s; "
-                   f"table {summary['out_dir']}/results.parquet; report {summary['out_dir']}/report.html")
-    else:
-        click.echo(json.dumps(summary, indent=1, default=str))
+def print_summary(result: StageResult) -> None:
+    """The stage's one-line summary on stdout, its notes (quarantined shards) on stderr."""
+    click.echo(result.summary_line())
+    for line in result.notes():
+        click.echo(line, err=True)
 
 
 @main.command()
@@ -77,9 +66,15 @@ def submit(job: str, target: str | None, address: str | None, dry_run: bool, for
 
         dask_cfg = dataclasses.replace(spec.analyze.dask, scheduler="distributed", scheduler_file=sched)
         spec = dataclasses.replace(spec, analyze=dataclasses.replace(spec.analyze, dask=dask_cfg))
-    summary = run_job(spec, address=env_address, show_bar=not no_progress)
-    print_summary(summary)
-    sys.exit(1 if summary.get("shards_failed") or summary.get("state") == "failed" else 0)
+    from kscale.output import OutputError
+
+    try:
+        result = run_job(spec, address=env_address, show_bar=not no_progress)
+    except OutputError as e:  # the output is foreign, exists under 'fail', or another run holds it
+        click.echo(f"kscale submit: {type(e).__name__}: {e}", err=True)
+        sys.exit(2)
+    print_summary(result)
+    sys.exit(1 if result.failed else 0)
 
 
 @main.command()

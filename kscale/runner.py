@@ -14,6 +14,7 @@ import sys
 from contextlib import contextmanager
 from pathlib import Path
 
+from kscale.results import StageResult
 from kscale.spec import JobSpec
 
 STAGE_MODULES = {"extract": "kscale.extract.worker", "bias": "kscale.bias.worker"}
@@ -72,7 +73,8 @@ def make_executor(spec: JobSpec, stage_module: str, show_bar: bool = True):
     return RayExecutor(stage_module, show_bar)
 
 
-def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True, dashboard: bool = True) -> dict:
+def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True,
+            dashboard: bool = True) -> StageResult:
     spec = absolutize(spec)
     if spec.kind == "extract":
         from kscale.extract.run import nothing_to_do, run_extract

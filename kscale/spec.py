@@ -28,7 +28,7 @@ from kscale.models.facts import FAMILIES, layer_problems
 if typing.TYPE_CHECKING:  # imported lazily at run time (STAGE_SECTIONS): a stage's dependencies load with its kind
     from kscale.analysis.config import AnalyzeConfig
     from kscale.bias.config import BiasConfig
-    from kscale.executors.cluster_config import ClusterConfig
+    from kscale.targets.config import ClusterConfig
     from kscale.train.config import TrainConfig
 
 KINDS = ("extract", "analyze", "train", "bias")
@@ -235,7 +235,7 @@ STAGE_SECTIONS: dict[str, str] = {
     "train": "kscale.train.config:TrainConfig",
     "bias": "kscale.bias.config:BiasConfig",
 }
-CLUSTER_SECTION = "kscale.executors.cluster_config:ClusterConfig"
+CLUSTER_SECTION = "kscale.targets.config:ClusterConfig"
 LAZY_SECTIONS = {**STAGE_SECTIONS, "cluster": CLUSTER_SECTION}
 
 

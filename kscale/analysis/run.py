@@ -35,15 +35,28 @@ from kscale.analysis.probes import probe_rows
 from kscale.analysis.source import (Buckets, KeyStoreLike, blocks, bucket_table, open_store, read_rows,
                                     subsample_index)
 from kscale.analysis.stream import Runner
+from kscale.output import (RUN_MARKER, OutputKind, claim_output, run_marker, run_marker_reader,
+                           write_json_atomic)
+from kscale.results import AnalyzeResult
 from kscale.spec import JobSpec, section_problems
 
 
-def run_analyze(spec: JobSpec) -> dict:
-    """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir."""
+ANALYZE_KIND = OutputKind("analysis run", run_marker_reader("analyze"), check_fingerprint=False)
+
+
+def run_analyze(spec: JobSpec) -> AnalyzeResult:
+    """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir, claimed
+    (:mod:`kscale.output`) for the run: locked, and never a folder that is not an analysis run (its
+    ``kscale.json``). ``resume`` recomputes into the same run; ``overwrite`` starts from an empty one."""
     t0 = time.time()
-    df = analyze(spec.analyze, spec.output.path)
-    return {"name": getattr(spec, "name", "analyze"), "out_dir": str(spec.output.path), "rows": len(df),
-            "seconds": round(time.time() - t0, 1)}
+
+    def create(tmp: Path) -> None:
+        write_json_atomic(tmp / RUN_MARKER, run_marker("analyze", spec.fingerprint()))
+
+    with claim_output(spec.output.path, spec.output.if_exists, ANALYZE_KIND, spec.fingerprint(), create):
+        df = analyze(spec.analyze, spec.output.path)
+    return AnalyzeResult(name=getattr(spec, "name", "analyze"), out_dir=str(spec.output.path), rows=len(df),
+                         seconds=round(time.time() - t0, 1))
 
 
 def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] | None = None,

@@ -11,55 +11,59 @@ Run directory (``output.path``)::
     aggregate.parquet / .csv  one row per (variant, task, metric): value, ci_low, ci_high, n
     dependency.png  dropping.png  checkpoints.png  report.html
 
-Policy (``output.if_exists``), as for extraction: ``resume`` continues a run of the same spec (same
-fingerprint, else an error), ``fail`` refuses an existing run, ``overwrite`` deletes it; a directory that
-is not a bias run is never written into. A committed shard is skipped only if its variant's weights
+The run directory is claimed (:mod:`kscale.output`: exclusive lock, then the policy) for the whole run.
+Policy (``output.if_exists``), as for extraction: ``resume`` continues a run of
+the same spec (same fingerprint, else an error), ``fail`` refuses an existing run, ``overwrite``
+replaces it; a directory that is not a bias run (no ``bias.json`` of format ``kscale-bias``) is never
+written into or deleted. A committed shard is skipped only if its variant's weights
 are unchanged (``variant_fingerprint`` in the marker).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pandas as pd
 
 from kscale.bias.plan import BiasShard, marker_path, plan, table_path
 from kscale.bias.variants import Variant, enumerate_variants
 from kscale.data import open_source
+from kscale.output import OutputError, OutputKind, claim_output, read_json, write_json_atomic
+from kscale.results import BiasResult
 from kscale.spec import JobSpec, to_dict
-from kscale.store.layout import write_json_atomic
 
 RUN_FORMAT = "kscale-bias"
 RUN_FILE = "bias.json"
 
 
-class RunExistsError(RuntimeError):
-    pass
+RunExistsError = OutputError  # the run policy's refusals (kscale.output: foreign, exists, locked)
 
 
-def prepare_run_dir(spec, variants: list[Variant]) -> Path:
-    """Create, check or overwrite the run directory per ``output.if_exists``; return it."""
-    path = Path(spec.output.path).expanduser()
-    meta_file = path / RUN_FILE
-    if path.exists() and any(path.iterdir()):
-        found = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if found.get("format") != RUN_FORMAT:
-            raise RunExistsError(f"output.path: {str(path)!r} exists and is not a kscale bias run; refusing to write")
-        if spec.output.if_exists == "fail":
-            raise RunExistsError(f"output.path: bias run {str(path)!r} exists and output.if_exists is 'fail'")
-        if spec.output.if_exists == "overwrite":
-            shutil.rmtree(path)
-        elif found.get("spec_fingerprint") != spec.fingerprint():
-            raise RunExistsError(
-                f"output.path: bias run {str(path)!r} was written by a different spec (fingerprint "
-                f"{found.get('spec_fingerprint')}, this spec {spec.fingerprint()}); choose another path or "
-                "output.if_exists: overwrite")
-    (path / "shards").mkdir(parents=True, exist_ok=True)
-    write_json_atomic(meta_file, {"format": RUN_FORMAT, "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
-                                  "variants": [v.__dict__ for v in variants]})
-    return path
+def bias_marker(path: Path) -> dict | None:
+    """``bias.json`` of a kscale bias run (its kind marker), None for anything else."""
+    found = read_json(path / RUN_FILE)
+    return found if found and found.get("format") == RUN_FORMAT else None
+
+
+BIAS_KIND = OutputKind("bias run", bias_marker)
+
+
+@contextmanager
+def claim_run_dir(spec, variants: list[Variant]) -> Iterator[Path]:
+    """Lock the run directory, then create, check or overwrite it per ``output.if_exists``."""
+    meta = {"format": RUN_FORMAT, "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
+            "variants": [v.__dict__ for v in variants]}
+
+    def create(tmp: Path) -> None:
+        (tmp / "shards").mkdir()
+        write_json_atomic(tmp / RUN_FILE, meta)
+
+    with claim_output(spec.output.path, spec.output.if_exists, BIAS_KIND, spec.fingerprint(), create) as path:
+        write_json_atomic(path / RUN_FILE, meta)
+        yield path
 
 
 def is_committed(run_dir: Path, shard: BiasShard) -> bool:
@@ -69,17 +73,17 @@ def is_committed(run_dir: Path, shard: BiasShard) -> bool:
     return json.loads(m.read_text()).get("variant_fingerprint") == shard.variant.fingerprint
 
 
-def run_bias(spec: JobSpec, executor) -> dict:
+def run_bias(spec: JobSpec, executor) -> BiasResult:
     """Score every uncommitted (variant, shard) through ``executor``, then write tables, pictures, report."""
     variants = enumerate_variants(spec.bias)
     n = len(open_source(spec.data))
     shards = plan(variants, n, spec.data.shard_size)
-    run_dir = prepare_run_dir(spec, variants)
-    todo = [s for s in shards if not is_committed(run_dir, s)]
-    result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=str(run_dir))
-    outputs = finalize(spec, run_dir, [s for s in shards if is_committed(run_dir, s)])
-    return {"kind": "bias", "run_dir": str(run_dir), "shards_total": len(shards),
-            "variants": [v.name for v in variants], **outputs, **result}
+    with claim_run_dir(spec, variants) as run_dir:
+        todo = [s for s in shards if not is_committed(run_dir, s)]
+        result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=str(run_dir))
+        outputs = finalize(spec, run_dir, [s for s in shards if is_committed(run_dir, s)])
+    return BiasResult(run_dir=str(run_dir), variants=[v.name for v in variants], **outputs,
+                      **BiasResult.progress_fields({**result, "shards_total": len(shards)}))
 
 
 def collect(run_dir: Path, shards: list[BiasShard]) -> pd.DataFrame:

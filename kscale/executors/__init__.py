@@ -3,5 +3,5 @@
 A stage is a module with ``setup(spec) -> state`` (once per worker, e.g. load the model) and
 ``run_shard(spec, shard, state) -> marker dict``. ``LocalExecutor`` runs it in this process;
 ``RayExecutor`` runs a pool of named Ray actors with dynamic hand-out, retries and quarantine.
-Both report through ``Progress`` (terminal bar + ``_progress.json`` beside the outputs).
+Both derive from ``executors.base.ShardPool`` (retries, quarantine) and report through ``Progress`` (terminal bar + ``_progress.json`` beside the outputs).
 """

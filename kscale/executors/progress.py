@@ -9,11 +9,37 @@ from __future__ import annotations
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
-from kscale.executors.progress_files import publish_metrics
 from kscale.store.layout import write_json_atomic
+
+
+_GAUGES: dict[str, Any] = {}
+
+
+def publish_metrics(snapshot: dict) -> None:
+    """Mirror a progress snapshot into Ray gauges (``kscale_shards``, ``kscale_samples``, ``kscale_tokens``,
+    ``kscale_bytes``), tagged by job and stage; a no-op outside a Ray driver or worker."""
+    import ray
+
+    if not ray.is_initialized():
+        return
+    from ray.util.metrics import Gauge
+
+    if not _GAUGES:
+        _GAUGES["shards"] = Gauge("kscale_shards", "Shards by state", tag_keys=("job", "stage", "state"))
+        _GAUGES["samples"] = Gauge("kscale_samples", "Samples processed", tag_keys=("job", "stage"))
+        _GAUGES["tokens"] = Gauge("kscale_tokens", "Tokens stored by modality", tag_keys=("job", "stage", "modality"))
+        _GAUGES["bytes"] = Gauge("kscale_bytes", "Bytes of keys written", tag_keys=("job", "stage"))
+    tags = {"job": str(snapshot.get("job")), "stage": str(snapshot.get("stage"))}
+    for st in ("total", "done", "skipped", "failed"):
+        _GAUGES["shards"].set(snapshot.get(f"shards_{st}", 0), tags={**tags, "state": st})
+    _GAUGES["samples"].set(snapshot.get("samples", 0), tags=tags)
+    _GAUGES["bytes"].set(snapshot.get("bytes", 0), tags=tags)
+    for modality, n in (snapshot.get("tokens") or {}).items():
+        _GAUGES["tokens"].set(n, tags={**tags, "modality": modality})
 
 
 class Progress:

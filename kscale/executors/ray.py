@@ -3,7 +3,7 @@
 One actor per worker (``num_gpus`` from the spec; CPU actors where there is none). The driver keeps
 one shard in flight per actor; a dead actor (killed process, OOM, node loss) is replaced and its shard
 requeued; a shard that raises is retried up to ``resources.max_retries`` times, then quarantined with
-its error. Actors export counters with ``ray.util.metrics`` for the dashboard.
+its error (the retry/quarantine rule is :class:`~kscale.executors.base.ShardPool`'s). Actors export counters with ``ray.util.metrics`` for the dashboard.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections import deque
 
 import ray
 
-from kscale.executors.progress import Progress
+from kscale.executors.base import ShardPool
 
 
 @ray.remote
@@ -60,10 +60,9 @@ def _gist(msg: str) -> str:
     return lines[0][:300] if len(lines) == 1 else f"{lines[0][:300]} ... {lines[-1][:300]}"
 
 
-class RayExecutor:
+class RayExecutor(ShardPool):
     def __init__(self, stage_module: str, show_bar: bool = True):
-        self.stage_module = stage_module
-        self.show_bar = show_bar
+        super().__init__(stage_module, show_bar)
         self.actors: list = []
 
     def _make_actor(self, spec, i: int, generation: int):
@@ -73,18 +72,13 @@ class RayExecutor:
         return ShardActor.options(name=name, num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
                                   max_restarts=0, max_concurrency=1).remote(self.stage_module, spec, threads)
 
-    def run(self, spec, shards: list, skipped: int, progress_dir: str) -> dict:
-        prog = Progress(progress_dir, spec.name, spec.kind, len(shards) + skipped, skipped, self.show_bar)
-        if not shards:
-            return prog.finish()
+    def run_shards(self, spec, shards: list) -> None:
         n = min(spec.resources.workers, len(shards))
         generation = [0] * n
         self.actors = [self._make_actor(spec, i, 0) for i in range(n)]
         pending = deque(shards)
-        attempts: dict[str, int] = {}
         inflight: dict = {}  # ObjectRef -> (worker index, shard)
         idle = deque(range(n))
-        max_attempts = spec.resources.max_retries + 1
         try:
             while pending or inflight:
                 while idle and pending:
@@ -94,7 +88,7 @@ class RayExecutor:
                 for ref in ready:
                     i, shard = inflight.pop(ref)
                     try:
-                        prog.shard_done(ray.get(ref))
+                        self.done(ray.get(ref))
                         idle.append(i)
                         continue
                     except ray.exceptions.RayActorError as e:  # the worker process died
@@ -105,14 +99,9 @@ class RayExecutor:
                         cause = e.cause if e.cause is not None else e
                         err = f"{type(cause).__name__}: {str(cause).splitlines()[0][:500] if str(cause) else ''}"
                     idle.append(i)
-                    attempts[shard.name] = attempts.get(shard.name, 0) + 1
-                    if attempts[shard.name] >= max_attempts:
-                        prog.shard_failed(shard.name, err, attempts[shard.name])
-                    else:
-                        prog.shard_retry(shard.name, err)
+                    if self.failed(shard.name, err):
                         pending.appendleft(shard)
         finally:
             for a in self.actors:
                 ray.kill(a, no_restart=True)
             self.actors = []
-        return prog.finish()

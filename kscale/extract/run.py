@@ -1,13 +1,15 @@
 """``run_extract(spec)``: prepare the store, plan shards, skip committed ones, run the rest.
 
-Store policy (``output.if_exists``): ``resume`` continues a store written by the same spec (its
-fingerprint must match: a different spec is an error, never a silent mix), ``fail`` refuses an existing
-store, ``overwrite`` deletes it first. A directory that is not a kscale store is never deleted.
+The store is claimed (:mod:`kscale.output`: an exclusive lock, then the policy) before anything is
+written and released at the end; a second run on it is refused (``OutputLocked``, naming the holder).
+Store policy (``output.if_exists``): ``resume`` continues a store written by the
+same spec (its fingerprint must match: a different spec is an error, never a silent mix), ``fail``
+refuses an existing store, ``overwrite`` replaces it. A directory that is not a kscale store (its root
+attributes say ``format: kscale-keys``) is never deleted or written into.
 """
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 
@@ -15,14 +17,15 @@ import zarr
 
 from kscale import __version__
 from kscale.data import open_source, plan_shards
-from kscale.spec import JobSpec, to_dict
 from kscale.models.registry import MODALITY_CODES, get_adapter, read_config_json
+from kscale.output import OutputError, OutputKind, claim_output
+from kscale.results import ExtractResult
+from kscale.spec import JobSpec, to_dict
 from kscale.store.index import write_index
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names
 
 
-class StoreExistsError(RuntimeError):
-    pass
+StoreExistsError = OutputError  # the store policy's refusals (kscale.output: foreign, exists, locked)
 
 
 def _versions() -> dict:
@@ -55,29 +58,22 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
     }
 
 
-def prepare_store(spec, attrs_fn) -> str:
-    """Create, check or overwrite the output store per ``output.if_exists``; return its path."""
-    path = Path(spec.output.path).expanduser()
-    if path.exists() and any(path.iterdir()):
-        if not is_store(path):
-            raise StoreExistsError(f"output.path: {str(path)!r} exists and is not a kscale store; "
-                                   "refusing to write into it")
-        mode = spec.output.if_exists
-        if mode == "fail":
-            raise StoreExistsError(f"output.path: store {str(path)!r} exists and output.if_exists is 'fail'")
-        if mode == "overwrite":
-            shutil.rmtree(path)
-        else:
-            found = dict(zarr.open_group(str(path), mode="r").attrs).get("spec_fingerprint")
-            if found != spec.fingerprint():
-                raise StoreExistsError(
-                    f"output.path: store {str(path)!r} was written by a different spec (fingerprint {found}, "
-                    f"this spec {spec.fingerprint()}); choose another path or output.if_exists: overwrite")
-            return str(path)
-    g = zarr.open_group(str(path), mode="w")
-    g.attrs.update(attrs_fn())
-    (path / "shards").mkdir(exist_ok=True)
-    return str(path)
+def store_marker(path: Path) -> dict | None:
+    """The root attributes of a kscale key store (its kind marker), None for anything else."""
+    return dict(zarr.open_group(str(path), mode="r").attrs) if is_store(path) else None
+
+
+STORE_KIND = OutputKind("store", store_marker)
+
+
+def claim_store(spec, attrs_fn):
+    """Lock the output store, then create, check or overwrite it per ``output.if_exists`` (a context)."""
+
+    def create(tmp: Path) -> None:
+        zarr.open_group(str(tmp), mode="w").attrs.update(attrs_fn())
+        (tmp / "shards").mkdir()
+
+    return claim_output(spec.output.path, spec.output.if_exists, STORE_KIND, spec.fingerprint(), create)
 
 
 def nothing_to_do(spec) -> bool:
@@ -91,7 +87,7 @@ def nothing_to_do(spec) -> bool:
     return planned <= set(marker_names(path))
 
 
-def run_extract(spec: JobSpec, executor) -> dict:
+def run_extract(spec: JobSpec, executor) -> ExtractResult:
     """Extract keys for every uncommitted shard through ``executor``; return the job summary."""
     from kscale.models import read_model_config, resolve_layers
     from kscale.extract.worker import resolve_heads
@@ -106,18 +102,20 @@ def run_extract(spec: JobSpec, executor) -> dict:
         settings = _processor_settings(spec, info, get_adapter(info.family))
         return root_attrs(spec, info, settings, layers, heads, n, len(shards))
 
-    store = prepare_store(spec, attrs)
-    version = dict(zarr.open_group(store, mode="r").attrs).get("version")
-    if version != STORE_VERSION:  # resume never mixes layouts; old stores stay readable
-        raise StoreExistsError(f"output.path: store {store!r} has format version {version}; this kscale writes "
-                               f"version {STORE_VERSION}: choose another path or output.if_exists: overwrite")
-    done = set(marker_names(store))
-    todo = [s for s in shards if s.name not in done]
-    try:
-        result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
-    finally:
-        write_index(store)  # the committed shards, whatever happened to the others
-    return {"kind": "extract", "store": store, "shards_total": len(shards), **result}
+    with claim_store(spec, attrs) as path:
+        store = str(path)
+        version = dict(zarr.open_group(store, mode="r").attrs).get("version")
+        if version != STORE_VERSION:  # resume never mixes layouts; old stores stay readable
+            raise StoreExistsError(f"output.path: store {store!r} has format version {version}; this kscale "
+                                   f"writes version {STORE_VERSION}: choose another path or output.if_exists: "
+                                   "overwrite")
+        done = set(marker_names(store))
+        todo = [s for s in shards if s.name not in done]
+        try:
+            result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
+        finally:
+            write_index(store)  # the committed shards, whatever happened to the others (lock still held)
+    return ExtractResult(store=store, **ExtractResult.progress_fields({**result, "shards_total": len(shards)}))
 
 
 def _processor_settings(spec: JobSpec, info, adapter) -> dict:

@@ -19,7 +19,7 @@ from kscale.data import Record, Shard, open_source
 from kscale.extract.hooks import capture
 from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model, resolve_layers
 from kscale.spec import JobSpec
-from kscale.store.writer import ShardWriter
+from kscale.store.writer import ShardCommitted, ShardWriter
 
 
 @dataclass
@@ -139,11 +139,14 @@ def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
     """Extract one shard into the spec's output store and commit it."""
     t0 = time.perf_counter()
     info = state.loaded.info
-    writer = ShardWriter(spec.output.path, shard.name, n_layers=len(state.layers),
-                         n_heads=len(state.heads), head_dim=info.head_dim,
-                         rope_rows=state.loaded.adapter.rope_rows,
-                         key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
-                         compress_keys=spec.output.compress_keys)
+    try:
+        writer = ShardWriter(spec.output.path, shard.name, n_layers=len(state.layers),
+                             n_heads=len(state.heads), head_dim=info.head_dim,
+                             rope_rows=state.loaded.adapter.rope_rows,
+                             key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
+                             compress_keys=spec.output.compress_keys)
+    except ShardCommitted as e:  # committed since it was planned (a worker lost after its commit): keep it
+        return e.marker
     attn = spec.extract.attention
     qwriter = None
     if attn.store_queries:  # after ShardWriter: its constructor clears a partial shard folder

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
+
+from kscale.output import write_json_atomic  # noqa: F401  (the one atomic JSON writer; markers use it)
 
 from kscale.models.facts import MODALITIES  # noqa: F401  (one definition, with the tags, in kscale.models)
 
@@ -111,26 +112,6 @@ def read_root_attrs(path: str | Path) -> dict[str, Any]:
     if not is_store(p):
         raise StoreError(f"{str(p)!r} is not a kscale key store (no zarr.json with format kscale-keys)")
     return dict(json.loads((p / "zarr.json").read_text())["attributes"])
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    os.replace(tmp, path)
-
-
-def create_json_exclusive(path: Path, obj: Any) -> bool:
-    """Create ``path`` holding ``obj`` only if it does not exist (a hard link of a complete temp file:
-    atomic and exclusive, NFS included). False, writing nothing, when it exists."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True, default=str))
-    try:
-        os.link(tmp, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        tmp.unlink()
 
 
 def marker_names(store: str | Path) -> list[str]:

@@ -34,15 +34,21 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from kscale.store.layout import (KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS, create_json_exclusive,
-                                 marker_path, shard_dir, staging_dir, token_fields, write_json_atomic)
+from kscale.output import create_json_exclusive, read_json, write_json_atomic
+from kscale.store.layout import (KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS, marker_path, shard_dir,
+                                 staging_dir, token_fields)
 
 # Flat chunk files (no directory per index) and no scan for all-fill chunks: keys are never empty.
 _FAST = {"chunk_key_encoding": {"name": "default", "separator": "."}, "config": {"write_empty_chunks": True}}
 
 
 class ShardCommitted(RuntimeError):
-    """The shard has a commit marker: it is never rewritten (another run committed it)."""
+    """The shard has a commit marker: it is never rewritten. ``marker`` is what the marker says."""
+
+    def __init__(self, store: Path, name: str):
+        self.marker = read_json(marker_path(store, name)) or {}
+        super().__init__(f"shard {name} of store {str(store)!r} is committed ({marker_path(store, name).name}); "
+                         "refusing to rewrite it")
 
 
 def token_table(cols: dict[str, np.ndarray], rope_rows: int) -> np.ndarray:
@@ -129,8 +135,8 @@ class ShardWriter:
     def __init__(self, store: str | Path, shard_name: str, *, n_layers: int, n_heads: int, head_dim: int,
                  rope_rows: int, key_dtype: str, chunk_tokens: int, compress_keys: bool = False,
                  max_inflight: int = 2):
-        self.store, self.name = Path(store), shard_name
-        self._refuse_committed()
+        self.store, self.name, self.dir = Path(store), shard_name, None
+        self._refuse_committed()  # checked before anything is deleted
         _check_root(self.store)
         for old in self.store.joinpath("shards").glob(f".{shard_name}.tmp-*"):  # a killed writer's staging
             shutil.rmtree(old, ignore_errors=True)
@@ -148,8 +154,9 @@ class ShardWriter:
 
     def _refuse_committed(self) -> None:
         if marker_path(self.store, self.name).exists():
-            raise ShardCommitted(f"shard {self.name} of {self.store} is committed "
-                                 f"({marker_path(self.store, self.name).name} exists); it is never rewritten")
+            if getattr(self, "dir", None) is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)  # our staging folder: nobody else reads it
+            raise ShardCommitted(self.store, self.name)
 
     def submit(self, fn, *args) -> None:
         """Queue a write on the background thread; wait for the oldest beyond ``max_inflight``."""
@@ -209,6 +216,5 @@ class ShardWriter:
         self._refuse_committed()
         os.rename(self.dir, final)
         if not create_json_exclusive(marker_path(self.store, self.name), marker):
-            raise ShardCommitted(f"shard {self.name} of {self.store} was committed by another writer during "
-                                 "this commit; run `kscale verify` on the store")
+            raise ShardCommitted(self.store, self.name)  # committed during this commit: `kscale verify` it
         return marker

@@ -12,10 +12,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from kscale.results import TrainResult
 from kscale.spec import JobSpec
 
 
-def run_train_on_ray(spec: JobSpec) -> dict[str, Any]:
+def run_train_on_ray(spec: JobSpec) -> TrainResult:
     """Fit on the connected Ray cluster (``ray.init`` done by the caller); returns rank 0's summary."""
     try:
         from ray.train import RunConfig, ScalingConfig
@@ -26,15 +27,22 @@ def run_train_on_ray(spec: JobSpec) -> dict[str, Any]:
     res = spec.resources
     use_gpu = res.gpus_per_worker > 0
     resources = {"CPU": res.cpus_per_worker, **({"GPU": res.gpus_per_worker} if use_gpu else {})}
+    from kscale.train.run import claim_run_dir
+
     trainer = TorchTrainer(
         _worker,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "output_claimed": True},
         scaling_config=ScalingConfig(num_workers=res.workers, use_gpu=use_gpu, resources_per_worker=resources),
         torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
         run_config=RunConfig(name=spec.name, storage_path=str(Path(spec.output.path).resolve() / "ray")),
     )
-    result = trainer.fit()
-    return {**(result.metrics or {}), "adapter_checkpoint": result.checkpoint.path if result.checkpoint else None}
+    with claim_run_dir(spec):  # the driver holds the run directory for its workers (lock + policy)
+        result = trainer.fit()
+    metrics = result.metrics or {}
+    return TrainResult(run_dir=str(Path(spec.output.path)), steps=spec.train.max_steps,
+                       resumed_from=metrics.get("resumed_from", 0),
+                       last={k: metrics[k] for k in ("loss", "lm", "align") if metrics.get(k) is not None},
+                       adapter_checkpoint=result.checkpoint.path if result.checkpoint else None)
 
 
 def _worker(config: dict[str, Any]) -> None:
@@ -46,13 +54,13 @@ def _worker(config: dict[str, Any]) -> None:
 
     if ray.train.get_context().get_world_size() > 1:
         os.environ.setdefault("OMP_NUM_THREADS", "1")  # gloo ranks sharing a host: avoid oversubscription
-    summary = run_train(config["spec"])
-    metrics = {"loss": summary["last"].get("loss"), "lm": summary["last"].get("lm"),
-               "align": summary["last"].get("align"), "resumed_from": summary["resumed_from"]}
+    summary = run_train(config["spec"], output_claimed=config["output_claimed"])
+    metrics = {"loss": summary.last.get("loss"), "lm": summary.last.get("lm"),
+               "align": summary.last.get("align"), "resumed_from": summary.resumed_from}
     # Ray Train keeps metrics only with a checkpoint: rank 0 registers the saved adapter as one.
     checkpoint = None
     if ray.train.get_context().get_world_rank() == 0:
         from kscale.train.layout import ADAPTER_DIR
 
-        checkpoint = ray.train.Checkpoint.from_directory(str(Path(summary["run_dir"]) / ADAPTER_DIR))
+        checkpoint = ray.train.Checkpoint.from_directory(str(Path(summary.run_dir) / ADAPTER_DIR))
     ray.train.report(metrics, checkpoint=checkpoint)

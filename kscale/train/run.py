@@ -7,21 +7,29 @@ Each rank loads the model, injects MaLoRA with the same seed, wraps the
 checkpoint in the run directory, and trains. Run directory (``output.path``; names in
 :mod:`kscale.train.layout`)::
 
+    kscale.json          kind marker (a train run), written when the directory is created
     metrics.jsonl        one line per logged step: loss terms, lr, grad norm, gate values
     checkpoints/stepN/   resumable DeepSpeed state (adapter + optimizer), newest ``keep_checkpoints``
     adapter/             the final adapter (safetensors + adapter_config.json)
     eval.json, eval.md   the before/after table on held-out data (:mod:`kscale.train.evaluate`)
+
+Rank 0 claims the directory for the whole run (:func:`claim_run_dir`: an exclusive lock, then
+``output.if_exists``); a folder that is not a train run is never written into or deleted.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
+from kscale.output import (RUN_MARKER, OutputError, OutputKind, claim_output, run_marker, run_marker_reader,
+                           write_json_atomic)
+from kscale.results import TrainResult
 from kscale.spec import JobSpec
 from kscale.train import engine as ds
 from kscale.train.config import TrainConfig
@@ -31,18 +39,25 @@ from kscale.train.malora import MaLoRAModel
 from kscale.train.objective import MaLoRAObjective
 
 
-def run_train(spec: JobSpec) -> dict[str, Any]:
-    """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank."""
-    import torch.distributed as dist
 
-    from kscale.data import open_source
+def run_train(spec: JobSpec, output_claimed: bool = False) -> TrainResult:
+    """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank.
+    ``output_claimed``: the caller (Ray Train's driver) holds the run directory's claim already."""
     from kscale.models.registry import load_model
 
-    cfg: TrainConfig = spec.train
     run_dir = Path(spec.output.path)
     loaded = load_model(spec.model)
     rank, world = ds.ensure_process_group(loaded.device)
-    _prepare_run_dir(run_dir, spec.output.if_exists, rank)
+    with _claimed(spec, rank, output_claimed):
+        return _train(spec, loaded, run_dir, rank, world)
+
+
+def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> TrainResult:
+    import torch.distributed as dist
+
+    from kscale.data import open_source
+
+    cfg: TrainConfig = spec.train
     torch.manual_seed(cfg.seed)  # the same adapter init on every rank
     malora = MaLoRAModel(loaded.model, cfg.malora)
     if cfg.activation_checkpointing:
@@ -61,27 +76,49 @@ def run_train(spec: JobSpec) -> dict[str, Any]:
     if rank == 0:
         malora.save_pretrained(run_dir / ADAPTER_DIR, state=state)
     dist.barrier()
-    summary = {"run_dir": str(run_dir), "steps": cfg.max_steps, "resumed_from": start, "last": last}
+    table = None
     if cfg.eval.at_end and rank == 0:
         from kscale.train.evaluate import evaluate_run
 
-        summary["eval"] = evaluate_run(spec)
+        table = evaluate_run(spec)
     dist.barrier()
-    return summary
+    return TrainResult(run_dir=str(run_dir), steps=cfg.max_steps, resumed_from=start, last=last, eval=table)
 
 
-def _prepare_run_dir(run_dir: Path, if_exists: str, rank: int) -> None:
-    """``output.if_exists``: resume from the newest checkpoint, fail, or start over (rank 0 deletes)."""
-    import shutil
+TRAIN_KIND = OutputKind("train run", run_marker_reader("train"), check_fingerprint=False)
 
+
+def claim_run_dir(spec: Any) -> Any:
+    """The run directory's claim (:mod:`kscale.output`): locked, and only ever a train run (``kscale.json``).
+    ``resume`` continues from the newest checkpoint, ``fail`` refuses, ``overwrite`` starts from empty."""
+
+    def create(tmp: Path) -> None:
+        write_json_atomic(tmp / RUN_MARKER, run_marker("train", spec.fingerprint()))
+
+    return claim_output(spec.output.path, spec.output.if_exists, TRAIN_KIND, spec.fingerprint(), create)
+
+
+@contextmanager
+def _claimed(spec: Any, rank: int, already: bool) -> Iterator[None]:
+    """Rank 0 claims the run directory for the whole run; every rank learns whether it was refused."""
     import torch.distributed as dist
 
-    started = (run_dir / ds.CHECKPOINTS).exists()
-    if started and if_exists == "fail":
-        raise FileExistsError(f"output.path: {run_dir} already holds a run and output.if_exists is 'fail'")
-    if started and if_exists == "overwrite" and rank == 0:
-        shutil.rmtree(run_dir)
-    dist.barrier()
+    if already:
+        yield
+        return
+    with ExitStack() as stack:
+        refused: list[str | None] = [None]
+        if rank == 0:
+            try:
+                stack.enter_context(claim_run_dir(spec))
+            except OutputError as e:
+                refused[0] = str(e)
+                dist.broadcast_object_list(refused, src=0)
+                raise
+        dist.broadcast_object_list(refused, src=0)
+        if refused[0] is not None:
+            raise OutputError(refused[0])
+        yield
 
 
 def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:

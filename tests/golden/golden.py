@@ -36,7 +36,7 @@ def hand_copies() -> dict[Path, str]:
     placeholder paths a reader replaces (the tests keep these files current)."""
     import dataclasses
 
-    from kscale.executors import k8s, slurm
+    from kscale.targets import k8s, slurm
     from kscale.spec import load_spec
 
     spec = load_spec(EXAMPLE, check_model=False)

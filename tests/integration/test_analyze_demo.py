@@ -62,8 +62,9 @@ def test_run_analyze_entry_uses_the_spec_output_path(tmp_path, monkeypatch):
     monkeypatch.setattr(run_mod, "open_store", lambda path: ks)
     spec = type("Spec", (), {})()
     spec.name, spec.analyze = "demo", small_cfg(estimators=["mmd_rf"], embed=EmbedConfig(methods=[]))
-    spec.output = type("Out", (), {"path": str(tmp_path / "run")})()
+    spec.output = type("Out", (), {"path": str(tmp_path / "run"), "if_exists": "resume"})()
+    spec.fingerprint = lambda: "demo-fingerprint"
     result = run_analyze(spec)
-    assert result["rows"] > 0 and (tmp_path / "run" / "report.html").exists()
+    assert result.rows > 0 and (tmp_path / "run" / "report.html").exists()
     df = pd.read_parquet(tmp_path / "run" / "results.parquet")
     assert set(df.estimator) == {"mmd2_rf", "mmd2_linear", "ratio_mmd2_rf"}

@@ -56,7 +56,7 @@ def test_job_outputs_and_variants_match_direct_evaluation(tmp_path, qwen_dir, tr
     run_dir, states = train_run
     spec = _spec(tmp_path, qwen_dir, bias={"adapter": str(run_dir / "adapter"), "train_runs": {"malora": str(run_dir)}})
     out = run_job(spec, show_bar=False)
-    assert out["state"] == "succeeded" and out["variants"] == ["base", "adapter", "malora@10", "malora@20"]
+    assert out.state == "succeeded" and out.variants == ["base", "adapter", "malora@10", "malora@20"]
     d = tmp_path / "bias"
     for name in ("samples.parquet", "aggregate.csv", "dependency.png", "dropping.png", "checkpoints.png",
                  "report.html", "bias.json", "_progress.json"):
@@ -94,11 +94,11 @@ def test_resume_skips_committed_and_refuses_another_spec(tmp_path, qwen_dir) -> 
     first = run_job(spec, show_bar=False)
     table = pd.read_parquet(tmp_path / "bias" / "samples.parquet")
     again = run_job(spec, show_bar=False)
-    assert again["shards_skipped"] == first["shards_total"] == 2 and again["shards_done"] == 0
+    assert again.shards_skipped == first.shards_total == 2 and again.shards_done == 0
     marker = next((tmp_path / "bias" / "shards").glob("base.s000001.done.json"))
     marker.unlink()  # as if killed before the commit: only that shard runs again
     third = run_job(spec, show_bar=False)
-    assert third["shards_done"] == 1 and third["shards_skipped"] == 1
+    assert third.shards_done == 1 and third.shards_skipped == 1
     pd.testing.assert_frame_equal(pd.read_parquet(tmp_path / "bias" / "samples.parquet"), table)
     other = _spec(tmp_path, qwen_dir, bias={"seed": 1})
     with pytest.raises(RunExistsError, match="different spec"):
@@ -117,8 +117,8 @@ def _numeric(df: pd.DataFrame) -> pd.DataFrame:
 def test_sharding_does_not_change_results(tmp_path, qwen_dir) -> None:
     a = run_job(_spec(tmp_path / "a", qwen_dir, data={"shard_size": 3}), show_bar=False)
     b = run_job(_spec(tmp_path / "b", qwen_dir, data={"shard_size": 8}, bias={"batch_size": 8}), show_bar=False)
-    assert a["shards_total"] == 3 and b["shards_total"] == 1
-    ta, tb = pd.read_parquet(a["samples_table"]), pd.read_parquet(b["samples_table"])
+    assert a.shards_total == 3 and b.shards_total == 1
+    ta, tb = pd.read_parquet(a.samples_table), pd.read_parquet(b.samples_table)
     pd.testing.assert_frame_equal(_numeric(ta), _numeric(tb), atol=NUMERIC_TOL, check_exact=False)
     assert ta.swap_donor.tolist() == tb.swap_donor.tolist()
 
@@ -127,8 +127,8 @@ def test_ray_executor_gives_the_same_table(tmp_path, qwen_dir, ray_local) -> Non
     local = run_job(_spec(tmp_path / "local", qwen_dir), show_bar=False)
     ray_spec = _spec(tmp_path / "ray", qwen_dir, resources={"executor": "ray", "workers": 2, "cpus_per_worker": 1})
     remote = run_job(ray_spec, show_bar=False)
-    assert remote["state"] == "succeeded" and remote["shards_done"] == 2
-    ta, tb = pd.read_parquet(local["samples_table"]), pd.read_parquet(remote["samples_table"])
+    assert remote.state == "succeeded" and remote.shards_done == 2
+    ta, tb = pd.read_parquet(local.samples_table), pd.read_parquet(remote.samples_table)
     pd.testing.assert_frame_equal(_numeric(ta), _numeric(tb), atol=NUMERIC_TOL, check_exact=False)
     progress = json.loads((tmp_path / "ray" / "bias" / "_progress.json").read_text())
     assert progress["state"] == "succeeded" and progress["samples"] == 8

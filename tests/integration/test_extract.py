@@ -187,7 +187,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert 2 <= len(markers) < 8, "the kill must land mid-job"
 
     summary = run_job(spec_from_dict(d), show_bar=False)
-    assert summary["shards_skipped"] == len(markers) and summary["shards_failed"] == 0
+    assert summary.shards_skipped == len(markers) and summary.shards_failed == 0
     for name, mtime in markers.items():  # committed shards were not recomputed
         assert (store / "shards" / name).stat().st_mtime_ns == mtime
     assert not list((store / "shards").glob(".s*.tmp-*")), "the killed writer's staging folder is cleared"
@@ -199,12 +199,12 @@ def test_ray_executor_equals_in_process(tmp_path, ray_local):
     run_job(local, show_bar=False)
     ray_spec = spec_from_dict(extract_spec(tmp_path / "ray", resources={"executor": "ray", "workers": 2}))
     summary = run_job(ray_spec, show_bar=False)
-    assert summary["shards_done"] == 3 and summary["state"] == "succeeded"
+    assert summary.shards_done == 3 and summary.state == "succeeded"
     stores_equal(local.output.path, ray_spec.output.path)
     progress = json.loads((Path(ray_spec.output.path) / "_progress.json").read_text())
     assert progress["state"] == "succeeded" and progress["shards_done"] == 3
     rerun = run_job(ray_spec, show_bar=False)  # everything committed: reported, nothing redone
-    assert rerun["shards_skipped"] == 3 and rerun["shards_done"] == 0 and rerun["state"] == "succeeded"
+    assert rerun.shards_skipped == 3 and rerun.shards_done == 0 and rerun.state == "succeeded"
 
 
 def test_killed_ray_worker_shard_is_redone(tmp_path, ray_local):
@@ -233,7 +233,7 @@ def test_killed_ray_worker_shard_is_redone(tmp_path, ray_local):
     summary = run_job(spec, show_bar=False)
     t.join()
     assert killed, "no worker process found to kill"
-    assert summary["shards_failed"] == 0 and summary["shards_done"] == 8
+    assert summary.shards_failed == 0 and summary.shards_done == 8
     ref = spec_from_dict(extract_spec(tmp_path / "ref", **{**over, "resources": {"executor": "local"}}))
     run_job(ref, show_bar=False)
     stores_equal(ref.output.path, str(store))
@@ -259,7 +259,7 @@ def test_bad_input_is_recorded_and_skipped(tmp_path):
                                      "generated": {}}, extract={"max_seq_len": 100})
     del d["data"]["generated"]
     summary = run_job(spec_from_dict(d), show_bar=False)
-    assert summary["state"] == "succeeded" and summary["samples"] == 2
+    assert summary.state == "succeeded" and summary.samples == 2
     s = kscale.store.open(d["output"]["path"])
     errs = {e["sample_id"]: e["reason"] for e in s.errors()}
     assert set(errs) == {1, 2, 3, 4}
@@ -288,7 +288,7 @@ def test_store_policies(tmp_path):
         run_job(spec_from_dict({**d, "output": {"path": str(other), "if_exists": "overwrite"}}), show_bar=False)
     assert (other / "precious.txt").read_text() == "keep me"
     s = run_job(spec_from_dict({**d, "output": {**d["output"], "if_exists": "overwrite"}}), show_bar=False)
-    assert s["shards_done"] == 1 and s["shards_skipped"] == 0
+    assert s.shards_done == 1 and s.shards_skipped == 0
 
 
 def test_info_cli(tmp_path):

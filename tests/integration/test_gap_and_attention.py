@@ -24,7 +24,7 @@ def test_gap_beside_attention_and_report_rebuild(tmp_path):
     ana = {"kind": "analyze", "analyze": {"stores": [ext["output"]["path"]], **LIGHT},
            "output": {"path": str(run_dir)}}
     summary = run_job(spec_from_dict(ana), show_bar=False)
-    assert summary["rows"] > 0
+    assert summary.rows > 0
     joined = pd.read_csv(run_dir / "attention_vs_gap_store.csv")
     # one row per layer (heads averaged, head -1) and per (layer, KV head): 2 layers x (1 + 2 heads)
     assert sorted(map(tuple, joined[["layer", "head"]].to_numpy())) == sorted(

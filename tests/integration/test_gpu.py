@@ -34,4 +34,4 @@ def test_ray_actors_get_one_gpu_each(tmp_path, ray_local):
     d = extract_spec(tmp_path, resources={"executor": "ray", "workers": 1, "gpus_per_worker": 1})
     d["model"]["device"] = "cuda"
     summary = run_job(spec_from_dict(d), show_bar=False)
-    assert summary["state"] == "succeeded" and summary["shards_done"] == 3
+    assert summary.state == "succeeded" and summary.shards_done == 3

@@ -29,7 +29,7 @@ from kscale.spec import load_spec
 from kscale.train.ray_train import run_train_on_ray
 ray.init(num_cpus=2, include_dashboard=False, _temp_dir=sys.argv[2])
 try:
-    print("METRICS " + json.dumps(run_train_on_ray(load_spec(sys.argv[1]))))
+    print("METRICS " + json.dumps(run_train_on_ray(load_spec(sys.argv[1])).to_dict()))
 finally:
     ray.shutdown()
 """
@@ -57,5 +57,5 @@ def test_ray_torchtrainer_follows_plain_pytorch(tmp_path) -> None:
     metrics = json.loads(proc.stdout.split("METRICS ", 1)[1].splitlines()[0])
     losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     _assert_follows(losses, plain_pytorch_losses(raw, world=2))
-    assert metrics["loss"] == pytest.approx(losses[-1], rel=1e-6)
+    assert metrics["last"]["loss"] == pytest.approx(losses[-1], rel=1e-6)
     assert (Path(metrics["adapter_checkpoint"]) / "adapter_model.safetensors").is_file()

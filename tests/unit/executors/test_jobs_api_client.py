@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from kscale.executors import jobs, progress_files
+from kscale.targets import ray_jobs as jobs
+from kscale.targets import records
 from kscale.spec import spec_from_dict
 
 
@@ -22,19 +23,19 @@ def _spec(tmp_path: Path, name: str = "My Job!", n: int = 64, out: str | None = 
 
 
 def test_submission_id_is_stable_short_and_dns_safe(tmp_path):
-    a, b = jobs.submission_id(_spec(tmp_path)), jobs.submission_id(_spec(tmp_path))
+    a, b = records.submission_id(_spec(tmp_path)), records.submission_id(_spec(tmp_path))
     assert a == b and a.startswith("kscale-my-job-")
     assert re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", a) and len(a) <= 47
-    assert jobs.submission_id(_spec(tmp_path, n=65)) != a            # another spec, another job
-    assert jobs.submission_id(_spec(tmp_path, out=str(tmp_path / "other"))) != a  # another output, too
-    forced = jobs.submission_id(_spec(tmp_path, name="x" * 80), force=True)
-    assert forced != jobs.submission_id(_spec(tmp_path, name="x" * 80)) and len(forced) <= 47
+    assert records.submission_id(_spec(tmp_path, n=65)) != a            # another spec, another job
+    assert records.submission_id(_spec(tmp_path, out=str(tmp_path / "other"))) != a  # another output, too
+    forced = records.submission_id(_spec(tmp_path, name="x" * 80), force=True)
+    assert forced != records.submission_id(_spec(tmp_path, name="x" * 80)) and len(forced) <= 47
 
 
 @pytest.mark.parametrize("text, expected", [("Demo", "demo"), ("7b run", "j-7b-run"), ("--", "j"),
                                             ("a_b.c", "a-b-c")])
 def test_slug(text, expected):
-    assert jobs.slug(text) == expected
+    assert records.slug(text) == expected
 
 
 def test_address_flag_beats_the_environment(monkeypatch):
@@ -76,7 +77,7 @@ def test_shipped_spec_has_absolute_paths(tmp_path, monkeypatch):
     job.write_text(yaml.safe_dump({"kind": "extract", "model": {"path": "debug:llava"},
                                    "data": {"source": "manifest", "path": "data.jsonl"},
                                    "output": {"path": "runs/x"}}))
-    shipped = yaml.safe_load(jobs.absolute_spec_yaml(str(job)))
+    shipped = yaml.safe_load(records.absolute_spec_yaml(str(job)))
     assert shipped["output"]["path"] == str(tmp_path / "runs" / "x")
     assert shipped["data"]["path"] == str(tmp_path / "data.jsonl")
     assert shipped["model"]["path"] == "debug:llava"
@@ -118,7 +119,7 @@ def test_driver_wrapper_tees_the_log_and_records_the_state(tmp_path):
                         "--target", "slurm", "--record-dir", str(rec), str(bad)], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2  # kscale submit's exit code for a bad spec, passed through
-    state = progress_files.read_json(rec / "kscale-t-1.state.json")
+    state = records.read_json(rec / "kscale-t-1.state.json")
     assert state["state"] == "FAILED" and state["exit_code"] == 2 and state["target"] == "slurm"
     log = (rec / "kscale-t-1.driver.log").read_text()
     assert "bogus: unknown key" in log and "bogus: unknown key" in p.stdout
@@ -127,8 +128,8 @@ def test_driver_wrapper_tees_the_log_and_records_the_state(tmp_path):
 
 def test_record_dir_is_a_sibling_of_the_output(tmp_path):
     spec = _spec(tmp_path)
-    assert progress_files.record_dir(spec) == tmp_path / "keys.cluster"
-    line = progress_files.format_progress({"stage": "extract", "job": "demo", "state": "running", "shards_total": 8,
+    assert records.record_dir(spec) == tmp_path / "keys.cluster"
+    line = records.format_progress({"stage": "extract", "job": "demo", "state": "running", "shards_total": 8,
                                            "shards_done": 3, "shards_skipped": 2, "shards_failed": 1,
                                            "samples": 24, "samples_per_s": 2.5, "bytes": 2_000_000})
     assert line == "extract demo: running, shards 6/8 (2 skipped, 1 failed), 24 samples (2.5/s), 2.00 MB"

@@ -10,7 +10,7 @@ import pytest
 import yaml
 
 import kscale
-from kscale.executors import k8s
+from kscale.targets import k8s
 from kscale.spec import SpecError, load_spec
 from tests.golden.golden import GOLDEN, SID, assert_golden, assert_hand_copies_current, hand_copies
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 import kscale
-from kscale.executors import slurm
+from kscale.targets import slurm
 from kscale.spec import SpecError, load_spec, spec_from_dict
 from tests.golden.golden import GOLDEN, SID, assert_golden
 

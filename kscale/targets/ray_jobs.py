@@ -2,11 +2,11 @@
 
 ``kscale submit job.yaml --address http://HEAD:8265`` ships a *minimal* runtime environment — a
 working dir holding only ``job.yaml`` (the spec with its paths made absolute) plus ``cluster.env`` —
-and runs ``kscale.executors.progress_files``' driver wrapper as the entrypoint; the wrapper runs
+and runs the driver wrapper of :mod:`kscale.targets.records` as the entrypoint; the wrapper runs
 ``kscale submit job.yaml`` on the head, where Ray has set ``RAY_ADDRESS`` to the cluster, so the lead's
 runner joins the cluster instead of starting one.
 
-The submission id is derived from the spec's fingerprint and kscale's version (``submission_id``):
+The submission id is derived from the spec's fingerprint and kscale's version (``records.submission_id``):
 submitting the same job again finds the first submission and attaches to it; ``--force`` adds a
 time suffix for a new run (which resumes committed shards). Every submission, whatever its target,
 is recorded in ``$KSCALE_HOME/submissions/ID.json`` (default ``~/.kscale``) so ``kscale status ID``,
@@ -20,23 +20,25 @@ header whatever ``RAY_AUTH_MODE`` says.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import re
 import shlex
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import yaml
 
 import kscale
-from kscale.executors.cluster_config import cluster_of
-from kscale.executors.progress_files import driver_command, record_dir
+from kscale.targets import Target
+from kscale.targets.checks import Finding, check_versions
+from kscale.targets.config import cluster_of
+from kscale.targets.records import (Run, absolute_output, absolute_spec_yaml, driver_command, record_dir,
+                                    save_submission, submission_id)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -48,59 +50,6 @@ def status_name(status: Any) -> str:
 
 class JobsError(RuntimeError):
     """A Jobs API call failed; the message says what to fix."""
-
-
-# ----------------------------------------------------------------------------- ids and the local registry
-
-
-def slug(text: str, limit: int = 16) -> str:
-    """Lowercase letters, digits and dashes, starting with a letter: safe for Ray, Slurm and DNS-1035."""
-    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
-    if not s or not s[0].isalpha():
-        s = f"j-{s}"[:limit].strip("-")
-    return s
-
-
-def submission_id(spec: Any, force: bool = False) -> str:
-    """``kscale-<name>-<hash>[-f<time>]``, at most 44 characters (a RayJob name may have 47). The hash covers
-    the spec's fingerprint, kscale's version and the absolute output path (the same YAML submitted from
-    another directory writes elsewhere, so it is another job)."""
-    key = f"{spec.fingerprint()}:{kscale.__version__}:{Path(spec.output.path).expanduser().absolute()}"
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    sid = f"kscale-{slug(spec.name)}-{digest}"
-    return f"{sid}-f{int(time.time()):x}" if force else sid
-
-
-def kscale_home() -> Path:
-    return Path(os.environ.get("KSCALE_HOME") or Path.home() / ".kscale")
-
-
-def save_submission(record: dict) -> Path:
-    """Remember a submission (id, target, address / Slurm job id / namespace, paths) on this machine."""
-    path = kscale_home() / "submissions" / f"{record['id']}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({**record, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
-    return path
-
-
-def load_submission(sid: str) -> dict | None:
-    try:
-        return json.loads((kscale_home() / "submissions" / f"{sid}.json").read_text())
-    except (OSError, ValueError):
-        return None
-
-
-def list_submissions(limit: int = 20) -> list[dict]:
-    """The most recent submissions recorded on this machine, newest first."""
-    d = kscale_home() / "submissions"
-    files = sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if d.is_dir() else []
-    out = []
-    for f in files[:limit]:
-        try:
-            out.append(json.loads(f.read_text()))
-        except (OSError, ValueError):
-            continue
-    return out
 
 
 # ----------------------------------------------------------------------------- connecting
@@ -183,25 +132,6 @@ class Submitted:
     status: str
 
 
-def absolute_spec_yaml(spec_path: str, cwd: str | None = None) -> str:
-    """The job YAML with ``output.path``, ``data.path`` and an existing local ``model.path`` made absolute,
-    so the driver (whose working dir is a temporary package on the head) writes where the user meant."""
-    base = Path(cwd or os.getcwd())
-    raw = yaml.safe_load(Path(spec_path).read_text())
-
-    def fix(section: str, must_exist: bool) -> None:
-        sec = raw.get(section)
-        p = sec.get("path") if isinstance(sec, dict) else None
-        if isinstance(p, str) and not p.startswith("debug:") and not Path(p).expanduser().is_absolute():
-            if not must_exist or (base / p).exists():
-                sec["path"] = str((base / p).resolve())
-
-    fix("output", False)
-    fix("data", False)
-    fix("model", True)
-    return yaml.safe_dump(raw, sort_keys=False)
-
-
 def runtime_env(spec: Any, package_dir: str, sid: str) -> dict:
     """Only the spec and environment variables: kscale itself must be installed on the cluster."""
     return {"working_dir": package_dir,
@@ -232,10 +162,6 @@ def submit(spec_path: str, spec: Any, address: str | None, force: bool,
     save_submission({"id": sid, "target": "ray", "address": url, "spec": str(Path(spec_path).absolute()),
                      "output": absolute_output(spec), "record_dir": rec})
     return Submitted(sid, url, False, "PENDING")
-
-
-def absolute_output(spec: Any) -> str:
-    return str(Path(spec.output.path).expanduser().absolute())
 
 
 # ----------------------------------------------------------------------------- watch / stop
@@ -279,3 +205,146 @@ def stop(client: Any, sid: str, wait_s: float = 30.0) -> str:
         time.sleep(0.5)
         status = status_name(client.get_job_status(sid))
     return status
+
+
+# ----------------------------------------------------------------------------- preflight (kscale doctor --address)
+
+
+def check_auth(url: str) -> list[Finding]:
+    """Does the Jobs API need a token, and is ours accepted?"""
+    def get(token: str | None) -> int:
+        req = urllib.request.Request(f"{url}/api/jobs/")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    try:
+        anonymous = get(None)
+    except OSError as e:
+        return [Finding("reach", "fail", f"no answer from {url}: {e}",
+                        "start the head, check the address and port, or tunnel: ssh -N -L 8265:127.0.0.1:8265 HEAD")]
+    if anonymous == 200:
+        return [Finding("auth", "warn", f"{url} accepts requests without a token",
+                        "start the cluster with RAY_AUTH_MODE=token (anyone who reaches the port can run code)")]
+    token = read_token()
+    if token is None:
+        return [Finding("auth", "fail", f"{url} requires a token and this machine has none",
+                        "copy the token (`ray get-auth-token` on the head) into RAY_AUTH_TOKEN or ~/.ray/auth_token")]
+    code = get(token)
+    if code == 200:
+        return [Finding("auth", "ok", f"{url} requires a token; ours is accepted")]
+    return [Finding("auth", "fail", f"{url} refused our token (HTTP {code})",
+                    "the token in RAY_AUTH_TOKEN / ~/.ray/auth_token is not this cluster's: `ray get-auth-token` on the head")]
+
+
+def check_cluster(spec: Any | None, address: str | None) -> list[Finding]:
+    """Reach, auth, then a probe job reporting nodes, per-actor GPUs and versions on the cluster."""
+    try:
+        url = resolve_address(address)
+    except JobsError as e:
+        return [Finding("reach", "fail", str(e))]
+    found = check_auth(url)
+    if any(f.level == "fail" for f in found):
+        return found
+    r = spec.resources if spec is not None else None
+    workers, gpw, cpw = (r.workers, r.gpus_per_worker, r.cpus_per_worker) if r else (1, 0.0, 1.0)
+    python = (cluster_of(spec).python if spec is not None else None) or "python"
+    cmd = [python, "-m", "kscale.doctor", "probe", "--workers", str(workers), "--gpus-per-worker", str(gpw),
+           "--cpus-per-worker", str(cpw)]
+    try:
+        client, _ = connect(url)
+        sid = client.submit_job(entrypoint=shlex.join(cmd), runtime_env={"env_vars": dict(cluster_of(spec).env) if spec else {}})
+        status = follow_logs(client, sid, lambda s: None, follow=True, poll_s=0.5, give_up_s=60)
+        text = client.get_job_logs(sid)
+    except (JobsError, RuntimeError, OSError) as e:
+        return found + [Finding("probe", "fail", f"probe job failed to run: {e}")]
+    line = next((ln for ln in reversed(text.splitlines()) if ln.startswith("KSCALE_PROBE ")), None)
+    if status != "SUCCEEDED" or line is None:
+        tail = " | ".join(text.strip().splitlines()[-3:])
+        return found + [Finding("probe", "fail", f"probe job {status}: {tail}",
+                                f"is kscale installed for `{python}` on the head? set cluster.python, or "
+                                "pip install kscale in the cluster's environment")]
+    return found + _judge_probe(json.loads(line[len("KSCALE_PROBE "):]), workers, gpw)
+
+
+def _judge_probe(p: dict, workers: int, gpw: float) -> list[Finding]:
+    out = [Finding("nodes", "ok", "; ".join(f"{n['host']}: {n['cpus']:g} CPU, {n['gpus']:g} GPU" for n in p["nodes"]))]
+    if p["unplaced"]:
+        total = sum(n["gpus"] for n in p["nodes"])
+        out.append(Finding("actors", "fail", f"{p['unplaced']} of {workers} worker actors could not be placed "
+                                             f"(cluster has {total:g} GPU in all, the job needs {workers * gpw:g})",
+                           "add GPU nodes, or lower resources.workers / gpus_per_worker"))
+    blind = [a for a in p["actors"] if gpw > 0 and a["torch_gpus"] < max(1, int(gpw))]
+    if blind:
+        out.append(Finding("actors", "fail", f"{len(blind)} actor(s) see no GPU in torch despite num_gpus={gpw:g} "
+                                             f"(e.g. {blind[0]})",
+                           "CUDA driver/toolkit mismatch on that node, or a torch CPU build: check nvidia-smi and "
+                           "torch.version.cuda there"))
+    elif p["actors"]:
+        seen = ", ".join(f"{a['host']}[{a['cuda_visible_devices'] or '-'}]" for a in p["actors"])
+        out.append(Finding("actors", "ok", f"{len(p['actors'])} actor(s) placed; GPUs they see: {seen}"))
+    return out + check_versions(p["versions"], "on the cluster")
+
+
+
+class RayJobsTarget(Target):
+    """A running Ray cluster, through its Jobs API (``--address`` or an http(s) ``RAY_ADDRESS``)."""
+
+    name = "ray"
+    errors = (JobsError,)
+
+    def submit(self, spec_path: str, spec: Any, address: str | None, dry_run: bool, force: bool,
+               say: Callable[[str], None], err: Callable[[str], None]) -> int:
+        sid = submission_id(spec, force)
+        if dry_run:
+            say(f"kscale: would submit {sid} to {resolve_address(address)} with runtime env "
+                f"{json.dumps(runtime_env(spec, '<dir with job.yaml>', sid))}")
+            say(absolute_spec_yaml(spec_path).rstrip("\n"))
+            return 0
+        t0 = time.monotonic()
+        r = submit(spec_path, spec, address, force, say)
+        if not r.attached:
+            say(f"kscale: submitted {r.submission_id} to {r.address} in {time.monotonic() - t0:.1f} s")
+            say(f"kscale: follow with `kscale logs -f {r.submission_id} --address {r.address}`")
+            return 0
+        if r.status in ("FAILED", "STOPPED"):
+            err(f"kscale: {r.submission_id} was submitted before and ended {r.status}; `kscale submit --force` "
+                "starts a new run (committed shards are kept and skipped)")
+            return 1
+        say(f"kscale: {r.submission_id} is already on {r.address} ({r.status}); attached instead of submitting a "
+            f"duplicate (--force for a new run). Follow with `kscale logs -f {r.submission_id}`")
+        return 0
+
+    def _client(self, run: Run, address: str | None) -> tuple[Any, str]:
+        return connect(address or (run.record or {}).get("address"))
+
+    def status(self, run: Run, address: str | None) -> dict | None:
+        if not run.sid:
+            return None
+        client, url = self._client(run, address)
+        info = job_info(client, run.sid)
+        return None if info is None else {"status": status_name(info.status), "message": info.message, "address": url}
+
+    def logs(self, run: Run, address: str | None, follow: bool, write: Callable[[str], None],
+             err: Callable[[str], None]) -> int | None:
+        if not run.sid:
+            return None
+        client, _ = self._client(run, address)
+        if job_info(client, run.sid) is None:
+            return None
+        final = follow_logs(client, run.sid, write, follow=follow)
+        return 0 if final in ("SUCCEEDED", "RUNNING", "PENDING") else 1
+
+    def stop(self, run: Run, address: str | None, say: Callable[[str], None]) -> bool:
+        if not run.sid:
+            return False
+        client, url = self._client(run, address)
+        say(f"kscale: {run.sid} on {url}: {stop(client, run.sid)}")
+        return True
+
+    def checks(self, spec: Any | None, spec_path: str | None, address: str | None) -> list[Finding]:
+        return check_cluster(spec, address)

@@ -8,7 +8,7 @@ and the Ray ports and dashboard host used when kscale starts Ray itself (Slurm).
 ``kscale.spec.load_spec`` builds ``ClusterConfig`` from the YAML (unknown keys rejected, each problem
 named by its dotted field); jobs without a ``cluster:`` section get ``cluster_of(spec)`` defaults.
 Checks that only matter for one target (a Kubernetes image is required, for example) run when that
-target renders (``kscale.executors.slurm`` / ``kscale.executors.k8s``), not at load time, so a job
+target renders (``kscale.targets.slurm`` / ``kscale.targets.k8s``), not at load time, so a job
 written for Slurm still loads on a laptop.
 """
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
 import re
 import shlex
 import shutil
@@ -32,10 +33,11 @@ from typing import Any, Callable
 import yaml
 
 import kscale
-from kscale.executors.cluster_config import SUBMISSION_MODES, cluster_of
-from kscale.executors.jobs import kscale_home, save_submission, slug, submission_id
-from kscale.executors.progress_files import driver_command, record_dir
 from kscale.spec import SpecError
+from kscale.targets import Target
+from kscale.targets.checks import Finding
+from kscale.targets.config import SUBMISSION_MODES, cluster_of
+from kscale.targets.records import Run, driver_command, kscale_home, record_dir, save_submission, slug, submission_id
 
 SPEC_MOUNT = "/etc/kscale"
 SPEC_ENV = "KSCALE_SPEC_YAML"
@@ -414,3 +416,82 @@ def submit(spec_path: str, spec: Any, force: bool, dry_run: bool, say: Callable[
                      "spec": str(Path(spec_path).absolute()), "output": pod_output_path(spec)})
     say(f"kscale: applied RayJob {ns}/{sid} ({why}); `kscale logs -f {sid}` follows the submitter's log")
     return 0
+
+
+# ----------------------------------------------------------------------------- preflight (kscale doctor --target k8s)
+
+
+def kuberay_schema_dir() -> Path | None:
+    env = os.environ.get("KSCALE_KUBERAY_SCHEMAS")
+    candidates = [Path(env)] if env else []
+    candidates.append(Path(__file__).resolve().parents[2].parent / "shared" / "schemas" / "kuberay-v1")
+    return next((c for c in candidates if (c / "ray.io_rayjobs.yaml").is_file()), None)
+
+
+def check_k8s(spec: Any | None, spec_path: str | None) -> list[Finding]:
+    ok, why = cluster_reachable()
+    out = [Finding("k8s", "ok" if ok else "warn", f"kubectl context {why}" if ok else why,
+                   "" if ok else "kscale will write the manifest for you to apply elsewhere")]
+    if spec is None or spec_path is None:
+        return out
+    try:
+        docs = render_rayjob(spec, spec_path, "kscale-doctor-check")
+    except SpecError as e:
+        return out + [Finding("manifest", "fail", "; ".join(f"{f}: {m}" for f, m in e.problems), "set it in the spec")]
+    problems = [p for d in docs if d["kind"] == "RayJob" for p in check_manifest(d, spec)]
+    schema_dir = kuberay_schema_dir()
+    try:
+        import jsonschema  # noqa: F401  (optional: pip install jsonschema)
+    except ImportError:
+        schema_dir = None
+    if schema_dir is not None:
+        problems += [p for d in docs if d["kind"] == "RayJob" for p in validate_schema(d, schema_dir)]
+    if problems:
+        return out + [Finding("manifest", "fail", "; ".join(problems), "fix the cluster.k8s section")]
+    checked = "kscale's checks and the KubeRay CRD schema" if schema_dir else "kscale's checks"
+    return out + [Finding("manifest", "ok", f"rendered RayJob passes {checked}")]
+
+
+
+class K8sTarget(Target):
+    """KubeRay: a RayJob (plus the spec's ConfigMap) per submission, watched and stopped with kubectl."""
+
+    name = "k8s"
+    errors = (K8sError,)
+
+    def submit(self, spec_path: str, spec: Any, address: str | None, dry_run: bool, force: bool,
+               say: Callable[[str], None], err: Callable[[str], None]) -> int:
+        return submit(spec_path, spec, force, dry_run, say)
+
+    def status(self, run: Run, address: str | None) -> dict | None:
+        if not run.record:
+            return None
+        st = rayjob_status(run.sid, run.record["namespace"])
+        return None if st is None else {"status": st.get("jobStatus") or st.get("jobDeploymentStatus"),
+                                        "deployment": st.get("jobDeploymentStatus"), "message": st.get("message")}
+
+    def logs(self, run: Run, address: str | None, follow: bool, write: Callable[[str], None],
+             err: Callable[[str], None]) -> int | None:
+        if not run.record:
+            return None
+        cmd = ["kubectl", "logs", "-n", run.record["namespace"], f"job/{run.sid}"] + (["-f"] if follow else [])
+        return subprocess.call(cmd)
+
+    def stop(self, run: Run, address: str | None, say: Callable[[str], None]) -> bool:
+        if not run.record:
+            return False
+        ns = run.record["namespace"]
+        for kind, name in (("rayjob", run.sid), ("configmap", f"{run.sid}-spec")):
+            p = kubectl("delete", kind, name, "-n", ns, "--ignore-not-found")
+            say(p.stdout.strip() or p.stderr.strip())
+        return True
+
+    def render(self, spec: Any, spec_path: str, sid: str) -> str:
+        return to_yaml(render_rayjob(spec, spec_path, sid))
+
+    def render_cluster(self, spec: Any) -> str:
+        """A standalone RayCluster for hand use (``kscale render --target raycluster``)."""
+        return to_yaml([render_raycluster(spec)])
+
+    def checks(self, spec: Any | None, spec_path: str | None, address: str | None) -> list[Finding]:
+        return check_k8s(spec, spec_path)

@@ -1,0 +1,370 @@
+"""One output policy for every stage: what happens when ``output.path`` exists, how a new output appears,
+and the one writer allowed at a time.
+
+Every stage entry (``run_extract``, ``run_analyze``, ``run_train``, ``run_bias``) calls
+:func:`claim_output` before it touches its output and keeps the claim until it is done::
+
+    with claim_output(path, spec.output.if_exists, STORE_KIND, spec.fingerprint(), create=make_store):
+        ... write shards, tables, reports ...
+
+The claim does, in this order:
+
+1. **Lock** (:class:`OutputLock`): ``.<name>.lock`` beside the output, created exclusively (a hard link
+   of a fully written temp file: atomic on local disks and NFS). It names its holder (user, host, pid,
+   start time, a random token). A second run is refused with :class:`OutputLocked`. A lock is stale only
+   when its holder is provably gone: on this host its pid is dead (or reused); on another host its
+   mtime, which the holder refreshes every ``heartbeat_s``, is older than ``stale_after_s``. A live
+   lock is never taken over. The lock sits beside the output (not in it) so that creation and
+   ``overwrite`` can replace the whole folder under it.
+2. **Garbage**: leftovers of an interrupted creation or overwrite (``.<name>.tmp-*`` siblings) are
+   removed; while we hold the lock nobody else can be making them.
+3. **Policy** (``output.if_exists``) on an existing, non-empty output: it must be *this stage's kind*
+   (:class:`OutputKind`: a Zarr store by its root attributes, a run folder by its ``kscale.json`` /
+   ``bias.json`` marker), else :class:`ForeignOutput` and nothing is touched. Then ``fail`` refuses
+   (:class:`OutputExists`), ``resume`` continues (a kind that records a spec fingerprint must match it),
+   ``overwrite`` moves the old output aside, creates the new one and deletes the old.
+4. **Atomic creation** (:func:`create_dir_atomic`): a new output is built as ``.<name>.tmp-<pid>``
+   (marker included) and renamed into place, so it appears complete or not at all.
+
+This module imports nothing from kscale: every layer (store markers, executors' progress files, the
+cluster records) uses its :func:`write_json_atomic`.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import os
+import re
+import secrets
+import shutil
+import socket
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+IfExists = Literal["resume", "fail", "overwrite"]
+RUN_MARKER = "kscale.json"  # the kind marker of run folders (train, analyze)
+RUN_FORMAT = "kscale-run"
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 600.0  # another host's lock older than this (20 missed heartbeats) is stale
+
+
+class OutputError(RuntimeError):
+    """``output.path`` cannot be used as asked; the message names the path and why."""
+
+
+class OutputExists(OutputError):
+    """The output exists and the policy (``fail``, or ``resume`` of another spec) refuses it."""
+
+
+class ForeignOutput(OutputError):
+    """The path holds something that is not this stage's kind of output: never written into or deleted."""
+
+
+class OutputLocked(OutputError):
+    """Another run holds the output's lock; the message says who."""
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:  # some filesystems refuse fsync on directories; the rename is still atomic
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_synced(path: Path, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=1, sort_keys=True, default=str) + "\n"
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> None:
+    """Write JSON so that readers see the old file or the new one, never a part (fsync file and folder)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    _write_synced(tmp, _dumps(obj))
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def create_json_exclusive(path: str | Path, obj: Any) -> bool:
+    """Create ``path`` with ``obj`` only if it does not exist (atomic, complete, NFS-safe: a hard link of
+    a written temp file). Returns False, writing nothing, when ``path`` already exists."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+    _write_synced(tmp, _dumps(obj))
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    except OSError:  # a filesystem without hard links: O_EXCL instead (not NFSv2-safe, still exclusive)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "w") as f:
+            f.write(tmp.read_text())
+            f.flush()
+            os.fsync(f.fileno())
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(path.parent)
+    return True
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object, or None when the file is absent or not a JSON object."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def temp_sibling(path: Path, tag: str = "") -> Path:
+    """``.<name>.tmp-<tag><pid>``: where a new output is built; any such sibling is garbage once
+    its creator is gone (:func:`remove_garbage`)."""
+    return path.with_name(f".{path.name}.tmp-{tag}{os.getpid()}")
+
+
+def remove_garbage(path: Path) -> list[Path]:
+    """Delete leftovers of interrupted creations/overwrites of ``path``; call only while holding its lock."""
+    removed = []
+    prefix = f".{path.name}.tmp-"
+    for p in path.parent.glob(f"{prefix}*") if path.parent.is_dir() else []:
+        if not re.fullmatch(r"(old-)?\d+", p.name[len(prefix):]):  # e.g. another output named NAME.tmp-x
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
+
+
+def create_dir_atomic(path: Path, populate: Callable[[Path], None]) -> Path:
+    """Build a folder in a temp sibling with ``populate(tmp)`` and rename it to ``path`` (which must be
+    absent or an empty folder): readers and later runs see the complete folder or none."""
+    tmp = temp_sibling(path)
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    populate(tmp)
+    os.rename(tmp, path)  # replaces an empty directory atomically; fails on a non-empty one
+    _fsync_dir(path.parent)
+    return path
+
+
+# ----------------------------------------------------------------------------- kinds
+
+
+@dataclass(frozen=True)
+class OutputKind:
+    """What one stage's output looks like. ``read_marker(path)`` returns the marker (a dict, with
+    ``spec_fingerprint`` where recorded) of an output of this kind, None for anything else.
+    ``check_fingerprint``: ``resume`` requires the same spec fingerprint (a different spec would mix)."""
+
+    label: str  # "store", "bias run", "train run", "analysis run": used in messages
+    read_marker: Callable[[Path], dict | None]
+    check_fingerprint: bool = True
+
+
+def run_marker_reader(kind: str) -> Callable[[Path], dict | None]:
+    """``read_marker`` for run folders that carry ``kscale.json`` with ``{"format": "kscale-run",
+    "kind": kind}``."""
+
+    def read(path: Path) -> dict | None:
+        m = read_json(path / RUN_MARKER)
+        return m if m and m.get("format") == RUN_FORMAT and m.get("kind") == kind else None
+
+    return read
+
+
+def run_marker(kind: str, fingerprint: str | None) -> dict:
+    return {"format": RUN_FORMAT, "kind": kind, "spec_fingerprint": fingerprint,
+            "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+
+def _non_empty(path: Path) -> bool:
+    return path.is_dir() and any(path.iterdir())
+
+
+def apply_policy(path: Path, if_exists: IfExists, kind: OutputKind, fingerprint: str | None,
+                 create: Callable[[Path], None]) -> bool:
+    """Check or make ``path`` per ``if_exists``; True when a new output was created. Call under the lock."""
+    if path.exists() and not path.is_dir():
+        raise ForeignOutput(f"output.path: {str(path)!r} exists and is not a folder; refusing to touch it")
+    if not _non_empty(path):
+        create_dir_atomic(path, create)
+        return True
+    found = kind.read_marker(path)
+    if found is None:
+        raise ForeignOutput(f"output.path: {str(path)!r} exists and is not a kscale {kind.label}; "
+                            "refusing to write into it")
+    if if_exists == "fail":
+        raise OutputExists(f"output.path: {kind.label} {str(path)!r} exists and output.if_exists is 'fail'")
+    if if_exists == "overwrite":
+        old = temp_sibling(path, "old-")
+        os.rename(path, old)  # the old output leaves in one step; a kill from here on leaves only garbage
+        create_dir_atomic(path, create)
+        shutil.rmtree(old)
+        return True
+    if kind.check_fingerprint and found.get("spec_fingerprint") != fingerprint:
+        raise OutputExists(
+            f"output.path: {kind.label} {str(path)!r} was written by a different spec (fingerprint "
+            f"{found.get('spec_fingerprint')}, this spec {fingerprint}); choose another path or "
+            "output.if_exists: overwrite")
+    return False
+
+
+@contextmanager
+def claim_output(path: str | Path, if_exists: IfExists, kind: OutputKind, fingerprint: str | None,
+                 create: Callable[[Path], None], lock: OutputLock | None = None) -> Iterator[Path]:
+    """Lock ``path``, clear garbage, apply the policy, yield the path; release the lock at the end."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with (lock or OutputLock(path)).held():
+        remove_garbage(path)
+        apply_policy(path, if_exists, kind, fingerprint, create)
+        yield path
+
+
+# ----------------------------------------------------------------------------- the lock
+
+
+@dataclass(frozen=True)
+class LockHolder:
+    user: str
+    host: str
+    pid: int
+    started_at: str
+    token: str
+    pid_start: str | None = None  # the process's start time (/proc), guards against pid reuse
+
+    def describe(self) -> str:
+        return f"{self.user}@{self.host} pid {self.pid} since {self.started_at}"
+
+
+def _pid_start(pid: int) -> str | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+class OutputLock:
+    """The exclusive lock of one output (see the module docstring). Use :meth:`held` as a context."""
+
+    def __init__(self, output: str | Path, heartbeat_s: float = HEARTBEAT_S, stale_after_s: float = STALE_AFTER_S):
+        self.output = Path(output)
+        self.path = self.output.with_name(f".{self.output.name}.lock")
+        self.heartbeat_s, self.stale_after_s = heartbeat_s, stale_after_s
+        self.holder: LockHolder | None = None
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
+
+    def read(self) -> LockHolder | None:
+        data = read_json(self.path)
+        try:
+            return LockHolder(**data) if data else None
+        except TypeError:
+            return None
+
+    def is_stale(self, holder: LockHolder | None, mtime: float) -> bool:
+        if holder is not None and holder.host == socket.gethostname():
+            return not _pid_alive(holder.pid) or (
+                holder.pid_start is not None and _pid_start(holder.pid) not in (None, holder.pid_start))
+        return time.time() - mtime > self.stale_after_s  # another host (or unreadable): no heartbeat
+
+    def acquire(self) -> LockHolder:
+        me = LockHolder(getpass.getuser(), socket.gethostname(), os.getpid(),
+                        time.strftime("%Y-%m-%dT%H:%M:%S%z"), secrets.token_hex(8), _pid_start(os.getpid()))
+        for _ in range(5):
+            if create_json_exclusive(self.path, asdict(me)):
+                self.holder = me
+                self._start_heartbeat()
+                return me
+            try:
+                mtime = self.path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # released meanwhile
+            other = self.read()
+            if not self.is_stale(other, mtime):
+                who = other.describe() if other else "an unreadable lock file"
+                raise OutputLocked(f"output.path: {str(self.output)!r} is being "
+                                   f"written by another run ({who}; lock {self.path}); wait for it or stop it")
+            self._break(other)
+        raise OutputLocked(f"output.path: could not take the lock {self.path} (contended)")
+
+    def _break(self, stale: LockHolder | None) -> None:
+        """Remove a stale lock, and only that one: move it aside, check it is the lock we judged stale,
+        put it back if another run replaced it in between."""
+        aside = self.path.with_name(f"{self.path.name}.stale-{secrets.token_hex(4)}")
+        try:
+            os.rename(self.path, aside)
+        except FileNotFoundError:
+            return
+        moved = read_json(aside)
+        if stale is not None and (moved or {}).get("token") != stale.token:
+            try:
+                os.link(aside, self.path)  # a live lock taken meanwhile: restore it
+            except FileExistsError:
+                pass
+        aside.unlink(missing_ok=True)
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+
+        def beat() -> None:
+            while not self._stop.wait(self.heartbeat_s):
+                try:
+                    os.utime(self.path)
+                except OSError:
+                    pass
+
+        self._beat = threading.Thread(target=beat, name="kscale-output-lock", daemon=True)
+        self._beat.start()
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join()
+            self._beat = None
+        current = self.read()
+        if self.holder is not None and current is not None and current.token == self.holder.token:
+            self.path.unlink(missing_ok=True)
+        self.holder = None
+
+    @contextmanager
+    def held(self) -> Iterator[LockHolder]:
+        holder = self.acquire()
+        try:
+            yield holder
+        finally:
+            self.release()

@@ -1,0 +1,247 @@
+"""Records of cluster runs: submission ids, the local registry of submissions, and what a cluster run
+leaves beside its outputs, so ``kscale status RUN`` works after the cluster is gone.
+
+The registry: every submission, whatever its target, is ``$KSCALE_HOME/submissions/ID.json`` (default
+``~/.kscale``), with an id derived from the spec (``submission_id``). Beside the outputs, two places,
+both on the (shared) filesystem of the outputs:
+
+- ``<output.path>/_progress.json`` is written by the executors while shards complete (see
+  ``kscale.executors.progress``, which also mirrors it into Ray gauges); this module only reads it.
+- the *record dir* (``cluster.record_dir``, default ``<output.path>.cluster``; a sibling, because the
+  store refuses to be created in a non-empty directory) holds, per submission id ``ID``:
+  ``ID.job.yaml`` (the spec as submitted), ``ID.sbatch`` / ``ID.yaml`` (the rendered script or
+  manifest), ``ID.driver.log`` (driver stdout+stderr, which include worker output because the
+  driver runs with ``log_to_driver``), ``ID.state.json`` (the driver's state and exit code) and,
+  on Slurm, ``ray-logs/ID/`` (every node's Ray session logs).
+
+Every target starts the driver the same way, through ``driver_command`` ->
+``python -m kscale.executors.progress_files driver ...`` (a stable entry name that rendered scripts and
+running clusters use; it runs :func:`main` here), which tees the driver's output into the record dir and
+writes the state file at start and end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+import kscale
+from kscale.output import write_json_atomic
+from kscale.targets.config import cluster_of
+
+
+
+# ----------------------------------------------------------------------------- submission ids and the local registry
+
+
+def slug(text: str, limit: int = 16) -> str:
+    """Lowercase letters, digits and dashes, starting with a letter: safe for Ray, Slurm and DNS-1035."""
+    s = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit].strip("-")
+    if not s or not s[0].isalpha():
+        s = f"j-{s}"[:limit].strip("-")
+    return s
+
+
+def submission_id(spec: Any, force: bool = False) -> str:
+    """``kscale-<name>-<hash>[-f<time>]``, at most 44 characters (a RayJob name may have 47). The hash covers
+    the spec's fingerprint, kscale's version and the absolute output path (the same YAML submitted from
+    another directory writes elsewhere, so it is another job)."""
+    key = f"{spec.fingerprint()}:{kscale.__version__}:{Path(spec.output.path).expanduser().absolute()}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    sid = f"kscale-{slug(spec.name)}-{digest}"
+    return f"{sid}-f{int(time.time()):x}" if force else sid
+
+
+def kscale_home() -> Path:
+    return Path(os.environ.get("KSCALE_HOME") or Path.home() / ".kscale")
+
+
+def save_submission(record: dict) -> Path:
+    """Remember a submission (id, target, address / Slurm job id / namespace, paths) on this machine."""
+    path = kscale_home() / "submissions" / f"{record['id']}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({**record, "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}, indent=1) + "\n")
+    return path
+
+
+def load_submission(sid: str) -> dict | None:
+    try:
+        return json.loads((kscale_home() / "submissions" / f"{sid}.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def list_submissions(limit: int = 20) -> list[dict]:
+    """The most recent submissions recorded on this machine, newest first."""
+    d = kscale_home() / "submissions"
+    files = sorted(d.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True) if d.is_dir() else []
+    out = []
+    for f in files[:limit]:
+        try:
+            out.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def absolute_spec_yaml(spec_path: str, cwd: str | None = None) -> str:
+    """The job YAML with ``output.path``, ``data.path`` and an existing local ``model.path`` made absolute,
+    so the driver (whose working dir is a temporary package on the head) writes where the user meant."""
+    base = Path(cwd or os.getcwd())
+    raw = yaml.safe_load(Path(spec_path).read_text())
+
+    def fix(section: str, must_exist: bool) -> None:
+        sec = raw.get(section)
+        p = sec.get("path") if isinstance(sec, dict) else None
+        if isinstance(p, str) and not p.startswith("debug:") and not Path(p).expanduser().is_absolute():
+            if not must_exist or (base / p).exists():
+                sec["path"] = str((base / p).resolve())
+
+    fix("output", False)
+    fix("data", False)
+    fix("model", True)
+    return yaml.safe_dump(raw, sort_keys=False)
+
+
+def absolute_output(spec: Any) -> str:
+    return str(Path(spec.output.path).expanduser().absolute())
+
+
+@dataclass
+class Run:
+    """What is known about one run from the command line's RUN argument (``cli_cluster.resolve_run``)."""
+
+    sid: str | None
+    record: dict | None       # $KSCALE_HOME/submissions/ID.json, when submitted from here
+    output: str | None        # the output path, when known
+    rec_dir: Path | None      # the record dir, when known
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def record_dir(spec: Any, output_path: str | None = None) -> Path:
+    """Where the run's records go: ``cluster.record_dir`` or ``<output.path>.cluster`` (absolute)."""
+    configured = cluster_of(spec).record_dir
+    base = Path(configured) if configured else Path(str(output_path or spec.output.path).rstrip("/") + ".cluster")
+    return base.expanduser().absolute()
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON record, or None when it is absent or half-written (writers replace files atomically)."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def read_progress(output_path: str | Path) -> dict | None:
+    return read_json(Path(output_path) / "_progress.json")
+
+
+def latest_state(rec_dir: Path) -> dict | None:
+    """The most recently updated ``*.state.json`` of a record dir."""
+    states = sorted(rec_dir.glob("*.state.json"), key=lambda p: p.stat().st_mtime) if rec_dir.is_dir() else []
+    return read_json(states[-1]) if states else None
+
+
+def format_progress(p: dict) -> str:
+    """One line: ``extract demo: running, shards 5/8 (2 skipped, 0 failed), 40 samples (3.2/s), 1.2 MB``."""
+    total = p.get("shards_total", 0)
+    finished = p.get("shards_done", 0) + p.get("shards_skipped", 0) + p.get("shards_failed", 0)
+    line = (f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}, shards {finished}/{total} "
+            f"({p.get('shards_skipped', 0)} skipped, {p.get('shards_failed', 0)} failed), "
+            f"{p.get('samples', 0)} samples ({p.get('samples_per_s', 0)}/s), {p.get('bytes', 0) / 1e6:.2f} MB")
+    return line + (f", updated {p['updated_at']}" if p.get("updated_at") else "")
+
+
+# ----------------------------------------------------------------------------- the driver wrapper
+
+
+def driver_command(python: str, spec_file: str, submission_id: str, target: str, rec_dir: str) -> list[str]:
+    """The command every target runs on the cluster: the wrapper around ``kscale submit SPEC``.
+    ``spec_file`` may be ``env:VAR`` for a spec shipped inline in the runtime environment."""
+    return [python, "-m", "kscale.executors.progress_files", "driver", "--id", submission_id,
+            "--target", target, "--record-dir", rec_dir, spec_file]
+
+
+def materialize_spec(spec_file: str, submission_id: str, rec_dir: Path) -> str:
+    """Keep the spec as run in the record dir (``ID.job.yaml``) and return the path the driver reads.
+    ``env:VAR`` takes the YAML text from the environment variable VAR (KubeRay's clusterSelector mode,
+    where no ConfigMap can be mounted into an existing cluster)."""
+    copy = rec_dir / f"{submission_id}.job.yaml"
+    if spec_file.startswith("env:"):
+        var = spec_file[4:]
+        if not os.environ.get(var):
+            raise SystemExit(f"kscale driver: environment variable {var} with the job spec is empty or unset")
+        copy.write_text(os.environ[var])
+        return str(copy)
+    if Path(spec_file).resolve() != copy.resolve():
+        copy.write_text(Path(spec_file).read_text())
+    return spec_file
+
+
+def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, python: str = sys.executable) -> int:
+    """Run ``kscale submit SPEC`` (which joins the cluster through ``RAY_ADDRESS``), tee its output into
+    ``ID.driver.log`` and record its state; return its exit code. SIGTERM/SIGINT are passed on, so
+    ``kscale stop``, ``scancel`` and Slurm's pre-timeout signal stop the driver cleanly."""
+    rec_dir.mkdir(parents=True, exist_ok=True)
+    spec_file = materialize_spec(spec_file, submission_id, rec_dir)
+    state_path = rec_dir / f"{submission_id}.state.json"
+    state = {"submission_id": submission_id, "target": target, "state": "RUNNING", "host": socket.gethostname(),
+             "pid": os.getpid(), "started_at": now(), "ray_address": os.environ.get("RAY_ADDRESS")}
+    write_json_atomic(state_path, state)
+    cmd = [python, "-m", "kscale.cli", "submit", spec_file, "--no-progress"]
+    print(f"kscale driver: {' '.join(cmd)} (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})", flush=True)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    stopped = []
+
+    def forward(signum: int, _frame: Any) -> None:
+        stopped.append(signum)
+        proc.send_signal(signum)
+
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, forward)
+    with open(rec_dir / f"{submission_id}.driver.log", "ab") as log:
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, b""):
+            sys.stdout.buffer.write(line)
+            sys.stdout.flush()
+            log.write(line)
+            log.flush()
+    code = proc.wait()
+    final = "SUCCEEDED" if code == 0 else ("STOPPED" if stopped else "FAILED")
+    write_json_atomic(state_path, {**state, "state": final, "exit_code": code, "ended_at": now()})
+    print(f"kscale driver: {final} (exit code {code}); records in {rec_dir}", flush=True)
+    return code
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kscale.executors.progress_files",
+                                 description="Cluster-side wrapper: run the kscale driver and keep its records.")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    d = sub.add_parser("driver", help="run `kscale submit SPEC` on the cluster, tee logs, record state")
+    d.add_argument("--id", required=True)
+    d.add_argument("--target", required=True, choices=["ray", "slurm", "k8s"])
+    d.add_argument("--record-dir", required=True)
+    d.add_argument("spec")
+    args = ap.parse_args(argv)
+    return run_driver(args.spec, args.id, args.target, Path(args.record_dir))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
