@@ -52,7 +52,7 @@ def _write_shards(args: tuple[str, int, int, int, int, int]) -> None:
     keys = rng.standard_normal((n_layers, tokens, H, D)).astype("float16")
     for s in range(a, b):
         w = writer(store, f"s{s:06d}", n_layers=n_layers, n_heads=H, head_dim=D, rope_rows=R, key_dtype="float16",
-                   chunk_tokens=4096)
+                   chunk_tokens=tokens)  # v1 pads a short shard's chunks to chunk_tokens rows: keep them equal
         for m, shift in (("text", 0.0), ("image", 0.5)):
             sid = np.repeat(np.arange(4 * s, 4 * s + 4), tokens // 4 + 1)[:tokens].astype("int64")
             w.append(m, keys + np.float16(shift), {
@@ -185,6 +185,7 @@ def main() -> None:
     ap.add_argument("--dir", default=None, help="where to write the stores (default: a temp dir, removed)")
     ap.add_argument("--no-analysis", action="store_true")
     ap.add_argument("--no-v1-analysis", action="store_true", help="measure the analysis on format-2 stores only")
+    ap.add_argument("--analysis-max", type=int, default=None, help="skip the analysis above this many shards")
     ap.add_argument("--keep", action="store_true", help="keep the stores; with --dir, a later run reuses them")
     a = ap.parse_args()
     base = Path(a.dir or tempfile.mkdtemp(prefix="kscale-scale-"))
@@ -199,7 +200,8 @@ def main() -> None:
                 path = base / f"v{version}-{n}"
                 reuse = a.keep and (path / "shards").is_dir()
                 write_s = float("nan") if reuse else write_store(path, n, a.tokens, version, unique=a.unique)
-                analyse = not a.no_analysis and not (version == 1 and a.no_v1_analysis)
+                analyse = not a.no_analysis and not (version == 1 and a.no_v1_analysis) and (
+                    a.analysis_max is None or n <= a.analysis_max)
                 print(json.dumps(measure(path, n, a.tokens, version, write_s, files_2 if version == 2 else None,
                                          analyse)), flush=True)
                 if not a.keep:

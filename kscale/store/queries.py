@@ -65,8 +65,9 @@ class QueryWriter:
         arr = self.arrays.get(modality)
         if arr is None:
             L, _, H, D = q.shape
+            c = min(self.chunk, n)  # a modality with fewer rows than a chunk: one unpadded chunk (as keys)
             arr = self.arrays[modality] = self.root.require_group(modality).create_array(
-                "queries", shape=(L, 0, H, D), chunks=(1, self.chunk, H, D), shards=(L, self.chunk, H, D),
+                "queries", shape=(L, 0, H, D), chunks=(1, c, H, D), shards=(L, c, H, D),
                 dtype=self.dtype, dimension_names=DIMS, compressors=[Crc32cCodec()])
         a = arr.shape[1]
         arr.resize((arr.shape[0], a + n, *arr.shape[2:]))

@@ -77,7 +77,10 @@ class _ModalityBuffer:
 
     def _create(self, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
         L, N, H, D = keys_LNHD.shape
-        c = self.chunk
+        # A first write is either whole chunks or, in a shard holding fewer than chunk_tokens rows of this
+        # modality, all of them: then one chunk of exactly N rows (a fixed chunk would pad the file to
+        # chunk_tokens rows: 115 MB per modality for a 7B model). Readers cut blocks at chunk_tokens either way.
+        c = min(self.chunk, N)
         compressors = [ZstdCodec(level=0), Crc32cCodec()] if self.w.compress_keys else [Crc32cCodec()]
         self.keys = self.g.create_array(
             "keys", data=keys_LNHD, chunks=(1, c, H, D), shards=(L, c, H, D), dimension_names=list(KEY_DIMS),
