@@ -50,6 +50,9 @@ TABLE_COLUMNS = {  # the reader's token columns and their dtypes (v1: one array 
 KEY_DIMS = ("layer", "token", "kv_head", "head_dim")
 TOKEN_DIMS = ("token", "field")
 INDEX_FILE = "_index.json"
+# Zarr array options of every layout-2 array: flat chunk files (``c.0.3.0.0``, the names readers and
+# markers use) and no scan for all-fill chunks (every chunk is written: a missing file is damage).
+FLAT_CHUNKS = {"chunk_key_encoding": {"name": "default", "separator": "."}, "config": {"write_empty_chunks": True}}
 MARKER_SUFFIX = ".done.json"
 
 

@@ -27,7 +27,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from kscale.models import MODALITY_CODES
-from kscale.store.layout import MODALITIES, keys_chunk_file, shard_dir, staging_dir
+from kscale.store.layout import FLAT_CHUNKS, MODALITIES, keys_chunk_file, shard_dir, staging_dir
 from kscale.store.reader import KeyStore, StoreError
 
 DIMS = ["layer", "token", "q_head", "head_dim"]
@@ -68,7 +68,7 @@ class QueryWriter:
             c = min(self.chunk, n)  # a modality with fewer rows than a chunk: one unpadded chunk (as keys)
             arr = self.arrays[modality] = self.root.require_group(modality).create_array(
                 "queries", shape=(L, 0, H, D), chunks=(1, c, H, D), shards=(L, c, H, D),
-                dtype=self.dtype, dimension_names=DIMS, compressors=[Crc32cCodec()])
+                dtype=self.dtype, dimension_names=DIMS, compressors=[Crc32cCodec()], **FLAT_CHUNKS)
         a = arr.shape[1]
         arr.resize((arr.shape[0], a + n, *arr.shape[2:]))
         arr[:, a:a + n] = q[:, :n]

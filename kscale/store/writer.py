@@ -35,11 +35,8 @@ import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from kscale.output import create_json_exclusive, read_json, write_json_atomic
-from kscale.store.layout import (KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS, marker_path, shard_dir,
-                                 staging_dir, token_fields)
-
-# Flat chunk files (no directory per index) and no scan for all-fill chunks: keys are never empty.
-_FAST = {"chunk_key_encoding": {"name": "default", "separator": "."}, "config": {"write_empty_chunks": True}}
+from kscale.store.layout import (FLAT_CHUNKS, KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
+                                 marker_path, shard_dir, staging_dir, token_fields)
 
 
 class ShardCommitted(RuntimeError):
@@ -84,11 +81,11 @@ class _ModalityBuffer:
         compressors = [ZstdCodec(level=0), Crc32cCodec()] if self.w.compress_keys else [Crc32cCodec()]
         self.keys = self.g.create_array(
             "keys", data=keys_LNHD, chunks=(1, c, H, D), shards=(L, c, H, D), dimension_names=list(KEY_DIMS),
-            compressors=compressors, **_FAST)
+            compressors=compressors, **FLAT_CHUNKS)
         self.table = self.g.create_array(
             "tokens", data=table_NF, chunks=(c, table_NF.shape[1]), dimension_names=list(TOKEN_DIMS),
             compressors=[ZstdCodec(level=0), Crc32cCodec()], attributes={"fields": list(token_fields(self.w.R))},
-            **_FAST)
+            **FLAT_CHUNKS)
 
     def append(self, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
         self.pending_keys.append(keys_LNHD)
