@@ -286,7 +286,7 @@ def test_killed_writer_staging_is_cleared_and_never_read(tmp_path):
 def test_a_short_shard_is_not_padded_to_chunk_tokens(tmp_path):
     w = ShardWriter(tmp_path / "s", "s000000", n_layers=28, n_heads=H, head_dim=D, rope_rows=R, key_dtype="float16",
                     chunk_tokens=4096)
-    k, cols = shard_data(0, "image", 10)
+    _, cols = shard_data(0, "image", 10)
     w.append("image", np.zeros((28, 10, H, D), "float16"), cols)
     files = w.commit({}, [])["files"]
     assert files["image/keys/c.0.0.0.0"] < 28 * 10 * H * D * 2 + 1024  # not 28 * 4096 rows
