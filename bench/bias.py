@@ -9,7 +9,10 @@ measure alone, and everything. The cost is in forward passes per batch:
 
 so it grows linearly with the number of counterfactual conditions and with orders x fractions.
 
-    python bench/bias.py [n_samples]
+    python bench/bias.py [n_samples] [repeats]
+
+Every case runs ``repeats`` times (default 5) after one warm-up of the plain forward; the table shows the
+median time (and the spread min-max), so one slow run on a shared machine does not set the ratio.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def main(n: int = 48) -> None:
+def main(n: int = 48, repeats: int = 5) -> None:
+    import statistics
+
     import torch
 
     from kscale.bias.plan import BiasShard
@@ -64,16 +69,20 @@ def main(n: int = 48) -> None:
     cases.append(("everything (demo_bias.yaml)", full, None))
     plain()  # warm-up
     base = None
-    print(f"{n} samples, tiny Qwen2.5-VL, 112 px images (16 image tokens), 1 thread")
-    print(f"{'case':58s} {'samples/s':>10s} {'x plain':>8s} {'tokens/s':>9s}")
+    print(f"{n} samples, tiny Qwen2.5-VL, 112 px images (16 image tokens), 1 thread, median of {repeats} runs")
+    print(f"{'case':58s} {'samples/s':>10s} {'x plain':>8s} {'tokens/s':>9s} {'min-max s':>13s}")
     for name, s, fn in cases:
-        state.tokens_scored = 0
-        t0 = time.perf_counter()
-        fn() if fn else score_records(s, state, shard, recs)
-        dt = time.perf_counter() - t0
+        times = []
+        for _ in range(repeats):
+            state.tokens_scored = 0
+            t0 = time.perf_counter()
+            fn() if fn else score_records(s, state, shard, recs)
+            times.append(time.perf_counter() - t0)
+        dt = statistics.median(times)
         base = base or dt
-        print(f"{name:58s} {n / dt:10.1f} {dt / base:8.1f} {state.tokens_scored / dt:9.0f}")
+        print(f"{name:58s} {n / dt:10.1f} {dt / base:8.1f} {state.tokens_scored / times[-1]:9.0f} "
+              f"{min(times):6.2f}-{max(times):<6.2f}")
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 48)
+    main(*(int(a) for a in sys.argv[1:3]))

@@ -16,9 +16,9 @@ from kscale.results import StageResult
 from kscale.spec import SpecError, load_spec
 
 
-def _load(path: str):
+def _load(path: str, overrides: tuple[str, ...] = ()):
     try:
-        return load_spec(path)
+        return load_spec(path, overrides=overrides)
     except SpecError as e:
         click.echo(str(e), err=True)
         sys.exit(2)
@@ -46,18 +46,23 @@ def print_summary(result: StageResult) -> None:
 @click.option("--dry-run", is_flag=True, help="Print what would be submitted (slurm/k8s) and stop.")
 @click.option("--force", is_flag=True, help="Submit a new run even if the same job was submitted before.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
-def submit(job: str, target: str | None, address: str | None, dry_run: bool, force: bool, no_progress: bool) -> None:
-    """Run JOB (a YAML spec) here or on a cluster."""
-    spec = _load(job)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a spec field (repeatable), e.g. --set data.n_samples=8 --set extract.layers=[0,2]; "
+                   "values are YAML, validated like the file, and recorded with the run.")
+def submit(job: str, target: str | None, address: str | None, dry_run: bool, force: bool, no_progress: bool,
+           overrides: tuple[str, ...]) -> None:
+    """Run JOB (a YAML spec) here or on a cluster. Local runs are recorded like cluster runs: see
+    `kscale list`, `status`, `logs -f` and `stop`; Ctrl-C or `kscale stop` stops cleanly, a rerun resumes."""
+    spec = _load(job, overrides)
     env_address = os.environ.get("RAY_ADDRESS") or None
     # An http(s) address is a Jobs API endpoint to submit to; any other RAY_ADDRESS (set by Ray inside a
     # cluster job, or "auto") means: run the driver here and join that cluster.
     if address is None and target is None and env_address and env_address.startswith(("http://", "https://")):
         address = env_address
     if target in ("slurm", "k8s", "ray") or address:
-        from kscale.cli_cluster import submit_remote
+        from kscale.cli_cluster import submit_remote, with_overrides
 
-        sys.exit(submit_remote(job, spec, target or "ray", address, dry_run, force))
+        sys.exit(submit_remote(with_overrides(job, overrides), spec, target or "ray", address, dry_run, force))
     from kscale.runner import run_job
 
     sched = os.environ.get("KSCALE_DASK_SCHEDULER_FILE")
@@ -67,22 +72,69 @@ def submit(job: str, target: str | None, address: str | None, dry_run: bool, for
         dask_cfg = dataclasses.replace(spec.analyze.dask, scheduler="distributed", scheduler_file=sched)
         spec = dataclasses.replace(spec, analyze=dataclasses.replace(spec.analyze, dask=dask_cfg))
     from kscale.output import OutputError
+    from kscale.targets.local import LocalRun
 
+    in_cluster_driver = bool(os.environ.get("KSCALE_SUBMISSION_ID"))  # the cluster wrapper keeps the records
+    record = LocalRun(spec, job, overrides) if not in_cluster_driver else None
     try:
-        result = run_job(spec, address=env_address, show_bar=not no_progress)
-    except OutputError as e:  # the output is foreign, exists under 'fail', or another run holds it
-        click.echo(f"kscale submit: {type(e).__name__}: {e}", err=True)
-        sys.exit(2)
-    print_summary(result)
-    sys.exit(1 if result.failed else 0)
+        with (record if record is not None else _nullcontext()):
+            try:
+                result = run_job(spec, address=env_address, show_bar=not no_progress)
+            except OutputError as e:  # the output is foreign, exists under 'fail', or another run holds it
+                click.echo(f"kscale submit: {type(e).__name__}: {e}", err=True)
+                if record is not None:
+                    record.finish(2, message=str(e))
+                sys.exit(2)
+            print_summary(result)
+            code = 1 if result.failed else 0
+            if record is not None:
+                record.finish(code)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(code)
+
+
+def _nullcontext():
+    from contextlib import nullcontext
+
+    return nullcontext()
+
+
+@main.command("list")
+@click.option("-n", "limit", default=20, show_default=True, help="How many runs.")
+@click.option("--json", "as_json", is_flag=True, help="Print the records as JSON.")
+def list_runs(limit: int, as_json: bool) -> None:
+    """Runs recorded on this machine (local and cluster), newest first, with their state."""
+    from kscale.targets import records
+
+    rows = records.list_runs(limit)
+    if as_json:
+        click.echo(json.dumps(rows, indent=1, default=str))
+        return
+    if not rows:
+        click.echo("kscale: no runs recorded in " + str(records.kscale_home()))
+        return
+    for r in rows:
+        where = r.get("address") or r.get("slurm_job_id") or r.get("namespace") or r.get("host") or ""
+        click.echo(f"{r['id']:44s} {r['target']:6s} {str(r.get('state') or '?'):10s} {str(where):22s} "
+                   f"{r.get('saved_at', '')}  {r.get('output', '')}")
+
+
+@main.command()
+def schema() -> None:
+    """Print a JSON Schema of the job spec (for editor completion: yaml-language-server, VS Code)."""
+    from kscale.spec_schema import json_schema
+
+    click.echo(json.dumps(json_schema(), indent=1))
 
 
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--explain", is_flag=True, help="Also print every field with its type, default and meaning.")
-def validate(job: str, explain: bool) -> None:
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Override a field, as in submit.")
+def validate(job: str, explain: bool, overrides: tuple[str, ...]) -> None:
     """Check JOB and report every problem with its dotted field."""
-    spec = _load(job)
+    spec = _load(job, overrides)
     click.echo(f"{job}: ok (kind {spec.kind}, fingerprint {spec.fingerprint()})")
     if explain:
         from kscale.spec import explain as rows
@@ -146,7 +198,7 @@ def verify(store: str, repair: bool, quick: bool, workers: int, as_json: bool) -
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def report(run_dir: str) -> None:
-    """Rebuild RUN_DIR/report.html from an analysis or bias run's tables."""
+    """Rebuild RUN_DIR/report.html from an analysis, bias or train run's tables."""
     from pathlib import Path
 
     run = Path(run_dir)
@@ -155,9 +207,11 @@ def report(run_dir: str) -> None:
         from kscale.bias.report import build_report
     elif (run / "results.parquet").is_file():
         from kscale.analysis.report import build_report
+    elif (run / "metrics.jsonl").is_file() or (run / "eval.json").is_file():
+        from kscale.train.report import build_report
     else:
-        click.echo(f"kscale report: {run_dir!r} is neither an analysis run (results.parquet) nor a bias run "
-                   "(bias.json)", err=True)
+        click.echo(f"kscale report: {run_dir!r} is neither an analysis run (results.parquet), a bias run "
+                   "(bias.json) nor a train run (metrics.jsonl)", err=True)
         sys.exit(2)
     click.echo(str(build_report(run)))
 

@@ -30,6 +30,25 @@ def _err(text: str) -> None:
     click.echo(text, err=True)
 
 
+def with_overrides(spec_path: str, overrides: tuple[str, ...]) -> str:
+    """The job YAML to ship to a cluster: ``spec_path`` itself, or (with ``--set``) the YAML with the
+    overrides applied, kept in ``$KSCALE_HOME/specs/`` so the cluster runs exactly what was validated."""
+    if not overrides:
+        return spec_path
+    import hashlib
+
+    import yaml
+
+    from kscale.spec import apply_overrides
+
+    raw, _ = apply_overrides(yaml.safe_load(Path(spec_path).read_text()), overrides)  # validated by load_spec
+    text = yaml.safe_dump(raw, sort_keys=False)
+    out = records.kscale_home() / "specs" / f"{Path(spec_path).stem}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(f"# {spec_path} with --set {' --set '.join(overrides)}\n" + text)
+    return str(out)
+
+
 def submit_remote(spec_path: str, spec: Any, target: str, address: str | None, dry_run: bool, force: bool) -> int:
     """``kscale submit`` for ``--target slurm|k8s`` or a Ray Jobs API address; prints, returns the exit code."""
     t = get_target(target)
@@ -51,7 +70,7 @@ def resolve_run(arg: str | None) -> Run:
     if arg is None:
         recent = records.list_submissions(1)
         if not recent:
-            raise click.UsageError("no RUN given and no submissions recorded on this machine")
+            raise click.UsageError("no RUN given and no runs recorded on this machine")
         arg = recent[0]["id"]
     p = Path(arg)
     if p.is_dir():
@@ -100,13 +119,14 @@ def _target(run: Run, address: str | None) -> Target | None:
 def status(run: str | None, address: str | None, as_json: bool) -> None:
     """State and progress of RUN (submission id, job YAML or run directory); no RUN: recent submissions."""
     if run is None and not as_json:
-        subs = records.list_submissions()
+        subs = records.list_runs()
         if not subs:
-            _say("kscale: no submissions recorded on this machine")
+            _say("kscale: no runs recorded on this machine")
             return
         for s in subs:
-            where = s.get("address") or s.get("slurm_job_id") or s.get("namespace") or ""
-            _say(f"{s['id']:44s} {s['target']:6s} {str(where):26s} {s.get('saved_at', '')}  {s.get('output', '')}")
+            where = s.get("address") or s.get("slurm_job_id") or s.get("namespace") or s.get("host") or ""
+            _say(f"{s['id']:44s} {s['target']:6s} {str(s.get('state') or '?'):10s} {str(where):22s} "
+                 f"{s.get('saved_at', '')}  {s.get('output', '')}")
         return
     r = resolve_run(run)
     t = _target(r, address)
@@ -139,7 +159,7 @@ def _print_status(info: dict) -> None:
     c = info.get("cluster")
     if c:
         extra = "".join(f", {k} {v}" for k, v in c.items() if k != "status" and v)
-        _say(f"cluster   {c.get('status')}{extra}")
+        _say(f"{'cluster' if info.get('target') != 'local' else 'local':9s} {c.get('status')}{extra}")
     d = info.get("driver")
     if d:
         _say(f"driver    {d.get('state')} on {d.get('host')} since {d.get('started_at')}"

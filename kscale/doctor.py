@@ -60,6 +60,48 @@ def check_output(path: str | None) -> list[Finding]:
     return [Finding("output", "ok", f"{p} is writable"), Finding("disk", level, f"{free_gb:.1f} GB free at {probe}", fix)]
 
 
+def extract_disk_need(spec: Any) -> tuple[float, str] | None:
+    """An upper bound on an extract job's key bytes, with how it was computed; None for other kinds or when
+    the model or data cannot be read here. Tokens per sample: the sum of ``extract.sample_tokens`` caps
+    when every modality is capped, else ``extract.max_seq_len``."""
+    if spec is None or spec.kind != "extract" or spec.extract is None:
+        return None
+    try:
+        from kscale.data import open_source
+        from kscale.models import read_model_config, resolve_layers
+
+        info = read_model_config(spec.model)
+        n = len(open_source(spec.data))
+        layers = len(resolve_layers(spec.extract.layers, info.num_layers, "extract.layers"))
+    except Exception:  # noqa: BLE001  (doctor reports what it can; validate names the problem)
+        return None
+    heads = info.num_kv_heads if spec.extract.heads == "all" else len(spec.extract.heads)
+    caps = [getattr(spec.extract.sample_tokens, m) for m in ("text", "image", "video", "special")]
+    tokens = sum(caps) if all(isinstance(c, int) for c in caps) else spec.extract.max_seq_len
+    width = 2 if spec.extract.key_dtype == "float16" else 4
+    need = n * tokens * layers * heads * info.head_dim * width
+    how = (f"{n} samples x <= {tokens} tokens x {layers} layers x {heads} KV heads x {info.head_dim} dims x "
+           f"{width} B")
+    return need, how
+
+
+def check_disk_need(spec: Any) -> list[Finding]:
+    """Compare the extract job's key-bytes bound with the free space at its output (warn when short)."""
+    est = extract_disk_need(spec)
+    if est is None:
+        return []
+    need, how = est
+    probe = Path(spec.output.path).expanduser().absolute()
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    text = f"keys need at most {need / 1e9:.2f} GB ({how}); {free / 1e9:.1f} GB free at {probe}"
+    if need > free:
+        return [Finding("disk-need", "warn", text, "free space, cap extract.sample_tokens, select fewer layers, "
+                                                    "or move output.path")]
+    return [Finding("disk-need", "ok", text)]
+
+
 # ----------------------------------------------------------------------------- inside a Ray cluster (the probe job)
 
 
@@ -92,6 +134,8 @@ def probe(workers: int, gpus_per_worker: float, cpus_per_worker: float, timeout:
 def run_checks(spec: Any | None, target: str, address: str | None, spec_path: str | None = None) -> list[Finding]:
     findings = check_versions(installed_versions())
     findings += check_output(spec.output.path if spec is not None else None)
+    if target in ("local", "ray") or address:  # on Slurm/K8s the output lives elsewhere
+        findings += check_disk_need(spec)
     t = get_target(target)
     findings += t.checks(spec, spec_path, address)
     if address and t.name != "ray":  # --address with another target: check that cluster too

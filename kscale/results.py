@@ -53,6 +53,7 @@ class ShardedResult(StageResult):
     samples_per_s: float
     started_at: str
     updated_at: str
+    retried: dict[str, list[str]] = field(default_factory=dict)  # shard -> the error of each failed attempt
 
     @classmethod
     def progress_fields(cls, snapshot: dict[str, Any]) -> dict[str, Any]:

@@ -47,20 +47,66 @@ def ray_session(spec: JobSpec, address: str | None, dashboard: bool = True, quie
     if ray.is_initialized():
         yield None
         return
+    import signal
+
+    reaper = None
+    our_sigterm = signal.getsignal(signal.SIGTERM)  # ray.init replaces it with one that exits the process
     if address:
         ctx = ray.init(address=address, log_to_driver=True)
     else:
         r = spec.resources
         need_cpus = max(os.cpu_count() or 1, int(r.workers * r.cpus_per_worker + 0.999))
-        ctx = ray.init(num_cpus=need_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                       log_to_driver=True, configure_logging=True, logging_level="warning")
+        with _loopback_only():
+            ctx = ray.init(num_cpus=need_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                           _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=True,
+                           logging_level="warning")
+        from kscale.targets.reaper import start_reaper
+
+        reaper = start_reaper()
+    if callable(our_sigterm):  # the CLI's clean stop (kscale.targets.local): KeyboardInterrupt, then shutdown
+        signal.signal(signal.SIGTERM, our_sigterm)
     url = getattr(ctx, "dashboard_url", None)
     if url and not quiet:
-        print(f"kscale: Ray dashboard at http://{url}", file=sys.stderr, flush=True)
+        print(f"kscale: Ray dashboard at http://{url}" + ("" if address else dashboard_hint()),
+              file=sys.stderr, flush=True)
     try:
         yield ctx
     finally:
         ray.shutdown()
+        if reaper is not None:
+            from kscale.targets.reaper import stop_reaper
+
+            stop_reaper(reaper)
+
+
+def dashboard_hint() -> str:
+    """How to get past the dashboard's "Authentication Token Required" (Ray's token auth, on by default)."""
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if token.is_file():
+        return f" (token: `cat {token}`, paste it into the dashboard's prompt)"
+    return ""
+
+
+@contextmanager
+def _loopback_only():
+    """Make an embedded Ray bind every port to 127.0.0.1. On Linux Ray turns a 127.0.0.1 node address into the
+    routable one and its servers listen on all interfaces, unless "clusters" are disabled: the
+    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` switch (read by Ray's processes at start, and by this driver
+    through ``ray_constants``). Restored afterwards so a later ``ray.init(address=...)`` behaves normally."""
+    from ray._private import ray_constants
+
+    var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    old_env, old_const = os.environ.get(var), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[var] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_const
+        if old_env is None:
+            os.environ.pop(var, None)
+        else:
+            os.environ[var] = old_env
 
 
 def make_executor(spec: JobSpec, stage_module: str, show_bar: bool = True):
@@ -88,16 +134,16 @@ def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True,
     if spec.kind == "analyze":
         from kscale.analysis.run import run_analyze
 
-        return run_analyze(spec)
+        return _record_final(spec, run_analyze(spec))
     if spec.kind == "train":
         if spec.resources.executor == "ray":  # Ray Train's TorchTrainer hosts the DeepSpeed workers
             from kscale.train.ray_train import run_train_on_ray
 
             with ray_session(spec, address, dashboard):
-                return run_train_on_ray(spec)
+                return _record_final(spec, run_train_on_ray(spec))
         from kscale.train.run import run_train
 
-        return run_train(spec)
+        return _record_final(spec, run_train(spec))
     if spec.kind == "bias":
         from kscale.bias.run import run_bias
 
@@ -113,3 +159,20 @@ def _maybe_ray(spec: JobSpec, address: str | None, dashboard: bool):
             yield
     else:
         yield
+
+
+def _record_final(spec: JobSpec, result: StageResult) -> StageResult:
+    """Stages without a shard pool (analyze, train) leave their final summary in ``<output>/_progress.json``
+    too, so ``kscale status`` reports a finished run instead of "none yet"."""
+    import json
+    import time
+
+    from kscale.output import write_json_atomic
+
+    out = Path(spec.output.path)
+    if out.is_dir():
+        write_json_atomic(out / "_progress.json", {
+            "job": spec.name, "stage": spec.kind, "state": "failed" if result.failed else "succeeded",
+            "summary": result.summary_line(), "result": json.loads(json.dumps(result.to_dict(), default=str)),
+            "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return result

@@ -497,8 +497,9 @@ def check_against_model(spec: JobSpec) -> list[tuple[str, str]]:
     return out
 
 
-def load_spec(path: str | Path, check_model: bool = True) -> JobSpec:
-    """Read a job YAML (safe loading only) into a validated, frozen JobSpec."""
+def load_spec(path: str | Path, check_model: bool = True, overrides: tuple[str, ...] | list[str] = ()) -> JobSpec:
+    """Read a job YAML (safe loading only) into a validated, frozen JobSpec; ``overrides`` are
+    ``a.b=c`` strings (``kscale submit --set``) applied to the YAML before validation."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -508,7 +509,48 @@ def load_spec(path: str | Path, check_model: bool = True) -> JobSpec:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise SpecError([("", f"malformed YAML: {e}")], str(p)) from e
-    return spec_from_dict(raw, str(p), check_model=check_model)
+    if not overrides:
+        return spec_from_dict(raw, str(p), check_model=check_model)
+    raw, bad = apply_overrides(raw, overrides)
+    try:
+        spec = spec_from_dict(raw, str(p), check_model=check_model)
+    except SpecError as e:  # every problem at once: the malformed overrides and the spec's own
+        raise SpecError(bad + e.problems, str(p)) from None
+    if bad:
+        raise SpecError(bad, str(p))
+    return spec
+
+
+def apply_overrides(raw: Any, overrides: tuple[str, ...] | list[str]) -> tuple[dict, list[tuple[str, str]]]:
+    """Set each ``a.b=c`` (the value parsed as a YAML scalar or flow value: ``8`` is an int, ``[0, 3]`` a
+    list, ``null`` None) in a copy of the raw YAML mapping, validated afterwards like any YAML; returns the
+    copy and the problems of the overrides that could not be applied."""
+    import copy
+
+    raw = copy.deepcopy(raw) if isinstance(raw, dict) else {}
+    problems = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            problems.append(("--set", f"{item[:80]!r} is not KEY=VALUE with a dotted KEY (e.g. data.n_samples=8)"))
+            continue
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as e:
+            problems.append((key, f"--set value {text[:80]!r} is not a YAML value: {e}"))
+            continue
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if node.get(part) is None:
+                node[part] = {}
+            if not isinstance(node[part], dict):
+                problems.append((key, f"--set: {'.'.join(parts[:i + 1])} is not a section"))
+                break
+            node = node[part]
+        else:
+            node[parts[-1]] = value
+    return raw, problems
 
 
 def explain(cls: type = JobSpec, prefix: str = "") -> list[tuple[str, str, str, str]]:

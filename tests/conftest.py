@@ -15,6 +15,8 @@ os.environ.setdefault("KSCALE_CACHE", str(REPO / ".cache" / "kscale"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# every `kscale submit` records its run under $KSCALE_HOME: keep the tests' records out of the user's ~/.kscale
+os.environ.setdefault("KSCALE_HOME", __import__("tempfile").mkdtemp(prefix="kscale-home-"))
 
 require_gpu = pytest.mark.skipif(
     not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU (run on the lent GPU machine)")

@@ -28,6 +28,20 @@ class MMDConfig:
         "multiples of the median-heuristic bandwidth (one matrix product serves all)",
         factory=lambda: [0.5, 1.0, 2.0], gt=0)
     median_subsample: int = doc("tokens per modality for the median heuristic and standardisation", 2000, ge=10)
+    estimator: Literal["block", "token"] = doc(
+        "block: U-statistic leaving out every pair of tokens within one sample (tokens of a sample are "
+        "dependent); token: leaves out only i = j (biased under within-sample dependence)", "block")
+    bandwidth_policy: Literal["per_target", "per_layer", "fixed", "reference"] = doc(
+        "where the median bandwidth and standardisation come from: per_target (each head, and heads pooled), "
+        "per_layer (all selected heads pooled, shared by the layer's rows), fixed (mmd.bandwidths), reference "
+        "(per layer from mmd.reference_store's pool, shared by every store)", "per_target")
+    bandwidths: dict[str, float] = doc(
+        "bandwidth per normalisation for bandwidth_policy fixed, e.g. {none: 3.0, l2: 1.1}", factory=dict)
+    reference_store: str | None = doc(
+        "store whose pools set bandwidths for policy reference (default: the first)", None)
+    backend: Literal["auto", "numpy", "torch"] = doc(
+        "random features in numpy, or torch (on the worker's GPU when it has one); auto: torch where CUDA is "
+        "visible, else numpy", "auto")
     compute_dtype: Literal["float32", "float64"] = doc(
         "dtype of cos/sin; projections and sums are always float64", "float32")
     batch_rows: int = doc("rows per feature batch inside a chunk (bounds the N x D temporaries)", 2048)
@@ -48,6 +62,8 @@ class JSDConfig:
     mlp_hidden: int = doc("hidden width of the MLP probe", 128)
     epochs: int = doc("passes over the training buckets", 3)
     min_steps: int = doc("minimum Adam steps per epoch (small runs)", 300)
+    max_passes: int = doc("cap on passes over a chunk's training tokens per epoch (bounds min_steps on tiny "
+                          "stores)", 20, ge=1)
     batch_size: int = doc("minibatch size per modality", 512)
     lr: float = doc("Adam learning rate", 2e-3)
     max_train_tokens: int = doc("cap on training tokens per modality and epoch (streamed)", 200_000)
@@ -110,13 +126,19 @@ class AnalyzeConfig:
     embed: EmbedConfig = doc("t-SNE / PCA pictures", factory=EmbedConfig)
     paper_mode: PaperConfig = doc("published conventions", factory=PaperConfig)
     dask: DaskConfig = doc("where the streaming runs", factory=DaskConfig)
-    seed: int = doc("seeds frequencies, subsamples, buckets and probes", 0)
+    seed: int = doc("seeds every random choice: frequencies, subsamples, bandwidth pools, buckets, head shuffles, "
+                    "histogram directions, probes and t-SNE (recorded in meta.json and rows)", 0)
 
     def validate(self) -> list[tuple[str, str]]:
         """Cross-field rules; choices and bounds are declared on the fields (checked by the loader)."""
         problems: list[tuple[str, str]] = []
         if not self.stores:
             problems.append(("stores", "at least one key store path is needed"))
+        if self.mmd.bandwidth_policy == "fixed":
+            for how in self.mmd.normalisations:
+                if not self.mmd.bandwidths.get(how, 0) > 0:
+                    problems.append((f"mmd.bandwidths.{how}", "bandwidth_policy fixed needs a bandwidth > 0 "
+                                                               "for every normalisation"))
         if self.dask.scheduler == "distributed" and self.dask.address and self.dask.scheduler_file:
             problems.append(("dask.address", "give address or scheduler_file, not both"))
         return problems

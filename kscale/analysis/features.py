@@ -8,14 +8,17 @@ multivariate Cauchy, the spectral density of exp(-|x-y|_2 / s)), the bandwidth `
 heuristic and a multiple ``m``. One product ``X U^T`` therefore serves both kernels and every multiple;
 L2 normalisation rescales its rows and only standardisation needs its own product.
 
-:func:`chunk_sums` turns one chunk of keys into :class:`Sums`: per sample-bucket sums of the cos and
-sin features, of the keys themselves (linear kernel), histogram counts (JSD) and, for small runs,
-per-sequence sums (permutation tests). Sums merge by addition, so chunks, threads and dask workers
-reduce exactly (up to float64 summation order), and memory never depends on the number of tokens.
+:func:`chunk_sums` turns one joint block (whole samples, every modality: ``source.joint_items``) into
+:class:`TargetSums` per target: per sample-bucket sums of the cos and sin features, of the keys
+themselves (linear kernel) and histogram counts (JSD); and, from per-sample sums S_s, the within-sample
+terms the sample-block estimators subtract: sum_s |S_s|^2 per modality, sum_s S_s(image).S_s(text)
+across modalities, sum_s n_s^2 and sum_s n_s m_s. Per-sample sums of the primary config are kept for
+permutation tests while the samples are few. Sums merge by addition, so blocks, threads and dask
+workers reduce exactly (up to float64 summation order), and memory never depends on the number of tokens.
 
 Shapes: N tokens (a batch), H heads of a head group, d head dim, D frequencies, C feature configs
 (normalisation x kernel x multiple), M normalisations, K sample buckets, P histogram columns, B bins,
-R runs (maximal spans of one sample within a chunk).
+S samples of a block, U sequences (sample, modality) kept for permutations.
 """
 
 from __future__ import annotations
@@ -23,6 +26,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from kscale.analysis.source import Buckets, TableBuckets
 
 RF_KERNELS = ("rbf", "laplacian")
 
@@ -89,52 +94,87 @@ class ChunkPlan:
     configs: list[FeatureConfig]
     normalisations: list[str]  # for the linear kernel sums (empty: off)
     targets: dict[int, TargetPlan]  # target id (head, or -1 pooled) -> plan
-    bucket_ids: np.ndarray  # sorted unique sample ids
-    bucket_of: np.ndarray  # bucket of each id in bucket_ids
-    n_buckets: int
+    buckets: Buckets | TableBuckets
     dtype: str = "float32"
     batch_rows: int = 2048
-    collect_units: bool = False  # per-sequence sums of configs[0], for permutation tests
+    max_units: int = 0  # keep per-sequence sums of configs[0] while there are at most this many
+    backend: str = "numpy"  # numpy | torch (torch: on the worker's GPU when it has one)
+
+    @property
+    def n_buckets(self) -> int:
+        return self.buckets.n_buckets
 
 
 @dataclass
 class Sums:
-    """Mergeable sufficient statistics of one target and one modality (see module docstring)."""
+    """Mergeable sufficient statistics of one target and one modality (see module docstring).
+
+    ``rfself_KCD`` / ``linself_KM`` are sum_s |S_s|^2 over samples (per frequency for random features),
+    ``nsq_K`` is sum_s n_s^2: what the sample-block U-statistic leaves out of sum_{i != j}.
+    """
 
     count_K: np.ndarray
+    samples_K: np.ndarray
+    nsq_K: np.ndarray
     rf_KC2D: np.ndarray
+    rfself_KCD: np.ndarray
     lin_KMd: np.ndarray
     linsq_KM: np.ndarray
+    linself_KM: np.ndarray
     hist_KPB: np.ndarray
     unit_ids: list[np.ndarray] = field(default_factory=list)
-    unit_rf: list[np.ndarray] = field(default_factory=list)  # (R, 2, D) each
+    unit_rf: list[np.ndarray] = field(default_factory=list)  # (S, 2, D) each
     unit_count: list[np.ndarray] = field(default_factory=list)
+    units_dropped: bool = False
 
-    def merge(self, other: Sums) -> Sums:
-        return Sums(
-            self.count_K + other.count_K, self.rf_KC2D + other.rf_KC2D, self.lin_KMd + other.lin_KMd,
-            self.linsq_KM + other.linsq_KM, self.hist_KPB + other.hist_KPB,
-            self.unit_ids + other.unit_ids, self.unit_rf + other.unit_rf,
-            self.unit_count + other.unit_count,
-        )
+    def merge(self, other: Sums, max_units: int = 0) -> Sums:
+        """Add ``other`` into these sums, in place (the reducer owns its accumulator), and return them."""
+        drop = self.units_dropped or other.units_dropped or (
+            sum(map(len, self.unit_ids)) + sum(map(len, other.unit_ids)) > max_units)
+        for name in _ARRAYS:
+            getattr(self, name).__iadd__(getattr(other, name))
+        for name in ("unit_ids", "unit_rf", "unit_count"):
+            setattr(self, name, [] if drop else getattr(self, name) + getattr(other, name))
+        self.units_dropped = drop
+        return self
 
     def units(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ids_U, rf_U2D, count_U): per-sequence sums with runs of one sample joined."""
-        ids_R = np.concatenate(self.unit_ids)
-        ids_U, inv_R = np.unique(ids_R, return_inverse=True)
-        rf_U2D = np.zeros((len(ids_U),) + self.unit_rf[0].shape[1:])
-        np.add.at(rf_U2D, inv_R, np.concatenate(self.unit_rf))
-        return ids_U, rf_U2D, np.bincount(inv_R, weights=np.concatenate(self.unit_count))
+        """(ids_U, rf_U2D, count_U): per-sequence sums (a sample lies in one block: no joins)."""
+        return np.concatenate(self.unit_ids), np.concatenate(self.unit_rf), np.concatenate(self.unit_count)
+
+
+_ARRAYS = ("count_K", "samples_K", "nsq_K", "rf_KC2D", "rfself_KCD", "lin_KMd", "linsq_KM", "linself_KM",
+           "hist_KPB")
+
+
+@dataclass
+class TargetSums:
+    """One target's Sums per modality and the cross-modal within-sample terms of the sample-block
+    cross comparison: ``rfcross_KCD`` = sum_s S_s(x).S_s(y) per frequency, ``lincross_KM`` likewise for
+    keys, ``ncross_K`` = sum_s n_s m_s, ``union_K`` = samples with tokens of either modality."""
+
+    by_mod: dict[str, Sums]
+    rfcross_KCD: np.ndarray
+    lincross_KM: np.ndarray
+    ncross_K: np.ndarray
+    union_K: np.ndarray
+
+    def merge(self, other: TargetSums, max_units: int = 0) -> TargetSums:
+        """Add ``other`` in place and return self."""
+        for m, s in self.by_mod.items():
+            s.merge(other.by_mod[m], max_units)
+        for name in ("rfcross_KCD", "lincross_KM", "ncross_K", "union_K"):
+            getattr(self, name).__iadd__(getattr(other, name))
+        return self
 
 
 def empty_sums(plan: ChunkPlan, target: TargetPlan, d: int) -> Sums:
-    K, C = plan.n_buckets, len(plan.configs)
+    K, C, M = plan.n_buckets, len(plan.configs), len(plan.normalisations)
     D = plan.freqs.directions_Dd.shape[0] if plan.freqs is not None else 0
-    P = 0 if target.proj_dP is None else target.proj_dP.shape[1]
-    B = 0 if target.edges_PB is None else target.edges_PB.shape[1] + 1
-    M = len(plan.normalisations)
-    return Sums(np.zeros(K), np.zeros((K, C, 2, D)), np.zeros((K, M, d)), np.zeros((K, M)),
-                np.zeros((K, P, B)))
+    P, B = (0, 0) if target.proj_dP is None else (target.proj_dP.shape[1], target.edges_PB.shape[1] + 1)
+    z = np.zeros
+    return Sums(z(K), z(K), z(K), z((K, C, 2, D)), z((K, C, D)), z((K, M, d)), z((K, M)), z((K, M)),
+                z((K, P, B)))
 
 
 def normalise(x_Nd: np.ndarray, how: str, target: TargetPlan) -> np.ndarray:
@@ -153,59 +193,100 @@ def rf_scale(freqs: Frequencies, cfg: FeatureConfig, bandwidth: float) -> np.nda
 
 
 def run_starts(sample_ids_N: np.ndarray) -> np.ndarray:
-    """Indices where a new run of one sample id starts (tokens of a sample are usually contiguous)."""
+    """Indices where a new run of one sample id starts (a sample's rows are contiguous)."""
     change_N = np.empty(len(sample_ids_N), bool)
     change_N[:1] = True
     np.not_equal(sample_ids_N[1:], sample_ids_N[:-1], out=change_N[1:])
     return np.flatnonzero(change_N)
 
 
-def _bucket_add(acc_K: np.ndarray, bucket_R: np.ndarray, runs_R: np.ndarray) -> None:
-    np.add.at(acc_K, bucket_R, runs_R)
+def _bucket_add(acc_K: np.ndarray, bucket_S: np.ndarray, per_sample_S: np.ndarray) -> None:
+    """acc[k] += sum of per-sample rows in bucket k (a one-hot product: np.add.at is slow on wide rows)."""
+    if per_sample_S.size == 0:
+        return
+    if per_sample_S.ndim == 1:
+        acc_K += np.bincount(bucket_S, weights=per_sample_S, minlength=len(acc_K))
+        return
+    onehot_KS = np.zeros((len(acc_K), len(bucket_S)))
+    onehot_KS[bucket_S, np.arange(len(bucket_S))] = 1.0
+    acc_K += (onehot_KS @ per_sample_S.reshape(len(bucket_S), -1)).reshape(acc_K.shape)
 
 
-def _add_rf_and_linear(acc: Sums, plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray,
-                       starts_R: np.ndarray, bucket_R: np.ndarray, sample_ids_R: np.ndarray,
-                       counts_R: np.ndarray) -> None:
-    """Add per-bucket cos/sin sums of every config, and key sums per normalisation (linear kernel).
+@dataclass(frozen=True)
+class BlockSamples:
+    """The samples of one modality in a block: ids (S,), each row's sample index (N,), rows per sample."""
 
-    Features are reduced per run first (``reduceat``), then runs into buckets, config by config, so
-    temporaries stay O(N x D) whatever the number of runs.
+    ids_S: np.ndarray
+    index_N: np.ndarray
+    count_S: np.ndarray
+
+    @staticmethod
+    def of(sample_ids_N: np.ndarray) -> BlockSamples:
+        starts = run_starts(sample_ids_N)
+        index_N = np.zeros(len(sample_ids_N), np.int64)
+        index_N[starts[1:]] = 1
+        return BlockSamples(sample_ids_N[starts], np.cumsum(index_N), np.diff(np.r_[starts, len(sample_ids_N)]))
+
+
+def _per_sample_rf(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
+                   ) -> np.ndarray:
+    """Per-sample cos/sin sums (S, C, 2, D) of every config, ``batch_rows`` rows at a time.
+
+    One product ``X U^T`` per normalisation serves every kernel and multiple; l2 rows reuse the raw one.
     """
-    freqs = plan.freqs
-    z_cache: dict[str, np.ndarray] = {}
-    norms_needed = {c.normalisation for c in plan.configs} | set(plan.normalisations)
-    for how in sorted(norms_needed):
-        xn_Nd = normalise(x_Nd, how, target)
-        if how in plan.normalisations:
-            m = plan.normalisations.index(how)
-            _bucket_add(acc.lin_KMd[:, m], bucket_R, np.add.reduceat(xn_Nd, starts_R, axis=0))
-            sq_N = np.einsum("nd,nd->n", xn_Nd, xn_Nd)
-            _bucket_add(acc.linsq_KM[:, m], bucket_R, np.add.reduceat(sq_N, starts_R))
-        if freqs is None or not any(c.normalisation == how for c in plan.configs):
-            continue
-        if how == "l2" and "none" in z_cache:  # rows rescale: reuse X U^T
-            z_ND = z_cache["none"] / np.maximum(np.linalg.norm(x_Nd, axis=1, keepdims=True), 1e-30)
-        else:
-            z_ND = xn_Nd @ freqs.directions_Dd.T
-        z_cache[how] = z_ND
+    if plan.backend != "numpy":
+        from kscale.analysis.gpu import per_sample_rf_torch, torch_device
+
+        device = torch_device(plan.backend)
+        if device is not None:
+            return per_sample_rf_torch(plan, target, x_Nd, smp, device)
+    freqs, D = plan.freqs, plan.freqs.directions_Dd.shape[0]
+    out = np.zeros((len(smp.ids_S), len(plan.configs), 2, D))
+    rows = max(1, min(plan.batch_rows, 2**24 // D))  # temporaries ~ rows x D
+    for lo in range(0, len(x_Nd), rows):
+        xb_Nd, idx_N = np.asarray(x_Nd[lo:lo + rows], np.float64), smp.index_N[lo:lo + rows]
+        starts_R = run_starts(idx_N)
+        z_cache: dict[str, np.ndarray] = {}
         for c, cfg in enumerate(plan.configs):
-            if cfg.normalisation != how:
-                continue
-            arg_ND = (z_ND * rf_scale(freqs, cfg, target.bandwidth[how])).astype(plan.dtype)
-            runs_R2D = np.stack([
-                np.add.reduceat(np.cos(arg_ND), starts_R, axis=0, dtype=np.float64),
-                np.add.reduceat(np.sin(arg_ND), starts_R, axis=0, dtype=np.float64)], axis=1)
-            _bucket_add(acc.rf_KC2D[:, c], bucket_R, runs_R2D)
-            if c == 0 and plan.collect_units:
-                acc.unit_ids.append(sample_ids_R)
-                acc.unit_rf.append(runs_R2D)
-                acc.unit_count.append(counts_R)
+            z_ND = _projection(xb_Nd, cfg.normalisation, target, freqs, z_cache)
+            arg_ND = (z_ND * rf_scale(freqs, cfg, target.bandwidth[cfg.normalisation])).astype(plan.dtype)
+            out[idx_N[starts_R], c, 0] += np.add.reduceat(np.cos(arg_ND), starts_R, axis=0, dtype=np.float64)
+            out[idx_N[starts_R], c, 1] += np.add.reduceat(np.sin(arg_ND), starts_R, axis=0, dtype=np.float64)
+    return out
+
+
+def _projection(x_Nd: np.ndarray, how: str, target: TargetPlan, freqs: Frequencies,
+                cache: dict[str, np.ndarray]) -> np.ndarray:
+    if how not in cache:
+        if how == "l2":  # rows rescale: reuse X U^T
+            raw = _projection(x_Nd, "none", target, freqs, cache)
+            cache[how] = raw / np.maximum(np.linalg.norm(x_Nd, axis=1, keepdims=True), 1e-30)
+        else:
+            cache[how] = normalise(x_Nd, how, target) @ freqs.directions_Dd.T
+    return cache[how]
+
+
+def _per_sample_linear(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
+                       ) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample key sums (S, M, d) and squared norms (S, M) per normalisation (linear kernel)."""
+    M, S, d = len(plan.normalisations), len(smp.ids_S), x_Nd.shape[1]
+    lin_SMd, sq_SM = np.zeros((S, M, d)), np.zeros((S, M))
+    if not M:
+        return lin_SMd, sq_SM
+    x_Nd = np.asarray(x_Nd, np.float64)
+    starts = run_starts(smp.index_N)
+    for m, how in enumerate(plan.normalisations):
+        xn_Nd = normalise(x_Nd, how, target)
+        lin_SMd[:, m] = np.add.reduceat(xn_Nd, starts, axis=0)
+        sq_SM[:, m] = np.add.reduceat(np.einsum("nd,nd->n", xn_Nd, xn_Nd), starts)
+    return lin_SMd, sq_SM
 
 
 def _hist_counts(target: TargetPlan, x_Nd: np.ndarray, bucket_N: np.ndarray, K: int) -> np.ndarray:
-    """Counts (K, P, B) of the histogram columns ``x @ proj`` in their shared quantile bins."""
-    vals_NP = x_Nd @ target.proj_dP
+    """Counts (K, P, B) of the histogram columns ``x @ proj`` in their shared quantile bins.
+
+    A value equal to an interior edge goes to the bin above it (``searchsorted(side="right")``)."""
+    vals_NP = np.asarray(x_Nd, np.float64) @ target.proj_dP
     P, B = target.proj_dP.shape[1], target.edges_PB.shape[1] + 1
     bins_NP = np.empty(vals_NP.shape, np.int64)
     for p in range(P):
@@ -216,49 +297,116 @@ def _hist_counts(target: TargetPlan, x_Nd: np.ndarray, bucket_N: np.ndarray, K: 
 
 def _target_rows(block_NHd: np.ndarray, sample_ids_N: np.ndarray, target: TargetPlan,
                  ) -> tuple[np.ndarray, np.ndarray]:
-    """Vectors of one target in sample order: a head's column, or the heads stacked per token."""
+    """Vectors of one target in sample order (stored dtype): a head's column, or the heads stacked per token."""
     if len(target.heads) == 1:
         return block_NHd[:, target.heads[0]], sample_ids_N
     x_NHd = block_NHd[:, target.heads]
     return x_NHd.reshape(-1, x_NHd.shape[-1]), np.repeat(sample_ids_N, len(target.heads))
 
 
-def _add_batch(acc: Sums, plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray,
-               sample_ids_N: np.ndarray) -> None:
-    bucket_N = plan.bucket_of[np.searchsorted(plan.bucket_ids, sample_ids_N)]
-    starts_R = run_starts(sample_ids_N)
-    bucket_R = bucket_N[starts_R]
-    counts_R = np.diff(np.append(starts_R, len(x_Nd))).astype(np.float64)
-    _bucket_add(acc.count_K, bucket_R, counts_R)
-    _add_rf_and_linear(acc, plan, target, x_Nd, starts_R, bucket_R, sample_ids_N[starts_R], counts_R)
+@dataclass(frozen=True)
+class _SideBlock:
+    """One modality of one target in one block: its sums and the per-sample sums the cross terms need."""
+
+    sums: Sums
+    ids_S: np.ndarray
+    count_S: np.ndarray
+    rf_SC2D: np.ndarray | None
+    lin_SMd: np.ndarray
+
+
+def side_block(plan: ChunkPlan, target: TargetPlan, block_NHd: np.ndarray, sample_ids_N: np.ndarray,
+               ) -> _SideBlock:
+    """Sums of one target over one modality's rows of a block (whole samples, sorted by id)."""
+    x_Nd, sid_N = _target_rows(block_NHd, sample_ids_N, target)
+    acc = empty_sums(plan, target, x_Nd.shape[1])
+    smp = BlockSamples.of(sid_N)
+    bucket_S = plan.buckets.of(smp.ids_S)
+    count_S = smp.count_S.astype(np.float64)
+    _bucket_add(acc.count_K, bucket_S, count_S)
+    _bucket_add(acc.samples_K, bucket_S, np.ones(len(count_S)))
+    _bucket_add(acc.nsq_K, bucket_S, count_S**2)
+    rf_SC2D = None
+    if plan.freqs is not None and plan.configs:
+        rf_SC2D = _per_sample_rf(plan, target, x_Nd, smp)
+        _bucket_add(acc.rf_KC2D, bucket_S, rf_SC2D)
+        _bucket_add(acc.rfself_KCD, bucket_S, (rf_SC2D**2).sum(2))
+        if len(smp.ids_S) <= plan.max_units:
+            acc.unit_ids.append(smp.ids_S)
+            acc.unit_rf.append(rf_SC2D[:, 0])
+            acc.unit_count.append(count_S)
+        else:
+            acc.units_dropped = True
+    lin_SMd, sq_SM = _per_sample_linear(plan, target, x_Nd, smp)
+    _bucket_add(acc.lin_KMd, bucket_S, lin_SMd)
+    _bucket_add(acc.linsq_KM, bucket_S, sq_SM)
+    _bucket_add(acc.linself_KM, bucket_S, (lin_SMd**2).sum(-1))
     if target.proj_dP is not None:
-        acc.hist_KPB += _hist_counts(target, x_Nd, bucket_N, plan.n_buckets)
+        acc.hist_KPB += _hist_counts(target, x_Nd, bucket_S[smp.index_N], plan.n_buckets)
+    return _SideBlock(acc, smp.ids_S, count_S, rf_SC2D, lin_SMd)
 
 
-def chunk_sums(block_NHd: np.ndarray, sample_ids_N: np.ndarray, plan: ChunkPlan) -> dict[int, Sums]:
-    """Sums of every target of ``plan`` over one chunk of keys (the unit of streamed work)."""
-    out: dict[int, Sums] = {}
+def _cross_terms(plan: ChunkPlan, sx: _SideBlock, sy: _SideBlock, out: TargetSums) -> None:
+    """Within-sample cross-modal terms of the samples present in both modalities of the block."""
+    common, ix, iy = np.intersect1d(sx.ids_S, sy.ids_S, assume_unique=True, return_indices=True)
+    bucket = plan.buckets.of(common)
+    _bucket_add(out.ncross_K, bucket, sx.count_S[ix] * sy.count_S[iy])
+    _bucket_add(out.lincross_KM, bucket, (sx.lin_SMd[ix] * sy.lin_SMd[iy]).sum(-1))
+    if sx.rf_SC2D is not None:
+        _bucket_add(out.rfcross_KCD, bucket, (sx.rf_SC2D[ix] * sy.rf_SC2D[iy]).sum(2))
+    union = np.union1d(sx.ids_S, sy.ids_S)
+    _bucket_add(out.union_K, plan.buckets.of(union), np.ones(len(union)))
+
+
+def empty_target_sums(plan: ChunkPlan, target: TargetPlan, d: int, mods: list[str]) -> TargetSums:
+    K, C, M = plan.n_buckets, len(plan.configs), len(plan.normalisations)
+    D = plan.freqs.directions_Dd.shape[0] if plan.freqs is not None else 0
+    return TargetSums({m: empty_sums(plan, target, d) for m in mods}, np.zeros((K, C, D)), np.zeros((K, M)),
+                      np.zeros(K), np.zeros(K))
+
+
+def chunk_sums(item: dict[str, tuple[np.ndarray, np.ndarray] | None], plan: ChunkPlan,
+               ) -> dict[int, TargetSums]:
+    """TargetSums of every target of ``plan`` over one joint block (the unit of streamed work).
+
+    ``item`` maps modality -> (keys (N, H, d), sample ids (N,)) or None; exactly two modalities, the
+    first is x and the second y of the cross comparison."""
+    mods = list(item)
+    present = {m: v for m, v in item.items() if v is not None}
+    d = next(iter(present.values()))[0].shape[-1]
+    out: dict[int, TargetSums] = {}
     for tid, target in plan.targets.items():
-        acc = empty_sums(plan, target, block_NHd.shape[-1])
-        D = plan.freqs.directions_Dd.shape[0] if plan.freqs is not None else 1
-        rows = max(1, min(plan.batch_rows, 2**24 // D) // len(target.heads))  # temporaries ~ rows x D
-        for lo in range(0, len(block_NHd), rows):
-            batch_NHd = np.asarray(block_NHd[lo:lo + rows], dtype=np.float64)
-            x_Nd, sid_N = _target_rows(batch_NHd, sample_ids_N[lo:lo + rows], target)
-            _add_batch(acc, plan, target, x_Nd, sid_N)
+        acc = empty_target_sums(plan, target, d, mods)
+        sides = {m: side_block(plan, target, blk, np.asarray(ids)) for m, (blk, ids) in present.items()}
+        for m, sb in sides.items():
+            acc.by_mod[m] = sb.sums
+        if len(sides) == 2:
+            _cross_terms(plan, sides[mods[0]], sides[mods[1]], acc)
+        else:
+            only = next(iter(sides.values()))
+            _bucket_add(acc.union_K, plan.buckets.of(only.ids_S), np.ones(len(only.ids_S)))
         out[tid] = acc
     return out
 
 
-def merge_sums(a: dict[int, Sums], b: dict[int, Sums]) -> dict[int, Sums]:
-    return {k: a[k].merge(b[k]) for k in a}
+def merger(max_units: int):
+    """The reduce step of :func:`chunk_sums` results (a module-level class: picklable for dask)."""
+    return _Merge(max_units)
+
+
+@dataclass(frozen=True)
+class _Merge:
+    max_units: int
+
+    def __call__(self, a: dict[int, TargetSums], b: dict[int, TargetSums]) -> dict[int, TargetSums]:
+        return {k: a[k].merge(b[k], self.max_units) for k in a}
 
 
 def single_target_plan(d: int, *, n_features: int, bandwidth: float, sample_ids: np.ndarray,
                        kernels: tuple[str, ...] = ("rbf",), multiples: tuple[float, ...] = (1.0,),
                        orthogonal: bool = True, seed: int = 0, n_buckets: int = 1,
-                       collect_units: bool = False, dtype: str = "float32",
-                       batch_rows: int = 2048) -> ChunkPlan:
+                       max_units: int = 0, dtype: str = "float32", batch_rows: int = 2048,
+                       backend: str = "numpy") -> ChunkPlan:
     """A plan for plain (N, d) arrays — one target, no normalisation; used by the benchmark and tests.
 
     Buckets are assigned round-robin over the sorted unique ``sample_ids``.
@@ -267,5 +415,10 @@ def single_target_plan(d: int, *, n_features: int, bandwidth: float, sample_ids:
     target = TargetPlan(heads=[0], bandwidth={"none": bandwidth}, centre_d=np.zeros(d), scale_d=np.ones(d))
     configs = [FeatureConfig("none", k, m) for k in kernels for m in multiples]
     return ChunkPlan(draw_frequencies(d, n_features, orthogonal=orthogonal, seed=seed), configs, [],
-                     {0: target}, ids, np.arange(len(ids)) % n_buckets, n_buckets, dtype, batch_rows,
-                     collect_units)
+                     {0: target}, TableBuckets(ids, np.arange(len(ids)) % n_buckets, n_buckets), dtype,
+                     batch_rows, max_units, backend)
+
+
+def plain_sums(x_Nd: np.ndarray, sample_ids_N: np.ndarray, plan: ChunkPlan) -> Sums:
+    """Sums of plain (N, d) rows of one modality for a single-target plan (tests, benchmark)."""
+    return side_block(plan, plan.targets[0], x_Nd[:, None, :], sample_ids_N).sums

@@ -1,9 +1,12 @@
 """From a layer's recorded subsample to the plans that drive the streaming pass.
 
 Per layer, a seeded subsample of tokens of each modality is read into memory once. From it come,
-per target (a head, or heads pooled): the median-heuristic bandwidth of every normalisation, the
-standardisation centre/scale (modalities weighted equally), and the histogram columns with their
-shared quantile bins. The same subsample later feeds the exact MMD, the paper mode and the pictures.
+per target (a head, or heads pooled): the :class:`Scales` (median-heuristic bandwidth of every
+normalisation, standardisation centre/scale; modalities weighted equally) chosen by
+``mmd.bandwidth_policy`` — the target's own pool, the layer's pooled heads, fixed values, or a reference
+store's pool — and the histogram columns with their shared quantile bins. The same subsample later
+feeds the exact MMD, the paper mode and the pictures. Every random choice is seeded by
+``analyze.seed``.
 
 Comparisons are defined here too: which modality and which half of the sample buckets is X and Y,
 and which buckets form the two folds of cross-MMD.
@@ -68,25 +71,43 @@ class Subsample:
         return (x_nHd.reshape(-1, x_nHd.shape[-1]), np.repeat(self.sample_ids[mod], rep),
                 np.repeat(self.buckets[mod], rep))
 
-    def side(self, comp: Comparison, side: str, heads: list[int], limit: int,
-             ) -> tuple[np.ndarray, np.ndarray]:
-        """Up to ``limit`` vectors (and sample ids) of one side of a comparison, in random order."""
+    def side(self, comp: Comparison, side: str, heads: list[int], limit: int, seed: int,
+             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Up to ``limit`` vectors (sample ids, buckets) of one side of a comparison, in random order."""
         mod = comp.mod_x if side == "x" else comp.mod_y
         x, sid, bucket = self.target(mod, heads)
         keep = comp.mask(side, bucket)
         if len(heads) > 1:  # stacked heads are ordered by token: shuffle before truncating
-            order = np.random.default_rng(len(x)).permutation(len(x))
-            x, sid, keep = x[order], sid[order], keep[order]
-        return x[keep][:limit], sid[keep][:limit]
+            order = np.random.default_rng([seed, 0x5DE, len(x)]).permutation(len(x))
+            x, sid, bucket, keep = x[order], sid[order], bucket[order], keep[order]
+        return x[keep][:limit], sid[keep][:limit], bucket[keep][:limit]
 
 
-def balanced_pool(sub: Subsample, heads: list[int], image_mod: str, k: int) -> np.ndarray:
+def balanced_pool(sub: Subsample, heads: list[int], image_mod: str, k: int, seed: int) -> np.ndarray:
     """Equal numbers (<= k) of image and text vectors of a target, for scale-setting statistics."""
     a, _, _ = sub.target(image_mod, heads)
     b, _, _ = sub.target("text", heads)
-    rng = np.random.default_rng(k)
+    rng = np.random.default_rng([seed, 0xBA1])
     n = min(k, len(a), len(b))
     return np.vstack([a[rng.permutation(len(a))[:n]], b[rng.permutation(len(b))[:n]]])
+
+
+@dataclass(frozen=True)
+class Scales:
+    """Median bandwidth per normalisation and the standardisation centre/scale (d,), with their origin."""
+
+    bandwidth: dict[str, float]
+    centre_d: np.ndarray
+    scale_d: np.ndarray
+    policy: str
+
+
+def pool_scales(pool_nd: np.ndarray, norms: list[str], seed: int, policy: str) -> Scales:
+    """Scales from a balanced pool: standardise with its mean/SD, median heuristic per normalisation."""
+    centre_d, scale_d = pool_nd.mean(0), np.maximum(pool_nd.std(0), 1e-12)
+    probe = TargetPlan(heads=[0], bandwidth={}, centre_d=centre_d, scale_d=scale_d)
+    bw = {how: median_bandwidth(normalise(pool_nd, how, probe), seed=seed) for how in norms}
+    return Scales(bw, centre_d, scale_d, policy)
 
 
 def histogram_columns(cfg: AnalyzeConfig, sub: Subsample, heads: list[int], pool_nd: np.ndarray,
@@ -114,25 +135,39 @@ def histogram_columns(cfg: AnalyzeConfig, sub: Subsample, heads: list[int], pool
         add("pca", pca_directions(pool_nd, min(cfg.jsd.n_pca, d)))
     if "lda" in kinds:
         for comp in comps:
-            x, _ = sub.side(comp, "x", heads, 10**9)
-            y, _ = sub.side(comp, "y", heads, 10**9)
+            x, _, _ = sub.side(comp, "x", heads, 10**9, seed)
+            y, _, _ = sub.side(comp, "y", heads, 10**9, seed)
             if len(x) > 2 and len(y) > 2:
                 add(f"lda:{comp.name}", lda_direction(x, y)[:, None])
     return np.hstack(blocks), families
 
 
 def target_plan(cfg: AnalyzeConfig, sub: Subsample, heads: list[int], comps: list[Comparison],
-                norms: list[str], with_hist: bool) -> tuple[TargetPlan, dict[str, np.ndarray]]:
-    """Bandwidths, standardisation and histogram bins of one target from the subsample."""
-    pool_nd = balanced_pool(sub, heads, cfg.image_modality, cfg.mmd.median_subsample)
-    centre_d = pool_nd.mean(0)
-    scale_d = np.maximum(pool_nd.std(0), 1e-12)
-    plan = TargetPlan(heads=list(range(len(heads))), bandwidth={}, centre_d=centre_d, scale_d=scale_d)
-    for how in norms:
-        plan.bandwidth[how] = median_bandwidth(normalise(pool_nd, how, plan), seed=cfg.seed)
+                norms: list[str], with_hist: bool, shared: Scales | None,
+                ) -> tuple[TargetPlan, dict[str, np.ndarray]]:
+    """Bandwidths, standardisation (``shared``, or the target's own pool) and histogram bins of a target."""
+    pool_nd = balanced_pool(sub, heads, cfg.image_modality, cfg.mmd.median_subsample, cfg.seed)
+    scales = shared if shared is not None else pool_scales(pool_nd, norms, cfg.seed, "per_target")
+    plan = TargetPlan(heads=list(range(len(heads))), bandwidth=dict(scales.bandwidth),
+                      centre_d=scales.centre_d, scale_d=scales.scale_d)
     families: dict[str, np.ndarray] = {}
     if with_hist:
         proj_dP, families = histogram_columns(cfg, sub, heads, pool_nd, comps, cfg.seed)
         plan.proj_dP = proj_dP
         plan.edges_PB = quantile_edges(pool_nd @ proj_dP, cfg.jsd.bins)
     return plan, families
+
+
+def layer_scales(cfg: AnalyzeConfig, sub: Subsample, heads: list[int], norms: list[str],
+                 reference: Subsample | None) -> Scales | None:
+    """The layer-wide Scales of policies per_layer / fixed / reference; None for per_target."""
+    policy = cfg.mmd.bandwidth_policy
+    if policy == "per_target":
+        return None
+    source = reference if policy == "reference" else sub
+    pool_nd = balanced_pool(source, list(range(len(heads))), cfg.image_modality, cfg.mmd.median_subsample,
+                            cfg.seed)
+    scales = pool_scales(pool_nd, norms, cfg.seed, policy)
+    if policy == "fixed":
+        return Scales({h: float(cfg.mmd.bandwidths[h]) for h in norms}, scales.centre_d, scales.scale_d, policy)
+    return scales

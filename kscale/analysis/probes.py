@@ -15,7 +15,7 @@ import numpy as np
 from kscale.analysis import stats
 from kscale.analysis.config import AnalyzeConfig
 from kscale.analysis.features import TargetPlan
-from kscale.analysis.jsd import LOG2, Probe, balanced_log_loss, to_units, token_log_loss
+from kscale.analysis.jsd import LOG2, ProbeBank, balanced_log_loss, to_units, token_log_loss
 from kscale.analysis.plan import Comparison
 from kscale.analysis.source import Buckets
 
@@ -33,11 +33,31 @@ def _side_rows(comp: Comparison, side: str, x: np.ndarray, bucket: np.ndarray, t
     return x[keep], bucket[keep]
 
 
-def probe_rows(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Comparison,
-               targets: dict[int, tuple[list[int], TargetPlan]], buckets: Buckets, ctx_rows) -> list[dict]:
+def probe_rows(lc, n_samples: dict[str, int], joint: list[dict]) -> list[dict]:
+    """Classifier-bound rows of every comparison and target of one layer (``run.LayerContext``), from its
+    joint blocks (all selected heads)."""
+    from kscale.analysis import rows as R
+
+    sc = lc.store
+    items = {m: [it[m] for it in joint if it[m] is not None] for m in sc.mods}
+    targets = {t: (pos, lc.plans[t]) for t, pos in lc.targets.items()}
+
+    def ctx_rows(t):
+        return lambda **kw: R.row(store=sc.ks.path, layer=lc.layer, head=t,
+                                  n_samples=n_samples[kw["comparison"]], **kw)
+
+    out = []
+    for comp in sc.comps:
+        out += _probe_comparison(lc.cfg, sc.runner, items, comp, targets, sc.buckets, ctx_rows)
+    return out
+
+
+def _probe_comparison(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Comparison,
+                      targets: dict[int, tuple[list[int], TargetPlan]], buckets: Buckets, ctx_rows,
+                      ) -> list[dict]:
     """Train and score every probe kind for every target on one comparison; returns table rows.
 
-    ``items[mod]`` are (delayed block, sample ids) pairs of the layer (all selected heads);
+    ``items[mod]`` are (delayed block, delayed sample ids) pairs of the layer (all selected heads);
     ``targets`` maps target id -> (positions of its heads in the block, plan); ``ctx_rows(tid)`` gives
     the row factory for a target.
     """
@@ -45,8 +65,8 @@ def probe_rows(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Compari
     train_K = np.ones(K, bool)
     train_K[: max(1, round(cfg.jsd.heldout_fraction * K))] = False  # buckets are random already
     d = next(iter(targets.values()))[1].centre_d.shape[0]
-    probes = {(t, k): Probe(k, d, hidden=cfg.jsd.mlp_hidden, lr=cfg.jsd.lr, batch_size=cfg.jsd.batch_size,
-                             seed=cfg.seed + 17 * (t + 1)) for t in targets for k in cfg.jsd.classifiers}
+    bank = ProbeBank({(t, k): k for t in targets for k in cfg.jsd.classifiers}, d, hidden=cfg.jsd.mlp_hidden,
+                     lr=cfg.jsd.lr, batch_size=cfg.jsd.batch_size, seed=cfg.seed)
     rng = np.random.default_rng([cfg.seed, 0xE90C])
     bx, by = items[comp.mod_x], items[comp.mod_y]
     min_steps = -(-cfg.jsd.min_steps // max(len(bx), len(by)))  # small runs still train properly
@@ -56,17 +76,26 @@ def probe_rows(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Compari
         for i in range(max(len(bx), len(by))):
             if seen >= cfg.jsd.max_train_tokens:
                 break
-            (blk_x, sid_x), (blk_y, sid_y) = bx[ox[i % len(bx)]], by[oy[i % len(by)]]
-            arr_x, arr_y = runner.compute(blk_x, blk_y)
+            arr_x, sid_x, arr_y, sid_y = runner.compute(*bx[ox[i % len(bx)]], *by[oy[i % len(by)]])
             seen += min(len(sid_x), len(sid_y))
+            data = {}
             for t, (heads, plan) in targets.items():
                 x, sx = _rows_of(arr_x, sid_x, heads, plan)
                 y, sy = _rows_of(arr_y, sid_y, heads, plan)
                 xp, _ = _side_rows(comp, "x", x, buckets.of(sx), train_K, True)
                 yn, _ = _side_rows(comp, "y", y, buckets.of(sy), train_K, True)
-                for k in cfg.jsd.classifiers:
-                    probes[(t, k)].fit_chunk(xp, yn, min_steps)
+                data.update({(t, k): (xp, yn) for k in cfg.jsd.classifiers})
+            bank.fit_chunk(data, _steps(cfg, data, min_steps))
+    probes = bank.models
     return _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows)
+
+
+def _steps(cfg: AnalyzeConfig, data: dict, min_steps: int) -> int:
+    """Minibatches for one chunk pair: one pass over the larger side, at least ``min_steps`` but at most
+    ``jsd.max_passes`` passes (a tiny store would otherwise repeat a few hundred tokens hundreds of times)."""
+    rows = max((max(len(p), len(n)) for p, n in data.values()), default=0)
+    one_pass = max(1, -(-rows // cfg.jsd.batch_size))
+    return max(one_pass, min(min_steps, cfg.jsd.max_passes * one_pass))
 
 
 def _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows) -> list[dict]:
@@ -74,16 +103,16 @@ def _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows
     loss = {(t, k, s): np.zeros(K) for t in targets for k in cfg.jsd.classifiers for s in "xy"}
     count = {(t, s): np.zeros(K) for t in targets for s in "xy"}
     for side, mod in (("x", comp.mod_x), ("y", comp.mod_y)):
-        for blk, sid in items[mod]:
+        for blk, sid_blk in items[mod]:
+            arr, sid = runner.compute(blk, sid_blk)
             if not (~train_K[buckets.of(np.unique(sid))]).any():
                 continue
-            (arr,) = runner.compute(blk)
             for t, (heads, plan) in targets.items():
                 x, s = _rows_of(arr, sid, heads, plan)
                 xs, bk = _side_rows(comp, side, x, buckets.of(s), train_K, False)
                 count[(t, side)] += np.bincount(bk, minlength=K)
                 for k in cfg.jsd.classifiers:
-                    ll = token_log_loss(probes[(t, k)].model, xs, 1 if side == "x" else 0)
+                    ll = token_log_loss(probes[(t, k)], xs, 1 if side == "x" else 0)
                     loss[(t, k, side)] += np.bincount(bk, weights=ll, minlength=K)
     out = []
     for t in targets:

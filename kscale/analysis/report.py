@@ -1,13 +1,18 @@
 """Pictures and the self-contained ``report.html`` of an analysis run directory.
 
 :func:`write_pictures` draws from the tidy table (and the layer subsamples for PCA / t-SNE);
-:func:`build_report` needs only the run directory (``results.parquet``, ``meta.json``, ``*.png``),
-so ``kscale report RUN_DIR`` can rebuild the page at any time. Images are embedded as base64.
+:func:`build_report` needs only the run directory (``results.parquet``, ``meta.json``, ``*.png`` and
+their captions), so ``kscale report RUN_DIR`` can rebuild the page at any time. What the page
+concludes (verdict, noise floor, significance, sensitivity) is computed in
+:mod:`kscale.analysis.verdict`; the page skeleton and figure checks are :mod:`kscale.reporting`.
+
+Page order: verdict, the store(s) named once, the layer table of the primary setting, sensitivity
+across settings, pictures (by layer, per head, gap/noise heatmap, sensitivity, JSD, attention,
+PCA/t-SNE), how to read the estimators, rows per estimator, run metadata.
 """
 
 from __future__ import annotations
 
-import base64
 import html
 import json
 from pathlib import Path
@@ -15,139 +20,423 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kscale import reporting as rep
+from kscale.analysis import verdict as V
+
 COLOURS = {"cross": "tab:red", "intra_text": "tab:blue", "intra_image": "tab:green"}
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
+LABELS = {"cross": "cross-modal (image vs text)", "intra_text": "intra text (noise floor)",
+          "intra_image": "intra image (noise floor)"}
+STORE_STYLES = ("-", "--", ":", "-.")
+FIGURE_ORDER = ("mmd_by_layer", "mmd_per_head", "heatmap", "sensitivity", "jsd_by_layer", "attention_vs_gap",
+                "pca", "tsne")
 
 
 def primary_rows(df: pd.DataFrame) -> pd.DataFrame:
-    """Rows of the headline estimator: RF MMD^2, rbf, raw keys, the multiple closest to 1."""
-    sel = df[(df.estimator == "mmd2_rf") & (df.kernel == "rbf") & (df.normalisation == "none")]
-    if sel.empty:
-        return sel
-    best = sel.multiple.iloc[(np.log(sel.multiple.astype(float))).abs().argmin()]
-    return sel[sel.multiple == best]
+    """Rows of the primary setting (RF MMD², rbf, raw keys, the multiple closest to 1), every comparison."""
+    setting = V.primary_setting(df)
+    return df.iloc[0:0] if setting is None else setting.select(df)
 
 
-def _by_layer(df: pd.DataFrame, estimators: list[str], path: Path, ylabel: str, title: str) -> bool:
-    plt = _plt()
-    head = -1 if (df["head"] == -1).any() else df["head"].min()
-    sel = df[df.estimator.isin(estimators) & (df["head"] == head) & ~df.comparison.str.contains("/")]
-    if sel.empty:
+def _tag(store: str, several: bool) -> str:
+    return f" — {V.short_store(store)}" if several else ""
+
+
+def mmd_by_layer(df: pd.DataFrame, path: Path) -> bool:
+    """Cross vs intra MMD² per layer (heads pooled), with intervals; one line style per store."""
+    setting = V.primary_setting(df)
+    if setting is None:
         return False
-    fig, axes = plt.subplots(1, len(estimators), figsize=(5 * len(estimators), 3.6), squeeze=False)
-    for ax, est in zip(axes[0], estimators):
-        for (store, comp), g in sel[sel.estimator == est].groupby(["store", "comparison"]):
-            g = g.sort_values("layer")
-            yerr = np.vstack([g.value - g.ci_low, g.ci_high - g.value]).astype(float)
-            ax.errorbar(g.layer, g.value, yerr=np.nan_to_num(yerr), marker="o", capsize=3,
-                        color=COLOURS.get(comp), label=f"{comp}" + (f" ({Path(store).name})" if
-                                                                    sel.store.nunique() > 1 else ""))
-        ax.set(xlabel="layer", ylabel=ylabel, title=est)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.axhline(0, color="grey", lw=0.5)
-        ax.legend(fontsize=7)
-    fig.suptitle(title + ("" if head != -1 else " — heads pooled"), fontsize=10)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    t = V.gap_table(df, setting, "pooled")
+    if t.empty:
+        return False
+    plt = rep.plt()
+    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    stores = list(dict.fromkeys(t.store))
+    offsets = {"cross": 0.0, "intra_text": -0.08, "intra_image": 0.08}
+    for s_i, (store, g) in enumerate(t.groupby("store", sort=False)):
+        for comp in ("cross",) + V.INTRA:
+            if g[comp].isna().all():
+                continue
+            yerr = np.vstack([g[comp] - g[f"{comp}_ci_low"], g[f"{comp}_ci_high"] - g[comp]])
+            ax.errorbar(g.layer + offsets[comp], g[comp], yerr=np.nan_to_num(yerr).clip(min=0), marker="o", ms=4,
+                        capsize=2, color=COLOURS[comp], ls=STORE_STYLES[s_i % 4],
+                        label=LABELS[comp] + _tag(store, len(stores) > 1))
+        sig = g[g.significant]
+        if len(sig):
+            ax.scatter(sig.layer, sig.cross_ci_high, marker="*", s=60, color="black", zorder=5,
+                       label="significant gap" if s_i == 0 else None)
+    ax.axhline(0, color="grey", lw=0.6)
+    rep.integer_ticks(ax)
+    pooled = (setting.select(df)["head"] == V.POOLED).any()
+    ax.set(xlabel="layer", ylabel="MMD²", title=rep.wrap(f"MMD² by layer ({setting.label()}"
+                                                         f"{', heads pooled' if pooled else ''})", 70))
+    rep.legend_outside(ax)
+    rep.save_figure(fig, path, (
+        f"Cross-modal and intra-modal MMD² per layer at the primary setting ({setting.label()}"
+        f"{', KV heads pooled' if pooled else ''}), with 95% intervals. Stars mark layers whose gap is "
+        "significant (Holm-corrected p below alpha and the cross interval above the noise floor). Intra-modal "
+        "points are shifted slightly left/right so that their intervals stay visible."))
     return True
 
 
-def _heatmap(df: pd.DataFrame, path: Path) -> bool:
-    plt = _plt()
-    sel = primary_rows(df)
-    sel = sel[(sel.comparison == "cross") & (sel["head"] >= 0)]
-    if sel.empty:
+def mmd_per_head(df: pd.DataFrame, path: Path) -> bool:
+    """One panel per KV head: cross and intra MMD² by layer with interval bands (first store)."""
+    setting = V.primary_setting(df)
+    if setting is None:
         return False
-    fig, ax = plt.subplots(figsize=(1 + 0.5 * sel["head"].nunique() + 2, 1 + 0.35 * sel.layer.nunique() + 1))
-    grid = sel.pivot_table(index="layer", columns="head", values="value", aggfunc="mean")
-    im = ax.imshow(grid.values, aspect="auto", cmap="magma")
-    ax.set(xticks=range(grid.shape[1]), xticklabels=grid.columns, yticks=range(grid.shape[0]),
-           yticklabels=grid.index, xlabel="KV head", ylabel="layer", title="cross-modal MMD² (RF, rbf)")
-    fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    t = V.gap_table(df, setting, "each")
+    if t.empty:
+        return False
+    store = t.store.iloc[0]
+    t = t[t.store == store]
+    heads = sorted(t["head"].unique())
+    ncol = min(4, len(heads))
+    nrow = int(np.ceil(len(heads) / ncol))
+    plt = rep.plt()
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol + 2.2, 2.8 * nrow), squeeze=False, sharey=True)
+    for ax, h in zip(axes.flat, heads):
+        g = t[t["head"] == h]
+        for comp in ("cross",) + V.INTRA:
+            if g[comp].isna().all():
+                continue
+            ax.plot(g.layer, g[comp], marker="o", ms=3, color=COLOURS[comp], label=LABELS[comp])
+            ax.fill_between(g.layer, g[f"{comp}_ci_low"], g[f"{comp}_ci_high"], color=COLOURS[comp], alpha=0.2)
+        sig = g[g.significant]
+        ax.scatter(sig.layer, sig.cross_ci_high, marker="*", s=40, color="black", zorder=5,
+                   label="significant gap")
+        ax.axhline(0, color="grey", lw=0.6)
+        ax.set_title(f"KV head {int(h)}", fontsize=10)
+        ax.set_xlabel("layer")
+        rep.integer_ticks(ax)
+    for ax in axes.flat[len(heads):]:
+        ax.set_visible(False)
+    axes[0][0].set_ylabel("MMD²")
+    rep.legend_outside(axes[0][ncol - 1])
+    several = df.store.nunique() > 1
+    fig.suptitle(rep.wrap(f"MMD² by layer for each KV head ({setting.label()}){_tag(store, several)}", 80),
+                 fontsize=11)
+    rep.save_figure(fig, path, (
+        f"The same comparison for each KV head separately ({setting.label()}): lines are the estimates, "
+        "bands their 95% intervals, stars the significant gaps (Holm over all layer × head cells). "
+        "Bandwidths follow the table's bandwidth policy: with a per-head median bandwidth, values of "
+        "different heads are on different kernel scales; compare each head's cross line with its own "
+        "noise floor."))
+    return True
+
+
+def heatmap(df: pd.DataFrame, path: Path, store: str) -> bool:
+    """Gap over noise per (layer, KV head), log colour scale, significance marks, the pooled column first."""
+    setting = V.primary_setting(df)
+    if setting is None:
+        return False
+    each = V.gap_table(df, setting, "each")
+    pooled = V.gap_table(df, setting, "pooled")
+    t = pd.concat([pooled[pooled["head"] == V.POOLED], each])
+    t = t[t.store == store]
+    if t.empty or t["head"].nunique() < 2 and not (t["head"] >= 0).any():
+        return False
+    grid = t.pivot_table(index="layer", columns="head", values="gap_over_noise", aggfunc="first")
+    sig = t.pivot_table(index="layer", columns="head", values="significant", aggfunc="first")
+    plt = rep.plt()
+    from matplotlib.colors import LogNorm
+
+    vals = grid.to_numpy(float)
+    positive = vals[np.isfinite(vals) & (vals > 0)]
+    fig, ax = plt.subplots(figsize=(1.6 + 0.75 * grid.shape[1] + 1.6, 1.4 + 0.32 * grid.shape[0]))
+    norm = LogNorm(vmin=max(positive.min(), 1e-2), vmax=max(positive.max(), 1.01)) if len(positive) else None
+    im = ax.imshow(np.where(vals > 0, vals, np.nan), aspect="auto", cmap="viridis", norm=norm)
+    for i in range(grid.shape[0]):
+        for j in range(grid.shape[1]):
+            v = vals[i, j]
+            if not np.isfinite(v):
+                continue
+            mark = "*" if bool(sig.iloc[i, j]) else ""
+            ax.text(j, i, f"{v:.2g}{mark}", ha="center", va="center", fontsize=7,
+                    color="white" if norm is None or v <= 0 or norm(v) < 0.6 else "black")
+    ax.set_xticks(range(grid.shape[1]), ["pooled" if h == V.POOLED else str(int(h)) for h in grid.columns])
+    ax.set_yticks(range(grid.shape[0]), [str(int(l)) for l in grid.index])
+    several = df.store.nunique() > 1
+    ax.set(xlabel="KV head", ylabel="layer", title=rep.wrap(f"Gap over noise floor{_tag(store, several)}", 40))
+    fig.colorbar(im, ax=ax, label="cross MMD² / noise floor")
+    rep.save_figure(fig, path, (
+        f"Cross-modal MMD² divided by the noise floor (upper 95% bound of the intra-modal baselines) for each "
+        f"layer and KV head, {setting.label()}; the first column pools the heads. Log colour scale; a star "
+        "marks a significant gap (Holm over the cells, interval above the noise floor). Values at or below 0 "
+        "are left blank."))
+    return True
+
+
+def sensitivity_plot(df: pd.DataFrame, path: Path) -> bool:
+    """Gap over noise by layer for every setting: kernels x normalisations (left), bandwidths (right)."""
+    primary = V.primary_setting(df)
+    if primary is None:
+        return False
+    store = df.store.iloc[0]
+    settings = V.settings(df)
+    mult = primary.get("multiple")
+    at_mult = [s for s in settings if s.get("estimator") == "mmd2_linear" or _close(s.get("multiple"), mult)]
+    bandwidths = [s for s in settings if s.get("estimator") == primary.get("estimator")
+                  and s.get("kernel") == primary.get("kernel") and s.get("normalisation") == primary.get("normalisation")]
+    if len(settings) < 2:
+        return False
+    plt = rep.plt()
+    fig, axes = plt.subplots(1, 2, figsize=(12, 3.9))
+    markers = "osD^vP<>Xh*"
+    for ax, group, title in ((axes[0], at_mult, "kernels × normalisations"),
+                             (axes[1], bandwidths, "bandwidth multiples")):
+        for i, s in enumerate(group):
+            t = V.gap_table(df, s, "pooled")
+            t = t[t.store == store]
+            if t.empty:
+                continue
+            ax.plot(t.layer, t.gap_over_noise.where(t.gap_over_noise > 0), marker=markers[i % len(markers)], ms=4,
+                    lw=2.2 if s == primary else 1.0, ls="-" if s.get("estimator") == "mmd2_rf" else "--",
+                    label=s.label())
+        ax.axhline(1, color="grey", lw=0.8, ls=":")
+        ax.set_yscale("log")
+        rep.integer_ticks(ax)
+        ax.set(xlabel="layer", ylabel="cross / noise floor", title=title)
+        rep.legend_outside(ax)
+    several = df.store.nunique() > 1
+    fig.suptitle(rep.wrap(f"Does the gap depend on the kernel, normalisation or bandwidth?{_tag(store, several)}",
+                          90), fontsize=11)
+    rep.save_figure(fig, path, (
+        "Gap over noise floor per layer for every estimator setting in the table (heads pooled). Left: kernels "
+        "and key normalisations at the primary bandwidth multiple (solid: random features, dashed: exact or "
+        "linear); right: the primary kernel at every bandwidth multiple. The thick line is the primary "
+        "setting; the dotted line at 1 is the noise floor. Points at or below 0 are not drawn."))
+    return True
+
+
+def _close(a, b) -> bool:
+    return not V._missing(a) and not V._missing(b) and np.isclose(float(a), float(b))
+
+
+def jsd_by_layer(df: pd.DataFrame, path: Path) -> bool:
+    """JSD estimators by layer; classifier lower bounds clipped at 0, 'no evidence' drawn hollow at 0."""
+    ests = [e for e in ("jsd_clf_mlp", "jsd_clf_logistic", "jsd_hist_marginal", "jsd_hist_lda", "jsd_hist_pca",
+                        "jsd_hist_random") if (df.estimator == e).any()]
+    if not ests:
+        return False
+    sel = df[df.estimator.isin(ests) & ~df.comparison.str.contains("/")]
+    head = V.POOLED if (sel["head"] == V.POOLED).any() else sel["head"].min()
+    sel = sel[sel["head"] == head]
+    store = sel.store.iloc[0]
+    sel = sel[sel.store == store]
+    units = sel.units.dropna().iloc[0] if sel.units.notna().any() else ""
+    groups = [("classifier lower bounds", [e for e in ests if e.startswith("jsd_clf")]),
+              ("1-d histogram views", [e for e in ests if e.startswith("jsd_hist")])]
+    groups = [(t, es) for t, es in groups if es]
+    plt = rep.plt()
+    fig, axes = plt.subplots(1, len(groups), figsize=(6.0 * len(groups) + 1.5, 3.8), squeeze=False)
+    offsets = {"cross": 0.0, "intra_text": -0.1, "intra_image": 0.1}
+    markers = {"jsd_clf_mlp": "o", "jsd_clf_logistic": "s", "jsd_hist_marginal": "o", "jsd_hist_lda": "s",
+               "jsd_hist_pca": "D", "jsd_hist_random": "^"}
+    styles = {"jsd_clf_mlp": "-", "jsd_clf_logistic": "--", "jsd_hist_marginal": "-", "jsd_hist_lda": "--",
+              "jsd_hist_pca": "-.", "jsd_hist_random": ":"}
+    for ax, (title, es) in zip(axes[0], groups):
+        no_evidence = False
+        for est in es:
+            for comp, g in sel[sel.estimator == est].groupby("comparison"):
+                g = g.sort_values("layer")
+                value = g.value.astype(float)
+                lo, hi = g.ci_low.astype(float), g.ci_high.astype(float)
+                if est.startswith("jsd_clf"):  # a lower bound at or below 0 carries no evidence
+                    value, lo, hi = value.clip(lower=0), lo.clip(lower=0), hi.clip(lower=0)
+                x = g.layer + offsets.get(comp, 0.0)
+                yerr = np.nan_to_num(np.vstack([value - lo, hi - value])).clip(min=0)
+                ax.errorbar(x, value, yerr=yerr, marker=markers[est], ms=4, capsize=2, ls=styles[est],
+                            color=COLOURS.get(comp), label=f"{est.replace('jsd_', '')}, {comp}")
+                if est.startswith("jsd_clf"):
+                    none = g.ci_low.astype(float).to_numpy() <= 0
+                    if none.any():
+                        no_evidence = True
+                        ax.scatter(x[none], np.zeros(none.sum()), marker=markers[est], s=40, facecolors="white",
+                                   edgecolors=COLOURS.get(comp), zorder=6)
+        if no_evidence:
+            ax.scatter([], [], marker="o", facecolors="white", edgecolors="black", label="no evidence (bound ≤ 0)")
+        ax.axhline(0, color="grey", lw=0.6)
+        rep.integer_ticks(ax)
+        ax.set(xlabel="layer", ylabel=f"JSD ({units})", title=title)
+        rep.legend_outside(ax)
+    several = df.store.nunique() > 1
+    fig.suptitle(rep.wrap(f"Jensen–Shannon divergence by layer{' (heads pooled)' if head == V.POOLED else ''}"
+                          f"{_tag(store, several)}", 80), fontsize=11)
+    rep.save_figure(fig, path, (
+        f"Jensen–Shannon divergence between image and text keys (red) and the intra-modal baselines (blue, "
+        f"green) per layer, in {units}. Left: lower bounds from held-out probes, clipped at 0; a hollow marker "
+        "at 0 means the probe found no evidence of a difference (its bound was at or below 0), not that the "
+        "divergence is 0. Right: divergences of one-dimensional views (marginals, LDA, PCA, random "
+        "directions), which see one direction at a time and can be far below the full JSD."))
     return True
 
 
 def _embed_pictures(embeds: list[dict], out: Path, cfg) -> None:
     from kscale.analysis.embed import pca_2d, stratified, tsne_2d
 
-    plt = _plt()
+    plt = rep.plt()
+    several = len({e["store"] for e in embeds}) > 1
     for e in embeds:
         x, labels = stratified(e["keys"], cfg.embed.subsample, cfg.seed)
-        tag = f"{Path(e['store']).name}_layer{e['layer']:03d}" if e["store"] else f"layer{e['layer']:03d}"
+        name = V.short_store(e["store"]) if e["store"] else ""
+        tag = f"{name}_layer{e['layer']:03d}" if name else f"layer{e['layer']:03d}"
         for method in cfg.embed.methods:
             if method == "pca":
                 xy, ratio = pca_2d(x)
-                title = f"PCA, layer {e['layer']} (var {ratio[0]:.0%}, {ratio[1]:.0%})"
+                title = f"PCA, layer {e['layer']}"
+                how = (f"the first two principal components of the standardised keys (explaining {ratio[0]:.0%} "
+                       f"and {ratio[1]:.0%} of the variance)")
             else:
                 xy = tsne_2d(x, cfg.embed.perplexity, cfg.seed)
-                title = f"t-SNE, layer {e['layer']} (perplexity {cfg.embed.perplexity:g})"
-            fig, ax = plt.subplots(figsize=(4.5, 4.2))
+                title = f"t-SNE, layer {e['layer']}"
+                how = f"a t-SNE map (perplexity {cfg.embed.perplexity:g}) of the standardised keys"
+            fig, ax = plt.subplots(figsize=(4.6, 4.2))
             for mod in np.unique(labels):
                 m = labels == mod
-                ax.scatter(xy[m, 0], xy[m, 1], s=3, alpha=0.5, label=f"{mod} ({m.sum()})")
-            ax.set(title=title, xticks=[], yticks=[])
-            ax.legend(markerscale=4, fontsize=7)
-            fig.tight_layout()
-            fig.savefig(out / f"{method}_{tag}.png", dpi=110)
-            plt.close(fig)
+                ax.scatter(xy[m, 0], xy[m, 1], s=4, alpha=0.5, label=f"{mod} ({m.sum()})")
+            ax.set(title=title + (f" — {name}" if several else ""), xticks=[], yticks=[])
+            rep.legend_outside(ax, markerscale=3)
+            rep.save_figure(fig, out / f"{method}_{tag}.png", (
+                f"Keys of layer {e['layer']}{' in ' + name if several else ''}, at most {cfg.embed.subsample} "
+                f"tokens of each modality (KV heads concatenated), drawn as {how}. Separate clouds mean the modalities occupy "
+                "different regions of key space; distances in a t-SNE map are not to scale."))
 
 
 def write_pictures(df: pd.DataFrame, embeds: list[dict], out: Path, cfg) -> None:
-    prim = primary_rows(df)
-    if not prim.empty:
-        _by_layer(prim, ["mmd2_rf"], out / "mmd_by_layer.png", "MMD²",
-                  f"MMD² by layer (RF, rbf, raw keys, {prim.multiple.iloc[0]:g} x median bandwidth)")
-    jsd_est = [e for e in ("jsd_clf_mlp", "jsd_clf_logistic", "jsd_hist_marginal", "jsd_hist_lda")
-               if (df.estimator == e).any()]
-    if jsd_est:
-        units = df[df.estimator.isin(jsd_est)].units.iloc[0]
-        _by_layer(df, jsd_est, out / "jsd_by_layer.png", f"JSD ({units})", "JSD by layer")
-    _heatmap(df, out / "heatmap_mmd_layer_head.png")
+    out = Path(out)
+    mmd_by_layer(df, out / "mmd_by_layer.png")
+    mmd_per_head(df, out / "mmd_per_head.png")
+    stores = list(dict.fromkeys(df.store))
+    for store in stores:
+        name = "heatmap_mmd_layer_head.png" if len(stores) == 1 else \
+            f"heatmap_mmd_layer_head_{V.short_store(store)}.png"
+        heatmap(df, out / name, store)
+    sensitivity_plot(df, out / "sensitivity.png")
+    jsd_by_layer(df, out / "jsd_by_layer.png")
     _embed_pictures(embeds, out, cfg)
 
 
-def _img(path: Path) -> str:
-    data = base64.b64encode(path.read_bytes()).decode()
-    return f'<figure><img src="data:image/png;base64,{data}"><figcaption>{html.escape(path.name)}</figcaption></figure>'
+def _order(png: Path) -> tuple[int, str]:
+    for i, prefix in enumerate(FIGURE_ORDER):
+        if png.name.startswith(prefix):
+            return i, png.name
+    return len(FIGURE_ORDER), png.name
 
 
-def _summary(df: pd.DataFrame) -> str:
-    prim = primary_rows(df)
-    prim = prim[prim["head"] == (-1 if (prim["head"] == -1).any() else prim["head"].min())]
-    cols = ["store", "layer", "head", "comparison", "multiple", "value", "se", "approx_sd", "ci_low",
-            "ci_high", "p", "p_method", "n_tokens", "n_samples"]
-    return prim[cols].to_html(index=False, float_format=lambda v: f"{v:.4g}", na_rep="")
+def _interval(v: float, lo: float, hi: float) -> str:
+    return f"{rep.fmt(v)} [{rep.fmt(lo)}, {rep.fmt(hi)}]"
+
+
+def layer_table(df: pd.DataFrame, alpha: float) -> str:
+    """The primary setting per layer (heads pooled): cross, intra, noise floor, gap/noise, p, verdict."""
+    setting = V.primary_setting(df)
+    if setting is None:
+        return ""
+    t = V.gap_table(df, setting, "pooled", alpha)
+    ratios = _ratio_columns(df, setting, t)
+    parts = []
+    for store, g in t.groupby("store", sort=False):
+        tab = pd.DataFrame({
+            "layer": g.layer.astype(int),
+            "cross-modal MMD² [95% CI]": [_interval(*r) for r in zip(g.cross, g.cross_ci_low, g.cross_ci_high)],
+            "intra text": [_interval(*r) for r in zip(g.intra_text, g.intra_text_ci_low, g.intra_text_ci_high)],
+            "intra image": [_interval(*r) for r in zip(g.intra_image, g.intra_image_ci_low, g.intra_image_ci_high)],
+            "noise floor": [rep.fmt(v) for v in g.noise_floor],
+            "gap / noise": [rep.fmt(v, 2) for v in g.gap_over_noise],
+            "p (Holm)": [rep.fmt(v, 2) for v in g.p_holm],
+            "significant": ["yes" if s else "no" for s in g.significant]})
+        for col, values in ratios.get(store, {}).items():
+            tab[col] = values
+        title = f"<h3>{html.escape(V.short_store(store))}</h3>" if t.store.nunique() > 1 else ""
+        parts.append(title + tab.to_html(index=False, border=0, escape=True))
+    return (f"<h2>Per layer: {html.escape(setting.label())}, "
+            f"{'KV heads pooled' if (setting.select(df)['head'] == V.POOLED).any() else 'first KV head'}</h2>"
+            + "".join(parts) + f'<p class="muted">{V.DEFINITIONS}</p>')
+
+
+def _ratio_columns(df: pd.DataFrame, setting, t: pd.DataFrame) -> dict[str, dict[str, list[str]]]:
+    """Normalised-gap rows of the primary setting (``cross/intra_*`` comparisons), aligned to ``t``'s layers."""
+    keys = [k for k, _ in setting.keys if k not in ("estimator",)]
+    rat = df[df.comparison.astype(str).str.startswith("cross/")]
+    if rat.empty:
+        return {}
+    for k in keys:
+        v = setting.get(k)
+        if k in rat.columns and not V._missing(v) and rat[k].notna().any():
+            rat = rat[rat[k] == v]
+    out: dict[str, dict[str, list[str]]] = {}
+    for store, g in t.groupby("store", sort=False):
+        cols = {}
+        for comp, r in rat[(rat.store == store) & rat["head"].isin(g["head"].unique())].groupby("comparison"):
+            r = r.drop_duplicates("layer").set_index("layer").reindex(g.layer)
+            cols[f"{comp} [CI]"] = [_interval(*x) if np.isfinite(x[0]) else "" for x in
+                                    zip(r.value.astype(float), r.ci_low.astype(float), r.ci_high.astype(float))]
+        out[store] = cols
+    return out
+
+
+def sensitivity_table(df: pd.DataFrame, alpha: float) -> str:
+    sens = V.sensitivity(df, alpha)
+    if sens.empty:
+        return ""
+    several = sens.store.nunique() > 1
+    tab = pd.DataFrame({
+        **({"store": sens.store.map(V.short_store)} if several else {}),
+        "setting": sens.setting + np.where(sens.primary, " (primary)", ""),
+        "significant layers": [f"{a} of {b}" for a, b in zip(sens.significant_layers, sens.layers)],
+        "median gap / noise": [rep.fmt(v, 2) for v in sens.median_gap_over_noise],
+        "median cross MMD²": [rep.fmt(v) for v in sens.median_cross],
+        "agrees with primary": [f"{a:.0%}" if np.isfinite(a) else "" for a in sens.agreement],
+        "conclusion holds": ["yes" if h else "no" for h in sens.holds]})
+    held = int(sens.holds.sum())
+    table = tab.to_html(index=False, border=0)
+    if len(tab) > 12:
+        table = f"<details><summary>all {len(tab)} settings</summary>{table}</details>"
+    return ("<h2>Sensitivity: kernels, normalisations, bandwidths</h2>"
+            f"<p>The conclusion of the primary setting holds in {held} of {len(sens)} settings (heads pooled). "
+            "Values of different kernels and bandwidths are on different scales; compare the gap over the noise "
+            "floor and the layers found significant, not the raw values.</p>" + table)
+
+
+PUBLISHED = "the seed study reports cross ≈ 0.408 and intra ≈ 0.012 (docs/reproduce.md)"
+
+
+def paper_table(df: pd.DataFrame) -> str:
+    """The published convention's rows (mmd2_paper) per layer, heads pooled, with their mean."""
+    sel = df[(df.estimator == "mmd2_paper") & ~df.comparison.astype(str).str.contains("/")]
+    if sel.empty:
+        return ""
+    head = V.POOLED if (sel["head"] == V.POOLED).any() else sel["head"].min()
+    sel = sel[sel["head"] == head]
+    parts = []
+    for store, g in sel.groupby("store", sort=False):
+        wide = g.pivot_table(index="layer", columns="comparison", values="value", aggfunc="first")
+        wide.loc["mean"] = wide.mean()
+        title = f"<h3>{html.escape(V.short_store(store))}</h3>" if sel.store.nunique() > 1 else ""
+        parts.append(title + rep.table_html(wide.reset_index()))
+    conv = json.loads(sel.conventions.iloc[0]) if isinstance(sel.conventions.iloc[0], str) else {}
+    how = ", ".join(f"{k} {v}" for k, v in conv.items() if k in ("estimator", "bandwidth_rule", "n_per_side"))
+    return ("<h2>Published convention (mmd2_paper)</h2>"
+            f"<p>Exact MMD² as the seed study computes it ({html.escape(how)}); only these values compare with "
+            f"published numbers: {PUBLISHED}.</p>" + "".join(parts))
 
 
 EXPLAIN = """
-<h2>How to read this</h2>
+<h2>How to read the estimators</h2>
 <ul>
-<li><b>mmd2_rf</b>: unbiased MMD² with random Fourier features (kernel, bandwidth = multiple × median
-distance). <i>se</i> is the sampling error (witness variance, clustered by sample buckets),
-<i>approx_sd</i> the random-feature approximation error. <i>p</i>: cross-MMD (studentised witness, no
-permutations) or, for the first kernel of small runs, a sequence-level permutation test.</li>
-<li><b>mmd2_exact</b>: the same kernels computed exactly on a matched-size subsample; compare with mmd2_rf.</li>
-<li><b>mmd2_paper</b>: paper-compatible convention (see its <i>conventions</i> JSON: biased or not,
-bandwidth rule, kernel sum). Only this row is comparable with published numbers.</li>
+<li><b>mmd2_rf</b>: unbiased MMD² with random Fourier features (kernel, bandwidth = multiple × the median
+bandwidth, see the rows' <i>conventions</i>). <i>se</i> is the sampling error clustered by sample buckets,
+<i>approx_sd</i> the random-feature approximation error. <i>p</i>: cross-MMD (studentised witness) or,
+for the primary setting of small runs, a sequence-level permutation test.</li>
+<li><b>mmd2_exact</b>: the same kernels computed exactly on a matched-size subsample.</li>
+<li><b>mmd2_paper</b>: the published study's convention (see its <i>conventions</i>); only these rows are
+comparable with published numbers (docs/reproduce.md).</li>
 <li><b>mmd2_linear</b>: squared distance of the means (linear kernel).</li>
-<li><b>jsd_clf_*</b>: lower bounds of the full JSD (log 2 − held-out balanced log-loss of a probe).
-<b>jsd_hist_*</b>: JSD of 1-d views (marginals, random/PCA/LDA slices), bias-corrected; these see one
-direction at a time and can be an order of magnitude below the full JSD.</li>
-<li><b>intra_*</b>: the same modality split by sample into halves — the noise floor. <b>cross/intra_*</b>
-rows are ratios with Fieller intervals (unbounded when the intra value is not distinguishable from 0).</li>
-<li>head = −1 means all selected heads pooled (head vectors as samples).</li>
+<li><b>jsd_clf_*</b>: lower bounds of the full JSD (log 2 − held-out balanced log-loss of a probe); a bound
+at or below 0 is "no evidence", drawn at 0. <b>jsd_hist_*</b>: JSD of one-dimensional views.</li>
+<li><b>intra_*</b>: one modality split in two by sample — the noise floor. <b>cross/intra_*</b> rows are
+ratios with Fieller intervals (unbounded when the intra value is indistinguishable from 0).</li>
+<li>Head −1 in the tables means all selected KV heads pooled.</li>
 </ul>"""
 
 
@@ -163,11 +452,17 @@ def _attention_section(run: Path) -> str:
                 if c in joined.columns]
         parts.append(f"<h3>{html.escape(tag)}</h3><p>Visual attention efficiency = attention mass on image keys / "
                      "share of image keys among visible keys (1 = attention in proportion), with bootstrap "
-                     "intervals over samples, beside the key gap (cross minus mean intra MMD², RF rbf raw keys "
-                     "1x median). Correlation across layers and layers x KV heads:</p>"
-                     f"{corr.to_html(index=False, float_format=lambda v: f'{v:.4g}')}"
-                     f"{joined[cols].to_html(index=False, float_format=lambda v: f'{v:.4g}')}")
+                     "intervals over samples, beside the key gap (cross minus mean intra MMD², primary setting). "
+                     "Correlation across layers and layers × KV heads (descriptive: layers are not independent):</p>"
+                     f"{rep.table_html(corr)}"
+                     f"<details><summary>per layer and head</summary>{rep.table_html(joined[cols])}</details>")
     return ("<h2>Attention utilisation beside the key gap</h2>" + "".join(parts)) if parts else ""
+
+
+def _stores_html(meta: dict, df: pd.DataFrame) -> str:
+    paths = [s.get("path", "") for s in meta.get("stores", [])] or list(dict.fromkeys(df.store))
+    items = "".join(f"<li><b>{html.escape(V.short_store(p))}</b>: <code>{html.escape(p)}</code></li>" for p in paths)
+    return f"<p>Key store{'s' if len(paths) > 1 else ''} analysed (named by folder below):</p><ul>{items}</ul>"
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -175,21 +470,18 @@ def build_report(run_dir: str | Path) -> Path:
     run = Path(run_dir)
     df = pd.read_parquet(run / "results.parquet")
     meta = json.loads((run / "meta.json").read_text()) if (run / "meta.json").exists() else {}
-    pngs = sorted(run.glob("*.png"), key=lambda p: (not p.name.startswith(("mmd", "jsd", "heat")), p.name))
-    counts = df.groupby(["estimator", "comparison"]).size().rename("rows").reset_index()
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>kscale analysis</title>
-<style>body{{font-family:sans-serif;max-width:1200px;margin:auto}} table{{border-collapse:collapse;font-size:12px}}
-td,th{{border:1px solid #ccc;padding:2px 6px}} img{{max-width:100%}} figure{{display:inline-block;margin:6px}}
-pre{{background:#f6f6f6;padding:8px;font-size:11px;overflow:auto}}</style></head><body>
-<h1>kscale — key-space modality gap</h1>
-<p>Stores: {html.escape(', '.join(s.get('path', '') for s in meta.get('stores', [])))}. Rows: {len(df)}.</p>
-<h2>Headline: cross vs intra MMD² (RF, rbf, raw keys)</h2>{_summary(df)}
-{EXPLAIN}
-<h2>Pictures</h2>{''.join(_img(p) for p in pngs)}
-{_attention_section(run)}
-<h2>Rows per estimator</h2>{counts.to_html(index=False)}
-<h2>Run metadata</h2><pre>{html.escape(json.dumps(meta, indent=1, default=str)[:20000])}</pre>
-<p>The full table is in results.parquet / results.csv next to this file.</p></body></html>"""
+    alpha = float(meta.get("config", {}).get("significance", {}).get("alpha", 0.05))
+    pngs = sorted(run.glob("*.png"), key=_order)
+    counts = df.pivot_table(index="estimator", columns="comparison", values="layer", aggfunc="size", fill_value=0)
+    body = (rep.verdict_html(V.verdict(df, alpha))
+            + _stores_html(meta, df) + f"<p class=\"muted\">{len(df)} rows; alpha = {alpha:g}.</p>"
+            + layer_table(df, alpha) + sensitivity_table(df, alpha) + paper_table(df)
+            + "<h2>Pictures</h2>" + rep.figures_html(pngs)
+            + _attention_section(run) + EXPLAIN
+            + "<h2>Rows per estimator and comparison</h2>" + counts.reset_index().to_html(index=False, border=0)
+            + "<h2>Run metadata</h2><details><summary>meta.json</summary><pre>"
+            + html.escape(json.dumps(meta, indent=1, default=str)[:20000]) + "</pre></details>"
+            + "<p>The full table is in results.parquet / results.csv next to this file.</p>")
     path = run / "report.html"
-    path.write_text(page)
+    path.write_text(rep.page("kscale — key-space modality gap", body))
     return path

@@ -14,14 +14,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from kscale.analysis import stats
-from kscale.analysis.features import FeatureConfig, Sums
+from kscale.analysis.features import FeatureConfig, TargetSums
 from kscale.analysis.jsd import hist_jsd_with_jackknife, to_units
-from kscale.analysis.mmd import Side, linear_side, mmd2_from_sums, rf_mmd2, rf_side
+from kscale.analysis.mmd import (CrossWithin, Side, jackknife_se, linear_side, mmd2_from_sums,
+                                 mmd2_leave_one_out, rf_mmd2, rf_side)
 from kscale.analysis.plan import Comparison
 
 COLUMNS = ["store", "layer", "head", "comparison", "estimator", "kernel", "normalisation", "bandwidth",
            "multiple", "value", "se", "approx_sd", "ci_low", "ci_high", "p", "p_method", "units",
-           "n_tokens", "n_samples", "conventions"]
+           "n_tokens", "n_samples", "bandwidth_policy", "conventions"]
 
 
 def row(**kw) -> dict:
@@ -32,7 +33,7 @@ def row(**kw) -> dict:
     return base
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
     """What every row of one (store, layer, head) shares."""
 
@@ -41,103 +42,155 @@ class Context:
     head: int
     alpha: float
     n_samples: dict[str, int]  # comparison -> distinct samples behind it
+    estimator: str  # block | token (mmd.estimator)
+    policy: str  # mmd.bandwidth_policy
+    seed: int
+
+    def row(self, **kw) -> dict:
+        return row(store=self.store, layer=self.layer, head=self.head, **kw)
 
 
-def _sides(sums: dict[str, Sums], comp: Comparison, make) -> tuple[Side, Side]:
-    bucket_K = np.arange(len(sums[comp.mod_x].count_K))
-    x = make(sums[comp.mod_x]).restrict(comp.mask("x", bucket_K))
-    y = make(sums[comp.mod_y]).restrict(comp.mask("y", bucket_K))
+@dataclass(frozen=True)
+class Replicates:
+    """An estimate with its delete-one-bucket replicates (for ratios and differences of estimates)."""
+
+    value: float
+    loo_K: np.ndarray
+    nonempty_K: np.ndarray
+
+
+def _keep(comp: Comparison, side: str, K: int) -> np.ndarray:
+    return comp.mask(side, np.arange(K))
+
+
+def _sides(ts: TargetSums, comp: Comparison, make) -> tuple[Side, Side]:
+    """X and Y restricted to their buckets."""
+    K = len(ts.ncross_K)
+    x = make(ts.by_mod[comp.mod_x]).restrict(_keep(comp, "x", K))
+    y = make(ts.by_mod[comp.mod_y]).restrict(_keep(comp, "y", K))
     return x, y
 
 
-def _interval_and_p(x: Side, y: Side, comp: Comparison, value: float, alpha: float):
-    bucket_K = np.arange(len(x.n_K))
+def _rf_make(c: int):
+    return lambda s: rf_side(s.count_K, s.rf_KC2D[:, c], s.rfself_KCD[:, c], s.nsq_K)
+
+
+def _lin_make(m: int):
+    return lambda s: linear_side(s.count_K, s.lin_KMd[:, m], s.linsq_KM[:, m], s.linself_KM[:, m], s.nsq_K)
+
+
+def _cross_within(ts: TargetSums, comp: Comparison, within_KG: np.ndarray) -> CrossWithin | None:
+    return CrossWithin(within_KG, ts.ncross_K) if comp.mod_x != comp.mod_y else None
+
+
+def _row_stats(ctx: Context, x: Side, y: Side, xy: CrossWithin | None, comp: Comparison, value: float,
+               ) -> tuple[dict, Replicates]:
     nonempty = (x.n_K + y.n_K) > 0
-    infl_K = stats.witness_influence(x, y)
-    se = stats.cluster_se(infl_K, nonempty)
-    lo, hi = stats.t_interval(value, se, int(nonempty.sum()), alpha)
-    p, _ = stats.cross_mmd_p(x, y, comp.fold(bucket_K))
-    return se, lo, hi, p, infl_K
+    loo = mmd2_leave_one_out(x, y, xy, ctx.estimator)
+    se = jackknife_se(loo, nonempty)
+    lo, hi = stats.t_interval(value, se, int(nonempty.sum()), ctx.alpha)
+    p, _ = stats.cross_mmd_p(x, y, comp.fold(np.arange(len(x.n_K))))
+    return dict(value=value, se=se, ci_low=lo, ci_high=hi, p=p, p_method="cross_mmd_t",
+                n_tokens=int(x.n + y.n), n_samples=ctx.n_samples[comp.name],
+                bandwidth_policy=ctx.policy), Replicates(value, loo, nonempty)
 
 
-def rf_rows(ctx: Context, sums: dict[str, Sums], comp: Comparison, configs: list[FeatureConfig],
+def rf_rows(ctx: Context, ts: TargetSums, comp: Comparison, configs: list[FeatureConfig],
             bandwidths: dict[str, float], conv: dict) -> tuple[list[dict], dict]:
-    """Random-feature MMD^2 rows (one per config); also returns each config's influences."""
-    out, influences = [], {}
+    """Random-feature MMD^2 rows (one per config); also each config's jackknife replicates."""
+    out, reps = [], {}
     for c, fc in enumerate(configs):
-        x, y = _sides(sums, comp, lambda s, c=c: rf_side(s.count_K, s.rf_KC2D[:, c]))
-        value, approx_sd = rf_mmd2(x, y)
-        se, lo, hi, p, infl = _interval_and_p(x, y, comp, value, ctx.alpha)
-        influences[(fc.normalisation, fc.kernel, fc.multiple)] = (value, infl, (x.n_K + y.n_K) > 0)
-        out.append(row(store=ctx.store, layer=ctx.layer, head=ctx.head, comparison=comp.name,
-                       estimator="mmd2_rf", kernel=fc.kernel, normalisation=fc.normalisation,
-                       bandwidth=bandwidths[fc.normalisation] * fc.multiple, multiple=fc.multiple,
-                       value=value, se=se, approx_sd=approx_sd, ci_low=lo, ci_high=hi, p=p,
-                       p_method="cross_mmd_t", units="kernel", n_tokens=int(x.n + y.n),
-                       n_samples=ctx.n_samples[comp.name], conventions=conv))
-    return out, influences
+        x, y = _sides(ts, comp, _rf_make(c))
+        xy = _cross_within(ts, comp, ts.rfcross_KCD[:, c])
+        value, approx_sd = rf_mmd2(x, y, xy, ctx.estimator)
+        fields, reps[(fc.normalisation, fc.kernel, fc.multiple)] = _row_stats(ctx, x, y, xy, comp, value)
+        out.append(ctx.row(comparison=comp.name, estimator="mmd2_rf", kernel=fc.kernel,
+                           normalisation=fc.normalisation, bandwidth=bandwidths[fc.normalisation] * fc.multiple,
+                           multiple=fc.multiple, approx_sd=approx_sd, units="kernel", conventions=conv, **fields))
+    return out, reps
 
 
-def linear_rows(ctx: Context, sums: dict[str, Sums], comp: Comparison, norms: list[str],
-                conv: dict) -> list[dict]:
+def linear_rows(ctx: Context, ts: TargetSums, comp: Comparison, norms: list[str], conv: dict) -> list[dict]:
     out = []
     for m, how in enumerate(norms):
-        x, y = _sides(sums, comp, lambda s, m=m: linear_side(s.count_K, s.lin_KMd[:, m], s.linsq_KM[:, m]))
-        value = mmd2_from_sums(x, y)
-        se, lo, hi, p, _ = _interval_and_p(x, y, comp, value, ctx.alpha)
-        out.append(row(store=ctx.store, layer=ctx.layer, head=ctx.head, comparison=comp.name,
-                       estimator="mmd2_linear", kernel="linear", normalisation=how, value=value, se=se,
-                       approx_sd=0.0, ci_low=lo, ci_high=hi, p=p, p_method="cross_mmd_t",
-                       units="squared key units", n_tokens=int(x.n + y.n),
-                       n_samples=ctx.n_samples[comp.name], conventions=conv))
+        x, y = _sides(ts, comp, _lin_make(m))
+        xy = _cross_within(ts, comp, ts.lincross_KM[:, m:m + 1])
+        fields, _ = _row_stats(ctx, x, y, xy, comp, mmd2_from_sums(x, y, xy, ctx.estimator))
+        out.append(ctx.row(comparison=comp.name, estimator="mmd2_linear", kernel="linear", normalisation=how,
+                           approx_sd=0.0, units="squared key units", conventions=conv, **fields))
     return out
 
 
-def permutation_row_update(rows: list[dict], sums: dict[str, Sums], comp: Comparison, buckets_of,
-                           n_perm: int, max_units: int, seed: int) -> None:
+def permutation_row_update(ctx: Context, rows: list[dict], ts: TargetSums, comp: Comparison, buckets,
+                           n_perm: int) -> None:
     """Replace p of the first config's row by a sequence-level permutation p when units are few."""
-    if n_perm <= 0 or not sums[comp.mod_x].unit_ids:
+    if n_perm <= 0 or any(ts.by_mod[m].units_dropped or not ts.by_mod[m].unit_ids
+                          for m in (comp.mod_x, comp.mod_y)):
         return
     feats, counts, is_x = [], [], []
     for side, mod in (("x", comp.mod_x), ("y", comp.mod_y)):
-        ids_U, rf_U2D, count_U = sums[mod].units()
-        keep = comp.mask(side, buckets_of(ids_U))
+        ids_U, rf_U2D, count_U = ts.by_mod[mod].units()
+        keep = comp.mask(side, buckets.of(ids_U))
         D = rf_U2D.shape[-1]
         feats.append(rf_U2D[keep].reshape(int(keep.sum()), 2 * D) / np.sqrt(D))
         counts.append(count_U[keep])
         is_x.append(np.full(int(keep.sum()), side == "x"))
-    count_U = np.concatenate(counts)
-    if len(count_U) > max_units or min(int(is_x[0].sum()), len(is_x[1])) < 2:
+    count_U, feat_UF = np.concatenate(counts), np.vstack(feats)
+    if min(int(is_x[0].sum()), len(is_x[1])) < 2:
         return
-    p, _ = stats.permutation_p(np.vstack(feats), count_U, count_U, np.concatenate(is_x), n_perm, seed)
+    block = ctx.estimator == "block"
+    sq_U = (feat_UF**2).sum(1) if block else count_U
+    p, _ = stats.permutation_p(feat_UF, count_U, sq_U, np.concatenate(is_x), n_perm, ctx.seed,
+                               pairs_U=count_U**2 if block else None)
     rows[0]["p"], rows[0]["p_method"] = p, f"sequence_permutation_{n_perm}"
 
 
+def _fieller(a: Replicates, b: Replicates, alpha: float) -> tuple[float, float]:
+    nonempty = a.nonempty_K | b.nonempty_K
+    if int(nonempty.sum()) < 2:
+        return math.nan, math.nan
+    var_a = stats.jackknife_cov(a.loo_K, a.loo_K, nonempty)
+    var_b = stats.jackknife_cov(b.loo_K, b.loo_K, nonempty)
+    cov = stats.jackknife_cov(a.loo_K, b.loo_K, nonempty)
+    return stats.fieller_interval(a.value, b.value, var_a, var_b, cov, alpha)
+
+
 def ratio_rows(ctx: Context, cross: dict, intra: dict, intra_name: str, conv: dict) -> list[dict]:
-    """cross / intra ratio of each random-feature config, Fieller interval from joint influences."""
+    """cross / intra ratio of each random-feature config, Fieller interval from joint replicates."""
     out = []
-    for key, (a, infl_a, ne_a) in cross.items():
+    for key, a in cross.items():
         if key not in intra:
             continue
-        b, infl_b, ne_b = intra[key]
-        nonempty = ne_a | ne_b
-        g = int(nonempty.sum())
-        var_a = stats.cluster_cov(infl_a, infl_a, nonempty)
-        var_b = stats.cluster_cov(infl_b, infl_b, nonempty)
-        cov = stats.cluster_cov(infl_a, infl_b, nonempty)
-        lo, hi = stats.fieller_interval(a, b, var_a, var_b, cov, ctx.alpha) if g > 1 else (math.nan, math.nan)
-        out.append(row(store=ctx.store, layer=ctx.layer, head=ctx.head, comparison=f"cross/{intra_name}",
-                       estimator="ratio_mmd2_rf", kernel=key[1], normalisation=key[0], multiple=key[2],
-                       value=a / b if b != 0 else math.nan, ci_low=lo, ci_high=hi, units="ratio",
-                       n_samples=ctx.n_samples["cross"], conventions=conv))
+        b = intra[key]
+        lo, hi = _fieller(a, b, ctx.alpha)
+        out.append(ctx.row(comparison=f"cross/{intra_name}", estimator="ratio_mmd2_rf", kernel=key[1],
+                           normalisation=key[0], multiple=key[2],
+                           value=a.value / b.value if b.value != 0 else math.nan, ci_low=lo, ci_high=hi,
+                           units="ratio", n_samples=ctx.n_samples["cross"], bandwidth_policy=ctx.policy,
+                           conventions=conv))
     return out
 
 
-def hist_rows(ctx: Context, sums: dict[str, Sums], comp: Comparison, families: dict[str, np.ndarray],
+def gap_row(ctx: Context, cross: Replicates, intras: list[Replicates], key: tuple, conv: dict) -> list[dict]:
+    """The headline: cross MMD^2 over the mean intra-modal MMD^2 (the noise floor) of the primary kernel,
+    with a Fieller interval from joint replicates; unbounded when the floor is indistinguishable from 0."""
+    if not intras:
+        return []
+    mean = Replicates(float(np.mean([r.value for r in intras])), np.mean([r.loo_K for r in intras], axis=0),
+                      np.any([r.nonempty_K for r in intras], axis=0))
+    lo, hi = _fieller(cross, mean, ctx.alpha)
+    return [ctx.row(comparison="cross/intra", estimator="gap_normalised", kernel=key[1], normalisation=key[0],
+                    multiple=key[2], value=cross.value / mean.value if mean.value != 0 else math.nan,
+                    ci_low=lo, ci_high=hi, units="ratio", n_samples=ctx.n_samples["cross"],
+                    bandwidth_policy=ctx.policy, conventions={**conv, "intra": len(intras)})]
+
+
+def hist_rows(ctx: Context, ts: TargetSums, comp: Comparison, families: dict[str, np.ndarray],
               units: str, conv: dict) -> list[dict]:
     out = []
-    x_KPB = sums[comp.mod_x].hist_KPB * comp.mask("x", np.arange(len(sums[comp.mod_x].count_K)))[:, None, None]
-    y_KPB = sums[comp.mod_y].hist_KPB * comp.mask("y", np.arange(len(sums[comp.mod_y].count_K)))[:, None, None]
+    K = len(ts.ncross_K)
+    x_KPB = ts.by_mod[comp.mod_x].hist_KPB * _keep(comp, "x", K)[:, None, None]
+    y_KPB = ts.by_mod[comp.mod_y].hist_KPB * _keep(comp, "y", K)[:, None, None]
     for fam, cols in families.items():
         if fam.startswith("lda:") and fam != f"lda:{comp.name}":
             continue
@@ -147,57 +200,65 @@ def hist_rows(ctx: Context, sums: dict[str, Sums], comp: Comparison, families: d
         _, se = stats.jackknife(value, reps)
         lo, hi = stats.t_interval(value, se, len(reps), ctx.alpha)
         n_tok = int(x_KPB[:, cols[0]].sum() + y_KPB[:, cols[0]].sum())
-        out.append(row(store=ctx.store, layer=ctx.layer, head=ctx.head, comparison=comp.name,
-                       estimator=f"jsd_hist_{fam.split(':')[0]}", kernel="histogram",
+        out.append(ctx.row(comparison=comp.name, estimator=f"jsd_hist_{fam.split(':')[0]}", kernel="histogram",
                        value=to_units(value, units), se=to_units(se, units), ci_low=to_units(lo, units),
                        ci_high=to_units(hi, units), units=units, n_tokens=n_tok,
-                       n_samples=ctx.n_samples[comp.name],
-                       conventions={**conv, "columns": int(len(cols))}))
+                       n_samples=ctx.n_samples[comp.name], conventions={**conv, "columns": int(len(cols))}))
     return out
 
 
-def exact_rows(ctx: Context, sub, comp: Comparison, heads: list[int], n_exact: int, norms: list[str],
-               kernels: list[str], multiples: list[float], target_plan, conv: dict) -> list[dict]:
-    """Exact (blocked, float64) MMD^2_u on matched-size subsamples, same bandwidths as the RF rows."""
+def _matched(sub, comp: Comparison, heads: list[int], n_exact: int, seed: int):
+    """Matched-size subsample sides: (x, ids_x, buckets_x), (y, ids_y, buckets_y) or None when too few."""
+    x = sub.side(comp, "x", heads, n_exact, seed)
+    y = sub.side(comp, "y", heads, n_exact, seed)
+    n = min(len(x[0]), len(y[0]))
+    if n < 4:
+        return None
+    return tuple(a[:n] for a in x), tuple(a[:n] for a in y)
+
+
+def exact_rows(ctx: Context, sub, comp: Comparison, heads: list[int], cfg, target_plan, conv: dict,
+               ) -> list[dict]:
+    """Exact (blocked, float64) MMD^2 on matched-size subsamples, same estimator form and bandwidths as
+    the random-feature rows, jackknife SE over the same buckets."""
     from kscale.analysis.features import normalise
-    from kscale.analysis.mmd import exact_mmd2
+    from kscale.analysis.mmd import exact_parts
 
-    x, sx = sub.side(comp, "x", heads, n_exact)
-    y, sy = sub.side(comp, "y", heads, n_exact)
-    n = min(len(x), len(y))
-    x, sx, y, sy = x[:n], sx[:n], y[:n], sy[:n]
-    rf_kernels = [k for k in kernels if k != "linear"]
-    if n < 4 or not rf_kernels:
+    sides = _matched(sub, comp, heads, cfg.exact_subsample, ctx.seed)
+    rf_kernels = [k for k in cfg.mmd.kernels if k != "linear"]
+    if sides is None or not rf_kernels:
         return []
+    (x, ix, bx), (y, iy, by) = sides
     out = []
-    for how in norms:
+    for how in cfg.mmd.normalisations:
         bw = target_plan.bandwidth[how]
-        pairs = [(k, bw * m) for k in rf_kernels for m in multiples]
-        res = exact_mmd2(normalise(x, how, target_plan), normalise(y, how, target_plan), pairs)
+        pairs = [(k, bw * m) for k in rf_kernels for m in cfg.mmd.bandwidth_multiples]
+        res = exact_parts(normalise(x, how, target_plan), normalise(y, how, target_plan), pairs, ids_x=ix,
+                          ids_y=iy, bucket_x=bx, bucket_y=by, n_buckets=cfg.significance.n_buckets,
+                          estimator=ctx.estimator)
+        g = int(res.nonempty_K.sum())
         for i, (kernel, b) in enumerate(pairs):
-            se, g = stats.clustered_witness_se(res.witness_x_kn[i], sx, res.witness_y_km[i], sy)
-            lo, hi = stats.t_interval(float(res.value_k[i]), se, g, ctx.alpha)
-            out.append(row(store=ctx.store, layer=ctx.layer, head=ctx.head, comparison=comp.name,
-                           estimator="mmd2_exact", kernel=kernel, normalisation=how, bandwidth=b,
-                           multiple=b / bw, value=float(res.value_k[i]), se=se, approx_sd=0.0,
-                           ci_low=lo, ci_high=hi, units="kernel", n_tokens=2 * n,
-                           n_samples=g, conventions=conv))
+            value = float(res.value_k[i])
+            se = jackknife_se(res.loo_kK[i], res.nonempty_K)
+            lo, hi = stats.t_interval(value, se, g, ctx.alpha)
+            out.append(ctx.row(comparison=comp.name, estimator="mmd2_exact", kernel=kernel, normalisation=how,
+                               bandwidth=b, multiple=b / bw, value=value, se=se, approx_sd=0.0, ci_low=lo,
+                               ci_high=hi, units="kernel", n_tokens=2 * len(x),
+                               n_samples=len(np.union1d(ix, iy)), bandwidth_policy=ctx.policy,
+                               conventions=conv))
     return out
 
 
-def paper_rows(ctx: Context, sub, comp: Comparison, heads: list[int], n_exact: int, paper,
-               seed: int) -> list[dict]:
+def paper_rows(ctx: Context, sub, comp: Comparison, heads: list[int], n_exact: int, paper) -> list[dict]:
     """Paper-compatible MMD: biased or unbiased, bandwidth rule on the comparison's pooled points,
     RBF kernels at the multiples summed into one kernel; conventions recorded in the row."""
     from kscale.analysis.mmd import exact_mmd2, median_bandwidth
 
-    x, sx = sub.side(comp, "x", heads, n_exact)
-    y, sy = sub.side(comp, "y", heads, n_exact)
-    n = min(len(x), len(y))
-    if n < 4:
+    sides = _matched(sub, comp, heads, n_exact, ctx.seed)
+    if sides is None:
         return []
-    x, sx, y, sy = x[:n], sx[:n], y[:n], sy[:n]
-    bw = median_bandwidth(np.vstack([x, y]), paper.bandwidth_rule, seed=seed)
+    (x, sx, _), (y, sy, _) = sides
+    bw = median_bandwidth(np.vstack([x, y]), paper.bandwidth_rule, seed=ctx.seed)
     pairs = [("rbf", bw * m) for m in paper.multiples]
     res = exact_mmd2(x, y, pairs, biased=paper.estimator == "biased")
     value = float(res.value_k.sum())
@@ -205,10 +266,10 @@ def paper_rows(ctx: Context, sub, comp: Comparison, heads: list[int], n_exact: i
     lo, hi = stats.t_interval(value, se, g, ctx.alpha)
     conv = {"estimator": paper.estimator, "bandwidth_rule": paper.bandwidth_rule,
             "multiples": list(paper.multiples), "kernel": "sum of rbf exp(-|x-y|^2/2s^2)",
-            "normalisation": "none", "n_per_side": n, "matched_sizes": True,
+            "normalisation": "none", "n_per_side": len(x), "matched_sizes": True, "pairs": "token-level",
             "note": "biased V-statistic includes k(x,x): its bias ~ (1/n + 1/m)(1 - E k) is in the value"
             if paper.estimator == "biased" else "unbiased U-statistic"}
-    return [row(store=ctx.store, layer=ctx.layer, head=ctx.head, comparison=comp.name,
-                estimator="mmd2_paper", kernel="rbf_sum", normalisation="none", bandwidth=bw,
-                multiple=float(sum(paper.multiples)), value=value, se=se, ci_low=lo, ci_high=hi,
-                units="kernel", n_tokens=2 * n, n_samples=g, conventions=conv)]
+    return [ctx.row(comparison=comp.name, estimator="mmd2_paper", kernel="rbf_sum", normalisation="none",
+                    bandwidth=bw, multiple=float(sum(paper.multiples)), value=value, se=se, ci_low=lo,
+                    ci_high=hi, units="kernel", n_tokens=2 * len(x), n_samples=g,
+                    bandwidth_policy=paper.bandwidth_rule, conventions=conv)]

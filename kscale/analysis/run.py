@@ -1,11 +1,12 @@
 """The analysis stage: ``run_analyze(spec)`` for the runner, ``analyze(cfg, out_dir)`` for everyone else.
 
-Per store and layer::
+Per store: the sample ids are streamed once to cut the samples into sample-aligned joint blocks
+(source.py); buckets are a seeded hash of the sample id. Per layer::
 
-    subsample (in memory) ──▶ plans: bandwidths, standardisation, histogram bins   (plan.py)
+    subsample (in memory) ──▶ plans: bandwidths (mmd.bandwidth_policy), standardisation, bins (plan.py)
          │                      │
          │                      ▼
-         │        stream every block of keys ──▶ mergeable Sums per head / pooled   (features.py, stream.py)
+         │        stream every joint block ──▶ mergeable TargetSums per head / pooled (features.py, stream.py)
          │                      │
          ▼                      ▼
     exact + paper MMD      RF / linear MMD, histogram JSD, p-values, ratios        (rows.py, stats.py)
@@ -21,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -28,12 +30,12 @@ import pandas as pd
 
 from kscale.analysis import rows as R
 from kscale.analysis.config import AnalyzeConfig
-from kscale.analysis.features import (RF_KERNELS, ChunkPlan, FeatureConfig, TargetPlan, chunk_sums,
-                                      draw_frequencies, merge_sums)
-from kscale.analysis.plan import POOLED, Comparison, Subsample, comparisons, target_plan
+from kscale.analysis.features import (RF_KERNELS, ChunkPlan, FeatureConfig, TargetPlan, TargetSums, chunk_sums,
+                                      draw_frequencies, merger)
+from kscale.analysis.plan import POOLED, Comparison, Subsample, comparisons, layer_scales, target_plan
 from kscale.analysis.probes import probe_rows
-from kscale.analysis.source import (Buckets, KeyStoreLike, blocks, bucket_table, open_store, read_rows,
-                                    subsample_index)
+from kscale.analysis.source import (BlockPlan, Buckets, KeyStoreLike, block_plan, joint_items, open_store,
+                                    read_rows, rows_per_block, subsample_index)
 from kscale.analysis.stream import Runner
 from kscale.output import (RUN_MARKER, OutputKind, claim_output, run_marker, run_marker_reader,
                            write_json_atomic)
@@ -68,10 +70,11 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stores = stores if stores is not None else [open_store(p) for p in cfg.stores]
+    reference = _reference_store(cfg, stores)
     all_rows, embeds = [], []
     with Runner(cfg.dask) as runner:
         for ks in stores:
-            store_rows, store_embeds = analyze_store(cfg, ks, runner)
+            store_rows, store_embeds = analyze_store(cfg, ks, runner, reference)
             all_rows += store_rows
             embeds += store_embeds
     df = pd.DataFrame(all_rows, columns=R.COLUMNS)
@@ -84,6 +87,15 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     attention_beside_gap(stores, df, out)
     build_report(out)
     return df
+
+
+def _reference_store(cfg: AnalyzeConfig, stores: list[KeyStoreLike]) -> KeyStoreLike | None:
+    if cfg.mmd.bandwidth_policy != "reference":
+        return None
+    if cfg.mmd.reference_store is None:
+        return stores[0]
+    return next((ks for ks in stores if ks.path == cfg.mmd.reference_store), None) or open_store(
+        cfg.mmd.reference_store)
 
 
 def attention_beside_gap(stores: list[KeyStoreLike], df: pd.DataFrame, out: Path) -> None:
@@ -104,11 +116,7 @@ def attention_beside_gap(stores: list[KeyStoreLike], df: pd.DataFrame, out: Path
         joined.to_parquet(out / f"attention_vs_gap_{tag}.parquet", index=False)
         joined.to_csv(out / f"attention_vs_gap_{tag}.csv", index=False)
         corr.to_csv(out / f"attention_gap_correlation_{tag}.csv", index=False)
-        fig = attn.figure(joined, corr, title=f"visual attention vs key gap — {tag}")
-        fig.savefig(out / f"attention_vs_gap_{tag}.png", dpi=110)
-        import matplotlib.pyplot as plt
-
-        plt.close(fig)
+        attn.save_figure(joined, corr, out / f"attention_vs_gap_{tag}.png", f"visual attention vs key gap — {tag}")
 
 
 def _meta(cfg: AnalyzeConfig, stores: list[KeyStoreLike]) -> dict:
@@ -117,11 +125,12 @@ def _meta(cfg: AnalyzeConfig, stores: list[KeyStoreLike]) -> dict:
 
     import kscale
 
-    return {"config": dataclasses.asdict(cfg),
+    return {"config": dataclasses.asdict(cfg), "seed": cfg.seed,
             "stores": [{"path": ks.path, "attrs": ks.attrs} for ks in stores],
             "versions": {"kscale": kscale.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
                          "dask": dask.__version__, "pandas": pd.__version__},
-            "head_pooled_id": POOLED}
+            "head_pooled_id": POOLED, "estimator": cfg.mmd.estimator,
+            "bandwidth_policy": cfg.mmd.bandwidth_policy}
 
 
 def _select(name: str, wanted, present: list[int], what: str) -> list[int]:
@@ -143,16 +152,6 @@ def _embed_layers(cfg: AnalyzeConfig, layers: list[int]) -> list[int]:
     return sorted({layers[0], layers[len(layers) // 2], layers[-1]})
 
 
-def _n_samples(comps: list[Comparison], ids: dict[str, np.ndarray], buckets: Buckets) -> dict[str, int]:
-    out = {}
-    for c in comps:
-        bx, by = buckets.of(ids[c.mod_x]), buckets.of(ids[c.mod_y])
-        sx, sy = ids[c.mod_x][c.mask("x", bx)], ids[c.mod_y][c.mask("y", by)]
-        out[c.name] = len(np.union1d(sx, sy))
-    out["cross"] = out.get("cross", len(np.union1d(*ids.values())))
-    return out
-
-
 def _feature_configs(cfg: AnalyzeConfig) -> list[FeatureConfig]:
     """RF configs, the primary one (none, rbf, multiple closest to 1) first: it gets permutations."""
     configs = [FeatureConfig(n, k, float(m)) for n in cfg.mmd.normalisations for k in cfg.mmd.kernels
@@ -161,142 +160,224 @@ def _feature_configs(cfg: AnalyzeConfig) -> list[FeatureConfig]:
                                           abs(np.log(c.multiple))))
 
 
-def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner) -> tuple[list[dict], list[dict]]:
-    layers = _select("layers", cfg.layers, ks.layers, "layer")
+@dataclass(frozen=True)
+class StoreContext:
+    """What every layer of one store shares: the store, selections, buckets and the joint blocks."""
+
+    cfg: AnalyzeConfig
+    ks: KeyStoreLike
+    runner: Runner
+    heads: list[int]
+    mods: list[str]  # [image modality, "text"]: x and y of the cross comparison
+    comps: list[Comparison]
+    buckets: Buckets
+    blocks: BlockPlan
+    configs: list[FeatureConfig]
+    lin_norms: list[str]
+    reference: KeyStoreLike | None
+
+
+@dataclass(frozen=True)
+class LayerContext:
+    """One layer of one store: its subsample, targets (head -> positions in the selection) and plans."""
+
+    store: StoreContext
+    layer: int
+    sub: Subsample
+    targets: dict[int, list[int]]
+    plans: dict[int, TargetPlan]
+    families: dict[int, dict[str, np.ndarray]]
+
+    @property
+    def cfg(self) -> AnalyzeConfig:
+        return self.store.cfg
+
+
+def _store_context(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, reference) -> StoreContext:
     heads = _select("heads", cfg.heads, ks.heads, "head")
     mods = [cfg.image_modality, "text"]
-    sids = {m: np.asarray(ks.tokens(m)["sample_id"]) for m in mods}
+    layer0 = _select("layers", cfg.layers, ks.layers, "layer")[0]
     for m in mods:
-        if len(sids[m]) < 4:
-            raise ValueError(f"analyze: store {ks.path} has {len(sids[m])} {m} tokens; need at least 4")
-    buckets = bucket_table(list(sids.values()), cfg.significance.n_buckets, cfg.seed)
-    comps = comparisons(cfg.comparisons, cfg.image_modality)
-    n_samples = _n_samples(comps, {m: np.unique(s) for m, s in sids.items()}, buckets)
-    embed_layers = _embed_layers(cfg, layers)
-    rows, embeds = [], []
-    for layer in layers:
-        sub = _subsample(cfg, ks, layer, heads, mods, sids, buckets, layer in embed_layers)
-        if layer in embed_layers:
-            embeds.append({"store": ks.path, "layer": layer, "keys": sub.keys, "heads": heads})
-        rows += _layer_rows(cfg, ks, runner, layer, heads, sub, sids, buckets, comps, n_samples)
-    return rows, embeds
-
-
-def _subsample(cfg, ks, layer, heads, mods, sids, buckets, for_embed: bool) -> Subsample:
-    k = max(cfg.mmd.median_subsample, 2 * cfg.exact_subsample, cfg.embed.subsample if for_embed else 0)
-    keys, ids, bks = {}, {}, {}
-    for i, m in enumerate(mods):
-        idx = subsample_index(len(sids[m]), k, cfg.seed + 1000 * layer + i)
-        keys[m] = read_rows(ks.keys(layer, m, heads), idx)
-        ids[m] = sids[m][idx]
-        bks[m] = buckets.of(ids[m])
-    return Subsample(keys, ids, bks)
-
-
-def _head_groups(cfg: AnalyzeConfig, heads: list[int], d: int, n_configs: int, n_hist_cols: int,
-                 runner: Runner) -> list[list[int]]:
-    """Split heads so that (window + 1) partial Sums of a group (+ pooled) fit the memory budget."""
-    K, D = cfg.significance.n_buckets, cfg.mmd.n_features
-    per_target = K * (n_configs * 2 * D + n_hist_cols * cfg.jsd.bins + 2 * d) * 8
-    fit = int(cfg.mmd.max_accumulator_mb * 2**20 // ((runner.window + 1) * per_target)) - 1
-    size = max(1, min(len(heads), fit))
-    return [heads[i:i + size] for i in range(0, len(heads), size)]
-
-
-def _layer_rows(cfg, ks, runner, layer, heads, sub, sids, buckets, comps, n_samples) -> list[dict]:
+        n = ks.keys(layer0, m).shape[0]
+        if n < 4:
+            raise ValueError(f"analyze: store {ks.path} has {n} {m} tokens; need at least 4")
     want = set(cfg.estimators)
     configs = _feature_configs(cfg) if "mmd_rf" in want else []
     lin_norms = list(cfg.mmd.normalisations) if "linear" in cfg.mmd.kernels and "mmd_rf" in want else []
-    norms_needed = sorted({c.normalisation for c in configs} | set(cfg.mmd.normalisations))
-    targets = {h: [i] for i, h in enumerate(heads)}
-    if cfg.pooled and len(heads) > 1:
-        targets[POOLED] = list(range(len(heads)))
+    row_bytes = len(heads) * ks.head_dim * np.dtype(ks.keys(layer0, mods[0]).dtype).itemsize
+    per_sample = max(1, len(configs)) * 2 * cfg.mmd.n_features * 8 * len(mods)
+    max_samples = max(1, cfg.mmd.max_accumulator_mb * 2**20 // (per_sample * (runner.window + 1)))
+    ids = {m: ks.token_column(m, "sample_id") for m in mods}
+    blocks = block_plan(ids, rows_per_block(cfg.dask.chunk_mb, row_bytes), max_samples, f"store {ks.path}")
+    return StoreContext(cfg, ks, runner, heads, mods, comparisons(cfg.comparisons, cfg.image_modality),
+                        Buckets(cfg.significance.n_buckets, cfg.seed), blocks, configs, lin_norms, reference)
+
+
+def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, reference: KeyStoreLike | None = None,
+                  ) -> tuple[list[dict], list[dict]]:
+    sc = _store_context(cfg, ks, runner, reference)
+    layers = _select("layers", cfg.layers, ks.layers, "layer")
+    embed_layers = _embed_layers(cfg, layers)
+    rows, embeds = [], []
+    for layer in layers:
+        lc = _layer_context(sc, layer, layer in embed_layers)
+        if layer in embed_layers:
+            embeds.append({"store": ks.path, "layer": layer, "keys": lc.sub.keys, "heads": sc.heads})
+        rows += _layer_rows(lc)
+    return rows, embeds
+
+
+def _subsample(sc: StoreContext, ks: KeyStoreLike, layer: int, for_embed: bool) -> Subsample:
+    cfg = sc.cfg
+    k = max(cfg.mmd.median_subsample, 2 * cfg.exact_subsample, cfg.embed.subsample if for_embed else 0)
+    keys, ids, bks = {}, {}, {}
+    for i, m in enumerate(sc.mods):
+        x = ks.keys(layer, m, sc.heads)
+        idx = subsample_index(x.shape[0], k, cfg.seed + 1000 * layer + i)
+        keys[m] = read_rows(x, idx)
+        ids[m] = read_rows(ks.token_column(m, "sample_id"), idx, dtype=np.int64)
+        bks[m] = sc.buckets.of(ids[m])
+    return Subsample(keys, ids, bks)
+
+
+def _layer_context(sc: StoreContext, layer: int, for_embed: bool) -> LayerContext:
+    cfg = sc.cfg
+    sub = _subsample(sc, sc.ks, layer, for_embed)
+    norms = sorted({c.normalisation for c in sc.configs} | set(cfg.mmd.normalisations))
+    ref_sub = _subsample(sc, sc.reference, layer, False) if sc.reference is not None else None
+    shared = layer_scales(cfg, sub, sc.heads, norms, ref_sub)
+    targets = {h: [i] for i, h in enumerate(sc.heads)}
+    if cfg.pooled and len(sc.heads) > 1:
+        targets[POOLED] = list(range(len(sc.heads)))
     plans, families = {}, {}
     for t, pos in targets.items():
-        plans[t], families[t] = target_plan(cfg, sub, pos, comps, norms_needed, "jsd_hist" in want)
-    sums = _stream_sums(cfg, ks, runner, layer, heads, sids, buckets, plans, configs, lin_norms, comps)
-    rows = []
-    for t, pos in targets.items():
-        ctx = R.Context(ks.path, layer, t, cfg.significance.alpha, n_samples)
-        rows += _target_rows(cfg, ctx, sums[t], sub, pos, plans[t], families[t], configs, lin_norms,
-                             comps, buckets)
-    if "jsd_clf" in want and cfg.jsd.classifiers:
-        items = {m: blocks(ks.keys(layer, m, heads), sids[m], cfg.dask.chunk_mb) for m in set(sids)}
-        probe_targets = {t: (pos, plans[t]) for t, pos in targets.items()}
-
-        def ctx_rows(t):
-            return lambda **kw: R.row(store=ks.path, layer=layer, head=t,
-                                      n_samples=n_samples[kw["comparison"]], **kw)
-
-        for comp in comps:
-            rows += probe_rows(cfg, runner, items, comp, probe_targets, buckets, ctx_rows)
-    return rows
+        plans[t], families[t] = target_plan(cfg, sub, pos, sc.comps, norms, "jsd_hist" in cfg.estimators, shared)
+    return LayerContext(sc, layer, sub, targets, plans, families)
 
 
-def _stream_sums(cfg, ks, runner, layer, heads, sids, buckets, plans, configs, lin_norms, comps):
-    """Streamed Sums per target and modality; heads in memory-bounded groups, pooled merged across."""
-    d = ks.head_dim
-    freqs = draw_frequencies(d, cfg.mmd.n_features, orthogonal=cfg.mmd.orthogonal, seed=cfg.seed) \
-        if configs else None
-    n_cols = 0 if plans[next(iter(plans))].proj_dP is None else plans[next(iter(plans))].proj_dP.shape[1]
-    n_units = sum(len(np.unique(s)) for s in sids.values())
-    collect = cfg.significance.permutations > 0 and n_units <= cfg.significance.max_permutation_units
-    out: dict[int, dict] = {t: {} for t in plans}
-    for group in _head_groups(cfg, heads, d, len(configs), n_cols, runner):
-        targets = {h: dataclasses.replace(plans[h], heads=[group.index(h)]) for h in group}
-        if POOLED in plans:
-            targets[POOLED] = dataclasses.replace(plans[POOLED], heads=list(range(len(group))))
-        plan = ChunkPlan(freqs, configs, lin_norms, targets, buckets.ids, buckets.bucket_of,
-                         buckets.n_buckets, cfg.mmd.compute_dtype, cfg.mmd.batch_rows, collect)
-        for m, s in sids.items():
-            items = blocks(ks.keys(layer, m, group), s, cfg.dask.chunk_mb)
-            part = runner.map_reduce(chunk_sums, items, plan, merge_sums)
-            for t, sm in part.items():
-                out[t][m] = out[t][m].merge(sm) if m in out[t] else sm
+def _head_groups(lc: LayerContext) -> list[list[int]]:
+    """Split heads so that (window + 1) partial sums of a group (+ pooled) fit the memory budget."""
+    cfg, sc = lc.cfg, lc.store
+    plan0 = next(iter(lc.plans.values()))
+    n_hist = 0 if plan0.proj_dP is None else plan0.proj_dP.shape[1]
+    K, D = cfg.significance.n_buckets, cfg.mmd.n_features
+    per_target = len(sc.mods) * K * (len(sc.configs) * 3 * D + n_hist * cfg.jsd.bins + 2 * sc.ks.head_dim) * 8
+    fit = int(cfg.mmd.max_accumulator_mb * 2**20 // ((sc.runner.window + 1) * per_target)) - 1
+    size = max(1, min(len(sc.heads), fit))
+    return [sc.heads[i:i + size] for i in range(0, len(sc.heads), size)]
+
+
+def _chunk_plan(lc: LayerContext, group: list[int], freqs, singles: bool, pooled: bool) -> ChunkPlan:
+    cfg, sc = lc.cfg, lc.store
+    targets = {h: dataclasses.replace(lc.plans[h], heads=[group.index(h)]) for h in group} if singles else {}
+    if pooled:
+        targets[POOLED] = dataclasses.replace(lc.plans[POOLED], heads=list(range(len(group))))
+    return ChunkPlan(freqs, sc.configs, sc.lin_norms, targets, sc.buckets, cfg.mmd.compute_dtype,
+                     cfg.mmd.batch_rows, cfg.significance.max_permutation_units
+                     if cfg.significance.permutations > 0 else 0, cfg.mmd.backend)
+
+
+def layer_items(lc: LayerContext, heads: list[int]) -> list[dict]:
+    """The layer's joint blocks for a head selection: modality -> (delayed keys, delayed sample ids)."""
+    sc = lc.store
+    keys = {m: sc.ks.keys(lc.layer, m, heads) for m in sc.mods}
+    ids = {m: sc.ks.token_column(m, "sample_id") for m in sc.mods}
+    return joint_items(keys, ids, sc.blocks)
+
+
+def _stream_sums(lc: LayerContext) -> dict[int, TargetSums]:
+    """Streamed TargetSums per target; heads in memory-bounded groups. Heads pooled need every head of a
+    sample in one pass (its per-sample sums span heads), so when heads are split pooled gets its own pass."""
+    cfg, sc = lc.cfg, lc.store
+    freqs = draw_frequencies(sc.ks.head_dim, cfg.mmd.n_features, orthogonal=cfg.mmd.orthogonal,
+                             seed=cfg.seed) if sc.configs else None
+    merge = merger(cfg.significance.max_permutation_units)
+    groups, pooled = _head_groups(lc), POOLED in lc.plans
+    passes = [(g, True, pooled and len(groups) == 1) for g in groups]
+    if pooled and len(groups) > 1:
+        passes.append((sc.heads, False, True))
+    out: dict[int, TargetSums] = {}
+    for group, singles, with_pooled in passes:
+        plan = _chunk_plan(lc, group, freqs, singles, with_pooled)
+        out.update(sc.runner.map_reduce(chunk_sums, layer_items(lc, group), plan, merge))
     return out
 
 
-def _conventions(cfg: AnalyzeConfig, kind: str) -> dict:
-    base = {"se": f"witness variance clustered by {cfg.significance.n_buckets} sample buckets",
-            "ci": f"{1 - cfg.significance.alpha:.0%} t interval", "pooled_head_id": POOLED}
-    if kind == "rf":
-        return {**base, "estimator": "unbiased U-statistic from feature sums",
-                "features": "orthogonal" if cfg.mmd.orthogonal else "iid", "D": cfg.mmd.n_features,
-                "bandwidth": "multiple x median |x-y| (pooled subsample, equal per modality)",
-                "approx_sd": "sd of per-frequency terms / sqrt(D)", "p": "cross-MMD one-sided t",
-                "seed": cfg.seed}
-    if kind == "linear":
-        return {**base, "estimator": "unbiased |mean_x - mean_y|^2 (linear kernel)", "p": "cross-MMD"}
-    if kind == "exact":
-        return {**base, "estimator": "unbiased U-statistic, exact kernel, float64 blocks",
-                "se": "witness variance clustered by sample", "subsample": cfg.exact_subsample,
-                "matched_sizes": True}
-    return {**base, "se": f"delete-one-bucket jackknife over {cfg.significance.n_buckets} buckets",
-            "bins": cfg.jsd.bins, "binning": "shared quantiles of the pooled subsample",
-            "bias_correction": "(B-1)(1/n+1/m)/8 nats subtracted", "value": "mean over columns"}
+def _n_samples(lc: LayerContext, sums: dict[int, TargetSums]) -> dict[str, int]:
+    ts = next(iter(sums.values()))
+    out = {"cross": int(ts.union_K.sum())}
+    for c in lc.store.comps:
+        if c.mod_x == c.mod_y:
+            out[c.name] = int(ts.by_mod[c.mod_x].samples_K.sum())
+    return out
 
 
-def _target_rows(cfg, ctx, sums, sub, pos, plan: TargetPlan, families, configs, lin_norms, comps,
-                 buckets) -> list[dict]:
-    want = set(cfg.estimators)
-    rows, infl = [], {}
-    for comp in comps:
-        if configs:
-            rf, infl[comp.name] = R.rf_rows(ctx, sums, comp, configs, plan.bandwidth, _conventions(cfg, "rf"))
-            R.permutation_row_update(rf, sums, comp, buckets.of, cfg.significance.permutations,
-                                     cfg.significance.max_permutation_units, cfg.seed)
-            rows += rf
-        rows += R.linear_rows(ctx, sums, comp, lin_norms, _conventions(cfg, "linear"))
-        if "jsd_hist" in want:
-            rows += R.hist_rows(ctx, sums, comp, families, cfg.jsd.units, _conventions(cfg, "hist"))
-        if "mmd_exact" in want:
-            rows += R.exact_rows(ctx, sub, comp, pos, cfg.exact_subsample, list(cfg.mmd.normalisations),
-                                 list(cfg.mmd.kernels), list(cfg.mmd.bandwidth_multiples), plan,
-                                 _conventions(cfg, "exact"))
-            if cfg.paper_mode.enabled:
-                rows += R.paper_rows(ctx, sub, comp, pos, cfg.exact_subsample, cfg.paper_mode, cfg.seed)
-    for intra in ("intra_text", "intra_image"):
-        if "cross" in infl and intra in infl:
-            rows += R.ratio_rows(ctx, infl["cross"], infl[intra], intra,
-                                 {"ci": "Fieller, covariance from joint bucket influences"})
+def _layer_rows(lc: LayerContext) -> list[dict]:
+    cfg, sc = lc.cfg, lc.store
+    sums = _stream_sums(lc)
+    n_samples = _n_samples(lc, sums)
+    rows = []
+    for t in lc.targets:
+        ctx = R.Context(sc.ks.path, lc.layer, t, cfg.significance.alpha, n_samples, cfg.mmd.estimator,
+                        cfg.mmd.bandwidth_policy, cfg.seed)
+        rows += _target_rows(lc, ctx, t, sums[t])
+    if "jsd_clf" in cfg.estimators and cfg.jsd.classifiers:
+        rows += probe_rows(lc, n_samples, layer_items(lc, sc.heads))
     return rows
+
+
+def _conventions(cfg: AnalyzeConfig, kind: str) -> dict:
+    est = cfg.mmd.estimator
+    pairs = ("sample-block U-statistic: every pair of tokens within one sample left out (both sides and "
+             "across)" if est == "block" else "token-level U-statistic: only i = j left out")
+    base = {"se": f"delete-one-bucket jackknife over {cfg.significance.n_buckets} sample buckets "
+                  "(seeded hash of the sample id)",
+            "ci": f"{1 - cfg.significance.alpha:.0%} t interval", "pooled_head_id": POOLED, "seed": cfg.seed,
+            "bandwidth_policy": cfg.mmd.bandwidth_policy}
+    if kind == "rf":
+        return {**base, "estimator": est, "pairs": pairs,
+                "features": "orthogonal" if cfg.mmd.orthogonal else "iid", "D": cfg.mmd.n_features,
+                "bandwidth": "multiple x sqrt(median |x-y|^2) of a balanced pool (equal per modality)",
+                "approx_sd": "sd of per-frequency terms / sqrt(D)", "p": "cross-MMD one-sided t"}
+    if kind == "linear":
+        return {**base, "estimator": est, "pairs": pairs, "kernel": "linear x.y", "p": "cross-MMD"}
+    if kind == "exact":
+        return {**base, "estimator": est, "pairs": pairs, "computation": "exact kernel, float64 blocks",
+                "subsample": cfg.exact_subsample, "matched_sizes": True}
+    if kind == "ratio":
+        return {**base, "ci": "Fieller, covariance of joint delete-one-bucket replicates", "estimator": est}
+    return {**base, "se": f"delete-one-bucket jackknife over {cfg.significance.n_buckets} buckets",
+            "bins": cfg.jsd.bins, "binning": "shared quantiles of the pooled subsample; a value on an "
+            "interior edge counts in the bin above", "bias_correction": "(B-1)(1/n+1/m)/8 nats subtracted",
+            "value": "mean over columns"}
+
+
+def _target_rows(lc: LayerContext, ctx: R.Context, t: int, ts: TargetSums) -> list[dict]:
+    cfg, sc = lc.cfg, lc.store
+    plan, want = lc.plans[t], set(cfg.estimators)
+    rows, reps = [], {}
+    for comp in sc.comps:
+        if sc.configs:
+            rf, reps[comp.name] = R.rf_rows(ctx, ts, comp, sc.configs, plan.bandwidth, _conventions(cfg, "rf"))
+            R.permutation_row_update(ctx, rf, ts, comp, sc.buckets, cfg.significance.permutations)
+            rows += rf
+        rows += R.linear_rows(ctx, ts, comp, sc.lin_norms, _conventions(cfg, "linear"))
+        if "jsd_hist" in want:
+            rows += R.hist_rows(ctx, ts, comp, lc.families[t], cfg.jsd.units, _conventions(cfg, "hist"))
+        if "mmd_exact" in want:
+            rows += R.exact_rows(ctx, lc.sub, comp, lc.targets[t], cfg, plan, _conventions(cfg, "exact"))
+            if cfg.paper_mode.enabled:
+                rows += R.paper_rows(ctx, lc.sub, comp, lc.targets[t], cfg.exact_subsample, cfg.paper_mode)
+    return rows + _ratio_rows(ctx, reps, sc.configs, cfg)
+
+
+def _ratio_rows(ctx: R.Context, reps: dict, configs: list[FeatureConfig], cfg: AnalyzeConfig) -> list[dict]:
+    if "cross" not in reps:
+        return []
+    conv = _conventions(cfg, "ratio")
+    rows = []
+    intras = [i for i in ("intra_text", "intra_image") if i in reps]
+    for intra in intras:
+        rows += R.ratio_rows(ctx, reps["cross"], reps[intra], intra, conv)
+    key = (configs[0].normalisation, configs[0].kernel, configs[0].multiple)
+    return R.gap_row(ctx, reps["cross"][key], [reps[i][key] for i in intras], key, conv) + rows

@@ -1,17 +1,25 @@
-"""Where the analysis meets the key store: sample buckets, chunked blocks and subsamples.
+"""Where the analysis meets the key store: sample buckets, sample-aligned joint blocks and subsamples.
 
-The store reader (``kscale.store.open``) hands out lazy dask arrays ``keys(layer, modality, heads)``
-of shape (N, H, d) and a token table in the same order. This module cuts them into blocks of about
-``chunk_mb`` (each block travels with its slice of sample ids), draws seeded subsamples that are read
-into memory, and maps every sample to one of K buckets (the clusters of every SE, the halves of the
-intra-modal baselines and of cross-MMD, the held-out set of the probes).
+The store reader (``kscale.store.open``) hands out lazy dask arrays ``keys(layer, modality, heads)`` of
+shape (N, H, d) and ``token_column(modality, "sample_id")`` chunked like their token axis. The driver
+never holds every token's sample id: :func:`block_plan` streams the sample-id columns one chunk at a
+time and keeps only where to cut, so that every **joint block** holds whole samples, with the rows of
+every modality of those samples (samples' rows are contiguous and sorted by sample id in the store).
+Per-sample feature sums, and so the sample-block estimators of ``mmd.py``, are complete inside one
+block. Workers read a block's keys together with its sample ids.
+
+Every sample maps to one of K buckets by a seeded hash of its id (:class:`Buckets`): the clusters of
+every SE, the halves of the intra-modal baselines and of cross-MMD, the held-out set of the probes.
 """
 
 from __future__ import annotations
 
+import heapq
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -25,7 +33,7 @@ class KeyStoreLike(Protocol):
 
     def keys(self, layer: int, modality: str, heads: list[int] | None = None) -> da.Array: ...
 
-    def tokens(self, modality: str) -> dict[str, np.ndarray]: ...
+    def token_column(self, modality: str, name: str) -> da.Array: ...
 
 
 def open_store(path: str) -> KeyStoreLike:
@@ -34,11 +42,23 @@ def open_store(path: str) -> KeyStoreLike:
     return kscale.store.open(path)
 
 
-@dataclass(frozen=True)
-class Buckets:
-    """Sample id -> bucket, balanced: a seeded permutation of all sample ids dealt round-robin."""
+_M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
-    ids: np.ndarray  # sorted unique sample ids over all modalities
+
+def mix64(z: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a fixed, well-mixing bijection of uint64 (same on every machine)."""
+    z = np.asarray(z, np.uint64)
+    with np.errstate(over="ignore"):
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return z ^ (z >> np.uint64(31))
+
+
+@dataclass(frozen=True)
+class TableBuckets:
+    """Buckets from an explicit table (sorted ids -> bucket): for tests and benchmarks on plain arrays."""
+
+    ids: np.ndarray
     bucket_of: np.ndarray
     n_buckets: int
 
@@ -46,28 +66,110 @@ class Buckets:
         return self.bucket_of[np.searchsorted(self.ids, sample_ids)]
 
 
-def bucket_table(sample_id_arrays: list[np.ndarray], n_buckets: int, seed: int) -> Buckets:
-    ids = np.unique(np.concatenate([np.unique(a) for a in sample_id_arrays]))
-    order = np.random.default_rng([seed, 0xB0C]).permutation(len(ids))
-    bucket_of = np.empty(len(ids), np.int64)
-    bucket_of[order] = np.arange(len(ids)) % n_buckets
-    return Buckets(ids, bucket_of, n_buckets)
+@dataclass(frozen=True)
+class Buckets:
+    """Sample id -> bucket in [0, K): ``mix64(id ^ mix64(seed))`` mod K. A pure function of the id and
+    the seed, so every worker assigns buckets alone, whatever the order it sees samples in."""
+
+    n_buckets: int
+    seed: int
+
+    def of(self, sample_ids: np.ndarray) -> np.ndarray:
+        salt = mix64(np.uint64(self.seed & 0xFFFFFFFFFFFFFFFF) + np.uint64(0xB0C))
+        ids = np.asarray(sample_ids).astype(np.int64).view(np.uint64)
+        return (mix64(ids ^ salt) % np.uint64(self.n_buckets)).astype(np.int64)
 
 
-def blocks(x: da.Array, sample_ids: np.ndarray, chunk_mb: int) -> list[tuple[Any, np.ndarray]]:
-    """(delayed block (n, H, d), its sample ids) pairs of about ``chunk_mb`` each, in token order."""
-    row_bytes = int(np.prod(x.shape[1:])) * x.dtype.itemsize
-    rows = max(1, int(chunk_mb * 2**20 // max(row_bytes, 1)))
-    if max(x.chunks[0]) > 2 * rows or len(x.chunks[0]) > 1 and np.median(x.chunks[0]) < rows / 4:
-        x = x.rechunk({0: rows, 1: -1, 2: -1})
-    else:
-        x = x.rechunk({1: -1, 2: -1})
-    out, lo = [], 0
-    for blk, n in zip(x.to_delayed().ravel(), x.chunks[0]):
-        out.append((blk, sample_ids[lo:lo + n]))
-        lo += n
-    return out
+# --- sample-aligned joint blocks ----------------------------------------------------------------------
 
+def _runs(ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(sample id, rows) of each run of equal ids."""
+    if len(ids_N) == 0:
+        return ids_N[:0], np.zeros(0, np.int64)
+    starts = np.flatnonzero(np.r_[True, ids_N[1:] != ids_N[:-1]])
+    return ids_N[starts], np.diff(np.r_[starts, len(ids_N)])
+
+
+def _sample_stream(col: da.Array, mod: str, where: str) -> Iterator[tuple[int, int, str]]:
+    """(sample id, rows, modality) per sample, reading the id column one chunk at a time."""
+    last, pending = None, 0
+    for blk in col.to_delayed().ravel():
+        ids_N = np.asarray(dask.compute(blk, scheduler="sync")[0])
+        run_ids, run_rows = _runs(ids_N)
+        for sid, n in zip(run_ids.tolist(), run_rows.tolist()):
+            if sid == last:
+                pending += n
+                continue
+            if last is not None:
+                if sid < last:
+                    raise ValueError(f"{where}: {mod} token table is not sorted by sample id "
+                                     f"(sample {sid} after {last}); the analysis needs each sample's rows "
+                                     "contiguous and samples in increasing id order, as the writer stores them")
+                yield last, pending, mod
+            last, pending = sid, n
+    if last is not None:
+        yield last, pending, mod
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """Rows of each modality in each joint block (a block holds whole samples of every modality)."""
+
+    rows: dict[str, tuple[int, ...]]
+
+    @property
+    def n_blocks(self) -> int:
+        return len(next(iter(self.rows.values())))
+
+
+def block_plan(id_cols: dict[str, da.Array], max_rows: int, max_samples: int, where: str) -> BlockPlan:
+    """Cut the stores' samples, in id order, into blocks of at most ``max_rows`` rows over all modalities
+    and ``max_samples`` samples (a single larger sample gets a block of its own). Streams the id
+    columns; memory is O(blocks), never O(tokens)."""
+    mods = list(id_cols)
+    merged = heapq.merge(*(_sample_stream(col, m, where) for m, col in id_cols.items()))
+    rows: dict[str, list[int]] = {m: [] for m in mods}
+    cur = {m: 0 for m in mods}
+    cur_samples, cur_id = 0, None
+    for sid, n, mod in merged:
+        if sid != cur_id:
+            if cur_samples and (sum(cur.values()) + n > max_rows or cur_samples >= max_samples):
+                for m in mods:
+                    rows[m].append(cur[m])
+                    cur[m] = 0
+                cur_samples = 0
+            cur_id, cur_samples = sid, cur_samples + 1
+        cur[mod] += n
+    if cur_samples:
+        for m in mods:
+            rows[m].append(cur[m])
+    return BlockPlan({m: tuple(r) for m, r in rows.items()})
+
+
+def _delayed_parts(x: da.Array, sizes: tuple[int, ...]) -> list[Any]:
+    """Delayed pieces of ``x`` (rows along axis 0) of the given sizes; None where a size is 0."""
+    nonzero = tuple(s for s in sizes if s > 0)
+    if not nonzero:
+        return [None] * len(sizes)
+    y = x.rechunk({0: nonzero, **{a: -1 for a in range(1, x.ndim)}})
+    it = iter(y.to_delayed().ravel())
+    return [next(it) if s > 0 else None for s in sizes]
+
+
+def joint_items(keys: dict[str, da.Array], ids: dict[str, da.Array], plan: BlockPlan,
+                ) -> list[dict[str, tuple[Any, Any] | None]]:
+    """One item per joint block: modality -> (delayed keys (n, H, d), delayed sample ids (n,)) or None."""
+    parts = {m: list(zip(_delayed_parts(keys[m], plan.rows[m]), _delayed_parts(ids[m], plan.rows[m])))
+             for m in keys}
+    return [{m: (p[i] if p[i][0] is not None else None) for m, p in parts.items()}
+            for i in range(plan.n_blocks)]
+
+
+def rows_per_block(chunk_mb: int, row_bytes: int) -> int:
+    return max(1, int(chunk_mb * 2**20 // max(row_bytes, 1)))
+
+
+# --- subsamples ---------------------------------------------------------------------------------------
 
 def subsample_index(n: int, k: int, seed: int) -> np.ndarray:
     """k of n token indices in random order (seeded); all of them when k >= n."""
@@ -75,10 +177,10 @@ def subsample_index(n: int, k: int, seed: int) -> np.ndarray:
     return rng.permutation(n)[: min(k, n)]
 
 
-def read_rows(x: da.Array, index: np.ndarray) -> np.ndarray:
-    """Rows ``x[index]`` (float64, in the order of ``index``), read with one sorted fancy index."""
+def read_rows(x: da.Array, index: np.ndarray, dtype=np.float64) -> np.ndarray:
+    """Rows ``x[index]`` (in the order of ``index``), read with one sorted fancy index."""
     order = np.argsort(index)
-    rows = np.asarray(x[np.sort(index)].compute(), dtype=np.float64)
+    rows = np.asarray(x[np.sort(index)].compute(), dtype=dtype)
     out = np.empty_like(rows)
     out[order] = rows
     return out

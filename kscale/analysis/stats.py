@@ -1,17 +1,17 @@
 """Sampling errors, intervals and p-values for the estimators of ``mmd.py`` and ``jsd.py``.
 
 Tokens of one sample are dependent, so every error here is clustered by sample: samples are hashed
-into K buckets (``source.bucket_table``) and buckets are the clusters.
+into K buckets (``source.Buckets``) and buckets are the clusters.
 
-- :func:`witness_influence` linearises MMD^2 around the estimated witness ``f = mu_x - mu_y``: each
-  bucket's influence is ``2 (sum_x f - n_b mean_x f)/n - 2 (sum_y f - n_b mean_y f)/m``, and
-  ``se^2 = G/(G-1) sum_b r_b^2`` (G non-empty buckets). This is the witness-variance SE; it is first
-  order and shrinks to 0 at the null (degenerate U-statistic), so use p-values for testing.
+- MMD rows: the delete-one-bucket jackknife of the row's own estimator (``mmd.jackknife_se``; every
+  sum is per bucket, so the K replicates cost one pass over the sums). :func:`jackknife_cov` gives the
+  covariance of two estimates from their replicates (ratios, differences).
 - :func:`cross_mmd_p`: witness from one half of the buckets, its mean difference studentised on the
   other half (Kübler et al. 2022 / Shekhar et al. 2022 "cross-MMD"): a one-sided t-test, no
   permutations, valid at any size because the witness is independent of the test half.
-- :func:`permutation_p`: sequence-level permutations of per-(sample, modality) feature sums.
-- :func:`fieller_interval` for ratios (cross / intra) with covariance from joint influences.
+- :func:`permutation_p`: sequence-level permutations of per-(sample, modality) feature sums, with the
+  statistic in the row's estimator form (pairs within a sequence left out for the sample-block form).
+- :func:`fieller_interval` for ratios (cross / intra) with covariance from joint replicates.
 """
 
 from __future__ import annotations
@@ -24,14 +24,6 @@ from scipy import stats as sps
 from kscale.analysis.mmd import Side
 
 
-def witness_influence(x: Side, y: Side) -> np.ndarray:
-    """Per-bucket influence (K,) of MMD^2 (both sides share bucket indices)."""
-    n, m = x.n, y.n
-    delta_F = x.total() / n - y.total() / m
-    fx_K, fy_K = x.feat_KF @ delta_F, y.feat_KF @ delta_F
-    return 2 * (fx_K - x.n_K * fx_K.sum() / n) / n - 2 * (fy_K - y.n_K * fy_K.sum() / m) / m
-
-
 def cluster_se(influence_K: np.ndarray, nonempty_K: np.ndarray) -> float:
     g = int(nonempty_K.sum())
     if g < 2:
@@ -39,9 +31,13 @@ def cluster_se(influence_K: np.ndarray, nonempty_K: np.ndarray) -> float:
     return float(np.sqrt(g / (g - 1) * (influence_K[nonempty_K] ** 2).sum()))
 
 
-def cluster_cov(a_K: np.ndarray, b_K: np.ndarray, nonempty_K: np.ndarray) -> float:
-    g = int(nonempty_K.sum())
-    return float(g / (g - 1) * (a_K[nonempty_K] * b_K[nonempty_K]).sum()) if g > 1 else float("nan")
+def jackknife_cov(a_K: np.ndarray, b_K: np.ndarray, nonempty_K: np.ndarray) -> float:
+    """Jackknife covariance of two estimates from their delete-one-bucket replicates."""
+    a, b = a_K[nonempty_K], b_K[nonempty_K]
+    g = len(a)
+    if g < 2:
+        return float("nan")
+    return float((g - 1) / g * ((a - a.mean()) * (b - b.mean())).sum())
 
 
 def t_interval(value: float, se: float, n_clusters: int, alpha: float) -> tuple[float, float]:
@@ -70,24 +66,27 @@ def cross_mmd_p(x: Side, y: Side, fold_K: np.ndarray) -> tuple[float, float]:
 
 
 def permutation_p(feat_UF: np.ndarray, count_U: np.ndarray, sq_U: np.ndarray, is_x_U: np.ndarray,
-                  n_perm: int, seed: int, chunk: int = 250) -> tuple[float, float]:
-    """(p, observed MMD^2_u) of a permutation test that reassigns whole sequences (units) to sides.
+                  n_perm: int, seed: int, chunk: int = 250, pairs_U: np.ndarray | None = None,
+                  ) -> tuple[float, float]:
+    """(p, observed MMD^2) of a permutation test that reassigns whole sequences (units) to sides.
 
-    The statistic is recomputed from permuted unit sums, ``S_x* = L @ feat``, one matrix product per
-    chunk of permutations; ``p = (1 + #{T* >= T}) / (1 + n_perm)``.
+    ``sq_U`` and ``pairs_U`` are each unit's left-out kernel sum and pair count: sum_i |phi(x_i)|^2 and
+    n_u for the token-level statistic (the default ``pairs_U = count_U``), |S_u|^2 and n_u^2 for the
+    sample-block one. The statistic is recomputed from permuted unit sums, ``S_x* = L @ feat``, one
+    matrix product per chunk of permutations; ``p = (1 + #{T* >= T}) / (1 + n_perm)``.
     """
     rng = np.random.default_rng([seed, 0xBEE])
-    total_F, n_tot, sq_tot = feat_UF.sum(0), count_U.sum(), sq_U.sum()
+    pairs_U = count_U if pairs_U is None else pairs_U
+    total_F, n_tot, sq_tot, pairs_tot = feat_UF.sum(0), count_U.sum(), sq_U.sum(), pairs_U.sum()
     n_x_units = int(is_x_U.sum())
 
     def stat(lab_PU: np.ndarray) -> np.ndarray:
         sx_PF = lab_PU @ feat_UF
-        n = lab_PU @ count_U
-        qx = lab_PU @ sq_U
+        n, qx, px = lab_PU @ count_U, lab_PU @ sq_U, lab_PU @ pairs_U
         sy_PF = total_F - sx_PF
-        m, qy = n_tot - n, sq_tot - qx
+        m, qy, py = n_tot - n, sq_tot - qx, pairs_tot - px
         sxx, syy, sxy = (sx_PF**2).sum(1), (sy_PF**2).sum(1), (sx_PF * sy_PF).sum(1)
-        return (sxx - qx) / (n * (n - 1)) + (syy - qy) / (m * (m - 1)) - 2 * sxy / (n * m)
+        return (sxx - qx) / (n * n - px) + (syy - qy) / (m * m - py) - 2 * sxy / (n * m)
 
     observed = float(stat(is_x_U[None].astype(np.float64))[0])
     exceed = 0

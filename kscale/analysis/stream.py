@@ -1,8 +1,9 @@
 """Streaming map-reduce of chunk statistics on dask: threads by default, a dask.distributed cluster
 optionally (a LocalCluster, or an address / scheduler file).
 
-Work is a list of (delayed block, sample ids) items and one function ``fn(block, ids, shared)``
-returning mergeable partial results. At most ``window`` tasks are in flight and every result is
+Work is a list of items (anything holding delayed blocks: the analysis passes one joint block, a dict
+modality -> (delayed keys, delayed sample ids)) and one function ``fn(item, shared)`` returning
+mergeable partial results. At most ``window`` tasks are in flight and every result is
 merged into one accumulator as it arrives, so memory is bounded by the window, not by the data.
 """
 
@@ -57,7 +58,7 @@ class Runner:
             return dask.compute(*objs, scheduler="sync")
         return dask.compute(*objs, scheduler="threads", num_workers=self.cfg.n_workers)
 
-    def map_reduce(self, fn: Callable, items: list[tuple[Any, Any]], shared: Any,
+    def map_reduce(self, fn: Callable, items: list[Any], shared: Any,
                    merge: Callable[[Any, Any], Any]) -> Any:
         if self.client is not None:
             return self._map_reduce_distributed(fn, items, shared, merge)
@@ -65,7 +66,7 @@ class Runner:
         task = delayed(fn, pure=False)
         shared = delayed(shared, name=f"shared-{uuid.uuid4().hex}", traverse=False)
         for lo in range(0, len(items), self.window):
-            parts = self.compute(*[task(blk, ids, shared) for blk, ids in items[lo:lo + self.window]])
+            parts = self.compute(*[task(item, shared) for item in items[lo:lo + self.window]])
             for part in parts:
                 acc = part if acc is None else merge(acc, part)
         return acc
@@ -76,14 +77,14 @@ class Runner:
         shared_f = self.client.scatter(shared, broadcast=True, hash=False)  # unique key: no release races
         task = delayed(fn, pure=False)
         pending = iter(items)
-        futures = [self.client.compute(task(blk, ids, shared_f)) for blk, ids in
-                   (next(pending) for _ in range(min(self.window, len(items))))]
+        futures = [self.client.compute(task(next(pending), shared_f))
+                   for _ in range(min(self.window, len(items)))]
         acc, queue = None, as_completed(futures)
         for fut in queue:
             part = fut.result()
             acc = part if acc is None else merge(acc, part)
             nxt = next(pending, None)
             if nxt is not None:
-                queue.add(self.client.compute(task(nxt[0], nxt[1], shared_f)))
+                queue.add(self.client.compute(task(nxt, shared_f)))
             fut.release()
         return acc

@@ -153,34 +153,58 @@ def beside_key_gap(table: Mapping[str, np.ndarray] | pd.DataFrame, gap: pd.DataF
 
 
 def figure(joined: pd.DataFrame, corr: pd.DataFrame, title: str = "visual attention vs key gap"):
-    """Left: per layer, efficiency (with interval) and MMD cross / intra; right: gap vs efficiency."""
-    import matplotlib
+    """Left: per layer, efficiency (with interval) and MMD cross / intra; right: gap vs efficiency.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    Legends sit outside the data (right of the left panel, below the colour bar of the right one); layer
+    ticks are integers; long titles wrap.
+    """
+    from kscale import reporting as rep
 
-    fig, (ax, ax_sc) = plt.subplots(1, 2, figsize=(10, 3.8))
+    plt = rep.plt()
+    fig, (ax, ax_sc) = plt.subplots(1, 2, figsize=(13, 5.0), gridspec_kw={"width_ratios": [1.25, 1]},
+                                    layout="constrained")
     per_layer = joined[joined["head"] == -1].sort_values("layer")
     if per_layer.empty:  # no pooled key-gap rows: average the KV heads for the picture
         per_layer = joined.groupby("layer", as_index=False).mean(numeric_only=True)
     yerr = np.vstack([per_layer.efficiency_image - per_layer.efficiency_image_ci_low,
                       per_layer.efficiency_image_ci_high - per_layer.efficiency_image])
-    ax.errorbar(per_layer.layer, per_layer.efficiency_image, yerr=np.nan_to_num(yerr), marker="o", capsize=3,
-                color="tab:purple", label="image efficiency (mass/share)")
+    ax.errorbar(per_layer.layer, per_layer.efficiency_image, yerr=np.nan_to_num(yerr).clip(min=0), marker="o",
+                capsize=3, color="tab:purple", label="image attention efficiency (mass / share)")
     ax.axhline(1, color="grey", lw=0.5)
     ax.set(xlabel="layer", ylabel="attention efficiency", title="per layer")
+    rep.integer_ticks(ax)
     ax2 = ax.twinx()
-    for comp, colour in (("cross", "tab:red"), ("intra_text", "tab:blue"), ("intra_image", "tab:green")):
-        ax2.plot(per_layer.layer, per_layer[f"mmd_{comp}"], ls="--", marker=".", color=colour, label=f"MMD {comp}")
-    ax2.set_ylabel("key-gap MMD")
+    for comp, colour, marker in (("cross", "tab:red", "s"), ("intra_text", "tab:blue", "^"),
+                                 ("intra_image", "tab:green", "v")):
+        ax2.plot(per_layer.layer, per_layer[f"mmd_{comp}"], ls="--", marker=marker, ms=4, color=colour,
+                 label=f"key MMD² {comp}")
+    ax2.set_ylabel("key-gap MMD²")
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [h.get_label() for h in lines], fontsize=7)
+    ax.legend(lines, [h.get_label() for h in lines], fontsize=rep.LEGEND_FONTSIZE, loc="upper center",
+              bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
     heads = joined[joined["head"] >= 0]
     sc = ax_sc.scatter(heads.gap, heads.efficiency_image, c=heads.layer, cmap="viridis", s=18)
     fig.colorbar(sc, ax=ax_sc, label="layer")
     row = corr.set_index("scope").loc["layers x heads"] if "layers x heads" in set(corr.scope) else None
-    note = f"r = {row.pearson_r:.2f}, rho = {row.spearman_rho:.2f} (n = {row.n})" if row is not None else ""
-    ax_sc.set(xlabel="key gap (cross vs intra MMD)", ylabel="image efficiency", title=f"layers x KV heads  {note}")
-    fig.suptitle(title, fontsize=10)
-    fig.tight_layout()
+    note = f"r = {row.pearson_r:.2f}, rho = {row.spearman_rho:.2f}, n = {row.n}" if row is not None else ""
+    ax_sc.set(xlabel="key gap (cross minus mean intra MMD²)", ylabel="image attention efficiency",
+              title=rep.wrap(f"layers × KV heads ({note})", 45))
+    fig.suptitle(rep.wrap(title, 90), fontsize=11)
     return fig
+
+
+FIGURE_CAPTION = (
+    "Left: how much text queries attend to image keys relative to the image keys' share of the visible keys "
+    "(1 = in proportion; below 1 = image keys under-used), per layer with 95% bootstrap intervals over "
+    "samples, and the key-space MMD² (dashed, right axis) of the same layers. Right: one point per "
+    "(layer, KV head), key gap against attention efficiency, coloured by layer; the correlation is "
+    "descriptive (layers and heads are not independent samples).")
+
+
+def save_figure(joined: pd.DataFrame, corr: pd.DataFrame, path, title: str) -> None:
+    """:func:`figure` written as a report picture with its caption (see :mod:`kscale.reporting`)."""
+    from pathlib import Path
+
+    from kscale import reporting as rep
+
+    rep.save_figure(figure(joined, corr, title), Path(path), FIGURE_CAPTION)

@@ -28,6 +28,8 @@ import torch
 
 from kscale.train.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, CHECKPOINTS, STEP_DIR
 from kscale.train.malora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MaLoRAModel, load_adapter_config
+# ZeRO-0/1/2 write mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt
+MODEL_STATES = "*mp_rank_*_model_states.pt"
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def checkpoint_variants(label: str, run_dir: str, steps: str | list[int]) -> lis
     found = {}
     for p in (run / CHECKPOINTS).glob("step*"):
         m = STEP_DIR.match(p.name)
-        if m and p.is_dir() and any(p.glob("mp_rank_*_model_states.pt")):
+        if m and p.is_dir() and any(p.glob(MODEL_STATES)):
             found[int(m.group(1))] = p
     if not found:
         raise ValueError(f"{where}: no checkpoints in {str(run / CHECKPOINTS)!r}")
@@ -100,7 +102,7 @@ def enumerate_variants(cfg) -> list[Variant]:
 def checkpoint_adapter_state(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
     """Adapter tensors (names as ``MaLoRAModel.adapter_parameters``) from a DeepSpeed checkpoint directory."""
     d = Path(checkpoint_dir)
-    states = sorted(d.glob("mp_rank_*_model_states.pt"))
+    states = sorted(d.glob(MODEL_STATES))
     meta = torch.load(states[0], map_location="cpu", weights_only=True)
     stage = (meta.get("ds_config") or {}).get("zero_optimization", {}).get("stage", 0)
     if stage == 3:

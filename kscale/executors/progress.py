@@ -52,8 +52,11 @@ class Progress:
         self.tokens: dict[str, int] = {}
         self.quarantined: dict[str, str] = {}
         self.retries = 0
+        self.retried: dict[str, list[str]] = {}  # shard name -> the error of each failed attempt
         self.t0 = time.time()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        # A rerun with nothing left to do keeps the last real counts instead of writing "0 samples".
+        self.previous = _previous_counts(self.path, job, stage) if total and skipped >= total else None
         self.bar = tqdm(total=total, initial=skipped, unit="shard", desc=f"{stage} {job}", file=sys.stderr,
                         disable=not show_bar, dynamic_ncols=True)
         self._write("running")
@@ -73,6 +76,7 @@ class Progress:
 
     def shard_retry(self, name: str, error: str) -> None:
         self.retries += 1
+        self.retried.setdefault(name, []).append(error)
         tqdm.write(f"kscale: shard {name} failed, retrying: {error}", file=sys.stderr)
 
     def shard_failed(self, name: str, error: str, attempts: int) -> None:
@@ -92,10 +96,16 @@ class Progress:
 
     def snapshot(self, state: str) -> dict:
         secs = time.time() - self.t0
+        if self.previous is not None and not self.done and not self.failed:
+            return {**self.previous, "state": state, "shards_total": self.total, "shards_done": 0,
+                    "shards_skipped": self.skipped, "shards_failed": 0,
+                    "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                    "note": "nothing to do: every shard was already committed; counts are the last real run's"}
         return {
             "job": self.job, "stage": self.stage, "state": state, "shards_total": self.total,
             "shards_done": self.done, "shards_skipped": self.skipped, "shards_failed": self.failed,
-            "quarantined": self.quarantined, "retries": self.retries, "samples": self.samples,
+            "quarantined": self.quarantined, "retries": self.retries, "retried": self.retried,
+            "samples": self.samples,
             "sample_errors": self.sample_errors, "tokens": self.tokens, "bytes": self.bytes,
             "seconds": round(secs, 3), "samples_per_s": round(self.samples / max(secs, 1e-9), 3),
             "started_at": self.started_at, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -107,3 +117,20 @@ class Progress:
         write_json_atomic(self.path, snap)
         publish_metrics(snap)  # dashboard gauges (no-op without Ray)
         return snap
+
+
+_COUNTS = ("samples", "sample_errors", "tokens", "bytes", "seconds", "samples_per_s", "started_at", "quarantined",
+           "retries")
+
+
+def _previous_counts(path: Path, job: str, stage: str) -> dict | None:
+    """The counts of the last ``_progress.json`` of the same job and stage that did real work, if any."""
+    import json
+
+    try:
+        prev = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if prev.get("job") != job or prev.get("stage") != stage or not (prev.get("samples") or prev.get("bytes")):
+        return None
+    return {"job": job, "stage": stage, **{k: prev[k] for k in _COUNTS if k in prev}}

@@ -4,22 +4,41 @@
 records, runs batched forwards with key hooks, tags and samples tokens, and writes the shard through a
 ``ShardWriter`` that commits last. Executors (local, Ray) only decide where this runs.
 
+Two paths write the same store. The default (``ExtractState.overlap``) is a pipeline: the hooks of
+:func:`kscale.extract.hooks.capture_keys` select the kept tokens and heads and cast on the device that
+computed them, copy to the host without stalling the forward, and one writer thread per worker (the
+*drain*) waits for those copies, appends to the ``ShardWriter`` and finally commits, while the main
+thread already runs the next forwards. ``start_shard`` returns the commit as a ``Future``: an executor
+that calls it for shard k+1 before resolving shard k's future overlaps k's commit with k+1's forwards,
+and reports shard k done only when the future resolved (the marker is on disk). The synchronous path
+(``overlap=False``, and always with attention statistics or stored queries) gathers full outputs with
+:func:`kscale.extract.hooks.capture` and is the reference the tests compare against.
+
 Legend: B batch, T tokens, L hooked layers, H kept KV heads, D head dim, R rope rows, N kept tokens.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
 from kscale.data import Record, Shard, open_source
-from kscale.extract.hooks import capture
+from kscale.extract.hooks import NONFINITE, OVERFLOW, HostKeys, capture, capture_keys
 from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model, resolve_layers
 from kscale.spec import JobSpec
 from kscale.store.writer import ShardCommitted, ShardWriter
+
+# Batches whose keys may wait for the drain thread at once; bounds host memory (and pinned buffers).
+MAX_IN_FLIGHT = 2
+# Extraction needs no logits: the LM head runs on the last position only (at 152k vocab it is ~7% of a
+# 7B forward and B x T x vocab of memory). Benchmarks pass the same to their plain forward.
+FORWARD_KWARGS = {"use_cache": False, "logits_to_keep": 1}
 
 
 @dataclass
@@ -28,6 +47,14 @@ class ExtractState:
     layers: list[int]  # model layer indices, ascending
     heads: list[int]  # KV head indices
     source: object
+    overlap: bool = True  # the pipelined path; False: the synchronous reference path
+    streams: dict = field(default_factory=dict)  # one CUDA copy stream per device, reused across batches
+    drain: ThreadPoolExecutor | None = None  # the writer thread, created at the first pipelined shard
+
+    def drain_pool(self) -> ThreadPoolExecutor:
+        if self.drain is None:
+            self.drain = ThreadPoolExecutor(1, thread_name_prefix="kscale-drain")
+        return self.drain
 
 
 def resolve_heads(heads, n: int) -> list[int]:
@@ -37,7 +64,7 @@ def resolve_heads(heads, n: int) -> list[int]:
 def setup(spec: JobSpec) -> ExtractState:
     if spec.resources.torch_threads:
         torch.set_num_threads(spec.resources.torch_threads)
-    loaded = load_model(spec.model)
+    loaded = load_model(spec.model, n_devices=max(1, int(spec.resources.gpus_per_worker)))
     info = loaded.info
     return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers, "extract.layers"),
                         resolve_heads(spec.extract.heads, info.num_kv_heads), open_source(spec.data))
@@ -78,7 +105,7 @@ def forward_capture(state: ExtractState, batch, queries: bool = False):
         mods.update({("q", i): m for i, m in enumerate(lm.adapter.query_modules(lm.model)) if i in state.layers})
     inputs = {k: v.to(lm.device) for k, v in batch.inputs.items()}
     with torch.inference_mode(), capture(mods, lm.adapter.rotary_module(lm.model)) as cap:
-        lm.model(**inputs, use_cache=False)
+        lm.model(**inputs, **FORWARD_KWARGS)
     return cap
 
 
@@ -87,8 +114,9 @@ def stacked_keys(state: ExtractState, batch, cap):
     lm = state.loaded
     B, T = batch.inputs["input_ids"].shape
     Hkv, D = lm.info.num_kv_heads, lm.info.head_dim
-    keys = torch.stack([cap.outputs[("k", i)] for i in state.layers]).view(len(state.layers), B, T, Hkv, D)
-    return keys[:, :, :, state.heads].float().cpu(), cap.positions_BTR.cpu()
+    # per layer to the host first: with a model spread over GPUs each layer's output is on its own device
+    keys = torch.stack([cap.outputs[("k", i)].cpu() for i in state.layers]).view(len(state.layers), B, T, Hkv, D)
+    return keys[:, :, :, state.heads].float(), cap.positions_BTR.cpu()
 
 
 def stacked_queries(state: ExtractState, batch, cap) -> torch.Tensor:
@@ -98,9 +126,9 @@ def stacked_queries(state: ExtractState, batch, cap) -> torch.Tensor:
     info = state.loaded.info
     B, T = batch.inputs["input_ids"].shape
     heads = query_heads(state.heads, info.num_heads, info.num_kv_heads)
-    q = torch.stack([cap.outputs[("q", i)] for i in state.layers]).view(len(state.layers), B, T, info.num_heads,
-                                                                        info.head_dim)
-    return q[:, :, :, heads].float().cpu()
+    q = torch.stack([cap.outputs[("q", i)].cpu() for i in state.layers]).view(
+        len(state.layers), B, T, info.num_heads, info.head_dim)
+    return q[:, :, :, heads].float()
 
 
 def _check_tags(batch) -> None:
@@ -135,32 +163,74 @@ def write_batch(writer: ShardWriter, spec: JobSpec, batch, recs: list[Record], k
         })
 
 
-def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
-    """Extract one shard into the spec's output store and commit it."""
-    t0 = time.perf_counter()
-    info = state.loaded.info
-    try:
-        writer = ShardWriter(spec.output.path, shard.name, n_layers=len(state.layers),
-                             n_heads=len(state.heads), head_dim=info.head_dim,
-                             rope_rows=state.loaded.adapter.rope_rows,
-                             key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
-                             compress_keys=spec.output.compress_keys)
-    except ShardCommitted as e:  # committed since it was planned (a worker lost after its commit): keep it
-        return e.marker
-    attn = spec.extract.attention
-    qwriter = None
-    if attn.store_queries:  # after ShardWriter: its constructor clears a partial shard folder
-        from kscale.store.queries import QueryWriter
+def keep_rows(batch, recs: list[Record], sample_tokens) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:
+    """Flat (B*T) indices of the stored tokens, grouped by modality, and each modality's [a, b) span.
 
-        qwriter = QueryWriter(spec.output.path, shard.name, dtype=spec.extract.key_dtype,
-                              chunk_tokens=spec.output.chunk_tokens)
-    with_answers = attn.enabled and attn.queries == "answer"
-    errors: list[dict] = []
+    Within a modality rows are in (sample, position) order, the order ``write_batch`` stores them in."""
+    keep = keep_mask(batch.modality_BT, [r.sample_id for r in recs], sample_tokens).flatten()
+    mod = batch.modality_BT.flatten()
+    parts, spans, a = [], {}, 0
+    for name, code in MODALITY_CODES.items():
+        idx = torch.nonzero(keep & (mod == code)).flatten()
+        if len(idx):
+            parts.append(idx)
+            spans[name] = (a, a + len(idx))
+            a += len(idx)
+    return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)), spans
+
+
+def forward_keys(state: ExtractState, batch, rows_N: torch.Tensor, key_dtype: str) -> HostKeys:
+    """Forward one batch; the hooks leave the kept keys in host buffers (copies may still be in flight)."""
+    lm = state.loaded
+    key_mods = lm.adapter.key_modules(lm.model)
+    mods = {j: key_mods[i] for j, i in enumerate(state.layers)}
+    heads = None if state.heads == list(range(lm.info.num_kv_heads)) else state.heads
+    inputs = {k: v.to(lm.device) for k, v in batch.inputs.items()}
+    with torch.inference_mode(), capture_keys(mods, lm.adapter.rotary_module(lm.model), rows_N,
+                                              lm.info.num_kv_heads, heads, getattr(torch, key_dtype),
+                                              state.streams) as got:
+        lm.model(**inputs, **FORWARD_KWARGS)
+    return got.value
+
+
+def write_host_keys(writer: ShardWriter, spec, batch, recs: list[Record], rows_N: torch.Tensor,
+                    spans: dict[str, tuple[int, int]], host: HostKeys) -> None:
+    """On the drain thread: wait for the batch's copies, check them, append each modality's rows."""
+    host.wait()
+    keys_LNHD, flags_LN = host.keys_LNHD.numpy(), host.flags_LN.numpy()
+    T = batch.inputs["input_ids"].shape[1]
+    rows = rows_N.numpy()
+    sids = np.array([r.sample_id for r in recs], dtype=np.int64)
+    cols_N = {"sample_id": sids[rows // T], "position": (rows % T).astype(np.int32),
+              "rope_pos": host.positions_NR.numpy(),
+              "token_id": batch.inputs["input_ids"].flatten().numpy()[rows].astype(np.int32),
+              "image_index": batch.image_index_BT.flatten().numpy()[rows]}
+    for name, (a, b) in spans.items():
+        bad = int(np.bitwise_or.reduce(flags_LN[:, a:b], axis=None))
+        if bad & NONFINITE:
+            raise ValueError(f"non-finite key values in {name} tokens of samples {[r.sample_id for r in recs]}")
+        if bad & OVERFLOW:
+            raise ValueError(f"keys overflow {spec.extract.key_dtype} in {name} tokens of samples "
+                             f"{[r.sample_id for r in recs]}; use extract.key_dtype: float32")
+        writer.append(name, keys_LNHD[:, a:b], {k: v[a:b] for k, v in cols_N.items()})
+
+
+def _writer(spec: JobSpec, shard: Shard, state: ExtractState) -> ShardWriter:
+    """The shard's writer; raises ``ShardCommitted`` when the shard was committed since it was planned."""
+    info = state.loaded.info
+    return ShardWriter(spec.output.path, shard.name, n_layers=len(state.layers),
+                       n_heads=len(state.heads), head_dim=info.head_dim, rope_rows=state.loaded.adapter.rope_rows,
+                       key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
+                       compress_keys=spec.output.compress_keys)
+
+
+def _batches(spec, shard: Shard, state: ExtractState, errors: list[dict],
+             with_answers: bool) -> Iterator[tuple[list[Record], object]]:
+    """(records, model batch) of the shard's usable samples; bad and too-long samples go to ``errors``."""
     good: list[Record] = []
     for i in range(shard.start, shard.stop):
         rec = state.source.get(i)
         (errors.append(_error(rec, rec.error)) if rec.error else good.append(rec))
-    n_ok = 0
     bs, max_len = spec.extract.batch_size, spec.extract.max_seq_len
     for a in range(0, len(good), bs):
         recs = good[a: a + bs]
@@ -174,9 +244,81 @@ def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
             if not recs:
                 continue
             batch = build(state, recs, with_answers)
+        _check_tags(batch)
+        yield recs, batch
+
+
+def _stats(shard: Shard, n_ok: int, errors: list[dict], t0: float) -> dict:
+    errors.sort(key=lambda e: e["sample_id"])
+    return {"shard": shard.name, "start": shard.start, "stop": shard.stop, "n_samples": shard.stop - shard.start,
+            "n_samples_ok": n_ok, "n_errors": len(errors), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+def start_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> Future:
+    """Run the shard's forwards now; return a ``Future`` of its commit marker (see the module docstring).
+
+    The future resolves after the marker is written; a failed append or commit raises from it. When this
+    function itself raises, nothing of the shard is still being written."""
+    attn = spec.extract.attention
+    done: Future = Future()
+    if not state.overlap or attn.enabled or attn.store_queries:
+        done.set_result(_run_sync(spec, shard, state))
+        return done
+    t0 = time.perf_counter()
+    try:
+        writer = _writer(spec, shard, state)
+    except ShardCommitted as e:  # committed since it was planned (a worker lost after its commit): keep it
+        done.set_result(e.marker)
+        return done
+    drain = state.drain_pool()
+    errors: list[dict] = []
+    appends: deque[Future] = deque()
+    n_ok = 0
+    try:
+        for recs, batch in _batches(spec, shard, state, errors, with_answers=False):
+            rows_N, spans = keep_rows(batch, recs, spec.extract.sample_tokens)
+            host = forward_keys(state, batch, rows_N, spec.extract.key_dtype)
+            appends.append(drain.submit(write_host_keys, writer, spec, batch, recs, rows_N, spans, host))
+            n_ok += len(recs)
+            while len(appends) > MAX_IN_FLIGHT:
+                appends.popleft().result()  # back-pressure; a failed append raises here
+    except BaseException:
+        for f in appends:  # a retry deletes the shard folder: let this shard's queued appends finish first
+            f.exception()
+        raise
+
+    def commit() -> dict:
+        for f in appends:  # done already (one thread, in order); re-raise a failed append before any marker
+            f.result()
+        return writer.commit(_stats(shard, n_ok, errors, t0), errors)
+
+    return drain.submit(commit)
+
+
+def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
+    """Extract one shard into the spec's output store and commit it; returns the marker."""
+    return start_shard(spec, shard, state).result()
+
+
+def _run_sync(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
+    """The synchronous path: full projection outputs to the host, then select, cast and write in turn."""
+    t0 = time.perf_counter()
+    try:
+        writer = _writer(spec, shard, state)
+    except ShardCommitted as e:  # committed since it was planned (a worker lost after its commit): keep it
+        return e.marker
+    attn = spec.extract.attention
+    qwriter = None
+    if attn.store_queries:  # after ShardWriter: its constructor clears a partial shard folder
+        from kscale.store.queries import QueryWriter
+
+        qwriter = QueryWriter(spec.output.path, shard.name, dtype=spec.extract.key_dtype,
+                              chunk_tokens=spec.output.chunk_tokens)
+    errors: list[dict] = []
+    n_ok = 0
+    for recs, batch in _batches(spec, shard, state, errors, attn.enabled and attn.queries == "answer"):
         cap = forward_capture(state, batch, queries=attn.enabled or attn.store_queries)
         keys, pos = stacked_keys(state, batch, cap)
-        _check_tags(batch)
         write_batch(writer, spec, batch, recs, keys, pos)
         if qwriter is not None:
             qwriter.append_batch(stacked_queries(state, batch, cap), batch.modality_BT,
@@ -189,7 +331,4 @@ def run_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
         n_ok += len(recs)
     if qwriter is not None:
         qwriter.close()
-    errors.sort(key=lambda e: e["sample_id"])
-    stats = {"shard": shard.name, "start": shard.start, "stop": shard.stop, "n_samples": shard.stop - shard.start,
-             "n_samples_ok": n_ok, "n_errors": len(errors), "seconds": round(time.perf_counter() - t0, 3)}
-    return writer.commit(stats, errors)
+    return writer.commit(_stats(shard, n_ok, errors, t0), errors)

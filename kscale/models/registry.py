@@ -144,13 +144,69 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(mspec: ModelSpec) -> LoadedModel:
-    """Load model, tokenizer and image processor with the real ``from_pretrained`` path."""
+def load_model(mspec: ModelSpec, n_devices: int = 1, devices: list[str] | None = None) -> LoadedModel:
+    """Load model, tokenizer and image processor with the real ``from_pretrained`` path.
+
+    ``n_devices > 1`` spreads the model over that many GPUs (``resources.gpus_per_worker``) by the
+    balanced plan of :func:`plan_device_map`; ``devices`` says where plan device i goes (default
+    ``cuda:i``; the tests pass ``["cpu", "disk"]`` to run a split model on a CPU machine)."""
     info = read_model_config(mspec)
     adapter = get_adapter(info.family)
     device = pick_device(mspec.device)
     dtype = pick_dtype(mspec.dtype, device)
-    return adapter.load(mspec, info, device, dtype)
+    if n_devices > 1 and devices is None:
+        devices = _visible_gpus(n_devices, device)
+    return adapter.load(mspec, info, device, dtype, devices if n_devices > 1 else None)
+
+
+def _zero3_partitioned() -> bool:
+    """True inside :func:`kscale.train.engine.partitioned_loading` (``from_pretrained`` runs zero.Init)."""
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    return is_deepspeed_zero3_enabled()
+
+
+def _visible_gpus(n: int, device: torch.device) -> list[str]:
+    if device.type != "cuda":
+        raise ValueError(f"resources.gpus_per_worker: {n} spreads the model over {n} GPUs, but model.device "
+                         f"is {device.type!r}")
+    if torch.cuda.device_count() < n:
+        import os
+
+        raise ValueError(f"resources.gpus_per_worker: {n} GPUs per worker, but this worker sees "
+                         f"{torch.cuda.device_count()} (CUDA_VISIBLE_DEVICES="
+                         f"{os.environ.get('CUDA_VISIBLE_DEVICES')!r})")
+    return [f"cuda:{i}" for i in range(n)]
+
+
+def plan_device_map(model_class: str, config: Any, n_devices: int, dtype: torch.dtype,
+                    device_bytes: int | None = None) -> dict[str, int]:
+    """Module name -> device index 0..n-1: whole decoder layers and vision blocks, balanced by bytes.
+
+    Built on the meta device (no memory): accelerate's ``get_balanced_memory`` turns ``device_bytes``
+    per device (default: all of the model on each) into an even budget, ``infer_auto_device_map`` fills
+    devices in module order within it. The vision tower and the embeddings land on device 0 (inputs go
+    there), the LM head on the last. Raises when the model does not fit ``n_devices x device_bytes``.
+    """
+    try:
+        import transformers
+        from accelerate import init_empty_weights
+        from accelerate.utils import compute_module_sizes, get_balanced_memory, infer_auto_device_map
+    except ImportError as e:
+        raise ImportError("a model spread over several GPUs needs accelerate: pip install accelerate") from e
+    with init_empty_weights():
+        model = getattr(transformers, model_class)._from_config(config, dtype=dtype)
+    no_split = sorted(model._no_split_modules)
+    total = compute_module_sizes(model, dtype=dtype)[""]
+    budget = {i: device_bytes or total for i in range(n_devices)}
+    balanced = get_balanced_memory(model, budget, no_split_module_classes=no_split, dtype=dtype)
+    plan = infer_auto_device_map(model, max_memory=balanced, no_split_module_classes=no_split, dtype=dtype)
+    stray = sorted({str(d) for d in plan.values() if not isinstance(d, int)})
+    if stray:
+        raise ValueError(f"model of {total / 2**30:.1f} GiB does not fit {n_devices} device(s) of "
+                         f"{(device_bytes or total) / 2**30:.1f} GiB (plan spills to {stray}); "
+                         "raise resources.gpus_per_worker")
+    return plan
 
 
 class Adapter:
@@ -163,14 +219,27 @@ class Adapter:
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
 
     # -- loading
-    def load(self, mspec: ModelSpec, info: ModelInfo, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    def load(self, mspec: ModelSpec, info: ModelInfo, device: torch.device, dtype: torch.dtype,
+             devices: list[str] | None = None) -> LoadedModel:
+        """Load on ``device``, or spread over ``devices`` (plan device i -> ``devices[i]``) with inputs
+        going to where the plan puts the embeddings."""
         import transformers
         from transformers import AutoImageProcessor, AutoTokenizer
 
         cls = getattr(transformers, self.model_class)
         common = dict(revision=mspec.revision, trust_remote_code=mspec.trust_remote_code)
-        model = cls.from_pretrained(info.path, dtype=dtype, attn_implementation=mspec.attn_implementation, **common)
-        model.to(device).eval()
+        if devices:
+            model = self._load_spread(cls, mspec, info, dtype, devices, common)
+            device = torch.device(devices[0])
+        elif device.type == "cuda" and not _zero3_partitioned():  # straight to the GPU, never whole in host RAM
+            model = cls.from_pretrained(info.path, dtype=dtype, attn_implementation=mspec.attn_implementation,
+                                        device_map={"": str(device)}, **common)
+        else:
+            model = cls.from_pretrained(info.path, dtype=dtype, attn_implementation=mspec.attn_implementation,
+                                        **common)
+            if not _zero3_partitioned():  # partitioned parameters already sit where DeepSpeed put them
+                model.to(device)
+        model.eval()
         tokenizer = AutoTokenizer.from_pretrained(info.path, **common)
         tokenizer.padding_side = "right"
         proc_kwargs = self.processor_kwargs(mspec)
@@ -178,6 +247,23 @@ class Adapter:
         settings = {k: v for k, v in image_processor.to_dict().items() if not k.startswith("_")}
         template = mspec.prompt_template or self.default_template
         return LoadedModel(self, model, tokenizer, image_processor, info, device, dtype, settings, template)
+
+    def _load_spread(self, cls, mspec: ModelSpec, info: ModelInfo, dtype: torch.dtype, devices: list[str],
+                     common: dict) -> torch.nn.Module:
+        """``from_pretrained`` with a balanced ``device_map`` over ``devices`` (weights load straight to
+        their device, never whole on one). On CUDA each device's budget is its free memory less 10%."""
+        import tempfile
+
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(info.path, **common)
+        free = [int(torch.cuda.mem_get_info(torch.device(d))[0] * 0.9) for d in devices
+                if torch.device(d).type == "cuda"] if devices[0].startswith("cuda") else []
+        plan = plan_device_map(self.model_class, config, len(devices), dtype, min(free) if free else None)
+        device_map = {name: devices[i] for name, i in plan.items()}
+        offload = tempfile.mkdtemp(prefix="kscale-offload-") if "disk" in devices else None
+        return cls.from_pretrained(info.path, dtype=dtype, attn_implementation=mspec.attn_implementation,
+                                   device_map=device_map, offload_folder=offload, **common)
 
     def processor_kwargs(self, mspec: ModelSpec) -> dict:
         return {}

@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from kscale.targets.checks import Finding
     from kscale.targets.records import Run
 
-_CLASSES = {"local": "kscale.targets:LocalTarget", "ray": "kscale.targets.ray_jobs:RayJobsTarget",
+_CLASSES = {"local": "kscale.targets.local:LocalTarget", "ray": "kscale.targets.ray_jobs:RayJobsTarget",
             "slurm": "kscale.targets.slurm:SlurmTarget", "k8s": "kscale.targets.k8s:K8sTarget"}
 
 
@@ -49,17 +49,6 @@ class Target:
 
     def checks(self, spec: Any | None, spec_path: str | None, address: str | None) -> list[Finding]:
         return []
-
-
-class LocalTarget(Target):
-    """This machine (``kscale submit`` without a target): only preflight checks; the runner runs the job."""
-
-    name = "local"
-
-    def checks(self, spec: Any | None, spec_path: str | None, address: str | None) -> list[Finding]:
-        from kscale.targets.checks import check_local_gpus, check_ports
-
-        return check_ports(spec) + check_local_gpus(spec)
 
 
 def get_target(name: str) -> Target:

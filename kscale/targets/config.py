@@ -26,6 +26,8 @@ PORT_BLOCK = 10  # ports reserved per job
 _SLURM_TIME = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$|^\d+-\d+$")
 _MEM = re.compile(r"^\d+[KMGT]?$")
 _K8S_QUANTITY = re.compile(r"^\d+(\.\d+)?(m|k|Ki|M|Mi|G|Gi|T|Ti)?$")
+# Values that land in a shell script (#SBATCH lines, srun options) unquoted: one word of a safe character set.
+_SHELL_SAFE = re.compile(r"^[A-Za-z0-9_.,:+=@/%-]+$")
 SUBMISSION_MODES = ("K8sJobMode", "HTTPMode", "InteractiveMode", "SidecarMode")
 
 
@@ -97,12 +99,21 @@ class SlurmConfig:
                 out.append((name, f"must be >= {0 if name == 'gpus_per_node' else 1}, got {v}"))
         if self.mem is not None and not _MEM.match(self.mem):
             out.append(("mem", f"{self.mem!r} is not a Slurm size (e.g. 64G, 512000M)"))
+        for name in ("partition", "account", "qos", "gpu_type", "container_image"):
+            v = getattr(self, name)
+            if v is not None and not _SHELL_SAFE.fullmatch(v):
+                out.append((name, f"{v[:60]!r} may only contain letters, digits and _ . , : + = @ / % - "
+                                  "(it is written into the sbatch script)"))
         for i, arg in enumerate(self.sbatch_args):
-            if not arg.startswith("-") or "\n" in arg:
-                out.append((f"sbatch_args[{i}]", f"{arg!r} must be one sbatch option such as --constraint=h100"))
+            if not arg.startswith("-") or not _SHELL_SAFE.fullmatch(arg):
+                out.append((f"sbatch_args[{i}]", f"{arg[:60]!r} must be one sbatch option such as "
+                                                 "--constraint=h100 (letters, digits and _ . , : + = @ / % -)"))
+        for i, m in enumerate(self.container_mounts):
+            if not _SHELL_SAFE.fullmatch(m):
+                out.append((f"container_mounts[{i}]", f"{m[:60]!r}: SRC:DST[:FLAGS] with no spaces or shell characters"))
         for name in ("setup", "modules"):
             for i, line in enumerate(getattr(self, name)):
-                if "\n" in line:
+                if "\n" in line or "\r" in line:
                     out.append((f"{name}[{i}]", "one shell line per item, no newlines"))
         if self.grace_s < 0:
             out.append(("grace_s", f"must be >= 0, got {self.grace_s}"))

@@ -37,7 +37,8 @@ from kscale.spec import SpecError
 from kscale.targets import Target
 from kscale.targets.checks import Finding
 from kscale.targets.config import SUBMISSION_MODES, cluster_of
-from kscale.targets.records import Run, driver_command, kscale_home, record_dir, save_submission, slug, submission_id
+from kscale.targets.records import (Run, driver_command, kscale_home, record_dir, redact_env, save_submission, slug,
+                                    submission_id)
 
 SPEC_MOUNT = "/etc/kscale"
 SPEC_ENV = "KSCALE_SPEC_YAML"
@@ -62,7 +63,21 @@ def pod_paths_yaml(spec_path: str, mount: str) -> str:
         p = sec.get("path") if isinstance(sec, dict) else None
         if isinstance(p, str) and not p.startswith(("/", "~", "debug:")) and (section != "model" or Path(p).exists()):
             sec["path"] = str(PurePosixPath(mount) / p)
-    return yaml.safe_dump(raw, sort_keys=False)
+    return yaml.safe_dump(redact_env(raw), sort_keys=False)
+
+
+def env_secret_name(spec: Any) -> str:
+    """The Secret holding ``cluster.env`` (created by ``kscale submit`` from stdin, referenced by every pod)."""
+    return f"kscale-{slug(spec.name, 40)}-env"
+
+
+def env_secret(spec: Any) -> dict:
+    """The Secret object for ``cluster.env``: applied through kubectl's stdin, never written to a manifest."""
+    k = cluster_of(spec).k8s
+    return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+            "metadata": {"name": env_secret_name(spec), "namespace": k.namespace,
+                         "labels": {"app.kubernetes.io/name": "kscale", **k.labels}},
+            "stringData": dict(sorted(cluster_of(spec).env.items()))}
 
 
 def pod_output_path(spec: Any) -> str:
@@ -91,9 +106,8 @@ def _container(spec: Any, name: str, resources: dict, mounts: list[dict]) -> dic
     k = cluster_of(spec).k8s
     c: dict[str, Any] = {"name": name, "image": k.image, "imagePullPolicy": k.image_pull_policy,
                          "resources": resources}
-    env = [{"name": key, "value": val} for key, val in sorted(cluster_of(spec).env.items())]
-    if env:
-        c["env"] = env
+    if cluster_of(spec).env:  # values only in the Secret; the manifest names it
+        c["envFrom"] = [{"secretRef": {"name": env_secret_name(spec)}}]
     if mounts:
         c["volumeMounts"] = mounts
     return c
@@ -172,7 +186,7 @@ def render_rayjob(spec: Any, spec_path: str, sid: str) -> list[dict]:
     spec_yaml = pod_paths_yaml(spec_path, k.output_mount)
     reuse = k.reuse_cluster is not None
     spec_file = f"env:{SPEC_ENV}" if reuse else f"{SPEC_MOUNT}/job.yaml"
-    env_vars = {**c.env, "KSCALE_SUBMISSION_ID": sid, "PYTHONUNBUFFERED": "1"}
+    env_vars = {"KSCALE_SUBMISSION_ID": sid, "PYTHONUNBUFFERED": "1"}  # cluster.env: the pods' Secret
     if reuse:
         env_vars[SPEC_ENV] = spec_yaml
     job: dict[str, Any] = {
@@ -409,6 +423,10 @@ def submit(spec_path: str, spec: Any, force: bool, dry_run: bool, say: Callable[
         say(f"kscale: RayJob {ns}/{sid} already exists ({existing.get('jobDeploymentStatus', '?')}, job "
             f"{existing.get('jobStatus', '?')}); attached (use --force for a new run)")
         return 0
+    if cluster_of(spec).env:
+        p = kubectl("apply", "-f", "-", stdin=json.dumps(env_secret(spec)))
+        if p.returncode != 0:
+            raise K8sError(f"creating Secret {ns}/{env_secret_name(spec)} for cluster.env failed: {p.stderr.strip()}")
     p = kubectl("apply", "-f", str(manifest))
     if p.returncode != 0:
         raise K8sError(f"kubectl apply -f {manifest} failed: {p.stderr.strip()}")
@@ -449,7 +467,25 @@ def check_k8s(spec: Any | None, spec_path: str | None) -> list[Finding]:
     if problems:
         return out + [Finding("manifest", "fail", "; ".join(problems), "fix the cluster.k8s section")]
     checked = "kscale's checks and the KubeRay CRD schema" if schema_dir else "kscale's checks"
-    return out + [Finding("manifest", "ok", f"rendered RayJob passes {checked}")]
+    return out + [Finding("manifest", "ok", f"rendered RayJob passes {checked}")] + check_output_volume(spec)
+
+
+def check_output_volume(spec: Any) -> list[Finding]:
+    """Outputs must land on a volume that outlives the pods: ``cluster.k8s.output_pvc`` mounted at
+    ``output_mount``, with ``output.path`` (and the record dir) under it."""
+    k = cluster_of(spec).k8s
+    out_path = pod_output_path(spec)
+    if k.output_pvc is None:
+        return [Finding("volume", "warn", f"no cluster.k8s.output_pvc: {out_path} is written inside the pods and is "
+                                          "lost when the RayJob's cluster is deleted",
+                        "set cluster.k8s.output_pvc (a ReadWriteMany PVC) and keep output.path under output_mount")]
+    mount = PurePosixPath(k.output_mount)
+    outside = [str(p) for p in (out_path, str(record_dir(spec, out_path)))
+               if mount != PurePosixPath(p) and mount not in PurePosixPath(p).parents]
+    if outside:
+        return [Finding("volume", "warn", f"{', '.join(outside)} not under the PVC mount {k.output_mount}: lost with "
+                                          "the pods", "use a relative output.path or one under output_mount")]
+    return [Finding("volume", "ok", f"outputs on PVC {k.output_pvc} at {k.output_mount}")]
 
 
 

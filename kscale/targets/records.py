@@ -15,7 +15,7 @@ both on the (shared) filesystem of the outputs:
   on Slurm, ``ray-logs/ID/`` (every node's Ray session logs).
 
 Every target starts the driver the same way, through ``driver_command`` ->
-``python -m kscale.executors.progress_files driver ...`` (a stable entry name that rendered scripts and
+``python -m kscale.targets.records driver ...`` (a stable entry name that rendered scripts and
 running clusters use; it runs :func:`main` here), which tees the driver's output into the record dir and
 writes the state file at start and end.
 """
@@ -97,6 +97,53 @@ def list_submissions(limit: int = 20) -> list[dict]:
     return out
 
 
+def list_runs(limit: int = 20) -> list[dict]:
+    """:func:`list_submissions` with each run's last recorded state (``state``): the driver's state file in
+    the record dir; a local RUNNING whose driver is gone reads DIED."""
+    out = []
+    for sub in list_submissions(limit):
+        rec = Path(sub["record_dir"]) if sub.get("record_dir") else None
+        st = (read_json(rec / f"{sub['id']}.state.json") or latest_state(rec)) if rec else None
+        state = (st or {}).get("state")
+        if sub.get("target") == "local" and state == "RUNNING":
+            from kscale.targets.local import driver_alive
+
+            state = state if driver_alive(st or {}) else "DIED"
+        out.append({**sub, "state": state, "message": (st or {}).get("message")})
+    return out
+
+
+REDACTED = "(secret, not recorded)"
+
+
+def redact_env(raw: Any) -> Any:
+    """The raw spec mapping with ``cluster.env`` values replaced by a placeholder (keys kept): what records,
+    spec copies, ConfigMaps and logs may contain. ``cluster.env`` reaches processes only through
+    :func:`write_env_file` (Slurm) or a Kubernetes Secret."""
+    if isinstance(raw, dict) and isinstance(raw.get("cluster"), dict) and isinstance(raw["cluster"].get("env"), dict):
+        raw = {**raw, "cluster": {**raw["cluster"], "env": {k: REDACTED for k in raw["cluster"]["env"]}}}
+    return raw
+
+
+def write_private(path: Path, text: str) -> Path:
+    """Write ``text`` to ``path`` readable by the owner only (0600 from creation, never briefly 0644)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o600)
+    os.replace(tmp, path)
+    return path
+
+
+def write_env_file(path: Path, env: dict[str, str]) -> Path:
+    """``cluster.env`` as shell ``export`` lines (quoted) in a 0600 file the job script sources."""
+    import shlex
+
+    return write_private(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
+
+
 def absolute_spec_yaml(spec_path: str, cwd: str | None = None) -> str:
     """The job YAML with ``output.path``, ``data.path`` and an existing local ``model.path`` made absolute,
     so the driver (whose working dir is a temporary package on the head) writes where the user meant."""
@@ -113,7 +160,7 @@ def absolute_spec_yaml(spec_path: str, cwd: str | None = None) -> str:
     fix("output", False)
     fix("data", False)
     fix("model", True)
-    return yaml.safe_dump(raw, sort_keys=False)
+    return yaml.safe_dump(redact_env(raw), sort_keys=False)
 
 
 def absolute_output(spec: Any) -> str:
@@ -161,6 +208,8 @@ def latest_state(rec_dir: Path) -> dict | None:
 
 def format_progress(p: dict) -> str:
     """One line: ``extract demo: running, shards 5/8 (2 skipped, 0 failed), 40 samples (3.2/s), 1.2 MB``."""
+    if "shards_total" not in p and p.get("summary"):  # analyze / train: the stage's own summary line
+        return f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}; {p['summary']}"
     total = p.get("shards_total", 0)
     finished = p.get("shards_done", 0) + p.get("shards_skipped", 0) + p.get("shards_failed", 0)
     line = (f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}, shards {finished}/{total} "
@@ -175,7 +224,7 @@ def format_progress(p: dict) -> str:
 def driver_command(python: str, spec_file: str, submission_id: str, target: str, rec_dir: str) -> list[str]:
     """The command every target runs on the cluster: the wrapper around ``kscale submit SPEC``.
     ``spec_file`` may be ``env:VAR`` for a spec shipped inline in the runtime environment."""
-    return [python, "-m", "kscale.executors.progress_files", "driver", "--id", submission_id,
+    return [python, "-m", "kscale.targets.records", "driver", "--id", submission_id,
             "--target", target, "--record-dir", rec_dir, spec_file]
 
 
@@ -207,7 +256,8 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
     write_json_atomic(state_path, state)
     cmd = [python, "-m", "kscale.cli", "submit", spec_file, "--no-progress"]
     print(f"kscale driver: {' '.join(cmd)} (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})", flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env={**os.environ, "KSCALE_SUBMISSION_ID": submission_id})  # records are kept here
     stopped = []
 
     def forward(signum: int, _frame: Any) -> None:
@@ -231,7 +281,7 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kscale.executors.progress_files",
+    ap = argparse.ArgumentParser(prog="python -m kscale.targets.records",
                                  description="Cluster-side wrapper: run the kscale driver and keep its records.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     d = sub.add_parser("driver", help="run `kscale submit SPEC` on the cluster, tee logs, record state")

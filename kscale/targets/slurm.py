@@ -4,11 +4,11 @@ The script is three parts (``render_script``): an ``#SBATCH`` header computed fr
 and ``resources``; a block of ``KSCALE_*`` settings, modules and setup lines; and a fixed body
 (``kscale/templates/slurm/body.sh``) that starts Ray (or, for analysis jobs, a ``dask.distributed``
 cluster) across the allocation, waits for every node, runs the driver wrapper
-(``kscale.executors.progress_files``) and stops only the processes it started. The body calls back
-into this module (``python -m kscale.executors.slurm wait-ray|wait-dask``) to wait for the nodes.
+(``kscale.targets.records``) and stops only the processes it started. The body calls back
+into this module (``python -m kscale.targets.slurm wait-ray|wait-dask``) to wait for the nodes.
 
 Everything the run leaves (script, spec copy, Slurm output, driver log, state, Ray logs) goes to the
-record dir on the shared filesystem (``progress_files.record_dir``). The Slurm job is named after the
+record dir on the shared filesystem (``records.record_dir``). The Slurm job is named after the
 submission id, so a second submit of the same job finds it in ``squeue`` and attaches instead of
 queueing a duplicate.
 """
@@ -30,11 +30,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kscale
+from kscale.spec import SpecError
 from kscale.targets import Target
 from kscale.targets.checks import Finding, check_ports
 from kscale.targets.config import cluster_of
 from kscale.targets.records import (Run, absolute_spec_yaml, latest_state, read_json, record_dir,
-                                    save_submission, submission_id)
+                                    save_submission, submission_id, write_env_file,
+                                    write_private)
 
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
 
@@ -74,6 +76,9 @@ def default_python(spec: Any) -> str:
 
 def sbatch_header(spec: Any, sid: str, rec_dir: Path, cwd: str) -> list[str]:
     s, sh = cluster_of(spec).slurm, shape(spec)
+    for field, value in (("output.path", str(rec_dir)), ("working directory", cwd)):
+        if any(ch in value for ch in "\n\r"):  # #SBATCH lines are not quoted: one line each
+            raise SpecError([(field, f"{value[:60]!r} contains a newline; it cannot go into an sbatch script")])
     lines = [f"--job-name={sid}", f"--nodes={sh.nodes}", "--ntasks-per-node=1", f"--cpus-per-task={sh.cpus_per_node}"]
     if sh.gpus_per_node:
         lines.append(f"--gpus-per-node={s.gpu_type + ':' if s.gpu_type else ''}{sh.gpus_per_node}")
@@ -105,9 +110,11 @@ def settings_block(spec: Any, sid: str, rec_dir: Path, spec_copy: Path, python: 
     }
     out = ["# ---- settings, from the spec's cluster section (edit the spec, then render again)"]
     out += [f"{k}={shlex.quote(v)}" for k, v in values.items()]
-    if c.env:
-        out.append("# cluster.env, for the driver and every worker")
-        out += [f"export {k}={shlex.quote(v)}" for k, v in sorted(c.env.items())]
+    if c.env:  # values stay out of the script (0644, in the queue): a 0600 file written at submit, sourced here
+        out.append(f"# cluster.env ({', '.join(sorted(c.env))}), for the driver and every worker: values in a "
+                   "0600 file, not here")
+        out.append("# shellcheck disable=SC1090,SC1091  # written at submit time")
+        out.append(f"set -a; source {shlex.quote(str(env_file(rec_dir, sid)))}; set +a")
     if c.slurm.modules:
         out.append("# cluster.slurm.modules")
         out += [f"module load {shlex.quote(m)}" for m in c.slurm.modules]
@@ -116,6 +123,11 @@ def settings_block(spec: Any, sid: str, rec_dir: Path, spec_copy: Path, python: 
                 "# shellcheck disable=SC1090,SC1091"]
         out += list(c.slurm.setup)
     return out
+
+
+def env_file(rec_dir: Path, sid: str) -> Path:
+    """Where ``cluster.env`` goes for a Slurm job (0600, beside the records)."""
+    return rec_dir / f"{sid}.env"
 
 
 def body() -> str:
@@ -152,6 +164,17 @@ def find_active(name: str) -> tuple[str, str] | None:
     return (out[0], out[1]) if len(out) >= 2 else None
 
 
+def live_on_same_output(base_sid: str) -> tuple[str, str, str] | None:
+    """(job id, name, state) of this user's queued or running job of the same spec and output (its name is
+    ``base_sid`` or a forced ``base_sid-f<time>``), if any."""
+    out = _run(["squeue", "--noheader", "--me", "--format=%i %j %T"])
+    for line in out.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and (parts[1] == base_sid or parts[1].startswith(base_sid + "-f")):
+            return parts[0], parts[1], parts[2]
+    return None
+
+
 def job_state(job_id: str) -> str | None:
     """Slurm's state of a job (squeue, then scontrol for recently finished jobs); None when forgotten."""
     out = subprocess.run(["squeue", "--noheader", "-j", job_id, "--format=%T"], capture_output=True, text=True)
@@ -176,6 +199,11 @@ def submit(spec_path: str, spec: Any, force: bool, dry_run: bool, say: Callable[
     if dry_run:
         say(script.rstrip("\n"))
         return 0
+    if force:  # a forced rerun must not write into a store another job of this spec still writes
+        live = live_on_same_output(submission_id(spec))
+        if live:
+            raise SlurmError(f"Slurm job {live[0]} ({live[1]}, {live[2]}) still runs this job on {out_path}; "
+                             f"stop it first (`kscale stop {live[1]}`) or wait for it")
     active = find_active(sid)
     if active:
         say(f"kscale: {sid} is already {active[1]} as Slurm job {active[0]}; attached (use --force for a new run)")
@@ -186,6 +214,8 @@ def submit(spec_path: str, spec: Any, force: bool, dry_run: bool, say: Callable[
         return 0
     rec.mkdir(parents=True, exist_ok=True)
     spec_copy.write_text(absolute_spec_yaml(spec_path))
+    if cluster_of(spec).env:
+        write_env_file(env_file(rec, sid), cluster_of(spec).env)
     script_path = rec / f"{sid}.sbatch"
     script_path.write_text(script)
     job_id = _run(["sbatch", "--parsable", str(script_path)]).strip().split(";")[0]
@@ -238,6 +268,19 @@ def wait_ray(address: str, nodes: int, timeout: float) -> int:
             time.sleep(1.0)
     finally:
         ray.shutdown()
+
+
+def write_dask_tls(folder: Path) -> int:
+    """``cert.pem`` and ``key.pem`` from dask's ``Security.temporary()`` (a fresh self-signed pair that every
+    role of this job's dask cluster shares), in a 0700 folder as 0600 files; the sbatch body removes them."""
+    from distributed.security import Security
+
+    sec = Security.temporary()
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    os.chmod(folder, 0o700)
+    write_private(folder / "cert.pem", sec.tls_scheduler_cert)
+    write_private(folder / "key.pem", sec.tls_scheduler_key)
+    return 0
 
 
 def wait_dask(scheduler_file: str, workers: int, timeout: float) -> int:
@@ -323,6 +366,10 @@ class SlurmTarget(Target):
     def stop(self, run: Run, address: str | None, say: Callable[[str], None]) -> bool:
         if not run.record:
             return False
+        state = job_state(run.record["slurm_job_id"])
+        if state is not None and state not in ACTIVE_STATES:
+            say(f"kscale: Slurm job {run.record['slurm_job_id']} ({run.sid}) already ended ({state}); nothing to stop")
+            return True
         cancel(run.record["slurm_job_id"])
         say(f"kscale: cancelled Slurm job {run.record['slurm_job_id']} ({run.sid})")
         return True
@@ -337,7 +384,7 @@ class SlurmTarget(Target):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m kscale.executors.slurm", description="Helpers the sbatch body calls.")
+    ap = argparse.ArgumentParser(prog="python -m kscale.targets.slurm", description="Helpers the sbatch body calls.")
     sub = ap.add_subparsers(dest="cmd", required=True)
     r = sub.add_parser("wait-ray")
     r.add_argument("--address", required=True)
@@ -347,7 +394,11 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--scheduler-file", required=True)
     d.add_argument("--workers", type=int, required=True)
     d.add_argument("--timeout", type=float, default=300)
+    t = sub.add_parser("dask-tls", help="write a per-job TLS key and certificate for dask (0600 files)")
+    t.add_argument("--dir", required=True)
     a = ap.parse_args(argv)
+    if a.cmd == "dask-tls":
+        return write_dask_tls(Path(a.dir))
     if a.cmd == "wait-ray":
         return wait_ray(a.address, a.nodes, a.timeout)
     return wait_dask(a.scheduler_file, a.workers, a.timeout)

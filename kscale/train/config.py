@@ -36,6 +36,9 @@ class DeepSpeedConfig:
     offload_optimizer: bool = _doc("keep optimizer state in CPU memory (DeepSpeed CPU Adam)", False)
     offload_params: bool = _doc("keep partitioned parameters in CPU memory (ZeRO-3 only)", False)
     bf16: bool = _doc("bfloat16 weights and activations (fp32 master weights in the optimizer)", True)
+    partitioned_load: bool = _doc(
+        "ZeRO-3: build the model partitioned as it loads (zero.Init), so no rank holds all of it; false: every "
+        "rank loads the full model first, then DeepSpeed partitions it", True)
     extra: dict[str, Any] = _doc("merged last into the generated DeepSpeed config (expert knobs)", factory=dict)
 
     def validate(self) -> list[tuple[str, str]]:
@@ -61,6 +64,8 @@ class TrainConfig:
     eval: EvalConfig = _doc("held-out before/after evaluation", factory=EvalConfig)
     max_steps: int = _doc("optimizer steps to train", 100, ge=1)
     micro_batch_size: int = _doc("samples per forward on each rank", 1, ge=1)
+    max_seq_len: int = _doc("longest training sequence in tokens (prompt, image tokens, answer); longer samples "
+                            "are skipped and listed in errors.json", 4096, ge=8)
     grad_accum: int = _doc("micro-batches accumulated per optimizer step on each rank", 1, ge=1)
     lr: float = _doc("AdamW learning rate of the adapter parameters", 2e-4, gt=0)
     weight_decay: float = _doc("AdamW weight decay", 0.0)
@@ -71,4 +76,7 @@ class TrainConfig:
     keep_checkpoints: int = _doc("resumable checkpoints kept on disk (older ones are deleted)", 2, ge=1)
     log_every: int = _doc("write loss terms and gate values every N steps to metrics.jsonl", 1, ge=1)
     seed: int = _doc("seed of adapter init, data order and dropout", 0)
+    report_to: list[Literal["tensorboard", "wandb"]] = _doc(
+        "where the logged curves also go besides metrics.jsonl and report.html: tensorboard (event files in "
+        "<output>/tensorboard), wandb (needs `pip install wandb`); [] for none", factory=list)
 

@@ -6,11 +6,14 @@ They are tokenised by the model family's adapter (:meth:`kscale.models.registry.
 which also tags every token's modality and marks the answer span.
 
 The plan is a pure function of (seed, step, micro-step, rank): no loader state to checkpoint, so a
-resumed run reads exactly the micro-batches the killed run would have read.
+resumed run reads exactly the micro-batches the killed run would have read. A record longer than
+``train.max_seq_len`` tokens (prompt, image tokens and answer) is skipped like a record with an error,
+the next one in order takes its place, and the reason is kept in ``plan.errors``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,8 +41,10 @@ class MicroBatchPlan:
     """Which records form micro-batch (step, micro_step) on ``rank``: epochs of seeded shuffles."""
 
     def __init__(self, source: Source, indices: list[int], micro_batch_size: int, grad_accum: int,
-                 world_size: int, seed: int) -> None:
+                 world_size: int, seed: int, too_long: Callable[[Record], str | None] | None = None) -> None:
         self.source = source
+        self.too_long = too_long
+        self.errors: dict[int, str] = {}  # sample id -> why it was skipped (this process's draws)
         self.indices = indices
         self.micro_batch_size = micro_batch_size
         self.grad_accum = grad_accum
@@ -58,7 +63,11 @@ class MicroBatchPlan:
             record = self.source.get(self._index(position))
             position += 1
             if record.error is None and record.answer:
-                out.append(record)
+                reason = self.too_long(record) if self.too_long is not None else None
+                if reason is None:
+                    out.append(record)
+                else:
+                    self.errors[record.sample_id] = reason
         return out
 
     def _index(self, position: int) -> int:
@@ -72,3 +81,17 @@ def collate(loaded: Any, records: list[Record]) -> Any:
     """Records to a :class:`kscale.models.registry.Batch` (inputs, modality tags, answer mask)."""
     return loaded.adapter.build_batch(loaded, [r.image for r in records], [r.text for r in records],
                                       [r.answer for r in records])
+
+
+def sequence_check(loaded: Any, max_seq_len: int) -> Callable[[Record], str | None]:
+    """A record's reason to be skipped for length (None when it fits), memoised per sample id."""
+    seen: dict[int, str | None] = {}
+
+    def too_long(record: Record) -> str | None:
+        if record.sample_id not in seen:
+            n = int(collate(loaded, [record]).inputs["attention_mask"].sum())
+            seen[record.sample_id] = (f"sequence of {n} tokens is longer than train.max_seq_len={max_seq_len}"
+                                      if n > max_seq_len else None)
+        return seen[record.sample_id]
+
+    return too_long

@@ -13,7 +13,9 @@ Rows of the table (``eval.json``, ``eval.md``):
 - ``key_mmd2_layer{l}``: exact MMD^2 (``kscale.analysis.mmd.exact_mmd2``, RBF kernel) between image and
   text keys (k_proj output, pre-RoPE) at each alignment layer, averaged over KV heads, each head with
   the median-distance bandwidth of that variant's own pooled keys (as the analysis stage would measure
-  each model; a bandwidth fixed from the base model would also count a mere rescaling of all keys);
+  each model; a bandwidth fixed from the base model would also count a mere rescaling of all keys), with
+  ``key_mmd2_ci_low_layer{l}`` / ``key_mmd2_ci_high_layer{l}``: a 95% t interval from the head-averaged witness clustered by
+  held-out sample (samples are the independent units);
 - ``lm_loss``: answer-token cross-entropy with the real image;
 - ``ll_real`` / ``ll_blank`` / ``ll_swapped``: mean per-token log-likelihood of the answer with the real
   image, a blank grey image of the same size, and another held-out sample's image (its donor in a
@@ -69,6 +71,8 @@ class _Acc:
     attn_efficiency: list[np.ndarray] = field(default_factory=list)
     img_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
     txt_keys: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    img_sid: list[np.ndarray] = field(default_factory=list)  # held-out sample index of each kept key row
+    txt_sid: list[np.ndarray] = field(default_factory=list)
 
 
 def evaluate_run(spec: JobSpec, adapter_dir: str | Path | None = None) -> dict[str, dict[str, float]]:
@@ -150,6 +154,9 @@ def _score(loaded: LoadedModel, malora: MaLoRAModel, batch: Any, condition: str,
         _attention_stats(loaded, batch, cap, layers, acc)
         modality_BT = batch.modality_BT.to(device)
         image_BT = (modality_BT == IMAGE) | (modality_BT == VIDEO)
+        first = len(acc.ll["real"]) - image_BT.shape[0]  # held-out index of this batch's first sample
+        acc.img_sid.append(first + image_BT.nonzero()[:, 0].cpu().numpy())
+        acc.txt_sid.append(first + (modality_BT == TEXT).nonzero()[:, 0].cpu().numpy())
         for idx in layers:
             acc.img_keys.setdefault(idx, []).append(keys[idx][image_BT].float().cpu().numpy())
             acc.txt_keys.setdefault(idx, []).append(keys[idx][modality_BT == TEXT].float().cpu().numpy())
@@ -192,9 +199,12 @@ def _finish(accs: dict[str, _Acc], layers: list[int], n_heads: int) -> dict[str,
         row["swap_sensitivity"] = row["ll_real"] - row["ll_swapped"]
         row["attn_mass_image"] = float(np.nanmean(np.concatenate(a.attn_mass)))
         row["attn_efficiency_image"] = float(np.nanmean(np.concatenate(a.attn_efficiency)))
+        sid_img, sid_txt = np.concatenate(a.img_sid), np.concatenate(a.txt_sid)
         for idx in layers:
             img, txt = np.concatenate(a.img_keys[idx]), np.concatenate(a.txt_keys[idx])
-            row[f"key_mmd2_layer{idx}"], _ = key_gap(img, txt, n_heads)
+            value, lo, hi = key_gap_interval(img, txt, n_heads, sid_img, sid_txt)
+            row[f"key_mmd2_layer{idx}"] = value
+            row[f"key_mmd2_ci_low_layer{idx}"], row[f"key_mmd2_ci_high_layer{idx}"] = lo, hi
         table[variant] = row
     return table
 
@@ -202,17 +212,39 @@ def _finish(accs: dict[str, _Acc], layers: list[int], n_heads: int) -> dict[str,
 def key_gap(img_NF: np.ndarray, txt_MF: np.ndarray, n_heads: int,
             bandwidth_H: np.ndarray | None = None) -> tuple[float, np.ndarray]:
     """Exact RBF MMD^2 between image and text keys per KV head, averaged; returns (value, bandwidths)."""
+    value, bandwidth_H, _ = _head_mmd(img_NF, txt_MF, n_heads, bandwidth_H)
+    return value, bandwidth_H
+
+
+def key_gap_interval(img_NF: np.ndarray, txt_MF: np.ndarray, n_heads: int, sid_img_N: np.ndarray,
+                     sid_txt_M: np.ndarray, alpha: float = 0.05) -> tuple[float, float, float]:
+    """(value, ci_low, ci_high) of :func:`key_gap`: the head-averaged witness, clustered by sample
+    (``kscale.analysis.stats.clustered_witness_se``), with a t interval over samples."""
+    from kscale.analysis.stats import clustered_witness_se, t_interval
+
+    value, _, (keep_img, keep_txt, wx_N, wy_M) = _head_mmd(img_NF, txt_MF, n_heads, None)
+    se, groups = clustered_witness_se(wx_N, np.asarray(sid_img_N)[keep_img], wy_M, np.asarray(sid_txt_M)[keep_txt])
+    lo, hi = t_interval(value, se, groups, alpha)
+    return value, float(lo), float(hi)
+
+
+def _head_mmd(img_NF: np.ndarray, txt_MF: np.ndarray, n_heads: int, bandwidth_H: np.ndarray | None):
+    """Per-head exact MMD^2 on at most MAX_KEYS keys a side: (mean, bandwidths, (kept rows, mean witnesses))."""
     from kscale.analysis.mmd import exact_mmd2, median_bandwidth
 
     rng = np.random.default_rng(0)
-    img_NF = img_NF[rng.permutation(len(img_NF))[:MAX_KEYS]]
-    txt_MF = txt_MF[rng.permutation(len(txt_MF))[:MAX_KEYS]]
+    keep_img = rng.permutation(len(img_NF))[:MAX_KEYS]
+    keep_txt = rng.permutation(len(txt_MF))[:MAX_KEYS]
     H = n_heads
-    img_NHD, txt_MHD = img_NF.reshape(len(img_NF), H, -1), txt_MF.reshape(len(txt_MF), H, -1)
+    img_NHD = img_NF[keep_img].reshape(len(keep_img), H, -1)
+    txt_MHD = txt_MF[keep_txt].reshape(len(keep_txt), H, -1)
     if bandwidth_H is None:
         bandwidth_H = np.array([median_bandwidth(np.concatenate([img_NHD[:, h], txt_MHD[:, h]])) for h in range(H)])
-    values = [exact_mmd2(img_NHD[:, h], txt_MHD[:, h], [("rbf", float(bandwidth_H[h]))]).value_k[0] for h in range(H)]
-    return float(np.mean(values)), bandwidth_H
+    res = [exact_mmd2(img_NHD[:, h], txt_MHD[:, h], [("rbf", float(bandwidth_H[h]))]) for h in range(H)]
+    values = [r.value_k[0] for r in res]
+    wx_N = np.mean([r.witness_x_kn[0] for r in res], axis=0)
+    wy_M = np.mean([r.witness_y_km[0] for r in res], axis=0)
+    return float(np.mean(values)), bandwidth_H, (keep_img, keep_txt, wx_N, wy_M)
 
 
 def markdown_table(table: dict[str, dict[str, float]], n_samples: int) -> str:

@@ -9,6 +9,10 @@ down once::
     checkpoints/stepNNNNNNNN/          DeepSpeed state; adapter tensors under CHECKPOINT_PREFIX
     adapter/                           the final adapter (kscale.train.malora: safetensors + config)
     eval.json, eval.md                 the before/after table
+    errors.json                        samples skipped in this run, with the reason (train.max_seq_len)
+    ranks/rankR.json                   parameters rank R holds after loading and at the first step
+    report.html, train_*.png           the run's page (kscale.train.report)
+    tensorboard/                       event files when train.report_to has tensorboard
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ import re
 
 METRICS = "metrics.jsonl"
 SPLIT = "split.json"
+ERRORS = "errors.json"
+RANKS = "ranks"
 CHECKPOINTS = "checkpoints"
 ADAPTER_DIR = "adapter"
 # DeepSpeed saves MaLoRAObjective's state: its ``malora`` (MaLoRAModel) wraps the base ``model``

@@ -2,16 +2,21 @@
 
 It runs in whatever process group it finds: a lone process, every rank of ``torchrun`` / the
 ``deepspeed`` launcher, or every worker of Ray Train's ``TorchTrainer`` (:mod:`kscale.train.ray_train`).
-Each rank loads the model, injects MaLoRA with the same seed, wraps the
+Each rank loads the model (under ZeRO-3 partitioned as it loads: no rank ever holds all of it, see
+:func:`kscale.train.engine.partitioned_loading`), injects MaLoRA with the same seed, wraps the
 :class:`~kscale.train.objective.MaLoRAObjective` in a DeepSpeed engine, resumes from the newest
 checkpoint in the run directory, and trains. Run directory (``output.path``; names in
 :mod:`kscale.train.layout`)::
 
     kscale.json          kind marker (a train run), written when the directory is created
     metrics.jsonl        one line per logged step: loss terms, lr, grad norm, gate values
+    errors.json          samples skipped in this run with their reason (longer than train.max_seq_len)
+    ranks/rankR.json     each rank's share of the parameters right after loading and at the first step
     checkpoints/stepN/   resumable DeepSpeed state (adapter + optimizer), newest ``keep_checkpoints``
     adapter/             the final adapter (safetensors + adapter_config.json)
     eval.json, eval.md   the before/after table on held-out data (:mod:`kscale.train.evaluate`)
+    report.html          loss, alignment term, gates per layer, key gap before/after (:mod:`kscale.train.report`)
+    tensorboard/         event files when ``train.report_to`` has tensorboard (:mod:`kscale.train.loggers`)
 
 Rank 0 claims the directory for the whole run (:func:`claim_run_dir`: an exclusive lock, then
 ``output.if_exists``); a folder that is not a train run is never written into or deleted.
@@ -33,8 +38,8 @@ from kscale.results import TrainResult
 from kscale.spec import JobSpec
 from kscale.train import engine as ds
 from kscale.train.config import TrainConfig
-from kscale.train.data import MicroBatchPlan, collate, split_indices
-from kscale.train.layout import ADAPTER_DIR, METRICS, SPLIT
+from kscale.train.data import MicroBatchPlan, collate, sequence_check, split_indices
+from kscale.train.layout import ADAPTER_DIR, CHECKPOINTS, ERRORS, METRICS, SPLIT
 from kscale.train.malora import MaLoRAModel
 from kscale.train.objective import MaLoRAObjective
 
@@ -43,11 +48,16 @@ from kscale.train.objective import MaLoRAObjective
 def run_train(spec: JobSpec, output_claimed: bool = False) -> TrainResult:
     """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank.
     ``output_claimed``: the caller (Ray Train's driver) holds the run directory's claim already."""
-    from kscale.models.registry import load_model
+    from kscale.models.registry import load_model, pick_device
 
     run_dir = Path(spec.output.path)
-    loaded = load_model(spec.model)
-    rank, world = ds.ensure_process_group(loaded.device)
+    cfg: TrainConfig = spec.train
+    rank, world = ds.ensure_process_group(pick_device(spec.model.device))
+    if cfg.deepspeed.zero_stage == 3 and cfg.deepspeed.partitioned_load:
+        with ds.partitioned_loading(ds.deepspeed_config(cfg, world)):
+            loaded = load_model(spec.model)
+    else:
+        loaded = load_model(spec.model)
     with _claimed(spec, rank, output_claimed):
         return _train(spec, loaded, run_dir, rank, world)
 
@@ -58,6 +68,7 @@ def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> Trai
     from kscale.data import open_source
 
     cfg: TrainConfig = spec.train
+    ds.write_partition_report(loaded.model, run_dir, rank, world, "loaded")
     torch.manual_seed(cfg.seed)  # the same adapter init on every rank
     malora = MaLoRAModel(loaded.model, cfg.malora)
     if cfg.activation_checkpointing:
@@ -65,13 +76,20 @@ def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> Trai
     objective = MaLoRAObjective(malora, cfg.align, dummy_pixels=blank_image_inputs(loaded))
     source = open_source(spec.data)
     split = split_indices(len(source), cfg.eval.heldout_fraction, cfg.eval.max_samples, cfg.seed)
-    plan = MicroBatchPlan(source, split.train, cfg.micro_batch_size, cfg.grad_accum, world, cfg.seed)
+    plan = MicroBatchPlan(source, split.train, cfg.micro_batch_size, cfg.grad_accum, world, cfg.seed,
+                          too_long=sequence_check(loaded, cfg.max_seq_len))
     engine = ds.build_engine(objective, cfg, world)
+    ds.write_partition_report(engine.module, run_dir, rank, world, "first_step")
     start = ds.load_latest_checkpoint(engine, run_dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _keep_metrics_until(run_dir / METRICS, start)
+        if start:
+            print(f"train: resumed from step {start} ({run_dir / CHECKPOINTS})", flush=True)
         (run_dir / SPLIT).write_text(json.dumps({"train": split.train, "heldout": split.heldout}))
-    last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world)
+    loggers = _loggers(spec, run_dir) if rank == 0 else None
+    last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world, loggers)
+    write_errors(plan, run_dir, rank, world)
     state = ds.gathered_adapter_state(engine, malora.adapter_parameters())
     if rank == 0:
         malora.save_pretrained(run_dir / ADAPTER_DIR, state=state)
@@ -81,8 +99,40 @@ def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> Trai
         from kscale.train.evaluate import evaluate_run
 
         table = evaluate_run(spec)
+        if loggers is not None:
+            loggers.log_eval(table, cfg.max_steps)
+    if rank == 0:
+        from kscale.train.report import build_report
+
+        build_report(run_dir)
+        if loggers is not None:
+            loggers.close()
     dist.barrier()
     return TrainResult(run_dir=str(run_dir), steps=cfg.max_steps, resumed_from=start, last=last, eval=table)
+
+
+def write_errors(plan: MicroBatchPlan, run_dir: Path, rank: int, world: int) -> None:
+    """``errors.json`` (rank 0): every sample a rank skipped in this run, with its reason (e.g. too long)."""
+    import torch.distributed as dist
+
+    found: list[dict[int, str]] = [{} for _ in range(world)]
+    dist.all_gather_object(found, plan.errors)
+    if rank == 0:
+        merged = {sid: reason for part in found for sid, reason in part.items()}
+        rows = [{"sample_id": sid, "reason": merged[sid]} for sid in sorted(merged)]
+        (run_dir / ERRORS).write_text(json.dumps(rows, indent=1))
+
+
+def _loggers(spec: Any, run_dir: Path) -> Any:
+    """TensorBoard / W&B views of the logged records (``train.report_to``), or None."""
+    if not spec.train.report_to:
+        return None
+    import dataclasses
+
+    from kscale.train.loggers import RunLoggers
+
+    return RunLoggers(list(spec.train.report_to), run_dir, getattr(spec, "name", "train"),
+                      {"train": dataclasses.asdict(spec.train), "model": spec.model.path})
 
 
 TRAIN_KIND = OutputKind("train run", run_marker_reader("train"), check_fingerprint=False)
@@ -121,6 +171,17 @@ def _claimed(spec: Any, rank: int, already: bool) -> Iterator[None]:
         yield
 
 
+def _keep_metrics_until(path: Path, step: int) -> None:
+    """Drop logged steps after ``step`` (logged before a kill, redone after the resume): one line per step."""
+    if not path.exists():
+        return
+    lines = path.read_text().splitlines(keepends=True)  # a line torn by the kill has no newline: dropped
+    kept = [line for line in lines if line.endswith("\n") and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
 def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:
     """Pixel inputs of one small blank image: fed to the vision tower on micro-batches without images."""
     from PIL import Image
@@ -130,7 +191,7 @@ def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:
 
 
 def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, loaded: Any, cfg: TrainConfig,
-               run_dir: Path, start: int, rank: int, world: int) -> dict[str, float]:
+               run_dir: Path, start: int, rank: int, world: int, loggers: Any = None) -> dict[str, float]:
     """Optimizer steps ``start .. max_steps``: forward/backward per micro-batch, log, checkpoint."""
     from tqdm.auto import tqdm
 
@@ -154,6 +215,8 @@ def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, lo
             if rank == 0:
                 with open(run_dir / METRICS, "a") as f:
                     f.write(json.dumps(record) + "\n")
+                if loggers is not None:
+                    loggers.log(record)
         bar.update(1)
         bar.set_postfix(loss=f"{last['loss']:.4f}", lm=f"{last['lm']:.4f}", align=f"{last['align']:.4f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:

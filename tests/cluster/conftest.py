@@ -28,6 +28,7 @@ from pathlib import Path
 import pytest
 
 from tests.cluster.helpers import REPO, VENV_BIN, clean_env, free_port_block, own_pids
+from tests.testing_utils import SLURM_INSTALL, require, require_binaries
 
 HERE = Path(__file__).parent
 
@@ -114,11 +115,9 @@ def _stop_process_group(proc: subprocess.Popen, marker: str) -> None:
 
 @pytest.fixture(scope="module")
 def slurm() -> dict:
-    missing = [b for b in ("slurmctld", "slurmd", "sbatch", "munged") if shutil.which(b) is None]
-    if missing:
-        pytest.skip(f"Slurm is not installed ({', '.join(missing)} missing): run `sudo .ci/install_slurm.sh`")
-    if os.geteuid() != 0:
-        pytest.skip("the private Slurm needs root (munged runs as user munge): run the cluster tests as root")
+    require_binaries("slurmctld", "slurmd", "sbatch", "munged", install=SLURM_INSTALL)
+    require(os.geteuid() == 0, "the private Slurm needs root (munged runs as user munge)",
+            "run the cluster tests as root")
     state = Path(tempfile.mkdtemp(prefix="kscale-slurm-", dir="/tmp"))  # pytest's tmp is 0700: munge can't enter
     state.chmod(0o755)
     script = REPO / ".ci" / "start_slurm.sh"

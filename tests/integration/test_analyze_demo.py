@@ -67,4 +67,4 @@ def test_run_analyze_entry_uses_the_spec_output_path(tmp_path, monkeypatch):
     result = run_analyze(spec)
     assert result.rows > 0 and (tmp_path / "run" / "report.html").exists()
     df = pd.read_parquet(tmp_path / "run" / "results.parquet")
-    assert set(df.estimator) == {"mmd2_rf", "mmd2_linear", "ratio_mmd2_rf"}
+    assert set(df.estimator) == {"mmd2_rf", "mmd2_linear", "ratio_mmd2_rf", "gap_normalised"}

@@ -31,6 +31,16 @@ def test_local_executor_retries_and_quarantines(tmp_path):
     check(*run(LocalExecutor("tests.integration.flaky_stage", show_bar=False), tmp_path))
 
 
+def test_local_executor_overlaps_commits_and_reports_after_them(tmp_path):
+    """Shard k+1 starts while k commits; retries and quarantine are those of the synchronous stage."""
+    spec, result = run(LocalExecutor("tests.integration.flaky_pipelined_stage", show_bar=False), tmp_path)
+    check(spec, result)
+    out = Path(spec.output.path)
+    assert (out / "overlapped-s000001").exists()  # s000000 committed while s000001 started
+    done = {p.name[: -len(".done")] for p in out.glob("*.done")}
+    assert done == {"s000000", "s000002", "s000003", "s000004"}  # a failed commit leaves no marker
+
+
 def test_ray_executor_retries_and_quarantines(tmp_path, ray_local):
     from kscale.executors.ray import RayExecutor
 

@@ -149,9 +149,34 @@ def test_token_sampling_is_seeded_and_bounded(tmp_path):
     assert np.array_equal(s.tokens("image")["position"], s2.tokens("image")["position"])
 
 
+# Documented as differing between two runs of one job (docs/store.md): when it ran, how long a shard took,
+# and where/how it ran (output.path and resources are part of the recorded spec and its fingerprint).
+VOLATILE_ATTRS = ("created_at", "spec_fingerprint")
+VOLATILE_SPEC = ("output", "resources")
+VOLATILE_MARKER = ("seconds",)
+
+
+def _stable_attrs(attrs: dict) -> dict:
+    out = {k: v for k, v in attrs.items() if k not in VOLATILE_ATTRS}
+    out["spec"] = {k: v for k, v in attrs["spec"].items() if k not in VOLATILE_SPEC}
+    return out
+
+
 def stores_equal(a: str, b: str) -> None:
+    """Byte-equal keys, token tables, side tables (attention), errors, shard markers and root attributes,
+    minus the volatile fields above."""
     sa, sb = kscale.store.open(a), kscale.store.open(b)
     assert sorted(sa.shards) == sorted(sb.shards)
+    assert _stable_attrs(sa.attrs) == _stable_attrs(sb.attrs)
+    for name in sa.shards:
+        ma, mb = ({k: v for k, v in m[name].items() if k not in VOLATILE_MARKER} for m in (sa.shards, sb.shards))
+        assert ma == mb, name
+    assert sa.errors() == sb.errors()
+    for table in ("attention",):
+        ta, tb = sa.table(table), sb.table(table)
+        assert sorted(ta) == sorted(tb), table
+        for col in ta:
+            assert ta[col].dtype == tb[col].dtype and ta[col].tobytes() == tb[col].tobytes(), (table, col)
     for m in MODALITIES:
         ta, tb = sa.tokens(m), sb.tokens(m)
         for col in ta:
@@ -194,13 +219,41 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     stores_equal(ref_spec.output.path, str(store))
 
 
+def _manifest_with_bad_rows(root: Path, n: int = 10) -> str:
+    """Generated QA images on disk, plus a missing image and an empty text: records the store must keep."""
+    from kscale.data.generated import GeneratedSource
+    from kscale.spec import GeneratedDataSpec
+
+    src = GeneratedSource(GeneratedDataSpec(n_samples=n, seed=5, image_size=112))
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i in range(n):
+        rec = src.get(i)
+        rec.image.save(root / f"img{i}.png")
+        rows.append({"image": f"img{i}.png", "text": rec.text})
+    rows[3] = {"image": "nowhere.png", "text": "what color ?"}
+    rows[7] = {"image": "img7.png", "text": "  "}
+    (root / "data.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return str(root / "data.jsonl")
+
+
 def test_ray_executor_equals_in_process(tmp_path, ray_local):
-    local = spec_from_dict(extract_spec(tmp_path / "local"))
+    """Keys, tokens, recorded errors, attention tables, markers and attributes: Ray == in-process."""
+    over = dict(data={"source": "manifest", "path": _manifest_with_bad_rows(tmp_path / "data"), "shard_size": 4},
+                extract={"batch_size": 2, "key_dtype": "float32",
+                         "attention": {"enabled": True, "query_chunk": 4}})
+    local_d = extract_spec(tmp_path / "local", **over)
+    del local_d["data"]["generated"]
+    local = spec_from_dict(local_d)
     run_job(local, show_bar=False)
-    ray_spec = spec_from_dict(extract_spec(tmp_path / "ray", resources={"executor": "ray", "workers": 2}))
+    ray_d = extract_spec(tmp_path / "ray", **over, resources={"executor": "ray", "workers": 2})
+    del ray_d["data"]["generated"]
+    ray_spec = spec_from_dict(ray_d)
     summary = run_job(ray_spec, show_bar=False)
     assert summary.shards_done == 3 and summary.state == "succeeded"
     stores_equal(local.output.path, ray_spec.output.path)
+    store = kscale.store.open(ray_spec.output.path)
+    assert {e["sample_id"] for e in store.errors()} == {3, 7} and store.table("attention")  # both were compared
     progress = json.loads((Path(ray_spec.output.path) / "_progress.json").read_text())
     assert progress["state"] == "succeeded" and progress["shards_done"] == 3
     rerun = run_job(ray_spec, show_bar=False)  # everything committed: reported, nothing redone
@@ -208,35 +261,43 @@ def test_ray_executor_equals_in_process(tmp_path, ray_local):
 
 
 def test_killed_ray_worker_shard_is_redone(tmp_path, ray_local):
+    """SIGKILL the worker that holds shard s000002 (its own PID, reported by the worker): the executor
+    replaces the actor, retries that shard once, and the store equals an uninterrupted in-process run."""
     import threading
 
-    import psutil
+    from kscale.executors.ray import RayExecutor
+    from kscale.extract.run import run_extract
+    from tests.integration.killable_stage import VICTIM
 
     over = dict(data={"source": "generated", "generated": {"n_samples": 24, "image_size": 112}, "shard_size": 3},
                 extract={"batch_size": 1, "key_dtype": "float16"}, resources={"executor": "ray", "workers": 2})
     spec = spec_from_dict(extract_spec(tmp_path / "r", **over))
-    store = Path(spec.output.path)
-    killed = []
+    note = Path(spec.output.path) / "kill-me.json"
+    killed, finished = [], threading.Event()
 
-    def killer():
-        deadline = time.time() + 120
-        while time.time() < deadline and not list((store / "shards").glob("*.done.json")):
-            time.sleep(0.05)
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            if any("ShardActor" in c for c in (p.info["cmdline"] or [])):
-                os.kill(p.info["pid"], signal.SIGKILL)
-                killed.append(p.info["pid"])
+    def killer():  # no deadline of its own: on a loaded machine the victim shard may start late
+        while not note.exists():
+            if finished.wait(0.05):
                 return
+        victim = json.loads(note.read_text())
+        assert victim["pid"] != os.getpid()  # a Ray worker process, not this test's driver
+        os.kill(victim["pid"], signal.SIGKILL)
+        killed.append(victim)
 
-    t = threading.Thread(target=killer)
+    t = threading.Thread(target=killer, daemon=True)
     t.start()
-    summary = run_job(spec, show_bar=False)
-    t.join()
-    assert killed, "no worker process found to kill"
+    try:
+        summary = run_extract(spec, RayExecutor("tests.integration.killable_stage", show_bar=False))
+    finally:
+        finished.set()
+        t.join(timeout=5)
+    assert killed and killed[0]["shard"] == VICTIM
+    assert summary.retries == 1 and list(summary.retried) == [VICTIM], summary
+    assert summary.retried[VICTIM][0].startswith("worker died"), summary.retried
     assert summary.shards_failed == 0 and summary.shards_done == 8
     ref = spec_from_dict(extract_spec(tmp_path / "ref", **{**over, "resources": {"executor": "local"}}))
     run_job(ref, show_bar=False)
-    stores_equal(ref.output.path, str(store))
+    stores_equal(ref.output.path, spec.output.path)
 
 
 def test_bad_input_is_recorded_and_skipped(tmp_path):

@@ -18,9 +18,10 @@ import pytest
 import yaml
 
 from tests.integration.test_train_deepspeed import _assert_follows, _generated, _raw_spec, plain_pytorch_losses
+from tests.testing_utils import require_module
 
-pytest.importorskip("deepspeed")
-pytest.importorskip("ray.train.torch")
+require_module("deepspeed", install="pip install -e '.[train]'")
+require_module("ray.train.torch", install="pip install -e '.[train]'")
 
 REPO = Path(__file__).resolve().parents[2]
 DRIVER = """

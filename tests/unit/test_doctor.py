@@ -112,3 +112,39 @@ def test_local_checks_pass_for_the_cpu_demo(tmp_path):
     found = doctor.run_checks(spec, "local", None)
     assert {f.check for f in found} >= {"python", "versions", "output", "disk", "ports", "gpus"}
     assert not [f for f in found if f.level == "fail"], [f.line() for f in found]
+
+
+def test_k8s_outputs_without_a_volume_warn(tmp_path):
+    """Issue 12: `doctor` said ok for a k8s job whose outputs die with the pod."""
+    import yaml
+
+    from kscale.spec import load_spec
+    from kscale.targets.k8s import check_output_volume
+
+    d = {"kind": "extract", "name": "v", "model": {"path": "debug:qwen2_5_vl"},
+         "data": {"source": "generated", "generated": {"n_samples": 4}}, "output": {"path": "runs/v"},
+         "cluster": {"k8s": {"image": "img:1"}}}
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump(d))
+    assert [f.level for f in check_output_volume(load_spec(job, check_model=False))] == ["warn"]
+    d["cluster"]["k8s"]["output_pvc"] = "data"
+    job.write_text(yaml.safe_dump(d))
+    assert [f.level for f in check_output_volume(load_spec(job, check_model=False))] == ["ok"]
+    d["output"]["path"] = "/elsewhere/v"
+    job.write_text(yaml.safe_dump(d))
+    assert [f.level for f in check_output_volume(load_spec(job, check_model=False))] == ["warn"]
+
+
+def test_extract_disk_need_is_an_upper_bound(tmp_path):
+    from kscale.doctor import extract_disk_need
+    from kscale.runner import run_job
+    from kscale.spec import spec_from_dict
+    from tests.conftest import extract_spec
+
+    spec = spec_from_dict(extract_spec(tmp_path, extract={"batch_size": 4, "key_dtype": "float16"},
+                                       data={"source": "generated", "generated": {"n_samples": 4, "image_size": 112},
+                                             "shard_size": 4}))
+    need, how = extract_disk_need(spec)
+    assert "4 samples" in how
+    result = run_job(spec, show_bar=False)
+    assert 0 < result.bytes <= need

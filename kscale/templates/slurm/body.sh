@@ -1,10 +1,12 @@
 # ---- kscale Slurm body: start Ray (or dask) across the allocation, run the driver, stop only our own ----
-# Rendered by kscale.executors.slurm below the #SBATCH header and the KSCALE_* settings above; identical
+# Rendered by kscale.targets.slurm below the #SBATCH header and the KSCALE_* settings above; identical
 # for every job, so it can be read (and shellchecked) once. Safe on shared nodes:
 #   - a per-job Ray temp dir on node-local disk, removed at the end;
 #   - ports derived from the job id (20000 + 10 x (id mod 4000)), outside Ray's worker range 10002-19999;
 #   - CPU and GPU counts passed to Ray explicitly from Slurm's variables, never auto-detected;
-#   - token authentication with a fresh per-job token (in the environment only, never on disk);
+#   - token authentication with a fresh per-job token (in the environment, and for the dashboard in a
+#     0600 file beside the records, removed at the end);
+#   - dask (analysis jobs) speaks TLS with a fresh per-job certificate (0600 files, removed at the end);
 #   - it waits for every node to join before the driver starts;
 #   - it stops the processes it started (its own srun steps) by PID: never `ray stop`.
 
@@ -25,6 +27,9 @@ node_tmp="$KSCALE_TMP_BASE/kscale-${SLURM_CLUSTER_NAME:-slurm}-$job_id"
 
 RAY_AUTH_TOKEN=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN RAY_USAGE_STATS_ENABLED=0
+token_file="$KSCALE_RECORD_DIR/$KSCALE_ID.ray-token"  # for the dashboard's prompt; owner-only
+(umask 077 && printf '%s\n' "$RAY_AUTH_TOKEN" > "$token_file")
+tls_dir=""
 # Ray drains a node for 30 s on SIGTERM (for Serve traffic); at cleanup the driver is done, nothing to drain.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
@@ -69,6 +74,8 @@ cleanup() {
     srun --overlap --nodes="$n_nodes" --ntasks="$n_nodes" --ntasks-per-node=1 bash -c \
         'd="$1/ray-logs/$2/$(hostname -s)"; mkdir -p "$d"; cp -r "$3"/session_latest/logs/. "$d"/ 2>/dev/null; rm -rf "$3"' \
         _ "$KSCALE_RECORD_DIR" "$KSCALE_ID" "$node_tmp" || true
+    rm -f "$token_file"
+    [ -n "$tls_dir" ] && rm -rf "$tls_dir"
     echo "kscale: logs in $KSCALE_RECORD_DIR"
 }
 # shellcheck disable=SC2317  # runs through the TERM/INT trap
@@ -111,7 +118,7 @@ if [ "$KSCALE_RUNTIME" = ray ]; then
     export RAY_ADDRESS="$head_ip:$gcs_port"
     if [ "$n_nodes" -gt 1 ]; then  # one node: the driver's ray.init waits for the head by itself
         step --nodes=1 --ntasks=1 -w "$head_node" -- \
-            "$KSCALE_PYTHON" -m kscale.executors.slurm wait-ray --address "$RAY_ADDRESS" --nodes "$n_nodes" \
+            "$KSCALE_PYTHON" -m kscale.targets.slurm wait-ray --address "$RAY_ADDRESS" --nodes "$n_nodes" \
             --timeout "$KSCALE_NODE_WAIT_S"
     fi
     if [ "$KSCALE_DASHBOARD_HOST" = 127.0.0.1 ]; then
@@ -119,28 +126,39 @@ if [ "$KSCALE_RUNTIME" = ray ]; then
     else
         tunnel="ssh -N -L 8265:$head_ip:$dashboard_port ${SLURM_SUBMIT_HOST:-LOGIN}"
     fi
-    echo "kscale: Ray dashboard: $tunnel   then open http://127.0.0.1:8265 (token: ray get-auth-token)"
+    echo "kscale: Ray dashboard: $tunnel   then open http://127.0.0.1:8265 (token: cat $token_file)"
 elif [ "$KSCALE_RUNTIME" = dask ]; then
     export KSCALE_DASK_SCHEDULER_FILE="$KSCALE_RECORD_DIR/$KSCALE_ID.dask-scheduler.json"
     rm -f "$KSCALE_DASK_SCHEDULER_FILE"
-    echo "kscale: starting dask scheduler on $head_node:$dask_port, one worker per node ($cpus threads)"
+    # TLS with a per-job self-signed certificate (dask's Security.temporary): only holders of these 0600
+    # files (this user, on the shared filesystem) can talk to the scheduler or the workers.
+    tls_dir="$KSCALE_RECORD_DIR/$KSCALE_ID.dask-tls"
+    "$KSCALE_PYTHON" -m kscale.targets.slurm dask-tls --dir "$tls_dir"
+    export DASK_DISTRIBUTED__COMM__REQUIRE_ENCRYPTION=True DASK_DISTRIBUTED__COMM__TLS__CA_FILE="$tls_dir/cert.pem"
+    for role in SCHEDULER WORKER CLIENT; do
+        export "DASK_DISTRIBUTED__COMM__TLS__${role}__CERT=$tls_dir/cert.pem"
+        export "DASK_DISTRIBUTED__COMM__TLS__${role}__KEY=$tls_dir/key.pem"
+    done
+    tls=(--tls-ca-file "$tls_dir/cert.pem" --tls-cert "$tls_dir/cert.pem" --tls-key "$tls_dir/key.pem")
+    echo "kscale: starting dask scheduler (TLS) on $head_node:$dask_port, one worker per node ($cpus threads)"
     step --nodes=1 --ntasks=1 -w "$head_node" -- \
-        "$KSCALE_PYTHON" -m distributed.cli.dask_scheduler --host "$head_ip" --port "$dask_port" \
-        --dashboard-address "127.0.0.1:$dashboard_port" --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" &
+        "$KSCALE_PYTHON" -m distributed.cli.dask_scheduler --protocol tls "${tls[@]}" --host "$head_ip" \
+        --port "$dask_port" --dashboard-address "127.0.0.1:$dashboard_port" \
+        --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" &
     pids+=($!)
     step --nodes="$n_nodes" --ntasks="$n_nodes" --ntasks-per-node=1 --cpus-per-task="$cpus" -- \
-        "$KSCALE_PYTHON" -m distributed.cli.dask_worker --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
+        "$KSCALE_PYTHON" -m distributed.cli.dask_worker "${tls[@]}" --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
         --nworkers 1 --nthreads "$cpus" --memory-limit 0 --local-directory "$node_tmp" &
     pids+=($!)
     step --nodes=1 --ntasks=1 -w "$head_node" -- \
-        "$KSCALE_PYTHON" -m kscale.executors.slurm wait-dask --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
+        "$KSCALE_PYTHON" -m kscale.targets.slurm wait-dask --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
         --workers "$n_nodes" --timeout "$KSCALE_NODE_WAIT_S"
     echo "kscale: dask dashboard: ssh -N -L 8787:127.0.0.1:$dashboard_port -J ${SLURM_SUBMIT_HOST:-LOGIN} $head_node"
 fi
 
 echo "kscale: driver for $KSCALE_ID on $head_node (records in $KSCALE_RECORD_DIR)"
 step --nodes=1 --ntasks=1 -w "$head_node" -- \
-    "$KSCALE_PYTHON" -m kscale.executors.progress_files driver --id "$KSCALE_ID" --target slurm \
+    "$KSCALE_PYTHON" -m kscale.targets.records driver --id "$KSCALE_ID" --target slurm \
     --record-dir "$KSCALE_RECORD_DIR" "$KSCALE_SPEC" &
 driver_pid=$!
 while :; do

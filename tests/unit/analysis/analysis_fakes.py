@@ -1,7 +1,8 @@
 """A stand-in for ``kscale.store.KeyStore`` over in-memory (or Zarr-backed) dask arrays, and data makers.
 
 Implements only the reader API the analysis stage uses: ``layers``, ``heads``, ``head_dim``,
-``keys(layer, modality, heads)`` -> dask (N, H, D), ``tokens(modality)``, ``attrs``, ``path``.
+``keys(layer, modality, heads)`` -> dask (N, H, D), ``token_column(modality, name)`` -> dask (N,) chunked
+like the keys, ``tokens(modality)``, ``attrs``, ``path``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ class FakeKeyStore:
 
     def tokens(self, modality: str) -> dict[str, np.ndarray]:
         return self.tokens_by[modality]
+
+    def token_column(self, modality: str, name: str) -> da.Array:
+        col = self.tokens_by[modality][name]
+        chunks = self.keys_by[(self.layers[0], modality)].chunks[0]
+        return da.from_array(col, chunks=(chunks, *col.shape[1:]))
 
 
 def token_table(sample_ids: np.ndarray) -> dict[str, np.ndarray]:

@@ -5,7 +5,7 @@ import pytest
 from analysis_fakes import gaussian_mmd2, sobol_gaussian
 from scipy.spatial.distance import cdist
 
-from kscale.analysis.features import chunk_sums, single_target_plan
+from kscale.analysis.features import plain_sums, single_target_plan
 from kscale.analysis.mmd import exact_mmd2, median_bandwidth, rf_mmd2, rf_side
 
 
@@ -23,10 +23,10 @@ def rf_value(x, y, *, bandwidth, n_features, orthogonal=True, seed=0, kernel="rb
             parts = [parts[i] for i in np.random.default_rng(order).permutation(len(parts))]
         acc = None
         for _, a, i in parts:
-            s = chunk_sums(a[:, None, :], i, plan)[0]
+            s = plain_sums(a, i, plan)
             acc = s if acc is None else acc.merge(s)
-        sides.append(rf_side(acc.count_K, acc.rf_KC2D[:, 0]))
-    return rf_mmd2(*sides)
+        sides.append(rf_side(acc.count_K, acc.rf_KC2D[:, 0], acc.rfself_KCD[:, 0], acc.nsq_K))
+    return rf_mmd2(*sides)  # one token per sample: block and token-level agree
 
 
 def test_exact_matches_gaussian_closed_form():

@@ -8,9 +8,9 @@ import pytest
 import zarr
 
 from kscale.analysis.config import DaskConfig
-from kscale.analysis.features import chunk_sums, merge_sums, single_target_plan
+from kscale.analysis.features import chunk_sums, merger, single_target_plan
 from kscale.analysis.mmd import rf_mmd2, rf_side
-from kscale.analysis.source import blocks
+from kscale.analysis.source import block_plan, joint_items, rows_per_block
 from kscale.analysis.stream import Runner
 
 
@@ -25,11 +25,15 @@ def write_keys(path, n, heads, d, seed, shift):
 
 
 def streamed_value(x_img, x_txt, sid_img, sid_txt, plan, scheduler="threads", chunk_mb=4):
-    sums = {}
+    """Token-level RF MMD^2 of two modalities streamed as sample-aligned joint blocks."""
+    keys = {"img": x_img, "txt": x_txt}
+    ids = {m: da.from_array(s, chunks=(keys[m].chunks[0],)) for m, s in (("img", sid_img), ("txt", sid_txt))}
+    row_bytes = int(np.prod(x_img.shape[1:])) * x_img.dtype.itemsize
+    items = joint_items(keys, ids, block_plan(ids, rows_per_block(chunk_mb, row_bytes), 4096, "test"))
     with Runner(DaskConfig(scheduler=scheduler, n_workers=2, chunk_mb=chunk_mb)) as runner:
-        for name, x, sid in (("img", x_img, sid_img), ("txt", x_txt, sid_txt)):
-            sums[name] = runner.map_reduce(chunk_sums, blocks(x, sid, chunk_mb), plan, merge_sums)[0]
-    return rf_mmd2(*(rf_side(s.count_K, s.rf_KC2D[:, 0]) for s in sums.values()))[0]
+        ts = runner.map_reduce(chunk_sums, items, plan, merger(0))[0]
+    sides = [rf_side(s.count_K, s.rf_KC2D[:, 0], s.rfself_KCD[:, 0], s.nsq_K) for s in ts.by_mod.values()]
+    return rf_mmd2(*sides, estimator="token")[0]
 
 
 def test_out_of_core_equals_in_memory_with_bounded_memory(tmp_path):
@@ -41,6 +45,8 @@ def test_out_of_core_equals_in_memory_with_bounded_memory(tmp_path):
     plan = single_target_plan(d, n_features=128, bandwidth=8.0, sample_ids=np.concatenate([sid, sid_txt]),
                               n_buckets=8)
     store_bytes = 2 * n * heads * d * 2
+    warm = da.from_zarr(z_img)[:1000]  # one-time imports (dask's schedulers) are not data
+    streamed_value(warm, warm, sid[:1000], sid_txt[:1000], plan)
     tracemalloc.start()
     got = streamed_value(da.from_zarr(z_img), da.from_zarr(z_txt), sid, sid_txt, plan)
     _, peak = tracemalloc.get_traced_memory()
@@ -66,3 +72,30 @@ def test_distributed_local_cluster_equals_threads(tmp_path):
     threads = streamed_value(xa, ya, sid, sid + 200, plan, chunk_mb=1)
     dist = streamed_value(xa, ya, sid, sid + 200, plan, scheduler="distributed", chunk_mb=1)
     assert dist == pytest.approx(threads, rel=1e-9)
+
+
+def test_distributed_analysis_equals_threaded(tmp_path):
+    """A dask.distributed LocalCluster of 2 worker processes gives the threaded run's table (mergeable sums)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from analysis_fakes import make_store
+
+    from kscale.analysis.config import AnalyzeConfig, EmbedConfig, MMDConfig, SignificanceConfig
+    from kscale.analysis.run import analyze
+
+    ks = make_store(n_samples=24, layers=(0,), n_heads=2, head_dim=6, chunk_rows=40)
+
+    def run(scheduler, name):
+        cfg = AnalyzeConfig(stores=["unused"], estimators=["mmd_rf", "jsd_hist"],
+                            mmd=MMDConfig(n_features=64, median_subsample=100, max_accumulator_mb=1),
+                            significance=SignificanceConfig(n_buckets=8, permutations=0),
+                            embed=EmbedConfig(methods=[]),
+                            dask=DaskConfig(scheduler=scheduler, n_workers=2, chunk_mb=1))  # ~6 blocks
+        return analyze(cfg, tmp_path / name, stores=[ks])
+
+    threads, dist = run("threads", "t"), run("distributed", "d")
+    assert len(threads) == len(dist) > 0
+    for col in ("value", "se", "ci_low", "ci_high", "p"):
+        np.testing.assert_allclose(dist[col].astype(float), threads[col].astype(float), rtol=1e-9, atol=1e-15)

@@ -5,8 +5,8 @@ import pytest
 from scipy import stats as sps
 
 from kscale.analysis import stats
-from kscale.analysis.features import chunk_sums, single_target_plan
-from kscale.analysis.mmd import rf_mmd2, rf_side
+from kscale.analysis.features import plain_sums, single_target_plan
+from kscale.analysis.mmd import jackknife_se, mmd2_leave_one_out, rf_mmd2, rf_side
 
 D_FREQ, DIM = 64, 4
 
@@ -23,16 +23,18 @@ def sums_pair(x, y, per_seq, n_buckets=16, seed=0, collect=False):
     n_x = len(x) // per_seq
     sid = np.repeat(np.arange(n_x + len(y) // per_seq), per_seq)
     plan = single_target_plan(DIM, n_features=D_FREQ, bandwidth=2.0, sample_ids=sid, seed=seed,
-                              n_buckets=n_buckets, collect_units=collect)
-    sx = chunk_sums(x[:, None], sid[: len(x)], plan)[0]
-    sy = chunk_sums(y[:, None], sid[len(x):], plan)[0]
-    return sx, sy, plan
+                              n_buckets=n_buckets, max_units=10**6 if collect else 0)
+    return plain_sums(x, sid[: len(x)], plan), plain_sums(y, sid[len(x):], plan), plan
+
+
+def side(s):
+    return rf_side(s.count_K, s.rf_KC2D[:, 0], s.rfself_KCD[:, 0], s.nsq_K)
 
 
 def unit_test_inputs(sx, sy):
     feats, counts, is_x = [], [], []
     for s, flag in ((sx, True), (sy, False)):
-        _, rf_U2D, count_U = s.units()
+        _, rf_U2D, count_U = s.units()  # token-level statistic (default pairs_U)
         feats.append(rf_U2D.reshape(len(count_U), -1) / np.sqrt(D_FREQ))
         counts.append(count_U)
         is_x.append(np.full(len(count_U), flag))
@@ -45,11 +47,13 @@ def test_permutation_statistic_matches_streaming_value_and_detects_shift():
     x, y = sequences(rng, 40, 10, 0.0), sequences(rng, 40, 10, 0.6)
     sx, sy, _ = sums_pair(x, y, 10, collect=True)
     p, observed = stats.permutation_p(*unit_test_inputs(sx, sy), 999, seed=1)
-    value, _ = rf_mmd2(rf_side(sx.count_K, sx.rf_KC2D[:, 0]), rf_side(sy.count_K, sy.rf_KC2D[:, 0]))
+    value, _ = rf_mmd2(side(sx), side(sy), estimator="token")
     assert observed == pytest.approx(value, rel=1e-10)
     assert p < 0.01
-    p_cross, _ = stats.cross_mmd_p(rf_side(sx.count_K, sx.rf_KC2D[:, 0]), rf_side(sy.count_K, sy.rf_KC2D[:, 0]),
-                                   np.arange(16) % 2)
+    feat, count, _, is_x = unit_test_inputs(sx, sy)
+    _, block_observed = stats.permutation_p(feat, count, (feat**2).sum(1), is_x, 9, seed=1, pairs_U=count**2)
+    assert block_observed == pytest.approx(rf_mmd2(side(sx), side(sy))[0], rel=1e-10)
+    p_cross, _ = stats.cross_mmd_p(side(sx), side(sy), np.arange(16) % 2)
     assert p_cross < 0.01
 
 
@@ -58,7 +62,7 @@ def test_cross_mmd_roughly_calibrated_on_null():
     pvals = []
     for r in range(300):
         sx, sy, _ = sums_pair(sequences(rng, 48, 8, 0.0), sequences(rng, 48, 8, 0.0), 8, seed=r)
-        x, y = rf_side(sx.count_K, sx.rf_KC2D[:, 0]), rf_side(sy.count_K, sy.rf_KC2D[:, 0])
+        x, y = side(sx), side(sy)
         pvals.append(stats.cross_mmd_p(x, y, np.arange(16) % 2)[0])
     rate = np.mean(np.asarray(pvals) <= 0.05)
     assert 0.02 <= rate <= 0.09, rate
@@ -87,17 +91,17 @@ def population_rf_mmd2(plan, mean_x, mean_y, var):
     return float(diff @ diff)
 
 
-def test_witness_interval_coverage_near_nominal():
+def test_jackknife_interval_coverage_near_nominal():
     rng = np.random.default_rng(3)
     covered = []
     effect = 0.5
     for r in range(300):
         x, y = sequences(rng, 60, 10, 0.0, effect), sequences(rng, 60, 10, 0.8, effect)
         sx, sy, plan = sums_pair(x, y, 10, n_buckets=32, seed=7)
-        sides = rf_side(sx.count_K, sx.rf_KC2D[:, 0]), rf_side(sy.count_K, sy.rf_KC2D[:, 0])
+        sides = side(sx), side(sy)
         value, _ = rf_mmd2(*sides)
         nonempty = (sides[0].n_K + sides[1].n_K) > 0
-        se = stats.cluster_se(stats.witness_influence(*sides), nonempty)
+        se = jackknife_se(mmd2_leave_one_out(*sides), nonempty)
         lo, hi = stats.t_interval(value, se, int(nonempty.sum()), 0.05)
         shift = np.zeros(DIM)
         shift[0] = 0.8

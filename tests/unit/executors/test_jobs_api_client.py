@@ -115,7 +115,7 @@ def test_driver_wrapper_tees_the_log_and_records_the_state(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: extract\nbogus: 1\n")
     rec = tmp_path / "rec"
-    p = subprocess.run([sys.executable, "-m", "kscale.executors.progress_files", "driver", "--id", "kscale-t-1",
+    p = subprocess.run([sys.executable, "-m", "kscale.targets.records", "driver", "--id", "kscale-t-1",
                         "--target", "slurm", "--record-dir", str(rec), str(bad)], capture_output=True, text=True,
                        timeout=120)
     assert p.returncode == 2  # kscale submit's exit code for a bad spec, passed through

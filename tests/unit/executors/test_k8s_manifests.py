@@ -13,6 +13,7 @@ import kscale
 from kscale.targets import k8s
 from kscale.spec import SpecError, load_spec
 from tests.golden.golden import GOLDEN, SID, assert_golden, assert_hand_copies_current, hand_copies
+from tests.testing_utils import require
 
 SCHEMAS = Path(__file__).resolve().parents[3].parent / "shared" / "schemas" / "kuberay-v1"
 
@@ -34,8 +35,8 @@ def _rayjob(name: str = "k8s_gpu_extract") -> tuple[object, dict]:
 
 
 def _schemas() -> Path:
-    if not (SCHEMAS / "ray.io_rayjobs.yaml").is_file():
-        pytest.skip(f"KubeRay CRD schemas not found at {SCHEMAS} (<repo>/../shared/schemas/kuberay-v1)")
+    require((SCHEMAS / "ray.io_rayjobs.yaml").is_file(), f"KubeRay CRD schemas not found at {SCHEMAS}",
+            "copy KubeRay v1.7's CRDs (config/crd/bases) to <repo>/../shared/schemas/kuberay-v1")
     return SCHEMAS
 
 

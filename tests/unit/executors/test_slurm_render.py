@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import kscale
 from kscale.targets import slurm
 from kscale.spec import SpecError, load_spec, spec_from_dict
 from tests.golden.golden import GOLDEN, SID, assert_golden
+from tests.testing_utils import require_binaries
 
 
 def _render(name: str) -> str:
@@ -33,8 +33,7 @@ def test_rendered_script_matches_golden(name):
 
 @pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze"])
 def test_rendered_script_passes_shellcheck(name, tmp_path):
-    if shutil.which("shellcheck") is None:
-        pytest.skip("shellcheck is not installed (apt-get install shellcheck, or .ci/install_slurm.sh)")
+    require_binaries("shellcheck", install="apt-get install shellcheck, or sudo .ci/install_slurm.sh")
     script = tmp_path / "job.sbatch"
     script.write_text(_render(name))
     check = subprocess.run(["shellcheck", "--severity=style", str(script)], capture_output=True, text=True)
@@ -47,7 +46,7 @@ def test_header_follows_the_spec():
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj-123", "#SBATCH --time=1-00:00:00",
                  "#SBATCH --mem=480G", "#SBATCH --constraint=h100", "#SBATCH --signal=B:TERM@120",
                  f"#SBATCH --job-name={SID}", "KSCALE_RUNTIME=ray", "module load cuda/12.4",
-                 "export HF_HUB_OFFLINE=1", "KSCALE_OBJECT_STORE_BYTES=40000000000"):
+                 "set -a; source /shared/runs/qwen-keys.cluster/kscale-golden-0000000000.env; set +a", "KSCALE_OBJECT_STORE_BYTES=40000000000"):
         assert line in text.splitlines(), line
     assert "ray stop" not in text.replace("never `ray stop`", "")  # it stops its own processes by PID
 

@@ -8,6 +8,7 @@ from torch import nn
 
 from kscale.train.malora import MaLoRAConfig, MaLoRALinear, ModalityContext
 from kscale.train.malora.config import KNOWN_TARGETS
+from tests.testing_utils import require_module
 
 # Legend: B batch, T tokens, C in features, O out features.
 B, T, C, O, R = 2, 5, 16, 12, 4
@@ -27,7 +28,7 @@ def _mixed_mask() -> torch.Tensor:
 
 
 def test_tied_branches_with_unit_gate_equal_peft_lora() -> None:
-    peft = pytest.importorskip("peft")
+    peft = require_module("peft", install="pip install -e '.[train]'")
 
     class Wrap(nn.Module):
         def __init__(self) -> None:

@@ -1,0 +1,280 @@
+"""From the tidy result table to what a reader needs first: which layers show a significant gap, how
+large it is against the noise floor, and whether that holds across kernels, normalisations and
+bandwidths. Pure pandas; :mod:`kscale.analysis.report` draws and writes what this computes.
+
+Definitions (also printed on the report page, :data:`DEFINITIONS`):
+
+- a **setting** is one (estimator, kernel, normalisation, bandwidth multiple) — plus
+  ``bandwidth_policy`` / ``statistic`` when the table has those columns;
+- the **noise floor** of a (layer, head) is the upper end of the intra-modal baselines' intervals,
+  ``max(ci_high)`` over ``intra_text`` and ``intra_image`` (what splitting one modality in two still
+  shows), floored at a tiny positive number;
+- **gap over noise** = cross-modal value / noise floor;
+- a layer's gap is **significant** when the cross-modal p-value, Holm-corrected over the layers (or
+  over the layer × head cells) of the setting, is below alpha **and** the cross-modal interval lies
+  above the noise floor. Rows without a p-value (exact MMD) use the interval alone.
+
+Columns used: store, layer, head, comparison, estimator, kernel, normalisation, multiple, value,
+ci_low, ci_high, p (``rows.COLUMNS``). Extra columns are carried when present: ``bandwidth_policy``,
+``statistic`` (setting keys), ratio / normalised-gap rows (``comparison`` like ``cross/intra_text``,
+``estimator`` starting with ``ratio_`` or ``gap_``), which the page shows beside the layer table.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from kscale.reporting import fmt
+
+INTRA = ("intra_text", "intra_image")
+SETTING_KEYS = ("estimator", "kernel", "normalisation", "multiple", "bandwidth_policy", "statistic")
+GAP_ESTIMATORS = ("mmd2_rf", "mmd2_exact", "mmd2_linear")
+NOISE_EPS = 1e-12
+AGREE = 0.8  # share of layers on which a setting must agree with the primary one for "holds"
+POOLED = -1
+NORMALISATION_LABEL = {"none": "raw keys", "l2": "unit-norm keys", "standardize": "standardised keys"}
+
+DEFINITIONS = (
+    "<b>Noise floor</b>: the upper end of the intra-modal baselines' intervals (text split in two, image "
+    "split in two, by sample). <b>Gap over noise</b>: cross-modal value / noise floor. <b>Significant</b>: "
+    "the cross-modal p-value, Holm-corrected over the layers shown, is below alpha and the cross-modal "
+    "interval lies above the noise floor (rows without a p-value: the interval alone). A setting "
+    "<b>holds</b> when it agrees with the primary setting on at least 80% of the layers.")
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One estimator configuration, as a dict of the setting keys the table has."""
+
+    keys: tuple[tuple[str, object], ...]
+
+    def get(self, name: str, default=None):
+        return dict(self.keys).get(name, default)
+
+    def select(self, df: pd.DataFrame) -> pd.DataFrame:
+        mask = np.ones(len(df), bool)
+        for k, v in self.keys:
+            col = df[k]
+            mask &= col.isna().to_numpy() if _missing(v) else (col == v).to_numpy()
+        return df[mask]
+
+    def label(self) -> str:
+        d = dict(self.keys)
+        est = {"mmd2_rf": "RF", "mmd2_exact": "exact", "mmd2_linear": "linear"}.get(d.get("estimator"),
+                                                                                 d.get("estimator"))
+        parts = [str(est)]
+        if d.get("estimator") != "mmd2_linear":
+            parts.append(str(d.get("kernel")))
+        parts.append(NORMALISATION_LABEL.get(d.get("normalisation"), f"{d.get('normalisation')} keys"))
+        if not _missing(d.get("multiple")) and d.get("estimator") != "mmd2_linear":
+            parts.append(f"{float(d['multiple']):g}x bw")
+        for extra in ("bandwidth_policy", "statistic"):
+            if not _missing(d.get(extra)):
+                parts.append(str(d[extra]))
+        return ", ".join(parts)
+
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def setting_keys(df: pd.DataFrame) -> list[str]:
+    return [k for k in SETTING_KEYS if k in df.columns]
+
+
+def settings(df: pd.DataFrame) -> list[Setting]:
+    """Every gap setting in the table (cross rows of MMD estimators), the primary one first."""
+    keys = setting_keys(df)
+    sel = df[df.estimator.isin(GAP_ESTIMATORS) & (df.comparison == "cross")]
+    combos = sel[keys].drop_duplicates()
+    out = [Setting(tuple((k, r[k]) for k in keys)) for _, r in combos.iterrows()]
+    primary = primary_setting(df)
+    return sorted(out, key=lambda s: (s != primary, _rank(s)))
+
+
+def _rank(s: Setting) -> tuple:
+    est = GAP_ESTIMATORS.index(s.get("estimator")) if s.get("estimator") in GAP_ESTIMATORS else 9
+    m = s.get("multiple")
+    return (est, str(s.get("kernel")), str(s.get("normalisation")),
+            99.0 if _missing(m) else abs(math.log(float(m))), str(s.get("bandwidth_policy", "")))
+
+
+def primary_setting(df: pd.DataFrame) -> Setting | None:
+    """RF MMD² (else exact), RBF, raw keys, the bandwidth multiple closest to 1 (and, when the table
+    records them, a sample-/block-level statistic if there is one, else the most common value, and the
+    most common bandwidth policy)."""
+    keys = setting_keys(df)
+    for est in ("mmd2_rf", "mmd2_exact"):
+        sel = df[(df.estimator == est) & (df.comparison == "cross")]
+        if sel.empty:
+            continue
+        for col, want in (("kernel", "rbf"), ("normalisation", "none")):
+            if (sel[col] == want).any():
+                sel = sel[sel[col] == want]
+        mult = sel.multiple.astype(float)
+        sel = sel[mult == mult.iloc[np.abs(np.log(mult.to_numpy())).argmin()]]
+        for extra in ("bandwidth_policy", "statistic"):
+            if extra in keys and sel[extra].notna().any():
+                values = sel[extra].dropna()
+                dependence_aware = [v for v in values.unique() if any(w in str(v) for w in ("sample", "block"))]
+                sel = sel[sel[extra] == (dependence_aware[0] if dependence_aware else values.mode().iloc[0])]
+        first = sel.iloc[0]
+        return Setting(tuple((k, first[k]) for k in keys))
+    return None
+
+
+def holm(p: np.ndarray) -> np.ndarray:
+    """Holm step-down adjusted p-values (NaN stays NaN)."""
+    p = np.asarray(p, float)
+    out = np.full_like(p, np.nan)
+    ok = np.flatnonzero(np.isfinite(p))
+    if len(ok) == 0:
+        return out
+    order = ok[np.argsort(p[ok])]
+    m = len(order)
+    adj = np.maximum.accumulate([(m - i) * p[j] for i, j in enumerate(order)])
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
+def gap_table(df: pd.DataFrame, setting: Setting, heads: str = "pooled", alpha: float = 0.05) -> pd.DataFrame:
+    """One row per (store, layer, head): cross and intra values, noise floor, gap over noise, significance.
+
+    ``heads``: ``"pooled"`` (head -1; the lowest head when no row pools heads) or ``"each"`` (every
+    head >= 0; Holm over all layer × head cells of a store).
+    """
+    sel = setting.select(df)
+    pooled = (sel["head"] == POOLED).any()
+    if heads == "pooled":
+        sel = sel[sel["head"] == (POOLED if pooled else sel["head"].min())]
+    else:
+        sel = sel[sel["head"] >= 0]
+    if sel.empty:
+        return pd.DataFrame()
+    wide = sel[sel.comparison.isin(("cross",) + INTRA)].pivot_table(
+        index=["store", "layer", "head"], columns="comparison", values=["value", "ci_low", "ci_high", "p"],
+        aggfunc="first", dropna=False)
+    out = pd.DataFrame(index=wide.index)
+    for comp in ("cross",) + INTRA:
+        for stat in ("value", "ci_low", "ci_high", "p"):
+            out[f"{comp}_{stat}" if stat != "value" else comp] = \
+                wide[(stat, comp)].astype(float) if (stat, comp) in wide.columns else np.nan
+    out = out.reset_index()
+    intra_hi = out[[f"{c}_ci_high" for c in INTRA]].max(axis=1, skipna=True)
+    out["noise_floor"] = intra_hi.clip(lower=NOISE_EPS)
+    out["gap_over_noise"] = out["cross"] / out["noise_floor"]
+    out["p_holm"] = np.nan
+    for _, idx in out.groupby("store").groups.items():
+        out.loc[idx, "p_holm"] = holm(out.loc[idx, "cross_p"].to_numpy())
+    above = out["cross_ci_low"] > out["noise_floor"]
+    has_p = out["p_holm"].notna()
+    out["significant"] = above & (~has_p | (out["p_holm"] < alpha))
+    return out.sort_values(["store", "head", "layer"]).reset_index(drop=True)
+
+
+def ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5, 7, 8] -> "0–2, 5, 7–8"."""
+    if not layers:
+        return "none"
+    layers = sorted(int(x) for x in layers)
+    parts, start, prev = [], layers[0], layers[0]
+    for x in layers[1:] + [None]:
+        if x is not None and x == prev + 1:
+            prev = x
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}–{prev}")
+        if x is not None:
+            start = prev = x
+    return ", ".join(parts)
+
+
+def sensitivity(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """Per setting and store: layers, significant layers, median gap over noise, agreement with the primary."""
+    primary = primary_setting(df)
+    if primary is None:
+        return pd.DataFrame()
+    base = gap_table(df, primary, "pooled", alpha).set_index(["store", "layer"])["significant"]
+    rows = []
+    for s in settings(df):
+        t = gap_table(df, s, "pooled", alpha)
+        if t.empty:
+            continue
+        for store, g in t.groupby("store"):
+            sig = g.set_index(["store", "layer"])["significant"]
+            common = sig.index.intersection(base.index)
+            agree = float((sig.loc[common] == base.loc[common]).mean()) if len(common) else np.nan
+            rows.append({"setting": s.label(), "store": store, "primary": s == primary,
+                         **{k: v for k, v in s.keys}, "layers": len(g), "significant_layers": int(g.significant.sum()),
+                         "median_gap_over_noise": float(np.nanmedian(g.gap_over_noise)),
+                         "median_cross": float(np.nanmedian(g.cross)), "agreement": agree,
+                         "holds": bool(agree >= AGREE) if np.isfinite(agree) else False})
+    return pd.DataFrame(rows)
+
+
+def short_store(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1] or path
+
+
+def verdict(df: pd.DataFrame, alpha: float = 0.05) -> list[str]:
+    """The verdict paragraph, one HTML-safe sentence group per item."""
+    primary = primary_setting(df)
+    if primary is None:
+        return ["No cross-modal MMD rows in this table: nothing to conclude about a key gap."]
+    out = []
+    t = gap_table(df, primary, "pooled", alpha)
+    pooled = (primary.select(df)["head"] == POOLED).any()
+    several = t.store.nunique() > 1
+    for store, g in t.groupby("store", sort=False):
+        sig = g[g.significant]
+        who = f"In {html.escape(short_store(store))}, at" if several else "At"
+        first = (f"{who} the primary setting ({html.escape(primary.label())}, "
+                 f"{'KV heads pooled' if pooled else 'KV head ' + str(int(g['head'].iloc[0]))}) the image–text "
+                 f"key gap is <b>significant in {len(sig)} of {len(g)} layers</b> ({ranges(sig.layer.tolist())}).")
+        if len(sig):
+            lo, hi = sig.gap_over_noise.min(), sig.gap_over_noise.max()
+            best = sig.loc[sig.cross.idxmax()]
+            first += (f" There the cross-modal MMD² is {fmt(sig.cross.min())}–{fmt(sig.cross.max())} (largest at "
+                      f"layer {int(best.layer)}), <b>{fmt(lo, 2)}–{fmt(hi, 2)}× the noise floor</b> "
+                      f"(at most {fmt(sig.noise_floor.max())}).")
+        not_sig = g[~g.significant]
+        if len(not_sig):
+            first += (f" Not significant: layers {ranges(not_sig.layer.tolist())} (cross/noise "
+                      f"{fmt(not_sig.gap_over_noise.min(), 2)}–{fmt(not_sig.gap_over_noise.max(), 2)}).")
+        out.append(first)
+    heads = gap_table(df, primary, "each", alpha)
+    if not heads.empty and heads["head"].nunique() > 1:
+        out.append(f"Per KV head: significant in {int(heads.significant.sum())} of {len(heads)} "
+                   f"(layer, head) cells (Holm over all cells).")
+    sens = sensitivity(df, alpha)
+    if len(sens) > 1:
+        others = sens[~sens.primary]
+        held = others[others.holds]
+        failed = others[~others.holds]
+        s = (f"Across {len(others)} other settings (kernels, normalisations, bandwidths, estimators) the "
+             f"conclusion <b>holds in {len(held)}</b>")
+        if len(failed):
+            s += " and differs in " + "; ".join(
+                f"{html.escape(r.setting)} ({r.significant_layers} of {r.layers} layers significant)"
+                for r in failed.itertuples())
+        out.append(s + ".")
+    out += _jsd_sentence(df)
+    return out
+
+
+def _jsd_sentence(df: pd.DataFrame) -> list[str]:
+    clf = df[df.estimator.str.startswith("jsd_clf") & (df.comparison == "cross")]
+    if clf.empty:
+        return []
+    head = POOLED if (clf["head"] == POOLED).any() else clf["head"].min()
+    clf = clf[clf["head"] == head]
+    evidence = clf[clf.ci_low > 0]
+    units = clf.units.iloc[0] if "units" in clf else ""
+    return [f"Classifier lower bounds on the cross-modal JSD: positive evidence (interval above 0) for "
+            f"{evidence.layer.nunique()} of {clf.layer.nunique()} layers (largest bound "
+            f"{fmt(clf.value.clip(lower=0).max())} {html.escape(str(units))}); bounds at or below 0 say "
+            f"only that this probe found no evidence."]

@@ -1,0 +1,103 @@
+"""The pipelined extraction path and models spread over devices write exactly the reference store.
+
+The reference is the synchronous path (``ExtractState.overlap = False``): full projection outputs to
+the host, then select, cast and write. The pipelined path selects and casts where the layer ran, copies
+to the host behind the forward, and writes and commits on the drain thread. A model spread over two
+"devices" on a CPU machine uses the same ``device_map`` loading as a multi-GPU worker, with plan device 1
+offloaded to disk (accelerate's dispatch hooks move each layer's weights in for its forward).
+
+Legend: L layers, N tokens, H kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from pathlib import Path
+
+import pytest
+import zarr
+
+from kscale.data import open_source, plan_shards
+from kscale.extract import worker
+from kscale.models import load_model
+from kscale.runner import run_job
+from kscale.spec import spec_from_dict
+from tests.conftest import extract_spec
+
+SAMPLED = {"batch_size": 3, "key_dtype": "float16", "layers": [0, -1], "heads": [1],
+           "sample_tokens": {"text": 5, "image": 7, "seed": 3}}
+
+
+def shard_arrays(store: str | Path) -> dict[str, bytes]:
+    """Every array of every shard (path -> dtype + shape + raw bytes), and every marker's token counts."""
+    out: dict[str, bytes] = {}
+    root = Path(store) / "shards"
+    for shard in sorted(p for p in root.iterdir() if p.is_dir()):
+        g = zarr.open_group(str(shard), mode="r")
+        for path, arr in g.members(max_depth=None):
+            if not isinstance(arr, zarr.Array):
+                continue
+            a = arr[...]
+            out[f"{shard.name}/{path}"] = f"{a.dtype}{a.shape}".encode() + a.tobytes()
+    for marker in sorted(root.glob("*.done.json")):
+        out[marker.name] = marker.read_bytes().split(b'"seconds"')[0]
+    return out
+
+
+def run_state(spec, state, store: Path) -> None:
+    """Every shard of ``spec`` through ``state`` into ``store`` (a copy of a store's root metadata)."""
+    into = dataclasses.replace(spec, output=dataclasses.replace(spec.output, path=str(store)))
+    for shard in plan_shards(len(open_source(spec.data)), spec.data.shard_size):
+        worker.run_shard(into, shard, state)
+
+
+@pytest.mark.parametrize("model", ["debug:qwen2_5_vl", "debug:llava"])
+@pytest.mark.parametrize("extract", [{"batch_size": 4, "key_dtype": "float32"}, SAMPLED], ids=["all", "sampled"])
+def test_pipelined_path_writes_the_synchronous_store(tmp_path, model, extract):
+    spec = spec_from_dict(extract_spec(tmp_path, model=model, extract=extract))
+    run_job(spec, show_bar=False)  # the pipelined path, through the local executor
+    ref = tmp_path / "sync"
+    shutil.copytree(spec.output.path, ref, ignore=shutil.ignore_patterns("shards"))
+    (ref / "shards").mkdir()
+    state = worker.setup(spec)
+    state.overlap = False
+    run_state(spec, state, ref)
+    a, b = shard_arrays(spec.output.path), shard_arrays(ref)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        assert a[k] == b[k], k
+
+
+def test_model_split_over_two_devices_writes_the_same_store(tmp_path):
+    spec = spec_from_dict(extract_spec(tmp_path, extract=SAMPLED | {"layers": "all", "heads": "all"}))
+    run_job(spec, show_bar=False)
+    split = tmp_path / "split"
+    shutil.copytree(spec.output.path, split, ignore=shutil.ignore_patterns("shards"))
+    (split / "shards").mkdir()
+    base = worker.setup(spec)
+    loaded = load_model(spec.model, n_devices=2, devices=["cpu", "disk"])
+    placed = {str(d) for d in loaded.model.hf_device_map.values()}
+    assert placed == {"cpu", "disk"}, loaded.model.hf_device_map
+    state = worker.ExtractState(loaded, base.layers, base.heads, base.source)
+    run_state(spec, state, split)
+    a, b = shard_arrays(spec.output.path), shard_arrays(split)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k], k
+
+
+@pytest.mark.parametrize("overlap", [True, False], ids=["pipelined", "sync"])
+@pytest.mark.parametrize("scale,message", [(float("nan"), "non-finite key values in"), (1e9, "keys overflow float16")])
+def test_bad_key_values_fail_the_shard_before_its_marker(tmp_path, overlap, scale, message):
+    import torch
+
+    spec = spec_from_dict(extract_spec(tmp_path, extract={"batch_size": 4, "key_dtype": "float16"}))
+    state = worker.setup(spec)
+    state.overlap = overlap
+    with torch.no_grad():
+        state.loaded.adapter.key_modules(state.loaded.model)[1].weight.mul_(scale)
+    shard = plan_shards(len(state.source), spec.data.shard_size)[0]
+    with pytest.raises(ValueError, match=message):
+        worker.run_shard(spec, shard, state)
+    assert not (Path(spec.output.path) / "shards" / f"{shard.name}.done.json").exists()

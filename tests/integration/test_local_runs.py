@@ -1,0 +1,179 @@
+"""Local runs are records (issue 12): listed, logged, stopped by ``kscale stop`` and by Ctrl-C, resumed by a
+rerun into the same store as an uninterrupted run; a no-op rerun keeps the last real progress; ``--set``
+overrides reach the spec and the record; an embedded Ray listens on loopback only and does not outlive
+a killed driver.
+
+Each test drives the real CLI in a subprocess with its own ``KSCALE_HOME`` and ``HOME`` (Ray writes its
+token under ``~/.ray``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import yaml
+
+from kscale.runner import run_job
+from kscale.spec import spec_from_dict
+from tests.conftest import REPO, extract_spec
+from tests.integration.test_extract import stores_equal
+
+OVER = dict(data={"source": "generated", "generated": {"n_samples": 24, "image_size": 112}, "shard_size": 2},
+            extract={"batch_size": 1, "key_dtype": "float16"})
+
+
+def _env(tmp_path: Path) -> dict:
+    return {**os.environ, "KSCALE_HOME": str(tmp_path / "home" / ".kscale"), "HOME": str(tmp_path / "home"),
+            "PYTHONPATH": str(REPO)}
+
+
+def _cli(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    r = subprocess.run([sys.executable, "-m", "kscale.cli", *args], env=_env(tmp_path), capture_output=True,
+                       text=True, timeout=300)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def _start(tmp_path: Path, job: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "kscale.cli", "submit", "--no-progress", str(job), *extra],
+                            env=_env(tmp_path), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_markers(store: Path, n: int, proc: subprocess.Popen, timeout: float = 240) -> int:
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        k = len(list((store / "shards").glob("*.done.json")))
+        if k >= n:
+            return k
+        time.sleep(0.1)
+    raise AssertionError(f"no {n} committed shards (driver exit {proc.poll()}): {proc.stdout and proc.stdout.read()}")
+
+
+def _runs(tmp_path: Path) -> list[dict]:
+    return json.loads(_cli(tmp_path, "list", "--json").stdout)
+
+
+def _ray_descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return [p for p in psutil.Process(pid).children(recursive=True)]
+    except psutil.Error:
+        return []
+
+
+def _write_job(tmp_path: Path, name: str, **over) -> tuple[Path, dict]:
+    d = extract_spec(tmp_path / name, **{**OVER, **over})
+    d["name"] = name
+    job = tmp_path / f"{name}.yaml"
+    job.write_text(yaml.safe_dump(d))
+    return job, d
+
+
+@pytest.mark.slow
+def test_ray_run_listed_logged_stopped_and_resumed(tmp_path):
+    """`kscale stop` on a local Ray run: STOPPED with the shard count, Ray gone, loopback-only ports, resume."""
+    ref = spec_from_dict(extract_spec(tmp_path / "ref", **OVER))
+    run_job(ref, show_bar=False)
+    job, d = _write_job(tmp_path, "stopme", resources={"executor": "ray", "workers": 1})
+    store = Path(d["output"]["path"])
+    proc = _start(tmp_path, job)
+    _wait_markers(store, 2, proc)
+
+    # every port the run's processes listen on is a loopback address
+    pids = {proc.pid, *(p.pid for p in _ray_descendants(proc.pid))}
+    ss = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True).stdout
+    mine = [line for line in ss.splitlines() if any(f"pid={p}," in line for p in pids)]
+    assert mine, "the run listens on no port at all? (ss could not see the processes)"
+    exposed = [line for line in mine if not line.split()[3].startswith(("127.0.0.1:", "[::ffff:127.0.0.1]:", "[::1]:"))]
+    assert not exposed, exposed
+
+    runs = _runs(tmp_path)
+    assert [r["state"] for r in runs if r["output"] == str(store)] == ["RUNNING"]
+    sid = runs[0]["id"]
+    st = _cli(tmp_path, "status", sid).stdout
+    assert "RUNNING" in st and "extract stopme: running" in st
+    children = _ray_descendants(proc.pid)
+    out = _cli(tmp_path, "stop", sid).stdout
+    assert "sent SIGTERM" in out
+    proc.wait(timeout=120)
+    text = proc.stdout.read()
+    assert proc.returncode == 130, text
+    rec = [r for r in _runs(tmp_path) if r["id"] == sid][0]
+    assert rec["state"] == "STOPPED", rec
+    assert rec["message"].endswith("shards committed; rerun to resume"), rec
+    n_done = len(list((store / "shards").glob("*.done.json")))
+    assert rec["message"].startswith(f"{n_done} of 12"), (rec, n_done)
+    assert json.loads((store / "_progress.json").read_text())["state"] == "stopped"
+    time.sleep(5)  # the watchdog's grace
+    alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, [p.cmdline()[:2] for p in alive]
+    log = _cli(tmp_path, "logs", sid).stdout
+    assert "kscale: stopped:" in log and "Ray dashboard at http://127.0.0.1" in log
+    assert "already ended (STOPPED" in _cli(tmp_path, "stop", sid).stdout
+
+    r = _cli(tmp_path, "submit", "--no-progress", str(job))
+    assert f"{n_done} skipped" in r.stdout
+    assert [x["state"] for x in _runs(tmp_path) if x["id"] == sid] == ["SUCCEEDED"]
+    stores_equal(ref.output.path, str(store))
+
+
+def test_sigint_stops_cleanly_and_noop_rerun_keeps_progress(tmp_path):
+    job, d = _write_job(tmp_path, "ctrlc")
+    store = Path(d["output"]["path"])
+    proc = _start(tmp_path, job)
+    _wait_markers(store, 2, proc)
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=120)
+    text = proc.stdout.read()
+    assert proc.returncode == 130 and "kscale: stopped:" in text and "Traceback" not in text, text
+    rec = _runs(tmp_path)[0]
+    assert rec["state"] == "STOPPED" and "rerun to resume" in rec["message"]
+
+    _cli(tmp_path, "submit", "--no-progress", str(job))
+    full = json.loads((store / "_progress.json").read_text())
+    r = _cli(tmp_path, "submit", "--no-progress", str(job))  # nothing left to do
+    assert "12 skipped" in r.stdout
+    again = json.loads((store / "_progress.json").read_text())
+    assert again["state"] == "succeeded" and again["samples"] == full["samples"] > 0
+    assert again["bytes"] == full["bytes"] > 0 and again["tokens"] == full["tokens"]
+
+
+def test_set_overrides_reach_spec_and_record(tmp_path):
+    job, d = _write_job(tmp_path, "over")
+    r = _cli(tmp_path, "submit", "--no-progress", str(job), "--set", "data.generated.n_samples=4",
+             "--set", "data.shard_size=4", "--set", "name=over2")
+    assert "samples 4 " in r.stdout
+    rec = _runs(tmp_path)[0]
+    assert rec["overrides"] == ["data.generated.n_samples=4", "data.shard_size=4", "name=over2"]
+    assert rec["spec_values"]["data"]["generated"]["n_samples"] == 4 and rec["spec_values"]["name"] == "over2"
+    bad = _cli(tmp_path, "submit", str(job), "--set", "data.shard_size=zero", "--set", "nokey", check=False)
+    assert bad.returncode == 2 and "data.shard_size" in bad.stderr and "--set" in bad.stderr
+    assert "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGKILL])
+def test_killed_driver_leaves_no_ray_behind(tmp_path, signum):
+    job, d = _write_job(tmp_path, "killme", resources={"executor": "ray", "workers": 1})
+    proc = _start(tmp_path, job)
+    _wait_markers(Path(d["output"]["path"]), 1, proc)
+    children = [p for p in _ray_descendants(proc.pid) if "kscale.targets.reaper" not in " ".join(p.cmdline())]
+    assert any(p.name() in ("raylet", "gcs_server") for p in children)
+    proc.send_signal(signum)
+    proc.wait()
+    deadline = time.time() + 10
+    while time.time() < deadline:
+        alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not alive:
+            break
+        time.sleep(0.5)
+    assert not alive, [p.name() for p in alive]
+    assert _runs(tmp_path)[0]["state"] == "DIED"
