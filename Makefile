@@ -44,7 +44,7 @@ golden: setup
 
 bench: setup
 	$(PY) bench/extract_overhead.py
-	@for b in bench/mmd.py bench/attention_overhead.py bench/malora.py bench/bias.py; do \
+	@for b in bench/mmd.py bench/attention_overhead.py bench/malora.py bench/bias.py bench/scale.py; do \
 		if [ -f $$b ]; then echo "== $$b"; $(PY) $$b || exit 1; fi; done
 
 clean-runs:

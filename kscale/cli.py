@@ -146,23 +146,53 @@ def validate(job: str, explain: bool, overrides: tuple[str, ...]) -> None:
 @main.command()
 @click.argument("store", type=click.Path(exists=True, file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the summary as JSON.")
-def info(store: str, as_json: bool) -> None:
+@click.option("--reindex", is_flag=True, help="Rebuild the store index from the commit markers first.")
+def info(store: str, as_json: bool, reindex: bool) -> None:
     """Summarise a key store: samples, tokens per modality, layers, heads, bytes, errors."""
-    import kscale.store
+    from kscale.store.index import load_index, shard_errors, summarize, write_index
+    from kscale.store.layout import StoreError, read_root_attrs
 
     try:
-        s = kscale.store.open(store)
-    except kscale.store.StoreError as e:
+        attrs = read_root_attrs(store)  # from the index alone: neither zarr nor dask is imported
+        index = write_index(store) if reindex else load_index(store)
+    except StoreError as e:
         click.echo(f"kscale info: {e}", err=True)
         sys.exit(2)
-    summ = s.summary()
+    summ = summarize(store, attrs, index)
     if as_json:
         click.echo(json.dumps(summ, indent=1))
         return
     for k, v in summ.items():
         click.echo(f"{k:18s} {v}")
-    for e in s.errors()[:20]:
+    for e in shard_errors(store, index)[:20]:
         click.echo(f"  error sample {e['sample_id']} ({e['source_id']}): {e['reason']}")
+
+
+@main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--repair", is_flag=True, help="Un-commit damaged shards so that a rerun of the extraction redoes them.")
+@click.option("--quick", is_flag=True, help="Check files and sizes only, without decoding every chunk.")
+@click.option("--workers", default=8, show_default=True, help="Threads checking shards in parallel.")
+@click.option("--json", "as_json", is_flag=True, help="Print the findings as JSON.")
+def verify(store: str, repair: bool, quick: bool, workers: int, as_json: bool) -> None:
+    """Check every committed shard of a key store (files, sizes, checksums); exit 1 if any is damaged."""
+    import kscale.store
+    from kscale.store import verify as v
+
+    if not kscale.store.is_store(store):
+        click.echo(f"kscale verify: {store!r} is not a kscale key store", err=True)
+        sys.exit(2)
+    damage = v.verify_store(store, quick=quick, workers=workers)
+    undone = v.repair(store, damage) if repair and damage else []
+    if as_json:
+        click.echo(json.dumps({"damaged": v.report(damage), "uncommitted": undone}, indent=1))
+    else:
+        for d in damage:
+            click.echo(f"damaged {d.line()}")
+        n = len({d.shard for d in damage})
+        click.echo(f"{store}: {n} damaged shard(s)" + (f"; un-committed {len(undone)}: rerun the extraction to "
+                                                        "redo them" if undone else "") if n else f"{store}: ok")
+    sys.exit(1 if damage else 0)
 
 
 @main.command()

@@ -22,7 +22,8 @@ from kscale.models.registry import MODALITY_CODES, get_adapter, read_config_json
 from kscale.output import OutputError, OutputKind, claim_output
 from kscale.results import ExtractResult
 from kscale.spec import JobSpec, to_dict
-from kscale.store.layout import STORE_FORMAT, STORE_VERSION, committed_shards, is_store
+from kscale.store.index import write_index
+from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names
 
 
 StoreExistsError = OutputError  # the store policy's refusals (kscale.output: foreign, exists, locked)
@@ -49,7 +50,7 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
         "processor": processor_settings,
         "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
         "versions": _versions(),
-        "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "rope_pos": ["token", "rope_row"]},
+        "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
         "key_space": "pre_rope", "rope_rows": get_adapter(info.family).rope_rows,
         "modality_codes": dict(MODALITY_CODES),
@@ -85,7 +86,7 @@ def nothing_to_do(spec) -> bool:
     if dict(zarr.open_group(str(path), mode="r").attrs).get("spec_fingerprint") != spec.fingerprint():
         return False
     plan = plan_shards(len(open_source(spec.data)), spec.data.shard_size)
-    done = set(committed_shards(path))
+    done = set(marker_names(path))
     return len(done) >= len(plan) and all(s.name in done for s in plan)  # the plan is lazy: no set of it
 
 
@@ -106,9 +107,17 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
 
     with claim_store(spec, attrs) as path:
         store = str(path)
-        done = set(committed_shards(store))
+        version = dict(zarr.open_group(store, mode="r").attrs).get("version")
+        if version != STORE_VERSION:  # resume never mixes layouts; old stores stay readable
+            raise StoreExistsError(f"output.path: store {store!r} has format version {version}; this kscale "
+                                   f"writes version {STORE_VERSION}: choose another path or output.if_exists: "
+                                   "overwrite")
+        done = set(marker_names(store))
         todo = [s for s in shards if s.name not in done]
-        result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
+        try:
+            result = executor.run(spec, todo, skipped=len(shards) - len(todo), progress_dir=store)
+        finally:
+            write_index(store)  # the committed shards, whatever happened to the others (lock still held)
     return ExtractResult(store=store, **ExtractResult.progress_fields({**result, "shards_total": len(shards)}))
 
 

@@ -1,34 +1,47 @@
 """The key store's layout, in one place (documented in docs/store.md).
 
-```
-STORE/                         Zarr v3 group; attrs: see ``root_attrs``
-  shards/sNNNNNN/<modality>/   one group per shard and modality (text, image, video, special)
-      keys       (layer, token, kv_head, head_dim)  float16|float32, chunks (1, chunk_tokens, H, D)
-      sample_id  (token,) int64     global sample index (row of the data source)
-      position   (token,) int32     index of the token in its sequence (0-based, no padding)
-      rope_pos   (token, rope_row) int32   RoPE positions the model used (3 rows for M-RoPE, 1 for 1-D)
-      token_id   (token,) int32
-      image_index (token,) int16    which image of the sample (-1 for non-image tokens)
-  shards/sNNNNNN.done.json     commit marker, written last: stats and the shard's per-sample errors
-  _progress.json               live progress of the running / last job
-```
+Version 2 (written today)::
 
-Keys of one (layer, modality) are contiguous within a shard, so reading that slice is sequential.
-Each shard writes only its own groups: no two writers ever touch one chunk.
+    STORE/                           Zarr v3 group; attrs: see ``extract.run.root_attrs`` (``version: 2``)
+      _index.json                    the store index (kscale.store.index): one row per committed shard
+      shards/                        Zarr group (``zarr.json``), so plain zarr/xarray can walk the store
+        sNNNNNN/                     one group per committed shard (written as ``.sNNNNNN.tmp-<pid>`` and renamed)
+          <modality>/                text, image, video, special: only those present in the shard
+            keys    (layer, token, kv_head, head_dim) float16|float32; Zarr sharding: one file per
+                    ``chunk_tokens`` rows holding every layer (shard (L, c, H, D)), inner chunks (1, c, H, D)
+                    so reading one layer reads only its bytes; crc32c on every inner chunk and on the index
+            tokens  (token, field) int64, chunks (c, F), zstd + crc32c; fields ``token_fields(R)``:
+                    sample_id, position, token_id, image_index, rope_0 .. rope_{R-1}
+          attention/ queries/        optional side tables and query vectors (crc32c too)
+        sNNNNNN.done.json            commit marker, created exclusively, last: stats, errors, every file + size
+        sNNNNNN.damaged-<time>.json  a marker moved aside by ``kscale verify --repair`` (not committed)
+      _progress.json                 live progress of the running / last job
+
+Version 1 (read as before): per modality ``keys`` with chunks (1, c, H, D), one file per layer and
+chunk, and five column arrays (``TABLE_COLUMNS``); markers without ``files``. A store's shards say their
+own layout in their marker (``layout``: 2; absent means 1).
+
+Keys of one (layer, modality) are contiguous within a shard. Each shard is written in its own staging
+folder and appears under its final name only at commit: no two writers ever touch one chunk, and a
+committed shard is never written into.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
+from typing import Any
 
+from kscale.errors import KscaleError
 from kscale.output import write_json_atomic  # noqa: F401  (the one atomic JSON writer; markers use it)
 
 from kscale.models.facts import MODALITIES  # noqa: F401  (one definition, with the tags, in kscale.models)
 
 STORE_FORMAT = "kscale-keys"
-STORE_VERSION = 1
-TABLE_COLUMNS = {  # name -> (dtype, trailing shape key)
+STORE_VERSION = 2
+SHARD_LAYOUT = 2  # ``layout`` in a v2 marker; v1 markers have none
+TABLE_COLUMNS = {  # the reader's token columns and their dtypes (v1: one array each; v2: fields of ``tokens``)
     "sample_id": "int64",
     "position": "int32",
     "rope_pos": "int32",
@@ -36,14 +49,52 @@ TABLE_COLUMNS = {  # name -> (dtype, trailing shape key)
     "image_index": "int16",
 }
 KEY_DIMS = ("layer", "token", "kv_head", "head_dim")
+TOKEN_DIMS = ("token", "field")
+INDEX_FILE = "_index.json"
+# Zarr array options of every layout-2 array: flat chunk files (``c.0.3.0.0``, the names readers and
+# markers use) and no scan for all-fill chunks (every chunk is written: a missing file is damage).
+FLAT_CHUNKS = {"chunk_key_encoding": {"name": "default", "separator": "."}, "config": {"write_empty_chunks": True}}
+MARKER_SUFFIX = ".done.json"
+
+
+class StoreError(KscaleError, ValueError):
+    """A path is not a readable key store, or a read asks for something the store does not hold."""
+
+
+def token_fields(rope_rows: int) -> tuple[str, ...]:
+    """Field names of the v2 ``tokens`` array (its second axis)."""
+    return ("sample_id", "position", "token_id", "image_index", *(f"rope_{r}" for r in range(rope_rows)))
+
+
+def field_slice(name: str, rope_rows: int) -> slice:
+    """Which fields of ``tokens`` make the reader's column ``name`` (``rope_pos`` is R fields)."""
+    fields = token_fields(rope_rows)
+    if name == "rope_pos":
+        return slice(4, 4 + rope_rows)
+    i = fields.index(name)
+    return slice(i, i + 1)
 
 
 def shard_dir(store: str | Path, shard_name: str) -> Path:
     return Path(store) / "shards" / shard_name
 
 
+def staging_dir(store: str | Path, shard_name: str, pid: int | None = None) -> Path:
+    """Where this process writes ``shard_name`` before the commit renames it to ``shard_dir``."""
+    return Path(store) / "shards" / f".{shard_name}.tmp-{os.getpid() if pid is None else pid}"
+
+
 def marker_path(store: str | Path, shard_name: str) -> Path:
-    return Path(store) / "shards" / f"{shard_name}.done.json"
+    return Path(store) / "shards" / f"{shard_name}{MARKER_SUFFIX}"
+
+
+def keys_chunk_file(shard_tokens_index: int) -> str:
+    """File of the ``i``-th ``chunk_tokens`` rows of a v2 ``keys`` array (shard grid (0, i, 0, 0))."""
+    return f"c.0.{shard_tokens_index}.0.0"
+
+
+def tokens_chunk_file(i: int) -> str:
+    return f"c.{i}.0"
 
 
 def is_store(path: str | Path) -> bool:
@@ -56,12 +107,47 @@ def is_store(path: str | Path) -> bool:
         return False
 
 
-def committed_shards(store: str | Path) -> dict[str, dict]:
-    """Shard name -> marker contents, for every committed shard."""
+def read_root_attrs(path: str | Path) -> dict[str, Any]:
+    """The store's root attributes (its ``zarr.json``), after checking that ``path`` is a kscale store.
+    Plain JSON: opening a store for ``kscale info`` imports neither zarr nor dask."""
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise StoreError(f"no store at {str(p)!r}")
+    if not is_store(p):
+        raise StoreError(f"{str(p)!r} is not a kscale key store (no zarr.json with format kscale-keys)")
+    return dict(json.loads((p / "zarr.json").read_text())["attributes"])
+
+
+def marker_names(store: str | Path) -> list[str]:
+    """Names of committed shards: one directory listing, no file opened."""
     root = Path(store) / "shards"
     if not root.is_dir():
-        return {}
+        return []
+    n = len(MARKER_SUFFIX)
+    return sorted(e.name[:-n] for e in os.scandir(root) if e.name.endswith(MARKER_SUFFIX) and e.name[0] == "s")
+
+
+def read_marker(store: str | Path, shard_name: str) -> dict:
+    """A shard's marker; ``ValueError`` naming the file when it is not a JSON object."""
+    p = marker_path(store, shard_name)
+    try:
+        m = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"marker {p}: unreadable ({type(e).__name__}: {e})") from None
+    if not isinstance(m, dict):
+        raise ValueError(f"marker {p}: not a JSON object")
+    return m
+
+
+def committed_shards(store: str | Path) -> dict[str, dict]:
+    """Shard name -> marker contents, for every committed shard (reads every marker; prefer
+    ``marker_names`` for the names and ``kscale.store.index`` for the rows). A garbage marker gives
+    ``{"invalid": reason}``: the shard stays committed (never silently redone) until ``kscale verify
+    --repair`` un-commits it."""
     out = {}
-    for p in sorted(root.glob("s*.done.json")):
-        out[p.name[: -len(".done.json")]] = json.loads(p.read_text())
+    for name in marker_names(store):
+        try:
+            out[name] = read_marker(store, name)
+        except ValueError as e:
+            out[name] = {"invalid": str(e)}
     return out

@@ -3,7 +3,8 @@
 Layout, beside the shard's key groups and with the *same rows* (same token sampling, same order), so
 ``store.tokens(modality)`` describes them too::
 
-    shards/sNNNNNN/queries/<modality>/queries   (layer, token, q_head, head_dim), chunks (1, chunk_tokens, Hq, D)
+    shards/sNNNNNN/queries/<modality>/queries   (layer, token, q_head, head_dim), inner chunks (1, chunk_tokens, Hq, D)
+                                                in Zarr shards of (L, chunk_tokens, Hq, D), crc32c
 
 Stored queries are pre-RoPE ``q_proj`` outputs (bias included) of the query heads that read the kept KV
 heads (``q_head = kv_head * G + g``); ``read_queries(..., rope=True)`` rotates them with the stored
@@ -23,9 +24,10 @@ import dask.array as da
 import numpy as np
 import torch
 import zarr
+from zarr.codecs import Crc32cCodec
 
 from kscale.models import MODALITY_CODES
-from kscale.store.layout import MODALITIES, shard_dir
+from kscale.store.layout import FLAT_CHUNKS, MODALITIES, keys_chunk_file, shard_dir, staging_dir
 from kscale.store.reader import KeyStore, StoreError
 
 DIMS = ["layer", "token", "q_head", "head_dim"]
@@ -38,11 +40,12 @@ def query_heads(kv_heads: list[int], num_heads: int, num_kv_heads: int) -> list[
 
 
 class QueryWriter:
-    """Buffered whole-chunk writer of one shard's query arrays (create it after the shard's ShardWriter,
-    which clears a partial shard folder)."""
+    """Buffered whole-chunk writer of one shard's query arrays, into the staging folder of the shard's
+    ``ShardWriter`` (create it after that writer, in the same process; the writer's commit publishes both).
+    Sharded like keys: one file per ``chunk_tokens`` rows holding every layer, crc32c on every chunk."""
 
     def __init__(self, store: str | Path, shard_name: str, *, dtype: str, chunk_tokens: int):
-        self.root = zarr.open_group(str(shard_dir(store, shard_name) / "queries"), mode="w")
+        self.root = zarr.open_group(str(staging_dir(store, shard_name) / "queries"), mode="w")
         self.dtype, self.chunk = dtype, chunk_tokens
         self.pending: dict[str, list[np.ndarray]] = {}
         self.arrays: dict[str, zarr.Array] = {}
@@ -62,8 +65,10 @@ class QueryWriter:
         arr = self.arrays.get(modality)
         if arr is None:
             L, _, H, D = q.shape
+            c = min(self.chunk, n)  # a modality with fewer rows than a chunk: one unpadded chunk (as keys)
             arr = self.arrays[modality] = self.root.require_group(modality).create_array(
-                "queries", shape=(L, 0, H, D), chunks=(1, self.chunk, H, D), dtype=self.dtype, dimension_names=DIMS)
+                "queries", shape=(L, 0, H, D), chunks=(1, c, H, D), shards=(L, c, H, D),
+                dtype=self.dtype, dimension_names=DIMS, compressors=[Crc32cCodec()], **FLAT_CHUNKS)
         a = arr.shape[1]
         arr.resize((arr.shape[0], a + n, *arr.shape[2:]))
         arr[:, a:a + n] = q[:, :n]
@@ -85,26 +90,40 @@ class QueryWriter:
 def read_queries(store: KeyStore, layer: int, modality: str, rope: bool = False,
                  rotary: torch.nn.Module | None = None) -> da.Array:
     """(N, H, D) stored queries of one layer and modality over committed shards, rows aligned with
-    ``store.tokens(modality)``; post-RoPE (float32) with ``rope=True``."""
+    ``store.tokens(modality)``; post-RoPE (float32) with ``rope=True``. Layout-2 shards: built from the
+    index like ``keys`` (damage named by ``StoreDamaged``); layout-1 shards: through their Zarr metadata."""
     if modality not in MODALITIES:
         raise StoreError(f"unknown modality {modality!r} (choose from {', '.join(MODALITIES)})")
     li = store.layers.index(layer) if layer in store.layers else None
     if li is None:
         raise StoreError(f"layer {layer} is not in store {store.path} (layers: {store.layers})")
     parts = []
-    for name in store.shards:
-        d = shard_dir(store.path, name) / "queries" / modality
-        if (d / "queries").is_dir():
+    for layout, rows in store._runs(modality):
+        missing = [r["name"] for r in rows if layout != 1 and "queries" not in (r.get("groups") or [])]
+        if missing:
+            raise StoreError(f"shard {missing[0]} of {store.path} has no stored queries "
+                             "(extract.attention.store_queries was off)")
+        if layout != 1:
+            m = store.attrs["model"]
+            Hq, L, D = len(store.heads) * m["num_heads"] // m["num_kv_heads"], len(store.layers), store.head_dim
+
+            def sel(i, a, b, n):
+                return (f"queries/{modality}/queries", keys_chunk_file(i), (L, n, Hq, D), (li, slice(a, b)))
+            parts.append(store._direct("queries", rows, modality, (Hq, D), store.attrs["key_dtype"], sel, li))
+            continue
+        for r in rows:
+            d = shard_dir(store.path, r["name"]) / "queries" / modality
+            if not (d / "queries").is_dir():
+                raise StoreError(f"shard {r['name']} of {store.path} has no stored queries "
+                                 "(extract.attention.store_queries was off)")
             arr = zarr.open_array(str(d / "queries"), mode="r")
             parts.append(da.from_zarr(arr, chunks=arr.chunks)[li])
-        elif (shard_dir(store.path, name) / modality).is_dir():
-            raise StoreError(f"shard {name} of {store.path} has no stored queries (extract.attention.store_queries "
-                             "was off)")
     if not parts:
         raise StoreError(f"store {store.path} has no stored {modality} queries")
     out = da.concatenate(parts, axis=0)
     if rope:
         from kscale.store.rope import rope_lazy, store_rotary
 
-        out = rope_lazy(out, store.tokens(modality)["rope_pos"], rotary if rotary is not None else store_rotary(store))
+        out = rope_lazy(out, store.token_column(modality, "rope_pos"),
+                        rotary if rotary is not None else store_rotary(store))
     return out

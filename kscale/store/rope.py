@@ -63,11 +63,14 @@ def _rope_block(keys_NHD: np.ndarray, rope_pos_NR: np.ndarray, rotary: torch.nn.
     return apply_rope(keys_NHD, rope_pos_NR, rotary)
 
 
-def rope_lazy(keys_NHD: da.Array, rope_pos_NR: np.ndarray, rotary: torch.nn.Module) -> da.Array:
-    """Blockwise RoPE over a lazy (N, H, D) key array; ``rope_pos_NR`` rows align with its rows."""
-    if keys_NHD.shape[0] != len(rope_pos_NR):
-        raise StoreError(f"{keys_NHD.shape[0]} key rows but {len(rope_pos_NR)} rope_pos rows")
-    pos = da.from_array(np.asarray(rope_pos_NR), chunks=(keys_NHD.chunks[0], rope_pos_NR.shape[1]))
+def rope_lazy(keys_NHD: da.Array, rope_pos_NR: np.ndarray | da.Array, rotary: torch.nn.Module) -> da.Array:
+    """Blockwise RoPE over a lazy (N, H, D) key array; ``rope_pos_NR`` rows align with its rows (a lazy
+    ``token_column(modality, "rope_pos")`` streams with the keys: nothing is loaded in the driver)."""
+    if keys_NHD.shape[0] != rope_pos_NR.shape[0]:
+        raise StoreError(f"{keys_NHD.shape[0]} key rows but {rope_pos_NR.shape[0]} rope_pos rows")
+    chunks = (keys_NHD.chunks[0], rope_pos_NR.shape[1])
+    pos = (rope_pos_NR.rechunk(chunks) if isinstance(rope_pos_NR, da.Array)
+           else da.from_array(np.asarray(rope_pos_NR), chunks=chunks))
     return da.blockwise(_rope_block, "nhd", keys_NHD, "nhd", pos, "nr", concatenate=True, dtype=np.float32,
                         rotary=rotary)
 
@@ -80,5 +83,5 @@ def rope_keys(store: KeyStore, layer: int, modality: str, heads: list[int] | Non
     module across calls (``store_rotary(store)``).
     """
     keys_NHD = store.keys(layer, modality, heads)
-    rope_pos_NR = store.tokens(modality)["rope_pos"]
+    rope_pos_NR = store.token_column(modality, "rope_pos")
     return rope_lazy(keys_NHD, rope_pos_NR, rotary if rotary is not None else store_rotary(store))

@@ -1,97 +1,42 @@
-"""Writes one shard of a key store: buffered appends, whole-chunk writes, a commit marker last.
+"""Writes one shard of a key store (layout version 2): buffered appends, whole-chunk writes on a
+background thread, a staging folder renamed at commit, and a marker created exclusively, last.
 
-A ``ShardWriter`` owns ``shards/<name>/`` exclusively. ``append`` buffers token rows per modality and
-writes only whole chunks, on one background thread so that writing overlaps the next forward pass;
-``commit`` waits for those writes, flushes the tail and then writes the marker, so a shard without its
-marker is by construction incomplete and is deleted and redone by the next run. A shard whose marker
-exists is never touched: the writer checks right before it deletes a partial shard, and the marker is
-created exclusively (``ShardCommitted`` if one appeared meanwhile), so no rerun or requeued shard can
-overwrite a committed one. Keys are stored
-uncompressed by default (fp16 keys shrink ~8% under zstd, not worth the CPU); tables use zstd.
+A ``ShardWriter`` writes ``shards/.<name>.tmp-<pid>/`` (``layout.staging_dir``), which no reader and no
+other writer looks at. ``append`` buffers token rows per modality and hands whole ``chunk_tokens``
+blocks to one background thread, so writing overlaps the next forward pass. ``commit`` waits for the
+writes, flushes the tails, lists every file with its size, then (checking right before each step that
+the shard has no marker) deletes a partial ``shards/<name>/`` left by a killed run, renames the staging
+folder into place and creates the marker exclusively. A shard with a marker is never deleted or
+written into: the constructor and the commit refuse with ``ShardCommitted``.
 
-Legend: L layers, N tokens, H kv heads, D head dim, R rope rows.
+Keys use Zarr's sharding codec: one file per ``chunk_tokens`` rows holding every layer, an inner chunk
+per layer (reading one layer reads only its bytes), crc32c on every inner chunk and on the shard index.
+The token table is one int64 array (token, field), zstd + crc32c.
+
+Memory per writer is bounded: per modality at most ``chunk_tokens - 1`` buffered rows plus the batch
+being appended, and at most ``max_inflight`` whole blocks queued or being written (``append`` waits for
+the oldest write beyond that). With L layers, H heads, D dims and b bytes per value that is about
+``(4 * (chunk_tokens + batch_tokens) + max_inflight * chunk_tokens) * L * H * D * b`` (4 modalities).
+
+Legend: L layers, N tokens, H kv heads, D head dim, R rope rows, F token fields.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
-from kscale.output import create_json_exclusive, read_json
-from kscale.store.layout import KEY_DIMS, MODALITIES, TABLE_COLUMNS, marker_path, shard_dir
-
-
-# Flat chunk files (no directory per index) and no scan for all-fill chunks: keys are never empty.
-_FAST = {"chunk_key_encoding": {"name": "default", "separator": "."}, "config": {"write_empty_chunks": True}}
-
-
-class _ModalityBuffer:
-    """Rows of one modality of one shard. Arrays are created at the first write with their first size
-    (a shard smaller than a chunk costs one metadata write per array, no resize)."""
-
-    def __init__(self, group: zarr.Group, modality: str, L: int, H: int, D: int, R: int, key_dtype: str,
-                 chunk: int, compress_keys: bool, pool: ThreadPoolExecutor):
-        self.g = group.create_group(modality)
-        self.chunk, self.n_written, self.pool = chunk, 0, pool
-        self.R, self.key_dtype, self.compress_keys = R, key_dtype, compress_keys
-        self.writes: list[Future] = []
-        self.keys: zarr.Array | None = None
-        self.cols: dict[str, zarr.Array] = {}
-        self.pending_keys: list[np.ndarray] = []
-        self.pending_cols: dict[str, list[np.ndarray]] = {k: [] for k in TABLE_COLUMNS}
-        self.n_pending = 0
-
-    def _create(self, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
-        L, N, H, D = keys_LNHD.shape
-        self.keys = self.g.create_array(
-            "keys", data=keys_LNHD.astype(self.key_dtype, copy=False), chunks=(1, self.chunk, H, D),
-            dimension_names=list(KEY_DIMS), compressors="auto" if self.compress_keys else None, **_FAST)
-        for name, dt in TABLE_COLUMNS.items():
-            chunks, dims = ((self.chunk, self.R), ["token", "rope_row"]) if name == "rope_pos" else (
-                (self.chunk,), ["token"])
-            self.cols[name] = self.g.create_array(name, data=cols[name].astype(dt, copy=False), chunks=chunks,
-                                                  dimension_names=dims, **_FAST)
-
-    def append(self, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
-        self.pending_keys.append(keys_LNHD)
-        for k in TABLE_COLUMNS:
-            self.pending_cols[k].append(cols[k])
-        self.n_pending += keys_LNHD.shape[1]
-        if self.n_pending >= self.chunk:
-            self.flush(final=False)
-
-    def flush(self, final: bool) -> None:
-        """Write buffered rows: whole chunks only, unless ``final``."""
-        if not self.n_pending:
-            return
-        keys = np.concatenate(self.pending_keys, axis=1)
-        cols = {k: np.concatenate(v, axis=0) for k, v in self.pending_cols.items()}
-        n = keys.shape[1] if final else (keys.shape[1] // self.chunk) * self.chunk
-        a, b = self.n_written, self.n_written + n
-        self.writes.append(self.pool.submit(self._write, a, b, keys[:, :n], {k: v[:n] for k, v in cols.items()}))
-        self.n_written = b
-        self.pending_keys = [keys[:, n:]] if n < keys.shape[1] else []
-        self.pending_cols = {k: ([v[n:]] if n < len(v) else []) for k, v in cols.items()}
-        self.n_pending = keys.shape[1] - n
-
-    def _write(self, a: int, b: int, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
-        if self.keys is None:
-            self._create(keys_LNHD, cols)
-            return
-        self.keys.resize((keys_LNHD.shape[0], b, *keys_LNHD.shape[2:]))
-        self.keys[:, a:b] = keys_LNHD
-        for k, arr in self.cols.items():
-            arr.resize((b, *arr.shape[1:]))
-            arr[a:b] = cols[k]
-
-    def wait(self) -> None:
-        for f in self.writes:
-            f.result()  # re-raises a failed write here, before any commit marker
-        self.writes.clear()
+from kscale.output import create_json_exclusive, read_json, write_json_atomic
+from kscale.store.layout import (FLAT_CHUNKS, KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
+                                 marker_path, shard_dir, staging_dir, token_fields)
 
 
 class ShardCommitted(RuntimeError):
@@ -103,33 +48,131 @@ class ShardCommitted(RuntimeError):
                          "refusing to rewrite it")
 
 
+def token_table(cols: dict[str, np.ndarray], rope_rows: int) -> np.ndarray:
+    """(N, F) int64 token table from the worker's columns (``TABLE_COLUMNS`` names)."""
+    n = len(cols["sample_id"])
+    out = np.empty((n, len(token_fields(rope_rows))), dtype=np.int64)
+    out[:, 0], out[:, 1], out[:, 2], out[:, 3] = (cols["sample_id"], cols["position"], cols["token_id"],
+                                                  cols["image_index"])
+    out[:, 4:] = np.asarray(cols["rope_pos"]).reshape(n, rope_rows)
+    return out
+
+
+class _ModalityBuffer:
+    """Rows of one modality of one shard. Arrays are created at the first write with its size and
+    resized by later writes (only whole chunks until the final one)."""
+
+    def __init__(self, group: zarr.Group, modality: str, writer: ShardWriter):
+        self.g = group.create_group(modality)
+        self.w = writer
+        self.chunk, self.n_written = writer.chunk, 0
+        self.keys: zarr.Array | None = None
+        self.table: zarr.Array | None = None
+        self.pending_keys: list[np.ndarray] = []
+        self.pending_table: list[np.ndarray] = []
+        self.n_pending = 0
+
+    def _create(self, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
+        L, N, H, D = keys_LNHD.shape
+        # A first write is either whole chunks or, in a shard holding fewer than chunk_tokens rows of this
+        # modality, all of them: then one chunk of exactly N rows (a fixed chunk would pad the file to
+        # chunk_tokens rows: 115 MB per modality for a 7B model). Readers cut blocks at chunk_tokens either way.
+        c = min(self.chunk, N)
+        compressors = [ZstdCodec(level=0), Crc32cCodec()] if self.w.compress_keys else [Crc32cCodec()]
+        self.keys = self.g.create_array(
+            "keys", data=keys_LNHD, chunks=(1, c, H, D), shards=(L, c, H, D), dimension_names=list(KEY_DIMS),
+            compressors=compressors, **FLAT_CHUNKS)
+        self.table = self.g.create_array(
+            "tokens", data=table_NF, chunks=(c, table_NF.shape[1]), dimension_names=list(TOKEN_DIMS),
+            compressors=[ZstdCodec(level=0), Crc32cCodec()], attributes={"fields": list(token_fields(self.w.R))},
+            **FLAT_CHUNKS)
+
+    def append(self, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
+        self.pending_keys.append(keys_LNHD)
+        self.pending_table.append(table_NF)
+        self.n_pending += keys_LNHD.shape[1]
+        if self.n_pending >= self.chunk:
+            self.flush(final=False)
+
+    def flush(self, final: bool) -> None:
+        """Write buffered rows: whole chunks only, unless ``final``."""
+        if not self.n_pending:
+            return
+        keys = np.concatenate(self.pending_keys, axis=1)
+        table = np.concatenate(self.pending_table, axis=0)
+        n = keys.shape[1] if final else (keys.shape[1] // self.chunk) * self.chunk
+        a, b = self.n_written, self.n_written + n
+        self.w.submit(self._write, a, b, keys[:, :n], table[:n])
+        self.n_written = b
+        self.pending_keys = [keys[:, n:]] if n < keys.shape[1] else []
+        self.pending_table = [table[n:]] if n < len(table) else []
+        self.n_pending = keys.shape[1] - n
+
+    def _write(self, a: int, b: int, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
+        if self.keys is None:
+            self._create(keys_LNHD, table_NF)
+            return
+        self.keys.resize((keys_LNHD.shape[0], b, *keys_LNHD.shape[2:]))
+        self.keys[:, a:b] = keys_LNHD
+        self.table.resize((b, table_NF.shape[1]))
+        self.table[a:b] = table_NF
+
+
+def _check_root(store: Path) -> None:
+    meta = store / "zarr.json"
+    if meta.is_file():
+        version = json.loads(meta.read_text()).get("attributes", {}).get("version", STORE_VERSION)
+        if version != STORE_VERSION:
+            raise ValueError(f"store {store} has format version {version}; this kscale writes version "
+                             f"{STORE_VERSION}: write to a new output.path (version {version} stores stay readable)")
+    shards = store / "shards"
+    shards.mkdir(parents=True, exist_ok=True)
+    if not (shards / "zarr.json").is_file():  # keeps the hierarchy walkable by plain zarr
+        write_json_atomic(shards / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
+
+
 class ShardWriter:
     def __init__(self, store: str | Path, shard_name: str, *, n_layers: int, n_heads: int, head_dim: int,
-                 rope_rows: int, key_dtype: str, chunk_tokens: int, compress_keys: bool = False):
-        self.store, self.name = Path(store), shard_name
-        d = shard_dir(store, shard_name)
-        if marker_path(store, shard_name).exists():  # checked right before deleting anything
-            raise ShardCommitted(self.store, shard_name)
-        if d.exists():  # a partial shard from an interrupted run
-            shutil.rmtree(d)
-        self.group = zarr.open_group(str(d), mode="w")
+                 rope_rows: int, key_dtype: str, chunk_tokens: int, compress_keys: bool = False,
+                 max_inflight: int = 2):
+        self.store, self.name, self.dir = Path(store), shard_name, None
+        self._refuse_committed()  # checked before anything is deleted
+        _check_root(self.store)
+        for old in self.store.joinpath("shards").glob(f".{shard_name}.tmp-*"):  # a killed writer's staging
+            shutil.rmtree(old, ignore_errors=True)
+        self.dir = staging_dir(store, shard_name)
+        self.group = zarr.open_group(str(self.dir), mode="w", attributes={"shard": shard_name})
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"kscale-write-{shard_name}")
-        self.dims = dict(L=n_layers, H=n_heads, D=head_dim, R=rope_rows, key_dtype=key_dtype, chunk=chunk_tokens,
-                         compress_keys=compress_keys, pool=self.pool)
+        self.inflight: deque[Future] = deque()
+        self.max_inflight = max_inflight
+        self.L, self.H, self.D, self.R = n_layers, n_heads, head_dim, rope_rows
+        self.key_dtype, self.chunk, self.compress_keys = key_dtype, chunk_tokens, compress_keys
         self.buffers: dict[str, _ModalityBuffer] = {}
         self.tables: dict[str, list[dict[str, np.ndarray]]] = {}
         self.bytes_written = 0
         self.tokens = {m: 0 for m in MODALITIES}
+
+    def _refuse_committed(self) -> None:
+        if marker_path(self.store, self.name).exists():
+            if getattr(self, "dir", None) is not None:
+                shutil.rmtree(self.dir, ignore_errors=True)  # our staging folder: nobody else reads it
+            raise ShardCommitted(self.store, self.name)
+
+    def submit(self, fn, *args) -> None:
+        """Queue a write on the background thread; wait for the oldest beyond ``max_inflight``."""
+        while len(self.inflight) >= self.max_inflight:
+            self.inflight.popleft().result()  # re-raises a failed write here, before any commit marker
+        self.inflight.append(self.pool.submit(fn, *args))
 
     def append(self, modality: str, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
         if keys_LNHD.shape[1] == 0:
             return
         buf = self.buffers.get(modality)
         if buf is None:
-            buf = self.buffers[modality] = _ModalityBuffer(self.group, modality, **self.dims)
+            buf = self.buffers[modality] = _ModalityBuffer(self.group, modality, self)
         self.tokens[modality] += keys_LNHD.shape[1]
         self.bytes_written += keys_LNHD.nbytes
-        buf.append(keys_LNHD, cols)
+        buf.append(keys_LNHD.astype(self.key_dtype, copy=False), token_table(cols, self.R))
 
     def append_table(self, name: str, cols: dict[str, np.ndarray]) -> None:
         """Add rows to a per-shard side table (e.g. per-sample attention statistics), written at commit."""
@@ -141,18 +184,37 @@ class ShardWriter:
             g = self.group.require_group(name)
             for k in parts[0]:
                 v = np.concatenate([p[k] for p in parts])
-                g.create_array(k, data=v, chunks=(max(len(v), 1), *v.shape[1:]))
+                g.create_array(k, data=v, chunks=(max(len(v), 1), *v.shape[1:]),
+                               compressors=[ZstdCodec(level=0), Crc32cCodec()])
+
+    def _files(self) -> dict[str, int]:
+        out = {}
+        for dirpath, _, names in os.walk(self.dir):
+            for n in names:
+                p = Path(dirpath) / n
+                out[p.relative_to(self.dir).as_posix()] = p.stat().st_size
+        return dict(sorted(out.items()))
 
     def commit(self, stats: dict, errors: list[dict]) -> dict:
+        """Finish the writes, publish the shard under its name and create its marker; return the marker."""
         try:
             for buf in self.buffers.values():
                 buf.flush(final=True)
-            for buf in self.buffers.values():
-                buf.wait()
+            while self.inflight:
+                self.inflight.popleft().result()
             self._write_tables()
         finally:
             self.pool.shutdown(wait=True)
-        marker = {**stats, "tokens": self.tokens, "key_bytes": self.bytes_written, "errors": errors}
+        files = self._files()
+        marker = {**stats, "tokens": self.tokens, "key_bytes": self.bytes_written, "errors": errors,
+                  "layout": SHARD_LAYOUT, "chunk_tokens": self.chunk, "files": files,
+                  "groups": sorted({f.split("/", 1)[0] for f in files if "/" in f})}
+        final = shard_dir(self.store, self.name)
+        self._refuse_committed()
+        if final.exists():  # a partial shard of a killed run, or one un-committed by verify --repair
+            shutil.rmtree(final)
+        self._refuse_committed()
+        os.rename(self.dir, final)
         if not create_json_exclusive(marker_path(self.store, self.name), marker):
-            raise ShardCommitted(self.store, self.name)
+            raise ShardCommitted(self.store, self.name)  # committed during this commit: `kscale verify` it
         return marker

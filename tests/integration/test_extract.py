@@ -201,11 +201,9 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     deadline = time.time() + 120
     while time.time() < deadline and len(list((store / "shards").glob("*.done.json"))) < 2:
         time.sleep(0.05)
-    # kill mid-shard: wait for a shard directory that has no marker yet
+    # kill mid-shard: wait for a shard being written (its staging folder, renamed at commit)
     while time.time() < deadline:
-        dirs = {p.name for p in (store / "shards").glob("s??????") if p.is_dir()}
-        done = {p.name[:-10] for p in (store / "shards").glob("*.done.json")}
-        if dirs - done:
+        if list((store / "shards").glob(".s??????.tmp-*")):
             break
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
@@ -217,6 +215,7 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
     assert summary.shards_skipped == len(markers) and summary.shards_failed == 0
     for name, mtime in markers.items():  # committed shards were not recomputed
         assert (store / "shards" / name).stat().st_mtime_ns == mtime
+    assert not list((store / "shards").glob(".s*.tmp-*")), "the killed writer's staging folder is cleared"
     stores_equal(ref_spec.output.path, str(store))
 
 

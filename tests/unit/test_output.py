@@ -293,6 +293,7 @@ def test_shard_with_a_marker_is_never_deleted_or_recommitted(tmp_path) -> None:
     with pytest.raises(ShardCommitted, match="s000000 .* committed"):
         w.commit({"n_samples_ok": 1}, [])
     assert json.loads(marker_path(store, "s000000").read_text()) == {"n_samples_ok": 7}
+    shard_dir(store, "s000000").mkdir(exist_ok=True)  # store format 2: the writer wrote a staging folder
     (shard_dir(store, "s000000") / "kept").write_text("committed data")
     with pytest.raises(ShardCommitted) as e:
         _writer(store)  # checked right before it would delete the shard's folder

@@ -1,0 +1,215 @@
+"""Scale benchmark of the key store (not a test): ``python bench/scale.py [--shards 1000 10000] [--v1 1000]``.
+
+Writes synthetic stores through the real writer at the Qwen2.5-VL-7B shape (28 layers, 4 KV heads,
+128 dims, float16; ``--tokens`` text and image tokens per shard, few so that 10,000 shards fit a small
+disk): ``--unique`` shards are written by the writer, the rest are hard-linked copies of them with
+their own markers (writing 10,000 shards takes ~an hour on a loaded 2-core machine; reads don't care
+whether two files share an inode, and the page cache holds both alike). It prints one JSON line per store: files per shard (and for 2 layers), seconds to open (index
+read), to build ``keys(layer, modality)``, to stream one layer's sample ids block by block, for
+``summary()`` and for ``kscale info`` (a fresh process), and the analysis of one layer (random-feature
+MMD, ``kscale.analysis.run.analyze`` as it is) with the driver's peak RSS. ``--v1`` writes the same
+store with the frozen format-1 writer (``tests/store_v1.py``) for the "before" column.
+Targets (issue 10): open + index + keys graph <= 2 s and ``kscale info`` <= 2 s at 10,000 shards.
+Timings on a shared 2-core machine are noisy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # tests/store_v1.py: the frozen v1 writer
+
+L, H, D, R = 28, 4, 128, 3
+
+
+def _attrs(n_shards: int, version: int, n_layers: int) -> dict:
+    from kscale.store.layout import STORE_FORMAT
+
+    return {"format": STORE_FORMAT, "version": version, "layers": list(range(n_layers)), "heads": list(range(H)),
+            "head_dim": D, "key_dtype": "float16", "rope_rows": R, "plan": {"n_shards": n_shards},
+            "model": {"path": "synthetic", "family": "qwen2_5_vl"}}
+
+
+def _write_shards(args: tuple[str, int, int, int, int, int]) -> None:
+    store, a, b, tokens, n_layers, version = args
+    from kscale.store.writer import ShardWriter
+    from tests.store_v1 import ShardWriterV1
+
+    writer = ShardWriter if version == 2 else ShardWriterV1
+    rng = np.random.default_rng(a)
+    keys = rng.standard_normal((n_layers, tokens, H, D)).astype("float16")
+    for s in range(a, b):
+        w = writer(store, f"s{s:06d}", n_layers=n_layers, n_heads=H, head_dim=D, rope_rows=R, key_dtype="float16",
+                   chunk_tokens=tokens)  # v1 pads a short shard's chunks to chunk_tokens rows: keep them equal
+        for m, shift in (("text", 0.0), ("image", 0.5)):
+            sid = np.repeat(np.arange(4 * s, 4 * s + 4), tokens // 4 + 1)[:tokens].astype("int64")
+            w.append(m, keys + np.float16(shift), {
+                "sample_id": sid, "position": np.arange(tokens, dtype="int32"),
+                "rope_pos": np.zeros((tokens, R), "int32"), "token_id": np.arange(tokens, dtype="int32"),
+                "image_index": np.zeros(tokens, "int16")})
+        w.commit({"shard": f"s{s:06d}", "start": 4 * s, "stop": 4 * s + 4, "n_samples": 4, "n_samples_ok": 4,
+                  "n_errors": 0}, [])
+
+
+def _link_copies(path: Path, unique: int, n_shards: int) -> None:
+    """Shards ``unique..n_shards`` as hard-linked copies of the written ones, each with its own marker."""
+    from kscale.store.layout import marker_path, shard_dir
+
+    for s in range(unique, n_shards):
+        src, dst = shard_dir(path, f"s{s % unique:06d}"), shard_dir(path, f"s{s:06d}")
+        for dirpath, _, names in os.walk(src):
+            out = dst / Path(dirpath).relative_to(src)
+            out.mkdir(parents=True, exist_ok=True)
+            for n in names:
+                os.link(Path(dirpath) / n, out / n)
+        m = json.loads(marker_path(path, src.name).read_text())
+        m.update(shard=dst.name, start=4 * s, stop=4 * s + 4)
+        marker_path(path, dst.name).write_text(json.dumps(m))
+
+
+def write_store(path: Path, n_shards: int, tokens: int, version: int = 2, n_layers: int = L,
+                procs: int = 2, unique: int = 100) -> float:
+    import zarr
+
+    from kscale.store.index import write_index
+
+    t0 = time.perf_counter()
+    zarr.open_group(str(path), mode="w").attrs.update(_attrs(n_shards, version, n_layers))
+    (path / "shards").mkdir(exist_ok=True)
+    unique = min(unique, n_shards)
+    step = max(1, unique // procs)
+    jobs = [(str(path), a, min(unique, a + step), tokens, n_layers, version) for a in range(0, unique, step)]
+    with ProcessPoolExecutor(procs) as pool:
+        list(pool.map(_write_shards, jobs))
+    _link_copies(path, unique, n_shards)
+    if version == 2:
+        write_index(path)  # as the end of an extraction job does
+    return time.perf_counter() - t0
+
+
+def files_per_shard(path: Path) -> float:
+    shards = [p for p in (path / "shards").iterdir() if p.is_dir()]
+    n = sum(1 for p in shards[0].rglob("*") if p.is_file())
+    return n + 1  # + the marker
+
+
+def _timed(fn):
+    t0 = time.perf_counter()
+    out = fn()
+    return out, round(time.perf_counter() - t0, 3)
+
+
+def stream_sample_ids(ks) -> int:
+    """One layer's sample ids block by block (v2: ``token_column``), never all in memory; v1: ``tokens()``."""
+    if hasattr(ks, "token_column"):
+        col = ks.token_column("image", "sample_id")
+        total = 0
+        for i in range(0, col.numblocks[0], 256):
+            total += int(col.blocks[i:i + 256].sum().compute())
+        return total
+    return int(ks.tokens("image")["sample_id"].sum())
+
+
+ANALYZE = """
+import json, resource, sys, time
+from kscale.analysis.config import AnalyzeConfig, MMDConfig, SignificanceConfig, DaskConfig
+from kscale.analysis.run import analyze
+cfg = AnalyzeConfig(stores=[sys.argv[1]], layers=[0], heads=[0], pooled=False, comparisons=["cross"],
+                    estimators=["mmd_rf"], mmd=MMDConfig(n_features=256), embed=__import__(
+                    "kscale.analysis.config", fromlist=["EmbedConfig"]).EmbedConfig(methods=[]),
+                    dask=DaskConfig(scheduler="threads", n_workers=2))
+t0 = time.perf_counter()
+analyze(cfg, sys.argv[2])
+print(json.dumps({"seconds": round(time.perf_counter() - t0, 2),
+                  "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
+"""
+
+
+def analysis(path: Path, out: Path) -> dict:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    p = subprocess.run([sys.executable, "-c", ANALYZE, str(path), str(out)], capture_output=True, text=True, env=env)
+    if p.returncode:
+        return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
+    return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def kscale_info(path: Path) -> float:
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "kscale.cli", "info", "--json", str(path)], check=True, env=env,
+                   capture_output=True)
+    return round(time.perf_counter() - t0, 3)
+
+
+def measure(path: Path, n_shards: int, tokens: int, version: int, write_s: float, files_2_layers: float | None,
+            run_analysis: bool) -> dict:
+    import kscale.store.reader  # imported before timing: zarr + dask take seconds to import on a loaded machine
+
+    ks, t_open = _timed(lambda: kscale.store.reader.open_store(path))
+    keys, t_keys = _timed(lambda: ks.keys(0, "image"))
+    _, t_ids = _timed(lambda: stream_sample_ids(ks))
+    _, t_summary = _timed(ks.summary)
+    row = {"format": version, "shards": n_shards, "tokens_per_modality_per_shard": tokens,
+           "layers": L, "kv_heads": H, "head_dim": D, "write_s_incl_links": round(write_s, 1),
+           "files_per_shard": files_per_shard(path), "files_per_shard_2_layers": files_2_layers,
+           "open_s": t_open, "keys_graph_s": t_keys, "open_plus_keys_s": round(t_open + t_keys, 3),
+           "graph_tasks": len(keys.__dask_graph__()), "stream_sample_ids_s": t_ids, "summary_s": t_summary,
+           "kscale_info_s": kscale_info(path)}
+    if version == 2:
+        from kscale.store.index import build_index
+
+        _, row["index_rebuild_s"] = _timed(lambda: build_index(path))
+    if run_analysis:
+        row["analysis_one_layer"] = analysis(path, path.parent / f"analysis-{path.name}")
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--shards", type=int, nargs="+", default=[1000, 10000])
+    ap.add_argument("--v1", type=int, nargs="*", default=[1000], help="sizes also written in format 1 (before)")
+    ap.add_argument("--tokens", type=int, default=16, help="tokens per modality (text, image) per shard")
+    ap.add_argument("--unique", type=int, default=100, help="shards written by the writer; the rest are linked")
+    ap.add_argument("--dir", default=None, help="where to write the stores (default: a temp dir, removed)")
+    ap.add_argument("--no-analysis", action="store_true")
+    ap.add_argument("--no-v1-analysis", action="store_true", help="measure the analysis on format-2 stores only")
+    ap.add_argument("--analysis-max", type=int, default=None, help="skip the analysis above this many shards")
+    ap.add_argument("--keep", action="store_true", help="keep the stores; with --dir, a later run reuses them")
+    a = ap.parse_args()
+    base = Path(a.dir or tempfile.mkdtemp(prefix="kscale-scale-"))
+    base.mkdir(parents=True, exist_ok=True)
+    try:
+        small = base / "two-layers"
+        if not (small / "shards").is_dir():
+            write_store(small, 2, a.tokens, n_layers=2, procs=1)
+        files_2 = files_per_shard(small)
+        for version, sizes in ((1, a.v1), (2, a.shards)):
+            for n in sizes:
+                path = base / f"v{version}-{n}"
+                reuse = a.keep and (path / "shards").is_dir()
+                write_s = float("nan") if reuse else write_store(path, n, a.tokens, version, unique=a.unique)
+                analyse = not a.no_analysis and not (version == 1 and a.no_v1_analysis) and (
+                    a.analysis_max is None or n <= a.analysis_max)
+                print(json.dumps(measure(path, n, a.tokens, version, write_s, files_2 if version == 2 else None,
+                                         analyse)), flush=True)
+                if not a.keep:
+                    shutil.rmtree(path)
+    finally:
+        if not a.keep and a.dir is None:
+            shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
