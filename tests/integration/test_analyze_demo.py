@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from kscale.store.layout import STORE_FORMAT
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "analysis"))
 from analysis_fakes import make_store  # noqa: E402
 
@@ -60,8 +62,12 @@ def test_run_analyze_entry_uses_the_spec_output_path(tmp_path, monkeypatch):
     import kscale.analysis.run as run_mod
 
     monkeypatch.setattr(run_mod, "open_store", lambda path: ks)
+    stub = tmp_path / "store"  # validation checks that the input store is a kscale store: its root attributes
+    stub.mkdir()
+    (stub / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
+                                                "attributes": {"format": STORE_FORMAT}}))
     spec = type("Spec", (), {})()
-    spec.name, spec.analyze = "demo", small_cfg(estimators=["mmd_rf"], embed=EmbedConfig(methods=[]))
+    spec.name, spec.analyze = "demo", small_cfg(stores=[str(stub)], estimators=["mmd_rf"], embed=EmbedConfig(methods=[]))
     spec.output = type("Out", (), {"path": str(tmp_path / "run"), "if_exists": "resume"})()
     spec.fingerprint = lambda: "demo-fingerprint"
     result = run_analyze(spec)
