@@ -17,14 +17,18 @@ from kscale.spec import doc
 
 def store_problems(stores: list[str]) -> list[str]:
     """Why each listed input store cannot be read (missing, or not a kscale key store), checked at
-    validation so ``kscale validate`` reports it with every other problem instead of a StoreError later."""
+    validation so ``kscale validate`` reports it with every other problem instead of a StoreError later.
+
+    A missing store is reported only when its parent folder is visible here: a job rendered for a cluster
+    names stores on the cluster's filesystem (``/shared/...``), which this machine may not mount."""
     from kscale.store.layout import is_store
 
     out = []
     for i, s in enumerate(stores):
         p = Path(s).expanduser()
         if not p.exists():
-            out.append(f"[{i}] {s!r} does not exist")
+            if p.absolute().parent.is_dir():
+                out.append(f"[{i}] {s!r} does not exist")
         elif not is_store(p):
             out.append(f"[{i}] {s!r} is not a kscale key store (no kscale-keys root attributes)")
     return out

@@ -48,7 +48,7 @@ def _analysis(run: Path) -> Path:
                         exact_subsample=80, jsd=JSDConfig(epochs=1, min_steps=20, mlp_hidden=8, n_random=2),
                         significance=SignificanceConfig(n_buckets=8, permutations=0),
                         embed=EmbedConfig(subsample=80, methods=["pca"]))
-    ks = make_store(n_samples=16, layers=(0, 1, 2), n_heads=2, head_dim=8, shift=0.8)
+    ks = make_store(n_samples=48, layers=(0, 1, 2), n_heads=2, head_dim=8, shift=0.8)
     ks.path = "/data/stores/fake_keys"
     analyze(cfg, run, stores=[ks])
     return run / "report.html"

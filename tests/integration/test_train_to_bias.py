@@ -58,7 +58,7 @@ def test_bias_job_scores_the_train_run(zero3_run, qwen_dir, tmp_path) -> None:
         bias={"adapter": str(run_dir / "adapter"), "train_runs": {"m": str(run_dir)}, "conditions": ["real", "blank"],
               "dropping": {"enabled": False}, "bootstrap": 50}))
     out = run_job(spec, show_bar=False)
-    assert out["state"] == "succeeded" and out["variants"] == ["base", "adapter", "m@1", "m@2"]
+    assert out.state == "succeeded" and out.variants == ["base", "adapter", "m@1", "m@2"]
     df = pd.read_parquet(tmp_path / "bias" / "samples.parquet")
     by = {v: g.set_index("sample_id").sort_index() for v, g in df.groupby("variant")}
     torch.testing.assert_close(torch.tensor(by["m@2"].ll_real.values), torch.tensor(by["adapter"].ll_real.values),

@@ -44,9 +44,9 @@ def _rf_mmd2(x: np.ndarray, y: np.ndarray, bw: float, *, seed: int, orthogonal: 
             f, radii={k: r * radius_factor for k, r in f.radii.items()}))
     sides = []
     for arr, ids in ((x, sid[: len(x)]), (y, sid[len(x):])):
-        sums = chunk_sums(arr[:, None, :], ids, plan)[0]
-        sides.append(rf_side(sums.count_K, sums.rf_KC2D[:, 0]))
-    return rf_mmd2(*sides)[0]
+        sums = chunk_sums({"x": (arr[:, None, :], ids), "y": None}, plan)[0].by_mod["x"]
+        sides.append(rf_side(sums.count_K, sums.rf_KC2D[:, 0], sums.rfself_KCD[:, 0], sums.nsq_K))
+    return rf_mmd2(*sides, None, "token")[0]  # one token per sample: the i != j U-statistic of exact_mmd2
 
 
 @pytest.mark.parametrize("orthogonal", [True, False], ids=["orthogonal", "plain"])
