@@ -442,7 +442,9 @@ def submit(spec_path: str, spec: Any, force: bool, dry_run: bool, say: Callable[
 def kuberay_schema_dir() -> Path | None:
     env = os.environ.get("KSCALE_KUBERAY_SCHEMAS")
     candidates = [Path(env)] if env else []
-    candidates.append(Path(__file__).resolve().parents[2].parent / "shared" / "schemas" / "kuberay-v1")
+    repo = Path(__file__).resolve().parents[2]
+    candidates.append(repo / "cluster" / "k8s" / "crds")  # vendored with the source tree
+    candidates.append(repo.parent / "shared" / "schemas" / "kuberay-v1")
     return next((c for c in candidates if (c / "ray.io_rayjobs.yaml").is_file()), None)
 
 

@@ -15,7 +15,7 @@ from kscale.spec import SpecError, load_spec
 from tests.golden.golden import GOLDEN, SID, assert_golden, assert_hand_copies_current, hand_copies
 from tests.testing_utils import require
 
-SCHEMAS = Path(__file__).resolve().parents[3].parent / "shared" / "schemas" / "kuberay-v1"
+SCHEMAS = Path(__file__).resolve().parents[3] / "cluster" / "k8s" / "crds"  # KubeRay's CRDs, vendored
 
 
 @pytest.fixture(autouse=True)
