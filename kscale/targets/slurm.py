@@ -113,8 +113,10 @@ def settings_block(spec: Any, sid: str, rec_dir: Path, spec_copy: Path, python: 
     if c.env:  # values stay out of the script (0644, in the queue): a 0600 file written at submit, sourced here
         out.append(f"# cluster.env ({', '.join(sorted(c.env))}), for the driver and every worker: values in a "
                    "0600 file, not here")
-        out.append("# shellcheck disable=SC1090,SC1091  # written at submit time")
-        out.append(f"set -a; source {shlex.quote(str(env_file(rec_dir, sid)))}; set +a")
+        out.append("set -a")  # a directive covers one command: the source line, written at submit time
+        out.append("# shellcheck disable=SC1090,SC1091")
+        out.append(f"source {shlex.quote(str(env_file(rec_dir, sid)))}")
+        out.append("set +a")
     if c.slurm.modules:
         out.append("# cluster.slurm.modules")
         out += [f"module load {shlex.quote(m)}" for m in c.slurm.modules]

@@ -46,7 +46,7 @@ def test_header_follows_the_spec():
                  "#SBATCH --partition=gpu", "#SBATCH --account=proj-123", "#SBATCH --time=1-00:00:00",
                  "#SBATCH --mem=480G", "#SBATCH --constraint=h100", "#SBATCH --signal=B:TERM@120",
                  f"#SBATCH --job-name={SID}", "KSCALE_RUNTIME=ray", "module load cuda/12.4",
-                 "set -a; source /shared/runs/qwen-keys.cluster/kscale-golden-0000000000.env; set +a", "KSCALE_OBJECT_STORE_BYTES=40000000000"):
+                 "source /shared/runs/qwen-keys.cluster/kscale-golden-0000000000.env", "KSCALE_OBJECT_STORE_BYTES=40000000000"):
         assert line in text.splitlines(), line
     assert "ray stop" not in text.replace("never `ray stop`", "")  # it stops its own processes by PID
 
