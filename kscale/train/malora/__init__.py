@@ -6,7 +6,7 @@ A library, not part of the training stage's run: it imports nothing from ``kscal
 package, so other stages use it through this module (the bias stage loads saved adapters and train
 checkpoints with it; tests/unit/test_imports.py keeps it that way)."""
 
-from kscale.train.malora.config import MaLoRAConfig
+from kscale.spec.malora import MaLoRAConfig
 from kscale.train.malora.layer import MALORA_PARAM_NAMES, MaLoRALinear, ModalityContext
 from kscale.train.malora.model import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MaLoRAModel, load_adapter_config
 from kscale.train.malora.export import export_peft, load
