@@ -1,7 +1,7 @@
 """Job specs: one YAML file in, one frozen ``JobSpec`` out.
 
 Every section is a frozen dataclass whose fields carry a one-line ``doc`` in their metadata (that text
-feeds ``kscale validate --explain`` and docs/spec.md). ``load_spec`` parses YAML with ``safe_load``
+feeds ``kscale validate --explain`` and ``kscale schema``). ``load_spec`` parses YAML with ``safe_load``
 only, converts mappings into dataclasses by their type hints, rejects unknown keys and collects *every*
 problem, each named by its dotted field and quoting the bad value, before raising one ``SpecError``.
 
