@@ -100,7 +100,7 @@ def make_batches(model, n: int, batch: int, seq: int, image_side: int, device: s
 
 def build_variant(model, variant: str, rank: int, targets: list[str], checkpointing: bool):
     """(module, step_loss_fn, trainable params) for one variant."""
-    from kscale.train.config import AlignConfig
+    from kscale.spec.train import AlignConfig
     from kscale.train.malora import MaLoRAConfig, MaLoRAModel
     from kscale.train.objective import MaLoRAObjective, answer_positions, encode_images, lm_loss
 

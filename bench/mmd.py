@@ -106,7 +106,7 @@ def streaming_rate(n_tokens: int, n_features: int) -> tuple[float, float, float]
     import dask.array as da
     import zarr
 
-    from kscale.analysis.config import DaskConfig
+    from kscale.spec.analyze import DaskConfig
     from kscale.analysis.features import chunk_sums, merger, single_target_plan
     from kscale.analysis.source import block_plan, joint_items, rows_per_block
     from kscale.analysis.stream import Runner

@@ -124,11 +124,11 @@ def stream_sample_ids(ks) -> int:
 
 ANALYZE = """
 import json, resource, sys, time
-from kscale.analysis.config import AnalyzeConfig, MMDConfig, SignificanceConfig, DaskConfig
+from kscale.spec.analyze import AnalyzeConfig, MMDConfig, SignificanceConfig, DaskConfig
 from kscale.analysis.run import analyze
 cfg = AnalyzeConfig(stores=[sys.argv[1]], layers=[0], heads=[0], pooled=False, comparisons=["cross"],
                     estimators=["mmd_rf"], mmd=MMDConfig(n_features=256), embed=__import__(
-                    "kscale.analysis.config", fromlist=["EmbedConfig"]).EmbedConfig(methods=[]),
+                    "kscale.spec.analyze", fromlist=["EmbedConfig"]).EmbedConfig(methods=[]),
                     dask=DaskConfig(scheduler="threads", n_workers=2))
 t0 = time.perf_counter()
 analyze(cfg, sys.argv[2])

@@ -25,19 +25,8 @@ def json_schema() -> dict[str, Any]:
             **root, "$defs": defs}
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    """Field types; JobSpec's lazy sections (``kscale.spec.LAZY_SECTIONS``) resolved to their classes."""
-    from kscale import spec as spec_mod
-
-    hints = dict(spec_mod._hints(cls))
-    if cls is spec_mod.JobSpec:
-        for name, path in spec_mod.LAZY_SECTIONS.items():
-            hints[name] = typing.Optional[spec_mod._resolve(path)]
-    return hints
-
-
 def _object(cls: type, defs: dict[str, Any]) -> dict[str, Any]:
-    hints = _hints(cls)
+    hints = typing.get_type_hints(cls)
     props: dict[str, Any] = {}
     required = []
     for f in dataclasses.fields(cls):

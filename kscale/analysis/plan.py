@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kscale.analysis.config import AnalyzeConfig
+from kscale.spec.analyze import AnalyzeConfig
 from kscale.analysis.features import TargetPlan, normalise
 from kscale.analysis.jsd import lda_direction, pca_directions, quantile_edges, random_directions
 from kscale.analysis.mmd import median_bandwidth

@@ -13,7 +13,7 @@ import math
 import numpy as np
 
 from kscale.analysis import stats
-from kscale.analysis.config import AnalyzeConfig
+from kscale.spec.analyze import AnalyzeConfig
 from kscale.analysis.features import TargetPlan
 from kscale.analysis.jsd import LOG2, ProbeBank, balanced_log_loss, to_units, token_log_loss
 from kscale.analysis.plan import Comparison

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 
 from kscale.analysis import rows as R
-from kscale.analysis.config import AnalyzeConfig
+from kscale.spec.analyze import AnalyzeConfig
 from kscale.analysis.features import (RF_KERNELS, ChunkPlan, FeatureConfig, TargetPlan, TargetSums, chunk_sums,
                                       draw_frequencies, merger)
 from kscale.analysis.plan import POOLED, Comparison, Subsample, comparisons, layer_scales, target_plan

@@ -16,7 +16,7 @@ from typing import Any
 import dask
 from dask import delayed
 
-from kscale.analysis.config import DaskConfig
+from kscale.spec.analyze import DaskConfig
 
 
 class Runner:

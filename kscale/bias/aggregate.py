@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from kscale.bias.config import CONDITIONS, DROP_ORDERS
+from kscale.spec.bias import CONDITIONS, DROP_ORDERS
 
 MEAN_PREFIXES = ("ll_", "acc_", "mc_acc_", "follows_image_", "follows_text_", "auc_", "agree_blind",
                  "mc_agree_blind")

@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from kscale import reporting as rep
-from kscale.bias.config import CONDITIONS, DROP_ORDERS
+from kscale.spec.bias import CONDITIONS, DROP_ORDERS
 
 HEADLINE = ("dependency_blank", "dependency_noise", "dependency_swapped", "dependency_none", "acc_real", "acc_none",
             "follows_image_real", "follows_text_real", "mc_acc_real", "agree_blind", "blind_share",

@@ -6,14 +6,9 @@ Pitfall handled here: the model uses 3-D M-RoPE positions only when ``mm_token_t
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from kscale.models.registry import Adapter, LoadedModel, register
-
-if TYPE_CHECKING:
-    from kscale.spec import ModelSpec
+from kscale.models.registry import Adapter, LoadedModel, ModelOptions, register
 
 
 @register
@@ -24,7 +19,7 @@ class Qwen2_5_VLAdapter(Adapter):
     pixel_keys = ("pixel_values", "image_grid_thw")
     rope_rows = 3  # M-RoPE: temporal, height, width
 
-    def processor_kwargs(self, mspec: ModelSpec) -> dict:
+    def processor_kwargs(self, mspec: ModelOptions) -> dict:
         kw = {}
         if mspec.min_pixels is not None:
             kw["min_pixels"] = mspec.min_pixels

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -24,8 +24,32 @@ from kscale.models.facts import (  # noqa: F401  (re-exported: the registry answ
     SPECIAL, TEXT, VIDEO, head_dim, layer_problems, resolve_layers,
 )
 
-if TYPE_CHECKING:  # models import nothing above them at run time
-    from kscale.spec import ModelSpec
+
+@runtime_checkable
+class ModelOptions(Protocol):
+    """What loading a model reads from the job's ``model:`` section. ``kscale.spec.ModelSpec`` is the one
+    implementation; models sit below the spec and never import it (tests/unit/test_imports.py)."""
+
+    @property
+    def path(self) -> str: ...  # a directory, a hub id or debug:<family>
+    @property
+    def architecture(self) -> str: ...  # a family, or "auto" (config.json's model_type)
+    @property
+    def dtype(self) -> str: ...
+    @property
+    def device(self) -> str: ...
+    @property
+    def attn_implementation(self) -> str: ...
+    @property
+    def trust_remote_code(self) -> bool: ...
+    @property
+    def revision(self) -> str | None: ...
+    @property
+    def min_pixels(self) -> int | None: ...
+    @property
+    def max_pixels(self) -> int | None: ...
+    @property
+    def prompt_template(self) -> str | None: ...
 
 
 @dataclass(frozen=True)
@@ -75,7 +99,7 @@ def resolve_model_path(path: str) -> str:
     return str(Path(path).expanduser()) if Path(path).expanduser().exists() else path
 
 
-def read_config_json(mspec: ModelSpec) -> tuple[dict, str]:
+def read_config_json(mspec: ModelOptions) -> tuple[dict, str]:
     """(config dict, short hash) of a checkpoint: its config.json, or the hub's config for a hub id."""
     path = resolve_model_path(mspec.path)
     cfg_file = Path(path) / "config.json"
@@ -96,7 +120,7 @@ def read_config_json(mspec: ModelSpec) -> tuple[dict, str]:
     return d, hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def read_model_config(mspec: ModelSpec) -> ModelInfo:
+def read_model_config(mspec: ModelOptions) -> ModelInfo:
     """ModelInfo from the checkpoint's config.json (no weights)."""
     cfg, digest = read_config_json(mspec)
     model_type = cfg.get("model_type", "")
@@ -144,7 +168,7 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return getattr(torch, dtype)
 
 
-def load_model(mspec: ModelSpec, n_devices: int = 1, devices: list[str] | None = None) -> LoadedModel:
+def load_model(mspec: ModelOptions, n_devices: int = 1, devices: list[str] | None = None) -> LoadedModel:
     """Load model, tokenizer and image processor with the real ``from_pretrained`` path.
 
     ``n_devices > 1`` spreads the model over that many GPUs (``resources.gpus_per_worker``) by the
@@ -219,7 +243,7 @@ class Adapter:
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
 
     # -- loading
-    def load(self, mspec: ModelSpec, info: ModelInfo, device: torch.device, dtype: torch.dtype,
+    def load(self, mspec: ModelOptions, info: ModelInfo, device: torch.device, dtype: torch.dtype,
              devices: list[str] | None = None) -> LoadedModel:
         """Load on ``device``, or spread over ``devices`` (plan device i -> ``devices[i]``) with inputs
         going to where the plan puts the embeddings."""
@@ -248,7 +272,7 @@ class Adapter:
         template = mspec.prompt_template or self.default_template
         return LoadedModel(self, model, tokenizer, image_processor, info, device, dtype, settings, template)
 
-    def _load_spread(self, cls, mspec: ModelSpec, info: ModelInfo, dtype: torch.dtype, devices: list[str],
+    def _load_spread(self, cls, mspec: ModelOptions, info: ModelInfo, dtype: torch.dtype, devices: list[str],
                      common: dict) -> torch.nn.Module:
         """``from_pretrained`` with a balanced ``device_map`` over ``devices`` (weights load straight to
         their device, never whole on one). On CUDA each device's budget is its free memory less 10%."""
@@ -265,7 +289,7 @@ class Adapter:
         return cls.from_pretrained(info.path, dtype=dtype, attn_implementation=mspec.attn_implementation,
                                    device_map=device_map, offload_folder=offload, **common)
 
-    def processor_kwargs(self, mspec: ModelSpec) -> dict:
+    def processor_kwargs(self, mspec: ModelOptions) -> dict:
         return {}
 
     # -- module locations (language model only)

@@ -10,7 +10,7 @@ import socket
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from kscale.targets.config import PORT_BLOCK, RAY_WORKER_PORTS, cluster_of
+from kscale.spec.cluster import PORT_BLOCK, RAY_WORKER_PORTS, cluster_of
 
 LEVEL_MARK = {"ok": "ok  ", "warn": "WARN", "fail": "FAIL", "info": "info"}
 

@@ -36,7 +36,7 @@ import kscale
 from kscale.spec import SpecError
 from kscale.targets import Target
 from kscale.targets.checks import Finding
-from kscale.targets.config import SUBMISSION_MODES, cluster_of
+from kscale.spec.cluster import SUBMISSION_MODES, cluster_of
 from kscale.targets.records import (Run, driver_command, kscale_home, record_dir, redact_env, save_submission, slug,
                                     submission_id)
 

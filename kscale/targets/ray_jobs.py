@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import kscale
 from kscale.targets import Target
 from kscale.targets.checks import Finding, check_versions
-from kscale.targets.config import cluster_of
+from kscale.spec.cluster import cluster_of
 from kscale.targets.records import (Run, absolute_output, absolute_spec_yaml, driver_command, record_dir,
                                     save_submission, submission_id)
 

@@ -40,7 +40,7 @@ import yaml
 
 import kscale
 from kscale.output import write_json_atomic
-from kscale.targets.config import cluster_of
+from kscale.spec.cluster import cluster_of
 
 
 

@@ -33,7 +33,7 @@ import kscale
 from kscale.spec import SpecError
 from kscale.targets import Target
 from kscale.targets.checks import Finding, check_ports
-from kscale.targets.config import cluster_of
+from kscale.spec.cluster import cluster_of
 from kscale.targets.records import (Run, absolute_spec_yaml, latest_state, read_json, record_dir,
                                     save_submission, submission_id, write_env_file,
                                     write_private)

@@ -2,7 +2,7 @@
 
 The training loop in :mod:`kscale.train.run` only sees a DeepSpeed engine wrapping a
 :class:`~kscale.train.objective.MaLoRAObjective`. This module turns a
-:class:`~kscale.train.config.TrainConfig` into the DeepSpeed config (ZeRO 2/3, offload, bf16, gradient
+:class:`~kscale.spec.train.TrainConfig` into the DeepSpeed config (ZeRO 2/3, offload, bf16, gradient
 accumulation, clipping), joins or creates the process group (torchrun / the deepspeed launcher / Ray
 Train create it; a lone process gets a one-rank gloo group backed by a file in the run directory), and
 saves/loads resumable checkpoints (adapter parameters and optimizer state only: the frozen base is
@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from kscale.train.config import TrainConfig
+from kscale.spec.train import TrainConfig
 from kscale.train.layout import CHECKPOINTS, checkpoint_tag
 
 

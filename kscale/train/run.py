@@ -37,7 +37,7 @@ from kscale.output import (RUN_MARKER, OutputError, OutputKind, claim_output, ru
 from kscale.results import TrainResult
 from kscale.spec import JobSpec
 from kscale.train import engine as ds
-from kscale.train.config import TrainConfig
+from kscale.spec.train import TrainConfig
 from kscale.train.data import MicroBatchPlan, collate, sequence_check, split_indices
 from kscale.train.layout import ADAPTER_DIR, CHECKPOINTS, ERRORS, METRICS, SPLIT
 from kscale.train.malora import MaLoRAModel

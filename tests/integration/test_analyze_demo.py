@@ -11,7 +11,7 @@ from kscale.store.layout import STORE_FORMAT
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "analysis"))
 from analysis_fakes import make_store  # noqa: E402
 
-from kscale.analysis.config import (AnalyzeConfig, EmbedConfig, JSDConfig, MMDConfig,  # noqa: E402
+from kscale.spec.analyze import (AnalyzeConfig, EmbedConfig, JSDConfig, MMDConfig,  # noqa: E402
                                     SignificanceConfig)
 from kscale.analysis.report import build_report  # noqa: E402
 from kscale.analysis.run import analyze, run_analyze  # noqa: E402

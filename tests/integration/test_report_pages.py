@@ -23,7 +23,7 @@ from analysis_fakes import make_store  # noqa: E402
 from browser import INSTALL_HINT, check_pages, chromium  # noqa: E402
 
 from kscale import reporting  # noqa: E402
-from kscale.analysis.config import (AnalyzeConfig, EmbedConfig, JSDConfig, MMDConfig,  # noqa: E402
+from kscale.spec.analyze import (AnalyzeConfig, EmbedConfig, JSDConfig, MMDConfig,  # noqa: E402
                                     SignificanceConfig)
 
 TRAIN_LAYERS = (0, 1, 2, 3)

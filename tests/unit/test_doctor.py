@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 
 from kscale import doctor
-from kscale.targets.config import ClusterConfig, RayConfig
+from kscale.spec.cluster import ClusterConfig, RayConfig
 
 
 def test_unwritable_output_fails_with_a_fix(tmp_path):

@@ -1,9 +1,17 @@
 """The package import graph, read from the source: no cycle between packages, lower layers import nothing above.
 
-Every ``import kscale.x`` / ``from kscale.x import y`` counts, at the top of a module or inside a function
-(lazy imports are still dependencies); imports under ``if TYPE_CHECKING:`` never run and only name types for
-annotations, so they don't count (``spec`` names the stage sections' types that way). A package is ``kscale.<name>`` (a folder or a top-level module such as
-``kscale.scoring``); the layers are cli -> runner -> stages -> {models, data, store}.
+Every ``import kscale.x`` / ``from kscale.x import y`` counts: at the top of a module, inside a function
+(lazy imports are still dependencies) and under ``if TYPE_CHECKING:`` (a type named there is knowledge of
+the package that defines it). A package is ``kscale.<name>`` (a folder such as ``kscale.spec``, or a
+top-level module such as ``kscale.scoring``). The layers, top down:
+
+    cli -> runner -> stages (analysis, attention, bias, train, extract, scoring) and executors, targets
+        -> spec (every section of a job: JobSpec, the stage sections, the cluster section)
+        -> {models, data, store}
+
+``spec`` imports no stage (the stages import their sections from it) and nothing but the lower layers
+and ``errors``; models, data and store never import the spec: ``models`` types the ``model:`` section with
+its own Protocol (``kscale.models.registry.ModelOptions``).
 """
 
 from __future__ import annotations
@@ -16,8 +24,10 @@ import kscale
 
 ROOT = Path(kscale.__file__).parent
 LOWER = ("models", "data", "store")
-UPPER = ("analysis", "attention", "bias", "train", "extract", "scoring", "executors", "targets", "cli",
-         "cli_cluster", "doctor", "runner")
+STAGES = ("analysis", "attention", "bias", "train", "extract", "scoring", "executors", "targets", "cli",
+          "cli_cluster", "doctor", "runner")
+UPPER = ("spec", "spec_schema", *STAGES)
+SPEC_MAY_IMPORT = ("errors", *LOWER)
 
 Edges = dict[str, dict[str, list[str]]]  # package -> imported package -> ["file:line", ...]
 
@@ -49,22 +59,6 @@ def _imported(node: ast.AST, module: str, is_package: bool) -> list[str]:
     return out
 
 
-def _is_type_checking(node: ast.AST) -> bool:
-    test = getattr(node, "test", None)
-    return isinstance(node, ast.If) and (
-        (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING")
-        or (isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"))
-
-
-def _runtime_nodes(tree: ast.AST):
-    """Every node of ``tree`` except those inside ``if TYPE_CHECKING:`` blocks."""
-    todo = [tree]
-    while todo:
-        node = todo.pop()
-        yield node
-        todo.extend(c for c in ast.iter_child_nodes(node) if not _is_type_checking(c))
-
-
 def package_of(module: str) -> str | None:
     """``kscale.store.reader`` -> ``store``; ``kscale.scoring`` -> ``scoring``; ``kscale`` -> None."""
     parts = module.split(".")
@@ -76,7 +70,7 @@ def import_graph(root: Path = ROOT) -> Edges:
     for path in sorted(root.rglob("*.py")):
         module = _module_name(path)
         src = package_of(module)
-        for node in _runtime_nodes(ast.parse(path.read_text(), str(path))):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
             for target in _imported(node, module, path.name == "__init__.py"):
                 dst = package_of(target)
                 if src and dst and dst != src:
@@ -111,11 +105,12 @@ def _describe(edges: Edges, cycle: list[str]) -> str:
     return "; ".join(f"{a} -> {b} ({', '.join(edges[a][b][:3])})" for a, b in zip(cycle, cycle[1:]))
 
 
-def test_the_graph_sees_top_level_and_function_level_imports() -> None:
-    """The reader of the graph itself: known edges of both kinds are found (else the checks below prove nothing)."""
+def test_the_graph_sees_top_level_function_level_and_type_checking_imports() -> None:
+    """The reader of the graph itself: known edges of every kind are found (else the checks below prove nothing)."""
     edges = import_graph()
     assert "models" in edges["store"]  # store/queries.py, at the top of the module
     assert "attention" in edges["extract"]  # extract/worker.py, inside run_shard
+    assert "spec" in edges["attention"]  # attention/stats.py, only under `if TYPE_CHECKING:`
     assert "scoring" in edges["bias"] and "scoring" in edges["train"]
 
 
@@ -128,7 +123,15 @@ def test_no_cycle_between_packages() -> None:
 def test_lower_layers_import_nothing_above_them() -> None:
     edges = import_graph()
     bad = [f"{low} -> {up} ({', '.join(edges[low][up])})" for low in LOWER for up in UPPER if up in edges.get(low, {})]
-    assert not bad, "models, data and store must not import stages, executors or the CLI: " + "; ".join(bad)
+    assert not bad, "models, data and store must not import the spec, stages, executors or the CLI: " + "; ".join(bad)
+
+
+def test_the_spec_imports_no_stage() -> None:
+    """Stages import their sections from ``kscale.spec``; the spec itself stands on the lower layers only."""
+    edges = import_graph()
+    bad = [f"spec -> {dst} ({', '.join(sites)})" for dst, sites in edges.get("spec", {}).items()
+           if dst not in SPEC_MAY_IMPORT]
+    assert not bad, "kscale.spec may import only " + ", ".join(SPEC_MAY_IMPORT) + ": " + "; ".join(bad)
 
 
 def test_malora_is_a_library_outside_the_training_stage() -> None:

@@ -73,6 +73,14 @@ def test_every_family_has_an_adapter_and_the_spec_offers_exactly_those() -> None
     assert typing.get_args(hint) == ("auto", *FAMILIES)
 
 
+def test_the_model_section_is_what_models_read() -> None:
+    """models types the ``model:`` section with its own Protocol (it may not import the spec above it):
+    every attribute the Protocol names is a field of ModelSpec."""
+    from kscale.models.registry import ModelOptions
+
+    assert isinstance(ModelSpec(path="debug:llava"), ModelOptions)
+
+
 def test_rope_rows_match_the_positions_the_model_uses(loaded) -> None:
     inputs = _batch(loaded).inputs
     assert _model_positions_BTR(loaded, inputs).shape[-1] == loaded.adapter.rope_rows

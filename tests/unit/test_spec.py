@@ -147,14 +147,16 @@ def test_one_field_helper():
     import dataclasses
     import inspect
 
-    import kscale.analysis.config
-    import kscale.bias.config
     import kscale.spec
-    import kscale.train.config
-    import kscale.train.malora.config
+    import kscale.spec.analyze
+    import kscale.spec.bias
+    import kscale.spec.cluster
+    import kscale.spec.fields
+    import kscale.spec.malora
+    import kscale.spec.train
 
-    for mod in (kscale.spec, kscale.analysis.config, kscale.bias.config, kscale.train.config,
-                kscale.train.malora.config):
+    for mod in (kscale.spec, kscale.spec.analyze, kscale.spec.bias, kscale.spec.cluster, kscale.spec.fields,
+                kscale.spec.malora, kscale.spec.train):
         assert "metadata=" not in inspect.getsource(mod).replace("metadata=metadata", ""), mod.__name__
         for cls in [c for c in vars(mod).values() if dataclasses.is_dataclass(c)]:
             assert all(f.metadata.get("doc") for f in dataclasses.fields(cls)), cls

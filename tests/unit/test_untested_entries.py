@@ -22,7 +22,7 @@ from kscale.targets import k8s
 from kscale.targets.checks import check_local_gpus
 from kscale.targets.k8s import check_k8s
 from kscale.targets.slurm import check_slurm
-from kscale.targets.config import ClusterConfig, SlurmConfig
+from kscale.spec.cluster import ClusterConfig, SlurmConfig
 from kscale.models.registry import pick_device, pick_dtype
 from tests.testing_utils import require
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kscale.train.malora.config import MaLoRAConfig
+from kscale.spec.malora import MaLoRAConfig
 
 # Every trainable MaLoRA parameter is an attribute of MaLoRALinear with one of these names; saved adapters
 # use them as the last component of each key. Gates: the per-layer value (or sigmoid bias) and, for a

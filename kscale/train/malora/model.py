@@ -29,7 +29,7 @@ from torch import nn
 
 from kscale.models.facts import resolve_layers
 from kscale.spec import section_problems
-from kscale.train.malora.config import MaLoRAConfig
+from kscale.spec.malora import MaLoRAConfig
 from kscale.train.malora.layer import MALORA_PARAM_NAMES, MaLoRALinear, ModalityContext
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"

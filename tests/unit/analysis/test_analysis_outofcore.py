@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import zarr
 
-from kscale.analysis.config import DaskConfig
+from kscale.spec.analyze import DaskConfig
 from kscale.analysis.features import chunk_sums, merger, single_target_plan
 from kscale.analysis.mmd import rf_mmd2, rf_side
 from kscale.analysis.source import block_plan, joint_items, rows_per_block
@@ -82,7 +82,7 @@ def test_distributed_analysis_equals_threaded(tmp_path):
     sys.path.insert(0, str(Path(__file__).parent))
     from analysis_fakes import make_store
 
-    from kscale.analysis.config import AnalyzeConfig, EmbedConfig, MMDConfig, SignificanceConfig
+    from kscale.spec.analyze import AnalyzeConfig, EmbedConfig, MMDConfig, SignificanceConfig
     from kscale.analysis.run import analyze
 
     ks = make_store(n_samples=24, layers=(0,), n_heads=2, head_dim=6, chunk_rows=40)

@@ -9,7 +9,7 @@ import pytest
 import zarr
 
 import kscale.store
-from kscale.analysis.config import AnalyzeConfig, DaskConfig, EmbedConfig, MMDConfig, SignificanceConfig
+from kscale.spec.analyze import AnalyzeConfig, DaskConfig, EmbedConfig, MMDConfig, SignificanceConfig
 from kscale.analysis.features import draw_frequencies
 from kscale.analysis.run import analyze
 from kscale.analysis.source import block_plan
@@ -123,7 +123,7 @@ def test_same_seed_same_bytes_other_seed_moves_every_choice(tmp_path):
     """Seed determinism of the whole table, and that another seed moves each random choice."""
     from analysis_fakes import make_store
 
-    from kscale.analysis.config import JSDConfig
+    from kscale.spec.analyze import JSDConfig
 
     ks = make_store(n_samples=32, layers=(0,), n_heads=2, head_dim=6, shift=0.5, text_per_sample=(3, 8))
 

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from kscale.train.malora import MaLoRAConfig, MaLoRALinear, ModalityContext
-from kscale.train.malora.config import KNOWN_TARGETS
+from kscale.spec.malora import KNOWN_TARGETS
 from tests.testing_utils import require_module
 
 # Legend: B batch, T tokens, C in features, O out features.

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from kscale.train.config import AlignConfig
+from kscale.spec.train import AlignConfig
 from kscale.train.malora import MaLoRAConfig, MaLoRAModel
 from kscale.train.objective import MaLoRAObjective, coral_loss, mean_loss, rff_mmd_loss
 

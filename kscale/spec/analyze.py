@@ -1,6 +1,6 @@
 """The ``analyze:`` section of a job spec (``kind: analyze``).
 
-The generic loader in ``kscale/spec.py`` builds :class:`AnalyzeConfig` from the YAML mapping, rejects
+The generic loader (:func:`kscale.spec.load_spec`, checks in :mod:`kscale.spec.fields`) builds :class:`AnalyzeConfig` from the YAML mapping, rejects
 unknown keys, checks the choices (``Literal``) and bounds declared on each field, and calls
 :meth:`AnalyzeConfig.validate` for the cross-field rules; every problem is a ``(dotted field, message)``
 pair. Every field carries a one-line ``doc`` that feeds ``kscale validate --explain`` and docs/analysis.md.
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from kscale.spec import doc
+from kscale.spec.fields import doc
 
 
 def store_problems(stores: list[str]) -> list[str]:

@@ -1,4 +1,4 @@
-"""The ``bias:`` section of a ``kind: bias`` job (loaded lazily by :func:`kscale.spec.load_spec`).
+"""The ``bias:`` section of a ``kind: bias`` job (loaded by :func:`kscale.spec.load_spec`).
 
 A bias job scores the correct answer (and, where the record has them, distractors and the text's
 contradicting claim) of every (image, question, answer) record under image counterfactuals, under
@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-from kscale.spec import doc as _doc  # one field helper for every spec section
+from kscale.spec.fields import doc as _doc  # one field helper for every spec section
 
 Condition = Literal["real", "blank", "noise", "swapped", "none"]
 DropOrder = Literal["random", "least_attended", "most_attended", "text"]

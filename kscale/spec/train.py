@@ -1,6 +1,6 @@
 """The ``train:`` section of a ``kind: train`` job (loaded by :func:`kscale.spec.load_spec`).
 
-Nested sections: ``malora`` (the adapter, :class:`~kscale.train.malora.config.MaLoRAConfig`), ``align``
+Nested sections: ``malora`` (the adapter, :class:`~kscale.spec.malora.MaLoRAConfig`), ``align``
 (the key-alignment term of the objective), ``deepspeed`` (ZeRO stage, offload, precision) and ``eval``
 (the before/after table). The model, data, run directory and workers come from the job's ``model``,
 ``data``, ``output`` and ``resources`` sections. See docs/malora.md.
@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kscale.train.malora.config import MaLoRAConfig
-from kscale.spec import doc as _doc  # one field helper for every spec section
+from kscale.spec.fields import doc as _doc  # one field helper for every spec section
+from kscale.spec.malora import MaLoRAConfig
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

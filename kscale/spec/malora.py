@@ -1,9 +1,11 @@
 """MaLoRA configuration: one frozen dataclass, shared by the spec (``train.malora``) and the tuner.
 
-The same object is written next to the adapter weights as ``adapter_config.json``, so a saved adapter
-records exactly how it was built (see :mod:`kscale.train.malora.model`). Bounds and choices are declared
-on the fields (checked by ``load_spec``, and by :func:`kscale.spec.section_problems` for a config read back
-from an adapter); ``validate`` holds the cross-field rules.
+It lives with the spec sections (the spec imports no stage); the tuner package re-exports it as
+``kscale.train.malora.MaLoRAConfig``, beside its layer and model. The same object is written next to the
+adapter weights as ``adapter_config.json``, so a saved adapter records exactly how it was built (see
+:mod:`kscale.train.malora.model`). Bounds and choices are declared on the fields (checked by
+``load_spec``, and by :func:`kscale.spec.section_problems` for a config read back from an adapter);
+``validate`` holds the cross-field rules.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 from kscale.models.facts import MALORA_TARGET_NAMES as KNOWN_TARGETS  # per family: kscale.models MALORA_TARGETS
-from kscale.spec import doc
+from kscale.spec.fields import doc
 
 TargetName = Literal[KNOWN_TARGETS]  # type: ignore[valid-type]  (the names come from kscale.models)
 

@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from kscale.spec import doc
+from kscale.spec.fields import doc
 
 # Ray picks worker ports from 10002-19999 by default: every fixed port kscale chooses stays outside.
 RAY_WORKER_PORTS = (10002, 19999)
