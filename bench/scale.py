@@ -63,18 +63,36 @@ def _write_shards(args: tuple[str, int, int, int, int, int]) -> None:
                   "n_errors": 0}, [])
 
 
-def _link_copies(path: Path, unique: int, n_shards: int) -> None:
-    """Shards ``unique..n_shards`` as hard-linked copies of the written ones, each with its own marker."""
+def _link_copies(args: tuple[str, int, int, int]) -> None:
+    """Shards ``a..b`` as hard-linked copies of the ``unique`` written ones, each with its own marker and
+    its own token table (sample ids ``4 s ..``: the analysis needs every sample's rows in one place and
+    ids increasing, so only the keys files are shared)."""
+    import zarr
+
     from kscale.store.layout import marker_path, shard_dir
 
-    for s in range(unique, n_shards):
+    store, unique, a, b = args
+    path = Path(store)
+    for s in range(a, b):
         src, dst = shard_dir(path, f"s{s % unique:06d}"), shard_dir(path, f"s{s:06d}")
         for dirpath, _, names in os.walk(src):
             out = dst / Path(dirpath).relative_to(src)
             out.mkdir(parents=True, exist_ok=True)
             for n in names:
-                os.link(Path(dirpath) / n, out / n)
+                if not (Path(dirpath).name in ("tokens", "sample_id") and n.startswith("c")):
+                    os.link(Path(dirpath) / n, out / n)
         m = json.loads(marker_path(path, src.name).read_text())
+        for mod in ("text", "image"):
+            ids = "tokens" if m.get("layout") == 2 else "sample_id"  # v2: field 0 of tokens; v1: its own array
+            table = zarr.open_array(str(src / mod / ids), mode="r")[:]
+            if table.ndim == 2:
+                table[:, 0] += 4 * (s - s % unique)
+            else:
+                table += 4 * (s - s % unique)
+            zarr.open_array(str(dst / mod / ids), mode="r+")[:] = table
+            if "files" in m:
+                for f in (dst / mod / ids).glob("c.*"):
+                    m["files"][f"{mod}/{ids}/{f.name}"] = f.stat().st_size
         m.update(shard=dst.name, start=4 * s, stop=4 * s + 4)
         marker_path(path, dst.name).write_text(json.dumps(m))
 
@@ -93,7 +111,9 @@ def write_store(path: Path, n_shards: int, tokens: int, version: int = 2, n_laye
     jobs = [(str(path), a, min(unique, a + step), tokens, n_layers, version) for a in range(0, unique, step)]
     with ProcessPoolExecutor(procs) as pool:
         list(pool.map(_write_shards, jobs))
-    _link_copies(path, unique, n_shards)
+        step = max(1, -(-(n_shards - unique) // procs))
+        list(pool.map(_link_copies, [(str(path), unique, a, min(n_shards, a + step))
+                                     for a in range(unique, n_shards, step)]))
     if version == 2:
         write_index(path)  # as the end of an extraction job does
     return time.perf_counter() - t0
