@@ -2,12 +2,14 @@
 
 Writes synthetic stores through the real writer at the Qwen2.5-VL-7B shape (28 layers, 4 KV heads,
 128 dims, float16; ``--tokens`` text and image tokens per shard, few so that 10,000 shards fit a small
-disk): ``--unique`` shards are written by the writer, the rest are hard-linked copies of them with
-their own markers (writing 10,000 shards takes ~an hour on a loaded 2-core machine; reads don't care
-whether two files share an inode, and the page cache holds both alike). It prints one JSON line per store: files per shard (and for 2 layers), seconds to open (index
-read), to build ``keys(layer, modality)``, to stream one layer's sample ids block by block, for
-``summary()`` and for ``kscale info`` (a fresh process), and the analysis of one layer (random-feature
-MMD, ``kscale.analysis.run.analyze`` as it is) with the driver's peak RSS. ``--v1`` writes the same
+disk): ``--unique`` shards are written by the writer, the rest are copies whose keys files are hard
+links (writing 10,000 shards takes ~an hour on a loaded 2-core machine; reads don't care whether two
+files share an inode) with their own markers and token tables (their own sample ids: the analysis
+needs every sample in one place). It prints one JSON line per store: files per shard (and for 2
+layers), seconds to open (index read), to build ``keys(layer, modality)``, to stream one modality's
+sample ids in coarse blocks (``column_rows``) and per chunk (``token_column``), for ``summary()`` and
+for ``kscale info`` (a fresh process), and the analysis of one layer (random-feature MMD,
+``kscale.analysis.run.analyze`` of this checkout) with the driver's peak RSS. ``--v1`` writes the same
 store with the frozen format-1 writer (``tests/store_v1.py``) for the "before" column.
 Targets (issue 10): open + index + keys graph <= 2 s and ``kscale info`` <= 2 s at 10,000 shards.
 Timings on a shared 2-core machine are noisy.
@@ -131,15 +133,26 @@ def _timed(fn):
     return out, round(time.perf_counter() - t0, 3)
 
 
-def stream_sample_ids(ks) -> int:
-    """One layer's sample ids block by block (v2: ``token_column``), never all in memory; v1: ``tokens()``."""
-    if hasattr(ks, "token_column"):
-        col = ks.token_column("image", "sample_id")
-        total = 0
-        for i in range(0, col.numblocks[0], 256):
-            total += int(col.blocks[i:i + 256].sum().compute())
+def stream_sample_ids(ks, block_rows: int = 1 << 16, window: int = 4) -> int:
+    """One modality's sample ids block by block, never all in memory: v2 in coarse blocks of
+    ``block_rows`` rows (``column_rows``: one task reads a run of shards, as the analysis does), ``window``
+    tasks at a time; v1: ``tokens()``."""
+    import dask
+
+    if hasattr(ks, "column_rows"):
+        n, total = ks.n_tokens()["image"], 0
+        blocks = [(lo, min(n, lo + block_rows)) for lo in range(0, n, block_rows)]
+        for i in range(0, len(blocks), window):
+            parts = dask.compute(*[ks.column_rows("image", "sample_id", a, b) for a, b in blocks[i:i + window]])
+            total += sum(int(p.sum()) for p in parts)
         return total
     return int(ks.tokens("image")["sample_id"].sum())
+
+
+def stream_sample_ids_per_chunk(ks) -> int:
+    """The same through ``token_column`` (one task per shard and ``chunk_tokens`` rows)."""
+    col = ks.token_column("image", "sample_id")
+    return sum(int(col.blocks[i:i + 256].sum().compute()) for i in range(0, col.numblocks[0], 256))
 
 
 ANALYZE = """
@@ -185,7 +198,9 @@ def measure(path: Path, n_shards: int, tokens: int, version: int, write_s: float
            "layers": L, "kv_heads": H, "head_dim": D, "write_s_incl_links": round(write_s, 1),
            "files_per_shard": files_per_shard(path), "files_per_shard_2_layers": files_2_layers,
            "open_s": t_open, "keys_graph_s": t_keys, "open_plus_keys_s": round(t_open + t_keys, 3),
-           "graph_tasks": len(keys.__dask_graph__()), "stream_sample_ids_s": t_ids, "summary_s": t_summary,
+           "graph_tasks": len(keys.__dask_graph__()), "stream_sample_ids_s": t_ids,
+           "stream_sample_ids_per_chunk_s": _timed(lambda: stream_sample_ids_per_chunk(ks))[1] if version == 2 else None,
+           "summary_s": t_summary,
            "kscale_info_s": kscale_info(path)}
     if version == 2:
         from kscale.store.index import build_index
