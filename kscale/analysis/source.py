@@ -15,7 +15,7 @@ every SE, the halves of the intra-modal baselines and of cross-MMD, the held-out
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -229,20 +229,35 @@ def index_block_plan(ks: RangeStore, mods: list[str], max_rows: int, max_samples
     return BlockPlan({m: tuple(r) for m, r in rows.items()})
 
 
-def range_items(ks: RangeStore, layer: int, heads: list[int], plan: BlockPlan,
-                ) -> list[dict[str, tuple[Any, Any] | None]]:
-    """:func:`joint_items` for a store with an index: per joint block and modality ONE delayed read of
-    its keys rows and one of its sample ids (``keys_rows`` / ``column_rows``), each over a run of shards."""
-    at = dict.fromkeys(plan.rows, 0)
-    items = []
-    for i in range(plan.n_blocks):
+class RangeItems(Sequence):
+    """:func:`joint_items` for a store with an index, built on demand: item i maps modality -> (ONE
+    delayed read of block i's keys rows, one of its sample ids) (``keys_rows`` / ``column_rows``, each
+    over a run of shards) or None. A sequence, not a list: a block's delayed reads take ~8 KB, and a
+    10⁹-token store has up to ~10⁵ blocks per pass, so the driver holds only the block offsets."""
+
+    def __init__(self, ks: RangeStore, layer: int, heads: list[int], plan: BlockPlan):
+        self.ks, self.layer, self.heads = ks, layer, heads
+        self.starts = {m: np.concatenate([[0], np.cumsum(r, dtype=np.int64)]) for m, r in plan.rows.items()}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.starts.values()))) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
         item: dict[str, tuple[Any, Any] | None] = {}
-        for m, sizes in plan.rows.items():
-            lo, hi = at[m], at[m] + sizes[i]
-            item[m] = (ks.keys_rows(layer, m, lo, hi, heads), ks.column_rows(m, "sample_id", lo, hi)) if hi > lo else None
-            at[m] = hi
-        items.append(item)
-    return items
+        for m, at in self.starts.items():
+            lo, hi = int(at[i]), int(at[i + 1])
+            item[m] = (self.ks.keys_rows(self.layer, m, lo, hi, self.heads),
+                       self.ks.column_rows(m, "sample_id", lo, hi)) if hi > lo else None
+        return item
+
+
+def range_items(ks: RangeStore, layer: int, heads: list[int], plan: BlockPlan) -> RangeItems:
+    return RangeItems(ks, layer, heads, plan)
 
 
 def _delayed_parts(x: da.Array, sizes: tuple[int, ...]) -> list[Any]:

@@ -2,6 +2,7 @@
 reference that loads every token's sample id and all keys in memory (the path the stage used before)."""
 
 import dataclasses
+import tracemalloc
 
 import dask
 import numpy as np
@@ -93,6 +94,12 @@ def test_a_block_reads_a_run_of_shards_in_one_task(tmp_path):
     for m in plan.rows:  # and the blocks' rows are the store's rows
         got = np.concatenate([dask.compute(it[m][0])[0] for it in items])
         np.testing.assert_array_equal(got, ks.keys(1, m, [0, 1]).compute())
+    one_per_sample = index_block_plan(ks, ["image", "text"], 10**6, 1, "test")
+    tracemalloc.start()
+    lazy = range_items(ks, 1, [0, 1], one_per_sample)
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(lazy) == 24 and used < 100 * len(lazy)  # items are built on demand (a block's reads: ~8 KB)
 
 
 def test_rows_of_many_blocks_equal_a_one_block_run(tmp_path):
