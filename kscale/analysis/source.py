@@ -1,12 +1,15 @@
 """Where the analysis meets the key store: sample buckets, sample-aligned joint blocks and subsamples.
 
-The store reader (``kscale.store.open``) hands out lazy dask arrays ``keys(layer, modality, heads)`` of
-shape (N, H, d) and ``token_column(modality, "sample_id")`` chunked like their token axis. The driver
-never holds every token's sample id: :func:`block_plan` streams the sample-id columns one chunk at a
-time and keeps only where to cut, so that every **joint block** holds whole samples, with the rows of
-every modality of those samples (samples' rows are contiguous and sorted by sample id in the store).
-Per-sample feature sums, and so the sample-block estimators of ``mmd.py``, are complete inside one
-block. Workers read a block's keys together with its sample ids.
+The driver never holds every token's sample id. Every **joint block** holds whole samples, with the
+rows of every modality of those samples (samples' rows are contiguous and sorted by sample id in the
+store), so per-sample feature sums, and the sample-block estimators of ``mmd.py``, are complete inside
+one block; workers read a block's keys together with its sample ids. On a key store (``kscale.store``,
+:class:`RangeStore`) blocks are planned from the store index (:func:`index_block_plan`: runs of whole
+shards) and each block is one coarse read per modality of its keys and of its ids
+(:class:`RangeItems`), so tasks follow blocks, not shards. Any other reader (lazy dask arrays
+``keys(layer, modality, heads)`` (N, H, d) and ``token_column(modality, "sample_id")``, e.g. the test
+fakes) gets :func:`block_plan`, which streams the id columns one chunk at a time and keeps only where
+to cut, and :func:`joint_items`, which rechunks the arrays into the blocks.
 
 Every sample maps to one of K buckets by a seeded hash of its id (:class:`Buckets`): the clusters of
 every SE, the halves of the intra-modal baselines and of cross-MMD, the held-out set of the probes.

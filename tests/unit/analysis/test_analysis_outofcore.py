@@ -92,7 +92,7 @@ def test_distributed_analysis_equals_threaded(tmp_path, store):
           else write_store(tmp_path / "store", chunk_tokens=4, n_shards=8, per_shard=3))
 
     def run(scheduler, name):
-        cfg = AnalyzeConfig(stores=["unused"], estimators=["mmd_rf", "jsd_hist"],
+        cfg = AnalyzeConfig(stores=["unused"], layers=[0], estimators=["mmd_rf", "jsd_hist"],
                             mmd=MMDConfig(n_features=64, median_subsample=100, max_accumulator_mb=1),
                             significance=SignificanceConfig(n_buckets=8, permutations=0),
                             embed=EmbedConfig(methods=[]),
