@@ -2,12 +2,14 @@
 
 Writes synthetic stores through the real writer at the Qwen2.5-VL-7B shape (28 layers, 4 KV heads,
 128 dims, float16; ``--tokens`` text and image tokens per shard, few so that 10,000 shards fit a small
-disk): ``--unique`` shards are written by the writer, the rest are hard-linked copies of them with
-their own markers (writing 10,000 shards takes ~an hour on a loaded 2-core machine; reads don't care
-whether two files share an inode, and the page cache holds both alike). It prints one JSON line per store: files per shard (and for 2 layers), seconds to open (index
-read), to build ``keys(layer, modality)``, to stream one layer's sample ids block by block, for
-``summary()`` and for ``kscale info`` (a fresh process), and the analysis of one layer (random-feature
-MMD, ``kscale.analysis.run.analyze`` as it is) with the driver's peak RSS. ``--v1`` writes the same
+disk): ``--unique`` shards are written by the writer, the rest are copies whose keys files are hard
+links (writing 10,000 shards takes ~an hour on a loaded 2-core machine; reads don't care whether two
+files share an inode) with their own markers and token tables (their own sample ids: the analysis
+needs every sample in one place). It prints one JSON line per store: files per shard (and for 2
+layers), seconds to open (index read), to build ``keys(layer, modality)``, to stream one modality's
+sample ids in coarse blocks (``column_rows``) and per chunk (``token_column``), for ``summary()`` and
+for ``kscale info`` (a fresh process), and the analysis of one layer (random-feature MMD,
+``kscale.analysis.run.analyze`` of this checkout) with the driver's peak RSS. ``--v1`` writes the same
 store with the frozen format-1 writer (``tests/store_v1.py``) for the "before" column.
 Targets (issue 10): open + index + keys graph <= 2 s and ``kscale info`` <= 2 s at 10,000 shards.
 Timings on a shared 2-core machine are noisy.
@@ -63,18 +65,36 @@ def _write_shards(args: tuple[str, int, int, int, int, int]) -> None:
                   "n_errors": 0}, [])
 
 
-def _link_copies(path: Path, unique: int, n_shards: int) -> None:
-    """Shards ``unique..n_shards`` as hard-linked copies of the written ones, each with its own marker."""
+def _link_copies(args: tuple[str, int, int, int]) -> None:
+    """Shards ``a..b`` as hard-linked copies of the ``unique`` written ones, each with its own marker and
+    its own token table (sample ids ``4 s ..``: the analysis needs every sample's rows in one place and
+    ids increasing, so only the keys files are shared)."""
+    import zarr
+
     from kscale.store.layout import marker_path, shard_dir
 
-    for s in range(unique, n_shards):
+    store, unique, a, b = args
+    path = Path(store)
+    for s in range(a, b):
         src, dst = shard_dir(path, f"s{s % unique:06d}"), shard_dir(path, f"s{s:06d}")
         for dirpath, _, names in os.walk(src):
             out = dst / Path(dirpath).relative_to(src)
             out.mkdir(parents=True, exist_ok=True)
             for n in names:
-                os.link(Path(dirpath) / n, out / n)
+                if not (Path(dirpath).name in ("tokens", "sample_id") and n.startswith("c")):
+                    os.link(Path(dirpath) / n, out / n)
         m = json.loads(marker_path(path, src.name).read_text())
+        for mod in ("text", "image"):
+            ids = "tokens" if m.get("layout") == 2 else "sample_id"  # v2: field 0 of tokens; v1: its own array
+            table = zarr.open_array(str(src / mod / ids), mode="r")[:]
+            if table.ndim == 2:
+                table[:, 0] += 4 * (s - s % unique)
+            else:
+                table += 4 * (s - s % unique)
+            zarr.open_array(str(dst / mod / ids), mode="r+")[:] = table
+            if "files" in m:
+                for f in (dst / mod / ids).glob("c.*"):
+                    m["files"][f"{mod}/{ids}/{f.name}"] = f.stat().st_size
         m.update(shard=dst.name, start=4 * s, stop=4 * s + 4)
         marker_path(path, dst.name).write_text(json.dumps(m))
 
@@ -93,7 +113,9 @@ def write_store(path: Path, n_shards: int, tokens: int, version: int = 2, n_laye
     jobs = [(str(path), a, min(unique, a + step), tokens, n_layers, version) for a in range(0, unique, step)]
     with ProcessPoolExecutor(procs) as pool:
         list(pool.map(_write_shards, jobs))
-    _link_copies(path, unique, n_shards)
+        step = max(1, -(-(n_shards - unique) // procs))
+        list(pool.map(_link_copies, [(str(path), unique, a, min(n_shards, a + step))
+                                     for a in range(unique, n_shards, step)]))
     if version == 2:
         write_index(path)  # as the end of an extraction job does
     return time.perf_counter() - t0
@@ -111,15 +133,26 @@ def _timed(fn):
     return out, round(time.perf_counter() - t0, 3)
 
 
-def stream_sample_ids(ks) -> int:
-    """One layer's sample ids block by block (v2: ``token_column``), never all in memory; v1: ``tokens()``."""
-    if hasattr(ks, "token_column"):
-        col = ks.token_column("image", "sample_id")
-        total = 0
-        for i in range(0, col.numblocks[0], 256):
-            total += int(col.blocks[i:i + 256].sum().compute())
+def stream_sample_ids(ks, block_rows: int = 1 << 16, window: int = 4) -> int:
+    """One modality's sample ids block by block, never all in memory: v2 in coarse blocks of
+    ``block_rows`` rows (``column_rows``: one task reads a run of shards, as the analysis does), ``window``
+    tasks at a time; v1: ``tokens()``."""
+    import dask
+
+    if hasattr(ks, "column_rows"):
+        n, total = ks.n_tokens()["image"], 0
+        blocks = [(lo, min(n, lo + block_rows)) for lo in range(0, n, block_rows)]
+        for i in range(0, len(blocks), window):
+            parts = dask.compute(*[ks.column_rows("image", "sample_id", a, b) for a, b in blocks[i:i + window]])
+            total += sum(int(p.sum()) for p in parts)
         return total
     return int(ks.tokens("image")["sample_id"].sum())
+
+
+def stream_sample_ids_per_chunk(ks) -> int:
+    """The same through ``token_column`` (one task per shard and ``chunk_tokens`` rows)."""
+    col = ks.token_column("image", "sample_id")
+    return sum(int(col.blocks[i:i + 256].sum().compute()) for i in range(0, col.numblocks[0], 256))
 
 
 ANALYZE = """
@@ -165,7 +198,9 @@ def measure(path: Path, n_shards: int, tokens: int, version: int, write_s: float
            "layers": L, "kv_heads": H, "head_dim": D, "write_s_incl_links": round(write_s, 1),
            "files_per_shard": files_per_shard(path), "files_per_shard_2_layers": files_2_layers,
            "open_s": t_open, "keys_graph_s": t_keys, "open_plus_keys_s": round(t_open + t_keys, 3),
-           "graph_tasks": len(keys.__dask_graph__()), "stream_sample_ids_s": t_ids, "summary_s": t_summary,
+           "graph_tasks": len(keys.__dask_graph__()), "stream_sample_ids_s": t_ids,
+           "stream_sample_ids_per_chunk_s": _timed(lambda: stream_sample_ids_per_chunk(ks))[1] if version == 2 else None,
+           "summary_s": t_summary,
            "kscale_info_s": kscale_info(path)}
     if version == 2:
         from kscale.store.index import build_index

@@ -333,7 +333,7 @@ def side_block(plan: ChunkPlan, target: TargetPlan, block_NHd: np.ndarray, sampl
         _bucket_add(acc.rfself_KCD, bucket_S, (rf_SC2D**2).sum(2))
         if len(smp.ids_S) <= plan.max_units:
             acc.unit_ids.append(smp.ids_S)
-            acc.unit_rf.append(rf_SC2D[:, 0])
+            acc.unit_rf.append(rf_SC2D[:, 0].copy())  # a copy: a view would keep every config's sums alive
             acc.unit_count.append(count_S)
         else:
             acc.units_dropped = True

@@ -34,8 +34,9 @@ from kscale.analysis.features import (RF_KERNELS, ChunkPlan, FeatureConfig, Targ
                                       draw_frequencies, merger)
 from kscale.analysis.plan import POOLED, Comparison, Subsample, comparisons, layer_scales, target_plan
 from kscale.analysis.probes import probe_rows
-from kscale.analysis.source import (BlockPlan, Buckets, KeyStoreLike, block_plan, joint_items, open_store,
-                                    read_rows, rows_per_block, subsample_index)
+from kscale.analysis.source import (BlockPlan, Buckets, KeyStoreLike, block_plan, has_index, index_block_plan,
+                                    joint_items, open_store, range_items, read_rows, rows_per_block,
+                                    subsample_index)
 from kscale.analysis.stream import Runner
 from kscale.output import (RUN_MARKER, OutputKind, claim_output, run_marker, run_marker_reader,
                            write_json_atomic)
@@ -198,17 +199,21 @@ def _store_context(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referen
     mods = [cfg.image_modality, "text"]
     layer0 = _select("layers", cfg.layers, ks.layers, "layer")[0]
     for m in mods:
-        n = ks.keys(layer0, m).shape[0]
+        n = _n_rows(ks, layer0, m)
         if n < 4:
             raise ValueError(f"analyze: store {ks.path} has {n} {m} tokens; need at least 4")
     want = set(cfg.estimators)
     configs = _feature_configs(cfg) if "mmd_rf" in want else []
     lin_norms = list(cfg.mmd.normalisations) if "linear" in cfg.mmd.kernels and "mmd_rf" in want else []
-    row_bytes = len(heads) * ks.head_dim * np.dtype(ks.keys(layer0, mods[0]).dtype).itemsize
+    itemsize = np.dtype(ks.attrs["key_dtype"] if has_index(ks) else ks.keys(layer0, mods[0]).dtype).itemsize
+    row_bytes = len(heads) * ks.head_dim * itemsize
     per_sample = max(1, len(configs)) * 2 * cfg.mmd.n_features * 8 * len(mods)
     max_samples = max(1, cfg.mmd.max_accumulator_mb * 2**20 // (per_sample * (runner.window + 1)))
-    ids = {m: ks.token_column(m, "sample_id") for m in mods}
-    blocks = block_plan(ids, rows_per_block(cfg.dask.chunk_mb, row_bytes), max_samples, f"store {ks.path}")
+    max_rows, where = rows_per_block(cfg.dask.chunk_mb, row_bytes), f"store {ks.path}"
+    if has_index(ks):  # blocks of whole shards from the index: no per-shard task, no id read for small shards
+        blocks = index_block_plan(ks, mods, max_rows, max_samples, where)
+    else:
+        blocks = block_plan({m: ks.token_column(m, "sample_id") for m in mods}, max_rows, max_samples, where)
     return StoreContext(cfg, ks, runner, heads, mods, comparisons(cfg.comparisons, cfg.image_modality),
                         Buckets(cfg.significance.n_buckets, cfg.seed), blocks, configs, lin_norms, reference)
 
@@ -227,15 +232,22 @@ def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referenc
     return rows, embeds
 
 
+def _n_rows(ks: KeyStoreLike, layer: int, modality: str) -> int:
+    return ks.n_tokens()[modality] if has_index(ks) else ks.keys(layer, modality).shape[0]
+
+
 def _subsample(sc: StoreContext, ks: KeyStoreLike, layer: int, for_embed: bool) -> Subsample:
     cfg = sc.cfg
     k = max(cfg.mmd.median_subsample, 2 * cfg.exact_subsample, cfg.embed.subsample if for_embed else 0)
     keys, ids, bks = {}, {}, {}
     for i, m in enumerate(sc.mods):
-        x = ks.keys(layer, m, sc.heads)
-        idx = subsample_index(x.shape[0], k, cfg.seed + 1000 * layer + i)
-        keys[m] = read_rows(x, idx)
-        ids[m] = read_rows(ks.token_column(m, "sample_id"), idx, dtype=np.int64)
+        idx = subsample_index(_n_rows(ks, layer, m), k, cfg.seed + 1000 * layer + i)
+        if has_index(ks):  # a few coarse gathers, not one task per shard hit
+            keys[m] = np.asarray(ks.keys_at(layer, m, idx, sc.heads), np.float64)
+            ids[m] = np.asarray(ks.column_at(m, "sample_id", idx), np.int64)
+        else:
+            keys[m] = read_rows(ks.keys(layer, m, sc.heads), idx)
+            ids[m] = read_rows(ks.token_column(m, "sample_id"), idx, dtype=np.int64)
         bks[m] = sc.buckets.of(ids[m])
     return Subsample(keys, ids, bks)
 
@@ -280,6 +292,8 @@ def _chunk_plan(lc: LayerContext, group: list[int], freqs, singles: bool, pooled
 def layer_items(lc: LayerContext, heads: list[int]) -> list[dict]:
     """The layer's joint blocks for a head selection: modality -> (delayed keys, delayed sample ids)."""
     sc = lc.store
+    if has_index(sc.ks):  # one read per block and modality over a run of shards
+        return range_items(sc.ks, lc.layer, heads, sc.blocks)
     keys = {m: sc.ks.keys(lc.layer, m, heads) for m in sc.mods}
     ids = {m: sc.ks.token_column(m, "sample_id") for m in sc.mods}
     return joint_items(keys, ids, sc.blocks)

@@ -1,12 +1,15 @@
 """Where the analysis meets the key store: sample buckets, sample-aligned joint blocks and subsamples.
 
-The store reader (``kscale.store.open``) hands out lazy dask arrays ``keys(layer, modality, heads)`` of
-shape (N, H, d) and ``token_column(modality, "sample_id")`` chunked like their token axis. The driver
-never holds every token's sample id: :func:`block_plan` streams the sample-id columns one chunk at a
-time and keeps only where to cut, so that every **joint block** holds whole samples, with the rows of
-every modality of those samples (samples' rows are contiguous and sorted by sample id in the store).
-Per-sample feature sums, and so the sample-block estimators of ``mmd.py``, are complete inside one
-block. Workers read a block's keys together with its sample ids.
+The driver never holds every token's sample id. Every **joint block** holds whole samples, with the
+rows of every modality of those samples (samples' rows are contiguous and sorted by sample id in the
+store), so per-sample feature sums, and the sample-block estimators of ``mmd.py``, are complete inside
+one block; workers read a block's keys together with its sample ids. On a key store (``kscale.store``,
+:class:`RangeStore`) blocks are planned from the store index (:func:`index_block_plan`: runs of whole
+shards) and each block is one coarse read per modality of its keys and of its ids
+(:class:`RangeItems`), so tasks follow blocks, not shards. Any other reader (lazy dask arrays
+``keys(layer, modality, heads)`` (N, H, d) and ``token_column(modality, "sample_id")``, e.g. the test
+fakes) gets :func:`block_plan`, which streams the id columns one chunk at a time and keeps only where
+to cut, and :func:`joint_items`, which rechunks the arrays into the blocks.
 
 Every sample maps to one of K buckets by a seeded hash of its id (:class:`Buckets`): the clusters of
 every SE, the halves of the intra-modal baselines and of cross-MMD, the held-out set of the probes.
@@ -15,7 +18,7 @@ every SE, the halves of the intra-modal baselines and of cross-MMD, the held-out
 from __future__ import annotations
 
 import heapq
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -90,11 +93,15 @@ def _runs(ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return ids_N[starts], np.diff(np.r_[starts, len(ids_N)])
 
 
-def _sample_stream(col: da.Array, mod: str, where: str) -> Iterator[tuple[int, int, str]]:
-    """(sample id, rows, modality) per sample, reading the id column one chunk at a time."""
-    last, pending = None, 0
+def _column_blocks(col: da.Array) -> Iterator[np.ndarray]:
     for blk in col.to_delayed().ravel():
-        ids_N = np.asarray(dask.compute(blk, scheduler="sync")[0])
+        yield np.asarray(dask.compute(blk, scheduler="sync")[0])
+
+
+def _sample_stream(blocks: Iterable[np.ndarray], mod: str, where: str) -> Iterator[tuple[int, int, str]]:
+    """(sample id, rows, modality) per sample, from the id column's blocks in row order."""
+    last, pending = None, 0
+    for ids_N in blocks:
         run_ids, run_rows = _runs(ids_N)
         for sid, n in zip(run_ids.tolist(), run_rows.tolist()):
             if sid == last:
@@ -127,7 +134,7 @@ def block_plan(id_cols: dict[str, da.Array], max_rows: int, max_samples: int, wh
     and ``max_samples`` samples (a single larger sample gets a block of its own). Streams the id
     columns; memory is O(blocks), never O(tokens)."""
     mods = list(id_cols)
-    merged = heapq.merge(*(_sample_stream(col, m, where) for m, col in id_cols.items()))
+    merged = heapq.merge(*(_sample_stream(_column_blocks(col), m, where) for m, col in id_cols.items()))
     rows: dict[str, list[int]] = {m: [] for m in mods}
     cur = {m: 0 for m in mods}
     cur_samples, cur_id = 0, None
@@ -144,6 +151,116 @@ def block_plan(id_cols: dict[str, da.Array], max_rows: int, max_samples: int, wh
         for m in mods:
             rows[m].append(cur[m])
     return BlockPlan({m: tuple(r) for m, r in rows.items()})
+
+
+class RangeStore(KeyStoreLike, Protocol):
+    """A store with an index (``kscale.store.KeyStore``): coarse reads of row ranges over runs of shards."""
+
+    @property
+    def shards(self) -> dict[str, dict]: ...
+
+    def n_tokens(self) -> dict[str, int]: ...
+
+    def keys_rows(self, layer: int, modality: str, lo: int, hi: int, heads: list[int] | None = None) -> Any: ...
+
+    def column_rows(self, modality: str, name: str, lo: int, hi: int) -> Any: ...
+
+    def keys_at(self, layer: int, modality: str, index: np.ndarray, heads: list[int] | None = None,
+                ) -> np.ndarray: ...
+
+    def column_at(self, modality: str, name: str, index: np.ndarray) -> np.ndarray: ...
+
+
+def has_index(ks: KeyStoreLike) -> bool:
+    """Whether ``ks`` reads row ranges in coarse tasks (a real store) or only gives dask arrays (fakes)."""
+    return all(hasattr(ks, a) for a in ("shards", "n_tokens", "keys_rows", "column_rows", "keys_at", "column_at"))
+
+
+def _shard_units(ks: RangeStore, mods: list[str], max_rows: int, max_samples: int, where: str,
+                 ) -> Iterator[tuple[dict[str, int], int]]:
+    """(rows per modality, samples) of consecutive units of whole samples, from the index: a shard that
+    fits a block is one unit (its samples are whole: a shard is a sample range); a larger one is cut
+    into its samples from its sample ids (one coarse read per modality, in the driver)."""
+    at, prev_stop = dict.fromkeys(mods, 0), None
+    for r in ks.shards.values():
+        n = {m: int(r["tokens"][m]) for m in mods}
+        if r.get("start") is not None:
+            if prev_stop is not None and r["start"] < prev_stop:
+                raise ValueError(f"{where}: shard {r['name']} starts at sample {r['start']} before the previous "
+                                 f"shard's end {prev_stop}; the analysis needs shards in increasing sample order")
+            prev_stop = r["stop"]
+        if sum(n.values()) == 0:
+            continue
+        if 0 < r["n_samples_ok"] <= max_samples and sum(n.values()) <= max_rows:
+            yield n, r["n_samples_ok"]
+        else:
+            ids = {m: np.asarray(dask.compute(ks.column_rows(m, "sample_id", at[m], at[m] + n[m]),
+                                              scheduler="sync")[0]) for m in mods if n[m]}
+            merged = heapq.merge(*(_sample_stream([v], m, where) for m, v in ids.items()))
+            unit, sid = None, None
+            for s, rows, mod in merged:
+                if s != sid:
+                    if unit is not None:
+                        yield unit, 1
+                    unit, sid = dict.fromkeys(mods, 0), s
+                unit[mod] += rows
+            if unit is not None:
+                yield unit, 1
+        for m in mods:
+            at[m] += n[m]
+
+
+def index_block_plan(ks: RangeStore, mods: list[str], max_rows: int, max_samples: int, where: str,
+                     ) -> BlockPlan:
+    """:func:`block_plan` for a store with an index: blocks of whole shards (runs of consecutive shards
+    up to ``max_rows`` rows and ``max_samples`` samples), cut inside a shard only where the shard alone
+    exceeds them. Memory is O(blocks); for stores of shards smaller than a block no id is read."""
+    rows: dict[str, list[int]] = {m: [] for m in mods}
+    cur, cur_samples = dict.fromkeys(mods, 0), 0
+    for n, samples in _shard_units(ks, mods, max_rows, max_samples, where):
+        if cur_samples and (sum(cur.values()) + sum(n.values()) > max_rows or cur_samples + samples > max_samples):
+            for m in mods:
+                rows[m].append(cur[m])
+                cur[m] = 0
+            cur_samples = 0
+        cur_samples += samples
+        for m in mods:
+            cur[m] += n[m]
+    if cur_samples:
+        for m in mods:
+            rows[m].append(cur[m])
+    return BlockPlan({m: tuple(r) for m, r in rows.items()})
+
+
+class RangeItems(Sequence):
+    """:func:`joint_items` for a store with an index, built on demand: item i maps modality -> (ONE
+    delayed read of block i's keys rows, one of its sample ids) (``keys_rows`` / ``column_rows``, each
+    over a run of shards) or None. A sequence, not a list: a block's delayed reads take ~8 KB, and a
+    10⁹-token store has up to ~10⁵ blocks per pass, so the driver holds only the block offsets."""
+
+    def __init__(self, ks: RangeStore, layer: int, heads: list[int], plan: BlockPlan):
+        self.ks, self.layer, self.heads = ks, layer, heads
+        self.starts = {m: np.concatenate([[0], np.cumsum(r, dtype=np.int64)]) for m, r in plan.rows.items()}
+
+    def __len__(self) -> int:
+        return len(next(iter(self.starts.values()))) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i %= len(self)
+        item: dict[str, tuple[Any, Any] | None] = {}
+        for m, at in self.starts.items():
+            lo, hi = int(at[i]), int(at[i + 1])
+            item[m] = (self.ks.keys_rows(self.layer, m, lo, hi, self.heads),
+                       self.ks.column_rows(m, "sample_id", lo, hi)) if hi > lo else None
+        return item
+
+
+def range_items(ks: RangeStore, layer: int, heads: list[int], plan: BlockPlan) -> RangeItems:
+    return RangeItems(ks, layer, heads, plan)
 
 
 def _delayed_parts(x: da.Array, sizes: tuple[int, ...]) -> list[Any]:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import zarr
@@ -73,11 +74,90 @@ def _blocks(n: int, c: int) -> list[tuple[int, int, int]]:
     return [(i, i * c, min(n, (i + 1) * c)) for i in range(math.ceil(n / c))]
 
 
+# --- coarse reads: one task reads a run of shards ------------------------------------------------------
+
+@dataclass(frozen=True)
+class Span:
+    """Rows [a, b) of one committed shard's modality (``n`` rows in all): the part of a coarse read that
+    falls in that shard. Small and picklable: a task carries its spans, never the store's index."""
+
+    shard: str
+    layout: int
+    n: int
+    chunk_tokens: int | None
+    a: int
+    b: int
+
+
+@dataclass(frozen=True)
+class KeysSel:
+    """What a coarse read takes from each span's ``keys``: one layer (position in the stored list), heads."""
+
+    layer_pos: int
+    shape_LHD: tuple[int, int, int]
+    heads: tuple[int, ...] | None  # positions in the stored heads; None: all
+    dtype: str
+
+    def read(self, store: str, modality: str, s: Span) -> list[np.ndarray]:
+        L, H, D = self.shape_LHD
+        hs = slice(None) if self.heads is None else list(self.heads)
+        if s.layout == 1:
+            return [_read_v1(store, s.shard, f"{modality}/keys", (self.layer_pos, slice(s.a, s.b), hs), self.dtype)]
+        return [read_block(store, s.shard, f"{modality}/keys", keys_chunk_file(i), (L, s.n, H, D),
+                           (self.layer_pos, slice(a, b), hs), self.dtype) for i, a, b in _pieces(s)]
+
+    def empty(self) -> np.ndarray:
+        L, H, D = self.shape_LHD
+        return np.zeros((0, H if self.heads is None else len(self.heads), D), self.dtype)
+
+
+@dataclass(frozen=True)
+class ColumnSel:
+    """What a coarse read takes from each span's token table: one column (``TABLE_COLUMNS``)."""
+
+    name: str
+    rope_rows: int
+
+    def read(self, store: str, modality: str, s: Span) -> list[np.ndarray]:
+        dtype = TABLE_COLUMNS[self.name]
+        if s.layout == 1:
+            return [_read_v1(store, s.shard, f"{modality}/{self.name}", (slice(s.a, s.b),), dtype)]
+        fs = field_slice(self.name, self.rope_rows)
+        col = fs if self.name == "rope_pos" else fs.start
+        return [read_block(store, s.shard, f"{modality}/tokens", tokens_chunk_file(i), (s.n, 4 + self.rope_rows),
+                           (slice(a, b), col), dtype) for i, a, b in _pieces(s)]
+
+    def empty(self) -> np.ndarray:
+        R = self.rope_rows
+        return np.zeros((0, R) if self.name == "rope_pos" else (0,), TABLE_COLUMNS[self.name])
+
+
+def _pieces(s: Span) -> list[tuple[int, int, int]]:
+    """(chunk index, a, b) of the ``chunk_tokens`` blocks that rows [s.a, s.b) of a layout-2 shard touch."""
+    c = s.chunk_tokens
+    return [(i, max(s.a, i * c), min(s.b, (i + 1) * c)) for i in range(s.a // c, -(-s.b // c))]
+
+
+def _read_v1(store: str, shard: str, array: str, sel: tuple, dtype: str) -> np.ndarray:
+    return np.asarray(zarr.open_array(os.path.join(store, "shards", shard, array), mode="r")[sel], dtype=dtype)
+
+
+def read_spans(store: str, modality: str, spans: tuple[Span, ...], what: KeysSel | ColumnSel,
+               take: np.ndarray | None = None) -> np.ndarray:
+    """One coarse task: the rows of ``spans`` concatenated in order (then ``[take]`` when given), read
+    chunk by chunk with the damage checks of :func:`read_block`."""
+    parts = [p for s in spans for p in what.read(store, modality, s)]
+    out = np.concatenate(parts) if parts else what.empty()
+    return out if take is None else out[take]
+
+
 @dataclass
 class KeyStore:
     path: str
     attrs: dict[str, Any]
     index: Index
+    _starts: dict[str, tuple[list[dict], np.ndarray]] = field(default_factory=dict, init=False, repr=False,
+                                                               compare=False)
 
     @property
     def shards(self) -> dict[str, dict]:
@@ -152,20 +232,25 @@ class KeyStore:
     def _shard_array(self, shard: str, modality: str, array: str) -> zarr.Array:
         return zarr.open_array(str(shard_dir(self.path, shard) / modality / array), mode="r")
 
-    def keys(self, layer: int, modality: str, heads: list[int] | None = None, rope: bool = False) -> da.Array:
-        """(N, H, D) keys of one layer and modality, lazily, over all committed shards.
-
-        Stored keys are pre-RoPE; ``rope=True`` rebuilds the post-RoPE keys the model attended with, from
-        the stored positions and the model's own rotary embedding (built from its config.json).
-        """
+    def _keys_sel(self, layer: int, heads: list[int] | None) -> KeysSel:
         li = self._layer_pos(layer)
         if heads is not None:
             missing = [h for h in heads if h not in self.heads]
             if missing:
                 raise StoreError(f"KV heads {missing} are not in store {self.path} (heads: {self.heads})")
         hsel = None if heads is None else tuple(self.heads.index(h) for h in heads)
+        return KeysSel(li, (len(self.layers), len(self.heads), self.head_dim), hsel, self.attrs["key_dtype"])
+
+    def keys(self, layer: int, modality: str, heads: list[int] | None = None, rope: bool = False) -> da.Array:
+        """(N, H, D) keys of one layer and modality, lazily, over all committed shards.
+
+        Stored keys are pre-RoPE; ``rope=True`` rebuilds the post-RoPE keys the model attended with, from
+        the stored positions and the model's own rotary embedding (built from its config.json).
+        """
+        ksel = self._keys_sel(layer, heads)
+        li, hsel = ksel.layer_pos, ksel.heads
         H, D, L = len(self.heads), self.head_dim, len(self.layers)
-        dtype = self.attrs["key_dtype"]
+        dtype = ksel.dtype
         parts = []
         for layout, rows in self._runs(modality):
             if layout == 1:
@@ -217,6 +302,96 @@ class KeyStore:
         if not parts:
             return da.zeros((0, R) if name == "rope_pos" else (0,), dtype=dtype)
         return da.concatenate(parts, axis=0)
+
+    # coarse reads (the analysis): rows [lo, hi) of a modality as ONE task over a run of shards, and
+    # gathers of scattered rows in a few tasks; built from the index's row offsets, no file opened
+
+    def _row_starts(self, modality: str) -> tuple[list[dict], np.ndarray]:
+        """Committed shards' index rows and the first row of ``modality`` in each (then the total)."""
+        if modality not in self._starts:
+            self._check_modality(modality)
+            self._check_valid()
+            rows = list(self.index.rows.values())
+            n = np.array([r["tokens"][modality] for r in rows], np.int64)
+            self._starts[modality] = (rows, np.concatenate([[0], np.cumsum(n)]))
+        return self._starts[modality]
+
+    def spans(self, modality: str, lo: int, hi: int) -> tuple[Span, ...]:
+        """The parts of committed shards that rows [lo, hi) of ``modality`` (rows as in ``keys``) fall in."""
+        rows, starts = self._row_starts(modality)
+        if not 0 <= lo <= hi <= starts[-1]:
+            raise IndexError(f"store {self.path}: rows [{lo}, {hi}) outside the {starts[-1]} {modality} rows")
+        out = []
+        k = max(0, int(np.searchsorted(starts, lo, "right")) - 1)
+        while k < len(rows) and starts[k] < hi:
+            a, b = max(lo, starts[k]) - starts[k], min(hi, starts[k + 1]) - starts[k]
+            if b > a:
+                r = rows[k]
+                out.append(Span(r["name"], r["layout"], int(starts[k + 1] - starts[k]), r["chunk_tokens"],
+                                int(a), int(b)))
+            k += 1
+        return tuple(out)
+
+    def keys_rows(self, layer: int, modality: str, lo: int, hi: int, heads: list[int] | None = None) -> Any:
+        """Keys rows [lo, hi) of one layer as one delayed task (``(hi - lo, H, D)``) that reads a run of
+        shards: what the analysis streams, so its graph and task count follow its blocks, not the shards."""
+        what = self._keys_sel(layer, heads)
+        return dask.delayed(read_spans, pure=False, traverse=False)(self.path, modality,
+                                                                     self.spans(modality, lo, hi), what)
+
+    def column_rows(self, modality: str, name: str, lo: int, hi: int) -> Any:
+        """Token column rows [lo, hi) as one delayed task, aligned with :meth:`keys_rows`."""
+        return dask.delayed(read_spans, pure=False, traverse=False)(self.path, modality,
+                                                                     self.spans(modality, lo, hi),
+                                                                     self._column_sel(name))
+
+    def keys_at(self, layer: int, modality: str, index: np.ndarray, heads: list[int] | None = None) -> np.ndarray:
+        """Keys rows ``index`` (any order, repeats allowed) of one layer, read in a few coarse tasks."""
+        return self._gather(modality, self._keys_sel(layer, heads), index)
+
+    def column_at(self, modality: str, name: str, index: np.ndarray) -> np.ndarray:
+        """Token column rows ``index``, as :meth:`keys_at`."""
+        return self._gather(modality, self._column_sel(name), index)
+
+    def _column_sel(self, name: str) -> ColumnSel:
+        if name not in TABLE_COLUMNS:
+            raise StoreError(f"unknown token column {name!r} (choose from {', '.join(TABLE_COLUMNS)})")
+        return ColumnSel(name, self.rope_rows)
+
+    def _gather(self, modality: str, what: KeysSel | ColumnSel, index: np.ndarray,
+                rows_per_task: int = 65536, pieces_per_task: int = 256) -> np.ndarray:
+        """Rows ``index``: sorted, cut into pieces (shard, ``chunk_tokens`` block) that each read only the
+        rows between their first and last wanted row, and pieces grouped into tasks of at most
+        ``pieces_per_task`` pieces and ~``rows_per_task`` rows read; a task returns only its wanted rows."""
+        rows, starts = self._row_starts(modality)
+        index = np.asarray(index, np.int64)
+        if len(index) and (index.min() < 0 or index.max() >= starts[-1]):
+            raise IndexError(f"store {self.path}: row index outside the {starts[-1]} {modality} rows")
+        if not len(index):
+            return read_spans(self.path, modality, (), what)
+        order = np.argsort(index, kind="stable")
+        idx = index[order]
+        k = np.searchsorted(starts, idx, "right") - 1
+        local = idx - starts[k]
+        block = local // np.array([r["chunk_tokens"] or 4096 for r in rows], np.int64)[k]
+        first = np.flatnonzero(np.r_[True, (k[1:] != k[:-1]) | (block[1:] != block[:-1])])  # pieces
+        last = np.r_[first[1:], len(idx)] - 1
+        a, b = local[first], local[last] + 1
+        spans = [Span(rows[kk]["name"], rows[kk]["layout"], int(starts[kk + 1] - starts[kk]), rows[kk]["chunk_tokens"],
+                      int(aa), int(bb)) for kk, aa, bb in zip(k[first], a, b)]
+        group = np.cumsum(b - a) // rows_per_task, np.arange(len(spans)) // pieces_per_task
+        cuts = [0, *np.flatnonzero((np.diff(group[0]) > 0) | (np.diff(group[1]) > 0)) + 1, len(spans)]
+        tasks = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):  # pieces [lo, hi): wanted rows first[lo] .. last[hi - 1]
+            piece = np.repeat(np.arange(lo, hi), last[lo:hi] - first[lo:hi] + 1)
+            base = np.concatenate([[0], np.cumsum(b[lo:hi] - a[lo:hi])])[piece - lo]
+            take = base + local[first[lo]:last[hi - 1] + 1] - a[piece]
+            tasks.append(dask.delayed(read_spans, pure=False, traverse=False)(
+                self.path, modality, tuple(spans[lo:hi]), what, take))
+        got = np.concatenate(dask.compute(*tasks))
+        out = np.empty_like(got)
+        out[order] = got
+        return out
 
     def tokens(self, modality: str) -> dict[str, np.ndarray]:
         """Token table of one modality in memory, rows aligned with ``keys(layer, modality)`` (for large

@@ -109,6 +109,30 @@ def test_v1_store_reads_as_written_and_as_v2(tmp_path):
     assert v1.keys(3, "video").shape == (0, 3, 4) and v1.tokens("video")["rope_pos"].shape == (0, 3)
 
 
+@pytest.mark.parametrize("writer,version", [(ShardWriter, 2), (ShardWriterV1, 1)])
+def test_coarse_reads_equal_the_lazy_arrays(tmp_path, writer, version):
+    """``keys_rows`` / ``column_rows`` (one task over a run of shards) and ``keys_at`` / ``column_at``
+    (gathers in a few tasks) give the rows of ``keys`` / ``token_column``, across shard and chunk edges."""
+    ks = kscale.store.open(make_store(tmp_path / "s", n_shards=4, writer=writer, version=version, chunk=3))
+    rng = np.random.default_rng(0)
+    for m in ("text", "image"):
+        keys, ids = ks.keys(5, m, [2, 0]).compute(), ks.token_column(m, "sample_id").compute()
+        rope = ks.token_column(m, "rope_pos").compute()
+        N = len(ids)
+        for lo, hi in ((0, N), (2, N - 5), (4, 4), (N - 1, N)):
+            assert ks.keys_rows(5, m, lo, hi, [2, 0]).compute().tobytes() == keys[lo:hi].tobytes()
+            np.testing.assert_array_equal(ks.column_rows(m, "sample_id", lo, hi).compute(), ids[lo:hi])
+            np.testing.assert_array_equal(ks.column_rows(m, "rope_pos", lo, hi).compute(), rope[lo:hi])
+        assert len(ks.spans(m, 0, N)) == 4 and len(ks.spans(m, 2, 3)) == 1
+        for index in (rng.integers(0, N, 3 * N), rng.permutation(N)[:7], np.zeros(0, int)):
+            for per_task in (1, 10**6):
+                got = ks._gather(m, ks._keys_sel(5, [2, 0]), index, rows_per_task=per_task)
+                assert got.dtype == np.float16 and got.tobytes() == keys[index].tobytes()
+            np.testing.assert_array_equal(ks.column_at(m, "sample_id", index), ids[index])
+    with pytest.raises(IndexError):
+        ks.keys_rows(5, "text", 0, N + 1)
+
+
 def test_v1_store_is_not_resumed_by_the_v2_writer(tmp_path):
     path = make_store(tmp_path / "v1", n_shards=1, writer=ShardWriterV1, version=1)
     with pytest.raises(ValueError, match="format version 1"):
@@ -234,6 +258,10 @@ def test_damage_is_named_found_repaired_and_redone(tmp_path, kind):
     with pytest.raises(StoreDamaged, match=f"shard s000001/image/.*{message}"):
         ks.keys(3, "image").compute()
         ks.tokens("image")
+    with pytest.raises(StoreDamaged, match=f"shard s000001/image/.*{message}"):  # coarse reads name it too
+        N = ks.n_tokens()["image"]
+        ks.keys_rows(3, "image", 0, N).compute()
+        ks.column_at("image", "sample_id", np.arange(N))
     found = verify_store(path)
     assert {d.shard for d in found} == {"s000001"}
     quick = verify_store(path, quick=True)  # files and sizes only: finds all but a same-size flip

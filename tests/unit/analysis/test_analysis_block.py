@@ -82,3 +82,17 @@ def test_block_estimator_is_centred_and_covers_token_level_is_biased(fn, comp_na
     assert 0.85 <= coverage, coverage
     t_mean, t_se, _ = replicate(fn, comp_name, "token")
     assert abs(t_mean) > 5 * t_se and abs(t_mean) > 5 * se_mean, (t_mean, t_se, se_mean)
+
+
+def test_kept_per_sample_sums_hold_only_the_primary_config():
+    """The per-sample sums kept for permutations are the first config's only, not views that keep every
+    config's (S, C, 2, D) block alive in the driver's accumulator (its memory grew with the blocks)."""
+    configs = [FeatureConfig("none", k, m) for k in ("rbf", "laplacian") for m in (0.5, 1.0, 2.0)]
+    target = TargetPlan(heads=[0], bandwidth={"none": 2.0}, centre_d=np.zeros(4), scale_d=np.ones(4))
+    plan = ChunkPlan(draw_frequencies(4, 16, orthogonal=True, seed=0), configs, [], {0: target}, Buckets(4, 0),
+                     max_units=100)
+    rng = np.random.default_rng(0)
+    item = {m: (rng.standard_normal((30, 1, 4)), np.repeat(np.arange(10), 3)) for m in ("image", "text")}
+    for sums in chunk_sums(item, plan)[0].by_mod.values():
+        (rf,) = sums.unit_rf
+        assert rf.shape == (10, 2, 16) and rf.base is None

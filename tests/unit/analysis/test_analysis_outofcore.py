@@ -74,21 +74,25 @@ def test_distributed_local_cluster_equals_threads(tmp_path):
     assert dist == pytest.approx(threads, rel=1e-9)
 
 
-def test_distributed_analysis_equals_threaded(tmp_path):
-    """A dask.distributed LocalCluster of 2 worker processes gives the threaded run's table (mergeable sums)."""
+@pytest.mark.parametrize("store", ["fake", "real"])
+def test_distributed_analysis_equals_threaded(tmp_path, store):
+    """A dask.distributed LocalCluster of 2 worker processes gives the threaded run's table (mergeable sums):
+    over dask arrays (a fake store) and over a real store's coarse reads (tasks carry their shards' spans)."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).parent))
     from analysis_fakes import make_store
+    from test_analysis_streaming import write_store
 
     from kscale.spec.analyze import AnalyzeConfig, EmbedConfig, MMDConfig, SignificanceConfig
     from kscale.analysis.run import analyze
 
-    ks = make_store(n_samples=24, layers=(0,), n_heads=2, head_dim=6, chunk_rows=40)
+    ks = (make_store(n_samples=24, layers=(0,), n_heads=2, head_dim=6, chunk_rows=40) if store == "fake"
+          else write_store(tmp_path / "store", chunk_tokens=4, n_shards=8, per_shard=3))
 
     def run(scheduler, name):
-        cfg = AnalyzeConfig(stores=["unused"], estimators=["mmd_rf", "jsd_hist"],
+        cfg = AnalyzeConfig(stores=["unused"], layers=[0], estimators=["mmd_rf", "jsd_hist"],
                             mmd=MMDConfig(n_features=64, median_subsample=100, max_accumulator_mb=1),
                             significance=SignificanceConfig(n_buckets=8, permutations=0),
                             embed=EmbedConfig(methods=[]),

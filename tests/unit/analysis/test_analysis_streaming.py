@@ -2,7 +2,9 @@
 reference that loads every token's sample id and all keys in memory (the path the stage used before)."""
 
 import dataclasses
+import tracemalloc
 
+import dask
 import numpy as np
 import pandas as pd
 import pytest
@@ -12,7 +14,7 @@ import kscale.store
 from kscale.spec.analyze import AnalyzeConfig, DaskConfig, EmbedConfig, MMDConfig, SignificanceConfig
 from kscale.analysis.features import draw_frequencies
 from kscale.analysis.run import analyze
-from kscale.analysis.source import block_plan
+from kscale.analysis.source import block_plan, index_block_plan
 from kscale.store.layout import STORE_FORMAT
 from kscale.store.writer import ShardWriter
 
@@ -52,17 +54,74 @@ def test_token_column_is_lazy_and_aligned_with_keys(tmp_path):
         ks.token_column("text", "nope")
 
 
-def test_joint_blocks_hold_whole_samples(tmp_path):
+@pytest.mark.parametrize("planner", ["stream", "index"])
+@pytest.mark.parametrize("max_rows,max_samples", [(20, 3), (1000, 5), (1, 1)])
+def test_joint_blocks_hold_whole_samples(tmp_path, planner, max_rows, max_samples):
+    """Streamed ids (any store) or the index (whole shards, a shard cut into samples only when it alone
+    exceeds a block: here 4 samples per shard)."""
     ks = write_store(tmp_path / "s")
     cols = {m: ks.token_column(m, "sample_id") for m in ("image", "text")}
-    plan = block_plan(cols, max_rows=20, max_samples=3, where="test")
+    plan = (block_plan(cols, max_rows, max_samples, "test") if planner == "stream"
+            else index_block_plan(ks, ["image", "text"], max_rows, max_samples, "test"))
     for mod, col in cols.items():
         ids = col.compute()
         edges = np.cumsum((0,) + plan.rows[mod])
         assert edges[-1] == len(ids)
         blocks = [set(ids[a:b]) for a, b in zip(edges[:-1], edges[1:])]
         assert all(not (a & b) for i, a in enumerate(blocks) for b in blocks[i + 1:])  # no sample in two
-        assert all(len(b) <= 3 for b in blocks)
+        assert all(len(b) <= max_samples for b in blocks)
+    if planner == "index" and max_samples == 5:  # shards of 4 samples fit: blocks are whole shards
+        assert plan.n_blocks == 3
+
+
+def many_tiny_shards(path):
+    return write_store(path, chunk_tokens=4, n_shards=12, per_shard=2, seed=3)
+
+
+def test_a_block_reads_a_run_of_shards_in_one_task(tmp_path):
+    """Graph size follows the blocks, not the shards: 2 tasks (keys, sample ids) per block and modality."""
+    from kscale.analysis.source import joint_items, range_items
+
+    ks = many_tiny_shards(tmp_path / "s")
+    plan = index_block_plan(ks, ["image", "text"], 10**6, 5, "test")
+    assert plan.n_blocks == 6  # 12 shards of 2 samples, at most 5 samples a block: 2 whole shards each
+    items = range_items(ks, 1, [0, 1], plan)
+    tasks = {k for it in items for v in it.values() for d in v for k in d.__dask_graph__()}
+    assert len(tasks) == 2 * 2 * plan.n_blocks
+    per_shard = joint_items({m: ks.keys(1, m, [0, 1]) for m in plan.rows},
+                            {m: ks.token_column(m, "sample_id") for m in plan.rows}, plan)
+    assert len({k for it in per_shard for v in it.values() for d in v for k in d.__dask_graph__()}) > len(tasks)
+    for m in plan.rows:  # and the blocks' rows are the store's rows
+        got = np.concatenate([dask.compute(it[m][0])[0] for it in items])
+        np.testing.assert_array_equal(got, ks.keys(1, m, [0, 1]).compute())
+    one_per_sample = index_block_plan(ks, ["image", "text"], 10**6, 1, "test")
+    tracemalloc.start()
+    lazy = range_items(ks, 1, [0, 1], one_per_sample)
+    used = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    assert len(lazy) == 24 and used < 100 * len(lazy)  # items are built on demand (a block's reads: ~8 KB)
+
+
+def test_rows_of_many_blocks_equal_a_one_block_run(tmp_path):
+    """Many tiny shards read in coarse blocks of several shards: the same table as one block holding
+    the whole store (mergeable sums: equal up to summation order)."""
+    from kscale.analysis.run import _store_context
+    from kscale.analysis.stream import Runner
+
+    ks = many_tiny_shards(tmp_path / "s")
+
+    def run(accumulator_mb, name):
+        cfg = cfg_for("block")
+        cfg = dataclasses.replace(cfg, estimators=["mmd_rf", "jsd_hist"], comparisons=["cross"],
+                                  mmd=dataclasses.replace(cfg.mmd, max_accumulator_mb=accumulator_mb))
+        n_blocks = _store_context(cfg, ks, Runner(cfg.dask), None).blocks.n_blocks
+        return n_blocks, analyze(cfg, tmp_path / name, stores=[ks])
+
+    (many, a), (one, b) = run(1, "many"), run(4096, "one")
+    assert many >= 4 and one == 1
+    assert len(a) == len(b) > 0
+    for col in ("value", "se", "ci_low", "ci_high"):
+        np.testing.assert_allclose(a[col].astype(float), b[col].astype(float), rtol=1e-12, atol=1e-15)
 
 
 def cfg_for(estimator, **kw):
