@@ -201,15 +201,15 @@ def run_starts(sample_ids_N: np.ndarray) -> np.ndarray:
 
 
 def _bucket_add(acc_K: np.ndarray, bucket_S: np.ndarray, per_sample_S: np.ndarray) -> None:
-    """acc[k] += sum of per-sample rows in bucket k, rows in order (np.add.at is slow on wide rows; a one-hot
-    product does K times the work)."""
+    """acc[k] += sum of per-sample rows in bucket k (a one-hot product: np.add.at is slow on wide rows)."""
     if per_sample_S.size == 0:
         return
     if per_sample_S.ndim == 1:
         acc_K += np.bincount(bucket_S, weights=per_sample_S, minlength=len(acc_K))
         return
-    for k in np.unique(bucket_S).tolist():
-        acc_K[k] += per_sample_S[bucket_S == k].sum(0)
+    onehot_KS = np.zeros((len(acc_K), len(bucket_S)))
+    onehot_KS[bucket_S, np.arange(len(bucket_S))] = 1.0
+    acc_K += (onehot_KS @ per_sample_S.reshape(len(bucket_S), -1)).reshape(acc_K.shape)
 
 
 @dataclass(frozen=True)
