@@ -243,16 +243,38 @@ def _per_sample_rf(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: B
     freqs, D = plan.freqs, plan.freqs.directions_Dd.shape[0]
     out = np.zeros((len(smp.ids_S), len(plan.configs), 2, D))
     rows = max(1, min(plan.batch_rows, 2**24 // D))  # temporaries ~ rows x D
+    # Buffers reused across configs and batches: fresh N x D temporaries cost more in page faults than
+    # the arithmetic. Values are those of (z * scale).astype(dtype), cos/sin, float64 sums in row order.
+    arg_buf = np.empty((min(rows, len(x_Nd)), D), plan.dtype)
+    trig_buf = np.empty_like(arg_buf)
     for lo in range(0, len(x_Nd), rows):
         xb_Nd, idx_N = np.asarray(x_Nd[lo:lo + rows], np.float64), smp.index_N[lo:lo + rows]
-        starts_R = run_starts(idx_N)
+        runs = _runs(idx_N)
+        arg_ND, trig_ND = arg_buf[:len(xb_Nd)], trig_buf[:len(xb_Nd)]
         z_cache: dict[str, np.ndarray] = {}
         for c, cfg in enumerate(plan.configs):
             z_ND = _projection(xb_Nd, cfg.normalisation, target, freqs, z_cache)
-            arg_ND = (z_ND * rf_scale(freqs, cfg, target.bandwidth[cfg.normalisation])).astype(plan.dtype)
-            out[idx_N[starts_R], c, 0] += np.add.reduceat(np.cos(arg_ND), starts_R, axis=0, dtype=np.float64)
-            out[idx_N[starts_R], c, 1] += np.add.reduceat(np.sin(arg_ND), starts_R, axis=0, dtype=np.float64)
+            np.multiply(z_ND, rf_scale(freqs, cfg, target.bandwidth[cfg.normalisation]), out=arg_ND,
+                        casting="same_kind")
+            for part, trig in ((0, np.cos), (1, np.sin)):
+                trig(arg_ND, out=trig_ND)
+                _add_runs(out[:, c, part], trig_ND, idx_N, runs)
     return out
+
+
+def _runs(idx_N: np.ndarray) -> list[tuple[int, int]]:
+    """(start, end) of each run of equal ``idx_N`` values."""
+    starts = run_starts(idx_N)
+    return list(zip(starts.tolist(), np.r_[starts[1:], len(idx_N)].tolist()))
+
+
+def _add_runs(out_SD: np.ndarray, vals_ND: np.ndarray, idx_N: np.ndarray, runs: list[tuple[int, int]]) -> None:
+    """out[idx of run] += float64 column sums of each run, rows added in order (as ``np.add.reduceat``;
+    a plain sum per run avoids reduceat's slow casting loop)."""
+    tmp_D = np.empty(vals_ND.shape[1])
+    for lo, hi in runs:
+        np.sum(vals_ND[lo:hi], axis=0, dtype=np.float64, out=tmp_D)
+        out_SD[idx_N[lo]] += tmp_D
 
 
 def _projection(x_Nd: np.ndarray, how: str, target: TargetPlan, freqs: Frequencies,

@@ -156,18 +156,25 @@ def rf_mmd2(x: Side, y: Side, xy: CrossWithin | None = None, estimator: str = "b
 
 # --- exact, on a subsample -------------------------------------------------------------------------
 
-def kernel_block(sqdist_bb: np.ndarray, kernel: str, bandwidth: float) -> np.ndarray:
-    """Kernel values from squared distances: rbf exp(-r^2/2s^2), laplacian exp(-r/s)."""
+def kernel_block(sqdist_bb: np.ndarray, kernel: str, bandwidth: float, dist_bb: np.ndarray | None = None,
+                 ) -> np.ndarray:
+    """Kernel values from squared distances: rbf exp(-r^2/2s^2), laplacian exp(-r/s) (``dist_bb``: the
+    distances sqrt(sqdist), when the caller already has them)."""
     if kernel == "rbf":
-        return np.exp(-sqdist_bb / (2.0 * bandwidth**2))
-    if kernel == "laplacian":
-        return np.exp(-np.sqrt(sqdist_bb) / bandwidth)
-    raise ValueError(f"unknown kernel {kernel!r}")
+        out = np.divide(sqdist_bb, -(2.0 * bandwidth**2))
+    elif kernel == "laplacian":
+        out = np.negative(np.sqrt(sqdist_bb) if dist_bb is None else dist_bb)
+        out /= bandwidth
+    else:
+        raise ValueError(f"unknown kernel {kernel!r}")
+    return np.exp(out, out=out)
 
 
 def _sqdist(a_bd: np.ndarray, b_bd: np.ndarray) -> np.ndarray:
-    sq = (a_bd**2).sum(1)[:, None] + (b_bd**2).sum(1)[None, :] - 2.0 * a_bd @ b_bd.T
-    return np.maximum(sq, 0.0)
+    """max(|a|^2 + |b|^2 - 2 a.b, 0), computed in place (the same operations, one temporary)."""
+    sq = np.add.outer((a_bd**2).sum(1), (b_bd**2).sum(1))
+    sq -= 2.0 * a_bd @ b_bd.T
+    return np.maximum(sq, 0.0, out=sq)
 
 
 def _row_sums(a_nd: np.ndarray, b_md: np.ndarray, kernels: list[tuple[str, float]], same: bool,
@@ -183,8 +190,9 @@ def _row_sums(a_nd: np.ndarray, b_md: np.ndarray, kernels: list[tuple[str, float
             sq = _sqdist(a_nd[i:i + block], b_md[j:j + block])
             if same and i == j:
                 np.fill_diagonal(sq, np.inf)
+            dist = np.sqrt(sq) if any(k == "laplacian" for k, _ in kernels) else None
             for k, (kernel, bw) in enumerate(kernels):
-                kb = kernel_block(sq, kernel, bw)
+                kb = kernel_block(sq, kernel, bw, dist)
                 rows_kn[k, i:i + block] += kb.sum(1)
                 cols_km[k, j:j + block] += kb.sum(0)
     return rows_kn, cols_km
@@ -256,12 +264,16 @@ def _pair_sums(a_nd, b_md, ids_a, ids_b, bk_a, bk_b, kernels, K: int, exclude: s
             same = keep & (ba[:, None] == bb[None, :])
             out.count += [np.bincount(ba, keep.sum(1), K), np.bincount(bb, keep.sum(0), K),
                           np.bincount(ba, same.sum(1), K)]
+            drop, other = ~keep, ~same
+            dist = np.sqrt(sq) if any(k == "laplacian" for k, _ in kernels) else None
             for q, (kernel, bw) in enumerate(kernels):
-                kb = np.where(keep, kernel_block(sq, kernel, bw), 0.0)
+                kb = kernel_block(sq, kernel, bw, dist)
+                kb[drop] = 0.0
                 out.total_k[q] += kb.sum()
                 out.row_kK[q] += np.bincount(ba, kb.sum(1), K)
                 out.col_kK[q] += np.bincount(bb, kb.sum(0), K)
-                out.same_kK[q] += np.bincount(ba, np.where(same, kb, 0.0).sum(1), K)
+                kb[other] = 0.0
+                out.same_kK[q] += np.bincount(ba, kb.sum(1), K)
     return out
 
 
@@ -306,7 +318,7 @@ def median_bandwidth(pool_nd: np.ndarray, rule: str = "median", max_points: int 
     if len(pool_nd) > max_points:
         pool_nd = pool_nd[rng.choice(len(pool_nd), max_points, replace=False)]
     sq = _sqdist(np.asarray(pool_nd, np.float64), np.asarray(pool_nd, np.float64))
-    sq = sq[np.triu_indices(len(pool_nd), 1)]
+    sq = np.concatenate([sq[i, i + 1:] for i in range(len(sq) - 1)])  # the pairs i < j, as triu_indices
     if rule == "median":
         bw = float(np.sqrt(np.median(sq)))
     elif rule == "median_sq":

@@ -3,7 +3,9 @@
 For one layer and one comparison, blocks of keys are read one at a time (all selected heads at once);
 every target (each head, heads pooled) and every probe kind takes balanced Adam steps on the tokens of
 training buckets. A second pass scores held-out buckets: per-bucket sums of log-loss give the balanced
-held-out log-loss, the bound ``log 2 - L`` and a clustered SE. Memory: one block plus small models.
+held-out log-loss, the bound ``log 2 - L`` and a clustered SE. Memory: one block plus small models; a
+layer no larger than ``dask.chunk_mb`` is read once and kept (tiny stores: the reads would cost more
+than the probes).
 """
 
 from __future__ import annotations
@@ -40,6 +42,11 @@ def probe_rows(lc, n_samples: dict[str, int], joint: list[dict]) -> list[dict]:
 
     sc = lc.store
     items = {m: [it[m] for it in joint if it[m] is not None] for m in sc.mods}
+    layer_bytes = sum(sc.ks.keys(lc.layer, m, sc.heads).nbytes for m in sc.mods)
+    if layer_bytes <= lc.cfg.dask.chunk_mb * 2**20:  # a small layer is read once, not once per epoch and pass
+        flat = sc.runner.compute(*[a for m in sc.mods for pair in items[m] for a in pair])
+        it = iter(flat)
+        items = {m: [(next(it), next(it)) for _ in items[m]] for m in sc.mods}
     targets = {t: (pos, lc.plans[t]) for t, pos in lc.targets.items()}
 
     def ctx_rows(t):

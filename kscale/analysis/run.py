@@ -13,8 +13,8 @@ Per store: the sample ids are streamed once to cut the samples into sample-align
     pictures (embed.py)    classifier JSD bounds (second streaming loop)           (probes.py)
 
 Outputs in ``out_dir``: ``results.parquet`` / ``results.csv`` (the tidy table, columns in
-``rows.COLUMNS``), ``meta.json`` (config, versions, conventions), PNGs and ``report.html``
-(:func:`kscale.analysis.report.build_report`, which ``kscale report RUN_DIR`` calls).
+``rows.COLUMNS``), ``meta.json`` (config, versions, conventions), PNGs (:mod:`kscale.analysis.figures`)
+and ``report.html`` (:func:`kscale.analysis.report.build_report`, which ``kscale report RUN_DIR`` calls).
 """
 
 from __future__ import annotations
@@ -82,7 +82,8 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     df.to_parquet(out / "results.parquet", index=False)
     df.to_csv(out / "results.csv", index=False)
     (out / "meta.json").write_text(json.dumps(_meta(cfg, stores), indent=1, default=str))
-    from kscale.analysis.report import build_report, write_pictures
+    from kscale.analysis.figures import write_pictures
+    from kscale.analysis.report import build_report
 
     write_pictures(df, embeds, out, cfg)
     attention_beside_gap(stores, df, out)

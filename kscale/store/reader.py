@@ -273,6 +273,29 @@ class KeyStore:
             out = rope_lazy(out, self.token_column(modality, "rope_pos"), store_rotary(self))
         return out
 
+    def to_xarray(self, layer: int, modality: str, heads: list[int] | None = None, rope: bool = False):
+        """``keys(layer, modality, heads, rope)`` as a lazy (dask-backed) ``xarray.DataArray`` named ``key``.
+
+        Dims ``(token, kv_head, head_dim)``; coordinates ``kv_head`` (the model's KV head ids), ``head_dim``,
+        scalar ``layer`` and ``modality``, and per token the (lazy) columns of the token table
+        (``sample_id``, ``position``, ``token_id``, ``image_index``, ``rope_0``..``rope_{R-1}``), aligned
+        row for row: ``a.isel(token=(a.sample_id == 3).values)`` is one sample's keys, no join.
+        xarray is optional: ``pip install 'kscale[analysis]'``."""
+        xr = _import_xarray()
+        keys = self.keys(layer, modality, heads, rope)
+        heads = self.heads if heads is None else list(heads)
+        coords: dict[str, Any] = {"layer": layer, "modality": modality, "kv_head": ("kv_head", heads),
+                                  "head_dim": ("head_dim", np.arange(self.head_dim))}
+        for name in TABLE_COLUMNS:
+            col = self.token_column(modality, name)
+            if name == "rope_pos":
+                coords.update({f"rope_{r}": ("token", col[:, r]) for r in range(self.rope_rows)})
+            else:
+                coords[name] = ("token", col)
+        attrs = {"store": self.path, "rope": "post-RoPE (rebuilt)" if rope else "pre-RoPE (stored)",
+                 "key_dtype": self.attrs["key_dtype"]}
+        return xr.DataArray(keys, dims=("token", "kv_head", "head_dim"), coords=coords, name="key", attrs=attrs)
+
     def queries(self, layer: int, modality: str, rope: bool = False) -> da.Array:
         """Stored query vectors (``extract.attention.store_queries``), laid out like ``keys``."""
         from kscale.store.queries import read_queries
@@ -447,6 +470,15 @@ class KeyStore:
     def _check_modality(self, modality: str) -> None:
         if modality not in MODALITIES:
             raise StoreError(f"unknown modality {modality!r} (choose from {', '.join(MODALITIES)})")
+
+
+def _import_xarray():
+    try:
+        import xarray
+    except ImportError as err:  # optional dependency
+        raise ImportError("KeyStore.to_xarray needs xarray: pip install 'kscale[analysis]' (or pip install "
+                          "xarray)") from err
+    return xarray
 
 
 def open_store(path: str | Path) -> KeyStore:
