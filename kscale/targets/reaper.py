@@ -47,19 +47,31 @@ def _is_ray(p) -> bool:
         return False
 
 
-def _descendants(parent) -> dict[int, float]:
-    """Ray processes among the driver's children, and everything below them (workers, agents)."""
+def _ray_tree(driver_pid: int, known: dict[int, float]) -> dict[int, float]:
+    """``known`` plus, from one scan of the process table: the driver's Ray children, and every process below
+    them or below a ``known`` process that is still the one we recorded (Ray's head processes die with the
+    driver, so the agents and workers they started are found through ``known``, not through the driver)."""
     import psutil
 
-    out: dict[int, float] = {}
-    try:
-        for child in parent.children():
-            if child.pid == os.getpid() or not _is_ray(child):
-                continue
-            for p in [child, *child.children(recursive=True)]:
-                out[p.pid] = p.create_time()
-    except psutil.Error:
-        pass
+    kids: dict[int, list[int]] = {}
+    created: dict[int, float] = {}
+    for p in psutil.process_iter(["ppid", "create_time"]):
+        kids.setdefault(p.info["ppid"], []).append(p.pid)
+        created[p.pid] = p.info["create_time"] or 0.0
+    out = dict(known)
+    roots = [pid for pid, c in known.items() if abs(created.get(pid, -1.0) - c) < 0.01]
+    for pid in kids.get(driver_pid, []):
+        if pid != os.getpid() and pid not in out:
+            try:
+                if _is_ray(psutil.Process(pid)):
+                    roots.append(pid)
+            except psutil.Error:
+                pass
+    while roots:
+        pid = roots.pop()
+        if pid in created:
+            out[pid] = created[pid]
+            roots.extend(k for k in kids.get(pid, []) if k not in out)
     return out
 
 
@@ -73,26 +85,29 @@ def _alive(pid: int, created: float):
         return None
 
 
-def watch(driver_pid: int, grace_s: float) -> None:
+def watch(driver_pid: int, grace_s: float, poll_s: float = 0.25) -> None:
+    """Follow the driver's Ray tree until our stdin closes or the driver is gone; then reap that tree."""
     import psutil
 
     try:
-        parent = psutil.Process(driver_pid)
+        driver_created = psutil.Process(driver_pid).create_time()
     except psutil.Error:
         return
     known: dict[int, float] = {}
     while True:
-        ready, _, _ = select.select([sys.stdin], [], [], 0.5)
+        ready, _, _ = select.select([sys.stdin], [], [], poll_s)
         if ready and not os.read(sys.stdin.fileno(), 4096):
             break  # EOF: the driver is gone or done with Ray
-        known.update(_descendants(parent))
-        if not parent.is_running():
+        known = _ray_tree(driver_pid, known)
+        if _alive(driver_pid, driver_created) is None:
             break
-    known.update(_descendants(parent))  # still valid when the driver only closed the pipe
-    deadline = time.time() + grace_s
-    while time.time() < deadline and any(_alive(p, c) for p, c in known.items()):
-        time.sleep(0.2)
+    known = _ray_tree(driver_pid, known)  # still valid when the driver only closed the pipe
+    if _alive(driver_pid, driver_created) is not None:  # a clean ray.shutdown(): let Ray's processes exit
+        deadline = time.time() + grace_s
+        while time.time() < deadline and any(_alive(p, c) for p, c in known.items()):
+            time.sleep(0.2)
     for sig_kill in (False, True):
+        known = _ray_tree(driver_pid, known)  # what the dying tree started meanwhile
         left = [p for p in (_alive(p, c) for p, c in known.items()) if p is not None]
         for p in left:
             try:
