@@ -1,18 +1,23 @@
 """A watchdog for embedded local Ray: when the driver dies, its Ray processes die within seconds.
 
 Ray's head processes (GCS, raylet, dashboard and its agents) and workers are all descendants of the driver
-that called ``ray.init()``; killed hard (SIGKILL, OOM), the driver leaves them running for a minute or more.
-``start_reaper()`` (called by :func:`kscale.runner.ray_session` after an embedded ``ray.init``) starts
-``python -m kscale.targets.reaper PID``, which keeps a fresh list of the driver's descendants (pid and
-creation time, refreshed every 0.5 s) and, as soon as its stdin pipe from the driver closes (the driver
-died, or shut Ray down and called :func:`stop_reaper`), gives them ``grace_s`` to exit, then SIGTERMs and
-finally SIGKILLs those still there. Only Ray processes (and what they started) of that list are signalled, each checked against its
-recorded creation time, so a reused pid is never touched, and nothing outside this driver's tree is.
+that called ``ray.init()``; killed hard (SIGKILL, OOM), the driver takes GCS, raylet and dashboard with it
+(Ray's own fate sharing) but leaves the raylet's agents and workers running for a minute or more.
+:func:`kscale.runner.ray_session` calls ``start_reaper()`` *before* an embedded ``ray.init`` (a driver killed
+while Ray starts is covered too); it starts ``python -m kscale.targets.reaper PID``, which keeps a list of the
+driver's Ray processes and everything below them (pid and creation time, one scan of the process table every
+0.25 s) and learns the Ray session folder (``.../session_<date>_<PID>``) from the head's arguments. As soon
+as its stdin pipe from the driver closes (the driver died, or shut Ray down and called :func:`stop_reaper`)
+it adds the Ray processes holding a file of that session open (orphans started after the last scan inherit
+the raylet's log file), gives the list ``grace_s`` to exit if the driver still lives (none if it died), then
+SIGTERMs and finally SIGKILLs those still there. Each pid is checked against its recorded creation time, so
+a reused pid is never touched, and nothing outside this driver's tree or session is.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import sys
@@ -41,7 +46,7 @@ def _is_ray(p) -> bool:
     import psutil
 
     try:
-        return p.name() in ("gcs_server", "raylet") or p.name().startswith("ray::") or any(
+        return p.name() in ("gcs_server", "raylet") or p.name().startswith(("ray::", "ray-dashboard-")) or any(
             "/ray/" in a for a in p.cmdline()[:3])
     except psutil.Error:
         return False
@@ -75,6 +80,40 @@ def _ray_tree(driver_pid: int, known: dict[int, float]) -> dict[int, float]:
     return out
 
 
+def _session_dir(driver_pid: int, known: dict[int, float]) -> str | None:
+    """The embedded Ray's session folder, ``.../session_<date>_<driver pid>``, from a head process's arguments."""
+    import psutil
+
+    pattern = re.compile(rf"(/\S*?/session_[0-9_-]+_{driver_pid})(?:/|$)")
+    for pid, created in known.items():
+        p = _alive(pid, created)
+        try:
+            found = [m.group(1) for m in map(pattern.search, p.cmdline() if p else []) if m]
+        except psutil.Error:
+            continue
+        if found:
+            return found[0]
+    return None
+
+
+def _session_members(session: str, since: float) -> dict[int, float]:
+    """Ray processes started since ``since`` that hold a file of ``session`` open (workers and agents inherit
+    the raylet's log file): the orphans of a raylet that died with the driver before a poll saw them."""
+    import psutil
+
+    out: dict[int, float] = {}
+    for p in psutil.process_iter(["create_time"]):
+        created = p.info["create_time"] or 0.0
+        if created < since - 0.05 or p.pid == os.getpid():
+            continue
+        try:
+            if _is_ray(p) and any(f.path.startswith(session + "/") for f in p.open_files()):
+                out[p.pid] = created
+        except psutil.Error:
+            pass
+    return out
+
+
 def _alive(pid: int, created: float):
     import psutil
 
@@ -94,11 +133,13 @@ def watch(driver_pid: int, grace_s: float, poll_s: float = 0.25) -> None:
     except psutil.Error:
         return
     known: dict[int, float] = {}
+    session = None
     while True:
         ready, _, _ = select.select([sys.stdin], [], [], poll_s)
         if ready and not os.read(sys.stdin.fileno(), 4096):
             break  # EOF: the driver is gone or done with Ray
         known = _ray_tree(driver_pid, known)
+        session = session or _session_dir(driver_pid, known)
         if _alive(driver_pid, driver_created) is None:
             break
     known = _ray_tree(driver_pid, known)  # still valid when the driver only closed the pipe
@@ -108,6 +149,8 @@ def watch(driver_pid: int, grace_s: float, poll_s: float = 0.25) -> None:
             time.sleep(0.2)
     for sig_kill in (False, True):
         known = _ray_tree(driver_pid, known)  # what the dying tree started meanwhile
+        if session:
+            known = {**_session_members(session, driver_created), **known}
         left = [p for p in (_alive(p, c) for p, c in known.items()) if p is not None]
         for p in left:
             try:
