@@ -186,12 +186,12 @@ def _watch_tree(proc: subprocess.Popen, ready, timeout: float = 240) -> dict[int
     raise AssertionError(f"not ready (driver exit {proc.poll()}): {sorted(names)}")
 
 
-@pytest.mark.parametrize("when", ["starting", "running"])
+@pytest.mark.parametrize("when", ["starting", pytest.param("running", marks=pytest.mark.slow)])
 def test_killed_driver_leaves_no_ray_behind(tmp_path, when):
     """SIGKILL of the driver (no handler runs): every Ray process it started is gone within 10 s. "starting":
-    killed as Ray's agents appear, before ``ray.init`` returns (the agents used to live ~60 s more);
-    "running": killed once a shard actor works. Ray's own start-up may take minutes under load: only the
-    time after the kill is bounded."""
+    killed as Ray's agents appear, before ``ray.init`` returns (the agents used to live ~60 s more); in the
+    default suite. "running" (slow: a worker loads the model first): killed once a shard actor works. Ray's
+    own start-up may take minutes under load: only the time after the kill is bounded."""
     job, d = _write_job(tmp_path, "killme", resources={"executor": "ray", "workers": 1})
     proc = _start(tmp_path, job)
     if when == "starting":
