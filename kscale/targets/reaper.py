@@ -144,9 +144,7 @@ def watch(driver_pid: int, grace_s: float, poll_s: float = 0.25) -> None:
             break
     known = _ray_tree(driver_pid, known)  # still valid when the driver only closed the pipe
     if _alive(driver_pid, driver_created) is not None:  # a clean ray.shutdown(): let Ray's processes exit
-        deadline = time.time() + grace_s
-        while time.time() < deadline and any(_alive(p, c) for p, c in known.items()):
-            time.sleep(0.2)
+        _wait_gone(known, grace_s)
     for sig_kill in (False, True):
         known = _ray_tree(driver_pid, known)  # what the dying tree started meanwhile
         if session:
@@ -159,7 +157,15 @@ def watch(driver_pid: int, grace_s: float, poll_s: float = 0.25) -> None:
                 pass
         if not left:
             return
-        psutil.wait_procs(left, timeout=2.0)
+        _wait_gone(known, 2.0)
+
+
+def _wait_gone(known: dict[int, float], timeout: float) -> None:
+    """Wait until every process of ``known`` has exited; a zombie (dead, not yet reaped by its new parent)
+    counts as gone, where ``psutil.wait_procs`` would wait for the reaping."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(p, c) for p, c in known.items()):
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":

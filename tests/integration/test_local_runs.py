@@ -222,7 +222,9 @@ def test_killed_driver_leaves_no_ray_behind(tmp_path, when):
     for p in alive:  # leave no stray Ray on a shared machine when this fails: only processes this test started
         p.kill()
     assert not survivors, f"alive 10 s after the driver's SIGKILL: {survivors}"
-    print(f"{when}: {len(seen)} processes {sorted(names)}, all gone {time.time() - t_kill:.1f} s after SIGKILL")
+    after_init = "Ray dashboard at" in (proc.stdout.read() if proc.stdout else "")
+    print(f"{when}: {len(seen)} processes {sorted(names)}, all gone {time.time() - t_kill:.1f} s after SIGKILL"
+          f" (ray.init had {'' if after_init else 'not '}returned)")
     assert _runs(tmp_path)[0]["state"] == "DIED"  # newest first
 
 
