@@ -56,13 +56,17 @@ def ray_session(spec: JobSpec, address: str | None, dashboard: bool = True, quie
     else:
         r = spec.resources
         need_cpus = max(os.cpu_count() or 1, int(r.workers * r.cpus_per_worker + 0.999))
-        with _loopback_only():
-            ctx = ray.init(num_cpus=need_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                           _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=True,
-                           logging_level="warning")
-        from kscale.targets.reaper import start_reaper
+        from kscale.targets.reaper import start_reaper, stop_reaper
 
-        reaper = start_reaper()
+        reaper = start_reaper()  # before ray.init: a driver killed while Ray starts leaves nothing either
+        try:
+            with _loopback_only():
+                ctx = ray.init(num_cpus=need_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                               _node_ip_address="127.0.0.1", log_to_driver=True, configure_logging=True,
+                               logging_level="warning")
+        except BaseException:
+            stop_reaper(reaper)  # reaps what a failed or interrupted start left
+            raise
     if callable(our_sigterm):  # the CLI's clean stop (kscale.targets.local): KeyboardInterrupt, then shutdown
         signal.signal(signal.SIGTERM, our_sigterm)
     url = getattr(ctx, "dashboard_url", None)

@@ -1,18 +1,23 @@
 """A watchdog for embedded local Ray: when the driver dies, its Ray processes die within seconds.
 
 Ray's head processes (GCS, raylet, dashboard and its agents) and workers are all descendants of the driver
-that called ``ray.init()``; killed hard (SIGKILL, OOM), the driver leaves them running for a minute or more.
-``start_reaper()`` (called by :func:`kscale.runner.ray_session` after an embedded ``ray.init``) starts
-``python -m kscale.targets.reaper PID``, which keeps a fresh list of the driver's descendants (pid and
-creation time, refreshed every 0.5 s) and, as soon as its stdin pipe from the driver closes (the driver
-died, or shut Ray down and called :func:`stop_reaper`), gives them ``grace_s`` to exit, then SIGTERMs and
-finally SIGKILLs those still there. Only Ray processes (and what they started) of that list are signalled, each checked against its
-recorded creation time, so a reused pid is never touched, and nothing outside this driver's tree is.
+that called ``ray.init()``; killed hard (SIGKILL, OOM), the driver takes GCS, raylet and dashboard with it
+(Ray's own fate sharing) but leaves the raylet's agents and workers running for a minute or more.
+:func:`kscale.runner.ray_session` calls ``start_reaper()`` *before* an embedded ``ray.init`` (a driver killed
+while Ray starts is covered too); it starts ``python -m kscale.targets.reaper PID``, which keeps a list of the
+driver's Ray processes and everything below them (pid and creation time, one scan of the process table every
+0.25 s) and learns the Ray session folder (``.../session_<date>_<PID>``) from the head's arguments. As soon
+as its stdin pipe from the driver closes (the driver died, or shut Ray down and called :func:`stop_reaper`)
+it adds the Ray processes holding a file of that session open (orphans started after the last scan inherit
+the raylet's log file), gives the list ``grace_s`` to exit if the driver still lives (none if it died), then
+SIGTERMs and finally SIGKILLs those still there. Each pid is checked against its recorded creation time, so
+a reused pid is never touched, and nothing outside this driver's tree or session is.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import select
 import subprocess
 import sys
@@ -41,25 +46,71 @@ def _is_ray(p) -> bool:
     import psutil
 
     try:
-        return p.name() in ("gcs_server", "raylet") or p.name().startswith("ray::") or any(
+        return p.name() in ("gcs_server", "raylet") or p.name().startswith(("ray::", "ray-dashboard-")) or any(
             "/ray/" in a for a in p.cmdline()[:3])
     except psutil.Error:
         return False
 
 
-def _descendants(parent) -> dict[int, float]:
-    """Ray processes among the driver's children, and everything below them (workers, agents)."""
+def _ray_tree(driver_pid: int, known: dict[int, float]) -> dict[int, float]:
+    """``known`` plus, from one scan of the process table: the driver's Ray children, and every process below
+    them or below a ``known`` process that is still the one we recorded (Ray's head processes die with the
+    driver, so the agents and workers they started are found through ``known``, not through the driver)."""
+    import psutil
+
+    kids: dict[int, list[int]] = {}
+    created: dict[int, float] = {}
+    for p in psutil.process_iter(["ppid", "create_time"]):
+        kids.setdefault(p.info["ppid"], []).append(p.pid)
+        created[p.pid] = p.info["create_time"] or 0.0
+    out = dict(known)
+    roots = [pid for pid, c in known.items() if abs(created.get(pid, -1.0) - c) < 0.01]
+    for pid in kids.get(driver_pid, []):
+        if pid != os.getpid() and pid not in out:
+            try:
+                if _is_ray(psutil.Process(pid)):
+                    roots.append(pid)
+            except psutil.Error:
+                pass
+    while roots:
+        pid = roots.pop()
+        if pid in created:
+            out[pid] = created[pid]
+            roots.extend(k for k in kids.get(pid, []) if k not in out)
+    return out
+
+
+def _session_dir(driver_pid: int, known: dict[int, float]) -> str | None:
+    """The embedded Ray's session folder, ``.../session_<date>_<driver pid>``, from a head process's arguments."""
+    import psutil
+
+    pattern = re.compile(rf"(/\S*?/session_[0-9_-]+_{driver_pid})(?:/|$)")
+    for pid, created in known.items():
+        p = _alive(pid, created)
+        try:
+            found = [m.group(1) for m in map(pattern.search, p.cmdline() if p else []) if m]
+        except psutil.Error:
+            continue
+        if found:
+            return found[0]
+    return None
+
+
+def _session_members(session: str, since: float) -> dict[int, float]:
+    """Ray processes started since ``since`` that hold a file of ``session`` open (workers and agents inherit
+    the raylet's log file): the orphans of a raylet that died with the driver before a poll saw them."""
     import psutil
 
     out: dict[int, float] = {}
-    try:
-        for child in parent.children():
-            if child.pid == os.getpid() or not _is_ray(child):
-                continue
-            for p in [child, *child.children(recursive=True)]:
-                out[p.pid] = p.create_time()
-    except psutil.Error:
-        pass
+    for p in psutil.process_iter(["create_time"]):
+        created = p.info["create_time"] or 0.0
+        if created < since - 0.05 or p.pid == os.getpid():
+            continue
+        try:
+            if _is_ray(p) and any(f.path.startswith(session + "/") for f in p.open_files()):
+                out[p.pid] = created
+        except psutil.Error:
+            pass
     return out
 
 
@@ -73,26 +124,31 @@ def _alive(pid: int, created: float):
         return None
 
 
-def watch(driver_pid: int, grace_s: float) -> None:
+def watch(driver_pid: int, grace_s: float, poll_s: float = 0.25) -> None:
+    """Follow the driver's Ray tree until our stdin closes or the driver is gone; then reap that tree."""
     import psutil
 
     try:
-        parent = psutil.Process(driver_pid)
+        driver_created = psutil.Process(driver_pid).create_time()
     except psutil.Error:
         return
     known: dict[int, float] = {}
+    session = None
     while True:
-        ready, _, _ = select.select([sys.stdin], [], [], 0.5)
+        ready, _, _ = select.select([sys.stdin], [], [], poll_s)
         if ready and not os.read(sys.stdin.fileno(), 4096):
             break  # EOF: the driver is gone or done with Ray
-        known.update(_descendants(parent))
-        if not parent.is_running():
+        known = _ray_tree(driver_pid, known)
+        session = session or _session_dir(driver_pid, known)
+        if _alive(driver_pid, driver_created) is None:
             break
-    known.update(_descendants(parent))  # still valid when the driver only closed the pipe
-    deadline = time.time() + grace_s
-    while time.time() < deadline and any(_alive(p, c) for p, c in known.items()):
-        time.sleep(0.2)
+    known = _ray_tree(driver_pid, known)  # still valid when the driver only closed the pipe
+    if _alive(driver_pid, driver_created) is not None:  # a clean ray.shutdown(): let Ray's processes exit
+        _wait_gone(known, grace_s)
     for sig_kill in (False, True):
+        known = _ray_tree(driver_pid, known)  # what the dying tree started meanwhile
+        if session:
+            known = {**_session_members(session, driver_created), **known}
         left = [p for p in (_alive(p, c) for p, c in known.items()) if p is not None]
         for p in left:
             try:
@@ -101,7 +157,15 @@ def watch(driver_pid: int, grace_s: float) -> None:
                 pass
         if not left:
             return
-        psutil.wait_procs(left, timeout=2.0)
+        _wait_gone(known, 2.0)
+
+
+def _wait_gone(known: dict[int, float], timeout: float) -> None:
+    """Wait until every process of ``known`` has exited; a zombie (dead, not yet reaped by its new parent)
+    counts as gone, where ``psutil.wait_procs`` would wait for the reaping."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and any(_alive(p, c) for p, c in known.items()):
+        time.sleep(0.1)
 
 
 if __name__ == "__main__":
