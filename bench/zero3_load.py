@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -130,24 +131,27 @@ def main() -> None:
         rank_main(*args.rank_worker)
         return
     tmp = Path(tempfile.mkdtemp(prefix="kscale-zero3-"))
-    model_bytes = build(tmp / "model", args.hidden, args.layers)
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    print(f"model: {model_bytes / 2**30:.2f} GiB of fp32 parameters, 2 gloo ranks on CPU")
-    print(f"{'load':12s} {'rank':>4s} {'seconds':>8s} {'peak RSS':>10s} {'x model':>8s} {'peak anon':>10s} "
-          f"{'x model':>8s} {'params held':>12s} {'imports (anon)':>15s}")
-    for mode in ("full", "partitioned"):
-        port = str(29500 + os.getpid() % 1000)
-        subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
-                        __file__, "--rank-worker", str(tmp / "model"), mode, str(tmp)], env=env, check=True,
-                       stdout=subprocess.DEVNULL)
-        for r in range(2):
-            rec = json.loads((tmp / f"{mode}-rank{r}.json").read_text())
-            print(f"{mode:12s} {r:4d} {rec['seconds']:8.1f} {rec['peak_VmRSS'] / 2**30:9.2f}G "
-                  f"{rec['peak_VmRSS'] / model_bytes:8.2f} {rec['peak_RssAnon'] / 2**30:9.2f}G "
-                  f"{rec['peak_RssAnon'] / model_bytes:8.2f} {rec['local_params'] * 4 / model_bytes:11.2f}x "
-                  f"{rec['imports_RssAnon'] / 2**20:12.0f} MB")
+    try:  # a 1 GB model per run: removed at the end
+        model_bytes = build(tmp / "model", args.hidden, args.layers)
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+        for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+            env.pop(k, None)
+        print(f"model: {model_bytes / 2**30:.2f} GiB of fp32 parameters, 2 gloo ranks on CPU")
+        print(f"{'load':12s} {'rank':>4s} {'seconds':>8s} {'peak RSS':>10s} {'x model':>8s} {'peak anon':>10s} "
+              f"{'x model':>8s} {'params held':>12s} {'imports (anon)':>15s}")
+        for mode in ("full", "partitioned"):
+            port = str(29500 + os.getpid() % 1000)
+            subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                            __file__, "--rank-worker", str(tmp / "model"), mode, str(tmp)], env=env, check=True,
+                           stdout=subprocess.DEVNULL)
+            for r in range(2):
+                rec = json.loads((tmp / f"{mode}-rank{r}.json").read_text())
+                print(f"{mode:12s} {r:4d} {rec['seconds']:8.1f} {rec['peak_VmRSS'] / 2**30:9.2f}G "
+                      f"{rec['peak_VmRSS'] / model_bytes:8.2f} {rec['peak_RssAnon'] / 2**30:9.2f}G "
+                      f"{rec['peak_RssAnon'] / model_bytes:8.2f} {rec['local_params'] * 4 / model_bytes:11.2f}x "
+                      f"{rec['imports_RssAnon'] / 2**20:12.0f} MB")
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":
