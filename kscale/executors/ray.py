@@ -122,7 +122,7 @@ class RayExecutor(ShardPool):
                     starting[i] = False
                 try:
                     result = ray.get(ready[0])
-                    if not current:  # its commit was on the actor that is gone
+                    if call == "start" and not current:  # its commit was on the actor that is gone
                         raise ray.exceptions.RayActorError()
                 except ray.exceptions.RayActorError as e:  # the worker process died (each of its calls says so)
                     err = f"worker died: {type(e).__name__}: {_gist(str(e))}"
