@@ -6,7 +6,8 @@ outputs to the host, select, cast, append, commit in turn) and the pipelined pat
 cast where the layer ran, writes and the commit on the drain thread behind the next forwards). Each is
 timed over ``--pipeline-shards`` consecutive shards of ``--samples`` samples (the pipelined path waits for
 its last commit inside the time). Prints medians per shard, the ratios (goal <= 1.10 on CPU), MB/s
-written, and the split of the synchronous path's time.
+written, the split of the synchronous path's time, and the CPU seconds of every thread of the process
+per shard (``time.process_time``; on a machine others load, steadier than wall time).
 
     python bench/extract_overhead.py [--samples 32] [--batch 4] [--repeats 5] [--device cpu]
 """
@@ -145,19 +146,17 @@ def main() -> None:
             parts[key] = 0.0
         per = args.pipeline_shards
         tp, tb, ta = [], [], []
+        cpu: dict[str, list[float]] = {"plain": [], "before": [], "after": []}
         for _ in range(args.repeats):  # interleaved, so drift hits all three
-            t = time.perf_counter()
-            for _ in range(per):
-                plain()
-            tp.append((time.perf_counter() - t) / per)
-            t = time.perf_counter()
-            for _ in range(per):
-                before()
-            tb.append((time.perf_counter() - t) / per)
-            t = time.perf_counter()
-            after(per)
-            ta.append((time.perf_counter() - t) / per)
+            for name, runs, fn in (("plain", tp, lambda: [plain() for _ in range(per)]),
+                                   ("before", tb, lambda: [before() for _ in range(per)]),
+                                   ("after", ta, lambda: after(per))):
+                t, c = time.perf_counter(), time.process_time()
+                fn()
+                runs.append((time.perf_counter() - t) / per)
+                cpu[name].append((time.process_time() - c) / per)
         mp, mb, ma = statistics.median(tp), statistics.median(tb), statistics.median(ta)
+        cp, cb, ca = (statistics.median(cpu[k]) for k in ("plain", "before", "after"))
         n_tok = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
         print(f"model: hidden 512, 8 layers, 4 KV heads x 64; {args.samples} samples of "
               f"{args.image_size}px, {n_tok} tokens, batch {args.batch}, device {lm.device}, torch threads "
@@ -167,6 +166,8 @@ def main() -> None:
             print(f"{name:19s} median {m:.3f} s  ({args.samples / m:.1f} samples/s)   "
                   f"runs {[round(x, 3) for x in runs]}")
         print(f"ratio hooked/plain before {mb / mp:.3f}   after {ma / mp:.3f}  (goal <= 1.10)")
+        print(f"CPU seconds (all threads) per shard: plain {cp:.3f}, before {cb:.3f}, after {ca:.3f}; "
+              f"ratio before {cb / cp:.3f}, after {ca / cp:.3f} (steadier than wall time on a busy machine)")
         print(f"written            {written[0] / 1e6:.2f} MB of keys per shard, {written[0] / 1e6 / ma:.1f} MB/s after")
         tot = sum(parts.values())
         print("before: time split " + ", ".join(f"{k} {v / tot:.1%}" for k, v in parts.items()))

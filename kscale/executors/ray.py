@@ -1,8 +1,13 @@
 """A pool of named Ray actors that pull shards dynamically, with restarts, retries and quarantine.
 
-One actor per worker (``num_gpus`` from the spec; CPU actors where there is none). The driver keeps
-one shard in flight per actor; a dead actor (killed process, OOM, node loss) is replaced and its shard
-requeued; a shard that raises is retried up to ``resources.max_retries`` times, then quarantined with
+One actor per worker (``num_gpus`` from the spec; CPU actors where there is none). Each shard is two
+calls on its actor: ``start`` (the forwards; extraction's commit goes on on the actor's drain thread)
+and ``finish`` (waits for that commit and returns the marker, on a thread of its own). When shard k's
+``start`` returns the driver sends its ``finish`` and shard k+1's ``start`` at once, so shard k commits
+behind shard k+1's forwards, as in :class:`~kscale.executors.local.LocalExecutor`; a shard is reported
+done only when ``finish`` returned, i.e. its marker is on disk, and a failed background commit fails
+that shard, which is redone. A dead actor (killed process, OOM, node loss) is replaced and every shard
+it held is requeued; a shard that raises is retried up to ``resources.max_retries`` times, then quarantined with
 its error (the retry/quarantine rule is :class:`~kscale.executors.base.ShardPool`'s). Actors export counters with ``ray.util.metrics`` for the dashboard.
 """
 
@@ -11,14 +16,19 @@ from __future__ import annotations
 import importlib
 import os
 from collections import deque
+from concurrent.futures import Future
 
 import ray
 
 from kscale.executors.base import ShardPool
 
 
-@ray.remote
+@ray.remote(concurrency_groups={"commit": 1})
 class ShardActor:
+    """Holds a stage's state (the model) for many shards. ``start`` runs in the actor's default group, one
+    call at a time; ``finish`` in the ``commit`` group, on its own thread, so waiting for shard k's
+    commit never holds up shard k+1's forwards, and k is reported as soon as its marker is written."""
+
     def __init__(self, stage_module: str, spec, torch_threads: int):
         import torch
         from ray.util import metrics
@@ -27,6 +37,7 @@ class ShardActor:
         self.spec = spec
         self.stage = importlib.import_module(stage_module)
         self.state = self.stage.setup(spec)
+        self.commits: dict[str, Future] = {}  # shard name -> its commit, started and not yet finished
         tags = {"job": spec.name, "stage": spec.kind}
         keys = ("job", "stage")
         self.m_shards = metrics.Counter("kscale_shards_done", "Shards committed", tag_keys=keys)
@@ -37,8 +48,22 @@ class ShardActor:
         for m in (self.m_shards, self.m_samples, self.m_tokens, self.m_bytes, self.m_seconds):
             m.set_default_tags(tags)
 
-    def run(self, shard) -> dict:
-        marker = self.stage.run_shard(self.spec, shard, self.state)
+    def start(self, shard) -> None:
+        """Run the shard's forwards; its commit may go on behind the next ``start`` (``finish`` waits for it).
+
+        A stage with ``start_shard`` (extraction) returns its commit as a future; any other stage runs the
+        shard whole here. Raising here means nothing of the shard is still being written."""
+        if hasattr(self.stage, "start_shard"):
+            self.commits[shard.name] = self.stage.start_shard(self.spec, shard, self.state)
+        else:
+            done: Future = Future()
+            done.set_result(self.stage.run_shard(self.spec, shard, self.state))
+            self.commits[shard.name] = done
+
+    @ray.method(concurrency_group="commit")
+    def finish(self, name: str) -> dict:
+        """Wait for shard ``name``'s commit and return its marker; a failed background commit raises here."""
+        marker = self.commits.pop(name).result()
         self.m_shards.inc(1)
         for counter, value in ((self.m_samples, marker.get("n_samples_ok", 0)),
                                (self.m_tokens, sum(marker.get("tokens", {}).values())),
@@ -77,30 +102,48 @@ class RayExecutor(ShardPool):
         generation = [0] * n
         self.actors = [self._make_actor(spec, i, 0) for i in range(n)]
         pending = deque(shards)
-        inflight: dict = {}  # ObjectRef -> (worker index, shard)
-        idle = deque(range(n))
+        inflight: dict = {}  # ObjectRef -> (call, worker index, actor generation, shard)
+        starting = [False] * n  # a ``start`` in flight: the actor takes its next shard when it returns
+
+        def start(i: int) -> None:
+            if pending and not starting[i]:
+                shard = pending.popleft()
+                inflight[self.actors[i].start.remote(shard)] = ("start", i, generation[i], shard)
+                starting[i] = True
+
         try:
-            while pending or inflight:
-                while idle and pending:
-                    i, shard = idle.popleft(), pending.popleft()
-                    inflight[self.actors[i].run.remote(shard)] = (i, shard)
+            for i in range(n):
+                start(i)
+            while inflight:
                 ready, _ = ray.wait(list(inflight), num_returns=1)
-                for ref in ready:
-                    i, shard = inflight.pop(ref)
-                    try:
-                        self.done(ray.get(ref))
-                        idle.append(i)
-                        continue
-                    except ray.exceptions.RayActorError as e:  # the worker process died
-                        err = f"worker died: {type(e).__name__}: {_gist(str(e))}"
+                call, i, gen, shard = inflight.pop(ready[0])
+                current = gen == generation[i]  # else the actor was replaced since this call was sent
+                if call == "start" and current:
+                    starting[i] = False
+                try:
+                    result = ray.get(ready[0])
+                    if call == "start" and not current:  # its commit was on the actor that is gone
+                        raise ray.exceptions.RayActorError()
+                except ray.exceptions.RayActorError as e:  # the worker process died (each of its calls says so)
+                    err = f"worker died: {type(e).__name__}: {_gist(str(e))}"
+                    if current:
                         generation[i] += 1
                         self.actors[i] = self._make_actor(spec, i, generation[i])
-                    except ray.exceptions.RayTaskError as e:  # the shard raised
-                        cause = e.cause if e.cause is not None else e
-                        err = f"{type(cause).__name__}: {str(cause).splitlines()[0][:500] if str(cause) else ''}"
-                    idle.append(i)
-                    if self.failed(shard.name, err):
-                        pending.appendleft(shard)
+                        starting[i] = False
+                except ray.exceptions.RayTaskError as e:  # the shard raised (its forwards or its commit)
+                    cause = e.cause if e.cause is not None else e
+                    err = f"{type(cause).__name__}: {str(cause).splitlines()[0][:500] if str(cause) else ''}"
+                else:
+                    if call == "start":  # the next shard's forwards run while this one commits
+                        inflight[self.actors[i].finish.remote(shard.name)] = ("finish", i, gen, shard)
+                        start(i)
+                    else:  # committed: its marker is on disk
+                        self.done(result)
+                    continue
+                if self.failed(shard.name, err):
+                    pending.appendleft(shard)
+                for j in range(n):
+                    start(j)
         finally:
             for a in self.actors:
                 ray.kill(a, no_restart=True)

@@ -32,11 +32,13 @@ from pathlib import Path
 
 import numpy as np
 import zarr
-from zarr.codecs import Crc32cCodec, ZstdCodec
+from zarr.codecs import Crc32cCodec, ZstdCodec  # side tables (attention)
 
 from kscale.output import create_json_exclusive, read_json, write_json_atomic
-from kscale.store.layout import (FLAT_CHUNKS, KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
-                                 marker_path, shard_dir, staging_dir, token_fields)
+from kscale.store.chunks import write_array_meta, write_group_meta, write_key_shard, write_table_chunk
+from kscale.store.layout import (KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
+                                 keys_chunk_file, marker_path, shard_dir, staging_dir, token_fields,
+                                 tokens_chunk_file)
 
 
 class ShardCommitted(RuntimeError):
@@ -60,32 +62,25 @@ def token_table(cols: dict[str, np.ndarray], rope_rows: int) -> np.ndarray:
 
 class _ModalityBuffer:
     """Rows of one modality of one shard. Arrays are created at the first write with its size and
-    resized by later writes (only whole chunks until the final one)."""
+    resized by later writes (only whole chunks until the final one). Every file is written with
+    ``kscale.store.chunks`` (what zarr would write, without its per-chunk overhead)."""
 
-    def __init__(self, group: zarr.Group, modality: str, writer: ShardWriter):
-        self.g = group.create_group(modality)
-        self.w = writer
+    def __init__(self, modality: str, writer: ShardWriter):
+        self.folder, self.w = writer.dir / modality, writer
+        write_group_meta(self.folder, {})
         self.chunk, self.n_written = writer.chunk, 0
-        self.keys: zarr.Array | None = None
-        self.table: zarr.Array | None = None
+        self.c = 0  # rows per chunk file, fixed by the first write
         self.pending_keys: list[np.ndarray] = []
         self.pending_table: list[np.ndarray] = []
         self.n_pending = 0
 
-    def _create(self, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
-        L, N, H, D = keys_LNHD.shape
-        # A first write is either whole chunks or, in a shard holding fewer than chunk_tokens rows of this
-        # modality, all of them: then one chunk of exactly N rows (a fixed chunk would pad the file to
-        # chunk_tokens rows: 115 MB per modality for a 7B model). Readers cut blocks at chunk_tokens either way.
-        c = min(self.chunk, N)
-        compressors = [ZstdCodec(level=0), Crc32cCodec()] if self.w.compress_keys else [Crc32cCodec()]
-        self.keys = self.g.create_array(
-            "keys", data=keys_LNHD, chunks=(1, c, H, D), shards=(L, c, H, D), dimension_names=list(KEY_DIMS),
-            compressors=compressors, **FLAT_CHUNKS)
-        self.table = self.g.create_array(
-            "tokens", data=table_NF, chunks=(c, table_NF.shape[1]), dimension_names=list(TOKEN_DIMS),
-            compressors=[ZstdCodec(level=0), Crc32cCodec()], attributes={"fields": list(token_fields(self.w.R))},
-            **FLAT_CHUNKS)
+    def _meta(self, keys_LNHD: np.ndarray, table_NF: np.ndarray, n: int) -> None:
+        L, _, H, D = keys_LNHD.shape
+        c = self.c
+        write_array_meta(self.folder / "keys", (L, n, H, D), keys_LNHD.dtype, (L, c, H, D), KEY_DIMS, {},
+                         inner=(1, c, H, D), zstd=self.w.compress_keys)
+        write_array_meta(self.folder / "tokens", (n, table_NF.shape[1]), table_NF.dtype, (c, table_NF.shape[1]),
+                         TOKEN_DIMS, {"fields": list(token_fields(self.w.R))})
 
     def append(self, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
         self.pending_keys.append(keys_LNHD)
@@ -109,13 +104,19 @@ class _ModalityBuffer:
         self.n_pending = keys.shape[1] - n
 
     def _write(self, a: int, b: int, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
-        if self.keys is None:
-            self._create(keys_LNHD, table_NF)
-            return
-        self.keys.resize((keys_LNHD.shape[0], b, *keys_LNHD.shape[2:]))
-        self.keys[:, a:b] = keys_LNHD
-        self.table.resize((b, table_NF.shape[1]))
-        self.table[a:b] = table_NF
+        """Rows [a, b) (``a`` on a chunk boundary): the arrays' metadata, then each chunk file whole."""
+        if not self.c:
+            # A first write is either whole chunks or, in a shard holding fewer than chunk_tokens rows of this
+            # modality, all of them: then one chunk of exactly N rows (a fixed chunk would pad the file to
+            # chunk_tokens rows: 115 MB per modality for a 7B model). Readers cut blocks at chunk_tokens either way.
+            self.c = min(self.chunk, b - a)
+        c = self.c
+        assert a % c == 0, (a, c)
+        self._meta(keys_LNHD, table_NF, b)
+        for i in range(a, b, c):
+            write_key_shard(self.folder / "keys" / keys_chunk_file(i // c), keys_LNHD[:, i - a:i - a + c], c,
+                            self.w.compress_keys)
+            write_table_chunk(self.folder / "tokens" / tokens_chunk_file(i // c), table_NF[i - a:i - a + c], c)
 
 
 def _check_root(store: Path) -> None:
@@ -141,7 +142,7 @@ class ShardWriter:
         for old in self.store.joinpath("shards").glob(f".{shard_name}.tmp-*"):  # a killed writer's staging
             shutil.rmtree(old, ignore_errors=True)
         self.dir = staging_dir(store, shard_name)
-        self.group = zarr.open_group(str(self.dir), mode="w", attributes={"shard": shard_name})
+        write_group_meta(self.dir, {"shard": shard_name})
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"kscale-write-{shard_name}")
         self.inflight: deque[Future] = deque()
         self.max_inflight = max_inflight
@@ -169,7 +170,7 @@ class ShardWriter:
             return
         buf = self.buffers.get(modality)
         if buf is None:
-            buf = self.buffers[modality] = _ModalityBuffer(self.group, modality, self)
+            buf = self.buffers[modality] = _ModalityBuffer(modality, self)
         self.tokens[modality] += keys_LNHD.shape[1]
         self.bytes_written += keys_LNHD.nbytes
         buf.append(keys_LNHD.astype(self.key_dtype, copy=False), token_table(cols, self.R))
@@ -181,7 +182,7 @@ class ShardWriter:
 
     def _write_tables(self) -> None:
         for name, parts in self.tables.items():
-            g = self.group.require_group(name)
+            g = zarr.open_group(str(self.dir), mode="r+").require_group(name)
             for k in parts[0]:
                 v = np.concatenate([p[k] for p in parts])
                 g.create_array(k, data=v, chunks=(max(len(v), 1), *v.shape[1:]),

@@ -50,6 +50,21 @@ def test_ray_executor_retries_and_quarantines(tmp_path, ray_local):
     check(spec, result)
 
 
+def test_ray_actors_overlap_commits_and_report_after_them(tmp_path, ray_local):
+    """On a Ray actor too, shard k+1 starts while k commits; k is reported only after its commit, so a
+    failed background commit fails (and retries, then quarantines) that shard, never reports it done."""
+    from kscale.executors.ray import RayExecutor
+
+    spec = spec_from_dict(extract_spec(tmp_path, resources={"executor": "ray", "workers": 1, "max_retries": 2}))
+    result = RayExecutor("tests.integration.flaky_pipelined_stage", show_bar=False).run(
+        spec, plan_shards(20, 4), skipped=0, progress_dir=spec.output.path)
+    check(spec, result)
+    out = Path(spec.output.path)
+    assert (out / "overlapped-s000001").exists()  # s000000 committed while s000001 started, on the actor
+    done = {p.name[: -len(".done")] for p in out.glob("*.done")}
+    assert done == {"s000000", "s000002", "s000003", "s000004"}  # a failed commit leaves no marker
+
+
 def test_cli_exit_code_on_quarantine(tmp_path, monkeypatch):
     from click.testing import CliRunner
 

@@ -101,3 +101,30 @@ def test_bad_key_values_fail_the_shard_before_its_marker(tmp_path, overlap, scal
     with pytest.raises(ValueError, match=message):
         worker.run_shard(spec, shard, state)
     assert not (Path(spec.output.path) / "shards" / f"{shard.name}.done.json").exists()
+
+
+@pytest.mark.slow  # ~100 s on 2 shared cores (two Ray actors load the model); the executor logic is also
+# checked fast by tests/integration/test_executors.py::test_ray_actors_overlap_commits_and_report_after_them
+def test_ray_actors_pipeline_write_the_local_store_and_redo_a_failed_background_commit(tmp_path, ray_local):
+    """Through a Ray actor (shard k commits behind shard k+1's forwards) the store equals the local run's;
+    a commit that fails on the actor's drain thread leaves its shard without a marker, and a rerun redoes
+    exactly that shard."""
+    from kscale.executors.ray import RayExecutor
+    from kscale.extract.run import run_extract
+    from tests.integration.failing_commit_stage import VICTIM
+
+    local = spec_from_dict(extract_spec(tmp_path / "local", extract=SAMPLED))
+    run_job(local, show_bar=False)
+    spec = spec_from_dict(extract_spec(tmp_path / "ray", extract=SAMPLED,
+                                       resources={"executor": "ray", "workers": 1, "max_retries": 0}))
+    first = run_extract(spec, RayExecutor("tests.integration.failing_commit_stage", show_bar=False))
+    assert first.shards_done == 2 and first.shards_failed == 1 and list(first.quarantined) == [VICTIM], first
+    assert "background commit of s000001 failed" in first.quarantined[VICTIM]
+    markers = {p.name for p in (Path(spec.output.path) / "shards").glob("*.done.json")}
+    assert markers == {"s000000.done.json", "s000002.done.json"}
+    again = run_extract(spec, RayExecutor("tests.integration.failing_commit_stage", show_bar=False))
+    assert again.shards_done == 1 and again.shards_skipped == 2 and again.shards_failed == 0, again
+    a, b = shard_arrays(local.output.path), shard_arrays(spec.output.path)
+    assert a.keys() == b.keys() and len(a) > 10
+    for k in a:
+        assert a[k] == b[k], k
