@@ -210,6 +210,13 @@ def format_progress(p: dict) -> str:
     """One line: ``extract demo: running, shards 5/8 (2 skipped, 0 failed), 40 samples (3.2/s), 1.2 MB``."""
     if "shards_total" not in p and p.get("summary"):  # analyze / train: the stage's own summary line
         return f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}; {p['summary']}"
+    if "units_total" in p:  # analyze / train while running (executors.progress.StageBar)
+        total = p["units_total"] or "?"
+        rates = "".join([f", {p['MB_per_s']} MB/s" if p.get("bytes") else "",
+                         f", {p['tokens_per_s']} tokens/s" if p.get("tokens") else ""])
+        return (f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}, {p.get('unit', 'unit')}s "
+                f"{p.get('units_done', 0)}/{total}{rates}" + (f" ({p['detail']})" if p.get("detail") else "")
+                + (f", updated {p['updated_at']}" if p.get("updated_at") else ""))
     total = p.get("shards_total", 0)
     finished = p.get("shards_done", 0) + p.get("shards_skipped", 0) + p.get("shards_failed", 0)
     line = (f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}, shards {finished}/{total} "
