@@ -200,6 +200,27 @@ def read_progress(output_path: str | Path) -> dict | None:
     return read_json(Path(output_path) / "_progress.json")
 
 
+def mark_progress_stopped(output_path: str | Path) -> dict | None:
+    """After a stop (Ctrl-C, ``kscale stop``, ``scancel``): a ``_progress.json`` left "running" by the
+    interrupted stage now says "stopped", so ``kscale status`` does not show a dead run as running.
+    Returns the snapshot as it stands."""
+    progress = read_progress(output_path)
+    if progress and progress.get("state") == "running":
+        progress = {**progress, "state": "stopped", "updated_at": now()}
+        write_json_atomic(Path(output_path) / "_progress.json", progress)
+    return progress
+
+
+def _spec_output(spec_file: str) -> str | None:
+    """The output path of the job spec the driver runs (None when it cannot be read)."""
+    from kscale.spec import SpecError, load_spec
+
+    try:
+        return str(Path(load_spec(spec_file, check_model=False).output.path).expanduser().absolute())
+    except (SpecError, OSError):
+        return None
+
+
 def latest_state(rec_dir: Path) -> dict | None:
     """The most recently updated ``*.state.json`` of a record dir."""
     states = sorted(rec_dir.glob("*.state.json"), key=lambda p: p.stat().st_mtime) if rec_dir.is_dir() else []
@@ -282,6 +303,9 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
             log.flush()
     code = proc.wait()
     final = "SUCCEEDED" if code == 0 else ("STOPPED" if stopped else "FAILED")
+    output = _spec_output(spec_file) if final == "STOPPED" else None
+    if output:
+        mark_progress_stopped(output)
     write_json_atomic(state_path, {**state, "state": final, "exit_code": code, "ended_at": now()})
     print(f"kscale driver: {final} (exit code {code}); records in {rec_dir}", flush=True)
     return code

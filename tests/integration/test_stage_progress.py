@@ -98,3 +98,23 @@ def test_bias_shows_a_bar_one_summary_line_and_keeps_its_json_in_a_file(tmp_path
     result = _result_file(line, "bias")
     assert result["shards_done"] == 2 and result["report"]
     assert "bias tb: succeeded" in _status_progress(tmp_path, job)
+
+
+def test_train_shows_steps_loss_and_tokens_per_s_then_one_summary_line(tmp_path, qwen_dir):
+    job = tmp_path / "train.yaml"
+    job.write_text(yaml.safe_dump({
+        "kind": "train", "name": "tt", "model": {"path": qwen_dir, "device": "cpu", "dtype": "float32"},
+        "data": {"source": "generated", "generated": {"n_samples": 8, "image_size": 56, "tasks": ["color"]}},
+        "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "checkpoint_every": 0,
+                  "eval": {"at_end": False}, "malora": {"rank": 2, "target_modules": ["k_proj"]},
+                  "deepspeed": {"zero_stage": 2, "bf16": False}},
+        "output": {"path": str(tmp_path / "train")}}))
+    env_extra = {"DS_ACCELERATOR": "cpu"}
+    r = subprocess.run([sys.executable, "-m", "kscale.cli", "submit", str(job)], env={**_env(tmp_path), **env_extra},
+                       capture_output=True, text=True, timeout=400)
+    assert r.returncode == 0, r.stdout + r.stderr
+    end = _bar_end(r.stderr, "train tt:")
+    assert "100%" in end and "3/3" in end and "loss=" in end and "tok_s=" in end, end
+    line = _one_summary(r.stdout, "kscale: train done:")
+    assert _result_file(line, "train")["steps"] == 3
+    assert "train tt: succeeded" in _status_progress(tmp_path, job)
