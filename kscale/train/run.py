@@ -47,7 +47,16 @@ from kscale.train.objective import MaLoRAObjective
 
 def run_train(spec: JobSpec, output_claimed: bool = False) -> TrainResult:
     """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank.
-    ``output_claimed``: the caller (Ray Train's driver) holds the run directory's claim already."""
+    ``output_claimed``: the caller (Ray Train's driver) holds the run directory's claim already. What is
+    printed meanwhile (DeepSpeed's notices included) goes to stderr: stdout carries the summary line."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run_train(spec, output_claimed)
+
+
+def _run_train(spec: JobSpec, output_claimed: bool) -> TrainResult:
     from kscale.models.registry import load_model, pick_device
 
     run_dir = Path(spec.output.path)

@@ -108,7 +108,7 @@ def test_train_shows_steps_loss_and_tokens_per_s_then_one_summary_line(tmp_path,
         "train": {"max_steps": 3, "micro_batch_size": 2, "grad_accum": 1, "checkpoint_every": 0,
                   "eval": {"at_end": False}, "malora": {"rank": 2, "target_modules": ["k_proj"]},
                   "deepspeed": {"zero_stage": 2, "bf16": False}},
-        "output": {"path": str(tmp_path / "train")}}))
+        "output": {"path": str(tmp_path / "train")}, "resources": {"executor": "local"}}))
     env_extra = {"DS_ACCELERATOR": "cpu"}
     r = subprocess.run([sys.executable, "-m", "kscale.cli", "submit", str(job)], env={**_env(tmp_path), **env_extra},
                        capture_output=True, text=True, timeout=400)
