@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -272,6 +273,9 @@ def materialize_spec(spec_file: str, submission_id: str, rec_dir: Path) -> str:
     return spec_file
 
 
+DRIVER_STOP_GRACE_S = 10.0  # a stopped driver is killed after this: its record is written before Slurm's KillWait
+
+
 def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, python: str = sys.executable) -> int:
     """Run ``kscale submit SPEC`` (which joins the cluster through ``RAY_ADDRESS``), tee its output into
     ``ID.driver.log`` and record its state; return its exit code. SIGTERM/SIGINT are passed on, so
@@ -291,6 +295,10 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
     def forward(signum: int, _frame: Any) -> None:
         stopped.append(signum)
         proc.send_signal(signum)
+        if len(stopped) == 1:  # after scancel the cluster dies too and a clean ray.shutdown() can hang
+            timer = threading.Timer(DRIVER_STOP_GRACE_S, lambda: proc.poll() is None and proc.kill())
+            timer.daemon = True
+            timer.start()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
         signal.signal(sig, forward)
