@@ -273,13 +273,29 @@ def materialize_spec(spec_file: str, submission_id: str, rec_dir: Path) -> str:
     return spec_file
 
 
-DRIVER_STOP_GRACE_S = 10.0  # a stopped driver is killed after this: its record is written before Slurm's KillWait
+DRIVER_STOP_GRACE_S = 10.0  # a signalled driver is killed after this: its record is written before Slurm's KillWait
+DRIVER_STOP_FILE_GRACE_S = 120.0  # asked through its stop file, its cluster is up: time for a clean shutdown
+
+
+def driver_stop_file(rec_dir: Path, submission_id: str) -> Path:
+    """Created by ``kscale stop`` (Slurm) to ask the driver to stop while its cluster stays up: the driver then
+    shuts down cleanly and the job's script stops its services in order (nothing is cancelled)."""
+    return rec_dir / f"{submission_id}.stop" / "driver"
+
+
+def _watch(stop_file: Path, proc: subprocess.Popen, stop: Any) -> None:
+    while proc.poll() is None:
+        if stop_file.exists():
+            stop(signal.SIGTERM, DRIVER_STOP_FILE_GRACE_S)
+            return
+        time.sleep(0.5)
 
 
 def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, python: str = sys.executable) -> int:
     """Run ``kscale submit SPEC`` (which joins the cluster through ``RAY_ADDRESS``), tee its output into
     ``ID.driver.log`` and record its state; return its exit code. SIGTERM/SIGINT are passed on, so
-    ``kscale stop``, ``scancel`` and Slurm's pre-timeout signal stop the driver cleanly."""
+    ``kscale stop``, ``scancel`` and Slurm's pre-timeout signal stop the driver cleanly; so does the stop file
+    (:func:`driver_stop_file`)."""
     rec_dir.mkdir(parents=True, exist_ok=True)
     spec_file = materialize_spec(spec_file, submission_id, rec_dir)
     state_path = rec_dir / f"{submission_id}.state.json"
@@ -292,16 +308,18 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
                             env={**os.environ, "KSCALE_SUBMISSION_ID": submission_id})  # records are kept here
     stopped = []
 
-    def forward(signum: int, _frame: Any) -> None:
+    def stop(signum: int, grace_s: float) -> None:
         stopped.append(signum)
         proc.send_signal(signum)
         if len(stopped) == 1:  # after scancel the cluster dies too and a clean ray.shutdown() can hang
-            timer = threading.Timer(DRIVER_STOP_GRACE_S, lambda: proc.poll() is None and proc.kill())
+            timer = threading.Timer(grace_s, lambda: proc.poll() is None and proc.kill())
             timer.daemon = True
             timer.start()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, forward)
+        signal.signal(sig, lambda signum, _frame: stop(signum, DRIVER_STOP_GRACE_S))
+    threading.Thread(target=_watch, args=(driver_stop_file(rec_dir, submission_id), proc, stop),
+                     daemon=True).start()
     with open(rec_dir / f"{submission_id}.driver.log", "ab") as log:
         assert proc.stdout is not None
         for line in iter(proc.stdout.readline, b""):

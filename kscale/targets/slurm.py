@@ -34,9 +34,8 @@ from kscale.spec import SpecError
 from kscale.targets import Target
 from kscale.targets.checks import Finding, check_ports
 from kscale.targets.config import cluster_of
-from kscale.targets.records import (Run, absolute_spec_yaml, latest_state, read_json, record_dir,
-                                    save_submission, submission_id, write_env_file,
-                                    write_private)
+from kscale.targets.records import (Run, absolute_spec_yaml, driver_stop_file, latest_state, read_json,
+                                    record_dir, save_submission, submission_id, write_env_file, write_private)
 
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
 
@@ -383,8 +382,15 @@ class SlurmTarget(Target):
         if state is not None and state not in ACTIVE_STATES:
             say(f"kscale: Slurm job {job_id} ({run.sid}) already finished ({state}); nothing to stop")
             return True
-        cancel(run.record["slurm_job_id"])
-        say(f"kscale: cancelled Slurm job {run.record['slurm_job_id']} ({run.sid})")
+        stop_file = driver_stop_file(Path(run.record["record_dir"]), run.sid)
+        if state == "RUNNING" and not stop_file.exists():  # first stop: the driver ends cleanly, then the job
+            stop_file.parent.mkdir(parents=True, exist_ok=True)
+            stop_file.touch()
+            say(f"kscale: asked {run.sid}'s driver to stop (Slurm job {job_id} ends once it has and its services "
+                "are stopped; committed shards stay). `kscale stop` again cancels the job at once.")
+            return True
+        cancel(job_id)
+        say(f"kscale: cancelled Slurm job {job_id} ({run.sid})")
         return True
 
     def render(self, spec: Any, spec_path: str, sid: str) -> str:
