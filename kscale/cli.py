@@ -76,6 +76,12 @@ def submit(job: str, target: str | None, address: str | None, dry_run: bool, for
 
     in_cluster_driver = bool(os.environ.get("KSCALE_SUBMISSION_ID"))  # the cluster wrapper keeps the records
     record = LocalRun(spec, job, overrides) if not in_cluster_driver else None
+    if record is None:  # a cluster's driver: scancel / `kscale stop` (SIGTERM) stop it cleanly too
+        import signal
+
+        from kscale.targets.local import term_as_interrupt
+
+        signal.signal(signal.SIGTERM, term_as_interrupt)
     try:
         with (record if record is not None else _nullcontext()):
             try:

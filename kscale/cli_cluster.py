@@ -201,7 +201,8 @@ def logs(run: str | None, follow: bool, address: str | None) -> None:
 @click.argument("run", required=False)
 @click.option("--address", default=None, help="Ray Jobs API address (default: the one recorded at submit).")
 def stop(run: str | None, address: str | None) -> None:
-    """Stop RUN: the Ray job, the Slurm job (its script stops its own Ray) or the RayJob. Committed shards stay."""
+    """Stop RUN: the Ray job, the Slurm job (its driver first, through a stop file; a second stop cancels the job)
+    or the RayJob. Committed shards stay."""
     r = resolve_run(run)
     t = _target(r, address)
     if t is not None:

@@ -13,6 +13,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+RESULT_FILE = "result.json"  # the result as JSON in a run directory (analyze, train, bias), kept by the runner
+
 
 @dataclass(frozen=True)
 class StageResult:
@@ -28,6 +30,15 @@ class StageResult:
     def notes(self) -> list[str]:
         """Extra lines for stderr (e.g. quarantined shards)."""
         return []
+
+    def result_file(self) -> str | None:
+        """Where ``kscale submit`` keeps ``to_dict()`` as JSON (``result.json`` in the run directory), or None
+        when the stage's output is not a run directory (extract: the key store)."""
+        return None
+
+    def _details(self) -> str:
+        path = self.result_file()
+        return f"; details {path}" if path else ""
 
     def to_dict(self) -> dict[str, Any]:
         return {"kind": self.kind, **dataclasses.asdict(self)}
@@ -97,7 +108,10 @@ class BiasResult(ShardedResult):
     def summary_line(self) -> str:
         return (f"kscale: bias {self.state}: {self.shards_text()}; variants {', '.join(self.variants)}; "
                 f"samples {self.samples} ({self.sample_errors} recorded errors); run {self.run_dir}"
-                + (f"; report {self.report}" if self.report else "; no committed rows"))
+                + (f"; report {self.report}" if self.report else "; no committed rows") + self._details())
+
+    def result_file(self) -> str | None:
+        return f"{self.run_dir}/{RESULT_FILE}" if self.run_dir else None
 
 
 @dataclass(frozen=True)
@@ -107,10 +121,15 @@ class AnalyzeResult(StageResult):
     out_dir: str
     rows: int
     seconds: float
+    key_bytes: int = 0  # keys streamed: every selected head of both modalities, once per (store, layer)
 
     def summary_line(self) -> str:
-        return (f"kscale: analysis done: {self.rows} rows in {self.seconds} s; table {self.out_dir}/results.parquet; "
-                f"report {self.out_dir}/report.html")
+        return (f"kscale: analysis done: {self.rows} rows from {self.key_bytes / 1e6:.2f} MB of keys in {self.seconds} s; "
+                f"table {self.out_dir}/results.parquet; "
+                f"report {self.out_dir}/report.html" + self._details())
+
+    def result_file(self) -> str | None:
+        return f"{self.out_dir}/{RESULT_FILE}"
 
 
 @dataclass(frozen=True)
@@ -126,4 +145,7 @@ class TrainResult(StageResult):
     def summary_line(self) -> str:
         terms = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.last.items()) if isinstance(v, float))
         return (f"kscale: train done: {self.steps} steps (resumed from {self.resumed_from}); last {terms}; "
-                f"run {self.run_dir}" + ("; eval.json written" if self.eval is not None else ""))
+                f"run {self.run_dir}" + ("; eval.json written" if self.eval is not None else "") + self._details())
+
+    def result_file(self) -> str | None:
+        return f"{self.run_dir}/{RESULT_FILE}"

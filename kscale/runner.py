@@ -138,7 +138,7 @@ def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True,
     if spec.kind == "analyze":
         from kscale.analysis.run import run_analyze
 
-        return _record_final(spec, run_analyze(spec))
+        return _record_final(spec, run_analyze(spec, show_bar))
     if spec.kind == "train":
         if spec.resources.executor == "ray":  # Ray Train's TorchTrainer hosts the DeepSpeed workers
             from kscale.train.ray_train import run_train_on_ray
@@ -152,7 +152,7 @@ def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True,
         from kscale.bias.run import run_bias
 
         with _maybe_ray(spec, address, dashboard):
-            return run_bias(spec, make_executor(spec, STAGE_MODULES["bias"], show_bar))
+            return _write_result(run_bias(spec, make_executor(spec, STAGE_MODULES["bias"], show_bar)))
     raise AssertionError(spec.kind)  # load_spec admits only the kinds above
 
 
@@ -165,14 +165,28 @@ def _maybe_ray(spec: JobSpec, address: str | None, dashboard: bool):
         yield
 
 
+def _write_result(result: StageResult) -> StageResult:
+    """The result as JSON in its run directory (``result_file()``, named by the summary line), instead of
+    on stdout: stdout carries the one summary line."""
+    import json
+
+    from kscale.output import write_json_atomic
+
+    path = result.result_file()
+    if path and Path(path).parent.is_dir():
+        write_json_atomic(Path(path), json.loads(json.dumps(result.to_dict(), default=str)))
+    return result
+
+
 def _record_final(spec: JobSpec, result: StageResult) -> StageResult:
     """Stages without a shard pool (analyze, train) leave their final summary in ``<output>/_progress.json``
-    too, so ``kscale status`` reports a finished run instead of "none yet"."""
+    too, so ``kscale status`` reports a finished run instead of "none yet"; the result goes to its file."""
     import json
     import time
 
     from kscale.output import write_json_atomic
 
+    _write_result(result)
     out = Path(spec.output.path)
     if out.is_dir():
         write_json_atomic(out / "_progress.json", {

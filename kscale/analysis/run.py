@@ -47,7 +47,7 @@ from kscale.spec import JobSpec, section_problems
 ANALYZE_KIND = OutputKind("analysis run", run_marker_reader("analyze"), check_fingerprint=False)
 
 
-def run_analyze(spec: JobSpec) -> AnalyzeResult:
+def run_analyze(spec: JobSpec, show_bar: bool = True) -> AnalyzeResult:
     """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir, claimed
     (:mod:`kscale.output`) for the run: locked, and never a folder that is not an analysis run (its
     ``kscale.json``). ``resume`` recomputes into the same run; ``overwrite`` starts from an empty one."""
@@ -57,14 +57,21 @@ def run_analyze(spec: JobSpec) -> AnalyzeResult:
         write_json_atomic(tmp / RUN_MARKER, run_marker("analyze", spec.fingerprint()))
 
     with claim_output(spec.output.path, spec.output.if_exists, ANALYZE_KIND, spec.fingerprint(), create):
-        df = analyze(spec.analyze, spec.output.path)
+        from kscale.executors.progress import StageBar
+
+        bar = StageBar(spec.output.path, getattr(spec, "name", "analyze"), "analyze", "layer", show_bar=show_bar)
+        try:
+            df = analyze(spec.analyze, spec.output.path, progress=bar)
+        finally:
+            bar.close()
     return AnalyzeResult(name=getattr(spec, "name", "analyze"), out_dir=str(spec.output.path), rows=len(df),
-                         seconds=round(time.time() - t0, 1))
+                         seconds=round(time.time() - t0, 1), key_bytes=bar.bytes)
 
 
 def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] | None = None,
-            ) -> pd.DataFrame:
-    """Run the analysis; ``stores`` (opened readers) override ``cfg.stores`` (tests pass fakes)."""
+            progress=None) -> pd.DataFrame:
+    """Run the analysis; ``stores`` (opened readers) override ``cfg.stores`` (tests pass fakes). ``progress``
+    (a :class:`kscale.executors.progress.StageBar`) advances by one per (store, layer) analysed."""
     problems = [p for p in section_problems(cfg) if stores is None or p[0] != "stores"]
     if problems:
         raise ValueError("analyze: " + "; ".join(f"{k}: {m}" for k, m in problems))
@@ -72,10 +79,12 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     out.mkdir(parents=True, exist_ok=True)
     stores = stores if stores is not None else [open_store(p) for p in cfg.stores]
     reference = _reference_store(cfg, stores)
+    if progress is not None:
+        progress.set_total(sum(len(_select("layers", cfg.layers, ks.layers, "layer")) for ks in stores))
     all_rows, embeds = [], []
     with Runner(cfg.dask) as runner:
         for ks in stores:
-            store_rows, store_embeds = analyze_store(cfg, ks, runner, reference)
+            store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress)
             all_rows += store_rows
             embeds += store_embeds
     df = pd.DataFrame(all_rows, columns=R.COLUMNS)
@@ -220,7 +229,7 @@ def _store_context(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referen
 
 
 def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, reference: KeyStoreLike | None = None,
-                  ) -> tuple[list[dict], list[dict]]:
+                  progress=None) -> tuple[list[dict], list[dict]]:
     sc = _store_context(cfg, ks, runner, reference)
     layers = _select("layers", cfg.layers, ks.layers, "layer")
     embed_layers = _embed_layers(cfg, layers)
@@ -230,6 +239,9 @@ def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referenc
         if layer in embed_layers:
             embeds.append({"store": ks.path, "layer": layer, "keys": lc.sub.keys, "heads": sc.heads})
         rows += _layer_rows(lc)
+        if progress is not None:  # keys streamed for this layer: every selected head of both modalities
+            progress.advance(1, nbytes=sum(ks.keys(layer, m, sc.heads).nbytes for m in sc.mods),
+                             detail=f"{Path(ks.path).name} layer {layer}")
     return rows, embeds
 
 

@@ -141,3 +141,65 @@ def _previous_counts(path: Path, job: str, stage: str) -> dict | None:
     if prev.get("job") != job or prev.get("stage") != stage or not (prev.get("samples") or prev.get("bytes")):
         return None
     return {"job": job, "stage": stage, **{k: prev[k] for k in _COUNTS if k in prev}}
+
+
+class StageBar:
+    """Progress of a stage without a shard pool (analysis: layers of each store; train: optimizer steps): the
+    same kind of tqdm bar on stderr as the shard pool's, and a ``_progress.json`` snapshot in ``out_dir`` (at
+    most one write per ``every_s`` seconds, and at the end) so ``kscale status`` shows a running stage. The
+    runner replaces the snapshot with the stage's summary when it ends (``runner._record_final``); an
+    interrupted run's snapshot is marked stopped by :class:`kscale.targets.local.LocalRun`."""
+
+    def __init__(self, out_dir: str | Path, job: str, stage: str, unit: str, total: int = 0, initial: int = 0,
+                 show_bar: bool = True, every_s: float = 1.0):
+        self.out_dir, self.path = Path(out_dir), Path(out_dir) / "_progress.json"
+        self.job, self.stage, self.unit = job, stage, unit
+        self.total, self.done, self.initial = total, initial, initial
+        self.bytes = self.tokens = 0
+        self.every_s, self.last_write = every_s, 0.0
+        self.detail = ""
+        self.t0, self.started_at = time.time(), time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        self.bar = tqdm(total=total or None, initial=initial, unit=unit, desc=f"{stage} {job}", file=sys.stderr,
+                        disable=not show_bar, dynamic_ncols=True)
+        self._write("running")
+
+    def set_total(self, total: int) -> None:
+        self.total = self.bar.total = total
+        self.bar.refresh()
+
+    def advance(self, n: int = 1, nbytes: int = 0, tokens: int = 0, detail: str = "", **postfix: str) -> None:
+        """``n`` units done; ``nbytes`` of keys read and ``tokens`` processed by them (for the rates)."""
+        self.done += n
+        self.bytes += nbytes
+        self.tokens += tokens
+        self.detail = detail or self.detail
+        dt = max(time.time() - self.t0, 1e-9)
+        rates = {}
+        if self.bytes:
+            rates["keys"] = tqdm.format_sizeof(self.bytes / dt, "B/s")
+        if self.tokens:
+            rates["tok_s"] = f"{self.tokens / dt:.0f}"
+        shown = postfix or ({"at": detail} if detail else {})  # the detail is for `kscale status` when postfix is given
+        self.bar.set_postfix({**shown, **rates}, refresh=False)
+        self.bar.update(n)
+        if time.time() - self.last_write >= self.every_s or (self.total and self.done >= self.total):
+            self._write("running")
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def snapshot(self, state: str) -> dict:
+        secs = time.time() - self.t0
+        return {"job": self.job, "stage": self.stage, "state": state, "unit": self.unit,
+                "units_done": self.done, "units_total": self.total, "bytes": self.bytes, "tokens": self.tokens,
+                "seconds": round(secs, 3), "MB_per_s": round(self.bytes / max(secs, 1e-9) / 1e6, 3),
+                "tokens_per_s": round(self.tokens / max(secs, 1e-9), 1), "detail": self.detail,
+                "started_at": self.started_at, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+
+    def _write(self, state: str) -> None:
+        self.last_write = time.time()
+        try:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.path, self.snapshot(state))
+        except OSError:  # progress is a convenience; the shard pool's Progress warns about the same disk
+            pass

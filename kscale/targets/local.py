@@ -24,7 +24,7 @@ from typing import Any, Callable
 
 from kscale.output import write_json_atomic
 from kscale.targets import Target
-from kscale.targets.records import (Run, kscale_home, now, read_json, read_progress, save_submission,
+from kscale.targets.records import (Run, kscale_home, mark_progress_stopped, now, read_json, save_submission,
                                     submission_id)
 
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -110,7 +110,7 @@ class LocalRun:
                   f"(pid {pid}, {self.state['started_at']})\n")
         self._saved = (sys.stdout, sys.stderr, log)
         sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
-        self._old_term = signal.signal(signal.SIGTERM, _term_as_interrupt)
+        self._old_term = signal.signal(signal.SIGTERM, term_as_interrupt)
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> bool:
@@ -125,13 +125,9 @@ class LocalRun:
         if self.state.get("state") in FINAL_STATES:
             return
         final = "STOPPED" if stopped else ("SUCCEEDED" if code == 0 else "FAILED")
-        progress = read_progress(self.output)
         if stopped:
-            line = shards_line(progress)
+            line = shards_line(mark_progress_stopped(self.output))  # the stage was interrupted mid-flight
             message = (f"{line}; rerun to resume" if line else "rerun to resume")
-            if progress and progress.get("state") == "running":  # the pool was interrupted mid-flight
-                write_json_atomic(Path(self.output) / "_progress.json",
-                                  {**progress, "state": "stopped", "updated_at": now()})
         self.state = {**self.state, "state": final, "exit_code": code, "ended_at": now(),
                       **({"message": message} if message else {})}
         write_json_atomic(self.state_path, self.state)
@@ -148,7 +144,8 @@ class LocalRun:
             self._old_term = None
 
 
-def _term_as_interrupt(signum: int, _frame: Any) -> None:
+def term_as_interrupt(signum: int, _frame: Any) -> None:
+    """SIGTERM as Ctrl-C: the runner's ``finally`` (``ray.shutdown()``, the output lock) runs on the way out."""
     raise KeyboardInterrupt(f"signal {signum}")
 
 

@@ -31,6 +31,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,6 +201,27 @@ def read_progress(output_path: str | Path) -> dict | None:
     return read_json(Path(output_path) / "_progress.json")
 
 
+def mark_progress_stopped(output_path: str | Path) -> dict | None:
+    """After a stop (Ctrl-C, ``kscale stop``, ``scancel``): a ``_progress.json`` left "running" by the
+    interrupted stage now says "stopped", so ``kscale status`` does not show a dead run as running.
+    Returns the snapshot as it stands."""
+    progress = read_progress(output_path)
+    if progress and progress.get("state") == "running":
+        progress = {**progress, "state": "stopped", "updated_at": now()}
+        write_json_atomic(Path(output_path) / "_progress.json", progress)
+    return progress
+
+
+def _spec_output(spec_file: str) -> str | None:
+    """The output path of the job spec the driver runs (None when it cannot be read)."""
+    from kscale.spec import SpecError, load_spec
+
+    try:
+        return str(Path(load_spec(spec_file, check_model=False).output.path).expanduser().absolute())
+    except (SpecError, OSError):
+        return None
+
+
 def latest_state(rec_dir: Path) -> dict | None:
     """The most recently updated ``*.state.json`` of a record dir."""
     states = sorted(rec_dir.glob("*.state.json"), key=lambda p: p.stat().st_mtime) if rec_dir.is_dir() else []
@@ -210,6 +232,13 @@ def format_progress(p: dict) -> str:
     """One line: ``extract demo: running, shards 5/8 (2 skipped, 0 failed), 40 samples (3.2/s), 1.2 MB``."""
     if "shards_total" not in p and p.get("summary"):  # analyze / train: the stage's own summary line
         return f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}; {p['summary']}"
+    if "units_total" in p:  # analyze / train while running (executors.progress.StageBar)
+        total = p["units_total"] or "?"
+        rates = "".join([f", {p['MB_per_s']} MB/s" if p.get("bytes") else "",
+                         f", {p['tokens_per_s']} tokens/s" if p.get("tokens") else ""])
+        return (f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}, {p.get('unit', 'unit')}s "
+                f"{p.get('units_done', 0)}/{total}{rates}" + (f" ({p['detail']})" if p.get("detail") else "")
+                + (f", updated {p['updated_at']}" if p.get("updated_at") else ""))
     total = p.get("shards_total", 0)
     finished = p.get("shards_done", 0) + p.get("shards_skipped", 0) + p.get("shards_failed", 0)
     line = (f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}, shards {finished}/{total} "
@@ -244,10 +273,29 @@ def materialize_spec(spec_file: str, submission_id: str, rec_dir: Path) -> str:
     return spec_file
 
 
+DRIVER_STOP_GRACE_S = 10.0  # a signalled driver is killed after this: its record is written before Slurm's KillWait
+DRIVER_STOP_FILE_GRACE_S = 120.0  # asked through its stop file, its cluster is up: time for a clean shutdown
+
+
+def driver_stop_file(rec_dir: Path, submission_id: str) -> Path:
+    """Created by ``kscale stop`` (Slurm) to ask the driver to stop while its cluster stays up: the driver then
+    shuts down cleanly and the job's script stops its services in order (nothing is cancelled)."""
+    return rec_dir / f"{submission_id}.stop" / "driver"
+
+
+def _watch(stop_file: Path, proc: subprocess.Popen, stop: Any) -> None:
+    while proc.poll() is None:
+        if stop_file.exists():
+            stop(signal.SIGTERM, DRIVER_STOP_FILE_GRACE_S)
+            return
+        time.sleep(0.5)
+
+
 def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, python: str = sys.executable) -> int:
     """Run ``kscale submit SPEC`` (which joins the cluster through ``RAY_ADDRESS``), tee its output into
     ``ID.driver.log`` and record its state; return its exit code. SIGTERM/SIGINT are passed on, so
-    ``kscale stop``, ``scancel`` and Slurm's pre-timeout signal stop the driver cleanly."""
+    ``kscale stop``, ``scancel`` and Slurm's pre-timeout signal stop the driver cleanly; so does the stop file
+    (:func:`driver_stop_file`)."""
     rec_dir.mkdir(parents=True, exist_ok=True)
     spec_file = materialize_spec(spec_file, submission_id, rec_dir)
     state_path = rec_dir / f"{submission_id}.state.json"
@@ -260,12 +308,18 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
                             env={**os.environ, "KSCALE_SUBMISSION_ID": submission_id})  # records are kept here
     stopped = []
 
-    def forward(signum: int, _frame: Any) -> None:
+    def stop(signum: int, grace_s: float) -> None:
         stopped.append(signum)
         proc.send_signal(signum)
+        if len(stopped) == 1:  # after scancel the cluster dies too and a clean ray.shutdown() can hang
+            timer = threading.Timer(grace_s, lambda: proc.poll() is None and proc.kill())
+            timer.daemon = True
+            timer.start()
 
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
-        signal.signal(sig, forward)
+        signal.signal(sig, lambda signum, _frame: stop(signum, DRIVER_STOP_GRACE_S))
+    threading.Thread(target=_watch, args=(driver_stop_file(rec_dir, submission_id), proc, stop),
+                     daemon=True).start()
     with open(rec_dir / f"{submission_id}.driver.log", "ab") as log:
         assert proc.stdout is not None
         for line in iter(proc.stdout.readline, b""):
@@ -275,6 +329,9 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
             log.flush()
     code = proc.wait()
     final = "SUCCEEDED" if code == 0 else ("STOPPED" if stopped else "FAILED")
+    output = _spec_output(spec_file) if final == "STOPPED" else None
+    if output:
+        mark_progress_stopped(output)
     write_json_atomic(state_path, {**state, "state": final, "exit_code": code, "ended_at": now()})
     print(f"kscale driver: {final} (exit code {code}); records in {rec_dir}", flush=True)
     return code

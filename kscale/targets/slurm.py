@@ -34,9 +34,8 @@ from kscale.spec import SpecError
 from kscale.targets import Target
 from kscale.targets.checks import Finding, check_ports
 from kscale.spec.cluster import cluster_of
-from kscale.targets.records import (Run, absolute_spec_yaml, latest_state, read_json, record_dir,
-                                    save_submission, submission_id, write_env_file,
-                                    write_private)
+from kscale.targets.records import (Run, absolute_spec_yaml, driver_stop_file, latest_state, read_json,
+                                    record_dir, save_submission, submission_id, write_env_file, write_private)
 
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
 
@@ -53,10 +52,17 @@ class SlurmShape:
 
 
 def shape(spec: Any) -> SlurmShape:
-    """Nodes, GPUs and CPUs per node: ``cluster.slurm`` where set, else what ``resources`` needs."""
+    """Nodes, GPUs and CPUs per node: ``cluster.slurm`` where set, else what the job needs: for analysis, one
+    CPU per dask thread (``analyze.dask.n_workers``: each node's dask worker runs that many threads), for the
+    other stages what ``resources`` asks for."""
     s, r = cluster_of(spec).slurm, spec.resources
     gpus = s.gpus_per_node if s.gpus_per_node is not None else math.ceil(r.workers * r.gpus_per_worker / s.nodes)
-    cpus = s.cpus_per_node if s.cpus_per_node is not None else max(1, math.ceil(r.workers * r.cpus_per_worker / s.nodes))
+    if s.cpus_per_node is not None:
+        cpus = s.cpus_per_node
+    elif spec.kind == "analyze":
+        cpus = max(1, spec.analyze.dask.n_workers)
+    else:
+        cpus = max(1, math.ceil(r.workers * r.cpus_per_worker / s.nodes))
     return SlurmShape(s.nodes, gpus, cpus)
 
 
@@ -368,12 +374,23 @@ class SlurmTarget(Target):
     def stop(self, run: Run, address: str | None, say: Callable[[str], None]) -> bool:
         if not run.record:
             return False
-        state = job_state(run.record["slurm_job_id"])
+        job_id = run.record["slurm_job_id"]
+        state = job_state(job_id)
+        if state is None:  # Slurm forgot it (MinJobAge): the driver's record says how it ended
+            driver = read_json(Path(run.record["record_dir"]) / f"{run.sid}.state.json") or {}
+            state = driver.get("state") if driver.get("state") not in (None, "RUNNING") else None
         if state is not None and state not in ACTIVE_STATES:
-            say(f"kscale: Slurm job {run.record['slurm_job_id']} ({run.sid}) already ended ({state}); nothing to stop")
+            say(f"kscale: Slurm job {job_id} ({run.sid}) already finished ({state}); nothing to stop")
             return True
-        cancel(run.record["slurm_job_id"])
-        say(f"kscale: cancelled Slurm job {run.record['slurm_job_id']} ({run.sid})")
+        stop_file = driver_stop_file(Path(run.record["record_dir"]), run.sid)
+        if state == "RUNNING" and not stop_file.exists():  # first stop: the driver ends cleanly, then the job
+            stop_file.parent.mkdir(parents=True, exist_ok=True)
+            stop_file.touch()
+            say(f"kscale: asked {run.sid}'s driver to stop (Slurm job {job_id} ends once it has and its services "
+                "are stopped; committed shards stay). `kscale stop` again cancels the job at once.")
+            return True
+        cancel(job_id)
+        say(f"kscale: cancelled Slurm job {job_id} ({run.sid})")
         return True
 
     def render(self, spec: Any, spec_path: str, sid: str) -> str:

@@ -47,7 +47,16 @@ from kscale.train.objective import MaLoRAObjective
 
 def run_train(spec: JobSpec, output_claimed: bool = False) -> TrainResult:
     """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank.
-    ``output_claimed``: the caller (Ray Train's driver) holds the run directory's claim already."""
+    ``output_claimed``: the caller (Ray Train's driver) holds the run directory's claim already. What is
+    printed meanwhile (DeepSpeed's notices included) goes to stderr: stdout carries the summary line."""
+    import contextlib
+    import sys
+
+    with contextlib.redirect_stdout(sys.stderr):
+        return _run_train(spec, output_claimed)
+
+
+def _run_train(spec: JobSpec, output_claimed: bool) -> TrainResult:
     from kscale.models.registry import load_model, pick_device
 
     run_dir = Path(spec.output.path)
@@ -88,7 +97,8 @@ def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> Trai
             print(f"train: resumed from step {start} ({run_dir / CHECKPOINTS})", flush=True)
         (run_dir / SPLIT).write_text(json.dumps({"train": split.train, "heldout": split.heldout}))
     loggers = _loggers(spec, run_dir) if rank == 0 else None
-    last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world, loggers)
+    last = train_loop(engine, objective, plan, loaded, cfg, run_dir, start, rank, world, loggers,
+                      job=getattr(spec, "name", "train"))
     write_errors(plan, run_dir, rank, world)
     state = ds.gathered_adapter_state(engine, malora.adapter_parameters())
     if rank == 0:
@@ -195,18 +205,22 @@ def blank_image_inputs(loaded: Any) -> dict[str, torch.Tensor]:
 
 
 def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, loaded: Any, cfg: TrainConfig,
-               run_dir: Path, start: int, rank: int, world: int, loggers: Any = None) -> dict[str, float]:
-    """Optimizer steps ``start .. max_steps``: forward/backward per micro-batch, log, checkpoint."""
-    from tqdm.auto import tqdm
+               run_dir: Path, start: int, rank: int, world: int, loggers: Any = None, job: str = "train",
+               ) -> dict[str, float]:
+    """Optimizer steps ``start .. max_steps``: forward/backward per micro-batch, log, checkpoint. Rank 0 shows
+    step, loss terms and tokens/s (its own tokens x world size) on a bar and in ``_progress.json``."""
+    from kscale.executors.progress import StageBar
 
     engine.train()
-    bar = tqdm(total=cfg.max_steps, initial=start, desc="train", disable=rank != 0, dynamic_ncols=True)
+    bar = StageBar(run_dir, job, "train", "step", total=cfg.max_steps, initial=start) if rank == 0 else None
     last: dict[str, float] = {}
     for step in range(start, cfg.max_steps):
         t0 = time.perf_counter()
         sums: dict[str, torch.Tensor] = {}
+        tokens = 0
         for micro in range(cfg.grad_accum):
             batch = collate(loaded, plan.records(step, micro, rank))
+            tokens += int(batch.inputs["attention_mask"].sum())
             loss, terms = engine(_to(batch.inputs, engine.device), batch.answer_mask_BT.to(engine.device),
                                  batch.modality_BT.to(engine.device))
             engine.backward(loss)
@@ -221,11 +235,13 @@ def train_loop(engine: Any, objective: MaLoRAObjective, plan: MicroBatchPlan, lo
                     f.write(json.dumps(record) + "\n")
                 if loggers is not None:
                     loggers.log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{last['loss']:.4f}", lm=f"{last['lm']:.4f}", align=f"{last['align']:.4f}")
+        if bar is not None:
+            bar.advance(1, tokens=tokens * world, detail=f"loss {last['loss']:.4f}, align {last['align']:.4f}", loss=f"{last['loss']:.4f}",
+                        lm=f"{last['lm']:.4f}", align=f"{last['align']:.4f}")
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.max_steps:
             ds.save_checkpoint(engine, run_dir, step + 1, cfg.keep_checkpoints)
-    bar.close()
+    if bar is not None:
+        bar.close()
     if start < cfg.max_steps:
         ds.save_checkpoint(engine, run_dir, cfg.max_steps, cfg.keep_checkpoints)
     return last

@@ -1,10 +1,14 @@
-"""`kscale submit --target slurm` through a real single-node Slurm: the demo job to a finished store."""
+"""`kscale submit --target slurm` through a real single-node Slurm: the demo job to a finished store with a
+clean log, and a job stopped by `kscale stop` that ends cleanly (logs kept, temp dir gone, status stopped)."""
 
 from __future__ import annotations
 
 import re
 import subprocess
 import time
+from pathlib import Path
+
+import pytest
 
 from tests.cluster.helpers import DEMO, clean_env, kscale, own_pids, read_json
 
@@ -28,6 +32,7 @@ def test_demo_through_sbatch_to_a_finished_store(slurm, tmp_path):
     assert "kscale: starting Ray head on" in logs.stdout and "2 CPU(s) and 0 GPU(s) per node" in logs.stdout
     assert "ssh -N -L 8265:127.0.0.1:" in logs.stdout  # the dashboard tunnel line
     assert "kscale driver: SUCCEEDED" in logs.stdout
+    _assert_clean_log(logs.stdout)
 
     store = tmp_path / "runs" / "demo" / "keys"
     assert len(list((store / "shards").glob("*.done.json"))) == 8
@@ -45,7 +50,63 @@ def test_demo_through_sbatch_to_a_finished_store(slurm, tmp_path):
     deadline = time.monotonic() + 30
     while own_pids(node_tmp) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not own_pids(node_tmp)
+    assert not own_pids(node_tmp) and not Path(node_tmp).exists()
     st = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in st, st
     print(f"\nMEASURED slurm: submit->driver done (logs -f returned) {elapsed:.1f} s")
+    again = kscale(["stop", sid], env, tmp_path)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stdout + again.stderr
+
+
+def _assert_clean_log(text: str) -> None:
+    """No Ray start-up banner ("run ray stop"), no srun error or cancelled step, no failed cleanup step."""
+    for noise in ("ray stop", "srun: error", "CANCELLED", "has expired", "Traceback"):
+        assert noise not in text.replace("never `ray stop`", ""), f"{noise!r} in the job's log:\n{text[-4000:]}"
+
+
+@pytest.mark.parametrize("how", ["stop", "stop twice (scancel)"])
+def test_stop_ends_the_job_cleanly_and_status_says_stopped(slurm, tmp_path, how):
+    """`kscale stop` asks the driver to stop through its stop file: it shuts down with the cluster still up and
+    the script stops the services in order. A second `kscale stop` cancels the job (scancel): every step gets
+    SIGTERM at once, and the cleanup must still finish without a new srun step ("job has expired")."""
+    env = clean_env(tmp_path / "home", tmp_path / "kscale-home")
+    env["SLURM_CONF"] = slurm["SLURM_CONF"]
+    sub = kscale(["submit", str(DEMO), "--target", "slurm"], env, tmp_path)
+    m = re.search(r"submitted (kscale-[a-z0-9-]+) as Slurm job (\d+)", sub.stdout)
+    assert m, sub.stdout + sub.stderr
+    sid, job_id = m.groups()
+    store, rec = tmp_path / "runs" / "demo" / "keys", tmp_path / "runs" / "demo" / "keys.cluster"
+    deadline = time.monotonic() + 240
+    while not list((store / "shards").glob("*.done.json")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list((store / "shards").glob("*.done.json")), "no shard committed within 240 s"
+    stop = kscale(["stop", sid], env, tmp_path)
+    assert stop.returncode == 0 and "asked" in stop.stdout, stop.stdout + stop.stderr
+    if how != "stop":
+        stop = kscale(["stop", sid], env, tmp_path)
+        assert stop.returncode == 0 and "cancelled Slurm job" in stop.stdout, stop.stdout + stop.stderr
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        st = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
+        if re.search(r"JobState=(CANCELLED|FAILED|COMPLETED) ", st):
+            break
+        time.sleep(0.5)
+    time.sleep(2)  # the batch script's trap finishes its last lines
+    out = (rec / f"{sid}.slurm-{job_id}.out").read_text()
+    # Cancelled, Slurm announces it in the log; either way the driver's step exits non-zero (a stop is not a
+    # success), the cleanup needs no new step ("job has expired") and the trap runs to its end.
+    assert "has expired" not in out and "kscale driver: STOPPED" in out, out[-4000:]
+    if how == "stop":  # nothing was cancelled: no Slurm banner, no Ray process killed under a live driver
+        for noise in ("CANCELLED", "Traceback", "ray stop"):
+            assert noise not in out.replace("never `ray stop`", ""), f"{noise!r} in the log:\n{out[-4000:]}"
+    assert "kscale: logs in" in out, out[-3000:]  # the trap ran to its end before Slurm's KillWait
+    assert not (rec / f"{sid}.stop").exists() and not (rec / f"{sid}.ray-token").exists()
+    assert read_json(rec / f"{sid}.state.json")["state"] == "STOPPED"
+    assert list((rec / "ray-logs" / sid).glob("*/raylet.out")), "Ray logs are kept after a stop too"
+    node_tmp = f"/tmp/kscale-kscaleci-{job_id}"
+    assert not Path(node_tmp).exists() and not own_pids(node_tmp)
+    status = kscale(["status", sid], env, tmp_path).stdout
+    progress = next(line for line in status.splitlines() if line.startswith("progress"))
+    assert "stopped" in progress and "running" not in progress, status
+    again = kscale(["stop", sid], env, tmp_path)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stdout + again.stderr

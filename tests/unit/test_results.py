@@ -32,11 +32,12 @@ def test_sharded_results_take_the_progress_snapshot_and_print_their_stage() -> N
 
 
 def test_analyze_and_train_results() -> None:
-    a = AnalyzeResult(name="x", out_dir="/r", rows=12, seconds=1.5)
-    assert a.summary_line() == ("kscale: analysis done: 12 rows in 1.5 s; table /r/results.parquet; "
-                                "report /r/report.html")
+    a = AnalyzeResult(name="x", out_dir="/r", rows=12, seconds=1.5, key_bytes=3_000_000)
+    assert a.summary_line() == ("kscale: analysis done: 12 rows from 3.00 MB of keys in 1.5 s; table "
+                                "/r/results.parquet; report /r/report.html; details /r/result.json")
     t = TrainResult(run_dir="/t", steps=4, resumed_from=2, last={"loss": 1.0, "lm": 0.5, "align": 0.5})
     assert t.summary_line().startswith("kscale: train done: 4 steps (resumed from 2); last align 0.5000")
+    assert t.summary_line().endswith("; details /t/result.json")
     assert not t.failed and json.loads(json.dumps(t.to_dict()))["kind"] == "train"
 
 

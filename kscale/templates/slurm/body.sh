@@ -8,7 +8,11 @@
 #     0600 file beside the records, removed at the end);
 #   - dask (analysis jobs) speaks TLS with a fresh per-job certificate (0600 files, removed at the end);
 #   - it waits for every node to join before the driver starts;
-#   - it stops the processes it started (its own srun steps) by PID: never `ray stop`.
+#   - every service (Ray head/workers, dask scheduler/workers) runs in its srun step under a node-side
+#     wrapper (python -m kscale.targets.slurm_node) that keeps the service's output and the node's Ray logs in
+#     the record dir, stops the service, removes the node's temp dir and ends the step cleanly, when asked
+#     through a stop file (newest service first) or by scancel/the time limit: never `ray stop`, never a
+#     signalled srun, no new srun step after the allocation ends.
 
 job_id=${SLURM_JOB_ID:?this script runs under sbatch}
 mkdir -p "$KSCALE_RECORD_DIR"
@@ -33,8 +37,13 @@ tls_dir=""
 # Ray drains a node for 30 s on SIGTERM (for Serve traffic); at cleanup the driver is done, nothing to drain.
 export RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0
 
-pids=()          # our srun steps, stopped by PID in cleanup
+pids=()          # our service steps (srun PIDs) and, at the same index, their names
+services=()
 driver_pid=""
+stop_dir="$KSCALE_RECORD_DIR/$KSCALE_ID.stop"       # stop_dir/NAME asks service NAME to end
+logs_dir="$KSCALE_RECORD_DIR/$KSCALE_RUNTIME-logs/$KSCALE_ID"  # HOST/NAME.out and each node's Ray logs
+rm -rf "$stop_dir"
+mkdir -p "$stop_dir"
 cleaned=0
 
 # Run a command on the nodes of an srun step, inside the container when one is configured.
@@ -46,7 +55,32 @@ step() {  # step SRUN_ARGS... -- COMMAND...
         args+=(--container-image="$KSCALE_CONTAINER_IMAGE")
         [ -n "$KSCALE_CONTAINER_MOUNTS" ] && args+=(--container-mounts="$KSCALE_CONTAINER_MOUNTS")
     fi
-    srun --overlap --kill-on-bad-exit=0 "${args[@]}" "$@"
+    args=(--overlap --quiet --kill-on-bad-exit=0 "${args[@]}")
+    # In the background (`step ... &`) the subshell becomes srun, so that $! is srun's PID.
+    if [ "$BASHPID" != "$$" ]; then exec srun "${args[@]}" "$@"; fi
+    srun "${args[@]}" "$@"
+}
+
+# Start a long-lived service in the background in its own step, under the node-side wrapper.
+service() {  # service NAME TEMP_DIR_OR_EMPTY SRUN_ARGS... -- COMMAND...
+    local name=$1 temp=$2 args=()
+    shift 2
+    while [ "$1" != "--" ]; do args+=("$1"); shift; done
+    shift
+    step "${args[@]}" -- "$KSCALE_PYTHON" -m kscale.targets.slurm_node --name "$name" \
+        --stop-file "$stop_dir/$name" --logs-to "$logs_dir" --temp-dir "$temp" -- "$@" &
+    pids+=($!)
+    services+=("$name")
+}
+
+# shellcheck disable=SC2317  # used by cleanup, through the EXIT trap
+gone_within() {  # gone_within PID SECONDS: true once PID has exited
+    local i
+    for ((i = 0; i < $2 * 5; i++)); do
+        kill -0 "$1" 2>/dev/null || return 0
+        sleep 0.2
+    done
+    return 1
 }
 
 ray_ports=(--node-manager-port=$((port_base + 3)) --object-manager-port=$((port_base + 4))
@@ -59,24 +93,19 @@ ray_node=(--block --num-cpus="$cpus" --num-gpus="$gpus" --temp-dir="$node_tmp" -
 cleanup() {
     [ "$cleaned" = 1 ] && return
     cleaned=1
-    trap - TERM INT
-    echo "kscale: stopping our own processes (${#pids[@]} step(s))"
-    [ "${#pids[@]}" -gt 0 ] && { kill -TERM "${pids[@]}" 2>/dev/null || true; }
-    for _ in $(seq 30); do
-        alive=0
-        for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
-        [ "$alive" = 0 ] && break
-        sleep 1
+    trap '' TERM INT
+    echo "kscale: stopping our services: ${services[*]:-none}"
+    local i
+    for ((i = ${#pids[@]} - 1; i >= 0; i--)); do  # newest first: Ray workers before the head
+        touch "$stop_dir/${services[i]}" || true
+        gone_within "${pids[i]}" 60 && continue
+        echo "kscale: ${services[i]} did not stop within 60 s; signalling its step" >&2
+        kill -TERM "${pids[i]}" 2>/dev/null || true
+        gone_within "${pids[i]}" 30 || kill -KILL "${pids[i]}" 2>/dev/null || true
     done
-    [ "${#pids[@]}" -gt 0 ] && { kill -KILL "${pids[@]}" 2>/dev/null || true; }
-    # Keep every node's Ray logs beside the outputs, then remove the node-local temp dirs.
-    # shellcheck disable=SC2016  # expanded by the inner bash
-    srun --overlap --nodes="$n_nodes" --ntasks="$n_nodes" --ntasks-per-node=1 bash -c \
-        'd="$1/ray-logs/$2/$(hostname -s)"; mkdir -p "$d"; cp -r "$3"/session_latest/logs/. "$d"/ 2>/dev/null; rm -rf "$3"' \
-        _ "$KSCALE_RECORD_DIR" "$KSCALE_ID" "$node_tmp" || true
-    rm -f "$token_file"
-    [ -n "$tls_dir" ] && rm -rf "$tls_dir"
-    echo "kscale: logs in $KSCALE_RECORD_DIR"
+    rm -rf "$stop_dir" "$token_file"
+    if [ -n "$tls_dir" ]; then rm -rf "$tls_dir"; fi
+    echo "kscale: logs in $KSCALE_RECORD_DIR (services' output and each node's Ray logs in $logs_dir)"
 }
 # shellcheck disable=SC2317  # runs through the TERM/INT trap
 on_signal() {
@@ -86,9 +115,10 @@ on_signal() {
 trap cleanup EXIT
 trap on_signal TERM INT
 
-wait_for_port() {  # wait_for_port HOST PORT SECONDS
+wait_for_port() {  # wait_for_port HOST PORT SECONDS PID: until the port answers, while PID (the step) lives
     for _ in $(seq "$3"); do
         (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null && return 0
+        kill -0 "$4" 2>/dev/null || { echo "kscale: the step that should listen on $1:$2 ended" >&2; return 1; }
         sleep 1
     done
     echo "kscale: nothing listens on $1:$2 after $3 s" >&2
@@ -102,18 +132,16 @@ JSON
 
 if [ "$KSCALE_RUNTIME" = ray ]; then
     echo "kscale: starting Ray head on $head_node ($head_ip:$gcs_port), $cpus CPU(s) and $gpus GPU(s) per node"
-    step --nodes=1 --ntasks=1 --cpus-per-task="$cpus" -w "$head_node" -- \
+    service ray-head "$node_tmp" --nodes=1 --ntasks=1 --cpus-per-task="$cpus" -w "$head_node" -- \
         "$KSCALE_PYTHON" -m ray.scripts.scripts start --head --node-ip-address="$head_ip" --port="$gcs_port" \
         --dashboard-host="$KSCALE_DASHBOARD_HOST" --dashboard-port="$dashboard_port" \
-        --ray-client-server-port=$((port_base + 2)) "${ray_ports[@]}" "${ray_node[@]}" &
-    pids+=($!)
-    wait_for_port "$head_ip" "$gcs_port" "$KSCALE_NODE_WAIT_S"
+        --ray-client-server-port=$((port_base + 2)) "${ray_ports[@]}" "${ray_node[@]}"
+    wait_for_port "$head_ip" "$gcs_port" "$KSCALE_NODE_WAIT_S" "${pids[0]}"
     if [ "$n_nodes" -gt 1 ]; then
-        step --nodes=$((n_nodes - 1)) --ntasks=$((n_nodes - 1)) --ntasks-per-node=1 --cpus-per-task="$cpus" \
-            --exclude="$head_node" -- \
+        service ray-worker "$node_tmp" --nodes=$((n_nodes - 1)) --ntasks=$((n_nodes - 1)) --ntasks-per-node=1 \
+            --cpus-per-task="$cpus" --exclude="$head_node" -- \
             "$KSCALE_PYTHON" -m ray.scripts.scripts start --address="$head_ip:$gcs_port" "${ray_ports[@]}" \
-            "${ray_node[@]}" &
-        pids+=($!)
+            "${ray_node[@]}"
     fi
     export RAY_ADDRESS="$head_ip:$gcs_port"
     if [ "$n_nodes" -gt 1 ]; then  # one node: the driver's ray.init waits for the head by itself
@@ -141,15 +169,14 @@ elif [ "$KSCALE_RUNTIME" = dask ]; then
     done
     tls=(--tls-ca-file "$tls_dir/cert.pem" --tls-cert "$tls_dir/cert.pem" --tls-key "$tls_dir/key.pem")
     echo "kscale: starting dask scheduler (TLS) on $head_node:$dask_port, one worker per node ($cpus threads)"
-    step --nodes=1 --ntasks=1 -w "$head_node" -- \
+    service dask-scheduler "" --nodes=1 --ntasks=1 -w "$head_node" -- \
         "$KSCALE_PYTHON" -m distributed.cli.dask_scheduler --protocol tls "${tls[@]}" --host "$head_ip" \
         --port "$dask_port" --dashboard-address "127.0.0.1:$dashboard_port" \
-        --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" &
-    pids+=($!)
-    step --nodes="$n_nodes" --ntasks="$n_nodes" --ntasks-per-node=1 --cpus-per-task="$cpus" -- \
+        --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE"
+    service dask-worker "$node_tmp" --nodes="$n_nodes" --ntasks="$n_nodes" --ntasks-per-node=1 \
+        --cpus-per-task="$cpus" -- \
         "$KSCALE_PYTHON" -m distributed.cli.dask_worker "${tls[@]}" --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
-        --nworkers 1 --nthreads "$cpus" --memory-limit 0 --local-directory "$node_tmp" &
-    pids+=($!)
+        --nworkers 1 --nthreads "$cpus" --memory-limit 0 --local-directory "$node_tmp"
     step --nodes=1 --ntasks=1 -w "$head_node" -- \
         "$KSCALE_PYTHON" -m kscale.targets.slurm wait-dask --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
         --workers "$n_nodes" --timeout "$KSCALE_NODE_WAIT_S"

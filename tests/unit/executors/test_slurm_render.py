@@ -89,3 +89,35 @@ def test_dry_run_prints_and_writes_nothing(tmp_path, monkeypatch):
     assert slurm.submit(str(job), spec, force=False, dry_run=True, say=printed.append) == 0
     assert printed[0].startswith("#!/bin/bash") and f"KSCALE_RECORD_DIR={tmp_path}/out/gap.cluster" in printed[0]
     assert not (tmp_path / "out").exists()
+
+
+def _function(text: str, name: str) -> str:
+    start = text.index(f"\n{name}() {{")
+    return text[start: text.index("\n}\n", start)]
+
+
+@pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze"])
+def test_services_run_under_the_node_wrapper_and_end_through_stop_files(name):
+    """Clean logs and a cleanup that works after scancel: every service (Ray head/workers, dask scheduler/
+    workers) runs under kscale.targets.slurm_node, which keeps its output, Ray logs and temp dir; cleanup
+    asks each to stop through its stop file, newest first, and starts no srun step (the allocation may be
+    gone: "job has expired")."""
+    text = _render(name)
+    lines = text.splitlines()
+    services = [i for i, line in enumerate(lines) if line.lstrip().startswith("service ")]
+    starts = [i for i, line in enumerate(lines) if "ray.scripts.scripts start" in line or "distributed.cli.dask_" in line]
+    assert starts and len(services) == len(starts), (services, starts)
+    assert all(s in (v + 1, v + 2) for v, s in zip(services, starts))  # each start is a service's command
+    assert "-m kscale.targets.slurm_node --name" in _function(text, "service")
+    assert 'srun "${args[@]}"' in _function(text, "step") and "--quiet" in _function(text, "step")
+    cleanup = _function(text, "cleanup")
+    assert "srun" not in cleanup and "step " not in cleanup and "kill -TERM \"${pids[@]}\"" not in cleanup
+    assert 'touch "$stop_dir/${services[i]}"' in cleanup and "i--" in cleanup
+
+
+def test_analysis_asks_for_a_cpu_per_dask_thread():
+    spec = spec_from_dict({"kind": "analyze", "analyze": {"stores": ["/shared/keys"], "dask": {"n_workers": 6}},
+                           "output": {"path": "/x"}}, check_model=False)
+    assert slurm.shape(spec).cpus_per_node == 6
+    assert "#SBATCH --cpus-per-task=6" in slurm.render_script(spec, SID, Path("/x.cluster"), Path("/x.cluster/j.yaml"),
+                                                               "/home/u", "python").splitlines()

@@ -1,0 +1,134 @@
+"""The node side of a Slurm job: one long-lived service (a Ray head or worker, a dask scheduler or worker)
+run inside its ``srun`` step by ``python -m kscale.targets.slurm_node``, so that the step ends cleanly.
+
+The sbatch body (``kscale/templates/slurm/body.sh``) starts every service through this wrapper and stops it
+by creating the service's *stop file* on the shared filesystem, never by signalling ``srun`` (a signalled
+step ends with ``srun: error ... CANCELLED`` in the job's log). Asked to stop (stop file, or SIGTERM/SIGINT
+from ``scancel`` or the time limit), the wrapper:
+
+1. sends SIGTERM to the service's process group (Ray's processes stay in ``ray start``'s group), waits up to
+   ``--grace`` seconds, then SIGKILLs the group and any process of this user still running from the
+   node's temp dir (``--temp-dir``; gcs_server may ignore SIGTERM);
+2. copies the node's Ray logs (``<temp-dir>/session_latest/logs``) to ``<logs-to>/<host>/``;
+3. removes the node's temp dir and exits 0: the step and the job end without an error.
+
+All of this runs inside the step, so it works after ``scancel`` too, when the allocation no longer admits a
+new ``srun`` ("job has expired"). The service's own output (Ray's start-up banner with its "run ray stop"
+advice, dask's log lines) goes to ``<logs-to>/<host>/<name>.out``, not to the job's log; if the service dies
+on its own, the end of that file is printed to stderr and its exit code returned.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+POLL_S = 0.5
+
+
+def _ancestors() -> set[int]:
+    pids, pid = set(), os.getpid()
+    while pid > 1:
+        pids.add(pid)
+        try:
+            pid = int(Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    return pids
+
+
+def own_pids_using(path: str) -> list[int]:
+    """PIDs of this user's processes whose command line mentions ``path``: the service's processes that left
+    its group. This process, its ancestors and ``srun`` clients (their arguments name the path) excluded."""
+    uid, skip, found = os.getuid(), _ancestors(), []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit() or int(d.name) in skip:
+            continue
+        try:
+            argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
+            if d.stat().st_uid != uid or not any(path in a for a in argv) or Path(argv[0]).name == "srun":
+                continue
+        except OSError:
+            continue
+        found.append(int(d.name))
+    return found
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def stop_service(proc: subprocess.Popen, grace_s: float, temp_dir: str | None) -> None:
+    """SIGTERM the service's group, wait up to ``grace_s``, then SIGKILL the group and leftovers."""
+    _signal_group(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and (proc.poll() is None or (temp_dir and own_pids_using(temp_dir))):
+        time.sleep(POLL_S)
+    _signal_group(proc.pid, signal.SIGKILL)
+    for pid in own_pids_using(temp_dir) if temp_dir else []:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def keep_logs(temp_dir: Path, dest: Path) -> None:
+    """Copy the node's Ray session logs (if any) into ``dest``."""
+    src = temp_dir / "session_latest" / "logs"
+    if src.is_dir():
+        shutil.copytree(src, dest, dirs_exist_ok=True, symlinks=True, ignore_dangling_symlinks=True)
+
+
+def run(name: str, cmd: list[str], stop_file: Path, logs_to: Path, temp_dir: Path | None, grace_s: float) -> int:
+    host_dir = logs_to / socket.gethostname().split(".")[0]
+    host_dir.mkdir(parents=True, exist_ok=True)
+    out_path = host_dir / f"{name}.out"
+    asked: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _f: asked.append(signum))
+    with open(out_path, "ab") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+        while proc.poll() is None and not asked and not stop_file.exists():
+            time.sleep(POLL_S)
+        died_alone = proc.poll() is not None and not asked and not stop_file.exists()
+        stop_service(proc, grace_s, str(temp_dir) if temp_dir else None)
+    if temp_dir is not None:
+        keep_logs(temp_dir, host_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    if died_alone:
+        tail = out_path.read_text(errors="replace").splitlines()[-30:]
+        print(f"kscale: {name} on {socket.gethostname()} exited by itself ({proc.returncode}); the end of "
+              f"{out_path}:\n" + "\n".join(tail), file=sys.stderr, flush=True)
+        return proc.returncode or 1
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m kscale.targets.slurm_node", description=__doc__.split("\n")[0])
+    ap.add_argument("--name", required=True, help="the service: ray-head, ray-worker, dask-scheduler, dask-worker")
+    ap.add_argument("--stop-file", required=True, help="stop when this file exists (shared filesystem)")
+    ap.add_argument("--logs-to", required=True, help="folder for <host>/<name>.out and the node's Ray logs")
+    ap.add_argument("--temp-dir", default=None, help="the node-local temp dir: logs kept, then removed")
+    ap.add_argument("--grace", type=float, default=15.0, help="seconds between SIGTERM and SIGKILL")
+    ap.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND...")
+    a = ap.parse_args(argv)
+    cmd = a.cmd[1:] if a.cmd[:1] == ["--"] else a.cmd
+    if not cmd:
+        ap.error("no command after --")
+    return run(a.name, cmd, Path(a.stop_file), Path(a.logs_to), Path(a.temp_dir) if a.temp_dir else None, a.grace)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

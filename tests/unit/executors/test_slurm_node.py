@@ -1,0 +1,86 @@
+"""The node-side wrapper of a Slurm job's services (``kscale.targets.slurm_node``), run as the sbatch body runs
+it, without Slurm: a stand-in service that prints Ray's banner, writes "Ray logs" into its temp dir and starts a
+child. Asked to stop (stop file or SIGTERM), the wrapper ends the service and its child, keeps the logs, removes
+the temp dir and exits 0 with nothing on its own output; a service that dies alone is reported with its exit code.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.conftest import REPO
+
+# A service like `ray start --block`: banner, logs under TEMP/session_latest/logs, a child that keeps running,
+# exits at once when its first argument says so.
+SERVICE = """
+import os, subprocess, sys, time
+temp = sys.argv[1]
+logs = os.path.join(temp, "session_latest", "logs")
+os.makedirs(logs, exist_ok=True)
+open(os.path.join(logs, "raylet.out"), "w").write("raylet log\\n")
+print("Ray runtime started. To terminate the Ray runtime, run\\n  ray stop", flush=True)
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", temp])
+if sys.argv[2] == "die":
+    sys.exit(3)
+time.sleep(600)
+"""
+
+
+def _start(tmp_path: Path, mode: str = "serve") -> tuple[subprocess.Popen, Path, Path, Path]:
+    temp, logs, stop = tmp_path / "node-tmp", tmp_path / "logs", tmp_path / "stop" / "ray-head"
+    stop.parent.mkdir()
+    script = tmp_path / "service.py"
+    script.write_text(SERVICE)
+    proc = subprocess.Popen([sys.executable, "-m", "kscale.targets.slurm_node", "--name", "ray-head",
+                             "--stop-file", str(stop), "--logs-to", str(logs), "--temp-dir", str(temp),
+                             "--grace", "5", "--", sys.executable, str(script), str(temp), mode],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (temp / "session_latest" / "logs" / "raylet.out").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return proc, temp, logs, stop
+
+
+def _using(path: Path) -> list[int]:
+    from kscale.targets.slurm_node import own_pids_using
+
+    return own_pids_using(str(path))
+
+
+def _assert_clean_end(proc: subprocess.Popen, temp: Path, logs: Path) -> None:
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    assert out == "" and err == "", (out, err)  # the banner is not in the job's log ...
+    host = logs / socket.gethostname().split(".")[0]
+    assert "ray stop" in (host / "ray-head.out").read_text()  # ... but in the service's output file
+    assert (host / "raylet.out").read_text() == "raylet log\n"  # the node's Ray logs are kept
+    assert not temp.exists()  # the node's temp dir is removed
+    assert not _using(temp)  # the service and the child it started are gone
+
+
+def test_stop_file_ends_the_service_cleanly(tmp_path):
+    proc, temp, logs, stop = _start(tmp_path)
+    assert _using(temp), "the stand-in service did not start"
+    stop.touch()
+    _assert_clean_end(proc, temp, logs)
+
+
+def test_sigterm_as_from_scancel_ends_the_service_cleanly(tmp_path):
+    proc, temp, logs, _ = _start(tmp_path)
+    proc.send_signal(signal.SIGTERM)
+    _assert_clean_end(proc, temp, logs)
+
+
+def test_a_service_that_dies_alone_is_reported(tmp_path):
+    proc, temp, logs, _ = _start(tmp_path, mode="die")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 3
+    assert "ray-head on" in err and "exited by itself (3)" in err and "ray stop" in err
+    assert not temp.exists() and not _using(temp)
