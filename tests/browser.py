@@ -134,7 +134,9 @@ def check_pages(pages: list[Path], shots: Path | None = None, binary: str | None
     binary = binary or chromium()
     if binary is None:
         raise FileNotFoundError(f"chromium not found: {INSTALL_HINT}")
-    with tempfile.TemporaryDirectory(prefix="kscale-chromium-") as profile:
+    # Chromium's helper processes may still write the profile for a moment after the browser exits: a
+    # profile left behind in the temp folder is not a failure of the pages checked.
+    with tempfile.TemporaryDirectory(prefix="kscale-chromium-", ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen([binary, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         try:

@@ -72,11 +72,19 @@ class _Tee:
         return getattr(self._stream, name)
 
 
-def shards_line(progress: dict | None) -> str:
-    """``N of M shards committed`` from a ``_progress.json`` snapshot ("" when unknown)."""
+def shards_line(progress: dict | None, output: str | None = None) -> str:
+    """``N of M shards committed`` from a ``_progress.json`` snapshot ("" when unknown).
+
+    With ``output`` a key store, N is also counted from its commit markers, the truth: a shard whose
+    commit finished on a worker while the driver was being stopped is on disk but was never reported
+    to the driver's progress."""
     if not progress or not progress.get("shards_total"):
         return ""
     n = progress.get("shards_done", 0) + progress.get("shards_skipped", 0)
+    if output is not None:
+        from kscale.store.layout import marker_names
+
+        n = max(n, len(marker_names(output)))
     return f"{n} of {progress['shards_total']} shards committed"
 
 
@@ -126,7 +134,7 @@ class LocalRun:
             return
         final = "STOPPED" if stopped else ("SUCCEEDED" if code == 0 else "FAILED")
         if stopped:
-            line = shards_line(mark_progress_stopped(self.output))  # the stage was interrupted mid-flight
+            line = shards_line(mark_progress_stopped(self.output), self.output)  # the stage was interrupted mid-flight
             message = (f"{line}; rerun to resume" if line else "rerun to resume")
         self.state = {**self.state, "state": final, "exit_code": code, "ended_at": now(),
                       **({"message": message} if message else {})}

@@ -58,6 +58,20 @@ def test_noop_rerun_keeps_the_last_real_counts(tmp_path):
     assert on_disk["samples"] == 8
 
 
+def test_stopped_count_trusts_the_markers_over_the_progress_snapshot(tmp_path):
+    """A shard committed on a worker while the driver stopped is on disk but not in ``_progress.json``."""
+    from kscale.store.layout import marker_path
+    from kscale.targets.local import shards_line
+
+    (tmp_path / "shards").mkdir()
+    for i in range(4):
+        marker_path(tmp_path, f"s{i:06d}").write_text("{}")
+    snapshot = {"shards_total": 12, "shards_done": 2, "shards_skipped": 1}
+    assert shards_line(snapshot) == "3 of 12 shards committed"
+    assert shards_line(snapshot, str(tmp_path)) == "4 of 12 shards committed"
+    assert shards_line(snapshot, str(tmp_path / "not-a-store")) == "3 of 12 shards committed"
+
+
 def test_overrides_are_typed_and_validated(tmp_path):
     from kscale.spec import SpecError, load_spec
 
