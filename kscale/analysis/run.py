@@ -215,8 +215,7 @@ def _store_context(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referen
     want = set(cfg.estimators)
     configs = _feature_configs(cfg) if "mmd_rf" in want else []
     lin_norms = list(cfg.mmd.normalisations) if "linear" in cfg.mmd.kernels and "mmd_rf" in want else []
-    itemsize = np.dtype(ks.attrs["key_dtype"] if has_index(ks) else ks.keys(layer0, mods[0]).dtype).itemsize
-    row_bytes = len(heads) * ks.head_dim * itemsize
+    row_bytes = _row_bytes(ks, heads, layer0)
     per_sample = max(1, len(configs)) * 2 * cfg.mmd.n_features * 8 * len(mods)
     max_samples = max(1, cfg.mmd.max_accumulator_mb * 2**20 // (per_sample * (runner.window + 1)))
     max_rows, where = rows_per_block(cfg.dask.chunk_mb, row_bytes), f"store {ks.path}"
@@ -240,13 +239,19 @@ def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referenc
             embeds.append({"store": ks.path, "layer": layer, "keys": lc.sub.keys, "heads": sc.heads})
         rows += _layer_rows(lc)
         if progress is not None:  # keys streamed for this layer: every selected head of both modalities
-            progress.advance(1, nbytes=sum(ks.keys(layer, m, sc.heads).nbytes for m in sc.mods),
+            progress.advance(1, nbytes=sum(_n_rows(ks, layer, m) for m in sc.mods) * _row_bytes(ks, sc.heads, layer),
                              detail=f"{Path(ks.path).name} layer {layer}")
     return rows, embeds
 
 
 def _n_rows(ks: KeyStoreLike, layer: int, modality: str) -> int:
     return ks.n_tokens()[modality] if has_index(ks) else ks.keys(layer, modality).shape[0]
+
+
+def _row_bytes(ks: KeyStoreLike, heads: list[int], layer: int) -> int:
+    """Bytes of one token's keys over ``heads`` as stored (from the store's attributes: no graph built)."""
+    dtype = ks.attrs["key_dtype"] if has_index(ks) else ks.keys(layer, "text").dtype
+    return len(heads) * ks.head_dim * np.dtype(dtype).itemsize
 
 
 def _subsample(sc: StoreContext, ks: KeyStoreLike, layer: int, for_embed: bool) -> Subsample:
