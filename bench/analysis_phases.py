@@ -5,8 +5,7 @@ layer plans (subsample, bandwidths, bins), the streamed sums, random-feature row
 permutation p-values, exact and paper MMD rows, classifier probes, t-SNE, all pictures, the attention
 figure and report.html. CPU is user + sys of the whole process (every thread), so on a machine shared
 with others it is the steadier number; wall follows the load. Phases nest (t-SNE is inside pictures;
-rows inside the layer work), so the lines do not add up to the total; exact and paper MMD rows run on a
-second thread beside the streamed sums, so while they overlap each line's CPU counts both threads. Prints a table and writes JSON.
+rows inside the layer work), so the lines do not add up to the total. Prints a table and writes JSON.
 
     python bench/analysis_phases.py jobs/demo_analyze.yaml /tmp/analysis_run [--json phases.json]
 
