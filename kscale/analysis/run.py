@@ -328,21 +328,14 @@ def _n_samples(lc: LayerContext, sums: dict[int, TargetSums]) -> dict[str, int]:
 
 
 def _layer_rows(lc: LayerContext) -> list[dict]:
-    """Rows of one layer. The exact and paper MMD rows need only the in-memory subsample, so they are
-    computed on a second thread while the layer streams (numpy releases the GIL in their kernel blocks):
-    on 2 cores the two overlap. Rows keep their order; their values do not depend on the thread."""
-    from concurrent.futures import ThreadPoolExecutor
-
     cfg, sc = lc.cfg, lc.store
-    with ThreadPoolExecutor(1, thread_name_prefix="kscale-exact") as pool:
-        exact = {t: pool.submit(_exact_target_rows, lc, t) for t in lc.targets}
-        sums = _stream_sums(lc)
-        n_samples = _n_samples(lc, sums)
-        rows = []
-        for t in lc.targets:
-            ctx = R.Context(sc.ks.path, lc.layer, t, cfg.significance.alpha, n_samples, cfg.mmd.estimator,
-                            cfg.mmd.bandwidth_policy, cfg.seed)
-            rows += _target_rows(lc, ctx, t, sums[t], exact[t].result())
+    sums = _stream_sums(lc)
+    n_samples = _n_samples(lc, sums)
+    rows = []
+    for t in lc.targets:
+        ctx = R.Context(sc.ks.path, lc.layer, t, cfg.significance.alpha, n_samples, cfg.mmd.estimator,
+                        cfg.mmd.bandwidth_policy, cfg.seed)
+        rows += _target_rows(lc, ctx, t, sums[t])
     if "jsd_clf" in cfg.estimators and cfg.jsd.classifiers:
         rows += probe_rows(lc, n_samples, layer_items(lc, sc.heads))
     return rows
@@ -374,25 +367,7 @@ def _conventions(cfg: AnalyzeConfig, kind: str) -> dict:
             "value": "mean over columns"}
 
 
-def _exact_target_rows(lc: LayerContext, t: int) -> dict[str, list[dict]]:
-    """Exact and paper MMD rows of one target per comparison, from the subsample only (they count
-    their own samples, so the context's ``n_samples``, known only after streaming, is left empty)."""
-    cfg, sc = lc.cfg, lc.store
-    if "mmd_exact" not in cfg.estimators:
-        return {}
-    ctx = R.Context(sc.ks.path, lc.layer, t, cfg.significance.alpha, {}, cfg.mmd.estimator,
-                    cfg.mmd.bandwidth_policy, cfg.seed)
-    out = {}
-    for comp in sc.comps:
-        rows = R.exact_rows(ctx, lc.sub, comp, lc.targets[t], cfg, lc.plans[t], _conventions(cfg, "exact"))
-        if cfg.paper_mode.enabled:
-            rows += R.paper_rows(ctx, lc.sub, comp, lc.targets[t], cfg.exact_subsample, cfg.paper_mode)
-        out[comp.name] = rows
-    return out
-
-
-def _target_rows(lc: LayerContext, ctx: R.Context, t: int, ts: TargetSums, exact: dict[str, list[dict]],
-                 ) -> list[dict]:
+def _target_rows(lc: LayerContext, ctx: R.Context, t: int, ts: TargetSums) -> list[dict]:
     cfg, sc = lc.cfg, lc.store
     plan, want = lc.plans[t], set(cfg.estimators)
     rows, reps = [], {}
@@ -404,7 +379,10 @@ def _target_rows(lc: LayerContext, ctx: R.Context, t: int, ts: TargetSums, exact
         rows += R.linear_rows(ctx, ts, comp, sc.lin_norms, _conventions(cfg, "linear"))
         if "jsd_hist" in want:
             rows += R.hist_rows(ctx, ts, comp, lc.families[t], cfg.jsd.units, _conventions(cfg, "hist"))
-        rows += exact.get(comp.name, [])
+        if "mmd_exact" in want:
+            rows += R.exact_rows(ctx, lc.sub, comp, lc.targets[t], cfg, plan, _conventions(cfg, "exact"))
+            if cfg.paper_mode.enabled:
+                rows += R.paper_rows(ctx, lc.sub, comp, lc.targets[t], cfg.exact_subsample, cfg.paper_mode)
     return rows + _ratio_rows(ctx, reps, sc.configs, cfg)
 
 

@@ -285,32 +285,3 @@ def test_torch_random_features_equal_numpy(device):
     ref = _per_sample_rf(plan, target, x, smp)
     got = per_sample_rf_torch(plan, target, x, smp, torch.device(device))
     np.testing.assert_allclose(got, ref, rtol=1e-6, atol=1e-6 * np.abs(ref).max())
-
-
-def test_exact_rows_run_beside_the_stream_and_keep_their_place(tmp_path, monkeypatch):
-    """Exact and paper MMD rows are computed on a second thread while the layer streams (``run._layer_rows``)
-    and still sit where a serial run puts them: per (layer, target, comparison) random-feature, linear,
-    histogram, exact, then paper rows."""
-    import threading
-
-    from kscale.analysis import rows as R
-
-    threads = set()
-    exact_rows = R.exact_rows
-
-    def recording(*a, **k):
-        threads.add(threading.current_thread().name)
-        return exact_rows(*a, **k)
-
-    monkeypatch.setattr(R, "exact_rows", recording)
-    ks = write_store(tmp_path / "s")
-    cfg = dataclasses.replace(cfg_for("block"), pooled=True, estimators=["mmd_rf", "mmd_exact", "jsd_hist"],
-                              comparisons=["cross", "intra_text"], exact_subsample=8)
-    df = analyze(cfg, tmp_path / "out", stores=[ks])
-    assert threads and all(t.startswith("kscale-exact") for t in threads)
-    order = ["mmd2_rf", "mmd2_linear", "jsd_hist", "mmd2_exact", "mmd2_paper"]
-    df = df[~df.estimator.str.startswith(("ratio", "gap"))]
-    for _, g in df.groupby(["layer", "head"], sort=False):
-        rank = [(cfg.comparisons.index(c), next(i for i, o in enumerate(order) if e.startswith(o)))
-                for c, e in zip(g.comparison, g.estimator)]
-        assert rank == sorted(rank) and {r[1] for r in rank} == set(range(5)), rank
