@@ -71,7 +71,8 @@ def test_stop_ends_the_job_cleanly_and_status_says_stopped(slurm, tmp_path, how)
     SIGTERM at once, and the cleanup must still finish without a new srun step ("job has expired")."""
     env = clean_env(tmp_path / "home", tmp_path / "kscale-home")
     env["SLURM_CONF"] = slurm["SLURM_CONF"]
-    sub = kscale(["submit", str(DEMO), "--target", "slurm"], env, tmp_path)
+    # 8x the demo's samples: on a quiet machine the demo's 8 shards all commit before the stop is seen
+    sub = kscale(["submit", str(DEMO), "--target", "slurm", "--set", "data.generated.n_samples=512"], env, tmp_path)
     m = re.search(r"submitted (kscale-[a-z0-9-]+) as Slurm job (\d+)", sub.stdout)
     assert m, sub.stdout + sub.stderr
     sid, job_id = m.groups()
