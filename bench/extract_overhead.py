@@ -81,7 +81,7 @@ def bench_setup(args: argparse.Namespace, tmp: Path):
 def main() -> None:
     args = bench_args()
 
-    from kscale.data.records import Shard
+    from kscale.data.records import RecordList, Shard
     from kscale.extract import worker
     from kscale.store.writer import ShardWriter
 
@@ -135,7 +135,7 @@ def main() -> None:
 
         # the pipelined path reads records and builds batches itself: hand it the same prebuilt ones, so
         # all three variants time the forward and the key path, not image decoding and tokenising
-        state.source = _Prebuilt(recs)
+        state.source = RecordList(recs)
         prebuilt = {tuple(r.sample_id for r in recs[a:a + args.batch]): b
                     for b, a in zip(batches, range(0, len(recs), args.batch))}
         worker.build = lambda _state, rs, with_answers=False: prebuilt[tuple(r.sample_id for r in rs)]
@@ -173,19 +173,6 @@ def main() -> None:
         print("before: time split " + ", ".join(f"{k} {v / tot:.1%}" for k, v in parts.items()))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-class _Prebuilt:
-    """A source over records already read (the forward, not image decoding, is what is measured)."""
-
-    def __init__(self, recs: list) -> None:
-        self.recs = recs
-
-    def get(self, i: int):
-        return self.recs[i]
-
-    def __len__(self) -> int:
-        return len(self.recs)
 
 
 if __name__ == "__main__":

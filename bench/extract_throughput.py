@@ -118,20 +118,9 @@ def forward_flops(cfg, model, batch, patches_per_image: int) -> float:
     return 2 * lm * B * T + 2 * vis * B * P + lm_attn + vis_attn
 
 
-class _Prebuilt:
-    def __init__(self, recs: list) -> None:
-        self.recs = recs
-
-    def get(self, i: int):
-        return self.recs[i]
-
-    def __len__(self) -> int:
-        return len(self.recs)
-
-
 def main() -> None:
     a = args_()
-    from kscale.data.records import Record, Shard
+    from kscale.data.records import Record, RecordList, Shard
     from kscale.extract import worker
     from kscale.spec import spec_from_dict
 
@@ -157,7 +146,7 @@ def main() -> None:
             "output": {"path": str(tmp / "store")}, "resources": {"executor": "local"}})
         tc = cfg.text_config
         state = worker.ExtractState(loaded, list(range(tc.num_hidden_layers)), list(range(tc.num_key_value_heads)),
-                                    _Prebuilt(recs))
+                                    RecordList(recs))
         shard_no = iter(range(10**6))
         written = [0]
 

@@ -42,6 +42,13 @@ class Source(Protocol):
     def get(self, i: int) -> Record: ...
 
 
+class RecordList(list):
+    """Records already in memory as a :class:`Source` (held-out evaluation records, benchmarks' prebuilt ones)."""
+
+    def get(self, i: int) -> Record:
+        return self[i]
+
+
 class ShardPlan(Sequence):
     """The shards of ``n_samples`` records cut ``shard_size`` at a time: a sequence computed from the shard
     index (``plan[k]``), never a list built up front, so a plan of 10^12 samples costs nothing to make."""

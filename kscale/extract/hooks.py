@@ -10,7 +10,7 @@ Legend: B batch, T tokens, R rope rows, L hooked layers.
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
@@ -30,9 +30,25 @@ def _positions_BTR(position_ids: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @contextmanager
+def _hooked(modules: dict, hook_for: Callable[[Hashable], Callable], rotary: torch.nn.Module | None,
+            on_rotary: Callable) -> Iterator[None]:
+    """``hook_for(key)`` as a forward hook on every module of ``modules`` and ``on_rotary`` as a forward
+    pre-hook (with kwargs) on ``rotary``, all removed on leaving."""
+    handles = []
+    try:
+        for key, mod in modules.items():
+            handles.append(mod.register_forward_hook(hook_for(key)))
+        if rotary is not None:
+            handles.append(rotary.register_forward_pre_hook(on_rotary, with_kwargs=True))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextmanager
 def capture(modules: dict[Hashable, torch.nn.Module], rotary: torch.nn.Module | None = None) -> Iterator[Capture]:
     cap = Capture()
-    handles = []
 
     def on_output(layer: Hashable):
         def hook(_mod, _inp, out):
@@ -44,15 +60,8 @@ def capture(modules: dict[Hashable, torch.nn.Module], rotary: torch.nn.Module | 
         pos = args[1] if len(args) > 1 else kwargs["position_ids"]
         cap.positions_BTR = _positions_BTR(pos.detach(), x.shape[0])
 
-    try:
-        for layer, mod in modules.items():
-            handles.append(mod.register_forward_hook(on_output(layer)))
-        if rotary is not None:
-            handles.append(rotary.register_forward_pre_hook(on_rotary, with_kwargs=True))
+    with _hooked(modules, on_output, rotary, on_rotary):
         yield cap
-    finally:
-        for h in handles:
-            h.remove()
 
 
 # ----------------------------------------------------------------------------- keys straight to the host
@@ -132,7 +141,6 @@ def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | 
                        None if heads is None else torch.tensor(heads, dtype=torch.long))
     streams = {} if streams is None else streams
     used: set[torch.device] = set()
-    handles = []
 
     def to_host(dst: torch.Tensor, src: torch.Tensor) -> None:
         if not src.is_cuda:
@@ -171,15 +179,8 @@ def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | 
         positions.append(p.reshape(-1, p.shape[-1]).index_select(0, r).to(torch.int32))
 
     out = _Lazy()
-    try:
-        for pos, mod in modules.items():
-            handles.append(mod.register_forward_hook(on_key(pos)))
-        if rotary is not None:
-            handles.append(rotary.register_forward_pre_hook(on_rotary, with_kwargs=True))
+    with _hooked(modules, on_key, rotary, on_rotary):
         yield out
-    finally:
-        for hd in handles:
-            hd.remove()
     assert host is not None, "no hooked projection ran"
     if positions:
         p = positions[-1]  # the language model's call (the last, as in ``capture``)

@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from kscale.data import Record
+from kscale.data.records import RecordList
 from kscale.models import LoadedModel
 from kscale.models.registry import IMAGE, TEXT, VIDEO, resolve_layers
 from kscale.scoring import answer_positions, answer_scores, condition_image, swap_donor
@@ -100,13 +100,6 @@ def evaluate_run(spec: JobSpec, adapter_dir: str | Path | None = None) -> dict[s
     return table
 
 
-class _Heldout(list):
-    """The held-out records as a source (``len``, ``get``): swap donors are drawn among them only."""
-
-    def get(self, i: int) -> Record:
-        return self[i]
-
-
 def evaluate(loaded: Any, malora: MaLoRAModel, records: list, layers: list[int],
              batch_size: int, seed: int = 0) -> dict[str, dict[str, float]]:
     """The before/after table (variant -> metric -> value) on ``records`` (each with an image);
@@ -115,7 +108,7 @@ def evaluate(loaded: Any, malora: MaLoRAModel, records: list, layers: list[int],
         raise ValueError(f"evaluation needs at least 2 held-out records with an image, got {len(records)}")
     malora.eval()
     accs = {v: _Acc() for v in VARIANTS}
-    heldout = _Heldout(records)
+    heldout = RecordList(records)  # swap donors are drawn among the held-out records only
     donors = [swap_donor(heldout, i, seed)[1] for i in range(len(records))]
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
