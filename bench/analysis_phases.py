@@ -2,10 +2,12 @@
 
 Runs ``analysis.run.analyze`` on a job's ``analyze:`` section with timers around its phases: the
 layer plans (subsample, bandwidths, bins), the streamed sums, random-feature rows and their jackknife,
-permutation p-values, exact and paper MMD rows, classifier probes, t-SNE, all pictures, the attention
-figure and report.html. CPU is user + sys of the whole process (every thread), so on a machine shared
-with others it is the steadier number; wall follows the load. Phases nest (t-SNE is inside pictures;
-rows inside the layer work), so the lines do not add up to the total. Prints a table and writes JSON.
+permutation p-values, exact and paper MMD rows, classifier probes, all pictures (with the wait for the
+t-SNE maps, computed beside the analysis in a helper process: ``embed.MapsHelper``), the attention figure
+and report.html. CPU is user + sys of this process (every thread; not the helper's), so on a machine
+shared with others it is the steadier number; wall follows the load. Phases nest (the wait for the maps
+is inside pictures; rows inside the layer work), so the lines do not add up to the total. Prints a table
+and writes JSON.
 
     python bench/analysis_phases.py jobs/demo_analyze.yaml /tmp/analysis_run [--json phases.json]
 
@@ -36,8 +38,8 @@ PHASES = [  # (module, function, label)
     (R, "exact_rows", "exact MMD rows"),
     (R, "paper_rows", "paper MMD rows"),
     (run, "probe_rows", "classifier probes"),
-    (E, "tsne_2d", "t-SNE"),
-    (FIG, "write_pictures", "pictures (incl. t-SNE)"),
+    (E, "resolved", "waiting for t-SNE maps (helper process)"),
+    (FIG, "write_pictures", "pictures"),
     (run, "attention_beside_gap", "attention figure"),
     (report, "build_report", "report.html"),
 ]

@@ -263,22 +263,25 @@ def jsd_by_layer(df: pd.DataFrame, path: Path) -> bool:
 
 
 def _embed_pictures(embeds: list[dict], out: Path, cfg) -> None:
-    from kscale.analysis.embed import pca_2d, stratified, tsne_2d
+    """One picture per layer and method: of the embed's ``maps`` (:func:`embed.maps`, made during the
+    analysis, t-SNE maybe still in the helper process), else of maps computed now from its ``keys``."""
+    from kscale.analysis import embed as E
 
     plt = rep.plt()
     several = len({e["store"] for e in embeds}) > 1
     for e in embeds:
-        x, labels = stratified(e["keys"], cfg.embed.subsample, cfg.seed)
+        maps = E.resolved(e["maps"], cfg.embed.perplexity, cfg.seed) if "maps" in e else E.maps(
+            e["keys"], cfg.embed.methods, cfg.embed.subsample, cfg.embed.perplexity, cfg.seed)
+        labels = maps["labels"]
         name = V.short_store(e["store"]) if e["store"] else ""
         tag = f"{name}_layer{e['layer']:03d}" if name else f"layer{e['layer']:03d}"
         for method in cfg.embed.methods:
+            xy, ratio = maps[method]
             if method == "pca":
-                xy, ratio = pca_2d(x)
                 title = f"PCA, layer {e['layer']}"
                 how = (f"the first two principal components of the standardised keys (explaining {ratio[0]:.0%} "
                        f"and {ratio[1]:.0%} of the variance)")
             else:
-                xy = tsne_2d(x, cfg.embed.perplexity, cfg.seed)
                 title = f"t-SNE, layer {e['layer']}"
                 how = f"a t-SNE map (perplexity {cfg.embed.perplexity:g}) of the standardised keys"
             fig, ax = plt.subplots(figsize=(4.6, 4.2))

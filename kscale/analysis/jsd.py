@@ -123,6 +123,42 @@ def make_probe(kind: str, d: int, hidden: int, seed: int):
     raise ValueError(f"unknown probe {kind!r}")
 
 
+class Adam:
+    """torch's Adam, stepped through its functional kernel (``torch.optim.adam.adam``): the same arithmetic as
+    ``torch.optim.Adam`` (default betas and eps, no weight decay), so the same probes bit for bit
+    (tests/unit/analysis/test_probe_adam.py). ``torch.optim.Optimizer`` imports ``torch._dynamo`` on its
+    first step, about 1.5 s of CPU: a tenth of the demo analysis, for nothing a probe uses.
+
+    As in ``torch.optim.Adam``, a parameter whose ``grad`` is None is not stepped (its step count stays)."""
+
+    def __init__(self, params, lr: float, foreach: bool | None = None, betas=(0.9, 0.999), eps: float = 1e-8):
+        import torch
+
+        self.params = list(params)
+        self.lr, self.foreach, self.betas, self.eps = lr, foreach, betas, eps
+        step_dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        self.exp_avgs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sqs = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.steps = [torch.tensor(0.0, dtype=step_dtype) for _ in self.params]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        import torch
+        from torch.optim.adam import adam
+
+        live = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not live:
+            return
+        with torch.no_grad():
+            adam([self.params[i] for i in live], [self.params[i].grad for i in live],
+                 [self.exp_avgs[i] for i in live], [self.exp_avg_sqs[i] for i in live], [],
+                 [self.steps[i] for i in live], foreach=self.foreach, amsgrad=False, beta1=self.betas[0],
+                 beta2=self.betas[1], lr=self.lr, weight_decay=0.0, eps=self.eps, maximize=False)
+
+
 class Probe:
     """A probe and its Adam optimiser, stepped on balanced minibatches of streamed chunks.
 
@@ -131,10 +167,8 @@ class Probe:
     """
 
     def __init__(self, kind: str, d: int, *, hidden: int, lr: float, batch_size: int, seed: int):
-        import torch
-
         self.model = make_probe(kind, d, hidden, seed)
-        self.opt = torch.optim.Adam(self.model.parameters(), lr=lr)
+        self.opt = Adam(self.model.parameters(), lr=lr)
         self.bs = batch_size
         self.rng = np.random.default_rng([seed, 0x7A1])
 
@@ -171,11 +205,9 @@ class ProbeBank:
     """
 
     def __init__(self, kinds: dict, d: int, *, hidden: int, lr: float, batch_size: int, seed: int):
-        import torch
-
         self.models = {key: make_probe(kind, d, hidden, seed + 31 * i) for i, (key, kind) in enumerate(kinds.items())}
         params = [p for m in self.models.values() for p in m.parameters()]
-        self.opt = torch.optim.Adam(params, lr=lr, foreach=True)
+        self.opt = Adam(params, lr=lr, foreach=True)
         self.bs = batch_size
         self.rng = np.random.default_rng([seed, 0x7A2])
 

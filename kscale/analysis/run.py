@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,6 +30,8 @@ import numpy as np
 import pandas as pd
 
 from kscale.analysis import rows as R
+from kscale.analysis.embed import MapsHelper
+from kscale.analysis.embed import maps as embed_maps
 from kscale.spec.analyze import AnalyzeConfig
 from kscale.analysis.features import (RF_KERNELS, ChunkPlan, FeatureConfig, TargetPlan, TargetSums, chunk_sums,
                                       draw_frequencies, merger)
@@ -82,20 +85,21 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     if progress is not None:
         progress.set_total(sum(len(_select("layers", cfg.layers, ks.layers, "layer")) for ks in stores))
     all_rows, embeds = [], []
-    with Runner(cfg.dask) as runner:
+    helper = MapsHelper() if "tsne" in cfg.embed.methods else None
+    with helper or nullcontext(), Runner(cfg.dask) as runner:
         for ks in stores:
-            store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress)
+            store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress, helper)
             all_rows += store_rows
             embeds += store_embeds
-    df = pd.DataFrame(all_rows, columns=R.COLUMNS)
-    df.to_parquet(out / "results.parquet", index=False)
-    df.to_csv(out / "results.csv", index=False)
-    (out / "meta.json").write_text(json.dumps(_meta(cfg, stores), indent=1, default=str))
-    from kscale.analysis.figures import write_pictures
-    from kscale.analysis.report import build_report
+        df = pd.DataFrame(all_rows, columns=R.COLUMNS)
+        df.to_parquet(out / "results.parquet", index=False)
+        df.to_csv(out / "results.csv", index=False)
+        (out / "meta.json").write_text(json.dumps(_meta(cfg, stores), indent=1, default=str))
+        from kscale.analysis.figures import write_pictures
+        from kscale.analysis.report import build_report
 
-    write_pictures(df, embeds, out, cfg)
-    attention_beside_gap(stores, df, out)
+        attention_beside_gap(stores, df, out)
+        write_pictures(df, embeds, out, cfg)  # the t-SNE maps last: the helper may still be on them
     build_report(out)
     return df
 
@@ -228,7 +232,9 @@ def _store_context(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referen
 
 
 def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, reference: KeyStoreLike | None = None,
-                  progress=None) -> tuple[list[dict], list[dict]]:
+                  progress=None, helper: MapsHelper | None = None) -> tuple[list[dict], list[dict]]:
+    """Rows of every selected layer, and the maps of the picture layers, made as soon as a layer's subsample
+    is read (t-SNE in ``helper``, when given, while the next layers are analysed)."""
     sc = _store_context(cfg, ks, runner, reference)
     layers = _select("layers", cfg.layers, ks.layers, "layer")
     embed_layers = _embed_layers(cfg, layers)
@@ -236,7 +242,8 @@ def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referenc
     for layer in layers:
         lc = _layer_context(sc, layer, layer in embed_layers)
         if layer in embed_layers:
-            embeds.append({"store": ks.path, "layer": layer, "keys": lc.sub.keys, "heads": sc.heads})
+            embeds.append({"store": ks.path, "layer": layer, "heads": sc.heads, "maps": embed_maps(
+                lc.sub.keys, cfg.embed.methods, cfg.embed.subsample, cfg.embed.perplexity, cfg.seed, helper)})
         rows += _layer_rows(lc)
         if progress is not None:  # keys streamed for this layer: every selected head of both modalities
             progress.advance(1, nbytes=sum(_n_rows(ks, layer, m) for m in sc.mods) * _row_bytes(ks, sc.heads, layer),

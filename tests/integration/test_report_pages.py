@@ -160,3 +160,23 @@ def test_clipped_text_is_caught():
     fig.tight_layout()
     assert not reporting.clipped_texts(fig)
     plt.close(fig)
+
+
+def test_strict_save_refuses_clipped_text_and_plain_save_keeps_the_picture(tmp_path):
+    plt = reporting.plt()
+    strict = reporting.STRICT
+    try:
+        for on in (True, False):
+            reporting.STRICT = on
+            fig, ax = plt.subplots(figsize=(3, 2), layout="constrained")
+            ax.set_title("a title far too long for a figure this narrow, as the old MMD by layer title was")
+            png = tmp_path / f"clipped_{on}.png"
+            if on:  # tests: the drawing code must be fixed
+                with pytest.raises(AssertionError, match="cut off"):
+                    reporting.save_figure(fig, png, "a caption")
+                assert not png.exists()
+            else:  # users: saved with a tight bounding box, nothing cut off in the picture
+                reporting.save_figure(fig, png, "a caption")
+                assert png.stat().st_size > 1000 and reporting.caption_of(png) == "a caption"
+    finally:
+        reporting.STRICT = strict

@@ -71,3 +71,20 @@ def test_extra_columns_are_part_of_a_setting_and_the_primary_prefers_the_sample_
 def test_holm_and_ranges():
     assert V.holm(np.array([0.01, 0.04, np.nan, 0.03])).round(6).tolist()[:2] == [0.03, 0.06]
     assert V.ranges([0, 1, 2, 5, 7, 8]) == "0–2, 5, 7–8" and V.ranges([]) == "none"
+
+
+def test_gap_tables_are_reused_only_for_an_equal_table():
+    """The figures, the layer table and the verdict ask for the same tables: computed once, reused only for
+    a table with the same content, and no caller's edit reaches the next caller."""
+    df = pd.DataFrame(_rows({0: 0.3, 1: 0.2, 2: 0.0}))
+    setting = V.primary_setting(df)
+    first = V.gap_table(df, setting, "pooled")
+    first.loc[0, "cross"] = 99.0
+    assert V.gap_table(df, setting, "pooled").cross.iloc[0] == pytest.approx(0.3)
+    grown = df.copy()  # layer 2 gets the gap too: a different table, not the cached one
+    at2 = (grown.layer == 2) & (grown.comparison == "cross")
+    grown.loc[at2, ["value", "ci_low", "ci_high", "p"]] = [0.3, 0.29, 0.31, 1e-4]
+    assert list(V.gap_table(grown, setting, "pooled").significant) == [True, True, True]
+    assert list(V.gap_table(df, setting, "pooled").significant) == [True, True, False]
+    for table in (df, grown):
+        pd.testing.assert_frame_equal(V.sensitivity(table), V.sensitivity.__wrapped__(table))
