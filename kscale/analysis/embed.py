@@ -4,19 +4,13 @@ Each token's key is the concatenation of its selected heads (H*d dims), standard
 mean and SD; image and text get the same number of points. t-SNE is an optional dependency
 (``pip install 'kscale[analysis]'``); PCA needs only numpy.
 
-t-SNE is seconds of one CPU, mostly holding the GIL (and openTSNE's import, through scikit-learn, over a
-second): :class:`MapsHelper` computes the t-SNE maps in one spawned process at the lowest CPU priority,
-started with the analysis and given each picture layer as soon as its subsample is read. It runs on
-what the analysis leaves idle, and has the maps ready when the pictures are drawn; the maps are the same
-as computed in place (same library, same input, one thread).
+With a :class:`~kscale.analysis.maps_helper.MapsHelper` the t-SNE maps are computed in a helper process
+beside the analysis (see there); :func:`resolved` collects them.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import Future
 
 import numpy as np
 
@@ -57,73 +51,39 @@ def tsne_2d(x_nF: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
 
 
 def maps(keys: dict[str, np.ndarray], methods, subsample: int, perplexity: float, seed: int,
-         helper: MapsHelper | None = None) -> dict:
+         helper=None) -> dict:
     """A layer's 2-d maps: ``{"labels": modality per point, method: (coordinates, PCA variance ratio or
-    None)}`` for each of ``methods`` ("pca", "tsne"), of one stratified subsample. With ``helper`` the
-    t-SNE map is a :class:`~concurrent.futures.Future` (see :func:`resolved`)."""
+    None)}`` for each of ``methods`` ("pca", "tsne"), of one stratified subsample. With ``helper`` (a
+    :class:`~kscale.analysis.maps_helper.MapsHelper`) the t-SNE map is on its way: see :func:`resolved`."""
     x, labels = stratified(keys, subsample, seed)
     out: dict = {"labels": labels}
     for method in methods:
         if method == "pca":
             out[method] = pca_2d(x)
+        elif helper is not None:
+            out[method] = _Pending(helper.tsne(x, perplexity, seed), x)
         else:
-            out[method] = helper.tsne(x, perplexity, seed) if helper is not None else (tsne_2d(x, perplexity, seed),
-                                                                                        None)
+            out[method] = (tsne_2d(x, perplexity, seed), None)
     return out
 
 
 def resolved(maps_: dict, perplexity: float, seed: int) -> dict:
-    """``maps_`` with every future replaced by its value (an error of the helper's t-SNE, e.g. no openTSNE,
-    is raised here, as in place). Should the helper process have died, the map is computed here."""
+    """``maps_`` with every map on its way replaced by its value. An error of the helper's t-SNE (e.g. no
+    openTSNE) is raised here, as in place; if the helper process died, the map is computed here."""
+    from kscale.analysis.maps_helper import HelperDied
+
     out = dict(maps_)
     for method, value in maps_.items():
         if isinstance(value, _Pending):
             try:
-                if value.future is not None:
-                    out[method] = (value.future.result(), None)
-                    continue
-            except BrokenProcessPool:
-                pass
-            out[method] = (tsne_2d(value.x, perplexity, seed), None)
+                out[method] = (value.future.result(), None)
+            except HelperDied:
+                out[method] = (tsne_2d(value.x, perplexity, seed), None)
     return out
 
 
 class _Pending:
-    """A t-SNE map on its way from the helper (``future`` None: the helper had died; computed here)."""
+    """A t-SNE map on its way from the helper, with its points (to compute it here should the helper die)."""
 
-    def __init__(self, future: Future | None, x: np.ndarray):
+    def __init__(self, future: Future, x: np.ndarray):
         self.future, self.x = future, x
-
-
-def _helper_start(warm_tsne: bool) -> None:
-    os.nice(19)  # idle CPU only: the analysis that will wait for the maps goes first
-    if warm_tsne:
-        try:
-            import openTSNE  # noqa: F401  (its import, over a second, is paid here beside the analysis)
-        except ImportError:
-            pass  # raised where a map is asked for
-
-
-class MapsHelper:
-    """One spawned, lowest-priority process for t-SNE maps (see the module's docstring). ``close()`` when
-    done (or use it as a context manager); maps not yet started are then dropped."""
-
-    def __init__(self, warm_tsne: bool = True):
-        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
-                                        initializer=_helper_start, initargs=(warm_tsne,))
-        self.pool.submit(int)  # start the process (and its import) now, not at the first map
-
-    def tsne(self, x_nF: np.ndarray, perplexity: float, seed: int) -> _Pending:
-        try:
-            return _Pending(self.pool.submit(tsne_2d, x_nF, perplexity, seed), x_nF)
-        except BrokenProcessPool:  # the helper died: :func:`resolved` computes the map in place
-            return _Pending(None, x_nF)
-
-    def close(self, wait: bool = True) -> None:
-        self.pool.shutdown(wait=wait, cancel_futures=True)
-
-    def __enter__(self) -> MapsHelper:
-        return self
-
-    def __exit__(self, kind, *_) -> None:
-        self.close(wait=kind is None)  # on an error, do not wait for a map nobody will draw

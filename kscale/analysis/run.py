@@ -30,8 +30,8 @@ import numpy as np
 import pandas as pd
 
 from kscale.analysis import rows as R
-from kscale.analysis.embed import MapsHelper
 from kscale.analysis.embed import maps as embed_maps
+from kscale.analysis.maps_helper import MapsHelper
 from kscale.spec.analyze import AnalyzeConfig
 from kscale.analysis.features import (RF_KERNELS, ChunkPlan, FeatureConfig, TargetPlan, TargetSums, chunk_sums,
                                       draw_frequencies, merger)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import html
+import inspect
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -161,10 +162,14 @@ def _memo(fn):
     figures, the layer table and the verdict all ask for the same gap tables (about 40 settings, three
     times): computed once, not three times."""
 
+    signature = inspect.signature(fn)
+
     @functools.wraps(fn)
     def wrapper(df: pd.DataFrame, *args, **kwargs):
         try:
-            key = (fn.__name__, fingerprint(df), args, tuple(sorted(kwargs.items())))
+            bound = signature.bind(df, *args, **kwargs)
+            bound.apply_defaults()  # gap_table(df, s) and gap_table(df, s, "pooled", 0.05) are one call
+            key = (fn.__name__, fingerprint(df), tuple(bound.arguments.items())[1:])
             hash(key)
         except TypeError:  # an unhashable argument or value: compute
             return fn(df, *args, **kwargs)

@@ -1,15 +1,23 @@
-"""The t-SNE maps computed beside the analysis (``embed.MapsHelper``: one spawned process at the lowest CPU
-priority) are the maps computed in place, bit for bit; a helper that died leaves the map to be computed
-in place, not lost. Reference: ``embed.tsne_2d`` called here, and openTSNE underneath."""
+"""The t-SNE maps computed beside the analysis (``maps_helper.MapsHelper``: one child process at the lowest
+CPU priority) are the maps computed in place, bit for bit; a helper that died leaves the map to be
+computed in place, not lost; errors come back where the map is asked for; the helper starts from any main
+(a script read from stdin, as multiprocessing's spawn cannot) and ends when its driver is killed.
+Reference: ``embed.tsne_2d`` called here, and openTSNE underneath."""
 
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
 
 import numpy as np
 import pytest
 
 from kscale.analysis import embed as E
+from kscale.analysis.maps_helper import HelperDied, MapsHelper
 
 pytest.importorskip("openTSNE", reason="pip install 'kscale[analysis]'")
 
@@ -19,33 +27,78 @@ def _keys(seed: int) -> dict[str, np.ndarray]:
     return {"image": rng.normal(1.0, 1.0, size=(90, 2, 4)), "text": rng.normal(0.0, 1.0, size=(70, 2, 4))}
 
 
+def _gone(pid: int, within: float = 20.0) -> bool:
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 def test_helper_maps_equal_maps_in_place_and_run_at_lowest_priority():
     keys = _keys(0)
     here = E.maps(keys, ["pca", "tsne"], 60, 10.0, 3)
-    with E.MapsHelper() as helper:
-        assert helper.pool.submit(os.nice, 0).result() == 19  # only idle CPU
-        pending = E.maps(keys, ["pca", "tsne"], 60, 10.0, 3, helper)
-        assert isinstance(pending["tsne"], E._Pending)  # computed over there
-        got = E.resolved(pending, 10.0, 3)
-    np.testing.assert_array_equal(got["labels"], here["labels"])
-    for method in ("pca", "tsne"):
-        np.testing.assert_array_equal(got[method][0], here[method][0])
-    assert got["tsne"][1] is None and here["pca"][1].shape == (2,)
+    with MapsHelper() as helper:
+        pid = helper.pid()
+        assert os.getpriority(os.PRIO_PROCESS, pid) == min(19, os.getpriority(os.PRIO_PROCESS, 0) + 19)
+        pending = [E.maps(keys, ["pca", "tsne"], 60, 10.0, 3, helper) for _ in range(2)]  # queued, in order
+        assert isinstance(pending[0]["tsne"], E._Pending)  # computed over there
+        got = [E.resolved(p, 10.0, 3) for p in pending]
+    assert _gone(pid)  # closed: the helper ended with its input
+    for g in got:
+        np.testing.assert_array_equal(g["labels"], here["labels"])
+        for method in ("pca", "tsne"):
+            np.testing.assert_array_equal(g[method][0], here[method][0])
+        assert g["tsne"][1] is None
 
 
 @pytest.mark.parametrize("noticed", [False, True])
 def test_a_dead_helper_leaves_the_map_to_be_computed_here(noticed):
-    from concurrent.futures.process import BrokenProcessPool
-
     keys = _keys(1)
     here = E.maps(keys, ["tsne"], 50, 10.0, 5)
-    with E.MapsHelper() as helper:
-        pid = helper.pool.submit(os.getpid).result()
-        os.kill(pid, 9)  # the helper process this test started
-        if noticed:  # the pool already knows: the next submit raises
-            with pytest.raises(BrokenProcessPool):
-                while True:
-                    helper.pool.submit(int).result()
-        pending = E.maps(keys, ["tsne"], 50, 10.0, 5, helper)
-        got = E.resolved(pending, 10.0, 5)
+    with MapsHelper() as helper:
+        os.kill(helper.pid(), signal.SIGKILL)  # the helper process this test started
+        if noticed:  # the reader has seen the end: a new map is failed at once
+            helper._reader.join(timeout=10)
+            with pytest.raises(HelperDied):
+                helper.tsne(np.zeros((5, 2)), 2.0, 0).result(timeout=10)
+        got = E.resolved(E.maps(keys, ["tsne"], 50, 10.0, 5, helper), 10.0, 5)
     np.testing.assert_array_equal(got["tsne"][0], here["tsne"][0])
+
+
+def test_an_error_in_the_helper_is_raised_where_the_map_is_asked_for():
+    with MapsHelper() as helper:
+        bad = {"tsne": E._Pending(helper.tsne("not points", 1.0, 0), None)}
+        with pytest.raises(AttributeError, match="shape"):  # the helper's own error, sent back
+            E.resolved(bad, 1.0, 0)
+        assert helper.pid() > 0  # and the helper goes on
+
+
+def test_the_helper_starts_from_a_script_on_stdin_and_ends_with_a_killed_driver(tmp_path):
+    """multiprocessing's spawn would re-run the caller's main (here: fail on '<stdin>'); a SIGKILLed driver
+    must not leave its helper behind."""
+    script = textwrap.dedent("""
+        import sys, time
+        import numpy as np
+        from kscale.analysis.maps_helper import MapsHelper
+        helper = MapsHelper()
+        print(helper.pid(), flush=True)
+        x = np.random.default_rng(0).normal(size=(40, 3))
+        print(helper.tsne(x, 5.0, 0).result().shape, flush=True)
+        time.sleep(600)
+    """)
+    driver = subprocess.Popen([sys.executable, "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ, PYTHONPATH=os.getcwd()))
+    driver.stdin.write(script)
+    driver.stdin.close()
+    try:
+        helper_pid = int(driver.stdout.readline())
+        assert driver.stdout.readline().strip() == "(40, 2)"
+    finally:
+        driver.kill()  # the driver this test started
+        driver.wait()
+    assert _gone(helper_pid), "the helper outlived its killed driver"
+    assert "Traceback" not in driver.stderr.read()

@@ -88,3 +88,13 @@ def test_gap_tables_are_reused_only_for_an_equal_table():
     assert list(V.gap_table(df, setting, "pooled").significant) == [True, True, False]
     for table in (df, grown):
         pd.testing.assert_frame_equal(V.sensitivity(table), V.sensitivity.__wrapped__(table))
+
+
+def test_a_call_with_defaults_spelled_out_is_the_same_call():
+    df = pd.DataFrame(_rows({0: 0.3, 1: 0.0}))
+    V._MEMO.clear()
+    setting = V.primary_setting(df)
+    V.gap_table(df, setting)
+    V.gap_table(df, setting, "pooled", 0.05)
+    V.gap_table(df, setting=setting, alpha=0.05)
+    assert sum(key[0] == "gap_table" for key in V._MEMO) == 1
