@@ -156,7 +156,7 @@ def figure(joined: pd.DataFrame, corr: pd.DataFrame, title: str = "visual attent
     """Left: per layer, efficiency (with interval) and MMD cross / intra; right: gap vs efficiency.
 
     Legends sit outside the data (right of the left panel, below the colour bar of the right one); layer
-    ticks are integers; long titles wrap.
+    ticks, the colour bar's too, are integers; long titles wrap.
     """
     from kscale import reporting as rep
 
@@ -184,11 +184,13 @@ def figure(joined: pd.DataFrame, corr: pd.DataFrame, title: str = "visual attent
               bbox_to_anchor=(0.5, -0.17), ncol=2, frameon=False)
     heads = joined[joined["head"] >= 0]
     sc = ax_sc.scatter(heads.gap, heads.efficiency_image, c=heads.layer, cmap="viridis", s=18)
-    fig.colorbar(sc, ax=ax_sc, label="layer")
+    from matplotlib.ticker import MaxNLocator
+
+    fig.colorbar(sc, ax=ax_sc, label="layer").ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     row = corr.set_index("scope").loc["layers x heads"] if "layers x heads" in set(corr.scope) else None
     note = f"r = {row.pearson_r:.2f}, rho = {row.spearman_rho:.2f}, n = {row.n}" if row is not None else ""
     ax_sc.set(xlabel="key gap (cross minus mean intra MMD²)", ylabel="image attention efficiency",
-              title=rep.wrap(f"layers × KV heads ({note})", 45))
+              title=rep.wrap(f"layers × KV heads ({note})", 60))
     fig.suptitle(rep.wrap(title, 90), fontsize=11)
     return fig
 

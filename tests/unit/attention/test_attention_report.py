@@ -93,3 +93,6 @@ def test_beside_key_gap_joins_and_correlates(tmp_path):
     fig = figure(joined, corr)
     fig.savefig(tmp_path / "attention.png")
     assert (tmp_path / "attention.png").stat().st_size > 10_000 and len(fig.axes) >= 3
+    colour_bar = fig.axes[-1]  # coloured by layer: its ticks are layers, never 0.2 or 0.4
+    ticks = [t for t in colour_bar.get_yticks() if colour_bar.get_ylim()[0] <= t <= colour_bar.get_ylim()[1]]
+    assert colour_bar.get_ylabel() == "layer" and len(ticks) >= 2 and all(float(t).is_integer() for t in ticks)
