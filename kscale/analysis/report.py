@@ -35,7 +35,13 @@ def _order(png: Path) -> tuple[int, str]:
 
 
 def _interval(v: float, lo: float, hi: float) -> str:
+    if np.isneginf(lo) and np.isposinf(hi):  # Fieller, when the denominator is indistinguishable from 0
+        return f"{rep.fmt(v)} [unbounded]"
     return f"{rep.fmt(v)} [{rep.fmt(lo)}, {rep.fmt(hi)}]"
+
+
+UNBOUNDED = ("<b>[unbounded]</b> (ratio columns): the intra-modal value is indistinguishable from 0, so the "
+             "ratio has no finite Fieller interval; read <i>gap / noise</i> instead.")
 
 
 def layer_table(df: pd.DataFrame, alpha: float) -> str:
@@ -45,7 +51,7 @@ def layer_table(df: pd.DataFrame, alpha: float) -> str:
         return ""
     t = V.gap_table(df, setting, "pooled", alpha)
     ratios = _ratio_columns(df, setting, t)
-    parts = []
+    parts, unbounded = [], False
     for store, g in t.groupby("store", sort=False):
         tab = pd.DataFrame({
             "layer": g.layer.astype(int),
@@ -58,11 +64,12 @@ def layer_table(df: pd.DataFrame, alpha: float) -> str:
             "significant": ["yes" if s else "no" for s in g.significant]})
         for col, values in ratios.get(store, {}).items():
             tab[col] = values
+            unbounded = unbounded or any(v.endswith("[unbounded]") for v in values)
         title = f"<h3>{html.escape(V.short_store(store))}</h3>" if t.store.nunique() > 1 else ""
         parts.append(title + tab.to_html(index=False, border=0, escape=True))
     return (f"<h2>Per layer: {html.escape(setting.label())}, "
             f"{'KV heads pooled' if (setting.select(df)['head'] == V.POOLED).any() else 'first KV head'}</h2>"
-            + "".join(parts) + f'<p class="muted">{V.DEFINITIONS}</p>')
+            + "".join(parts) + f'<p class="muted">{V.DEFINITIONS}{" " + UNBOUNDED if unbounded else ""}</p>')
 
 
 def _ratio_columns(df: pd.DataFrame, setting, t: pd.DataFrame) -> dict[str, dict[str, list[str]]]:

@@ -98,3 +98,18 @@ def test_a_call_with_defaults_spelled_out_is_the_same_call():
     V.gap_table(df, setting, "pooled", 0.05)
     V.gap_table(df, setting=setting, alpha=0.05)
     assert sum(key[0] == "gap_table" for key in V._MEMO) == 1
+
+
+def test_layer_table_says_unbounded_for_an_infinite_ratio_interval():
+    from kscale.analysis.report import layer_table
+
+    rows = _rows({0: 0.3, 1: 0.2}, heads=(-1,))
+    for layer, (lo, hi) in ((0, (-np.inf, np.inf)), (1, (5.0, 40.0))):
+        rows.append({**rows[0], "layer": layer, "comparison": "cross/intra_text", "estimator": "ratio_mmd2_rf",
+                     "value": 20.0, "ci_low": lo, "ci_high": hi, "p": np.nan})
+    page = layer_table(pd.DataFrame(rows), 0.05)
+    assert "20 [unbounded]" in page and "inf" not in page.split("<p")[0]
+    assert "20 [5, 40]" in page  # a finite interval is shown as it is
+    assert "no finite Fieller interval" in page
+    finite = [r for r in rows if not (r["comparison"] == "cross/intra_text" and r["layer"] == 0)]
+    assert "no finite Fieller interval" not in layer_table(pd.DataFrame(finite), 0.05)
