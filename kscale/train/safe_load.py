@@ -7,9 +7,9 @@ whose ``load`` uses ``torch.load(weights_only=True)``: tensors, containers and p
 few plain DeepSpeed classes its own checkpoints hold (``DEEPSPEED_SAFE_GLOBALS``, found with
 ``torch.serialization.get_unsafe_globals_in_checkpoint`` on ZeRO 2 and 3 checkpoints, with and without
 CPU offload of the optimizer and parameters: an enum, a loss scaler's attributes, a dataclass of two
-ints). Anything else is refused with :class:`UnsafeCheckpoint`, naming the file and the global it asked for. :func:`checkpoint_tag_to_load`
-reads ``latest`` and accepts only a ``stepNNNNNNNN`` folder inside ``checkpoints/`` (no path from the
-file is followed).
+ints). Anything else is refused with :class:`UnsafeCheckpoint`, naming the file and the global it asked
+for. :func:`checkpoint_tag_to_load` reads ``latest`` and accepts only a ``stepNNNNNNNN`` folder inside
+``checkpoints/`` (no path from the file is followed).
 """
 
 from __future__ import annotations
