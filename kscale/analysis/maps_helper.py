@@ -54,11 +54,20 @@ def _recv(stream):
 class MapsHelper:
     """The helper process and its pending answers; ``close()`` when done (or use it as a context manager)."""
 
-    def __init__(self, warm_tsne: bool = True):
+    @classmethod
+    def start(cls, warm_tsne: bool = True, python: str | None = None) -> MapsHelper | None:
+        """A started helper, or None where no process can be started here (the maps are then computed in
+        place, as before: the helper only ever saves time)."""
+        try:
+            return cls(warm_tsne, python)
+        except OSError:
+            return None
+
+    def __init__(self, warm_tsne: bool = True, python: str | None = None):
         env = dict(os.environ)  # this kscale, whatever the child's working directory or installed copy
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        self.proc = subprocess.Popen([sys.executable, "-P", "-m", "kscale.analysis.maps_helper",
+        self.proc = subprocess.Popen([python or sys.executable, "-P", "-m", "kscale.analysis.maps_helper",
                                       "warm" if warm_tsne else "cold"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
         self._lock = threading.Lock()

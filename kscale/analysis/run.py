@@ -85,7 +85,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     if progress is not None:
         progress.set_total(sum(len(_select("layers", cfg.layers, ks.layers, "layer")) for ks in stores))
     all_rows, embeds = [], []
-    helper = MapsHelper() if "tsne" in cfg.embed.methods else None
+    helper = MapsHelper.start() if "tsne" in cfg.embed.methods else None
     with helper or nullcontext(), Runner(cfg.dask) as runner:
         for ks in stores:
             store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress, helper)

@@ -102,3 +102,10 @@ def test_the_helper_starts_from_a_script_on_stdin_and_ends_with_a_killed_driver(
         driver.wait()
     assert _gone(helper_pid), "the helper outlived its killed driver"
     assert "Traceback" not in driver.stderr.read()
+
+
+def test_no_helper_where_no_process_can_start():
+    assert MapsHelper.start(python="/nonexistent/python") is None  # the maps are then computed in place
+    helper = MapsHelper.start()
+    assert helper is not None
+    helper.close()
