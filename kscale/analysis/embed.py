@@ -49,7 +49,6 @@ def tsne_2d(x_nF: np.ndarray, perplexity: float, seed: int) -> np.ndarray:
                            verbose=False).fit(x_nF))
 
 
-
 def maps(keys: dict[str, np.ndarray], methods, subsample: int, perplexity: float, seed: int,
          helper=None) -> dict:
     """A layer's 2-d maps: ``{"labels": modality per point, method: (coordinates, PCA variance ratio or

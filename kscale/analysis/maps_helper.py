@@ -27,6 +27,7 @@ import sys
 import threading
 from concurrent.futures import Future
 from pathlib import Path
+from typing import Self
 
 _HEAD = struct.Struct("<Q")
 
@@ -144,7 +145,7 @@ class MapsHelper:
         self._reader.join(timeout=10)
         self.proc.stdout.close()
 
-    def __enter__(self) -> MapsHelper:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, kind, *_) -> None:
@@ -167,7 +168,7 @@ def _serve(warm: bool) -> None:
         job, name, args = msg
         try:
             reply = (job, True, calls[name](*args))
-        except Exception as err:  # sent back, raised where the map is asked for
+        except Exception as err:  # noqa: BLE001  (sent back, raised where the map is asked for)
             reply = (job, False, err)
         try:
             _send(out, reply)

@@ -86,11 +86,12 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
         progress.set_total(sum(len(_select("layers", cfg.layers, ks.layers, "layer")) for ks in stores))
     all_rows, embeds = [], []
     helper = MapsHelper.start() if "tsne" in cfg.embed.methods else None
-    with helper or nullcontext(), Runner(cfg.dask) as runner:
-        for ks in stores:
-            store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress, helper)
-            all_rows += store_rows
-            embeds += store_embeds
+    with helper or nullcontext():
+        with Runner(cfg.dask) as runner:  # closed before the pictures: a dask cluster's workers are not needed
+            for ks in stores:
+                store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress, helper)
+                all_rows += store_rows
+                embeds += store_embeds
         df = pd.DataFrame(all_rows, columns=R.COLUMNS)
         df.to_parquet(out / "results.parquet", index=False)
         df.to_csv(out / "results.csv", index=False)
