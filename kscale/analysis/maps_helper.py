@@ -11,7 +11,8 @@ Not ``multiprocessing``: its spawn re-imports the caller's main script in the ch
 without a ``__main__`` guard would run again) and cannot start from ``python -``.
 
 Protocol: length-prefixed pickles over the child's stdin/stdout, ``(job, name, args)`` in and
-``(job, ok, value)`` out, between this module and the child it started (nothing else writes to either
+``(job, ok, pickled value)`` out (the value pickled apart, so one that cannot be read here fails only its
+own map), between this module and the child it started (nothing else writes to either
 pipe; the child's own prints go to its stderr). The child ends at the end of its input, so a driver
 that dies, even by SIGKILL, leaves no helper behind once its current map is done.
 """
@@ -114,11 +115,20 @@ class MapsHelper:
                 msg = None
             if msg is None:
                 break
-            job, ok, value = msg
+            job, ok, payload = msg
             with self._lock:
                 fut = self._pending.pop(job, None)
-            if fut is not None:
-                fut.set_result(value) if ok else fut.set_exception(value)
+            if fut is None:
+                continue
+            try:
+                value = pickle.loads(payload)
+            except Exception as err:  # noqa: BLE001  (e.g. an error class this side cannot import)
+                fut.set_exception(HelperDied(f"the maps helper's answer could not be read here: {err!r}"))
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
         with self._lock:
             self._dead = True
             pending, self._pending = list(self._pending.values()), {}
@@ -167,13 +177,14 @@ def _serve(warm: bool) -> None:
     while (msg := _recv(inp)) is not None:
         job, name, args = msg
         try:
-            reply = (job, True, calls[name](*args))
+            ok, value = True, calls[name](*args)
         except Exception as err:  # noqa: BLE001  (sent back, raised where the map is asked for)
-            reply = (job, False, err)
-        try:
-            _send(out, reply)
-        except (pickle.PicklingError, TypeError, AttributeError) as err:
-            _send(out, (job, False, RuntimeError(f"maps helper: {reply[2]!r} ({err})")))
+            ok, value = False, err
+        try:  # the value is pickled on its own: an answer that cannot be read fails only its own map
+            payload = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as err:  # noqa: BLE001
+            ok, payload = False, pickle.dumps(RuntimeError(f"maps helper: {value!r} ({err!r})"))
+        _send(out, (job, ok, payload))
 
 
 if __name__ == "__main__":

@@ -109,3 +109,27 @@ def test_no_helper_where_no_process_can_start():
     helper = MapsHelper.start()
     assert helper is not None
     helper.close()
+
+
+def test_an_answer_that_cannot_be_read_here_fails_only_its_own_map(monkeypatch):
+    """E.g. an error class the driver cannot import: that map is computed here, nothing hangs."""
+    from kscale.analysis import maps_helper
+
+    real = maps_helper.pickle.loads
+
+    def unreadable_arrays(data):
+        value = real(data)
+        if isinstance(value, np.ndarray):
+            raise AttributeError("Can't get attribute 'Gone' on <module 'elsewhere'>")
+        return value
+
+    keys = _keys(2)
+    here = E.maps(keys, ["tsne"], 40, 8.0, 1)
+    with MapsHelper() as helper:
+        monkeypatch.setattr(maps_helper.pickle, "loads", unreadable_arrays)
+        pending = E.maps(keys, ["tsne"], 40, 8.0, 1, helper)
+        with pytest.raises(HelperDied, match="could not be read"):
+            pending["tsne"].future.result(timeout=60)
+        got = E.resolved(pending, 8.0, 1)
+        assert helper.pid() > 0  # the helper goes on
+    np.testing.assert_array_equal(got["tsne"][0], here["tsne"][0])
