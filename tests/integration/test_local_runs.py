@@ -80,9 +80,12 @@ def _write_job(tmp_path: Path, name: str, **over) -> tuple[Path, dict]:
 @pytest.mark.slow
 def test_ray_run_listed_logged_stopped_and_resumed(tmp_path):
     """`kscale stop` on a local Ray run: STOPPED with the shard count, Ray gone, loopback-only ports, resume."""
-    ref = spec_from_dict(extract_spec(tmp_path / "ref", **OVER))
+    # 4x the samples of OVER: on a quiet machine 12 small shards all committed before `status` was asked
+    bigger = {**OVER, "data": {**OVER["data"], "generated": {**OVER["data"]["generated"], "n_samples": 96}}}
+    n_shards = 96 // OVER["data"]["shard_size"]
+    ref = spec_from_dict({**extract_spec(tmp_path / "ref", **bigger), "name": "stopme"})  # the same job, run straight
     run_job(ref, show_bar=False)
-    job, d = _write_job(tmp_path, "stopme", resources={"executor": "ray", "workers": 1})
+    job, d = _write_job(tmp_path, "stopme", resources={"executor": "ray", "workers": 1}, data=bigger["data"])
     store = Path(d["output"]["path"])
     proc = _start(tmp_path, job)
     _wait_markers(store, 2, proc)
@@ -110,7 +113,7 @@ def test_ray_run_listed_logged_stopped_and_resumed(tmp_path):
     assert rec["state"] == "STOPPED", rec
     assert rec["message"].endswith("shards committed; rerun to resume"), rec
     n_done = len(list((store / "shards").glob("*.done.json")))
-    assert rec["message"].startswith(f"{n_done} of 12"), (rec, n_done)
+    assert rec["message"].startswith(f"{n_done} of {n_shards}"), (rec, n_done)
     assert json.loads((store / "_progress.json").read_text())["state"] == "stopped"
     time.sleep(5)  # the watchdog's grace
     alive = [p for p in children if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
