@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from tests.integration.test_train_deepspeed import _generated, _raw_spec, _run
+from tests.testing_utils import require_module
 
-pytest.importorskip("deepspeed")
+require_module("deepspeed", install="pip install -e '.[train]'")
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ import pytest
 
 from kscale.output import DataChanged
 from kscale.spec import spec_from_dict
+from tests.testing_utils import require_module
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -111,7 +112,7 @@ print(json.dumps(out))
 
 
 def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
-    pytest.importorskip("deepspeed")
+    require_module("deepspeed", install="pip install -e '.[train]'")
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RANK", None)
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(CHILD), str(tmp_path / "run")], capture_output=True,

@@ -18,8 +18,9 @@ import pytest
 
 from kscale.analysis import embed as E
 from kscale.analysis.maps_helper import HelperDied, MapsHelper
+from tests.testing_utils import require_module
 
-pytest.importorskip("openTSNE", reason="pip install 'kscale[analysis]'")
+require_module("openTSNE", install="pip install -e '.[analysis]'")
 
 
 def _keys(seed: int) -> dict[str, np.ndarray]:

@@ -14,6 +14,7 @@ import pytest
 import yaml
 
 from kscale.executors.progress import Progress
+from tests.testing_utils import require_module
 from kscale.targets.local import LocalTarget, pid_start_time
 from kscale.targets.records import Run
 
@@ -86,7 +87,7 @@ def test_overrides_are_typed_and_validated(tmp_path):
 
 
 def test_schema_validates_the_shipped_jobs_and_rejects_unknown_keys():
-    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema = require_module("jsonschema", install="pip install -e '.[dev]'")
     from kscale.spec_schema import json_schema
 
     schema = json_schema()

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from kscale.train.malora import MaLoRAConfig, MaLoRAModel, export_peft, load
+from tests.testing_utils import require_module
 
-peft = pytest.importorskip("peft")
+peft = require_module("peft", install="pip install -e '.[train]'")
 
 
 def _fresh(debug_qwen_dir):
