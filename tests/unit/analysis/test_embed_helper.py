@@ -14,6 +14,7 @@ import textwrap
 import time
 
 import numpy as np
+import psutil
 import pytest
 
 from kscale.analysis import embed as E
@@ -29,11 +30,13 @@ def _keys(seed: int) -> dict[str, np.ndarray]:
 
 
 def _gone(pid: int, within: float = 20.0) -> bool:
+    """The process has exited (a zombie waiting for whoever adopted it counts as exited)."""
     end = time.monotonic() + within
     while time.monotonic() < end:
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
             return True
         time.sleep(0.1)
     return False
