@@ -24,6 +24,7 @@ from kscale.results import ExtractResult
 from kscale.spec import JobSpec, to_dict
 from kscale.store.index import write_index
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names
+from kscale.store.writer import sweep_staging
 
 
 StoreExistsError = OutputError  # the store policy's refusals (kscale.output: foreign, exists, locked)
@@ -112,6 +113,7 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
             raise StoreExistsError(f"output.path: store {store!r} has format version {version}; this kscale "
                                    f"writes version {STORE_VERSION}: choose another path or output.if_exists: "
                                    "overwrite")
+        sweep_staging(store)  # a killed run's staging folders and marker temp files (the lock is ours)
         done = set(marker_names(store))
         todo = [s for s in shards if s.name not in done]
         try:

@@ -132,6 +132,21 @@ def _check_root(store: Path) -> None:
         write_json_atomic(shards / "zarr.json", {"zarr_format": 3, "node_type": "group", "attributes": {}})
 
 
+def sweep_staging(store: str | Path) -> list[str]:
+    """Remove what killed writers left in ``shards/`` and return the names: staging folders
+    (``.<shard>.tmp-<pid>``) and the temp files of markers (``.<shard>.done.json.tmp-<pid>-<tid>``: a writer
+    killed between writing one and linking or unlinking it). Nothing a reader looks at. Call it only with
+    the store's lock held and before this run's writers start: a live writer's staging would go too."""
+    gone = []
+    for p in sorted(Path(store, "shards").glob(".*.tmp-*")):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        gone.append(p.name)
+    return gone
+
+
 class ShardWriter:
     def __init__(self, store: str | Path, shard_name: str, *, n_layers: int, n_heads: int, head_dim: int,
                  rope_rows: int, key_dtype: str, chunk_tokens: int, compress_keys: bool = False,

@@ -237,6 +237,29 @@ def _manifest_with_bad_rows(root: Path, n: int = 10) -> str:
     return str(root / "data.jsonl")
 
 
+def test_a_rerun_clears_what_killed_writers_left(tmp_path):
+    """A writer killed between a marker's temp file and its link/unlink, or mid-shard, leaves hidden files
+    in shards/ that no shard's own writer would remove (the shard may be committed): the next run, holding
+    the lock, clears them, and the store equals an uninterrupted one. Deterministic companion of the SIGKILL
+    test above, where the kill lands wherever it lands."""
+    over = dict(data={"source": "generated", "generated": {"n_samples": 8, "image_size": 56}, "shard_size": 2},
+                extract={"batch_size": 2, "key_dtype": "float16"})
+    ref = spec_from_dict(extract_spec(tmp_path / "ref", **over))
+    run_job(ref, show_bar=False)
+    d = extract_spec(tmp_path / "rerun", **over)
+    run_job(spec_from_dict(d), show_bar=False)
+    shards = Path(d["output"]["path"]) / "shards"
+    marker_path(shards.parent, "s000003").unlink()  # shard 3 is redone; shards 0-2 stay committed
+    left = [shards / ".s000001.done.json.tmp-424242-1", shards / ".s000003.done.json.tmp-424242-1"]
+    for f in left:  # killed after linking (shard 1, committed) and before it (shard 3)
+        f.write_text("{}")
+    (shards / ".s000002.tmp-424242" / "tokens").mkdir(parents=True)  # a staging folder of a committed shard
+    summary = run_job(spec_from_dict(d), show_bar=False)
+    assert summary.shards_skipped == 3 and summary.shards_failed == 0
+    assert not list(shards.glob(".*.tmp-*"))
+    stores_equal(ref.output.path, d["output"]["path"])
+
+
 def test_ray_executor_equals_in_process(tmp_path, ray_local):
     """Keys, tokens, recorded errors, attention tables, markers and attributes: Ray == in-process."""
     over = dict(data={"source": "manifest", "path": _manifest_with_bad_rows(tmp_path / "data"), "shard_size": 4},
