@@ -3,7 +3,7 @@
 Runs ``analysis.run.analyze`` on a job's ``analyze:`` section with timers around its phases: the
 layer plans (subsample, bandwidths, bins), the streamed sums, random-feature rows and their jackknife,
 permutation p-values, exact and paper MMD rows, classifier probes, all pictures (with the wait for the
-t-SNE maps, computed beside the analysis in a helper process: ``embed.MapsHelper``), the attention figure
+t-SNE maps, computed beside the analysis in a helper process: ``maps_helper.MapsHelper``), the attention figure
 and report.html. CPU is user + sys of this process (every thread; not the helper's), so on a machine
 shared with others it is the steadier number; wall follows the load. Phases nest (the wait for the maps
 is inside pictures; rows inside the layer work), so the lines do not add up to the total. Prints a table
