@@ -263,15 +263,14 @@ def jsd_by_layer(df: pd.DataFrame, path: Path) -> bool:
 
 
 def _embed_pictures(embeds: list[dict], out: Path, cfg) -> None:
-    """One picture per layer and method: of the embed's ``maps`` (:func:`embed.maps`, made during the
-    analysis, t-SNE maybe still in the helper process), else of maps computed now from its ``keys``."""
+    """One picture per layer and method, of the embed's ``maps`` (:func:`embed.maps`, made during the
+    analysis; a t-SNE map may still be on its way from the helper process)."""
     from kscale.analysis import embed as E
 
     plt = rep.plt()
     several = len({e["store"] for e in embeds}) > 1
     for e in embeds:
-        maps = E.resolved(e["maps"], cfg.embed.perplexity, cfg.seed) if "maps" in e else E.maps(
-            e["keys"], cfg.embed.methods, cfg.embed.subsample, cfg.embed.perplexity, cfg.seed)
+        maps = E.resolved(e["maps"], cfg.embed.perplexity, cfg.seed)
         labels = maps["labels"]
         name = V.short_store(e["store"]) if e["store"] else ""
         tag = f"{name}_layer{e['layer']:03d}" if name else f"layer{e['layer']:03d}"
