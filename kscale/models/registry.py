@@ -246,6 +246,13 @@ class Adapter:
     default_template: str = "{image}{text}"
     rope_rows: int = 1  # rows of RoPE positions per token: 1 for 1-D RoPE, 3 for Qwen's M-RoPE
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
+    # The tiny random model of ``debug:<family>`` (kscale.models.debug): its tokenizer's special tokens
+    # ("special": the first ids, in order) and PreTrainedTokenizerFast arguments, and debug_model().
+    debug_tokens: dict = {}
+
+    def debug_model(self, tokenizer) -> tuple[torch.nn.Module, Any]:
+        """(tiny random model, image processor) of this family over ``tokenizer`` (debug_tokens)."""
+        raise NotImplementedError
 
     # -- loading
     def load(self, mspec: ModelOptions, info: ModelInfo, device: torch.device, dtype: torch.dtype,
