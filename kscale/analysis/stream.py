@@ -65,13 +65,21 @@ class Runner:
             elif self.cfg.scheduler_file:
                 self.client = Client(scheduler_file=self.cfg.scheduler_file)
             else:
-                self._tls_dir = Path(tempfile.mkdtemp(prefix="kscale-dask-tls-"))  # 0700
-                security = local_security(self._tls_dir)
-                self._cluster = LocalCluster(n_workers=self.cfg.n_workers, threads_per_worker=1, processes=True,
-                                             protocol="tls", host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0",
-                                             security=security)
-                self.client = Client(self._cluster, security=security)
+                self._start_local_cluster(LocalCluster, Client)
         return self
+
+    def _start_local_cluster(self, LocalCluster: type, Client: type) -> None:
+        # a new folder (write_dask_tls makes it 0700) inside a fresh 0700 one, removed by __exit__
+        self._tls_dir = Path(tempfile.mkdtemp(prefix="kscale-dask-")) / "tls"
+        try:
+            security = local_security(self._tls_dir)
+            self._cluster = LocalCluster(n_workers=self.cfg.n_workers, threads_per_worker=1, processes=True,
+                                         protocol="tls", host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0",
+                                         security=security)
+            self.client = Client(self._cluster, security=security)
+        except BaseException:
+            self.__exit__()  # __exit__ does not run when __enter__ fails: close what started, drop the keys
+            raise
 
     def __exit__(self, *exc: object) -> None:
         try:
@@ -81,7 +89,7 @@ class Runner:
                 self._cluster.close()
         finally:
             if self._tls_dir is not None:
-                shutil.rmtree(self._tls_dir, ignore_errors=True)
+                shutil.rmtree(self._tls_dir.parent, ignore_errors=True)
 
     @property
     def window(self) -> int:

@@ -21,6 +21,7 @@ import textwrap
 from pathlib import Path
 
 import psutil
+import pytest
 
 from kscale.analysis.stream import Runner
 from kscale.spec.analyze import DaskConfig
@@ -98,8 +99,25 @@ def test_the_local_cluster_refuses_outsiders_and_listens_on_loopback_only(tmp_pa
         assert all(ip == "127.0.0.1" for _, ip, _ in opened), opened
         assert runner.client.dashboard_link.startswith("http://127.0.0.1:")
         # the credentials: a 0700 folder of 0600 files, for this run only
-        assert stat.S_IMODE(tls_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE(tls_dir.stat().st_mode) == stat.S_IMODE(tls_dir.parent.stat().st_mode) == 0o700
         assert {p.name: stat.S_IMODE(p.stat().st_mode) for p in tls_dir.iterdir()} == {"cert.pem": 0o600,
                                                                                        "key.pem": 0o600}
         assert runner.client.submit(operator.add, 2, 2).result() == 4  # the run's own client: still let in
-    assert not tls_dir.exists()  # the credentials do not outlive the run
+    assert not tls_dir.parent.exists()  # the credentials do not outlive the run
+
+
+def test_a_cluster_that_fails_to_start_leaves_no_credentials(tmp_path, monkeypatch):
+    """``__exit__`` does not run when ``__enter__`` raises: the Runner removes the key folder itself."""
+    import distributed
+    import tempfile
+
+    def no_cluster(*args, **kwargs):
+        raise RuntimeError("no cluster today")
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    monkeypatch.setattr(distributed, "LocalCluster", no_cluster)
+    runner = Runner(DaskConfig(scheduler="distributed", n_workers=1))
+    with pytest.raises(RuntimeError, match="no cluster today"):
+        runner.__enter__()
+    assert runner._tls_dir is not None and runner._tls_dir.parent.parent == tmp_path  # keys were made ...
+    assert list(tmp_path.iterdir()) == []  # ... and removed
