@@ -61,18 +61,25 @@ print(json.dumps({
 """
 
 
+def _tree(proc: psutil.Process) -> list[int]:
+    return [proc.pid, *(p.pid for p in proc.children(recursive=True))]
+
+
 def _listening(pids: list[int]) -> list[tuple[int, str, int]]:
+    """(pid, ip, port) of every listening TCP socket of these processes."""
     out = []
     for pid in pids:
-        for c in psutil.Process(pid).net_connections(kind="inet"):
-            if c.status == psutil.CONN_LISTEN:
-                out.append((pid, c.laddr.ip, c.laddr.port))
+        try:
+            conns = psutil.Process(pid).net_connections(kind="inet")
+        except psutil.NoSuchProcess:
+            continue
+        out += [(pid, c.laddr.ip, c.laddr.port) for c in conns if c.status == psutil.CONN_LISTEN]
     return out
 
 
 def test_the_local_cluster_refuses_outsiders_and_listens_on_loopback_only(tmp_path):
     me = psutil.Process()
-    before = {(ip, port) for _, ip, port in _listening([me.pid])}
+    before = set(_listening(_tree(me)))  # what other tests of the session may have left listening
     with Runner(DaskConfig(scheduler="distributed", n_workers=1)) as runner:
         addr = runner.client.scheduler.address
         tls_dir = runner._tls_dir
@@ -93,8 +100,7 @@ def test_the_local_cluster_refuses_outsiders_and_listens_on_loopback_only(tmp_pa
         assert workers and all(w.startswith("tls://127.0.0.1:") for w in workers), workers
         # every socket the cluster listens on (scheduler, nanny, worker, the scheduler's and workers' HTTP
         # servers: dashboard, metrics) in this process and the worker processes is on loopback
-        cluster_pids = [me.pid, *(p.pid for p in me.children(recursive=True))]
-        opened = [s for s in _listening(cluster_pids) if (s[1], s[2]) not in before]
+        opened = [s for s in _listening(_tree(me)) if s not in before]
         assert len(opened) >= 4, opened  # scheduler, dashboard, nanny, worker (at least)
         assert all(ip == "127.0.0.1" for _, ip, _ in opened), opened
         assert runner.client.dashboard_link.startswith("http://127.0.0.1:")
