@@ -14,7 +14,7 @@ import click
 from kscale.errors import KscaleError
 from kscale.models.facts import FAMILIES
 from kscale.results import StageResult
-from kscale.spec import SpecError, load_spec
+from kscale.spec import STAGES, SpecError, load_spec
 
 
 def _load(path: str, overrides: tuple[str, ...] = ()):
@@ -67,11 +67,9 @@ def submit(job: str, target: str | None, address: str | None, dry_run: bool, for
     from kscale.runner import run_job
 
     sched = os.environ.get("KSCALE_DASK_SCHEDULER_FILE")
-    if sched and spec.kind == "analyze":  # set by kscale's Slurm script: use the allocation's dask cluster
-        import dataclasses
-
-        dask_cfg = dataclasses.replace(spec.analyze.dask, scheduler="distributed", scheduler_file=sched)
-        spec = dataclasses.replace(spec, analyze=dataclasses.replace(spec.analyze, dask=dask_cfg))
+    use_sched = STAGES[spec.kind].use_scheduler_file
+    if sched and use_sched:  # set by kscale's Slurm script: use the allocation's dask cluster
+        spec = use_sched(spec, sched)
     from kscale.targets.local import LocalRun
 
     in_cluster_driver = bool(os.environ.get("KSCALE_SUBMISSION_ID"))  # the cluster wrapper keeps the records
@@ -145,6 +143,11 @@ def validate(job: str, explain: bool, overrides: tuple[str, ...]) -> None:
     if explain:
         from kscale.spec import explain as rows
 
+        stage = STAGES[spec.kind]
+        click.echo(f"kind {spec.kind}: {stage.summary}; writes {stage.output} at output.path; needs "
+                   f"{', '.join(stage.needs + ('output',))}; a cluster allocation starts "
+                   f"{ {'dask': 'a dask cluster', 'ray': 'a Ray cluster', 'none': 'no service'}[stage.runtime_of(spec)]} first")
+        click.echo("kinds: " + "; ".join(f"{k} ({s.summary})" for k, s in STAGES.items()))
         for name, tp, default, doc in rows():
             click.echo(f"{name:38s} {tp:28s} {default:14s} {doc}")
 

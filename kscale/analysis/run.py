@@ -50,6 +50,12 @@ from kscale.spec import JobSpec, section_problems
 ANALYZE_KIND = OutputKind("analysis run", run_marker_reader("analyze"), check_fingerprint=False)
 
 
+def stage_entry(spec: JobSpec, ctx) -> AnalyzeResult:
+    """The stage table's entry (``kscale.spec.STAGES``): the analysis runs in this process (dask decides
+    where its tasks go)."""
+    return run_analyze(spec, ctx.show_bar)
+
+
 def run_analyze(spec: JobSpec, show_bar: bool = True) -> AnalyzeResult:
     """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir, claimed
     (:mod:`kscale.output`) for the run: locked, and never a folder that is not an analysis run (its

@@ -13,6 +13,8 @@ from typing import Any, Protocol, overload
 
 from PIL import Image
 
+from kscale.models.inputs import Sample, Turn, Video
+
 
 @dataclass
 class Record:
@@ -23,6 +25,22 @@ class Record:
     answer: str | None = None
     error: str | None = None  # why this record cannot be used; None when it can
     meta: dict[str, Any] = field(default_factory=dict)
+    # Records of more than one image, of videos or of conversations (kscale.models.inputs). ``image`` is
+    # then ``images[0]`` (what single-image consumers such as the bias stage read), ``text``/``answer`` the
+    # first user and assistant turns' text.
+    images: list[Image.Image] | None = None  # every image, in order; None: ``[image]`` (or none)
+    videos: list[Video] = field(default_factory=list)
+    turns: tuple[Turn, ...] | None = None  # the conversation; None: one user turn and the answer
+
+    def sample(self, with_answer: bool = True) -> Sample:
+        """The model input of this record (see :mod:`kscale.models.inputs`); ``with_answer=False`` stops
+        before the first assistant turn."""
+        if self.turns is None:
+            s = Sample.simple(self.image, self.text, self.answer)
+        else:
+            images = self.images if self.images is not None else [self.image] if self.image is not None else []
+            s = Sample(self.turns, images, self.videos)
+        return s if with_answer else s.without_answers()
 
 
 @dataclass(frozen=True)
