@@ -8,12 +8,13 @@ groups by, so a slip moves tokens between groups without any shape changing. The
   computed by transformers from its image/video token ids: image and video tags must match it exactly;
 - a tag vector written out by hand for a known prompt (control tokens of the family's chat template are
   special; a word outside the vocabulary becomes the tokenizer's unknown token, which is text, not special);
-- the image counts the processor reports (``image_grid_thw`` / the fixed LLaVA count): the k-th image block
-  carries index k, so the first image is 0.
+- the image counts the processor reports (``image_grid_thw`` / the fixed LLaVA count): the tokens of the
+  sample's k-th image carry index k, so the first image is 0 (an index vector written out by hand).
 
-``test_processors.py`` already checks that kscale's inputs equal the processor's; here the processor's
-``input_ids`` (several images in one sample, a video placeholder, an unknown word) go through the adapter's
-tagging, and a padded batch from ``build_batch`` is checked the same way.
+``test_processors.py`` / ``test_inputs.py`` check that kscale's inputs equal the processor's; here the
+processor's ``input_ids`` (several images in one sample, a video placeholder, an unknown word) go through the
+adapter's tagging, the same two-image sample goes through ``Adapter.batch``, and a padded batch from
+``build_batch`` is checked the same way.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import pytest
 import torch
 
 from kscale.models.facts import IMAGE, PAD, SPECIAL, TEXT, VIDEO
+from kscale.models.inputs import Media, Sample, Turn
 from tests.unit.test_processors import _image, _llava_processor, _load, _qwen_processor
 
 CODE = {"T": TEXT, "I": IMAGE, "V": VIDEO, "S": SPECIAL, "P": PAD}
@@ -30,8 +32,10 @@ CODE = {"T": TEXT, "I": IMAGE, "V": VIDEO, "S": SPECIAL, "P": PAD}
 # One sample, two images of different sizes, text around them with an unknown word ("zebra").
 QWEN_TWO_IMAGES = ("<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>what zebra is"
                    "<|vision_start|><|image_pad|><|vision_end|>?<|im_end|>\n<|im_start|>assistant\n")
-LLAVA_TWO_IMAGES = "<s>USER: <image>\nwhat zebra <image> is ? ASSISTANT:"
+LLAVA_TWO_IMAGES = "<s>USER: <image>\nwhat zebra is <image> ? ASSISTANT:"
 TWO_SIZES = [(56, 56), (112, 56)]  # Qwen (debug bounds): 2x2 and 2x4 merged patches -> 4 and 8 tokens
+# The same sample for Adapter.batch: the family's template renders it to the prompts above.
+TWO_IMAGES = (Media("image", 0), "what zebra is", Media("image", 1), "?")
 
 
 def _expand(runs: str) -> list[int]:
@@ -57,9 +61,9 @@ def _index(runs: str) -> list[int]:
 # ? <|im_end|> <|im_start|> assistant
 QWEN_TAGS = _expand("S T S I*4 S T T T S I*8 S T S S T")
 QWEN_INDEX = _index("-*3 0*4 -*5 1*8 -*5")
-# <s> user : <image>*16 what [UNK] <image>*16 is ? assistant :   (16 = (56 / 14)^2 CLIP patches)
-LLAVA_TAGS = _expand("S T T I*16 T T I*16 T T T T")
-LLAVA_INDEX = _index("-*3 0*16 -*2 1*16 -*4")
+# <s> user : <image>*16 what [UNK] is <image>*16 ? assistant :   (16 = (56 / 14)^2 CLIP patches)
+LLAVA_TAGS = _expand("S T T I*16 T T T I*16 T T T")
+LLAVA_INDEX = _index("-*3 0*16 -*3 1*16 -*3")
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +91,15 @@ def _processed(family, qwen, llava):
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
 def test_tags_of_a_two_image_prompt_match_the_processor_and_the_hand_written_vector(family, qwen, llava):
     lm, proc, out, tags, index = _processed(family, qwen, llava)
-    modality, image_index = lm.adapter.tag(lm, out["input_ids"], out["attention_mask"])
+    modality = lm.adapter.tag(lm, out["input_ids"], out["attention_mask"])
     mm = out["mm_token_type_ids"][0]
     assert torch.equal(modality[0] == IMAGE, mm == 1)  # the processor's image tokens, exactly
     assert torch.equal(modality[0] == VIDEO, mm == 2)
     assert modality[0].tolist() == tags, proc.tokenizer.convert_ids_to_tokens(out["input_ids"][0].tolist())
-    assert image_index[0].tolist() == index
+    ours = lm.adapter.batch(lm, [Sample((Turn("user", TWO_IMAGES),), [_image(w, h) for w, h in TWO_SIZES])])
+    assert torch.equal(ours.inputs["input_ids"], out["input_ids"])  # the processor's prompt, token for token
+    assert ours.modality_BT[0].tolist() == tags
+    assert ours.image_index_BT[0].tolist() == index
     # the hand-written vectors agree with what the processor says about the images and the unknown word
     per_image = ([int(g.prod()) // 4 for g in out["image_grid_thw"]] if family == "qwen2_5_vl"
                  else [(lm.model.config.vision_config.image_size // lm.model.config.vision_config.patch_size) ** 2] * 2)
@@ -108,7 +115,7 @@ def test_every_special_token_of_the_tokenizer_except_unknown_and_media_is_tagged
     lm, proc = qwen if family == "qwen2_5_vl" else llava
     tok = proc.tokenizer
     ids = torch.tensor([sorted(tok.all_special_ids) + tok("what is", add_special_tokens=False).input_ids])
-    modality, image_index = lm.adapter.tag(lm, ids, torch.ones_like(ids))
+    modality = lm.adapter.tag(lm, ids, torch.ones_like(ids))
     mm = torch.tensor(proc.create_mm_token_type_ids(ids))[0]
     want = {tid: (IMAGE if t == 1 else VIDEO if t == 2 else TEXT if tid == tok.unk_token_id else SPECIAL)
             for tid, t in zip(ids[0, : len(tok.all_special_ids)].tolist(), mm.tolist())}
@@ -126,12 +133,11 @@ def test_qwen_video_placeholder_is_video_as_the_processor_types_it(qwen):
     prompt = ("<|im_start|>user\n<|vision_start|><|video_pad|><|vision_end|>what zebra is"
               "<|vision_start|><|image_pad|><|vision_end|><|im_end|>")
     ids = proc.tokenizer([prompt], return_tensors="pt")["input_ids"]
-    modality, image_index = lm.adapter.tag(lm, ids, torch.ones_like(ids))
+    modality = lm.adapter.tag(lm, ids, torch.ones_like(ids))
     mm = torch.tensor(proc.create_mm_token_type_ids(ids))[0]
     assert torch.equal(modality[0] == VIDEO, mm == 2) and int((mm == 2).sum()) == 1
     assert torch.equal(modality[0] == IMAGE, mm == 1)
     assert modality[0].tolist() == _expand("S T S V S T T T S I S S")
-    assert image_index[0].tolist() == _index("-*9 0 -*2")  # a video is not an image: the image is still 0
 
 
 @pytest.mark.parametrize("family", ["qwen2_5_vl", "llava"])
