@@ -1,7 +1,7 @@
 """Golden files: rendered scripts and manifests compared byte for byte with the files in this folder.
 
 Regenerate after an intended change with ``KSCALE_UPDATE_GOLDEN=1 pytest tests/unit/executors`` and review
-the diff like code. Inputs are the ``*.job.yaml`` files here; renders use a fixed version (0.0.0), fixed
+the diff like code (never in CI: there the variable is refused, see :func:`updating`). Inputs are the ``*.job.yaml`` files here; renders use a fixed version (0.0.0), fixed
 submission id and fixed paths so only the renderer can change the output.
 """
 
