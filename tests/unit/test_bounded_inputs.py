@@ -356,3 +356,18 @@ def test_any_exception_while_building_a_record_is_that_rows_error():
     rec = records._record(4, row, dspec, None, "src row 4", {"a": 0})
     assert rec.sample_id == 4 and rec.error.startswith("src row 4: unreadable row (ValueError")
     assert records._id_of(row, "id", 4) is None  # left out of the id table, not raised
+
+
+def test_deeply_nested_yaml_is_a_spec_error_naming_the_file_exit_2(tmp_path):
+    """Issue 21 item 14: 5,000 nested lists gave a ``RecursionError`` traceback and exit 1."""
+    from kscale.spec import MAX_YAML_DEPTH, parse_yaml
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("kind: extract\nx: " + "[" * 5000 + "1" + "]" * 5000 + "\n")
+    proc = cli("validate", str(deep))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert str(deep) in proc.stderr and "nested" in proc.stderr, proc.stderr
+    # the bound, at the boundary: each list (or mapping) is one level
+    assert parse_yaml("[" * MAX_YAML_DEPTH + "]" * MAX_YAML_DEPTH) is not None
+    with pytest.raises(ValueError, match=f"nested more than {MAX_YAML_DEPTH}"):
+        parse_yaml("[" * (MAX_YAML_DEPTH + 1) + "]" * (MAX_YAML_DEPTH + 1))
