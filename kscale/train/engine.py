@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from kscale.output import fence
 from kscale.spec.train import TrainConfig
 from kscale.train.layout import CHECKPOINTS, checkpoint_tag
 
@@ -172,6 +173,7 @@ def save_checkpoint(engine: Any, run_dir: Path, step: int, keep: int) -> None:
     """Resumable state at ``step`` (adapter + optimizer + scheduler), keeping the newest ``keep``."""
     import torch.distributed as dist
 
+    fence(run_dir)  # the run's lock is still ours (kscale.output.fence): no checkpoint beside another run's
     root = run_dir / CHECKPOINTS
     engine.save_checkpoint(str(root), tag=checkpoint_tag(step), client_state={"step": step},
                            exclude_frozen_parameters=True)
