@@ -536,3 +536,46 @@ def test_verify_repair_and_info_reindex_take_the_store_lock(tmp_path) -> None:
     assert res.exit_code == 1 and "un-committed 1" in res.output and not marker_path(path, "s000001").exists()
     assert CliRunner().invoke(main, ["info", "--reindex", path]).exit_code == 0
     assert (tmp_path / "s" / INDEX_FILE).is_file() and not OutputLock(path).path.exists()
+
+
+RANK = textwrap.dedent("""
+    import sys
+    from pathlib import Path
+    import torch.distributed as dist
+    from kscale.output import LockLost, OutputLock, write_json_atomic
+    from kscale.train.engine import fence_all_ranks
+
+    run, rank, port = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    lock = OutputLock(run) if rank == 0 else None  # rank 0 claims the run (kscale.train.run._claimed)
+    if lock:
+        lock.acquire()
+    fence_all_ranks(run)  # still ours: every rank goes on
+    dist.barrier()
+    if lock:  # taken over from another node while this run was paused
+        write_json_atomic(lock.path, {"user": "u", "host": "node-b", "pid": 1, "started_at": "t",
+                                      "token": "node-b", "pid_start": None})
+    dist.barrier()
+    try:
+        fence_all_ranks(run)
+        print("WROTE", flush=True)
+    except LockLost:
+        print("STOPPED", flush=True)
+    dist.destroy_process_group()
+""")
+
+
+def test_every_train_rank_stops_when_rank_0s_lock_was_taken_over(tmp_path) -> None:
+    """Rank 0 alone raising would leave the other ranks in the checkpoint's collectives (a hang)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    ranks = [subprocess.Popen([sys.executable, "-c", RANK, str(tmp_path / "run"), str(r), str(port)],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for r in (0, 1)]
+    try:
+        outs = [p.communicate(timeout=180) for p in ranks]
+    finally:
+        for p in ranks:  # the processes this test started
+            p.kill()
+    assert [o.strip() for o, _ in outs] == ["STOPPED", "STOPPED"], [e[-1500:] for _, e in outs]
