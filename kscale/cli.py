@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 
 import click
 
@@ -15,6 +16,24 @@ from kscale.errors import KscaleError
 from kscale.models.facts import FAMILIES
 from kscale.results import StageResult
 from kscale.spec import STAGES, SpecError, load_spec
+
+
+@contextmanager
+def _store_locked(store: str, command: str):
+    """The store's lock (kscale.output.OutputLock) around a command that rewrites the store's index or
+    markers; exit 2 with the holder named when a run holds it."""
+    from kscale.output import OutputLock, OutputLocked
+
+    lock = OutputLock(os.path.abspath(store))
+    try:
+        lock.acquire()
+    except OutputLocked as e:
+        click.echo(f"kscale {command}: {e}", err=True)
+        sys.exit(2)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _load(path: str, overrides: tuple[str, ...] = ()):
@@ -163,7 +182,8 @@ def info(store: str, as_json: bool, reindex: bool) -> None:
 
     try:
         attrs = read_root_attrs(store)  # from the index alone: neither zarr nor dask is imported
-        index = write_index(store) if reindex else load_index(store)
+        with _store_locked(store, "info") if reindex else nullcontext():  # never beside a writing run
+            index = write_index(store) if reindex else load_index(store)
     except StoreError as e:
         click.echo(f"kscale info: {e}", err=True)
         sys.exit(2)
@@ -191,8 +211,9 @@ def verify(store: str, repair: bool, quick: bool, workers: int, as_json: bool) -
     if not kscale.store.is_store(store):
         click.echo(f"kscale verify: {store!r} is not a kscale key store", err=True)
         sys.exit(2)
-    damage = v.verify_store(store, quick=quick, workers=workers)
-    undone = v.repair(store, damage) if repair and damage else []
+    with _store_locked(store, "verify") if repair else nullcontext():  # un-commits only what no run writes
+        damage = v.verify_store(store, quick=quick, workers=workers)
+        undone = v.repair(store, damage) if repair and damage else []
     if as_json:
         click.echo(json.dumps({"damaged": v.report(damage), "uncommitted": undone}, indent=1))
     else:

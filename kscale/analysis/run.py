@@ -41,7 +41,7 @@ from kscale.analysis.source import (BlockPlan, Buckets, KeyStoreLike, block_plan
                                     joint_items, open_store, range_items, read_rows, rows_per_block,
                                     subsample_index)
 from kscale.analysis.stream import Runner
-from kscale.output import (RUN_MARKER, OutputKind, claim_output, run_marker, run_marker_reader,
+from kscale.output import (RUN_MARKER, OutputKind, claim_output, fence, run_marker, run_marker_reader,
                            write_json_atomic)
 from kscale.results import AnalyzeResult
 from kscale.spec import JobSpec, section_problems
@@ -99,6 +99,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
                 all_rows += store_rows
                 embeds += store_embeds
         df = pd.DataFrame(all_rows, columns=R.COLUMNS)
+        fence(out)  # the run's lock is still ours (kscale.output.fence)
         df.to_parquet(out / "results.parquet", index=False)
         df.to_csv(out / "results.csv", index=False)
         (out / "meta.json").write_text(json.dumps(_meta(cfg, stores), indent=1, default=str))

@@ -45,6 +45,7 @@ from kscale.spec.train import TrainConfig
 MAX_SPEC_BYTES = 1 << 20  # a job spec is a few KB; a bigger file is refused before parsing
 MAX_YAML_ALIASES = 100  # `*name` references in one spec
 MAX_YAML_NODES = 100_000  # scalars, lists and mappings once every alias is expanded
+MAX_YAML_DEPTH = 64  # lists and mappings inside one another (a job spec nests 3 or 4 deep)
 
 
 class SpecError(KscaleError, ValueError):
@@ -324,18 +325,26 @@ def check_against_model(spec: JobSpec) -> list[tuple[str, str]]:
 
 class _BoundedLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that counts aliases while composing (``MAX_YAML_ALIASES``): with the expansion
-    check of :func:`parse_yaml` a 1 KB "billion laughs" file is refused before anything is built."""
+    check of :func:`parse_yaml` a 1 KB "billion laughs" file is refused before anything is built. It also
+    bounds nesting (``MAX_YAML_DEPTH``): PyYAML composes recursively, so 5,000 ``[`` would otherwise end in
+    a ``RecursionError`` traceback."""
 
     def __init__(self, stream: str):
         super().__init__(stream)
-        self.n_aliases = 0
+        self.n_aliases, self.depth = 0, 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             self.n_aliases += 1
             if self.n_aliases > MAX_YAML_ALIASES:
                 raise _TooBig(f"more than {MAX_YAML_ALIASES} aliases (*name); a job spec needs few or none")
-        return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _TooBig(f"nested more than {MAX_YAML_DEPTH} levels deep; a job spec nests a few")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 class _TooBig(Exception):
@@ -379,6 +388,8 @@ def parse_yaml(text: str) -> Any:
         return loader.construct_document(node)
     except _TooBig as e:
         raise ValueError(str(e)) from None
+    except RecursionError:  # a backstop: the depth bound above refuses such files first
+        raise ValueError("nested too deeply to read") from None
     finally:
         loader.dispose()
 
