@@ -357,11 +357,15 @@ class Adapter:
         return ids - {self.image_token_id(loaded.model.config), self.video_token_id(loaded.model.config)}
 
     # -- inputs
-    def image_inputs(self, loaded: LoadedModel, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """Pixel tensors for the images of a batch and the number of LM tokens each image becomes."""
+    def image_inputs(self, loaded: LoadedModel, images: list) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        """Pixel tensors for the images of a batch and, per image, what :meth:`image_block` needs: the number
+        of LM tokens it becomes (or a family's richer layout, e.g. LLaVA-NeXT's tile grid)."""
         raise NotImplementedError
 
-    def image_block(self, loaded: LoadedModel, n_tokens: int) -> list[int]:
+    def image_block(self, loaded: LoadedModel, n_tokens: Any) -> list[int] | tuple[list[int], list[int]]:
+        """The token ids of one image (``n_tokens``: what :meth:`image_inputs` gave for it). A family whose
+        block holds positions the token-id rule cannot tag (LLaVA-NeXT's newline features carry the image
+        token id; Idefics3's row markers) returns ``(ids, tags)``, a modality code per position."""
         raise NotImplementedError
 
     def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
@@ -409,8 +413,10 @@ class Adapter:
                     out.add(item[0], answer=item[1])
                 elif item.kind == "image":
                     n = next(counts_it)
-                    out.add(self.image_block(loaded, n), image=item.index)
-                    out.n_image += n
+                    block = self.image_block(loaded, n)
+                    ids, tags = block if isinstance(block, tuple) else (block, None)
+                    out.add(ids, image=item.index, tags=tags)
+                    out.n_image += n if tags is None else tags.count(IMAGE)
                 else:
                     ids, frames = self.video_block(loaded, s.videos[item.index], next(vcounts_it))
                     out.add(ids, video=item.index, frames=frames)
@@ -423,6 +429,7 @@ class Adapter:
         image_index = torch.full((B, T), -1, dtype=torch.int16)
         video_index = torch.full((B, T), -1, dtype=torch.int16)
         frame = torch.full((B, T), -1, dtype=torch.int32)
+        block_tags = torch.full((B, T), _BY_ID, dtype=torch.int8)
         for i, r in enumerate(rendered):
             n = len(r.ids)
             input_ids[i, :n], attn[i, :n] = torch.tensor(r.ids), 1
@@ -430,9 +437,11 @@ class Adapter:
             image_index[i, :n] = torch.tensor(r.image_index, dtype=torch.int16)
             video_index[i, :n] = torch.tensor(r.video_index, dtype=torch.int16)
             frame[i, :n] = torch.tensor(r.frame, dtype=torch.int32)
+            block_tags[i, :n] = torch.tensor(r.tags, dtype=torch.int8)
         inputs = {"input_ids": input_ids, "attention_mask": attn, **pix, **vpix}
         inputs.update(self.extra_inputs(input_ids, loaded.model.config))
         modality = self.tag(loaded, input_ids, attn)
+        modality = torch.where(block_tags == _BY_ID, modality, block_tags)  # tags an image block gave
         image_index[modality != IMAGE] = -1  # wrapper tokens of a block (vision start/end) are no image's
         video_index[modality != VIDEO] = -1
         frame[modality != VIDEO] = -1
@@ -507,6 +516,9 @@ class Adapter:
         return modality
 
 
+_BY_ID = -2  # no tag of its own: the token-id rule (Adapter.tag) decides
+
+
 @dataclass
 class _Rendered:
     """One sample's tokens as rendered, with per-token facts (lists, same length as ``ids``)."""
@@ -516,10 +528,13 @@ class _Rendered:
     video_index: list[int] = field(default_factory=list)
     frame: list[int] = field(default_factory=list)
     answer: list[bool] = field(default_factory=list)
+    tags: list[int] = field(default_factory=list)  # a block's own tag per token, _BY_ID for the token-id rule
     n_image: int = 0  # image tokens by the processor's formula
 
     def add(self, ids: list[int], image: int = -1, video: int = -1, frames: list[int] | None = None,
-            answer: bool = False) -> None:
+            answer: bool = False, tags: list[int] | None = None) -> None:
+        assert tags is None or len(tags) == len(ids)
+        self.tags += tags if tags is not None else [_BY_ID] * len(ids)
         self.ids += ids
         self.image_index += [image] * len(ids)
         self.video_index += [video] * len(ids)
@@ -537,3 +552,4 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 from kscale.models import llava as _llava  # noqa: E402,F401  (registers the adapters)
 from kscale.models import qwen2_5_vl as _qwen  # noqa: E402,F401
+from kscale.models import llava_next as _llava_next  # noqa: E402,F401

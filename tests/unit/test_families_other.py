@@ -1,0 +1,257 @@
+"""The non-Qwen families (LLaVA-NeXT, LLaVA-OneVision, Idefics3, Gemma 3, PaliGemma, InternVL, Llama 4), each
+on its ``debug:<family>`` tiny random model built from the real transformers class.
+
+References kscale did not compute, per family:
+
+- inputs: transformers' own processor class for the family, built in code from the checkpoint's tokenizer and
+  image processor, at several image sizes and aspect ratios: ``input_ids``, ``attention_mask`` and the pixel
+  tensors must be identical;
+- tags: the processor's ``mm_token_type_ids`` (1 image, 0 text); wrapper tokens inside an image block
+  (ids other than the image token) and the tokenizer's special tokens are ``special``; positions where the
+  model's language-model input is its learned ``image_newline`` vector (LLaVA-NeXT, OneVision; found by
+  hooking the language model, not by kscale's formula) are ``special`` too;
+- keys: a real extraction job (``run_extract`` through ``run_job``) against the model's own ``k_proj``
+  outputs (forward hooks) and its KV cache (post-RoPE keys rebuilt by the store's reader);
+- training and bias: two MaLoRA optimizer steps run and move the adapter; a bias job completes.
+
+Legend: T tokens, H kv heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import kscale.store
+from kscale.models import IMAGE, SPECIAL, TEXT, load_model
+from kscale.models.debug import debug_model_dir
+from kscale.runner import run_job
+from kscale.spec import ModelSpec, spec_from_dict
+from kscale.store.layout import MODALITIES
+from kscale.store.rope import rope_keys, store_rotary
+from tests.conftest import extract_spec
+from tests.unit.test_processors import SIZES, TEXT as QUESTION, _image
+
+FAMILIES = ["llava_next"]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run fastest single-threaded on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    cache: dict[str, object] = {}
+
+    def get(family: str):
+        if family not in cache:
+            cache[family] = load_model(ModelSpec(path=debug_model_dir(family), device="cpu", dtype="float32"))
+        return cache[family]
+    return get
+
+
+# -- each family's own processor, built in code, and the prompt that gives kscale's template
+
+def _llava_next_processor(lm):
+    from transformers import LlavaNextProcessor
+
+    cfg = lm.model.config
+    return LlavaNextProcessor(image_processor=lm.image_processor, tokenizer=lm.tokenizer,
+                              patch_size=cfg.vision_config.patch_size,
+                              vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                              num_additional_image_tokens=1)  # CLIP's class token
+
+
+def _llava_prompt(lm, text: str) -> str:
+    tok = lm.tokenizer  # the debug WordLevel tokenizer does not add BOS itself
+    return tok.bos_token + f"USER: <image>\n{text} ASSISTANT:"
+
+
+PROCESSORS = {"llava_next": (_llava_next_processor, _llava_prompt)}
+PIXEL_KEYS = {"llava_next": ("pixel_values", "image_sizes")}
+
+
+def _processor_inputs(lm, family: str, images: list, texts: list[str]):
+    make, prompt = PROCESSORS[family]
+    proc = make(lm)
+    return proc(images=images, text=[prompt(lm, t) for t in texts], padding=True, return_tensors="pt",
+                return_mm_token_type_ids=True)
+
+
+def _newline_positions(lm, inputs: dict) -> torch.Tensor:
+    """(B, T) True where the language model's input embedding is the model's ``image_newline`` vector."""
+    newline = getattr(lm.model.model, "image_newline", None)
+    seen = {}
+
+    def hook(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    h = lm.model.model.language_model.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.inference_mode():
+            lm.model(**inputs)
+    finally:
+        h.remove()
+    if newline is None:
+        return torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
+    return (seen["embeds"] == newline.to(seen["embeds"].dtype)).all(-1)
+
+
+def _expected_tags(lm, theirs, newline_BT: torch.Tensor) -> torch.Tensor:
+    """Tags from the processor's ``mm_token_type_ids`` and the model's own newline positions."""
+    ids, mm = theirs["input_ids"], theirs["mm_token_type_ids"]
+    special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids) - {lm.tokenizer.unk_token_id}))
+    want = torch.full(ids.shape, TEXT, dtype=torch.int8)
+    want[torch.isin(ids, special)] = SPECIAL
+    image_id = lm.adapter.image_token_id(lm.model.config)
+    want[(mm == 1) & (ids == image_id)] = IMAGE
+    want[(mm == 1) & (ids != image_id)] = SPECIAL  # wrappers inside an image block
+    want[newline_BT] = SPECIAL
+    want[theirs["attention_mask"] == 0] = -1
+    return want
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_inputs_and_tags_equal_the_processor(loaded, family) -> None:
+    lm = loaded(family)
+    for w, h in SIZES:
+        img = _image(w, h)
+        ours = lm.adapter.build_batch(lm, [img], [QUESTION])
+        theirs = _processor_inputs(lm, family, [img], [QUESTION])
+        for k in ("input_ids", "attention_mask") + PIXEL_KEYS[family]:
+            assert ours.inputs[k].shape == theirs[k].shape, (family, w, h, k)
+            assert torch.equal(ours.inputs[k].to(theirs[k].dtype), theirs[k]), (family, w, h, k)
+        newline = _newline_positions(lm, ours.inputs)
+        want = _expected_tags(lm, theirs, newline)
+        assert torch.equal(ours.modality_BT, want), (family, w, h, ours.modality_BT, want)
+        assert ours.n_image_tokens == [int((want == IMAGE).sum())]
+        assert (ours.image_index_BT[want == IMAGE] == 0).all() and (ours.image_index_BT[want != IMAGE] == -1).all()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batch_of_two_sizes_equals_the_processor(loaded, family) -> None:
+    """Two images of different aspect ratios (different token counts) in one right-padded batch."""
+    lm = loaded(family)
+    images, texts = [_image(200, 90), _image(57, 83, seed=1)], [QUESTION, "and here , what shape is it ?"]
+    ours = lm.adapter.build_batch(lm, images, texts)
+    lm.tokenizer.padding_side = "right"
+    theirs = _processor_inputs(lm, family, images, texts)
+    for k in ("input_ids", "attention_mask") + PIXEL_KEYS[family]:
+        assert torch.equal(ours.inputs[k].to(theirs[k].dtype), theirs[k]), (family, k)
+    assert torch.equal(ours.modality_BT, _expected_tags(lm, theirs, _newline_positions(lm, ours.inputs)))
+
+
+# -- keys: a real extraction against the model's own k_proj and KV cache
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def store(request, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp(request.param)
+    d = extract_spec(tmp, model=f"debug:{request.param}",
+                     data={"generated": {"n_samples": 3, "image_size": 84}, "shard_size": 2},
+                     extract={"batch_size": 2, "key_dtype": "float32"})
+    d["model"]["device"] = "cpu"
+    spec = spec_from_dict(d)
+    result = run_job(spec, show_bar=False)
+    assert result.state == "succeeded"
+    return request.param, spec, kscale.store.open(spec.output.path)
+
+
+def _language_k_proj(model) -> list[torch.nn.Module]:
+    """The language model's key projections, found by module name (not through kscale's adapter)."""
+    mods = [(n, m) for n, m in model.named_modules() if n.endswith("k_proj") and "language_model" in n]
+    return [m for _, m in sorted(mods, key=lambda nm: int(nm[0].split("layers.")[1].split(".")[0]))]
+
+
+def test_stored_keys_equal_k_proj_and_kv_cache(loaded, store) -> None:
+    from kscale.data import open_source
+
+    family, spec, st = store
+    lm = loaded(family)
+    rotary = store_rotary(st)
+    src = open_source(spec.data)
+    toks = {m: st.tokens(m) for m in MODALITIES}
+    assert len(toks["image"]["position"]) > 0 and len(toks["text"]["position"]) > 0
+    for sid in range(len(src)):
+        rec = src.get(sid)
+        batch = lm.adapter.build_batch(lm, [rec.image], [rec.text])
+        seen: dict[int, torch.Tensor] = {}
+        hooks = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, out))
+                 for i, m in enumerate(_language_k_proj(lm.model))]
+        try:
+            with torch.inference_mode():
+                cache = lm.model(**batch.inputs, use_cache=True).past_key_values
+        finally:
+            for h in hooks:
+                h.remove()
+        H, D = lm.info.num_kv_heads, lm.info.head_dim
+        for layer in st.layers:
+            pre_THD = seen[layer][0].view(-1, H, D).numpy()
+            post_THD = cache.layers[layer].keys[0].transpose(0, 1).numpy()
+            n_rows = 0
+            for m in MODALITIES:
+                sel = toks[m]["sample_id"] == sid
+                if not sel.any():
+                    continue
+                pos = toks[m]["position"][sel]
+                np.testing.assert_allclose(st.keys(layer, m).compute()[sel], pre_THD[pos], atol=1e-5, rtol=0)
+                post = rope_keys(st, layer, m, rotary=rotary).compute()[sel]
+                np.testing.assert_allclose(post, post_THD[pos], atol=1e-5, rtol=0)
+                n_rows += int(sel.sum())
+            assert n_rows == pre_THD.shape[0]  # every token stored once
+
+
+# -- training and bias
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_malora_steps_train_the_adapter(loaded, family) -> None:
+    from kscale.data.generated import GeneratedSource
+    from kscale.spec import GeneratedDataSpec
+    from kscale.spec.train import AlignConfig
+    from kscale.train.data import collate
+    from kscale.train.malora import MaLoRAConfig, MaLoRAModel
+    from kscale.train.objective import MaLoRAObjective
+    from kscale.train.run import blank_image_inputs
+
+    lm = load_model(ModelSpec(path=debug_model_dir(family), device="cpu", dtype="float32"))  # its own copy
+    torch.manual_seed(0)
+    malora = MaLoRAModel(lm.model, MaLoRAConfig(rank=4, init="gaussian", target_modules=["k_proj", "v_proj"]))
+    objective = MaLoRAObjective(malora, AlignConfig(loss="mmd", weight=1.0),
+                                dummy_pixels=blank_image_inputs(lm)).train()
+    params = [p for p in objective.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    src = GeneratedSource(GeneratedDataSpec(n_samples=4, image_size=84, seed=1, tasks=["color", "shape"]))
+    losses = []
+    for step in range(2):
+        batch = collate(lm, [src.get(2 * step), src.get(2 * step + 1)])
+        assert (batch.modality_BT == IMAGE).any() and batch.answer_mask_BT.any()
+        opt.zero_grad()
+        loss, terms = objective(batch.inputs, batch.answer_mask_BT, batch.modality_BT)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+        assert float(terms["align"]) > 0
+    assert all(np.isfinite(losses))
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bias_job_completes(family, tmp_path) -> None:
+    import pandas as pd
+
+    from tests.unit.bias.conftest import bias_job
+
+    spec = spec_from_dict(bias_job(
+        tmp_path, f"debug:{family}", data={"generated": {"n_samples": 2, "image_size": 56, "tasks": ["color"]}},
+        bias={"conditions": ["real", "blank"], "bootstrap": 20,
+              "dropping": {"fractions": [1.0], "orders": ["random"]}}))
+    out = run_job(spec, show_bar=False)
+    assert out.state == "succeeded"
+    df = pd.read_parquet(tmp_path / "bias" / "samples.parquet")
+    assert len(df) == 2 and np.isfinite(df.ll_real).all() and (df.ll_real != df.ll_blank).any()
