@@ -327,6 +327,9 @@ class Adapter:
 
     # -- vision tower
     pixel_keys: tuple[str, ...] = ("pixel_values",)  # the batch inputs the vision tower reads
+    # image_inputs gets the images grouped by sample (a list per sample) instead of one flat list: for
+    # processors that treat a sample of several images differently (LLaVA-OneVision tiles single images only)
+    images_by_sample: bool = False
 
     def image_features(self, model, inputs: dict[str, torch.Tensor]) -> Any:
         """The vision tower's output for the pixel inputs in ``inputs``, exactly as the model's forward
@@ -400,9 +403,10 @@ class Adapter:
         # The model fills image (video) tokens with the vision tower's features in sequence order, so the
         # pixels go in the order the media are rendered, not the order of Sample.images.
         named = [[m for m in plan if isinstance(m, Media)] for plan in plans]
-        images = [s.images[m.index] for s, ms in zip(samples, named) for m in ms if m.kind == "image"]
+        by_sample = [[s.images[m.index] for m in ms if m.kind == "image"] for s, ms in zip(samples, named)]
+        images = [im for group in by_sample for im in group]
         videos = [s.videos[m.index] for s, ms in zip(samples, named) for m in ms if m.kind == "video"]
-        pix, counts = self.image_inputs(loaded, images) if images else ({}, [])
+        pix, counts = self.image_inputs(loaded, by_sample if self.images_by_sample else images) if images else ({}, [])
         vpix, vcounts = self.video_inputs(loaded, videos) if videos else ({}, [])
         counts_it, vcounts_it = iter(counts), iter(vcounts)
         rendered, n_img = [], []
@@ -553,3 +557,4 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 from kscale.models import llava as _llava  # noqa: E402,F401  (registers the adapters)
 from kscale.models import qwen2_5_vl as _qwen  # noqa: E402,F401
 from kscale.models import llava_next as _llava_next  # noqa: E402,F401
+from kscale.models import llava_onevision as _llava_onevision  # noqa: E402,F401

@@ -33,7 +33,7 @@ from kscale.store.rope import rope_keys, store_rotary
 from tests.conftest import extract_spec
 from tests.unit.test_processors import SIZES, TEXT as QUESTION, _image
 
-FAMILIES = ["llava_next"]
+FAMILIES = ["llava_next", "llava_onevision"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -73,8 +73,32 @@ def _llava_prompt(lm, text: str) -> str:
     return tok.bos_token + f"USER: <image>\n{text} ASSISTANT:"
 
 
-PROCESSORS = {"llava_next": (_llava_next_processor, _llava_prompt)}
-PIXEL_KEYS = {"llava_next": ("pixel_values", "image_sizes")}
+def _llava_onevision_processor(lm):
+    from transformers import LlavaOnevisionProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class _ImageOnly(LlavaOnevisionProcessor):  # no CPU torchvision: no video processor (NOTES.md)
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            cfg = lm.model.config
+            self.num_image_tokens = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
+            self.vision_feature_select_strategy = cfg.vision_feature_select_strategy
+            self.vision_aspect_ratio = cfg.vision_aspect_ratio
+            self.image_token, self.video_token = "<image>", "<video>"
+            self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+            self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+
+    return _ImageOnly(image_processor=lm.image_processor, tokenizer=lm.tokenizer)
+
+
+def _qwen_chat_prompt(lm, text: str, n_images: int = 1) -> str:
+    return f"<|im_start|>user\n{'<image>' * n_images}\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+PROCESSORS = {"llava_next": (_llava_next_processor, _llava_prompt),
+              "llava_onevision": (_llava_onevision_processor, _qwen_chat_prompt)}
+PIXEL_KEYS = {"llava_next": ("pixel_values", "image_sizes"),
+              "llava_onevision": ("pixel_values", "image_sizes", "batch_num_images")}
 
 
 def _processor_inputs(lm, family: str, images: list, texts: list[str]):
@@ -145,6 +169,29 @@ def test_batch_of_two_sizes_equals_the_processor(loaded, family) -> None:
     for k in ("input_ids", "attention_mask") + PIXEL_KEYS[family]:
         assert torch.equal(ours.inputs[k].to(theirs[k].dtype), theirs[k]), (family, k)
     assert torch.equal(ours.modality_BT, _expected_tags(lm, theirs, _newline_positions(lm, ours.inputs)))
+
+
+def test_onevision_tiles_only_a_lone_image(loaded) -> None:
+    """A sample of two images: each is one untiled block (base features + one newline), as the processor
+    and the model do; the lone image of another sample in the same batch is still tiled."""
+    from kscale.models.inputs import Media, Sample, Turn
+
+    lm = loaded("llava_onevision")
+    a, b, c = _image(200, 90), _image(57, 83, seed=1), _image(112, 112, seed=2)
+    two = Sample((Turn("user", (Media("image", 0), Media("image", 1), QUESTION)),), [a, b])
+    ours = lm.adapter.batch(lm, [two, Sample.simple(c, QUESTION)])
+    make, prompt = PROCESSORS["llava_onevision"]
+    lm.tokenizer.padding_side = "right"
+    theirs = make(lm)(images=[[a, b], [c]], text=[prompt(lm, QUESTION, 2), prompt(lm, QUESTION)], padding=True,
+                      return_tensors="pt", return_mm_token_type_ids=True)
+    for k in ("input_ids", "attention_mask") + PIXEL_KEYS["llava_onevision"]:
+        assert torch.equal(ours.inputs[k].to(theirs[k].dtype), theirs[k]), k
+    want = _expected_tags(lm, theirs, _newline_positions(lm, ours.inputs))
+    assert torch.equal(ours.modality_BT, want)
+    base = lm.adapter.base_features(lm.model.config)
+    assert ours.n_image_tokens[0] == 2 * base and ours.n_image_tokens[1] > base  # untiled pair, tiled single
+    image_id = lm.model.config.image_token_id
+    assert int(((want[0] == SPECIAL) & (theirs["input_ids"][0] == image_id)).sum()) == 2  # a newline per image
 
 
 # -- keys: a real extraction against the model's own k_proj and KV cache
