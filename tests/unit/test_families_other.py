@@ -33,7 +33,7 @@ from kscale.store.rope import rope_keys, store_rotary
 from tests.conftest import extract_spec
 from tests.unit.test_processors import SIZES, TEXT as QUESTION, _image
 
-FAMILIES = ["llava_next", "llava_onevision"]
+FAMILIES = ["llava_next", "llava_onevision", "idefics3"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -95,22 +95,40 @@ def _qwen_chat_prompt(lm, text: str, n_images: int = 1) -> str:
     return f"<|im_start|>user\n{'<image>' * n_images}\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def _idefics3_processor(lm):
+    from transformers import Idefics3Processor
+
+    v, scale = lm.model.config.vision_config, lm.model.config.scale_factor
+    return Idefics3Processor(image_processor=lm.image_processor, tokenizer=lm.tokenizer,
+                             image_seq_len=(v.image_size // v.patch_size) ** 2 // scale ** 2)
+
+
+def _smolvlm_prompt(lm, text: str) -> str:
+    return f"<|im_start|>User:<image>{text}<end_of_utterance>\nAssistant:"
+
+
 PROCESSORS = {"llava_next": (_llava_next_processor, _llava_prompt),
-              "llava_onevision": (_llava_onevision_processor, _qwen_chat_prompt)}
+              "llava_onevision": (_llava_onevision_processor, _qwen_chat_prompt),
+              "idefics3": (_idefics3_processor, _smolvlm_prompt)}
 PIXEL_KEYS = {"llava_next": ("pixel_values", "image_sizes"),
-              "llava_onevision": ("pixel_values", "image_sizes", "batch_num_images")}
+              "llava_onevision": ("pixel_values", "image_sizes", "batch_num_images"),
+              "idefics3": ("pixel_values", "pixel_attention_mask")}
 
 
 def _processor_inputs(lm, family: str, images: list, texts: list[str]):
     make, prompt = PROCESSORS[family]
     proc = make(lm)
-    return proc(images=images, text=[prompt(lm, t) for t in texts], padding=True, return_tensors="pt",
-                return_mm_token_type_ids=True)
+    out = proc(images=images, text=[prompt(lm, t) for t in texts], padding=True, return_tensors="pt",
+               return_mm_token_type_ids=True)
+    out["image_token_id"] = proc.image_token_id  # the processor's own reading of the tokenizer
+    return out
 
 
 def _newline_positions(lm, inputs: dict) -> torch.Tensor:
     """(B, T) True where the language model's input embedding is the model's ``image_newline`` vector."""
     newline = getattr(lm.model.model, "image_newline", None)
+    if newline is None:
+        return torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
     seen = {}
 
     def hook(module, args, kwargs):
@@ -122,8 +140,6 @@ def _newline_positions(lm, inputs: dict) -> torch.Tensor:
             lm.model(**inputs)
     finally:
         h.remove()
-    if newline is None:
-        return torch.zeros(inputs["input_ids"].shape, dtype=torch.bool)
     return (seen["embeds"] == newline.to(seen["embeds"].dtype)).all(-1)
 
 
@@ -133,7 +149,7 @@ def _expected_tags(lm, theirs, newline_BT: torch.Tensor) -> torch.Tensor:
     special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids) - {lm.tokenizer.unk_token_id}))
     want = torch.full(ids.shape, TEXT, dtype=torch.int8)
     want[torch.isin(ids, special)] = SPECIAL
-    image_id = lm.adapter.image_token_id(lm.model.config)
+    image_id = theirs["image_token_id"]
     want[(mm == 1) & (ids == image_id)] = IMAGE
     want[(mm == 1) & (ids != image_id)] = SPECIAL  # wrappers inside an image block
     want[newline_BT] = SPECIAL
@@ -182,8 +198,10 @@ def test_onevision_tiles_only_a_lone_image(loaded) -> None:
     ours = lm.adapter.batch(lm, [two, Sample.simple(c, QUESTION)])
     make, prompt = PROCESSORS["llava_onevision"]
     lm.tokenizer.padding_side = "right"
-    theirs = make(lm)(images=[[a, b], [c]], text=[prompt(lm, QUESTION, 2), prompt(lm, QUESTION)], padding=True,
-                      return_tensors="pt", return_mm_token_type_ids=True)
+    proc = make(lm)
+    theirs = proc(images=[[a, b], [c]], text=[prompt(lm, QUESTION, 2), prompt(lm, QUESTION)], padding=True,
+                  return_tensors="pt", return_mm_token_type_ids=True)
+    theirs["image_token_id"] = proc.image_token_id
     for k in ("input_ids", "attention_mask") + PIXEL_KEYS["llava_onevision"]:
         assert torch.equal(ours.inputs[k].to(theirs[k].dtype), theirs[k]), k
     want = _expected_tags(lm, theirs, _newline_positions(lm, ours.inputs))
@@ -211,7 +229,7 @@ def store(request, tmp_path_factory):
 
 def _language_k_proj(model) -> list[torch.nn.Module]:
     """The language model's key projections, found by module name (not through kscale's adapter)."""
-    mods = [(n, m) for n, m in model.named_modules() if n.endswith("k_proj") and "language_model" in n]
+    mods = [(n, m) for n, m in model.named_modules() if n.endswith("k_proj") and ("language_model" in n or "text_model" in n)]
     return [m for _, m in sorted(mods, key=lambda nm: int(nm[0].split("layers.")[1].split(".")[0]))]
 
 
