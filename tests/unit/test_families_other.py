@@ -33,7 +33,7 @@ from kscale.store.rope import rope_keys, store_rotary
 from tests.conftest import extract_spec
 from tests.unit.test_processors import SIZES, TEXT as QUESTION, _image
 
-FAMILIES = ["llava_next", "llava_onevision", "idefics3"]
+FAMILIES = ["llava_next", "llava_onevision", "idefics3", "paligemma"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,12 +107,27 @@ def _smolvlm_prompt(lm, text: str) -> str:
     return f"<|im_start|>User:<image>{text}<end_of_utterance>\nAssistant:"
 
 
+def _paligemma_processor(lm):
+    from transformers import AutoImageProcessor, AutoTokenizer, PaliGemmaProcessor
+
+    # its own tokenizer and image processor from the checkpoint: the processor adds 1,152 location tokens
+    # to the tokenizer it gets, and needs the saved image_seq_length
+    return PaliGemmaProcessor(image_processor=AutoImageProcessor.from_pretrained(lm.info.path),
+                              tokenizer=AutoTokenizer.from_pretrained(lm.info.path))
+
+
+def _paligemma_prompt(lm, text: str) -> str:
+    return "<image>" + text  # the processor adds BOS after the image tokens and the closing newline
+
+
 PROCESSORS = {"llava_next": (_llava_next_processor, _llava_prompt),
+              "paligemma": (_paligemma_processor, _paligemma_prompt),
               "llava_onevision": (_llava_onevision_processor, _qwen_chat_prompt),
               "idefics3": (_idefics3_processor, _smolvlm_prompt)}
 PIXEL_KEYS = {"llava_next": ("pixel_values", "image_sizes"),
               "llava_onevision": ("pixel_values", "image_sizes", "batch_num_images"),
-              "idefics3": ("pixel_values", "pixel_attention_mask")}
+              "idefics3": ("pixel_values", "pixel_attention_mask"),
+              "paligemma": ("pixel_values", "token_type_ids")}
 
 
 def _processor_inputs(lm, family: str, images: list, texts: list[str]):
@@ -210,6 +225,19 @@ def test_onevision_tiles_only_a_lone_image(loaded) -> None:
     assert ours.n_image_tokens[0] == 2 * base and ours.n_image_tokens[1] > base  # untiled pair, tiled single
     image_id = lm.model.config.image_token_id
     assert int(((want[0] == SPECIAL) & (theirs["input_ids"][0] == image_id)).sum()) == 2  # a newline per image
+
+
+def test_paligemma_answer_is_the_suffix(loaded) -> None:
+    """With an answer, ``token_type_ids`` mark it (1) as the processor does for a ``suffix``: the model's
+    prefix-LM mask (bidirectional image + prompt) ends where the answer starts."""
+    lm = loaded("paligemma")
+    img = _image(200, 90)
+    ours = lm.adapter.build_batch(lm, [img], [QUESTION], ["red"])
+    make, prompt = PROCESSORS["paligemma"]
+    theirs = make(lm)(images=[img], text=[prompt(lm, QUESTION)], suffix=["red"], return_tensors="pt")
+    for k in ("input_ids", "attention_mask", "token_type_ids"):
+        assert torch.equal(ours.inputs[k], theirs[k]), k
+    assert torch.equal(ours.inputs["token_type_ids"].bool(), ours.answer_mask_BT) and ours.answer_mask_BT.any()
 
 
 # -- keys: a real extraction against the model's own k_proj and KV cache
