@@ -560,3 +560,4 @@ from kscale.models import llava_next as _llava_next  # noqa: E402,F401
 from kscale.models import llava_onevision as _llava_onevision  # noqa: E402,F401
 from kscale.models import idefics3 as _idefics3  # noqa: E402,F401
 from kscale.models import paligemma as _paligemma  # noqa: E402,F401
+from kscale.models import internvl as _internvl  # noqa: E402,F401

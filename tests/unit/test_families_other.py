@@ -33,7 +33,7 @@ from kscale.store.rope import rope_keys, store_rotary
 from tests.conftest import extract_spec
 from tests.unit.test_processors import SIZES, TEXT as QUESTION, _image
 
-FAMILIES = ["llava_next", "llava_onevision", "idefics3", "paligemma"]
+FAMILIES = ["llava_next", "llava_onevision", "idefics3", "paligemma", "internvl"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -120,21 +120,46 @@ def _paligemma_prompt(lm, text: str) -> str:
     return "<image>" + text  # the processor adds BOS after the image tokens and the closing newline
 
 
+def _internvl_processor(lm):
+    from transformers import InternVLProcessor
+    from transformers.processing_utils import ProcessorMixin
+
+    class _ImageOnly(InternVLProcessor):  # no CPU torchvision: no video processor (NOTES.md)
+        def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
+            ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)
+            self.image_seq_length = lm.model.config.image_seq_length
+            self.start_image_token, self.end_image_token = tokenizer.start_image_token, tokenizer.end_image_token
+            self.start_image_token_id = tokenizer.start_image_token_id
+            self.end_image_token_id = tokenizer.end_image_token_id
+            self.image_token, self.video_token = tokenizer.context_image_token, tokenizer.video_token
+            self.image_token_id = tokenizer.context_image_token_id
+            self.multimodal_pattern = __import__("re").compile(
+                f"(?P<image>{__import__('re').escape(self.image_token)})|(?P<video>{__import__('re').escape(self.video_token)})")
+
+    return _ImageOnly(image_processor=lm.image_processor, tokenizer=lm.tokenizer)
+
+
+def _internvl_prompt(lm, text: str) -> str:
+    return f"<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
 PROCESSORS = {"llava_next": (_llava_next_processor, _llava_prompt),
+              "internvl": (_internvl_processor, _internvl_prompt),
               "paligemma": (_paligemma_processor, _paligemma_prompt),
               "llava_onevision": (_llava_onevision_processor, _qwen_chat_prompt),
               "idefics3": (_idefics3_processor, _smolvlm_prompt)}
 PIXEL_KEYS = {"llava_next": ("pixel_values", "image_sizes"),
               "llava_onevision": ("pixel_values", "image_sizes", "batch_num_images"),
               "idefics3": ("pixel_values", "pixel_attention_mask"),
-              "paligemma": ("pixel_values", "token_type_ids")}
+              "paligemma": ("pixel_values", "token_type_ids"),
+              "internvl": ("pixel_values",)}
 
 
 def _processor_inputs(lm, family: str, images: list, texts: list[str]):
     make, prompt = PROCESSORS[family]
     proc = make(lm)
-    out = proc(images=images, text=[prompt(lm, t) for t in texts], padding=True, return_tensors="pt",
-               return_mm_token_type_ids=True)
+    out = proc(images=images, text=[prompt(lm, t) for t in texts], padding=True, padding_side="right",
+               return_tensors="pt", return_mm_token_type_ids=True)
     out["image_token_id"] = proc.image_token_id  # the processor's own reading of the tokenizer
     return out
 
