@@ -561,3 +561,4 @@ from kscale.models import llava_onevision as _llava_onevision  # noqa: E402,F401
 from kscale.models import idefics3 as _idefics3  # noqa: E402,F401
 from kscale.models import paligemma as _paligemma  # noqa: E402,F401
 from kscale.models import internvl as _internvl  # noqa: E402,F401
+from kscale.models import gemma3 as _gemma3  # noqa: E402,F401

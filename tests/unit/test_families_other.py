@@ -33,7 +33,7 @@ from kscale.store.rope import rope_keys, store_rotary
 from tests.conftest import extract_spec
 from tests.unit.test_processors import SIZES, TEXT as QUESTION, _image
 
-FAMILIES = ["llava_next", "llava_onevision", "idefics3", "paligemma", "internvl"]
+FAMILIES = ["llava_next", "llava_onevision", "idefics3", "paligemma", "internvl", "gemma3"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -143,7 +143,19 @@ def _internvl_prompt(lm, text: str) -> str:
     return f"<|im_start|>user\n<IMG_CONTEXT>\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def _gemma3_processor(lm):
+    from transformers import Gemma3Processor
+
+    return Gemma3Processor(image_processor=lm.image_processor, tokenizer=lm.tokenizer,
+                           image_seq_length=lm.model.config.mm_tokens_per_image)
+
+
+def _gemma3_prompt(lm, text: str) -> str:
+    return f"<bos><start_of_turn>user\n<start_of_image>{text}<end_of_turn>\n<start_of_turn>model\n"
+
+
 PROCESSORS = {"llava_next": (_llava_next_processor, _llava_prompt),
+              "gemma3": (_gemma3_processor, _gemma3_prompt),
               "internvl": (_internvl_processor, _internvl_prompt),
               "paligemma": (_paligemma_processor, _paligemma_prompt),
               "llava_onevision": (_llava_onevision_processor, _qwen_chat_prompt),
@@ -152,7 +164,8 @@ PIXEL_KEYS = {"llava_next": ("pixel_values", "image_sizes"),
               "llava_onevision": ("pixel_values", "image_sizes", "batch_num_images"),
               "idefics3": ("pixel_values", "pixel_attention_mask"),
               "paligemma": ("pixel_values", "token_type_ids"),
-              "internvl": ("pixel_values",)}
+              "internvl": ("pixel_values",),
+              "gemma3": ("pixel_values", "token_type_ids")}
 
 
 def _processor_inputs(lm, family: str, images: list, texts: list[str]):
@@ -160,7 +173,7 @@ def _processor_inputs(lm, family: str, images: list, texts: list[str]):
     proc = make(lm)
     out = proc(images=images, text=[prompt(lm, t) for t in texts], padding=True, padding_side="right",
                return_tensors="pt", return_mm_token_type_ids=True)
-    out["image_token_id"] = proc.image_token_id  # the processor's own reading of the tokenizer
+    out["image_token_id"] = proc.image_token_ids[0]  # the processor's own reading of the tokenizer (its mm ids)
     return out
 
 
@@ -185,7 +198,8 @@ def _newline_positions(lm, inputs: dict) -> torch.Tensor:
 
 def _expected_tags(lm, theirs, newline_BT: torch.Tensor) -> torch.Tensor:
     """Tags from the processor's ``mm_token_type_ids`` and the model's own newline positions."""
-    ids, mm = theirs["input_ids"], theirs["mm_token_type_ids"]
+    ids = theirs["input_ids"]
+    mm = theirs["mm_token_type_ids"] if "mm_token_type_ids" in theirs else theirs["token_type_ids"]  # Gemma3Processor renames it
     special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids) - {lm.tokenizer.unk_token_id}))
     want = torch.full(ids.shape, TEXT, dtype=torch.int8)
     want[torch.isin(ids, special)] = SPECIAL
@@ -221,7 +235,8 @@ def test_batch_of_two_sizes_equals_the_processor(loaded, family) -> None:
     images, texts = [_image(200, 90), _image(57, 83, seed=1)], [QUESTION, "and here , what shape is it ?"]
     ours = lm.adapter.build_batch(lm, images, texts)
     lm.tokenizer.padding_side = "right"
-    theirs = _processor_inputs(lm, family, images, texts)
+    # Gemma3Processor reads a flat list as one sample's images
+    theirs = _processor_inputs(lm, family, [[im] for im in images] if family == "gemma3" else images, texts)
     for k in ("input_ids", "attention_mask") + PIXEL_KEYS[family]:
         assert torch.equal(ours.inputs[k].to(theirs[k].dtype), theirs[k]), (family, k)
     assert torch.equal(ours.modality_BT, _expected_tags(lm, theirs, _newline_positions(lm, ours.inputs)))
@@ -241,7 +256,7 @@ def test_onevision_tiles_only_a_lone_image(loaded) -> None:
     proc = make(lm)
     theirs = proc(images=[[a, b], [c]], text=[prompt(lm, QUESTION, 2), prompt(lm, QUESTION)], padding=True,
                   return_tensors="pt", return_mm_token_type_ids=True)
-    theirs["image_token_id"] = proc.image_token_id
+    theirs["image_token_id"] = proc.image_token_ids[0]
     for k in ("input_ids", "attention_mask") + PIXEL_KEYS["llava_onevision"]:
         assert torch.equal(ours.inputs[k].to(theirs[k].dtype), theirs[k]), k
     want = _expected_tags(lm, theirs, _newline_positions(lm, ours.inputs))
@@ -280,10 +295,16 @@ def store(request, tmp_path_factory):
     return request.param, spec, kscale.store.open(spec.output.path)
 
 
-def _language_k_proj(model) -> list[torch.nn.Module]:
-    """The language model's key projections, found by module name (not through kscale's adapter)."""
-    mods = [(n, m) for n, m in model.named_modules() if n.endswith("k_proj") and ("language_model" in n or "text_model" in n)]
-    return [m for _, m in sorted(mods, key=lambda nm: int(nm[0].split("layers.")[1].split(".")[0]))]
+def _language_pre_rope_keys(model) -> tuple[list[torch.nn.Module], bool]:
+    """The modules whose output the language model rotates, found by name (not through kscale's adapter):
+    ``k_norm`` where keys are normalised after the projection (Gemma 3; output (B, H, T, D)), else ``k_proj``
+    ((B, T, H*D)); and whether they are the norms."""
+    def find(suffix):
+        mods = [(n, m) for n, m in model.named_modules()
+                if n.endswith("self_attn." + suffix) and ("language_model" in n or "text_model" in n)]
+        return [m for _, m in sorted(mods, key=lambda nm: int(nm[0].split("layers.")[1].split(".")[0]))]
+    norms = find("k_norm")
+    return (norms, True) if norms else (find("k_proj"), False)
 
 
 def test_stored_keys_equal_k_proj_and_kv_cache(loaded, store) -> None:
@@ -299,8 +320,9 @@ def test_stored_keys_equal_k_proj_and_kv_cache(loaded, store) -> None:
         rec = src.get(sid)
         batch = lm.adapter.build_batch(lm, [rec.image], [rec.text])
         seen: dict[int, torch.Tensor] = {}
-        hooks = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(i, out))
-                 for i, m in enumerate(_language_k_proj(lm.model))]
+        mods, heads_first = _language_pre_rope_keys(lm.model)
+        hooks = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(
+            i, out.transpose(1, 2) if heads_first else out)) for i, m in enumerate(mods)]
         try:
             with torch.inference_mode():
                 cache = lm.model(**batch.inputs, use_cache=True).past_key_values
@@ -309,8 +331,10 @@ def test_stored_keys_equal_k_proj_and_kv_cache(loaded, store) -> None:
                 h.remove()
         H, D = lm.info.num_kv_heads, lm.info.head_dim
         for layer in st.layers:
-            pre_THD = seen[layer][0].view(-1, H, D).numpy()
+            pre_THD = seen[layer][0].reshape(-1, H, D).numpy()
             post_THD = cache.layers[layer].keys[0].transpose(0, 1).numpy()
+            first = pre_THD.shape[0] - post_THD.shape[0]  # a sliding-window layer caches the last tokens only
+            assert first == 0 or lm.model.config.get_text_config().layer_types[layer] == "sliding_attention"
             n_rows = 0
             for m in MODALITIES:
                 sel = toks[m]["sample_id"] == sid
@@ -319,7 +343,8 @@ def test_stored_keys_equal_k_proj_and_kv_cache(loaded, store) -> None:
                 pos = toks[m]["position"][sel]
                 np.testing.assert_allclose(st.keys(layer, m).compute()[sel], pre_THD[pos], atol=1e-5, rtol=0)
                 post = rope_keys(st, layer, m, rotary=rotary).compute()[sel]
-                np.testing.assert_allclose(post, post_THD[pos], atol=1e-5, rtol=0)
+                cached = pos >= first
+                np.testing.assert_allclose(post[cached], post_THD[pos[cached] - first], atol=1e-5, rtol=0)
                 n_rows += int(sel.sum())
             assert n_rows == pre_THD.shape[0]  # every token stored once
 
