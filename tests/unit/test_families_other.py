@@ -398,3 +398,21 @@ def test_bias_job_completes(family, tmp_path) -> None:
     assert out.state == "succeeded"
     df = pd.read_parquet(tmp_path / "bias" / "samples.parquet")
     assert len(df) == 2 and np.isfinite(df.ll_real).all() and (df.ll_real != df.ll_blank).any()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", FAMILIES)
+def test_deepspeed_train_follows_plain_pytorch(family, tmp_path) -> None:
+    """A real ``kind: train`` run (DeepSpeed ZeRO-2, one CPU process, ``python -m kscale.train``) of 2 steps
+    per family, against the hand-written PyTorch loop on the same model and data."""
+    from tests.testing_utils import require_module
+
+    require_module("deepspeed", install="pip install -e '.[train]'")
+    from tests.integration.test_train_deepspeed import _generated, _raw_spec, _run, plain_pytorch_losses
+
+    raw = _raw_spec(debug_model_dir(family), tmp_path / "run", _generated(8), max_steps=2, grad_accum=1)
+    losses = _run(raw, tmp_path / "run")
+    reference = plain_pytorch_losses(raw, world=1)
+    assert len(losses) == len(reference) == 2
+    assert max(abs(a - b) / abs(b) for a, b in zip(losses, reference)) < 1e-3, (losses, reference)
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
