@@ -21,8 +21,8 @@ MODALITIES = tuple(MODALITY_CODES)
 FAMILIES = ("qwen2_5_vl", "llava", "llava_next", "llava_onevision", "idefics3", "paligemma", "internvl", "gemma3")
 
 # MaLoRA targets per family: projection name -> the decoder-layer sub-module that holds it (PEFT keeps
-# the same knowledge in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). Both families share the
-# Llama-style layout today.
+# the same knowledge in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). Every family so far has the
+# Llama-style layout (Idefics3's text_model and Gemma 3's q/k norms included: the projections keep their names).
 _LLAMA_STYLE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 MALORA_TARGETS: dict[str, dict[str, str]] = {"qwen2_5_vl": _LLAMA_STYLE, "llava": _LLAMA_STYLE,

@@ -89,7 +89,8 @@ class Gemma3Adapter(Adapter):
 
     def image_block(self, loaded: LoadedModel, n_tokens: int) -> tuple[list[int], list[int]]:
         tok, cfg = loaded.tokenizer, loaded.model.config
-        ids = tok(f"\n\n{tok.boi_token}{tok.image_token * n_tokens}{tok.eoi_token}\n\n", add_special_tokens=False).input_ids
+        text = f"\n\n{tok.boi_token}{tok.image_token * n_tokens}{tok.eoi_token}\n\n"
+        ids = tok(text, add_special_tokens=False).input_ids
         wrappers = {cfg.boi_token_id, cfg.eoi_token_id}
         return ids, [IMAGE if i == cfg.image_token_id else SPECIAL if i in wrappers else TEXT for i in ids]
 

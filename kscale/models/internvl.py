@@ -29,7 +29,8 @@ class InternVLAdapter(Adapter):
 
     def debug_model(self, tokenizer):
         # the named tokens above take the extra-special slot; the chat markers join them
-        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]}, replace_extra_special_tokens=False)
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>"]},
+                                     replace_extra_special_tokens=False)
         from transformers import InternVLConfig, InternVLForConditionalGeneration, Qwen2Config
         from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
         from transformers.models.internvl.configuration_internvl import InternVLVisionConfig
@@ -62,7 +63,8 @@ class InternVLAdapter(Adapter):
         return [tok.start_image_token_id] + [loaded.model.config.image_token_id] * n_tokens + [tok.end_image_token_id]
 
     def special_ids(self, loaded: LoadedModel) -> set[int]:
-        return super().special_ids(loaded) | {loaded.tokenizer.start_image_token_id, loaded.tokenizer.end_image_token_id}
+        tok = loaded.tokenizer
+        return super().special_ids(loaded) | {tok.start_image_token_id, tok.end_image_token_id}
 
     def image_features(self, model, inputs: dict[str, torch.Tensor]):
         cfg = model.config

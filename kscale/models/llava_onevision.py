@@ -62,7 +62,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         return config.video_token_id
 
     def image_inputs(self, loaded: LoadedModel, images: list):
-        groups = [g for g in images if g] if isinstance(images[0], list) else [[im] for im in images]  # flat: lone images
+        # grouped by sample (Adapter.batch), or a flat list of lone images (e.g. the trainer's blank image)
+        groups = [g for g in images if g] if isinstance(images[0], list) else [[im] for im in images]
         out = loaded.image_processor(images=groups, return_tensors="pt")
         single = [len(g) == 1 for g in groups for _ in g]
         cfg = loaded.model.config

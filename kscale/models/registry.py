@@ -1,6 +1,7 @@
 """Model knowledge in one place: which family a checkpoint is, how to load it, where its projections are.
 
-An ``Adapter`` per family (``qwen2_5_vl.py``, ``llava.py``) answers every architecture question the rest
+An ``Adapter`` per family (``qwen2_5_vl.py``, ``llava.py``, ``llava_next.py``, ...: one file per transformers
+``model_type``, listed in ``facts.FAMILIES``) answers every architecture question the rest
 of kscale asks: the language model's key/query projection modules (never the vision tower's), the
 rotary embedding module (hooked to capture the positions the model really used), the RoPE positions of
 a full sequence, how to run the vision tower, the visual token ids, how samples (``kscale.models.inputs``:

@@ -19,6 +19,8 @@ Legend: T tokens, H kv heads, D head dim.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -133,8 +135,8 @@ def _internvl_processor(lm):
             self.end_image_token_id = tokenizer.end_image_token_id
             self.image_token, self.video_token = tokenizer.context_image_token, tokenizer.video_token
             self.image_token_id = tokenizer.context_image_token_id
-            self.multimodal_pattern = __import__("re").compile(
-                f"(?P<image>{__import__('re').escape(self.image_token)})|(?P<video>{__import__('re').escape(self.video_token)})")
+            self.multimodal_pattern = re.compile(
+                f"(?P<image>{re.escape(self.image_token)})|(?P<video>{re.escape(self.video_token)})")
 
     return _ImageOnly(image_processor=lm.image_processor, tokenizer=lm.tokenizer)
 
@@ -199,7 +201,8 @@ def _newline_positions(lm, inputs: dict) -> torch.Tensor:
 def _expected_tags(lm, theirs, newline_BT: torch.Tensor) -> torch.Tensor:
     """Tags from the processor's ``mm_token_type_ids`` and the model's own newline positions."""
     ids = theirs["input_ids"]
-    mm = theirs["mm_token_type_ids"] if "mm_token_type_ids" in theirs else theirs["token_type_ids"]  # Gemma3Processor renames it
+    # Gemma3Processor returns its mm_token_type_ids as token_type_ids
+    mm = theirs["mm_token_type_ids"] if "mm_token_type_ids" in theirs else theirs["token_type_ids"]
     special = torch.tensor(sorted(set(lm.tokenizer.all_special_ids) - {lm.tokenizer.unk_token_id}))
     want = torch.full(ids.shape, TEXT, dtype=torch.int8)
     want[torch.isin(ids, special)] = SPECIAL
@@ -378,7 +381,7 @@ def test_two_malora_steps_train_the_adapter(loaded, family) -> None:
         loss, terms = objective(batch.inputs, batch.answer_mask_BT, batch.modality_BT)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
         assert float(terms["align"]) > 0
     assert all(np.isfinite(losses))
     assert any(not torch.equal(a, b) for a, b in zip(before, params))
