@@ -283,6 +283,22 @@ def test_paligemma_answer_is_the_suffix(loaded) -> None:
     assert torch.equal(ours.inputs["token_type_ids"].bool(), ours.answer_mask_BT) and ours.answer_mask_BT.any()
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_text_only_sample_next_to_an_image_sample(loaded, family) -> None:
+    """A batch mixing an image sample and a text-only one (training manifests have both) runs, and gives the
+    image sample the same logits as alone."""
+    lm = loaded(family)
+    img = _image(200, 90)
+    mixed = lm.adapter.build_batch(lm, [img, None], [QUESTION, "no image here"])
+    alone = lm.adapter.build_batch(lm, [img], [QUESTION])
+    assert not (mixed.modality_BT[1] == IMAGE).any() and (mixed.modality_BT[0] == IMAGE).any()
+    n = int(alone.inputs["attention_mask"].sum())
+    with torch.inference_mode():
+        a = lm.model(**mixed.inputs).logits[0, :n]
+        b = lm.model(**alone.inputs).logits[0, :n]
+    torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
 # -- keys: a real extraction against the model's own k_proj and KV cache
 
 @pytest.fixture(scope="module", params=FAMILIES)
