@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from kscale.models import IMAGE, MODALITY_CODES, PAD, TEXT, Batch, LoadedModel
-from kscale.models.rope import cos_sin, rotary_for_layer, rotate
+from kscale.models.rope import layer_cos_sin, rotate
 
 if TYPE_CHECKING:
     from kscale.spec import AttentionSpec
@@ -210,13 +210,6 @@ def batch_stats(lm: LoadedModel, layers: list[int], kv_heads: list[int], batch: 
     with torch.inference_mode():
         rotary, pos_BTR = lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(dev)
         rope: dict = {}  # layer type (None: one RoPE for all layers) -> (cos_BTD, sin_BTD)
-
-        def cos_sin_of(i: int) -> tuple[torch.Tensor, torch.Tensor]:
-            r = rotary_for_layer(rotary, i)
-            kind = getattr(r, "layer_type", None)
-            if kind not in rope:
-                rope[kind] = cos_sin(r, pos_BTR)
-            return rope[kind]
         idx_BQ, valid_BQ = gather_queries(select_queries(batch, attn.queries, attn.last_k))
         key_valid_BT = batch.inputs["attention_mask"].bool()
         onehot_BTM = modality_onehot(batch.modality_BT)
@@ -230,8 +223,8 @@ def batch_stats(lm: LoadedModel, layers: list[int], kv_heads: list[int], batch: 
                                 for i in group])
             scaling_N = torch.tensor([float(attn_modules[i].scaling) for i in group for _ in range(B)], device=dev)
             rep = [t.repeat(len(group), *[1] * (t.ndim - 1)) for t in shared]
-            cos_NTD = torch.cat([cos_sin_of(i)[0] for i in group])  # each layer's RoPE (Gemma 3: per type)
-            sin_NTD = torch.cat([cos_sin_of(i)[1] for i in group])
+            cos_NTD = torch.cat([layer_cos_sin(rotary, i, pos_BTR, rope)[0] for i in group])  # each layer's RoPE
+            sin_NTD = torch.cat([layer_cos_sin(rotary, i, pos_BTR, rope)[1] for i in group])
             stats = finish(layer_sums(q_NTKGD, k_NTKD, cos_NTD, sin_NTD, *rep, scaling_N, chunk))
             for j, i in enumerate(group):
                 per_layer[i] = {k: v[j * B:(j + 1) * B] for k, v in stats.items()}

@@ -82,6 +82,17 @@ def load_rotary(model_path: str) -> torch.nn.Module:
     return rotary_from_config(AutoConfig.from_pretrained(model_path))
 
 
+def layer_cos_sin(rotary: torch.nn.Module, layer: int, pos_BTR: torch.Tensor,
+                  cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cos_sin` of layer ``layer``'s RoPE (:func:`rotary_for_layer`), computed once per layer type
+    for the positions ``pos_BTR`` (``cache``: a dict the caller keeps for those positions)."""
+    layer_rotary = rotary_for_layer(rotary, layer)
+    kind = getattr(layer_rotary, "layer_type", None)
+    if kind not in cache:
+        cache[kind] = cos_sin(layer_rotary, pos_BTR)
+    return cache[kind]
+
+
 def native_positions(pos_BTR: torch.Tensor) -> torch.Tensor:
     """kscale's (B, T, R) positions in the rotary module's layout: (R, B, T) if R == 3, else (B, T)."""
     if pos_BTR.shape[-1] == 1:

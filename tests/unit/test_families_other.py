@@ -412,7 +412,7 @@ def test_bias_job_completes(family, tmp_path) -> None:
     spec = spec_from_dict(bias_job(
         tmp_path, f"debug:{family}", data={"generated": {"n_samples": 2, "image_size": 56, "tasks": ["color"]}},
         bias={"conditions": ["real", "blank"], "bootstrap": 20,
-              "dropping": {"fractions": [1.0], "orders": ["random"]}}))
+              "dropping": {"fractions": [1.0], "orders": ["random", "most_attended"]}}))
     out = run_job(spec, show_bar=False)
     assert out.state == "succeeded"
     df = pd.read_parquet(tmp_path / "bias" / "samples.parquet")
