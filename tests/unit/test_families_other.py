@@ -435,3 +435,41 @@ def test_deepspeed_train_follows_plain_pytorch(family, tmp_path) -> None:
     assert len(losses) == len(reference) == 2
     assert max(abs(a - b) / abs(b) for a, b in zip(losses, reference)) < 1e-3, (losses, reference)
     assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_gemma3_attention_stats_use_each_layers_rope(tmp_path, monkeypatch) -> None:
+    """Attention statistics of Gemma 3 (local layers RoPE base 10k, global 1M) against the eager model's own
+    attention probabilities and logits. The debug checkpoint's sliding window (8) is widened here: kscale's
+    statistics do not model windows (docs/models.md), this checks the per-layer RoPE."""
+    import json
+    import shutil
+
+    from kscale.attention.stats import batch_stats, flat_columns
+    from kscale.extract.hooks import capture
+    from kscale.spec import AttentionSpec
+    from tests.unit.attention.conftest import STAT_NAMES, eager_reference, reference_queries, reference_stats
+
+    path = tmp_path / "gemma3"
+    shutil.copytree(debug_model_dir("gemma3"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["text_config"]["sliding_window"] = 4096
+    (path / "config.json").write_text(json.dumps(cfg))
+    lm = load_model(ModelSpec(path=str(path), device="cpu", dtype="float32"))
+    eager = load_model(ModelSpec(path=str(path), device="cpu", dtype="float32", attn_implementation="eager"))
+    types = lm.model.config.get_text_config().layer_types
+    assert len(set(types)) == 2
+    batch = lm.adapter.build_batch(lm, [_image(200, 90)], [QUESTION + " and what shape is it ?"])
+    layers, heads = list(range(lm.info.num_layers)), list(range(lm.info.num_kv_heads))
+    mods = {("q", i): m for i, m in enumerate(lm.adapter.query_modules(lm.model))}
+    mods |= {("k", i): m for i, m in enumerate(lm.adapter.key_modules(lm.model))}
+    with torch.inference_mode(), capture(mods, lm.adapter.rotary_module(lm.model)) as cap:
+        lm.model(**batch.inputs)
+    table = flat_columns(batch_stats(lm, layers, heads, batch, cap, AttentionSpec(enabled=True, query_chunk=4), [0]))
+    ref = eager_reference(eager, batch, monkeypatch)
+    queries = reference_queries(batch, "after_image", 0)
+    assert len(queries[0]) > 0 and len(table["layer"]) == len(layers) * lm.info.num_heads
+    for r in range(len(table["layer"])):
+        want = reference_stats(ref, batch, queries, int(table["layer"][r]), 0, int(table["q_head"][r]))
+        for name in STAT_NAMES:
+            np.testing.assert_allclose(table[name][r], want[name], rtol=1e-5, atol=1e-5, equal_nan=True,
+                                       err_msg=f"row {r} ({types[int(table['layer'][r])]}) {name}")
