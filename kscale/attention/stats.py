@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from kscale.models import IMAGE, MODALITY_CODES, PAD, TEXT, Batch, LoadedModel
-from kscale.models.rope import cos_sin, rotate
+from kscale.models.rope import layer_cos_sin, rotate
 
 if TYPE_CHECKING:
     from kscale.spec import AttentionSpec
@@ -208,11 +208,12 @@ def batch_stats(lm: LoadedModel, layers: list[int], kv_heads: list[int], batch: 
     dev = cap.outputs[("k", layers[0])].device
     attn_modules = [layer.self_attn for layer in lm.adapter.decoder_layers(lm.model)]
     with torch.inference_mode():
-        cos_BTD, sin_BTD = cos_sin(lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(dev))
+        rotary, pos_BTR = lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(dev)
+        rope: dict = {}  # layer type (None: one RoPE for all layers) -> (cos_BTD, sin_BTD)
         idx_BQ, valid_BQ = gather_queries(select_queries(batch, attn.queries, attn.last_k))
         key_valid_BT = batch.inputs["attention_mask"].bool()
         onehot_BTM = modality_onehot(batch.modality_BT)
-        shared = [t.to(dev) for t in (cos_BTD, sin_BTD, idx_BQ, valid_BQ, key_valid_BT, onehot_BTM)]
+        shared = [t.to(dev) for t in (idx_BQ, valid_BQ, key_valid_BT, onehot_BTM)]
         chunk = max(1, attn.query_chunk)
         per_layer: dict[int, dict[str, np.ndarray]] = {}
         for group in layer_groups(layers, B * len(heads) * G * min(chunk, idx_BQ.shape[1]) * T):
@@ -222,7 +223,9 @@ def batch_stats(lm: LoadedModel, layers: list[int], kv_heads: list[int], batch: 
                                 for i in group])
             scaling_N = torch.tensor([float(attn_modules[i].scaling) for i in group for _ in range(B)], device=dev)
             rep = [t.repeat(len(group), *[1] * (t.ndim - 1)) for t in shared]
-            stats = finish(layer_sums(q_NTKGD, k_NTKD, *rep, scaling_N, chunk))
+            cos_NTD = torch.cat([layer_cos_sin(rotary, i, pos_BTR, rope)[0] for i in group])  # each layer's RoPE
+            sin_NTD = torch.cat([layer_cos_sin(rotary, i, pos_BTR, rope)[1] for i in group])
+            stats = finish(layer_sums(q_NTKGD, k_NTKD, cos_NTD, sin_NTD, *rep, scaling_N, chunk))
             for j, i in enumerate(group):
                 per_layer[i] = {k: v[j * B:(j + 1) * B] for k, v in stats.items()}
     return _rows([per_layer[i] for i in layers], layers, heads, G, sample_ids)

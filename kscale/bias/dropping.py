@@ -28,7 +28,7 @@ import torch
 from kscale.attention.stats import gather_queries, select_queries
 from kscale.extract.hooks import capture
 from kscale.models import IMAGE, PAD, TEXT
-from kscale.models.rope import cos_sin, rotate
+from kscale.models.rope import layer_cos_sin, rotate
 
 QUERY_CHUNK = 128
 
@@ -62,13 +62,15 @@ def attention_received(loaded, batch, layers: list[int], queries: str, last_k: i
     B, T = inputs["input_ids"].shape
     H, K, D = info.num_heads, info.num_kv_heads, info.head_dim
     with torch.inference_mode():
-        cos_BTD, sin_BTD = cos_sin(lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(lm.device))
+        rotary, pos_BTR = lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(lm.device)
+        rope: dict = {}  # layer type (None: one RoPE for all layers) -> (cos_BTD, sin_BTD)
         idx_BQ, valid_BQ = gather_queries(select_queries(batch, queries, last_k))
         idx_BQ, valid_BQ = idx_BQ.to(lm.device), valid_BQ.to(lm.device)
         key_valid_BT = inputs["attention_mask"].bool()
         attn_modules = [layer.self_attn for layer in lm.adapter.decoder_layers(lm.model)]
         received_BT = torch.zeros(B, T, dtype=torch.float64, device=lm.device)
         for i in layers:
+            cos_BTD, sin_BTD = layer_cos_sin(rotary, i, pos_BTR, rope)  # Gemma 3: local, global layers differ
             q_BTHD = rotate(cap.outputs[("q", i)].float().view(B, T, H, D), cos_BTD, sin_BTD)
             k_BHTD = rotate(cap.outputs[("k", i)].float().view(B, T, K, D), cos_BTD, sin_BTD)
             k_BHTD = k_BHTD.repeat_interleave(H // K, dim=2).transpose(1, 2)

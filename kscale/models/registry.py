@@ -1,6 +1,7 @@
 """Model knowledge in one place: which family a checkpoint is, how to load it, where its projections are.
 
-An ``Adapter`` per family (``qwen2_5_vl.py``, ``llava.py``) answers every architecture question the rest
+An ``Adapter`` per family (``qwen2_5_vl.py``, ``llava.py``, ``llava_next.py``, ...: one file per transformers
+``model_type``, listed in ``facts.FAMILIES``) answers every architecture question the rest
 of kscale asks: the language model's key/query projection modules (never the vision tower's), the
 rotary embedding module (hooked to capture the positions the model really used), the RoPE positions of
 a full sequence, how to run the vision tower, the visual token ids, how samples (``kscale.models.inputs``:
@@ -327,6 +328,9 @@ class Adapter:
 
     # -- vision tower
     pixel_keys: tuple[str, ...] = ("pixel_values",)  # the batch inputs the vision tower reads
+    # image_inputs gets the images grouped by sample (a list per sample) instead of one flat list: for
+    # processors that treat a sample of several images differently (LLaVA-OneVision tiles single images only)
+    images_by_sample: bool = False
 
     def image_features(self, model, inputs: dict[str, torch.Tensor]) -> Any:
         """The vision tower's output for the pixel inputs in ``inputs``, exactly as the model's forward
@@ -357,11 +361,15 @@ class Adapter:
         return ids - {self.image_token_id(loaded.model.config), self.video_token_id(loaded.model.config)}
 
     # -- inputs
-    def image_inputs(self, loaded: LoadedModel, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
-        """Pixel tensors for the images of a batch and the number of LM tokens each image becomes."""
+    def image_inputs(self, loaded: LoadedModel, images: list) -> tuple[dict[str, torch.Tensor], list[Any]]:
+        """Pixel tensors for the images of a batch and, per image, what :meth:`image_block` needs: the number
+        of LM tokens it becomes (or a family's richer layout, e.g. LLaVA-NeXT's tile grid)."""
         raise NotImplementedError
 
-    def image_block(self, loaded: LoadedModel, n_tokens: int) -> list[int]:
+    def image_block(self, loaded: LoadedModel, n_tokens: Any) -> list[int] | tuple[list[int], list[int]]:
+        """The token ids of one image (``n_tokens``: what :meth:`image_inputs` gave for it). A family whose
+        block holds positions the token-id rule cannot tag (LLaVA-NeXT's newline features carry the image
+        token id; Idefics3's row markers) returns ``(ids, tags)``, a modality code per position."""
         raise NotImplementedError
 
     def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
@@ -396,9 +404,10 @@ class Adapter:
         # The model fills image (video) tokens with the vision tower's features in sequence order, so the
         # pixels go in the order the media are rendered, not the order of Sample.images.
         named = [[m for m in plan if isinstance(m, Media)] for plan in plans]
-        images = [s.images[m.index] for s, ms in zip(samples, named) for m in ms if m.kind == "image"]
+        by_sample = [[s.images[m.index] for m in ms if m.kind == "image"] for s, ms in zip(samples, named)]
+        images = [im for group in by_sample for im in group]
         videos = [s.videos[m.index] for s, ms in zip(samples, named) for m in ms if m.kind == "video"]
-        pix, counts = self.image_inputs(loaded, images) if images else ({}, [])
+        pix, counts = self.image_inputs(loaded, by_sample if self.images_by_sample else images) if images else ({}, [])
         vpix, vcounts = self.video_inputs(loaded, videos) if videos else ({}, [])
         counts_it, vcounts_it = iter(counts), iter(vcounts)
         rendered, n_img = [], []
@@ -409,8 +418,10 @@ class Adapter:
                     out.add(item[0], answer=item[1])
                 elif item.kind == "image":
                     n = next(counts_it)
-                    out.add(self.image_block(loaded, n), image=item.index)
-                    out.n_image += n
+                    block = self.image_block(loaded, n)
+                    ids, tags = block if isinstance(block, tuple) else (block, None)
+                    out.add(ids, image=item.index, tags=tags)
+                    out.n_image += n if tags is None else tags.count(IMAGE)
                 else:
                     ids, frames = self.video_block(loaded, s.videos[item.index], next(vcounts_it))
                     out.add(ids, video=item.index, frames=frames)
@@ -423,6 +434,7 @@ class Adapter:
         image_index = torch.full((B, T), -1, dtype=torch.int16)
         video_index = torch.full((B, T), -1, dtype=torch.int16)
         frame = torch.full((B, T), -1, dtype=torch.int32)
+        block_tags = torch.full((B, T), _BY_ID, dtype=torch.int8)
         for i, r in enumerate(rendered):
             n = len(r.ids)
             input_ids[i, :n], attn[i, :n] = torch.tensor(r.ids), 1
@@ -430,9 +442,11 @@ class Adapter:
             image_index[i, :n] = torch.tensor(r.image_index, dtype=torch.int16)
             video_index[i, :n] = torch.tensor(r.video_index, dtype=torch.int16)
             frame[i, :n] = torch.tensor(r.frame, dtype=torch.int32)
+            block_tags[i, :n] = torch.tensor(r.tags, dtype=torch.int8)
         inputs = {"input_ids": input_ids, "attention_mask": attn, **pix, **vpix}
         inputs.update(self.extra_inputs(input_ids, loaded.model.config))
         modality = self.tag(loaded, input_ids, attn)
+        modality = torch.where(block_tags == _BY_ID, modality, block_tags)  # tags an image block gave
         image_index[modality != IMAGE] = -1  # wrapper tokens of a block (vision start/end) are no image's
         video_index[modality != VIDEO] = -1
         frame[modality != VIDEO] = -1
@@ -507,6 +521,9 @@ class Adapter:
         return modality
 
 
+_BY_ID = -2  # no tag of its own: the token-id rule (Adapter.tag) decides
+
+
 @dataclass
 class _Rendered:
     """One sample's tokens as rendered, with per-token facts (lists, same length as ``ids``)."""
@@ -516,10 +533,13 @@ class _Rendered:
     video_index: list[int] = field(default_factory=list)
     frame: list[int] = field(default_factory=list)
     answer: list[bool] = field(default_factory=list)
+    tags: list[int] = field(default_factory=list)  # a block's own tag per token, _BY_ID for the token-id rule
     n_image: int = 0  # image tokens by the processor's formula
 
     def add(self, ids: list[int], image: int = -1, video: int = -1, frames: list[int] | None = None,
-            answer: bool = False) -> None:
+            answer: bool = False, tags: list[int] | None = None) -> None:
+        assert tags is None or len(tags) == len(ids)
+        self.tags += tags if tags is not None else [_BY_ID] * len(ids)
         self.ids += ids
         self.image_index += [image] * len(ids)
         self.video_index += [video] * len(ids)
@@ -537,3 +557,9 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 from kscale.models import llava as _llava  # noqa: E402,F401  (registers the adapters)
 from kscale.models import qwen2_5_vl as _qwen  # noqa: E402,F401
+from kscale.models import llava_next as _llava_next  # noqa: E402,F401
+from kscale.models import llava_onevision as _llava_onevision  # noqa: E402,F401
+from kscale.models import idefics3 as _idefics3  # noqa: E402,F401
+from kscale.models import paligemma as _paligemma  # noqa: E402,F401
+from kscale.models import internvl as _internvl  # noqa: E402,F401
+from kscale.models import gemma3 as _gemma3  # noqa: E402,F401

@@ -47,8 +47,32 @@ def rotary_from_config(config: Any) -> torch.nn.Module:
     if config.model_type == "qwen2_5_vl":
         cls = _rotary_class("qwen2_5_vl")
     else:
-        cls = _rotary_class(text.model_type)
+        try:
+            cls = _rotary_class(text.model_type)
+        except ValueError:  # a text config without a module of its own (Gemma 3's gemma3_text)
+            cls = _rotary_class(config.model_type)
     return cls(text).eval()
+
+
+class _LayerTypeRotary(torch.nn.Module):
+    """A rotary module with one RoPE per layer type (Gemma 3: local and global base frequencies), bound to
+    one layer's type so it is called like any other: ``rotary(x, position_ids)``."""
+
+    def __init__(self, rotary: torch.nn.Module, layer_type: str):
+        super().__init__()
+        self.rotary, self.layer_type = rotary, layer_type
+
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor):
+        return self.rotary(x, position_ids, self.layer_type)
+
+
+def rotary_for_layer(rotary: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The rotary module that layer ``layer`` uses: ``rotary`` itself, or for a model whose RoPE depends on
+    the layer type (its rotary module keeps ``config.layer_types`` and takes a layer type) that type's."""
+    layer_types = getattr(getattr(rotary, "config", None), "layer_types", None)
+    if layer_types is None or not hasattr(rotary, "layer_types"):
+        return rotary
+    return _LayerTypeRotary(rotary, layer_types[layer])
 
 
 def load_rotary(model_path: str) -> torch.nn.Module:
@@ -56,6 +80,17 @@ def load_rotary(model_path: str) -> torch.nn.Module:
     from transformers import AutoConfig
 
     return rotary_from_config(AutoConfig.from_pretrained(model_path))
+
+
+def layer_cos_sin(rotary: torch.nn.Module, layer: int, pos_BTR: torch.Tensor,
+                  cache: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`cos_sin` of layer ``layer``'s RoPE (:func:`rotary_for_layer`), computed once per layer type
+    for the positions ``pos_BTR`` (``cache``: a dict the caller keeps for those positions)."""
+    layer_rotary = rotary_for_layer(rotary, layer)
+    kind = getattr(layer_rotary, "layer_type", None)
+    if kind not in cache:
+        cache[kind] = cos_sin(layer_rotary, pos_BTR)
+    return cache[kind]
 
 
 def native_positions(pos_BTR: torch.Tensor) -> torch.Tensor:

@@ -122,8 +122,9 @@ def read_queries(store: KeyStore, layer: int, modality: str, rope: bool = False,
         raise StoreError(f"store {store.path} has no stored {modality} queries")
     out = da.concatenate(parts, axis=0)
     if rope:
+        from kscale.models.rope import rotary_for_layer
         from kscale.store.rope import rope_lazy, store_rotary
 
         out = rope_lazy(out, store.token_column(modality, "rope_pos"),
-                        rotary if rotary is not None else store_rotary(store))
+                        rotary_for_layer(rotary if rotary is not None else store_rotary(store), layer))
     return out

@@ -268,9 +268,10 @@ class KeyStore:
         Hs = H if hsel is None else len(hsel)
         out = da.concatenate(parts, axis=0) if parts else da.zeros((0, Hs, D), dtype=dtype)
         if rope:
+            from kscale.models.rope import rotary_for_layer
             from kscale.store.rope import rope_lazy, store_rotary
 
-            out = rope_lazy(out, self.token_column(modality, "rope_pos"), store_rotary(self))
+            out = rope_lazy(out, self.token_column(modality, "rope_pos"), rotary_for_layer(store_rotary(self), layer))
         return out
 
     def to_xarray(self, layer: int, modality: str, heads: list[int] | None = None, rope: bool = False):

@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 import torch
 
-from kscale.models.rope import apply_rope, rotary_from_config
+from kscale.models.rope import apply_rope, rotary_for_layer, rotary_from_config
 from kscale.store.reader import KeyStore, StoreError
 
 
@@ -84,4 +84,5 @@ def rope_keys(store: KeyStore, layer: int, modality: str, heads: list[int] | Non
     """
     keys_NHD = store.keys(layer, modality, heads)
     rope_pos_NR = store.token_column(modality, "rope_pos")
-    return rope_lazy(keys_NHD, rope_pos_NR, rotary if rotary is not None else store_rotary(store))
+    rotary = rotary if rotary is not None else store_rotary(store)
+    return rope_lazy(keys_NHD, rope_pos_NR, rotary_for_layer(rotary, layer))

@@ -73,7 +73,7 @@ def eager_reference(eager: LoadedModel, batch, monkeypatch) -> EagerReference:
             k = family_mod.repeat_kv(key, module.num_key_value_groups)
             logits[module.layer_idx] = (torch.matmul(query, k.transpose(2, 3)) * scaling).double().numpy()
             queries[module.layer_idx] = query.numpy().copy()
-        return original(module, query, key, value, attention_mask, scaling, **kw)
+        return original(module, query, key, value, attention_mask, scaling=scaling, **kw)  # Gemma 3: dropout is 6th
 
     monkeypatch.setattr(family_mod, "eager_attention_forward", recording)
     with torch.no_grad():

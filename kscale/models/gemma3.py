@@ -1,0 +1,98 @@
+"""Gemma 3: a SigLIP tower pooled to ``mm_tokens_per_image`` soft tokens, Gemma 3 LM with q/k RMSNorm and a
+RoPE per layer type (local sliding-window layers and global layers use different base frequencies).
+
+An image becomes ``\\n\\n<start_of_image>``, the soft tokens, ``<end_of_image>\\n\\n``
+(``Gemma3Processor.full_image_sequence``): soft tokens ``image``, begin/end of image ``special``, the
+newlines text. ``token_type_ids`` (1 on soft tokens) go to the model, which lets each image's tokens attend
+to each other both ways.
+
+Keys: Gemma 3 normalises keys after ``k_proj`` (``k_norm``, per head) and rotates the normalised keys. The
+pre-RoPE key is therefore ``k_norm``'s output, laid out (B, H, T, D). :func:`_tap` gives each attention
+module an identity ``kscale_k_tap`` (and ``kscale_q_tap``) that a forward hook on the norm calls with the
+output in kscale's (B, T, H*D) layout, only while something listens to the tap; ``key_modules`` and
+``query_modules`` return the taps, so the extraction, attention and MaLoRA hooks read the keys the model
+rotates, and the stored keys rotated by the layer's RoPE equal its KV cache. The RoPE of a layer is
+:func:`kscale.models.rope.rotary_for_layer` of the model's rotary module.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kscale.models.registry import IMAGE, SPECIAL, TEXT, Adapter, LoadedModel, register
+
+BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+
+
+def _tap(attn: torch.nn.Module, which: str) -> torch.nn.Module:
+    """The identity module that sees ``attn.<which>_norm``'s output as (B, T, H*D); installed once."""
+    name = f"kscale_{which}_tap"
+    if not hasattr(attn, name):
+        tap = torch.nn.Identity()
+        attn.add_module(name, tap)
+
+        def forward_to_tap(_mod, _inp, out_BHTD):
+            if tap._forward_hooks:  # nobody listens: no copy
+                tap(out_BHTD.transpose(1, 2).flatten(2))
+        getattr(attn, f"{which}_norm").register_forward_hook(forward_to_tap)
+    return getattr(attn, name)
+
+
+@register
+class Gemma3Adapter(Adapter):
+    family = "gemma3"
+    model_class = "Gemma3ForConditionalGeneration"
+    default_template = "<bos><start_of_turn>user\n{image}{text}<end_of_turn>\n<start_of_turn>model\n"
+    debug_tokens = {"special": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", BOI, EOI, SOFT],
+                    "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<end_of_turn>",
+                    # the checkpoints' tokenizer names these (Gemma3Processor reads the attributes)
+                    "extra_special_tokens": {"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT}}
+
+    def debug_model(self, tokenizer):
+        from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
+        from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
+
+        tokenizer.add_special_tokens({"additional_special_tokens": ["<start_of_turn>"]},
+                                     replace_extra_special_tokens=False)
+        text = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                max_position_embeddings=4096, sliding_window=8,
+                                layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                                query_pre_attn_scalar=16, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        cfg = Gemma3Config(
+            text_config=text,
+            vision_config=SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, image_size=56, patch_size=14),
+            mm_tokens_per_image=4, boi_token_index=tokenizer.boi_token_id, eoi_token_index=tokenizer.eoi_token_id,
+            image_token_index=tokenizer.image_token_id,
+        )
+        proc = Gemma3ImageProcessorPil(size={"height": 56, "width": 56})
+        model = Gemma3ForConditionalGeneration(cfg)
+        with torch.no_grad():  # initialised to zeros: every image would give the same (zero) features
+            model.model.multi_modal_projector.mm_input_projection_weight.normal_(std=0.2)
+        return model, proc
+
+    def key_modules(self, model) -> list[torch.nn.Module]:
+        return [_tap(layer.self_attn, "k") for layer in self.decoder_layers(model)]
+
+    def query_modules(self, model) -> list[torch.nn.Module]:
+        return [_tap(layer.self_attn, "q") for layer in self.decoder_layers(model)]
+
+    def image_token_id(self, config) -> int:
+        return config.image_token_id
+
+    def image_inputs(self, loaded: LoadedModel, images: list):
+        out = loaded.image_processor(images=images, return_tensors="pt")
+        n = loaded.model.config.mm_tokens_per_image
+        return {"pixel_values": out["pixel_values"].to(loaded.dtype)}, [n] * len(images)
+
+    def image_block(self, loaded: LoadedModel, n_tokens: int) -> tuple[list[int], list[int]]:
+        tok, cfg = loaded.tokenizer, loaded.model.config
+        text = f"\n\n{tok.boi_token}{tok.image_token * n_tokens}{tok.eoi_token}\n\n"
+        ids = tok(text, add_special_tokens=False).input_ids
+        wrappers = {cfg.boi_token_id, cfg.eoi_token_id}
+        return ids, [IMAGE if i == cfg.image_token_id else SPECIAL if i in wrappers else TEXT for i in ids]
+
+    def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
+        return {"token_type_ids": (input_ids_BT == config.image_token_id).long()}  # image blocks: bidirectional
