@@ -42,10 +42,13 @@ def with_overrides(spec_path: str, overrides: tuple[str, ...]) -> str:
     from kscale.spec import apply_overrides
 
     raw, _ = apply_overrides(yaml.safe_load(Path(spec_path).read_text()), overrides)  # validated by load_spec
-    text = yaml.safe_dump(raw, sort_keys=False)
+    # cluster.env values stay out (they travel in the loaded spec to the target, which writes them to the
+    # run's 0600 env file or a Kubernetes Secret); the header is one comment line whatever the file name.
+    text = yaml.safe_dump(records.redact_env(raw), sort_keys=False)
     out = records.kscale_home() / "specs" / f"{Path(spec_path).stem}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# {spec_path} with --set {' --set '.join(overrides)}\n" + text)
+    shown = " --set ".join(records.redact_overrides(overrides))
+    out.write_text(f"# {json.dumps(spec_path)} with --set {json.dumps(shown)}\n" + text)
     return str(out)
 
 

@@ -41,6 +41,8 @@ import yaml
 
 import kscale
 from kscale.output import write_json_atomic
+from kscale.private import (ENV_FILE_VAR, UnsafePath, private_dir, read_env_file, write_env_file,  # noqa: F401
+                            write_private)
 from kscale.spec.cluster import cluster_of
 
 
@@ -119,30 +121,43 @@ REDACTED = "(secret, not recorded)"
 
 def redact_env(raw: Any) -> Any:
     """The raw spec mapping with ``cluster.env`` values replaced by a placeholder (keys kept): what records,
-    spec copies, ConfigMaps and logs may contain. ``cluster.env`` reaches processes only through
-    :func:`write_env_file` (Slurm) or a Kubernetes Secret."""
+    spec copies, ConfigMaps and logs may contain. Every ``cluster.env`` value counts as a secret: it reaches
+    processes only through the run's 0600 env file (:func:`kscale.private.write_env_file`; Slurm, Ray Jobs)
+    or a Kubernetes Secret."""
     if isinstance(raw, dict) and isinstance(raw.get("cluster"), dict) and isinstance(raw["cluster"].get("env"), dict):
         raw = {**raw, "cluster": {**raw["cluster"], "env": {k: REDACTED for k in raw["cluster"]["env"]}}}
     return raw
 
 
-def write_private(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` readable by the owner only (0600 from creation, never briefly 0644)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return path
+def redact_override(item: str) -> str:
+    """One ``--set KEY=VALUE`` as records and logs may show it: the value of ``cluster.env.X`` replaced by the
+    placeholder; ``cluster.env={...}`` and ``cluster={...}`` (which may hold ``env``) keep their keys only."""
+    key, sep, text = item.partition("=")
+    k = key.strip()
+    if not sep or not (k in ("cluster", "cluster.env") or k.startswith("cluster.env.")):
+        return item
+    if k.startswith("cluster.env."):
+        return f"{key}={REDACTED}"
+    from kscale.spec import parse_yaml
+
+    try:
+        value = parse_yaml(text)
+    except Exception:  # unparseable: show nothing of it
+        return f"{key}={REDACTED}"
+    if not isinstance(value, dict):
+        return f"{key}={REDACTED}"
+    value = redact_env({"cluster": value})["cluster"] if k == "cluster" else {n: REDACTED for n in value}
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()}"
 
 
-def write_env_file(path: Path, env: dict[str, str]) -> Path:
-    """``cluster.env`` as shell ``export`` lines (quoted) in a 0600 file the job script sources."""
-    import shlex
+def redact_overrides(overrides: tuple[str, ...] | list[str]) -> list[str]:
+    return [redact_override(o) for o in overrides]
 
-    return write_private(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
+
+def env_file(rec_dir: Path, sid: str) -> Path:
+    """Where a run's ``cluster.env`` goes (0600, in the record dir): sourced by the Slurm script, read by the
+    Ray Jobs driver wrapper and workers (``KSCALE_ENV_FILE``)."""
+    return rec_dir / f"{sid}.env"
 
 
 def absolute_spec_yaml(spec_path: str, cwd: str | None = None) -> str:
@@ -296,7 +311,14 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
     ``ID.driver.log`` and record its state; return its exit code. SIGTERM/SIGINT are passed on, so
     ``kscale stop``, ``scancel`` and Slurm's pre-timeout signal stop the driver cleanly; so does the stop file
     (:func:`driver_stop_file`)."""
-    rec_dir.mkdir(parents=True, exist_ok=True)
+    child_env = {**os.environ, "KSCALE_SUBMISSION_ID": submission_id}  # records are kept here
+    try:
+        private_dir(rec_dir)
+        if os.environ.get(ENV_FILE_VAR):  # Ray Jobs: cluster.env from the run's 0600 file, never the runtime env
+            child_env.update(read_env_file(os.environ[ENV_FILE_VAR]))
+    except UnsafePath as e:
+        raise SystemExit(f"kscale driver: {e} (cluster.env needs the record dir on a filesystem this cluster "
+                         "shares with the submitting machine, owned by the same user)") from e
     spec_file = materialize_spec(spec_file, submission_id, rec_dir)
     state_path = rec_dir / f"{submission_id}.state.json"
     state = {"submission_id": submission_id, "target": target, "state": "RUNNING", "host": socket.gethostname(),
@@ -304,8 +326,7 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
     write_json_atomic(state_path, state)
     cmd = [python, "-m", "kscale.cli", "submit", spec_file, "--no-progress"]
     print(f"kscale driver: {' '.join(cmd)} (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})", flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "KSCALE_SUBMISSION_ID": submission_id})  # records are kept here
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env)
     stopped = []
 
     def stop(signum: int, grace_s: float) -> None:
