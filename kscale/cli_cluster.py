@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from kscale.errors import KscaleError
 from kscale.spec import SpecError, load_spec
 from kscale.targets import Target, get_target
 from kscale.targets import records
@@ -62,6 +63,9 @@ def submit_remote(spec_path: str, spec: Any, target: str, address: str | None, d
         return 2
     except t.errors as e:
         _err(f"kscale submit: {e}")
+        return 2
+    except KscaleError as e:  # an unsafe record dir (kscale.private.UnsafePath), ...
+        _err(f"kscale submit: {type(e).__name__}: {e}")
         return 2
 
 

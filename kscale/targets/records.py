@@ -43,7 +43,7 @@ import kscale
 from kscale.output import write_json_atomic
 from kscale.private import (ENV_FILE_VAR, UnsafePath, private_dir, read_env_file, write_env_file,  # noqa: F401
                             write_private)
-from kscale.spec.cluster import cluster_of
+from kscale.spec.cluster import SECRET_PLACEHOLDER, cluster_of, redact_env  # noqa: F401
 
 
 
@@ -116,17 +116,7 @@ def list_runs(limit: int = 20) -> list[dict]:
     return out
 
 
-REDACTED = "(secret, not recorded)"
-
-
-def redact_env(raw: Any) -> Any:
-    """The raw spec mapping with ``cluster.env`` values replaced by a placeholder (keys kept): what records,
-    spec copies, ConfigMaps and logs may contain. Every ``cluster.env`` value counts as a secret: it reaches
-    processes only through the run's 0600 env file (:func:`kscale.private.write_env_file`; Slurm, Ray Jobs)
-    or a Kubernetes Secret."""
-    if isinstance(raw, dict) and isinstance(raw.get("cluster"), dict) and isinstance(raw["cluster"].get("env"), dict):
-        raw = {**raw, "cluster": {**raw["cluster"], "env": {k: REDACTED for k in raw["cluster"]["env"]}}}
-    return raw
+REDACTED = SECRET_PLACEHOLDER
 
 
 def redact_override(item: str) -> str:
