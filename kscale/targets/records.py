@@ -303,7 +303,10 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
     (:func:`driver_stop_file`)."""
     child_env = {**os.environ, "KSCALE_SUBMISSION_ID": submission_id}  # records are kept here
     try:
-        private_dir(rec_dir)
+        if target == "k8s":  # no secret in it (cluster.env is a Secret); a PVC's fsGroup makes folders g+rw
+            rec_dir.mkdir(parents=True, exist_ok=True)
+        else:  # Slurm and Ray Jobs keep the env file (and Slurm the Ray token, TLS keys) here
+            private_dir(rec_dir)
         if os.environ.get(ENV_FILE_VAR):  # Ray Jobs: cluster.env from the run's 0600 file, never the runtime env
             child_env.update(read_env_file(os.environ[ENV_FILE_VAR]))
     except UnsafePath as e:
