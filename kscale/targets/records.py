@@ -11,8 +11,10 @@ both on the (shared) filesystem of the outputs:
   store refuses to be created in a non-empty directory) holds, per submission id ``ID``:
   ``ID.job.yaml`` (the spec as submitted), ``ID.sbatch`` / ``ID.yaml`` (the rendered script or
   manifest), ``ID.driver.log`` (driver stdout+stderr, which include worker output because the
-  driver runs with ``log_to_driver``), ``ID.state.json`` (the driver's state and exit code) and,
-  on Slurm, ``ray-logs/ID/`` (every node's Ray session logs).
+  driver runs with ``log_to_driver``), ``ID.state.json`` (the driver's state and exit code),
+  ``ID.env`` (``cluster.env``, 0600, Slurm and Ray Jobs) and, on Slurm, ``ray-logs/ID/`` (every node's
+  Ray session logs). On Slurm and Ray Jobs the folder is 0700 and checked to be the user's
+  (:func:`kscale.private.private_dir`).
 
 Every target starts the driver the same way, through ``driver_command`` ->
 ``python -m kscale.targets.records driver ...`` (a stable entry name that rendered scripts and

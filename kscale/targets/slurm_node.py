@@ -8,9 +8,14 @@ from ``scancel`` or the time limit), the wrapper:
 
 1. sends SIGTERM to the service's process group (Ray's processes stay in ``ray start``'s group), waits up to
    ``--grace`` seconds, then SIGKILLs the group and any process of this user still running from the
-   node's temp dir (``--temp-dir``; gcs_server may ignore SIGTERM);
+   node's temp dir (``--temp-dir``; gcs_server may ignore SIGTERM): processes whose arguments name that
+   path as a whole path (``own_pids_using``; job 1234's dir never matches job 12345's), each re-checked
+   against its recorded start time just before the signal (``kill_recorded``: a reused PID is left alone);
 2. copies the node's Ray logs (``<temp-dir>/session_latest/logs``) to ``<logs-to>/<host>/``;
 3. removes the node's temp dir and exits 0: the step and the job end without an error.
+
+Before starting the service the wrapper creates the temp dir 0700 (``kscale.private.private_dir``) and
+refuses, exit 1, one that already exists as a link, another user's or writable by others.
 
 All of this runs inside the step, so it works after ``scancel`` too, when the allocation no longer admits a
 new ``srun`` ("job has expired"). The service's own output (Ray's start-up banner with its "run ray stop"
