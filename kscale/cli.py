@@ -8,13 +8,32 @@ from __future__ import annotations
 import json
 import os
 import sys
+from contextlib import contextmanager, nullcontext
 
 import click
 
 from kscale.errors import KscaleError
 from kscale.models.facts import FAMILIES
 from kscale.results import StageResult
-from kscale.spec import SpecError, load_spec
+from kscale.spec import STAGES, SpecError, load_spec
+
+
+@contextmanager
+def _store_locked(store: str, command: str):
+    """The store's lock (kscale.output.OutputLock) around a command that rewrites the store's index or
+    markers; exit 2 with the holder named when a run holds it."""
+    from kscale.output import OutputLock, OutputLocked
+
+    lock = OutputLock(os.path.abspath(store))
+    try:
+        lock.acquire()
+    except OutputLocked as e:
+        click.echo(f"kscale {command}: {e}", err=True)
+        sys.exit(2)
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def _load(path: str, overrides: tuple[str, ...] = ()):
@@ -67,11 +86,9 @@ def submit(job: str, target: str | None, address: str | None, dry_run: bool, for
     from kscale.runner import run_job
 
     sched = os.environ.get("KSCALE_DASK_SCHEDULER_FILE")
-    if sched and spec.kind == "analyze":  # set by kscale's Slurm script: use the allocation's dask cluster
-        import dataclasses
-
-        dask_cfg = dataclasses.replace(spec.analyze.dask, scheduler="distributed", scheduler_file=sched)
-        spec = dataclasses.replace(spec, analyze=dataclasses.replace(spec.analyze, dask=dask_cfg))
+    use_sched = STAGES[spec.kind].use_scheduler_file
+    if sched and use_sched:  # set by kscale's Slurm script: use the allocation's dask cluster
+        spec = use_sched(spec, sched)
     from kscale.targets.local import LocalRun
 
     in_cluster_driver = bool(os.environ.get("KSCALE_SUBMISSION_ID"))  # the cluster wrapper keeps the records
@@ -145,6 +162,11 @@ def validate(job: str, explain: bool, overrides: tuple[str, ...]) -> None:
     if explain:
         from kscale.spec import explain as rows
 
+        stage = STAGES[spec.kind]
+        click.echo(f"kind {spec.kind}: {stage.summary}; writes {stage.output} at output.path; needs "
+                   f"{', '.join(stage.needs + ('output',))}; a cluster allocation starts "
+                   f"{ {'dask': 'a dask cluster', 'ray': 'a Ray cluster', 'none': 'no service'}[stage.runtime_of(spec)]} first")
+        click.echo("kinds: " + "; ".join(f"{k} ({s.summary})" for k, s in STAGES.items()))
         for name, tp, default, doc in rows():
             click.echo(f"{name:38s} {tp:28s} {default:14s} {doc}")
 
@@ -160,7 +182,8 @@ def info(store: str, as_json: bool, reindex: bool) -> None:
 
     try:
         attrs = read_root_attrs(store)  # from the index alone: neither zarr nor dask is imported
-        index = write_index(store) if reindex else load_index(store)
+        with _store_locked(store, "info") if reindex else nullcontext():  # never beside a writing run
+            index = write_index(store) if reindex else load_index(store)
     except StoreError as e:
         click.echo(f"kscale info: {e}", err=True)
         sys.exit(2)
@@ -188,8 +211,9 @@ def verify(store: str, repair: bool, quick: bool, workers: int, as_json: bool) -
     if not kscale.store.is_store(store):
         click.echo(f"kscale verify: {store!r} is not a kscale key store", err=True)
         sys.exit(2)
-    damage = v.verify_store(store, quick=quick, workers=workers)
-    undone = v.repair(store, damage) if repair and damage else []
+    with _store_locked(store, "verify") if repair else nullcontext():  # un-commits only what no run writes
+        damage = v.verify_store(store, quick=quick, workers=workers)
+        undone = v.repair(store, damage) if repair and damage else []
     if as_json:
         click.echo(json.dumps({"damaged": v.report(damage), "uncommitted": undone}, indent=1))
     else:

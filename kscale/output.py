@@ -15,14 +15,18 @@ The claim does, in this order:
    when its holder is provably gone: on this host its pid is dead (or reused); on another host its
    mtime, which the holder refreshes every ``heartbeat_s``, is older than ``stale_after_s``. A live
    lock is never taken over. The lock sits beside the output (not in it) so that creation and
-   ``overwrite`` can replace the whole folder under it.
+   ``overwrite`` can replace the whole folder under it. Writes are **fenced** with the lock's token
+   (:func:`fence`): a holder that was paused past the takeover time and finds another token in the lock
+   file raises :class:`LockLost` before its next commit, instead of writing beside the run that took over.
 2. **Garbage**: leftovers of an interrupted creation or overwrite (``.<name>.tmp-*`` siblings) are
    removed; while we hold the lock nobody else can be making them.
 3. **Policy** (``output.if_exists``) on an existing, non-empty output: it must be *this stage's kind*
    (:class:`OutputKind`: a Zarr store by its root attributes, a run folder by its ``kscale.json`` /
    ``bias.json`` marker), else :class:`ForeignOutput` and nothing is touched. Then ``fail`` refuses
    (:class:`OutputExists`), ``resume`` continues (a kind that records a spec fingerprint must match it),
-   ``overwrite`` moves the old output aside, creates the new one and deletes the old.
+   ``overwrite`` builds the new output beside the old one, then swaps them (:func:`replace_dir_atomic`):
+   a failed creation leaves the old output as it was, and a kill between the two renames leaves it aside
+   where the next claim puts it back (:func:`remove_garbage`).
 4. **Atomic creation** (:func:`create_dir_atomic`): a new output is built as ``.<name>.tmp-<pid>``
    (marker included) and renamed into place, so it appears complete or not at all.
 
@@ -74,6 +78,11 @@ class DataChanged(OutputExists):
 
 class OutputLocked(OutputError):
     """Another run holds the output's lock; the message says who."""
+
+
+class LockLost(OutputLocked):
+    """This run's lock now carries another run's token (it was judged stale, e.g. while this process was
+    paused, and taken over): this run must stop before its next write. Raised by :func:`fence`."""
 
 
 # ----------------------------------------------------------------------------- files
@@ -154,10 +163,19 @@ def temp_sibling(path: Path, tag: str = "") -> Path:
 
 
 def remove_garbage(path: Path) -> list[Path]:
-    """Delete leftovers of interrupted creations/overwrites of ``path``; call only while holding its lock."""
+    """Delete leftovers of interrupted creations/overwrites of ``path``; call only while holding its lock.
+
+    An old output set aside by an overwrite that was killed before the new one took its place (``path``
+    absent, one ``.<name>.tmp-old-<pid>``) is put back first: an overwrite never loses the old output."""
     removed = []
     prefix = f".{path.name}.tmp-"
-    for p in path.parent.glob(f"{prefix}*") if path.parent.is_dir() else []:
+    siblings = sorted(path.parent.glob(f"{prefix}*")) if path.parent.is_dir() else []
+    old = [p for p in siblings if re.fullmatch(r"old-\d+", p.name[len(prefix):]) and p.is_dir() and not p.is_symlink()]
+    if len(old) == 1 and not path.exists() and not path.is_symlink():
+        os.rename(old[0], path)
+        _fsync_dir(path.parent)
+        siblings.remove(old[0])
+    for p in siblings:
         if not re.fullmatch(r"(old-)?\d+", p.name[len(prefix):]):  # e.g. another output named NAME.tmp-x
             continue
         if p.is_dir() and not p.is_symlink():
@@ -168,16 +186,45 @@ def remove_garbage(path: Path) -> list[Path]:
     return removed
 
 
-def create_dir_atomic(path: Path, populate: Callable[[Path], None]) -> Path:
-    """Build a folder in a temp sibling with ``populate(tmp)`` and rename it to ``path`` (which must be
-    absent or an empty folder): readers and later runs see the complete folder or none."""
+def _built(path: Path, populate: Callable[[Path], None]) -> Path:
+    """A temp sibling of ``path`` filled by ``populate(tmp)`` (removed again if that fails)."""
     tmp = temp_sibling(path)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    populate(tmp)
+    try:
+        populate(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return tmp
+
+
+def create_dir_atomic(path: Path, populate: Callable[[Path], None]) -> Path:
+    """Build a folder in a temp sibling with ``populate(tmp)`` and rename it to ``path`` (which must be
+    absent or an empty folder): readers and later runs see the complete folder or none."""
+    tmp = _built(path, populate)
     os.rename(tmp, path)  # replaces an empty directory atomically; fails on a non-empty one
     _fsync_dir(path.parent)
+    return path
+
+
+def replace_dir_atomic(path: Path, populate: Callable[[Path], None]) -> Path:
+    """Replace the folder ``path`` by a new one built with ``populate``: the new one is complete before the
+    old one moves; the old one is put back if the swap fails, and deleted only once the new one is in place.
+    A kill between the two renames leaves the old one as ``.<name>.tmp-old-<pid>``, which the next claim
+    puts back (:func:`remove_garbage`)."""
+    tmp = _built(path, populate)  # a failure here leaves the old output untouched
+    old = temp_sibling(path, "old-")
+    os.rename(path, old)
+    try:
+        os.rename(tmp, path)
+    except BaseException:
+        os.rename(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_dir(path.parent)
+    shutil.rmtree(old)
     return path
 
 
@@ -234,10 +281,7 @@ def apply_policy(path: Path, if_exists: IfExists, kind: OutputKind, fingerprint:
     if if_exists == "fail":
         raise OutputExists(f"output.path: {kind.label} {str(path)!r} exists and output.if_exists is 'fail'")
     if if_exists == "overwrite":
-        old = temp_sibling(path, "old-")
-        os.rename(path, old)  # the old output leaves in one step; a kill from here on leaves only garbage
-        create_dir_atomic(path, create)
-        shutil.rmtree(old)
+        replace_dir_atomic(path, create)
         return True
     recorded = found.get("data")
     if data is not None and recorded and "unreadable" not in recorded and recorded != data:
@@ -262,6 +306,7 @@ def claim_output(path: str | Path, if_exists: IfExists, kind: OutputKind, finger
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     with (lock or OutputLock(path)).held():
+        fence(path)  # still ours (see OutputLock._break): nothing below may run beside another holder
         remove_garbage(path)
         apply_policy(path, if_exists, kind, fingerprint, create, data)
         yield path
@@ -289,6 +334,32 @@ def _pid_start(pid: int) -> str | None:
     except OSError:
         return None
     return stat.rsplit(")", 1)[1].split()[19]  # field 22: start time in clock ticks since boot
+
+
+def _user() -> str:
+    """The login name, or the numeric uid where there is none: ``getpass.getuser`` raises without a passwd
+    entry and without ``USER``/``LOGNAME`` (OpenShift-style pods run under an arbitrary uid)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError, ImportError):
+        return str(os.getuid())
+
+
+_HELD: dict[str, OutputLock] = {}  # output (absolute) -> the lock this process holds on it (see fence)
+
+
+def _key(output: str | Path) -> str:
+    return str(Path(output).expanduser().absolute())
+
+
+def fence(output: str | Path) -> None:
+    """Before a write that commits something into ``output`` (a shard marker, the index, a checkpoint):
+    raise :class:`LockLost` if this process holds the lock of ``output`` and the lock file no longer
+    carries its token. A process that holds no lock on ``output`` (a Ray worker, whose driver fences; a
+    test writing a store by hand) passes. One small file read."""
+    lock = _HELD.get(_key(output))
+    if lock is not None:
+        lock.check()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -326,11 +397,12 @@ class OutputLock:
         return time.time() - mtime > self.stale_after_s  # another host (or unreadable): no heartbeat
 
     def acquire(self) -> LockHolder:
-        me = LockHolder(getpass.getuser(), socket.gethostname(), os.getpid(),
+        me = LockHolder(_user(), socket.gethostname(), os.getpid(),
                         time.strftime("%Y-%m-%dT%H:%M:%S%z"), secrets.token_hex(8), _pid_start(os.getpid()))
         for _ in range(5):
             if create_json_exclusive(self.path, asdict(me)):
                 self.holder = me
+                _HELD[_key(self.output)] = self
                 self._start_heartbeat()
                 return me
             try:
@@ -346,26 +418,40 @@ class OutputLock:
         raise OutputLocked(f"output.path: could not take the lock {self.path} (contended)")
 
     def _break(self, stale: LockHolder | None) -> None:
-        """Remove a stale lock, and only that one: move it aside, check it is the lock we judged stale,
-        put it back if another run replaced it in between."""
+        """Remove a stale lock, and only that one: move it aside (atomic), check it is the lock we judged
+        stale, and put it back if another run replaced it in between. The put-back replaces whatever a
+        third run created in the moment the path was free: that run has held it for microseconds and
+        meets another token at its first :func:`fence` (in :func:`claim_output`, before any write), while
+        the live lock we moved may have been held for hours: it is never dropped."""
         aside = self.path.with_name(f"{self.path.name}.stale-{secrets.token_hex(4)}")
         try:
             os.rename(self.path, aside)
         except FileNotFoundError:
             return
-        moved = read_json(aside)
-        if stale is not None and (moved or {}).get("token") != stale.token:
-            try:
-                os.link(aside, self.path)  # a live lock taken meanwhile: restore it
-            except FileExistsError:
-                pass
-        aside.unlink(missing_ok=True)
+        data = read_json(aside)
+        moved = data.get("token") if data else None
+        if moved != (stale.token if stale is not None else None):
+            os.replace(aside, self.path)  # a live lock taken meanwhile: restore it
+            _fsync_dir(self.path.parent)
+        else:
+            aside.unlink(missing_ok=True)
+
+    def check(self) -> None:
+        """Raise :class:`LockLost` unless the lock file still carries this holder's token."""
+        current = self.read()
+        if self.holder is None or current is None or current.token != self.holder.token:
+            who = current.describe() if current else "nobody"
+            raise LockLost(f"output.path: {str(self.output)!r}: this run's lock was taken over (the lock "
+                           f"{self.path} now names {who}); stopping before the next write")
 
     def _start_heartbeat(self) -> None:
         self._stop.clear()
 
         def beat() -> None:
             while not self._stop.wait(self.heartbeat_s):
+                current = self.read()
+                if self.holder is None or current is None or current.token != self.holder.token:
+                    return  # taken over: never keep another run's lock fresh (writes stop at fence)
                 try:
                     os.utime(self.path)
                 except OSError:
@@ -382,6 +468,8 @@ class OutputLock:
         current = self.read()
         if self.holder is not None and current is not None and current.token == self.holder.token:
             self.path.unlink(missing_ok=True)
+        if _HELD.get(_key(self.output)) is self:
+            del _HELD[_key(self.output)]
         self.holder = None
 
     @contextmanager

@@ -1,23 +1,24 @@
 """Run a JobSpec on this machine or a Ray cluster: the one place that connects specs to executors.
 
-``run_job(spec, address)`` makes relative paths absolute (workers may run elsewhere), starts or joins
-Ray when the spec's executor is ``ray`` (embedded local Ray, dashboard on 127.0.0.1, when no address
-is given), and calls the stage's public entry: ``run_extract``, ``run_analyze``, ``run_train``,
-``run_bias``. It reads no argv and no environment: the CLI does that.
+``run_job(spec, address)`` makes relative paths absolute (workers may run elsewhere) and calls the
+entry of the spec's stage from the stage table (``kscale.spec.STAGES``: ``extract.run:stage_entry``,
+``analysis.run:stage_entry``, ...) with a :class:`RunContext`, through which a stage starts or joins Ray
+(embedded local Ray, dashboard on 127.0.0.1, when no address is given) and gets its shard executor. It
+reads no argv and no environment: the CLI does that.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import sys
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from kscale.results import StageResult
-from kscale.spec import JobSpec
-
-STAGE_MODULES = {"extract": "kscale.extract.worker", "bias": "kscale.bias.worker"}
+from kscale.spec import STAGES, JobSpec
 
 
 def absolutize(spec: JobSpec, cwd: str | None = None) -> JobSpec:
@@ -34,8 +35,12 @@ def absolutize(spec: JobSpec, cwd: str | None = None) -> JobSpec:
         changes["data"] = dataclasses.replace(spec.data, path=fix(spec.data.path))
     if spec.model is not None and not spec.model.path.startswith("debug:") and (base / spec.model.path).exists():
         changes["model"] = dataclasses.replace(spec.model, path=fix(spec.model.path))
-    if spec.kind == "analyze" and spec.analyze is not None:
-        changes["analyze"] = dataclasses.replace(spec.analyze, stores=[fix(p) for p in spec.analyze.stores])
+    stage = STAGES[spec.kind]
+    section = getattr(spec, spec.kind)
+    if stage.path_fields and section is not None:
+        paths = {f: [fix(p) for p in v] if isinstance(v, list) else fix(v)
+                 for f in stage.path_fields for v in [getattr(section, f)]}
+        changes[spec.kind] = dataclasses.replace(section, **paths)
     return dataclasses.replace(spec, **changes)
 
 
@@ -123,46 +128,40 @@ def make_executor(spec: JobSpec, stage_module: str, show_bar: bool = True):
     return RayExecutor(stage_module, show_bar)
 
 
+@dataclass(frozen=True)
+class RunContext:
+    """What a stage's entry (``STAGES[kind].entry``) gets from the runner besides its spec: where Ray is,
+    whether to draw a progress bar and start the dashboard."""
+
+    address: str | None = None
+    show_bar: bool = True
+    dashboard: bool = True
+
+    def ray(self, spec: JobSpec):
+        """Join ``address`` (or an already-initialised Ray), else start an embedded local Ray."""
+        return ray_session(spec, self.address, self.dashboard)
+
+    @contextmanager
+    def maybe_ray(self, spec: JobSpec):
+        """:meth:`ray` when the spec's executor is ``ray``, else nothing."""
+        if spec.resources.executor == "ray":
+            with self.ray(spec):
+                yield
+        else:
+            yield
+
+    def executor(self, spec: JobSpec, stage_module: str):
+        """The shard pool of ``spec.resources.executor`` running ``stage_module``'s unit of work."""
+        return make_executor(spec, stage_module, self.show_bar)
+
+
 def run_job(spec: JobSpec, address: str | None = None, show_bar: bool = True,
             dashboard: bool = True) -> StageResult:
     spec = absolutize(spec)
-    if spec.kind == "extract":
-        from kscale.extract.run import nothing_to_do, run_extract
-
-        if nothing_to_do(spec):  # a rerun of a finished job: report it without starting Ray
-            from kscale.executors.local import LocalExecutor
-
-            return run_extract(spec, LocalExecutor(STAGE_MODULES["extract"], show_bar))
-        with _maybe_ray(spec, address, dashboard):
-            return run_extract(spec, make_executor(spec, STAGE_MODULES["extract"], show_bar))
-    if spec.kind == "analyze":
-        from kscale.analysis.run import run_analyze
-
-        return _record_final(spec, run_analyze(spec, show_bar))
-    if spec.kind == "train":
-        if spec.resources.executor == "ray":  # Ray Train's TorchTrainer hosts the DeepSpeed workers
-            from kscale.train.ray_train import run_train_on_ray
-
-            with ray_session(spec, address, dashboard):
-                return _record_final(spec, run_train_on_ray(spec))
-        from kscale.train.run import run_train
-
-        return _record_final(spec, run_train(spec))
-    if spec.kind == "bias":
-        from kscale.bias.run import run_bias
-
-        with _maybe_ray(spec, address, dashboard):
-            return _write_result(run_bias(spec, make_executor(spec, STAGE_MODULES["bias"], show_bar)))
-    raise AssertionError(spec.kind)  # load_spec admits only the kinds above
-
-
-@contextmanager
-def _maybe_ray(spec: JobSpec, address: str | None, dashboard: bool):
-    if spec.resources.executor == "ray":
-        with ray_session(spec, address, dashboard):
-            yield
-    else:
-        yield
+    stage = STAGES[spec.kind]  # load_spec admits only the kinds of the table
+    module, function = stage.entry.split(":")
+    result = getattr(importlib.import_module(module), function)(spec, RunContext(address, show_bar, dashboard))
+    return _record_final(spec, result) if stage.final_progress else _write_result(result)
 
 
 def _write_result(result: StageResult) -> StageResult:

@@ -37,6 +37,15 @@ def chromium() -> str | None:
     return None
 
 
+def require_chromium() -> str:
+    """The Chromium binary; without one the test skips locally and fails in CI (``tests.testing_utils``)."""
+    from tests.testing_utils import require
+
+    path = chromium()
+    require(path is not None, "chromium not installed", INSTALL_HINT)
+    return path
+
+
 @dataclass
 class PageCheck:
     path: str

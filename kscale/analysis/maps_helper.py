@@ -10,11 +10,18 @@ same input, one thread: tests/unit/analysis/test_embed_helper.py).
 Not ``multiprocessing``: its spawn re-imports the caller's main script in the child (a user's script
 without a ``__main__`` guard would run again) and cannot start from ``python -``.
 
-Protocol: length-prefixed pickles over the child's stdin/stdout, ``(job, name, args)`` in and
-``(job, ok, pickled value)`` out (the value pickled apart, so one that cannot be read here fails only its
-own map), between this module and the child it started (nothing else writes to either
-pipe; the child's own prints go to its stderr). The child ends at the end of its input, so a driver
-that dies, even by SIGKILL, leaves no helper behind once its current map is done.
+Protocol: length-prefixed pickles over two private pipes, ``(job, name, args)`` in and ``(job, ok,
+pickled value)`` out (the value pickled apart, so one that cannot be read here fails only its own map).
+The pipes are not the child's stdin/stdout: they are passed as extra file descriptors (``pass_fds``), so
+nothing but this module and the child's loop can write into them. A stray write to stdout (a library's
+print, C code writing to fd 1, a ``sitecustomize`` at start-up) goes to the child's stderr and cannot
+break the framing. The child ends at the end of its input, so a driver that dies, even by SIGKILL, leaves
+no helper behind once its current map is done.
+
+No wait is unbounded: if the reader thread ends for any reason, every pending map fails with
+:class:`HelperDied` (it is then computed in place), and a map's ``result()`` gives up after the helper has
+been busy for ``stall_s`` seconds without answering anything (it is stopped, deadlocked...): the helper is
+killed and every pending map fails the same way.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ import struct
 import subprocess
 import sys
 import threading
+import time
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Self
 
 _HEAD = struct.Struct("<Q")
+STALL_S = 600.0  # busy without any answer this long: the helper is stuck (one map takes seconds)
 
 
 class HelperDied(RuntimeError):
@@ -53,6 +62,20 @@ def _recv(stream):
     return pickle.loads(data) if len(data) == n else None
 
 
+class _Answer(Future):
+    """A future of one answer of the helper. ``result()`` without a timeout is bounded all the same: it
+    gives up once the helper has been busy ``stall_s`` seconds without answering (:meth:`MapsHelper.wait`)."""
+
+    def __init__(self, helper: MapsHelper):
+        super().__init__()
+        self._helper = helper
+
+    def result(self, timeout: float | None = None):
+        if timeout is None:
+            return self._helper.wait(self)
+        return super().result(timeout)
+
+
 class MapsHelper:
     """The helper process and its pending answers; ``close()`` when done (or use it as a context manager)."""
 
@@ -65,16 +88,29 @@ class MapsHelper:
         except OSError:
             return None
 
-    def __init__(self, warm_tsne: bool = True, python: str | None = None):
+    def __init__(self, warm_tsne: bool = True, python: str | None = None, stall_s: float = STALL_S):
         env = dict(os.environ)  # this kscale, whatever the child's working directory or installed copy
         root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
-        self.proc = subprocess.Popen([python or sys.executable, "-P", "-m", "kscale.analysis.maps_helper",
-                                      "warm" if warm_tsne else "cold"],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, close_fds=True)
+        req_r, req_w = os.pipe()  # driver -> helper; both ends close-on-exec: no other child inherits them
+        ans_r, ans_w = os.pipe()  # helper -> driver
+        try:
+            self.proc = subprocess.Popen([python or sys.executable, "-P", "-m", "kscale.analysis.maps_helper",
+                                          "warm" if warm_tsne else "cold", str(req_r), str(ans_w)],
+                                         stdin=subprocess.DEVNULL, env=env, close_fds=True, pass_fds=(req_r, ans_w))
+        except BaseException:
+            for fd in (req_w, ans_r):
+                os.close(fd)
+            raise
+        finally:
+            os.close(req_r)  # the child's ends: the child holds the only copies now (its end of input
+            os.close(ans_w)  # is ours closing req_w, the reader's is the child ending)
+        self._to, self._from = os.fdopen(req_w, "wb"), os.fdopen(ans_r, "rb")
+        self.stall_s = stall_s
         self._lock = threading.Lock()
         self._pending: dict[int, Future] = {}
         self._next, self._dead = 0, False
+        self._progress = time.monotonic()  # the last answer, or when the helper last became busy
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()  # a writer thread: a map's points (MBs) wait
         self._writer = threading.Thread(target=self._write, name="kscale-maps-writer", daemon=True)  # there,
         self._reader = threading.Thread(target=self._read, name="kscale-maps-reader", daemon=True)  # not us
@@ -89,61 +125,86 @@ class MapsHelper:
         """The helper's process id, from the helper (it answers in order: it is up and niced)."""
         return self._call("pid").result()
 
+    def wait(self, fut: Future):
+        """``fut``'s value, waiting only while the helper makes progress: once it has been busy ``stall_s``
+        seconds without answering, it is killed and every pending map fails with :class:`HelperDied`."""
+        while True:
+            try:
+                return Future.result(fut, timeout=min(1.0, self.stall_s))
+            except TimeoutError:
+                pass
+            with self._lock:
+                stalled = time.monotonic() - self._progress > self.stall_s
+            if stalled:
+                self._fail_pending(f"the maps helper (pid {self.proc.pid}) gave no answer for "
+                                   f"{self.stall_s:g} s; stopped")
+                self.proc.kill()  # the child this object started, by its own handle
+
     def _call(self, name: str, *args) -> Future:
-        fut: Future = Future()
+        fut: Future = _Answer(self)
         with self._lock:
             if not self._dead:
                 job, self._next = self._next, self._next + 1
+                if not self._pending:
+                    self._progress = time.monotonic()  # busy from now on
                 self._pending[job] = fut
                 self._outbox.put((job, name, args))
                 return fut
         fut.set_exception(HelperDied(f"the maps helper (pid {self.proc.pid}) has ended"))
         return fut
 
-    def _write(self) -> None:
-        while (msg := self._outbox.get()) is not None:
-            try:
-                _send(self.proc.stdin, msg)
-            except (OSError, ValueError):  # a closed pipe: the helper is gone (the reader fails what waits)
-                return
-
-    def _read(self) -> None:
-        while True:
-            try:
-                msg = _recv(self.proc.stdout)
-            except (OSError, ValueError, pickle.UnpicklingError, EOFError):
-                msg = None
-            if msg is None:
-                break
-            job, ok, payload = msg
-            with self._lock:
-                fut = self._pending.pop(job, None)
-            if fut is None:
-                continue
-            try:
-                value = pickle.loads(payload)
-            except Exception as err:  # noqa: BLE001  (e.g. an error class this side cannot import)
-                fut.set_exception(HelperDied(f"the maps helper's answer could not be read here: {err!r}"))
-                continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+    def _fail_pending(self, why: str) -> None:
+        """No more answers will be read: fail every pending map (and every later one, at once)."""
         with self._lock:
             self._dead = True
             pending, self._pending = list(self._pending.values()), {}
         for fut in pending:
-            fut.set_exception(HelperDied(f"the maps helper (pid {self.proc.pid}) ended before answering"))
+            fut.set_exception(HelperDied(why))
+
+    def _write(self) -> None:
+        while (msg := self._outbox.get()) is not None:
+            try:
+                _send(self._to, msg)
+            except (OSError, ValueError):  # a closed pipe: the helper is gone (the reader fails what waits)
+                return
+
+    def _read(self) -> None:
+        why = f"the maps helper (pid {self.proc.pid}) ended before answering"
+        try:
+            while (msg := _recv(self._from)) is not None:
+                self._answer(*msg)
+        except Exception as err:  # noqa: BLE001  (a cut or garbled stream, a bug: pending maps must not wait)
+            why = f"the maps helper's answers could not be read ({err!r})"
+            self.proc.kill()  # its later answers would never be read
+        finally:
+            self._fail_pending(why)
+
+    def _answer(self, job: int, ok: bool, payload: bytes) -> None:
+        with self._lock:
+            fut = self._pending.pop(job, None)
+            self._progress = time.monotonic()
+        if fut is None:
+            return
+        try:
+            value = pickle.loads(payload)
+        except Exception as err:  # noqa: BLE001  (e.g. an error class this side cannot import)
+            fut.set_exception(HelperDied(f"the maps helper's answer could not be read here: {err!r}"))
+            return
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
     def close(self, wait: bool = True) -> None:
-        """End the helper: at the end of its input when ``wait`` (it finishes the maps sent), else now."""
+        """End the helper: at the end of its input when ``wait`` (it finishes the maps sent, within
+        ``stall_s``), else now."""
         self._outbox.put(None)
         if wait:
-            self._writer.join()
-        else:
+            self._writer.join(timeout=self.stall_s)
+        if not wait or self._writer.is_alive():
             self.proc.kill()  # the child this object started, by its own handle
         try:
-            self.proc.stdin.close()
+            self._to.close()
         except (OSError, ValueError):  # a broken pipe on the last flush: the helper is gone
             pass
         try:
@@ -153,7 +214,8 @@ class MapsHelper:
             self.proc.wait()
         self._writer.join(timeout=10)
         self._reader.join(timeout=10)
-        self.proc.stdout.close()
+        if not self._reader.is_alive():
+            self._from.close()
 
     def __enter__(self) -> Self:
         return self
@@ -162,10 +224,11 @@ class MapsHelper:
         self.close(wait=kind is None)  # on an error, do not wait for a map nobody will draw
 
 
-def _serve(warm: bool) -> None:
+def _serve(warm: bool, fd_in: int, fd_out: int) -> None:
     os.nice(19)  # idle CPU only: the analysis that waits for the maps goes first
-    inp, out = sys.stdin.buffer, sys.stdout.buffer
-    sys.stdout = sys.stderr  # the protocol's pipe carries nothing else
+    inp, out = os.fdopen(fd_in, "rb"), os.fdopen(fd_out, "wb")  # the private pipes: nothing else writes there
+    os.dup2(2, 1)  # stray writes to stdout (prints, C libraries) go to stderr, where a reader can see them
+    sys.stdout = sys.stderr
     if warm:
         try:
             import openTSNE  # noqa: F401  (over a second of import, paid here beside the analysis)
@@ -188,4 +251,4 @@ def _serve(warm: bool) -> None:
 
 
 if __name__ == "__main__":
-    _serve(sys.argv[1:] == ["warm"])
+    _serve(sys.argv[1] == "warm", int(sys.argv[2]), int(sys.argv[3]))

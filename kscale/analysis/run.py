@@ -41,13 +41,19 @@ from kscale.analysis.source import (BlockPlan, Buckets, KeyStoreLike, block_plan
                                     joint_items, open_store, range_items, read_rows, rows_per_block,
                                     subsample_index)
 from kscale.analysis.stream import Runner
-from kscale.output import (RUN_MARKER, OutputKind, claim_output, run_marker, run_marker_reader,
+from kscale.output import (RUN_MARKER, OutputKind, claim_output, fence, run_marker, run_marker_reader,
                            write_json_atomic)
 from kscale.results import AnalyzeResult
 from kscale.spec import JobSpec, section_problems
 
 
 ANALYZE_KIND = OutputKind("analysis run", run_marker_reader("analyze"), check_fingerprint=False)
+
+
+def stage_entry(spec: JobSpec, ctx) -> AnalyzeResult:
+    """The stage table's entry (``kscale.spec.STAGES``): the analysis runs in this process (dask decides
+    where its tasks go)."""
+    return run_analyze(spec, ctx.show_bar)
 
 
 def run_analyze(spec: JobSpec, show_bar: bool = True) -> AnalyzeResult:
@@ -93,6 +99,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
                 all_rows += store_rows
                 embeds += store_embeds
         df = pd.DataFrame(all_rows, columns=R.COLUMNS)
+        fence(out)  # the run's lock is still ours (kscale.output.fence)
         df.to_parquet(out / "results.parquet", index=False)
         df.to_csv(out / "results.csv", index=False)
         (out / "meta.json").write_text(json.dumps(_meta(cfg, stores), indent=1, default=str))

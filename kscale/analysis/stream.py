@@ -5,18 +5,46 @@ Work is a list of items (anything holding delayed blocks: the analysis passes on
 modality -> (delayed keys, delayed sample ids)) and one function ``fn(item, shared)`` returning
 mergeable partial results. At most ``window`` tasks are in flight and every result is
 merged into one accumulator as it arrives, so memory is bounded by the window, not by the data.
+
+The LocalCluster (``scheduler: distributed`` without an address) is private to this run, like the Slurm
+target's dask cluster: every comm is TLS with a per-run self-signed certificate that each role must present
+(made by :func:`kscale.targets.slurm.write_dask_tls` in a 0700 folder, removed on exit), and the
+scheduler, nanny, worker and dashboard sockets listen on 127.0.0.1 only. Another local user can neither
+connect a client nor run code in the workers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+import shutil
+import tempfile
 import uuid
+from pathlib import Path
 from typing import Any
 
 import dask
 from dask import delayed
 
 from kscale.spec.analyze import DaskConfig
+
+
+LOOPBACK = "127.0.0.1"
+
+
+def local_security(folder: Path) -> Any:
+    """A ``distributed.security.Security`` that requires TLS with the certificate and key that
+    :func:`kscale.targets.slurm.write_dask_tls` writes into ``folder`` (0700, files 0600): the one
+    self-signed pair is the CA, and every role (scheduler, worker, client) presents it, so a peer
+    without it is refused in the TLS handshake."""
+    from distributed.security import Security
+
+    from kscale.targets.slurm import write_dask_tls
+
+    write_dask_tls(folder)
+    cert, key = str(folder / "cert.pem"), str(folder / "key.pem")
+    return Security(require_encryption=True, tls_ca_file=cert,
+                    tls_client_cert=cert, tls_client_key=key, tls_scheduler_cert=cert, tls_scheduler_key=key,
+                    tls_worker_cert=cert, tls_worker_key=key)
 
 
 class Runner:
@@ -26,6 +54,7 @@ class Runner:
         self.cfg = cfg
         self.client = None
         self._cluster = None
+        self._tls_dir: Path | None = None
 
     def __enter__(self) -> Runner:
         if self.cfg.scheduler == "distributed":
@@ -36,16 +65,31 @@ class Runner:
             elif self.cfg.scheduler_file:
                 self.client = Client(scheduler_file=self.cfg.scheduler_file)
             else:
-                self._cluster = LocalCluster(n_workers=self.cfg.n_workers, threads_per_worker=1,
-                                             dashboard_address=":0", processes=True)
-                self.client = Client(self._cluster)
+                self._start_local_cluster(LocalCluster, Client)
         return self
 
+    def _start_local_cluster(self, LocalCluster: type, Client: type) -> None:
+        # a new folder (write_dask_tls makes it 0700) inside a fresh 0700 one, removed by __exit__
+        self._tls_dir = Path(tempfile.mkdtemp(prefix="kscale-dask-")) / "tls"
+        try:
+            security = local_security(self._tls_dir)
+            self._cluster = LocalCluster(n_workers=self.cfg.n_workers, threads_per_worker=1, processes=True,
+                                         protocol="tls", host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0",
+                                         security=security)
+            self.client = Client(self._cluster, security=security)
+        except BaseException:
+            self.__exit__()  # __exit__ does not run when __enter__ fails: close what started, drop the keys
+            raise
+
     def __exit__(self, *exc: object) -> None:
-        if self.client is not None:
-            self.client.close()
-        if self._cluster is not None:
-            self._cluster.close()
+        try:
+            if self.client is not None:
+                self.client.close()
+            if self._cluster is not None:
+                self._cluster.close()
+        finally:
+            if self._tls_dir is not None:
+                shutil.rmtree(self._tls_dir.parent, ignore_errors=True)
 
     @property
     def window(self) -> int:

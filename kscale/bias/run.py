@@ -78,6 +78,15 @@ def is_committed(run_dir: Path, shard: BiasShard) -> bool:
     return json.loads(m.read_text()).get("variant_fingerprint") == shard.variant.fingerprint
 
 
+WORKER_MODULE = "kscale.bias.worker"  # the unit of work the shard pool runs
+
+
+def stage_entry(spec: JobSpec, ctx) -> BiasResult:
+    """The stage table's entry (``kscale.spec.STAGES``)."""
+    with ctx.maybe_ray(spec):
+        return run_bias(spec, ctx.executor(spec, WORKER_MODULE))
+
+
 def run_bias(spec: JobSpec, executor) -> BiasResult:
     """Score every uncommitted (variant, shard) through ``executor``, then write tables, pictures, report."""
     variants = enumerate_variants(spec.bias)

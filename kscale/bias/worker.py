@@ -35,6 +35,7 @@ from kscale.bias.plan import BiasShard, marker_path, table_path
 from kscale.bias.variants import VariantSlot
 from kscale.data import Record, open_source
 from kscale.models import LoadedModel, load_model, resolve_layers
+from kscale.output import fence
 from kscale.scoring import AnswerScores, answer_positions, answer_scores, condition_image, swap_donor
 from kscale.spec import JobSpec
 from kscale.store.layout import write_json_atomic
@@ -202,6 +203,7 @@ def run_shard(spec: JobSpec, shard: BiasShard, state: BiasState) -> dict:
     state.tokens_scored = 0
     recs, errors = _usable(spec, state, shard)
     table = score_records(spec, state, shard, recs)
+    fence(spec.output.path)  # the run's lock is still ours (kscale.output.fence)
     out = table_path(spec.output.path, shard)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")

@@ -13,6 +13,8 @@ from typing import Any, Protocol, overload
 
 from PIL import Image
 
+from kscale.models.inputs import Sample, Turn, Video
+
 
 @dataclass
 class Record:
@@ -23,6 +25,22 @@ class Record:
     answer: str | None = None
     error: str | None = None  # why this record cannot be used; None when it can
     meta: dict[str, Any] = field(default_factory=dict)
+    # Records of more than one image, of videos or of conversations (kscale.models.inputs). ``image`` is
+    # then ``images[0]`` (what single-image consumers such as the bias stage read), ``text``/``answer`` the
+    # first user and assistant turns' text.
+    images: list[Image.Image] | None = None  # every image, in order; None: ``[image]`` (or none)
+    videos: list[Video] = field(default_factory=list)
+    turns: tuple[Turn, ...] | None = None  # the conversation; None: one user turn and the answer
+
+    def sample(self, with_answer: bool = True) -> Sample:
+        """The model input of this record (see :mod:`kscale.models.inputs`); ``with_answer=False`` stops
+        before the first assistant turn."""
+        if self.turns is None:
+            s = Sample.simple(self.image, self.text, self.answer)
+        else:
+            images = self.images if self.images is not None else [self.image] if self.image is not None else []
+            s = Sample(self.turns, images, self.videos)
+        return s if with_answer else s.without_answers()
 
 
 @dataclass(frozen=True)
@@ -165,9 +183,34 @@ def load_image(ref: Any, base: Path | None = None,
         return None, f"corrupt image ({type(e).__name__}: {str(e)[:160]})"
 
 
+def _row_error(i: int, where: str, err: Exception) -> Record:
+    """Row ``i`` as an unusable record: whatever one row does (a number of more than 4,300 digits, nesting
+    deeper than Python recurses, a value that cannot be printed) is that row's error, never the job's."""
+    return Record(i, str(i), None, "", error=f"{where}: unreadable row ({type(err).__name__}: {str(err)[:160]})")
+
+
+def _id_of(row: Any, id_field: str, i: int) -> str | None:
+    """The id of a row for :meth:`first_of` tables; None for a row that is not a mapping or whose id cannot
+    be printed (that row's own :meth:`get` records why)."""
+    if not isinstance(row, dict):
+        return None
+    try:
+        return str(row.get(id_field, i))
+    except Exception:  # noqa: BLE001 - e.g. RecursionError on a deeply nested id: the row's own error
+        return None
+
+
 def _record(i: int, row: dict, dspec, base: Path | None, where: str, first_of: dict[str, int] | None = None) -> Record:
     """The record of row ``i``; ``first_of`` maps each id to the first row that used it (a later row with the
-    same id is that row's error: duplicate ids are recorded, never silently merged)."""
+    same id is that row's error: duplicate ids are recorded, never silently merged). Any exception while
+    reading the row becomes the row's error (:func:`_row_error`)."""
+    try:
+        return _record_of(i, row, dspec, base, where, first_of)
+    except Exception as err:  # noqa: BLE001 - one row never fails its shard
+        return _row_error(i, where, err)
+
+
+def _record_of(i: int, row: dict, dspec, base: Path | None, where: str, first_of: dict[str, int] | None) -> Record:
     sid = str(row.get(dspec.id_field, i)) if dspec.id_field else str(i)
     text = row.get(dspec.text_field)
     answer = row.get(dspec.answer_field) if dspec.answer_field else None
@@ -221,6 +264,8 @@ class ManifestSource:
             row = json.loads(self.lines[i])
         except json.JSONDecodeError as e:
             return f"invalid JSON ({e.msg})"
+        except Exception as e:  # noqa: BLE001 - ValueError (> 4,300 digits), RecursionError (deep nesting), ...
+            return f"unreadable JSON ({type(e).__name__}: {str(e)[:160]})"  # ... are this row's error
         return row if isinstance(row, dict) else "expected a JSON object"
 
     def first_of(self) -> dict[str, int] | None:
@@ -230,9 +275,9 @@ class ManifestSource:
         if self._first_of is None:
             firsts: dict[str, int] = {}
             for i in range(len(self.lines)):
-                row = self._row(i)
-                if isinstance(row, dict):
-                    firsts.setdefault(str(row.get(self.dspec.id_field, i)), i)
+                sid = _id_of(self._row(i), self.dspec.id_field, i)
+                if sid is not None:
+                    firsts.setdefault(sid, i)
             self._first_of = firsts
         return self._first_of
 
@@ -273,7 +318,9 @@ class HFDiskSource:
             column = self.ds[field_name] if field_name in self.ds.column_names else range(len(self.ds))
             firsts: dict[str, int] = {}
             for i, v in enumerate(column):
-                firsts.setdefault(str(v), i)
+                sid = _id_of({field_name: v}, field_name, i)
+                if sid is not None:
+                    firsts.setdefault(sid, i)
             self._first_of = firsts
         return self._first_of
 

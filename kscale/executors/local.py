@@ -13,6 +13,7 @@ import traceback
 from concurrent.futures import Future
 
 from kscale.executors.base import ShardPool
+from kscale.output import LockLost
 
 
 class LocalExecutor(ShardPool):
@@ -45,6 +46,8 @@ class LocalExecutor(ShardPool):
             try:
                 self.done(fut.result() if first else stage.run_shard(spec, shard, state))
                 return
+            except LockLost:  # not the shard's failure: the run lost its output and stops here
+                raise
             except Exception as e:  # noqa: BLE001 - a shard's failure is recorded, the job goes on
                 err = f"{type(e).__name__}: {e}"
                 if self.attempts.get(shard.name, 0) + 1 >= self.max_attempts:  # the last: keep where

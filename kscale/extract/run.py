@@ -92,6 +92,20 @@ def nothing_to_do(spec) -> bool:
     return len(done) >= len(plan) and all(s.name in done for s in plan)  # the plan is lazy: no set of it
 
 
+WORKER_MODULE = "kscale.extract.worker"  # the unit of work the shard pool runs (setup, run_shard)
+
+
+def stage_entry(spec: JobSpec, ctx) -> ExtractResult:
+    """The stage table's entry (``kscale.spec.STAGES``): a rerun of a finished job is reported without
+    starting Ray; otherwise the shards run on ``ctx``'s executor."""
+    if nothing_to_do(spec):
+        from kscale.executors.local import LocalExecutor
+
+        return run_extract(spec, LocalExecutor(WORKER_MODULE, ctx.show_bar))
+    with ctx.maybe_ray(spec):
+        return run_extract(spec, ctx.executor(spec, WORKER_MODULE))
+
+
 def run_extract(spec: JobSpec, executor) -> ExtractResult:
     """Extract keys for every uncommitted shard through ``executor``; return the job summary."""
     from kscale.models import read_model_config, resolve_layers

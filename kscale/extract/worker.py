@@ -31,6 +31,7 @@ import torch
 from kscale.data import Record, Shard, open_source
 from kscale.extract.hooks import NONFINITE, OVERFLOW, HostKeys, capture, capture_keys
 from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model, resolve_layers
+from kscale.models.inputs import Sample
 from kscale.spec import JobSpec
 from kscale.store.writer import ShardCommitted, ShardWriter
 
@@ -93,8 +94,11 @@ def keep_mask(modality_BT: torch.Tensor, sample_ids: list[int], sample_tokens) -
 def build(state: ExtractState, recs: list[Record], with_answers: bool = False):
     """The model batch of some records; answers appended only when asked (attention over the answer span)."""
     lm = state.loaded
-    answers = [r.answer or "" for r in recs] if with_answers else None
-    return lm.adapter.build_batch(lm, [r.image for r in recs], [r.text for r in recs], answers)
+    if with_answers:  # a record without an answer still gets an (empty) answer span to attend from
+        samples = [r.sample() if r.answer or r.turns else Sample.simple(r.image, r.text, "") for r in recs]
+    else:
+        samples = [r.sample(with_answer=False) for r in recs]
+    return lm.adapter.batch(lm, samples)
 
 
 def forward_capture(state: ExtractState, batch, queries: bool = False):

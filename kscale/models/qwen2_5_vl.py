@@ -18,6 +18,32 @@ class Qwen2_5_VLAdapter(Adapter):
     default_template = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
     pixel_keys = ("pixel_values", "image_grid_thw")
     rope_rows = 3  # M-RoPE: temporal, height, width
+    debug_tokens = {"special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"],
+                    "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+                    "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>",
+                                                  "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]}
+
+    def debug_model(self, tokenizer):
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
+
+        ids = {t: tokenizer.convert_tokens_to_ids(t) for t in self.debug_tokens["special"]}
+        cfg = Qwen2_5_VLConfig(
+            text_config=dict(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+                             rope_parameters={"rope_type": "default", "rope_theta": 10000.0,
+                                              "mrope_section": [2, 3, 3]},
+                             bos_token_id=None, eos_token_id=ids["<|im_end|>"], pad_token_id=ids["<|endoftext|>"]),
+            vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                               patch_size=14, spatial_merge_size=2, temporal_patch_size=2, window_size=56,
+                               fullatt_block_indexes=[1]),
+            image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+            vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
+        )
+        proc = Qwen2VLImageProcessorPil(min_pixels=56 * 56, max_pixels=112 * 112, patch_size=14, merge_size=2,
+                                        temporal_patch_size=2)
+        return Qwen2_5_VLForConditionalGeneration(cfg), proc
 
     def processor_kwargs(self, mspec: ModelOptions) -> dict:
         kw = {}

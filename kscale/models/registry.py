@@ -3,8 +3,9 @@
 An ``Adapter`` per family (``qwen2_5_vl.py``, ``llava.py``) answers every architecture question the rest
 of kscale asks: the language model's key/query projection modules (never the vision tower's), the
 rotary embedding module (hooked to capture the positions the model really used), the RoPE positions of
-a full sequence, how to run the vision tower, the visual token ids, how (image, text[, answer]) becomes
-a padded batch, and the modality tag of every token.
+a full sequence, how to run the vision tower, the visual token ids, how samples (``kscale.models.inputs``:
+turns of text and media, several images or videos each) become a padded batch, and the modality tag of
+every token.
 
 Legend: B batch, T tokens (padded), R rope position rows (3 for Qwen's M-RoPE, 1 for 1-D RoPE).
 """
@@ -19,6 +20,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from kscale.models.inputs import Media, Sample, Video
 from kscale.models.facts import (  # noqa: F401  (re-exported: the registry answers every architecture fact)
     FAMILIES, IMAGE, MALORA_TARGET_NAMES, MALORA_TARGETS, MODALITIES, MODALITY_CODES, MODALITY_NAMES, PAD,
     SPECIAL, TEXT, VIDEO, head_dim, layer_problems, resolve_layers,
@@ -89,6 +91,9 @@ class Batch:
     image_index_BT: torch.Tensor  # int16: which image of the sample (-1 for non-image tokens)
     answer_mask_BT: torch.Tensor  # bool: tokens of the answer span (all False without answers)
     n_image_tokens: list[int]  # processor formula per sample (sum over its images)
+    video_index_BT: torch.Tensor | None = None  # int16: which video of the sample (-1 for non-video tokens)
+    frame_BT: torch.Tensor | None = None  # int32: frame of its video (-1 for non-video tokens)
+    time_BT: torch.Tensor | None = None  # float32 seconds of that frame (NaN elsewhere); None without video
 
 
 def resolve_model_path(path: str) -> str:
@@ -241,6 +246,13 @@ class Adapter:
     default_template: str = "{image}{text}"
     rope_rows: int = 1  # rows of RoPE positions per token: 1 for 1-D RoPE, 3 for Qwen's M-RoPE
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
+    # The tiny random model of ``debug:<family>`` (kscale.models.debug): its tokenizer's special tokens
+    # ("special": the first ids, in order) and PreTrainedTokenizerFast arguments, and debug_model().
+    debug_tokens: dict = {}
+
+    def debug_model(self, tokenizer) -> tuple[torch.nn.Module, Any]:
+        """(tiny random model, image processor) of this family over ``tokenizer`` (debug_tokens)."""
+        raise NotImplementedError
 
     # -- loading
     def load(self, mspec: ModelOptions, info: ModelInfo, device: torch.device, dtype: torch.dtype,
@@ -355,77 +367,164 @@ class Adapter:
     def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
         return {}
 
+    def video_inputs(self, loaded: LoadedModel, videos: list[Video]) -> tuple[dict[str, torch.Tensor], list[int]]:
+        """Pixel tensors for the videos of a batch and the number of LM tokens each becomes (families that
+        take video override this and :meth:`video_block`)."""
+        raise ValueError(f"model family {self.family!r} does not take video input")
+
+    def video_block(self, loaded: LoadedModel, video: Video, n_tokens: int) -> tuple[list[int], list[int]]:
+        """The token ids of one video and, per id, the frame it belongs to (-1 for wrapper tokens)."""
+        raise ValueError(f"model family {self.family!r} does not take video input")
+
     def build_batch(self, loaded: LoadedModel, images: list, texts: list[str],
                     answers: list[str] | None = None) -> Batch:
-        """Tokenise (image, text[, answer]) samples into one right-padded batch.
+        """Shorthand for :meth:`batch` of one-image (or text-only) samples: ``images[i]`` is a PIL image or
+        None, ``answers`` (optional) the assistant turn of each."""
+        return self.batch(loaded, [Sample.simple(im, t, a) for im, t, a in
+                                   zip(images, texts, answers or [None] * len(texts))])
 
-        ``images[i]`` is a PIL image or None (text only). Image placeholders are expanded to the
-        processor's token count here, so the count is known exactly (no string re-tokenisation).
+    def batch(self, loaded: LoadedModel, samples: list[Sample], with_answers: bool = True) -> Batch:
+        """Tokenise samples (see :mod:`kscale.models.inputs`) into one right-padded batch.
+
+        Media placeholders are expanded to the processor's token count here, so the count is known
+        exactly (no string re-tokenisation); each image's tokens carry its index in ``Sample.images``.
         """
         tok = loaded.tokenizer
-        present = [im for im in images if im is not None]
-        pix, counts = self.image_inputs(loaded, present) if present else ({}, [])
-        template = loaded.template
-        count_iter = iter(counts)
-        seqs, ans_spans, n_img = [], [], []
-        for im, text, ans in zip(images, texts, answers or [None] * len(texts)):
-            n = next(count_iter) if im is not None else 0
-            ids = self._render(tok, template, self.image_block(loaded, n) if im is not None else [], text)
-            if self.add_bos and tok.bos_token_id is not None:
-                ids = [tok.bos_token_id] + ids
-            start = len(ids)
-            if ans is not None:
-                ids += tok(" " + ans, add_special_tokens=False).input_ids + [tok.eos_token_id]
-            seqs.append(ids)
-            ans_spans.append((start, len(ids)))
-            n_img.append(n)
-        T = max(len(s) for s in seqs)
+        if not with_answers:
+            samples = [s.without_answers() for s in samples]
+        plans = [self._plan(tok, loaded.template, s) for s in samples]
+        # The model fills image (video) tokens with the vision tower's features in sequence order, so the
+        # pixels go in the order the media are rendered, not the order of Sample.images.
+        named = [[m for m in plan if isinstance(m, Media)] for plan in plans]
+        images = [s.images[m.index] for s, ms in zip(samples, named) for m in ms if m.kind == "image"]
+        videos = [s.videos[m.index] for s, ms in zip(samples, named) for m in ms if m.kind == "video"]
+        pix, counts = self.image_inputs(loaded, images) if images else ({}, [])
+        vpix, vcounts = self.video_inputs(loaded, videos) if videos else ({}, [])
+        counts_it, vcounts_it = iter(counts), iter(vcounts)
+        rendered, n_img = [], []
+        for s, plan in zip(samples, plans):
+            out = _Rendered()
+            for item in plan:
+                if not isinstance(item, Media):
+                    out.add(item[0], answer=item[1])
+                elif item.kind == "image":
+                    n = next(counts_it)
+                    out.add(self.image_block(loaded, n), image=item.index)
+                    out.n_image += n
+                else:
+                    ids, frames = self.video_block(loaded, s.videos[item.index], next(vcounts_it))
+                    out.add(ids, video=item.index, frames=frames)
+            rendered.append(out)
+        B, T = len(rendered), max(len(r.ids) for r in rendered)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
-        input_ids = torch.full((len(seqs), T), pad, dtype=torch.long)
-        attn = torch.zeros((len(seqs), T), dtype=torch.long)
-        answer_mask = torch.zeros((len(seqs), T), dtype=torch.bool)
-        for i, s in enumerate(seqs):
-            input_ids[i, : len(s)] = torch.tensor(s)
-            attn[i, : len(s)] = 1
-            answer_mask[i, ans_spans[i][0]: ans_spans[i][1]] = True
-        inputs = {"input_ids": input_ids, "attention_mask": attn, **pix}
+        input_ids = torch.full((B, T), pad, dtype=torch.long)
+        attn = torch.zeros((B, T), dtype=torch.long)
+        answer_mask = torch.zeros((B, T), dtype=torch.bool)
+        image_index = torch.full((B, T), -1, dtype=torch.int16)
+        video_index = torch.full((B, T), -1, dtype=torch.int16)
+        frame = torch.full((B, T), -1, dtype=torch.int32)
+        for i, r in enumerate(rendered):
+            n = len(r.ids)
+            input_ids[i, :n], attn[i, :n] = torch.tensor(r.ids), 1
+            answer_mask[i, :n] = torch.tensor(r.answer, dtype=torch.bool)
+            image_index[i, :n] = torch.tensor(r.image_index, dtype=torch.int16)
+            video_index[i, :n] = torch.tensor(r.video_index, dtype=torch.int16)
+            frame[i, :n] = torch.tensor(r.frame, dtype=torch.int32)
+        inputs = {"input_ids": input_ids, "attention_mask": attn, **pix, **vpix}
         inputs.update(self.extra_inputs(input_ids, loaded.model.config))
-        modality, image_index = self.tag(loaded, input_ids, attn)
-        return Batch(inputs, modality, image_index, answer_mask, n_img)
+        modality = self.tag(loaded, input_ids, attn)
+        image_index[modality != IMAGE] = -1  # wrapper tokens of a block (vision start/end) are no image's
+        video_index[modality != VIDEO] = -1
+        frame[modality != VIDEO] = -1
+        times = self._frame_times(samples, video_index, frame)
+        return Batch(inputs, modality, image_index, answer_mask, [r.n_image for r in rendered],
+                     video_index, frame, times)
 
     @staticmethod
-    def _render(tok, template: str, image_ids: list[int], text: str) -> list[int]:
-        ids: list[int] = []
+    def _frame_times(samples: list[Sample], video_index_BT: torch.Tensor, frame_BT: torch.Tensor) -> torch.Tensor | None:
+        if not any(s.videos for s in samples):
+            return None
+        times = torch.full(frame_BT.shape, float("nan"), dtype=torch.float32)
+        for b, s in enumerate(samples):
+            for k, v in enumerate(s.videos):
+                sel = video_index_BT[b] == k
+                times[b, sel] = torch.tensor(v.timestamps, dtype=torch.float32)[frame_BT[b, sel].long()]
+        return times
+
+    def _plan(self, tok, template: str, sample: Sample) -> list:
+        """One sample as a list of ``(token ids, is_answer)`` pieces and the :class:`Media` to expand, in order."""
+        plan: list = []
+        if self.add_bos and tok.bos_token_id is not None:
+            plan.append(([tok.bos_token_id], False))
+        for turn in sample.turns:
+            if turn.role == "system":
+                plan.append((tok(turn.text, add_special_tokens=False).input_ids, False))
+            elif turn.role == "assistant":
+                plan.append((tok(" " + turn.text, add_special_tokens=False).input_ids + [tok.eos_token_id], True))
+            else:
+                plan += self._plan_user(tok, template, turn.content)
+        return plan
+
+    @staticmethod
+    def _plan_user(tok, template: str, content: tuple) -> list:
+        """A user turn through the template: ``{image}`` is the media that open the turn, ``{text}`` the rest
+        (the whole turn where the template has no ``{image}``)."""
+        lead = 0
+        if "{image}" in template:
+            while lead < len(content) and isinstance(content[lead], Media):
+                lead += 1
+
+        def parts(ps) -> list:
+            return [p if isinstance(p, Media) else (tok(p, add_special_tokens=False).input_ids, False) for p in ps]
+
+        plan: list = []
         rest = template
         while rest:
             i_img, i_txt = rest.find("{image}"), rest.find("{text}")
             cands = [(i, k) for i, k in ((i_img, "image"), (i_txt, "text")) if i >= 0]
             if not cands:
-                ids += tok(rest, add_special_tokens=False).input_ids
+                plan.append((tok(rest, add_special_tokens=False).input_ids, False))
                 break
             i, k = min(cands)
             if i > 0:
-                ids += tok(rest[:i], add_special_tokens=False).input_ids
-            ids += image_ids if k == "image" else tok(text, add_special_tokens=False).input_ids
+                plan.append((tok(rest[:i], add_special_tokens=False).input_ids, False))
+            plan += parts(content[:lead] if k == "image" else content[lead:])
             rest = rest[i + len(k) + 2:]
-        return ids
+        return plan
 
-    def tag(self, loaded: LoadedModel, input_ids_BT: torch.Tensor, attn_BT: torch.Tensor):
-        """Modality tag and image index of every token (PAD where attention_mask is 0)."""
+    def tag(self, loaded: LoadedModel, input_ids_BT: torch.Tensor, attn_BT: torch.Tensor) -> torch.Tensor:
+        """Modality tag of every token (PAD where attention_mask is 0), by the token-id rule: image and video
+        tokens by the config's ids, the tokenizer's special tokens (not the unknown token) special."""
         cfg = loaded.model.config
         modality = torch.full(input_ids_BT.shape, TEXT, dtype=torch.int8)
         special = torch.tensor(sorted(self.special_ids(loaded)), dtype=input_ids_BT.dtype)
         modality[torch.isin(input_ids_BT, special)] = SPECIAL
-        is_img = input_ids_BT == self.image_token_id(cfg)
-        modality[is_img] = IMAGE
+        modality[input_ids_BT == self.image_token_id(cfg)] = IMAGE
         vid = self.video_token_id(cfg)
         if vid is not None:
             modality[input_ids_BT == vid] = VIDEO
         modality[attn_BT == 0] = PAD
-        starts = is_img & ~torch.nn.functional.pad(is_img[:, :-1], (1, 0), value=False)
-        image_index = (torch.cumsum(starts.int(), dim=1) - 1).to(torch.int16)
-        image_index[~is_img | (attn_BT == 0)] = -1
-        return modality, image_index
+        return modality
+
+
+@dataclass
+class _Rendered:
+    """One sample's tokens as rendered, with per-token facts (lists, same length as ``ids``)."""
+
+    ids: list[int] = field(default_factory=list)
+    image_index: list[int] = field(default_factory=list)
+    video_index: list[int] = field(default_factory=list)
+    frame: list[int] = field(default_factory=list)
+    answer: list[bool] = field(default_factory=list)
+    n_image: int = 0  # image tokens by the processor's formula
+
+    def add(self, ids: list[int], image: int = -1, video: int = -1, frames: list[int] | None = None,
+            answer: bool = False) -> None:
+        self.ids += ids
+        self.image_index += [image] * len(ids)
+        self.video_index += [video] * len(ids)
+        self.frame += frames if frames is not None else [-1] * len(ids)
+        self.answer += [answer] * len(ids)
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}

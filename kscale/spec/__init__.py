@@ -38,14 +38,14 @@ from kscale.spec.fields import (  # noqa: F401  (re-exported: the field helper a
     bound_problems, bounds_text, convert, did_you_mean, doc, section_problems, to_dict, type_text,
 )
 from kscale.spec.malora import MaLoRAConfig  # noqa: F401  (re-exported)
+from kscale.spec import stages as _stages  # the entry type (not a section: no field docs)
 from kscale.spec.train import TrainConfig
-
-KINDS = ("extract", "analyze", "train", "bias")
 
 
 MAX_SPEC_BYTES = 1 << 20  # a job spec is a few KB; a bigger file is refused before parsing
 MAX_YAML_ALIASES = 100  # `*name` references in one spec
 MAX_YAML_NODES = 100_000  # scalars, lists and mappings once every alias is expanded
+MAX_YAML_DEPTH = 64  # lists and mappings inside one another (a job spec nests 3 or 4 deep)
 
 
 class SpecError(KscaleError, ValueError):
@@ -203,13 +203,33 @@ class ResourcesSpec:
     torch_threads: int | None = doc("torch intra-op threads per worker (None: leave torch's default).", None, ge=1)
 
 
-# The section that belongs to a job of each stage kind (``kind: analyze`` has ``analyze:``, ...).
-STAGE_SECTIONS: dict[str, type] = {"analyze": AnalyzeConfig, "train": TrainConfig, "bias": BiasConfig}
+def _analyze_scheduler_file(spec: "JobSpec", path: str) -> "JobSpec":
+    dask_cfg = dataclasses.replace(spec.analyze.dask, scheduler="distributed", scheduler_file=path)
+    return dataclasses.replace(spec, analyze=dataclasses.replace(spec.analyze, dask=dask_cfg))
+
+
+# Stages as a table (kscale.spec.stages): every kind's section, needs, entry, output and cluster needs.
+STAGES: dict[str, _stages.Stage] = {s.kind: s for s in (
+    _stages.Stage("extract", ExtractSpec, ("model", "data"), "kscale.extract.run:stage_entry",
+          "keys (and queries, attention statistics) of every token into a Zarr store, shard by shard",
+          "a key store"),
+    _stages.Stage("analyze", AnalyzeConfig, (), "kscale.analysis.run:stage_entry",
+          "MMD, JSD and their intra-modal baselines per layer and head, with figures and a report",
+          "an analysis run", runtime="dask", path_fields=("stores",), final_progress=True,
+          cluster_cpus=lambda spec: max(1, spec.analyze.dask.n_workers),
+          use_scheduler_file=_analyze_scheduler_file),
+    _stages.Stage("train", TrainConfig, ("model", "data"), "kscale.train.run:stage_entry",
+          "MaLoRA with DeepSpeed, then the before/after table", "a training run", final_progress=True),
+    _stages.Stage("bias", BiasConfig, ("model", "data"), "kscale.bias.run:stage_entry",
+          "counterfactual images, blind baselines and token dropping: how much answers use the image",
+          "a bias run"),
+)}
+KINDS = tuple(STAGES)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class JobSpec:
-    kind: Literal["extract", "analyze", "train", "bias"] = doc("Which stage this job runs.")
+    kind: Literal[KINDS] = doc("Which stage this job runs.")  # type: ignore[valid-type]
     name: str = doc("Job name: used for actor names, submission ids and logs.", "kscale-job")
     model: ModelSpec | None = doc("The model (extract, train, bias).", None)
     data: DataSpec | None = doc("The dataset (extract, train, bias).", None)
@@ -238,14 +258,6 @@ class JobSpec:
 # ----------------------------------------------------------------------------- loading
 
 
-REQUIRED_BY_KIND = {
-    "extract": ("model", "data"),
-    "analyze": (),
-    "train": ("model", "data"),
-    "bias": ("model", "data"),
-}
-
-
 def spec_from_dict(raw: Any, source: str = "spec", check_model: bool = True) -> JobSpec:
     """Build and validate a JobSpec from parsed YAML; raise SpecError listing every problem."""
     problems: list[tuple[str, str]] = []
@@ -255,9 +267,9 @@ def spec_from_dict(raw: Any, source: str = "spec", check_model: bool = True) -> 
     if kind not in KINDS:
         raise SpecError([("kind", f"{shown(kind)} is not one of {', '.join(KINDS)}{did_you_mean(kind, KINDS)}")],
                         source)
+    stage = STAGES[kind]
     section_types = typing.get_type_hints(JobSpec)
-    if kind in STAGE_SECTIONS:  # the kind's own section is built (defaults, checks) even when left empty
-        section_types[kind] = STAGE_SECTIONS[kind]
+    section_types[kind] = stage.section  # the kind's own section is built (defaults, checks) even when left empty
     if raw.get("cluster") is not None:  # a mapping, not "ClusterConfig or null", in its error messages
         section_types["cluster"] = ClusterConfig
     fields = {f.name for f in dataclasses.fields(JobSpec)}
@@ -265,18 +277,14 @@ def spec_from_dict(raw: Any, source: str = "spec", check_model: bool = True) -> 
     for key, value in raw.items():
         if key not in fields:
             problems.append((key, f"unknown key{did_you_mean(key, fields)} (known: {', '.join(sorted(fields))})"))
-        elif key in ("analyze", "train", "bias") and key != kind:
+        elif key in STAGES and key != kind:
             problems.append((key, f"section {key!r} does not belong in a job of kind {kind!r}"))
-        elif key == "extract" and kind not in ("extract",):
-            problems.append((key, f"section 'extract' does not belong in a job of kind {kind!r}"))
         else:
             kwargs[key] = convert(section_types[key], value, key, problems)
-    for req in REQUIRED_BY_KIND[kind] + ("output",):
+    for req in stage.needs + ("output",):
         if raw.get(req) is None:
             problems.append((req, f"required for kind {kind!r}"))
-    if kind == "extract" and "extract" not in raw:
-        kwargs["extract"] = ExtractSpec()
-    if kind in STAGE_SECTIONS and raw.get(kind) is None and kind not in kwargs:
+    if raw.get(kind) is None and kind not in kwargs:
         kwargs[kind] = convert(section_types[kind], {}, kind, problems)
     if check_model and isinstance(kwargs.get("model"), ModelSpec) and not any(f == "model.path" for f, _ in problems):
         # the model's ranges are checked even when other sections have problems: one pass reports all
@@ -317,18 +325,26 @@ def check_against_model(spec: JobSpec) -> list[tuple[str, str]]:
 
 class _BoundedLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` that counts aliases while composing (``MAX_YAML_ALIASES``): with the expansion
-    check of :func:`parse_yaml` a 1 KB "billion laughs" file is refused before anything is built."""
+    check of :func:`parse_yaml` a 1 KB "billion laughs" file is refused before anything is built. It also
+    bounds nesting (``MAX_YAML_DEPTH``): PyYAML composes recursively, so 5,000 ``[`` would otherwise end in
+    a ``RecursionError`` traceback."""
 
     def __init__(self, stream: str):
         super().__init__(stream)
-        self.n_aliases = 0
+        self.n_aliases, self.depth = 0, 0
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
             self.n_aliases += 1
             if self.n_aliases > MAX_YAML_ALIASES:
                 raise _TooBig(f"more than {MAX_YAML_ALIASES} aliases (*name); a job spec needs few or none")
-        return super().compose_node(parent, index)
+        self.depth += 1
+        try:
+            if self.depth > MAX_YAML_DEPTH:
+                raise _TooBig(f"nested more than {MAX_YAML_DEPTH} levels deep; a job spec nests a few")
+            return super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
 
 
 class _TooBig(Exception):
@@ -372,6 +388,8 @@ def parse_yaml(text: str) -> Any:
         return loader.construct_document(node)
     except _TooBig as e:
         raise ValueError(str(e)) from None
+    except RecursionError:  # a backstop: the depth bound above refuses such files first
+        raise ValueError("nested too deeply to read") from None
     finally:
         loader.dispose()
 
@@ -456,7 +474,7 @@ def explain(cls: type = JobSpec, prefix: str = "") -> list[tuple[str, str, str, 
             default = "(required)"
         sub = _dataclass_in(tp)
         type_name = type_text(tp)
-        if cls is JobSpec and (f.name in STAGE_SECTIONS or f.name == "cluster"):  # sections of their own modules:
+        if cls is JobSpec and sub is not None and sub.__module__ != __name__:  # sections of their own modules:
             type_name = f"{sub.__name__} | None"  # by class name (the common sections print with their module)
         limits = bounds_text(f.metadata.get("bounds", {}))
         rows.append((name, type_name, default, f.metadata.get("doc", "") + (f" ({limits})" if limits else "")))

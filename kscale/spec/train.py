@@ -30,6 +30,33 @@ class AlignConfig:
     seed: int = _doc("seed of the random features (fixed for the whole run)", 0)
 
 
+# DeepSpeed settings that change how checkpoints are read on resume: another reader (the universal
+# checkpoint's per-file torch.load, the fast/decoupled/DataStates/Nebula engines), other files (node-local
+# storage, every rank's partition). kscale saves and loads its checkpoints itself, weights only
+# (kscale.train.safe_load), so `train.deepspeed.extra` may not set them.
+CHECKPOINT_LOADING_EXTRA = ("checkpoint", "datastates_ckpt", "nebula", "zero_optimization.elastic_checkpoint",
+                            "zero_optimization.pipeline_loading_checkpoint")
+
+
+def _set_paths(value: Any, path: str) -> list[str]:
+    """The dotted paths of the values set under ``value`` (``path`` itself for a scalar or an empty dict)."""
+    if isinstance(value, dict) and value:
+        return [p for k, v in value.items() for p in _set_paths(v, f"{path}.{k}")]
+    return [path]
+
+
+def checkpoint_loading_extra(extra: dict[str, Any]) -> list[str]:
+    """The dotted paths (under ``extra``) of the settings of ``extra`` in :data:`CHECKPOINT_LOADING_EXTRA`."""
+    found = []
+    for ref in CHECKPOINT_LOADING_EXTRA:
+        node: Any = extra
+        for part in ref.split("."):
+            node = node.get(part) if isinstance(node, dict) else None
+        if node is not None:
+            found += _set_paths(node, ref)
+    return found
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DeepSpeedConfig:
     zero_stage: Literal[2, 3] = _doc("ZeRO stage: 2 shards optimizer state and gradients, 3 also parameters", 2)
@@ -39,12 +66,18 @@ class DeepSpeedConfig:
     partitioned_load: bool = _doc(
         "ZeRO-3: build the model partitioned as it loads (zero.Init), so no rank holds all of it; false: every "
         "rank loads the full model first, then DeepSpeed partitions it", True)
-    extra: dict[str, Any] = _doc("merged last into the generated DeepSpeed config (expert knobs)", factory=dict)
+    extra: dict[str, Any] = _doc(
+        "merged last into the generated DeepSpeed config (expert knobs); settings that change how checkpoints "
+        "are loaded (checkpoint.*, datastates_ckpt, nebula, zero_optimization.elastic_checkpoint / "
+        "pipeline_loading_checkpoint) are refused: kscale loads checkpoints itself, weights only", factory=dict)
 
     def validate(self) -> list[tuple[str, str]]:
+        problems = [(f"extra.{path}", "changes how DeepSpeed loads checkpoints; kscale saves and loads them itself, "
+                     "weights only (a crafted checkpoint could otherwise run code on resume): remove it")
+                    for path in checkpoint_loading_extra(self.extra)]
         if self.offload_params and self.zero_stage != 3:
-            return [("offload_params", "parameter offload needs zero_stage 3")]
-        return []
+            problems.append(("offload_params", "parameter offload needs zero_stage 3"))
+        return problems
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kscale.output import fence
 from kscale.store.layout import INDEX_FILE, MODALITIES, marker_names, read_marker, write_json_atomic
 
 INDEX_FORMAT = "kscale-index"
@@ -85,6 +86,7 @@ def _with_offsets(rows: list[dict]) -> list[dict]:
 
 def write_index(store: str | Path, index: Index | None = None) -> Index:
     """Write ``_index.json`` atomically (rebuilt from the markers unless given); return it."""
+    fence(store)  # a run whose store lock was taken over leaves the index to the run that took it
     index = build_index(store) if index is None else index
     rows = _with_offsets([dict(r) for r in index.rows.values()])
     write_json_atomic(Path(store) / INDEX_FILE, {"format": INDEX_FORMAT, "version": INDEX_VERSION,

@@ -34,7 +34,7 @@ import numpy as np
 import zarr
 from zarr.codecs import Crc32cCodec, ZstdCodec  # side tables (attention)
 
-from kscale.output import create_json_exclusive, read_json, write_json_atomic
+from kscale.output import create_json_exclusive, fence, read_json, write_json_atomic
 from kscale.store.chunks import write_array_meta, write_group_meta, write_key_shard, write_table_chunk
 from kscale.store.layout import (KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
                                  keys_chunk_file, marker_path, shard_dir, staging_dir, token_fields,
@@ -153,6 +153,7 @@ class ShardWriter:
                  max_inflight: int = 2):
         self.store, self.name, self.dir = Path(store), shard_name, None
         self._refuse_committed()  # checked before anything is deleted
+        fence(self.store)  # a run whose store lock was taken over writes nothing (kscale.output.fence)
         _check_root(self.store)
         for old in self.store.joinpath("shards").glob(f".{shard_name}.tmp-*"):  # a killed writer's staging
             shutil.rmtree(old, ignore_errors=True)
@@ -226,6 +227,7 @@ class ShardWriter:
                   "layout": SHARD_LAYOUT, "chunk_tokens": self.chunk, "files": files,
                   "groups": sorted({f.split("/", 1)[0] for f in files if "/" in f})}
         final = shard_dir(self.store, self.name)
+        fence(self.store)  # the lock is still ours: nothing is published beside the run that took it over
         self._refuse_committed()
         if final.exists():  # a partial shard of a killed run, or one un-committed by verify --repair
             shutil.rmtree(final)

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import kscale
-from kscale.spec import SpecError
+from kscale.spec import STAGES, SpecError
 from kscale.targets import Target
 from kscale.targets.checks import Finding, check_ports
 from kscale.spec.cluster import cluster_of
@@ -59,20 +59,20 @@ def shape(spec: Any) -> SlurmShape:
     other stages what ``resources`` asks for."""
     s, r = cluster_of(spec).slurm, spec.resources
     gpus = s.gpus_per_node if s.gpus_per_node is not None else math.ceil(r.workers * r.gpus_per_worker / s.nodes)
+    stage = STAGES[spec.kind]
     if s.cpus_per_node is not None:
         cpus = s.cpus_per_node
-    elif spec.kind == "analyze":
-        cpus = max(1, spec.analyze.dask.n_workers)
+    elif stage.cluster_cpus is not None:
+        cpus = stage.cluster_cpus(spec)
     else:
         cpus = max(1, math.ceil(r.workers * r.cpus_per_worker / s.nodes))
     return SlurmShape(s.nodes, gpus, cpus)
 
 
 def runtime_for(spec: Any) -> str:
-    """What the script starts before the driver: ``dask`` for analysis, ``ray`` for Ray executors, else none."""
-    if spec.kind == "analyze":
-        return "dask"
-    return "ray" if spec.resources.executor == "ray" else "none"
+    """What the script starts before the driver (the stage table's ``runtime``): ``dask`` for analysis,
+    ``ray`` for Ray executors, else none."""
+    return STAGES[spec.kind].runtime_of(spec)
 
 
 def default_python(spec: Any) -> str:

@@ -79,8 +79,7 @@ class MicroBatchPlan:
 
 def collate(loaded: Any, records: list[Record]) -> Any:
     """Records to a :class:`kscale.models.registry.Batch` (inputs, modality tags, answer mask)."""
-    return loaded.adapter.build_batch(loaded, [r.image for r in records], [r.text for r in records],
-                                      [r.answer for r in records])
+    return loaded.adapter.batch(loaded, [r.sample() for r in records])
 
 
 def sequence_check(loaded: Any, max_seq_len: int) -> Callable[[Record], str | None]:

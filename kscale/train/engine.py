@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+from kscale.output import LockLost, fence
 from kscale.spec.train import TrainConfig
 from kscale.train.layout import CHECKPOINTS, checkpoint_tag
 
@@ -168,10 +169,27 @@ def build_engine(module: torch.nn.Module, cfg: TrainConfig, world_size: int) -> 
     return engine
 
 
+def fence_all_ranks(run_dir: Path) -> None:
+    """Raise :class:`~kscale.output.LockLost` on every rank when rank 0 (which holds the run's lock) finds it
+    taken over (:func:`kscale.output.fence`): all ranks stop together, none is left in the next collective."""
+    import torch.distributed as dist
+
+    why: list[str | None] = [None]
+    if dist.get_rank() == 0:
+        try:
+            fence(run_dir)
+        except LockLost as err:
+            why[0] = str(err)
+    dist.broadcast_object_list(why, src=0)
+    if why[0] is not None:
+        raise LockLost(why[0])
+
+
 def save_checkpoint(engine: Any, run_dir: Path, step: int, keep: int) -> None:
     """Resumable state at ``step`` (adapter + optimizer + scheduler), keeping the newest ``keep``."""
     import torch.distributed as dist
 
+    fence_all_ranks(run_dir)
     root = run_dir / CHECKPOINTS
     engine.save_checkpoint(str(root), tag=checkpoint_tag(step), client_state={"step": step},
                            exclude_frozen_parameters=True)

@@ -45,6 +45,17 @@ from kscale.train.objective import MaLoRAObjective
 
 
 
+def stage_entry(spec: JobSpec, ctx) -> TrainResult:
+    """The stage table's entry (``kscale.spec.STAGES``): with the Ray executor, Ray Train's TorchTrainer
+    hosts the DeepSpeed workers; otherwise training runs here."""
+    if spec.resources.executor == "ray":
+        from kscale.train.ray_train import run_train_on_ray
+
+        with ctx.ray(spec):
+            return run_train_on_ray(spec)
+    return run_train(spec)
+
+
 def run_train(spec: JobSpec, output_claimed: bool = False) -> TrainResult:
     """Train MaLoRA as ``spec.train`` says; returns a summary (final losses, paths) on every rank.
     ``output_claimed``: the caller (Ray Train's driver) holds the run directory's claim already. What is

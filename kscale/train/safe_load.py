@@ -10,14 +10,25 @@ CPU offload of the optimizer and parameters: an enum, a loss scaler's attributes
 ints). Anything else is refused with :class:`UnsafeCheckpoint`, naming the file and the global it asked
 for. :func:`checkpoint_tag_to_load` reads ``latest`` and accepts only a ``stepNNNNNNNN`` folder inside
 ``checkpoints/`` (no path from the file is followed).
+
+The checkpoint engine is not DeepSpeed's only reader: its optimizers read some files themselves with
+``torch.load(weights_only=False)`` (issue 21, item 2): ``base_optimizer`` and ZeRO-3's ``stage3`` read
+``zero/optimizer_state.pt`` and the per-parameter ``zero/<name>/*.pt`` of a universal checkpoint
+(``deepspeed.checkpoint.universal_checkpoint``), ``zero_to_fp32`` the ZeRO-3 shards when no optimizer state is
+loaded. So :func:`weights_only_checkpoints` also replaces ``torch.load`` itself for the duration of the load:
+every call, whatever ``weights_only`` its caller passes, becomes :func:`load_weights_only`. The spec refuses
+the DeepSpeed settings that select those other readers (``train.deepspeed.extra.checkpoint...``,
+:data:`kscale.spec.train.CHECKPOINT_LOADING_EXTRA`); the patch holds even where a reader is reached anyway.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from kscale.errors import KscaleError
 from kscale.train.layout import STEP_DIR
@@ -46,7 +57,14 @@ def _safe_globals() -> list[Any]:
     return out
 
 
-def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
+def _torch_load() -> Callable[..., Any]:
+    """torch's own ``torch.load``, also while :func:`weights_only_torch_load` has replaced it."""
+    import torch
+
+    return getattr(torch.load, "_kscale_replaces", torch.load)
+
+
+def load_weights_only(path: Any, map_location: Any = None, *, mmap: bool | None = None) -> Any:
     """``torch.load(path, weights_only=True)`` with DeepSpeed's plain classes allowed; UnsafeCheckpoint
     for a file that asks for anything else (nothing of it is executed)."""
     import pickle
@@ -55,7 +73,7 @@ def load_weights_only(path: str | Path, map_location: Any = None) -> Any:
 
     try:
         with torch.serialization.safe_globals(_safe_globals()):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return _torch_load()(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         why = next((ln for ln in lines if "GLOBAL" in ln or "global" in ln), lines[0] if lines else repr(e))
@@ -78,12 +96,37 @@ class _WeightsOnlyEngine:
 
 
 @contextlib.contextmanager
+def weights_only_torch_load() -> Iterator[None]:
+    """Within the block every ``torch.load`` (also reached as ``torch.serialization.load``) is
+    :func:`load_weights_only`: its ``weights_only=False`` and ``pickle_module`` are ignored. Process-wide,
+    so hold it only around a load (the training loop's own threads load nothing meanwhile)."""
+    import torch
+
+    real = _torch_load()
+    previous = torch.load, torch.serialization.load
+
+    @functools.wraps(real)
+    def forced(f: Any, map_location: Any = None, pickle_module: Any = None, *, weights_only: bool | None = None,
+               mmap: bool | None = None, **pickle_load_args: Any) -> Any:
+        return load_weights_only(f, map_location, mmap=mmap)
+
+    forced._kscale_replaces = real  # type: ignore[attr-defined]
+    torch.load = torch.serialization.load = forced
+    try:
+        yield
+    finally:
+        torch.load, torch.serialization.load = previous
+
+
+@contextlib.contextmanager
 def weights_only_checkpoints(engine: Any) -> Iterator[None]:
-    """Within the block, ``engine.load_checkpoint`` reads every file with ``weights_only=True``."""
+    """Within the block, ``engine.load_checkpoint`` reads every file with ``weights_only=True``: through its
+    checkpoint engine and through any ``torch.load`` DeepSpeed calls directly."""
     inner = engine.checkpoint_engine
     engine.checkpoint_engine = _WeightsOnlyEngine(inner)
     try:
-        yield
+        with weights_only_torch_load():
+            yield
     finally:
         engine.checkpoint_engine = inner
 

@@ -1,7 +1,7 @@
 """Golden files: rendered scripts and manifests compared byte for byte with the files in this folder.
 
 Regenerate after an intended change with ``KSCALE_UPDATE_GOLDEN=1 pytest tests/unit/executors`` and review
-the diff like code. Inputs are the ``*.job.yaml`` files here; renders use a fixed version (0.0.0), fixed
+the diff like code (never in CI: there the variable is refused, see :func:`updating`). Inputs are the ``*.job.yaml`` files here; renders use a fixed version (0.0.0), fixed
 submission id and fixed paths so only the renderer can change the output.
 """
 
@@ -11,15 +11,30 @@ import difflib
 import os
 from pathlib import Path
 
+from tests.testing_utils import in_ci
+
 GOLDEN = Path(__file__).parent
 SID = "kscale-golden-0000000000"
+UPDATE = "KSCALE_UPDATE_GOLDEN"
+
+
+def updating() -> bool:
+    """True when ``KSCALE_UPDATE_GOLDEN=1`` asks to rewrite the golden files. Under CI (``in_ci()``) the
+    variable set to anything is an error: every golden test would pass whatever it rendered."""
+    value = os.environ.get(UPDATE, "")
+    if value and in_ci():
+        raise AssertionError(f"{UPDATE}={value!r} is set under CI: golden files would be rewritten from what "
+                             f"the code renders, so no golden test could fail. Unset it in CI; regenerate "
+                             f"locally with {UPDATE}=1 pytest tests/unit/executors and commit the reviewed diff")
+    return value == "1"
 
 
 def assert_golden(name: str, text: str) -> None:
     path = GOLDEN / name
-    if os.environ.get("KSCALE_UPDATE_GOLDEN") == "1" or not path.exists():
+    update = updating()
+    if update or not path.exists():
         path.write_text(text)
-        if os.environ.get("KSCALE_UPDATE_GOLDEN") != "1":
+        if not update:
             raise AssertionError(f"{path} did not exist; wrote it: review and commit it")
         return
     want = path.read_text()
@@ -56,8 +71,9 @@ def hand_copies() -> dict[Path, str]:
 
 def assert_hand_copies_current() -> None:
     stale = []
+    update = updating()
     for path, text in hand_copies().items():
-        if os.environ.get("KSCALE_UPDATE_GOLDEN") == "1":
+        if update:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(text)
         elif not path.exists() or path.read_text() != text:

@@ -68,10 +68,10 @@ def test_ray_actors_overlap_commits_and_report_after_them(tmp_path, ray_local):
 def test_cli_exit_code_on_quarantine(tmp_path, monkeypatch):
     from click.testing import CliRunner
 
-    import kscale.runner
+    import kscale.extract.run
     from kscale.cli import main
 
-    monkeypatch.setitem(kscale.runner.STAGE_MODULES, "extract", "tests.integration.flaky_stage")
+    monkeypatch.setattr(kscale.extract.run, "WORKER_MODULE", "tests.integration.flaky_stage")
     import yaml
 
     d = extract_spec(tmp_path, data={"generated": {"n_samples": 8, "image_size": 56}})

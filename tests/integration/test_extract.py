@@ -24,7 +24,7 @@ from kscale.extract import worker
 from kscale.models import load_model
 from kscale.runner import run_job
 from kscale.spec import spec_from_dict
-from kscale.store.layout import MODALITIES, marker_path
+from kscale.store.layout import MODALITIES, marker_names, marker_path, shard_dir
 from tests.conftest import extract_spec
 
 FAMILIES = ["debug:qwen2_5_vl", "debug:llava"]
@@ -208,15 +208,28 @@ def test_resume_after_sigkill_equals_uninterrupted(tmp_path):
         time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    markers = {p.name: p.stat().st_mtime_ns for p in (store / "shards").glob("*.done.json")}
-    assert 2 <= len(markers) < 8, "the kill must land mid-job"
+    committed = set(marker_names(store))
+    assert 2 <= len(committed) < 8, "the kill must land mid-job"
+    before = {name: shard_files(store, name) for name in committed}
 
     summary = run_job(spec_from_dict(d), show_bar=False)
-    assert summary.shards_skipped == len(markers) and summary.shards_failed == 0
-    for name, mtime in markers.items():  # committed shards were not recomputed
-        assert (store / "shards" / name).stat().st_mtime_ns == mtime
+    # Which shards were redone, read from the store: every file of a shard committed before the rerun (its
+    # marker and its folder) is the same file (inode, mtime, size); every other planned shard is new.
+    after = {name: shard_files(store, name) for name in marker_names(store)}
+    assert {name: after.get(name) for name in committed} == before, "a committed shard was rewritten"
+    redone = set(after) - committed
+    assert redone == {f"s{i:06d}" for i in range(8)} - committed
+    assert summary.shards_skipped == len(committed) and summary.shards_done == len(redone)
+    assert summary.shards_failed == 0
     assert not list((store / "shards").glob(".s*.tmp-*")), "the killed writer's staging folder is cleared"
     stores_equal(ref_spec.output.path, str(store))
+
+
+def shard_files(store: Path, name: str) -> dict[str, tuple[int, int, int]]:
+    """(inode, mtime ns, size) of a committed shard's marker and of every file in its folder, by path."""
+    paths = [marker_path(store, name), *sorted(p for p in shard_dir(store, name).rglob("*") if p.is_file())]
+    return {p.relative_to(store).as_posix(): (p.stat().st_ino, p.stat().st_mtime_ns, p.stat().st_size)
+            for p in paths}
 
 
 def _manifest_with_bad_rows(root: Path, n: int = 10) -> str:

@@ -20,22 +20,13 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "unit" / "analysis"))
 from analysis_fakes import make_store  # noqa: E402
-from browser import INSTALL_HINT, check_pages, chromium  # noqa: E402
+from browser import check_pages, require_chromium  # noqa: E402
 
 from kscale import reporting  # noqa: E402
 from kscale.spec.analyze import (AnalyzeConfig, EmbedConfig, JSDConfig, MMDConfig,  # noqa: E402
                                     SignificanceConfig)
 
 TRAIN_LAYERS = (0, 1, 2, 3)
-
-
-def require_chromium() -> str:
-    path = chromium()
-    if path is None:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"chromium is required in CI: {INSTALL_HINT}")
-        pytest.skip(f"needs chromium: {INSTALL_HINT}")
-    return path
 
 
 def _analysis(run: Path) -> Path:

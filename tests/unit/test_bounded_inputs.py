@@ -296,8 +296,8 @@ def test_enum_suggestion_for_kind_and_a_huge_value_is_cut(tmp_path):
     assert (tmp_path / "big.yaml").stat().st_size > MB  # refused by size, before parsing
     proc = cli("validate", str(tmp_path / "big.yaml"))
     assert proc.returncode == 2 and len(proc.stderr) < 1000 and "larger than" in proc.stderr
+    raw["model"]["dtype"] = "y" * MB
     with pytest.raises(SpecError) as e:  # a value that passed the size cap is still cut in the message
-        raw["model"]["dtype"] = "y" * MB
         spec_from_dict(raw, check_model=False)
     assert len(str(e.value)) < 1000 and f"({MB} chars)" in str(e.value)
 
@@ -320,3 +320,54 @@ def test_explain_shows_list_defaults_as_values():
     assert rows["data.generated.tasks"] == repr(["caption", "color", "shape", "count", "position"])
     assert rows["data.generated"] == "(see below)"  # a nested section's fields follow it
     assert rows["data.max_image_pixels"] == "50000000"
+
+
+def _crafted_rows(tmp_path) -> Path:
+    """A manifest whose rows 1 and 2 break Python's JSON reader: a number of more than 4,300 digits
+    (``ValueError``, not a ``JSONDecodeError``) and nesting deeper than the interpreter recurses."""
+    good = [json.dumps({"id": f"g{k}", "image": None, "text": f"fine {k}"}) for k in range(2)]
+    huge = '{"id": ' + "9" * 5000 + ', "image": null, "text": "t"}'
+    deep = '{"id": "d", "image": null, "text": "t", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"
+    m = tmp_path / "m.jsonl"
+    m.write_text("\n".join([good[0], huge, deep, good[1]]) + "\n")
+    return m
+
+
+@pytest.mark.parametrize("id_field", [None, "id"])
+def test_a_crafted_row_is_that_rows_error_with_or_without_id_field(tmp_path, id_field):
+    """Issue 21 item 11: before, ``get`` raised for the crafted rows, and with ``id_field`` for every row."""
+    src = open_source(DataSpec(source="manifest", path=str(_crafted_rows(tmp_path)), id_field=id_field))
+    recs = [src.get(i) for i in range(len(src))]
+    assert [r.error for r in (recs[0], recs[3])] == [None, None]
+    assert [r.text for r in (recs[0], recs[3])] == ["fine 0", "fine 1"]
+    assert "m.jsonl line 2: unreadable JSON (ValueError" in recs[1].error
+    assert "m.jsonl line 3: unreadable JSON (RecursionError" in recs[2].error
+    if id_field:
+        assert [r.source_id for r in (recs[0], recs[3])] == ["g0", "g1"]
+
+
+def test_any_exception_while_building_a_record_is_that_rows_error():
+    """A row that parses but cannot be turned into a record (an id that cannot be printed: ``str`` of an
+    int of 5,000 digits raises ``ValueError``) is recorded, whatever the source (the guard is in ``_record``)."""
+    from kscale.data import records
+
+    dspec = DataSpec(source="manifest", path="unused.jsonl", id_field="id")
+    row = {"id": 10**5000, "image": None, "text": "t"}
+    rec = records._record(4, row, dspec, None, "src row 4", {"a": 0})
+    assert rec.sample_id == 4 and rec.error.startswith("src row 4: unreadable row (ValueError")
+    assert records._id_of(row, "id", 4) is None  # left out of the id table, not raised
+
+
+def test_deeply_nested_yaml_is_a_spec_error_naming_the_file_exit_2(tmp_path):
+    """Issue 21 item 14: 5,000 nested lists gave a ``RecursionError`` traceback and exit 1."""
+    from kscale.spec import MAX_YAML_DEPTH, parse_yaml
+
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("kind: extract\nx: " + "[" * 5000 + "1" + "]" * 5000 + "\n")
+    proc = cli("validate", str(deep))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert str(deep) in proc.stderr and "nested" in proc.stderr, proc.stderr
+    # the bound, at the boundary: each list (or mapping) is one level
+    assert parse_yaml("[" * MAX_YAML_DEPTH + "]" * MAX_YAML_DEPTH) is not None
+    with pytest.raises(ValueError, match=f"nested more than {MAX_YAML_DEPTH}"):
+        parse_yaml("[" * (MAX_YAML_DEPTH + 1) + "]" * (MAX_YAML_DEPTH + 1))

@@ -77,3 +77,19 @@ def test_ci_run_runs_the_suite_with_ci_set(tmp_path) -> None:
                        env={"PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stdout + p.stderr
     assert (repo / "suite-ran").read_text().strip() == "true"
+
+
+@pytest.mark.parametrize("ci", ["true", "1", "yes"])
+def test_a_missing_chromium_fails_under_every_ci_value(monkeypatch, ci) -> None:
+    """The browser tests ask ``in_ci()`` like every other prerequisite (not ``CI == "true"`` alone)."""
+    from tests import browser
+
+    monkeypatch.setattr(browser, "chromium", lambda: None)
+    monkeypatch.setenv("CI", ci)
+    e = _outcome(browser.require_chromium)
+    assert isinstance(e, pytest.fail.Exception) and browser.INSTALL_HINT in str(e), type(e)
+    monkeypatch.delenv("CI")
+    e = _outcome(browser.require_chromium)
+    assert isinstance(e, pytest.skip.Exception) and "chromium not installed" in str(e), type(e)
+    monkeypatch.setattr(browser, "chromium", lambda: "/usr/bin/chromium")
+    assert browser.require_chromium() == "/usr/bin/chromium"

@@ -70,7 +70,7 @@ def test_the_data_identity_of_each_source(tmp_path):
 
 
 CHILD = """
-import json, os, pickle, sys, torch
+import json, os, pickle, shutil, sys, torch
 from pathlib import Path
 from kscale.spec import spec_from_dict
 from kscale.train import engine as E
@@ -100,7 +100,10 @@ evil.mkdir()
 for f in (ckpt / checkpoint_tag(3)).iterdir():
     torch.save({"module": Payload(), "step": 7}, evil / f.name)  # every file DeepSpeed would read
 (ckpt / "latest").write_text(checkpoint_tag(7))
-for case, latest in (("crafted", checkpoint_tag(7)), ("escape", "../../elsewhere")):
+elsewhere = run.parent / "elsewhere"  # outside the run, a loadable copy of its real checkpoint: only the name
+shutil.copytree(ckpt / checkpoint_tag(3), elsewhere)  # rule (stepNNNNNNNN inside checkpoints/) refuses it
+out["elsewhere_loadable"] = (ckpt / "../../elsewhere").resolve() == elsewhere.resolve() and elsewhere.is_dir()
+for case, latest in (("crafted", checkpoint_tag(7)), ("escape", "../../elsewhere"), ("absolute", str(elsewhere))):
     (ckpt / "latest").write_text(latest)
     try:
         out[case] = E.load_latest_checkpoint(engine, run)
@@ -122,5 +125,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     assert out["real"] == 3
     assert out["crafted"].startswith("refused: checkpoint") and "not loadable as weights only" in out["crafted"]
     assert "unsupported GLOBAL posix.system" in out["crafted"]
-    assert out["escape"].startswith("refused:") and "not a step folder" in out["escape"]
+    assert out["elsewhere_loadable"] is True  # the escape names a folder that exists (and would load)
+    for case in ("escape", "absolute"):
+        assert out[case].startswith("refused:") and "not a step folder" in out[case], out[case]
     assert out["pwned"] is False

@@ -137,3 +137,105 @@ def test_an_answer_that_cannot_be_read_here_fails_only_its_own_map(monkeypatch):
         got = E.resolved(pending, 8.0, 1)
         assert helper.pid() > 0  # the helper goes on
     np.testing.assert_array_equal(got["tsne"][0], here["tsne"][0])
+
+
+def _within(seconds: float, fn):
+    """``fn()``'s result, or the test fails after ``seconds`` (a regression must not hang the suite)."""
+    import threading
+
+    box: dict = {}
+
+    def run():
+        try:
+            box["value"] = fn()
+        except BaseException as err:  # noqa: BLE001  (re-raised below, in the test's thread)
+            box["error"] = err
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"still waiting after {seconds} s"
+    if "error" in box:
+        raise box["error"]
+    return box["value"]
+
+
+NOISY = '''
+import os, sys
+os.write(1, b"\\x00\\x01 stray bytes on fd 1 at start-up\\n")  # before any of kscale's code runs
+import kscale.analysis.embed as E
+_real = E.tsne_2d
+
+def noisy(*args, **kwargs):  # a library that writes to stdout while it works
+    os.write(1, b"\\x07 stray bytes from C\\n")
+    print("a stray print", flush=True)
+    sys.__stdout__.write("stray text on the real stdout\\n")
+    sys.__stdout__.flush()
+    return _real(*args, **kwargs)
+
+E.tsne_2d = noisy
+'''
+
+
+def test_stray_writes_to_the_helpers_stdout_do_not_break_its_answers(tmp_path, monkeypatch):
+    """Issue 21 item 13: one write to the helper's stdout broke the framing and the maps waited forever.
+    A ``sitecustomize`` (imported by the child at start-up, from PYTHONPATH) writes to fd 1 and wraps
+    ``tsne_2d`` to write while it works; the answers come on a private pipe and are the maps in place."""
+    (tmp_path / "sitecustomize.py").write_text(NOISY)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(tmp_path), os.environ.get("PYTHONPATH")])))
+    keys = _keys(3)
+    here = E.maps(keys, ["tsne"], 50, 10.0, 2)
+    with MapsHelper() as helper:
+        pending = [E.maps(keys, ["tsne"], 50, 10.0, 2, helper) for _ in range(2)]
+        got = [_within(120, lambda p=p: p["tsne"].future.result(timeout=100)) for p in pending]
+        assert _within(60, helper.pid) > 0
+    for g in got:
+        np.testing.assert_array_equal(g, here["tsne"][0])
+
+
+def test_a_reader_that_dies_fails_the_pending_maps_at_once(monkeypatch):
+    """Whatever ends the reader thread (here: a garbled answer it cannot handle), every pending map fails
+    with HelperDied within seconds and is computed in place; later maps fail at once."""
+    from kscale.analysis import maps_helper
+
+    real, calls = maps_helper._recv, []
+
+    def garbled_after_one(stream):
+        msg = real(stream)
+        calls.append(msg)
+        if len(calls) > 1:
+            raise RuntimeError("a garbled answer")  # the reader's bug or a cut stream: it ends here
+        return msg
+
+    monkeypatch.setattr(maps_helper, "_recv", garbled_after_one)
+    keys = _keys(4)
+    here = E.maps(keys, ["tsne"], 40, 8.0, 0)
+    with MapsHelper() as helper:
+        assert _within(60, helper.pid) > 0  # the first answer is read
+        pending = [E.maps(keys, ["tsne"], 40, 8.0, 0, helper) for _ in range(3)]
+        t0 = time.monotonic()
+        for p in pending:
+            with pytest.raises(HelperDied, match="could not be read"):
+                _within(60, lambda p=p: p["tsne"].future.result())
+        assert time.monotonic() - t0 < 60
+        got = E.resolved(pending[0], 8.0, 0)  # computed here
+        with pytest.raises(HelperDied):
+            helper.tsne(np.zeros((5, 2)), 2.0, 0).result(timeout=1)
+    np.testing.assert_array_equal(got["tsne"][0], here["tsne"][0])
+
+
+def test_a_stuck_helper_is_given_up_after_the_stall_bound(tmp_path):
+    """A helper that never answers (here: stopped with SIGSTOP) does not hold a map's result() forever:
+    after ``stall_s`` busy without an answer it is killed and the map is computed in place."""
+    keys = _keys(5)
+    here = E.maps(keys, ["tsne"], 40, 8.0, 1)
+    with MapsHelper() as helper:
+        pid = _within(60, helper.pid)  # up (openTSNE imported: seconds under load, within the default bound)
+        helper.stall_s = 2.0
+        os.kill(pid, signal.SIGSTOP)  # the helper process this test started
+        pending = E.maps(keys, ["tsne"], 40, 8.0, 1, helper)
+        t0 = time.monotonic()
+        got = _within(60, lambda: E.resolved(pending, 8.0, 1))  # result() without a timeout, bounded
+        assert 2.0 <= time.monotonic() - t0 < 60
+    np.testing.assert_array_equal(got["tsne"][0], here["tsne"][0])
+    assert _gone(pid)

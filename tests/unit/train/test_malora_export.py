@@ -80,6 +80,31 @@ def test_peft_export_equals_malora_on_text_only_input(debug_qwen_dir, adapter_di
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
+def test_merged_text_branch_switches_off_like_a_merged_peft_lora(debug_qwen_dir, adapter_dir, tmp_path):
+    """After merging, PEFT's ``disable_adapter`` on a merged LoRA gives the base model back (it unmerges for
+    the block); MaLoRA's text branch switched off after ``merge_text_branch`` must do the same, and with it
+    on, equal the merged PEFT model (text-only input: MaLoRA applies exactly its text branch)."""
+    out_dir = export_peft(adapter_dir, tmp_path / "peft", base_model_name_or_path=debug_qwen_dir)
+    malora = load(_fresh(debug_qwen_dir).model, adapter_dir)
+    base = _fresh(debug_qwen_dir)
+    ids = _text_ids(base)
+    peft_model = peft.PeftModel.from_pretrained(base.model, str(out_dir)).eval()
+    peft_model.merge_adapter()
+    malora.merge_text_branch()
+    with torch.no_grad():
+        merged_on, want_on = malora(input_ids=ids).logits, peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            want_off = peft_model(input_ids=ids).logits
+        merged_off = {}
+        for image in (True, False):  # image branch on or off: neither may keep the text update
+            with malora.branches(image=image, text=False):
+                merged_off[image] = malora(input_ids=ids).logits
+    assert (want_on - want_off).abs().max() > 1e-3  # the merged update is visible: switching it off matters
+    torch.testing.assert_close(merged_on, want_on, atol=1e-5, rtol=1e-5)
+    for image, got in merged_off.items():
+        torch.testing.assert_close(got, want_off, atol=1e-5, rtol=1e-5, msg=f"image branch on: {image}")
+
+
 def test_export_refuses_what_peft_cannot_express(debug_qwen_dir, tmp_path):
     loaded = _fresh(debug_qwen_dir)
     token = MaLoRAModel(loaded.model, MaLoRAConfig(rank=2, gate="token")).save_pretrained(tmp_path / "token")

@@ -100,6 +100,26 @@ def test_merge_text_branch_keeps_logits_and_changes_w(tiny, batch) -> None:
         torch.testing.assert_close(_logits(wrapped, batch), expected_no_img, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("image", [True, False], ids=["image-on", "image-off"])
+def test_merged_text_branch_switched_off_takes_the_update_back_out(tiny, batch, image) -> None:
+    """Merging folds the text update into W; switching the text branch off afterwards must still remove it
+    from every token, as before the merge (PEFT's ``disable_adapter`` on a merged LoRA gives the base model
+    likewise: test_malora_export.py). With both branches off this is the frozen base the objective compares
+    against: the logits of the model MaLoRA wraps, before any adapter."""
+    base = _logits(tiny_qwen(seed=0).model, batch)
+    wrapped = MaLoRAModel(tiny.model, MaLoRAConfig(target_modules=["k_proj", "o_proj"]))
+    _randomize(wrapped)
+    with wrapped.branches(image=image, text=False):
+        before = _logits(wrapped, batch)
+    wrapped.merge_text_branch()
+    with wrapped.branches(image=image, text=False):
+        after = _logits(wrapped, batch)
+    torch.testing.assert_close(after, before, rtol=1e-4, atol=1e-5)
+    if not image:
+        torch.testing.assert_close(after, base, rtol=1e-4, atol=1e-5)
+    assert (after - _logits(wrapped, batch)).abs().max() > 1e-3  # the text update is large enough to see
+
+
 def test_unload_restores_the_base_model(tiny, batch) -> None:
     expected = _logits(tiny.model, batch)
     wrapped = MaLoRAModel(tiny.model, MaLoRAConfig(init="random"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import pytest
 from kscale.train.evaluate import key_gap, key_gap_interval
 from kscale.train.loggers import RunLoggers, scalars
 from kscale.train.report import gate_table, read_metrics
+from tests.testing_utils import require_module
 
 GATES = {"model.language_model.layers.0.self_attn.k_proj.img": 1.25,
          "model.language_model.layers.1.self_attn.k_proj.txt": 0.75}
@@ -36,7 +38,7 @@ def _events(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 
 def test_tensorboard_gets_every_logged_term_gate_and_the_eval_table(tmp_path):
-    pytest.importorskip("tensorboardX")
+    require_module("tensorboardX", install="pip install -e '.[train]'")  # ray[train] brings it; CI fails without
     loggers = RunLoggers(["tensorboard"], tmp_path, "t", {})
     for step in (1, 2, 3):
         loggers.log({"step": step, "loss": 1.0 / step, "lm": 0.5, "align": 0.1, "lr": 1e-3, "grad_norm": None,
@@ -51,12 +53,9 @@ def test_tensorboard_gets_every_logged_term_gate_and_the_eval_table(tmp_path):
     assert ev["eval/malora/lm_loss"] == [(3, pytest.approx(1.5))]
 
 
-def test_a_backend_that_is_not_installed_fails_with_the_install_command(tmp_path):
-    try:
-        import wandb  # noqa: F401
-        pytest.skip("wandb is installed here")
-    except ImportError:
-        pass
+def test_a_backend_that_is_not_installed_fails_with_the_install_command(tmp_path, monkeypatch):
+    """Runs everywhere, wandb installed or not: a None entry in sys.modules makes ``import wandb`` fail."""
+    monkeypatch.setitem(sys.modules, "wandb", None)
     with pytest.raises(ImportError, match="pip install wandb"):
         RunLoggers(["wandb"], tmp_path, "t", {})
 
