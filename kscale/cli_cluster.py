@@ -16,6 +16,7 @@ from typing import Any
 
 import click
 
+from kscale.errors import KscaleError
 from kscale.spec import SpecError, load_spec
 from kscale.targets import Target, get_target
 from kscale.targets import records
@@ -42,10 +43,13 @@ def with_overrides(spec_path: str, overrides: tuple[str, ...]) -> str:
     from kscale.spec import apply_overrides
 
     raw, _ = apply_overrides(yaml.safe_load(Path(spec_path).read_text()), overrides)  # validated by load_spec
-    text = yaml.safe_dump(raw, sort_keys=False)
+    # cluster.env values stay out (they travel in the loaded spec to the target, which writes them to the
+    # run's 0600 env file or a Kubernetes Secret); the header is one comment line whatever the file name.
+    text = yaml.safe_dump(records.redact_env(raw), sort_keys=False)
     out = records.kscale_home() / "specs" / f"{Path(spec_path).stem}-{hashlib.sha256(text.encode()).hexdigest()[:10]}.yaml"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(f"# {spec_path} with --set {' --set '.join(overrides)}\n" + text)
+    shown = " --set ".join(records.redact_overrides(overrides))
+    out.write_text(f"# {json.dumps(spec_path)} with --set {json.dumps(shown)}\n" + text)
     return str(out)
 
 
@@ -59,6 +63,9 @@ def submit_remote(spec_path: str, spec: Any, target: str, address: str | None, d
         return 2
     except t.errors as e:
         _err(f"kscale submit: {e}")
+        return 2
+    except KscaleError as e:  # an unsafe record dir (kscale.private.UnsafePath), ...
+        _err(f"kscale submit: {type(e).__name__}: {e}")
         return 2
 
 

@@ -34,6 +34,7 @@ from kscale.data import open_source
 from kscale.output import OutputError, OutputKind, claim_output, read_json, write_json_atomic
 from kscale.results import BiasResult
 from kscale.spec import JobSpec, to_dict
+from kscale.spec.cluster import redact_env
 
 RUN_FORMAT = "kscale-bias"
 RUN_FILE = "bias.json"
@@ -57,7 +58,7 @@ def claim_run_dir(spec, variants: list[Variant]) -> Iterator[Path]:
     from kscale.data.identity import data_identity
 
     data = data_identity(spec.data)  # checked on resume: a changed dataset is refused (DataChanged)
-    meta = {"format": RUN_FORMAT, "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(),
+    meta = {"format": RUN_FORMAT, "spec": redact_env(to_dict(spec)), "spec_fingerprint": spec.fingerprint(),
             "variants": [v.__dict__ for v in variants], "data": data}
 
     def create(tmp: Path) -> None:

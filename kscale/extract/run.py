@@ -22,6 +22,7 @@ from kscale.models.registry import MODALITY_CODES, get_adapter, read_config_json
 from kscale.output import OutputError, OutputKind, claim_output
 from kscale.results import ExtractResult
 from kscale.spec import JobSpec, to_dict
+from kscale.spec.cluster import redact_env
 from kscale.store.index import write_index
 from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names
 from kscale.store.writer import sweep_staging
@@ -49,7 +50,7 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
                   "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
                   "config": read_config_json(spec.model)[0]},  # makes the store self-contained (post-RoPE rebuild)
         "processor": processor_settings,
-        "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
+        "spec": redact_env(to_dict(spec)), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
         "versions": _versions(),
         "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,

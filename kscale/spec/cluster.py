@@ -186,6 +186,19 @@ class ClusterConfig:
         return out
 
 
+SECRET_PLACEHOLDER = "(secret, not recorded)"
+
+
+def redact_env(raw: Any) -> Any:
+    """A spec as plain data (the raw YAML mapping or ``to_dict(spec)``) with ``cluster.env`` values replaced by
+    a placeholder, keys kept: what records, stores, spec copies, ConfigMaps and logs may contain. Every
+    ``cluster.env`` value counts as a secret: it reaches processes only through the run's 0600 env file
+    (:func:`kscale.private.write_env_file`; Slurm, Ray Jobs) or a Kubernetes Secret."""
+    if isinstance(raw, dict) and isinstance(raw.get("cluster"), dict) and isinstance(raw["cluster"].get("env"), dict):
+        raw = {**raw, "cluster": {**raw["cluster"], "env": {k: SECRET_PLACEHOLDER for k in raw["cluster"]["env"]}}}
+    return raw
+
+
 def cluster_of(spec: Any) -> ClusterConfig:
     """The spec's cluster section, or the defaults when the job has none."""
     return spec.cluster if spec.cluster is not None else ClusterConfig()

@@ -10,6 +10,12 @@ deadlines. With ``cluster.k8s.reuse_cluster`` the RayJob selects an existing Ray
 (``clusterSelector``; render one with ``render_raycluster``) and the spec travels inline in the runtime
 environment, since no ConfigMap can be mounted into running pods.
 
+``cluster.env`` values live only in a Kubernetes Secret named after the submission (``ID-env``), applied
+through kubectl's stdin, referenced by the pods of the RayJob's cluster (``envFrom``) and deleted by
+``kscale stop``. With ``reuse_cluster`` the running pods cannot read a new Secret and a runtime env would
+show the values to every Jobs API user, so ``cluster.env`` is refused there (set it on the RayCluster,
+whose pods read the Secret ``<cluster name>-env``).
+
 Relative paths in the spec are resolved under ``cluster.k8s.output_mount`` (the PVC): the pods' view
 of the project directory. ``check_manifest`` holds kscale's own checks for what the CRD leaves open
 (the submissionMode enum, names, GPU limits, KubeRay's cross-field rules); ``validate_schema`` checks
@@ -66,18 +72,33 @@ def pod_paths_yaml(spec_path: str, mount: str) -> str:
     return yaml.safe_dump(redact_env(raw), sort_keys=False)
 
 
-def env_secret_name(spec: Any) -> str:
-    """The Secret holding ``cluster.env`` (created by ``kscale submit`` from stdin, referenced by every pod)."""
-    return f"kscale-{slug(spec.name, 40)}-env"
+def env_secret_name(owner: str) -> str:
+    """The Secret holding ``cluster.env`` for a submission (``owner`` = its id: two jobs of one name never share
+    or overwrite one; created by ``kscale submit`` from stdin, deleted by ``kscale stop``), or, for a reusable
+    RayCluster (``owner`` = the cluster's name), the one its pods read, which the user creates."""
+    return f"{owner}-env"
 
 
-def env_secret(spec: Any) -> dict:
+def env_secret(spec: Any, sid: str) -> dict:
     """The Secret object for ``cluster.env``: applied through kubectl's stdin, never written to a manifest."""
     k = cluster_of(spec).k8s
     return {"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-            "metadata": {"name": env_secret_name(spec), "namespace": k.namespace,
-                         "labels": {"app.kubernetes.io/name": "kscale", **k.labels}},
+            "metadata": {"name": env_secret_name(sid), "namespace": k.namespace, "labels": labels(spec, sid)},
             "stringData": dict(sorted(cluster_of(spec).env.items()))}
+
+
+def _refuse_env_with_reuse(spec: Any) -> None:
+    """A running RayCluster's pods read env from a Secret only when they start, and kscale never puts values in
+    a runtime env (the Jobs API and dashboard show it): with ``reuse_cluster`` there is no safe way to deliver
+    ``cluster.env``, so it is refused rather than dropped."""
+    c = cluster_of(spec)
+    if c.env and c.k8s.reuse_cluster is not None:
+        raise SpecError([("cluster.env", f"cannot reach the pods of the running RayCluster "
+                                         f"{c.k8s.reuse_cluster!r} (cluster.k8s.reuse_cluster): set these variables "
+                                         f"({', '.join(sorted(c.env))}) on that cluster instead (the RayCluster that "
+                                         f"`kscale render --target raycluster` writes reads them from the Secret "
+                                         f"{env_secret_name(c.k8s.reuse_cluster)}) and remove cluster.env here, or "
+                                         "drop reuse_cluster")])
 
 
 def pod_output_path(spec: Any) -> str:
@@ -102,12 +123,12 @@ def _volumes(spec: Any, sid: str | None) -> tuple[list[dict], list[dict]]:
     return vols, mounts
 
 
-def _container(spec: Any, name: str, resources: dict, mounts: list[dict]) -> dict:
+def _container(spec: Any, name: str, resources: dict, mounts: list[dict], secret: str) -> dict:
     k = cluster_of(spec).k8s
     c: dict[str, Any] = {"name": name, "image": k.image, "imagePullPolicy": k.image_pull_policy,
                          "resources": resources}
     if cluster_of(spec).env:  # values only in the Secret; the manifest names it
-        c["envFrom"] = [{"secretRef": {"name": env_secret_name(spec)}}]
+        c["envFrom"] = [{"secretRef": {"name": secret}}]
     if mounts:
         c["volumeMounts"] = mounts
     return c
@@ -138,8 +159,10 @@ def worker_shape(spec: Any) -> tuple[int, int, str]:
     return replicas, gpus, cpus
 
 
-def ray_cluster_spec(spec: Any, sid: str | None) -> dict:
-    """The RayClusterSpec shared by a RayJob's own cluster and a reusable RayCluster."""
+def ray_cluster_spec(spec: Any, sid: str | None, name: str | None = None) -> dict:
+    """The RayClusterSpec shared by a RayJob's own cluster (``sid``) and a reusable RayCluster (``name``); its
+    pods read ``cluster.env`` from the Secret of that submission or cluster (:func:`env_secret_name`)."""
+    secret = env_secret_name(sid or name or "")
     k = cluster_of(spec).k8s
     vols, mounts = _volumes(spec, sid)
     head_res = {"requests": {"cpu": k.head_cpus, "memory": k.head_memory},
@@ -154,13 +177,13 @@ def ray_cluster_spec(spec: Any, sid: str | None) -> dict:
         out["authOptions"] = {"mode": "token"}
     out["headGroupSpec"] = {
         "rayStartParams": {"num-cpus": "0"},
-        "template": {"spec": _pod_spec(spec, _container(spec, "ray-head", head_res, mounts), vols, worker=False)},
+        "template": {"spec": _pod_spec(spec, _container(spec, "ray-head", head_res, mounts, secret), vols, worker=False)},
     }
     out["workerGroupSpecs"] = [{
         "groupName": "gpu-workers" if gpus else "cpu-workers",
         "replicas": replicas, "minReplicas": replicas, "maxReplicas": replicas,
         "rayStartParams": {},
-        "template": {"spec": _pod_spec(spec, _container(spec, "ray-worker", worker_res, mounts), vols, worker=True)},
+        "template": {"spec": _pod_spec(spec, _container(spec, "ray-worker", worker_res, mounts, secret), vols, worker=True)},
     }]
     return out
 
@@ -180,6 +203,7 @@ def _require_image(spec: Any) -> None:
 def render_rayjob(spec: Any, spec_path: str, sid: str) -> list[dict]:
     """ConfigMap (the spec) + RayJob, or with ``reuse_cluster`` a RayJob alone selecting that cluster."""
     _require_image(spec)
+    _refuse_env_with_reuse(spec)
     c, k = cluster_of(spec), cluster_of(spec).k8s
     meta = {"name": sid, "namespace": k.namespace, "labels": labels(spec, sid)}
     rec = str(record_dir(spec, pod_output_path(spec)))
@@ -220,7 +244,7 @@ def render_raycluster(spec: Any, name: str | None = None) -> dict:
     meta = {"name": name, "namespace": k.namespace,
             "labels": {"app.kubernetes.io/name": "kscale", "app.kubernetes.io/version": kscale.__version__,
                        **k.labels}}
-    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": meta, "spec": ray_cluster_spec(spec, None)}
+    return {"apiVersion": "ray.io/v1", "kind": "RayCluster", "metadata": meta, "spec": ray_cluster_spec(spec, None, name)}
 
 
 class _ManifestDumper(yaml.SafeDumper):
@@ -424,9 +448,9 @@ def submit(spec_path: str, spec: Any, force: bool, dry_run: bool, say: Callable[
             f"{existing.get('jobStatus', '?')}); attached (use --force for a new run)")
         return 0
     if cluster_of(spec).env:
-        p = kubectl("apply", "-f", "-", stdin=json.dumps(env_secret(spec)))
+        p = kubectl("apply", "-f", "-", stdin=json.dumps(env_secret(spec, sid)))
         if p.returncode != 0:
-            raise K8sError(f"creating Secret {ns}/{env_secret_name(spec)} for cluster.env failed: {p.stderr.strip()}")
+            raise K8sError(f"creating Secret {ns}/{env_secret_name(sid)} for cluster.env failed: {p.stderr.strip()}")
     p = kubectl("apply", "-f", str(manifest))
     if p.returncode != 0:
         raise K8sError(f"kubectl apply -f {manifest} failed: {p.stderr.strip()}")
@@ -519,7 +543,7 @@ class K8sTarget(Target):
         if not run.record:
             return False
         ns = run.record["namespace"]
-        for kind, name in (("rayjob", run.sid), ("configmap", f"{run.sid}-spec")):
+        for kind, name in (("rayjob", run.sid), ("configmap", f"{run.sid}-spec"), ("secret", env_secret_name(run.sid))):
             p = kubectl("delete", kind, name, "-n", ns, "--ignore-not-found")
             say(p.stdout.strip() or p.stderr.strip())
         return True

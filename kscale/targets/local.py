@@ -15,6 +15,7 @@ pid reused by another process is never signalled.
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import socket
 import sys
@@ -24,8 +25,8 @@ from typing import Any, Callable
 
 from kscale.output import write_json_atomic
 from kscale.targets import Target
-from kscale.targets.records import (Run, kscale_home, mark_progress_stopped, now, read_json, save_submission,
-                                    submission_id)
+from kscale.targets.records import (Run, kscale_home, mark_progress_stopped, now, read_json, redact_overrides,
+                                    save_submission, submission_id)
 
 FINAL_STATES = ("SUCCEEDED", "FAILED", "STOPPED")
 
@@ -93,7 +94,8 @@ class LocalRun:
     call ``run.finish(exit_code)``; an exception leaving the block records FAILED, Ctrl-C/SIGTERM STOPPED."""
 
     def __init__(self, spec: Any, spec_path: str, overrides: tuple[str, ...] = ()):
-        self.spec, self.spec_path, self.overrides = spec, spec_path, tuple(overrides)
+        self.spec, self.spec_path = spec, spec_path
+        self.overrides = tuple(redact_overrides(overrides))  # as recorded: no cluster.env value
         self.sid = submission_id(spec)
         self.rec_dir = runs_dir() / self.sid
         self.state_path = self.rec_dir / f"{self.sid}.state.json"
@@ -114,8 +116,8 @@ class LocalRun:
                          "output": self.output, "record_dir": str(self.rec_dir), "host": self.state["host"],
                          "overrides": list(self.overrides), "spec_values": _spec_dict(self.spec)})
         log = open(self.log_path, "a", encoding="utf-8", errors="replace")
-        log.write(f"--- kscale submit {self.spec_path} {' '.join('--set ' + o for o in self.overrides)}"
-                  f"(pid {pid}, {self.state['started_at']})\n")
+        args = shlex.join([self.spec_path, *(w for o in self.overrides for w in ("--set", o))])
+        log.write(f"--- kscale submit {args} (pid {pid}, {self.state['started_at']})\n")
         self._saved = (sys.stdout, sys.stderr, log)
         sys.stdout, sys.stderr = _Tee(sys.stdout, log), _Tee(sys.stderr, log)
         self._old_term = signal.signal(signal.SIGTERM, term_as_interrupt)

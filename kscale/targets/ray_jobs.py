@@ -1,7 +1,8 @@
 """Submitting to a running Ray cluster through the Ray Jobs API, and the submission ids all targets share.
 
 ``kscale submit job.yaml --address http://HEAD:8265`` ships a *minimal* runtime environment — a
-working dir holding only ``job.yaml`` (the spec with its paths made absolute) plus ``cluster.env`` —
+working dir holding only ``job.yaml`` (the spec with its paths made absolute, ``cluster.env`` values
+redacted) and kscale's own variables (``cluster.env`` reaches the job through a 0600 file: ``runtime_env``) —
 and runs the driver wrapper of :mod:`kscale.targets.records` as the entrypoint; the wrapper runs
 ``kscale submit job.yaml`` on the head, where Ray has set ``RAY_ADDRESS`` to the cluster, so the lead's
 runner joins the cluster instead of starting one.
@@ -37,7 +38,8 @@ import kscale
 from kscale.targets import Target
 from kscale.targets.checks import Finding, check_versions
 from kscale.spec.cluster import cluster_of
-from kscale.targets.records import (Run, absolute_output, absolute_spec_yaml, driver_command, record_dir,
+from kscale.private import ENV_FILE_VAR, private_dir, write_env_file
+from kscale.targets.records import (Run, absolute_output, absolute_spec_yaml, driver_command, env_file, record_dir,
                                     save_submission, submission_id)
 
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
@@ -132,10 +134,20 @@ class Submitted:
     status: str
 
 
-def runtime_env(spec: Any, package_dir: str, sid: str) -> dict:
-    """Only the spec and environment variables: kscale itself must be installed on the cluster."""
-    return {"working_dir": package_dir,
-            "env_vars": {**cluster_of(spec).env, "KSCALE_SUBMISSION_ID": sid, "PYTHONUNBUFFERED": "1"}}
+def runtime_env(spec: Any, package_dir: str, sid: str, rec_dir: str) -> dict:
+    """Only the spec and kscale's own variables: kscale itself must be installed on the cluster.
+
+    ``cluster.env`` values never enter the runtime env (anyone with the Jobs API or the dashboard reads it):
+    ``submit`` writes them to the 0600 file ``<record dir>/ID.env`` (on the filesystem the cluster shares
+    with this machine, like the outputs), the runtime env names that path, the driver wrapper reads it
+    (``records.run_driver``) and every worker does too, through Ray's ``worker_process_setup_hook``
+    (:func:`kscale.private.apply_env_file`)."""
+    env_vars = {"KSCALE_SUBMISSION_ID": sid, "PYTHONUNBUFFERED": "1"}
+    out: dict[str, Any] = {"working_dir": package_dir, "env_vars": env_vars}
+    if cluster_of(spec).env:
+        env_vars[ENV_FILE_VAR] = str(env_file(Path(rec_dir), sid))
+        out["worker_process_setup_hook"] = "kscale.private.apply_env_file"
+    return out
 
 
 def submit(spec_path: str, spec: Any, address: str | None, force: bool,
@@ -149,10 +161,13 @@ def submit(spec_path: str, spec: Any, address: str | None, force: bool,
     rec = str(record_dir(spec, absolute_output(spec)))
     python = cluster_of(spec).python or "python"
     entrypoint = shlex.join(driver_command(python, "job.yaml", sid, "ray", rec))
+    if cluster_of(spec).env:
+        private_dir(rec)
+        write_env_file(env_file(Path(rec), sid), cluster_of(spec).env)
     with tempfile.TemporaryDirectory(prefix="kscale-pkg-") as pkg:
         Path(pkg, "job.yaml").write_text(absolute_spec_yaml(spec_path))
         try:
-            client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env(spec, pkg, sid),
+            client.submit_job(entrypoint=entrypoint, submission_id=sid, runtime_env=runtime_env(spec, pkg, sid, rec),
                               metadata={"kscale_job": spec.name, "kscale_fingerprint": spec.fingerprint(),
                                         "kscale_version": kscale.__version__})
         except RuntimeError as e:
@@ -257,7 +272,7 @@ def check_cluster(spec: Any | None, address: str | None) -> list[Finding]:
            "--cpus-per-worker", str(cpw)]
     try:
         client, _ = connect(url)
-        sid = client.submit_job(entrypoint=shlex.join(cmd), runtime_env={"env_vars": dict(cluster_of(spec).env) if spec else {}})
+        sid = client.submit_job(entrypoint=shlex.join(cmd), runtime_env={})  # cluster.env: jobs only, see runtime_env
         status = follow_logs(client, sid, lambda s: None, follow=True, poll_s=0.5, give_up_s=60)
         text = client.get_job_logs(sid)
     except (JobsError, RuntimeError, OSError) as e:
@@ -268,7 +283,11 @@ def check_cluster(spec: Any | None, address: str | None) -> list[Finding]:
         return found + [Finding("probe", "fail", f"probe job {status}: {tail}",
                                 f"is kscale installed for `{python}` on the head? set cluster.python, or "
                                 "pip install kscale in the cluster's environment")]
-    return found + _judge_probe(json.loads(line[len("KSCALE_PROBE "):]), workers, gpw)
+    found += _judge_probe(json.loads(line[len("KSCALE_PROBE "):]), workers, gpw)
+    if spec is not None and cluster_of(spec).env:
+        found.append(Finding("env", "info", f"cluster.env ({', '.join(sorted(cluster_of(spec).env))}) was not given to "
+                                            "the probe: its values reach jobs only through the run's 0600 env file"))
+    return found
 
 
 def _judge_probe(p: dict, workers: int, gpw: float) -> list[Finding]:
@@ -301,8 +320,9 @@ class RayJobsTarget(Target):
                say: Callable[[str], None], err: Callable[[str], None]) -> int:
         sid = submission_id(spec, force)
         if dry_run:
+            rec = str(record_dir(spec, absolute_output(spec)))
             say(f"kscale: would submit {sid} to {resolve_address(address)} with runtime env "
-                f"{json.dumps(runtime_env(spec, '<dir with job.yaml>', sid))}")
+                f"{json.dumps(runtime_env(spec, '<dir with job.yaml>', sid, rec))}")
             say(absolute_spec_yaml(spec_path).rstrip("\n"))
             return 0
         t0 = time.monotonic()

@@ -11,8 +11,10 @@ both on the (shared) filesystem of the outputs:
   store refuses to be created in a non-empty directory) holds, per submission id ``ID``:
   ``ID.job.yaml`` (the spec as submitted), ``ID.sbatch`` / ``ID.yaml`` (the rendered script or
   manifest), ``ID.driver.log`` (driver stdout+stderr, which include worker output because the
-  driver runs with ``log_to_driver``), ``ID.state.json`` (the driver's state and exit code) and,
-  on Slurm, ``ray-logs/ID/`` (every node's Ray session logs).
+  driver runs with ``log_to_driver``), ``ID.state.json`` (the driver's state and exit code),
+  ``ID.env`` (``cluster.env``, 0600, Slurm and Ray Jobs) and, on Slurm, ``ray-logs/ID/`` (every node's
+  Ray session logs). On Slurm and Ray Jobs the folder is 0700 and checked to be the user's
+  (:func:`kscale.private.private_dir`).
 
 Every target starts the driver the same way, through ``driver_command`` ->
 ``python -m kscale.targets.records driver ...`` (a stable entry name that rendered scripts and
@@ -41,7 +43,9 @@ import yaml
 
 import kscale
 from kscale.output import write_json_atomic
-from kscale.spec.cluster import cluster_of
+from kscale.private import (ENV_FILE_VAR, UnsafePath, private_dir, read_env_file, write_env_file,  # noqa: F401
+                            write_private)
+from kscale.spec.cluster import SECRET_PLACEHOLDER, cluster_of, redact_env  # noqa: F401
 
 
 
@@ -114,35 +118,38 @@ def list_runs(limit: int = 20) -> list[dict]:
     return out
 
 
-REDACTED = "(secret, not recorded)"
+REDACTED = SECRET_PLACEHOLDER
 
 
-def redact_env(raw: Any) -> Any:
-    """The raw spec mapping with ``cluster.env`` values replaced by a placeholder (keys kept): what records,
-    spec copies, ConfigMaps and logs may contain. ``cluster.env`` reaches processes only through
-    :func:`write_env_file` (Slurm) or a Kubernetes Secret."""
-    if isinstance(raw, dict) and isinstance(raw.get("cluster"), dict) and isinstance(raw["cluster"].get("env"), dict):
-        raw = {**raw, "cluster": {**raw["cluster"], "env": {k: REDACTED for k in raw["cluster"]["env"]}}}
-    return raw
+def redact_override(item: str) -> str:
+    """One ``--set KEY=VALUE`` as records and logs may show it: the value of ``cluster.env.X`` replaced by the
+    placeholder; ``cluster.env={...}`` and ``cluster={...}`` (which may hold ``env``) keep their keys only."""
+    key, sep, text = item.partition("=")
+    k = key.strip()
+    if not sep or not (k in ("cluster", "cluster.env") or k.startswith("cluster.env.")):
+        return item
+    if k.startswith("cluster.env."):
+        return f"{key}={REDACTED}"
+    from kscale.spec import parse_yaml
+
+    try:
+        value = parse_yaml(text)
+    except Exception:  # unparseable: show nothing of it
+        return f"{key}={REDACTED}"
+    if not isinstance(value, dict):
+        return f"{key}={REDACTED}"
+    value = redact_env({"cluster": value})["cluster"] if k == "cluster" else {n: REDACTED for n in value}
+    return f"{key}={yaml.safe_dump(value, default_flow_style=True, width=10**6).strip()}"
 
 
-def write_private(path: Path, text: str) -> Path:
-    """Write ``text`` to ``path`` readable by the owner only (0600 from creation, never briefly 0644)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o600)
-    os.replace(tmp, path)
-    return path
+def redact_overrides(overrides: tuple[str, ...] | list[str]) -> list[str]:
+    return [redact_override(o) for o in overrides]
 
 
-def write_env_file(path: Path, env: dict[str, str]) -> Path:
-    """``cluster.env`` as shell ``export`` lines (quoted) in a 0600 file the job script sources."""
-    import shlex
-
-    return write_private(path, "".join(f"export {k}={shlex.quote(v)}\n" for k, v in sorted(env.items())))
+def env_file(rec_dir: Path, sid: str) -> Path:
+    """Where a run's ``cluster.env`` goes (0600, in the record dir): sourced by the Slurm script, read by the
+    Ray Jobs driver wrapper and workers (``KSCALE_ENV_FILE``)."""
+    return rec_dir / f"{sid}.env"
 
 
 def absolute_spec_yaml(spec_path: str, cwd: str | None = None) -> str:
@@ -296,7 +303,17 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
     ``ID.driver.log`` and record its state; return its exit code. SIGTERM/SIGINT are passed on, so
     ``kscale stop``, ``scancel`` and Slurm's pre-timeout signal stop the driver cleanly; so does the stop file
     (:func:`driver_stop_file`)."""
-    rec_dir.mkdir(parents=True, exist_ok=True)
+    child_env = {**os.environ, "KSCALE_SUBMISSION_ID": submission_id}  # records are kept here
+    try:
+        if target == "k8s":  # no secret in it (cluster.env is a Secret); a PVC's fsGroup makes folders g+rw
+            rec_dir.mkdir(parents=True, exist_ok=True)
+        else:  # Slurm and Ray Jobs keep the env file (and Slurm the Ray token, TLS keys) here
+            private_dir(rec_dir)
+        if os.environ.get(ENV_FILE_VAR):  # Ray Jobs: cluster.env from the run's 0600 file, never the runtime env
+            child_env.update(read_env_file(os.environ[ENV_FILE_VAR]))
+    except UnsafePath as e:
+        raise SystemExit(f"kscale driver: {e} (cluster.env needs the record dir on a filesystem this cluster "
+                         "shares with the submitting machine, owned by the same user)") from e
     spec_file = materialize_spec(spec_file, submission_id, rec_dir)
     state_path = rec_dir / f"{submission_id}.state.json"
     state = {"submission_id": submission_id, "target": target, "state": "RUNNING", "host": socket.gethostname(),
@@ -304,8 +321,7 @@ def run_driver(spec_file: str, submission_id: str, target: str, rec_dir: Path, p
     write_json_atomic(state_path, state)
     cmd = [python, "-m", "kscale.cli", "submit", spec_file, "--no-progress"]
     print(f"kscale driver: {' '.join(cmd)} (RAY_ADDRESS={os.environ.get('RAY_ADDRESS')})", flush=True)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env={**os.environ, "KSCALE_SUBMISSION_ID": submission_id})  # records are kept here
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=child_env)
     stopped = []
 
     def stop(signum: int, grace_s: float) -> None:

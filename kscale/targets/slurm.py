@@ -16,6 +16,7 @@ queueing a duplicate.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import re
@@ -34,8 +35,9 @@ from kscale.spec import STAGES, SpecError
 from kscale.targets import Target
 from kscale.targets.checks import Finding, check_ports
 from kscale.spec.cluster import cluster_of
-from kscale.targets.records import (Run, absolute_spec_yaml, driver_stop_file, latest_state, read_json,
-                                    record_dir, save_submission, submission_id, write_env_file, write_private)
+from kscale.private import private_dir, write_env_file, write_private
+from kscale.targets.records import (Run, absolute_spec_yaml, driver_stop_file, env_file, latest_state, read_json,
+                                    record_dir, save_submission, submission_id)
 
 ACTIVE_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING")
 
@@ -133,13 +135,14 @@ def settings_block(spec: Any, sid: str, rec_dir: Path, spec_copy: Path, python: 
     return out
 
 
-def env_file(rec_dir: Path, sid: str) -> Path:
-    """Where ``cluster.env`` goes for a Slurm job (0600, beside the records)."""
-    return rec_dir / f"{sid}.env"
-
-
 def body() -> str:
     return pkg_resources.files("kscale").joinpath("templates/slurm/body.sh").read_text()
+
+
+def one_line(text: str) -> str:
+    """``text`` for a comment of the script: as is when it is plain printable text, else JSON-quoted, so a
+    newline in a job name or file name can never start a line of its own (a command for bash)."""
+    return text if text.isprintable() and text.isascii() and text.strip() == text else json.dumps(text)
 
 
 def render_script(spec: Any, sid: str, rec_dir: Path, spec_copy: Path, cwd: str, python: str,
@@ -147,7 +150,7 @@ def render_script(spec: Any, sid: str, rec_dir: Path, spec_copy: Path, cwd: str,
     """The full sbatch script; deterministic for given inputs (golden-file tested)."""
     head = ["#!/bin/bash",
             f"# kscale {kscale.__version__}: {spec.kind} job {spec.name!r}, submission {sid}.",
-            f"# Rendered from {source} by `kscale submit --target slurm`; change the spec, not this file."]
+            f"# Rendered from {one_line(source)} by `kscale submit --target slurm`; change the spec, not this file."]
     head += sbatch_header(spec, sid, rec_dir, cwd)
     parts = ["\n".join(head), "set -euo pipefail", "\n".join(settings_block(spec, sid, rec_dir, spec_copy, python)),
              body().rstrip("\n")]
@@ -220,7 +223,7 @@ def submit(spec_path: str, spec: Any, force: bool, dry_run: bool, say: Callable[
     if prior and prior.get("state") == "SUCCEEDED":
         say(f"kscale: {sid} already finished successfully ({prior.get('ended_at')}); --force runs it again")
         return 0
-    rec.mkdir(parents=True, exist_ok=True)
+    private_dir(rec)  # ours, not writable by others: nothing in it (env file, Ray token, TLS key) can be planted
     spec_copy.write_text(absolute_spec_yaml(spec_path))
     if cluster_of(spec).env:
         write_env_file(env_file(rec, sid), cluster_of(spec).env)
@@ -284,8 +287,7 @@ def write_dask_tls(folder: Path) -> int:
     from distributed.security import Security
 
     sec = Security.temporary()
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    os.chmod(folder, 0o700)
+    private_dir(folder)
     write_private(folder / "cert.pem", sec.tls_scheduler_cert)
     write_private(folder / "key.pem", sec.tls_scheduler_key)
     return 0

@@ -8,9 +8,14 @@ from ``scancel`` or the time limit), the wrapper:
 
 1. sends SIGTERM to the service's process group (Ray's processes stay in ``ray start``'s group), waits up to
    ``--grace`` seconds, then SIGKILLs the group and any process of this user still running from the
-   node's temp dir (``--temp-dir``; gcs_server may ignore SIGTERM);
+   node's temp dir (``--temp-dir``; gcs_server may ignore SIGTERM): processes whose arguments name that
+   path as a whole path (``own_pids_using``; job 1234's dir never matches job 12345's), each re-checked
+   against its recorded start time just before the signal (``kill_recorded``: a reused PID is left alone);
 2. copies the node's Ray logs (``<temp-dir>/session_latest/logs``) to ``<logs-to>/<host>/``;
 3. removes the node's temp dir and exits 0: the step and the job end without an error.
+
+Before starting the service the wrapper creates the temp dir 0700 (``kscale.private.private_dir``) and
+refuses, exit 1, one that already exists as a link, another user's or writable by others.
 
 All of this runs inside the step, so it works after ``scancel`` too, when the allocation no longer admits a
 new ``srun`` ("job has expired"). The service's own output (Ray's start-up banner with its "run ray stop"
@@ -22,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +35,9 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
+from kscale.private import UnsafePath, private_dir
+from kscale.targets.local import pid_start_time
 
 POLL_S = 0.5
 
@@ -44,21 +53,47 @@ def _ancestors() -> set[int]:
     return pids
 
 
-def own_pids_using(path: str) -> list[int]:
-    """PIDs of this user's processes whose command line mentions ``path``: the service's processes that left
-    its group. This process, its ancestors and ``srun`` clients (their arguments name the path) excluded."""
-    uid, skip, found = os.getuid(), _ancestors(), []
+def _mentions(arg: str, path: str) -> bool:
+    """True when ``path`` occurs in ``arg`` as a whole path: itself or a folder above what ``arg`` names,
+    as the argument or after ``=`` / ``:`` / ``,`` (``--temp-dir=P``, ``--log-dir=P/logs``), never as the
+    prefix of a longer name (``/tmp/kscale-x-1234`` is not in ``/tmp/kscale-x-12345``)."""
+    return re.search(rf"(?:^|[=:,\s]){re.escape(path)}(?:$|[/:,\s])", arg) is not None
+
+
+def own_pids_using(path: str) -> dict[int, str]:
+    """This user's processes whose command line names ``path`` (whole path components): the service's
+    processes that left its group, each with its start time (``/proc/PID/stat``) to check again before a
+    signal. This process, its ancestors and ``srun`` clients (their arguments name the path) excluded."""
+    uid, skip, found = os.getuid(), _ancestors(), {}
+    path = path.rstrip("/") or "/"
     for d in Path("/proc").iterdir():
         if not d.name.isdigit() or int(d.name) in skip:
             continue
         try:
             argv = (d / "cmdline").read_bytes().decode(errors="replace").split("\0")
-            if d.stat().st_uid != uid or not any(path in a for a in argv) or Path(argv[0]).name == "srun":
+            if d.stat().st_uid != uid or not any(_mentions(a, path) for a in argv) or Path(argv[0]).name == "srun":
                 continue
         except OSError:
             continue
-        found.append(int(d.name))
+        start = pid_start_time(int(d.name))
+        if start is not None:
+            found[int(d.name)] = start
     return found
+
+
+def kill_recorded(procs: dict[int, str], sig: int) -> list[int]:
+    """Send ``sig`` to each recorded process that is still the one recorded (same start time): a PID the
+    kernel gave to another process since the scan is left alone. Returns the PIDs signalled."""
+    done = []
+    for pid, start in procs.items():
+        if pid_start_time(pid) != start:
+            continue
+        try:
+            os.kill(pid, sig)
+            done.append(pid)
+        except ProcessLookupError:
+            pass
+    return done
 
 
 def _signal_group(pgid: int, sig: int) -> None:
@@ -75,11 +110,8 @@ def stop_service(proc: subprocess.Popen, grace_s: float, temp_dir: str | None) -
     while time.monotonic() < deadline and (proc.poll() is None or (temp_dir and own_pids_using(temp_dir))):
         time.sleep(POLL_S)
     _signal_group(proc.pid, signal.SIGKILL)
-    for pid in own_pids_using(temp_dir) if temp_dir else []:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    if temp_dir:
+        kill_recorded(own_pids_using(temp_dir), signal.SIGKILL)
     proc.wait()
 
 
@@ -97,6 +129,12 @@ def run(name: str, cmd: list[str], stop_file: Path, logs_to: Path, temp_dir: Pat
     asked: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, _f: asked.append(signum))
+    if temp_dir is not None:
+        try:
+            private_dir(temp_dir)  # a predictable /tmp name: refuse one another user made or linked first
+        except UnsafePath as e:
+            print(f"kscale: {name} on {socket.gethostname()}: {e}", file=sys.stderr, flush=True)
+            return 1
     with open(out_path, "ab") as out:
         proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 start_new_session=True)
@@ -104,7 +142,7 @@ def run(name: str, cmd: list[str], stop_file: Path, logs_to: Path, temp_dir: Pat
             time.sleep(POLL_S)
         died_alone = proc.poll() is not None and not asked and not stop_file.exists()
         stop_service(proc, grace_s, str(temp_dir) if temp_dir else None)
-    if temp_dir is not None:
+    if temp_dir is not None and not temp_dir.is_symlink():
         keep_logs(temp_dir, host_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
     if died_alone:

@@ -103,3 +103,56 @@ def test_doctor_probes_the_cluster(ray_head, tmp_path):
     assert "requires a token; ours is accepted" in r.stdout
     assert "2 actor(s) placed" in r.stdout
     assert "(on the cluster)" in r.stdout
+
+
+def test_cluster_env_reaches_driver_and_workers_through_the_env_file(ray_head, tmp_path):
+    """Issue 21 item 3 on a real head: a `cluster.env` value given with --set is in no runtime env, log or
+    file but the run's 0600 env file, and Ray workers of a job with kscale's runtime env get it (the
+    worker setup hook reads that file)."""
+    import hashlib
+    import json
+    import os
+    import shlex
+
+    from ray.job_submission import JobSubmissionClient
+
+    from kscale.spec import load_spec
+    from kscale.targets.ray_jobs import runtime_env
+
+    secret = "s3cret-" + os.urandom(6).hex()
+    spec = yaml.safe_load(DEMO.read_text())
+    spec["data"]["generated"]["n_samples"] = 8  # one shard
+    spec["output"]["path"] = "runs/env/keys"
+    job = tmp_path / "env.yaml"
+    job.write_text(yaml.safe_dump(spec))
+    setting = f"cluster.env.KSCALE_TEST_SECRET={secret}"
+    sub = kscale(["submit", str(job), "--address", ray_head.url, "--set", setting], ray_head.env, tmp_path)
+    assert sub.returncode == 0, sub.stderr
+    sid = _sid(sub.stdout)
+    logs = kscale(["logs", "-f", sid, "--address", ray_head.url], ray_head.env, tmp_path)
+    assert "kscale driver: SUCCEEDED" in logs.stdout, logs.stdout[-3000:] + logs.stderr[-3000:]
+
+    token = (Path(ray_head.env["HOME"]) / ".ray" / "auth_token").read_text().strip()
+    client = JobSubmissionClient(ray_head.url, headers={"Authorization": f"Bearer {token}"})
+    info = client.get_job_info(sid)
+    assert secret not in json.dumps(info.runtime_env) + json.dumps(info.entrypoint) + client.get_job_logs(sid)
+    rec = tmp_path / "runs" / "env" / "keys.cluster"
+    env_file = Path(info.runtime_env["env_vars"]["KSCALE_ENV_FILE"])
+    assert env_file == rec / f"{sid}.env" and (env_file.stat().st_mode & 0o777) == 0o600
+    searched = [tmp_path, Path(ray_head.env["KSCALE_HOME"])]
+    holders = [f for root in searched for f in root.rglob("*") if f.is_file() and not f.is_symlink()
+               and secret.encode() in f.read_bytes()]
+    assert holders == [env_file]
+
+    # Workers: a job with the runtime env kscale gives its jobs reports a hash of what a worker sees.
+    pkg = tmp_path / "pkg"
+    pkg.mkdir()
+    rt = runtime_env(load_spec(job, check_model=False, overrides=[setting]), str(pkg), sid, str(rec))
+    probe = ("import hashlib, os, ray\nray.init()\n@ray.remote\ndef seen():\n"
+             "    return hashlib.sha256(os.environ.get('KSCALE_TEST_SECRET', '').encode()).hexdigest()\n"
+             "print('KSCALE_ENV_CHECK', ray.get(seen.remote()), flush=True)\n")
+    probe_id = client.submit_job(entrypoint=f"python -c {shlex.quote(probe)}", runtime_env=rt)
+    _wait_for(lambda: str(client.get_job_status(probe_id)) in ("JobStatus.SUCCEEDED", "JobStatus.FAILED",
+                                                               "SUCCEEDED", "FAILED"), 180, "the probe job")
+    out = client.get_job_logs(probe_id)
+    assert f"KSCALE_ENV_CHECK {hashlib.sha256(secret.encode()).hexdigest()}" in out, out[-3000:]

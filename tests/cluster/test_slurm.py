@@ -3,6 +3,7 @@ clean log, and a job stopped by `kscale stop` that ends cleanly (logs kept, temp
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import time
@@ -17,13 +18,15 @@ def test_demo_through_sbatch_to_a_finished_store(slurm, tmp_path):
     env = clean_env(tmp_path / "home", tmp_path / "kscale-home")
     env["SLURM_CONF"] = slurm["SLURM_CONF"]
     t0 = time.monotonic()
-    sub = kscale(["submit", str(DEMO), "--target", "slurm"], env, tmp_path)
+    secret = "s3cret-" + os.urandom(6).hex()  # issue 21 item 3: only the 0600 env file may hold it
+    setting = ["--set", f"cluster.env.KSCALE_TEST_SECRET={secret}"]
+    sub = kscale(["submit", str(DEMO), "--target", "slurm", *setting], env, tmp_path)
     assert sub.returncode == 0, sub.stderr
     m = re.search(r"submitted (kscale-[a-z0-9-]+) as Slurm job (\d+)", sub.stdout)
     assert m, sub.stdout
     sid, job_id = m.groups()
 
-    again = kscale(["submit", str(DEMO), "--target", "slurm"], env, tmp_path)
+    again = kscale(["submit", str(DEMO), "--target", "slurm", *setting], env, tmp_path)
     assert again.returncode == 0 and "attached" in again.stdout, again.stdout + again.stderr
 
     logs = kscale(["logs", "-f", sid], env, tmp_path, timeout=300)
@@ -44,13 +47,17 @@ def test_demo_through_sbatch_to_a_finished_store(slurm, tmp_path):
 
     status = kscale(["status", sid], env, tmp_path)
     assert "driver    SUCCEEDED" in status.stdout and "shards 8/8" in status.stdout, status.stdout
+    holders = [f for f in tmp_path.rglob("*") if f.is_file() and not f.is_symlink() and secret.encode() in f.read_bytes()]
+    assert holders == [rec / f"{sid}.env"] and (rec.stat().st_mode & 0o777) == 0o700
+    assert secret not in subprocess.run(["scontrol", "show", "job", "-d", job_id], env=env, capture_output=True,
+                                        text=True).stdout
 
     # Only our own processes were stopped, and all of them: nothing runs from the job's node temp dir.
-    node_tmp = f"/tmp/kscale-kscaleci-{job_id}"
+    node_tmp = f"/tmp/kscale-kscaleci-{job_id}-"  # + a random suffix
     deadline = time.monotonic() + 30
     while own_pids(node_tmp) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not own_pids(node_tmp) and not Path(node_tmp).exists()
+    assert not own_pids(node_tmp) and not list(Path("/tmp").glob(f"kscale-kscaleci-{job_id}-*"))
     st = subprocess.run(["scontrol", "show", "job", job_id], env=env, capture_output=True, text=True).stdout
     assert "JobState=COMPLETED" in st, st
     print(f"\nMEASURED slurm: submit->driver done (logs -f returned) {elapsed:.1f} s")
@@ -104,8 +111,8 @@ def test_stop_ends_the_job_cleanly_and_status_says_stopped(slurm, tmp_path, how)
     assert not (rec / f"{sid}.stop").exists() and not (rec / f"{sid}.ray-token").exists()
     assert read_json(rec / f"{sid}.state.json")["state"] == "STOPPED"
     assert list((rec / "ray-logs" / sid).glob("*/raylet.out")), "Ray logs are kept after a stop too"
-    node_tmp = f"/tmp/kscale-kscaleci-{job_id}"
-    assert not Path(node_tmp).exists() and not own_pids(node_tmp)
+    node_tmp = f"/tmp/kscale-kscaleci-{job_id}-"  # + a random suffix
+    assert not list(Path("/tmp").glob(f"kscale-kscaleci-{job_id}-*")) and not own_pids(node_tmp)
     status = kscale(["status", sid], env, tmp_path).stdout
     progress = next(line for line in status.splitlines() if line.startswith("progress"))
     assert "stopped" in progress and "running" not in progress, status

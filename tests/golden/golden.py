@@ -63,8 +63,8 @@ def hand_copies() -> dict[Path, str]:
         source="cluster/example-job.yaml")}
     out[root / "k8s" / "rayjob.yaml"] = k8s.to_yaml(k8s.render_rayjob(spec, str(EXAMPLE), sid))
     out[root / "k8s" / "raycluster.yaml"] = k8s.to_yaml([k8s.render_raycluster(spec, "kscale-demo")])
-    reuse = dataclasses.replace(spec, cluster=dataclasses.replace(
-        spec.cluster, k8s=dataclasses.replace(spec.cluster.k8s, reuse_cluster="kscale-demo")))
+    reuse = dataclasses.replace(spec, cluster=dataclasses.replace(  # cluster.env is set on the RayCluster there
+        spec.cluster, env={}, k8s=dataclasses.replace(spec.cluster.k8s, reuse_cluster="kscale-demo")))
     out[root / "k8s" / "rayjob-reuse.yaml"] = k8s.to_yaml(k8s.render_rayjob(reuse, str(EXAMPLE), sid))
     return out
 

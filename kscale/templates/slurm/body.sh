@@ -1,7 +1,7 @@
 # ---- kscale Slurm body: start Ray (or dask) across the allocation, run the driver, stop only our own ----
 # Rendered by kscale.targets.slurm below the #SBATCH header and the KSCALE_* settings above; identical
 # for every job, so it can be read (and shellchecked) once. Safe on shared nodes:
-#   - a per-job Ray temp dir on node-local disk, removed at the end;
+#   - a per-job Ray temp dir on node-local disk (random name, created 0700 and owner-checked), removed at the end;
 #   - ports derived from the job id (20000 + 10 x (id mod 4000)), outside Ray's worker range 10002-19999;
 #   - CPU and GPU counts passed to Ray explicitly from Slurm's variables, never auto-detected;
 #   - token authentication with a fresh per-job token (in the environment, and for the dashboard in a
@@ -15,7 +15,13 @@
 #     signalled srun, no new srun step after the allocation ends.
 
 job_id=${SLURM_JOB_ID:?this script runs under sbatch}
-mkdir -p "$KSCALE_RECORD_DIR"
+# `kscale submit` made the record dir 0700; it holds the env file, the Ray token and TLS keys, so refuse one
+# that is a link, another user's, or writable by others (a name in it could have been planted).
+if [ -L "$KSCALE_RECORD_DIR" ] || [ ! -d "$KSCALE_RECORD_DIR" ] || [ ! -O "$KSCALE_RECORD_DIR" ] ||
+   [ -n "$(find "$KSCALE_RECORD_DIR" -maxdepth 0 -perm /022)" ]; then
+    echo "kscale: refusing record dir $KSCALE_RECORD_DIR: it must be a folder of yours that only you can write" >&2
+    exit 1
+fi
 mapfile -t nodes < <(scontrol show hostnames "$SLURM_JOB_NODELIST")
 head_node=${nodes[0]}
 n_nodes=${#nodes[@]}
@@ -27,7 +33,8 @@ port_base=${KSCALE_PORT_BASE:-$((20000 + 10 * (job_id % 4000)))}
 gcs_port=$port_base
 dashboard_port=$((port_base + 1))
 dask_port=$((port_base + 9))
-node_tmp="$KSCALE_TMP_BASE/kscale-${SLURM_CLUSTER_NAME:-slurm}-$job_id"
+# Node-local and unpredictable; each node's wrapper creates it 0700 and refuses one that exists and is not ours.
+node_tmp="$KSCALE_TMP_BASE/kscale-${SLURM_CLUSTER_NAME:-slurm}-$job_id-$(od -An -tx1 -N4 /dev/urandom | tr -d ' \n')"
 
 RAY_AUTH_TOKEN=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN RAY_USAGE_STATS_ENABLED=0

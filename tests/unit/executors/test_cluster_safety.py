@@ -56,8 +56,8 @@ def test_secret_is_in_no_rendered_file_and_no_record(tmp_path, monkeypatch):
     pods = [c for d in docs if d["kind"] == "RayJob"
             for g in [d["spec"]["rayClusterSpec"]["headGroupSpec"], *d["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
             for c in g["template"]["spec"]["containers"]]
-    assert all(c["envFrom"] == [{"secretRef": {"name": k8s.env_secret_name(spec)}}] for c in pods)
-    assert k8s.env_secret(spec)["stringData"]["HF_TOKEN"] == SECRET  # applied through kubectl's stdin only
+    assert all(c["envFrom"] == [{"secretRef": {"name": k8s.env_secret_name(sid)}}] for c in pods)
+    assert k8s.env_secret(spec, sid)["stringData"]["HF_TOKEN"] == SECRET  # applied through kubectl's stdin only
 
     env = write_env_file(rec / f"{sid}.env", spec.cluster.env)
     assert stat.S_IMODE(env.stat().st_mode) == 0o600 and SECRET in env.read_text()

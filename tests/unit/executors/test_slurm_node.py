@@ -84,3 +84,46 @@ def test_a_service_that_dies_alone_is_reported(tmp_path):
     assert proc.returncode == 3
     assert "ray-head on" in err and "exited by itself (3)" in err and "ray stop" in err
     assert not temp.exists() and not _using(temp)
+
+
+# ----------------------------------------------------------------------------- issue 21 item 5: whose PIDs
+
+
+def _sleeper(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)", *args])
+
+
+def test_own_pids_match_whole_paths_not_prefixes(tmp_path):
+    """The temp dir of job 1234 is a prefix of job 12345's: only processes naming the path itself (or a file
+    under it) are this service's."""
+    mine, other = str(tmp_path / "kscale-slurm-1234"), str(tmp_path / "kscale-slurm-12345")
+    procs = {"other-arg": _sleeper(other), "other-opt": _sleeper(f"--temp-dir={other}"),
+             "other-file": _sleeper(f"--log-dir={other}/session_latest"),
+             "mine-arg": _sleeper(mine), "mine-opt": _sleeper(f"--temp-dir={mine}"),
+             "mine-file": _sleeper(f"--raylet-name={mine}/sockets/raylet")}
+    try:
+        time.sleep(0.3)
+        found = _using(Path(mine))
+        for name, p in procs.items():
+            assert (p.pid in found) == name.startswith("mine"), name
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
+
+
+def test_a_pid_is_signalled_only_while_it_is_the_recorded_process(tmp_path):
+    from kscale.targets.slurm_node import kill_recorded
+
+    p = _sleeper(str(tmp_path / "kscale-slurm-1"))
+    try:
+        time.sleep(0.2)
+        (start,) = _using(tmp_path / "kscale-slurm-1").values()
+        assert kill_recorded({p.pid: str(int(start) + 1)}, signal.SIGKILL) == []  # the PID now names another process
+        time.sleep(0.2)
+        assert p.poll() is None, "a process that is not the recorded one was killed"
+        assert kill_recorded({p.pid: start}, signal.SIGKILL) == [p.pid]
+        assert p.wait(timeout=10) == -signal.SIGKILL
+    finally:
+        p.kill()
+        p.wait()

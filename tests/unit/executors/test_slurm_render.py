@@ -121,3 +121,51 @@ def test_analysis_asks_for_a_cpu_per_dask_thread():
     assert slurm.shape(spec).cpus_per_node == 6
     assert "#SBATCH --cpus-per-task=6" in slurm.render_script(spec, SID, Path("/x.cluster"), Path("/x.cluster/j.yaml"),
                                                                "/home/u", "python").splitlines()
+
+
+# ----------------------------------------------------------------------------- issue 21 item 6: injection
+
+
+EVIL = "evil\ntouch INJECTED\n#"
+
+
+def _evil_script(tmp_path: Path, monkeypatch) -> tuple[str, Path, dict]:
+    """Render (dry run) a job whose file name, job name, working dir, output path and python carry shell: a
+    newline-separated command, ``$(...)``, backquotes and quotes."""
+    import yaml
+
+    where = tmp_path / "d $(touch INJECTED) 'q\"`touch INJECTED`"
+    where.mkdir()
+    monkeypatch.chdir(where)
+    values = {"output": str(where / "out $(touch INJECTED)"), "python": "/opt/py $(touch INJECTED) `id`"}
+    job = where / f"{EVIL}.yaml"
+    job.write_text(yaml.safe_dump({"kind": "extract", "name": EVIL, "model": {"path": "debug:qwen2_5_vl"},
+                                   "data": {"source": "generated"}, "output": {"path": values["output"]},
+                                   "cluster": {"python": values["python"]}}))
+    printed: list[str] = []
+    assert slurm.submit(str(job), load_spec(job, check_model=False), force=False, dry_run=True, say=printed.append) == 0
+    return printed[0] + "\n", where, values
+
+
+def test_names_and_values_cannot_inject_commands(tmp_path, monkeypatch):
+    text, where, values = _evil_script(tmp_path, monkeypatch)
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    assert "touch INJECTED" not in [line.strip() for line in text.splitlines()]
+    # Run everything above the fixed body, as bash would: the settings hold the values verbatim, nothing runs.
+    head = text[: text.index("# ---- kscale Slurm body")]
+    probe = head + 'printf "%s\\n" "$KSCALE_PYTHON" "$KSCALE_RECORD_DIR"\n'
+    out = subprocess.run(["bash", "-c", probe], cwd=where, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == [values["python"], values["output"] + ".cluster"]
+    assert not list(tmp_path.rglob("INJECTED")), "a command in a name or value ran"
+
+
+def test_script_with_hostile_names_passes_shellcheck(tmp_path, monkeypatch):
+    require_binaries("shellcheck", install="apt-get install shellcheck, or sudo .ci/install_slurm.sh")
+    text, _, _ = _evil_script(tmp_path, monkeypatch)
+    script = tmp_path / "job.sbatch"
+    script.write_text(text)
+    check = subprocess.run(["shellcheck", "--severity=warning", str(script)], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout
