@@ -19,7 +19,13 @@ from typing import Any
 _CACHE: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a manifest is hashed once per process
 
 
-def _sha256(path: Path) -> str:
+def remember_sha256(path: Path, st, sha: str) -> None:
+    """Record a hash computed elsewhere (the manifest index's pass reads every byte anyway)."""
+    _CACHE[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = sha
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, once per process per (path, size, mtime)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _CACHE:
@@ -41,7 +47,7 @@ def data_identity(dspec: Any) -> dict:
     path = Path(dspec.path).expanduser()
     try:
         if dspec.source == "manifest":
-            return {"source": "manifest", "path": dspec.path, "sha256": _sha256(path), "bytes": path.stat().st_size}
+            return {"source": "manifest", "path": dspec.path, "sha256": file_sha256(path), "bytes": path.stat().st_size}
         states = {}
         for state in sorted(path.rglob("state.json")):
             meta = json.loads(state.read_text())

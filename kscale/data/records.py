@@ -113,14 +113,20 @@ def plan_shards(n_samples: int, shard_size: int) -> ShardPlan:
     return ShardPlan(n_samples, shard_size)
 
 
-def open_source(dspec) -> Source:
-    """The source named by a DataSpec (``limit`` applied)."""
+def open_source(dspec, index_dir: Path | None = None, plan: bool = False) -> Source:
+    """The source named by a DataSpec (``limit`` applied).
+
+    ``index_dir`` (:func:`kscale.data.lineindex.index_dir` of the job's output) is where sources keep the
+    indexes that let a worker read only its shards (a manifest's line offsets, ...), built once by the
+    driver while it plans (``plan=True``: a stale index is rebuilt) and trusted by workers (``plan=False``:
+    a data file changed since planning is :class:`kscale.data.lineindex.DataIndexStale`). Without
+    ``index_dir`` they are built in memory by whoever opens the source."""
     if dspec.source == "generated":
         from kscale.data.generated import GeneratedSource
 
         src: Source = GeneratedSource(dspec.generated)
     elif dspec.source == "manifest":
-        src = ManifestSource(dspec)
+        src = ManifestSource(dspec, index_dir, plan)
     else:
         src = HFDiskSource(dspec)
     return _Limited(src, dspec.limit) if dspec.limit is not None else src
@@ -183,17 +189,18 @@ def load_image(ref: Any, base: Path | None = None,
         return None, f"corrupt image ({type(e).__name__}: {str(e)[:160]})"
 
 
-def _record(i: int, row: dict, dspec, base: Path | None, where: str, first_of: dict[str, int] | None = None) -> Record:
-    """The record of row ``i``; ``first_of`` maps each id to the first row that used it (a later row with the
-    same id is that row's error: duplicate ids are recorded, never silently merged)."""
+def _record(i: int, row: dict, dspec, base: Path | None, where: str,
+            duplicate_of: dict[int, int] | None = None) -> Record:
+    """The record of row ``i``; ``duplicate_of`` maps each row whose id an earlier row already has to that
+    first row (the later row is that row's error: duplicate ids are recorded, never silently merged)."""
     sid = str(row.get(dspec.id_field, i)) if dspec.id_field else str(i)
     text = row.get(dspec.text_field)
     answer = row.get(dspec.answer_field) if dspec.answer_field else None
     rec = Record(i, sid, None, text if isinstance(text, str) else "", None if answer is None else str(answer))
     used = {dspec.image_field, dspec.text_field, dspec.answer_field, dspec.id_field}
     rec.meta = {k: v for k, v in row.items() if k not in used}  # e.g. choices, distractor, conflicting claim
-    if first_of is not None and first_of.get(sid, i) != i:
-        rec.error = f"{where}: duplicate id {sid[:80]!r} (first used by sample {first_of[sid]})"
+    if duplicate_of and i in duplicate_of:
+        rec.error = f"{where}: duplicate id {sid[:80]!r} (first used by sample {duplicate_of[i]})"
     elif dspec.text_field not in row:
         rec.error = f"{where}: missing field {dspec.text_field!r}"
     elif not isinstance(text, str) or not text.strip():
@@ -210,56 +217,50 @@ def _record(i: int, row: dict, dspec, base: Path | None, where: str, first_of: d
 class ManifestSource:
     """JSONL, one record per line; image paths relative to the manifest's folder.
 
-    The file is read as bytes and each line decoded on its own: a line that is not UTF-8 is that record's
-    error (``lines[i]`` is then empty), never the job's."""
+    Lines are found through the byte-offset index (:mod:`kscale.data.lineindex`): ``get(i)`` seeks to line
+    ``i`` and decodes it alone, so a worker reads only the lines of its shards and a line that is not UTF-8
+    is that record's error, never the job's. Duplicate ids come from the index too (found once, at planning)."""
 
-    def __init__(self, dspec):
+    def __init__(self, dspec, index_dir: Path | None = None, plan: bool = False):
+        from kscale.data.lineindex import open_index
+
         self.dspec = dspec
         self.path = Path(dspec.path).expanduser()
-        self.lines: list[str] = []
-        self.undecodable: dict[int, str] = {}
-        for raw in self.path.read_bytes().splitlines():
-            if not raw.strip():
-                continue
-            try:
-                self.lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                self.undecodable[len(self.lines)] = f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
-                self.lines.append("")
-        self._first_of: dict[str, int] | None = None
+        self.index = open_index(self.path, dspec.id_field, index_dir, plan)
+        self._file = None
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return len(self.index)
+
+    def __getstate__(self) -> dict:  # an open file does not pickle; the copy reopens it on first use
+        return {**self.__dict__, "_file": None}
+
+    def _line(self, i: int) -> bytes:
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        start, end = (int(v) for v in self.index.rows[i])
+        self._file.seek(start)
+        return self._file.read(end - start)
 
     def _row(self, i: int) -> dict | str:
         """Row ``i`` as a mapping, or why it is not one."""
-        if i in self.undecodable:
-            return self.undecodable[i]
+        raw = self._line(i)
         try:
-            row = json.loads(self.lines[i])
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+        try:
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             return f"invalid JSON ({e.msg})"
         return row if isinstance(row, dict) else "expected a JSON object"
-
-    def first_of(self) -> dict[str, int] | None:
-        """id -> first row that has it (read once, on first use), None without ``id_field``."""
-        if self.dspec.id_field is None:
-            return None
-        if self._first_of is None:
-            firsts: dict[str, int] = {}
-            for i in range(len(self.lines)):
-                row = self._row(i)
-                if isinstance(row, dict):
-                    firsts.setdefault(str(row.get(self.dspec.id_field, i)), i)
-            self._first_of = firsts
-        return self._first_of
 
     def get(self, i: int) -> Record:
         where = f"{self.path.name} line {i + 1}"
         row = self._row(i)
         if isinstance(row, str):
             return Record(i, str(i), None, "", error=f"{where}: {row}")
-        return _record(i, row, self.dspec, self.path.parent, where, self.first_of())
+        return _record(i, row, self.dspec, self.path.parent, where, self.index.duplicate_of)
 
 
 class HFDiskSource:
@@ -277,23 +278,34 @@ class HFDiskSource:
             ds = ds[dspec.split]
         self.ds = ds
         self.base = Path(dspec.path).expanduser()
-        self._first_of: dict[str, int] | None = None
+        self._dups: dict[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def first_of(self) -> dict[str, int] | None:
-        """id -> first row that has it (one column read, on first use), None without ``id_field``."""
-        field_name = self.dspec.id_field
-        if field_name is None:
+    def duplicate_of(self) -> dict[int, int] | None:
+        """Later row -> first row with the same id (one column read, on first use), None without ``id_field``."""
+        if self.dspec.id_field is None:
             return None
-        if self._first_of is None:
-            column = self.ds[field_name] if field_name in self.ds.column_names else range(len(self.ds))
-            firsts: dict[str, int] = {}
-            for i, v in enumerate(column):
-                firsts.setdefault(str(v), i)
-            self._first_of = firsts
-        return self._first_of
+        if self._dups is None:
+            self._dups = duplicate_rows(self.ds, self.dspec.id_field)
+        return self._dups
 
     def get(self, i: int) -> Record:
-        return _record(i, self.ds[i], self.dspec, self.base, f"{self.dspec.path} row {i}", self.first_of())
+        return _record(i, self.ds[i], self.dspec, self.base, f"{self.dspec.path} row {i}", self.duplicate_of())
+
+
+def duplicate_rows(ds, id_field: str) -> dict[int, int]:
+    """Later row -> first row with the same id, for an Arrow-backed dataset: the id column is read in
+    batches (a missing column means ids are row numbers: no duplicates)."""
+    if id_field not in ds.column_names:
+        return {}
+    firsts: dict[str, int] = {}
+    out: dict[int, int] = {}
+    column = ds.select_columns([id_field])
+    batch = 65536
+    for start in range(0, len(ds), batch):
+        for k, v in enumerate(column[start:start + batch][id_field]):
+            if firsts.setdefault(str(v), start + k) != start + k:
+                out[start + k] = firsts[str(v)]
+    return out

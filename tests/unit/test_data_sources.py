@@ -1,0 +1,92 @@
+"""Sources that read only their shard: the manifest's byte-offset index, Parquet row groups, ``load_dataset``,
+WebDataset tars; several images per record and conversations (issue 24)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from kscale.data import lineindex, open_source, records
+from kscale.data.lineindex import DataIndexStale
+from kscale.spec import DataSpec
+
+
+def write_manifest(path: Path, n: int, **extra) -> list[dict]:
+    rows = [{"id": f"r{i}", "text": f"question {i}", "image": None, **extra} for i in range(n)]
+    path.write_text("\n".join(map(json.dumps, rows)) + "\n")
+    return rows
+
+
+class CountingFile(io.BufferedReader):
+    read_bytes = 0
+
+    def read(self, n=-1):
+        out = super().read(n)
+        CountingFile.read_bytes += len(out)
+        return out
+
+
+def test_a_worker_reads_only_the_lines_it_asks_for(tmp_path, monkeypatch):
+    m = tmp_path / "m.jsonl"
+    write_manifest(m, 5000)
+    idx = tmp_path / "idx"
+    planned = open_source(DataSpec(source="manifest", path=str(m), id_field="id"), idx, plan=True)
+    assert len(planned) == 5000 and sorted(p.name.split(".", 1)[1] for p in idx.iterdir()) == \
+        ["dups.npy", "json", "rows.npy"]
+
+    def no_scan(*a, **k):
+        raise AssertionError("a worker scanned the manifest")
+
+    monkeypatch.setattr(lineindex, "scan", no_scan)
+    monkeypatch.setattr(records, "open", lambda p, mode="r": CountingFile(io.FileIO(p, mode)), raising=False)
+    monkeypatch.setattr(Path, "read_bytes", lambda self: (_ for _ in ()).throw(AssertionError("whole file read")))
+    worker = open_source(DataSpec(source="manifest", path=str(m), id_field="id"), idx)
+    CountingFile.read_bytes = 0
+    rec = worker.get(4321)
+    assert rec.error is None and rec.text == "question 4321" and rec.source_id == "r4321"
+    assert CountingFile.read_bytes <= len(json.dumps({"id": "r4321", "text": "question 4321", "image": None})) + 1
+
+
+def test_a_manifest_changed_after_planning_is_refused_by_workers_and_reindexed_by_the_planner(tmp_path):
+    m = tmp_path / "m.jsonl"
+    write_manifest(m, 10)
+    idx = tmp_path / "idx"
+    dspec = DataSpec(source="manifest", path=str(m))
+    open_source(dspec, idx, plan=True)
+    write_manifest(m, 12)
+    with pytest.raises(DataIndexStale, match="changed after this job indexed it"):
+        open_source(dspec, idx)
+    assert len(open_source(dspec, idx, plan=True)) == 12 and len(open_source(dspec, idx)) == 12
+    st = m.stat()
+    os.utime(m, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # touched, same bytes: accepted after planning
+    assert len(open_source(dspec, idx, plan=True)) == 12 and len(open_source(dspec, idx)) == 12
+
+
+def test_blank_lines_crlf_and_bad_rows_keep_their_line_numbers(tmp_path):
+    m = tmp_path / "m.jsonl"
+    m.write_bytes(b'{"text": "a", "image": null}\r\n\n   \n{not json\n' + b'{"image": null, "text": "caf\xe9"}\n'
+                  + b'{"text": "b", "image": null}')
+    for idx in (None, tmp_path / "idx"):
+        src = open_source(DataSpec(source="manifest", path=str(m)), idx, plan=True)
+        assert len(src) == 4
+        assert src.get(0).text == "a" and src.get(3).text == "b" and src.get(3).error is None
+        assert "invalid JSON" in src.get(1).error and "not UTF-8" in src.get(2).error
+
+
+def test_duplicate_ids_survive_hash_collisions(tmp_path, monkeypatch):
+    """Every id hashes alike: the index must compare the real ids of colliding rows."""
+    rows = [{"id": k, "text": "t", "image": None} for k in ("a", "b", "a", "c", "b", "a")]
+    (tmp_path / "m.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    monkeypatch.setattr(lineindex, "hash", lambda s: 7, raising=False)
+    src = open_source(DataSpec(source="manifest", path=str(tmp_path / "m.jsonl"), id_field="id"), tmp_path / "i",
+                      plan=True)
+    errors = [src.get(i).error for i in range(6)]
+    assert errors[:2] == [None, None] and errors[3] is None
+    assert "duplicate id 'a' (first used by sample 0)" in errors[2] and "(first used by sample 0)" in errors[5]
+    assert "duplicate id 'b' (first used by sample 1)" in errors[4]
+    assert lineindex.load(tmp_path / "i", tmp_path / "m.jsonl", "id").duplicate_of == {2: 0, 4: 1, 5: 0}
