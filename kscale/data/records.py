@@ -255,6 +255,11 @@ class ManifestSource:
             return f"invalid JSON ({e.msg})"
         return row if isinstance(row, dict) else "expected a JSON object"
 
+    def raw(self, i: int) -> dict:
+        """Row ``i``'s own fields ({} for a line that is not a JSON object)."""
+        row = self._row(i)
+        return row if isinstance(row, dict) else {}
+
     def get(self, i: int) -> Record:
         where = f"{self.path.name} line {i + 1}"
         row = self._row(i)
