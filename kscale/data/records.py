@@ -127,6 +127,18 @@ def open_source(dspec, index_dir: Path | None = None, plan: bool = False) -> Sou
         src: Source = GeneratedSource(dspec.generated)
     elif dspec.source == "manifest":
         src = ManifestSource(dspec, index_dir, plan)
+    elif dspec.source == "parquet":
+        from kscale.data.parquet import ParquetSource
+
+        src = ParquetSource(dspec, index_dir, plan)
+    elif dspec.source == "hf":
+        from kscale.data.hub import HubSource
+
+        src = HubSource(dspec, index_dir, plan)
+    elif dspec.source == "webdataset":
+        from kscale.data.webdataset import WebDatasetSource
+
+        src = WebDatasetSource(dspec, index_dir, plan)
     else:
         src = HFDiskSource(dspec)
     return _Limited(src, dspec.limit) if dspec.limit is not None else src
@@ -192,26 +204,64 @@ def load_image(ref: Any, base: Path | None = None,
 def _record(i: int, row: dict, dspec, base: Path | None, where: str,
             duplicate_of: dict[int, int] | None = None) -> Record:
     """The record of row ``i``; ``duplicate_of`` maps each row whose id an earlier row already has to that
-    first row (the later row is that row's error: duplicate ids are recorded, never silently merged)."""
+    first row (the later row is that row's error: duplicate ids are recorded, never silently merged).
+    Images and conversations: :mod:`kscale.data.rows`."""
+    from kscale.data import rows
+
     sid = str(row.get(dspec.id_field, i)) if dspec.id_field else str(i)
     text = row.get(dspec.text_field)
     answer = row.get(dspec.answer_field) if dspec.answer_field else None
     rec = Record(i, sid, None, text if isinstance(text, str) else "", None if answer is None else str(answer))
-    used = {dspec.image_field, dspec.text_field, dspec.answer_field, dspec.id_field}
+    used = {*rows.image_fields(dspec), dspec.text_field, dspec.answer_field, dspec.id_field, dspec.turns_field}
     rec.meta = {k: v for k, v in row.items() if k not in used}  # e.g. choices, distractor, conflicting claim
+    refs = rows.image_refs(row, dspec)
     if duplicate_of and i in duplicate_of:
         rec.error = f"{where}: duplicate id {sid[:80]!r} (first used by sample {duplicate_of[i]})"
+    elif isinstance(refs, str):
+        rec.error = f"{where}: {refs}"
+    elif dspec.turns_field is not None:
+        rec.error = _conversation_record(rec, row, refs, dspec, base, where)
     elif dspec.text_field not in row:
         rec.error = f"{where}: missing field {dspec.text_field!r}"
     elif not isinstance(text, str) or not text.strip():
         rec.error = f"{where}: empty text in field {dspec.text_field!r}"
-    elif dspec.image_field not in row:
-        rec.error = f"{where}: missing field {dspec.image_field!r} (use null for a text-only sample)"
-    elif row[dspec.image_field] is not None:
-        rec.image, err = load_image(row[dspec.image_field], base, dspec.max_image_pixels)
-        if err:
-            rec.error = f"{where}: {err}"
+    else:
+        try:
+            rec.turns = rows.text_turns(text, rec.answer, len(refs))
+        except ValueError as e:
+            rec.error = f"{where}: {e}"
+        else:
+            rec.error = _load_images(rec, refs, dspec, base, where)
     return rec
+
+
+def _conversation_record(rec: Record, row: dict, refs: list, dspec, base: Path | None, where: str) -> str | None:
+    """Fill ``rec`` from the row's conversation; the error, or None."""
+    from kscale.data import rows
+
+    if dspec.turns_field not in row:
+        return f"{where}: missing field {dspec.turns_field!r}"
+    try:
+        turns, refs = rows.conversation(row[dspec.turns_field], refs)
+    except ValueError as e:
+        return f"{where}: field {dspec.turns_field!r} {e}"
+    rec.turns, rec.text, rec.answer = turns, rows.first_text(turns, "user") or "", rows.first_text(turns, "assistant")
+    return _load_images(rec, refs, dspec, base, where)
+
+
+def _load_images(rec: Record, refs: list, dspec, base: Path | None, where: str) -> str | None:
+    """Decode the record's images into ``images`` (and ``image``, the first); the error, or None."""
+    if len(refs) > dspec.max_images:
+        return f"{where}: {len(refs)} images, more than data.max_images={dspec.max_images}"
+    images = []
+    for k, ref in enumerate(refs):
+        img, err = load_image(ref, base, dspec.max_image_pixels)
+        if err:
+            return f"{where}: {'image %d: ' % (k + 1) if len(refs) > 1 else ''}{err}"
+        images.append(img)
+    rec.image = images[0] if images else None
+    rec.images = images if rec.turns is not None else None
+    return None
 
 
 class ManifestSource:

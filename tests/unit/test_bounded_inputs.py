@@ -278,7 +278,7 @@ def test_every_problem_in_one_pass_with_suggestions_exit_2_and_no_traceback(tmp_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     err = proc.stderr
     assert "model.dtyp: unknown key (did you mean 'dtype'?)" in err
-    assert "data.source: 'manifset' is not one of 'generated', 'manifest', 'hf_disk' (did you mean 'manifest'?)" in err
+    assert "data.source: 'manifset' is not one of 'generated', 'manifest', 'hf_disk', 'parquet', 'hf', 'webdataset' (did you mean 'manifest'?)" in err
     assert "extract.layers" in err and "40" in err  # the model-dependent range, with the rest
     assert "resources.torch_threads: must be >= 1 (got -3)" in err
     assert "resources.cpus_per_worker: must be a finite number (got nan)" in err

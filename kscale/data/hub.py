@@ -1,0 +1,82 @@
+"""``datasets.load_dataset`` as a source (``data.source: hf``).
+
+``load_dataset(data.path, data.config, split=data.split or "train", revision=data.revision)``: a hub id
+(read from the local cache when ``HF_HUB_OFFLINE=1``, downloaded where the hub is reachable) or a local
+folder of data files. The result is Arrow files memory-mapped from the datasets cache, so every worker
+opens the same rows in the same order (sample ``i`` is row ``i``) and reads only the rows it asks for. The
+planner's ``load_dataset`` prepares the cache once; workers reuse it.
+
+Rows are read in Arrow form and converted one at a time, so images arrive undecoded (the ``{"bytes",
+"path"}`` struct of the ``Image`` feature) and pass the pixel limit before decoding.
+
+Identity (:mod:`kscale.data.identity`): the dataset's Arrow fingerprint and the names and sizes of its
+cache files. Duplicate ids: one pass over the id column at planning, kept in the index folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kscale.data.files import duplicates_index
+from kscale.data.lineindex import _key
+from kscale.data.records import Record, _record
+
+_LOADED: dict[tuple, object] = {}  # one load_dataset per process and (path, config, split, revision)
+
+
+def load(dspec):
+    key = (dspec.path, dspec.config, dspec.split or "train", dspec.revision)
+    if key not in _LOADED:
+        from datasets import load_dataset
+
+        try:
+            _LOADED[key] = load_dataset(dspec.path, dspec.config, split=dspec.split or "train",
+                                        revision=dspec.revision)
+        except ValueError as e:  # an unknown split or config: say which field
+            raise ValueError(f"data: load_dataset({dspec.path!r}, {dspec.config!r}, split="
+                             f"{dspec.split or 'train'!r}) failed: {e}") from e
+    return _LOADED[key]
+
+
+def identity(dspec) -> dict:
+    ds = load(dspec)
+    files = [[Path(f["filename"]).name, Path(f["filename"]).stat().st_size] for f in ds.cache_files]
+    return {"source": "hf", "path": dspec.path, "config": dspec.config, "split": dspec.split or "train",
+            "revision": dspec.revision, "fingerprint": ds._fingerprint, "files": files}
+
+
+class HubSource:
+    def __init__(self, dspec, index_dir: Path | None = None, plan: bool = False):
+        self.dspec = dspec
+        self.ds = load(dspec)
+        self.rows = self.ds.with_format("arrow")
+        self.duplicate_of: dict[int, int] | None = None
+        if dspec.id_field is not None:
+            files = [Path(f["filename"]) for f in self.ds.cache_files]
+            self.duplicate_of = duplicates_index(
+                index_dir, f"hf-{_key(self.ds._fingerprint, dspec.id_field)}.dups.json", files, self._ids, plan,
+                f"the dataset {dspec.path!r}")
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def __getstate__(self) -> dict:  # the dataset reopens from the cache where unpickled
+        return {"dspec": self.dspec, "duplicate_of": self.duplicate_of}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.ds = load(self.dspec)
+        self.rows = self.ds.with_format("arrow")
+
+    def _ids(self):
+        if self.dspec.id_field not in self.ds.column_names:
+            return
+        column = self.ds.select_columns([self.dspec.id_field]).with_format("arrow")
+        for start in range(0, len(self.ds), 65536):
+            yield from enumerate(column[start:start + 65536].column(0).to_pylist(), start)
+
+    def raw(self, i: int) -> dict:
+        return self.rows[i].to_pylist()[0]
+
+    def get(self, i: int) -> Record:
+        return _record(i, self.raw(i), self.dspec, None, f"{self.dspec.path} row {i}", self.duplicate_of)
