@@ -24,8 +24,16 @@ from kscale.data.records import Record, _record
 _LOADED: dict[tuple, object] = {}  # one load_dataset per process and (path, config, split, revision)
 
 
+def _local_stats(path: str) -> tuple:
+    """Sizes and mtimes of a local dataset folder's files (so a changed file is loaded again)."""
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        return ()
+    return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file())
+
+
 def load(dspec):
-    key = (dspec.path, dspec.config, dspec.split or "train", dspec.revision)
+    key = (dspec.path, dspec.config, dspec.split or "train", dspec.revision, _local_stats(dspec.path))
     if key not in _LOADED:
         from datasets import load_dataset
 

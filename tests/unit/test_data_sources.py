@@ -90,3 +90,62 @@ def test_duplicate_ids_survive_hash_collisions(tmp_path, monkeypatch):
     assert "duplicate id 'a' (first used by sample 0)" in errors[2] and "(first used by sample 0)" in errors[5]
     assert "duplicate id 'b' (first used by sample 1)" in errors[4]
     assert lineindex.load(tmp_path / "i", tmp_path / "m.jsonl", "id").duplicate_of == {2: 0, 4: 1, 5: 0}
+
+
+# ----------------------------------------------------------------------------- images and conversations
+
+
+def _png(tmp_path: Path, name: str, color: str) -> str:
+    Image.new("RGB", (8, 8), color).save(tmp_path / name)
+    return name
+
+
+def test_conversations_llava_and_openai_every_assistant_turn_an_answer(tmp_path):
+    from kscale.models.inputs import Media, Turn
+
+    a, b = _png(tmp_path, "a.png", "red"), _png(tmp_path, "b.png", "blue")
+    rows = [
+        {"image": [a, b], "conversations": [
+            {"from": "system", "value": "be brief"},
+            {"from": "human", "value": "<image>\nwhat is it ?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "and <image> ?"}, {"from": "gpt", "value": "blue"}]},
+        {"image": [a], "messages": [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "and this ?"},
+                                         {"type": "image_url", "image_url": {"url": b}}]},
+            {"role": "assistant", "content": "red, blue"}]},
+        {"image": [a], "conversations": [{"from": "gpt", "value": "x"}]},
+        {"image": [a], "conversations": [{"from": "human", "value": "<image> <image>"}]},
+        {"image": None, "conversations": [{"from": "robot", "value": "hi"}]},
+    ]
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({**r, "messages": r.get("messages", r.get("conversations"))})
+                                                for r in rows))
+    src = open_source(DataSpec(source="manifest", path=str(tmp_path / "m.jsonl"), turns_field="messages"))
+    r = src.get(0)
+    assert r.error is None and r.text == "\nwhat is it ?" and r.answer == "red" and r.image is r.images[0]
+    assert r.turns == (Turn("system", ("be brief",)), Turn("user", (Media("image", 0), "\nwhat is it ?")),
+                       Turn("assistant", ("red",)), Turn("user", ("and ", Media("image", 1), " ?")),
+                       Turn("assistant", ("blue",)))
+    assert [t.text for t in r.sample().turns if t.role == "assistant"] == ["red", "blue"]
+    assert r.sample(with_answer=False).turns == r.turns[:2]
+    r = src.get(1)
+    assert r.error is None and len(r.images) == 2 and r.images[1].getpixel((0, 0)) == (0, 0, 255)
+    assert r.turns[0].content == (Media("image", 0), "and this ?", Media("image", 1)) and r.answer == "red, blue"
+    assert "has no user turn" in src.get(2).error
+    assert "names <image> number 2 but the record has 1 image(s)" in src.get(3).error
+    assert "turn 0 has role 'robot'" in src.get(4).error
+
+
+def test_unnamed_images_come_first_and_a_single_image_keeps_the_simple_sample(tmp_path):
+    from kscale.models.inputs import Media, Sample
+
+    a, b = _png(tmp_path, "a.png", "red"), _png(tmp_path, "b.png", "blue")
+    rows = [{"im1": a, "im2": None, "text": "plain", "answer": "x"},
+            {"im1": a, "im2": b, "text": "only <image 2> named", "answer": "y"},
+            {"im1": a, "im2": None, "text": "see <image 3>", "answer": "z"}]
+    (tmp_path / "m.jsonl").write_text("\n".join(map(json.dumps, rows)))
+    src = open_source(DataSpec(source="manifest", path=str(tmp_path / "m.jsonl"), image_field=["im1", "im2"]))
+    r = src.get(0)
+    assert r.turns is None and r.sample() == Sample.simple(r.image, "plain", "x")
+    r = src.get(1)
+    assert r.turns[0].content == (Media("image", 0), "only ", Media("image", 1), " named")
+    assert "names <image 3> but the record has 1 image(s)" in src.get(2).error
