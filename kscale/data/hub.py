@@ -32,6 +32,19 @@ def _local_stats(path: str) -> tuple:
     return tuple((str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in sorted(p.rglob("*")) if f.is_file())
 
 
+def _cache_dir(stats: tuple) -> str | None:
+    """The datasets cache to use, read when called (``HF_DATASETS_CACHE`` set after ``datasets`` was imported
+    still counts). A local folder gets a cache of its own named by its files' sizes and mtimes: datasets keys
+    the cache of a folder whose README declares ``configs`` by that card, not by the files, so an edited
+    file would otherwise be read from the stale Arrow cache."""
+    import os
+
+    import datasets
+
+    root = os.environ.get("HF_DATASETS_CACHE") or str(datasets.config.HF_DATASETS_CACHE)
+    return os.path.join(root, "kscale-local", _key(*stats)) if stats else os.environ.get("HF_DATASETS_CACHE")
+
+
 def load(dspec):
     key = (dspec.path, dspec.config, dspec.split or "train", dspec.revision, _local_stats(dspec.path))
     if key not in _LOADED:
@@ -39,7 +52,7 @@ def load(dspec):
 
         try:
             _LOADED[key] = load_dataset(dspec.path, dspec.config, split=dspec.split or "train",
-                                        revision=dspec.revision)
+                                        revision=dspec.revision, cache_dir=_cache_dir(key[-1]))
         except ValueError as e:  # an unknown split or config: say which field
             raise ValueError(f"data: load_dataset({dspec.path!r}, {dspec.config!r}, split="
                              f"{dspec.split or 'train'!r}) failed: {e}") from e
@@ -49,8 +62,17 @@ def load(dspec):
 def identity(dspec) -> dict:
     ds = load(dspec)
     files = [[Path(f["filename"]).name, Path(f["filename"]).stat().st_size] for f in ds.cache_files]
-    return {"source": "hf", "path": dspec.path, "config": dspec.config, "split": dspec.split or "train",
-            "revision": dspec.revision, "fingerprint": ds._fingerprint, "files": files}
+    out = {"source": "hf", "path": dspec.path, "config": dspec.config, "split": dspec.split or "train",
+           "revision": dspec.revision, "fingerprint": ds._fingerprint, "files": files}
+    local = Path(dspec.path).expanduser()
+    if local.is_dir():  # a local folder: its own files' content (the fingerprint follows the card, not the files)
+        from kscale.data.identity import file_sha256
+        from kscale.data.parquet import footer_sha256
+
+        out["local_files"] = [[str(f.relative_to(local)), f.stat().st_size,
+                               footer_sha256(f) if f.suffix == ".parquet" else file_sha256(f)]
+                              for f in sorted(local.rglob("*")) if f.is_file()]
+    return out
 
 
 class HubSource:

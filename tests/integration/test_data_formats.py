@@ -163,6 +163,9 @@ def test_a_partial_run_resumes_to_an_identical_store_and_a_changed_file_is_refus
         write_tars(data)
     else:
         write_parquet(data)
+    if fmt == "hf":  # a card declaring its configs, as hub datasets have (datasets then keys its cache by the card)
+        (data / "README.md").write_text("---\nconfigs:\n- config_name: default\n  data_files:\n  - split: train\n"
+                                        "    path: part-*.parquet\n---\n")
     path = extract(tmp_path, "run", source=fmt, path=str(data))
     before = contents(path)
     for name in ("s000001", "s000002"):  # what a run killed before these commits leaves
@@ -174,8 +177,12 @@ def test_a_partial_run_resumes_to_an_identical_store_and_a_changed_file_is_refus
         write_tars(data, extra=True)
     else:
         rows = parquet_rows()
-        rows[4]["text"] = "what colour is shape 4 ?"
+        rows[4]["text"] = "what COLOR is shape 4 ?"  # same size
         write_parquet(data, rows)
+        from kscale.data import open_source
+        from kscale.spec import DataSpec
+
+        assert open_source(DataSpec(source=fmt, path=str(data))).get(4).text == rows[4]["text"]  # not a stale cache
     with pytest.raises(DataChanged, match="changed since this output was written"):
         extract(tmp_path, "run", source=fmt, path=str(data))
 
