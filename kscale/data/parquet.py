@@ -68,7 +68,7 @@ class ParquetSource:
                     self.groups.append((n, k, g))
                     n += rows
         self.n = n
-        self._cached: tuple[int, list[dict]] | None = None  # (group position, its rows)
+        self._cached: tuple[int, object] | None = None  # (group position, its Arrow table)
         self.duplicate_of: dict[int, int] | None = None
         if dspec.id_field is not None:
             self.duplicate_of = duplicates_index(index_dir, f"parquet-{_key(dspec.path, dspec.id_field)}.dups.json",
@@ -98,22 +98,22 @@ class ParquetSource:
         pos = bisect.bisect_right(self.starts, i) - 1
         return pos, i - self.starts[pos]
 
-    def _group_rows(self, pos: int) -> list[dict]:
+    def _row(self, pos: int, j: int) -> dict:
+        """Row ``j`` of row group ``pos`` (the group is read once, kept in Arrow form, rows converted one by one)."""
         if self._cached is None or self._cached[0] != pos:
             import pyarrow.parquet as pq
 
             _, k, g = self.groups[pos]
-            self._cached = (pos, pq.ParquetFile(self.index["files"][k]["file"]).read_row_group(g).to_pylist())
-        return self._cached[1]
+            self._cached = (pos, pq.ParquetFile(self.index["files"][k]["file"]).read_row_group(g))
+        return self._cached[1].slice(j, 1).to_pylist()[0]
 
     def raw(self, i: int) -> dict:
-        pos, j = self._locate(i)
-        return self._group_rows(pos)[j]
+        return self._row(*self._locate(i))
 
     def get(self, i: int) -> Record:
         pos, j = self._locate(i)
         _, k, g = self.groups[pos]
         file = Path(self.index["files"][k]["file"])
         row_in_file = j + sum(self.index["files"][k]["row_groups"][:g])
-        return _record(i, self._group_rows(pos)[j], self.dspec, file.parent, f"{file.name} row {row_in_file}",
+        return _record(i, self._row(pos, j), self.dspec, file.parent, f"{file.name} row {row_in_file}",
                        self.duplicate_of)

@@ -149,3 +149,20 @@ def test_unnamed_images_come_first_and_a_single_image_keeps_the_simple_sample(tm
     r = src.get(1)
     assert r.turns[0].content == (Media("image", 0), "only ", Media("image", 1), " named")
     assert "names <image 3> but the record has 1 image(s)" in src.get(2).error
+
+
+def test_spec_errors_name_the_data_field(tmp_path):
+    from kscale.spec import SpecError, spec_from_dict
+    from tests.conftest import extract_spec
+
+    raw = extract_spec(tmp_path, data={"source": "parquet", "path": str(tmp_path / "*.parquet"), "image_field": [],
+                                       "max_images": 0})
+    with pytest.raises(SpecError) as e:
+        spec_from_dict(raw)
+    msg = str(e.value)
+    assert "data.path: " in msg and "names no .parquet file" in msg
+    assert "data.image_field: an empty list names no image field" in msg
+    assert "data.max_images: must be >= 1 (got 0)" in msg
+    raw = extract_spec(tmp_path, data={"source": "webdataset", "path": str(tmp_path / "nope")})
+    with pytest.raises(SpecError, match=r"data.path: .*nope' does not exist"):
+        spec_from_dict(raw)
