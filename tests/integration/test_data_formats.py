@@ -211,3 +211,45 @@ def test_several_images_are_placed_where_the_text_names_them(tmp_path):
     assert set(idx.tolist()) == {0, 1} and idx[0] == 1 and (np.diff(idx) <= 0).all()  # image 2's tokens first
     assert (idx == 1).sum() > (idx == 0).sum()  # the 84 px image has more tokens than the 56 px one
     assert "3 images, more than data.max_images=2" in ks.errors()[0]["reason"]
+
+
+@pytest.mark.slow  # ~50 s on a loaded machine: two extractions and a CLI process
+def test_a_sigkilled_parquet_run_resumes_to_the_uninterrupted_store(tmp_path):
+    """The driver killed mid-shard (SIGKILL, its own PID); the rerun reuses the index beside the output,
+    skips the committed shards and ends byte-equal to an uninterrupted run."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.integration.test_extract import stores_equal
+
+    rows = [{"id": f"s{i}", "image": {"bytes": png(COLORS[i % 5], 56 + 28 * (i % 2)), "path": None},
+             "text": f"what color is shape {i} ?", "answer": COLORS[i % 5]} for i in range(16)]
+    data = write_parquet(tmp_path / "pq", rows)
+    over = dict(data={"source": "parquet", "path": str(data), "shard_size": 2, "id_field": "id"},
+                extract={"batch_size": 1, "key_dtype": "float16", "layers": [0, 1]})
+    ref = spec_from_dict(extract_spec(tmp_path / "ref", **over))
+    run_job(ref, show_bar=False)
+    d = extract_spec(tmp_path / "killed", **over)
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(d))
+    store = Path(d["output"]["path"])
+    proc = subprocess.Popen([sys.executable, "-m", "kscale.cli", "submit", "--no-progress", str(tmp_path / "job.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and len(list((store / "shards").glob("*.done.json"))) < 2:
+        time.sleep(0.05)
+    while time.time() < deadline and not list((store / "shards").glob(".s??????.tmp-*")):
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    markers = {p.name for p in (store / "shards").glob("*.done.json")}
+    assert 2 <= len(markers) < 8, "the kill must land mid-job"
+    index = store.parent / f".{store.name}.data-index"
+    assert sorted(p.name.split("-")[0] for p in index.iterdir()) == ["parquet", "parquet"]  # rows and ids
+    summary = run_job(spec_from_dict(d), show_bar=False)
+    assert summary.shards_skipped == len(markers) and summary.shards_failed == 0
+    stores_equal(ref.output.path, str(store))
