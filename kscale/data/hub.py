@@ -18,7 +18,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from kscale.data.files import duplicates_index
-from kscale.data.lineindex import _key
+from kscale.data.lineindex import index_key
 from kscale.data.records import Record, _record
 
 _LOADED: dict[tuple, object] = {}  # one load_dataset per process and (path, config, split, revision)
@@ -42,7 +42,7 @@ def _cache_dir(stats: tuple) -> str | None:
     import datasets
 
     root = os.environ.get("HF_DATASETS_CACHE") or str(datasets.config.HF_DATASETS_CACHE)
-    return os.path.join(root, "kscale-local", _key(*stats)) if stats else os.environ.get("HF_DATASETS_CACHE")
+    return os.path.join(root, "kscale-local", index_key(*stats)) if stats else os.environ.get("HF_DATASETS_CACHE")
 
 
 def load(dspec):
@@ -84,7 +84,7 @@ class HubSource:
         if dspec.id_field is not None:
             files = [Path(f["filename"]) for f in self.ds.cache_files]
             self.duplicate_of = duplicates_index(
-                index_dir, f"hf-{_key(self.ds._fingerprint, dspec.id_field)}.dups.json", files, self._ids, plan,
+                index_dir, f"hf-{index_key(self.ds._fingerprint, dspec.id_field)}.dups.json", files, self._ids, plan,
                 f"the dataset {dspec.path!r}")
 
     def __len__(self) -> int:
@@ -99,11 +99,9 @@ class HubSource:
         self.rows = self.ds.with_format("arrow")
 
     def _ids(self):
-        if self.dspec.id_field not in self.ds.column_names:
-            return
-        column = self.ds.select_columns([self.dspec.id_field]).with_format("arrow")
-        for start in range(0, len(self.ds), 65536):
-            yield from enumerate(column[start:start + 65536].column(0).to_pylist(), start)
+        from kscale.data.records import row_ids
+
+        return row_ids(self.ds, self.dspec.id_field)
 
     def raw(self, i: int) -> dict:
         return self.rows[i].to_pylist()[0]

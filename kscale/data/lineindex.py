@@ -45,7 +45,7 @@ def index_dir(output_path: str | Path) -> Path:
     return p.parent / f".{p.name}.data-index"
 
 
-def _key(*parts: object) -> str:
+def index_key(*parts: object) -> str:
     return hashlib.sha256(json.dumps([str(p) for p in parts]).encode()).hexdigest()[:16]
 
 
@@ -120,7 +120,7 @@ def _duplicates(path: Path, rows: np.ndarray, hashes: np.ndarray, id_field: str)
 
 
 def _files(folder: Path, path: Path, id_field: str | None) -> tuple[Path, Path, Path]:
-    stem = folder / f"manifest-{_key(path.resolve(), id_field)}"
+    stem = folder / f"manifest-{index_key(path.resolve(), id_field)}"
     return stem.with_suffix(".json"), Path(f"{stem}.rows.npy"), Path(f"{stem}.dups.npy")
 
 

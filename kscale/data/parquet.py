@@ -21,7 +21,7 @@ import hashlib
 from pathlib import Path
 
 from kscale.data.files import data_files, duplicates_index, json_index
-from kscale.data.lineindex import _key
+from kscale.data.lineindex import index_key
 from kscale.data.records import Record, _record
 
 
@@ -50,7 +50,7 @@ def build_index(files: list[Path]) -> dict:
 
 def parquet_index(dspec, folder: Path | None, plan: bool) -> dict:
     files = data_files(dspec.path, ".parquet")
-    return json_index(folder, f"parquet-{_key(dspec.path)}.json", files, lambda: build_index(files), plan,
+    return json_index(folder, f"parquet-{index_key(dspec.path)}.json", files, lambda: build_index(files), plan,
                       f"the Parquet files of {dspec.path!r}")
 
 
@@ -71,7 +71,7 @@ class ParquetSource:
         self._cached: tuple[int, object] | None = None  # (group position, its Arrow table)
         self.duplicate_of: dict[int, int] | None = None
         if dspec.id_field is not None:
-            self.duplicate_of = duplicates_index(index_dir, f"parquet-{_key(dspec.path, dspec.id_field)}.dups.json",
+            self.duplicate_of = duplicates_index(index_dir, f"parquet-{index_key(dspec.path, dspec.id_field)}.dups.json",
                                                  data_files(dspec.path, ".parquet"), self._ids, plan,
                                                  f"the Parquet files of {dspec.path!r}")
 

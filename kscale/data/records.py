@@ -13,6 +13,7 @@ from typing import Any, Protocol, overload
 
 from PIL import Image
 
+from kscale.data import rows
 from kscale.models.inputs import Sample, Turn, Video
 
 
@@ -140,7 +141,7 @@ def open_source(dspec, index_dir: Path | None = None, plan: bool = False) -> Sou
 
         src = WebDatasetSource(dspec, index_dir, plan)
     else:
-        src = HFDiskSource(dspec)
+        src = HFDiskSource(dspec, index_dir, plan)
     return _Limited(src, dspec.limit) if dspec.limit is not None else src
 
 
@@ -206,8 +207,6 @@ def _record(i: int, row: dict, dspec, base: Path | None, where: str,
     """The record of row ``i``; ``duplicate_of`` maps each row whose id an earlier row already has to that
     first row (the later row is that row's error: duplicate ids are recorded, never silently merged).
     Images and conversations: :mod:`kscale.data.rows`."""
-    from kscale.data import rows
-
     sid = str(row.get(dspec.id_field, i)) if dspec.id_field else str(i)
     text = row.get(dspec.text_field)
     answer = row.get(dspec.answer_field) if dspec.answer_field else None
@@ -237,8 +236,6 @@ def _record(i: int, row: dict, dspec, base: Path | None, where: str,
 
 def _conversation_record(rec: Record, row: dict, refs: list, dspec, base: Path | None, where: str) -> str | None:
     """Fill ``rec`` from the row's conversation; the error, or None."""
-    from kscale.data import rows
-
     if dspec.turns_field not in row:
         return f"{where}: missing field {dspec.turns_field!r}"
     try:
@@ -321,7 +318,7 @@ class ManifestSource:
 class HFDiskSource:
     """A Hugging Face dataset saved with ``save_to_disk`` (a Dataset, or a DatasetDict with ``split``)."""
 
-    def __init__(self, dspec):
+    def __init__(self, dspec, index_dir: Path | None = None, plan: bool = False):
         from datasets import DatasetDict, load_from_disk
 
         self.dspec = dspec
@@ -333,6 +330,7 @@ class HFDiskSource:
             ds = ds[dspec.split]
         self.ds = ds
         self.base = Path(dspec.path).expanduser()
+        self.index_dir, self.plan = index_dir, plan
         self._dups: dict[int, int] | None = None
 
     def __len__(self) -> int:
@@ -343,24 +341,25 @@ class HFDiskSource:
         if self.dspec.id_field is None:
             return None
         if self._dups is None:
-            self._dups = duplicate_rows(self.ds, self.dspec.id_field)
+            from kscale.data.files import duplicates_index
+            from kscale.data.lineindex import index_key
+
+            files = [Path(f["filename"]) for f in self.ds.cache_files]
+            name = f"hf_disk-{index_key(self.base.resolve(), self.dspec.split, self.dspec.id_field)}.dups.json"
+            self._dups = duplicates_index(self.index_dir, name, files, lambda: row_ids(self.ds, self.dspec.id_field),
+                                          self.plan, f"the saved dataset {self.dspec.path!r}")
         return self._dups
 
     def get(self, i: int) -> Record:
         return _record(i, self.ds[i], self.dspec, self.base, f"{self.dspec.path} row {i}", self.duplicate_of())
 
 
-def duplicate_rows(ds, id_field: str) -> dict[int, int]:
-    """Later row -> first row with the same id, for an Arrow-backed dataset: the id column is read in
-    batches (a missing column means ids are row numbers: no duplicates)."""
+def row_ids(ds, id_field: str):
+    """(row, id) of an Arrow-backed dataset, the id column read in batches (none when the column is
+    missing: ids are then row numbers, never duplicates). Read by the planner where the source has an
+    index folder (:func:`kscale.data.files.duplicates_index`), once; workers load the duplicates."""
     if id_field not in ds.column_names:
-        return {}
-    firsts: dict[str, int] = {}
-    out: dict[int, int] = {}
+        return
     column = ds.select_columns([id_field])
-    batch = 65536
-    for start in range(0, len(ds), batch):
-        for k, v in enumerate(column[start:start + batch][id_field]):
-            if firsts.setdefault(str(v), start + k) != start + k:
-                out[start + k] = firsts[str(v)]
-    return out
+    for start in range(0, len(ds), 65536):
+        yield from enumerate(column[start:start + 65536][id_field], start)

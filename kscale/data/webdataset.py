@@ -27,7 +27,7 @@ import tarfile
 from pathlib import Path
 
 from kscale.data.files import data_files, duplicates_index, json_index
-from kscale.data.lineindex import _key
+from kscale.data.lineindex import index_key
 from kscale.data.records import Record, _record
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -69,7 +69,7 @@ class WebDatasetSource:
         what = f"the tar shards of {dspec.path!r}"
         self.folder = index_dir
         self._members: dict[int, list] = {}  # tar number -> its samples' members (one tar kept at a time)
-        self.index = json_index(index_dir, f"wds-{_key(dspec.path)}.json", tars, lambda: self._build(tars), plan,
+        self.index = json_index(index_dir, f"wds-{index_key(dspec.path)}.json", tars, lambda: self._build(tars), plan,
                                 what)
         self.starts: list[int] = []
         n = 0
@@ -80,7 +80,7 @@ class WebDatasetSource:
         self._file: tuple[int, object] | None = None
         self.duplicate_of: dict[int, int] | None = None
         if dspec.id_field is not None:
-            self.duplicate_of = duplicates_index(index_dir, f"wds-{_key(dspec.path, dspec.id_field)}.dups.json",
+            self.duplicate_of = duplicates_index(index_dir, f"wds-{index_key(dspec.path, dspec.id_field)}.dups.json",
                                                  tars, self._ids, plan, what)
 
     def __len__(self) -> int:

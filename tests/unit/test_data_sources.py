@@ -166,3 +166,15 @@ def test_spec_errors_name_the_data_field(tmp_path):
     raw = extract_spec(tmp_path, data={"source": "webdataset", "path": str(tmp_path / "nope")})
     with pytest.raises(SpecError, match=r"data.path: .*nope' does not exist"):
         spec_from_dict(raw)
+
+
+def test_saved_dataset_duplicates_come_from_the_planners_index(tmp_path, monkeypatch):
+    from datasets import Dataset
+
+    rows = [{"id": k, "text": "t", "image": None} for k in ("a", "b", "a")]
+    Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
+    dspec = DataSpec(source="hf_disk", path=str(tmp_path / "ds"), id_field="id")
+    assert "duplicate id 'a' (first used by sample 0)" in open_source(dspec, tmp_path / "i", plan=True).get(2).error
+    monkeypatch.setattr(records, "row_ids", lambda *a: (_ for _ in ()).throw(AssertionError("worker read every id")))
+    worker = open_source(dspec, tmp_path / "i")
+    assert worker.get(0).error is None and "duplicate id 'a'" in worker.get(2).error
