@@ -178,3 +178,22 @@ def test_saved_dataset_duplicates_come_from_the_planners_index(tmp_path, monkeyp
     monkeypatch.setattr(records, "row_ids", lambda *a: (_ for _ in ()).throw(AssertionError("worker read every id")))
     worker = open_source(dspec, tmp_path / "i")
     assert worker.get(0).error is None and "duplicate id 'a'" in worker.get(2).error
+
+
+def test_a_llava_conversation_trains_on_every_assistant_turn(tmp_path):
+    """Through the family adapter (what the training collate calls): the answer mask holds the tokens of both
+    gpt turns and nothing of the human turns; both images are fed, each tagged with its index."""
+    from kscale.models import load_model
+    from kscale.spec import ModelSpec
+
+    lm = load_model(ModelSpec(path="debug:qwen2_5_vl", dtype="float32"))
+    a, b = _png(tmp_path, "a.png", "red"), _png(tmp_path, "b.png", "blue")
+    conv = [{"from": "human", "value": "<image> what color ?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "and <image> ?"}, {"from": "gpt", "value": "blue square"}]
+    (tmp_path / "m.jsonl").write_text(json.dumps({"image": [a, b], "conversations": conv}))
+    rec = open_source(DataSpec(source="manifest", path=str(tmp_path / "m.jsonl"), turns_field="conversations")).get(0)
+    batch = lm.adapter.batch(lm, [rec.sample()])
+    ids = batch.inputs["input_ids"][0]
+    answer = lm.tokenizer.decode(ids[batch.answer_mask_BT[0]])
+    assert "red" in answer and "blue" in answer and "square" in answer and "color" not in answer, answer
+    assert set(batch.image_index_BT[0][batch.image_index_BT[0] >= 0].tolist()) == {0, 1}
