@@ -107,6 +107,7 @@ def describe_change(old: dict, new: dict) -> str:
             then = {f[0]: f[1:] for f in old["files"]}
             now = {f[0]: f[1:] for f in new["files"]}
             changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
-            return f"the {new['source']} data {where!r} changed since this output was written (in {', '.join(changed[:5])})"
+            return (f"the {new['source']} data {where!r} changed since this output was written "
+                    f"(in {', '.join(changed[:5])})")
         return f"the {new['source']} data {where!r} changed since this output was written"
     return f"the data changed since this output was written ({old} then, {new} now)"

@@ -71,8 +71,8 @@ class ParquetSource:
         self._cached: tuple[int, object] | None = None  # (group position, its Arrow table)
         self.duplicate_of: dict[int, int] | None = None
         if dspec.id_field is not None:
-            self.duplicate_of = duplicates_index(index_dir, f"parquet-{index_key(dspec.path, dspec.id_field)}.dups.json",
-                                                 data_files(dspec.path, ".parquet"), self._ids, plan,
+            name = f"parquet-{index_key(dspec.path, dspec.id_field)}.dups.json"
+            self.duplicate_of = duplicates_index(index_dir, name, data_files(dspec.path, ".parquet"), self._ids, plan,
                                                  f"the Parquet files of {dspec.path!r}")
 
     def _ids(self):

@@ -130,7 +130,7 @@ class DataSpec:
     image_field: str | list[str] = doc(
         "Record field holding the image (path, bytes or a {bytes, path} struct; a list of them for several "
         "images), or a list of fields each holding one image (MMMU's image_1 .. image_7; empty ones skipped). "
-        "WebDataset: the member extensions, e.g. [jpg, png].", "image")
+        "WebDataset: a member extension such as `jpg` (default `image`: the sample's first image member).", "image")
     text_field: str = doc("Record field holding the text / prompt.", "text")
     answer_field: str | None = doc("Record field with the answer (training and bias jobs).", "answer")
     id_field: str | None = doc("Record field with a stable id (recorded in the store); None: the row number "

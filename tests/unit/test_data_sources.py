@@ -197,3 +197,33 @@ def test_a_llava_conversation_trains_on_every_assistant_turn(tmp_path):
     answer = lm.tokenizer.decode(ids[batch.answer_mask_BT[0]])
     assert "red" in answer and "blue" in answer and "square" in answer and "color" not in answer, answer
     assert set(batch.image_index_BT[0][batch.image_index_BT[0] >= 0].tolist()) == {0, 1}
+
+
+def test_parquet_and_tar_indexes_changed_after_planning_are_refused_by_workers(tmp_path):
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def write(n: int) -> None:
+        pq.write_table(pa.Table.from_pylist([{"text": f"t{i}", "image": None} for i in range(n)]),
+                       tmp_path / "a.parquet", row_group_size=2)
+        with tarfile.open(tmp_path / "a.tar", "w") as t:
+            for i in range(n):
+                info = tarfile.TarInfo(f"k{i}.txt")
+                info.size = 2
+                t.addfile(info, io.BytesIO(b"hi"))
+
+    write(5)
+    for source, path in (("parquet", "a.parquet"), ("webdataset", "a.tar")):
+        dspec = DataSpec(source=source, path=str(tmp_path / path), image_field="nothing")
+        assert len(open_source(dspec, tmp_path / "i", plan=True)) == 5
+    write(7)
+    for source, path in (("parquet", "a.parquet"), ("webdataset", "a.tar")):
+        dspec = DataSpec(source=source, path=str(tmp_path / path), image_field="nothing")
+        with pytest.raises(DataIndexStale, match="changed after this job indexed it"):
+            open_source(dspec, tmp_path / "i")
+        assert len(open_source(dspec, tmp_path / "i", plan=True)) == 7 == len(open_source(dspec, tmp_path / "i"))
+    (tmp_path / "b.tar.gz").write_bytes(__import__("gzip").compress((tmp_path / "a.tar").read_bytes()))
+    with pytest.raises(ValueError, match="is compressed"):
+        open_source(DataSpec(source="webdataset", path=str(tmp_path / "b.tar.gz")))
