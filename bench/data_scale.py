@@ -16,7 +16,8 @@ imports is printed too, so the data's share can be read off):
 - ``parquet before``: reading the whole file as a worker would without row-group addressing
   (``pyarrow.parquet.read_table``); ``parquet after``: ``open_source`` of ``data.source: parquet``.
 
-Each with and without ``data.id_field``. On a shared machine the times follow the load: read the ratios of
+Each with and without ``data.id_field``. Results (10^6 and 10^7 rows, under load) are in docs/data.md. On a
+shared machine the times follow the load: read the ratios of
 one run, side by side.
 
     python bench/data_scale.py [--rows 1000000] [--dir /tmp/kscale_data_scale] [--json out.json]
