@@ -226,6 +226,34 @@ def verify(store: str, repair: bool, quick: bool, workers: int, as_json: bool) -
 
 
 @main.command()
+@click.argument("store", type=click.Path(exists=True, file_okay=False))
+@click.option("--to", "to", type=click.Choice(["parquet", "hf"]), required=True,
+              help="parquet: Parquet shards and a README card; hf: the same, loadable by datasets.load_dataset(DIR).")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--layers", default=None, help="Comma-separated layers to export (default: every stored layer).")
+@click.option("--modalities", default=None, help="Comma-separated modalities (default: text,image,video,special).")
+def export(store: str, to: str, out_dir: str, layers: str | None, modalities: str | None) -> None:
+    """Write STORE's keys and token table to OUT_DIR as Parquet (one file per shard, streamed)."""
+    import kscale.store
+    from kscale.store.export import export_store
+
+    if not kscale.store.is_store(store):
+        click.echo(f"kscale export: {store!r} is not a kscale key store", err=True)
+        sys.exit(2)
+    try:
+        chosen = [int(x) for x in layers.split(",")] if layers else None
+    except ValueError:
+        click.echo(f"kscale export: --layers: expected comma-separated layer numbers, got {layers!r}", err=True)
+        sys.exit(2)
+    try:
+        files = export_store(store, out_dir, to, chosen, modalities.split(",") if modalities else None)
+    except KscaleError as e:  # a layer or modality the store does not hold
+        click.echo(f"kscale export: {type(e).__name__}: {e}", err=True)
+        sys.exit(2)
+    click.echo(f"{out_dir}: {len(files)} Parquet file(s) and README.md")
+
+
+@main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def report(run_dir: str) -> None:
     """Rebuild RUN_DIR/report.html from an analysis, bias or train run's tables."""

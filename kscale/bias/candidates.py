@@ -8,7 +8,6 @@ image condition (:func:`kscale.scoring.condition_image`).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 
 from kscale.data.records import Record
@@ -26,12 +25,8 @@ class Candidates:
 def raw_row(source, sample_id: int) -> dict:
     """The record's raw fields where the source keeps them (manifest line, saved-dataset row), else {}."""
     src = getattr(source, "src", source)  # unwrap ``limit``
-    if hasattr(src, "lines"):
-        try:
-            row = json.loads(src.lines[sample_id])
-        except json.JSONDecodeError:
-            return {}
-        return row if isinstance(row, dict) else {}
+    if hasattr(src, "raw"):  # sources that read rows (manifest, parquet, hf, webdataset)
+        return src.raw(sample_id)
     if hasattr(src, "ds"):
         return dict(src.ds[sample_id])
     return {}

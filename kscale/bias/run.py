@@ -90,7 +90,9 @@ def stage_entry(spec: JobSpec, ctx) -> BiasResult:
 def run_bias(spec: JobSpec, executor) -> BiasResult:
     """Score every uncommitted (variant, shard) through ``executor``, then write tables, pictures, report."""
     variants = enumerate_variants(spec.bias)
-    n = len(open_source(spec.data))
+    from kscale.data.lineindex import index_dir
+
+    n = len(open_source(spec.data, index_dir(spec.output.path), plan=True))  # builds the data indexes once
     shards = plan(variants, n, spec.data.shard_size)
     with claim_run_dir(spec, variants) as run_dir:
         todo = [s for s in shards if not is_committed(run_dir, s)]

@@ -60,7 +60,9 @@ def setup(spec: JobSpec) -> BiasState:
     loaded = load_model(spec.model)
     rank_layers = resolve_layers(spec.bias.dropping.attention_layers, loaded.info.num_layers,
                                  "bias.dropping.attention_layers")
-    return BiasState(loaded, open_source(spec.data), VariantSlot(loaded.model), rank_layers)
+    from kscale.data.lineindex import index_dir
+
+    return BiasState(loaded, open_source(spec.data, index_dir(spec.output.path)), VariantSlot(loaded.model), rank_layers)
 
 
 def score(loaded: LoadedModel, inputs: dict[str, torch.Tensor], answer_mask_BT: torch.Tensor) -> AnswerScores:

@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tarfile
 from pathlib import Path
 from typing import Any
 
 _CACHE: dict[tuple, str] = {}  # (path, size, mtime_ns) -> sha256: a manifest is hashed once per process
 
 
-def _sha256(path: Path) -> str:
+def remember_sha256(path: Path, st, sha: str) -> None:
+    """Record a hash computed elsewhere (the manifest index's pass reads every byte anyway)."""
+    _CACHE[(str(path.resolve()), st.st_size, st.st_mtime_ns)] = sha
+
+
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, once per process per (path, size, mtime)."""
     st = path.stat()
     key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
     if key not in _CACHE:
@@ -40,16 +48,46 @@ def data_identity(dspec: Any) -> dict:
         return {"source": "generated"}  # a pure function of data.generated, which the spec fingerprint covers
     path = Path(dspec.path).expanduser()
     try:
+        if dspec.source in ("parquet", "webdataset", "hf"):
+            return _files_identity(dspec)
         if dspec.source == "manifest":
-            return {"source": "manifest", "path": dspec.path, "sha256": _sha256(path), "bytes": path.stat().st_size}
+            return {"source": "manifest", "path": dspec.path, "sha256": file_sha256(path), "bytes": path.stat().st_size}
         states = {}
         for state in sorted(path.rglob("state.json")):
             meta = json.loads(state.read_text())
             files = [[f["filename"], (state.parent / f["filename"]).stat().st_size] for f in meta.get("_data_files", [])]
             states[str(state.parent.relative_to(path))] = {"fingerprint": meta.get("_fingerprint"), "files": files}
         return {"source": "hf_disk", "path": dspec.path, "splits": states}
-    except (OSError, ValueError, KeyError) as e:
+    except (OSError, ValueError, KeyError, tarfile.TarError) as e:
         return {"source": dspec.source, "unreadable": f"{type(e).__name__}: {e}"}
+
+
+def _files_identity(dspec: Any) -> dict:
+    """Parquet: each file's name, size and footer hash; WebDataset: each tar's name, size and member-index
+    hash; hf: the Arrow fingerprint and cache files (see each source's module)."""
+    if dspec.source == "hf":
+        from kscale.data.hub import identity
+
+        return identity(dspec)
+    from kscale.data.files import data_files
+
+    files = data_files(dspec.path, ".parquet" if dspec.source == "parquet" else ".tar")
+    common = os.path.commonpath([str(f.parent) for f in files])
+    out = []
+    for f in files:
+        st = f.stat()
+        key = (dspec.source, str(f.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _CACHE:
+            if dspec.source == "parquet":
+                from kscale.data.parquet import footer_sha256
+
+                _CACHE[key] = footer_sha256(f)
+            else:
+                from kscale.data.webdataset import index_tar
+
+                _CACHE[key] = index_tar(f)["sha256"]
+        out.append([os.path.relpath(f, common), st.st_size, _CACHE[key]])
+    return {"source": dspec.source, "path": dspec.path, "files": out}
 
 
 def describe_change(old: dict, new: dict) -> str:
@@ -64,4 +102,12 @@ def describe_change(old: dict, new: dict) -> str:
         changed = sorted(k for k in set(old.get("splits", {})) | set(new.get("splits", {}))
                          if old.get("splits", {}).get(k) != new.get("splits", {}).get(k))
         return f"the saved dataset {where!r} changed since this output was written (in {', '.join(changed) or 'its files'})"
+    if new.get("source") in ("parquet", "webdataset", "hf"):
+        if "files" in old and "files" in new and old.get("fingerprint") == new.get("fingerprint"):
+            then = {f[0]: f[1:] for f in old["files"]}
+            now = {f[0]: f[1:] for f in new["files"]}
+            changed = sorted(k for k in set(then) | set(now) if then.get(k) != now.get(k))
+            return (f"the {new['source']} data {where!r} changed since this output was written "
+                    f"(in {', '.join(changed[:5])})")
+        return f"the {new['source']} data {where!r} changed since this output was written"
     return f"the data changed since this output was written ({old} then, {new} now)"

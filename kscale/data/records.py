@@ -13,6 +13,7 @@ from typing import Any, Protocol, overload
 
 from PIL import Image
 
+from kscale.data import rows
 from kscale.models.inputs import Sample, Turn, Video
 
 
@@ -113,16 +114,34 @@ def plan_shards(n_samples: int, shard_size: int) -> ShardPlan:
     return ShardPlan(n_samples, shard_size)
 
 
-def open_source(dspec) -> Source:
-    """The source named by a DataSpec (``limit`` applied)."""
+def open_source(dspec, index_dir: Path | None = None, plan: bool = False) -> Source:
+    """The source named by a DataSpec (``limit`` applied).
+
+    ``index_dir`` (:func:`kscale.data.lineindex.index_dir` of the job's output) is where sources keep the
+    indexes that let a worker read only its shards (a manifest's line offsets, ...), built once by the
+    driver while it plans (``plan=True``: a stale index is rebuilt) and trusted by workers (``plan=False``:
+    a data file changed since planning is :class:`kscale.data.lineindex.DataIndexStale`). Without
+    ``index_dir`` they are built in memory by whoever opens the source."""
     if dspec.source == "generated":
         from kscale.data.generated import GeneratedSource
 
         src: Source = GeneratedSource(dspec.generated)
     elif dspec.source == "manifest":
-        src = ManifestSource(dspec)
+        src = ManifestSource(dspec, index_dir, plan)
+    elif dspec.source == "parquet":
+        from kscale.data.parquet import ParquetSource
+
+        src = ParquetSource(dspec, index_dir, plan)
+    elif dspec.source == "hf":
+        from kscale.data.hub import HubSource
+
+        src = HubSource(dspec, index_dir, plan)
+    elif dspec.source == "webdataset":
+        from kscale.data.webdataset import WebDatasetSource
+
+        src = WebDatasetSource(dspec, index_dir, plan)
     else:
-        src = HFDiskSource(dspec)
+        src = HFDiskSource(dspec, index_dir, plan)
     return _Limited(src, dspec.limit) if dspec.limit is not None else src
 
 
@@ -189,110 +208,134 @@ def _row_error(i: int, where: str, err: Exception) -> Record:
     return Record(i, str(i), None, "", error=f"{where}: unreadable row ({type(err).__name__}: {str(err)[:160]})")
 
 
-def _id_of(row: Any, id_field: str, i: int) -> str | None:
-    """The id of a row for :meth:`first_of` tables; None for a row that is not a mapping or whose id cannot
-    be printed (that row's own :meth:`get` records why)."""
-    if not isinstance(row, dict):
-        return None
+def _record(i: int, row: dict, dspec, base: Path | None, where: str,
+            duplicate_of: dict[int, int] | None = None) -> Record:
+    """The record of row ``i``; ``duplicate_of`` maps each row whose id an earlier row already has to that
+    first row (the later row is that row's error: duplicate ids are recorded, never silently merged).
+    Images and conversations: :mod:`kscale.data.rows`. Any exception while reading the row becomes the
+    row's error (:func:`_row_error`)."""
     try:
-        return str(row.get(id_field, i))
-    except Exception:  # noqa: BLE001 - e.g. RecursionError on a deeply nested id: the row's own error
-        return None
-
-
-def _record(i: int, row: dict, dspec, base: Path | None, where: str, first_of: dict[str, int] | None = None) -> Record:
-    """The record of row ``i``; ``first_of`` maps each id to the first row that used it (a later row with the
-    same id is that row's error: duplicate ids are recorded, never silently merged). Any exception while
-    reading the row becomes the row's error (:func:`_row_error`)."""
-    try:
-        return _record_of(i, row, dspec, base, where, first_of)
+        return _record_of(i, row, dspec, base, where, duplicate_of)
     except Exception as err:  # noqa: BLE001 - one row never fails its shard
         return _row_error(i, where, err)
 
 
-def _record_of(i: int, row: dict, dspec, base: Path | None, where: str, first_of: dict[str, int] | None) -> Record:
+def _record_of(i: int, row: dict, dspec, base: Path | None, where: str,
+               duplicate_of: dict[int, int] | None) -> Record:
     sid = str(row.get(dspec.id_field, i)) if dspec.id_field else str(i)
     text = row.get(dspec.text_field)
     answer = row.get(dspec.answer_field) if dspec.answer_field else None
     rec = Record(i, sid, None, text if isinstance(text, str) else "", None if answer is None else str(answer))
-    used = {dspec.image_field, dspec.text_field, dspec.answer_field, dspec.id_field}
+    used = {*rows.image_fields(dspec), dspec.text_field, dspec.answer_field, dspec.id_field, dspec.turns_field}
     rec.meta = {k: v for k, v in row.items() if k not in used}  # e.g. choices, distractor, conflicting claim
-    if first_of is not None and first_of.get(sid, i) != i:
-        rec.error = f"{where}: duplicate id {sid[:80]!r} (first used by sample {first_of[sid]})"
+    refs = rows.image_refs(row, dspec)
+    if duplicate_of and i in duplicate_of:
+        rec.error = f"{where}: duplicate id {sid[:80]!r} (first used by sample {duplicate_of[i]})"
+    elif isinstance(refs, str):
+        rec.error = f"{where}: {refs}"
+    elif dspec.turns_field is not None:
+        rec.error = _conversation_record(rec, row, refs, dspec, base, where)
     elif dspec.text_field not in row:
         rec.error = f"{where}: missing field {dspec.text_field!r}"
     elif not isinstance(text, str) or not text.strip():
         rec.error = f"{where}: empty text in field {dspec.text_field!r}"
-    elif dspec.image_field not in row:
-        rec.error = f"{where}: missing field {dspec.image_field!r} (use null for a text-only sample)"
-    elif row[dspec.image_field] is not None:
-        rec.image, err = load_image(row[dspec.image_field], base, dspec.max_image_pixels)
-        if err:
-            rec.error = f"{where}: {err}"
+    else:
+        try:
+            rec.turns = rows.text_turns(text, rec.answer, len(refs))
+        except ValueError as e:
+            rec.error = f"{where}: {e}"
+        else:
+            rec.error = _load_images(rec, refs, dspec, base, where)
     return rec
+
+
+def _conversation_record(rec: Record, row: dict, refs: list, dspec, base: Path | None, where: str) -> str | None:
+    """Fill ``rec`` from the row's conversation; the error, or None."""
+    if dspec.turns_field not in row:
+        return f"{where}: missing field {dspec.turns_field!r}"
+    try:
+        turns, refs = rows.conversation(row[dspec.turns_field], refs)
+    except ValueError as e:
+        return f"{where}: field {dspec.turns_field!r} {e}"
+    rec.turns, rec.text, rec.answer = turns, rows.first_text(turns, "user") or "", rows.first_text(turns, "assistant")
+    return _load_images(rec, refs, dspec, base, where)
+
+
+def _load_images(rec: Record, refs: list, dspec, base: Path | None, where: str) -> str | None:
+    """Decode the record's images into ``images`` (and ``image``, the first); the error, or None."""
+    if len(refs) > dspec.max_images:
+        return f"{where}: {len(refs)} images, more than data.max_images={dspec.max_images}"
+    images = []
+    for k, ref in enumerate(refs):
+        img, err = load_image(ref, base, dspec.max_image_pixels)
+        if err:
+            return f"{where}: {'image %d: ' % (k + 1) if len(refs) > 1 else ''}{err}"
+        images.append(img)
+    rec.image = images[0] if images else None
+    rec.images = images if rec.turns is not None else None
+    return None
 
 
 class ManifestSource:
     """JSONL, one record per line; image paths relative to the manifest's folder.
 
-    The file is read as bytes and each line decoded on its own: a line that is not UTF-8 is that record's
-    error (``lines[i]`` is then empty), never the job's."""
+    Lines are found through the byte-offset index (:mod:`kscale.data.lineindex`): ``get(i)`` seeks to line
+    ``i`` and decodes it alone, so a worker reads only the lines of its shards and a line that is not UTF-8
+    is that record's error, never the job's. Duplicate ids come from the index too (found once, at planning)."""
 
-    def __init__(self, dspec):
+    def __init__(self, dspec, index_dir: Path | None = None, plan: bool = False):
+        from kscale.data.lineindex import open_index
+
         self.dspec = dspec
         self.path = Path(dspec.path).expanduser()
-        self.lines: list[str] = []
-        self.undecodable: dict[int, str] = {}
-        for raw in self.path.read_bytes().splitlines():
-            if not raw.strip():
-                continue
-            try:
-                self.lines.append(raw.decode("utf-8"))
-            except UnicodeDecodeError as e:
-                self.undecodable[len(self.lines)] = f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
-                self.lines.append("")
-        self._first_of: dict[str, int] | None = None
+        self.index = open_index(self.path, dspec.id_field, index_dir, plan)
+        self._file = None
 
     def __len__(self) -> int:
-        return len(self.lines)
+        return len(self.index)
+
+    def __getstate__(self) -> dict:  # an open file does not pickle; the copy reopens it on first use
+        return {**self.__dict__, "_file": None}
+
+    def _line(self, i: int) -> bytes:
+        if self._file is None:
+            self._file = open(self.path, "rb")
+        start, end = (int(v) for v in self.index.rows[i])
+        self._file.seek(start)
+        return self._file.read(end - start)
 
     def _row(self, i: int) -> dict | str:
         """Row ``i`` as a mapping, or why it is not one."""
-        if i in self.undecodable:
-            return self.undecodable[i]
+        raw = self._line(i)
         try:
-            row = json.loads(self.lines[i])
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            return f"not UTF-8 (byte {e.start}: {raw[e.start:e.start + 1]!r})"
+        try:
+            row = json.loads(line)
         except json.JSONDecodeError as e:
             return f"invalid JSON ({e.msg})"
         except Exception as e:  # noqa: BLE001 - ValueError (> 4,300 digits), RecursionError (deep nesting), ...
             return f"unreadable JSON ({type(e).__name__}: {str(e)[:160]})"  # ... are this row's error
         return row if isinstance(row, dict) else "expected a JSON object"
 
-    def first_of(self) -> dict[str, int] | None:
-        """id -> first row that has it (read once, on first use), None without ``id_field``."""
-        if self.dspec.id_field is None:
-            return None
-        if self._first_of is None:
-            firsts: dict[str, int] = {}
-            for i in range(len(self.lines)):
-                sid = _id_of(self._row(i), self.dspec.id_field, i)
-                if sid is not None:
-                    firsts.setdefault(sid, i)
-            self._first_of = firsts
-        return self._first_of
+    def raw(self, i: int) -> dict:
+        """Row ``i``'s own fields ({} for a line that is not a JSON object)."""
+        row = self._row(i)
+        return row if isinstance(row, dict) else {}
 
     def get(self, i: int) -> Record:
         where = f"{self.path.name} line {i + 1}"
         row = self._row(i)
         if isinstance(row, str):
             return Record(i, str(i), None, "", error=f"{where}: {row}")
-        return _record(i, row, self.dspec, self.path.parent, where, self.first_of())
+        return _record(i, row, self.dspec, self.path.parent, where, self.index.duplicate_of)
 
 
 class HFDiskSource:
     """A Hugging Face dataset saved with ``save_to_disk`` (a Dataset, or a DatasetDict with ``split``)."""
 
-    def __init__(self, dspec):
+    def __init__(self, dspec, index_dir: Path | None = None, plan: bool = False):
         from datasets import DatasetDict, load_from_disk
 
         self.dspec = dspec
@@ -304,25 +347,36 @@ class HFDiskSource:
             ds = ds[dspec.split]
         self.ds = ds
         self.base = Path(dspec.path).expanduser()
-        self._first_of: dict[str, int] | None = None
+        self.index_dir, self.plan = index_dir, plan
+        self._dups: dict[int, int] | None = None
 
     def __len__(self) -> int:
         return len(self.ds)
 
-    def first_of(self) -> dict[str, int] | None:
-        """id -> first row that has it (one column read, on first use), None without ``id_field``."""
-        field_name = self.dspec.id_field
-        if field_name is None:
+    def duplicate_of(self) -> dict[int, int] | None:
+        """Later row -> first row with the same id (one column read, on first use), None without ``id_field``."""
+        if self.dspec.id_field is None:
             return None
-        if self._first_of is None:
-            column = self.ds[field_name] if field_name in self.ds.column_names else range(len(self.ds))
-            firsts: dict[str, int] = {}
-            for i, v in enumerate(column):
-                sid = _id_of({field_name: v}, field_name, i)
-                if sid is not None:
-                    firsts.setdefault(sid, i)
-            self._first_of = firsts
-        return self._first_of
+        if self._dups is None:
+            from kscale.data.files import duplicates_index
+            from kscale.data.lineindex import index_key
+
+            files = [Path(f["filename"]) for f in self.ds.cache_files]
+            name = f"hf_disk-{index_key(self.base.resolve(), self.dspec.split, self.dspec.id_field)}.dups.json"
+            self._dups = duplicates_index(self.index_dir, name, files, lambda: row_ids(self.ds, self.dspec.id_field),
+                                          self.plan, f"the saved dataset {self.dspec.path!r}")
+        return self._dups
 
     def get(self, i: int) -> Record:
-        return _record(i, self.ds[i], self.dspec, self.base, f"{self.dspec.path} row {i}", self.first_of())
+        return _record(i, self.ds[i], self.dspec, self.base, f"{self.dspec.path} row {i}", self.duplicate_of())
+
+
+def row_ids(ds, id_field: str):
+    """(row, id) of an Arrow-backed dataset, the id column read in batches (none when the column is
+    missing: ids are then row numbers, never duplicates). Read by the planner where the source has an
+    index folder (:func:`kscale.data.files.duplicates_index`), once; workers load the duplicates."""
+    if id_field not in ds.column_names:
+        return
+    column = ds.select_columns([id_field])
+    for start in range(0, len(ds), 65536):
+        yield from enumerate(column[start:start + 65536][id_field], start)

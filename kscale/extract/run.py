@@ -17,6 +17,7 @@ import zarr
 
 from kscale import __version__
 from kscale.data import open_source, plan_shards
+from kscale.data.lineindex import index_dir
 from kscale.data.identity import data_identity
 from kscale.models.registry import MODALITY_CODES, get_adapter, read_config_json
 from kscale.output import OutputError, OutputKind, claim_output
@@ -87,7 +88,7 @@ def nothing_to_do(spec) -> bool:
         return False
     if dict(zarr.open_group(str(path), mode="r").attrs).get("spec_fingerprint") != spec.fingerprint():
         return False
-    plan = plan_shards(len(open_source(spec.data)), spec.data.shard_size)
+    plan = plan_shards(len(open_source(spec.data, index_dir(spec.output.path), plan=True)), spec.data.shard_size)
     done = set(marker_names(path))
     return len(done) >= len(plan) and all(s.name in done for s in plan)  # the plan is lazy: no set of it
 
@@ -112,7 +113,7 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
     from kscale.extract.worker import resolve_heads
 
     info = read_model_config(spec.model)
-    n = len(open_source(spec.data))
+    n = len(open_source(spec.data, index_dir(spec.output.path), plan=True))  # builds the data indexes once
     shards = plan_shards(n, spec.data.shard_size)
     layers = resolve_layers(spec.extract.layers, info.num_layers, "extract.layers")
     heads = resolve_heads(spec.extract.heads, info.num_kv_heads)

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from kscale.data import Record, Shard, open_source
+from kscale.data.lineindex import index_dir
 from kscale.extract.hooks import NONFINITE, OVERFLOW, HostKeys, capture, capture_keys
 from kscale.models import MODALITY_CODES, PAD, LoadedModel, load_model, resolve_layers
 from kscale.models.inputs import Sample
@@ -68,7 +69,8 @@ def setup(spec: JobSpec) -> ExtractState:
     loaded = load_model(spec.model, n_devices=max(1, int(spec.resources.gpus_per_worker)))
     info = loaded.info
     return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers, "extract.layers"),
-                        resolve_heads(spec.extract.heads, info.num_kv_heads), open_source(spec.data))
+                        resolve_heads(spec.extract.heads, info.num_kv_heads),
+                        open_source(spec.data, index_dir(spec.output.path)))  # the driver's indexes
 
 
 def _error(rec: Record, reason: str) -> dict:

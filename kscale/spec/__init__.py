@@ -115,15 +115,32 @@ class GeneratedDataSpec:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class DataSpec:
-    source: Literal["generated", "manifest", "hf_disk"] = doc(
-        "`generated` (synthetic shapes), `manifest` (JSONL, image paths relative to it) or `hf_disk` "
-        "(a Hugging Face dataset saved with save_to_disk).", "generated")
-    path: str | None = doc("The manifest file or the saved dataset directory.", None)
-    split: str | None = doc("Split of a saved DatasetDict (hf_disk).", None)
-    image_field: str = doc("Record field holding the image (path for manifests, image for datasets).", "image")
+    source: Literal["generated", "manifest", "hf_disk", "parquet", "hf", "webdataset"] = doc(
+        "`generated` (synthetic shapes), `manifest` (JSONL, image paths relative to it), `hf_disk` (a Hugging "
+        "Face dataset saved with save_to_disk), `parquet` (Parquet files, images as paths or embedded bytes), "
+        "`hf` (datasets.load_dataset: a hub id or a local folder, from the local cache when offline) or "
+        "`webdataset` (tar shards of {key}.jpg|png + {key}.json|txt). See docs/data.md.", "generated")
+    path: str | None = doc("The manifest file, the saved dataset directory, the Parquet file(s) or tar shard(s) "
+                           "(a path, a glob or a folder), or the `hf` dataset name.", None)
+    split: str | None = doc("Split of a saved DatasetDict (hf_disk) or of the loaded dataset (hf; default train).",
+                            None)
+    config: str | None = doc("`hf`: the dataset's configuration (load_dataset's second argument, e.g. MMMU's "
+                             "subject).", None)
+    revision: str | None = doc("`hf`: the dataset revision (branch, tag or commit).", None)
+    image_field: str | list[str] = doc(
+        "Record field holding the image (path, bytes or a {bytes, path} struct; a list of them for several "
+        "images), or a list of fields each holding one image (MMMU's image_1 .. image_7; empty ones skipped). "
+        "WebDataset: a member extension such as `jpg` (default `image`: the sample's first image member).", "image")
     text_field: str = doc("Record field holding the text / prompt.", "text")
     answer_field: str | None = doc("Record field with the answer (training and bias jobs).", "answer")
-    id_field: str | None = doc("Record field with a stable id (recorded in the store); None: the row number.", None)
+    id_field: str | None = doc("Record field with a stable id (recorded in the store); None: the row number "
+                               "(webdataset: the sample's key).", None)
+    turns_field: str | None = doc(
+        "Record field holding a conversation: LLaVA-style `conversations` ([{from: human|gpt|system, value}], "
+        "`<image>` where an image goes) or OpenAI-style `messages` ([{role, content}], content a string or "
+        "parts {type: text|image}). Every assistant turn is an answer span. None: text_field and answer_field.",
+        None)
+    max_images: int = doc("Most images in one record; a record with more is that record's error.", 16, ge=1)
     limit: int | None = doc("Use only the first N records.", None, ge=1)
     shard_size: int = doc("Samples per shard: the unit of work, retry and resume.", 16, ge=1)
     max_image_pixels: int = doc(
@@ -133,13 +150,24 @@ class DataSpec:
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
+        if self.source not in ("manifest", "hf_disk", "parquet", "hf", "webdataset"):
+            return out
+        if not self.path:
+            return [("path", f"required for source {self.source!r}")]
         if self.source in ("manifest", "hf_disk"):
-            if not self.path:
-                out.append(("path", f"required for source {self.source!r}"))
-            elif not Path(self.path).expanduser().exists():
+            if not Path(self.path).expanduser().exists():
                 out.append(("path", f"{self.path!r} does not exist"))
             elif self.source == "manifest" and not Path(self.path).is_file():
                 out.append(("path", f"{self.path!r} is not a file"))
+        elif self.source in ("parquet", "webdataset"):
+            from kscale.data.files import data_files
+
+            try:
+                data_files(self.path, ".parquet" if self.source == "parquet" else ".tar")
+            except ValueError as e:
+                out.append(("path", str(e)))
+        if isinstance(self.image_field, list) and not self.image_field:
+            out.append(("image_field", "an empty list names no image field"))
         return out
 
 

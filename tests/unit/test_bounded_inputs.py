@@ -278,7 +278,7 @@ def test_every_problem_in_one_pass_with_suggestions_exit_2_and_no_traceback(tmp_
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     err = proc.stderr
     assert "model.dtyp: unknown key (did you mean 'dtype'?)" in err
-    assert "data.source: 'manifset' is not one of 'generated', 'manifest', 'hf_disk' (did you mean 'manifest'?)" in err
+    assert "data.source: 'manifset' is not one of 'generated', 'manifest', 'hf_disk', 'parquet', 'hf', 'webdataset' (did you mean 'manifest'?)" in err
     assert "extract.layers" in err and "40" in err  # the model-dependent range, with the rest
     assert "resources.torch_threads: must be >= 1 (got -3)" in err
     assert "resources.cpus_per_worker: must be a finite number (got nan)" in err
@@ -353,9 +353,8 @@ def test_any_exception_while_building_a_record_is_that_rows_error():
 
     dspec = DataSpec(source="manifest", path="unused.jsonl", id_field="id")
     row = {"id": 10**5000, "image": None, "text": "t"}
-    rec = records._record(4, row, dspec, None, "src row 4", {"a": 0})
+    rec = records._record(4, row, dspec, None, "src row 4", {})
     assert rec.sample_id == 4 and rec.error.startswith("src row 4: unreadable row (ValueError")
-    assert records._id_of(row, "id", 4) is None  # left out of the id table, not raised
 
 
 def test_deeply_nested_yaml_is_a_spec_error_naming_the_file_exit_2(tmp_path):
