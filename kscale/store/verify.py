@@ -48,6 +48,12 @@ def _chunk_name(arr: zarr.Array, ix: tuple[int, ...]) -> str:
     return "c." + ".".join(map(str, ix))
 
 
+def _where(rel: str) -> tuple[str, str]:
+    """(array, file) of a path inside a shard: ``image/keys/c.0.1.0.0`` -> (``image/keys``, ``c.0.1.0.0``)."""
+    folder, _, name = rel.rpartition("/")
+    return folder, name
+
+
 def _node_type(path: Path) -> str:
     """``node_type`` of a ``zarr.json`` ("group" or "array"); ValueError when it is not Zarr v3 metadata."""
     try:
@@ -67,8 +73,7 @@ def _check_metadata(store: Path, shard: str, marker: dict) -> list[Damage]:
     for rel, want in (marker.get("meta_crc32c") or {}).items():
         got = file_crc32c(d / rel)
         if got != want:
-            out.append(Damage(shard, rel.rsplit("/", 1)[0], rel.rsplit("/", 1)[-1],
-                              f"crc32c {got}, marker says {want} (metadata damaged)"))
+            out.append(Damage(shard, *_where(rel), f"crc32c {got}, marker says {want} (metadata damaged)"))
     return out
 
 
@@ -148,11 +153,10 @@ def check_shard(store: str | Path, shard: str, quick: bool = False) -> list[Dama
         try:
             got = os.stat(p).st_size
         except FileNotFoundError:
-            out.append(Damage(shard, rel.rsplit("/", 1)[0], rel.rsplit("/", 1)[-1], "file missing"))
+            out.append(Damage(shard, *_where(rel), "file missing"))
             continue
         if got != size:
-            out.append(Damage(shard, rel.rsplit("/", 1)[0], rel.rsplit("/", 1)[-1],
-                              f"{got} bytes, marker says {size} (truncated or rewritten)"))
+            out.append(Damage(shard, *_where(rel), f"{got} bytes, marker says {size} (truncated or rewritten)"))
     for m in MODALITIES:
         if marker["tokens"].get(m, 0) and f"{m}/keys/zarr.json" not in files:
             out.append(Damage(shard, m, "", f"marker says {marker['tokens'][m]} tokens but lists no keys"))
