@@ -22,7 +22,9 @@ The claim does, in this order:
    (:class:`OutputKind`: a Zarr store by its root attributes, a run folder by its ``kscale.json`` /
    ``bias.json`` marker), else :class:`ForeignOutput` and nothing is touched. Then ``fail`` refuses
    (:class:`OutputExists`), ``resume`` continues (a kind that records a spec fingerprint must match it),
-   ``overwrite`` moves the old output aside, creates the new one and deletes the old.
+   ``overwrite`` moves the old output aside, creates the new one and deletes the old. A refusal of
+   ``resume`` says what changed: the data (:class:`DataChanged`, from the identities) or the spec fields
+   (from the ``spec`` the marker recorded).
 4. **Atomic creation** (:func:`create_dir_atomic`): a new output is built as ``.<name>.tmp-<pid>``
    (marker included) and renamed into place, so it appears complete or not at all.
 
@@ -206,11 +208,36 @@ def run_marker_reader(kind: str) -> Callable[[Path], dict | None]:
     return read
 
 
-def run_marker(kind: str, fingerprint: str | None, data: dict | None = None) -> dict:
-    """``kscale.json`` of a run folder; ``data`` (the input data's identity) is checked on resume."""
+def run_marker(kind: str, fingerprint: str | None, data: dict | None = None, spec: dict | None = None) -> dict:
+    """``kscale.json`` of a run folder; ``data`` (the input data's identity) and the spec fingerprint are
+    checked on resume; ``spec`` (the whole spec as a dict) lets a refusal say what changed."""
     marker = {"format": RUN_FORMAT, "kind": kind, "spec_fingerprint": fingerprint,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return {**marker, "data": data} if data else marker
+    return {**marker, **({"data": data} if data else {}), **({"spec": spec} if spec else {})}
+
+
+_NOT_FINGERPRINTED = ("resources", "cluster", "output.if_exists")  # what JobSpec.fingerprint() leaves out
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def describe_spec_change(old: Any, new: Any, limit: int = 6) -> str:
+    """``"train.lr was 0.0001, now 0.0002; ..."``: the fields (dotted) that differ between two specs as
+    dicts, leaving out what the fingerprint does not cover; "" when either is unknown or none differs."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ""
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == p or k.startswith(p + ".") for p in _NOT_FINGERPRINTED)]
+    parts = [f"{k} was {a.get(k)!r}, now {b.get(k)!r}" for k in keys[:limit]]
+    return "; ".join(parts) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _non_empty(path: Path) -> bool:
@@ -218,10 +245,11 @@ def _non_empty(path: Path) -> bool:
 
 
 def apply_policy(path: Path, if_exists: IfExists, kind: OutputKind, fingerprint: str | None,
-                 create: Callable[[Path], None], data: dict | None = None) -> bool:
+                 create: Callable[[Path], None], data: dict | None = None, spec: dict | None = None) -> bool:
     """Check or make ``path`` per ``if_exists``; True when a new output was created. Call under the lock.
     ``data``: the input data's identity now (:func:`kscale.data.identity.data_identity`); ``resume`` refuses
-    an output whose marker recorded another (:class:`DataChanged`), whatever ``check_fingerprint`` says."""
+    an output whose marker recorded another (:class:`DataChanged`), whatever ``check_fingerprint`` says.
+    ``spec``: this spec as a dict, compared with the marker's ``spec`` to say which fields changed."""
     if path.exists() and not path.is_dir():
         raise ForeignOutput(f"output.path: {str(path)!r} exists and is not a folder; refusing to touch it")
     if not _non_empty(path):
@@ -240,30 +268,31 @@ def apply_policy(path: Path, if_exists: IfExists, kind: OutputKind, fingerprint:
         shutil.rmtree(old)
         return True
     recorded = found.get("data")
-    if data is not None and recorded and "unreadable" not in recorded and recorded != data:
-        from kscale.data.identity import describe_change
+    from kscale.data.identity import describe_change, identity_changed
 
+    if data is not None and recorded and "unreadable" not in recorded and identity_changed(recorded, data):
         raise DataChanged(f"output.path: {kind.label} {str(path)!r} cannot be resumed: "
                           f"{describe_change(recorded, data)}; restore the data, or write to another path "
                           "(or output.if_exists: overwrite)")
     if kind.check_fingerprint and found.get("spec_fingerprint") != fingerprint:
+        what = describe_spec_change(found.get("spec"), spec)
         raise OutputExists(
             f"output.path: {kind.label} {str(path)!r} was written by a different spec (fingerprint "
-            f"{found.get('spec_fingerprint')}, this spec {fingerprint}); choose another path or "
-            "output.if_exists: overwrite")
+            f"{found.get('spec_fingerprint')}, this spec {fingerprint}{': ' + what if what else ''}); "
+            "choose another path or output.if_exists: overwrite")
     return False
 
 
 @contextmanager
 def claim_output(path: str | Path, if_exists: IfExists, kind: OutputKind, fingerprint: str | None,
                  create: Callable[[Path], None], lock: OutputLock | None = None,
-                 data: dict | None = None) -> Iterator[Path]:
+                 data: dict | None = None, spec: dict | None = None) -> Iterator[Path]:
     """Lock ``path``, clear garbage, apply the policy, yield the path; release the lock at the end."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     with (lock or OutputLock(path)).held():
         remove_garbage(path)
-        apply_policy(path, if_exists, kind, fingerprint, create, data)
+        apply_policy(path, if_exists, kind, fingerprint, create, data, spec)
         yield path
 
 
