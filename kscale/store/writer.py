@@ -44,6 +44,9 @@ from kscale.store.layout import (KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSI
                                  tokens_chunk_file)
 
 
+FSYNC_THREADS = 16  # concurrent fsyncs at commit
+
+
 class ShardCommitted(RuntimeError):
     """The shard has a commit marker: it is never rewritten. ``marker`` is what the marker says."""
 
@@ -213,18 +216,21 @@ class ShardWriter:
         listed, and then every folder (deepest first): the marker must never point at data that a power
         loss could still take back."""
         sizes, sums = {}, {}
-        folders = []
+        files, folders = [], []
         for dirpath, _, names in os.walk(self.dir):
-            folders.append(dirpath)
+            folders.append(Path(dirpath))
             for n in names:
                 p = Path(dirpath) / n
                 rel = p.relative_to(self.dir).as_posix()
                 sizes[rel] = p.stat().st_size
                 if n == "zarr.json":
                     sums[rel] = file_crc32c(p)
-                fsync_path(p)
-        for dirpath in reversed(folders):
-            fsync_path(Path(dirpath))
+                files.append(p)
+        # In parallel: concurrent fsyncs share the filesystem's journal commits (one at a time cost ~4 ms
+        # each on this machine's disk, ~80 per shard); all of them finish before the rename.
+        with ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="kscale-fsync") as pool:
+            list(pool.map(fsync_path, files))
+            list(pool.map(fsync_path, folders))
         return dict(sorted(sizes.items())), dict(sorted(sums.items()))
 
     def commit(self, stats: dict, errors: list[dict]) -> dict:
