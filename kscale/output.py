@@ -228,6 +228,15 @@ def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def recorded_spec(spec: dict) -> dict:
+    """What a run marker records of a spec (as a dict): the fingerprinted fields only. Never ``cluster``
+    (its ``env`` may hold secrets) nor ``resources``; enough for a refusal to name what changed."""
+    out = {k: v for k, v in spec.items() if k not in ("resources", "cluster")}
+    if isinstance(out.get("output"), dict):
+        out["output"] = {k: v for k, v in out["output"].items() if k != "if_exists"}
+    return out
+
+
 def describe_spec_change(old: Any, new: Any, limit: int = 6) -> str:
     """``"train.lr was 0.0001, now 0.0002; ..."``: the fields (dotted) that differ between two specs as
     dicts, leaving out what the fingerprint does not cover; "" when either is unknown or none differs."""

@@ -41,7 +41,7 @@ from kscale.analysis.source import (BlockPlan, Buckets, KeyStoreLike, block_plan
                                     joint_items, open_store, range_items, read_rows, rows_per_block,
                                     subsample_index)
 from kscale.analysis.stream import Runner
-from kscale.output import (RUN_MARKER, OutputKind, claim_output, run_marker, run_marker_reader,
+from kscale.output import (RUN_MARKER, OutputKind, claim_output, recorded_spec, run_marker, run_marker_reader,
                            write_json_atomic)
 from kscale.results import AnalyzeResult
 from kscale.spec import JobSpec, section_problems
@@ -81,7 +81,7 @@ def claim_analysis(spec: JobSpec):
 
     from kscale.spec import to_dict
 
-    data, fields = stores_identity(spec.analyze), to_dict(spec)
+    data, fields = stores_identity(spec.analyze), recorded_spec(to_dict(spec))  # no cluster.env secrets
 
     def create(tmp: Path) -> None:
         write_json_atomic(tmp / RUN_MARKER, run_marker("analyze", spec.fingerprint(), data, fields))

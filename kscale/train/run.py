@@ -32,8 +32,8 @@ from typing import Any, Iterator
 
 import torch
 
-from kscale.output import (RUN_MARKER, OutputError, OutputKind, claim_output, run_marker, run_marker_reader,
-                           write_json_atomic)
+from kscale.output import (RUN_MARKER, OutputError, OutputKind, claim_output, recorded_spec, run_marker,
+                           run_marker_reader, write_json_atomic)
 from kscale.results import TrainResult
 from kscale.spec import JobSpec
 from kscale.train import engine as ds
@@ -159,7 +159,7 @@ def claim_run_dir(spec: Any) -> Any:
     from kscale.spec import to_dict
 
     data = data_identity(spec.data)
-    fields = to_dict(spec)
+    fields = recorded_spec(to_dict(spec))  # no cluster section: its env may hold secrets
 
     def create(tmp: Path) -> None:
         write_json_atomic(tmp / RUN_MARKER, run_marker("train", spec.fingerprint(), data, fields))

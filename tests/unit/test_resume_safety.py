@@ -91,6 +91,8 @@ def test_train_resume_refuses_another_data_seed_tasks_or_lr(tmp_path):
         pass
     with claim_run_dir(_generated_train(tmp_path)):  # the same run resumes
         pass
+    recorded = json.loads((tmp_path / "run" / "kscale.json").read_text())["spec"]
+    assert recorded["train"]["lr"] == 2e-4 and "cluster" not in recorded and "resources" not in recorded
     with pytest.raises(DataChanged, match=r"the generated data changed .*: data\.generated\.seed was 0, now 1"):
         with claim_run_dir(_generated_train(tmp_path, seed=1)):
             pass
