@@ -197,8 +197,8 @@ def verify(store: str, repair: bool, quick: bool, workers: int, as_json: bool) -
     else:
         if unchecked:
             click.echo(f"note: {len(unchecked)} shard(s) ({', '.join(unchecked[:3])}{', ...' if len(unchecked) > 3 else ''})"
-                       " were written before markers recorded metadata checksums: their zarr.json files are "
-                       "only parsed, a same-size edit that still parses is not found")
+                       " were written before markers recorded metadata checksums: a same-size edit of their "
+                       "zarr.json files that still parses and opens is not found")
         for d in damage:
             click.echo(f"damaged {d.line()}")
         n = len({d.shard for d in damage})

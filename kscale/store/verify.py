@@ -177,8 +177,8 @@ def verify_store(store: str | Path, quick: bool = False, workers: int = 8,
                  unchecked: list[str] | None = None) -> list[Damage]:
     """Damage in every committed shard, checked in ``workers`` threads, in shard order. ``unchecked``, when
     given, receives the shards whose markers carry no metadata checksums (written before kscale recorded
-    them): their ``zarr.json`` files are only parsed and opened, a same-size edit that still parses is not
-    found."""
+    them, layout-1 shards included): a same-size edit of their ``zarr.json`` that still parses and opens
+    is not found."""
     names = marker_names(store)
     if unchecked is not None:
         with ThreadPoolExecutor(max(1, workers)) as pool:
