@@ -27,6 +27,8 @@ The claim does, in this order:
    ``overwrite`` builds the new output beside the old one, then swaps them (:func:`replace_dir_atomic`):
    a failed creation leaves the old output as it was, and a kill between the two renames leaves it aside
    where the next claim puts it back (:func:`remove_garbage`).
+   A refusal of ``resume`` says what changed: the data (:class:`DataChanged`, from the identities) or the
+   spec fields (from the ``spec`` the marker recorded).
 4. **Atomic creation** (:func:`create_dir_atomic`): a new output is built as ``.<name>.tmp-<pid>``
    (marker included) and renamed into place, so it appears complete or not at all.
 
@@ -253,11 +255,45 @@ def run_marker_reader(kind: str) -> Callable[[Path], dict | None]:
     return read
 
 
-def run_marker(kind: str, fingerprint: str | None, data: dict | None = None) -> dict:
-    """``kscale.json`` of a run folder; ``data`` (the input data's identity) is checked on resume."""
+def run_marker(kind: str, fingerprint: str | None, data: dict | None = None, spec: dict | None = None) -> dict:
+    """``kscale.json`` of a run folder; ``data`` (the input data's identity) and the spec fingerprint are
+    checked on resume; ``spec`` (the whole spec as a dict) lets a refusal say what changed."""
     marker = {"format": RUN_FORMAT, "kind": kind, "spec_fingerprint": fingerprint,
               "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    return {**marker, "data": data} if data else marker
+    return {**marker, **({"data": data} if data else {}), **({"spec": spec} if spec else {})}
+
+
+_NOT_FINGERPRINTED = ("resources", "cluster", "output.if_exists")  # what JobSpec.fingerprint() leaves out
+
+
+def _flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def recorded_spec(spec: dict) -> dict:
+    """What a run marker records of a spec (as a dict): the fingerprinted fields only. Never ``cluster``
+    (its ``env`` may hold secrets) nor ``resources``; enough for a refusal to name what changed."""
+    out = {k: v for k, v in spec.items() if k not in ("resources", "cluster")}
+    if isinstance(out.get("output"), dict):
+        out["output"] = {k: v for k, v in out["output"].items() if k != "if_exists"}
+    return out
+
+
+def describe_spec_change(old: Any, new: Any, limit: int = 6) -> str:
+    """``"train.lr was 0.0001, now 0.0002; ..."``: the fields (dotted) that differ between two specs as
+    dicts, leaving out what the fingerprint does not cover; "" when either is unknown or none differs."""
+    if not isinstance(old, dict) or not isinstance(new, dict):
+        return ""
+    a, b = _flat(old), _flat(new)
+    keys = [k for k in sorted(set(a) | set(b))
+            if a.get(k) != b.get(k) and not any(k == p or k.startswith(p + ".") for p in _NOT_FINGERPRINTED)]
+    parts = [f"{k} was {a.get(k)!r}, now {b.get(k)!r}" for k in keys[:limit]]
+    return "; ".join(parts) + (f"; and {len(keys) - limit} more" if len(keys) > limit else "")
 
 
 def _non_empty(path: Path) -> bool:
@@ -265,10 +301,11 @@ def _non_empty(path: Path) -> bool:
 
 
 def apply_policy(path: Path, if_exists: IfExists, kind: OutputKind, fingerprint: str | None,
-                 create: Callable[[Path], None], data: dict | None = None) -> bool:
+                 create: Callable[[Path], None], data: dict | None = None, spec: dict | None = None) -> bool:
     """Check or make ``path`` per ``if_exists``; True when a new output was created. Call under the lock.
     ``data``: the input data's identity now (:func:`kscale.data.identity.data_identity`); ``resume`` refuses
-    an output whose marker recorded another (:class:`DataChanged`), whatever ``check_fingerprint`` says."""
+    an output whose marker recorded another (:class:`DataChanged`), whatever ``check_fingerprint`` says.
+    ``spec``: this spec as a dict, compared with the marker's ``spec`` to say which fields changed."""
     if path.exists() and not path.is_dir():
         raise ForeignOutput(f"output.path: {str(path)!r} exists and is not a folder; refusing to touch it")
     if not _non_empty(path):
@@ -284,31 +321,32 @@ def apply_policy(path: Path, if_exists: IfExists, kind: OutputKind, fingerprint:
         replace_dir_atomic(path, create)
         return True
     recorded = found.get("data")
-    if data is not None and recorded and "unreadable" not in recorded and recorded != data:
-        from kscale.data.identity import describe_change
+    from kscale.data.identity import describe_change, identity_changed
 
+    if data is not None and recorded and "unreadable" not in recorded and identity_changed(recorded, data):
         raise DataChanged(f"output.path: {kind.label} {str(path)!r} cannot be resumed: "
                           f"{describe_change(recorded, data)}; restore the data, or write to another path "
                           "(or output.if_exists: overwrite)")
     if kind.check_fingerprint and found.get("spec_fingerprint") != fingerprint:
+        what = describe_spec_change(found.get("spec"), spec)
         raise OutputExists(
             f"output.path: {kind.label} {str(path)!r} was written by a different spec (fingerprint "
-            f"{found.get('spec_fingerprint')}, this spec {fingerprint}); choose another path or "
-            "output.if_exists: overwrite")
+            f"{found.get('spec_fingerprint')}, this spec {fingerprint}{': ' + what if what else ''}); "
+            "choose another path or output.if_exists: overwrite")
     return False
 
 
 @contextmanager
 def claim_output(path: str | Path, if_exists: IfExists, kind: OutputKind, fingerprint: str | None,
                  create: Callable[[Path], None], lock: OutputLock | None = None,
-                 data: dict | None = None) -> Iterator[Path]:
+                 data: dict | None = None, spec: dict | None = None) -> Iterator[Path]:
     """Lock ``path``, clear garbage, apply the policy, yield the path; release the lock at the end."""
     path = Path(path).expanduser()
     path.parent.mkdir(parents=True, exist_ok=True)
     with (lock or OutputLock(path)).held():
         fence(path)  # still ours (see OutputLock._break): nothing below may run beside another holder
         remove_garbage(path)
-        apply_policy(path, if_exists, kind, fingerprint, create, data)
+        apply_policy(path, if_exists, kind, fingerprint, create, data, spec)
         yield path
 
 

@@ -41,13 +41,59 @@ from kscale.analysis.source import (BlockPlan, Buckets, KeyStoreLike, block_plan
                                     joint_items, open_store, range_items, read_rows, rows_per_block,
                                     subsample_index)
 from kscale.analysis.stream import Runner
-from kscale.output import (RUN_MARKER, OutputKind, claim_output, fence, run_marker, run_marker_reader,
+from kscale.output import (RUN_MARKER, OutputKind, claim_output, fence, recorded_spec, run_marker, run_marker_reader,
                            write_json_atomic)
 from kscale.results import AnalyzeResult
 from kscale.spec import JobSpec, section_problems
 
 
-ANALYZE_KIND = OutputKind("analysis run", run_marker_reader("analyze"), check_fingerprint=False)
+ANALYZE_KIND = OutputKind("analysis run", run_marker_reader("analyze"))  # resume: same spec and stores only
+
+
+def stores_identity(cfg: AnalyzeConfig) -> dict:
+    """The identity of the key stores an analysis reads (``kscale.store.store_identity`` of each): recorded in
+    the run's marker, so that a resume over a store re-extracted or extended since is refused."""
+    from kscale.store.index import store_identity
+
+    paths = [*cfg.stores, *([cfg.mmd.reference_store] if cfg.mmd.reference_store else [])]
+    return {"source": "stores", "stores": {str(p): store_identity(p) for p in paths}}
+
+
+def clear_run(path: Path) -> None:
+    """Remove every output of an earlier attempt (all but the kind marker): the analysis recomputes the whole
+    run, so the folder then holds only what this run writes, never a table or figure of another."""
+    import shutil
+
+    for p in Path(path).iterdir():
+        if p.name == RUN_MARKER:
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+
+
+def claim_analysis(spec: JobSpec):
+    """The run folder's claim (:mod:`kscale.output`): ``resume`` only of a run of the same spec over the same
+    stores (else ``OutputExists`` / ``DataChanged``, saying what changed), and then cleared of the earlier
+    attempt's outputs; ``overwrite`` starts from an empty folder."""
+    from contextlib import contextmanager
+
+    from kscale.spec import to_dict
+
+    data, fields = stores_identity(spec.analyze), recorded_spec(to_dict(spec))  # no cluster.env secrets
+
+    def create(tmp: Path) -> None:
+        write_json_atomic(tmp / RUN_MARKER, run_marker("analyze", spec.fingerprint(), data, fields))
+
+    @contextmanager
+    def claimed():
+        with claim_output(spec.output.path, spec.output.if_exists, ANALYZE_KIND, spec.fingerprint(), create,
+                          data=data, spec=fields) as path:
+            clear_run(path)
+            yield path
+
+    return claimed()
 
 
 def stage_entry(spec: JobSpec, ctx) -> AnalyzeResult:
@@ -58,14 +104,12 @@ def stage_entry(spec: JobSpec, ctx) -> AnalyzeResult:
 
 def run_analyze(spec: JobSpec, show_bar: bool = True) -> AnalyzeResult:
     """Stage entry: ``spec.analyze`` is the :class:`AnalyzeConfig`, ``spec.output.path`` the run dir, claimed
-    (:mod:`kscale.output`) for the run: locked, and never a folder that is not an analysis run (its
-    ``kscale.json``). ``resume`` recomputes into the same run; ``overwrite`` starts from an empty one."""
+    (:func:`claim_analysis`) for the run: locked, never a folder that is not an analysis run (its
+    ``kscale.json``), never one of another spec or other stores. ``resume`` recomputes into the same run
+    (cleared first); ``overwrite`` starts from an empty one."""
     t0 = time.time()
 
-    def create(tmp: Path) -> None:
-        write_json_atomic(tmp / RUN_MARKER, run_marker("analyze", spec.fingerprint()))
-
-    with claim_output(spec.output.path, spec.output.if_exists, ANALYZE_KIND, spec.fingerprint(), create):
+    with claim_analysis(spec):
         from kscale.executors.progress import StageBar
 
         bar = StageBar(spec.output.path, getattr(spec, "name", "analyze"), "analyze", "layer", show_bar=show_bar)

@@ -66,7 +66,7 @@ def claim_run_dir(spec, variants: list[Variant]) -> Iterator[Path]:
         write_json_atomic(tmp / RUN_FILE, meta)
 
     with claim_output(spec.output.path, spec.output.if_exists, BIAS_KIND, spec.fingerprint(), create,
-                      data=data) as path:
+                      data=data, spec=meta["spec"]) as path:
         write_json_atomic(path / RUN_FILE, meta)
         yield path
 

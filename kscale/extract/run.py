@@ -78,7 +78,7 @@ def claim_store(spec, attrs_fn):
         (tmp / "shards").mkdir()
 
     return claim_output(spec.output.path, spec.output.if_exists, STORE_KIND, spec.fingerprint(), create,
-                        data=data_identity(spec.data))
+                        data=data_identity(spec.data), spec=to_dict(spec))
 
 
 def nothing_to_do(spec) -> bool:

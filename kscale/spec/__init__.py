@@ -276,7 +276,7 @@ class JobSpec:
 
         d = to_dict(self)
         if self.data is not None and self.data.source != "generated":  # generated data: its parameters
-            d["data_content"] = data_identity(self.data)
+            d["data_content"] = data_identity(self.data, images=False)
         d.pop("resources", None)
         d.pop("cluster", None)
         d["output"].pop("if_exists", None)

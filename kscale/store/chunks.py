@@ -23,6 +23,7 @@ Legend: L layers, c rows per chunk, H kv heads, D head dim, F token fields.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import google_crc32c
@@ -77,6 +78,24 @@ def write_table_chunk(path: Path, table_nF: np.ndarray, c: int) -> None:
     data = _zstd(_rows(table_nF, c, axis=0))
     with open(path, "wb") as f:
         f.writelines([data, _crc(data)])
+
+
+def file_crc32c(path: Path) -> str:
+    """crc32c of a (small) file as 8 hex digits: what a marker records for each ``zarr.json``."""
+    return f"{int(google_crc32c.value(path.read_bytes())):08x}"
+
+
+def fsync_path(path: Path) -> None:
+    """fsync a file or a folder (a folder's fsync makes its new entries durable; some filesystems refuse
+    it on folders, then the rename is still atomic, only not yet durable)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError:
+        if not path.is_dir():
+            raise
+    finally:
+        os.close(fd)
 
 
 def _write_json(path: Path, meta: dict) -> None:

@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from kscale.output import fence
-from kscale.store.layout import INDEX_FILE, MODALITIES, marker_names, read_marker, write_json_atomic
+from kscale.store.layout import (INDEX_FILE, MODALITIES, StoreError, marker_names, read_marker, read_root_attrs,
+                                 write_json_atomic)
 
 INDEX_FORMAT = "kscale-index"
 INDEX_VERSION = 1
@@ -156,3 +157,16 @@ def summarize(store: str | Path, attrs: dict[str, Any], index: Index) -> dict[st
     if index.invalid:
         out["shards_invalid"] = dict(index.invalid)
     return out
+
+
+def store_identity(store: str | Path) -> dict[str, Any]:
+    """What a store is, for the runs that read it (an analysis records it and refuses to resume over another):
+    the spec fingerprint and data identity it was extracted with, when it was created (an overwrite makes a
+    new store) and how many shards are committed (one directory listing). ``{"unreadable": why}`` when
+    ``store`` is not a readable key store here."""
+    try:
+        attrs = read_root_attrs(store)
+    except (StoreError, OSError, ValueError) as e:
+        return {"unreadable": f"{type(e).__name__}: {e}"}
+    return {"spec_fingerprint": attrs.get("spec_fingerprint"), "data": attrs.get("data"),
+            "created_at": attrs.get("created_at"), "committed_shards": len(marker_names(store))}

@@ -28,7 +28,7 @@ from zarr.codecs import Crc32cCodec
 
 from kscale.models import MODALITY_CODES
 from kscale.store.layout import FLAT_CHUNKS, MODALITIES, keys_chunk_file, shard_dir, staging_dir
-from kscale.store.reader import KeyStore, StoreError
+from kscale.store.reader import CheckedArray, KeyStore, StoreError
 
 DIMS = ["layer", "token", "q_head", "head_dim"]
 
@@ -116,8 +116,7 @@ def read_queries(store: KeyStore, layer: int, modality: str, rope: bool = False,
             if not (d / "queries").is_dir():
                 raise StoreError(f"shard {r['name']} of {store.path} has no stored queries "
                                  "(extract.attention.store_queries was off)")
-            arr = zarr.open_array(str(d / "queries"), mode="r")
-            parts.append(da.from_zarr(arr, chunks=arr.chunks)[li])
+            parts.append(CheckedArray(store.path, r["name"], f"queries/{modality}/queries").lazy()[li])
     if not parts:
         raise StoreError(f"store {store.path} has no stored {modality} queries")
     out = da.concatenate(parts, axis=0)

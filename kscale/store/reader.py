@@ -9,14 +9,16 @@ Layout-2 shards (``layout.py``) become dask graphs built directly from the index
 (shard, ``chunk_tokens`` block) that opens and reads its Zarr shard file only when computed, so
 building ``keys(layer, modality)`` over 10,000 shards touches no file. A task refuses a missing,
 truncated or damaged file with ``StoreDamaged`` (store, shard, array, chunk): the file must exist (a
-missing chunk never reads as Zarr's fill value) and every chunk carries a crc32c. Layout-1 shards
-(stores written before format 2) are read exactly as before, through their Zarr metadata.
+missing chunk never reads as Zarr's fill value) and every chunk carries a crc32c. Everything read through
+Zarr's metadata (side tables such as ``attention``, layout-1 shards of stores written before format 2)
+goes through :class:`CheckedArray`, which refuses a missing chunk file the same way.
 Post-RoPE keys (``rope=True``) and stored queries come from :mod:`kscale.store.rope` and
 :mod:`kscale.store.queries`, imported when asked (they need torch).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,7 +35,7 @@ from dask.highlevelgraph import HighLevelGraph
 
 from kscale.store.index import Index, load_index, shard_errors, summarize
 from kscale.store.layout import (MODALITIES, TABLE_COLUMNS, StoreError, field_slice, keys_chunk_file,
-                                 read_root_attrs, shard_dir, tokens_chunk_file)
+                                 read_marker, read_root_attrs, shard_dir, tokens_chunk_file)
 
 
 class StoreDamaged(StoreError):
@@ -68,6 +70,64 @@ def read_block(store: str, shard: str, array: str, file: str, shape: tuple[int, 
         return np.asarray(_open_array(path, shape)[sel], dtype=dtype)
     except Exception as e:  # noqa: BLE001 - any decode failure is this chunk's damage, named
         raise StoreDamaged(store, shard, array, file, f"{type(e).__name__}: {e}") from None
+
+
+def _chunk_range(sel: Any, size: int, c: int) -> range | list[int]:
+    """Chunk indices (along one axis of chunk length ``c``) that ``sel`` (an int, slice or index list) touches."""
+    if isinstance(sel, slice):
+        a, b, _ = sel.indices(size)
+        return range(a // c, -(-b // c)) if b > a else range(0)
+    if isinstance(sel, (int, np.integer)):
+        return [int(sel) % size // c] if size else []
+    return sorted({int(i) % size // c for i in np.asarray(sel).ravel()})
+
+
+class CheckedArray:
+    """A Zarr array of one shard that refuses to read a chunk whose file is missing (Zarr would return its
+    fill value, zeros) and names any decode failure: ``StoreDamaged(store, shard, array, chunk)``. Side
+    tables, layout-1 arrays and everything else kscale reads through Zarr's metadata go through it; dask
+    reads it block by block (``da.from_array``). Picklable (it holds paths and a zarr array)."""
+
+    def __init__(self, store: str, shard: str, array: str, listed: frozenset[str] | None = None,
+                 sparse: bool = False):
+        """``listed``: the chunk files the shard's marker lists for this array (layout 2); a listed file must
+        exist, an unlisted one was never written (an all-zero chunk of a table written before kscale wrote
+        every chunk) and reads as zeros. Without a list (layout 1) every chunk file must exist, unless
+        ``sparse`` (layout-1 side tables, whose all-zero chunks were never written)."""
+        self.store, self.shard, self.array = store, shard, array
+        self.listed, self.sparse = listed, sparse
+        path = os.path.join(store, "shards", shard, array)
+        if not os.path.isfile(os.path.join(path, "zarr.json")):
+            raise StoreDamaged(store, shard, array, "zarr.json", "file missing")
+        try:
+            self.arr = zarr.open_array(path, mode="r")
+        except Exception as e:  # noqa: BLE001 - metadata that does not open, named
+            raise StoreDamaged(store, shard, array, "zarr.json", f"{type(e).__name__}: {e}") from None
+        self.path, self.shape, self.dtype = path, tuple(self.arr.shape), self.arr.dtype
+        self.ndim, self.chunks = len(self.shape), tuple(self.arr.shards or self.arr.chunks)
+
+    def __getitem__(self, sel: Any) -> np.ndarray:
+        sel = sel if isinstance(sel, tuple) else (sel,)
+        if any(s is Ellipsis for s in sel):
+            sel = tuple(slice(None) for _ in self.shape)
+        sel = sel + (slice(None),) * (self.ndim - len(sel))
+        grid = [_chunk_range(x, n, c) for x, n, c in zip(sel, self.shape, self.chunks)]
+        for ix in itertools.product(*grid):
+            key = self.arr.metadata.encode_chunk_key(ix)
+            required = key in self.listed if self.listed is not None else not self.sparse
+            if required and not os.path.isfile(os.path.join(self.path, key)):
+                raise StoreDamaged(self.store, self.shard, self.array, key, "file missing")
+        try:
+            return np.asarray(self.arr[sel])
+        except Exception as e:  # noqa: BLE001 - any decode failure is this array's damage, named
+            raise StoreDamaged(self.store, self.shard, self.array, "", f"{type(e).__name__}: {e}") from None
+
+    def __dask_tokenize__(self) -> tuple:
+        return ("kscale-checked", self.path, self.shape, str(self.dtype), self.chunks)
+
+    def lazy(self) -> da.Array:
+        """The whole array as dask, one block per chunk file, each checked when read."""
+        return da.from_array(self, chunks=self.chunks, asarray=False, fancy=False)
 
 
 def _blocks(n: int, c: int) -> list[tuple[int, int, int]]:
@@ -139,7 +199,7 @@ def _pieces(s: Span) -> list[tuple[int, int, int]]:
 
 
 def _read_v1(store: str, shard: str, array: str, sel: tuple, dtype: str) -> np.ndarray:
-    return np.asarray(zarr.open_array(os.path.join(store, "shards", shard, array), mode="r")[sel], dtype=dtype)
+    return np.asarray(CheckedArray(store, shard, array)[sel], dtype=dtype)
 
 
 def read_spans(store: str, modality: str, spans: tuple[Span, ...], what: KeysSel | ColumnSel,
@@ -229,8 +289,8 @@ class KeyStore:
         chunks = (tuple(sizes), *((t,) for t in trail))
         return da.Array(HighLevelGraph.from_collections(name, dsk, dependencies=()), name, chunks, dtype=dtype)
 
-    def _shard_array(self, shard: str, modality: str, array: str) -> zarr.Array:
-        return zarr.open_array(str(shard_dir(self.path, shard) / modality / array), mode="r")
+    def _shard_array(self, shard: str, modality: str, array: str) -> CheckedArray:
+        return CheckedArray(self.path, shard, f"{modality}/{array}")
 
     def _keys_sel(self, layer: int, heads: list[int] | None) -> KeysSel:
         li = self._layer_pos(layer)
@@ -255,8 +315,7 @@ class KeyStore:
         for layout, rows in self._runs(modality):
             if layout == 1:
                 for r in rows:
-                    arr = self._shard_array(r["name"], modality, "keys")
-                    p = da.from_zarr(arr, chunks=arr.chunks)[li]
+                    p = self._shard_array(r["name"], modality, "keys").lazy()[li]
                     parts.append(p if hsel is None else p[:, list(hsel)])
                 continue
 
@@ -314,8 +373,7 @@ class KeyStore:
         for layout, rows in self._runs(modality):
             if layout == 1:
                 for r in rows:
-                    arr = self._shard_array(r["name"], modality, name)
-                    parts.append(da.from_zarr(arr, chunks=arr.chunks))
+                    parts.append(self._shard_array(r["name"], modality, name).lazy())
                 continue
 
             def sel(i, a, b, n):
@@ -432,30 +490,46 @@ class KeyStore:
             d = shard_dir(self.path, name) / modality
             if not d.is_dir():
                 continue
-            g = zarr.open_group(str(d), mode="r")
             for k in TABLE_COLUMNS:
-                cols[k].append(g[k][:])
+                cols[k].append(self._shard_array(name, modality, k)[:])
         R = self.rope_rows
         return {k: (np.concatenate(v) if v else np.zeros((0, R) if k == "rope_pos" else (0,), dtype=TABLE_COLUMNS[k]))
                 for k, v in cols.items()}
 
     def table(self, name: str) -> dict[str, np.ndarray]:
-        """A per-shard side table (e.g. "attention") concatenated over committed shards."""
+        """A per-shard side table (e.g. "attention") concatenated over committed shards. Its columns are the
+        arrays the shard's marker lists (layout 2; layout 1: those in the folder), each read whole through
+        :class:`CheckedArray`: a missing column, metadata or chunk file is ``StoreDamaged``, never zeros,
+        and every shard must hold the same columns."""
         self._check_valid()
         cols: dict[str, list[np.ndarray]] = {}
         for shard, row in self.shards.items():
-            d = shard_dir(self.path, shard) / name
-            if row["layout"] == 1 and not d.is_dir():
+            columns = self._table_columns(shard, row, name)
+            if columns is None:
                 continue
-            if row["layout"] != 1 and name not in (row.get("groups") or []):
-                continue
-            try:
-                g = zarr.open_group(str(d), mode="r")
-                for k, arr in g.arrays():
-                    cols.setdefault(k, []).append(arr[:])
-            except Exception as e:  # noqa: BLE001 - named: the marker says this table is there
-                raise StoreDamaged(self.path, shard, name, "", f"{type(e).__name__}: {e}") from None
+            if cols and sorted(columns) != sorted(cols):
+                missing = sorted(set(cols) ^ set(columns))
+                raise StoreDamaged(self.path, shard, name, "", f"columns {missing} missing here or elsewhere")
+            for k, listed in columns.items():
+                arr = CheckedArray(self.path, shard, f"{name}/{k}", listed, sparse=listed is None)
+                cols.setdefault(k, []).append(arr[...])
         return {k: np.concatenate(v) for k, v in cols.items()}
+
+    def _table_columns(self, shard: str, row: dict, name: str) -> dict[str, frozenset[str] | None] | None:
+        """Side table ``name`` of one shard: column -> the chunk files its marker lists (None for layout 1,
+        whose columns are the folders present); None when the shard has no such table."""
+        d = shard_dir(self.path, shard) / name
+        if row["layout"] == 1:
+            return {p.name: None for p in sorted(d.iterdir()) if p.is_dir()} if d.is_dir() else None
+        if name not in (row.get("groups") or []):
+            return None
+        try:
+            files = read_marker(self.path, shard)["files"]
+        except (ValueError, KeyError) as e:
+            raise StoreDamaged(self.path, shard, name, "", f"marker unreadable: {e}") from None
+        parts = [f.split("/", 2) for f in files if f.startswith(f"{name}/") and f.count("/") >= 2]
+        return {k: frozenset(rest for t, kk, rest in parts if kk == k and rest != "zarr.json")
+                for k in sorted({kk for _, kk, rest in parts if rest == "zarr.json"})}
 
     def errors(self) -> list[dict]:
         """Per-sample errors of committed shards (read from the markers of shards that have some)."""

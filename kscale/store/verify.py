@@ -1,8 +1,10 @@
 """``kscale verify STORE [--repair]``: check every committed shard, and un-commit the damaged ones.
 
 A shard is checked against its own marker (layout 2): the marker must parse; every file it lists must
-exist with the recorded size; each array's shape must match the marker's token counts; and (unless
-``quick``) every chunk is decoded, which checks its crc32c. Shards are checked in parallel threads (the
+exist with the recorded size; every ``zarr.json`` must match the crc32c the marker recorded for it
+(``meta_crc32c``; markers written before it have none, and ``verify`` says which shards those are) and
+open as the group or array it claims to be; each array's shape must match the marker's token counts; and
+(unless ``quick``) every chunk is decoded, which checks its crc32c. Shards are checked in parallel threads (the
 work is file reads and crc32c, which release the GIL). Layout-1 shards have no sizes or checksums:
 only missing chunk files and undecodable chunks are found.
 
@@ -14,6 +16,7 @@ shards (a shard without a marker is not committed). Nothing else is touched.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import os
 import time
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import zarr
 
+from kscale.store.chunks import file_crc32c
 from kscale.store.index import build_index, write_index
 from kscale.store.layout import MODALITIES, marker_path, marker_names, read_marker, shard_dir
 
@@ -44,14 +48,47 @@ def _chunk_name(arr: zarr.Array, ix: tuple[int, ...]) -> str:
     return "c." + ".".join(map(str, ix))
 
 
+def _where(rel: str) -> tuple[str, str]:
+    """(array, file) of a path inside a shard: ``image/keys/c.0.1.0.0`` -> (``image/keys``, ``c.0.1.0.0``)."""
+    folder, _, name = rel.rpartition("/")
+    return folder, name
+
+
+def _node_type(path: Path) -> str:
+    """``node_type`` of a ``zarr.json`` ("group" or "array"); ValueError when it is not Zarr v3 metadata."""
+    try:
+        meta = json.loads(path.read_bytes())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"unreadable metadata ({type(e).__name__}: {e})") from None
+    kind = meta.get("node_type") if isinstance(meta, dict) else None
+    if kind not in ("group", "array"):
+        raise ValueError(f"metadata with node_type {kind!r}")
+    return kind
+
+
+def _check_metadata(store: Path, shard: str, marker: dict) -> list[Damage]:
+    """Each ``zarr.json`` against the crc32c its marker recorded (markers written since metadata checksums)."""
+    out = []
+    d = shard_dir(store, shard)
+    for rel, want in (marker.get("meta_crc32c") or {}).items():
+        got = file_crc32c(d / rel)
+        if got != want:
+            out.append(Damage(shard, *_where(rel), f"crc32c {got}, marker says {want} (metadata damaged)"))
+    return out
+
+
 def _check_arrays(store: Path, shard: str, marker: dict, quick: bool) -> list[Damage]:
     out = []
     d = shard_dir(store, shard)
-    arrays = sorted({f.rsplit("/", 1)[0] for f in marker["files"] if f.endswith("/zarr.json")})
-    for rel in arrays:
+    metas = sorted(f for f in marker["files"] if f == "zarr.json" or f.endswith("/zarr.json"))
+    for meta in metas:
+        rel = meta.rsplit("/", 1)[0] if "/" in meta else ""
         try:
+            if _node_type(d / meta) == "group":
+                continue
             arr = zarr.open_array(str(d / rel), mode="r")
-        except Exception:  # noqa: BLE001 - not an array (a group's zarr.json) or unreadable: sizes said so
+        except Exception as e:  # noqa: BLE001 - metadata that does not open is this array's damage
+            out.append(Damage(shard, rel, "zarr.json", f"{type(e).__name__}: {e}"))
             continue
         mod = rel.split("/")[-2] if rel.count("/") else ""
         if rel.endswith(("/keys", "/tokens")) and mod in MODALITIES:
@@ -116,22 +153,37 @@ def check_shard(store: str | Path, shard: str, quick: bool = False) -> list[Dama
         try:
             got = os.stat(p).st_size
         except FileNotFoundError:
-            out.append(Damage(shard, rel.rsplit("/", 1)[0], rel.rsplit("/", 1)[-1], "file missing"))
+            out.append(Damage(shard, *_where(rel), "file missing"))
             continue
         if got != size:
-            out.append(Damage(shard, rel.rsplit("/", 1)[0], rel.rsplit("/", 1)[-1],
-                              f"{got} bytes, marker says {size} (truncated or rewritten)"))
+            out.append(Damage(shard, *_where(rel), f"{got} bytes, marker says {size} (truncated or rewritten)"))
     for m in MODALITIES:
         if marker["tokens"].get(m, 0) and f"{m}/keys/zarr.json" not in files:
             out.append(Damage(shard, m, "", f"marker says {marker['tokens'][m]} tokens but lists no keys"))
     if out:
         return out
-    return _check_arrays(store, shard, marker, quick)
+    return _check_metadata(store, shard, marker) or _check_arrays(store, shard, marker, quick)
 
 
-def verify_store(store: str | Path, quick: bool = False, workers: int = 8) -> list[Damage]:
-    """Damage in every committed shard, checked in ``workers`` threads, in shard order."""
+def has_meta_checksums(store: str | Path, shard: str) -> bool:
+    """Whether a shard's marker records the crc32c of its metadata (stores written before it do not)."""
+    try:
+        return isinstance(read_marker(store, shard).get("meta_crc32c"), dict)
+    except ValueError:
+        return True  # an unreadable marker is damage, reported as such
+
+
+def verify_store(store: str | Path, quick: bool = False, workers: int = 8,
+                 unchecked: list[str] | None = None) -> list[Damage]:
+    """Damage in every committed shard, checked in ``workers`` threads, in shard order. ``unchecked``, when
+    given, receives the shards whose markers carry no metadata checksums (written before kscale recorded
+    them, layout-1 shards included): a same-size edit of their ``zarr.json`` that still parses and opens
+    is not found."""
     names = marker_names(store)
+    if unchecked is not None:
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            unchecked += [n for n, ok in zip(names, pool.map(lambda n: has_meta_checksums(store, n), names))
+                          if not ok]
     with ThreadPoolExecutor(max(1, workers)) as pool:
         found = list(pool.map(lambda n: check_shard(store, n, quick), names))
     return [d for ds in found for d in ds]

@@ -32,8 +32,8 @@ from typing import Any, Iterator
 
 import torch
 
-from kscale.output import (RUN_MARKER, OutputError, OutputKind, claim_output, run_marker, run_marker_reader,
-                           write_json_atomic)
+from kscale.output import (RUN_MARKER, OutputError, OutputKind, claim_output, recorded_spec, run_marker,
+                           run_marker_reader, write_json_atomic)
 from kscale.results import TrainResult
 from kscale.spec import JobSpec
 from kscale.train import engine as ds
@@ -156,21 +156,27 @@ def _loggers(spec: Any, run_dir: Path) -> Any:
                       {"train": dataclasses.asdict(spec.train), "model": spec.model.path})
 
 
-TRAIN_KIND = OutputKind("train run", run_marker_reader("train"), check_fingerprint=False)
+TRAIN_KIND = OutputKind("train run", run_marker_reader("train"))  # resume: same spec and same data only
 
 
 def claim_run_dir(spec: Any) -> Any:
     """The run directory's claim (:mod:`kscale.output`): locked, and only ever a train run (``kscale.json``).
-    ``resume`` continues from the newest checkpoint, ``fail`` refuses, ``overwrite`` starts from empty."""
+    ``resume`` continues from the newest checkpoint of a run of the same spec and data (a changed dataset is
+    refused with ``DataChanged``, a changed spec field such as ``train.lr`` with ``OutputExists``, each
+    saying what changed: a checkpoint of another run is never continued), ``fail`` refuses, ``overwrite``
+    starts from empty."""
 
     from kscale.data.identity import data_identity
+    from kscale.spec import to_dict
 
-    data = data_identity(spec.data)  # checked on resume: a changed dataset is refused (DataChanged)
+    data = data_identity(spec.data)
+    fields = recorded_spec(to_dict(spec))  # no cluster section: its env may hold secrets
 
     def create(tmp: Path) -> None:
-        write_json_atomic(tmp / RUN_MARKER, run_marker("train", spec.fingerprint(), data))
+        write_json_atomic(tmp / RUN_MARKER, run_marker("train", spec.fingerprint(), data, fields))
 
-    return claim_output(spec.output.path, spec.output.if_exists, TRAIN_KIND, spec.fingerprint(), create, data=data)
+    return claim_output(spec.output.path, spec.output.if_exists, TRAIN_KIND, spec.fingerprint(), create, data=data,
+                        spec=fields)
 
 
 @contextmanager
