@@ -70,8 +70,7 @@ class Qwen2_5_VLAdapter(Adapter):
         return [cfg.vision_start_token_id] + [cfg.image_token_id] * n_tokens + [cfg.vision_end_token_id]
 
     def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
-        mm = (input_ids_BT == config.image_token_id).int() + 2 * (input_ids_BT == config.video_token_id).int()
-        return {"mm_token_type_ids": mm}
+        return {"mm_token_type_ids": self.mm_token_type_ids(input_ids_BT, config)}
 
     def position_ids(self, loaded: LoadedModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """(3, B, T) M-RoPE positions from the model's own ``get_rope_index`` (arange on all 3 rows without images)."""
@@ -84,6 +83,5 @@ class Qwen2_5_VLAdapter(Adapter):
             attention_mask=inputs["attention_mask"])
         return pos_RBT
 
-    def special_ids(self, loaded: LoadedModel) -> set[int]:
-        cfg = loaded.model.config
-        return super().special_ids(loaded) | {cfg.vision_start_token_id, cfg.vision_end_token_id}
+    def wrapper_ids(self, config) -> set[int]:
+        return {config.vision_start_token_id, config.vision_end_token_id}

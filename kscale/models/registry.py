@@ -356,6 +356,26 @@ class Adapter:
         ids = set(loaded.tokenizer.all_special_ids) - {loaded.tokenizer.unk_token_id}
         return ids - {self.image_token_id(loaded.model.config), self.video_token_id(loaded.model.config)}
 
+    def wrapper_ids(self, config) -> set[int]:
+        """Ids that wrap or separate media blocks (vision start/end, image newlines, ...), read from the
+        checkpoint's config: always tagged ``special``, even where a processor counts them as image tokens."""
+        return set()
+
+    def mm_token_ids(self, config) -> dict[int, list[int]]:
+        """The ids transformers' processor marks in ``mm_token_type_ids`` (``ProcessorMixin``'s
+        ``image_token_ids`` / ``video_token_ids``): {1: image ids, 2: video ids}, from the checkpoint's config."""
+        vid = self.video_token_id(config)
+        return {1: [self.image_token_id(config)], 2: [] if vid is None else [vid]}
+
+    def mm_token_type_ids(self, input_ids_BT: torch.Tensor, config) -> torch.Tensor:
+        """transformers' multimodal contract per token (``create_mm_token_type_ids``): 0 text, 1 image, 2 video.
+        The tags of :meth:`tag` are these (wrapper tokens aside); Qwen's forward reads them for M-RoPE."""
+        mm_BT = torch.zeros(input_ids_BT.shape, dtype=torch.int32)
+        for code, ids in self.mm_token_ids(config).items():
+            if ids:
+                mm_BT[torch.isin(input_ids_BT, torch.tensor(ids, dtype=input_ids_BT.dtype))] = code
+        return mm_BT
+
     # -- inputs
     def image_inputs(self, loaded: LoadedModel, images: list) -> tuple[dict[str, torch.Tensor], list[int]]:
         """Pixel tensors for the images of a batch and the number of LM tokens each image becomes."""
@@ -493,16 +513,18 @@ class Adapter:
         return plan
 
     def tag(self, loaded: LoadedModel, input_ids_BT: torch.Tensor, attn_BT: torch.Tensor) -> torch.Tensor:
-        """Modality tag of every token (PAD where attention_mask is 0), by the token-id rule: image and video
-        tokens by the config's ids, the tokenizer's special tokens (not the unknown token) special."""
+        """Modality tag of every token (PAD where attention_mask is 0): image and video where the processor's
+        contract (:meth:`mm_token_type_ids`) says 1 and 2, special for the tokenizer's special tokens (not the
+        unknown token) and the media wrappers (:meth:`wrapper_ids`), text otherwise."""
         cfg = loaded.model.config
         modality = torch.full(input_ids_BT.shape, TEXT, dtype=torch.int8)
         special = torch.tensor(sorted(self.special_ids(loaded)), dtype=input_ids_BT.dtype)
         modality[torch.isin(input_ids_BT, special)] = SPECIAL
-        modality[input_ids_BT == self.image_token_id(cfg)] = IMAGE
-        vid = self.video_token_id(cfg)
-        if vid is not None:
-            modality[input_ids_BT == vid] = VIDEO
+        mm_BT = self.mm_token_type_ids(input_ids_BT, cfg)
+        modality[mm_BT == 1] = IMAGE
+        modality[mm_BT == 2] = VIDEO
+        wrappers = torch.tensor(sorted(self.wrapper_ids(cfg)), dtype=input_ids_BT.dtype)
+        modality[torch.isin(input_ids_BT, wrappers)] = SPECIAL
         modality[attn_BT == 0] = PAD
         return modality
 
