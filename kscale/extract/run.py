@@ -41,13 +41,15 @@ def _versions() -> dict:
 
 def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
                shards: int) -> dict:
+    config = read_config_json(spec.model)[0]
     return {
         "format": STORE_FORMAT, "version": STORE_VERSION,
         "model": {"path": spec.model.path, "resolved_path": info.path, "family": info.family,
                   "model_type": info.model_type, "config_hash": info.config_hash, "revision": spec.model.revision,
                   "num_layers": info.num_layers, "num_heads": info.num_heads, "num_kv_heads": info.num_kv_heads,
                   "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
-                  "config": read_config_json(spec.model)[0]},  # makes the store self-contained (post-RoPE rebuild)
+                  "config": config,  # makes the store self-contained (post-RoPE rebuild)
+                  **get_adapter(info.family).model_facts(config)},  # e.g. Qwen3-VL's deepstack_layers
         "processor": processor_settings,
         "spec": to_dict(spec), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
         "versions": _versions(),

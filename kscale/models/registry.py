@@ -304,6 +304,11 @@ class Adapter:
     def processor_kwargs(self, mspec: ModelOptions) -> dict:
         return {}
 
+    def model_facts(self, config: dict) -> dict:
+        """Facts about the checkpoint (its config.json dict) that the store records with the model and
+        ``kscale info`` shows: e.g. Qwen3-VL's ``deepstack_layers``. Empty for most families."""
+        return {}
+
     # -- module locations (language model only)
     def decoder_layers(self, model) -> list[torch.nn.Module]:
         return list(model.model.language_model.layers)
@@ -559,3 +564,6 @@ def register(cls: type[Adapter]) -> type[Adapter]:
 
 from kscale.models import llava as _llava  # noqa: E402,F401  (registers the adapters)
 from kscale.models import qwen2_5_vl as _qwen  # noqa: E402,F401
+from kscale.models import qwen2_vl as _qwen2  # noqa: E402,F401
+from kscale.models import qwen3_vl as _qwen3  # noqa: E402,F401
+from kscale.models import qwen3_vl_moe as _qwen3_moe  # noqa: E402,F401
