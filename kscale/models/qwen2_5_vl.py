@@ -3,12 +3,26 @@
 Pitfall handled here: the model uses 3-D M-RoPE positions only when ``mm_token_type_ids`` is passed
 (1 on image tokens, 2 on video tokens); without it it silently falls back to 1-D positions.
 Qwen2-VL (``qwen2_vl.py``) and Qwen3-VL (``qwen3_vl.py``) subclass this adapter.
+
+Video follows transformers' ``Qwen2VLVideoProcessor`` (which needs torchvision, absent on CPU machines):
+frames (already sampled: :class:`kscale.models.inputs.Video`) are padded to a multiple of
+``temporal_patch_size`` by repeating the last one, all resized to one size by the video processor's rule,
+normalised by the image processor (``do_resize=False``), and ``temporal_patch_size`` consecutive frames
+are stacked into each patch in the video processor's layout. Resize sizes and mean/std come from the
+checkpoint's ``video_preprocessor_config.json`` where it has one, else from the image processor. Each
+video token belongs to the first frame of its temporal patch (``frame``; its time is that frame's).
+
+Legend: F frames, G temporal patches (F / temporal_patch_size), N patches per frame, C channels, P patch side.
 """
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
+from kscale.models.inputs import Video
 from kscale.models.registry import Adapter, LoadedModel, ModelOptions, register
 
 QWEN_TOKENS = {"special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>",
@@ -99,3 +113,74 @@ class Qwen2_5_VLAdapter(Adapter):
 
     def wrapper_ids(self, config) -> set[int]:
         return {config.vision_start_token_id, config.vision_end_token_id}
+
+    # -- video
+    def video_settings(self, loaded: LoadedModel) -> dict:
+        """Patch/merge sizes of the image processor, and the checkpoint's video size and mean/std."""
+        ip = loaded.image_processor
+        out = {"patch": ip.patch_size, "merge": ip.merge_size, "tps": ip.temporal_patch_size,
+               "min_pixels": ip.size["shortest_edge"], "max_pixels": ip.size["longest_edge"],
+               "mean": list(ip.image_mean), "std": list(ip.image_std)}
+        vfile = Path(loaded.info.path) / "video_preprocessor_config.json" if loaded.info.path else None
+        if vfile is not None and vfile.is_file():
+            v = json.loads(vfile.read_text())
+            size = v.get("size") or {}
+            out.update(min_pixels=v.get("min_pixels") or size.get("shortest_edge", out["min_pixels"]),
+                       max_pixels=v.get("max_pixels") or size.get("longest_edge", out["max_pixels"]),
+                       mean=v.get("image_mean", out["mean"]), std=v.get("image_std", out["std"]),
+                       tps=v.get("temporal_patch_size", out["tps"]))
+        return out
+
+    def video_frame_size(self, n_frames: int, height: int, width: int, vs: dict) -> tuple[int, int]:
+        """(height, width) every frame is resized to: Qwen2-VL's per-frame ``smart_resize``."""
+        from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize
+
+        return smart_resize(height, width, factor=vs["patch"] * vs["merge"], min_pixels=vs["min_pixels"],
+                            max_pixels=vs["max_pixels"])
+
+    def video_inputs(self, loaded: LoadedModel, videos: list[Video]):
+        from PIL import Image
+
+        vs = self.video_settings(loaded)
+        tps, P = vs["tps"], vs["patch"]
+        pixels, grids = [], []
+        for v in videos:
+            frames = [f.convert("RGB") for f in v.frames]
+            h, w = self.video_frame_size(len(frames), frames[0].height, frames[0].width, vs)
+            frames += frames[-1:] * (-len(frames) % tps)
+            frames = [f.resize((w, h), Image.BICUBIC) for f in frames]
+            out = loaded.image_processor(images=frames, do_resize=False, temporal_patch_size=1, image_mean=vs["mean"],
+                                         image_std=vs["std"], return_tensors="pt")
+            F, G = len(frames), len(frames) // tps
+            x = out["pixel_values"].view(G, tps, -1, 3, P * P)  # (G, tps, N, C, P*P): frames in order
+            pixels.append(x.permute(0, 2, 3, 1, 4).reshape(G * x.shape[2], 3 * tps * P * P))
+            grids.append([G, h // P, w // P])
+        grid = torch.tensor(grids, dtype=torch.long)
+        counts = [int(g.prod()) // vs["merge"] ** 2 for g in grid]
+        inputs = {"pixel_values_videos": torch.cat(pixels).to(loaded.dtype), "video_grid_thw": grid}
+        return inputs | self.video_time_inputs(videos, tps), counts
+
+    def video_time_inputs(self, videos: list[Video], tps: int) -> dict[str, torch.Tensor]:
+        """Qwen2.5-VL's ``second_per_grid_ts`` (seconds per temporal patch: tps / fps, as its processor)."""
+        return {"second_per_grid_ts": torch.tensor([tps / video_fps(v) for v in videos])}
+
+    def video_block(self, loaded: LoadedModel, video: Video, n_tokens: int) -> tuple[list[int], list[int]]:
+        cfg = loaded.model.config
+        first = self.patch_first_frames(video, self.video_settings(loaded)["tps"])
+        per = n_tokens // len(first)
+        frames = [f for f in first for _ in range(per)]
+        return ([cfg.vision_start_token_id] + [cfg.video_token_id] * n_tokens + [cfg.vision_end_token_id],
+                [-1] + frames + [-1])
+
+    @staticmethod
+    def patch_first_frames(video: Video, tps: int) -> list[int]:
+        """First frame of each temporal patch (the padding repeats the last frame, never starts a patch)."""
+        return list(range(0, len(video.frames), tps))
+
+
+def video_fps(video: Video) -> float:
+    """Frames per second of a sampled video: as given, else from its timestamps, else 2 (transformers' default)."""
+    if video.fps:
+        return float(video.fps)
+    ts = video.timestamps
+    return (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 and ts[-1] > ts[0] else 2.0

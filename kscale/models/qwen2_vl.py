@@ -13,6 +13,9 @@ class Qwen2VLAdapter(Qwen2_5_VLAdapter):
     model_class = "Qwen2VLForConditionalGeneration"
     rope_keys = ("image_grid_thw", "video_grid_thw")
 
+    def video_time_inputs(self, videos, tps):
+        return {}  # Qwen2-VL's temporal positions count patches, not seconds
+
     def debug_config(self, text: dict, ids: dict):
         from transformers import Qwen2VLConfig
 

@@ -12,8 +12,9 @@ that change what a key is and where it comes from:
 
 from __future__ import annotations
 
+from kscale.models.inputs import Video
 from kscale.models.qwen2_5_vl import Qwen2_5_VLAdapter
-from kscale.models.registry import register
+from kscale.models.registry import LoadedModel, register
 
 
 @register
@@ -45,6 +46,41 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
 
     def query_modules(self, model):
         return [layer.self_attn.q_norm for layer in self.decoder_layers(model)]
+
+    # -- video: one block per temporal patch, "<t seconds>" before it
+    def video_time_inputs(self, videos, tps):
+        return {}  # the timestamps are text in the sequence
+
+    def video_frame_size(self, n_frames: int, height: int, width: int, vs: dict) -> tuple[int, int]:
+        """Qwen3-VL's video ``smart_resize``: the pixel bounds hold for all frames together."""
+        from transformers.models.qwen3_vl.video_processing_qwen3_vl import smart_resize
+
+        return smart_resize(n_frames, height, width, temporal_factor=vs["tps"], factor=vs["patch"] * vs["merge"],
+                            min_pixels=vs["min_pixels"], max_pixels=vs["max_pixels"])
+
+    def video_block(self, loaded: LoadedModel, video: Video, n_tokens: int) -> tuple[list[int], list[int]]:
+        """The chat template's ``<|vision_start|><|video_pad|><|vision_end|>`` with the placeholder expanded as
+        ``Qwen3VLProcessor.replace_video_token`` does: per temporal patch ``<t seconds>``, then
+        ``<|vision_start|>``, the patch's tokens, ``<|vision_end|>``. The time text carries its patch's frame."""
+        cfg, tok = loaded.model.config, loaded.tokenizer
+        vs_id, ve_id = cfg.vision_start_token_id, cfg.vision_end_token_id
+        first = self.patch_first_frames(video, self.video_settings(loaded)["tps"])
+        per = n_tokens // len(first)
+        ids, frames = [vs_id], [-1]
+        for f, t in zip(first, self.patch_times(video, len(first))):
+            text = tok(f"<{t:.1f} seconds>", add_special_tokens=False).input_ids
+            ids += text + [vs_id] + [cfg.video_token_id] * per + [ve_id]
+            frames += [f] * len(text) + [-1] + [f] * per + [-1]
+        return ids + [ve_id], frames + [-1]
+
+    @staticmethod
+    def patch_times(video: Video, n_patches: int) -> list[float]:
+        """Seconds shown before each temporal patch: the mean of its first and last frame's time
+        (``Qwen3VLProcessor._calculate_timestamps``; the padding repeats the last frame)."""
+        ts = list(video.timestamps)
+        tps = -(-len(ts) // n_patches)
+        ts += ts[-1:] * (n_patches * tps - len(ts))
+        return [(ts[i] + ts[i + tps - 1]) / 2 for i in range(0, len(ts), tps)]
 
     def deepstack_layers(self, config: dict) -> list[int]:
         """Decoder layers whose output gets DeepStack visual features added (from the checkpoint's config

@@ -91,8 +91,10 @@ class Batch:
     image_index_BT: torch.Tensor  # int16: which image of the sample (-1 for non-image tokens)
     answer_mask_BT: torch.Tensor  # bool: tokens of the answer span (all False without answers)
     n_image_tokens: list[int]  # processor formula per sample (sum over its images)
-    video_index_BT: torch.Tensor | None = None  # int16: which video of the sample (-1 for non-video tokens)
-    frame_BT: torch.Tensor | None = None  # int32: frame of its video (-1 for non-video tokens)
+    # int16: which video of the sample, int32: which frame of it; -1 outside video blocks and on their wrappers
+    # (a block's text, Qwen3-VL's "<t seconds>", carries its frame)
+    video_index_BT: torch.Tensor | None = None
+    frame_BT: torch.Tensor | None = None
     time_BT: torch.Tensor | None = None  # float32 seconds of that frame (NaN elsewhere); None without video
 
 
@@ -459,8 +461,8 @@ class Adapter:
         inputs.update(self.extra_inputs(input_ids, loaded.model.config))
         modality = self.tag(loaded, input_ids, attn)
         image_index[modality != IMAGE] = -1  # wrapper tokens of a block (vision start/end) are no image's
-        video_index[modality != VIDEO] = -1
-        frame[modality != VIDEO] = -1
+        # a video block's wrappers have frame -1; its text (Qwen3-VL's "<t seconds>") keeps its frame
+        video_index[frame < 0] = -1
         times = self._frame_times(samples, video_index, frame)
         return Batch(inputs, modality, image_index, answer_mask, [r.n_image for r in rendered],
                      video_index, frame, times)

@@ -81,10 +81,11 @@ def _conversation() -> tuple[Sample, str]:
 
 def processor_tags(proc, out) -> torch.Tensor:
     """Tags from the processor's output alone: its mm_token_type_ids (1 image, 2 video), the tokenizer's
-    special tokens special, text otherwise."""
+    special tokens special (an unknown word stays text), text otherwise."""
     ids, mm = out["input_ids"], out["mm_token_type_ids"]
     tags = torch.full(ids.shape, TEXT, dtype=torch.int8)
-    tags[torch.isin(ids, torch.tensor(proc.tokenizer.all_special_ids))] = SPECIAL
+    special = set(proc.tokenizer.all_special_ids) - {proc.tokenizer.unk_token_id}
+    tags[torch.isin(ids, torch.tensor(sorted(special)))] = SPECIAL
     tags[mm == 1], tags[mm == 2] = IMAGE, VIDEO
     return tags
 
