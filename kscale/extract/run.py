@@ -23,7 +23,7 @@ from kscale.output import OutputError, OutputKind, claim_output
 from kscale.results import ExtractResult
 from kscale.spec import JobSpec, to_dict
 from kscale.store.index import write_index
-from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names
+from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names, token_fields
 from kscale.store.writer import sweep_staging
 
 
@@ -56,6 +56,7 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
         "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
         "key_space": "pre_rope", "rope_rows": get_adapter(info.family).rope_rows,
+        "token_fields": list(token_fields(get_adapter(info.family).rope_rows, video=True)),
         "modality_codes": dict(MODALITY_CODES),
         "plan": {"n_samples": n_samples, "shard_size": spec.data.shard_size, "n_shards": shards},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
