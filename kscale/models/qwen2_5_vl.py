@@ -41,6 +41,7 @@ class Qwen2_5_VLAdapter(Adapter):
     default_template = "<|im_start|>user\n{image}{text}<|im_end|>\n<|im_start|>assistant\n"
     pixel_keys = ("pixel_values", "image_grid_thw")
     rope_rows = 3  # M-RoPE: temporal, height, width
+    supports = Adapter.supports + ("video",)
     debug_tokens = QWEN_TOKENS
     debug_patch = 14  # the tiny model's vision patch (Qwen3-VL: 16)
 

@@ -245,6 +245,8 @@ class Adapter:
 
     family: str = ""
     model_class: str = ""
+    # What kscale does with this family (``kscale models``, the README's table): a subset of CAPABILITIES.
+    supports: tuple[str, ...] = ("keys", "queries", "attention", "train", "bias")
     default_template: str = "{image}{text}"
     rope_rows: int = 1  # rows of RoPE positions per token: 1 for 1-D RoPE, 3 for Qwen's M-RoPE
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
@@ -557,6 +559,24 @@ class _Rendered:
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}
+CAPABILITIES = ("keys", "queries", "attention", "video", "train", "bias")
+
+
+def family_rows() -> list[dict]:
+    """One row per registered family: its transformers class, what it supports, its MaLoRA targets."""
+    return [{"family": f, "model_class": a.model_class, "supports": {c: c in a.supports for c in CAPABILITIES},
+             "malora_targets": list(MALORA_TARGETS[f])} for f, a in ADAPTERS.items()]
+
+
+def families_table() -> str:
+    """``family_rows`` as the markdown table ``kscale models`` prints and the README shows."""
+    head = ["family", "transformers class", *CAPABILITIES, "MaLoRA targets"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in family_rows():
+        marks = ["yes" if r["supports"][c] else "-" for c in CAPABILITIES]
+        lines.append("| " + " | ".join([f"`{r['family']}`", f"`{r['model_class']}`", *marks,
+                                          ", ".join(r["malora_targets"])]) + " |")
+    return "\n".join(lines)
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:

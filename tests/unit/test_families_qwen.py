@@ -39,6 +39,7 @@ from tests.conftest import REPO, extract_spec
 from tests.unit.test_processors import _image
 
 FAMILIES = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
+FAMILIES_WITH_VIDEO = FAMILIES
 PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
               "qwen3_vl_moe": "Qwen3VLProcessor"}
 VS, IMG, VE = "<|vision_start|>", "<|image_pad|>", "<|vision_end|>"
@@ -263,3 +264,38 @@ def test_bias_run_completes(family, tmp_path) -> None:
     spec = spec_from_dict(bias_job(tmp_path, f"debug:{family}"))
     out = run_job(spec, show_bar=False)
     assert out.shards_done == 2, out
+
+
+# ----------------------------------------------------------------------------- kscale models
+
+
+def test_kscale_models_lists_every_family_and_the_readme_shows_its_output() -> None:
+    from click.testing import CliRunner
+
+    from kscale.cli import main
+    from kscale.models import FAMILIES
+
+    out = CliRunner().invoke(main, ["models"])
+    assert out.exit_code == 0, out.output
+    rows = [ln for ln in out.output.splitlines() if ln.startswith("| `")]
+    assert [r.split("`")[1] for r in rows] == list(__import__("kscale.models.registry", fromlist=["x"]).ADAPTERS)
+    assert sorted(r.split("`")[1] for r in rows) == sorted(FAMILIES)
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("<!-- kscale models -->\n", 1)[1].split("<!-- /kscale models -->", 1)[0]
+    assert section.strip() == out.output.strip()
+    data = json.loads(CliRunner().invoke(main, ["models", "--json"]).output)
+    video = {r["family"] for r in data if r["supports"]["video"]}
+    assert set(FAMILIES_WITH_VIDEO) <= video and "llava" not in video
+
+
+def test_a_family_that_supports_video_takes_a_video(family) -> None:
+    """``supports`` is not a label: a family that says video builds video inputs its model's forward takes."""
+    from tests.unit.test_video_qwen import _video
+
+    lm = _load(family)
+    assert "video" in lm.adapter.supports
+    side = 2 * lm.image_processor.patch_size * lm.image_processor.merge_size
+    b = lm.adapter.batch(lm, [Sample((Turn("user", (Media("video", 0), "what ?")),), videos=[_video(2, side)])])
+    with torch.no_grad():
+        assert torch.isfinite(lm.model(**b.inputs).logits).all()
+    assert int((b.modality_BT == VIDEO).sum()) > 0
