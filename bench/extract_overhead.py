@@ -1,6 +1,7 @@
 """Benchmark: hooked extraction with Zarr writes vs the plain forward, same batches (not a test).
 
-Mid-size random Qwen2.5-VL on CPU (hidden 512, 8 layers, 8 heads, 4 KV heads), generated data.
+Mid-size random Qwen2.5-VL on CPU (hidden 512, 8 layers, 8 heads, 4 KV heads), generated data;
+``--family F`` scales another family's ``debug:F`` model to the same language-model size instead.
 Three variants per round, interleaved: the plain forward, the synchronous hooked path (before: full
 outputs to the host, select, cast, append, commit in turn) and the pipelined path (after: select and
 cast where the layer ran, writes and the commit on the drain thread behind the next forwards). Each is
@@ -9,7 +10,7 @@ its last commit inside the time). Prints medians per shard, the ratios (goal <= 
 written, the split of the synchronous path's time, and the CPU seconds of every thread of the process
 per shard (``time.process_time``; on a machine others load, steadier than wall time).
 
-    python bench/extract_overhead.py [--samples 32] [--batch 4] [--repeats 5] [--device cpu]
+    python bench/extract_overhead.py [--family qwen2_5_vl] [--samples 32] [--batch 4] [--repeats 5] [--device cpu]
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from pathlib import Path
 import torch
 
 
-def build_model(out: Path) -> str:
+def build_model(out: Path, family: str = "qwen2_5_vl") -> str:
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from kscale.models.debug import build_debug_model
 
+    if family != "qwen2_5_vl":
+        return build_scaled_model(out, family)
     build_debug_model("qwen2_5_vl", out)  # tokenizer + processor of the debug family
     small = Qwen2_5_VLConfig.from_pretrained(out)
     tc = small.text_config
@@ -47,9 +50,41 @@ def build_model(out: Path) -> str:
     return str(out)
 
 
+def build_scaled_model(out: Path, family: str) -> str:
+    """``debug:<family>`` with its language model scaled to the benchmark's size (hidden 512, 8 layers,
+    8 heads, 4 KV heads of 64) and the vision tower's output to match; tokenizer and processor as saved."""
+    import transformers
+    from transformers import AutoConfig
+
+    from kscale.models.debug import build_debug_model
+    from kscale.models.registry import get_adapter
+
+    build_debug_model(family, out)
+    cfg = AutoConfig.from_pretrained(out)
+    tc, vc = cfg.text_config, cfg.vision_config
+    tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers = 512, 1376, 8
+    tc.num_attention_heads, tc.num_key_value_heads = 8, 4
+    if getattr(tc, "head_dim", None):
+        tc.head_dim = 64
+    if getattr(tc, "layer_types", None):
+        tc.layer_types = [tc.layer_types[0]] * 8
+    rope = dict(tc.rope_parameters)
+    if "mrope_section" in rope:
+        rope["mrope_section"] = [8, 12, 12]
+    tc.rope_parameters = rope
+    if hasattr(vc, "out_hidden_size"):
+        vc.out_hidden_size = 512
+    else:  # Qwen2-VL: the merger's output is vision_config.hidden_size
+        vc.hidden_size = 512
+    torch.manual_seed(0)
+    getattr(transformers, get_adapter(family).model_class)(cfg).save_pretrained(out)
+    return str(out)
+
+
 def bench_args(ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     """The options both overhead benchmarks share."""
     ap = ap or argparse.ArgumentParser()
+    ap.add_argument("--family", default="qwen2_5_vl", help="model family (debug:<family> scaled up)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=5)
@@ -66,7 +101,7 @@ def bench_setup(args: argparse.Namespace, tmp: Path):
     from kscale.extract import worker
     from kscale.spec import spec_from_dict
 
-    model_dir = build_model(tmp / "model")
+    model_dir = build_model(tmp / "model", args.family)
     spec = spec_from_dict({
         "kind": "extract", "model": {"path": model_dir, "device": args.device, "max_pixels": args.image_size ** 2},
         "data": {"source": "generated", "generated": {"n_samples": args.samples, "image_size": args.image_size}},
@@ -104,7 +139,7 @@ def main() -> None:
         def before() -> None:
             """The synchronous path: full outputs to the host, select, cast, append, commit, in turn."""
             w = ShardWriter(tmp / "store", f"s{next(shard_no):06d}", n_layers=len(state.layers),
-                            n_heads=len(state.heads), head_dim=lm.info.head_dim, rope_rows=3,
+                            n_heads=len(state.heads), head_dim=lm.info.head_dim, rope_rows=lm.adapter.rope_rows,
                             key_dtype=args.key_dtype, chunk_tokens=spec.output.chunk_tokens)
             for b, a in zip(batches, range(0, len(recs), args.batch)):
                 t0 = time.perf_counter()
@@ -158,7 +193,7 @@ def main() -> None:
         mp, mb, ma = statistics.median(tp), statistics.median(tb), statistics.median(ta)
         cp, cb, ca = (statistics.median(cpu[k]) for k in ("plain", "before", "after"))
         n_tok = sum(int(b.inputs["attention_mask"].sum()) for b in batches)
-        print(f"model: hidden 512, 8 layers, 4 KV heads x 64; {args.samples} samples of "
+        print(f"model: {args.family}, hidden 512, 8 layers, 4 KV heads x 64; {args.samples} samples of "
               f"{args.image_size}px, {n_tok} tokens, batch {args.batch}, device {lm.device}, torch threads "
               f"{torch.get_num_threads()}; times per shard of {args.samples} samples, {per} shards in a row")
         for name, m, runs in (("plain forward", mp, tp), ("before: sync hooks", mb, tb),

@@ -280,6 +280,16 @@ def report(run_dir: str) -> None:
     click.echo(str(build_report(run)))
 
 
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the families as JSON.")
+def models(as_json: bool) -> None:
+    """List the model families with what kscale supports for each (keys, queries, attention, video, train,
+    bias) and their MaLoRA targets, from the adapters themselves (the README's table is this output)."""
+    from kscale.models.registry import families_table, family_rows
+
+    click.echo(json.dumps(family_rows(), indent=1) if as_json else families_table())
+
+
 @main.command("debug-model")
 @click.argument("family", type=click.Choice(FAMILIES))
 @click.argument("out_dir", type=click.Path(file_okay=False))

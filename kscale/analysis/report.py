@@ -44,17 +44,31 @@ UNBOUNDED = ("<b>[unbounded]</b> (ratio columns): the intra-modal value is indis
              "ratio has no finite Fieller interval; read <i>gap / noise</i> instead.")
 
 
-def layer_table(df: pd.DataFrame, alpha: float) -> str:
-    """The primary setting per layer (heads pooled): cross, intra, noise floor, gap/noise, p, verdict."""
+def deepstack_marks(meta: dict) -> dict[str, set[int]]:
+    """Store path -> layers whose keys are computed right after a DeepStack injection (Qwen3-VL adds vision
+    features to the image tokens after each layer the store lists in ``model.deepstack_layers``)."""
+    return {s["path"]: {d + 1 for d in s.get("attrs", {}).get("model", {}).get("deepstack_layers", [])}
+            for s in meta.get("stores", [])}
+
+
+DEEPSTACK_NOTE = ("<b>DeepStack</b> (layer marked): the model added intermediate vision-tower features to the image "
+                  "tokens' hidden states right before this layer, so its gap is not only the language model's own.")
+
+
+def layer_table(df: pd.DataFrame, alpha: float, marks: dict[str, set[int]] | None = None) -> str:
+    """The primary setting per layer (heads pooled): cross, intra, noise floor, gap/noise, p, verdict.
+    ``marks``: layers to flag per store (:func:`deepstack_marks`)."""
     setting = V.primary_setting(df)
     if setting is None:
         return ""
     t = V.gap_table(df, setting, "pooled", alpha)
     ratios = _ratio_columns(df, setting, t)
-    parts, unbounded = [], False
+    parts, unbounded, marked = [], False, False
     for store, g in t.groupby("store", sort=False):
+        flag = (marks or {}).get(store, set())
+        marked = marked or bool(flag & set(g.layer.astype(int)))
         tab = pd.DataFrame({
-            "layer": g.layer.astype(int),
+            "layer": [f"{int(li)} (DeepStack)" if int(li) in flag else int(li) for li in g.layer],
             "cross-modal MMD² [95% CI]": [_interval(*r) for r in zip(g.cross, g.cross_ci_low, g.cross_ci_high)],
             "intra text": [_interval(*r) for r in zip(g.intra_text, g.intra_text_ci_low, g.intra_text_ci_high)],
             "intra image": [_interval(*r) for r in zip(g.intra_image, g.intra_image_ci_low, g.intra_image_ci_high)],
@@ -69,7 +83,8 @@ def layer_table(df: pd.DataFrame, alpha: float) -> str:
         parts.append(title + tab.to_html(index=False, border=0, escape=True))
     return (f"<h2>Per layer: {html.escape(setting.label())}, "
             f"{'KV heads pooled' if (setting.select(df)['head'] == V.POOLED).any() else 'first KV head'}</h2>"
-            + "".join(parts) + f'<p class="muted">{V.DEFINITIONS}{" " + UNBOUNDED if unbounded else ""}</p>')
+            + "".join(parts) + f'<p class="muted">{V.DEFINITIONS}{" " + UNBOUNDED if unbounded else ""}'
+            f'{" " + DEEPSTACK_NOTE if marked else ""}</p>')
 
 
 def _ratio_columns(df: pd.DataFrame, setting, t: pd.DataFrame) -> dict[str, dict[str, list[str]]]:
@@ -193,7 +208,7 @@ def build_report(run_dir: str | Path) -> Path:
     counts = df.pivot_table(index="estimator", columns="comparison", values="layer", aggfunc="size", fill_value=0)
     body = (rep.verdict_html(V.verdict(df, alpha))
             + _stores_html(meta, df) + f"<p class=\"muted\">{len(df)} rows; alpha = {alpha:g}.</p>"
-            + layer_table(df, alpha) + sensitivity_table(df, alpha) + paper_table(df)
+            + layer_table(df, alpha, deepstack_marks(meta)) + sensitivity_table(df, alpha) + paper_table(df)
             + "<h2>Pictures</h2>" + rep.figures_html(pngs)
             + _attention_section(run) + EXPLAIN
             + "<h2>Rows per estimator and comparison</h2>" + counts.reset_index().to_html(index=False, border=0)

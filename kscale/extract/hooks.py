@@ -157,7 +157,7 @@ def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | 
         def hook(_mod, _inp, out):
             nonlocal host
             r, h = rows.on(out.device)
-            D = out.shape[-1] // n_kv_heads
+            D = out[0, 0].numel() // n_kv_heads  # (B, T, H*D) from k_proj, (B, T, H, D) from a QK-norm
             sel = out.detach().reshape(-1, n_kv_heads, D).index_select(0, r)  # (N, Hkv, D)
             if h is not None:
                 sel = sel.index_select(1, h)

@@ -25,7 +25,7 @@ from kscale.results import ExtractResult
 from kscale.spec import JobSpec, to_dict
 from kscale.spec.cluster import redact_env
 from kscale.store.index import write_index
-from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names
+from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names, token_fields
 from kscale.store.writer import sweep_staging
 
 
@@ -43,19 +43,22 @@ def _versions() -> dict:
 
 def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
                shards: int) -> dict:
+    config = read_config_json(spec.model)[0]
     return {
         "format": STORE_FORMAT, "version": STORE_VERSION,
         "model": {"path": spec.model.path, "resolved_path": info.path, "family": info.family,
                   "model_type": info.model_type, "config_hash": info.config_hash, "revision": spec.model.revision,
                   "num_layers": info.num_layers, "num_heads": info.num_heads, "num_kv_heads": info.num_kv_heads,
                   "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
-                  "config": read_config_json(spec.model)[0]},  # makes the store self-contained (post-RoPE rebuild)
+                  "config": config,  # makes the store self-contained (post-RoPE rebuild)
+                  **get_adapter(info.family).model_facts(config)},  # e.g. Qwen3-VL's deepstack_layers
         "processor": processor_settings,
         "spec": redact_env(to_dict(spec)), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
         "versions": _versions(),
         "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
         "key_space": "pre_rope", "rope_rows": get_adapter(info.family).rope_rows,
+        "token_fields": list(token_fields(get_adapter(info.family).rope_rows, video=True)),
         "modality_codes": dict(MODALITY_CODES),
         "plan": {"n_samples": n_samples, "shard_size": spec.data.shard_size, "n_shards": shards},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),

@@ -165,8 +165,17 @@ def write_batch(writer: ShardWriter, spec: JobSpec, batch, recs: list[Record], k
         writer.append(name, k, {
             "sample_id": sid_BT[m].numpy(), "position": pos_BT[m].numpy(),
             "rope_pos": pos_BTR[m].numpy().astype(np.int32), "token_id": ids[m].numpy().astype(np.int32),
-            "image_index": batch.image_index_BT[m].numpy(),
+            "image_index": batch.image_index_BT[m].numpy(), **{k: v[m.numpy()] for k, v in video_columns(batch).items()},
         })
+
+
+def video_columns(batch) -> dict[str, np.ndarray]:
+    """The store's video columns (``VIDEO_FIELDS``) of a batch, (B, T) each: video, frame, time in ms (-1 outside)."""
+    if batch.time_BT is None:  # no video in the batch
+        return {}
+    t = batch.time_BT.numpy()
+    return {"video_index": batch.video_index_BT.numpy(), "frame": batch.frame_BT.numpy(),
+            "time_ms": np.where(np.isnan(t), -1, np.round(np.nan_to_num(t) * 1000)).astype(np.int32)}
 
 
 def keep_rows(batch, recs: list[Record], sample_tokens) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:
@@ -210,7 +219,8 @@ def write_host_keys(writer: ShardWriter, spec, batch, recs: list[Record], rows_N
     cols_N = {"sample_id": sids[rows // T], "position": (rows % T).astype(np.int32),
               "rope_pos": host.positions_NR.numpy(),
               "token_id": batch.inputs["input_ids"].flatten().numpy()[rows].astype(np.int32),
-              "image_index": batch.image_index_BT.flatten().numpy()[rows]}
+              "image_index": batch.image_index_BT.flatten().numpy()[rows],
+              **{k: v.flatten()[rows] for k, v in video_columns(batch).items()}}
     for name, (a, b) in spans.items():
         bad = int(np.bitwise_or.reduce(flags_LN[:, a:b], axis=None))
         if bad & NONFINITE:

@@ -26,7 +26,7 @@ WORDS = (
 
 def build_tokenizer(family: str):
     """A PreTrainedTokenizerFast over a WordLevel vocabulary with the family's special tokens
-    (``Adapter.debug_tokens``: the special tokens first, in order, then the words)."""
+    (``Adapter.debug_tokens``: the special tokens first, in order, then the words and the family's ``words``)."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -34,8 +34,10 @@ def build_tokenizer(family: str):
 
     spec = dict(get_adapter(family).debug_tokens)
     special = spec.pop("special")
+    extra = set(spec.pop("words", ()))  # a family's own plain words (Qwen3-VL's "<1.5 seconds>")
     vocab = {t: i for i, t in enumerate(special + ["[UNK]"])}
-    for w in sorted({w.strip() for w in WORDS if w.strip()} | {"0", "1", "2", "3", "4", "5", "6", "7", "8", "9"}):
+    for w in sorted({w.strip() for w in WORDS if w.strip()} | {"0", "1", "2", "3", "4", "5", "6", "7", "8", "9"}
+                    | extra):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.normalizer = normalizers.Lowercase()

@@ -18,17 +18,20 @@ MODALITY_NAMES = {v: k for k, v in MODALITY_CODES.items()}
 MODALITIES = tuple(MODALITY_CODES)
 
 # Families with an Adapter (``kscale.models.<family>``); tests check that each one is registered.
-FAMILIES = ("qwen2_5_vl", "llava", "llava_next", "llava_onevision", "idefics3", "paligemma", "internvl", "gemma3")
+FAMILIES = ("qwen2_5_vl", "llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
+            "idefics3", "paligemma", "internvl", "gemma3")
 
 # MaLoRA targets per family: projection name -> the decoder-layer sub-module that holds it (PEFT keeps
-# the same knowledge in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). Every family so far has the
-# Llama-style layout (Idefics3's text_model and Gemma 3's q/k norms included: the projections keep their names).
+# the same knowledge in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). The dense families share the
+# Llama-style layout (Idefics3's text_model and the q/k norms of Gemma 3 and Qwen3-VL included: the
+# projections keep their names).
 _LLAMA_STYLE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-MALORA_TARGETS: dict[str, dict[str, str]] = {"qwen2_5_vl": _LLAMA_STYLE, "llava": _LLAMA_STYLE,
-                                             "llava_next": _LLAMA_STYLE, "llava_onevision": _LLAMA_STYLE,
-                                             "idefics3": _LLAMA_STYLE, "paligemma": _LLAMA_STYLE,
-                                             "internvl": _LLAMA_STYLE, "gemma3": _LLAMA_STYLE}
+# Qwen3-VL-MoE's experts are fused parameters (``experts.gate_up_proj``/``down_proj``, no nn.Linear): only
+# its attention projections are targets.
+_ATTENTION_ONLY = {k: v for k, v in _LLAMA_STYLE.items() if v == "self_attn"}
+MALORA_TARGETS: dict[str, dict[str, str]] = {
+    **{f: _LLAMA_STYLE for f in FAMILIES if f != "qwen3_vl_moe"}, "qwen3_vl_moe": _ATTENTION_ONLY}
 MALORA_TARGET_NAMES = tuple(_LLAMA_STYLE)  # every projection some family can adapt
 
 

@@ -92,8 +92,10 @@ class Batch:
     image_index_BT: torch.Tensor  # int16: which image of the sample (-1 for non-image tokens)
     answer_mask_BT: torch.Tensor  # bool: tokens of the answer span (all False without answers)
     n_image_tokens: list[int]  # processor formula per sample (sum over its images)
-    video_index_BT: torch.Tensor | None = None  # int16: which video of the sample (-1 for non-video tokens)
-    frame_BT: torch.Tensor | None = None  # int32: frame of its video (-1 for non-video tokens)
+    # int16: which video of the sample, int32: which frame of it; -1 outside video blocks and on their wrappers
+    # (a block's text, Qwen3-VL's "<t seconds>", carries its frame)
+    video_index_BT: torch.Tensor | None = None
+    frame_BT: torch.Tensor | None = None
     time_BT: torch.Tensor | None = None  # float32 seconds of that frame (NaN elsewhere); None without video
 
 
@@ -244,6 +246,8 @@ class Adapter:
 
     family: str = ""
     model_class: str = ""
+    # What kscale does with this family (``kscale models``, the README's table): a subset of CAPABILITIES.
+    supports: tuple[str, ...] = ("keys", "queries", "attention", "train", "bias")
     default_template: str = "{image}{text}"
     rope_rows: int = 1  # rows of RoPE positions per token: 1 for 1-D RoPE, 3 for Qwen's M-RoPE
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
@@ -305,6 +309,11 @@ class Adapter:
     def processor_kwargs(self, mspec: ModelOptions) -> dict:
         return {}
 
+    def model_facts(self, config: dict) -> dict:
+        """Facts about the checkpoint (its config.json dict) that the store records with the model and
+        ``kscale info`` shows: e.g. Qwen3-VL's ``deepstack_layers``. Empty for most families."""
+        return {}
+
     # -- module locations (language model only)
     def decoder_layers(self, model) -> list[torch.nn.Module]:
         return list(model.model.language_model.layers)
@@ -359,6 +368,26 @@ class Adapter:
     def special_ids(self, loaded: LoadedModel) -> set[int]:
         ids = set(loaded.tokenizer.all_special_ids) - {loaded.tokenizer.unk_token_id}
         return ids - {self.image_token_id(loaded.model.config), self.video_token_id(loaded.model.config)}
+
+    def wrapper_ids(self, config) -> set[int]:
+        """Ids that wrap or separate media blocks (vision start/end, image newlines, ...), read from the
+        checkpoint's config: always tagged ``special``, even where a processor counts them as image tokens."""
+        return set()
+
+    def mm_token_ids(self, config) -> dict[int, list[int]]:
+        """The ids transformers' processor marks in ``mm_token_type_ids`` (``ProcessorMixin``'s
+        ``image_token_ids`` / ``video_token_ids``): {1: image ids, 2: video ids}, from the checkpoint's config."""
+        vid = self.video_token_id(config)
+        return {1: [self.image_token_id(config)], 2: [] if vid is None else [vid]}
+
+    def mm_token_type_ids(self, input_ids_BT: torch.Tensor, config) -> torch.Tensor:
+        """transformers' multimodal contract per token (``create_mm_token_type_ids``): 0 text, 1 image, 2 video.
+        The tags of :meth:`tag` are these (wrapper tokens aside); Qwen's forward reads them for M-RoPE."""
+        mm_BT = torch.zeros(input_ids_BT.shape, dtype=torch.int32)
+        for code, ids in self.mm_token_ids(config).items():
+            if ids:
+                mm_BT[torch.isin(input_ids_BT, torch.tensor(ids, dtype=input_ids_BT.dtype))] = code
+        return mm_BT
 
     # -- inputs
     def image_inputs(self, loaded: LoadedModel, images: list) -> tuple[dict[str, torch.Tensor], list[Any]]:
@@ -448,8 +477,8 @@ class Adapter:
         modality = self.tag(loaded, input_ids, attn)
         modality = torch.where(block_tags == _BY_ID, modality, block_tags)  # tags an image block gave
         image_index[modality != IMAGE] = -1  # wrapper tokens of a block (vision start/end) are no image's
-        video_index[modality != VIDEO] = -1
-        frame[modality != VIDEO] = -1
+        # a video block's wrappers have frame -1; its text (Qwen3-VL's "<t seconds>") keeps its frame
+        video_index[frame < 0] = -1
         times = self._frame_times(samples, video_index, frame)
         return Batch(inputs, modality, image_index, answer_mask, [r.n_image for r in rendered],
                      video_index, frame, times)
@@ -507,16 +536,18 @@ class Adapter:
         return plan
 
     def tag(self, loaded: LoadedModel, input_ids_BT: torch.Tensor, attn_BT: torch.Tensor) -> torch.Tensor:
-        """Modality tag of every token (PAD where attention_mask is 0), by the token-id rule: image and video
-        tokens by the config's ids, the tokenizer's special tokens (not the unknown token) special."""
+        """Modality tag of every token (PAD where attention_mask is 0): image and video where the processor's
+        contract (:meth:`mm_token_type_ids`) says 1 and 2, special for the tokenizer's special tokens (not the
+        unknown token) and the media wrappers (:meth:`wrapper_ids`), text otherwise."""
         cfg = loaded.model.config
         modality = torch.full(input_ids_BT.shape, TEXT, dtype=torch.int8)
         special = torch.tensor(sorted(self.special_ids(loaded)), dtype=input_ids_BT.dtype)
         modality[torch.isin(input_ids_BT, special)] = SPECIAL
-        modality[input_ids_BT == self.image_token_id(cfg)] = IMAGE
-        vid = self.video_token_id(cfg)
-        if vid is not None:
-            modality[input_ids_BT == vid] = VIDEO
+        mm_BT = self.mm_token_type_ids(input_ids_BT, cfg)
+        modality[mm_BT == 1] = IMAGE
+        modality[mm_BT == 2] = VIDEO
+        wrappers = torch.tensor(sorted(self.wrapper_ids(cfg)), dtype=input_ids_BT.dtype)
+        modality[torch.isin(input_ids_BT, wrappers)] = SPECIAL
         modality[attn_BT == 0] = PAD
         return modality
 
@@ -548,6 +579,24 @@ class _Rendered:
 
 
 ADAPTERS: dict[str, type[Adapter]] = {}
+CAPABILITIES = ("keys", "queries", "attention", "video", "train", "bias")
+
+
+def family_rows() -> list[dict]:
+    """One row per registered family: its transformers class, what it supports, its MaLoRA targets."""
+    return [{"family": f, "model_class": a.model_class, "supports": {c: c in a.supports for c in CAPABILITIES},
+             "malora_targets": list(MALORA_TARGETS[f])} for f, a in ADAPTERS.items()]
+
+
+def families_table() -> str:
+    """``family_rows`` as the markdown table ``kscale models`` prints and the README shows."""
+    head = ["family", "transformers class", *CAPABILITIES, "MaLoRA targets"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for r in family_rows():
+        marks = ["yes" if r["supports"][c] else "-" for c in CAPABILITIES]
+        lines.append("| " + " | ".join([f"`{r['family']}`", f"`{r['model_class']}`", *marks,
+                                          ", ".join(r["malora_targets"])]) + " |")
+    return "\n".join(lines)
 
 
 def register(cls: type[Adapter]) -> type[Adapter]:
@@ -563,3 +612,6 @@ from kscale.models import idefics3 as _idefics3  # noqa: E402,F401
 from kscale.models import paligemma as _paligemma  # noqa: E402,F401
 from kscale.models import internvl as _internvl  # noqa: E402,F401
 from kscale.models import gemma3 as _gemma3  # noqa: E402,F401
+from kscale.models import qwen2_vl as _qwen2  # noqa: E402,F401
+from kscale.models import qwen3_vl as _qwen3  # noqa: E402,F401
+from kscale.models import qwen3_vl_moe as _qwen3_moe  # noqa: E402,F401

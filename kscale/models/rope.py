@@ -23,34 +23,34 @@ import numpy as np
 import torch
 
 
-def _rotary_class(model_type: str) -> type[torch.nn.Module]:
-    """``<Prefix>RotaryEmbedding`` from ``transformers.models.<model_type>`` (e.g. llama -> LlamaRotaryEmbedding)."""
+def _rotary_class(model_type: str, prefixes: tuple[str, ...] = ()) -> type[torch.nn.Module]:
+    """``<Prefix>RotaryEmbedding`` from ``transformers.models.<model_type>`` (e.g. llama -> LlamaRotaryEmbedding),
+    the first of ``prefixes`` (then ``model_type``) that the module defines."""
     try:
         mod = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
     except ImportError as e:
         raise ValueError(f"no transformers modeling module for model_type {model_type!r}") from e
-    want = model_type.replace("_", "").lower() + "rotaryembedding"
-    for name in dir(mod):
-        if name.replace("_", "").lower() == want:
-            return getattr(mod, name)
-    raise ValueError(f"transformers.models.{model_type} has no rotary embedding class (looked for {want!r})")
+    names = {name.replace("_", "").lower(): name for name in dir(mod)}
+    wants = [p.replace("_", "").lower() + "rotaryembedding" for p in (*prefixes, model_type)]
+    for want in wants:
+        if want in names:
+            return getattr(mod, names[want])
+    raise ValueError(f"transformers.models.{model_type} has no rotary embedding class (looked for {wants})")
 
 
 def rotary_from_config(config: Any) -> torch.nn.Module:
-    """The language model's rotary module for a full model config (Qwen2.5-VL or LLaVA + its text model).
+    """The language model's rotary module for a full model config (a Qwen-VL, or LLaVA + its text model).
 
     Only the config is read: the module holds ``inv_freq`` (computed from ``rope_parameters``) and
-    ``attention_scaling``, no weights. Qwen2.5-VL's text config gets ``Qwen2_5_VLRotaryEmbedding``, which
-    knows its ``mrope_section``; LLaVA's gets the rotary class of its text model (Llama for LLaVA-1.5).
+    ``attention_scaling``, no weights. A Qwen-VL text config gets its family's own class
+    (``Qwen2_5_VLRotaryEmbedding``, ``Qwen3VLTextRotaryEmbedding``, ...), which knows its ``mrope_section``
+    (and Qwen3-VL's interleaving); LLaVA's gets the rotary class of its text model (Llama for LLaVA-1.5).
     """
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if config.model_type == "qwen2_5_vl":
-        cls = _rotary_class("qwen2_5_vl")
-    else:
-        try:
-            cls = _rotary_class(text.model_type)
-        except ValueError:  # a text config without a module of its own (Gemma 3's gemma3_text)
-            cls = _rotary_class(config.model_type)
+    try:  # a text model of its own (LLaVA's Llama)
+        cls = _rotary_class(text.model_type)
+    except ValueError:  # a text config inside the family's module: Qwen3VLTextRotaryEmbedding, Qwen2VLRotaryEmbedding
+        cls = _rotary_class(config.model_type, (text.model_type,))
     return cls(text).eval()
 
 

@@ -154,6 +154,8 @@ def summarize(store: str | Path, attrs: dict[str, Any], index: Index) -> dict[st
         "key_bytes": sum(r["key_bytes"] for r in rows),
         "disk_bytes": disk,
     }
+    if "deepstack_layers" in attrs.get("model", {}):  # Qwen3-VL: visual features injected after these layers
+        out["deepstack_layers"] = list(attrs["model"]["deepstack_layers"])
     if index.invalid:
         out["shards_invalid"] = dict(index.invalid)
     return out

@@ -11,7 +11,8 @@ Version 2 (written today)::
                     ``chunk_tokens`` rows holding every layer (shard (L, c, H, D)), inner chunks (1, c, H, D)
                     so reading one layer reads only its bytes; crc32c on every inner chunk and on the index
             tokens  (token, field) int64, chunks (c, F), zstd + crc32c; fields ``token_fields(R)``:
-                    sample_id, position, token_id, image_index, rope_0 .. rope_{R-1}
+                    sample_id, position, token_id, image_index, rope_0 .. rope_{R-1}, and in stores whose
+                    root attrs list ``token_fields`` (written since videos) video_index, frame, time_ms
           attention/ queries/        optional side tables and query vectors (crc32c too)
         sNNNNNN.done.json            commit marker, created exclusively, last: stats, errors, every file + size
         sNNNNNN.damaged-<time>.json  a marker moved aside by ``kscale verify --repair`` (not committed)
@@ -47,7 +48,12 @@ TABLE_COLUMNS = {  # the reader's token columns and their dtypes (v1: one array 
     "rope_pos": "int32",
     "token_id": "int32",
     "image_index": "int16",
+    "video_index": "int16",  # which video of the sample (-1: not in a video block)
+    "frame": "int32",  # which frame of that video (Qwen3-VL's "<t seconds>" text carries its frame too)
+    "time_ms": "int32",  # that frame's time in the video, milliseconds (-1 outside videos)
 }
+VIDEO_FIELDS = ("video_index", "frame", "time_ms")  # after the rope fields; absent from older stores
+COLUMN_FILL = -1  # what a column a store does not hold reads as (VIDEO_FIELDS of a store written before them)
 KEY_DIMS = ("layer", "token", "kv_head", "head_dim")
 TOKEN_DIMS = ("token", "field")
 INDEX_FILE = "_index.json"
@@ -61,14 +67,20 @@ class StoreError(KscaleError, ValueError):
     """A path is not a readable key store, or a read asks for something the store does not hold."""
 
 
-def token_fields(rope_rows: int) -> tuple[str, ...]:
-    """Field names of the v2 ``tokens`` array (its second axis)."""
-    return ("sample_id", "position", "token_id", "image_index", *(f"rope_{r}" for r in range(rope_rows)))
+def token_fields(rope_rows: int, video: bool = False) -> tuple[str, ...]:
+    """Field names of the v2 ``tokens`` array (its second axis); ``video``: with ``VIDEO_FIELDS`` (new stores)."""
+    return ("sample_id", "position", "token_id", "image_index", *(f"rope_{r}" for r in range(rope_rows)),
+            *(VIDEO_FIELDS if video else ()))
 
 
-def field_slice(name: str, rope_rows: int) -> slice:
+def store_token_fields(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The token fields of a store from its root attributes (stores written before videos list none)."""
+    return tuple(attrs.get("token_fields") or token_fields(int(attrs.get("rope_rows", 1))))
+
+
+def field_slice(name: str, rope_rows: int, fields: tuple[str, ...] | None = None) -> slice:
     """Which fields of ``tokens`` make the reader's column ``name`` (``rope_pos`` is R fields)."""
-    fields = token_fields(rope_rows)
+    fields = fields or token_fields(rope_rows)
     if name == "rope_pos":
         return slice(4, 4 + rope_rows)
     i = fields.index(name)

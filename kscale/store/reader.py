@@ -34,8 +34,9 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from kscale.store.index import Index, load_index, shard_errors, summarize
-from kscale.store.layout import (MODALITIES, TABLE_COLUMNS, StoreError, field_slice, keys_chunk_file,
-                                 read_marker, read_root_attrs, shard_dir, tokens_chunk_file)
+from kscale.store.layout import (COLUMN_FILL, MODALITIES, TABLE_COLUMNS, VIDEO_FIELDS, StoreError, field_slice,
+                                 keys_chunk_file, read_marker, read_root_attrs, shard_dir, store_token_fields,
+                                 token_fields, tokens_chunk_file)
 
 
 class StoreDamaged(StoreError):
@@ -177,14 +178,18 @@ class ColumnSel:
 
     name: str
     rope_rows: int
+    fields: tuple[str, ...] = ()  # the store's token fields (``store_token_fields``)
 
     def read(self, store: str, modality: str, s: Span) -> list[np.ndarray]:
         dtype = TABLE_COLUMNS[self.name]
+        fields = self.fields or token_fields(self.rope_rows)
+        if self.name != "rope_pos" and self.name not in fields:  # a column the store predates
+            return [np.full(s.b - s.a, COLUMN_FILL, dtype)]
         if s.layout == 1:
             return [_read_v1(store, s.shard, f"{modality}/{self.name}", (slice(s.a, s.b),), dtype)]
-        fs = field_slice(self.name, self.rope_rows)
+        fs = field_slice(self.name, self.rope_rows, fields)
         col = fs if self.name == "rope_pos" else fs.start
-        return [read_block(store, s.shard, f"{modality}/tokens", tokens_chunk_file(i), (s.n, 4 + self.rope_rows),
+        return [read_block(store, s.shard, f"{modality}/tokens", tokens_chunk_file(i), (s.n, len(fields)),
                            (slice(a, b), col), dtype) for i, a, b in _pieces(s)]
 
     def empty(self) -> np.ndarray:
@@ -239,6 +244,11 @@ class KeyStore:
     @property
     def rope_rows(self) -> int:
         return int(self.attrs["rope_rows"])
+
+    @property
+    def token_fields(self) -> tuple[str, ...]:
+        """Fields of this store's token tables (video columns only in stores written since videos)."""
+        return store_token_fields(self.attrs)
 
     @property
     def modalities(self) -> tuple[str, ...]:
@@ -367,8 +377,11 @@ class KeyStore:
         (one block per shard and ``chunk_tokens`` rows), rows aligned with ``keys(layer, modality)``."""
         if name not in TABLE_COLUMNS:
             raise StoreError(f"unknown token column {name!r} (choose from {', '.join(TABLE_COLUMNS)})")
-        R, dtype = self.rope_rows, TABLE_COLUMNS[name]
-        fs = field_slice(name, R)
+        R, dtype, fields = self.rope_rows, TABLE_COLUMNS[name], self.token_fields
+        if name != "rope_pos" and name not in fields:  # a column the store predates: the fill value
+            return self.token_column(modality, "sample_id").map_blocks(
+                lambda b: np.full(b.shape, COLUMN_FILL, dtype), dtype=dtype)
+        fs = field_slice(name, R, fields)
         parts = []
         for layout, rows in self._runs(modality):
             if layout == 1:
@@ -377,7 +390,7 @@ class KeyStore:
                 continue
 
             def sel(i, a, b, n):
-                return (f"{modality}/tokens", tokens_chunk_file(i), (n, 4 + R),
+                return (f"{modality}/tokens", tokens_chunk_file(i), (n, len(fields)),
                         (slice(a, b), fs if name == "rope_pos" else fs.start))
             parts.append(self._direct(f"col-{name}", rows, modality, (R,) if name == "rope_pos" else (), dtype, sel,
                                       name))
@@ -438,7 +451,7 @@ class KeyStore:
     def _column_sel(self, name: str) -> ColumnSel:
         if name not in TABLE_COLUMNS:
             raise StoreError(f"unknown token column {name!r} (choose from {', '.join(TABLE_COLUMNS)})")
-        return ColumnSel(name, self.rope_rows)
+        return ColumnSel(name, self.rope_rows, self.token_fields)
 
     def _gather(self, modality: str, what: KeysSel | ColumnSel, index: np.ndarray,
                 rows_per_task: int = 65536, pieces_per_task: int = 256) -> np.ndarray:
@@ -491,7 +504,10 @@ class KeyStore:
             if not d.is_dir():
                 continue
             for k in TABLE_COLUMNS:
-                cols[k].append(self._shard_array(name, modality, k)[:])
+                if k in VIDEO_FIELDS:  # layout-1 shards predate video: the column reads as the fill
+                    cols[k].append(np.full(len(cols["sample_id"][-1]), COLUMN_FILL, TABLE_COLUMNS[k]))
+                else:
+                    cols[k].append(self._shard_array(name, modality, k)[:])
         R = self.rope_rows
         return {k: (np.concatenate(v) if v else np.zeros((0, R) if k == "rope_pos" else (0,), dtype=TABLE_COLUMNS[k]))
                 for k, v in cols.items()}

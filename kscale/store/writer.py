@@ -39,8 +39,8 @@ from zarr.codecs import Crc32cCodec, ZstdCodec  # side tables (attention)
 from kscale.output import create_json_exclusive, fence, read_json, write_json_atomic
 from kscale.store.chunks import (file_crc32c, fsync_path, write_array_meta, write_group_meta, write_key_shard,
                                  write_table_chunk)
-from kscale.store.layout import (KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
-                                 keys_chunk_file, marker_path, shard_dir, staging_dir, token_fields,
+from kscale.store.layout import (COLUMN_FILL, KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
+                                 VIDEO_FIELDS, keys_chunk_file, marker_path, shard_dir, staging_dir, token_fields,
                                  tokens_chunk_file)
 
 
@@ -56,13 +56,16 @@ class ShardCommitted(RuntimeError):
                          "refusing to rewrite it")
 
 
-def token_table(cols: dict[str, np.ndarray], rope_rows: int) -> np.ndarray:
-    """(N, F) int64 token table from the worker's columns (``TABLE_COLUMNS`` names)."""
+def token_table(cols: dict[str, np.ndarray], rope_rows: int, video: bool = False) -> np.ndarray:
+    """(N, F) int64 token table from the worker's columns (``TABLE_COLUMNS`` names); ``video``: with the
+    ``VIDEO_FIELDS`` (-1 where the worker gives none)."""
     n = len(cols["sample_id"])
-    out = np.empty((n, len(token_fields(rope_rows))), dtype=np.int64)
+    out = np.empty((n, len(token_fields(rope_rows, video))), dtype=np.int64)
     out[:, 0], out[:, 1], out[:, 2], out[:, 3] = (cols["sample_id"], cols["position"], cols["token_id"],
                                                   cols["image_index"])
-    out[:, 4:] = np.asarray(cols["rope_pos"]).reshape(n, rope_rows)
+    out[:, 4:4 + rope_rows] = np.asarray(cols["rope_pos"]).reshape(n, rope_rows)
+    for j, name in enumerate(VIDEO_FIELDS if video else ()):
+        out[:, 4 + rope_rows + j] = cols.get(name, COLUMN_FILL)
     return out
 
 
@@ -86,7 +89,7 @@ class _ModalityBuffer:
         write_array_meta(self.folder / "keys", (L, n, H, D), keys_LNHD.dtype, (L, c, H, D), KEY_DIMS, {},
                          inner=(1, c, H, D), zstd=self.w.compress_keys)
         write_array_meta(self.folder / "tokens", (n, table_NF.shape[1]), table_NF.dtype, (c, table_NF.shape[1]),
-                         TOKEN_DIMS, {"fields": list(token_fields(self.w.R))})
+                         TOKEN_DIMS, {"fields": list(token_fields(self.w.R, self.w.video))})
 
     def append(self, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
         self.pending_keys.append(keys_LNHD)
@@ -123,6 +126,11 @@ class _ModalityBuffer:
             write_key_shard(self.folder / "keys" / keys_chunk_file(i // c), keys_LNHD[:, i - a:i - a + c], c,
                             self.w.compress_keys)
             write_table_chunk(self.folder / "tokens" / tokens_chunk_file(i // c), table_NF[i - a:i - a + c], c)
+
+
+def _root_attrs(store: Path) -> dict:
+    meta = store / "zarr.json"
+    return json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else {}
 
 
 def _check_root(store: Path) -> None:
@@ -169,6 +177,7 @@ class ShardWriter:
         self.inflight: deque[Future] = deque()
         self.max_inflight = max_inflight
         self.L, self.H, self.D, self.R = n_layers, n_heads, head_dim, rope_rows
+        self.video = _root_attrs(self.store).get("token_fields") == list(token_fields(rope_rows, video=True))
         self.key_dtype, self.chunk, self.compress_keys = key_dtype, chunk_tokens, compress_keys
         self.buffers: dict[str, _ModalityBuffer] = {}
         self.tables: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -195,7 +204,7 @@ class ShardWriter:
             buf = self.buffers[modality] = _ModalityBuffer(modality, self)
         self.tokens[modality] += keys_LNHD.shape[1]
         self.bytes_written += keys_LNHD.nbytes
-        buf.append(keys_LNHD.astype(self.key_dtype, copy=False), token_table(cols, self.R))
+        buf.append(keys_LNHD.astype(self.key_dtype, copy=False), token_table(cols, self.R, self.video))
 
     def append_table(self, name: str, cols: dict[str, np.ndarray]) -> None:
         """Add rows to a per-shard side table (e.g. per-sample attention statistics), written at commit."""

@@ -15,7 +15,7 @@ from kscale.models.debug import debug_model_dir
 from kscale.spec import ModelSpec
 
 
-@pytest.fixture(scope="module", params=["qwen2_5_vl", "llava"])
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def loaded(request):
     return load_model(ModelSpec(path=debug_model_dir(request.param), device="cpu", dtype="float32"))
 
@@ -39,7 +39,7 @@ def test_position_ids_are_the_ones_the_model_passes_to_its_rotary_embedding(load
     pos = loaded.adapter.position_ids(loaded, batch.inputs)
     B, T = batch.inputs["input_ids"].shape
     seen_BTR = _model_positions_BTR(loaded, batch.inputs)
-    if loaded.info.family == "qwen2_5_vl":
+    if loaded.adapter.rope_rows == 3:  # the Qwen-VL families
         assert pos.shape == (3, B, T)
         assert (pos[1] != pos[2]).any()  # really 3-D on the image tokens
         got_BTR = pos.permute(1, 2, 0)
@@ -90,7 +90,7 @@ def test_head_dim_and_model_info_agree_with_the_projection_shapes(loaded) -> Non
     from kscale.models import model_info
 
     info = model_info(loaded.model)
-    k_proj = loaded.adapter.key_modules(loaded.model)[0]
+    k_proj = loaded.adapter.decoder_layers(loaded.model)[0].self_attn.k_proj  # (key_modules: k_norm for QK-norm)
     assert k_proj.out_features == info.num_kv_heads * info.head_dim
     assert (info.num_layers, info.head_dim) == (loaded.info.num_layers, loaded.info.head_dim)
 

@@ -29,14 +29,19 @@ def _sharpened(path: str, attn_implementation: str) -> LoadedModel:
     lm = load_model(ModelSpec(path=path, device="cpu", dtype="float32", attn_implementation=attn_implementation))
     with torch.no_grad():
         for layer in lm.adapter.decoder_layers(lm.model):
-            for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj):
+            attn = layer.self_attn
+            if hasattr(attn, "k_norm"):  # a QK-norm (Qwen3-VL) undoes any scale of q_proj/k_proj: scale its
+                for norm in (attn.q_norm, attn.k_norm):  # weight, less (unit-RMS heads make logits large)
+                    norm.weight.mul_(SHARPEN ** 0.25)
+                continue
+            for proj in (attn.q_proj, attn.k_proj):
                 proj.weight.mul_(SHARPEN ** 0.5)
                 if proj.bias is not None:
                     proj.bias.mul_(SHARPEN ** 0.5)
     return lm
 
 
-@pytest.fixture(scope="session", params=["qwen2_5_vl", "llava"])
+@pytest.fixture(scope="session", params=["qwen2_5_vl", "llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe"])
 def family_models(request) -> tuple[LoadedModel, LoadedModel]:
     """(sdpa model, eager model) of one family, same sharpened weights."""
     from kscale.models.debug import debug_model_dir

@@ -21,7 +21,7 @@ def test_config_rotary_and_blockwise_rope_equal_transformers(family_models):
     family = sdpa.info.family
     rotary = load_rotary(sdpa.info.path)  # from config.json only
     model_rotary = sdpa.adapter.rotary_module(sdpa.model)
-    R = 3 if family == "qwen2_5_vl" else 1
+    R = sdpa.adapter.rope_rows
     N, H, D = 50, sdpa.info.num_kv_heads, sdpa.info.head_dim
     g = torch.Generator().manual_seed(0)
     pos_NR = torch.randint(0, 300, (N, R), generator=g)
