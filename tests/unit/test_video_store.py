@@ -37,8 +37,8 @@ def _records(family: str) -> RecordList:
 
 def _extract(tmp_path, family: str, monkeypatch, legacy: bool = False):
     src = _records(family)
-    monkeypatch.setattr(extract_run, "open_source", lambda data: src)
-    monkeypatch.setattr(worker, "open_source", lambda data: src)
+    monkeypatch.setattr(extract_run, "open_source", lambda data, *a, **k: src)
+    monkeypatch.setattr(worker, "open_source", lambda data, *a, **k: src)
     if legacy:  # a store created before the video columns: its root attrs list no token_fields
         orig = extract_run.root_attrs
         monkeypatch.setattr(extract_run, "root_attrs",
