@@ -9,6 +9,21 @@ import torch
 from kscale.models.registry import Adapter, LoadedModel, register
 
 
+def tiny_clip_llama(tokenizer) -> dict:
+    """The tiny CLIP tower and Llama LM of the LLaVA-style debug models (``debug:llava``, ``debug:llava_next``)."""
+    from transformers import CLIPVisionConfig, LlamaConfig
+
+    return dict(
+        vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                       num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
+        text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
+                                num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
+        vision_feature_select_strategy="default")
+
+
 @register
 class LlavaAdapter(Adapter):
     family = "llava"
@@ -20,19 +35,10 @@ class LlavaAdapter(Adapter):
                     "eos_token": "</s>", "additional_special_tokens": ["<image>"]}
 
     def debug_model(self, tokenizer):
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
         from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
 
-        cfg = LlavaConfig(
-            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
-            text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-            image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-            vision_feature_select_strategy="default",
-        )
+        cfg = LlavaConfig(**tiny_clip_llama(tokenizer))
         proc = CLIPImageProcessorPil(size={"shortest_edge": 56}, crop_size={"height": 56, "width": 56})
         return LlavaForConditionalGeneration(cfg), proc
 

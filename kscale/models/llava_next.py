@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from kscale.models.llava import LlavaAdapter
+from kscale.models.llava import LlavaAdapter, tiny_clip_llama
 from kscale.models.registry import IMAGE, SPECIAL, LoadedModel, register
 
 # a tiny anyres grid: base tile 56 px, tiles arranged 1x2, 2x1 or 2x2
@@ -26,19 +26,10 @@ class LlavaNextAdapter(LlavaAdapter):
     model_class = "LlavaNextForConditionalGeneration"
 
     def debug_model(self, tokenizer):
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+        from transformers import LlavaNextConfig, LlavaNextForConditionalGeneration
         from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
-        cfg = LlavaNextConfig(
-            vision_config=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                           num_attention_heads=2, image_size=56, patch_size=14, projection_dim=32),
-            text_config=LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128,
-                                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                    max_position_embeddings=4096, pad_token_id=tokenizer.pad_token_id,
-                                    bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id),
-            image_token_index=tokenizer.convert_tokens_to_ids("<image>"), vision_feature_layer=-2,
-            vision_feature_select_strategy="default", image_grid_pinpoints=DEBUG_PINPOINTS,
-        )
+        cfg = LlavaNextConfig(**tiny_clip_llama(tokenizer), image_grid_pinpoints=DEBUG_PINPOINTS)
         model = LlavaNextForConditionalGeneration(cfg)
         with torch.no_grad():  # the checkpoint's newline vector is learned; a random one tells it apart
             model.model.image_newline.normal_()
