@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import zarr
 
@@ -118,3 +120,22 @@ def test_span_share_planted_inside_and_orthogonal():
     assert qgap.span_share(qq, outside)[0] == pytest.approx(0.0, abs=1e-9)
     assert qgap.span_share(qq, inside + outside)[0] == pytest.approx(
         inside @ inside / ((inside + outside) @ (inside + outside)), abs=1e-9)
+
+
+def test_analysis_writes_the_table_the_section_and_the_verdict_sentence(qstore, tmp_path):
+    from kscale.analysis.run import analyze
+    from kscale.spec.analyze import AnalyzeConfig, EmbedConfig, MMDConfig, SignificanceConfig
+
+    _, store = qstore
+    cfg = AnalyzeConfig(stores=[store.path], layers=[1], estimators=["mmd_rf"], comparisons=["cross"],
+                        mmd=MMDConfig(n_features=32, median_subsample=50), exact_subsample=20,
+                        significance=SignificanceConfig(n_buckets=8, permutations=0), embed=EmbedConfig(methods=[]))
+    analyze(cfg, tmp_path / "run", stores=[store])
+    csv = tmp_path / "run" / f"query_gap_{Path(store.path).name}.csv"
+    table = pd.read_csv(csv)
+    want = qgap.query_gap(store, [1], n_buckets=8, seed=cfg.seed)
+    assert list(table.layer) == [1] * len(store.heads)
+    np.testing.assert_allclose(table["gap_post"], want["gap_post"], rtol=1e-12)
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert "What text queries see" in html
+    assert "Seen from text queries (post-RoPE, as the model scores)" in html.split("<h2>")[0]  # in the verdict box
