@@ -35,6 +35,7 @@ import math
 from dataclasses import dataclass
 
 import dask
+import dask.array as da
 import numpy as np
 import pandas as pd
 
@@ -161,37 +162,61 @@ def has_queries(ks) -> bool:
     return bool(rows) and all(r.get("layout") == 1 or "queries" in (r.get("groups") or []) for r in rows)
 
 
+class _RowBlocks:
+    """Rows [lo, hi) of a lazy array as a list of its own blocks: the graph is split once (``to_delayed``),
+    so streaming S shards costs O(blocks) in all, where slicing the lazy array per shard costs O(blocks) each.
+    Store arrays are concatenations of per-shard blocks, so a shard's rows are whole blocks; a range that cuts
+    a block falls back to slicing."""
+
+    def __init__(self, x: da.Array):
+        self.x, self.starts = x, np.concatenate([[0], np.cumsum(x.chunks[0])])
+        self.blocks = x.to_delayed().reshape(len(x.chunks[0]), -1)[:, 0]
+
+    def rows(self, lo: int, hi: int) -> list:
+        a, b = np.searchsorted(self.starts, [lo, hi])
+        if a == len(self.starts) or self.starts[a] != lo or self.starts[b] != hi:
+            return [self.x[lo:hi]]
+        return list(self.blocks[a:b])
+
+
+def _cat(parts: list[np.ndarray], like: da.Array) -> np.ndarray:
+    return np.concatenate(parts) if parts else np.zeros((0, *like.shape[1:]), like.dtype)
+
+
 def layer_sums(ks, layer: int, buckets: Buckets, rotary=None) -> QGapSums:
     """Stream the store shard by shard (whole samples each) into the layer's :class:`QGapSums`."""
     from kscale.store.queries import read_queries
     from kscale.store.rope import rope_keys, store_rotary
 
     m_attrs = ks.attrs["model"]
-    H, G = len(ks.heads), m_attrs["num_heads"] // m_attrs["num_kv_heads"]
+    H, G, D = len(ks.heads), m_attrs["num_heads"] // m_attrs["num_kv_heads"], ks.head_dim
     rotary = rotary if rotary is not None else store_rotary(ks)
-    q = {False: read_queries(ks, layer, "text"), True: read_queries(ks, layer, "text", rope=True, rotary=rotary)}
     n_tok = ks.n_tokens()
-    k = {m: {False: ks.keys(layer, m), True: rope_keys(ks, layer, m, rotary=rotary)} for m in KEY_MODS if n_tok[m]}
-    sid = {m: ks.token_column(m, "sample_id") for m in ("text", *k)}
-    total = QGapSums.zeros(buckets.n_buckets, H, G, ks.head_dim)
-    at = dict.fromkeys(sid, 0)
+    mods = [m for m in KEY_MODS if n_tok[m]]
+    lazy = {("q", False): read_queries(ks, layer, "text"),
+            ("q", True): read_queries(ks, layer, "text", rope=True, rotary=rotary),
+            **{(m, False): ks.keys(layer, m) for m in mods},
+            **{(m, True): rope_keys(ks, layer, m, rotary=rotary) for m in mods},
+            **{(m, "sid"): ks.token_column(m, "sample_id") for m in {"text", *mods}}}
+    blocks = {key: _RowBlocks(x) for key, x in lazy.items()}
+    total = QGapSums.zeros(buckets.n_buckets, H, G, D)
+    at = dict.fromkeys({"text", *mods}, 0)
     for r in ks.shards.values():
-        n = {m: int(r["tokens"].get(m, 0)) for m in sid}
-        lo = {m: at[m] for m in sid}
-        for m in sid:
-            at[m] += n[m]
-        if not n["text"]:
+        lo = dict(at)
+        for m in at:
+            at[m] += int(r["tokens"].get(m, 0))
+        if at["text"] == lo["text"]:
             continue
-        t = "text"
-        parts = dask.compute(q[False][lo[t]:at[t]], q[True][lo[t]:at[t]], sid[t][lo[t]:at[t]],
-                             {m: (k[m][False][lo[m]:at[m]], k[m][True][lo[m]:at[m]], sid[m][lo[m]:at[m]])
-                              for m in k}, scheduler="sync")
-        qa, qb, qs, kd = parts
-        D = ks.head_dim
-        empty = (np.zeros((0, H, D)), np.zeros((0, H, D)), np.zeros(0, np.int64))
-        kd = {m: kd.get(m, empty) for m in KEY_MODS}
-        total.merge(shard_sums(qa, qb, qs, {m: kd[m][0] for m in KEY_MODS}, {m: kd[m][1] for m in KEY_MODS},
-                               {m: kd[m][2] for m in KEY_MODS}, buckets, H, G))
+        mod_of = {key: "text" if key[0] == "q" else key[0] for key in lazy}
+        got = dask.compute({key: b.rows(lo[mod_of[key]], at[mod_of[key]]) for key, b in blocks.items()},
+                           scheduler="sync")[0]
+        arr = {key: _cat(list(v), lazy[key]) for key, v in got.items()}
+        empty = np.zeros((0, H, D))
+        kp = {m: arr.get((m, False), empty) for m in KEY_MODS}
+        kr = {m: arr.get((m, True), empty) for m in KEY_MODS}
+        ks_ = {m: arr.get((m, "sid"), np.zeros(0, np.int64)) for m in KEY_MODS}
+        total.merge(shard_sums(arr[("q", False)], arr[("q", True)], arr[("text", "sid")], kp, kr, ks_,
+                               buckets, H, G))
     return total
 
 
