@@ -49,3 +49,21 @@ def test_figure(tmp_path):
     ks, _, _ = _store(np.random.default_rng(0))
     gapdirs.figure(gapdirs.gap_directions(ks, [0]), 0, tmp_path / "g.png")
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_direction_mmd_matches_exact_1d_mmd_and_finds_the_planted_direction():
+    rng = np.random.default_rng(5)
+    ks, x, y = _store(rng, n=400, m=300, shift=1.5)
+    row = gapdirs.gap_directions(ks, [0], n_mmd=4, n_features=4096).iloc[0]
+    z = np.concatenate([x, y])
+    w, V = np.linalg.eigh(np.cov(z.T, bias=True))
+    w, V = w[::-1], V[:, ::-1]
+    for j in range(4):  # exact biased MMD² (V-statistic) of the 1-D projections, RBF with the pooled SD
+        px, py, s2 = x @ V[:, j], y @ V[:, j], w[j]
+
+        def k(a, b):
+            return np.exp(-(a[:, None] - b[None]) ** 2 / (2 * s2)).mean()
+
+        exact = k(px, px) + k(py, py) - 2 * k(px, py)
+        assert row["mmd"][j] == pytest.approx(exact, abs=0.01 * max(row["mmd"]) + 1e-3)
+    assert np.argmax(row["mmd"]) == 2
