@@ -240,9 +240,10 @@ def verdict_sentence(table: pd.DataFrame) -> str:
         return ""
     lo, hi = table["gap_post_ci_low"], table["gap_post_ci_high"]
     below, above, n = int((hi < 0).sum()), int((lo > 0).sum()), len(table)
-    share = float(np.nanmedian(table["span_share"]))
+    shares = table["span_share"].dropna()
+    span = (f"; a median {float(shares.median()):.0%} of the key mean difference lies in the span of text queries"
+            if len(shares) else "")
     seen = "text queries can see it" if below + above else "text queries do not see it"
     return (f"Seen from text queries (post-RoPE, as the model scores): image keys score significantly lower than "
-            f"text keys in {below} of {n} layer × KV-head cells and higher in {above}; a median {share:.0%} of the "
-            f"key mean difference lies in the span of text queries — {seen}"
+            f"text keys in {below} of {n} layer × KV-head cells and higher in {above}{span} — {seen}"
             + ("." if below + above else " in the expected logit."))
