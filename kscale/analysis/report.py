@@ -22,6 +22,7 @@ import pandas as pd
 
 from kscale import reporting as rep
 from kscale.analysis import verdict as V
+from kscale.analysis.qgap import verdict_sentence
 
 FIGURE_ORDER = ("mmd_by_layer", "mmd_per_head", "heatmap", "sensitivity", "jsd_by_layer", "attention_vs_gap",
                 "pca", "tsne")  # page order of the pictures, by file name prefix
@@ -192,6 +193,26 @@ def _attention_section(run: Path) -> str:
     return ("<h2>Attention utilisation beside the key gap</h2>" + "".join(parts)) if parts else ""
 
 
+def _query_gap_tables(run: Path) -> dict[str, pd.DataFrame]:
+    return {f.stem[len("query_gap_"):]: pd.read_csv(f) for f in sorted(run.glob("query_gap_*.csv"))}
+
+
+def _query_gap_section(tables: dict[str, pd.DataFrame]) -> str:
+    """"What text queries see", when the analysed stores carried query vectors (kscale/analysis/qgap.py)."""
+    cols = ["layer", "head", "logit_image_pre", "logit_text_pre", "gap_pre", "gap_pre_ci_low", "gap_pre_ci_high",
+            "logit_image_post", "logit_text_post", "gap_post", "gap_post_ci_low", "gap_post_ci_high",
+            "span_share", "span_dims", "key_gap_norm"]
+    parts = [f"<h3>{html.escape(tag)}</h3>{rep.table_html(t[[c for c in cols if c in t.columns]])}"
+             for tag, t in tables.items()]
+    return ("<h2>What text queries see</h2><p>Expected attention logit q·k/√d of image and text keys under the "
+            "distribution of stored text queries of each KV head's query-head group: pre-RoPE over all pairs "
+            "(= mean q · mean k), post-RoPE (as the model scores) over the pairs within each sample, pooled with "
+            "pair weights; gap = image − text with a sample-clustered jackknife t interval. <b>span_share</b>: "
+            "share of |mean image key − mean text key|² in the span of the text queries' principal directions "
+            "holding 99% of their energy (span_dims of them); the rest is invisible to every text query.</p>"
+            + "".join(parts)) if parts else ""
+
+
 def _stores_html(meta: dict, df: pd.DataFrame) -> str:
     paths = [s.get("path", "") for s in meta.get("stores", [])] or list(dict.fromkeys(df.store))
     items = "".join(f"<li><b>{html.escape(V.short_store(p))}</b>: <code>{html.escape(p)}</code></li>" for p in paths)
@@ -206,11 +227,14 @@ def build_report(run_dir: str | Path) -> Path:
     alpha = float(meta.get("config", {}).get("significance", {}).get("alpha", 0.05))
     pngs = sorted(run.glob("*.png"), key=_order)
     counts = df.pivot_table(index="estimator", columns="comparison", values="layer", aggfunc="size", fill_value=0)
-    body = (rep.verdict_html(V.verdict(df, alpha))
+    qgaps = _query_gap_tables(run)
+    seen = [html.escape((f"{tag}: " if len(qgaps) > 1 else "") + verdict_sentence(t))
+            for tag, t in qgaps.items() if not t.empty]
+    body = (rep.verdict_html(V.verdict(df, alpha) + seen)
             + _stores_html(meta, df) + f"<p class=\"muted\">{len(df)} rows; alpha = {alpha:g}.</p>"
             + layer_table(df, alpha, deepstack_marks(meta)) + sensitivity_table(df, alpha) + paper_table(df)
             + "<h2>Pictures</h2>" + rep.figures_html(pngs)
-            + _attention_section(run) + EXPLAIN
+            + _attention_section(run) + _query_gap_section(qgaps) + EXPLAIN
             + "<h2>Rows per estimator and comparison</h2>" + counts.reset_index().to_html(index=False, border=0)
             + "<h2>Run metadata</h2><details><summary>meta.json</summary><pre>"
             + html.escape(json.dumps(meta, indent=1, default=str)[:20000]) + "</pre></details>"

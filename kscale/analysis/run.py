@@ -151,6 +151,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
         from kscale.analysis.report import build_report
 
         attention_beside_gap(stores, df, out)
+        queries_beside_gap(cfg, stores, out)
         write_pictures(df, embeds, out, cfg)  # the t-SNE maps last: the helper may still be on them
     build_report(out)
     return df
@@ -184,6 +185,20 @@ def attention_beside_gap(stores: list[KeyStoreLike], df: pd.DataFrame, out: Path
         joined.to_csv(out / f"attention_vs_gap_{tag}.csv", index=False)
         corr.to_csv(out / f"attention_gap_correlation_{tag}.csv", index=False)
         attn.save_figure(joined, corr, out / f"attention_vs_gap_{tag}.png", f"visual attention vs key gap — {tag}")
+
+
+def queries_beside_gap(cfg: AnalyzeConfig, stores: list[KeyStoreLike], out: Path) -> None:
+    """Where a store carries query vectors (``extract.attention.store_queries``), the gap text queries see
+    (:mod:`kscale.analysis.qgap`): ``query_gap_<store>.csv``, one row per (layer, KV head)."""
+    from kscale.analysis import qgap
+
+    for ks in stores:
+        if not qgap.has_queries(ks):
+            continue
+        table = qgap.query_gap(ks, _select("layers", cfg.layers, ks.layers, "layer"), cfg.significance.n_buckets,
+                               cfg.seed, cfg.significance.alpha)
+        table.insert(0, "store", ks.path)
+        table.to_csv(out / f"query_gap_{Path(ks.path).name}.csv", index=False)
 
 
 def _meta(cfg: AnalyzeConfig, stores: list[KeyStoreLike]) -> dict:

@@ -55,6 +55,7 @@ def test_every_layer_and_head_has_every_estimator(tmp_path):
     html = build_report(tmp_path).read_text()
     assert html.count("data:image/png;base64,") == len(list(tmp_path.glob("*.png")))
     assert "src=\"http" not in html
+    assert not list(tmp_path.glob("query_gap_*")) and "What text queries see" not in html  # no stored queries
 
 
 def test_run_analyze_entry_uses_the_spec_output_path(tmp_path, monkeypatch):
