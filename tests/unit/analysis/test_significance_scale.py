@@ -97,3 +97,46 @@ def test_cross_mmd_has_power_on_a_planted_shift_at_2e5_samples():
     assert np.mean(p <= 0.05) >= 0.8, np.mean(p <= 0.05)
     null = replicate_p(population(1, 0.0), "cross", 300, seed=3)
     assert np.median(p) < np.median(null) / 10
+
+
+# --- rows and report: above the unit limit the p-value stays, named --------------------------------------
+
+def _run(tmp_path, name: str, **significance) -> "pd.DataFrame":
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from analysis_fakes import make_store
+
+    from kscale.analysis.run import analyze
+    from kscale.spec.analyze import AnalyzeConfig, EmbedConfig, MMDConfig, SignificanceConfig
+
+    ks = make_store(n_samples=24, layers=(0, 1), n_heads=1, head_dim=4, shift=0.8)
+    cfg = AnalyzeConfig(stores=["unused"], estimators=["mmd_rf"], pooled=False,
+                        mmd=MMDConfig(n_features=32, median_subsample=50, kernels=["rbf"], normalisations=["none"],
+                                      bandwidth_multiples=[1.0]),
+                        significance=SignificanceConfig(n_buckets=8, **significance), embed=EmbedConfig(methods=[]))
+    return analyze(cfg, tmp_path / name, stores=[ks])
+
+
+def test_above_max_permutation_units_rows_keep_a_cross_mmd_p_and_the_report_names_every_test(tmp_path):
+    """24 samples: with the limit above them the primary rows are permuted; with ``max_permutation_units: 4``
+    they keep their cross-MMD p (the one a run without permutations gives), ``p_method`` names it, the
+    row's conventions say why, and the report shows every layer's p with its test, in the layer table and
+    in the verdict."""
+    import json
+
+    permuted = _run(tmp_path, "permuted", permutations=49)
+    limited = _run(tmp_path, "limited", permutations=49, max_permutation_units=4)
+    plain = _run(tmp_path, "plain", permutations=0)
+    prim = lambda df: df[(df.estimator == "mmd2_rf")].reset_index(drop=True)  # noqa: E731
+    assert set(prim(permuted).p_method) == {"sequence_permutation_49"}
+    rows = prim(limited)
+    assert set(rows.p_method) == {"cross_mmd_t"} and rows.p.notna().all()
+    np.testing.assert_array_equal(rows.p.to_numpy(), prim(plain).p.to_numpy())
+    assert all("max_permutation_units" in json.loads(c)["p"] for c in rows.conventions)
+    html = (tmp_path / "limited" / "report.html").read_text()
+    assert "<th>p test</th>" in html and html.count("<td>cross-MMD t</td>") == 2
+    assert "p-values: cross-MMD t, the cross-MMD t-test" in html and "(layers 0–1)" in html
+    html = (tmp_path / "permuted" / "report.html").read_text()
+    assert html.count("<td>sequence permutation (49)</td>") == 2 and "p-values: sequence permutation (49)" in html
