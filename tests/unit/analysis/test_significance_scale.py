@@ -140,3 +140,33 @@ def test_above_max_permutation_units_rows_keep_a_cross_mmd_p_and_the_report_name
     assert "p-values: cross-MMD t, the cross-MMD t-test" in html and "(layers 0–1)" in html
     html = (tmp_path / "permuted" / "report.html").read_text()
     assert html.count("<td>sequence permutation (49)</td>") == 2 and "p-values: sequence permutation (49)" in html
+
+
+def _table(p_method, p=1e-4, layers=3) -> "pd.DataFrame":
+    import pandas as pd
+
+    rows = []
+    for layer in range(layers):
+        for comp, value, pv in (("cross", 0.3, p), ("intra_text", 0.001, 0.5), ("intra_image", 0.0, 0.5)):
+            rows.append({"store": "/s/keys", "layer": layer, "head": -1, "comparison": comp, "estimator": "mmd2_rf",
+                         "kernel": "rbf", "normalisation": "none", "multiple": 1.0, "value": value,
+                         "ci_low": value - 0.01, "ci_high": value + 0.01, "p": pv, "p_method": p_method})
+    return pd.DataFrame(rows)
+
+
+def test_verdict_names_the_test_and_says_when_permutations_are_too_few_for_holm():
+    """Three layers of permutation p-values at their floor 1/(N+1): with 19 permutations Holm lifts the
+    smallest to 3/20 > 0.05, which the verdict says (and no layer is significant); with 999 it does not."""
+    import re
+
+    from kscale.analysis import verdict as V
+
+    few = re.sub("<[^>]+>", "", " ".join(V.verdict(_table("sequence_permutation_19", p=1 / 20))))
+    assert "significant in 0 of 3 layers" in few
+    assert "p-values: sequence permutation (19)" in few and "Holm over 3 layers lifts to 0.15" in few
+    enough = " ".join(V.verdict(_table("sequence_permutation_999", p=1 / 1000)))
+    assert "sequence permutation (999)" in enough and "lifts to" not in enough
+    assert V.p_test(None, float("nan")) == "none (interval alone)"
+    assert V.p_test("cross_mmd_t", float("nan")) == "cross-MMD t: undefined here"
+    no_column = " ".join(V.verdict(_table(None).drop(columns="p_method")))
+    assert "p-values: unnamed test" in no_column
