@@ -29,6 +29,7 @@ import functools
 import hashlib
 import html
 import inspect
+import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -276,6 +277,30 @@ def p_sentence(g: pd.DataFrame, alpha: float) -> str:
     return out
 
 
+def feature_count_sentence(df: pd.DataFrame, primary: Setting) -> list[str]:
+    """The random-feature rule (docs/analysis.md): where a cross row's approximation error ``approx_sd``
+    exceeds its sampling error ``se``, D should grow to D · (approx_sd / se)^2 (D in proportion to the
+    samples) for the test to keep the exact kernel test's power."""
+    if primary.get("estimator") != "mmd2_rf" or not {"approx_sd", "se", "conventions"} <= set(df.columns):
+        return []
+    sel = primary.select(df)
+    sel = sel[(sel.comparison == "cross") & (sel["head"] == (POOLED if (sel["head"] == POOLED).any()
+                                                               else sel["head"].min()))]
+    ratio = sel.approx_sd.astype(float) / sel.se.astype(float)
+    over = sel[ratio > 1]
+    if over.empty:
+        return []
+    conv = over.conventions.iloc[0]
+    d_now = json.loads(conv).get("D") if isinstance(conv, str) else None
+    if d_now is None:
+        return []
+    need = int(math.ceil(d_now * float(ratio[ratio > 1].max()) ** 2))
+    return [f"In {len(over)} of {len(sel)} layers ({ranges(sorted(set(over.layer.tolist())))}) the random-feature error of the "
+            f"cross-modal value exceeds its sampling error (approx_sd/se up to {fmt(float(ratio.max()), 2)}): the "
+            f"p-values stay valid, but the test sees the kernel only through D = {d_now} frequencies; for the full "
+            f"kernel's power use mmd.n_features ≥ {need} (D · (approx_sd/se)², docs/analysis.md)."]
+
+
 def ranges(layers: list[int]) -> str:
     """[0, 1, 2, 5, 7, 8] -> "0–2, 5, 7–8"."""
     if not layers:
@@ -347,6 +372,7 @@ def verdict(df: pd.DataFrame, alpha: float = 0.05) -> list[str]:
                       f"{fmt(not_sig.gap_over_noise.min(), 2)}–{fmt(not_sig.gap_over_noise.max(), 2)}).")
         first += " " + p_sentence(g, alpha)
         out.append(first)
+    out += feature_count_sentence(df, primary)
     heads = gap_table(df, primary, "each", alpha)
     if not heads.empty and heads["head"].nunique() > 1:
         out.append(f"Per KV head: significant in {int(heads.significant.sum())} of {len(heads)} "

@@ -170,3 +170,17 @@ def test_verdict_names_the_test_and_says_when_permutations_are_too_few_for_holm(
     assert V.p_test("cross_mmd_t", float("nan")) == "cross-MMD t: undefined here"
     no_column = " ".join(V.verdict(_table(None).drop(columns="p_method")))
     assert "p-values: unnamed test" in no_column
+
+
+def test_verdict_asks_for_more_random_features_where_their_error_exceeds_the_sampling_error():
+    """The rule of docs/analysis.md: D >= D_now * (approx_sd / se)^2 on the primary cross rows; a table
+    whose approximation error is below the sampling error gets no such sentence."""
+    import json
+
+    from kscale.analysis import verdict as V
+
+    df = _table("cross_mmd_t").assign(se=0.01, approx_sd=0.005, conventions=json.dumps({"D": 1024}))
+    assert "n_features" not in " ".join(V.verdict(df))
+    df.loc[(df.comparison == "cross") & (df.layer == 2), "approx_sd"] = 0.03
+    text = " ".join(V.verdict(df))
+    assert "In 1 of 3 layers (2)" in text and "mmd.n_features ≥ 9216" in text  # 1024 * 3^2
