@@ -18,9 +18,9 @@ Definitions (also printed on the report page, :data:`DEFINITIONS`):
   ``significance.max_permutation_units``, or "none (interval alone)" — never a silent blank.
 
 Columns used: store, layer, head, comparison, estimator, kernel, normalisation, multiple, value,
-ci_low, ci_high, p (``rows.COLUMNS``), and ``p_method`` where present. Extra columns are carried when present: ``bandwidth_policy``,
-``statistic`` (setting keys), ratio / normalised-gap rows (``comparison`` like ``cross/intra_text``,
-``estimator`` starting with ``ratio_`` or ``gap_``), which the page shows beside the layer table.
+ci_low, ci_high, p (``rows.COLUMNS``), and ``p_method`` where present. Extra columns are carried when
+present: ``bandwidth_policy``, ``statistic`` (setting keys), ratio / normalised-gap rows (``comparison``
+like ``cross/intra_text``, ``estimator`` starting with ``ratio_`` or ``gap_``), which the page shows beside the layer table.
 """
 
 from __future__ import annotations
@@ -295,7 +295,8 @@ def feature_count_sentence(df: pd.DataFrame, primary: Setting) -> list[str]:
     if d_now is None:
         return []
     need = int(math.ceil(d_now * float(ratio[ratio > 1].max()) ** 2))
-    return [f"In {len(over)} of {len(sel)} layers ({ranges(sorted(set(over.layer.tolist())))}) the random-feature error of the "
+    where = ranges(sorted(set(over.layer.tolist())))
+    return [f"In {len(over)} of {len(sel)} layers ({where}) the random-feature error of the "
             f"cross-modal value exceeds its sampling error (approx_sd/se up to {fmt(float(ratio.max()), 2)}): the "
             f"p-values stay valid, but the test sees the kernel only through D = {d_now} frequencies; for the full "
             f"kernel's power use mmd.n_features ≥ {need} (D · (approx_sd/se)², docs/analysis.md)."]
