@@ -75,7 +75,8 @@ def layer_table(df: pd.DataFrame, alpha: float, marks: dict[str, set[int]] | Non
             "intra image": [_interval(*r) for r in zip(g.intra_image, g.intra_image_ci_low, g.intra_image_ci_high)],
             "noise floor": [rep.fmt(v) for v in g.noise_floor],
             "gap / noise": [rep.fmt(v, 2) for v in g.gap_over_noise],
-            "p (Holm)": [rep.fmt(v, 2) for v in g.p_holm],
+            "p (Holm)": [rep.fmt(v, 2) if np.isfinite(v) else "—" for v in g.p_holm],
+            "p test": [V.p_test(m, p) for m, p in zip(g.p_method, g.cross_p)],
             "significant": ["yes" if s else "no" for s in g.significant]})
         for col, values in ratios.get(store, {}).items():
             tab[col] = values
@@ -160,8 +161,11 @@ EXPLAIN = """
 <ul>
 <li><b>mmd2_rf</b>: unbiased MMD² with random Fourier features (kernel, bandwidth = multiple × the median
 bandwidth, see the rows' <i>conventions</i>). <i>se</i> is the sampling error clustered by sample buckets,
-<i>approx_sd</i> the random-feature approximation error. <i>p</i>: cross-MMD (studentised witness) or,
-for the primary setting of small runs, a sequence-level permutation test.</li>
+<i>approx_sd</i> the random-feature approximation error. <i>p</i> (its test in <i>p_method</i> and in the
+layer table's <i>p test</i> column): for the primary setting of small runs a sequence-level permutation
+test; otherwise, and whenever there are more than <i>significance.max_permutation_units</i> sequences, the
+cross-MMD t-test (witness from one half of the sample buckets, its mean gap studentised over the other
+half), which needs no permutations and stays valid at any number of samples.</li>
 <li><b>mmd2_exact</b>: the same kernels computed exactly on a matched-size subsample.</li>
 <li><b>mmd2_paper</b>: the published study's convention (see its <i>conventions</i>); only these rows are
 comparable with published numbers (docs/reproduce.md).</li>

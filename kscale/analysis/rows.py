@@ -121,11 +121,21 @@ def linear_rows(ctx: Context, ts: TargetSums, comp: Comparison, norms: list[str]
     return out
 
 
+SKIPPED = ("cross-MMD one-sided t (valid at any size): sequence permutations skipped, more (sample, modality) "
+           "sequences than significance.max_permutation_units")
+
+
 def permutation_row_update(ctx: Context, rows: list[dict], ts: TargetSums, comp: Comparison, buckets,
                            n_perm: int) -> None:
-    """Replace p of the first config's row by a sequence-level permutation p when units are few."""
-    if n_perm <= 0 or any(ts.by_mod[m].units_dropped or not ts.by_mod[m].unit_ids
-                          for m in (comp.mod_x, comp.mod_y)):
+    """Replace p of the first config's row by a sequence-level permutation p when units are few.
+
+    Above ``significance.max_permutation_units`` the per-sequence sums were not kept (``features.Sums``):
+    the row keeps its cross-MMD p (``p_method`` ``cross_mmd_t``) and its ``conventions`` say why."""
+    if n_perm <= 0:
+        return
+    if any(ts.by_mod[m].units_dropped or not ts.by_mod[m].unit_ids for m in (comp.mod_x, comp.mod_y)):
+        conv = json.loads(rows[0]["conventions"])
+        rows[0]["conventions"] = json.dumps({**conv, "p": SKIPPED}, sort_keys=True)
         return
     feats, counts, is_x = [], [], []
     for side, mod in (("x", comp.mod_x), ("y", comp.mod_y)):

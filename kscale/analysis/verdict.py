@@ -12,12 +12,15 @@ Definitions (also printed on the report page, :data:`DEFINITIONS`):
 - **gap over noise** = cross-modal value / noise floor;
 - a layer's gap is **significant** when the cross-modal p-value, Holm-corrected over the layers (or
   over the layer × head cells) of the setting, is below alpha **and** the cross-modal interval lies
-  above the noise floor. Rows without a p-value (exact MMD) use the interval alone.
+  above the noise floor. Rows without a p-value (exact MMD) use the interval alone;
+- every layer's p-value is shown with the **test** that gave it (``p_method``, :func:`p_test`): a
+  sequence permutation test for small runs, the cross-MMD t-test above
+  ``significance.max_permutation_units``, or "none (interval alone)" — never a silent blank.
 
 Columns used: store, layer, head, comparison, estimator, kernel, normalisation, multiple, value,
-ci_low, ci_high, p (``rows.COLUMNS``). Extra columns are carried when present: ``bandwidth_policy``,
-``statistic`` (setting keys), ratio / normalised-gap rows (``comparison`` like ``cross/intra_text``,
-``estimator`` starting with ``ratio_`` or ``gap_``), which the page shows beside the layer table.
+ci_low, ci_high, p (``rows.COLUMNS``), and ``p_method`` where present. Extra columns are carried when
+present: ``bandwidth_policy``, ``statistic`` (setting keys), ratio / normalised-gap rows (``comparison``
+like ``cross/intra_text``, ``estimator`` starting with ``ratio_`` or ``gap_``), which the page shows beside the layer table.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import functools
 import hashlib
 import html
 import inspect
+import json
 import math
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -213,10 +217,89 @@ def gap_table(df: pd.DataFrame, setting: Setting, heads: str = "pooled", alpha: 
     out["p_holm"] = np.nan
     for _, idx in out.groupby("store").groups.items():
         out.loc[idx, "p_holm"] = holm(out.loc[idx, "cross_p"].to_numpy())
+    out["p_method"] = _cross_p_methods(sel, out)
     above = out["cross_ci_low"] > out["noise_floor"]
     has_p = out["p_holm"].notna()
     out["significant"] = above & (~has_p | (out["p_holm"] < alpha))
     return out.sort_values(["store", "head", "layer"]).reset_index(drop=True)
+
+
+def _cross_p_methods(sel: pd.DataFrame, out: pd.DataFrame) -> np.ndarray:
+    """The ``p_method`` of each cross row behind ``out`` (None where the table has no such column)."""
+    if "p_method" not in sel.columns:
+        return np.full(len(out), None, dtype=object)
+    cross = sel[sel.comparison == "cross"].drop_duplicates(["store", "layer", "head"])
+    methods = cross.set_index(["store", "layer", "head"])["p_method"]
+    return methods.reindex(pd.MultiIndex.from_frame(out[["store", "layer", "head"]])).to_numpy(dtype=object)
+
+
+def p_test(method, p: float) -> str:
+    """The name of the test behind a p-value, in words (``rows.COLUMNS`` ``p_method``); rows without a
+    p-value say so instead of showing a blank."""
+    method = None if _missing(method) else str(method)
+    if method is None and not np.isfinite(p):
+        return "none (interval alone)"
+    if method is None:
+        return "unnamed test"
+    if method.startswith("sequence_permutation_"):
+        name = f"sequence permutation ({method.rsplit('_', 1)[-1]})"
+    else:
+        name = P_TESTS.get(method, method)
+    return name if np.isfinite(p) else f"{name}: undefined here"
+
+
+P_TESTS = {"cross_mmd_t": "cross-MMD t"}
+P_TEST_SENTENCE = {
+    "sequence permutation": "a permutation test that reassigns whole samples' sequences between the sides",
+    "cross-MMD t": "the cross-MMD t-test (witness from one half of the sample buckets, its mean gap studentised "
+                   "over the other half: valid at any number of samples, no permutations)",
+    "none": "none: these rows have no p-value, so the interval alone decides"}
+
+
+def p_sentence(g: pd.DataFrame, alpha: float) -> str:
+    """Which test gave the p-values of a store's layers, and whether Holm can reach alpha with them."""
+    labels = [p_test(m, p) for m, p in zip(g.p_method, g.cross_p)]
+    parts = []
+    for label in dict.fromkeys(labels):
+        layers = [int(l) for l, x in zip(g.layer, labels) if x == label]
+        key = next((k for k in P_TEST_SENTENCE if label.startswith(k)), None)
+        what = f"{html.escape(label)}, {P_TEST_SENTENCE[key]}" if key else html.escape(label)
+        parts.append(f"{what} (layers {ranges(layers)})")
+    out = "p-values: " + "; ".join(parts) + "."
+    perm = [str(m) for m in g.p_method if not _missing(m) and str(m).startswith("sequence_permutation_")]
+    if perm:
+        n_perm = min(int(m.rsplit("_", 1)[-1]) for m in perm)
+        floor = len(g) / (1 + n_perm)  # Holm over the layers of the smallest possible permutation p
+        if floor >= alpha:
+            out += (f" With {n_perm} permutations the smallest p is 1/{n_perm + 1}, which Holm over {len(g)} "
+                    f"layers lifts to {fmt(floor, 2)} ≥ alpha: <b>no layer can be significant</b>; raise "
+                    "significance.permutations.")
+    return out
+
+
+def feature_count_sentence(df: pd.DataFrame, primary: Setting) -> list[str]:
+    """The random-feature rule (docs/analysis.md): where a cross row's approximation error ``approx_sd``
+    exceeds its sampling error ``se``, D should grow to D · (approx_sd / se)^2 (D in proportion to the
+    samples) for the test to keep the exact kernel test's power."""
+    if primary.get("estimator") != "mmd2_rf" or not {"approx_sd", "se", "conventions"} <= set(df.columns):
+        return []
+    sel = primary.select(df)
+    sel = sel[(sel.comparison == "cross") & (sel["head"] == (POOLED if (sel["head"] == POOLED).any()
+                                                               else sel["head"].min()))]
+    ratio = sel.approx_sd.astype(float) / sel.se.astype(float)
+    over = sel[ratio > 1]
+    if over.empty:
+        return []
+    conv = over.conventions.iloc[0]
+    d_now = json.loads(conv).get("D") if isinstance(conv, str) else None
+    if d_now is None:
+        return []
+    need = int(math.ceil(d_now * float(ratio[ratio > 1].max()) ** 2))
+    where = ranges(sorted(set(over.layer.tolist())))
+    return [f"In {len(over)} of {len(sel)} layers ({where}) the random-feature error of the "
+            f"cross-modal value exceeds its sampling error (approx_sd/se up to {fmt(float(ratio.max()), 2)}): the "
+            f"p-values stay valid, but the test sees the kernel only through D = {d_now} frequencies; for the full "
+            f"kernel's power use mmd.n_features ≥ {need} (D · (approx_sd/se)², docs/analysis.md)."]
 
 
 def ranges(layers: list[int]) -> str:
@@ -288,7 +371,9 @@ def verdict(df: pd.DataFrame, alpha: float = 0.05) -> list[str]:
         if len(not_sig):
             first += (f" Not significant: layers {ranges(not_sig.layer.tolist())} (cross/noise "
                       f"{fmt(not_sig.gap_over_noise.min(), 2)}–{fmt(not_sig.gap_over_noise.max(), 2)}).")
+        first += " " + p_sentence(g, alpha)
         out.append(first)
+    out += feature_count_sentence(df, primary)
     heads = gap_table(df, primary, "each", alpha)
     if not heads.empty and heads["head"].nunique() > 1:
         out.append(f"Per KV head: significant in {int(heads.significant.sum())} of {len(heads)} "

@@ -96,7 +96,8 @@ class SignificanceConfig:
     n_buckets: int = doc("samples are hashed into this many groups: clusters for SEs, halves, folds", 32, ge=4)
     alpha: float = doc("test level, and 1 - interval coverage", 0.05, gt=0, lt=1)
     permutations: int = doc("sequence-level permutations (0: off); primary kernel only", 1000)
-    max_permutation_units: int = doc("skip permutations when more (sample, modality) sequences than this", 4096)
+    max_permutation_units: int = doc(
+        "skip permutations when more (sample, modality) sequences than this; rows keep the cross-MMD p", 4096)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
