@@ -67,10 +67,10 @@ def test_run_analyze_entry_uses_the_spec_output_path(tmp_path, monkeypatch):
     stub.mkdir()
     (stub / "zarr.json").write_text(json.dumps({"zarr_format": 3, "node_type": "group",
                                                 "attributes": {"format": STORE_FORMAT}}))
-    spec = type("Spec", (), {})()
-    spec.name, spec.analyze = "demo", small_cfg(stores=[str(stub)], estimators=["mmd_rf"], embed=EmbedConfig(methods=[]))
-    spec.output = type("Out", (), {"path": str(tmp_path / "run"), "if_exists": "resume"})()
-    spec.fingerprint = lambda: "demo-fingerprint"
+    from kscale.spec import JobSpec, OutputSpec
+
+    spec = JobSpec(kind="analyze", name="demo", output=OutputSpec(path=str(tmp_path / "run"), if_exists="resume"),
+                   analyze=small_cfg(stores=[str(stub)], estimators=["mmd_rf"], embed=EmbedConfig(methods=[])))
     result = run_analyze(spec)
     assert result.rows > 0 and (tmp_path / "run" / "report.html").exists()
     df = pd.read_parquet(tmp_path / "run" / "results.parquet")
