@@ -8,11 +8,14 @@ three of the blind run (``blind_score``, ``blind_stderr``, ``blind_n``: every im
 baseline), and ``gain = score - blind_score`` (the multimodal gain, with ``gain_stderr`` =
 sqrt(stderr^2 + blind_stderr^2), treating the two runs as independent: an upper bound when their errors
 are positively correlated, as they are on the same questions). :func:`sample_rows` gives the per-document
-metrics of each run (``samples.csv``), from which paired statistics can be computed.
+metrics of each run (``samples.csv``; with ``choice_nll``, the number each loglikelihood request got, in
+request order: for multiple choice the mean negative log-likelihood of each choice), from which paired
+statistics can be computed.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -66,5 +69,8 @@ def sample_rows(variant: str, blind: bool, results: dict[str, Any]) -> list[dict
             row = {"variant": variant, "blind": blind, "task": task, "doc_id": s.get("doc_id"),
                    "target": str(s.get("target"))}
             row.update({k: float(v) for k, v in s.items() if _number(v) is not None and k != "doc_id"})
+            resps = s.get("filtered_resps") or []
+            if resps and all(isinstance(r, (list, tuple)) and r and _number(r[0]) is not None for r in resps):
+                row["choice_nll"] = json.dumps([float(r[0]) for r in resps])  # loglikelihood requests, in order
             rows.append(row)
     return rows
