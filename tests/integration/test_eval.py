@@ -30,6 +30,7 @@ from tests.testing_utils import require_module
 require_module("lmms_eval", install="pip install -e '.[eval]' && pip install --no-deps lmms-eval==0.7.3")
 
 TASK = "kscale_colors"
+STOP = "e"  # a stop string the random model's text contains (tests/integration: the cut is exercised)
 PER_COLOUR = 2
 
 
@@ -68,6 +69,25 @@ doc_to_choice: choices
 doc_to_target: answer
 metric_list:
   - metric: acc
+    aggregation: mean
+    higher_is_better: true
+""")
+    (out / "colors_gen.yaml").write_text(f"""task: {TASK}_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {out}/data.jsonl
+test_split: test
+output_type: generate_until
+doc_to_visual: !function utils.doc_to_visual
+doc_to_text: question
+doc_to_choice: choices
+doc_to_target: answer
+generation_kwargs:
+  until: ["{STOP}"]
+  max_new_tokens: 6
+metric_list:
+  - metric: exact_match
     aggregation: mean
     higher_is_better: true
 """)
@@ -228,3 +248,25 @@ def test_eval_job_variants_equal_the_adapters_loaded_by_hand(qwen_dir, colour_ta
         assert scores.loc[name, "n"] == len(docs) and scores.loc[name, "metric"] == "acc,none"
     for name in ("malora", "lora"):  # each adapter changes the answers' scores
         assert np.abs(direct[name] - direct["base"]).max() > 1e-3, name
+
+
+def test_generate_until_equals_greedy_decoding_cut_at_the_stop_string(qwen, colour_task) -> None:
+    from PIL import Image
+
+    from kscale.eval.harness import evaluate
+    from kscale.eval.lmms_model import KscaleLMM
+
+    task_dir, docs = colour_task
+    res = evaluate(KscaleLMM(qwen), [f"{TASK}_gen"], [str(task_dir)], limit=4, bootstrap_iters=0)
+    got = [s["filtered_resps"][0] for s in sorted(res["samples"][f"{TASK}_gen"], key=lambda s: s["doc_id"])]
+    want, cut = [], 0
+    for d in docs[:4]:
+        b = qwen.adapter.build_batch(qwen, [Image.open(d["image"]).convert("RGB")], [d["question"]])
+        with torch.no_grad():
+            ids = qwen.model.generate(**b.inputs, max_new_tokens=6, do_sample=False,
+                                      pad_token_id=qwen.tokenizer.eos_token_id)
+        text = qwen.tokenizer.decode(ids[0, b.inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+        cut += STOP in text
+        want.append(text.split(STOP)[0])
+    assert [g.strip() for g in got] == [w.strip() for w in want]
+    assert cut > 0  # the stop string did cut some answers
