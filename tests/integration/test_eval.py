@@ -167,7 +167,7 @@ def test_blind_baseline_positive_and_negative_controls(qwen, colour_task) -> Non
     # one request per forward: identical inputs give identical numbers (the read-out's blind scores are
     # near ties, which batch shapes would break at random)
     seeing, blind = _acc(run_lmms(reader, task_dir, batch_size=1)), _acc(run_lmms(reader, task_dir, True, 1))
-    # positive control: 6 of 12 measured; P(>= 5 of 12 right | chance 1/6) = 0.037; the blind run is chance
+    # positive control: 6 of 12 measured; P(>= 5 of 12 right | chance 1/6) = 0.036; the blind run is chance
     assert seeing > 1 / 3 and blind == pytest.approx(1 / 6)
     handle = _blind(reader)  # negative control: image tokens masked out of attention, positions kept
     try:
