@@ -66,3 +66,11 @@ def test_cut_at_and_the_continuation_mask() -> None:
     got = continuation_mask(answer, ids, eos_id=2)
     assert got.tolist() == [[False, True, True, False, False], [False, True, False, False, False]]
     assert continuation_mask(answer, ids, eos_id=None).tolist() == answer.tolist()
+
+
+def test_a_train_run_directory_means_its_adapter(tmp_path) -> None:
+    from kscale.eval.variants import malora_dir
+
+    (tmp_path / "run" / "adapter").mkdir(parents=True)
+    assert malora_dir(tmp_path / "run") == tmp_path / "run" / "adapter"
+    assert malora_dir(tmp_path / "run" / "adapter") == tmp_path / "run" / "adapter"
