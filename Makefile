@@ -15,7 +15,10 @@ $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	# torch first and pinned: an unpinned torch pulls several GB of CUDA wheels
 	$(PIP) install -q --disable-pip-version-check torch==2.13.0
-	$(PIP) install -q --disable-pip-version-check -e ".[train,analysis,dev]"
+	$(PIP) install -q --disable-pip-version-check -e ".[train,analysis,dev,eval]"
+	# lmms-eval declares ~50 requirements (wandb, opencv, another torch, ...): without them; the eval extra
+	# above holds what its evaluator, task loader and model base class import
+	$(PIP) install -q --disable-pip-version-check --no-deps lmms-eval==0.7.3
 	touch $(STAMP)
 
 setup: $(STAMP)

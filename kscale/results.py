@@ -2,7 +2,7 @@
 
 ``run_extract`` -> :class:`ExtractResult`, ``run_bias`` -> :class:`BiasResult` (both carry the shard
 pool's final progress, the same numbers as ``_progress.json``), ``run_analyze`` -> :class:`AnalyzeResult`,
-``run_train`` / ``run_train_on_ray`` -> :class:`TrainResult`. ``summary_line()`` is what ``kscale
+``run_train`` / ``run_train_on_ray`` -> :class:`TrainResult`, ``run_eval`` -> :class:`EvalResult`. ``summary_line()`` is what ``kscale
 submit`` prints, ``to_dict()`` the JSON form (``kind`` first), ``failed`` decides its exit code.
 This module imports nothing from kscale.
 """
@@ -146,6 +146,26 @@ class TrainResult(StageResult):
         terms = ", ".join(f"{k} {v:.4f}" for k, v in sorted(self.last.items()) if isinstance(v, float))
         return (f"kscale: train done: {self.steps} steps (resumed from {self.resumed_from}); last {terms}; "
                 f"run {self.run_dir}" + ("; eval.json written" if self.eval is not None else "") + self._details())
+
+    def result_file(self) -> str | None:
+        return f"{self.run_dir}/{RESULT_FILE}"
+
+
+@dataclass(frozen=True)
+class EvalResult(StageResult):
+    """``run_eval``: the scores table (one row per variant, task and metric; ``kscale.eval.table``)."""
+
+    kind: ClassVar[str] = "eval"
+    run_dir: str
+    variants: list[str]
+    tasks: list[str]
+    rows: list[dict[str, Any]]  # variant, task, metric, score, stderr, n, blind_score, blind_stderr, gain
+    table: str | None = None  # scores.csv in the run directory
+    seconds: float = 0.0
+
+    def summary_line(self) -> str:
+        return (f"kscale: eval done: {len(self.variants)} variants x {len(self.tasks)} tasks, {len(self.rows)} rows "
+                f"in {self.seconds} s; table {self.table}" + self._details())
 
     def result_file(self) -> str | None:
         return f"{self.run_dir}/{RESULT_FILE}"
