@@ -288,13 +288,14 @@ def _per_sample_rf_tiled(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, 
     differs), at several times its speed.
 
     Per batch of ``batch_rows`` rows the projections ``X U^T`` are the reference's (same product, same
-    shapes: the same float64 values). The rows are then split into ``plan.threads`` contiguous parts, one
-    per thread (numpy releases the GIL inside its loops), and each part walks tiles of ~``_TILE_VALUES``
+    shapes: the same float64 values). The rows are then split into contiguous parts, 4 per thread, queued
+    on ``plan.threads`` threads (numpy releases the GIL inside its loops; a thread slowed by other load
+    takes fewer parts), and each part walks tiles of ~``_TILE_VALUES``
     values: per config the argument (``_arg_steps``: one float64 product rounded to the dtype, or an exact
     power-of-two multiple of another config's), cos and sin written as float64, and the run sums of the
-    tile as one product (segment indicator @ values, float64 BLAS) added into ``out``. A thread writes its
+    tile as one product (segment indicator @ values, float64 BLAS) added into ``out``. A part writes its
     samples' rows of ``out`` directly, except the sample it shares with the part before it (its first run
-    started there): that sum goes to a private row, added after the join. No two threads write one row.
+    started there): that sum goes to a private row, added after the join. No two parts write one row.
     """
     freqs, D, C = plan.freqs, plan.freqs.directions_Dd.shape[0], len(plan.configs)
     out = np.zeros((len(smp.ids_S), C, 2, D))
@@ -312,7 +313,8 @@ def _per_sample_rf_tiled(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, 
             norm_N1 = None
             if "l2" in steps:  # the reference's l2 projection, row by row: raw / max(|x|, 1e-30)
                 norm_N1 = np.maximum(np.linalg.norm(xb_Nd, axis=1, keepdims=True), 1e-30)
-            bounds = np.linspace(0, len(xb_Nd), min(threads, len(xb_Nd)) + 1).round().astype(int)
+            n_parts = min(len(xb_Nd), 1 if pool is None else 4 * threads)  # queued: a slow thread takes fewer
+            bounds = np.linspace(0, len(xb_Nd), n_parts + 1).round().astype(int)
             parts = [(a, b) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()) if b > a]
             work = [(_TileWork(plan.dtype, steps, z_cache, norm_N1, idx_N, tile, D, C), a, b) for a, b in parts]
             if pool is None:
