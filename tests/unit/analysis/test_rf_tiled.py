@@ -126,3 +126,13 @@ def test_threads_of_a_plan_default_to_one():
     """The analysis's dask workers run one task per core: one call uses one thread unless asked."""
     plan, _ = _plan(4, 8)
     assert plan.threads == 1 and dataclasses.replace(plan, threads=2).threads == 2
+
+
+def test_power_of_two_needs_the_same_exact_factor_in_every_entry():
+    """A shared argument only when ``a == b * 2**k`` holds exactly in every entry."""
+    b = np.array([0.3, 1.7, 2.9])
+    assert F._power_of_two(b * 4, b) == 4.0 and F._power_of_two(b / 2, b) == 0.5
+    a = b * 4
+    a[2] = np.nextafter(a[2], 0)
+    assert F._power_of_two(a, b) is None, "one entry off by an ulp: not the same bits"
+    assert F._power_of_two(b * 3, b) is None and F._power_of_two(b * 6, b) is None
