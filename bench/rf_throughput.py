@@ -13,12 +13,12 @@ untimed warm-up, median of ``--repeats``. The backends:
   threads (default: the CPUs this process may use);
 - ``torch``: ``kscale.analysis.gpu`` on CUDA when visible, else torch on the CPU.
 
-The timed calls of the numpy backends alternate (reference, numpy, reference, numpy, ...) so that both see
+The timed calls of the chosen backends alternate (reference, numpy, reference, numpy, ...) so that both see
 the same machine load; each line gives the median and ``ratio_vs_reference`` (reference median / this
 median), ``keys_per_cpu_s`` (keys per second of this process's CPU time, all its threads: what
 other load on the machine distorts least) and ``max_rel_diff_vs_reference`` (max |this - reference| /
-max |reference|; the goal is <= 1e-9, the tiled path gives the same bits in float32). Goals: issue 26, tiled >= 1e4 keys/s on 2 cores; issue 10,
-GPU >= 20x the 2-core CPU figure. Prints one JSON line per backend.
+max |reference|; the goal is <= 1e-9, the tiled path gives the same bits in float32). Goals: issue 26,
+tiled >= 1e4 keys/s on 2 cores; issue 10, GPU >= 20x the 2-core CPU figure. Prints one JSON line per backend.
 
     python bench/rf_throughput.py [--n 200000] [--d 128] [--features 4096] [--backends reference numpy torch]
 """
