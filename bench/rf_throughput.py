@@ -1,15 +1,26 @@
-"""Benchmark: random-feature throughput of the analysis, numpy on the CPU vs torch on a GPU (not a test).
+"""Benchmark: random-feature throughput of the analysis: today's numpy path, the tiled numpy path and
+torch (not a test).
 
 One target's per-sample cos/sin sums (``features._per_sample_rf``: the work of every streamed key block)
 over N fp16 keys of d = 128 dims at D = 4096 frequencies, with the default analysis configs (3
 normalisations x rbf/laplacian x 3 bandwidth multiples = 18 configs) or ``--configs 1`` (one). Keys are
 read as fp16, as the store holds them; throughput is reported in GB/s of fp16 keys and keys/s, after an
-untimed warm-up, median of ``--repeats``. The backends compared: ``numpy`` (the CPU path; its thread count
-is the machine's, ``--threads`` caps it) and ``torch`` (``kscale.analysis.gpu`` on CUDA when visible,
-else torch on the CPU). Goal (issue 10): GPU >= 20x the 2-core CPU figure at D = 4096, d = 128.
-Prints one JSON line per backend.
+untimed warm-up, median of ``--repeats``. The backends:
 
-    python bench/rf_throughput.py [--n 200000] [--d 128] [--features 4096] [--backends numpy torch]
+- ``reference``: ``features._per_sample_rf_reference``, the numpy path before issue 26 (elementwise work
+  on one thread, batch_rows x D temporaries, float64 run sums value by value);
+- ``numpy``: ``features._per_sample_rf_tiled``, the numpy path the analysis runs, on ``--threads``
+  threads (default: the CPUs this process may use);
+- ``torch``: ``kscale.analysis.gpu`` on CUDA when visible, else torch on the CPU.
+
+The timed calls of the chosen backends alternate (reference, numpy, reference, numpy, ...) so that both see
+the same machine load; each line gives the median and ``ratio_vs_reference`` (reference median / this
+median), ``keys_per_cpu_s`` (keys per second of this process's CPU time, all its threads: what
+other load on the machine distorts least) and ``max_rel_diff_vs_reference`` (max |this - reference| /
+max |reference|; the goal is <= 1e-9, the tiled path gives the same bits in float32). Goals: issue 26,
+tiled >= 1e4 keys/s on 2 cores; issue 10, GPU >= 20x the 2-core CPU figure. Prints one JSON line per backend.
+
+    python bench/rf_throughput.py [--n 200000] [--d 128] [--features 4096] [--backends reference numpy torch]
 """
 
 from __future__ import annotations
@@ -32,8 +43,10 @@ def args_() -> argparse.Namespace:
     ap.add_argument("--configs", type=int, choices=[1, 18], default=18)
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", nargs="+", default=["numpy", "torch"], choices=["numpy", "torch"])
-    ap.add_argument("--threads", type=int, default=None, help="cap CPU threads (numpy and torch)")
+    ap.add_argument("--backends", nargs="+", default=["reference", "numpy", "torch"],
+                    choices=["reference", "numpy", "torch"])
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of the tiled numpy path and cap of BLAS/torch threads (default: usable CPUs)")
     return ap.parse_args()
 
 
@@ -50,7 +63,9 @@ def plan_for(a: argparse.Namespace, backend: str):
         configs = [FeatureConfig(n, k, m) for n in ("none", "l2", "standardize") for k in ("rbf", "laplacian")
                    for m in (0.5, 1.0, 2.0)]
     freqs = draw_frequencies(a.d, a.features, orthogonal=True, seed=1)
-    return ChunkPlan(freqs, configs, [], {0: target}, Buckets(8, 0), a.compute_dtype, 2048, backend=backend), target
+    threads = a.threads or len(os.sched_getaffinity(0))
+    return ChunkPlan(freqs, configs, [], {0: target}, Buckets(8, 0), a.compute_dtype, 2048,
+                     backend="numpy" if backend == "reference" else backend, threads=threads), target
 
 
 def main() -> None:
@@ -59,30 +74,42 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
     import torch
 
-    from kscale.analysis.features import BlockSamples, _per_sample_rf
+    from kscale.analysis.features import BlockSamples, _per_sample_rf, _per_sample_rf_reference
 
     if a.threads:
         torch.set_num_threads(a.threads)
     x_Nd = (np.random.default_rng(1).standard_normal((a.n, a.d)) * 3).astype(np.float16)
     smp = BlockSamples.of(np.arange(a.n) // a.tokens_per_sample)
-    gbytes = x_Nd.nbytes / 1e9
+    calls = {}
     for backend in a.backends:
         plan, target = plan_for(a, backend)
+        fn = _per_sample_rf_reference if backend == "reference" else _per_sample_rf
+        calls[backend] = (plan, lambda plan=plan, target=target, fn=fn: fn(plan, target, x_Nd, smp))
+    outs, times, cpu = {}, {b: [] for b in calls}, {b: [] for b in calls}
+    for backend, (_, call) in calls.items():
+        outs[backend] = call()  # warm-up (CUDA context, kernels, BLAS threads), kept for the comparison
+        assert outs[backend].shape[-1] == a.features and np.isfinite(outs[backend]).all()
+    for _ in range(a.repeats):  # alternate the backends: each sees the same load
+        for backend, (_, call) in calls.items():
+            t0, c0 = time.perf_counter(), time.process_time()
+            call()
+            times[backend].append(time.perf_counter() - t0)
+            cpu[backend].append(time.process_time() - c0)
+    ref = outs.get("reference")
+    for backend, (plan, _) in calls.items():
+        secs = statistics.median(times[backend])
         cuda = backend == "torch" and torch.cuda.is_available()
-
-        def once() -> float:
-            t0 = time.perf_counter()
-            out = _per_sample_rf(plan, target, x_Nd, smp)
-            assert out.shape[-1] == a.features and np.isfinite(out).all()
-            return time.perf_counter() - t0
-
-        once()  # warm-up: CUDA context, kernels, BLAS threads
-        secs = statistics.median(once() for _ in range(a.repeats))
-        print(json.dumps({
-            "backend": backend, "device": torch.cuda.get_device_name(0) if cuda else f"cpu x{os.cpu_count()}",
-            "threads": a.threads or os.cpu_count(), "n": a.n, "d": a.d, "D": a.features,
-            "configs": len(plan.configs), "compute_dtype": a.compute_dtype, "seconds": round(secs, 4),
-            "GB_per_s_fp16": round(gbytes / secs, 4), "keys_per_s": round(a.n / secs)}), flush=True)
+        row = {"backend": backend, "device": torch.cuda.get_device_name(0) if cuda else f"cpu x{os.cpu_count()}",
+               "threads": 1 if backend == "reference" else plan.threads, "n": a.n, "d": a.d,
+               "D": a.features, "configs": len(plan.configs), "compute_dtype": a.compute_dtype,
+               "seconds": round(secs, 4), "seconds_all": [round(t, 4) for t in times[backend]],
+               "GB_per_s_fp16": round(x_Nd.nbytes / 1e9 / secs, 4), "keys_per_s": round(a.n / secs),
+               "cpu_seconds": round(statistics.median(cpu[backend]), 4),
+               "keys_per_cpu_s": round(a.n / statistics.median(cpu[backend]))}
+        if ref is not None:
+            row["ratio_vs_reference"] = round(statistics.median(times["reference"]) / secs, 3)
+            row["max_rel_diff_vs_reference"] = float(np.abs(outs[backend] - ref).max() / np.abs(ref).max())
+        print(json.dumps(row), flush=True)
 
 
 if __name__ == "__main__":
