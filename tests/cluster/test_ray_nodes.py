@@ -26,6 +26,8 @@ from kscale.spec import spec_from_dict
 from tests.conftest import extract_spec
 from tests.integration.test_extract import stores_equal
 
+pytestmark = pytest.mark.slow  # 40-100 s each (three Ray nodes started per test): `make test-cluster`, `make test-slow`
+
 DATA = {"source": "generated", "generated": {"n_samples": 12, "image_size": 56}, "shard_size": 2}  # 6 shards
 EXTRACT = {"batch_size": 1, "key_dtype": "float16"}
 MODEL = {"path": "debug:qwen2_5_vl", "dtype": "float32", "device": "cpu"}
@@ -210,4 +212,29 @@ def test_two_gpu_workers_each_hold_two_gpus_of_one_node(tmp_path, nodes, referen
     for s in [p for p in (Path(spec.output.path) / "placement").iterdir()]:
         s.unlink()
     (Path(spec.output.path) / "placement").rmdir()
+    stores_equal(reference, spec.output.path)
+
+
+def test_a_node_that_joins_mid_run_takes_work(tmp_path, nodes, reference):
+    """Two workers, room for one: the second waits (pending in Ray) until a node joins after the first shard
+    was committed; it then runs on the new node and commits shards there; the store equals one process.
+    The job runs in a thread: the node is started from the main thread (``Cluster.add_node`` from another
+    thread did not start a node in our first try)."""
+    a = nodes.add(num_gpus=1)
+    spec = spec_from_dict(job(tmp_path))
+    shards_dir = Path(spec.output.path) / "shards"
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(run_job(spec, show_bar=False)), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 120
+    while not list(shards_dir.glob("*.done.json")) and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert t.is_alive(), "the run ended before a node could join"
+    c = nodes.add(num_gpus=1)
+    t.join(timeout=180)
+    assert result, "the run did not finish within 180 s of the node joining"
+    summary = result[0]
+    assert summary.shards_done == 6 and summary.shards_failed == 0
+    p = progress(spec.output.path)
+    assert set(p["nodes"]) == {a, c} and p["nodes"][c]["shards_done"] >= 1, p["nodes"]
     stores_equal(reference, spec.output.path)
