@@ -9,6 +9,8 @@ done only when ``finish`` returned, i.e. its marker is on disk, and a failed bac
 that shard, which is redone. A dead actor (killed process, OOM, node loss) is replaced and every shard
 it held is requeued; a shard that raises is retried up to ``resources.max_retries`` times, then quarantined with
 its error (the retry/quarantine rule is :class:`~kscale.executors.base.ShardPool`'s). Actors export counters with ``ray.util.metrics`` for the dashboard.
+Actors are scheduled ``SPREAD`` over the cluster's nodes; ``start`` returns the actor's node id, so the
+progress file says which node committed each shard and which nodes were lost (docs/cluster.md, multi-node).
 """
 
 from __future__ import annotations
