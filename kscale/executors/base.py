@@ -34,9 +34,10 @@ class ShardPool:
         """Run every shard (calling :meth:`done` / :meth:`failed` for each outcome)."""
         raise NotImplementedError
 
-    def done(self, marker: dict) -> None:
+    def done(self, marker: dict, node: str | None = None) -> None:
+        """Shard committed (``marker`` is on disk), on Ray node ``node`` when the pool knows it."""
         assert self.progress is not None
-        self.progress.shard_done(marker)
+        self.progress.shard_done(marker, node)
 
     def failed(self, name: str, error: str) -> bool:
         """Record a failed attempt; True when the shard should be tried again, False once quarantined."""

@@ -2,6 +2,9 @@
 
 The JSON file outlives any cluster, so ``kscale status RUN`` works after the job's Ray is gone.
 Quarantined shards are also written as ``shards/<name>.failed.json`` with their last error.
+On Ray the snapshot also says where shards ran: ``nodes`` (per Ray node id: shards done, actors lost there
+and whether the GCS saw the node die) and, in the final snapshot only (it grows with the shards),
+``shard_nodes`` (shard name -> the node that committed it).
 """
 
 from __future__ import annotations
@@ -53,6 +56,9 @@ class Progress:
         self.quarantined: dict[str, str] = {}
         self.retries = 0
         self.retried: dict[str, list[str]] = {}  # shard name -> the error of each failed attempt
+        self.nodes: dict[str, dict] = {}  # Ray node id -> {"shards_done", "actors_lost", "node_lost"}
+        self.shard_nodes: dict[str, str] = {}  # shard name -> the node that committed it (final snapshot only)
+        self.replaced_actors = 0
         self.write_failed = False  # a _progress.json write failed: warned once, later failures are quiet
         self.t0 = time.time()
         self.started_at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -62,7 +68,14 @@ class Progress:
                         disable=not show_bar, dynamic_ncols=True)
         self._write("running")
 
-    def shard_done(self, marker: dict) -> None:
+    def _node(self, node: str) -> dict:
+        return self.nodes.setdefault(node, {"shards_done": 0, "actors_lost": 0, "node_lost": False})
+
+    def shard_done(self, marker: dict, node: str | None = None) -> None:
+        if node is not None:
+            self._node(node)["shards_done"] += 1
+            if "shard" in marker:
+                self.shard_nodes[marker["shard"]] = node
         self.done += 1
         self.samples += marker.get("n_samples_ok", 0)
         self.sample_errors += marker.get("n_errors", 0)
@@ -74,6 +87,17 @@ class Progress:
                              MB_s=f"{self.bytes / dt / 1e6:.2f}")
         self.bar.update(1)
         self._write("running")
+
+    def actor_replaced(self, node: str | None, node_alive: bool | None) -> None:
+        """A worker died and is being replaced; ``node_alive`` False when its whole node is gone."""
+        self.replaced_actors += 1
+        if node is not None:
+            entry = self._node(node)
+            entry["actors_lost"] += 1
+            entry["node_lost"] = entry["node_lost"] or node_alive is False
+        if node_alive is False:
+            tqdm.write(f"kscale: Ray node {node} is gone; its workers are replaced on the other nodes",
+                       file=sys.stderr)
 
     def shard_retry(self, name: str, error: str) -> None:
         self.retries += 1
@@ -93,7 +117,7 @@ class Progress:
     def finish(self) -> dict:
         self.bar.close()
         state = "failed" if self.failed else "succeeded"
-        return self._write(state)
+        return self._write(state, final=True)
 
     def snapshot(self, state: str) -> dict:
         secs = time.time() - self.t0
@@ -110,10 +134,13 @@ class Progress:
             "sample_errors": self.sample_errors, "tokens": self.tokens, "bytes": self.bytes,
             "seconds": round(secs, 3), "samples_per_s": round(self.samples / max(secs, 1e-9), 3),
             "started_at": self.started_at, "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **({"nodes": self.nodes, "replaced_actors": self.replaced_actors} if self.nodes else {}),
         }
 
-    def _write(self, state: str) -> dict:
+    def _write(self, state: str, final: bool = False) -> dict:
         snap = self.snapshot(state)
+        if final and self.shard_nodes:
+            snap["shard_nodes"] = dict(sorted(self.shard_nodes.items()))
         try:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.path, snap)

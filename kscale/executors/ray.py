@@ -9,6 +9,8 @@ done only when ``finish`` returned, i.e. its marker is on disk, and a failed bac
 that shard, which is redone. A dead actor (killed process, OOM, node loss) is replaced and every shard
 it held is requeued; a shard that raises is retried up to ``resources.max_retries`` times, then quarantined with
 its error (the retry/quarantine rule is :class:`~kscale.executors.base.ShardPool`'s). Actors export counters with ``ray.util.metrics`` for the dashboard.
+Actors are scheduled ``SPREAD`` over the cluster's nodes; ``start`` returns the actor's node id, so the
+progress file says which node committed each shard and which nodes were lost (docs/cluster.md, multi-node).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ class ShardActor:
 
         torch.set_num_threads(torch_threads)
         self.spec = spec
+        self.node = ray.get_runtime_context().get_node_id()  # reported with every shard (per-node progress)
         self.stage = importlib.import_module(stage_module)
         self.state = self.stage.setup(spec)
         self.commits: dict[str, Future] = {}  # shard name -> its commit, started and not yet finished
@@ -48,8 +51,9 @@ class ShardActor:
         for m in (self.m_shards, self.m_samples, self.m_tokens, self.m_bytes, self.m_seconds):
             m.set_default_tags(tags)
 
-    def start(self, shard) -> None:
+    def start(self, shard) -> str:
         """Run the shard's forwards; its commit may go on behind the next ``start`` (``finish`` waits for it).
+        Returns the id of the Ray node this actor runs on.
 
         A stage with ``start_shard`` (extraction) returns its commit as a future; any other stage runs the
         shard whole here. Raising here means nothing of the shard is still being written."""
@@ -59,6 +63,7 @@ class ShardActor:
             done: Future = Future()
             done.set_result(self.stage.run_shard(self.spec, shard, self.state))
             self.commits[shard.name] = done
+        return self.node
 
     @ray.method(concurrency_group="commit")
     def finish(self, name: str) -> dict:
@@ -85,17 +90,34 @@ def _gist(msg: str) -> str:
     return lines[0][:300] if len(lines) == 1 else f"{lines[0][:300]} ... {lines[-1][:300]}"
 
 
+def node_alive(node_id: str | None) -> bool | None:
+    """Whether the GCS still lists Ray node ``node_id`` as alive (None: unknown node or no answer)."""
+    if node_id is None:
+        return None
+    try:
+        for n in ray.nodes():
+            if n.get("NodeID") == node_id:
+                return bool(n.get("Alive"))
+    except Exception:  # noqa: BLE001 - the GCS is unreachable: say nothing rather than fail the run
+        return None
+    return None
+
+
 class RayExecutor(ShardPool):
     def __init__(self, stage_module: str, show_bar: bool = True):
         super().__init__(stage_module, show_bar)
         self.actors: list = []
+        self.at_node: dict[str, str] = {}  # shard name -> node of the actor whose ``start`` ran it last
 
     def _make_actor(self, spec, i: int, generation: int):
         r = spec.resources
         name = f"kscale-{spec.name}-{spec.kind}-w{i}" + (f"-r{generation}" if generation else "")
         threads = r.torch_threads or max(1, int(r.cpus_per_worker))
+        # SPREAD: workers go to different nodes while there are free ones (a lost node takes fewer of them,
+        # and each node's disk and network serve fewer writers); a replacement lands wherever there is room.
         return ShardActor.options(name=name, num_cpus=r.cpus_per_worker, num_gpus=r.gpus_per_worker,
-                                  max_restarts=0, max_concurrency=1).remote(self.stage_module, spec, threads)
+                                  max_restarts=0, max_concurrency=1, scheduling_strategy="SPREAD").remote(
+                                      self.stage_module, spec, threads)
 
     def run_shards(self, spec, shards: list) -> None:
         n = min(spec.resources.workers, len(shards))
@@ -104,6 +126,7 @@ class RayExecutor(ShardPool):
         pending = deque(shards)
         inflight: dict = {}  # ObjectRef -> (call, worker index, actor generation, shard)
         starting = [False] * n  # a ``start`` in flight: the actor takes its next shard when it returns
+        node: list[str | None] = [None] * n  # the Ray node of each actor, known once a ``start`` returned
 
         def start(i: int) -> None:
             if pending and not starting[i]:
@@ -127,6 +150,8 @@ class RayExecutor(ShardPool):
                 except ray.exceptions.RayActorError as e:  # the worker process died (each of its calls says so)
                     err = f"worker died: {type(e).__name__}: {_gist(str(e))}"
                     if current:
+                        self.progress.actor_replaced(node[i], node_alive(node[i]))
+                        node[i] = None
                         generation[i] += 1
                         self.actors[i] = self._make_actor(spec, i, generation[i])
                         starting[i] = False
@@ -135,10 +160,12 @@ class RayExecutor(ShardPool):
                     err = f"{type(cause).__name__}: {str(cause).splitlines()[0][:500] if str(cause) else ''}"
                 else:
                     if call == "start":  # the next shard's forwards run while this one commits
+                        node[i] = result
+                        self.at_node[shard.name] = result
                         inflight[self.actors[i].finish.remote(shard.name)] = ("finish", i, gen, shard)
                         start(i)
                     else:  # committed: its marker is on disk
-                        self.done(result)
+                        self.done(result, self.at_node.get(shard.name))
                     continue
                 if self.failed(shard.name, err):
                     pending.appendleft(shard)

@@ -251,7 +251,25 @@ def format_progress(p: dict) -> str:
     line = (f"{p.get('stage', '?')} {p.get('job', '?')}: {p.get('state', '?')}, shards {finished}/{total} "
             f"({p.get('shards_skipped', 0)} skipped, {p.get('shards_failed', 0)} failed), "
             f"{p.get('samples', 0)} samples ({p.get('samples_per_s', 0)}/s), {p.get('bytes', 0) / 1e6:.2f} MB")
-    return line + (f", updated {p['updated_at']}" if p.get("updated_at") else "")
+    return line + format_nodes(p) + (f", updated {p['updated_at']}" if p.get("updated_at") else "")
+
+
+def format_nodes(p: dict) -> str:
+    """Where a Ray run's shards went (``nodes`` of the progress snapshot): ``; 2 nodes (1 lost): 3f2a91c0 4
+    shards, 77d0e1b2 1 shard (lost, 1 worker lost), 1 worker replaced``; empty for a run without Ray nodes."""
+    nodes = p.get("nodes") or {}
+    if not nodes:
+        return ""
+    parts = []
+    for node_id, n in sorted(nodes.items(), key=lambda kv: -kv[1].get("shards_done", 0)):
+        done = n.get("shards_done", 0)
+        notes = (["lost"] if n.get("node_lost") else []) + (
+            [f"{n['actors_lost']} worker{'s' * (n['actors_lost'] != 1)} lost"] if n.get("actors_lost") else [])
+        parts.append(f"{node_id[:8]} {done} shard{'s' * (done != 1)}" + (f" ({', '.join(notes)})" if notes else ""))
+    lost = sum(1 for n in nodes.values() if n.get("node_lost"))
+    replaced = p.get("replaced_actors", 0)
+    return (f"; {len(nodes)} node{'s' * (len(nodes) != 1)}" + (f" ({lost} lost)" if lost else "") + ": "
+            + ", ".join(parts) + (f", {replaced} worker{'s' * (replaced != 1)} replaced" if replaced else ""))
 
 
 # ----------------------------------------------------------------------------- the driver wrapper

@@ -133,3 +133,29 @@ def test_record_dir_is_a_sibling_of_the_output(tmp_path):
                                            "shards_done": 3, "shards_skipped": 2, "shards_failed": 1,
                                            "samples": 24, "samples_per_s": 2.5, "bytes": 2_000_000})
     assert line == "extract demo: running, shards 6/8 (2 skipped, 1 failed), 24 samples (2.5/s), 2.00 MB"
+
+
+def test_status_line_shows_shards_per_node_lost_nodes_and_replaced_workers(tmp_path):
+    """A multi-node Ray run's snapshot (executors.progress: ``nodes``, ``replaced_actors``) in `kscale status`."""
+    import json
+
+    from kscale.executors.progress import Progress
+
+    prog = Progress(str(tmp_path), "demo", "extract", total=5, skipped=0, show_bar=False)
+    a, b = "a" * 56, "b" * 56
+    for i, node in enumerate([a, b, a, a]):
+        prog.shard_done({"shard": f"s{i:06d}", "n_samples_ok": 2}, node)
+    prog.actor_replaced(b, node_alive=False)
+    prog.shard_done({"shard": "s000004", "n_samples_ok": 2}, a)
+    snap = prog.finish()
+    assert snap["nodes"] == {a: {"shards_done": 4, "actors_lost": 0, "node_lost": False},
+                             b: {"shards_done": 1, "actors_lost": 1, "node_lost": True}}
+    assert snap["shard_nodes"] == {"s000000": a, "s000001": b, "s000002": a, "s000003": a, "s000004": a}
+    line = records.format_progress({k: v for k, v in snap.items() if k != "updated_at"})
+    assert line.endswith("; 2 nodes (1 lost): aaaaaaaa 4 shards, bbbbbbbb 1 shard (lost, 1 worker lost), "
+                         "1 worker replaced"), line
+    running = json.loads((tmp_path / "_progress.json").read_text())
+    assert "nodes" in running and "shard_nodes" in running  # the final write carries the shard -> node map
+    local = Progress(str(tmp_path / "local"), "demo", "extract", total=1, skipped=0, show_bar=False)
+    local.shard_done({"shard": "s000000"})
+    assert "nodes" not in local.finish() and "node" not in records.format_progress(local.finish())
