@@ -11,7 +11,7 @@ The package, from the bottom up (it imports no stage: stages import it):
   (:func:`convert`, :func:`section_problems`), :func:`to_dict`;
 - the stage sections, each in its own module: ``analyze.py`` (``AnalyzeConfig``), ``train.py``
   (``TrainConfig``) with ``malora.py`` (``MaLoRAConfig``, also the adapter's saved config), ``bias.py``
-  (``BiasConfig``), ``eval.py`` (``EvalConfig``), ``cluster.py`` (``ClusterConfig``, the ``cluster:`` section
+  (``BiasConfig``), ``eval.py`` (``EvalStageConfig``), ``cluster.py`` (``ClusterConfig``, the ``cluster:`` section
   of ``kscale submit``);
 - this module: the common sections (model, data, extract, output, resources), ``JobSpec``, the YAML
   loader and ``explain``. Every name above is importable from ``kscale.spec``.
@@ -35,7 +35,7 @@ from kscale.models.facts import FAMILIES, layer_problems
 from kscale.spec.analyze import AnalyzeConfig
 from kscale.spec.bias import BiasConfig
 from kscale.spec.cluster import ClusterConfig, cluster_of  # noqa: F401  (re-exported)
-from kscale.spec.eval import EvalConfig, EvalVariant  # noqa: F401  (re-exported)
+from kscale.spec.eval import EvalStageConfig, EvalVariant  # noqa: F401  (re-exported)
 from kscale.spec.fields import (  # noqa: F401  (re-exported: the field helper and checks of every section)
     bound_problems, bounds_text, convert, did_you_mean, doc, section_problems, to_dict, type_text,
 )
@@ -253,7 +253,7 @@ STAGES: dict[str, _stages.Stage] = {s.kind: s for s in (
     _stages.Stage("bias", BiasConfig, ("model", "data"), "kscale.bias.run:stage_entry",
           "counterfactual images, blind baselines and token dropping: how much answers use the image",
           "a bias run"),
-    _stages.Stage("eval", EvalConfig, ("model",), "kscale.eval.run:stage_entry",
+    _stages.Stage("eval", EvalStageConfig, ("model",), "kscale.eval.run:stage_entry",
           "lmms-eval benchmarks of the base model and its adapters, with and without the image (blind baseline)",
           "an eval run", path_fields=("include_path",)),
 )}
@@ -272,7 +272,7 @@ class JobSpec:
     analyze: AnalyzeConfig | None = doc("Analysis options (kind: analyze), see docs/analysis.md.", None)
     train: TrainConfig | None = doc("MaLoRA training options (kind: train), see docs/malora.md.", None)
     bias: BiasConfig | None = doc("Bias-diagnosis options (kind: bias).", None)
-    eval: EvalConfig | None = doc("Benchmark options (kind: eval), see docs/malora.md.", None)
+    eval: EvalStageConfig | None = doc("Benchmark options (kind: eval), see docs/malora.md.", None)
     cluster: ClusterConfig | None = doc("Slurm / Kubernetes settings for `kscale submit --target`.", None)
 
     def fingerprint(self) -> str:

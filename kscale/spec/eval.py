@@ -38,7 +38,7 @@ class EvalVariant:
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
-class EvalConfig:
+class EvalStageConfig:
     variants: list[EvalVariant] = _doc("Model variants evaluated in turn on the same tasks.",
                                        factory=lambda: [EvalVariant(name="base")])
     tasks: list[str] = _doc("lmms-eval task (or group) names, e.g. [mmstar, pope]; a task of `include_path` "

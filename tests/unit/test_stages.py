@@ -112,3 +112,22 @@ def test_validate_explain_describes_the_stage(tmp_path) -> None:
     out = CliRunner().invoke(main, ["validate", "--explain", str(job)]).output
     assert f"kind extract: {STAGES['extract'].summary}; writes a key store" in out
     assert "kinds: " + "; ".join(f"{k} ({s.summary})" for k, s in STAGES.items()) in out
+
+
+def test_no_two_spec_sections_share_a_class_name() -> None:
+    """The JSON schema names each section's definition by its class name: two sections of one name (the eval
+    stage's options and train's held-out evaluation) would make one of them validate against the other."""
+    import dataclasses as dc
+
+    seen: dict[str, type] = {}
+
+    def walk(cls: type) -> None:
+        for tp in typing.get_type_hints(cls).values():
+            for t in (tp, *typing.get_args(tp), *[a for x in typing.get_args(tp) for a in typing.get_args(x)]):
+                if dc.is_dataclass(t) and isinstance(t, type):
+                    assert seen.setdefault(t.__name__, t) is t, f"{t.__module__}.{t.__name__} and {seen[t.__name__].__module__}"
+                    if t is not cls:
+                        walk(t)
+
+    walk(JobSpec)
+    assert "EvalStageConfig" in seen and "EvalConfig" in seen
