@@ -9,7 +9,7 @@ sbatch body's ``DASK_DISTRIBUTED__COMM__*`` variables). Every process is started
 process group id.
 
 - the table equals the one-process (threaded) run, row by row to 1e-9;
-- a node killed (SIGKILL of its process group) while it executes a task of the layer is survived: the
+- a node killed (SIGKILL of its process group) while it executes a task of a layer under way is survived: the
   scheduler recomputes what it held on the other nodes and the table still equals the threaded run.
 """
 
@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,22 +117,18 @@ def dask_nodes(tmp_path_factory):
 
 class LayerTasks(WorkerPlugin):
     """A worker plugin (pickled by reference: the workers import this module from the repository) that
-    counts the layer's streaming tasks (``chunk_sums``) each node finished. With ``stop_flag`` the first
-    node in the cluster to start executing one claims the flag file (O_EXCL: exactly one node wins), writes
-    its worker PID and process group there, and stops itself (SIGSTOP) before running the task: that node
-    then holds a task of the layer that cannot finish, until the test kills it."""
+    counts the layer's streaming tasks (``chunk_sums``) each node finished. With ``stop_flag``: once one
+    such task finished anywhere (``<stop_flag>.first-done``), the first node to start executing another
+    claims the flag file (O_EXCL: exactly one node wins), writes its worker PID and process group there,
+    and stops itself (SIGSTOP) before running it: that node then holds a task of a layer already under way,
+    which cannot finish until the test kills the node. (At most 3 of the layer's >= 4 tasks run at once
+    on 3 one-thread nodes, so some task starts after the first one finished.)"""
 
     name = "kscale-layer-tasks"
 
     def __init__(self, stop_flag: str | None = None):
         self.stop_flag = stop_flag
         self.finished = 0
-
-    def setup(self, worker) -> None:
-        pass
-
-    def teardown(self, worker) -> None:
-        pass
 
     def transition(self, key, start, finish, **kwargs) -> None:
         from dask.utils import key_split
@@ -140,7 +137,9 @@ class LayerTasks(WorkerPlugin):
             return
         if finish == "memory":
             self.finished += 1
-        elif finish == "executing" and self.stop_flag:
+            if self.stop_flag:
+                Path(self.stop_flag + ".first-done").touch()
+        elif finish == "executing" and self.stop_flag and os.path.exists(self.stop_flag + ".first-done"):
             try:
                 fd = os.open(self.stop_flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
             except FileExistsError:
@@ -175,82 +174,82 @@ def _analyze(ks, out: Path, dask_cfg):
     return analyze(small_analysis_cfg(dask_cfg), out, stores=[ks])
 
 
-def _store(tmp_path):
-    return write_store(tmp_path / "store", chunk_tokens=4, n_shards=8, per_shard=3)
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """A real store (8 shards, chunks that cut samples) and its one-process (threaded) table."""
+    from kscale.spec.analyze import DaskConfig
+
+    root = tmp_path_factory.mktemp("dask-nodes-store")
+    ks = write_store(root / "store", chunk_tokens=4, n_shards=8, per_shard=3)
+    return ks, _analyze(ks, root / "threads", DaskConfig(scheduler="threads", n_workers=N_NODES, chunk_mb=1))
 
 
-def _threaded_and_nodes(tmp_path, cluster: DaskNodes):
-    """The threaded table, and the table on the nodes (driver configured as on Slurm)."""
+def _on_nodes(tmp_path, cluster: DaskNodes, ks):
+    """The table on the nodes, the driver joined as on Slurm (scheduler file, TLS from the dask config)."""
     import dask
 
     from kscale.spec.analyze import DaskConfig
 
-    ks = _store(tmp_path)
     t0 = time.monotonic()
-    threads = _analyze(ks, tmp_path / "threads", DaskConfig(scheduler="threads", n_workers=N_NODES, chunk_mb=1))
-    t1 = time.monotonic()
     with dask.config.set(cluster.client_config()):
-        nodes = _analyze(ks, tmp_path / "nodes", DaskConfig(scheduler="distributed", n_workers=N_NODES,
+        table = _analyze(ks, tmp_path / "nodes", DaskConfig(scheduler="distributed", n_workers=N_NODES,
                                                             chunk_mb=1, scheduler_file=str(cluster.scheduler_file)))
-    print(f"analysis: threaded {t1 - t0:.1f} s, on the nodes {time.monotonic() - t1:.1f} s")
-    return threads, nodes
+    print(f"analysis on the nodes: {time.monotonic() - t0:.1f} s")
+    return table
 
 
-def test_analysis_on_three_nodes_equals_threaded(tmp_path, dask_nodes):
+def test_analysis_on_three_nodes_equals_threaded(tmp_path, dask_nodes, reference):
     with _client(dask_nodes) as client:
         workers = client.scheduler_info()["workers"]
         assert all(addr.startswith("tls://127.0.0.1:") for addr in workers)  # TLS, loopback
         own_dirs = sorted(Path(w["local_directory"]).relative_to(dask_nodes.root).parts[0] for w in workers.values())
         assert own_dirs == [f"node{i}" for i in range(N_NODES)]  # each node its own local directory
         client.register_plugin(LayerTasks())
-        threads, nodes = _threaded_and_nodes(tmp_path, dask_nodes)
+        ks, threads = reference
+        nodes = _on_nodes(tmp_path, dask_nodes, ks)
         finished = _finished_per_node(client)
     assert_same_table(nodes, threads)
     assert len(finished) == N_NODES and all(n > 0 for n in finished.values()), finished  # every node streamed
 
 
-def _wait_stopped(pid: int, timeout: float = 30) -> None:
-    """Until ``pid`` is in state T (stopped): the node stops itself right after claiming the flag."""
+def _is_stopped(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def _kill_when_stopped(flag: Path, client, seen: dict, run_over: threading.Event, timeout: float = 120) -> None:
+    """Watch for the node that stopped itself in a task of the layer; SIGKILL its process group (nanny and
+    worker, as when a node dies) and note what the scheduler had running where at that moment."""
     deadline = time.monotonic() + timeout
-    while Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] not in ("T", "t"):
-        assert time.monotonic() < deadline, f"worker {pid} did not stop"
+    while not run_over.is_set() and time.monotonic() < deadline:
+        victim = json.loads(flag.read_text()) if flag.exists() and flag.stat().st_size else None
+        if victim and _is_stopped(victim["pid"]):
+            seen.update(victim, processing={w: list(map(str, ks)) for w, ks in client.processing().items()})
+            os.killpg(victim["pgid"], signal.SIGKILL)
+            return
         time.sleep(0.05)
 
 
-def test_node_killed_mid_layer_is_survived(tmp_path, dask_nodes, monkeypatch):
-    from kscale.analysis.stream import Runner
-
+def test_node_killed_mid_layer_is_survived(tmp_path, dask_nodes, reference):
     flag = dask_nodes.root / "victim.json"
     seen: dict = {}
-    map_reduce = Runner.map_reduce
-
-    def map_reduce_killing(self, fn, items, shared, merge):
-        """The runner's map-reduce; at the first merge of the run (two results of the layer arrived on the
-        driver) the node that stopped itself in a task of this same map-reduce is killed (SIGKILL, its whole
-        process group: nanny and worker, as when a node dies)."""
-        def merge_after_kill(a, b):
-            if not seen and self.client is not None:  # on the nodes, not in the threaded reference run
-                victim = json.loads(flag.read_text())  # claimed before any task ran: it exists now
-                _wait_stopped(victim["pid"])
-                seen.update(victim, n_items=len(items),
-                            processing={w: list(map(str, ks)) for w, ks in client.processing().items()})
-                os.killpg(victim["pgid"], signal.SIGKILL)
-            return merge(a, b)
-
-        if not seen and self.client is not None:
-            assert len(items) >= N_NODES  # two results can arrive while the stopped node holds the third
-        return map_reduce(self, fn, items, shared, merge_after_kill)
-
-    monkeypatch.setattr(Runner, "map_reduce", map_reduce_killing)
+    run_over = threading.Event()
     with _client(dask_nodes) as client:
         client.register_plugin(LayerTasks(stop_flag=str(flag)))
-        threads, nodes = _threaded_and_nodes(tmp_path, dask_nodes)
+        watcher = threading.Thread(target=_kill_when_stopped, args=(flag, client, seen, run_over), daemon=True)
+        watcher.start()
+        ks, threads = reference
+        try:
+            nodes = _on_nodes(tmp_path, dask_nodes, ks)
+        finally:
+            run_over.set()
+            watcher.join()
         survivors = client.scheduler_info()["workers"]
         finished = _finished_per_node(client)
+    print(f"killed node: {seen}")
     assert seen, "no node was killed"
     # the killed node was executing a task of the layer: at the kill the scheduler had it processing there
     assert any(key == seen["key"] for keys in seen["processing"].values() for key in keys), seen
     assert len(survivors) == N_NODES - 1 and all(n > 0 for n in finished.values()), (survivors, finished)
     victim_proc = next(p for p in dask_nodes.nodes if p.pid == seen["pgid"])
     assert victim_proc.wait(timeout=20) == -signal.SIGKILL
-    assert_same_table(nodes, threads)  # its task recomputed elsewhere, merged once
+    assert_same_table(nodes, threads)  # its tasks recomputed on the survivors, each block merged once
