@@ -123,7 +123,10 @@ class Runner:
         pending = iter(items)
         futures = [self.client.compute(task(next(pending), shared_f))
                    for _ in range(min(self.window, len(items)))]
-        acc, queue = None, as_completed(futures)
+        # on our client's loop: as_completed defaults to the *current* client's, another one when the caller
+        # holds its own Client (`with Client(...)`), and a result re-fetched after a node died then waits on
+        # an event of the wrong loop (RuntimeError: ... bound to a different event loop)
+        acc, queue = None, as_completed(futures, loop=self.client.loop)
         for fut in queue:
             part = fut.result()
             acc = part if acc is None else merge(acc, part)

@@ -85,21 +85,31 @@ def test_distributed_analysis_equals_threaded(tmp_path, store):
     from analysis_fakes import make_store
     from test_analysis_streaming import write_store
 
-    from kscale.spec.analyze import AnalyzeConfig, EmbedConfig, MMDConfig, SignificanceConfig
     from kscale.analysis.run import analyze
 
     ks = (make_store(n_samples=24, layers=(0,), n_heads=2, head_dim=6, chunk_rows=40) if store == "fake"
           else write_store(tmp_path / "store", chunk_tokens=4, n_shards=8, per_shard=3))
 
     def run(scheduler, name):
-        cfg = AnalyzeConfig(stores=["unused"], layers=[0], estimators=["mmd_rf", "jsd_hist"],
-                            mmd=MMDConfig(n_features=64, median_subsample=100, max_accumulator_mb=1),
-                            significance=SignificanceConfig(n_buckets=8, permutations=0),
-                            embed=EmbedConfig(methods=[]),
-                            dask=DaskConfig(scheduler=scheduler, n_workers=2, chunk_mb=1))  # ~6 blocks
-        return analyze(cfg, tmp_path / name, stores=[ks])
+        return analyze(small_analysis_cfg(DaskConfig(scheduler=scheduler, n_workers=2, chunk_mb=1)),
+                       tmp_path / name, stores=[ks])
 
-    threads, dist = run("threads", "t"), run("distributed", "d")
-    assert len(threads) == len(dist) > 0
+    assert_same_table(run("distributed", "d"), run("threads", "t"))
+
+
+def small_analysis_cfg(dask_cfg: DaskConfig):
+    """Layer 0, RF MMD and histogram JSD, no pictures: the analysis the distributed tests run
+    (also tests/cluster/test_dask_nodes.py); chunk_mb=1 gives ~6 blocks on the small stores."""
+    from kscale.spec.analyze import AnalyzeConfig, EmbedConfig, MMDConfig, SignificanceConfig
+
+    return AnalyzeConfig(stores=["unused"], layers=[0], estimators=["mmd_rf", "jsd_hist"],
+                         mmd=MMDConfig(n_features=64, median_subsample=100, max_accumulator_mb=1),
+                         significance=SignificanceConfig(n_buckets=8, permutations=0),
+                         embed=EmbedConfig(methods=[]), dask=dask_cfg)
+
+
+def assert_same_table(got, want):
+    """Same rows, every number to 1e-9 relative (the sums are mergeable: order does not matter)."""
+    assert len(got) == len(want) > 0
     for col in ("value", "se", "ci_low", "ci_high", "p"):
-        np.testing.assert_allclose(dist[col].astype(float), threads[col].astype(float), rtol=1e-9, atol=1e-15)
+        np.testing.assert_allclose(got[col].astype(float), want[col].astype(float), rtol=1e-9, atol=1e-15)
