@@ -53,7 +53,7 @@ def test_every_layer_and_head_has_every_estimator(tmp_path):
     assert list(tmp_path.glob("tsne_*layer00*.png")) and list(tmp_path.glob("pca_*layer00*.png"))
     (tmp_path / "report.html").unlink()
     html = build_report(tmp_path).read_text()
-    assert html.count("data:image/png;base64,") == len(list(tmp_path.glob("*.png")))
+    assert html.count("data:image/png;base64,") == len(list(tmp_path.rglob("*.png")))  # directions/ too
     assert "src=\"http" not in html
     assert not list(tmp_path.glob("query_gap_*")) and "What text queries see" not in html  # no stored queries
 
