@@ -217,6 +217,28 @@ def _query_gap_section(tables: dict[str, pd.DataFrame]) -> str:
             + "".join(parts)) if parts else ""
 
 
+def directions_section(run: Path) -> str:
+    """Where the gap lives (``directions.parquet``, :mod:`kscale.analysis.directions`): per layer and head, the
+    leading principal directions of the pooled keys that hold 50% / 90% of the squared mean difference, and
+    the figures (in ``directions/``, so the general picture list does not show them twice)."""
+    from kscale.analysis import directions as D
+
+    if not (run / "directions.parquet").exists():
+        return ""
+    s = D.summary(pd.read_parquet(run / "directions.parquet"))
+    s["store"] = [V.short_store(p) for p in s.store]
+    s = s.rename(columns={"sq_mean_diff": "|mean diff|² (= linear MMD²)", "gap_n50": "directions for 50% of gap",
+                          "gap_n90": "directions for 90% of gap", "variance_n50": "for 50% of variance",
+                          "variance_n90": "for 90% of variance"})
+    pngs = sorted((run / D.FOLDER).glob("*.png"))
+    return ("<h2>Where the gap lives</h2><p>The image − text mean difference projected on the principal directions "
+            "of the pooled keys (both modalities, eigenvalues descending): how many leading directions hold 50% "
+            "and 90% of its square (which is also the linear MMD²), beside how many hold 50% / 90% of the "
+            "variance. Head −1: KV heads pooled. Per direction: <code>directions.parquet</code>.</p>"
+            + rep.table_html(s) + (f"<details><summary>one figure per layer</summary>{rep.figures_html(pngs)}"
+                                   "</details>" if pngs else ""))
+
+
 def _stores_html(meta: dict, df: pd.DataFrame) -> str:
     paths = [s.get("path", "") for s in meta.get("stores", [])] or list(dict.fromkeys(df.store))
     items = "".join(f"<li><b>{html.escape(V.short_store(p))}</b>: <code>{html.escape(p)}</code></li>" for p in paths)
@@ -238,7 +260,7 @@ def build_report(run_dir: str | Path) -> Path:
             + _stores_html(meta, df) + f"<p class=\"muted\">{len(df)} rows; alpha = {alpha:g}.</p>"
             + layer_table(df, alpha, deepstack_marks(meta)) + sensitivity_table(df, alpha) + paper_table(df)
             + "<h2>Pictures</h2>" + rep.figures_html(pngs)
-            + _attention_section(run) + _query_gap_section(qgaps) + EXPLAIN
+            + _attention_section(run) + _query_gap_section(qgaps) + directions_section(run) + EXPLAIN
             + "<h2>Rows per estimator and comparison</h2>" + counts.reset_index().to_html(index=False, border=0)
             + "<h2>Run metadata</h2><details><summary>meta.json</summary><pre>"
             + html.escape(json.dumps(meta, indent=1, default=str)[:20000]) + "</pre></details>"

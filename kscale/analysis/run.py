@@ -13,7 +13,8 @@ Per store: the sample ids are streamed once to cut the samples into sample-align
     pictures (embed.py)    classifier JSD bounds (second streaming loop)           (probes.py)
 
 Outputs in ``out_dir``: ``results.parquet`` / ``results.csv`` (the tidy table, columns in
-``rows.COLUMNS``), ``meta.json`` (config, versions, conventions), PNGs (:mod:`kscale.analysis.figures`)
+``rows.COLUMNS``), ``directions.parquet`` / ``.csv`` (where the gap lives: :mod:`kscale.analysis.directions`,
+one more pass per layer), ``meta.json`` (config, versions, conventions), PNGs (:mod:`kscale.analysis.figures`)
 and ``report.html`` (:func:`kscale.analysis.report.build_report`, which ``kscale report RUN_DIR`` calls).
 """
 
@@ -30,6 +31,8 @@ import numpy as np
 import pandas as pd
 
 from kscale.analysis import rows as R
+from kscale.analysis.directions import DirectionPlan, direction_rows, direction_sums, write_directions
+from kscale.analysis.directions import merge as merge_directions
 from kscale.analysis.embed import maps as embed_maps
 from kscale.analysis.maps_helper import MapsHelper
 from kscale.spec.analyze import AnalyzeConfig
@@ -134,12 +137,12 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     reference = _reference_store(cfg, stores)
     if progress is not None:
         progress.set_total(sum(len(_select("layers", cfg.layers, ks.layers, "layer")) for ks in stores))
-    all_rows, embeds = [], []
+    all_rows, embeds, dir_rows = [], [], []
     helper = MapsHelper.start() if "tsne" in cfg.embed.methods else None
     with helper or nullcontext():
         with Runner(cfg.dask) as runner:  # closed before the pictures: a dask cluster's workers are not needed
             for ks in stores:
-                store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress, helper)
+                store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress, helper, dir_rows)
                 all_rows += store_rows
                 embeds += store_embeds
         df = pd.DataFrame(all_rows, columns=R.COLUMNS)
@@ -152,6 +155,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
 
         attention_beside_gap(stores, df, out)
         queries_beside_gap(cfg, stores, out)
+        write_directions(dir_rows, out, POOLED)
         write_pictures(df, embeds, out, cfg)  # the t-SNE maps last: the helper may still be on them
     build_report(out)
     return df
@@ -299,9 +303,11 @@ def _store_context(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referen
 
 
 def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, reference: KeyStoreLike | None = None,
-                  progress=None, helper: MapsHelper | None = None) -> tuple[list[dict], list[dict]]:
+                  progress=None, helper: MapsHelper | None = None, directions: list[dict] | None = None,
+                  ) -> tuple[list[dict], list[dict]]:
     """Rows of every selected layer, and the maps of the picture layers, made as soon as a layer's subsample
-    is read (t-SNE in ``helper``, when given, while the next layers are analysed)."""
+    is read (t-SNE in ``helper``, when given, while the next layers are analysed). Rows of the directions
+    table (:mod:`kscale.analysis.directions`) are appended to ``directions`` when given."""
     sc = _store_context(cfg, ks, runner, reference)
     layers = _select("layers", cfg.layers, ks.layers, "layer")
     embed_layers = _embed_layers(cfg, layers)
@@ -312,6 +318,8 @@ def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referenc
             embeds.append({"store": ks.path, "layer": layer, "heads": sc.heads, "maps": embed_maps(
                 lc.sub.keys, cfg.embed.methods, cfg.embed.subsample, cfg.embed.perplexity, cfg.seed, helper)})
         rows += _layer_rows(lc)
+        if directions is not None:
+            directions += _direction_rows(lc)
         if progress is not None:  # keys streamed for this layer: every selected head of both modalities
             progress.advance(1, nbytes=sum(_n_rows(ks, layer, m) for m in sc.mods) * _row_bytes(ks, sc.heads, layer),
                              detail=f"{Path(ks.path).name} layer {layer}")
@@ -407,6 +415,16 @@ def _stream_sums(lc: LayerContext) -> dict[int, TargetSums]:
         plan = _chunk_plan(lc, group, freqs, singles, with_pooled)
         out.update(sc.runner.map_reduce(chunk_sums, layer_items(lc, group), plan, merge))
     return out
+
+
+def _direction_rows(lc: LayerContext) -> list[dict]:
+    """Where the gap lives: one more pass over the layer's joint blocks summing per-modality second moments
+    (:mod:`kscale.analysis.directions`), separate from the MMD's so that its sums and rows stay as they are."""
+    sc = lc.store
+    targets = {t: (pos, np.asarray(lc.plans[t].centre_d, np.float64)) for t, pos in lc.targets.items()}
+    plan = DirectionPlan(targets, tuple(sc.mods), lc.cfg.mmd.batch_rows)
+    sums = sc.runner.map_reduce(direction_sums, layer_items(lc, sc.heads), plan, merge_directions)
+    return direction_rows(sc.ks.path, lc.layer, sums, sc.mods)
 
 
 def _n_samples(lc: LayerContext, sums: dict[int, TargetSums]) -> dict[str, int]:

@@ -51,11 +51,16 @@ def test_every_layer_and_head_has_every_estimator(tmp_path):
     for name in ("mmd_by_layer.png", "jsd_by_layer.png", "heatmap_mmd_layer_head.png", "report.html"):
         assert (tmp_path / name).stat().st_size > 1000
     assert list(tmp_path.glob("tsne_*layer00*.png")) and list(tmp_path.glob("pca_*layer00*.png"))
+    # where the gap lives: a table beside results.parquet (d directions per layer and head), a figure per layer
+    assert len(pd.read_parquet(tmp_path / "directions.parquet")) == 3 * 3 * 8
+    assert sorted(p.name for p in (tmp_path / "directions").glob("*.png")) == [
+        f"directions_layer{l:02d}.png" for l in (0, 1, 2)]
     (tmp_path / "report.html").unlink()
     html = build_report(tmp_path).read_text()
-    assert html.count("data:image/png;base64,") == len(list(tmp_path.glob("*.png")))
+    assert html.count("data:image/png;base64,") == len(list(tmp_path.rglob("*.png")))  # directions/ too
     assert "src=\"http" not in html
     assert not list(tmp_path.glob("query_gap_*")) and "What text queries see" not in html  # no stored queries
+    assert "<h2>Where the gap lives</h2>" in html
 
 
 def test_run_analyze_entry_uses_the_spec_output_path(tmp_path, monkeypatch):
