@@ -11,7 +11,7 @@ chosen layers, whatever the store's size)::
       kscale_store.json          the store's root attributes (model, layers, heads, spec), for provenance
 
 Columns: ``modality`` (text, image, video, special), the token table (``sample_id``, ``position``,
-``token_id``, ``image_index``, ``rope`` = the ``rope_rows`` RoPE position ids) and one ``keys_layer_<L>``
+``token_id``, ``image_index``, ``video_index``, ``frame``, ``time_ms``, ``rope`` = the ``rope_rows`` RoPE position ids) and one ``keys_layer_<L>``
 per exported layer: the token's pre-RoPE key of every stored KV head, flattened (kv_head, head_dim)
 row-major, as a fixed-size list of the store's key dtype (float16 or float32). Read back through
 ``datasets`` or pyarrow these are the stored bytes (``tests/unit/test_export.py``).
@@ -28,14 +28,17 @@ from kscale.store.layout import MODALITIES, TABLE_COLUMNS
 from kscale.store.reader import KeyStore
 
 
+# every token column but the RoPE positions (the ``rope`` list column), in the reader's order
+SCALAR_COLUMNS = tuple(c for c in TABLE_COLUMNS if c != "rope_pos")
+
+
 def _schema(ks: KeyStore, layers: list[int]):
     import pyarrow as pa
 
     width = len(ks.heads) * ks.head_dim
     value = pa.float16() if ks.attrs["key_dtype"] == "float16" else pa.float32()
     t = {c: pa.from_numpy_dtype(np.dtype(d)) for c, d in TABLE_COLUMNS.items()}  # the reader's dtypes
-    fields = [pa.field("modality", pa.string())] + [pa.field(c, t[c]) for c in ("sample_id", "position", "token_id",
-                                                                                "image_index")]
+    fields = [pa.field("modality", pa.string())] + [pa.field(c, t[c]) for c in SCALAR_COLUMNS]
     fields.append(pa.field("rope", pa.list_(t["rope_pos"], ks.rope_rows)))
     fields += [pa.field(f"keys_layer_{layer}", pa.list_(value, width)) for layer in layers]
     return pa.schema(fields)
@@ -103,7 +106,7 @@ def card(ks: KeyStore, layers: list[int], modalities: list[str], to: str, n_file
     head = ""
     if to == "hf":
         feats = [{"name": "modality", "dtype": "string"}] + [
-            {"name": c, "dtype": TABLE_COLUMNS[c]} for c in ("sample_id", "position", "token_id", "image_index")]
+            {"name": c, "dtype": TABLE_COLUMNS[c]} for c in SCALAR_COLUMNS]
         feats.append({"name": "rope", "sequence": TABLE_COLUMNS["rope_pos"], "length": ks.rope_rows})
         feats += [{"name": f"keys_layer_{layer}", "sequence": dtype, "length": width} for layer in layers]
         meta = {"configs": [{"config_name": "default", "data_files": [{"split": "train",
@@ -123,6 +126,9 @@ def card(ks: KeyStore, layers: list[int], modalities: list[str], to: str, n_file
         "| position | int32 | the token's index in its sample's sequence |",
         "| token_id | int32 | the tokenizer's id of the token |",
         "| image_index | int16 | which image of the sample an image token belongs to (0-based; as KeyStore.tokens) |",
+        "| video_index | int16 | which video of the sample a video token belongs to (-1 elsewhere) |",
+        "| frame | int32 | the frame of that video (-1 elsewhere; Qwen3-VL's timestamp text keeps its frame) |",
+        "| time_ms | int32 | that frame's time in the video, milliseconds (-1 elsewhere) |",
         f"| rope | {ks.rope_rows} x int32 | the RoPE position ids the model used (M-RoPE: temporal, height, width) |",
     ]
     lines += [f"| keys_layer_{layer} | {width} x {dtype} | pre-RoPE keys of layer {layer}, "
