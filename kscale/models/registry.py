@@ -265,7 +265,7 @@ class Adapter:
         """Load on ``device``, or spread over ``devices`` (plan device i -> ``devices[i]``) with inputs
         going to where the plan puts the embeddings."""
         import transformers
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         cls = getattr(transformers, self.model_class)
         common = dict(revision=mspec.revision, trust_remote_code=mspec.trust_remote_code)
@@ -283,8 +283,7 @@ class Adapter:
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(info.path, **common)
         tokenizer.padding_side = "right"
-        proc_kwargs = self.processor_kwargs(mspec)
-        image_processor = AutoImageProcessor.from_pretrained(info.path, **common, **proc_kwargs)
+        image_processor = self.load_image_processor(info.path, common, mspec)
         settings = {k: v for k, v in image_processor.to_dict().items() if not k.startswith("_")}
         template = mspec.prompt_template or self.default_template
         return LoadedModel(self, model, tokenizer, image_processor, info, device, dtype, settings, template)
@@ -308,6 +307,12 @@ class Adapter:
 
     def processor_kwargs(self, mspec: ModelOptions) -> dict:
         return {}
+
+    def load_image_processor(self, path: str, common: dict, mspec: ModelOptions) -> Any:
+        """The checkpoint's image processor (``AutoImageProcessor``; Llama 4 uses kscale's own, no torchvision)."""
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(path, **common, **self.processor_kwargs(mspec))
 
     def model_facts(self, config: dict) -> dict:
         """Facts about the checkpoint (its config.json dict) that the store records with the model and
@@ -615,3 +620,4 @@ from kscale.models import gemma3 as _gemma3  # noqa: E402,F401
 from kscale.models import qwen2_vl as _qwen2  # noqa: E402,F401
 from kscale.models import qwen3_vl as _qwen3  # noqa: E402,F401
 from kscale.models import qwen3_vl_moe as _qwen3_moe  # noqa: E402,F401
+from kscale.models import llama4 as _llama4  # noqa: E402,F401
