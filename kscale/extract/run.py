@@ -143,9 +143,6 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
 
 
 def _processor_settings(spec: JobSpec, info, adapter) -> dict:
-    from transformers import AutoImageProcessor
-
-    proc = AutoImageProcessor.from_pretrained(info.path, revision=spec.model.revision,
-                                              trust_remote_code=spec.model.trust_remote_code,
-                                              **adapter.processor_kwargs(spec.model))
+    common = dict(revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
+    proc = adapter.load_image_processor(info.path, common, spec.model)
     return {k: v for k, v in proc.to_dict().items() if not k.startswith("_")}

@@ -7,7 +7,7 @@ torchvision backend) imports torchvision, which has no CPU build here. :class:`L
 copy of its steps, read from the checkpoint's ``preprocessor_config.json``: the canvas of at most
 ``max_patches`` tiles of ``size`` that needs the least scaling (:func:`best_canvas`; transformers'
 ``get_best_fit``), an aspect-preserving resize to it (never upscaling past one tile), bilinear with
-antialias on uint8 as torchvision does on a CPU with AVX2 (torch's own ``interpolate``, PIL's algorithm),
+antialias as torchvision resizes a uint8 tensor (torch's own ``interpolate``, PIL's algorithm),
 zero padding right and bottom, rescale and normalise in bfloat16, the split into tiles row by row, and
 when there are several tiles a global tile (the whole image resized to one tile) last.
 ``tests/unit/test_families_llama4.py`` checks each step against transformers' own functions that do not
@@ -136,10 +136,18 @@ class Llama4Pixels:
         h, w = fit_without_distortion(size_hw, target)
         return canvas, (max(h, 1), max(w, 1))
 
-    def resize(self, img_CHW: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
-        """Bilinear with antialias on uint8 (torchvision's tensor resize on a CPU with AVX2)."""
-        return torch.nn.functional.interpolate(img_CHW[None], size=size_hw, mode="bilinear", align_corners=False,
-                                               antialias=True)[0]
+    @staticmethod
+    def resize(img_CHW: torch.Tensor, size_hw: tuple[int, int]) -> torch.Tensor:
+        """Bilinear with antialias of a uint8 image, as torchvision's tensor ``resize`` does: unchanged at its
+        own size; on a CPU whose capability is AVX2 torch's native uint8 kernel, elsewhere (AVX512, GPU) in
+        float32, rounded back to uint8. Both are PIL's algorithm (checked against PIL in the tests)."""
+        if tuple(img_CHW.shape[-2:]) == tuple(size_hw):
+            return img_CHW
+        native = img_CHW.device.type == "cpu" and "AVX2" in torch.backends.cpu.get_cpu_capability()
+        x = img_CHW[None] if native else img_CHW[None].float()
+        out = torch.nn.functional.interpolate(x, size=list(size_hw), mode="bilinear", align_corners=False,
+                                              antialias=True)
+        return (out if native else out.round_().to(torch.uint8))[0]
 
     def normalize(self, img_CHW: torch.Tensor) -> torch.Tensor:
         """Rescale then normalise in bfloat16, as the original implementation (and transformers) does."""
