@@ -415,7 +415,9 @@ class Adapter:
         raise ValueError(f"model family {self.family!r} does not take video input")
 
     def video_block(self, loaded: LoadedModel, video: Video, n_tokens: int) -> tuple[list[int], list[int]]:
-        """The token ids of one video and, per id, the frame it belongs to (-1 for wrapper tokens)."""
+        """The token ids of one video and, per id, the frame it belongs to (-1 for wrapper tokens); a family
+        whose block holds positions the token-id rule cannot tag (LLaVA-OneVision's closing newline feature
+        carries the video token id) adds a modality code per position as a third list."""
         raise ValueError(f"model family {self.family!r} does not take video input")
 
     def build_batch(self, loaded: LoadedModel, images: list, texts: list[str],
@@ -457,8 +459,9 @@ class Adapter:
                     out.add(ids, image=item.index, tags=tags)
                     out.n_image += n if tags is None else tags.count(IMAGE)
                 else:
-                    ids, frames = self.video_block(loaded, s.videos[item.index], next(vcounts_it))
-                    out.add(ids, video=item.index, frames=frames)
+                    block = self.video_block(loaded, s.videos[item.index], next(vcounts_it))
+                    ids, frames, tags = block if len(block) == 3 else (*block, None)
+                    out.add(ids, video=item.index, frames=frames, tags=tags)
             rendered.append(out)
         B, T = len(rendered), max(len(r.ids) for r in rendered)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0

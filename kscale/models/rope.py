@@ -144,8 +144,9 @@ def is_interleaved(rotary: torch.nn.Module) -> bool:
     """Whether ``rotary`` rotates adjacent pairs (its output is complex ``freqs_cis``: Llama 4)."""
     if isinstance(rotary, NoRope):
         return False
-    if isinstance(rotary, _LayerTypeRotary):
-        return is_interleaved(rotary.rotary)
+    layer_types = getattr(getattr(rotary, "config", None), "layer_types", None)
+    if layer_types is not None and hasattr(rotary, "layer_types"):  # one RoPE per layer type: probe one
+        rotary = _LayerTypeRotary(rotary, layer_types[0])
     device = _device(rotary)
     with torch.no_grad():
         out = rotary(torch.empty(0, device=device), torch.zeros((1, 1), dtype=torch.long, device=device))
