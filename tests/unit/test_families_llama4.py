@@ -353,6 +353,26 @@ def test_reader_rope_is_transformers_apply_rotary_emb(lm) -> None:
     assert np.array_equal(apply_rope(k_NHD.numpy(), pos_N[:, None].numpy(), rotary_for_layer(rotary, 2)), k_NHD.numpy())
 
 
+def test_value_modules_give_the_cached_values(lm) -> None:
+    """``value_modules`` are the projections whose outputs the KV cache holds as values (no RoPE, no norm)."""
+    mods = lm.adapter.value_modules(lm.model)
+    batch = lm.adapter.build_batch(lm, [_image(200, 90)], [QUESTION])
+    seen = {}
+    hooks = [m.register_forward_hook(lambda _m, _a, out, i=i: seen.__setitem__(i, out)) for i, m in enumerate(mods)]
+    try:
+        with torch.inference_mode():
+            cache = lm.model(**batch.inputs, use_cache=True).past_key_values
+    finally:
+        for h in hooks:
+            h.remove()
+    H, D = lm.info.num_kv_heads, lm.info.head_dim
+    assert len(mods) == lm.info.num_layers
+    for i in range(lm.info.num_layers):
+        want = cache.layers[i].values[0].transpose(0, 1)  # (T kept, H, D)
+        got = seen[i][0].view(-1, H, D)[-want.shape[0]:]
+        torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
 # -- training and bias
 
 def test_two_malora_steps_train_the_adapter() -> None:
