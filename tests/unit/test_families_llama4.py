@@ -273,6 +273,19 @@ def store(tmp_path_factory):
     return spec, kscale.store.open(spec.output.path)
 
 
+@pytest.mark.parametrize("attention", [{"enabled": True}, {"store_queries": True}])
+def test_extract_refuses_attention_and_queries(tmp_path, attention) -> None:
+    """Llama 4 does not offer attention statistics or queries (``supports``): the stage says so up front."""
+    from kscale.extract.run import run_extract
+
+    d = extract_spec(tmp_path, model="debug:llama4", data={"generated": {"n_samples": 2, "image_size": 56}},
+                     extract={"attention": attention})
+    field = "enabled" if "enabled" in attention else "store_queries"
+    with pytest.raises(ValueError, match=rf"extract.attention.{field}: model family 'llama4' does not support"):
+        run_extract(spec_from_dict(d), executor=None)
+    assert not (tmp_path / "store").exists()
+
+
 def _l2norm(k_THD: np.ndarray, eps: float) -> np.ndarray:
     """Llama4TextL2Norm in closed form (float64): x / sqrt(mean(x^2) + eps) per head."""
     k = k_THD.astype(np.float64)
