@@ -194,7 +194,10 @@ def _normed_tap(attn: torch.nn.Module, which: str) -> torch.nn.Module:
     proj = getattr(attn, f"{which}_proj")
     if not getattr(proj, "_kscale_tap_hooked", False):
         def forward_to_tap(mod, _inp, out_BTF):
-            if tap._forward_hooks and getattr(attn, f"{which}_proj") is mod:  # someone listens, current projection
+            # someone listens (or a graph is being built: activation checkpointing's recomputation must save
+            # what the forward saved, listeners or not), and this is the projection the attention runs
+            listens = tap._forward_hooks or torch.is_grad_enabled()
+            if listens and getattr(attn, f"{which}_proj") is mod:
                 B, T, _ = out_BTF.shape
                 tap(attn.qk_norm(out_BTF.view(B, T, -1, attn.head_dim)).flatten(2))
         proj.register_forward_hook(forward_to_tap)
@@ -312,7 +315,8 @@ class Llama4Adapter(Adapter):
         rows, cols = n_tokens
         tok, cfg = loaded.tokenizer, loaded.model.config
         boi, eoi, img, patch, tx, ty = tok.convert_tokens_to_ids([BOI, EOI, IMG, PATCH, TILE_X, TILE_Y])
-        assert patch == cfg.image_token_id, (patch, cfg.image_token_id)
+        if patch != cfg.image_token_id:
+            raise ValueError(f"tokenizer's {PATCH} is id {patch}, the model's image_token_id {cfg.image_token_id}")
         n = self.tokens_per_tile(cfg)
         ids = [boi]
         if rows * cols > 1:

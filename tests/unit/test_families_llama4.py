@@ -386,6 +386,53 @@ def test_value_modules_give_the_cached_values(lm) -> None:
         torch.testing.assert_close(got, want, atol=0, rtol=0)
 
 
+def test_attention_stats_rotate_pairs_and_skip_nope_layers(tmp_path, monkeypatch) -> None:
+    """kscale's attention statistics (what the MaLoRA evaluation reports) against the eager model's own
+    attention probabilities and logits, with the chunk widened past the sequence: kscale's statistics do not
+    model chunked attention (and temperature tuning only starts at ``floor_scale`` tokens). Checks the
+    adjacent-pair rotation, the NoPE layer and the QK-norm query/key taps."""
+    import json
+    import shutil
+
+    from kscale.attention.stats import batch_stats, flat_columns
+    from kscale.extract.hooks import capture
+    from kscale.spec import AttentionSpec
+    from tests.unit.attention.conftest import STAT_NAMES, eager_reference, reference_queries, reference_stats
+
+    path = tmp_path / "llama4"
+    shutil.copytree(debug_model_dir("llama4"), path)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["text_config"]["attention_chunk_size"] = 4096
+    (path / "config.json").write_text(json.dumps(cfg))
+    lm = load_model(ModelSpec(path=str(path), device="cpu", dtype="float32"))
+    eager = load_model(ModelSpec(path=str(path), device="cpu", dtype="float32", attn_implementation="eager"))
+    batch = lm.adapter.build_batch(lm, [_image(200, 90)], [QUESTION + " and what shape is it ?"])
+    layers, heads = list(range(lm.info.num_layers)), list(range(lm.info.num_kv_heads))
+    mods = {("q", i): m for i, m in enumerate(lm.adapter.query_modules(lm.model))}
+    mods |= {("k", i): m for i, m in enumerate(lm.adapter.key_modules(lm.model))}
+    with torch.inference_mode(), capture(mods, lm.adapter.rotary_module(lm.model)) as cap:
+        lm.model(**batch.inputs)
+    table = flat_columns(batch_stats(lm, layers, heads, batch, cap, AttentionSpec(enabled=True, query_chunk=4), [0]))
+    ref = eager_reference(eager, batch, monkeypatch)
+    queries = reference_queries(batch, "after_image", 0)
+    assert len(queries[0]) > 0 and len(table["layer"]) == len(layers) * lm.info.num_heads
+    for r in range(len(table["layer"])):
+        want = reference_stats(ref, batch, queries, int(table["layer"][r]), 0, int(table["q_head"][r]))
+        for name in STAT_NAMES:
+            np.testing.assert_allclose(table[name][r], want[name], rtol=1e-5, atol=1e-5, equal_nan=True,
+                                       err_msg=f"row {r} (layer {int(table['layer'][r])}) {name}")
+    # the bias stage's most-attended ranking (kscale.bias.dropping) against the eager attention probabilities
+    from kscale.bias.dropping import attention_received
+    from kscale.attention.stats import select_queries
+
+    got = attention_received(eager, batch, layers, "after_image", 8)
+    q_BT = select_queries(batch, "after_image", 8).float()
+    att = [torch.as_tensor(a) for a in ref.probs_LBHTT]  # L x (B, H, T, T)
+    want = sum((a * q_BT[:, None, :, None].double()).sum((1, 2)) for a in att) / (
+        q_BT.sum(1, keepdim=True).double() * att[0].shape[1] * len(att))
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=1e-5)
+
+
 # -- training and bias
 
 def test_two_malora_steps_train_the_adapter() -> None:
