@@ -226,8 +226,8 @@ def _key_source(text: dict, layer: int) -> str:
 class Llama4Adapter(Adapter):
     family = "llama4"
     model_class = "Llama4ForConditionalGeneration"
-    # queries and attention statistics are not offered: NoPE layers scale queries by position
-    # (attn_temperature_tuning) and RoPE layers attend in chunks, which kscale's statistics do not model
+    # queries and attention statistics are not offered in extraction: RoPE layers attend in chunks and NoPE
+    # layers scale queries by position past floor_scale tokens, which kscale's statistics do not model
     supports = ("keys", "train", "bias")
     default_template = ("<|begin_of_text|><|header_start|>user<|header_end|>\n\n{image}{text}<|eot|>"
                         "<|header_start|>assistant<|header_end|>\n\n")
