@@ -174,7 +174,7 @@ def test_resize_is_pils_bilinear(native, monkeypatch) -> None:
     for i, (w, h) in enumerate([(200, 90), (57, 83), (640, 480), (30, 20)]):
         img = _image(w, h, seed=i)
         for hw in ((28, 28), (41, 13), (h * 2, w * 2)):
-            ours = Llama4Pixels.resize(torch.from_numpy(np.asarray(img)).permute(2, 0, 1).contiguous(), hw)
+            ours = Llama4Pixels.resize(torch.from_numpy(np.array(img)).permute(2, 0, 1).contiguous(), hw)
             pil = np.asarray(img.resize((hw[1], hw[0]), Image.BILINEAR)).transpose(2, 0, 1).astype(int)
             assert np.abs(ours.numpy().astype(int) - pil).max() <= 1, (w, h, hw)
 
