@@ -33,9 +33,16 @@ from tests.unit.test_video_qwen import _video
 PROMPT = "<|im_start|>user\n<video>\nwhat happens ?<|im_end|>\n<|im_start|>assistant\n"
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def lm():
-    torch.set_num_threads(1)
     return load_model(ModelSpec(path=debug_model_dir("llava_onevision"), device="cpu", dtype="float32"))
 
 
