@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from kscale.models import IMAGE, MODALITY_CODES, PAD, TEXT, Batch, LoadedModel
-from kscale.models.rope import layer_cos_sin, rotate
+from kscale.models.rope import is_interleaved, layer_cos_sin, rotate
 
 if TYPE_CHECKING:
     from kscale.spec import AttentionSpec
@@ -133,22 +133,23 @@ def _chunk(q_BKGCD: torch.Tensor, idx_BC: torch.Tensor, valid_BC: torch.Tensor, 
 
 def layer_sums(q_BTKGD: torch.Tensor, k_BTKD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor,
                idx_BQ: torch.Tensor, valid_BQ: torch.Tensor, key_valid_BT: torch.Tensor,
-               onehot_BTM: torch.Tensor, scaling_B: torch.Tensor, query_chunk: int) -> _Sums:
-    """Statistics sums of B rows: RoPE on the selected queries and all keys, then chunk over queries."""
+               onehot_BTM: torch.Tensor, scaling_B: torch.Tensor, query_chunk: int, interleaved: bool = False) -> _Sums:
+    """Statistics sums of B rows: RoPE on the selected queries and all keys (``interleaved``: adjacent pairs,
+    Llama 4), then chunk over queries."""
     B, T, K, G, D = q_BTKGD.shape
     M = onehot_BTM.shape[-1]
     H = K * G
     dev = q_BTKGD.device
     z = lambda *s: torch.zeros(*s, dtype=torch.float64, device=dev)  # noqa: E731
     sums = _Sums(z(B), z(B, M), z(B, H, M), z(B, H), z(B, M), z(B, H, M), z(B, H, M))
-    k_BKTD = rotate(k_BTKD.float(), cos_BTD, sin_BTD).transpose(1, 2)
+    k_BKTD = rotate(k_BTKD.float(), cos_BTD, sin_BTD, interleaved).transpose(1, 2)
     gather = lambda x, idx: torch.gather(x, 1, idx.view(*idx.shape, *[1] * (x.ndim - 2)).expand(  # noqa: E731
         *idx.shape, *x.shape[2:]))
     for a in range(0, idx_BQ.shape[1], query_chunk):
         idx_BC, valid_BC = idx_BQ[:, a:a + query_chunk], valid_BQ[:, a:a + query_chunk]
         C = idx_BC.shape[1]
         q_BCHD = rotate(gather(q_BTKGD, idx_BC).float().view(B, C, H, D), gather(cos_BTD, idx_BC),
-                        gather(sin_BTD, idx_BC))
+                        gather(sin_BTD, idx_BC), interleaved)
         q_BKGCD = q_BCHD.view(B, C, K, G, D).permute(0, 2, 3, 1, 4)
         _chunk(q_BKGCD, idx_BC, valid_BC, k_BKTD, key_valid_BT, onehot_BTM, scaling_B, sums)
     return sums
@@ -210,6 +211,7 @@ def batch_stats(lm: LoadedModel, layers: list[int], kv_heads: list[int], batch: 
     with torch.inference_mode():
         rotary, pos_BTR = lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(dev)
         rope: dict = {}  # layer type (None: one RoPE for all layers) -> (cos_BTD, sin_BTD)
+        pairs = is_interleaved(rotary)  # Llama 4 rotates adjacent pairs
         idx_BQ, valid_BQ = gather_queries(select_queries(batch, attn.queries, attn.last_k))
         key_valid_BT = batch.inputs["attention_mask"].bool()
         onehot_BTM = modality_onehot(batch.modality_BT)
@@ -225,7 +227,7 @@ def batch_stats(lm: LoadedModel, layers: list[int], kv_heads: list[int], batch: 
             rep = [t.repeat(len(group), *[1] * (t.ndim - 1)) for t in shared]
             cos_NTD = torch.cat([layer_cos_sin(rotary, i, pos_BTR, rope)[0] for i in group])  # each layer's RoPE
             sin_NTD = torch.cat([layer_cos_sin(rotary, i, pos_BTR, rope)[1] for i in group])
-            stats = finish(layer_sums(q_NTKGD, k_NTKD, cos_NTD, sin_NTD, *rep, scaling_N, chunk))
+            stats = finish(layer_sums(q_NTKGD, k_NTKD, cos_NTD, sin_NTD, *rep, scaling_N, chunk, pairs))
             for j, i in enumerate(group):
                 per_layer[i] = {k: v[j * B:(j + 1) * B] for k, v in stats.items()}
     return _rows([per_layer[i] for i in layers], layers, heads, G, sample_ids)

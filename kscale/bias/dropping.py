@@ -28,7 +28,7 @@ import torch
 from kscale.attention.stats import gather_queries, select_queries
 from kscale.extract.hooks import capture
 from kscale.models import IMAGE, PAD, TEXT
-from kscale.models.rope import layer_cos_sin, rotate
+from kscale.models.rope import is_interleaved, layer_cos_sin, rotate
 
 QUERY_CHUNK = 128
 
@@ -64,6 +64,7 @@ def attention_received(loaded, batch, layers: list[int], queries: str, last_k: i
     with torch.inference_mode():
         rotary, pos_BTR = lm.adapter.rotary_module(lm.model), cap.positions_BTR.to(lm.device)
         rope: dict = {}  # layer type (None: one RoPE for all layers) -> (cos_BTD, sin_BTD)
+        pairs = is_interleaved(rotary)  # Llama 4 rotates adjacent pairs
         idx_BQ, valid_BQ = gather_queries(select_queries(batch, queries, last_k))
         idx_BQ, valid_BQ = idx_BQ.to(lm.device), valid_BQ.to(lm.device)
         key_valid_BT = inputs["attention_mask"].bool()
@@ -71,8 +72,8 @@ def attention_received(loaded, batch, layers: list[int], queries: str, last_k: i
         received_BT = torch.zeros(B, T, dtype=torch.float64, device=lm.device)
         for i in layers:
             cos_BTD, sin_BTD = layer_cos_sin(rotary, i, pos_BTR, rope)  # Gemma 3: local, global layers differ
-            q_BTHD = rotate(cap.outputs[("q", i)].float().view(B, T, H, D), cos_BTD, sin_BTD)
-            k_BHTD = rotate(cap.outputs[("k", i)].float().view(B, T, K, D), cos_BTD, sin_BTD)
+            q_BTHD = rotate(cap.outputs[("q", i)].float().view(B, T, H, D), cos_BTD, sin_BTD, pairs)
+            k_BHTD = rotate(cap.outputs[("k", i)].float().view(B, T, K, D), cos_BTD, sin_BTD, pairs)
             k_BHTD = k_BHTD.repeat_interleave(H // K, dim=2).transpose(1, 2)
             received_BT += _received_one_layer(q_BTHD, k_BHTD, idx_BQ, valid_BQ, key_valid_BT,
                                                float(attn_modules[i].scaling))

@@ -116,6 +116,7 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
     from kscale.extract.worker import resolve_heads
 
     info = read_model_config(spec.model)
+    _check_supported(spec, get_adapter(info.family))
     n = len(open_source(spec.data, index_dir(spec.output.path), plan=True))  # builds the data indexes once
     shards = plan_shards(n, spec.data.shard_size)
     layers = resolve_layers(spec.extract.layers, info.num_layers, "extract.layers")
@@ -142,10 +143,19 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
     return ExtractResult(store=store, **ExtractResult.progress_fields({**result, "shards_total": len(shards)}))
 
 
-def _processor_settings(spec: JobSpec, info, adapter) -> dict:
-    from transformers import AutoImageProcessor
+def _check_supported(spec: JobSpec, adapter) -> None:
+    """Refuse what the family does not offer (``Adapter.supports``) before any work: Llama 4 has no attention
+    statistics or stored queries (its NoPE layers scale queries by position and its RoPE layers attend in
+    chunks, neither of which kscale's statistics model)."""
+    attn = spec.extract.attention
+    for field, on, needs in (("extract.attention.enabled", attn.enabled, "attention"),
+                             ("extract.attention.store_queries", attn.store_queries, "queries")):
+        if on and needs not in adapter.supports:
+            raise ValueError(f"{field}: model family {adapter.family!r} does not support {needs} "
+                             f"(it supports: {', '.join(adapter.supports)})")
 
-    proc = AutoImageProcessor.from_pretrained(info.path, revision=spec.model.revision,
-                                              trust_remote_code=spec.model.trust_remote_code,
-                                              **adapter.processor_kwargs(spec.model))
+
+def _processor_settings(spec: JobSpec, info, adapter) -> dict:
+    common = dict(revision=spec.model.revision, trust_remote_code=spec.model.trust_remote_code)
+    proc = adapter.load_image_processor(info.path, common, spec.model)
     return {k: v for k, v in proc.to_dict().items() if not k.startswith("_")}

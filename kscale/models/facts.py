@@ -19,7 +19,7 @@ MODALITIES = tuple(MODALITY_CODES)
 
 # Families with an Adapter (``kscale.models.<family>``); tests check that each one is registered.
 FAMILIES = ("qwen2_5_vl", "llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "llava_next", "llava_onevision",
-            "idefics3", "paligemma", "internvl", "gemma3")
+            "idefics3", "paligemma", "internvl", "gemma3", "llama4")
 
 # MaLoRA targets per family: projection name -> the decoder-layer sub-module that holds it (PEFT keeps
 # the same knowledge in TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING). The dense families share the
@@ -27,11 +27,12 @@ FAMILIES = ("qwen2_5_vl", "llava", "qwen2_vl", "qwen3_vl", "qwen3_vl_moe", "llav
 # projections keep their names).
 _LLAMA_STYLE = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
                 "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
-# Qwen3-VL-MoE's experts are fused parameters (``experts.gate_up_proj``/``down_proj``, no nn.Linear): only
-# its attention projections are targets.
+# Qwen3-VL-MoE's and Llama 4's experts are fused parameters (``experts.gate_up_proj``/``down_proj``, no
+# nn.Linear; Llama 4's dense MLPs sit under ``feed_forward``): only their attention projections are targets.
 _ATTENTION_ONLY = {k: v for k, v in _LLAMA_STYLE.items() if v == "self_attn"}
+_MOE = ("qwen3_vl_moe", "llama4")
 MALORA_TARGETS: dict[str, dict[str, str]] = {
-    **{f: _LLAMA_STYLE for f in FAMILIES if f != "qwen3_vl_moe"}, "qwen3_vl_moe": _ATTENTION_ONLY}
+    **{f: _LLAMA_STYLE for f in FAMILIES if f not in _MOE}, **{f: _ATTENTION_ONLY for f in _MOE}}
 MALORA_TARGET_NAMES = tuple(_LLAMA_STYLE)  # every projection some family can adapt
 
 

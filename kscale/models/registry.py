@@ -265,7 +265,7 @@ class Adapter:
         """Load on ``device``, or spread over ``devices`` (plan device i -> ``devices[i]``) with inputs
         going to where the plan puts the embeddings."""
         import transformers
-        from transformers import AutoImageProcessor, AutoTokenizer
+        from transformers import AutoTokenizer
 
         cls = getattr(transformers, self.model_class)
         common = dict(revision=mspec.revision, trust_remote_code=mspec.trust_remote_code)
@@ -283,8 +283,7 @@ class Adapter:
         model.eval()
         tokenizer = AutoTokenizer.from_pretrained(info.path, **common)
         tokenizer.padding_side = "right"
-        proc_kwargs = self.processor_kwargs(mspec)
-        image_processor = AutoImageProcessor.from_pretrained(info.path, **common, **proc_kwargs)
+        image_processor = self.load_image_processor(info.path, common, mspec)
         settings = {k: v for k, v in image_processor.to_dict().items() if not k.startswith("_")}
         template = mspec.prompt_template or self.default_template
         return LoadedModel(self, model, tokenizer, image_processor, info, device, dtype, settings, template)
@@ -308,6 +307,12 @@ class Adapter:
 
     def processor_kwargs(self, mspec: ModelOptions) -> dict:
         return {}
+
+    def load_image_processor(self, path: str, common: dict, mspec: ModelOptions) -> Any:
+        """The checkpoint's image processor (``AutoImageProcessor``; Llama 4 uses kscale's own, no torchvision)."""
+        from transformers import AutoImageProcessor
+
+        return AutoImageProcessor.from_pretrained(path, **common, **self.processor_kwargs(mspec))
 
     def model_facts(self, config: dict) -> dict:
         """Facts about the checkpoint (its config.json dict) that the store records with the model and
@@ -410,7 +415,9 @@ class Adapter:
         raise ValueError(f"model family {self.family!r} does not take video input")
 
     def video_block(self, loaded: LoadedModel, video: Video, n_tokens: int) -> tuple[list[int], list[int]]:
-        """The token ids of one video and, per id, the frame it belongs to (-1 for wrapper tokens)."""
+        """The token ids of one video and, per id, the frame it belongs to (-1 for wrapper tokens); a family
+        whose block holds positions the token-id rule cannot tag (LLaVA-OneVision's closing newline feature
+        carries the video token id) adds a modality code per position as a third list."""
         raise ValueError(f"model family {self.family!r} does not take video input")
 
     def build_batch(self, loaded: LoadedModel, images: list, texts: list[str],
@@ -452,8 +459,9 @@ class Adapter:
                     out.add(ids, image=item.index, tags=tags)
                     out.n_image += n if tags is None else tags.count(IMAGE)
                 else:
-                    ids, frames = self.video_block(loaded, s.videos[item.index], next(vcounts_it))
-                    out.add(ids, video=item.index, frames=frames)
+                    block = self.video_block(loaded, s.videos[item.index], next(vcounts_it))
+                    ids, frames, tags = block if len(block) == 3 else (*block, None)
+                    out.add(ids, video=item.index, frames=frames, tags=tags)
             rendered.append(out)
         B, T = len(rendered), max(len(r.ids) for r in rendered)
         pad = tok.pad_token_id if tok.pad_token_id is not None else 0
@@ -615,3 +623,4 @@ from kscale.models import gemma3 as _gemma3  # noqa: E402,F401
 from kscale.models import qwen2_vl as _qwen2  # noqa: E402,F401
 from kscale.models import qwen3_vl as _qwen3  # noqa: E402,F401
 from kscale.models import qwen3_vl_moe as _qwen3_moe  # noqa: E402,F401
+from kscale.models import llama4 as _llama4  # noqa: E402,F401
