@@ -42,6 +42,7 @@ def _tap(attn: torch.nn.Module, which: str) -> torch.nn.Module:
 class Gemma3Adapter(Adapter):
     family = "gemma3"
     model_class = "Gemma3ForConditionalGeneration"
+    key_source = "k_norm"  # the key is k_norm(k_proj(x)), seen through the tap
     default_template = "<bos><start_of_turn>user\n{image}{text}<end_of_turn>\n<start_of_turn>model\n"
     debug_tokens = {"special": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", BOI, EOI, SOFT],
                     "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<end_of_turn>",

@@ -250,6 +250,9 @@ class Adapter:
     supports: tuple[str, ...] = ("keys", "queries", "attention", "train", "bias")
     default_template: str = "{image}{text}"
     rope_rows: int = 1  # rows of RoPE positions per token: 1 for 1-D RoPE, 3 for Qwen's M-RoPE
+    # Which attention sub-module's output a stored key is (the store's ``key_source``, ``kscale info``):
+    # ``k_proj``, or ``k_norm`` where the model normalises keys per head before RoPE (QK-norm).
+    key_source: str = "k_proj"
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
     # The tiny random model of ``debug:<family>`` (kscale.models.debug): its tokenizer's special tokens
     # ("special": the first ids, in order) and PreTrainedTokenizerFast arguments, and debug_model().

@@ -151,6 +151,7 @@ def summarize(store: str | Path, attrs: dict[str, Any], index: Index) -> dict[st
         "heads": list(attrs["heads"]),
         "head_dim": int(attrs["head_dim"]),
         "key_dtype": attrs.get("key_dtype"),
+        **({"key_source": attrs["key_source"]} if "key_source" in attrs else {}),  # k_proj or k_norm output
         "key_bytes": sum(r["key_bytes"] for r in rows),
         "disk_bytes": disk,
     }
