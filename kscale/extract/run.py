@@ -53,6 +53,7 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
                   "config": config,  # makes the store self-contained (post-RoPE rebuild)
                   **get_adapter(info.family).model_facts(config)},  # e.g. Qwen3-VL's deepstack_layers
         "processor": processor_settings,
+        "prompt_template": _prompt_template(spec, info),  # which template made the tokens: native, override, built-in
         "spec": redact_env(to_dict(spec)), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
         "versions": _versions(),
         "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
@@ -141,6 +142,15 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
         finally:
             write_index(store)  # the committed shards, whatever happened to the others (lock still held)
     return ExtractResult(store=store, **ExtractResult.progress_fields({**result, "shards_total": len(shards)}))
+
+
+def _prompt_template(spec: JobSpec, info) -> dict:
+    """The prompt the workers render with (``Adapter.prompt_template``, from the checkpoint's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(info.path, revision=spec.model.revision,
+                                        trust_remote_code=spec.model.trust_remote_code)
+    return get_adapter(info.family).prompt_template(spec.model, info, tok).attrs()
 
 
 def _processor_settings(spec: JobSpec, info, adapter) -> dict:

@@ -95,5 +95,8 @@ class Gemma3Adapter(Adapter):
         wrappers = {cfg.boi_token_id, cfg.eoi_token_id}
         return ids, [IMAGE if i == cfg.image_token_id else SPECIAL if i in wrappers else TEXT for i in ids]
 
+    def chat_placeholder(self, loaded: LoadedModel, kind: str) -> str:
+        return loaded.tokenizer.boi_token  # Gemma3Processor replaces <start_of_image> with the whole block
+
     def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
         return {"token_type_ids": (input_ids_BT == config.image_token_id).long()}  # image blocks: bidirectional

@@ -83,7 +83,8 @@ class ModelSpec:
                                  gt=0)
     prompt_template: str | None = doc(
         "Prompt around the user text, with `{image}` where the image tokens go and `{text}` for the text. "
-        "None: the family's chat format.", None)
+        "Overrides the checkpoint's own chat template. None: the chat template (native), or the family's "
+        "built-in template where the checkpoint has none (the store records which).", None)
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
