@@ -93,11 +93,9 @@ def test_pair_rows_equal_a_run_configured_for_that_pair(video_store, tmp_path) -
 def test_a_store_without_video_runs_no_pairs(tmp_path) -> None:
     from test_analysis_streaming import write_store
 
+    from kscale.analysis.report import modality_pairs_section
+    from kscale.analysis.run import modality_pairs
+
     ks = write_store(tmp_path / "s", n_shards=2)
-    df = analyze(AnalyzeConfig(stores=[str(tmp_path / "s")], estimators=["mmd_rf"], embed=EmbedConfig(methods=[]),
-                               dask=DaskConfig(scheduler="sync"), mmd=MMDConfig(n_features=16),
-                               significance=SignificanceConfig(n_buckets=4, permutations=0)), tmp_path / "run",
-                 stores=[ks])
-    assert not df.comparison.str.contains("_vs_").any()
-    assert json.loads((tmp_path / "run" / "meta.json").read_text())["modality_pairs"] == []
-    assert "Video, image and text keys" not in (tmp_path / "run" / "report.html").read_text()
+    assert modality_pairs(_cfg(ks), ks) == []
+    assert modality_pairs_section({"modality_pairs": []}, None) == ""
