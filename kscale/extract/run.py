@@ -118,6 +118,9 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
     from kscale.extract.worker import resolve_heads
 
     info = read_model_config(spec.model)
+    if getattr(spec.data, "video_field", None) and "video" not in get_adapter(info.family).supports:
+        raise ValueError(f"data.video_field: {spec.data.video_field!r} names videos, but model family "
+                         f"{info.family!r} does not take video (see kscale models)")
     n = len(open_source(spec.data, index_dir(spec.output.path), plan=True))  # builds the data indexes once
     shards = plan_shards(n, spec.data.shard_size)
     layers = resolve_layers(spec.extract.layers, info.num_layers, "extract.layers")

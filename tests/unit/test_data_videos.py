@@ -107,3 +107,10 @@ def test_extraction_stores_video_keys_equal_to_a_direct_adapter_call(tmp_path, d
             np.testing.assert_allclose(store.keys(li, "video").compute()[sel], ref[li].numpy()[vid["position"][sel]],
                                        atol=1e-5, rtol=0)
     assert set(vid["sample_id"]) == {0, 1}
+
+
+def test_videos_for_a_family_without_video_are_refused(tmp_path, data) -> None:
+    spec = _spec(tmp_path, data, family="llava")
+    with pytest.raises(ValueError, match="data.video_field: 'video' names videos, but model family 'llava'"):
+        run_job(spec, show_bar=False)
+    assert not (tmp_path / "store").exists()
