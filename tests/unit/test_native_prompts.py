@@ -136,3 +136,26 @@ def test_store_records_the_template_and_info_shows_it(templated, tmp_path) -> No
     pos = torch.cat([torch.as_tensor(toks[m]["position"][toks[m]["sample_id"] == 0]) for m in toks])
     ids = torch.cat([torch.as_tensor(toks[m]["token_id"][toks[m]["sample_id"] == 0]) for m in toks])
     assert torch.equal(ids[pos.argsort()].long(), theirs["input_ids"][0])
+
+
+def test_native_video_sample_equals_the_processors_expansion(templated) -> None:
+    """A video through the chat template (Qwen2.5-VL). No CPU torchvision means no video processor, so the
+    reference is transformers' rendering (``apply_chat_template(tokenize=False)``) expanded as
+    ``Qwen2_5_VLProcessor.__call__`` expands it (each pad token repeated grid.prod() // merge² times), then
+    tokenised."""
+    from tests.unit.test_video_qwen import _video
+
+    _, lm = templated["qwen2_5_vl"]
+    s = Sample((Turn("user", (Media("image", 0), "and", Media("video", 0), "what is it ?")),
+                Turn("assistant", ("red",))), [_image(56, 56)], [_video(4, 56)])
+    ours = lm.adapter.batch(lm, [s])
+    proc = _processor("qwen2_5_vl", lm)
+    text = proc.apply_chat_template([{"role": t.role, "content": [
+        {"type": p.kind} if isinstance(p, Media) else {"type": "text", "text": p} for p in t.content]}
+        for t in s.turns], chat_template=lm.tokenizer.chat_template, tokenize=False)
+    merge = lm.image_processor.merge_size ** 2
+    n_img = int(ours.inputs["image_grid_thw"][0].prod()) // merge
+    n_vid = int(ours.inputs["video_grid_thw"][0].prod()) // merge
+    text = text.replace("<|image_pad|>", "<|image_pad|>" * n_img).replace("<|video_pad|>", "<|video_pad|>" * n_vid)
+    assert ours.inputs["input_ids"][0].tolist() == lm.tokenizer(text).input_ids
+    assert (ours.frame_BT[0] >= 0).sum() == n_vid  # every video token has its frame
