@@ -159,3 +159,24 @@ def test_native_video_sample_equals_the_processors_expansion(templated) -> None:
     text = text.replace("<|image_pad|>", "<|image_pad|>" * n_img).replace("<|video_pad|>", "<|video_pad|>" * n_vid)
     assert ours.inputs["input_ids"][0].tolist() == lm.tokenizer(text).input_ids
     assert (ours.frame_BT[0] >= 0).sum() == n_vid  # every video token has its frame
+
+
+def test_a_tokenizer_that_adds_bos_gets_it_as_the_processor_gives_it(tmp_path) -> None:
+    """Llama-style tokenizers add BOS themselves; the processor tokenises the rendered chat with special tokens
+    unless the text already starts with BOS. The tiny LLaVA tokenizer gets such a post-processor here."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import LlavaProcessor
+
+    path = build_debug_model("llava", tmp_path / "m", chat_template=True)
+    lm = load_model(ModelSpec(path=path, device="cpu", dtype="float32"))
+    tok = lm.tokenizer
+    tok._tokenizer.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.bos_token_id)])
+    cfg = lm.model.config
+    proc = LlavaProcessor(image_processor=lm.image_processor, tokenizer=tok, patch_size=cfg.vision_config.patch_size,
+                          vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+                          num_additional_image_tokens=1)
+    s = _sample()
+    theirs = proc.apply_chat_template(_messages(s), chat_template=tok.chat_template, tokenize=True, return_dict=True,
+                                      return_tensors="pt")
+    ours = lm.adapter.batch(lm, [s]).inputs["input_ids"]
+    assert ours[0, 0] == tok.bos_token_id and torch.equal(ours, theirs["input_ids"])
