@@ -114,3 +114,24 @@ def test_videos_for_a_family_without_video_are_refused(tmp_path, data) -> None:
     with pytest.raises(ValueError, match="data.video_field: 'video' names videos, but model family 'llava'"):
         run_job(spec, show_bar=False)
     assert not (tmp_path / "store").exists()
+
+
+def test_a_changed_frame_behind_an_unchanged_manifest_is_data_changed(tmp_path, data) -> None:
+    import os
+    import shutil
+
+    from kscale.output import DataChanged
+
+    d = tmp_path / "d"
+    shutil.copytree(data, d)
+    raw = extract_spec(tmp_path, model="debug:qwen2_5_vl", extract={"batch_size": 2, "key_dtype": "float32"},
+                       data={"source": "manifest", "path": str(d / "m.jsonl"), "video_field": "video",
+                             "video_fps": FPS, "max_frames": MAX_FRAMES, "shard_size": 2, "limit": 1},
+                       output={"path": str(tmp_path / "store"), "if_exists": "resume"})
+    run_job(spec_from_dict(raw), show_bar=False)
+    frame = d / "clip" / "001.png"
+    st = frame.stat()
+    _frames(1, 56, 9)[0].save(frame)
+    os.utime(frame, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    with pytest.raises(DataChanged, match=r"a video that the manifest .*m\.jsonl' names changed"):
+        run_job(spec_from_dict(raw), show_bar=False)
