@@ -22,6 +22,13 @@ import torch
 from kscale.models.registry import IMAGE, SPECIAL, TEXT, Adapter, LoadedModel, register
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+# Gemma 3's chat template, shortened (the checkpoints' also fold a system turn into the first user turn)
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}<start_of_turn>{{ role }}\n{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>{% elif "
+    "item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def _tap(attn: torch.nn.Module, which: str) -> torch.nn.Module:
@@ -48,6 +55,7 @@ class Gemma3Adapter(Adapter):
                     "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<end_of_turn>",
                     # the checkpoints' tokenizer names these (Gemma3Processor reads the attributes)
                     "extra_special_tokens": {"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT}}
+    debug_chat_template = GEMMA3_CHAT_TEMPLATE
 
     def debug_model(self, tokenizer):
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig

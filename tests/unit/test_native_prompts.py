@@ -1,7 +1,7 @@
 """Native prompts: a checkpoint's own chat template renders the samples (``kscale.models.prompts``).
 
 The tiny models here get a real checkpoint's Jinja chat template in code (``build_debug_model(...,
-chat_template=True)``: Qwen2-VL's, llava-hf/llava-1.5's). The reference kscale did not compute is
+chat_template=True)``: Qwen2-VL's, llava-hf/llava-1.5's, Gemma 3's shortened). The reference kscale did not compute is
 transformers' own ``processor.apply_chat_template(messages, tokenize=True)`` on the same conversation (several
 images, two assistant turns): the token ids, pixels and, for LLaVA, the assistant mask its template's
 ``{% generation %}`` blocks give. Without a template the family's built-in template stays; the
@@ -24,7 +24,7 @@ from tests.conftest import extract_spec
 from tests.unit.test_families_qwen import family_processor
 from tests.unit.test_processors import _image, _llava_processor
 
-FAMILIES = ["qwen2_5_vl", "llava"]
+FAMILIES = ["qwen2_5_vl", "llava", "gemma3"]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +38,11 @@ def templated(tmp_path_factory):
 
 
 def _processor(family: str, lm):
+    if family == "gemma3":
+        from transformers import Gemma3Processor
+
+        return Gemma3Processor(image_processor=lm.image_processor, tokenizer=lm.tokenizer,
+                               image_seq_length=lm.model.config.mm_tokens_per_image)
     return family_processor(family, lm.info.path) if family == "qwen2_5_vl" else _llava_processor(
         lm.info.path, lm.model.config)
 
@@ -75,8 +80,9 @@ def test_native_tokens_equal_the_processors_apply_chat_template(templated, famil
     theirs = _theirs(family, lm, s)
     assert torch.equal(ours.inputs["input_ids"], theirs["input_ids"])
     assert torch.equal(ours.inputs["pixel_values"], theirs["pixel_values"])
-    if "image_grid_thw" in theirs:
-        assert torch.equal(ours.inputs["image_grid_thw"], theirs["image_grid_thw"])
+    for k in ("image_grid_thw", "token_type_ids"):
+        if k in theirs:
+            assert torch.equal(ours.inputs[k], theirs[k])
     # extraction leaves the answers out: the template's generation prompt ends the sequence
     ours = lm.adapter.batch(lm, [s], with_answers=False)
     first = Sample(s.turns[:1], s.images[:2])
@@ -92,7 +98,7 @@ def test_answer_spans_land_on_the_assistant_turns(templated, family) -> None:
     ids, mask = b.inputs["input_ids"][0], b.answer_mask_BT[0]
     spans = torch.nonzero(torch.diff(torch.cat([torch.tensor([0]), mask.int(), torch.tensor([0])]))).flatten()
     got = [ids[a:e].tolist() for a, e in zip(spans[::2], spans[1::2])]
-    eos = [tok.eos_token_id] if family == "qwen2_5_vl" else []  # Qwen's template closes a turn with its EOS
+    eos = [tok.eos_token_id] if family != "llava" else []  # Qwen's and Gemma's templates close a turn with EOS
     assert got == [tok("red", add_special_tokens=False).input_ids + eos,
                    tok("blue circle", add_special_tokens=False).input_ids + eos]
     if family == "llava":  # its template marks the answers with {% generation %}: transformers' own mask
