@@ -47,6 +47,12 @@ class Comparison:
         return bucket_K % 2 if self.half_x is None else (bucket_K // 2) % 2
 
 
+def pair_comparison(x: str, y: str) -> Comparison:
+    """The one comparison of a modality-pair run (``x_vs_y``: all samples of x against all of y), e.g.
+    ``video_vs_image`` where a store has video tokens (:func:`kscale.analysis.run.modality_pairs`)."""
+    return Comparison(f"{x}_vs_{y}", x, y, None, None)
+
+
 def comparisons(names: list[str], image_mod: str) -> list[Comparison]:
     table = {
         "cross": Comparison("cross", image_mod, "text", None, None),
@@ -83,10 +89,12 @@ class Subsample:
         return x[keep][:limit], sid[keep][:limit], bucket[keep][:limit]
 
 
-def balanced_pool(sub: Subsample, heads: list[int], image_mod: str, k: int, seed: int) -> np.ndarray:
-    """Equal numbers (<= k) of image and text vectors of a target, for scale-setting statistics."""
+def balanced_pool(sub: Subsample, heads: list[int], image_mod: str, k: int, seed: int,
+                  other: str = "text") -> np.ndarray:
+    """Equal numbers (<= k) of image (video) and text vectors of a target (``other``: the second modality of
+    a pair run), for scale-setting statistics."""
     a, _, _ = sub.target(image_mod, heads)
-    b, _, _ = sub.target("text", heads)
+    b, _, _ = sub.target(other, heads)
     rng = np.random.default_rng([seed, 0xBA1])
     n = min(k, len(a), len(b))
     return np.vstack([a[rng.permutation(len(a))[:n]], b[rng.permutation(len(b))[:n]]])
@@ -142,11 +150,18 @@ def histogram_columns(cfg: AnalyzeConfig, sub: Subsample, heads: list[int], pool
     return np.hstack(blocks), families
 
 
+def _pair(sub: Subsample) -> tuple[str, str]:
+    """The two modalities a subsample holds, in the run's order (visual side first, then text or image)."""
+    x, y = sub.keys
+    return x, y
+
+
 def target_plan(cfg: AnalyzeConfig, sub: Subsample, heads: list[int], comps: list[Comparison],
                 norms: list[str], with_hist: bool, shared: Scales | None,
                 ) -> tuple[TargetPlan, dict[str, np.ndarray]]:
     """Bandwidths, standardisation (``shared``, or the target's own pool) and histogram bins of a target."""
-    pool_nd = balanced_pool(sub, heads, cfg.image_modality, cfg.mmd.median_subsample, cfg.seed)
+    x, y = _pair(sub)
+    pool_nd = balanced_pool(sub, heads, x, cfg.mmd.median_subsample, cfg.seed, other=y)
     scales = shared if shared is not None else pool_scales(pool_nd, norms, cfg.seed, "per_target")
     plan = TargetPlan(heads=list(range(len(heads))), bandwidth=dict(scales.bandwidth),
                       centre_d=scales.centre_d, scale_d=scales.scale_d)
@@ -165,8 +180,8 @@ def layer_scales(cfg: AnalyzeConfig, sub: Subsample, heads: list[int], norms: li
     if policy == "per_target":
         return None
     source = reference if policy == "reference" else sub
-    pool_nd = balanced_pool(source, list(range(len(heads))), cfg.image_modality, cfg.mmd.median_subsample,
-                            cfg.seed)
+    x, y = _pair(source)
+    pool_nd = balanced_pool(source, list(range(len(heads))), x, cfg.mmd.median_subsample, cfg.seed, other=y)
     scales = pool_scales(pool_nd, norms, cfg.seed, policy)
     if policy == "fixed":
         return Scales({h: float(cfg.mmd.bandwidths[h]) for h in norms}, scales.centre_d, scales.scale_d, policy)

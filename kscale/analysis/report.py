@@ -239,6 +239,44 @@ def directions_section(run: Path) -> str:
                                    "</details>" if pngs else ""))
 
 
+def modality_pairs_section(meta: dict, df: pd.DataFrame) -> str:
+    """Where a store has video tokens the analysis also ran video vs text and video vs image
+    (``meta.json``'s ``modality_pairs``, :func:`kscale.analysis.run.modality_pairs`): the primary setting per
+    layer (heads pooled where there are such rows) for each pair beside the configured cross comparison,
+    and the pairs skipped and why."""
+    notes = meta.get("modality_pairs") or []
+    if not notes:
+        return ""
+    visual = meta.get("config", {}).get("image_modality", "image")
+    setting = V.primary_setting(df)
+    parts = []
+    for store in dict.fromkeys(n["store"] for n in notes):
+        mine = [n for n in notes if n["store"] == store]
+        ran = {n["comparison"]: " vs ".join(n["pair"]) for n in mine if "skipped" not in n}
+        names = {"cross": f"{visual} vs text", **ran}
+        skipped = "".join(f"<li>{html.escape(' vs '.join(n['pair']))}: skipped ({html.escape(n['skipped'])})</li>"
+                          for n in mine if "skipped" in n)
+        table = ""
+        sel = setting.select(df) if setting is not None else df.iloc[:0]
+        sel = sel[(sel.store == store) & sel.comparison.isin(list(names))]
+        if (sel["head"] == V.POOLED).any():
+            sel = sel[sel["head"] == V.POOLED]
+        if not sel.empty:
+            cells = {(r.layer, r.comparison): _interval(r.value, r.ci_low, r.ci_high)
+                     + (f", p {rep.fmt(r.p, 2)}" if pd.notna(r.p) else "") for r in sel.itertuples()}
+            layers = sorted({int(li) for li in sel.layer})
+            tab = pd.DataFrame({"layer": layers, **{label: [cells.get((li, c), "—") for li in layers]
+                                                    for c, label in names.items()}})
+            table = tab.to_html(index=False, border=0, escape=True)
+        title = f"<h3>{html.escape(V.short_store(store))}</h3>" if len({n['store'] for n in notes}) > 1 else ""
+        parts.append(title + table + (f"<ul>{skipped}</ul>" if skipped else ""))
+    label = html.escape(setting.label()) if setting is not None else "see results.parquet"
+    return ("<h2>Video, image and text keys</h2><p>The store has video tokens, so the same layers, heads, "
+            "estimators and seed also ran for video vs text and video vs image (comparisons "
+            "<code>video_vs_text</code>, <code>video_vs_image</code> in results.parquet), beside the "
+            f"{html.escape(visual)} vs text gap. MMD² [95% CI], p: {label}.</p>" + "".join(parts))
+
+
 def _stores_html(meta: dict, df: pd.DataFrame) -> str:
     paths = [s.get("path", "") for s in meta.get("stores", [])] or list(dict.fromkeys(df.store))
     items = "".join(f"<li><b>{html.escape(V.short_store(p))}</b>: <code>{html.escape(p)}</code></li>" for p in paths)
@@ -258,7 +296,8 @@ def build_report(run_dir: str | Path) -> Path:
             for tag, t in qgaps.items() if not t.empty]
     body = (rep.verdict_html(V.verdict(df, alpha) + seen)
             + _stores_html(meta, df) + f"<p class=\"muted\">{len(df)} rows; alpha = {alpha:g}.</p>"
-            + layer_table(df, alpha, deepstack_marks(meta)) + sensitivity_table(df, alpha) + paper_table(df)
+            + layer_table(df, alpha, deepstack_marks(meta)) + modality_pairs_section(meta, df)
+            + sensitivity_table(df, alpha) + paper_table(df)
             + "<h2>Pictures</h2>" + rep.figures_html(pngs)
             + _attention_section(run) + _query_gap_section(qgaps) + directions_section(run) + EXPLAIN
             + "<h2>Rows per estimator and comparison</h2>" + counts.reset_index().to_html(index=False, border=0)

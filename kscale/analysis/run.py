@@ -38,7 +38,7 @@ from kscale.analysis.maps_helper import MapsHelper
 from kscale.spec.analyze import AnalyzeConfig
 from kscale.analysis.features import (RF_KERNELS, ChunkPlan, FeatureConfig, TargetPlan, TargetSums, chunk_sums,
                                       draw_frequencies, merger)
-from kscale.analysis.plan import POOLED, Comparison, Subsample, comparisons, layer_scales, target_plan
+from kscale.analysis.plan import POOLED, Comparison, Subsample, comparisons, layer_scales, pair_comparison, target_plan
 from kscale.analysis.probes import probe_rows
 from kscale.analysis.source import (BlockPlan, Buckets, KeyStoreLike, block_plan, has_index, index_block_plan,
                                     joint_items, open_store, range_items, read_rows, rows_per_block,
@@ -137,7 +137,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     reference = _reference_store(cfg, stores)
     if progress is not None:
         progress.set_total(sum(len(_select("layers", cfg.layers, ks.layers, "layer")) for ks in stores))
-    all_rows, embeds, dir_rows = [], [], []
+    all_rows, embeds, dir_rows, pairs = [], [], [], []
     helper = MapsHelper.start() if "tsne" in cfg.embed.methods else None
     with helper or nullcontext():
         with Runner(cfg.dask) as runner:  # closed before the pictures: a dask cluster's workers are not needed
@@ -145,11 +145,15 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
                 store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress, helper, dir_rows)
                 all_rows += store_rows
                 embeds += store_embeds
+                pair_rows, notes = pair_runs(cfg, ks, runner, reference)
+                all_rows += pair_rows
+                pairs += notes
         df = pd.DataFrame(all_rows, columns=R.COLUMNS)
         fence(out)  # the run's lock is still ours (kscale.output.fence)
         df.to_parquet(out / "results.parquet", index=False)
         df.to_csv(out / "results.csv", index=False)
-        (out / "meta.json").write_text(json.dumps(_meta(cfg, stores), indent=1, default=str))
+        (out / "meta.json").write_text(json.dumps({**_meta(cfg, stores), "modality_pairs": pairs}, indent=1,
+                                                  default=str))
         from kscale.analysis.figures import write_pictures
         from kscale.analysis.report import build_report
 
@@ -159,6 +163,54 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
         write_pictures(df, embeds, out, cfg)  # the t-SNE maps last: the helper may still be on them
     build_report(out)
     return df
+
+
+VIDEO_PAIRS = (("video", "text"), ("video", "image"))
+
+
+def modality_pairs(cfg: AnalyzeConfig, ks: KeyStoreLike, reference: KeyStoreLike | None = None) -> list[dict]:
+    """Where a store has video tokens, the pairs run beside the configured comparisons: video vs text (unless
+    ``image_modality: video`` made that the cross comparison already) and video vs image. A pair with fewer
+    than 4 tokens on a side (or missing from the reference store that sets the bandwidths) says it is skipped."""
+    layer0 = _select("layers", cfg.layers, ks.layers, "layer")[0]
+    counts = {m: _count(ks, layer0, m) for m in ("image", "video", "text")}
+    if counts["video"] == 0:
+        return []
+    ref = reference if reference is not None and reference is not ks else None
+    out = []
+    for x, y in VIDEO_PAIRS:
+        if (x, y) == (cfg.image_modality, "text"):
+            continue
+        note = {"store": ks.path, "pair": [x, y], "comparison": pair_comparison(x, y).name,
+                "tokens": {x: counts[x], y: counts[y]}}
+        short = [m for m in (x, y) if counts[m] < 4]
+        ref_short = [m for m in (x, y) if ref is not None and _count(ref, layer0, m) < 4]
+        if short:
+            note["skipped"] = f"fewer than 4 {' and '.join(short)} tokens"
+        elif ref_short:
+            note["skipped"] = f"the reference store has fewer than 4 {' and '.join(ref_short)} tokens"
+        out.append(note)
+    return out
+
+
+def _count(ks: KeyStoreLike, layer: int, modality: str) -> int:
+    try:
+        return _n_rows(ks, layer, modality)
+    except (KeyError, ValueError):  # a store (or a test's fake) without that modality
+        return 0
+
+
+def pair_runs(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, reference: KeyStoreLike | None,
+              ) -> tuple[list[dict], list[dict]]:
+    """Rows of each :func:`modality_pairs` pair (comparison ``x_vs_y``: the same layers, heads, estimators
+    and seed as the configured run, no pictures), and the notes ``meta.json`` and the report show."""
+    notes = modality_pairs(cfg, ks, reference)
+    quiet = dataclasses.replace(cfg, embed=dataclasses.replace(cfg.embed, methods=[]))
+    rows: list[dict] = []
+    for note in notes:
+        if "skipped" not in note:
+            rows += analyze_store(quiet, ks, runner, reference, pair=tuple(note["pair"]))[0]
+    return rows, notes
 
 
 def _reference_store(cfg: AnalyzeConfig, stores: list[KeyStoreLike]) -> KeyStoreLike | None:
@@ -279,9 +331,11 @@ class LayerContext:
         return self.store.cfg
 
 
-def _store_context(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, reference) -> StoreContext:
+def _store_context(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, reference,
+                   pair: tuple[str, str] | None = None) -> StoreContext:
+    """``pair`` (x, y): a modality-pair run (:func:`pair_runs`), its one comparison ``x_vs_y``."""
     heads = _select("heads", cfg.heads, ks.heads, "head")
-    mods = [cfg.image_modality, "text"]
+    mods = list(pair) if pair else [cfg.image_modality, "text"]
     layer0 = _select("layers", cfg.layers, ks.layers, "layer")[0]
     for m in mods:
         n = _n_rows(ks, layer0, m)
@@ -298,17 +352,18 @@ def _store_context(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referen
         blocks = index_block_plan(ks, mods, max_rows, max_samples, where)
     else:
         blocks = block_plan({m: ks.token_column(m, "sample_id") for m in mods}, max_rows, max_samples, where)
-    return StoreContext(cfg, ks, runner, heads, mods, comparisons(cfg.comparisons, cfg.image_modality),
+    comps = [pair_comparison(*pair)] if pair else comparisons(cfg.comparisons, cfg.image_modality)
+    return StoreContext(cfg, ks, runner, heads, mods, comps,
                         Buckets(cfg.significance.n_buckets, cfg.seed), blocks, configs, lin_norms, reference)
 
 
 def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, reference: KeyStoreLike | None = None,
                   progress=None, helper: MapsHelper | None = None, directions: list[dict] | None = None,
-                  ) -> tuple[list[dict], list[dict]]:
+                  pair: tuple[str, str] | None = None) -> tuple[list[dict], list[dict]]:
     """Rows of every selected layer, and the maps of the picture layers, made as soon as a layer's subsample
     is read (t-SNE in ``helper``, when given, while the next layers are analysed). Rows of the directions
     table (:mod:`kscale.analysis.directions`) are appended to ``directions`` when given."""
-    sc = _store_context(cfg, ks, runner, reference)
+    sc = _store_context(cfg, ks, runner, reference, pair)
     layers = _select("layers", cfg.layers, ks.layers, "layer")
     embed_layers = _embed_layers(cfg, layers)
     rows, embeds = [], []
@@ -431,8 +486,7 @@ def _n_samples(lc: LayerContext, sums: dict[int, TargetSums]) -> dict[str, int]:
     ts = next(iter(sums.values()))
     out = {"cross": int(ts.union_K.sum())}
     for c in lc.store.comps:
-        if c.mod_x == c.mod_y:
-            out[c.name] = int(ts.by_mod[c.mod_x].samples_K.sum())
+        out[c.name] = int(ts.by_mod[c.mod_x].samples_K.sum()) if c.mod_x == c.mod_y else out["cross"]
     return out
 
 

@@ -77,6 +77,26 @@ def images_identity(path: Path, image_field: str) -> dict:
     return {"files": n, "missing": missing, "stat_sha256": h.hexdigest()}
 
 
+def videos_identity(path: Path, video_field: str) -> dict:
+    """:func:`images_identity` of the videos a manifest names (``data.video_field``): an animated file's
+    stat, and for a folder of frames each frame file's (an edited, added or removed frame changes it)."""
+    from kscale.data.video import FRAME_SUFFIXES
+
+    h, n, missing = hashlib.sha256(), 0, 0
+    for line, ref in _image_refs(path, video_field):
+        p = Path(ref)
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in FRAME_SUFFIXES) if p.is_dir() else [p]
+        for f in files:
+            try:
+                st = os.stat(f)
+                h.update(f"{line}\0{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            except OSError:
+                missing += 1
+                h.update(f"{line}\0{f}\0missing\n".encode())
+        n += 1
+    return {"videos": n, "missing": missing, "stat_sha256": h.hexdigest()}
+
+
 def data_identity(dspec: Any, images: bool = True) -> dict:
     """The data's content identity (see module docstring); ``{"source": ..., "unreadable": why}`` when the
     data cannot be read here (e.g. a path that exists only on the cluster). ``images=False`` leaves out
@@ -91,6 +111,8 @@ def data_identity(dspec: Any, images: bool = True) -> dict:
             return _files_identity(dspec)
         if dspec.source == "manifest":
             out = {"source": "manifest", "path": dspec.path, "sha256": file_sha256(path), "bytes": path.stat().st_size}
+            if images and getattr(dspec, "video_field", None):
+                out["videos"] = videos_identity(path, dspec.video_field)
             return {**out, "images": images_identity(path, dspec.image_field)} if images else out
         states = {}
         for state in sorted(path.rglob("state.json")):
@@ -149,6 +171,13 @@ def describe_change(old: dict, new: dict) -> str:
         if old.get("limit") != new.get("limit"):
             diffs.append(f"data.limit was {old.get('limit')!r}, now {new.get('limit')!r}")
         return "the generated data changed since this output was written: " + "; ".join(diffs)
+    if new.get("source") == "manifest" and old.get("sha256") == new.get("sha256") and \
+            old.get("videos") != new.get("videos") and old.get("images") == new.get("images"):
+        was, now = old.get("videos") or {}, new.get("videos") or {}
+        return (f"a video that the manifest {where!r} names changed since this output was written (size or "
+                f"modification time of the files of its {now.get('videos')} videos: stat digest "
+                f"{str(was.get('stat_sha256'))[:12]} then, {str(now.get('stat_sha256'))[:12]} now; "
+                f"{now.get('missing')} missing now)")
     if new.get("source") == "manifest" and old.get("sha256") == new.get("sha256"):
         was, now = old.get("images") or {}, new.get("images") or {}
         return (f"an image file that the manifest {where!r} names changed since this output was written (size or "

@@ -226,39 +226,75 @@ def _record_of(i: int, row: dict, dspec, base: Path | None, where: str,
     text = row.get(dspec.text_field)
     answer = row.get(dspec.answer_field) if dspec.answer_field else None
     rec = Record(i, sid, None, text if isinstance(text, str) else "", None if answer is None else str(answer))
-    used = {*rows.image_fields(dspec), dspec.text_field, dspec.answer_field, dspec.id_field, dspec.turns_field}
+    used = {*rows.image_fields(dspec), *rows.video_fields(dspec), dspec.text_field, dspec.answer_field,
+            dspec.id_field, dspec.turns_field}
     rec.meta = {k: v for k, v in row.items() if k not in used}  # e.g. choices, distractor, conflicting claim
     refs = rows.image_refs(row, dspec)
+    vrefs = rows.image_refs(row, dspec, rows.video_fields(dspec)) if rows.video_fields(dspec) else None
+    n_videos = None if vrefs is None or isinstance(vrefs, str) else len(vrefs)
     if duplicate_of and i in duplicate_of:
         rec.error = f"{where}: duplicate id {sid[:80]!r} (first used by sample {duplicate_of[i]})"
-    elif isinstance(refs, str):
-        rec.error = f"{where}: {refs}"
+    elif isinstance(refs, str) or isinstance(vrefs, str):
+        rec.error = f"{where}: {refs if isinstance(refs, str) else vrefs}"
     elif dspec.turns_field is not None:
-        rec.error = _conversation_record(rec, row, refs, dspec, base, where)
+        rec.error = _conversation_record(rec, row, refs, dspec, base, where, n_videos)
     elif dspec.text_field not in row:
         rec.error = f"{where}: missing field {dspec.text_field!r}"
     elif not isinstance(text, str) or not text.strip():
         rec.error = f"{where}: empty text in field {dspec.text_field!r}"
     else:
         try:
-            rec.turns = rows.text_turns(text, rec.answer, len(refs))
+            rec.turns = rows.text_turns(text, rec.answer, len(refs), n_videos)
         except ValueError as e:
             rec.error = f"{where}: {e}"
         else:
             rec.error = _load_images(rec, refs, dspec, base, where)
+    if rec.error is None and vrefs:
+        rec.error = _load_videos(rec, vrefs, dspec, base, where)
     return rec
 
 
-def _conversation_record(rec: Record, row: dict, refs: list, dspec, base: Path | None, where: str) -> str | None:
+def _conversation_record(rec: Record, row: dict, refs: list, dspec, base: Path | None, where: str,
+                         n_videos: int | None = None) -> str | None:
     """Fill ``rec`` from the row's conversation; the error, or None."""
     if dspec.turns_field not in row:
         return f"{where}: missing field {dspec.turns_field!r}"
     try:
-        turns, refs = rows.conversation(row[dspec.turns_field], refs)
+        turns, refs = rows.conversation(row[dspec.turns_field], refs, n_videos)
     except ValueError as e:
         return f"{where}: field {dspec.turns_field!r} {e}"
     rec.turns, rec.text, rec.answer = turns, rows.first_text(turns, "user") or "", rows.first_text(turns, "assistant")
     return _load_images(rec, refs, dspec, base, where)
+
+
+def _load_videos(rec: Record, refs: list, dspec, base: Path | None, where: str) -> str | None:
+    """Decode the record's videos (:func:`kscale.data.video.load_video`) into ``videos``; the error, or None:
+    a missing or corrupt video is the record's error, like an image's."""
+    from kscale.data.video import load_video
+
+    if len(refs) > dspec.max_images:
+        return f"{where}: {len(refs)} videos, more than data.max_images={dspec.max_images}"
+    videos = []
+    for k, ref in enumerate(refs):
+        label = f"video {k + 1}: " if len(refs) > 1 else ""
+        if isinstance(ref, dict):
+            ref = ref.get("bytes") or ref.get("path")
+        if isinstance(ref, str):
+            p = Path(ref) if base is None or Path(ref).is_absolute() else base / ref
+            if not p.exists():
+                return f"{where}: {label}missing video {str(p)!r}"
+            if not (p.is_dir() or stat.S_ISREG(os.stat(p).st_mode)):
+                return f"{where}: {label}video path {str(p)!r} is neither a folder of frames nor a regular file"
+            ref = p
+        elif not isinstance(ref, (bytes, bytearray)):
+            return f"{where}: {label}unsupported video value of type {type(ref).__name__}"
+        try:
+            videos.append(load_video(ref, dspec.video_fps, dspec.max_frames))
+        except Exception as e:  # noqa: BLE001 - any decoder failure means a corrupt video
+            return f"{where}: {label}corrupt video ({type(e).__name__}: {str(e)[:160]})"
+    assert rec.turns is not None  # a row with a video always has explicit turns (rows.text_turns)
+    rec.videos = videos
+    return None
 
 
 def _load_images(rec: Record, refs: list, dspec, base: Path | None, where: str) -> str | None:

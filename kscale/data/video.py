@@ -22,16 +22,27 @@ FRAME_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 MAX_FRAME_PIXELS = 64_000_000  # refuse a frame larger than this before decoding it (decompression bombs)
 
 
-def load_video(path: str | os.PathLike, fps: float | None = None, max_frames: int | None = None,
+def load_video(path: str | os.PathLike | bytes, fps: float | None = None, max_frames: int | None = None,
                source_fps: float = 1.0) -> Video:
-    """The video at ``path`` (a folder of frames, or an animated image), sampled at ``fps`` frames per second
-    (None: every frame) and at most ``max_frames`` frames. ``source_fps`` is a folder's frame rate."""
-    p = Path(path)
+    """The video at ``path`` (a folder of frames, or an animated image; or an animated image's bytes), sampled
+    at ``fps`` frames per second (None: every frame) and at most ``max_frames`` frames. ``source_fps`` is a
+    folder's frame rate."""
+    data = path if isinstance(path, (bytes, bytearray)) else None
+    p = Path("<bytes>") if data is not None else Path(path)
     if fps is not None and fps <= 0:
         raise ValueError(f"video {str(p)!r}: fps must be positive, got {fps}")
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"video {str(p)!r}: max_frames must be at least 1, got {max_frames}")
-    frames, times, end = _folder(p, source_fps) if p.is_dir() else _animated(p)
+    if data is not None:
+        import io
+
+        frames, times, end = _animated(io.BytesIO(data), "video bytes")
+    else:
+        frames, times, end = _folder(p, source_fps) if p.is_dir() else _animated(p, str(p))
+    return _kept(p, frames, times, end, fps, max_frames)
+
+
+def _kept(p: Path, frames: list, times: list[float], end: float, fps: float | None, max_frames: int | None) -> Video:
     if not frames:
         raise ValueError(f"video {str(p)!r} has no frames")
     keep = _sample(times, end, fps, max_frames)
@@ -54,10 +65,10 @@ def _folder(p: Path, source_fps: float) -> tuple[list[Image.Image], list[float],
     return frames, [i / source_fps for i in range(len(frames))], len(frames) / source_fps
 
 
-def _animated(p: Path) -> tuple[list[Image.Image], list[float], float]:
+def _animated(p, where: str) -> tuple[list[Image.Image], list[float], float]:
     frames, times, t = [], [], 0.0
     with Image.open(p) as im:
-        _checked(im, str(p))
+        _checked(im, where)
         for i in range(getattr(im, "n_frames", 1)):
             im.seek(i)
             frames.append(im.convert("RGB"))

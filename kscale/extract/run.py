@@ -53,11 +53,13 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
                   "config": config,  # makes the store self-contained (post-RoPE rebuild)
                   **get_adapter(info.family).model_facts(config)},  # e.g. Qwen3-VL's deepstack_layers
         "processor": processor_settings,
+        "prompt_template": _prompt_template(spec, info),  # which template made the tokens: native, override, built-in
         "spec": redact_env(to_dict(spec)), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
         "versions": _versions(),
         "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
-        "key_space": "pre_rope", "rope_rows": get_adapter(info.family).rope_rows,
+        "key_space": "pre_rope", "key_source": get_adapter(info.family).key_source,
+        "rope_rows": get_adapter(info.family).rope_rows,
         "token_fields": list(token_fields(get_adapter(info.family).rope_rows, video=True)),
         "modality_codes": dict(MODALITY_CODES),
         "plan": {"n_samples": n_samples, "shard_size": spec.data.shard_size, "n_shards": shards},
@@ -144,15 +146,27 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
 
 
 def _check_supported(spec: JobSpec, adapter) -> None:
-    """Refuse what the family does not offer (``Adapter.supports``) before any work: Llama 4 has no attention
-    statistics or stored queries (its NoPE layers scale queries by position and its RoPE layers attend in
-    chunks, neither of which kscale's statistics model)."""
+    """Refuse what the family does not offer (``Adapter.supports``) before any work: videos for a family
+    without video; attention statistics or stored queries for Llama 4 (its NoPE layers scale queries by
+    position and its RoPE layers attend in chunks, neither of which kscale's statistics model)."""
     attn = spec.extract.attention
     for field, on, needs in (("extract.attention.enabled", attn.enabled, "attention"),
                              ("extract.attention.store_queries", attn.store_queries, "queries")):
         if on and needs not in adapter.supports:
             raise ValueError(f"{field}: model family {adapter.family!r} does not support {needs} "
                              f"(it supports: {', '.join(adapter.supports)})")
+    if getattr(spec.data, "video_field", None) and "video" not in adapter.supports:
+        raise ValueError(f"data.video_field: {spec.data.video_field!r} names videos, but model family "
+                         f"{adapter.family!r} does not take video (see kscale models)")
+
+
+def _prompt_template(spec: JobSpec, info) -> dict:
+    """The prompt the workers render with (``Adapter.prompt_template``, from the checkpoint's tokenizer)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(info.path, revision=spec.model.revision,
+                                        trust_remote_code=spec.model.trust_remote_code)
+    return get_adapter(info.family).prompt_template(spec.model, info, tok).attrs()
 
 
 def _processor_settings(spec: JobSpec, info, adapter) -> dict:

@@ -47,8 +47,10 @@ def build_tokenizer(family: str):
     return fast
 
 
-def build_debug_model(family: str, out_dir: str | os.PathLike, seed: int = 0) -> str:
-    """Save a tiny random ``family`` model, tokenizer and image processor to ``out_dir``; return it."""
+def build_debug_model(family: str, out_dir: str | os.PathLike, seed: int = 0, chat_template: bool = False) -> str:
+    """Save a tiny random ``family`` model, tokenizer and image processor to ``out_dir``; return it.
+    ``chat_template``: give the tokenizer the family's ``debug_chat_template`` (a real checkpoint's Jinja), so
+    the model is loaded with a native prompt (:mod:`kscale.models.prompts`)."""
     import torch
 
     if family not in FAMILIES:
@@ -62,6 +64,11 @@ def build_debug_model(family: str, out_dir: str | os.PathLike, seed: int = 0) ->
 
         model, proc = get_adapter(family).debug_model(tokenizer)
     model.save_pretrained(out)
+    if chat_template:
+        tmpl = get_adapter(family).debug_chat_template
+        if tmpl is None:
+            raise ValueError(f"family {family!r} has no debug chat template")
+        tokenizer.chat_template = tmpl
     tokenizer.save_pretrained(out)
     proc.save_pretrained(out)
     (out / "kscale_debug.json").write_text(json.dumps({"family": family, "version": DEBUG_VERSION, "seed": seed}))

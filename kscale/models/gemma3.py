@@ -22,6 +22,13 @@ import torch
 from kscale.models.registry import IMAGE, SPECIAL, TEXT, Adapter, LoadedModel, register
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
+# Gemma 3's chat template, shortened (the checkpoints' also fold a system turn into the first user turn)
+GEMMA3_CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}<start_of_turn>{{ role }}\n{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for item in message['content'] %}{% if item['type'] == 'image' %}<start_of_image>{% elif "
+    "item['type'] == 'text' %}{{ item['text'] | trim }}{% endif %}{% endfor %}{% endif %}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 
 
 def _tap(attn: torch.nn.Module, which: str) -> torch.nn.Module:
@@ -42,11 +49,13 @@ def _tap(attn: torch.nn.Module, which: str) -> torch.nn.Module:
 class Gemma3Adapter(Adapter):
     family = "gemma3"
     model_class = "Gemma3ForConditionalGeneration"
+    key_source = "k_norm"  # the key is k_norm(k_proj(x)), seen through the tap
     default_template = "<bos><start_of_turn>user\n{image}{text}<end_of_turn>\n<start_of_turn>model\n"
     debug_tokens = {"special": ["<pad>", "<eos>", "<bos>", "<start_of_turn>", "<end_of_turn>", BOI, EOI, SOFT],
                     "pad_token": "<pad>", "bos_token": "<bos>", "eos_token": "<end_of_turn>",
                     # the checkpoints' tokenizer names these (Gemma3Processor reads the attributes)
                     "extra_special_tokens": {"boi_token": BOI, "eoi_token": EOI, "image_token": SOFT}}
+    debug_chat_template = GEMMA3_CHAT_TEMPLATE
 
     def debug_model(self, tokenizer):
         from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3TextConfig, SiglipVisionConfig
@@ -93,6 +102,9 @@ class Gemma3Adapter(Adapter):
         ids = tok(text, add_special_tokens=False).input_ids
         wrappers = {cfg.boi_token_id, cfg.eoi_token_id}
         return ids, [IMAGE if i == cfg.image_token_id else SPECIAL if i in wrappers else TEXT for i in ids]
+
+    def chat_placeholder(self, loaded: LoadedModel, kind: str) -> str:
+        return loaded.tokenizer.boi_token  # Gemma3Processor replaces <start_of_image> with the whole block
 
     def extra_inputs(self, input_ids_BT: torch.Tensor, config) -> dict[str, torch.Tensor]:
         return {"token_type_ids": (input_ids_BT == config.image_token_id).long()}  # image blocks: bidirectional

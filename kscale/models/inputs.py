@@ -18,6 +18,7 @@ The tags an adapter returns follow the sample: the tokens of ``images[k]`` carry
 in the order of ``images``, whatever order they appear in the text), the tokens of ``videos[k]`` carry
 ``video_index`` k, with their frame index and timestamp.
 
+A checkpoint's own chat template renders samples where it has one (:mod:`kscale.models.prompts`).
 Rendering without a chat template (tiny test models, ``model.prompt_template``): the adapter's template
 (``"{image}{text}"`` style) renders each user turn; ``{image}`` takes the media parts that open the turn,
 ``{text}`` the rest in order (media met later become their token blocks in place). An assistant turn is

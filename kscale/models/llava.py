@@ -24,6 +24,16 @@ def tiny_clip_llama(tokenizer) -> dict:
         vision_feature_select_strategy="default")
 
 
+# llava-hf/llava-1.5's chat template (its processor's chat_template.json): a turn's images first, then its text
+LLAVA_CHAT_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] != 'system' %}{{ message['role'].upper() + ': '}}{% endif %}"
+    "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>\n' }}{% endfor %}"
+    "{% if message['role'] != 'assistant' %}{% for content in message['content'] | selectattr('type', 'equalto', "
+    "'text') %}{{ content['text'] + ' '}}{% endfor %}{% else %}{% for content in message['content'] | selectattr("
+    "'type', 'equalto', 'text') %}{% generation %}{{ content['text'] + ' '}}{% endgeneration %}{% endfor %}{% endif %}"
+    "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}")
+
+
 @register
 class LlavaAdapter(Adapter):
     family = "llava"
@@ -33,6 +43,7 @@ class LlavaAdapter(Adapter):
     pixel_keys = ("pixel_values", "image_sizes")
     debug_tokens = {"special": ["<pad>", "<s>", "</s>", "<image>"], "pad_token": "<pad>", "bos_token": "<s>",
                     "eos_token": "</s>", "additional_special_tokens": ["<image>"]}
+    debug_chat_template = LLAVA_CHAT_TEMPLATE
 
     def debug_model(self, tokenizer):
         from transformers import LlavaConfig, LlavaForConditionalGeneration

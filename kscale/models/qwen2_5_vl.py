@@ -30,6 +30,18 @@ QWEN_TOKENS = {"special": ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vis
                "pad_token": "<|endoftext|>", "eos_token": "<|im_end|>",
                "additional_special_tokens": ["<|im_start|>", "<|im_end|>", "<|vision_start|>",
                                              "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]}
+# Qwen2-VL's chat template as its checkpoints ship it (Qwen2.5-VL and Qwen3-VL use the same for images and text)
+QWEN_CHAT_TEMPLATE = (
+    "{% set image_count = namespace(value=0) %}{% set video_count = namespace(value=0) %}{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}<|im_start|>{{ message['role'] }}\n{% if message['content'] is string %}{{ message['content'] }}"
+    "<|im_end|>\n{% else %}{% for content in message['content'] %}{% if content['type'] == 'image' or 'image' in "
+    "content or 'image_url' in content %}{% set image_count.value = image_count.value + 1 %}{% if add_vision_id %}"
+    "Picture {{ image_count.value }}: {% endif %}<|vision_start|><|image_pad|><|vision_end|>{% elif content['type'] "
+    "== 'video' or 'video' in content %}{% set video_count.value = video_count.value + 1 %}{% if add_vision_id %}"
+    "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
+    "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n{% endif %}")
 TINY_TEXT = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=4096, bos_token_id=None)
 
@@ -43,6 +55,7 @@ class Qwen2_5_VLAdapter(Adapter):
     rope_rows = 3  # M-RoPE: temporal, height, width
     supports = Adapter.supports + ("video",)
     debug_tokens = QWEN_TOKENS
+    debug_chat_template = QWEN_CHAT_TEMPLATE
     debug_patch = 14  # the tiny model's vision patch (Qwen3-VL: 16)
 
     def debug_model(self, tokenizer):
@@ -114,6 +127,12 @@ class Qwen2_5_VLAdapter(Adapter):
 
     def wrapper_ids(self, config) -> set[int]:
         return {config.vision_start_token_id, config.vision_end_token_id}
+
+    def chat_placeholder(self, loaded: LoadedModel, kind: str) -> str:
+        """The chat template writes ``<|vision_start|><|image_pad|><|vision_end|>``; the block holds all three."""
+        tok, cfg = loaded.tokenizer, loaded.model.config
+        pad = cfg.image_token_id if kind == "image" else cfg.video_token_id
+        return "".join(tok.convert_ids_to_tokens([cfg.vision_start_token_id, pad, cfg.vision_end_token_id]))
 
     # -- video
     def video_settings(self, loaded: LoadedModel) -> dict:

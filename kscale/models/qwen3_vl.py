@@ -23,6 +23,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     model_class = "Qwen3VLForConditionalGeneration"
     rope_keys = ("image_grid_thw", "video_grid_thw")
     debug_patch = 16
+    key_source = "k_norm"  # QK-norm: the key is k_norm(k_proj(x))
     debug_tokens = {**Qwen2_5_VLAdapter.debug_tokens, "words": ["<", ">", "seconds"]}
 
     def debug_config(self, text: dict, ids: dict):

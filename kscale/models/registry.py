@@ -80,7 +80,8 @@ class LoadedModel:
     device: torch.device
     dtype: torch.dtype
     processor_settings: dict = field(default_factory=dict)
-    template: str = "{image}{text}"
+    template: str = "{image}{text}"  # kscale's template string (built-in or override; see ``prompt``)
+    prompt: Any = None  # kscale.models.prompts.PromptTemplate: native (the chat template), override or built-in
 
 
 @dataclass
@@ -250,10 +251,16 @@ class Adapter:
     supports: tuple[str, ...] = ("keys", "queries", "attention", "train", "bias")
     default_template: str = "{image}{text}"
     rope_rows: int = 1  # rows of RoPE positions per token: 1 for 1-D RoPE, 3 for Qwen's M-RoPE
+    # Which attention sub-module's output a stored key is (the store's ``key_source``, ``kscale info``):
+    # ``k_proj``, or ``k_norm`` where the model normalises keys per head before RoPE (QK-norm).
+    key_source: str = "k_proj"
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
     # The tiny random model of ``debug:<family>`` (kscale.models.debug): its tokenizer's special tokens
     # ("special": the first ids, in order) and PreTrainedTokenizerFast arguments, and debug_model().
     debug_tokens: dict = {}
+    # A Jinja chat template the tiny model's tokenizer gets with ``build_debug_model(..., chat_template=True)``
+    # (tests of the native prompt path); ``debug:<family>`` itself has none (the built-in template).
+    debug_chat_template: str | None = None
 
     def debug_model(self, tokenizer) -> tuple[torch.nn.Module, Any]:
         """(tiny random model, image processor) of this family over ``tokenizer`` (debug_tokens)."""
@@ -285,8 +292,17 @@ class Adapter:
         tokenizer.padding_side = "right"
         image_processor = self.load_image_processor(info.path, common, mspec)
         settings = {k: v for k, v in image_processor.to_dict().items() if not k.startswith("_")}
-        template = mspec.prompt_template or self.default_template
-        return LoadedModel(self, model, tokenizer, image_processor, info, device, dtype, settings, template)
+        prompt = self.prompt_template(mspec, info, tokenizer)
+        template = prompt.text if prompt.kind != "native" else self.default_template
+        return LoadedModel(self, model, tokenizer, image_processor, info, device, dtype, settings, template, prompt)
+
+    def prompt_template(self, mspec: ModelOptions, info: ModelInfo, tokenizer):
+        """The job's :class:`kscale.models.prompts.PromptTemplate`: ``model.prompt_template``, else the
+        checkpoint's chat template, else :attr:`default_template` (also what the store records)."""
+        from kscale.models.prompts import find_chat_template, resolve_prompt
+
+        native = None if mspec.prompt_template is not None else find_chat_template(info.path, tokenizer, mspec.revision)
+        return resolve_prompt(mspec.prompt_template, self.default_template, native)
 
     def _load_spread(self, cls, mspec: ModelOptions, info: ModelInfo, dtype: torch.dtype, devices: list[str],
                      common: dict) -> torch.nn.Module:
@@ -436,7 +452,7 @@ class Adapter:
         tok = loaded.tokenizer
         if not with_answers:
             samples = [s.without_answers() for s in samples]
-        plans = [self._plan(tok, loaded.template, s) for s in samples]
+        plans = [self._plan_sample(loaded, s) for s in samples]
         # The model fills image (video) tokens with the vision tower's features in sequence order, so the
         # pixels go in the order the media are rendered, not the order of Sample.images.
         named = [[m for m in plan if isinstance(m, Media)] for plan in plans]
@@ -501,6 +517,22 @@ class Adapter:
                 sel = video_index_BT[b] == k
                 times[b, sel] = torch.tensor(v.timestamps, dtype=torch.float32)[frame_BT[b, sel].long()]
         return times
+
+    def _plan_sample(self, loaded: LoadedModel, sample: Sample) -> list:
+        """Through the checkpoint's chat template where the job uses it (:mod:`kscale.models.prompts`), else
+        through kscale's template string (:meth:`_plan`)."""
+        if loaded.prompt is not None and loaded.prompt.kind == "native":
+            from kscale.models.prompts import plan_native
+
+            return plan_native(self, loaded, sample)
+        return self._plan(loaded.tokenizer, loaded.template, sample)
+
+    def chat_placeholder(self, loaded: LoadedModel, kind: str) -> str:
+        """The text a chat template writes for one image (``kind`` image) or video, which the family's
+        :meth:`image_block` / :meth:`video_block` replaces: the media token by default."""
+        cfg = loaded.model.config
+        tid = self.image_token_id(cfg) if kind == "image" else self.video_token_id(cfg)
+        return loaded.tokenizer.convert_ids_to_tokens(tid)
 
     def _plan(self, tok, template: str, sample: Sample) -> list:
         """One sample as a list of ``(token ids, is_answer)`` pieces and the :class:`Media` to expand, in order."""

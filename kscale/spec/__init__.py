@@ -83,7 +83,8 @@ class ModelSpec:
                                  gt=0)
     prompt_template: str | None = doc(
         "Prompt around the user text, with `{image}` where the image tokens go and `{text}` for the text. "
-        "None: the family's chat format.", None)
+        "Overrides the checkpoint's own chat template. None: the chat template (native), or the family's "
+        "built-in template where the checkpoint has none (the store records which).", None)
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
@@ -143,6 +144,14 @@ class DataSpec:
         "parts {type: text|image}). Every assistant turn is an answer span. None: text_field and answer_field.",
         None)
     max_images: int = doc("Most images in one record; a record with more is that record's error.", 16, ge=1)
+    video_field: str | None = doc(
+        "Record field holding a video (a folder of frames, or an animated GIF/WebP/PNG: a path relative to the "
+        "data like images, or the file's bytes) or a list of them; `<video>` / `<video N>` in the text place "
+        "them (else they open the first user turn). For the video families (`kscale models`). None: no video.",
+        None)
+    video_fps: float | None = doc("Frames per second sampled from each video (None: every frame); a frame folder "
+                                  "plays at 1 frame per second.", 2.0, gt=0)
+    max_frames: int = doc("Most frames kept per video, evenly spread (first and last kept).", 32, ge=1)
     limit: int | None = doc("Use only the first N records.", None, ge=1)
     shard_size: int = doc("Samples per shard: the unit of work, retry and resume.", 16, ge=1)
     max_image_pixels: int = doc(

@@ -151,11 +151,16 @@ def summarize(store: str | Path, attrs: dict[str, Any], index: Index) -> dict[st
         "heads": list(attrs["heads"]),
         "head_dim": int(attrs["head_dim"]),
         "key_dtype": attrs.get("key_dtype"),
+        **({"key_source": attrs["key_source"]} if "key_source" in attrs else {}),  # k_proj or k_norm output
         "key_bytes": sum(r["key_bytes"] for r in rows),
         "disk_bytes": disk,
     }
     if "deepstack_layers" in attrs.get("model", {}):  # Qwen3-VL: visual features injected after these layers
         out["deepstack_layers"] = list(attrs["model"]["deepstack_layers"])
+    prompt = attrs.get("prompt_template")  # the whole template is in the root attributes
+    if prompt:
+        out["prompt_template"] = (f"{prompt['kind']} (sha256 {prompt['sha256'][:12]})" if prompt["kind"] == "native"
+                                  else f"{prompt['kind']} {prompt['template']!r}")
     if index.invalid:
         out["shards_invalid"] = dict(index.invalid)
     return out

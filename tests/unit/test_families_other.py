@@ -340,6 +340,8 @@ def test_stored_keys_equal_k_proj_and_kv_cache(loaded, store) -> None:
         batch = lm.adapter.build_batch(lm, [rec.image], [rec.text])
         seen: dict[int, torch.Tensor] = {}
         mods, heads_first = _language_pre_rope_keys(lm.model)
+        # the store says which module's output its keys are: the one the model rotates, found by name
+        assert st.attrs["key_source"] == ("k_norm" if heads_first else "k_proj")
         hooks = [m.register_forward_hook(lambda mod, a, out, i=i: seen.__setitem__(
             i, out.transpose(1, 2) if heads_first else out)) for i, m in enumerate(mods)]
         try:

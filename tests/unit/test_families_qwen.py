@@ -210,6 +210,12 @@ def test_store_records_deepstack_layers_and_info_shows_them(extracted, family) -
     assert out.exit_code == 0, out.output
     line = [ln for ln in out.output.splitlines() if ln.startswith("deepstack_layers")]
     assert line == ([f"{'deepstack_layers':18s} {want}"] if want else [])
+    # Qwen3's keys are k_norm(k_proj(x)) (QK-norm, transformers' Qwen3VLTextAttention has k_norm), the others k_proj's
+    has_norm = hasattr(load_model(spec.model).model.model.language_model.layers[0].self_attn, "k_norm")
+    assert has_norm == family.startswith("qwen3")
+    source = "k_norm" if has_norm else "k_proj"
+    assert store.attrs["key_source"] == source
+    assert f"{'key_source':18s} {source}" in out.output.splitlines()
     if want:  # the model really adds visual features after those layers: the hidden states differ there
         lm = load_model(spec.model)
         rec = __import__("kscale.data", fromlist=["x"]).open_source(spec.data).get(0)
