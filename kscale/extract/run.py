@@ -25,7 +25,8 @@ from kscale.results import ExtractResult
 from kscale.spec import JobSpec, to_dict
 from kscale.spec.cluster import redact_env
 from kscale.store.index import write_index
-from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names, token_fields
+from kscale.store.layout import (STORE_FORMAT, STORE_VERSION, VECTOR_DIMS, VECTOR_GROUPS, is_store, marker_names,
+                                 token_fields)
 from kscale.store.writer import sweep_staging
 
 
@@ -51,11 +52,14 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
                   "num_layers": info.num_layers, "num_heads": info.num_heads, "num_kv_heads": info.num_kv_heads,
                   "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
                   "config": config,  # makes the store self-contained (post-RoPE rebuild)
+                  **get_adapter(info.family).attention_facts(config),  # attention_scaling (q·k multiplier)
                   **get_adapter(info.family).model_facts(config)},  # e.g. Qwen3-VL's deepstack_layers
         "processor": processor_settings,
         "spec": redact_env(to_dict(spec)), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
         "versions": _versions(),
-        "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
+        "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"],
+                 **{VECTOR_GROUPS[k]: list(VECTOR_DIMS[k]) for k in spec.extract.kinds if k != "k"}},
+        "vectors": list(spec.extract.kinds),  # q, k, v: what the store holds (layout.store_vectors)
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
         "key_space": "pre_rope", "rope_rows": get_adapter(info.family).rope_rows,
         "token_fields": list(token_fields(get_adapter(info.family).rope_rows, video=True)),
