@@ -304,6 +304,8 @@ class JobSpec:
         d["output"].pop("if_exists", None)
         if (d.get("extract") or {}).get("vectors") == ["k"]:  # the default: fingerprints of older stores hold
             d["extract"].pop("vectors")
+        if (d.get("analyze") or {}).get("vector") == "k":
+            d["analyze"].pop("vector")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 
