@@ -30,7 +30,7 @@ import dask
 import dask.array as da
 import numpy as np
 
-from kscale.store.layout import VECTOR_GROUPS, VECTOR_KINDS, keys_chunk_file, store_vectors, vector_array
+from kscale.store.layout import VECTOR_GROUPS, VECTOR_KINDS, keys_chunk_file, shard_dir, vector_array
 from kscale.store.reader import (CheckedArray, KeysSel, KeyStore, Span, StoreError, _pieces, _read_v1, read_block,
                                  read_spans)
 
@@ -52,18 +52,24 @@ def stored_heads(store: KeyStore, kind: str) -> list[int]:
 
 
 def check_kind(store: KeyStore, kind: str) -> None:
-    """``StoreError`` unless the store holds ``kind`` in every committed shard (layout 2: the marker's groups)."""
+    """``StoreError`` unless the store holds ``kind`` in every committed shard. Stores that list their
+    ``vectors`` say it in their root attributes; stores written before (where q was the only other kind,
+    ``extract.attention.store_queries``) say it per shard: the marker's groups (layout 2) or the folder (1)."""
     if kind not in VECTOR_KINDS:
         raise StoreError(f"unknown vector kind {kind!r} (choose from {', '.join(VECTOR_KINDS)})")
     if kind == "k":
         return
-    if kind not in store_vectors(store.attrs):
-        raise StoreError(f"store {store.path} holds no {kind} vectors (it holds {', '.join(store_vectors(store.attrs))}; "
+    listed = "vectors" in store.attrs
+    if (listed and kind not in store.attrs["vectors"]) or (not listed and kind != "q"):
+        raise StoreError(f"store {store.path} holds no {kind} vectors (it holds {', '.join(store.vector_kinds)}; "
                          f"extract with extract.vectors including {kind})")
-    missing = [r["name"] for r in store.shards.values() if r["layout"] != 1
-               and VECTOR_GROUPS[kind] not in (r.get("groups") or [])]
-    if missing:
-        raise StoreError(f"shard {missing[0]} of {store.path} has no stored {VECTOR_GROUPS[kind]}")
+    g = VECTOR_GROUPS[kind]
+    for r in store.shards.values():
+        held = (g in (r.get("groups") or []) if r["layout"] != 1
+                else (shard_dir(store.path, r["name"]) / g).is_dir())
+        if not held:
+            raise StoreError(f"shard {r['name']} of {store.path} has no stored {g}"
+                             + ("" if listed else " (extract.attention.store_queries was off)"))
 
 
 def _head_positions(store: KeyStore, kind: str, heads: list[int] | None) -> tuple[int, ...] | None:
