@@ -219,35 +219,48 @@ def test_attention_scaling_is_the_attention_modules_own():
 # ----------------------------------------------------------------------------- analyze.vector
 
 
-def _analyze(store: str, out, vector: str):
+def _analyze(store: str, out, vector: str, estimators=("mmd_rf", "mmd_exact", "jsd_hist", "jsd_clf")):
     from kscale.analysis.run import analyze
     from kscale.spec.analyze import AnalyzeConfig, EmbedConfig, JSDConfig, MMDConfig, SignificanceConfig
 
-    cfg = AnalyzeConfig(stores=[store], vector=vector, mmd=MMDConfig(n_features=128, median_subsample=300),
+    cfg = AnalyzeConfig(stores=[store], vector=vector, estimators=list(estimators), mmd=MMDConfig(n_features=128, median_subsample=300),
                         exact_subsample=150, jsd=JSDConfig(epochs=1, min_steps=40, mlp_hidden=16, n_random=4),
                         significance=SignificanceConfig(n_buckets=8, permutations=99),
                         embed=EmbedConfig(methods=[]))
     return analyze(cfg, out)
 
 
-def test_analyze_vector_v_runs_on_the_values(tmp_path):
-    """A demo-sized store (64 samples in 8 shards, 2 layers, 2 KV heads) whose values carry an image/text
-    gap that its keys do not: the analysis of v finds it beside its baselines, the analysis of k does not."""
-    path = make_store(tmp_path / "s", n_shards=8, n_samples=8, per_sample={"text": 12, "image": 16}, chunk=64)
+def _values_gap(tmp_path, n_shards: int, n_samples: int, estimators: tuple[str, ...]) -> None:
+    """A store whose values carry an image/text gap that its keys do not: the analysis of v finds it beside
+    its intra-modal baseline, the analysis of k does not; the table and the report say which kind."""
+    path = make_store(tmp_path / "s", n_shards=n_shards, n_samples=n_samples, per_sample={"text": 12, "image": 16},
+                      chunk=64)
     rows = {}
     for vector in ("v", "k"):
-        df = _analyze(path, tmp_path / vector, vector)
+        df = _analyze(path, tmp_path / vector, vector, estimators if vector == "v" else ("mmd_rf",))
         assert set(df["vector"]) == {vector}
         rf = df[(df.estimator == "mmd2_rf") & (df.kernel == "rbf") & (df.normalisation == "none")
                 & (df.multiple == 1.0) & (df["head"] == -1)]
         rows[vector] = {c: rf[rf.comparison == c].sort_values("layer") for c in ("cross", "intra_text")}
-        assert {"jsd_hist_marginal", "jsd_clf_logistic", "mmd2_exact"} <= set(df.estimator)
         report = (tmp_path / vector / "report.html").read_text()
         assert f"Vectors compared: <b>{ {'v': 'values', 'k': 'keys'}[vector]}</b>" in report
+        if vector == "v" and "jsd_clf" in estimators:
+            assert {"jsd_hist_marginal", "jsd_clf_logistic", "mmd2_exact"} <= set(df.estimator)
     v, k = rows["v"], rows["k"]
+    assert len(v["cross"]) == L
     assert (v["cross"].value.values > v["intra_text"].value.values + 3 * v["cross"].se.values).all()
-    assert (v["cross"].p <= 0.01).all()
+    assert (v["cross"].p <= 0.05).all()
     assert (k["cross"].value.values < v["cross"].value.values / 5).all()
+
+
+def test_analyze_vector_v_runs_on_the_values(tmp_path):
+    _values_gap(tmp_path, n_shards=4, n_samples=4, estimators=("mmd_rf",))
+
+
+@pytest.mark.slow
+def test_analyze_vector_v_on_a_demo_sized_store(tmp_path):
+    """Demo-sized (64 samples in 8 shards, 2 layers, 2 KV heads), every estimator."""
+    _values_gap(tmp_path, n_shards=8, n_samples=8, estimators=("mmd_rf", "mmd_exact", "jsd_hist", "jsd_clf"))
 
 
 def test_analyze_vector_q_compares_query_heads_and_refuses_a_store_without_them(tmp_path):
@@ -255,5 +268,5 @@ def test_analyze_vector_q_compares_query_heads_and_refuses_a_store_without_them(
     with pytest.raises(ValueError, match=r"stores: \[0\] .* holds no q vectors .*analyze.vector"):
         _analyze(path, tmp_path / "a", "q")
     path = make_store(tmp_path / "t", n_shards=2, n_samples=4)
-    df = _analyze(path, tmp_path / "b", "q")
+    df = _analyze(path, tmp_path / "b", "q", ("mmd_rf",))
     assert sorted(set(df["head"])) == [-1, 0, 1, 2, 3] and set(df["vector"]) == {"q"}
