@@ -146,3 +146,29 @@ def test_q_dot_k_equals_the_models_logits(tmp_path, family, monkeypatch):
                     np.testing.assert_allclose(got_HSS, want_HSS, atol=2e-5, rtol=1e-4)
             pre = store.vectors("q", layer, "image").compute()[tok["image"]["sample_id"] == sid]
             assert np.abs(pre - q["image"]).max() > 1e-3  # RoPE really rotated the image queries
+
+
+def test_a_damaged_value_chunk_is_found_and_redone_by_resume(tmp_path):
+    """verify finds a flipped byte in a stored value chunk, --repair un-commits that shard, and the resumed
+    extraction redoes exactly it: every q, k and v file then equals the undisturbed run's, byte for byte."""
+    from kscale.store.verify import repair, verify_store
+
+    spec, _ = _extract(tmp_path, "qwen2_5_vl")
+    root = tmp_path / "store" / "shards"
+
+    def files() -> dict[str, bytes]:
+        return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("c.*")) if p.is_file()}
+
+    before, marker0 = files(), (root / "s000000.done.json").read_bytes()
+    assert any("/values/" in f for f in before) and any("/queries/" in f for f in before)
+    bad = root / "s000001" / "values" / "text" / "values" / "c.0.0.0.0"
+    b = bytearray(bad.read_bytes())
+    b[-20] ^= 0xFF  # in the last layer's inner chunk
+    bad.write_bytes(bytes(b))
+    damage = verify_store(tmp_path / "store")
+    assert [(d.shard, d.array) for d in damage] == [("s000001", "values/text/values")]
+    assert repair(tmp_path / "store", damage) == ["s000001"]
+    run_job(spec, show_bar=False)  # if_exists: resume
+    assert verify_store(tmp_path / "store") == []
+    assert files() == before
+    assert (root / "s000000.done.json").read_bytes() == marker0  # the sound shard was not redone
