@@ -283,6 +283,10 @@ def _stores_html(meta: dict, df: pd.DataFrame) -> str:
     return f"<p>Key store{'s' if len(paths) > 1 else ''} analysed (named by folder below):</p><ul>{items}</ul>"
 
 
+VECTOR_NAMES = {"k": "keys", "q": "queries", "v": "values"}
+SPACE_NAMES = {"k": "key", "q": "query", "v": "value"}
+
+
 def build_report(run_dir: str | Path) -> Path:
     """(Re)build ``report.html`` from a run directory; returns its path."""
     run = Path(run_dir)
@@ -294,7 +298,9 @@ def build_report(run_dir: str | Path) -> Path:
     qgaps = _query_gap_tables(run)
     seen = [html.escape((f"{tag}: " if len(qgaps) > 1 else "") + verdict_sentence(t))
             for tag, t in qgaps.items() if not t.empty]
+    kind = str(meta.get("vector") or (df["vector"].iloc[0] if "vector" in df and len(df) else "k"))
     body = (rep.verdict_html(V.verdict(df, alpha) + seen)
+            + f"<p class=\"vector\">Vectors compared: <b>{VECTOR_NAMES[kind]}</b> ({kind}; analyze.vector)</p>"
             + _stores_html(meta, df) + f"<p class=\"muted\">{len(df)} rows; alpha = {alpha:g}.</p>"
             + layer_table(df, alpha, deepstack_marks(meta)) + modality_pairs_section(meta, df)
             + sensitivity_table(df, alpha) + paper_table(df)
@@ -305,5 +311,5 @@ def build_report(run_dir: str | Path) -> Path:
             + html.escape(json.dumps(meta, indent=1, default=str)[:20000]) + "</pre></details>"
             + "<p>The full table is in results.parquet / results.csv next to this file.</p>")
     path = run / "report.html"
-    path.write_text(rep.page("kscale — key-space modality gap", body))
+    path.write_text(rep.page(f"kscale — {SPACE_NAMES[kind]}-space modality gap", body))
     return path

@@ -36,6 +36,7 @@ from kscale.analysis.directions import merge as merge_directions
 from kscale.analysis.embed import maps as embed_maps
 from kscale.analysis.maps_helper import MapsHelper
 from kscale.spec.analyze import AnalyzeConfig
+from kscale.store.queries import vector_view
 from kscale.analysis.features import (RF_KERNELS, ChunkPlan, FeatureConfig, TargetPlan, TargetSums, chunk_sums,
                                       draw_frequencies, merger)
 from kscale.analysis.plan import POOLED, Comparison, Subsample, comparisons, layer_scales, pair_comparison, target_plan
@@ -134,14 +135,17 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     stores = stores if stores is not None else [open_store(p) for p in cfg.stores]
-    reference = _reference_store(cfg, stores)
+    # analyze.vector: the analysis reads keys through one interface; a view of q or v answers it (the
+    # attention and query-gap sections below read the stores themselves)
+    views = [vector_view(ks, cfg.vector) for ks in stores]
+    reference = _reference_store(cfg, views)
     if progress is not None:
         progress.set_total(sum(len(_select("layers", cfg.layers, ks.layers, "layer")) for ks in stores))
     all_rows, embeds, dir_rows, pairs = [], [], [], []
     helper = MapsHelper.start() if "tsne" in cfg.embed.methods else None
     with helper or nullcontext():
         with Runner(cfg.dask) as runner:  # closed before the pictures: a dask cluster's workers are not needed
-            for ks in stores:
+            for ks in views:
                 store_rows, store_embeds = analyze_store(cfg, ks, runner, reference, progress, helper, dir_rows)
                 all_rows += store_rows
                 embeds += store_embeds
@@ -149,6 +153,7 @@ def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] 
                 all_rows += pair_rows
                 pairs += notes
         df = pd.DataFrame(all_rows, columns=R.COLUMNS)
+        df["vector"] = cfg.vector  # which kind every row compares (analyze.vector)
         fence(out)  # the run's lock is still ours (kscale.output.fence)
         df.to_parquet(out / "results.parquet", index=False)
         df.to_csv(out / "results.csv", index=False)
@@ -218,8 +223,8 @@ def _reference_store(cfg: AnalyzeConfig, stores: list[KeyStoreLike]) -> KeyStore
         return None
     if cfg.mmd.reference_store is None:
         return stores[0]
-    return next((ks for ks in stores if ks.path == cfg.mmd.reference_store), None) or open_store(
-        cfg.mmd.reference_store)
+    return next((ks for ks in stores if ks.path == cfg.mmd.reference_store), None) or vector_view(open_store(
+        cfg.mmd.reference_store), cfg.vector)
 
 
 def attention_beside_gap(stores: list[KeyStoreLike], df: pd.DataFrame, out: Path) -> None:
@@ -267,7 +272,7 @@ def _meta(cfg: AnalyzeConfig, stores: list[KeyStoreLike]) -> dict:
             "stores": [{"path": ks.path, "attrs": ks.attrs} for ks in stores],
             "versions": {"kscale": kscale.__version__, "numpy": np.__version__, "scipy": scipy.__version__,
                          "dask": dask.__version__, "pandas": pd.__version__},
-            "head_pooled_id": POOLED, "estimator": cfg.mmd.estimator,
+            "head_pooled_id": POOLED, "estimator": cfg.mmd.estimator, "vector": cfg.vector,
             "bandwidth_policy": cfg.mmd.bandwidth_policy}
 
 

@@ -126,7 +126,9 @@ def _side_stream(device: torch.device, streams: dict):
 def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | None, rows_N: torch.Tensor,
                  n_kv_heads: int, heads: list[int] | None, key_dtype: torch.dtype,
                  streams: dict | None = None) -> Iterator[HostKeys]:
-    """Hook ``modules`` (hooked-layer position -> k_proj) so each writes its kept rows into ``HostKeys``.
+    """Hook ``modules`` (hooked-layer position -> k_proj, or the q/v projection: one context per kind of
+    ``extract.vectors``, ``n_kv_heads`` then the projection's head count) so each writes its kept rows into
+    ``HostKeys``.
 
     ``rows_N`` are flat indices into the batch's (B*T) tokens, in the order the store writes them;
     ``heads`` the kept KV heads (None: all). ``streams`` caches one side stream per CUDA device across

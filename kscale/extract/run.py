@@ -25,7 +25,8 @@ from kscale.results import ExtractResult
 from kscale.spec import JobSpec, to_dict
 from kscale.spec.cluster import redact_env
 from kscale.store.index import write_index
-from kscale.store.layout import STORE_FORMAT, STORE_VERSION, is_store, marker_names, token_fields
+from kscale.store.layout import (STORE_FORMAT, STORE_VERSION, VECTOR_DIMS, VECTOR_GROUPS, is_store, marker_names,
+                                 token_fields)
 from kscale.store.writer import sweep_staging
 
 
@@ -51,12 +52,15 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
                   "num_layers": info.num_layers, "num_heads": info.num_heads, "num_kv_heads": info.num_kv_heads,
                   "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
                   "config": config,  # makes the store self-contained (post-RoPE rebuild)
+                  **get_adapter(info.family).attention_facts(config),  # attention_scaling (q·k multiplier)
                   **get_adapter(info.family).model_facts(config)},  # e.g. Qwen3-VL's deepstack_layers
         "processor": processor_settings,
         "prompt_template": _prompt_template(spec, info),  # which template made the tokens: native, override, built-in
         "spec": redact_env(to_dict(spec)), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
         "versions": _versions(),
-        "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"]},
+        "dims": {"keys": ["layer", "token", "kv_head", "head_dim"], "tokens": ["token", "field"],
+                 **{VECTOR_GROUPS[k]: list(VECTOR_DIMS[k]) for k in spec.extract.kinds if k != "k"}},
+        "vectors": list(spec.extract.kinds),  # q, k, v: what the store holds (layout.store_vectors)
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
         "key_space": "pre_rope", "key_source": get_adapter(info.family).key_source,
         "rope_rows": get_adapter(info.family).rope_rows,
@@ -155,6 +159,9 @@ def _check_supported(spec: JobSpec, adapter) -> None:
         if on and needs not in adapter.supports:
             raise ValueError(f"{field}: model family {adapter.family!r} does not support {needs} "
                              f"(it supports: {', '.join(adapter.supports)})")
+    if "q" in spec.extract.vectors and "queries" not in adapter.supports:
+        raise ValueError(f"extract.vectors: model family {adapter.family!r} does not support queries "
+                         f"(it supports: {', '.join(adapter.supports)})")
     if getattr(spec.data, "video_field", None) and "video" not in adapter.supports:
         raise ValueError(f"data.video_field: {spec.data.video_field!r} names videos, but model family "
                          f"{adapter.family!r} does not take video (see kscale models)")

@@ -1,7 +1,7 @@
 """The unit of work of extraction: a plain function of (spec, shard), no Ray in it.
 
 ``setup(spec)`` loads the model once per worker; ``run_shard(spec, shard, state)`` reads the shard's
-records, runs batched forwards with key hooks, tags and samples tokens, and writes the shard through a
+records, runs batched forwards with hooks on the projections of ``extract.vectors`` (q, k, v), tags and samples tokens, and writes the shard through a
 ``ShardWriter`` that commits last. Executors (local, Ray) only decide where this runs.
 
 Two paths write the same store. The default (``ExtractState.overlap``) is a pipeline: the hooks of
@@ -11,7 +11,7 @@ computed them, copy to the host without stalling the forward, and one writer thr
 thread already runs the next forwards. ``start_shard`` returns the commit as a ``Future``: an executor
 that calls it for shard k+1 before resolving shard k's future overlaps k's commit with k+1's forwards,
 and reports shard k done only when the future resolved (the marker is on disk). The synchronous path
-(``overlap=False``, and always with attention statistics or stored queries) gathers full outputs with
+(``overlap=False``, and always with attention statistics) gathers full outputs with
 :func:`kscale.extract.hooks.capture` and is the reference the tests compare against.
 
 Legend: B batch, T tokens, L hooked layers, H kept KV heads, D head dim, R rope rows, N kept tokens.
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from contextlib import ExitStack
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -103,38 +104,51 @@ def build(state: ExtractState, recs: list[Record], with_answers: bool = False):
     return lm.adapter.batch(lm, samples)
 
 
-def forward_capture(state: ExtractState, batch, queries: bool = False):
-    """Forward one batch with hooks on k_proj (and q_proj if ``queries``) of the chosen layers."""
+def vector_modules(lm: LoadedModel, kind: str) -> list[torch.nn.Module]:
+    """The adapter's projection modules of one kind ("q", "k", "v"), one per decoder layer."""
+    return {"q": lm.adapter.query_modules, "k": lm.adapter.key_modules, "v": lm.adapter.value_modules}[kind](lm.model)
+
+
+def forward_capture(state: ExtractState, batch, queries: bool = False, kinds: tuple[str, ...] = ("k",)):
+    """Forward one batch with hooks on the projections of ``kinds`` (k_proj; q_proj too if ``queries``) of
+    the chosen layers; outputs keyed ``(kind, layer)``."""
     lm = state.loaded
-    mods = {("k", i): m for i, m in enumerate(lm.adapter.key_modules(lm.model)) if i in state.layers}
-    if queries:
-        mods.update({("q", i): m for i, m in enumerate(lm.adapter.query_modules(lm.model)) if i in state.layers})
+    kinds = tuple(dict.fromkeys(("k", *kinds, *(("q",) if queries else ()))))
+    mods = {(kind, i): m for kind in kinds for i, m in enumerate(vector_modules(lm, kind)) if i in state.layers}
     inputs = {k: v.to(lm.device) for k, v in batch.inputs.items()}
     with torch.inference_mode(), capture(mods, lm.adapter.rotary_module(lm.model)) as cap:
         lm.model(**inputs, **FORWARD_KWARGS)
     return cap
 
 
+def kind_heads(state: ExtractState, kind: str) -> tuple[int, list[int]]:
+    """(heads the projection of ``kind`` outputs, the ones stored): query heads reading the kept KV heads for
+    q, the kept KV heads for k and v."""
+    from kscale.store.queries import query_heads
+
+    info = state.loaded.info
+    if kind == "q":
+        return info.num_heads, query_heads(state.heads, info.num_heads, info.num_kv_heads)
+    return info.num_kv_heads, state.heads
+
+
+def stacked(state: ExtractState, batch, cap, kind: str) -> torch.Tensor:
+    """(L, B, T, H, D) float32 CPU vectors of one kind for its stored heads, from a capture."""
+    B, T = batch.inputs["input_ids"].shape
+    n, heads = kind_heads(state, kind)
+    # per layer to the host first: with a model spread over GPUs each layer's output is on its own device
+    v = torch.stack([cap.outputs[(kind, i)].cpu() for i in state.layers]).view(len(state.layers), B, T, n, -1)
+    return v[:, :, :, heads].float()
+
+
 def stacked_keys(state: ExtractState, batch, cap):
     """(keys_LBTHD float32 on CPU for the kept heads, positions_BTR) from a capture."""
-    lm = state.loaded
-    B, T = batch.inputs["input_ids"].shape
-    Hkv, D = lm.info.num_kv_heads, lm.info.head_dim
-    # per layer to the host first: with a model spread over GPUs each layer's output is on its own device
-    keys = torch.stack([cap.outputs[("k", i)].cpu() for i in state.layers]).view(len(state.layers), B, T, Hkv, D)
-    return keys[:, :, :, state.heads].float(), cap.positions_BTR.cpu()
+    return stacked(state, batch, cap, "k"), cap.positions_BTR.cpu()
 
 
 def stacked_queries(state: ExtractState, batch, cap) -> torch.Tensor:
     """(L, B, T, H, D) float32 CPU pre-RoPE queries of the query heads reading the kept KV heads."""
-    from kscale.store.queries import query_heads
-
-    info = state.loaded.info
-    B, T = batch.inputs["input_ids"].shape
-    heads = query_heads(state.heads, info.num_heads, info.num_kv_heads)
-    q = torch.stack([cap.outputs[("q", i)].cpu() for i in state.layers]).view(
-        len(state.layers), B, T, info.num_heads, info.head_dim)
-    return q[:, :, :, heads].float()
+    return stacked(state, batch, cap, "q")
 
 
 def _check_tags(batch) -> None:
@@ -145,28 +159,40 @@ def _check_tags(batch) -> None:
     assert got == batch.n_image_tokens, f"image tokens {got} != processor formula {batch.n_image_tokens}"
 
 
-def write_batch(writer: ShardWriter, spec: JobSpec, batch, recs: list[Record], keys_LBTHD, pos_BTR) -> None:
+def _check_finite(v: torch.Tensor | np.ndarray, what: str, modality: str, recs: list[Record], key_dtype: str) -> None:
+    if isinstance(v, torch.Tensor) and not torch.isfinite(v).all():
+        raise ValueError(f"non-finite {what} values in {modality} tokens of samples {[r.sample_id for r in recs]}")
+    if isinstance(v, np.ndarray) and not np.isfinite(v).all():
+        raise ValueError(f"{what}s overflow {key_dtype} in {modality} tokens of samples "
+                         f"{[r.sample_id for r in recs]}; use extract.key_dtype: float32")
+
+
+def write_batch(writer: ShardWriter, spec: JobSpec, batch, recs: list[Record], keys_LBTHD, pos_BTR,
+                vectors: dict[str, torch.Tensor] | None = None) -> None:
+    """Append a batch's kept rows: keys, their token columns and ``vectors`` (kind -> (L, B, T, H, D): the
+    q/v the writer writes), each checked finite and cast to ``extract.key_dtype``."""
     keep = keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens)
     ids = batch.inputs["input_ids"]
     B, T = ids.shape
     sid_BT = torch.tensor([r.sample_id for r in recs], dtype=torch.int64)[:, None].expand(B, T)
     pos_BT = torch.arange(T, dtype=torch.int32)[None].expand(B, T)
+    dtype = spec.extract.key_dtype
     for name, code in MODALITY_CODES.items():
         m = keep & (batch.modality_BT == code)
         if not m.any():
             continue
-        k = keys_LBTHD[:, m]  # (L, N, H, D), rows in (sample, position) order
-        if not torch.isfinite(k).all():
-            raise ValueError(f"non-finite key values in {name} tokens of samples {[r.sample_id for r in recs]}")
-        k = k.numpy().astype(spec.extract.key_dtype)
-        if not np.isfinite(k).all():
-            raise ValueError(f"keys overflow {spec.extract.key_dtype} in {name} tokens of samples "
-                             f"{[r.sample_id for r in recs]}; use extract.key_dtype: float32")
-        writer.append(name, k, {
+        out = {}
+        for kind, v_LBTHD in {"k": keys_LBTHD, **(vectors or {})}.items():
+            v = v_LBTHD[:, m]  # (L, N, H, D), rows in (sample, position) order
+            what = {"q": "query", "k": "key", "v": "value"}[kind]
+            _check_finite(v, what, name, recs, dtype)
+            out[kind] = v.numpy().astype(dtype)
+            _check_finite(out[kind], what, name, recs, dtype)
+        writer.append(name, out.pop("k"), {
             "sample_id": sid_BT[m].numpy(), "position": pos_BT[m].numpy(),
             "rope_pos": pos_BTR[m].numpy().astype(np.int32), "token_id": ids[m].numpy().astype(np.int32),
             "image_index": batch.image_index_BT[m].numpy(), **{k: v[m.numpy()] for k, v in video_columns(batch).items()},
-        })
+        }, out)
 
 
 def video_columns(batch) -> dict[str, np.ndarray]:
@@ -194,41 +220,49 @@ def keep_rows(batch, recs: list[Record], sample_tokens) -> tuple[torch.Tensor, d
     return (torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long)), spans
 
 
-def forward_keys(state: ExtractState, batch, rows_N: torch.Tensor, key_dtype: str) -> HostKeys:
-    """Forward one batch; the hooks leave the kept keys in host buffers (copies may still be in flight)."""
+def forward_keys(state: ExtractState, batch, rows_N: torch.Tensor, key_dtype: str,
+                 kinds: tuple[str, ...] = ("k",)) -> dict[str, HostKeys]:
+    """Forward one batch; the hooks leave the kept vectors of each kind in host buffers (copies may still be
+    in flight). Keys' buffers also get the RoPE positions."""
     lm = state.loaded
-    key_mods = lm.adapter.key_modules(lm.model)
-    mods = {j: key_mods[i] for j, i in enumerate(state.layers)}
-    heads = None if state.heads == list(range(lm.info.num_kv_heads)) else state.heads
     inputs = {k: v.to(lm.device) for k, v in batch.inputs.items()}
-    with torch.inference_mode(), capture_keys(mods, lm.adapter.rotary_module(lm.model), rows_N,
-                                              lm.info.num_kv_heads, heads, getattr(torch, key_dtype),
-                                              state.streams) as got:
+    got = {}
+    with torch.inference_mode(), ExitStack() as stack:
+        for kind in kinds:
+            all_mods = vector_modules(lm, kind)
+            mods = {j: all_mods[i] for j, i in enumerate(state.layers)}
+            n, heads = kind_heads(state, kind)
+            got[kind] = stack.enter_context(capture_keys(
+                mods, lm.adapter.rotary_module(lm.model) if kind == "k" else None, rows_N, n,
+                None if heads == list(range(n)) else heads, getattr(torch, key_dtype), state.streams))
         lm.model(**inputs, **FORWARD_KWARGS)
-    return got.value
+    return {kind: g.value for kind, g in got.items()}
 
 
 def write_host_keys(writer: ShardWriter, spec, batch, recs: list[Record], rows_N: torch.Tensor,
-                    spans: dict[str, tuple[int, int]], host: HostKeys) -> None:
+                    spans: dict[str, tuple[int, int]], host: dict[str, HostKeys]) -> None:
     """On the drain thread: wait for the batch's copies, check them, append each modality's rows."""
-    host.wait()
-    keys_LNHD, flags_LN = host.keys_LNHD.numpy(), host.flags_LN.numpy()
+    for h in host.values():
+        h.wait()
     T = batch.inputs["input_ids"].shape[1]
     rows = rows_N.numpy()
     sids = np.array([r.sample_id for r in recs], dtype=np.int64)
     cols_N = {"sample_id": sids[rows // T], "position": (rows % T).astype(np.int32),
-              "rope_pos": host.positions_NR.numpy(),
+              "rope_pos": host["k"].positions_NR.numpy(),
               "token_id": batch.inputs["input_ids"].flatten().numpy()[rows].astype(np.int32),
               "image_index": batch.image_index_BT.flatten().numpy()[rows],
               **{k: v.flatten()[rows] for k, v in video_columns(batch).items()}}
     for name, (a, b) in spans.items():
-        bad = int(np.bitwise_or.reduce(flags_LN[:, a:b], axis=None))
-        if bad & NONFINITE:
-            raise ValueError(f"non-finite key values in {name} tokens of samples {[r.sample_id for r in recs]}")
-        if bad & OVERFLOW:
-            raise ValueError(f"keys overflow {spec.extract.key_dtype} in {name} tokens of samples "
-                             f"{[r.sample_id for r in recs]}; use extract.key_dtype: float32")
-        writer.append(name, keys_LNHD[:, a:b], {k: v[a:b] for k, v in cols_N.items()})
+        for kind, h in host.items():
+            bad = int(np.bitwise_or.reduce(h.flags_LN.numpy()[:, a:b], axis=None))
+            what = {"q": "query", "k": "key", "v": "value"}[kind]
+            if bad & NONFINITE:
+                raise ValueError(f"non-finite {what} values in {name} tokens of samples {[r.sample_id for r in recs]}")
+            if bad & OVERFLOW:
+                raise ValueError(f"{what}s overflow {spec.extract.key_dtype} in {name} tokens of samples "
+                                 f"{[r.sample_id for r in recs]}; use extract.key_dtype: float32")
+        writer.append(name, host["k"].keys_LNHD.numpy()[:, a:b], {k: v[a:b] for k, v in cols_N.items()},
+                      {kind: h.keys_LNHD.numpy()[:, a:b] for kind, h in host.items() if kind != "k"})
 
 
 def _writer(spec: JobSpec, shard: Shard, state: ExtractState) -> ShardWriter:
@@ -237,7 +271,7 @@ def _writer(spec: JobSpec, shard: Shard, state: ExtractState) -> ShardWriter:
     return ShardWriter(spec.output.path, shard.name, n_layers=len(state.layers),
                        n_heads=len(state.heads), head_dim=info.head_dim, rope_rows=state.loaded.adapter.rope_rows,
                        key_dtype=spec.extract.key_dtype, chunk_tokens=spec.output.chunk_tokens,
-                       compress_keys=spec.output.compress_keys)
+                       compress_keys=spec.output.compress_keys, vectors=spec.extract.kinds)
 
 
 def usable_batches(source, shard: Shard, batch_size: int, errors: list[dict]) -> Iterator[list[Record]]:
@@ -290,7 +324,7 @@ def start_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> Future:
     function itself raises, nothing of the shard is still being written."""
     attn = spec.extract.attention
     done: Future = Future()
-    if not state.overlap or attn.enabled or attn.store_queries:
+    if not state.overlap or attn.enabled:
         done.set_result(_run_sync(spec, shard, state))
         return done
     t0 = time.perf_counter()
@@ -306,7 +340,7 @@ def start_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> Future:
     try:
         for recs, batch in _batches(spec, shard, state, errors, with_answers=False):
             rows_N, spans = keep_rows(batch, recs, spec.extract.sample_tokens)
-            host = forward_keys(state, batch, rows_N, spec.extract.key_dtype)
+            host = forward_keys(state, batch, rows_N, spec.extract.key_dtype, spec.extract.kinds)
             appends.append(drain.submit(write_host_keys, writer, spec, batch, recs, rows_N, spans, host))
             n_ok += len(recs)
             while len(appends) > MAX_IN_FLIGHT:
@@ -337,27 +371,17 @@ def _run_sync(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
     except ShardCommitted as e:  # committed since it was planned (a worker lost after its commit): keep it
         return e.marker
     attn = spec.extract.attention
-    qwriter = None
-    if attn.store_queries:  # after ShardWriter: its constructor clears a partial shard folder
-        from kscale.store.queries import QueryWriter
-
-        qwriter = QueryWriter(spec.output.path, shard.name, dtype=spec.extract.key_dtype,
-                              chunk_tokens=spec.output.chunk_tokens)
+    kinds = spec.extract.kinds
     errors: list[dict] = []
     n_ok = 0
     for recs, batch in _batches(spec, shard, state, errors, attn.enabled and attn.queries == "answer"):
-        cap = forward_capture(state, batch, queries=attn.enabled or attn.store_queries)
+        cap = forward_capture(state, batch, queries=attn.enabled, kinds=kinds)
         keys, pos = stacked_keys(state, batch, cap)
-        write_batch(writer, spec, batch, recs, keys, pos)
-        if qwriter is not None:
-            qwriter.append_batch(stacked_queries(state, batch, cap), batch.modality_BT,
-                                 keep_mask(batch.modality_BT, [r.sample_id for r in recs], spec.extract.sample_tokens))
+        write_batch(writer, spec, batch, recs, keys, pos, {k: stacked(state, batch, cap, k) for k in kinds if k != "k"})
         if attn.enabled:
             from kscale.attention.stats import batch_stats
 
             writer.append_table("attention", batch_stats(state.loaded, state.layers, state.heads, batch, cap, attn,
                                                          [r.sample_id for r in recs]))
         n_ok += len(recs)
-    if qwriter is not None:
-        qwriter.close()
     return writer.commit(_stats(shard, n_ok, errors, t0), errors)

@@ -41,6 +41,18 @@ def head_dim(text_config: Mapping[str, Any]) -> int:
     return text_config.get("head_dim") or text_config["hidden_size"] // text_config["num_attention_heads"]
 
 
+def attention_scaling(text_config: Mapping[str, Any]) -> dict[str, float]:
+    """How the language model scales its attention logits, from its (text) config dict: ``attention_scaling``
+    multiplies q·k (``query_pre_attn_scalar ** -0.5`` where the config sets one, as Gemma 2/3 do, else
+    ``head_dim ** -0.5``), and ``attn_logit_softcapping`` (Gemma 2) caps the scaled logits with
+    ``c * tanh(x / c)`` before the softmax; absent when the config sets none."""
+    scalar = text_config.get("query_pre_attn_scalar") or head_dim(text_config)
+    out = {"attention_scaling": float(scalar) ** -0.5}
+    if text_config.get("attn_logit_softcapping"):
+        out["attn_logit_softcapping"] = float(text_config["attn_logit_softcapping"])
+    return out
+
+
 def layer_problems(layers: Literal["all"] | Sequence[int], n_layers: int,
                    field: str = "layers") -> list[tuple[str, str]]:
     """Problems of a layer selection against a model with ``n_layers`` layers, as (dotted field, message).

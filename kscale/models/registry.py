@@ -2,7 +2,7 @@
 
 An ``Adapter`` per family (``qwen2_5_vl.py``, ``llava.py``, ``llava_next.py``, ...: one file per transformers
 ``model_type``, listed in ``facts.FAMILIES``) answers every architecture question the rest
-of kscale asks: the language model's key/query projection modules (never the vision tower's), the
+of kscale asks: the language model's query/key/value projection modules (never the vision tower's), the
 rotary embedding module (hooked to capture the positions the model really used), the RoPE positions of
 a full sequence, how to run the vision tower, the visual token ids, how samples (``kscale.models.inputs``:
 turns of text and media, several images or videos each) become a padded batch, and the modality tag of
@@ -24,7 +24,7 @@ import torch
 from kscale.models.inputs import Media, Sample, Video
 from kscale.models.facts import (  # noqa: F401  (re-exported: the registry answers every architecture fact)
     FAMILIES, IMAGE, MALORA_TARGET_NAMES, MALORA_TARGETS, MODALITIES, MODALITY_CODES, MODALITY_NAMES, PAD,
-    SPECIAL, TEXT, VIDEO, head_dim, layer_problems, resolve_layers,
+    SPECIAL, TEXT, VIDEO, attention_scaling, head_dim, layer_problems, resolve_layers,
 )
 
 
@@ -335,6 +335,11 @@ class Adapter:
         ``kscale info`` shows: e.g. Qwen3-VL's ``deepstack_layers``. Empty for most families."""
         return {}
 
+    def attention_facts(self, config: dict) -> dict:
+        """How the language model scales q·k before its softmax (``facts.attention_scaling`` of the text
+        config), recorded with the model in the store: what query-key analyses multiply by."""
+        return attention_scaling(config.get("text_config") or config)
+
     # -- module locations (language model only)
     def decoder_layers(self, model) -> list[torch.nn.Module]:
         return list(model.model.language_model.layers)
@@ -344,6 +349,11 @@ class Adapter:
 
     def query_modules(self, model) -> list[torch.nn.Module]:
         return [layer.self_attn.q_proj for layer in self.decoder_layers(model)]
+
+    def value_modules(self, model) -> list[torch.nn.Module]:
+        """The value projections, (B, T, Hkv*D): no family here normalises or rotates values
+        (``v_proj``'s output is what attention averages; Gemma 3n's ``v_norm`` would need its own adapter)."""
+        return [layer.self_attn.v_proj for layer in self.decoder_layers(model)]
 
     def malora_parent(self, target: str) -> str:
         """Sub-module of a decoder layer that holds MaLoRA target ``target`` (``MALORA_TARGETS``)."""

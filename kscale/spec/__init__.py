@@ -199,7 +199,8 @@ class AttentionSpec:
         "appends each record's answer to its prompt, so answer tokens are stored as text keys too).", "after_image")
     last_k: int = doc("k for `queries: last_k`.", 8)
     query_chunk: int = doc("Queries processed at once (memory is O(T x chunk)).", 256)
-    store_queries: bool = doc("Also store query vectors (same sampling and layout as keys).", False)
+    store_queries: bool = doc("Also store query vectors (same sampling and layout as keys); the same as adding "
+                              "`q` to `extract.vectors`.", False)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -212,10 +213,25 @@ class ExtractSpec:
     max_seq_len: int = doc("Longest sequence accepted; longer samples are recorded as errors and skipped.", 4096,
                            ge=8)
     key_dtype: Literal["float16", "float32"] = doc("dtype of stored keys. Non-finite values are an error.", "float16")
+    vectors: list[Literal["q", "k", "v"]] = doc(
+        "Vectors to store, each hooked on its own projection: k (keys, per KV head; always stored: the token "
+        "table lives with them), q (queries, per query head reading the kept KV heads), v (values, per KV head). "
+        "q and k are stored pre-RoPE; see docs/store.md.", factory=lambda: ["k"])
     attention: AttentionSpec = doc("Attention statistics (see docs/attention.md).", factory=AttentionSpec)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The vectors written, in ``q, k, v`` order: ``vectors`` plus q with ``attention.store_queries``."""
+        want = set(self.vectors) | ({"q"} if self.attention.store_queries else set())
+        return tuple(k for k in ("q", "k", "v") if k in want)
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
+        if "k" not in self.vectors:
+            out.append(("vectors", f"{self.vectors} lacks k: keys are always stored (they carry the token table "
+                                   "every kind is aligned with)"))
+        if len(set(self.vectors)) != len(self.vectors):
+            out.append(("vectors", f"duplicate kinds in {self.vectors}"))
         if self.heads != "all" and len(set(self.heads)) != len(self.heads):
             out.append(("heads", f"duplicate indices in {self.heads}"))
         if self.layers != "all" and len(set(self.layers)) != len(self.layers):
@@ -295,6 +311,10 @@ class JobSpec:
         d.pop("resources", None)
         d.pop("cluster", None)
         d["output"].pop("if_exists", None)
+        if (d.get("extract") or {}).get("vectors") == ["k"]:  # the default: fingerprints of older stores hold
+            d["extract"].pop("vectors")
+        if (d.get("analyze") or {}).get("vector") == "k":
+            d["analyze"].pop("vector")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -15,13 +15,13 @@ from typing import Literal
 from kscale.spec.fields import doc
 
 
-def store_problems(stores: list[str]) -> list[str]:
+def store_problems(stores: list[str], vector: str = "k") -> list[str]:
     """Why each listed input store cannot be read (missing, or not a kscale key store), checked at
     validation so ``kscale validate`` reports it with every other problem instead of a StoreError later.
 
     A missing store is reported only when its parent folder is visible here: a job rendered for a cluster
     names stores on the cluster's filesystem (``/shared/...``), which this machine may not mount."""
-    from kscale.store.layout import is_store
+    from kscale.store.layout import is_store, read_root_attrs, store_vectors
 
     out = []
     for i, s in enumerate(stores):
@@ -31,6 +31,9 @@ def store_problems(stores: list[str]) -> list[str]:
                 out.append(f"[{i}] {s!r} does not exist")
         elif not is_store(p):
             out.append(f"[{i}] {s!r} is not a kscale key store (no kscale-keys root attributes)")
+        elif vector not in store_vectors(read_root_attrs(p)):
+            out.append(f"[{i}] {s!r} holds no {vector} vectors (it holds {', '.join(store_vectors(read_root_attrs(p)))}"
+                       f"; extract with extract.vectors including {vector}), which analyze.vector asks for")
     return out
 
 
@@ -131,7 +134,11 @@ class DaskConfig:
 class AnalyzeConfig:
     stores: list[str] = doc("key store paths (one result set each)", factory=list)
     layers: Literal["all"] | list[int] = doc("model layers to analyse", "all")
-    heads: Literal["all"] | list[int] = doc("KV heads analysed one by one; heads pooled is always added", "all")
+    vector: Literal["k", "q", "v"] = doc(
+        "which stored vectors to compare: k (keys), q (queries) or v (values); the store must hold them "
+        "(extract.vectors)", "k")
+    heads: Literal["all"] | list[int] = doc("KV heads analysed one by one (query heads with vector: q); heads "
+                                            "pooled is always added", "all")
     pooled: bool = doc("add rows for all selected heads pooled (head = -1)", True)
     image_modality: Literal["image", "video"] = doc("the visual side: image or video", "image")
     comparisons: list[Literal["cross", "intra_text", "intra_image"]] = doc(
@@ -160,7 +167,7 @@ class AnalyzeConfig:
                 if not self.mmd.bandwidths.get(how, 0) > 0:
                     problems.append((f"mmd.bandwidths.{how}", "bandwidth_policy fixed needs a bandwidth > 0 "
                                                                "for every normalisation"))
-        problems += [("stores", m) for m in store_problems(self.stores)]
+        problems += [("stores", m) for m in store_problems(self.stores, self.vector)]
         if self.dask.scheduler == "distributed" and self.dask.address and self.dask.scheduler_file:
             problems.append(("dask.address", "give address or scheduler_file, not both"))
         return problems

@@ -23,7 +23,7 @@ from typing import Any
 
 from kscale.output import fence
 from kscale.store.layout import (INDEX_FILE, MODALITIES, StoreError, marker_names, read_marker, read_root_attrs,
-                                 write_json_atomic)
+                                 store_vectors, write_json_atomic)
 
 INDEX_FORMAT = "kscale-index"
 INDEX_VERSION = 1
@@ -150,11 +150,18 @@ def summarize(store: str | Path, attrs: dict[str, Any], index: Index) -> dict[st
         "layers": list(attrs["layers"]),
         "heads": list(attrs["heads"]),
         "head_dim": int(attrs["head_dim"]),
+        "vectors": list(store_vectors(attrs)),  # q, k, v (extract.vectors)
         "key_dtype": attrs.get("key_dtype"),
         **({"key_source": attrs["key_source"]} if "key_source" in attrs else {}),  # k_proj or k_norm output
         "key_bytes": sum(r["key_bytes"] for r in rows),
         "disk_bytes": disk,
     }
+    if "q" in out["vectors"]:
+        m = attrs["model"]
+        G = m["num_heads"] // m["num_kv_heads"]
+        out["query_heads"] = [h * G + g for h in attrs["heads"] for g in range(G)]  # those reading the kept KV heads
+    if "attention_scaling" in attrs.get("model", {}):  # what the model multiplies q·k by
+        out["attention_scaling"] = attrs["model"]["attention_scaling"]
     if "deepstack_layers" in attrs.get("model", {}):  # Qwen3-VL: visual features injected after these layers
         out["deepstack_layers"] = list(attrs["model"]["deepstack_layers"])
     prompt = attrs.get("prompt_template")  # the whole template is in the root attributes

@@ -13,7 +13,9 @@ Version 2 (written today)::
             tokens  (token, field) int64, chunks (c, F), zstd + crc32c; fields ``token_fields(R)``:
                     sample_id, position, token_id, image_index, rope_0 .. rope_{R-1}, and in stores whose
                     root attrs list ``token_fields`` (written since videos) video_index, frame, time_ms
-          attention/ queries/        optional side tables and query vectors (crc32c too)
+          queries/<modality>/queries (layer, token, q_head, head_dim)  with ``extract.vectors`` holding q: laid
+          values/<modality>/values   (layer, token, kv_head, head_dim)  out and checked like keys, same rows
+          attention/                 optional side tables (crc32c too)
         sNNNNNN.done.json            commit marker, created exclusively, last: stats, errors, every file + size
         sNNNNNN.damaged-<time>.json  a marker moved aside by ``kscale verify --repair`` (not committed)
       _progress.json                 live progress of the running / last job
@@ -55,6 +57,12 @@ TABLE_COLUMNS = {  # the reader's token columns and their dtypes (v1: one array 
 VIDEO_FIELDS = ("video_index", "frame", "time_ms")  # after the rope fields; absent from older stores
 COLUMN_FILL = -1  # what a column a store does not hold reads as (VIDEO_FIELDS of a store written before them)
 KEY_DIMS = ("layer", "token", "kv_head", "head_dim")
+# The vectors a store can hold, each hooked on its own projection (``extract.vectors``): queries per query
+# head (those reading the kept KV heads), keys and values per kept KV head. Keys are always written (their
+# group carries the token table every kind's rows are aligned with); q and v sit in their own groups.
+VECTOR_KINDS = ("q", "k", "v")
+VECTOR_GROUPS = {"q": "queries", "v": "values"}  # top-level group of q/v in a shard (keys: the modality groups)
+VECTOR_DIMS = {"q": ("layer", "token", "q_head", "head_dim"), "k": KEY_DIMS, "v": KEY_DIMS}
 TOKEN_DIMS = ("token", "field")
 INDEX_FILE = "_index.json"
 # Zarr array options of every layout-2 array: flat chunk files (``c.0.3.0.0``, the names readers and
@@ -98,6 +106,24 @@ def staging_dir(store: str | Path, shard_name: str, pid: int | None = None) -> P
 
 def marker_path(store: str | Path, shard_name: str) -> Path:
     return Path(store) / "shards" / f"{shard_name}{MARKER_SUFFIX}"
+
+
+def vector_array(kind: str, modality: str) -> str:
+    """Path inside a shard of the ``kind`` vectors of ``modality``: ``image/keys``, ``queries/image/queries``,
+    ``values/image/values`` (q as ``extract.attention.store_queries`` always wrote it)."""
+    if kind == "k":
+        return f"{modality}/keys"
+    g = VECTOR_GROUPS[kind]
+    return f"{g}/{modality}/{g}"
+
+
+def store_vectors(attrs: dict[str, Any]) -> tuple[str, ...]:
+    """The kinds a store holds, from its root attributes: ``vectors`` (written since q/k/v peers), else keys,
+    plus q where the spec stored queries (``extract.attention.store_queries``, before ``vectors`` existed)."""
+    if attrs.get("vectors"):
+        return tuple(k for k in VECTOR_KINDS if k in attrs["vectors"])
+    extract = (attrs.get("spec") or {}).get("extract") or {}
+    return ("q", "k") if (extract.get("attention") or {}).get("store_queries") else ("k",)
 
 
 def keys_chunk_file(shard_tokens_index: int) -> str:

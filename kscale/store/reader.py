@@ -36,7 +36,7 @@ from dask.highlevelgraph import HighLevelGraph
 from kscale.store.index import Index, load_index, shard_errors, summarize
 from kscale.store.layout import (COLUMN_FILL, MODALITIES, TABLE_COLUMNS, VIDEO_FIELDS, StoreError, field_slice,
                                  keys_chunk_file, read_marker, read_root_attrs, shard_dir, store_token_fields,
-                                 token_fields, tokens_chunk_file)
+                                 store_vectors, token_fields, tokens_chunk_file)
 
 
 class StoreDamaged(StoreError):
@@ -366,11 +366,25 @@ class KeyStore:
                  "key_dtype": self.attrs["key_dtype"]}
         return xr.DataArray(keys, dims=("token", "kv_head", "head_dim"), coords=coords, name="key", attrs=attrs)
 
-    def queries(self, layer: int, modality: str, rope: bool = False) -> da.Array:
-        """Stored query vectors (``extract.attention.store_queries``), laid out like ``keys``."""
-        from kscale.store.queries import read_queries
+    @property
+    def vector_kinds(self) -> tuple[str, ...]:
+        """The kinds of vectors the store holds ("q", "k", "v"; ``extract.vectors``)."""
+        return store_vectors(self.attrs)
 
-        return read_queries(self, layer, modality, rope)
+    def vectors(self, kind: str, layer: int, modality: str, heads: list[int] | None = None,
+                rope: bool = False) -> da.Array:
+        """(N, H, D) stored ``kind`` vectors ("q", "k" or "v") of one layer and modality, rows aligned with
+        ``keys``; ``heads`` are the model's query heads for q, KV heads for k and v; ``rope`` rotates q or k
+        (values have none). ``keys(...)`` is ``vectors("k", ...)`` (:mod:`kscale.store.queries`)."""
+        if kind == "k":
+            return self.keys(layer, modality, heads, rope)
+        from kscale.store.queries import read_vectors
+
+        return read_vectors(self, kind, layer, modality, heads, rope)
+
+    def queries(self, layer: int, modality: str, rope: bool = False) -> da.Array:
+        """Stored query vectors of every stored query head: ``vectors("q", layer, modality, rope=rope)``."""
+        return self.vectors("q", layer, modality, rope=rope)
 
     def token_column(self, modality: str, name: str) -> da.Array:
         """One token column, lazily: (N,) or (N, R) for ``rope_pos``, chunked like ``keys``' token axis

@@ -28,7 +28,11 @@ import zarr
 
 from kscale.store.chunks import file_crc32c
 from kscale.store.index import build_index, write_index
-from kscale.store.layout import MODALITIES, marker_path, marker_names, read_marker, shard_dir
+from kscale.store.layout import (MODALITIES, VECTOR_GROUPS, marker_path, marker_names, read_marker, read_root_attrs,
+                                 shard_dir, store_vectors, vector_array)
+
+# Arrays (by name) whose token axis must hold the marker's rows: keys and tokens, and the q/v vectors.
+ROW_ARRAYS = ("/keys", "/tokens", *(f"/{g}" for g in VECTOR_GROUPS.values()))
 
 
 @dataclass(frozen=True)
@@ -91,9 +95,9 @@ def _check_arrays(store: Path, shard: str, marker: dict, quick: bool) -> list[Da
             out.append(Damage(shard, rel, "zarr.json", f"{type(e).__name__}: {e}"))
             continue
         mod = rel.split("/")[-2] if rel.count("/") else ""
-        if rel.endswith(("/keys", "/tokens")) and mod in MODALITIES:
+        if rel.endswith(ROW_ARRAYS) and mod in MODALITIES:  # keys, tokens, queries, values: rows of the shard
             want = marker["tokens"].get(mod, 0)
-            n = arr.shape[1] if rel.endswith("/keys") else arr.shape[0]
+            n = arr.shape[0] if rel.endswith("/tokens") else arr.shape[1]
             if n != want:
                 out.append(Damage(shard, rel, "", f"{n} tokens stored, marker says {want}"))
                 continue
@@ -132,9 +136,12 @@ def _check_v1(store: Path, shard: str, marker: dict, quick: bool) -> list[Damage
     return out
 
 
-def check_shard(store: str | Path, shard: str, quick: bool = False) -> list[Damage]:
-    """Every problem of one committed shard (empty when it is sound)."""
+def check_shard(store: str | Path, shard: str, quick: bool = False,
+                kinds: tuple[str, ...] | None = None) -> list[Damage]:
+    """Every problem of one committed shard (empty when it is sound). ``kinds``: the vectors the store holds
+    (``layout.store_vectors``; read from the root when None): each must be listed for every modality."""
     store = Path(store)
+    kinds = store_vectors(read_root_attrs(store)) if kinds is None else kinds
     try:
         marker = read_marker(store, shard)
         if not isinstance(marker.get("tokens"), dict):
@@ -158,8 +165,11 @@ def check_shard(store: str | Path, shard: str, quick: bool = False) -> list[Dama
         if got != size:
             out.append(Damage(shard, *_where(rel), f"{got} bytes, marker says {size} (truncated or rewritten)"))
     for m in MODALITIES:
-        if marker["tokens"].get(m, 0) and f"{m}/keys/zarr.json" not in files:
-            out.append(Damage(shard, m, "", f"marker says {marker['tokens'][m]} tokens but lists no keys"))
+        for kind in kinds:
+            array = vector_array(kind, m)
+            if marker["tokens"].get(m, 0) and f"{array}/zarr.json" not in files:
+                out.append(Damage(shard, m if kind == "k" else array, "", f"marker says {marker['tokens'][m]} tokens but lists no "
+                                                    f"{array.rsplit('/', 1)[1]}"))
     if out:
         return out
     return _check_metadata(store, shard, marker) or _check_arrays(store, shard, marker, quick)
@@ -185,7 +195,8 @@ def verify_store(store: str | Path, quick: bool = False, workers: int = 8,
             unchecked += [n for n, ok in zip(names, pool.map(lambda n: has_meta_checksums(store, n), names))
                           if not ok]
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        found = list(pool.map(lambda n: check_shard(store, n, quick), names))
+        kinds = store_vectors(read_root_attrs(store)) if names else ()
+        found = list(pool.map(lambda n: check_shard(store, n, quick, kinds), names))
     return [d for ds in found for d in ds]
 
 

@@ -15,10 +15,15 @@ Keys use Zarr's sharding codec: one file per ``chunk_tokens`` rows holding every
 per layer (reading one layer reads only its bytes), crc32c on every inner chunk and on the shard index.
 The token table is one int64 array (token, field), zstd + crc32c.
 
+Queries and values (``vectors``: "q", "v") are written beside keys in the same way: the same rows, the same
+chunking and sharding, one more file per ``chunk_tokens`` rows and kind, in ``queries/<modality>/queries``
+and ``values/<modality>/values`` (``layout.vector_array``).
+
 Memory per writer is bounded: per modality at most ``chunk_tokens - 1`` buffered rows plus the batch
 being appended, and at most ``max_inflight`` whole blocks queued or being written (``append`` waits for
-the oldest write beyond that). With L layers, H heads, D dims and b bytes per value that is about
-``(4 * (chunk_tokens + batch_tokens) + max_inflight * chunk_tokens) * L * H * D * b`` (4 modalities).
+the oldest write beyond that). With L layers, H KV heads, D dims and b bytes per value that is about
+``(4 * (chunk_tokens + batch_tokens) + max_inflight * chunk_tokens) * L * H' * D * b`` (4 modalities),
+``H' = H`` for keys alone, ``+ G * H`` with queries (G query heads per KV head), ``+ H`` with values.
 
 Legend: L layers, N tokens, H kv heads, D head dim, R rope rows, F token fields.
 """
@@ -39,9 +44,9 @@ from zarr.codecs import Crc32cCodec, ZstdCodec  # side tables (attention)
 from kscale.output import create_json_exclusive, fence, read_json, write_json_atomic
 from kscale.store.chunks import (file_crc32c, fsync_path, write_array_meta, write_group_meta, write_key_shard,
                                  write_table_chunk)
-from kscale.store.layout import (COLUMN_FILL, KEY_DIMS, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
-                                 VIDEO_FIELDS, keys_chunk_file, marker_path, shard_dir, staging_dir, token_fields,
-                                 tokens_chunk_file)
+from kscale.store.layout import (COLUMN_FILL, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
+                                 VECTOR_DIMS, VECTOR_GROUPS, VIDEO_FIELDS, keys_chunk_file, marker_path, shard_dir,
+                                 staging_dir, token_fields, tokens_chunk_file, vector_array)
 
 
 FSYNC_THREADS = 16  # concurrent fsyncs at commit
@@ -70,31 +75,36 @@ def token_table(cols: dict[str, np.ndarray], rope_rows: int, video: bool = False
 
 
 class _ModalityBuffer:
-    """Rows of one modality of one shard. Arrays are created at the first write with its size and
-    resized by later writes (only whole chunks until the final one). Every file is written with
-    ``kscale.store.chunks`` (what zarr would write, without its per-chunk overhead)."""
+    """Rows of one modality of one shard: keys, the token table and, when the store holds them, the q/v
+    vectors of the same rows. Arrays are created at the first write with its size and resized by later
+    writes (only whole chunks until the final one). Every file is written with ``kscale.store.chunks``
+    (what zarr would write, without its per-chunk overhead); every kind is chunked and checked like keys."""
 
     def __init__(self, modality: str, writer: ShardWriter):
-        self.folder, self.w = writer.dir / modality, writer
+        self.modality, self.folder, self.w = modality, writer.dir / modality, writer
         write_group_meta(self.folder, {})
+        for kind in writer.vectors:
+            write_group_meta(writer.dir / VECTOR_GROUPS[kind] / modality, {})
         self.chunk, self.n_written = writer.chunk, 0
         self.c = 0  # rows per chunk file, fixed by the first write
-        self.pending_keys: list[np.ndarray] = []
+        self.pending: dict[str, list[np.ndarray]] = {kind: [] for kind in ("k", *writer.vectors)}
         self.pending_table: list[np.ndarray] = []
         self.n_pending = 0
 
-    def _meta(self, keys_LNHD: np.ndarray, table_NF: np.ndarray, n: int) -> None:
-        L, _, H, D = keys_LNHD.shape
+    def _meta(self, vectors: dict[str, np.ndarray], table_NF: np.ndarray, n: int) -> None:
         c = self.c
-        write_array_meta(self.folder / "keys", (L, n, H, D), keys_LNHD.dtype, (L, c, H, D), KEY_DIMS, {},
-                         inner=(1, c, H, D), zstd=self.w.compress_keys)
+        for kind, v_LNHD in vectors.items():
+            L, _, H, D = v_LNHD.shape
+            write_array_meta(self.w.dir / vector_array(kind, self.modality), (L, n, H, D), v_LNHD.dtype,
+                             (L, c, H, D), VECTOR_DIMS[kind], {}, inner=(1, c, H, D), zstd=self.w.compress_keys)
         write_array_meta(self.folder / "tokens", (n, table_NF.shape[1]), table_NF.dtype, (c, table_NF.shape[1]),
                          TOKEN_DIMS, {"fields": list(token_fields(self.w.R, self.w.video))})
 
-    def append(self, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
-        self.pending_keys.append(keys_LNHD)
+    def append(self, vectors: dict[str, np.ndarray], table_NF: np.ndarray) -> None:
+        for kind, part in self.pending.items():
+            part.append(vectors[kind])
         self.pending_table.append(table_NF)
-        self.n_pending += keys_LNHD.shape[1]
+        self.n_pending += len(table_NF)
         if self.n_pending >= self.chunk:
             self.flush(final=False)
 
@@ -102,17 +112,17 @@ class _ModalityBuffer:
         """Write buffered rows: whole chunks only, unless ``final``."""
         if not self.n_pending:
             return
-        keys = np.concatenate(self.pending_keys, axis=1)
+        vectors = {kind: np.concatenate(p, axis=1) for kind, p in self.pending.items()}
         table = np.concatenate(self.pending_table, axis=0)
-        n = keys.shape[1] if final else (keys.shape[1] // self.chunk) * self.chunk
+        n = len(table) if final else (len(table) // self.chunk) * self.chunk
         a, b = self.n_written, self.n_written + n
-        self.w.submit(self._write, a, b, keys[:, :n], table[:n])
+        self.w.submit(self._write, a, b, {kind: v[:, :n] for kind, v in vectors.items()}, table[:n])
         self.n_written = b
-        self.pending_keys = [keys[:, n:]] if n < keys.shape[1] else []
+        self.pending = {kind: [v[:, n:]] if n < len(table) else [] for kind, v in vectors.items()}
         self.pending_table = [table[n:]] if n < len(table) else []
-        self.n_pending = keys.shape[1] - n
+        self.n_pending = len(table) - n
 
-    def _write(self, a: int, b: int, keys_LNHD: np.ndarray, table_NF: np.ndarray) -> None:
+    def _write(self, a: int, b: int, vectors: dict[str, np.ndarray], table_NF: np.ndarray) -> None:
         """Rows [a, b) (``a`` on a chunk boundary): the arrays' metadata, then each chunk file whole."""
         if not self.c:
             # A first write is either whole chunks or, in a shard holding fewer than chunk_tokens rows of this
@@ -121,10 +131,11 @@ class _ModalityBuffer:
             self.c = min(self.chunk, b - a)
         c = self.c
         assert a % c == 0, (a, c)
-        self._meta(keys_LNHD, table_NF, b)
+        self._meta(vectors, table_NF, b)
         for i in range(a, b, c):
-            write_key_shard(self.folder / "keys" / keys_chunk_file(i // c), keys_LNHD[:, i - a:i - a + c], c,
-                            self.w.compress_keys)
+            for kind, v_LNHD in vectors.items():
+                write_key_shard(self.w.dir / vector_array(kind, self.modality) / keys_chunk_file(i // c),
+                                v_LNHD[:, i - a:i - a + c], c, self.w.compress_keys)
             write_table_chunk(self.folder / "tokens" / tokens_chunk_file(i // c), table_NF[i - a:i - a + c], c)
 
 
@@ -164,7 +175,9 @@ def sweep_staging(store: str | Path) -> list[str]:
 class ShardWriter:
     def __init__(self, store: str | Path, shard_name: str, *, n_layers: int, n_heads: int, head_dim: int,
                  rope_rows: int, key_dtype: str, chunk_tokens: int, compress_keys: bool = False,
-                 max_inflight: int = 2):
+                 max_inflight: int = 2, vectors: tuple[str, ...] = ()):
+        """``vectors``: the kinds written beside keys ("q", "v"; ``layout.VECTOR_KINDS``), each given to
+        every ``append`` for the same rows as the keys."""
         self.store, self.name, self.dir = Path(store), shard_name, None
         self._refuse_committed()  # checked before anything is deleted
         fence(self.store)  # a run whose store lock was taken over writes nothing (kscale.output.fence)
@@ -173,6 +186,9 @@ class ShardWriter:
             shutil.rmtree(old, ignore_errors=True)
         self.dir = staging_dir(store, shard_name)
         write_group_meta(self.dir, {"shard": shard_name})
+        self.vectors = tuple(k for k in ("q", "v") if k in vectors)
+        for kind in self.vectors:
+            write_group_meta(self.dir / VECTOR_GROUPS[kind], {})
         self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"kscale-write-{shard_name}")
         self.inflight: deque[Future] = deque()
         self.max_inflight = max_inflight
@@ -182,6 +198,7 @@ class ShardWriter:
         self.buffers: dict[str, _ModalityBuffer] = {}
         self.tables: dict[str, list[dict[str, np.ndarray]]] = {}
         self.bytes_written = 0
+        self.vector_bytes = dict.fromkeys(self.vectors, 0)
         self.tokens = {m: 0 for m in MODALITIES}
 
     def _refuse_committed(self) -> None:
@@ -196,15 +213,27 @@ class ShardWriter:
             self.inflight.popleft().result()  # re-raises a failed write here, before any commit marker
         self.inflight.append(self.pool.submit(fn, *args))
 
-    def append(self, modality: str, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray]) -> None:
+    def append(self, modality: str, keys_LNHD: np.ndarray, cols: dict[str, np.ndarray],
+               vectors: dict[str, np.ndarray] | None = None) -> None:
+        """Rows of one modality: keys (L, N, H, D), their token columns and, for each kind of ``self.vectors``,
+        that kind's (L, N, H', D) vectors of the same rows."""
         if keys_LNHD.shape[1] == 0:
             return
+        vectors = vectors or {}
+        if sorted(vectors) != sorted(self.vectors):
+            raise ValueError(f"shard {self.name}: append got vectors {sorted(vectors)}, the writer writes "
+                             f"{sorted(self.vectors)}")
         buf = self.buffers.get(modality)
         if buf is None:
             buf = self.buffers[modality] = _ModalityBuffer(modality, self)
         self.tokens[modality] += keys_LNHD.shape[1]
         self.bytes_written += keys_LNHD.nbytes
-        buf.append(keys_LNHD.astype(self.key_dtype, copy=False), token_table(cols, self.R, self.video))
+        for kind, v in vectors.items():
+            assert v.shape[1] == keys_LNHD.shape[1], (kind, v.shape, keys_LNHD.shape)
+            self.vector_bytes[kind] += v.nbytes
+        buf.append({"k": keys_LNHD.astype(self.key_dtype, copy=False),
+                    **{kind: v.astype(self.key_dtype, copy=False) for kind, v in vectors.items()}},
+                   token_table(cols, self.R, self.video))
 
     def append_table(self, name: str, cols: dict[str, np.ndarray]) -> None:
         """Add rows to a per-shard side table (e.g. per-sample attention statistics), written at commit."""
@@ -255,7 +284,7 @@ class ShardWriter:
             self.pool.shutdown(wait=True)
         files, checksums = self._files()  # fsyncs every file and folder of the shard
         marker = {**stats, "tokens": self.tokens, "key_bytes": self.bytes_written, "errors": errors,
-                  "layout": SHARD_LAYOUT, "chunk_tokens": self.chunk, "files": files, "meta_crc32c": checksums,
+                  **({"vector_bytes": self.vector_bytes} if self.vectors else {}), "layout": SHARD_LAYOUT, "chunk_tokens": self.chunk, "files": files, "meta_crc32c": checksums,
                   "groups": sorted({f.split("/", 1)[0] for f in files if "/" in f})}
         final = shard_dir(self.store, self.name)
         fence(self.store)  # the lock is still ours: nothing is published beside the run that took it over

@@ -19,7 +19,7 @@ from click.testing import CliRunner
 import kscale.store
 from kscale.cli import main
 from kscale.store.layout import STORE_FORMAT, marker_path, read_marker, shard_dir
-from kscale.store.queries import QueryWriter
+from tests.store_queries_v2 import QueryWriter
 from kscale.store.reader import StoreDamaged
 from kscale.store.verify import verify_store
 from kscale.store.writer import ShardWriter
