@@ -273,15 +273,17 @@ def store(tmp_path_factory):
     return spec, kscale.store.open(spec.output.path)
 
 
-@pytest.mark.parametrize("attention", [{"enabled": True}, {"store_queries": True}])
-def test_extract_refuses_attention_and_queries(tmp_path, attention) -> None:
-    """Llama 4 does not offer attention statistics or queries (``supports``): the stage says so up front."""
+@pytest.mark.parametrize("extract, field", [({"attention": {"enabled": True}}, "extract.attention.enabled"),
+                                            ({"attention": {"store_queries": True}}, "extract.attention.store_queries"),
+                                            ({"vectors": ["q", "k"]}, "extract.vectors")])
+def test_extract_refuses_attention_and_queries(tmp_path, extract, field) -> None:
+    """Llama 4 does not offer attention statistics or queries (``supports``): the stage says so up front,
+    however queries are asked for (``attention.store_queries`` or ``vectors: [q, ...]``)."""
     from kscale.extract.run import run_extract
 
     d = extract_spec(tmp_path, model="debug:llama4", data={"generated": {"n_samples": 2, "image_size": 56}},
-                     extract={"attention": attention})
-    field = "enabled" if "enabled" in attention else "store_queries"
-    with pytest.raises(ValueError, match=rf"extract.attention.{field}: model family 'llama4' does not support"):
+                     extract=extract)
+    with pytest.raises(ValueError, match=rf"{field}: model family 'llama4' does not support"):
         run_extract(spec_from_dict(d), executor=None)
     assert not (tmp_path / "store").exists()
 
