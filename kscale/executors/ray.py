@@ -17,12 +17,17 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
+import time
 from collections import deque
 from concurrent.futures import Future
 
 import ray
+from tqdm import tqdm
 
 from kscale.executors.base import ShardPool
+
+_POLL_S = 1.0  # how often the driver looks at the placement clock while nothing returns
 
 
 @ray.remote(concurrency_groups={"commit": 1})
@@ -78,6 +83,10 @@ class ShardActor:
         self.m_seconds.set(marker.get("seconds", 0.0))
         return marker
 
+    def ready(self) -> str:
+        """Answers once the constructor returned (Ray placed the actor and the stage is set up): its node id."""
+        return self.node
+
     def pid(self) -> int:
         return os.getpid()
 
@@ -120,25 +129,53 @@ class RayExecutor(ShardPool):
                                       self.stage_module, spec, threads)
 
     def run_shards(self, spec, shards: list) -> None:
+        """Shards go only to placed workers: each actor first answers ``ready`` (its constructor returned, so Ray
+        found it a node and the stage is set up); until then it holds no shard. So workers that the cluster has
+        no room for (more workers than it holds, or no room left after a node loss) wait without holding work,
+        and the placed ones do it all. While no worker at all is placed for ``resources.placement_timeout_s``
+        the run fails naming the resources each worker asks for (:meth:`_unplaceable`); a slot whose constructor
+        fails ``max_retries + 1`` times in a row is given up, and the run fails when no slot is left."""
         n = min(spec.resources.workers, len(shards))
+        self.actors = [None] * n
         generation = [0] * n
-        self.actors = [self._make_actor(spec, i, 0) for i in range(n)]
+        placed = [False] * n  # the constructor returned: the worker takes shards
+        starting = [False] * n  # a ``start`` in flight: the actor takes its next shard when it returns
+        ctor_failures = [0] * n  # constructor failures of each slot in a row
+        retired = [False] * n  # a slot given up after too many constructor failures
+        node: list[str | None] = [None] * n  # the Ray node of each actor, known once it is placed
         pending = deque(shards)
         inflight: dict = {}  # ObjectRef -> (call, worker index, actor generation, shard)
-        starting = [False] * n  # a ``start`` in flight: the actor takes its next shard when it returns
-        node: list[str | None] = [None] * n  # the Ray node of each actor, known once a ``start`` returned
+
+        def launch(i: int) -> None:
+            self.actors[i] = self._make_actor(spec, i, generation[i])
+            placed[i] = starting[i] = False
+            inflight[self.actors[i].ready.remote()] = ("ready", i, generation[i], None)
 
         def start(i: int) -> None:
-            if pending and not starting[i]:
+            if placed[i] and pending and not starting[i]:
                 shard = pending.popleft()
                 inflight[self.actors[i].start.remote(shard)] = ("start", i, generation[i], shard)
                 starting[i] = True
 
+        def working() -> bool:  # shards left, or some in flight (a ``ready`` alone is no work)
+            return bool(pending) or any(c[0] != "ready" for c in inflight.values())
+
         try:
             for i in range(n):
-                start(i)
-            while inflight:
-                ready, _ = ray.wait(list(inflight), num_returns=1)
+                launch(i)
+            unplaced_since: float | None = time.monotonic()  # since when no worker is placed (None: one is)
+            while working():
+                if not inflight:
+                    raise RuntimeError("no Ray worker could start (see the errors above)")
+                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_POLL_S)
+                if any(placed):
+                    unplaced_since = None
+                elif unplaced_since is None:
+                    unplaced_since = time.monotonic()
+                if not ready:
+                    if unplaced_since is not None and time.monotonic() - unplaced_since > spec.resources.placement_timeout_s:
+                        raise RuntimeError(self._unplaceable(spec, time.monotonic() - unplaced_since))
+                    continue
                 call, i, gen, shard = inflight.pop(ready[0])
                 current = gen == generation[i]  # else the actor was replaced since this call was sent
                 if call == "start" and current:
@@ -153,13 +190,27 @@ class RayExecutor(ShardPool):
                         self.progress.actor_replaced(node[i], node_alive(node[i]))
                         node[i] = None
                         generation[i] += 1
-                        self.actors[i] = self._make_actor(spec, i, generation[i])
-                        starting[i] = False
+                        ctor_failures[i] = ctor_failures[i] + 1 if call == "ready" else 0
+                        if ctor_failures[i] >= self.max_attempts:  # its constructor fails: not a shard's fault
+                            retired[i], self.actors[i], placed[i] = True, None, False
+                            tqdm.write(f"kscale: worker {i} failed to start {ctor_failures[i]} times, given up: "
+                                       f"{err}", file=sys.stderr)
+                            if all(retired):
+                                raise RuntimeError(f"no Ray worker could start ({ctor_failures[i]} tries each): "
+                                                   f"{err}") from None
+                        else:
+                            launch(i)
+                    if call == "ready":  # no shard was given to it
+                        continue
                 except ray.exceptions.RayTaskError as e:  # the shard raised (its forwards or its commit)
                     cause = e.cause if e.cause is not None else e
                     err = f"{type(cause).__name__}: {str(cause).splitlines()[0][:500] if str(cause) else ''}"
                 else:
-                    if call == "start":  # the next shard's forwards run while this one commits
+                    if call == "ready":  # placed: from now on it takes shards
+                        if current:
+                            placed[i], node[i], ctor_failures[i] = True, result, 0
+                            start(i)
+                    elif call == "start":  # the next shard's forwards run while this one commits
                         node[i] = result
                         self.at_node[shard.name] = result
                         inflight[self.actors[i].finish.remote(shard.name)] = ("finish", i, gen, shard)
@@ -169,9 +220,28 @@ class RayExecutor(ShardPool):
                     continue
                 if self.failed(shard.name, err):
                     pending.appendleft(shard)
-                for j in range(n):
+                for j in range(n):  # to a placed worker that is free
                     start(j)
         finally:
             for a in self.actors:
-                ray.kill(a, no_restart=True)
+                if a is not None:
+                    ray.kill(a, no_restart=True)
             self.actors = []
+
+    @staticmethod
+    def _unplaceable(spec, waited: float) -> str:
+        """Why the run gives up: what one worker asks for, and what the cluster's nodes have."""
+        r = spec.resources
+        nodes = []
+        try:
+            for nd in ray.nodes():
+                if nd.get("Alive"):
+                    res = nd.get("Resources", {})
+                    nodes.append(f"{res.get('CPU', 0):g} CPU/{res.get('GPU', 0):g} GPU")
+        except Exception:  # noqa: BLE001 - the GCS did not answer: the message goes without the node list
+            pass
+        return (f"no Ray worker could be placed in {waited:.0f} s: each asks for resources.cpus_per_worker="
+                f"{r.cpus_per_worker:g} CPUs and resources.gpus_per_worker={r.gpus_per_worker:g} GPUs on one node, "
+                f"and the cluster's alive nodes have {', '.join(nodes) or 'none'} in all. Lower "
+                f"resources.gpus_per_worker / resources.cpus_per_worker, add nodes, or wait longer "
+                f"(resources.placement_timeout_s={r.placement_timeout_s:g})")
