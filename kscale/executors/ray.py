@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -25,9 +26,24 @@ from concurrent.futures import Future
 import ray
 from tqdm import tqdm
 
+from kscale.errors import KscaleError
 from kscale.executors.base import ShardPool
 
 _POLL_S = 1.0  # how often the driver looks at the placement clock while nothing returns
+_HEAD_CHECK_S = 5.0  # how often, while nothing returns, the driver checks that the head's GCS answers
+_HEAD_GRACE_S = 15.0  # the GCS silent this long: the head is lost (Ray itself ends the driver after 60 s)
+
+
+class RayPoolError(KscaleError):
+    """The Ray pool cannot go on (the CLI prints it without a traceback, exit status 2); what is committed stays."""
+
+
+class PlacementError(RayPoolError):
+    """No worker could be placed (no node has what ``resources.*`` asks for), or none could start."""
+
+
+class RayHeadLost(RayPoolError):
+    """The cluster's head (its GCS) stopped answering mid-run; a rerun on a live cluster resumes."""
 
 
 @ray.remote(concurrency_groups={"commit": 1})
@@ -117,6 +133,7 @@ class RayExecutor(ShardPool):
         super().__init__(stage_module, show_bar)
         self.actors: list = []
         self.at_node: dict[str, str] = {}  # shard name -> node of the actor whose ``start`` ran it last
+        self.head_lost = False  # set when the head's GCS stopped answering (:meth:`_check_head`)
 
     def _make_actor(self, spec, i: int, generation: int):
         r = spec.resources
@@ -164,9 +181,10 @@ class RayExecutor(ShardPool):
             for i in range(n):
                 launch(i)
             unplaced_since: float | None = time.monotonic()  # since when no worker is placed (None: one is)
+            last_head_check = time.monotonic()
             while working():
                 if not inflight:
-                    raise RuntimeError("no Ray worker could start (see the errors above)")
+                    raise PlacementError("no Ray worker could start (see the errors above)")
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=_POLL_S)
                 if any(placed):
                     unplaced_since = None
@@ -174,7 +192,10 @@ class RayExecutor(ShardPool):
                     unplaced_since = time.monotonic()
                 if not ready:
                     if unplaced_since is not None and time.monotonic() - unplaced_since > spec.resources.placement_timeout_s:
-                        raise RuntimeError(self._unplaceable(spec, time.monotonic() - unplaced_since))
+                        raise PlacementError(self._unplaceable(spec, time.monotonic() - unplaced_since))
+                    if time.monotonic() - last_head_check > _HEAD_CHECK_S:
+                        last_head_check = time.monotonic()
+                        self._check_head(spec)
                     continue
                 call, i, gen, shard = inflight.pop(ready[0])
                 current = gen == generation[i]  # else the actor was replaced since this call was sent
@@ -185,6 +206,7 @@ class RayExecutor(ShardPool):
                     if call == "start" and not current:  # its commit was on the actor that is gone
                         raise ray.exceptions.RayActorError()
                 except ray.exceptions.RayActorError as e:  # the worker process died (each of its calls says so)
+                    self._check_head(spec)  # or the head is gone: then no worker can be replaced
                     err = f"worker died: {type(e).__name__}: {_gist(str(e))}"
                     if current:
                         self.progress.actor_replaced(node[i], node_alive(node[i]))
@@ -196,7 +218,7 @@ class RayExecutor(ShardPool):
                             tqdm.write(f"kscale: worker {i} failed to start {ctor_failures[i]} times, given up: "
                                        f"{err}", file=sys.stderr)
                             if all(retired):
-                                raise RuntimeError(f"no Ray worker could start ({ctor_failures[i]} tries each): "
+                                raise PlacementError(f"no Ray worker could start ({ctor_failures[i]} tries each): "
                                                    f"{err}") from None
                         else:
                             launch(i)
@@ -224,9 +246,33 @@ class RayExecutor(ShardPool):
                     start(j)
         finally:
             for a in self.actors:
-                if a is not None:
+                if a is not None and not self.head_lost:  # without a GCS, ray.kill would wait for it
                     ray.kill(a, no_restart=True)
             self.actors = []
+
+    def _check_head(self, spec) -> None:
+        """Raise :class:`RayHeadLost` when the head's GCS refuses connections for ``_HEAD_GRACE_S`` seconds (a
+        plain TCP connect: every Ray call would instead wait for the GCS, and Ray ends the driver process
+        with a raw log line after 60 s). A GCS that answers again within the grace (a restart) is no loss."""
+        address = ray.get_runtime_context().gcs_address
+        host, _, port = address.rpartition(":")
+        deadline = time.monotonic() + _HEAD_GRACE_S
+        while True:
+            try:
+                socket.create_connection((host, int(port)), timeout=2).close()
+                return
+            except OSError as e:
+                reason = e
+            if time.monotonic() > deadline:
+                break
+            time.sleep(1.0)
+        self.head_lost = True
+        done = self.progress.done + self.progress.skipped if self.progress else 0
+        total = self.progress.total if self.progress else "?"
+        raise RayHeadLost(
+            f"lost the Ray cluster's head: its GCS at {address} has not answered for {_HEAD_GRACE_S:.0f} s "
+            f"({reason}); the head node or its gcs_server died. {done} of {total} shards are committed in "
+            f"{spec.output.path} and kept: start the cluster again and rerun the same job to resume")
 
     @staticmethod
     def _unplaceable(spec, waited: float) -> str:

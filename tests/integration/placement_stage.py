@@ -1,7 +1,9 @@
-"""A stage for the placement tests: every shard succeeds and names the worker process that ran it; when the
-job's name contains ``setup-fails``, ``setup`` (the actor's constructor) raises."""
+"""A stage for the placement tests: the first attempt at shard ``s000001`` fails (so its retry is handed out
+again, while a worker may be waiting to be placed), every other attempt succeeds; when the job's name
+contains ``setup-fails``, ``setup`` (the actor's constructor) raises."""
 
 import os
+from pathlib import Path
 
 
 def setup(spec):
@@ -11,5 +13,10 @@ def setup(spec):
 
 
 def run_shard(spec, shard, state):
-    return {"shard": shard.name, "n_samples_ok": shard.stop - shard.start, "tokens": {"text": 1}, "key_bytes": 10,
-            "pid": state["pid"]}
+    flag = Path(spec.output.path) / f"attempted-{shard.name}"
+    first = not flag.exists()
+    flag.parent.mkdir(parents=True, exist_ok=True)
+    flag.write_text(str(state["pid"]))
+    if shard.name == "s000001" and first:
+        raise RuntimeError("transient (on purpose)")
+    return {"shard": shard.name, "n_samples_ok": shard.stop - shard.start, "tokens": {"text": 1}, "key_bytes": 10}

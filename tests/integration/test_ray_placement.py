@@ -45,12 +45,16 @@ def spec_of(tmp_path, name="t", **resources):
 
 
 def test_workers_ray_cannot_place_hold_no_shard_and_the_run_ends(tmp_path, ray_local):
-    """Three workers of 1 CPU on a 2-CPU Ray: two are placed, the third never is; every shard is done."""
+    """Three workers of 1 CPU on a 2-CPU Ray: two are placed, the third never is; s000001 fails once and is
+    handed out again (to a placed worker: the third would hold it for ever); every shard is done."""
     spec = spec_of(tmp_path, workers=3, cpus_per_worker=1)
     out = run_in_thread(spec, plan_shards(24, 4))
     assert "error" not in out, out
     r = out["result"]
     assert r["state"] == "succeeded" and r["shards_done"] == 6 and r["shards_failed"] == 0, r
+    assert r["retries"] == 1, r
+    pids = {(tmp_path / "store" / f"attempted-s{i:06d}").read_text() for i in range(6)}
+    assert len(pids) <= 2, pids  # two worker processes did all the work
 
 
 def test_no_placeable_worker_fails_naming_the_resources(tmp_path, ray_local):
