@@ -62,8 +62,10 @@ class ShardActor:
         self.stage = importlib.import_module(stage_module)
         self.state = self.stage.setup(spec)
         self.commits: dict[str, Future] = {}  # shard name -> its commit, started and not yet finished
-        tags = {"job": spec.name, "stage": spec.kind}
-        keys = ("job", "stage")
+        # node and host tags: on a many-node cluster each worker's series says where it runs (Prometheus also
+        # scrapes each node separately, but its labels are the scrape target's, not Ray's node id)
+        tags = {"job": spec.name, "stage": spec.kind, "node": self.node, "host": socket.gethostname()}
+        keys = ("job", "stage", "node", "host")
         self.m_shards = metrics.Counter("kscale_shards_done", "Shards committed", tag_keys=keys)
         self.m_samples = metrics.Counter("kscale_samples_done", "Samples processed", tag_keys=keys)
         self.m_tokens = metrics.Counter("kscale_tokens_written", "Tokens written", tag_keys=keys)
