@@ -192,6 +192,41 @@ def test_a_node_killed_mid_run_is_replaced_and_the_store_is_identical(tmp_path, 
     stores_equal(reference, spec.output.path)
 
 
+def test_a_node_lost_with_no_room_left_for_its_replacement_still_ends(tmp_path, nodes, reference):
+    """Nodes of 1 GPU, one worker each: the node holding ``s000002`` is killed, and its replacement cannot be
+    placed (the survivor is full). The replacement holds no shard while it waits; the survivor redoes
+    ``s000002`` and the rest, and the run ends (before the fix the replacement was sent the requeued shard at
+    once and the run never ended); the store equals one process."""
+    from tests.cluster.node_kill_stage import VICTIM
+    from kscale.executors.ray import RayExecutor
+    from kscale.extract.run import run_extract
+
+    a, b = nodes.add(num_gpus=1), nodes.add(num_gpus=1)
+    spec = spec_from_dict(job(tmp_path))
+    note = Path(spec.output.path) / "kill-me.json"
+    killed, result = [], []
+    t = threading.Thread(target=lambda: result.append(
+        run_extract(spec, RayExecutor("tests.cluster.node_kill_stage", show_bar=False))), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 180
+    while not note.exists() and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert note.exists(), "no worker reached the victim shard"
+    victim = json.loads(note.read_text())
+    os.kill(nodes.raylet_pid(victim["node"]), signal.SIGKILL)
+    killed.append(victim)
+    t.join(timeout=240)
+    if _alive(victim["pid"]):  # the lost node's worker (see the test above): ours, by its PID
+        os.kill(victim["pid"], signal.SIGKILL)
+    assert result, "the run did not end within 240 s of the node loss (a worker that cannot be placed holds a shard)"
+    summary = result[0]
+    survivor = ({a, b} - {victim["node"]}).pop()
+    assert summary.shards_failed == 0 and summary.shards_done == 6, summary
+    p = progress(spec.output.path)
+    assert p["shard_nodes"][VICTIM] == survivor and p["replaced_actors"] == 1, p
+    stores_equal(reference, spec.output.path)
+
+
 def _alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
