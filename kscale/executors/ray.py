@@ -1,6 +1,9 @@
 """A pool of named Ray actors that pull shards dynamically, with restarts, retries and quarantine.
 
-One actor per worker (``num_gpus`` from the spec; CPU actors where there is none). Each shard is two
+One actor per worker (``num_gpus`` from the spec; CPU actors where there is none). An actor gets shards only
+once its ``ready`` call returned (Ray placed it and its constructor set the stage up), so a worker the cluster
+has no room for holds none (:meth:`RayExecutor.run_shards` says what happens when none can be placed, and
+:meth:`RayExecutor._check_head` when the head is lost). Each shard is two
 calls on its actor: ``start`` (the forwards; extraction's commit goes on on the actor's drain thread)
 and ``finish`` (waits for that commit and returns the marker, on a thread of its own). When shard k's
 ``start`` returns the driver sends its ``finish`` and shard k+1's ``start`` at once, so shard k commits
@@ -193,8 +196,9 @@ class RayExecutor(ShardPool):
                 elif unplaced_since is None:
                     unplaced_since = time.monotonic()
                 if not ready:
-                    if unplaced_since is not None and time.monotonic() - unplaced_since > spec.resources.placement_timeout_s:
-                        raise PlacementError(self._unplaceable(spec, time.monotonic() - unplaced_since))
+                    waited = time.monotonic() - unplaced_since if unplaced_since is not None else 0.0
+                    if waited > spec.resources.placement_timeout_s:
+                        raise PlacementError(self._unplaceable(spec, waited))
                     if time.monotonic() - last_head_check > _HEAD_CHECK_S:
                         last_head_check = time.monotonic()
                         self._check_head(spec)

@@ -292,7 +292,7 @@ class ShardWriter:
         final = shard_dir(self.store, self.name)
         fence(self.store)  # the lock is still ours: nothing is published beside the run that took it over
         self._refuse_committed()
-        if final.exists():  # a partial shard of a killed run, one un-committed by verify --repair, or a commit in flight
+        if final.exists():  # a killed run's partial shard, one un-committed by verify --repair, or a commit in flight
             self._clear_unmarked(final)
         self._refuse_committed()
         try:

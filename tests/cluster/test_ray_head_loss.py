@@ -54,7 +54,8 @@ class Head:
         # every process of this head (gcs_server, raylet, its Ray workers) inherits the marker: ours, by PID
         self.marker = f"KSCALE_TEST_HEAD={self.temp_dir}"
         with open(self.log, "w") as log:
-            self.proc = subprocess.Popen(cmd, env={**env, "KSCALE_TEST_HEAD": self.temp_dir}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            self.proc = subprocess.Popen(cmd, env={**env, "KSCALE_TEST_HEAD": self.temp_dir}, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
         self._wait(base, base + 3)
 
     def _wait(self, *ports: int, timeout: float = 90) -> None:
