@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -105,6 +106,7 @@ class Head:
                 except ProcessLookupError:
                     pass
             time.sleep(0.5)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -160,7 +161,8 @@ def test_two_ray_nodes_started_as_the_sbatch_body_does_run_the_extraction(tmp_pa
                RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     head_base, worker_base = free_port_block(10), free_port_block(10)
     gcs = f"127.0.0.1:{head_base}"
-    temps = [Path(tempfile.mkdtemp(prefix="ksn-", dir="/tmp")) / f"node{i}" for i in range(2)]  # not yet created:
+    parent = Path(tempfile.mkdtemp(prefix="ksn-", dir="/tmp"))
+    temps = [parent / f"node{i}" for i in range(2)]  # not yet created:
     services = Services(tmp_path, env)  # the wrapper creates each 0700
     ray = [sys.executable, "-m", "ray.scripts.scripts", "start"]
     node = ["--block", "--num-cpus=1", "--num-gpus=1", "--disable-usage-stats"]
@@ -196,8 +198,10 @@ def test_two_ray_nodes_started_as_the_sbatch_body_does_run_the_extraction(tmp_pa
     finally:
         codes = services.stop()
         services.kill()  # whatever did not stop (the assertions below say so)
+        left = [t.exists() for t in temps]
+        shutil.rmtree(parent, ignore_errors=True)
     assert codes == {"ray-worker": 0, "ray-head": 0}, codes
-    assert not any(t.exists() for t in temps), "each wrapper removes its node's temp dir"
+    assert not any(left), "each wrapper removes its node's temp dir"
     host = socket.gethostname().split(".")[0]
     assert (services.logs / host / "ray-head.out").is_file() and (services.logs / host / "ray-worker.out").is_file()
     assert list((services.logs / host).glob("raylet*.out")), "the nodes' Ray logs are kept"
