@@ -256,6 +256,9 @@ class ResourcesSpec:
     cpus_per_worker: float = doc("CPUs per worker.", 1, gt=0)
     max_retries: int = doc("Attempts per shard after the first before it is quarantined.", 2, ge=0)
     torch_threads: int | None = doc("torch intra-op threads per worker (None: leave torch's default).", None, ge=1)
+    placement_timeout_s: float = doc(
+        "Ray executor: seconds to wait while no worker has been placed (no node has the CPUs/GPUs a worker asks "
+        "for) before the run fails naming resources.gpus_per_worker / cpus_per_worker.", 600, gt=0)
 
 
 def _analyze_scheduler_file(spec: "JobSpec", path: str) -> "JobSpec":

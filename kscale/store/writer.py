@@ -33,6 +33,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -172,6 +173,9 @@ def sweep_staging(store: str | Path) -> list[str]:
     return gone
 
 
+COMMIT_RACE_S = 10.0  # a marker-less shard folder younger than this may be another writer's commit in flight
+
+
 class ShardWriter:
     def __init__(self, store: str | Path, shard_name: str, *, n_layers: int, n_heads: int, head_dim: int,
                  rope_rows: int, key_dtype: str, chunk_tokens: int, compress_keys: bool = False,
@@ -206,6 +210,34 @@ class ShardWriter:
             if getattr(self, "dir", None) is not None:
                 shutil.rmtree(self.dir, ignore_errors=True)  # our staging folder: nobody else reads it
             raise ShardCommitted(self.store, self.name)
+
+    def _await_marker(self, final: Path, deadline: float) -> None:
+        """Until ``deadline``, raise ``ShardCommitted`` (our staging removed) as soon as the shard's marker exists."""
+        while time.monotonic() < deadline:
+            self._refuse_committed()
+            time.sleep(0.05)
+        self._refuse_committed()
+
+    def _clear_unmarked(self, final: Path) -> None:
+        """Remove ``shards/<name>/`` that has no marker, unless it is another writer's commit in flight.
+
+        Two writers of one shard can be live at once (a lost node's worker still running and its
+        replacement). A folder renamed into place less than ``COMMIT_RACE_S`` ago (its ctime: a rename
+        updates it) is taken to be another writer's, between its rename and its marker: wait for that
+        marker and yield (``ShardCommitted``) rather than delete the data it is about to name. An older
+        one is a killed run's: renamed aside first (one atomic step, so a folder renamed in after it is
+        never touched), then deleted."""
+        try:
+            renamed_at = final.stat().st_ctime
+        except FileNotFoundError:
+            return
+        self._await_marker(final, time.monotonic() + max(0.0, renamed_at + COMMIT_RACE_S - time.time()))
+        aside = final.with_name(f".{self.name}.tmp-{os.getpid()}-unmarked")  # swept like a staging folder
+        try:
+            os.rename(final, aside)
+        except FileNotFoundError:
+            return
+        shutil.rmtree(aside, ignore_errors=True)
 
     def submit(self, fn, *args) -> None:
         """Queue a write on the background thread; wait for the oldest beyond ``max_inflight``."""
@@ -289,10 +321,14 @@ class ShardWriter:
         final = shard_dir(self.store, self.name)
         fence(self.store)  # the lock is still ours: nothing is published beside the run that took it over
         self._refuse_committed()
-        if final.exists():  # a partial shard of a killed run, or one un-committed by verify --repair
-            shutil.rmtree(final)
+        if final.exists():  # a killed run's partial shard, one un-committed by verify --repair, or a commit in flight
+            self._clear_unmarked(final)
         self._refuse_committed()
-        os.rename(self.dir, final)
+        try:
+            os.rename(self.dir, final)
+        except OSError:  # another writer's folder took the name since we cleared it: its marker follows
+            self._await_marker(final, time.monotonic() + COMMIT_RACE_S)
+            raise
         fsync_path(final.parent)  # the rename is durable before the marker names the shard
         if not create_json_exclusive(marker_path(self.store, self.name), marker):
             raise ShardCommitted(self.store, self.name)  # committed during this commit: `kscale verify` it
