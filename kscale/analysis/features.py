@@ -459,10 +459,11 @@ def _per_sample_rf_fast(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, s
     ``X U^T`` (numpy's BLAS gives a product of >= 2 rows the bits of any larger product holding those rows,
     so they are the reference's values) into buffers the thread reuses, then walks tiles of
     ~``_FAST_TILE_VALUES`` values that stay in cache: per config the argument (``_arg_steps``: one float64
-    product rounded to the dtype, or an exact power-of-two multiple of another config's), cos and sin in
-    the dtype (numpy's float32 loops, the reference's bits), and their float64 column sums per run
-    (:class:`_RunSums`). A block writes the rows of ``out`` of the samples that start in it; the sum of a
-    sample that started in an earlier block goes to a private row added after the join.
+    product rounded to the dtype, or an exact power-of-two multiple of another config's), stacked per
+    normalisation so that one cos and one sin in the dtype (numpy's float32 loops, the reference's bits)
+    serve the stack, and their float64 column sums per run (:class:`_RunSums`). A block writes the rows
+    of ``out`` of the samples that start in it; the sum of a sample that started in an earlier block goes
+    to a private row added after the join.
     """
     D, C = plan.freqs.directions_Dd.shape[0], len(plan.configs)
     out = np.zeros((len(smp.ids_S), C, 2, D))
@@ -529,7 +530,8 @@ class _FastWork:
             projected = {"none" if how == "l2" else how for how in self.groups}
             buf = SimpleNamespace(z={how: np.empty((self.rows, D)) for how in projected}, zl2=np.empty((n, D)),
                                   args=np.empty((G, n, D), dt), vals=np.empty((G, n, D), dt),
-                                  vals64=np.empty((G, n, D)), sums_GD=np.empty((G, D)))
+                                  vals64=np.empty((G, n, D)), sums_G1D=np.empty((G, 1, D)),
+                                  ones_1T=np.ones((1, n)))
             self.local.buf = buf
         return buf
 
@@ -592,14 +594,15 @@ class _Group:
 
 class _RunSums:
     """Float64 column sums of the runs (one sample's rows) of a tile [t, te), added to ``out[sample]`` or
-    to ``private`` for the block's shared sample: one reduction when the tile is one run (most tiles),
-    else one product (run indicator (R, T) @ values (G, T, D))."""
+    to ``private`` for the block's shared sample: the values cast to float64 once, then one product
+    (run indicator (R, T) @ values (G, T, D); R = 1 for most tiles), measured faster than numpy's casting
+    reduction."""
 
     def __init__(self, idx_N: np.ndarray, t: int, te: int, out: np.ndarray, shared: int,
                  private: np.ndarray | None, buf: SimpleNamespace):
         self.buf = buf
         if idx_N[t] == idx_N[te - 1]:  # rows of a sample are contiguous: one run
-            self.ind_RT = None
+            self.ind_RT = buf.ones_1T[:, :te - t]
             self.dest = [private if idx_N[t] == shared else out[idx_N[t]]]
             return
         starts = run_starts(idx_N[t:te])
@@ -610,15 +613,14 @@ class _RunSums:
 
     def add(self, vals_GTD: np.ndarray, configs: slice | np.ndarray, part: int) -> None:
         G, T, D = vals_GTD.shape
-        if self.ind_RT is None:
-            sums = np.add.reduce(vals_GTD, axis=1, dtype=np.float64, out=self.buf.sums_GD[:G])
-            self.dest[0][configs, part] += sums
-            return
         vals64 = vals_GTD
         if vals_GTD.dtype != np.float64:
             vals64 = self.buf.vals64[:G, :T]
             np.copyto(vals64, vals_GTD)
-        sums_GRD = np.matmul(self.ind_RT, vals64)
+        if len(self.dest) == 1:
+            sums_GRD = np.matmul(self.ind_RT, vals64, out=self.buf.sums_G1D[:G])
+        else:
+            sums_GRD = np.matmul(self.ind_RT, vals64)
         for r, dest in enumerate(self.dest):
             dest[configs, part] += sums_GRD[:, r]
 
