@@ -1,5 +1,4 @@
-"""Benchmark: random-feature throughput of the analysis: today's numpy path, the tiled numpy path and
-torch (not a test).
+"""Benchmark: random-feature throughput of the analysis: the numpy paths side by side, and torch (not a test).
 
 One target's per-sample cos/sin sums (``features._per_sample_rf``: the work of every streamed key block)
 over N fp16 keys of d = 128 dims at D = 4096 frequencies, with the default analysis configs (3
@@ -9,18 +8,23 @@ untimed warm-up, median of ``--repeats``. The backends:
 
 - ``reference``: ``features._per_sample_rf_reference``, the numpy path before issue 26 (elementwise work
   on one thread, batch_rows x D temporaries, float64 run sums value by value);
-- ``numpy``: ``features._per_sample_rf_tiled``, the numpy path the analysis runs, on ``--threads``
+- ``tiled``: ``features._per_sample_rf_tiled``, the path the analysis ran until the fast one (one
+  2048-row projection, tiles of one config at a time, cos/sin written as float64) on ``--threads``;
+- ``numpy``: ``features._per_sample_rf_fast``, the numpy path the analysis runs now, on ``--threads``
   threads (default: the CPUs this process may use);
 - ``torch``: ``kscale.analysis.gpu`` on CUDA when visible, else torch on the CPU.
 
-The timed calls of the chosen backends alternate (reference, numpy, reference, numpy, ...) so that both see
-the same machine load; each line gives the median and ``ratio_vs_reference`` (reference median / this
-median), ``keys_per_cpu_s`` (keys per second of this process's CPU time, all its threads: what
-other load on the machine distorts least) and ``max_rel_diff_vs_reference`` (max |this - reference| /
-max |reference|; the goal is <= 1e-9, the tiled path gives the same bits in float32). Goals: issue 26,
-tiled >= 1e4 keys/s on 2 cores; issue 10, GPU >= 20x the 2-core CPU figure. Prints one JSON line per backend.
+The timed calls of the chosen backends alternate (reference, tiled, numpy, reference, ...) so that all see
+the same machine load; each line gives the median and ``ratio_vs_reference`` / ``ratio_vs_tiled`` (that
+path's median / this median), ``keys_per_cpu_s`` (keys per second of this process's CPU time, all its
+threads: what other load on the machine distorts least) and, against the reference's sums,
+``max_rel_diff_vs_reference`` (max |this - reference| / max |reference|), ``max_rel_diff_per_config``
+(the same per config and cos/sin part, worst of them) and ``max_rel_diff_per_row`` (per sample, config and
+part, relative to that row's largest |value|, worst row); the goal is <= 1e-9 (the numpy paths give
+the same bits in float32). Goals: issue 26, >= 1e4 keys/s on 2 cores; issue 10, GPU >= 20x the 2-core
+CPU figure. Prints one JSON line per backend.
 
-    python bench/rf_throughput.py [--n 200000] [--d 128] [--features 4096] [--backends reference numpy torch]
+    python bench/rf_throughput.py [--n 200000] [--d 128] [--features 4096] [--backends reference tiled numpy]
 """
 
 from __future__ import annotations
@@ -43,8 +47,8 @@ def args_() -> argparse.Namespace:
     ap.add_argument("--configs", type=int, choices=[1, 18], default=18)
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", nargs="+", default=["reference", "numpy", "torch"],
-                    choices=["reference", "numpy", "torch"])
+    ap.add_argument("--backends", nargs="+", default=["reference", "tiled", "numpy", "torch"],
+                    choices=["reference", "tiled", "numpy", "torch"])
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of the tiled numpy path and cap of BLAS/torch threads (default: usable CPUs)")
     return ap.parse_args()
@@ -65,7 +69,17 @@ def plan_for(a: argparse.Namespace, backend: str):
     freqs = draw_frequencies(a.d, a.features, orthogonal=True, seed=1)
     threads = a.threads or len(os.sched_getaffinity(0))
     return ChunkPlan(freqs, configs, [], {0: target}, Buckets(8, 0), a.compute_dtype, 2048,
-                     backend="numpy" if backend == "reference" else backend, threads=threads), target
+                     backend="torch" if backend == "torch" else "numpy", threads=threads), target
+
+
+def rel_diffs(got_SC2D: np.ndarray, ref_SC2D: np.ndarray) -> dict[str, float]:
+    """Worst |got - ref| relative to the largest |ref| of the whole output, of each (config, part), of
+    each (sample, config, part) row (rows that are all 0 in the reference count as 0 / 1e-300)."""
+    diff = np.abs(got_SC2D - ref_SC2D)
+    mag = np.abs(ref_SC2D)
+    return {"max_rel_diff_vs_reference": float(diff.max() / mag.max()),
+            "max_rel_diff_per_config": float((diff.max(axis=(0, 3)) / np.maximum(mag.max(axis=(0, 3)), 1e-300)).max()),
+            "max_rel_diff_per_row": float((diff.max(axis=3) / np.maximum(mag.max(axis=3), 1e-300)).max())}
 
 
 def main() -> None:
@@ -74,7 +88,8 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
     import torch
 
-    from kscale.analysis.features import BlockSamples, _per_sample_rf, _per_sample_rf_reference
+    from kscale.analysis.features import (BlockSamples, _per_sample_rf, _per_sample_rf_reference,
+                                          _per_sample_rf_tiled)
 
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -83,7 +98,7 @@ def main() -> None:
     calls = {}
     for backend in a.backends:
         plan, target = plan_for(a, backend)
-        fn = _per_sample_rf_reference if backend == "reference" else _per_sample_rf
+        fn = {"reference": _per_sample_rf_reference, "tiled": _per_sample_rf_tiled}.get(backend, _per_sample_rf)
         calls[backend] = (plan, lambda plan=plan, target=target, fn=fn: fn(plan, target, x_Nd, smp))
     outs, times, cpu = {}, {b: [] for b in calls}, {b: [] for b in calls}
     for backend, (_, call) in calls.items():
@@ -106,9 +121,11 @@ def main() -> None:
                "GB_per_s_fp16": round(x_Nd.nbytes / 1e9 / secs, 4), "keys_per_s": round(a.n / secs),
                "cpu_seconds": round(statistics.median(cpu[backend]), 4),
                "keys_per_cpu_s": round(a.n / statistics.median(cpu[backend]))}
+        for base in ("reference", "tiled"):
+            if base in times:
+                row[f"ratio_vs_{base}"] = round(statistics.median(times[base]) / secs, 3)
         if ref is not None:
-            row["ratio_vs_reference"] = round(statistics.median(times["reference"]) / secs, 3)
-            row["max_rel_diff_vs_reference"] = float(np.abs(outs[backend] - ref).max() / np.abs(ref).max())
+            row.update(rel_diffs(outs[backend], ref))
         print(json.dumps(row), flush=True)
 
 

@@ -23,8 +23,11 @@ S samples of a block, U sequences (sample, modality) kept for permutations.
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -233,14 +236,14 @@ class BlockSamples:
 def _per_sample_rf(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
                    ) -> np.ndarray:
     """Per-sample cos/sin sums (S, C, 2, D) of every config: torch where ``plan.backend`` asks for it,
-    else the tiled numpy path (:func:`_per_sample_rf_tiled`)."""
+    else the fast numpy path (:func:`_per_sample_rf_fast`)."""
     if plan.backend != "numpy":
         from kscale.analysis.gpu import per_sample_rf_torch, torch_device
 
         device = torch_device(plan.backend)
         if device is not None:
             return per_sample_rf_torch(plan, target, x_Nd, smp, device)
-    return _per_sample_rf_tiled(plan, target, x_Nd, smp)
+    return _per_sample_rf_fast(plan, target, x_Nd, smp)
 
 
 def _per_sample_rf_reference(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
@@ -439,6 +442,187 @@ class _Segments:
         np.matmul(self.ind_RT, vals_TD, out=self.sums_RD)
         for r, dest in enumerate(self.dest):
             dest[c, part] += self.sums_RD[r]
+
+
+_BLOCK_ROWS = 128  # rows of one work item of the fast path: its own projections (4 MB each at D = 4096)
+_FAST_TILE_VALUES = 2**15  # rows x D values of one elementwise tile of the fast path (16 rows at D = 4096)
+
+
+def _per_sample_rf_fast(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
+                        ) -> np.ndarray:
+    """Per-sample cos/sin sums (S, C, 2, D) of every config, the values of :func:`_per_sample_rf_reference`
+    to float64 rounding (the float32 arguments and cos/sin values are the same bits; only the order of the
+    float64 sums differs), at several times its speed (issue 26; ``bench/rf_throughput.py``).
+
+    The rows are cut into blocks of ~``_BLOCK_ROWS`` inside the reference's batches (:func:`_fast_blocks`),
+    queued on ``plan.threads`` threads (numpy and BLAS release the GIL). A block makes its own projections
+    ``X U^T`` (numpy's BLAS gives a product of >= 2 rows the bits of any larger product holding those rows,
+    so they are the reference's values) into buffers the thread reuses, then walks tiles of
+    ~``_FAST_TILE_VALUES`` values that stay in cache: per config the argument (``_arg_steps``: one float64
+    product rounded to the dtype, or an exact power-of-two multiple of another config's), stacked per
+    normalisation so that one cos and one sin in the dtype (numpy's float32 loops, the reference's bits)
+    serve the stack, and their float64 column sums per run (:class:`_RunSums`). A block writes the rows
+    of ``out`` of the samples that start in it; the sum of a sample that started in an earlier block goes
+    to a private row added after the join.
+    """
+    D, C = plan.freqs.directions_Dd.shape[0], len(plan.configs)
+    out = np.zeros((len(smp.ids_S), C, 2, D))
+    blocks = _fast_blocks(len(x_Nd), _batch_rows(plan), _BLOCK_ROWS)
+    work = _FastWork(plan, target, x_Nd, smp.index_N, out)
+    threads = max(1, min(plan.threads, len(blocks)))
+    if threads == 1:
+        shared = [work.run(a, b) for a, b in blocks]
+    else:
+        with _one_blas_thread(), ThreadPoolExecutor(threads) as pool:
+            shared = list(pool.map(lambda ab: work.run(*ab), blocks))
+    for sample, row in shared:
+        if row is not None:
+            out[sample] += row
+    return out
+
+
+def _one_blas_thread():
+    """While the fast path's own threads run, BLAS gets one thread per call (threadpoolctl, process-wide
+    for the call's duration): BLAS threads inside each worker oversubscribe the cores (measured: ~1.6x
+    the CPU time with 2 workers x 2 OpenBLAS threads). A no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
+
+
+def _fast_blocks(n: int, batch_rows: int, block_rows: int) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of about ``block_rows`` that never cross a reference batch of ``batch_rows`` and
+    never hold one row unless that batch does (a one-row product is a matrix-vector product in BLAS: other
+    bits)."""
+    blocks = []
+    for lo in range(0, n, batch_rows):
+        hi = min(lo + batch_rows, n)
+        cuts = list(range(lo, hi, block_rows)) + [hi]
+        if len(cuts) > 2 and cuts[-1] - cuts[-2] == 1:
+            del cuts[-2]
+        blocks += list(zip(cuts[:-1], cuts[1:]))
+    return blocks
+
+
+class _FastWork:
+    """The work of :func:`_per_sample_rf_fast` on one block of rows; buffers are per thread and reused.
+
+    A normalisation's configs are one group: their arguments are stacked (G, T, D) so that one cos, one
+    sin and one run reduction per part serve the whole group (fewer, larger numpy calls)."""
+
+    def __init__(self, plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, idx_N: np.ndarray,
+                 out: np.ndarray):
+        self.plan, self.target, self.x_Nd, self.idx_N, self.out = plan, target, x_Nd, idx_N, out
+        self.groups = {how: _Group.of(group) for how, group in _arg_steps(plan, target).items()}
+        self.U_dD = plan.freqs.directions_Dd.T
+        self.D, self.C = self.U_dD.shape[1], len(plan.configs)
+        self.tile = max(1, min(_TILE_ROWS, _FAST_TILE_VALUES // self.D))
+        self.rows = max((b - a for a, b in _fast_blocks(len(x_Nd), _batch_rows(plan), _BLOCK_ROWS)), default=0)
+        self.local = threading.local()
+
+    def _buffers(self) -> SimpleNamespace:
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            n, D, dt = self.tile, self.D, self.plan.dtype
+            G = max(len(g.steps) for g in self.groups.values())
+            projected = {"none" if how == "l2" else how for how in self.groups}
+            buf = SimpleNamespace(z={how: np.empty((self.rows, D)) for how in projected}, zl2=np.empty((n, D)),
+                                  args=np.empty((G, n, D), dt), vals=np.empty((G, n, D), dt),
+                                  vals64=np.empty((G, n, D)), sums_G1D=np.empty((G, 1, D)),
+                                  ones_1T=np.ones((1, n)))
+            self.local.buf = buf
+        return buf
+
+    def run(self, a: int, b: int) -> tuple[int, np.ndarray | None]:
+        """Add the sums of rows [a, b) into ``out``; returns (sample, row) of the sample shared with the
+        rows before ``a`` (row None when there is none), which the caller adds after every block is done."""
+        idx_N, D, C = self.idx_N, self.D, self.C
+        shared = int(idx_N[a]) if a > 0 and idx_N[a] == idx_N[a - 1] else -1
+        private = np.zeros((C, 2, D)) if shared >= 0 else None
+        buf = self._buffers()
+        z, norm_N1 = self._project(a, b, buf)
+        dtype = np.dtype(self.plan.dtype)
+        for t in range(a, b, self.tile):
+            te = min(t + self.tile, b)
+            n, lo = te - t, t - a
+            sums = _RunSums(idx_N, t, te, self.out, shared, private, buf)
+            for how, grp in self.groups.items():
+                if how == "l2":
+                    z_TD = np.divide(z["none"][lo:lo + n], norm_N1[lo:lo + n], out=buf.zl2[:n])
+                else:
+                    z_TD = z[how][lo:lo + n]
+                G = len(grp.steps)
+                args, vals = buf.args[:G, :n], buf.vals[:G, :n]
+                for g, st in enumerate(grp.steps):
+                    if st.source < 0:
+                        np.multiply(z_TD, st.scale_D, out=args[g], casting="same_kind")
+                    else:
+                        np.multiply(args[grp.slot[st.source]], dtype.type(st.factor), out=args[g])
+                for part, trig in ((0, np.cos), (1, np.sin)):
+                    sums.add(trig(args, out=vals), grp.configs, part)
+        return shared, private
+
+    def _project(self, a: int, b: int, buf: SimpleNamespace) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+        """The reference's float64 projections of rows [a, b) (and the l2 row norms), in ``buf``."""
+        xb_Nd = np.asarray(self.x_Nd[a:b], np.float64)
+        z = {how: np.matmul(normalise(xb_Nd, how, self.target), self.U_dD, out=zbuf[:b - a])
+             for how, zbuf in buf.z.items()}
+        norm_N1 = None
+        if "l2" in self.groups:  # the reference's l2 projection, row by row: raw / max(|x|, 1e-30)
+            norm_N1 = np.maximum(np.linalg.norm(xb_Nd, axis=1, keepdims=True), 1e-30)
+        return z, norm_N1
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One normalisation's argument steps in stacking order; ``slot`` maps a config to its row of the
+    stack, ``configs`` indexes the configs axis of the sums (a slice when they are contiguous)."""
+
+    steps: list[_ArgStep]
+    slot: dict[int, int]
+    configs: slice | np.ndarray
+
+    @staticmethod
+    def of(steps: list[_ArgStep]) -> _Group:
+        cs = [st.config for st in steps]
+        contiguous = cs == list(range(cs[0], cs[0] + len(cs)))
+        return _Group(steps, {c: g for g, c in enumerate(cs)},
+                      slice(cs[0], cs[0] + len(cs)) if contiguous else np.array(cs))
+
+
+class _RunSums:
+    """Float64 column sums of the runs (one sample's rows) of a tile [t, te), added to ``out[sample]`` or
+    to ``private`` for the block's shared sample: the values cast to float64 once, then one product
+    (run indicator (R, T) @ values (G, T, D); R = 1 for most tiles), measured faster than numpy's casting
+    reduction."""
+
+    def __init__(self, idx_N: np.ndarray, t: int, te: int, out: np.ndarray, shared: int,
+                 private: np.ndarray | None, buf: SimpleNamespace):
+        self.buf = buf
+        if idx_N[t] == idx_N[te - 1]:  # rows of a sample are contiguous: one run
+            self.ind_RT = buf.ones_1T[:, :te - t]
+            self.dest = [private if idx_N[t] == shared else out[idx_N[t]]]
+            return
+        starts = run_starts(idx_N[t:te])
+        self.dest = [private if s == shared else out[s] for s in idx_N[t + starts].tolist()]
+        self.ind_RT = np.zeros((len(starts), te - t))
+        for r, (s0, s1) in enumerate(zip(starts.tolist(), np.r_[starts[1:], te - t].tolist())):
+            self.ind_RT[r, s0:s1] = 1.0
+
+    def add(self, vals_GTD: np.ndarray, configs: slice | np.ndarray, part: int) -> None:
+        G, T, D = vals_GTD.shape
+        vals64 = vals_GTD
+        if vals_GTD.dtype != np.float64:
+            vals64 = self.buf.vals64[:G, :T]
+            np.copyto(vals64, vals_GTD)
+        if len(self.dest) == 1:
+            sums_GRD = np.matmul(self.ind_RT, vals64, out=self.buf.sums_G1D[:G])
+        else:
+            sums_GRD = np.matmul(self.ind_RT, vals64)
+        for r, dest in enumerate(self.dest):
+            dest[configs, part] += sums_GRD[:, r]
 
 
 def _runs(idx_N: np.ndarray) -> list[tuple[int, int]]:

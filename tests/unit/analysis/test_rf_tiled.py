@@ -1,4 +1,5 @@
-"""The tiled, threaded random features (``features._per_sample_rf_tiled``, issue 26) give today's sums.
+"""The tiled, threaded random features (``features._per_sample_rf_tiled``, issue 26; the analysis now runs
+the fast path, test_rf_fast.py, and the bench keeps this one as "today's path") give the reference's sums.
 
 The reference is ``features._per_sample_rf_reference``, the numpy path every earlier row was computed with
 (itself checked bit for bit against ``np.add.reduceat`` in test_analysis_exactness.py). Equal means to
@@ -67,15 +68,6 @@ def test_tiled_sums_equal_the_reference(layout, dtype, threads, batch_rows, tile
         assert np.array_equal(got, ref)
 
 
-def test_numpy_backend_runs_the_tiled_path(monkeypatch):
-    """``_per_sample_rf`` (what chunk_sums calls) runs the tiled path for the numpy backend."""
-    calls = []
-    monkeypatch.setattr(F, "_per_sample_rf_tiled", lambda *a: calls.append(a) or "tiled")
-    plan, target = _plan(4, 8)
-    assert F._per_sample_rf(plan, target, np.zeros((3, 4)), F.BlockSamples.of(np.zeros(3, int))) == "tiled"
-    assert len(calls) == 1
-
-
 def test_power_of_two_multiples_share_one_argument_and_others_do_not():
     """Multiples 0.5, 1, 2 derive from one rounded argument (exact); 3 gets its own product."""
     plan, target = _plan(8, 24, multiples=(0.5, 1.0, 2.0, 3.0), norms=("none",))
@@ -112,9 +104,10 @@ def test_tiled_sums_merge_over_halves_and_equal_the_reference(threads, monkeypat
     ids = np.sort(rng.integers(0, 60, n))
     cut = int(np.searchsorted(ids, ids[n // 2]))  # a sample boundary: samples lie in one block
     plan, target = _plan(d, 24, threads=threads, batch_rows=64)
+    monkeypatch.setattr(F, "_per_sample_rf_fast", F._per_sample_rf_tiled)  # side_block runs the tiled path
     whole = _side(plan, target, x, ids)
     halves = _side(plan, target, x[:cut], ids[:cut]).merge(_side(plan, target, x[cut:], ids[cut:]))
-    monkeypatch.setattr(F, "_per_sample_rf_tiled", F._per_sample_rf_reference)
+    monkeypatch.setattr(F, "_per_sample_rf_fast", F._per_sample_rf_reference)
     ref = _side(plan, target, x, ids)
     for name in ("rf_KC2D", "rfself_KCD"):
         _assert_close(getattr(halves, name), getattr(whole, name))
