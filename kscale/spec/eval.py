@@ -22,7 +22,8 @@ class EvalVariant:
     kind: VariantKind = _doc("base (the model as loaded), malora (a kscale MaLoRA adapter) or lora (a PEFT LoRA "
                              "adapter directory).", "base")
     path: str | None = _doc("malora: a saved adapter directory or a `kind: train` run directory (its adapter/); "
-                            "lora: a PEFT adapter directory (adapter_config.json + weights).", None)
+                            "lora: a PEFT adapter directory (adapter_config.json + weights) or a `kind: train` run "
+                            "directory with train.method: lora.", None)
     merge: bool = _doc("malora: fold the text branch into the base weights (the image branch stays gated); "
                        "lora: merge_and_unload. Scores equal the unmerged adapter's up to rounding.", False)
 
