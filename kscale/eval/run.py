@@ -8,6 +8,8 @@ Run directory (``output.path``)::
     runs/<variant>.blind.json      the same with every image removed (eval.blind)
     scores.csv, scores.json        one row per (variant, task, metric): kscale.eval.table.score_rows
     samples.csv                    per-document metrics of every run: kscale.eval.table.sample_rows
+    mechanism.csv, report.html     the referee's table: scores beside the mechanism runs named per variant
+                                   (analysis_run, bias_run), deltas from base: kscale.eval.referee
     result.json                    the EvalResult
 
 Each variant loads the model afresh (:func:`kscale.eval.variants.load_variant`); the image and blind runs
@@ -82,6 +84,9 @@ def run_eval(spec: JobSpec) -> EvalResult:
                 frame = pd.concat([prev[~prev.set_index(["variant", "blind"]).index.isin(
                     frame.set_index(["variant", "blind"]).index)], frame], ignore_index=True)
             frame.to_csv(old, index=False)
+        from kscale.eval.referee import build_report
+
+        build_report(run_dir, list(cfg.variants))
     return EvalResult(run_dir=str(run_dir), variants=[v.name for v in cfg.variants], tasks=list(cfg.tasks),
                       rows=rows, table=str(Path(run_dir) / "scores.csv"), seconds=round(time.time() - t0, 1))
 
