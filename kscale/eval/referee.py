@@ -16,7 +16,7 @@ computed them, named per variant in the eval spec (``eval.variants[i].analysis_r
   report puts beside attention (:func:`kscale.attention.report.beside_key_gap`);
   ``attention_vs_gap_<store>.csv`` rows of head -1 (level ``layer``: mass_image, efficiency_image with
   bootstrap intervals over samples, :func:`kscale.attention.report.utilization`); ``query_gap_<store>.csv`` (gap_post and its jackknife interval; per KV head);
-- a bias run (``kind: bias``): ``aggregate.csv`` rows of task ``all`` whose metric starts with
+- a bias run (``kind: bias``): ``aggregate.parquet`` (or ``.csv``) rows of task ``all`` whose metric starts with
   ``dependency_`` (ll_real - ll_<condition>, bootstrap intervals), for the bias variant labelled
   ``bias_variant`` (default: the eval variant's name).
 
@@ -89,12 +89,13 @@ def analysis_rows(run: str | Path) -> list[dict]:
 def bias_rows(run: str | Path, label: str) -> list[dict]:
     """Visual dependency rows (task ``all``, metrics ``dependency_*``) of bias variant ``label``."""
     run = Path(run)
-    agg = pd.read_csv(run / "aggregate.csv")
+    agg = pd.read_parquet(run / "aggregate.parquet") if (run / "aggregate.parquet").exists() else pd.read_csv(
+        run / "aggregate.csv")
     sel = agg[(agg.variant == label) & (agg.task == "all") & agg.metric.str.startswith("dependency_")]
     if "step" in sel.columns and sel["step"].notna().any():  # checkpoints of a train run: the last one
         sel = sel[sel["step"] == sel["step"].max()]
     if sel.empty:
-        raise ValueError(f"{run / 'aggregate.csv'}: no dependency_* rows of bias variant {label!r} "
+        raise ValueError(f"{run}: no dependency_* rows of bias variant {label!r} "
                          f"(variants there: {sorted(set(agg.variant))})")
     return [{"measure": f"visual_{m}", "layer": -1, "head": -1, "value": float(r.value), "ci_low": float(r.ci_low),
              "ci_high": float(r.ci_high), "source": f"{run.name}: {label}"} for m, r in sel.set_index("metric").iterrows()]
@@ -177,6 +178,28 @@ def _measure_figure(mech: pd.DataFrame, measure: str, path: Path) -> bool:
     return True
 
 
+def _dependency_figure(mech: pd.DataFrame, path: Path) -> bool:
+    g = mech[mech.measure.str.startswith("visual_dependency_")]
+    if g.empty:
+        return False
+    plt = rep.plt()
+    conditions = list(dict.fromkeys(g.measure))
+    variants = list(dict.fromkeys(g.variant))
+    fig, ax = plt.subplots(figsize=(6.0, 3.4))
+    width = 0.8 / len(variants)
+    for i, v in enumerate(variants):
+        d = g[g.variant == v].set_index("measure").reindex(conditions)
+        x = np.arange(len(conditions)) + (i - (len(variants) - 1) / 2) * width
+        err = np.vstack([d.value - d.ci_low, d.ci_high - d.value]).clip(min=0)
+        ax.bar(x, d.value, width * 0.9, yerr=np.nan_to_num(err), capsize=3, label=v)
+    ax.set_xticks(np.arange(len(conditions)), [c.removeprefix("visual_dependency_") for c in conditions])
+    ax.set_ylabel("ll_real − ll_condition")
+    rep.legend_outside(ax)
+    rep.save_figure(fig, path, "Visual dependency (bias stage): answer log-likelihood with the real image minus with "
+                               "the image replaced, per replacement and variant, with bootstrap intervals.")
+    return True
+
+
 def verdict(scores: pd.DataFrame, mech: pd.DataFrame, base: str) -> list[str]:
     """Short sentences: score change and gain change from base, and the mechanism change per measure."""
     out = []
@@ -216,7 +239,8 @@ def build_report(run_dir: str | Path, variants: list[Any] | None = None) -> Path
     mech = with_deltas(mech, base) if not mech.empty else mech.assign(delta=[], delta_ci_low=[], delta_ci_high=[])
     mech.to_csv(run / "mechanism.csv", index=False)
     pngs = [p for p, ok in [(run / "eval_scores.png", _score_figure(scores, run / "eval_scores.png"))]
-            + [(run / f"eval_{m}.png", _measure_figure(mech, m, run / f"eval_{m}.png")) for m in MEASURES] if ok]
+            + [(run / f"eval_{m}.png", _measure_figure(mech, m, run / f"eval_{m}.png")) for m in MEASURES]
+            + [(run / "eval_dependency.png", _dependency_figure(mech, run / "eval_dependency.png"))] if ok]
     score_cols = [c for c in ("variant", "task", "metric", "score", "stderr", "n", "blind_score", "blind_stderr",
                               "gain", "gain_stderr") if c in scores.columns]
     body = (rep.verdict_html(verdict(scores, mech, base))
