@@ -11,6 +11,8 @@ differences from the base variant.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import numpy as np
@@ -73,3 +75,9 @@ def test_mechanism_rows_equal_the_analysis_stage_and_deltas_are_differences(tmp_
     half = ((a.ci_high - a.ci_low) ** 2 + (b.ci_high - b.ci_low).reindex(a.index) ** 2) ** 0.5 / 2
     np.testing.assert_allclose((a.delta_ci_high - a.delta).to_numpy(), half.to_numpy(), rtol=1e-9)
     assert "Mechanism, before and after" in page and "0.25 → 0.5" in page
+    # `kscale report` rebuilds the page from the run's own files (scores.json, mechanism.csv/json)
+    (eval_dir / "report.html").unlink()
+    r = subprocess.run([sys.executable, "-m", "kscale.cli", "report", str(eval_dir)], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert (eval_dir / "report.html").read_text() == page
+    pd.testing.assert_frame_equal(pd.read_csv(eval_dir / "mechanism.csv"), mech)
