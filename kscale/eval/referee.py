@@ -217,8 +217,8 @@ def verdict(scores: pd.DataFrame, mech: pd.DataFrame, base: str) -> list[str]:
         if g.empty:
             continue
         lower, higher = int((g.delta_ci_high < 0).sum()), int((g.delta_ci_low > 0).sum())
-        out.append(f"<b>{html.escape(variant)}</b> vs {html.escape(base)}, {html.escape(measure)}: lower in {lower}, "
-                   f"higher in {higher} of {len(g)} rows with intervals excluding no change.")
+        out.append(f"<b>{html.escape(variant)}</b> vs {html.escape(base)}, {html.escape(measure)}: lower in {lower} "
+                   f"and higher in {higher} of {len(g)} rows (interval of Δ excluding 0).")
     return out or ["No variant to compare with the base."]
 
 
