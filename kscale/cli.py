@@ -262,7 +262,7 @@ def export(store: str, to: str, out_dir: str, layers: str | None, modalities: st
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 def report(run_dir: str) -> None:
-    """Rebuild RUN_DIR/report.html from an analysis, bias or train run's tables."""
+    """Rebuild RUN_DIR/report.html from an analysis, bias, eval or train run's tables."""
     from pathlib import Path
 
     run = Path(run_dir)
@@ -271,11 +271,13 @@ def report(run_dir: str) -> None:
         from kscale.bias.report import build_report
     elif (run / "results.parquet").is_file():
         from kscale.analysis.report import build_report
+    elif (run / "scores.json").is_file():  # an eval run: the referee's table from its scores and mechanism.csv
+        from kscale.eval.referee import build_report
     elif (run / "metrics.jsonl").is_file() or (run / "eval.json").is_file():
         from kscale.train.report import build_report
     else:
         click.echo(f"kscale report: {run_dir!r} is neither an analysis run (results.parquet), a bias run "
-                   "(bias.json) nor a train run (metrics.jsonl)", err=True)
+                   "(bias.json), an eval run (scores.json) nor a train run (metrics.jsonl)", err=True)
         sys.exit(2)
     click.echo(str(build_report(run)))
 

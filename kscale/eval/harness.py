@@ -26,8 +26,12 @@ def _filelock_compat() -> None:
 
 
 def evaluate(model: Any, tasks: list[str], include_path: list[str] | None = None, limit: int | None = None,
-             batch_size: int = 4, bootstrap_iters: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """lmms-eval's results dict (``results``, ``n-samples``, ``samples``, ``configs``, ...) for ``model``."""
+             batch_size: int = 4, bootstrap_iters: int = 1000, seed: int = 0) -> dict[str, Any] | None:
+    """lmms-eval's results dict (``results``, ``n-samples``, ``samples``, ``configs``, ...) for ``model``.
+
+    In a process group of N ranks (``torchrun -m kscale.eval``: WORLD_SIZE, RANK, MASTER_* set) lmms-eval
+    gives each rank every N-th document of each task and gathers the per-document results on rank 0, which
+    gets the dict; the other ranks get None."""
     from lmms_eval.evaluator import simple_evaluate
     from lmms_eval.tasks import TaskManager
 
@@ -36,7 +40,5 @@ def evaluate(model: Any, tasks: list[str], include_path: list[str] | None = None
     out = simple_evaluate(model=model, tasks=list(tasks), task_manager=manager, limit=limit, batch_size=batch_size,
                           bootstrap_iters=bootstrap_iters, log_samples=True, random_seed=seed,
                           numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed,
-                          process_docs_parallel=1)
-    if out is None:
-        raise RuntimeError("lmms-eval returned no results (a non-zero rank of a distributed run?)")
-    return out
+                          process_docs_parallel=1, distributed_executor_backend="torchrun")  # gloo/nccl, no accelerate
+    return out  # None on the ranks > 0 of a distributed run: lmms-eval gathers the results on rank 0

@@ -62,10 +62,17 @@ class KscaleLMM(lmms):
         self.batch_size = int(batch_size)
         self.blind = bool(blind)
         self.max_new_tokens = int(max_new_tokens)
+        self.seen: set[tuple[str, int]] = set()  # (task, doc_id) of every request answered here (this rank's shard)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model is: lmms-eval puts its per-rank request counts there to gather them across ranks."""
+        return torch.device(self.loaded.device)
 
     # ------------------------------------------------------------------ requests -> samples
 
     def _doc(self, task: str, split: str, doc_id: int) -> Any:
+        self.seen.add((task, int(doc_id)))
         return self.task_dict[task][split][doc_id]
 
     def _visuals(self, doc_to_visual: Any, doc: Any) -> list:

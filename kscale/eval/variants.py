@@ -9,8 +9,9 @@
   layers are injected in place, so the loaded model's own ``forward`` runs them (gated: text and image
   branches by the modality mask). ``merge`` folds the text branch into the base weights
   (:meth:`~kscale.train.malora.MaLoRAModel.merge_text_branch`);
-- ``lora``: ``peft.PeftModel.from_pretrained`` (LoRA layers injected in place too); ``merge`` is
-  ``merge_and_unload``.
+- ``lora``: ``peft.PeftModel.from_pretrained`` (LoRA layers injected in place too) on a PEFT adapter
+  directory, or on the ``adapter/`` of a ``kind: train`` run with ``train.method: lora`` (kscale writes that
+  one in PEFT's format, :mod:`kscale.train.lora`); ``merge`` is ``merge_and_unload``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from kscale.train.layout import ADAPTER_DIR
 
 
 def malora_dir(path: str | Path) -> Path:
-    """The adapter directory itself, or the ``adapter/`` of a train run directory."""
+    """The adapter directory itself, or the ``adapter/`` of a train run directory (MaLoRA or LoRA)."""
     p = Path(path).expanduser()
     return p / ADAPTER_DIR if (p / ADAPTER_DIR).is_dir() else p
 
@@ -40,7 +41,7 @@ def apply_variant(loaded: LoadedModel, variant: EvalVariant) -> LoadedModel:
     elif variant.kind == "lora":
         from peft import PeftModel
 
-        peft_model = PeftModel.from_pretrained(loaded.model, str(Path(variant.path).expanduser()))
+        peft_model = PeftModel.from_pretrained(loaded.model, str(malora_dir(variant.path)))
         loaded.model = (peft_model.merge_and_unload() if variant.merge else peft_model.base_model.model).eval()
     return loaded
 

@@ -9,6 +9,7 @@ blind baseline as MMStar defines it). See docs/malora.md "Evaluating an adapter"
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from kscale.spec.fields import doc as _doc
@@ -22,9 +23,18 @@ class EvalVariant:
     kind: VariantKind = _doc("base (the model as loaded), malora (a kscale MaLoRA adapter) or lora (a PEFT LoRA "
                              "adapter directory).", "base")
     path: str | None = _doc("malora: a saved adapter directory or a `kind: train` run directory (its adapter/); "
-                            "lora: a PEFT adapter directory (adapter_config.json + weights).", None)
+                            "lora: a PEFT adapter directory (adapter_config.json + weights) or a `kind: train` run "
+                            "directory with train.method: lora.", None)
     merge: bool = _doc("malora: fold the text branch into the base weights (the image branch stays gated); "
                        "lora: merge_and_unload. Scores equal the unmerged adapter's up to rounding.", False)
+    analysis_run: str | None = _doc(
+        "The referee's table (report.html): an analysis run directory (kind: analyze over a store extracted "
+        "with this variant's model on the benchmark's images, extract.attention on, extract.queries for the "
+        "query gap) whose key MMD, attention mass/efficiency and query gap per layer are shown for this variant.",
+        None)
+    bias_run: str | None = _doc("The referee's table: a bias run directory whose visual dependency "
+                                "(dependency_* rows) is shown for this variant.", None)
+    bias_variant: str | None = _doc("The variant's label inside bias_run (default: this variant's name).", None)
 
     def validate(self) -> list[tuple[str, str]]:
         out = []
@@ -34,6 +44,12 @@ class EvalVariant:
             out.append(("path", f"required for a {self.kind} variant"))
         if self.kind == "base" and self.merge:
             out.append(("merge", "a base variant has nothing to merge"))
+        for name in ("analysis_run", "bias_run"):
+            value = getattr(self, name)
+            if value is not None and not Path(value).expanduser().is_dir():
+                out.append((name, f"run directory {value!r} does not exist"))
+        if self.bias_variant is not None and self.bias_run is None:
+            out.append(("bias_variant", "names a variant of bias_run, which is not set"))
         return out
 
 

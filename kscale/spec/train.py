@@ -91,6 +91,10 @@ class EvalConfig:
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class TrainConfig:
+    method: Literal["malora", "lora"] = _doc(
+        "malora: the modality-aware adapter (gated image and text branches); lora: a plain LoRA baseline (PEFT's "
+        "LoRA layers: one update on every token, no gate) with train.malora's rank, alpha, dropout, init, "
+        "target_modules and layers", "malora")
     malora: MaLoRAConfig = _doc("the adapter: rank, targets, gate, branches", factory=MaLoRAConfig)
     align: AlignConfig = _doc("the key-alignment term of the objective", factory=AlignConfig)
     deepspeed: DeepSpeedConfig = _doc("ZeRO stage, offload and precision", factory=DeepSpeedConfig)
@@ -112,4 +116,10 @@ class TrainConfig:
     report_to: list[Literal["tensorboard", "wandb"]] = _doc(
         "where the logged curves also go besides metrics.jsonl and report.html: tensorboard (event files in "
         "<output>/tensorboard), wandb (needs `pip install wandb`); [] for none", factory=list)
+
+    def validate(self) -> list[tuple[str, str]]:
+        if self.method == "lora" and not (self.malora.image_branch and self.malora.text_branch):
+            return [("method", "lora applies one update to every token; train.malora.image_branch and text_branch "
+                     "(a per-modality choice) only apply to method malora: leave them true")]
+        return []
 

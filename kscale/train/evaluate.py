@@ -49,6 +49,7 @@ from kscale.models.registry import IMAGE, TEXT, VIDEO, resolve_layers
 from kscale.scoring import answer_positions, answer_scores, condition_image, swap_donor
 from kscale.spec import JobSpec
 from kscale.train.layout import ADAPTER_DIR, SPLIT
+from kscale.train.lora import load_trained
 from kscale.train.malora import MaLoRAModel
 from kscale.train.malora.model import model_adapter
 from kscale.train.objective import capture_keys
@@ -84,7 +85,7 @@ def evaluate_run(spec: JobSpec, adapter_dir: str | Path | None = None) -> dict[s
     run_dir = Path(spec.output.path)
     cfg = spec.train
     loaded = load_model(spec.model)
-    malora = MaLoRAModel.from_pretrained(loaded.model, adapter_dir or run_dir / ADAPTER_DIR)
+    malora = load_trained(loaded.model, adapter_dir or run_dir / ADAPTER_DIR)
     source = open_source(spec.data)
     split_file = run_dir / SPLIT
     if split_file.exists():
@@ -107,7 +108,8 @@ def evaluate(loaded: Any, malora: MaLoRAModel, records: list, layers: list[int],
     if len(records) < 2:
         raise ValueError(f"evaluation needs at least 2 held-out records with an image, got {len(records)}")
     malora.eval()
-    accs = {v: _Acc() for v in VARIANTS}
+    variants = eval_variants(malora)
+    accs = {v: _Acc() for v in variants}
     heldout = RecordList(records)  # swap donors are drawn among the held-out records only
     donors = [swap_donor(heldout, i, seed)[1] for i in range(len(records))]
     for start in range(0, len(records), batch_size):
@@ -115,10 +117,17 @@ def evaluate(loaded: Any, malora: MaLoRAModel, records: list, layers: list[int],
         for condition in CONDITIONS:
             images = [condition_image(r, condition, seed, BLANK_RGB, donors[start + i]) for i, r in enumerate(chunk)]
             batch = loaded.adapter.build_batch(loaded, images, [r.text for r in chunk], [r.answer for r in chunk])
-            for variant in VARIANTS:
+            for variant in variants:
                 with _variant(malora, variant):
                     _score(loaded, malora, batch, condition, layers, accs[variant])
     return _finish(accs, layers, malora.model.config.get_text_config().num_key_value_heads)
+
+
+def eval_variants(wrapped: Any) -> tuple[str, ...]:
+    """The table's rows: base, MaLoRA and its image-branch ablation; or base and LoRA (no branches to ablate)."""
+    from kscale.train.lora import EVAL_VARIANTS, LoRAModel
+
+    return EVAL_VARIANTS if isinstance(wrapped, LoRAModel) else VARIANTS
 
 
 def _variant(malora: MaLoRAModel, variant: str):
@@ -183,8 +192,7 @@ def _attention_stats(loaded: LoadedModel, batch: Any, cap: Any, layers: list[int
 
 def _finish(accs: dict[str, _Acc], layers: list[int], n_heads: int) -> dict[str, dict[str, float]]:
     table: dict[str, dict[str, float]] = {}
-    for variant in VARIANTS:
-        a = accs[variant]
+    for variant, a in accs.items():
         row = {f"ll_{c}": float(np.mean(a.ll[c])) for c in a.ll}
         row.update({f"acc_{c}": float(np.mean(a.acc[c])) for c in a.acc})
         row["lm_loss"] = a.ce_sum / max(a.ce_count, 1)

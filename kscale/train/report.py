@@ -23,8 +23,10 @@ import pandas as pd
 from kscale import reporting as rep
 from kscale.train.layout import ADAPTER_DIR, METRICS, SPLIT
 
-VARIANT_LABEL = {"base": "base model", "malora": "MaLoRA", "malora_no_image_branch": "MaLoRA, image branch off"}
-VARIANT_STYLE = {"base": ("grey", "o"), "malora": ("tab:red", "s"), "malora_no_image_branch": ("tab:orange", "^")}
+VARIANT_LABEL = {"base": "base model", "malora": "MaLoRA", "malora_no_image_branch": "MaLoRA, image branch off",
+                 "lora": "LoRA"}
+VARIANT_STYLE = {"base": ("grey", "o"), "malora": ("tab:red", "s"), "malora_no_image_branch": ("tab:orange", "^"),
+                 "lora": ("tab:blue", "D")}
 GAP = re.compile(r"key_mmd2_layer(\d+)$")
 
 

@@ -90,7 +90,7 @@ def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> Trai
     cfg: TrainConfig = spec.train
     ds.write_partition_report(loaded.model, run_dir, rank, world, "loaded")
     torch.manual_seed(cfg.seed)  # the same adapter init on every rank
-    malora = MaLoRAModel(loaded.model, cfg.malora)
+    malora = build_adapter(loaded.model, cfg)
     if cfg.activation_checkpointing:
         malora.enable_activation_checkpointing()
     objective = MaLoRAObjective(malora, cfg.align, dummy_pixels=blank_image_inputs(loaded))
@@ -130,6 +130,16 @@ def _train(spec: Any, loaded: Any, run_dir: Path, rank: int, world: int) -> Trai
             loggers.close()
     dist.barrier()
     return TrainResult(run_dir=str(run_dir), steps=cfg.max_steps, resumed_from=start, last=last, eval=table)
+
+
+def build_adapter(model: Any, cfg: TrainConfig) -> Any:
+    """``train.method``'s adapter injected into ``model``: MaLoRA, or the plain-LoRA baseline (PEFT's layers,
+    :class:`kscale.train.lora.LoRAModel`) with the same rank, alpha, dropout, init, targets and layers."""
+    if cfg.method == "lora":
+        from kscale.train.lora import LoRAModel
+
+        return LoRAModel(model, cfg.malora)
+    return MaLoRAModel(model, cfg.malora)
 
 
 def write_errors(plan: MicroBatchPlan, run_dir: Path, rank: int, world: int) -> None:

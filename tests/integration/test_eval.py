@@ -270,3 +270,105 @@ def test_generate_until_equals_greedy_decoding_cut_at_the_stop_string(qwen, colo
         want.append(text.split(STOP)[0])
     assert [g.strip() for g in got] == [w.strip() for w in want]
     assert cut > 0  # the stop string did cut some answers
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1800)  # two DeepSpeed runs, then 3 variants x (image, blind) through lmms-eval
+def test_trained_malora_and_lora_runs_evaluate_end_to_end(qwen_dir, colour_task, tmp_path) -> None:
+    """kscale trains MaLoRA and the plain-LoRA baseline (same data, steps, rank, targets; DeepSpeed ZeRO-2, one
+    process), and the eval job takes both train run directories as variants: every variant's choice scores
+    (with and without the image) equal the direct computation with that run's adapter loaded by hand (MaLoRA
+    by kscale, LoRA by PEFT's own loader), and the referee's page is written."""
+    require_module("deepspeed", install="pip install -e '.[train]'")
+    from peft import PeftModel
+
+    from kscale.models import load_model
+    from kscale.runner import run_job
+    from kscale.spec import spec_from_dict
+    from kscale.train.malora import MaLoRAModel
+    from tests.integration.test_train_deepspeed import _generated, _raw_spec, _run
+
+    task_dir, docs = colour_task
+    docs = docs[:6]  # eval.limit: the first 6 documents (three colours, two each)
+    runs = {}
+    for method in ("malora", "lora"):
+        runs[method] = tmp_path / method
+        raw = _raw_spec(qwen_dir, runs[method], _generated(16), method=method, max_steps=3, grad_accum=1, lr=2e-2)
+        assert len(_run(raw, runs[method])) == 3
+    spec = spec_from_dict({
+        "kind": "eval", "model": {"path": qwen_dir, "device": "cpu", "dtype": "float32"},
+        "eval": {"tasks": [TASK], "include_path": [str(task_dir)], "batch_size": 6, "bootstrap_iters": 100,
+                 "limit": len(docs),
+                 "variants": [{"name": "base"}, {"name": "malora", "kind": "malora", "path": str(runs["malora"])},
+                              {"name": "lora", "kind": "lora", "path": str(runs["lora"])}]},
+        "output": {"path": str(tmp_path / "eval")}})
+    run_job(spec, show_bar=False)
+    scores = pd.read_csv(tmp_path / "eval" / "scores.csv").set_index("variant")
+    samples = pd.read_csv(tmp_path / "eval" / "samples.csv")
+    assert list(scores.index) == ["base", "malora", "lora"]
+    by_hand = {"base": load_model(spec.model), "malora": load_model(spec.model), "lora": load_model(spec.model)}
+    MaLoRAModel.from_pretrained(by_hand["malora"].model, runs["malora"] / "adapter")
+    PeftModel.from_pretrained(by_hand["lora"].model, str(runs["lora"] / "adapter"))
+    direct = {}
+    for name, lm in by_hand.items():
+        for blind in (False, True):
+            rows = samples[(samples.variant == name) & (samples.blind == blind)].sort_values("doc_id")
+            got = -np.array([json.loads(c) for c in rows.choice_nll])
+            direct[name, blind] = direct_ll(lm, docs, blind=blind)
+            np.testing.assert_allclose(got, direct[name, blind], atol=1e-4, rtol=0, err_msg=f"{name} blind={blind}")
+        assert scores.loc[name, "score"] == pytest.approx(accuracy(direct[name, False], docs), abs=1e-12), name
+        assert scores.loc[name, "blind_score"] == pytest.approx(accuracy(direct[name, True], docs), abs=1e-12), name
+    for name in ("malora", "lora"):  # the trained adapters moved the answers' scores
+        assert np.abs(direct[name, False] - direct["base", False]).max() > 1e-4, name
+    page = (tmp_path / "eval" / "report.html").read_text()
+    assert "Benchmark scores" in page and "<b>lora</b> on kscale_colors" in page
+
+
+@pytest.mark.slow  # an in-process run and two torchrun ranks, each importing lmms-eval and loading the model
+def test_one_task_shard_per_worker_merges_to_the_single_process_run(qwen_dir, colour_task, tmp_path) -> None:
+    """``torchrun --nproc_per_node 2 -m kscale.eval``: each rank answers every other document (lmms-eval's
+    rank::world split, recorded as ``kscale_shards``), rank 0 alone writes the run, and its scores and every
+    choice's score equal the in-process run's."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    from kscale.runner import run_job
+    from kscale.spec import spec_from_dict
+
+    task_dir, docs = colour_task
+
+    def raw(out: Path) -> dict:
+        return {"kind": "eval", "model": {"path": qwen_dir, "device": "cpu", "dtype": "float32"},
+                "eval": {"tasks": [TASK], "include_path": [str(task_dir)], "batch_size": 6, "bootstrap_iters": 100,
+                         "blind": False}, "output": {"path": str(out)}}
+
+    run_job(spec_from_dict(raw(tmp_path / "one")), show_bar=False)
+    job = tmp_path / "two.yaml"
+    job.write_text(yaml.safe_dump(raw(tmp_path / "two")))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    repo = Path(__file__).resolve().parents[2]
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(port), "-m", "kscale.eval", str(job)], env=env, cwd=repo, capture_output=True,
+                          text=True, timeout=500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    shards = json.loads((tmp_path / "two" / "runs" / "base.json").read_text())["kscale_shards"]
+    ids = [sorted(d for t, d in shard if t == TASK) for shard in shards]
+    assert ids == [list(range(0, len(docs), 2)), list(range(1, len(docs), 2))]  # one shard per rank, disjoint
+    one, two = (json.loads((tmp_path / r / "scores.json").read_text()) for r in ("one", "two"))
+    assert len(one) == len(two) == 1
+    for key in ("score", "stderr", "n"):
+        assert two[0][key] == pytest.approx(one[0][key], abs=1e-12), key
+    a, b = (pd.read_csv(tmp_path / r / "samples.csv").sort_values("doc_id") for r in ("one", "two"))
+    assert list(a.doc_id) == list(b.doc_id) == list(range(len(docs)))
+    np.testing.assert_allclose(np.array([json.loads(c) for c in b.choice_nll]),
+                               np.array([json.loads(c) for c in a.choice_nll]), atol=1e-5, rtol=0)

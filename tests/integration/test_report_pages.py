@@ -95,13 +95,34 @@ def _train(run: Path) -> Path:
     return build_report(run)
 
 
+def _eval(run: Path, analysis: Path, bias: Path) -> Path:
+    """An eval run's referee page: scores of two variants beside the analysis and bias runs built above."""
+    from kscale.eval.referee import build_report
+    from kscale.eval.table import score_rows
+    from kscale.spec import EvalVariant
+
+    def results(acc: float) -> dict:
+        return {"results": {"mmstar": {"alias": "mmstar", "acc,none": acc, "acc_stderr,none": 0.02}},
+                "n-samples": {"mmstar": {"original": 1500, "effective": 1500}}}
+
+    runs = {("base", False): results(0.40), ("base", True): results(0.30), ("malora", False): results(0.46),
+            ("malora", True): results(0.29)}
+    run.mkdir(parents=True)
+    (run / "scores.json").write_text(json.dumps(score_rows(runs)))
+    variants = [EvalVariant(name="base", analysis_run=str(analysis.parent), bias_run=str(bias.parent)),
+                EvalVariant(name="malora", kind="malora", path="unused", analysis_run=str(analysis.parent),
+                            bias_run=str(bias.parent), bias_variant="malora@20")]
+    return build_report(run, variants)
+
+
 @pytest.fixture(scope="module")
 def pages(tmp_path_factory) -> dict[str, Path]:
     base = tmp_path_factory.mktemp("pages")
     strict, reporting.STRICT = reporting.STRICT, True  # a figure with clipped text fails the build
     try:
-        return {"analysis": _analysis(base / "analysis"), "bias": _bias(base / "bias"),
-                "train": _train(base / "train")}
+        analysis, bias = _analysis(base / "analysis"), _bias(base / "bias")
+        return {"analysis": analysis, "bias": bias, "train": _train(base / "train"),
+                "eval": _eval(base / "eval", analysis, bias)}
     finally:
         reporting.STRICT = strict
 
@@ -140,6 +161,22 @@ def test_pages_say_what_the_data_say(pages):
     assert "<b>malora@20</b>: the answer depends on the image" in bias
     train = pages["train"].read_text()
     assert "(<b>-60%</b>)" in train and "lower with non-overlapping 95% intervals in 4 of 4 layers" in train
+    page = pages["eval"].read_text()
+    assert "<b>malora</b> on mmstar: 0.4 → 0.46 (+0.06); multimodal gain 0.1 → 0.17." in page
+    mech = pd.read_csv(pages["eval"].parent / "mechanism.csv")
+    agg = pd.read_parquet(pages["bias"].parent / "aggregate.parquet")
+    want = agg[(agg.variant == "malora@20") & agg.metric.str.startswith("dependency_")].set_index("metric")
+    got = mech[(mech.variant == "malora") & mech.measure.str.startswith("visual_")].set_index("measure")
+    assert len(got) == 4
+    for metric, row in want.iterrows():
+        assert got.loc[f"visual_{metric}", "value"] == row.value and got.loc[f"visual_{metric}", "ci_low"] == row.ci_low
+    base_dep = agg[(agg.variant == "base") & (agg.metric == "dependency_blank")].value.item()
+    assert got.loc["visual_dependency_blank", "delta"] == pytest.approx(want.loc["dependency_blank", "value"] - base_dep)
+    results = pd.read_parquet(pages["analysis"].parent / "results.parquet")
+    sel = results[(results.comparison == "cross") & (results.estimator == "mmd2_rf") & (results.kernel == "rbf")
+                  & (results.normalisation == "none") & (results["head"] == -1) & (results["multiple"] == 1.0)]
+    key = mech[(mech.variant == "base") & (mech.measure == "key_mmd2")].set_index("layer").value
+    assert key.to_dict() == sel.set_index("layer").value.to_dict() and len(key) == 3
 
 
 def test_clipped_text_is_caught():
