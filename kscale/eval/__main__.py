@@ -9,13 +9,13 @@ import sys
 
 def main(argv: list[str]) -> None:
     from kscale.eval.run import run_eval
-    from kscale.spec import load_spec
+    from kscale.spec import STAGES, load_spec
 
     if len(argv) != 1:
         raise SystemExit("usage: python -m kscale.eval JOB.yaml")
     spec = load_spec(argv[0])
-    if spec.kind != "eval":
-        raise SystemExit(f"{argv[0]}: kind is {spec.kind!r}, expected 'eval'")
+    if STAGES[spec.kind].entry != "kscale.eval.run:stage_entry":  # the launcher runs the eval stage only
+        raise SystemExit(f"{argv[0]}: kind is {spec.kind!r}; this launcher runs the eval stage only")
     result = run_eval(spec)
     if result.rows:
         print(result.summary_line(), flush=True)
