@@ -133,6 +133,16 @@ def sensitivity_table(df: pd.DataFrame, alpha: float) -> str:
             "floor and the layers found significant, not the raw values.</p>" + table)
 
 
+def p_tests_table(df: pd.DataFrame, alpha: float) -> str:
+    """The test behind the p-value of every row family (:func:`verdict.p_tests`), with how many rows reject."""
+    t = V.p_tests(df, alpha)
+    if t.empty:
+        return ""
+    return ("<h2>Tests behind the p-values</h2><p>Every row family of the table with the test that gave its "
+            f"p-values (<i>p_method</i>; docs/analysis.md, \"p-values\") and how many of its rows have p &lt; {alpha:g} "
+            "(unadjusted).</p>" + t.to_html(index=False, border=0, escape=True))
+
+
 PUBLISHED = "the seed study reports cross ≈ 0.408 and intra ≈ 0.012 (docs/reproduce.md)"
 
 
@@ -258,7 +268,8 @@ def build_report(run_dir: str | Path) -> Path:
             for tag, t in qgaps.items() if not t.empty]
     body = (rep.verdict_html(V.verdict(df, alpha) + seen)
             + _stores_html(meta, df) + f"<p class=\"muted\">{len(df)} rows; alpha = {alpha:g}.</p>"
-            + layer_table(df, alpha, deepstack_marks(meta)) + sensitivity_table(df, alpha) + paper_table(df)
+            + layer_table(df, alpha, deepstack_marks(meta)) + sensitivity_table(df, alpha) + p_tests_table(df, alpha)
+            + paper_table(df)
             + "<h2>Pictures</h2>" + rep.figures_html(pngs)
             + _attention_section(run) + _query_gap_section(qgaps) + directions_section(run) + EXPLAIN
             + "<h2>Rows per estimator and comparison</h2>" + counts.reset_index().to_html(index=False, border=0)

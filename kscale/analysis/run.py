@@ -479,12 +479,14 @@ def _conventions(cfg: AnalyzeConfig, kind: str) -> dict:
 def _target_rows(lc: LayerContext, ctx: R.Context, t: int, ts: TargetSums) -> list[dict]:
     cfg, sc = lc.cfg, lc.store
     plan, want = lc.plans[t], set(cfg.estimators)
-    rows, reps = [], {}
+    rows, reps, cross_rows = [], {}, {}
     for comp in sc.comps:
         if sc.configs:
             rf, reps[comp.name] = R.rf_rows(ctx, ts, comp, sc.configs, plan.bandwidth, _conventions(cfg, "rf"))
             R.permutation_row_update(ctx, rf, ts, comp, sc.buckets, cfg.significance.permutations)
             rows += rf
+            if comp.name == "cross":  # ratio rows take their p from these (rows.RATIO_P)
+                cross_rows = {(c.normalisation, c.kernel, c.multiple): r for c, r in zip(sc.configs, rf)}
         rows += R.linear_rows(ctx, ts, comp, sc.lin_norms, _conventions(cfg, "linear"))
         if "jsd_hist" in want:
             rows += R.hist_rows(ctx, ts, comp, lc.families[t], cfg.jsd.units, _conventions(cfg, "hist"))
@@ -492,16 +494,18 @@ def _target_rows(lc: LayerContext, ctx: R.Context, t: int, ts: TargetSums) -> li
             rows += R.exact_rows(ctx, lc.sub, comp, lc.targets[t], cfg, plan, _conventions(cfg, "exact"))
             if cfg.paper_mode.enabled:
                 rows += R.paper_rows(ctx, lc.sub, comp, lc.targets[t], cfg.exact_subsample, cfg.paper_mode)
-    return rows + _ratio_rows(ctx, reps, sc.configs, cfg)
+    return rows + _ratio_rows(ctx, reps, sc.configs, cfg, cross_rows)
 
 
-def _ratio_rows(ctx: R.Context, reps: dict, configs: list[FeatureConfig], cfg: AnalyzeConfig) -> list[dict]:
+def _ratio_rows(ctx: R.Context, reps: dict, configs: list[FeatureConfig], cfg: AnalyzeConfig,
+                cross_rows: dict) -> list[dict]:
     if "cross" not in reps:
         return []
     conv = _conventions(cfg, "ratio")
     rows = []
     intras = [i for i in ("intra_text", "intra_image") if i in reps]
     for intra in intras:
-        rows += R.ratio_rows(ctx, reps["cross"], reps[intra], intra, conv)
+        rows += R.ratio_rows(ctx, reps["cross"], reps[intra], intra, conv, cross_rows)
     key = (configs[0].normalisation, configs[0].kernel, configs[0].multiple)
-    return R.gap_row(ctx, reps["cross"][key], [reps[i][key] for i in intras], key, conv) + rows
+    return R.gap_row(ctx, reps["cross"][key], [reps[i][key] for i in intras], key, conv,
+                     cross_rows.get(key)) + rows
