@@ -139,3 +139,25 @@ def test_analysis_writes_the_table_the_section_and_the_verdict_sentence(qstore, 
     html = (tmp_path / "run" / "report.html").read_text()
     assert "What text queries see" in html
     assert "Seen from text queries (post-RoPE, as the model scores)" in html.split("<h2>")[0]  # in the verdict box
+
+
+def test_query_gap_scales_logits_as_the_store_records_and_falls_back_to_one_over_sqrt_d(qstore, monkeypatch):
+    """Without the attribute (this store) logits are scaled by 1/sqrt(D), as the model does; with the model's own
+    scale recorded (``kscale.store.scaling.SCALE_ATTRIBUTE``) every logit and gap is scaled by it instead."""
+    import copy
+
+    from kscale.store.scaling import SCALE_ATTRIBUTE, attention_scale
+
+    _, store = qstore
+    D = store.head_dim
+    assert attention_scale(store.attrs, D) == (1 / math.sqrt(D), "1/sqrt(head_dim)")
+    base = qgap.query_gap(store, store.layers[:1], n_buckets=16, seed=0)
+    assert (base.logit_scale == 1 / math.sqrt(D)).all() and set(base.scale_source) == {"1/sqrt(head_dim)"}
+    attrs = copy.deepcopy(store.attrs)
+    attrs["model"][SCALE_ATTRIBUTE] = 0.125
+    monkeypatch.setattr(store, "attrs", attrs)
+    got = qgap.query_gap(store, store.layers[:1], n_buckets=16, seed=0)
+    assert set(got.scale_source) == {"store"} and (got.logit_scale == 0.125).all()
+    ratio = 0.125 * math.sqrt(D)
+    for col in ("logit_image_pre", "logit_text_post", "gap_pre", "gap_post", "gap_post_ci_high"):
+        np.testing.assert_allclose(got[col], base[col] * ratio, rtol=1e-12)
