@@ -239,12 +239,16 @@ def directions_section(run: Path) -> str:
     s["store"] = [V.short_store(p) for p in s.store]
     s = s.rename(columns={"sq_mean_diff": "|mean diff|² (= linear MMD²)", "gap_n50": "directions for 50% of gap",
                           "gap_n90": "directions for 90% of gap", "variance_n50": "for 50% of variance",
-                          "variance_n90": "for 90% of variance"})
+                          "variance_n90": "for 90% of variance", "mmd2_rf_dir1": "RF MMD² along direction 1",
+                          "mmd2_rf_max": "largest RF MMD² along one direction", "mmd2_rf_max_at": "at direction"})
     pngs = sorted((run / D.FOLDER).glob("*.png"))
     return ("<h2>Where the gap lives</h2><p>The image − text mean difference projected on the principal directions "
             "of the pooled keys (both modalities, eigenvalues descending): how many leading directions hold 50% "
             "and 90% of its square (which is also the linear MMD²), beside how many hold 50% / 90% of the "
-            "variance. Head −1: KV heads pooled. Per direction: <code>directions.parquet</code>.</p>"
+            "variance. The mean difference sees first moments only: the RF MMD² (1-d RBF, bandwidth the pooled SD "
+            f"along the direction) of the two modalities' projections on each of the {D.MMD_DIRECTIONS} leading "
+            "directions sees their whole distributions. Head −1: KV heads pooled. Per direction: "
+            "<code>directions.parquet</code>.</p>"
             + rep.table_html(s) + (f"<details><summary>one figure per layer</summary>{rep.figures_html(pngs)}"
                                    "</details>" if pngs else ""))
 

@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from kscale.analysis import rows as R
-from kscale.analysis.directions import DirectionPlan, direction_rows, direction_sums, write_directions
+from kscale.analysis.directions import (DirectionPlan, decompose, direction_mmd_sums, direction_rows, direction_sums,
+                                        merge_mmd, mmd_plan, write_directions)
 from kscale.analysis.directions import merge as merge_directions
 from kscale.analysis.embed import maps as embed_maps
 from kscale.analysis.maps_helper import MapsHelper
@@ -423,8 +424,12 @@ def _direction_rows(lc: LayerContext) -> list[dict]:
     sc = lc.store
     targets = {t: (pos, np.asarray(lc.plans[t].centre_d, np.float64)) for t, pos in lc.targets.items()}
     plan = DirectionPlan(targets, tuple(sc.mods), lc.cfg.mmd.batch_rows)
-    sums = sc.runner.map_reduce(direction_sums, layer_items(lc, sc.heads), plan, merge_directions)
-    return direction_rows(sc.ks.path, lc.layer, sums, sc.mods)
+    items = layer_items(lc, sc.heads)
+    sums = sc.runner.map_reduce(direction_sums, items, plan, merge_directions)
+    decomposed = {t: decompose(by[sc.mods[0]], by[sc.mods[1]]) for t, by in sums.items()}
+    mplan = mmd_plan(plan, decomposed, lc.cfg.seed)  # the second pass: RF MMD^2 along the leading directions
+    mmd = sc.runner.map_reduce(direction_mmd_sums, items, mplan, merge_mmd)
+    return direction_rows(sc.ks.path, lc.layer, sums, sc.mods, mmd)
 
 
 def _n_samples(lc: LayerContext, sums: dict[int, TargetSums]) -> dict[str, int]:
