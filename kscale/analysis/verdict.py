@@ -187,6 +187,9 @@ def _memo(fn):
     return wrapper
 
 
+GAP_COLUMNS = ("store", "layer", "head", "comparison", "value", "ci_low", "ci_high", "p", "p_method")
+
+
 @_memo
 def gap_table(df: pd.DataFrame, setting: Setting, heads: str = "pooled", alpha: float = 0.05) -> pd.DataFrame:
     """One row per (store, layer, head): cross and intra values, noise floor, gap over noise, significance.
@@ -194,7 +197,8 @@ def gap_table(df: pd.DataFrame, setting: Setting, heads: str = "pooled", alpha: 
     ``heads``: ``"pooled"`` (head -1; the lowest head when no row pools heads) or ``"each"`` (every
     head >= 0; Holm over all layer × head cells of a store).
     """
-    sel = setting.select(df)
+    used = [c for c in df.columns if c in GAP_COLUMNS or c in dict(setting.keys)]
+    sel = setting.select(df[used])  # the columns it reads: every later step copies fewer (the long JSON strings not)
     pooled = (sel["head"] == POOLED).any()
     if heads == "pooled":
         sel = sel[sel["head"] == (POOLED if pooled else sel["head"].min())]
