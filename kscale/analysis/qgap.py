@@ -254,3 +254,45 @@ def verdict_sentence(table: pd.DataFrame) -> str:
     return (f"Seen from text queries (post-RoPE, as the model scores): image keys score significantly lower than "
             f"text keys in {below} of {n} layer × KV-head cells and higher in {above}{span} — {seen}"
             + ("." if below + above else " in the expected logit."))
+
+
+# --- the common quantity with the attention statistics stored at extraction ------------------------------------
+
+def causal_logit_means(ks, layer: int, rotary=None) -> pd.DataFrame:
+    """Per (sample, stored query head, key modality): the mean post-RoPE logit ``q·k·scale`` over the pairs the
+    extraction's attention statistics average (``kscale.attention.stats``, ``logit_mean`` with
+    ``queries: after_image``): text queries after the sample's first image token, keys of the modality at or
+    before the query (causal). :func:`query_gap` differs on purpose (every stored text query, every pair within
+    a sample, pooled over samples), so this restriction is the quantity both can compute; they agree only on a
+    store holding every token of a sample (no ``extract.sample_tokens``), whose attention statistics were
+    computed over the same keys. Reads the layer in memory: a check for small (debug) stores.
+
+    Columns: sample_id, q_index (position among the stored query heads), modality, logit_mean, n_pairs."""
+    from kscale.store.queries import read_queries
+    from kscale.store.rope import rope_keys, store_rotary
+    from kscale.store.scaling import attention_scale
+
+    rotary = rotary if rotary is not None else store_rotary(ks)
+    scale, _ = attention_scale(ks.attrs, ks.head_dim)
+    m_attrs = ks.attrs["model"]
+    G = m_attrs["num_heads"] // m_attrs["num_kv_heads"]
+    q = np.asarray(read_queries(ks, layer, "text", rope=True, rotary=rotary).compute(), np.float64)
+    tok = {m: ks.tokens(m) for m in KEY_MODS}
+    keys = {m: np.asarray(rope_keys(ks, layer, m, rotary=rotary).compute(), np.float64) for m in KEY_MODS}
+    rows = []
+    for sid in np.unique(tok["text"]["sample_id"]):
+        at = {m: tok[m]["sample_id"] == sid for m in KEY_MODS}
+        if not at["image"].any():
+            continue
+        pos_q = tok["text"]["position"][at["text"]]
+        sel = pos_q > tok["image"]["position"][at["image"]].min()
+        q_QHqD, pos_q = q[at["text"]][sel], pos_q[sel]
+        for m in KEY_MODS:
+            k_KHD, pos_k = keys[m][at[m]], tok[m]["position"][at[m]]
+            visible_QK = pos_k[None, :] <= pos_q[:, None]
+            for i in range(q_QHqD.shape[1]):
+                logits_QK = q_QHqD[:, i] @ k_KHD[:, i // G].T * scale
+                n = int(visible_QK.sum())
+                rows.append({"sample_id": int(sid), "q_index": i, "modality": m, "n_pairs": n,
+                             "logit_mean": float(logits_QK[visible_QK].sum() / n) if n else float("nan")})
+    return pd.DataFrame(rows)
