@@ -40,7 +40,7 @@ COLUMNS = ["store", "layer", "head", "direction", "eigenvalue", "variance_share"
            "mean_diff", "gap_share", "cum_gap_share", "sq_mean_diff", "n_image", "n_text", "mmd2_rf",
            "mmd2_rf_approx_sd"]
 MMD_DIRECTIONS = 8  # leading directions with an RF MMD^2
-MMD_FEATURES = 256  # random frequencies per direction
+MMD_FEATURES = 128  # random frequencies per direction (1-d: a small D already resolves the kernel well)
 SHARES = (0.5, 0.9)
 FOLDER = "directions"  # figures go in a subfolder: the report's general picture list globs only *.png on top
 
