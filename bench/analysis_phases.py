@@ -38,6 +38,8 @@ PHASES = [  # (module, function, label)
     (R, "exact_rows", "exact MMD rows"),
     (R, "paper_rows", "paper MMD rows"),
     (run, "probe_rows", "classifier probes"),
+    (run, "_direction_rows", "directions pass (where the gap lives)"),
+    (run, "queries_beside_gap", "query-visible gap"),
     (E, "resolved", "waiting for t-SNE maps (helper process)"),
     (FIG, "write_pictures", "pictures"),
     (run, "attention_beside_gap", "attention figure"),

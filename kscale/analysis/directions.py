@@ -15,6 +15,16 @@ squared mean difference exactly; |delta|^2 is also the linear-kernel MMD^2 (bias
 token-level), so the same shares are the linear MMD^2's. ``n50`` / ``n90`` are the fewest leading
 directions whose cumulative share reaches 50% / 90%.
 
+The mean difference sees only first moments; the **RF MMD^2 along a direction** sees the whole 1-d
+distribution of the two modalities' projections ``z = u_j . x``. Once the directions are known, a second
+streaming pass (:func:`direction_mmd_sums`, mergeable like the first) sums per target, modality and leading
+direction (the first :data:`MMD_DIRECTIONS`) the random Fourier features ``cos(w_f z), sin(w_f z)`` of a 1-d
+RBF kernel ``exp(-(z - z')^2 / 2 s_j^2)`` with ``s_j = sqrt(eigenvalue_j)`` (the pooled SD along the
+direction) and :data:`MMD_FEATURES` frequencies ``w_f = g_f / s_j``, ``g_f ~ N(0, 1)`` seeded by
+``analyze.seed``. :func:`direction_mmd` gives the token-level unbiased MMD^2 (pairs i = j left out, as the
+linear share's is token-level too) and its random-feature SD; columns ``mmd2_rf`` and ``mmd2_rf_approx_sd``
+of the leading directions (NaN beyond them).
+
 Shapes: N tokens of a block, H heads, d head dim.
 """
 
@@ -27,7 +37,10 @@ import numpy as np
 import pandas as pd
 
 COLUMNS = ["store", "layer", "head", "direction", "eigenvalue", "variance_share", "cum_variance_share",
-           "mean_diff", "gap_share", "cum_gap_share", "sq_mean_diff", "n_image", "n_text"]
+           "mean_diff", "gap_share", "cum_gap_share", "sq_mean_diff", "n_image", "n_text", "mmd2_rf",
+           "mmd2_rf_approx_sd"]
+MMD_DIRECTIONS = 8  # leading directions with an RF MMD^2
+MMD_FEATURES = 128  # random frequencies per direction (1-d: a small D already resolves the kernel well)
 SHARES = (0.5, 0.9)
 FOLDER = "directions"  # figures go in a subfolder: the report's general picture list globs only *.png on top
 
@@ -104,25 +117,108 @@ def decompose(image: DirectionSums, text: DirectionSums) -> dict[str, np.ndarray
             "sq_mean_diff": sq, "evecs_dd": evecs_dd}
 
 
+@dataclass(frozen=True)
+class MMDPlan:
+    """What :func:`direction_mmd_sums` computes: target id -> (head positions, centre (d,), leading directions
+    (d, r), frequencies (r, F) per direction)."""
+
+    targets: dict[int, tuple[list[int], np.ndarray, np.ndarray, np.ndarray]]
+    mods: tuple[str, ...]
+    batch_rows: int = 4096
+
+
+def mmd_plan(plan: DirectionPlan, decomposed: dict[int, dict], seed: int, n_dirs: int = MMD_DIRECTIONS,
+             n_freq: int = MMD_FEATURES) -> MMDPlan:
+    """Leading directions of each target (``decomposed``: :func:`decompose` per target) and their frequencies;
+    a direction without variance gets none (its MMD^2 is NaN)."""
+    g_F = np.random.default_rng([seed, 0xD12]).standard_normal(n_freq)
+    targets = {}
+    for t, (heads, centre_d) in plan.targets.items():
+        dec = decomposed[t]
+        r = min(n_dirs, len(dec["eigenvalue"]))
+        sd_r = np.sqrt(dec["eigenvalue"][:r])
+        with np.errstate(divide="ignore"):
+            w_rF = np.where(sd_r[:, None] > 0, g_F[None, :] / sd_r[:, None], np.nan)
+        targets[t] = (heads, centre_d, dec["evecs_dd"][:, :r].copy(), w_rF)
+    return MMDPlan(targets, plan.mods, plan.batch_rows)
+
+
+@dataclass
+class MMDSums:
+    """Mergeable sums of one target and modality: count and the feature sums (r, 2, F) along each direction."""
+
+    n: float
+    feat_r2F: np.ndarray
+
+    def merge(self, other: MMDSums) -> MMDSums:
+        return MMDSums(self.n + other.n, self.feat_r2F + other.feat_r2F)
+
+
+def feature_sums(x_Nd: np.ndarray, centre_d: np.ndarray, u_dr: np.ndarray, w_rF: np.ndarray,
+                 batch_rows: int = 4096) -> MMDSums:
+    """Sums of cos / sin(w_f u_j . (x - centre)) over the rows (the centre only shifts phases: MMD^2 unchanged)."""
+    out = np.zeros((u_dr.shape[1], 2, w_rF.shape[1]))
+    for lo in range(0, len(x_Nd), batch_rows):
+        z_Nr = (np.asarray(x_Nd[lo:lo + batch_rows], np.float64) - centre_d) @ u_dr
+        phase_NrF = z_Nr[:, :, None] * w_rF[None]
+        out[:, 0] += np.cos(phase_NrF).sum(0)
+        out[:, 1] += np.sin(phase_NrF).sum(0)
+    return MMDSums(float(len(x_Nd)), out)
+
+
+def direction_mmd_sums(item: dict, plan: MMDPlan) -> dict[int, dict[str, MMDSums]]:
+    """One joint block -> random-feature sums per target, modality and leading direction."""
+    out: dict[int, dict[str, MMDSums]] = {}
+    for t, (heads, centre_d, u_dr, w_rF) in plan.targets.items():
+        out[t] = {m: (feature_sums(vectors(item[m][0], heads), centre_d, u_dr, w_rF, plan.batch_rows)
+                      if item.get(m) is not None else MMDSums(0.0, np.zeros((u_dr.shape[1], 2, w_rF.shape[1]))))
+                  for m in plan.mods}
+    return out
+
+
+def merge_mmd(a: dict[int, dict[str, MMDSums]], b: dict[int, dict[str, MMDSums]]) -> dict[int, dict[str, MMDSums]]:
+    return {t: {m: s.merge(b[t][m]) for m, s in by.items()} for t, by in a.items()}
+
+
+def direction_mmd(image: MMDSums, text: MMDSums) -> tuple[np.ndarray, np.ndarray]:
+    """(MMD^2 (r,), random-feature SD (r,)) per direction: the token-level unbiased U-statistic of the 1-d RBF
+    kernel's features, per frequency ``(|S_x|^2 - n)/(n(n-1)) + (|S_y|^2 - m)/(m(m-1)) - 2 S_x.S_y/(nm)``
+    (a token's cos^2 + sin^2 = 1), averaged over frequencies; SD = sd of the per-frequency terms / sqrt(F)."""
+    n, m = image.n, text.n
+    if min(n, m) < 2:
+        nan = np.full(len(image.feat_r2F), np.nan)
+        return nan, nan
+    sx, sy = image.feat_r2F, text.feat_r2F
+    t_rF = (((sx**2).sum(1) - n) / (n * (n - 1)) + ((sy**2).sum(1) - m) / (m * (m - 1))
+            - 2 * (sx * sy).sum(1) / (n * m))
+    return t_rF.mean(1), t_rF.std(1, ddof=1) / np.sqrt(t_rF.shape[1])
+
+
 def n_for(cum_share: np.ndarray, q: float) -> int:
     """The fewest leading directions whose cumulative share reaches ``q`` (up to rounding)."""
     return int(np.searchsorted(np.asarray(cum_share), q - 1e-9) + 1)
 
 
-def direction_rows(store: str, layer: int, sums: dict[int, dict[str, DirectionSums]], mods: list[str]
-                   ) -> list[dict]:
-    """Rows of the directions table (one per target and principal direction); ``mods`` = [image, text]."""
+def direction_rows(store: str, layer: int, sums: dict[int, dict[str, DirectionSums]], mods: list[str],
+                   mmd: dict[int, dict[str, MMDSums]] | None = None) -> list[dict]:
+    """Rows of the directions table (one per target and principal direction); ``mods`` = [image, text];
+    ``mmd``: the second pass's sums (:func:`direction_mmd_sums`) for the RF MMD^2 of the leading directions."""
     rows = []
     for t, by in sums.items():
         img, txt = by[mods[0]], by[mods[1]]
         dec = decompose(img, txt)
         cum_var, cum_gap = np.cumsum(dec["variance_share"]), np.cumsum(dec["gap_share"])
+        mmd2 = sd = np.zeros(0)
+        if mmd is not None:
+            mmd2, sd = direction_mmd(mmd[t][mods[0]], mmd[t][mods[1]])
         for j in range(len(dec["eigenvalue"])):
             rows.append({"store": store, "layer": layer, "head": t, "direction": j + 1,
                          "eigenvalue": dec["eigenvalue"][j], "variance_share": dec["variance_share"][j],
                          "cum_variance_share": cum_var[j], "mean_diff": dec["mean_diff"][j],
                          "gap_share": dec["gap_share"][j], "cum_gap_share": cum_gap[j],
-                         "sq_mean_diff": dec["sq_mean_diff"], "n_image": int(img.n), "n_text": int(txt.n)})
+                         "sq_mean_diff": dec["sq_mean_diff"], "n_image": int(img.n), "n_text": int(txt.n),
+                         "mmd2_rf": float(mmd2[j]) if j < len(mmd2) else np.nan,
+                         "mmd2_rf_approx_sd": float(sd[j]) if j < len(sd) else np.nan})
     return rows
 
 
@@ -134,6 +230,10 @@ def summary(table: pd.DataFrame) -> pd.DataFrame:
         g = g.sort_values("direction")
         row = {"store": store, "layer": int(layer), "head": int(head), "d": len(g),
                "sq_mean_diff": float(g.sq_mean_diff.iloc[0])}
+        if "mmd2_rf" in g.columns and g.mmd2_rf.notna().any():
+            top = g.loc[g.mmd2_rf.idxmax()]
+            row.update({"mmd2_rf_dir1": float(g.mmd2_rf.iloc[0]), "mmd2_rf_max": float(top.mmd2_rf),
+                        "mmd2_rf_max_at": int(top.direction)})
         for q in SHARES:
             row[f"gap_n{int(q * 100)}"] = n_for(g.cum_gap_share.to_numpy(), q)
         for q in SHARES:

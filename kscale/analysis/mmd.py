@@ -177,25 +177,43 @@ def _sqdist(a_bd: np.ndarray, b_bd: np.ndarray) -> np.ndarray:
     return np.maximum(sq, 0.0, out=sq)
 
 
+def _bucket_pair_index(ba: np.ndarray, bb: np.ndarray, K: int) -> np.ndarray:
+    """Flat (bucket of i, bucket of j) index of every pair of a block, for :func:`_add_bucket_pairs`."""
+    return (ba[:, None] * K + bb[None, :]).ravel()
+
+
+def _add_bucket_pairs(out_KK: np.ndarray, kb: np.ndarray, index: np.ndarray) -> None:
+    """``out_KK[k, l] += sum of kb over pairs with i in bucket k and j in bucket l`` (one bincount)."""
+    K = len(out_KK)
+    out_KK += np.bincount(index, kb.ravel(), K * K).reshape(K, K)
+
+
 def _row_sums(a_nd: np.ndarray, b_md: np.ndarray, kernels: list[tuple[str, float]], same: bool,
-              block: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row and column sums (len(kernels), n) / (len(kernels), m) of k(a_i, b_j), float64 blocks.
+              block: int, buckets: tuple[np.ndarray, np.ndarray, int] | None = None,
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Row and column sums (len(kernels), n) / (len(kernels), m) of k(a_i, b_j), float64 blocks, and with
+    ``buckets`` = (bucket of each a, of each b, K) the bucket-pair sums (len(kernels), K, K) as well.
 
     With ``same`` (a is b) the diagonal is left out: k(x, x) enters the estimators only through n.
     """
     rows_kn = np.zeros((len(kernels), len(a_nd)))
     cols_km = np.zeros((len(kernels), len(b_md)))
+    pairs_kKK = None if buckets is None else np.zeros((len(kernels), buckets[2], buckets[2]))
     for i in range(0, len(a_nd), block):
         for j in range(0, len(b_md), block):
             sq = _sqdist(a_nd[i:i + block], b_md[j:j + block])
             if same and i == j:
                 np.fill_diagonal(sq, np.inf)
             dist = np.sqrt(sq) if any(k == "laplacian" for k, _ in kernels) else None
+            index = None if buckets is None else _bucket_pair_index(buckets[0][i:i + block],
+                                                                    buckets[1][j:j + block], buckets[2])
             for k, (kernel, bw) in enumerate(kernels):
                 kb = kernel_block(sq, kernel, bw, dist)
                 rows_kn[k, i:i + block] += kb.sum(1)
                 cols_km[k, j:j + block] += kb.sum(0)
-    return rows_kn, cols_km
+                if index is not None:
+                    _add_bucket_pairs(pairs_kKK[k], kb, index)
+    return rows_kn, cols_km, pairs_kKK
 
 
 @dataclass(frozen=True)
@@ -207,26 +225,52 @@ class ExactResult:
     witness_y_km: np.ndarray  # f(y_i) likewise, same sign convention
     n: int
     m: int
+    pairs: BucketPairs | None = None  # with buckets given: for the cross-fit test (stats.bucket_pair_p)
+
+
+@dataclass(frozen=True)
+class BucketPairs:
+    """Kernel sums by (bucket of i, bucket of j) of the xx, xy and yy pairs (k, K, K), and points per bucket:
+    all a cross-fit test needs (:func:`kscale.analysis.stats.bucket_pair_p`)."""
+
+    xx_kKK: np.ndarray
+    xy_kKK: np.ndarray
+    yy_kKK: np.ndarray
+    nx_K: np.ndarray
+    ny_K: np.ndarray
+
+    def summed(self) -> BucketPairs:
+        """The sums of a kernel that is the sum of the kernels (the paper's sum of RBFs), as one kernel."""
+        return BucketPairs(self.xx_kKK.sum(0, keepdims=True), self.xy_kKK.sum(0, keepdims=True),
+                           self.yy_kKK.sum(0, keepdims=True), self.nx_K, self.ny_K)
 
 
 def exact_mmd2(x_nd: np.ndarray, y_md: np.ndarray, kernels: list[tuple[str, float]], *,
-               biased: bool = False, block: int = 1024) -> ExactResult:
-    """Exact MMD^2 for several (kernel, bandwidth) pairs sharing one pass of distance blocks.
+               biased: bool = False, block: int = 1024, bucket_x: np.ndarray | None = None,
+               bucket_y: np.ndarray | None = None, n_buckets: int = 0) -> ExactResult:
+    """Exact MMD^2 for several (kernel, bandwidth) pairs sharing one pass of distance blocks; with the points'
+    sample buckets also their bucket-pair sums (``ExactResult.pairs``).
 
     Kernels are rbf or laplacian (k(x, x) = 1); the linear kernel is exact from sums already.
     """
     x_nd, y_md = np.asarray(x_nd, np.float64), np.asarray(y_md, np.float64)
     n, m = len(x_nd), len(y_md)
-    kxx_kn, _ = _row_sums(x_nd, x_nd, kernels, True, block)
-    kyy_km, _ = _row_sums(y_md, y_md, kernels, True, block)
-    kxy_kn, kyx_km = _row_sums(x_nd, y_md, kernels, False, block)
+    bx = by = None
+    if bucket_x is not None:
+        bx, by = (bucket_x, bucket_x, n_buckets), (bucket_y, bucket_y, n_buckets)
+    kxx_kn, _, pxx = _row_sums(x_nd, x_nd, kernels, True, block, bx)
+    kyy_km, _, pyy = _row_sums(y_md, y_md, kernels, True, block, by)
+    kxy_kn, kyx_km, pxy = _row_sums(x_nd, y_md, kernels, False, block,
+                                    None if bx is None else (bucket_x, bucket_y, n_buckets))
     if biased:
         value = (kxx_kn.sum(1) + n) / n**2 + (kyy_km.sum(1) + m) / m**2 - 2 * kxy_kn.sum(1) / (n * m)
     else:
         value = kxx_kn.sum(1) / (n * (n - 1)) + kyy_km.sum(1) / (m * (m - 1)) - 2 * kxy_kn.sum(1) / (n * m)
     wx = kxx_kn / (n - 1) - kxy_kn / m
     wy = kyx_km / n - kyy_km / (m - 1)
-    return ExactResult(value, wx, wy, n, m)
+    pairs = None if bx is None else BucketPairs(pxx, pxy, pyy, np.bincount(bucket_x, minlength=n_buckets),
+                                                np.bincount(bucket_y, minlength=n_buckets))
+    return ExactResult(value, wx, wy, n, m, pairs)
 
 
 @dataclass
@@ -239,6 +283,7 @@ class _PairSums:
     col_kK: np.ndarray
     same_kK: np.ndarray
     count: np.ndarray  # (4, K): row, col, same per bucket; total = row.sum()
+    pair_kKK: np.ndarray  # kernel sums of the kept pairs by (bucket of i, bucket of j)
 
     def loo(self) -> tuple[np.ndarray, np.ndarray]:
         """(kernel sums (k, K), pair counts (K,)) with each bucket left out."""
@@ -251,7 +296,8 @@ def _pair_sums(a_nd, b_md, ids_a, ids_b, bk_a, bk_b, kernels, K: int, exclude: s
     """Blocked float64 kernel sums over pairs, leaving out ``exclude``: "diag" (i = j, a is b),
     "sample" (same sample id) or "none"."""
     k = len(kernels)
-    out = _PairSums(np.zeros(k), np.zeros((k, K)), np.zeros((k, K)), np.zeros((k, K)), np.zeros((3, K)))
+    out = _PairSums(np.zeros(k), np.zeros((k, K)), np.zeros((k, K)), np.zeros((k, K)), np.zeros((3, K)),
+                    np.zeros((k, K, K)))
     for i in range(0, len(a_nd), block):
         for j in range(0, len(b_md), block):
             sq = _sqdist(a_nd[i:i + block], b_md[j:j + block])
@@ -266,9 +312,11 @@ def _pair_sums(a_nd, b_md, ids_a, ids_b, bk_a, bk_b, kernels, K: int, exclude: s
                           np.bincount(ba, same.sum(1), K)]
             drop, other = ~keep, ~same
             dist = np.sqrt(sq) if any(k == "laplacian" for k, _ in kernels) else None
+            index = _bucket_pair_index(ba, bb, K)
             for q, (kernel, bw) in enumerate(kernels):
                 kb = kernel_block(sq, kernel, bw, dist)
                 kb[drop] = 0.0
+                _add_bucket_pairs(out.pair_kKK[q], kb, index)
                 out.total_k[q] += kb.sum()
                 out.row_kK[q] += np.bincount(ba, kb.sum(1), K)
                 out.col_kK[q] += np.bincount(bb, kb.sum(0), K)
@@ -284,6 +332,7 @@ class ExactParts:
     value_k: np.ndarray
     loo_kK: np.ndarray
     nonempty_K: np.ndarray
+    pairs: BucketPairs  # for the cross-fit test (stats.bucket_pair_p)
 
 
 def exact_parts(x_nd: np.ndarray, y_md: np.ndarray, kernels: list[tuple[str, float]], *, ids_x: np.ndarray,
@@ -302,8 +351,9 @@ def exact_parts(x_nd: np.ndarray, y_md: np.ndarray, kernels: list[tuple[str, flo
     value = sum(sign * p.total_k / p.count[0].sum() for sign, p in ((1, xx), (1, yy), (-2, xy)))
     with np.errstate(divide="ignore", invalid="ignore"):
         loo = sum(sign * s / c for sign, (s, c) in ((1, xx.loo()), (1, yy.loo()), (-2, xy.loo())))
-    nonempty = (np.bincount(bucket_x, minlength=n_buckets) + np.bincount(bucket_y, minlength=n_buckets)) > 0
-    return ExactParts(value, loo, nonempty)
+    nx_K, ny_K = np.bincount(bucket_x, minlength=n_buckets), np.bincount(bucket_y, minlength=n_buckets)
+    pairs = BucketPairs(xx.pair_kKK, xy.pair_kKK, yy.pair_kKK, nx_K, ny_K)
+    return ExactParts(value, loo, (nx_K + ny_K) > 0, pairs)
 
 
 def median_bandwidth(pool_nd: np.ndarray, rule: str = "median", max_points: int = 4000,

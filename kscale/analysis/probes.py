@@ -22,6 +22,11 @@ from kscale.analysis.plan import Comparison
 from kscale.analysis.source import Buckets
 
 
+HELDOUT_P = ("one-sided t of the bound > 0 over the held-out buckets: under H0 (JSD 0) a probe trained on other "
+             "buckets has balanced log-loss >= log 2, so the test holds its level (conservative unless the probe "
+             "outputs 1/2 everywhere)")
+
+
 def _rows_of(block_NHd: np.ndarray, sid_N: np.ndarray, heads: list[int], plan: TargetPlan,
              ) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(block_NHd[:, heads], np.float64)
@@ -105,6 +110,19 @@ def _steps(cfg: AnalyzeConfig, data: dict, min_steps: int) -> int:
     return max(one_pass, min(min_steps, cfg.jsd.max_passes * one_pass))
 
 
+def heldout_stats(loss_x_K: np.ndarray, nx_K: np.ndarray, loss_y_K: np.ndarray, ny_K: np.ndarray,
+                  alpha: float) -> dict[str, float]:
+    """Bound log 2 - L of per-bucket held-out log-loss sums and token counts, its bucket-clustered SE, t interval
+    and one-sided p (:func:`stats.heldout_bound_p`)."""
+    nonempty = (nx_K + ny_K) > 0
+    value_loss, infl = balanced_log_loss(loss_x_K, nx_K, loss_y_K, ny_K)
+    se = stats.cluster_se(infl, nonempty)
+    bound = LOG2 - value_loss
+    lo, hi = stats.t_interval(bound, se, int(nonempty.sum()), alpha)
+    p, _ = stats.heldout_bound_p(bound, se, int(nonempty.sum()))
+    return {"bound": bound, "se": se, "lo": lo, "hi": hi, "p": p}
+
+
 def _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows) -> list[dict]:
     K = buckets.n_buckets
     loss = {(t, k, s): np.zeros(K) for t in targets for k in cfg.jsd.classifiers for s in "xy"}
@@ -126,18 +144,14 @@ def _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows
         nx, ny = count[(t, "x")], count[(t, "y")]
         if nx.sum() < 1 or ny.sum() < 1:
             continue
-        nonempty = (nx + ny) > 0
         for k in cfg.jsd.classifiers:
-            value_loss, infl = balanced_log_loss(loss[(t, k, "x")], nx, loss[(t, k, "y")], ny)
-            se = stats.cluster_se(infl, nonempty)
-            bound = LOG2 - value_loss
-            lo, hi = stats.t_interval(bound, se, int(nonempty.sum()), cfg.significance.alpha)
+            st = heldout_stats(loss[(t, k, "x")], nx, loss[(t, k, "y")], ny, cfg.significance.alpha)
             u = cfg.jsd.units
             out.append(ctx_rows(t)(
-                comparison=comp.name, estimator=f"jsd_clf_{k}", kernel=k, value=to_units(bound, u),
-                se=to_units(se, u), ci_low=to_units(lo, u), ci_high=to_units(hi, u), units=u,
-                n_tokens=int(nx.sum() + ny.sum()),
-                conventions={"what": "lower bound: log 2 - balanced held-out log-loss",
+                comparison=comp.name, estimator=f"jsd_clf_{k}", kernel=k, value=to_units(st["bound"], u),
+                se=to_units(st["se"], u), ci_low=to_units(st["lo"], u), ci_high=to_units(st["hi"], u), p=st["p"],
+                p_method="heldout_t", units=u, n_tokens=int(nx.sum() + ny.sum()),
+                conventions={"what": "lower bound: log 2 - balanced held-out log-loss", "p": HELDOUT_P,
                              "heldout_buckets": int((~train_K).sum()), "epochs": cfg.jsd.epochs,
                              "max_train_tokens": cfg.jsd.max_train_tokens, "inputs": "standardised",
                              "max_value": 1.0 if u == "bits" else math.log(2)}))

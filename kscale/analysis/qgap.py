@@ -3,7 +3,7 @@
 For each layer and KV head, the text queries of its query-head group (stored with
 ``extract.attention.store_queries``; :mod:`kscale.store.queries`) score keys of each modality ``m``:
 
-- **pre-RoPE**: ``E_q[q·k]/sqrt(D)`` over every (text query, key of m) pair of the store. The mean over pairs
+- **pre-RoPE**: ``E_q[q·k]·scale`` over every (text query, key of m) pair of the store. The mean over pairs
   of a bilinear form factorises exactly: ``E[q·k] = E[q]·E[k]``, so sums of q and k per sample bucket are
   all that is streamed.
 - **post-RoPE** (how the model scores): a query only ever meets keys of its own sample, at the two tokens'
@@ -13,6 +13,8 @@ For each layer and KV head, the text queries of its query-head group (stored wit
   (``sum_q·sum_k`` of the rotated vectors), so per-shard sums per sample suffice (a shard holds whole
   samples). All pairs are counted, not only the causally visible ones: the store keeps a token sample and
   the question is what the key distribution offers to the query distribution.
+- ``scale`` is the model's own logit scale when the store records one, else ``1/sqrt(D)``
+  (:func:`kscale.store.scaling.attention_scale`; column ``logit_scale`` and ``scale_source``).
 - ``gap = E[image] - E[text]`` with a sample-clustered interval: samples hash into buckets
   (:class:`kscale.analysis.source.Buckets`), delete-one-bucket jackknife SE, t interval
   (:mod:`kscale.analysis.stats`).
@@ -114,32 +116,35 @@ def span_share(qq_DD: np.ndarray, delta_D: np.ndarray, energy: float = 0.99) -> 
     return float(proj @ proj / (delta_D @ delta_D)), r
 
 
-def _estimates(s: QGapSums, keep_K: np.ndarray, h: int, G: int) -> dict[str, float]:
-    """Pre/post-RoPE expected logits and gaps of KV head h from the sums of the buckets in ``keep_K``."""
-    D = s.q_KHqD.shape[-1]
+def _estimates(s: QGapSums, keep_K: np.ndarray, h: int, G: int, scale: float) -> dict[str, float]:
+    """Pre/post-RoPE expected logits (times ``scale``) and gaps of KV head h from the sums of the buckets in
+    ``keep_K``."""
     grp = slice(h * G, (h + 1) * G)
     mean_q = s.q_KHqD[keep_K][:, grp].sum((0, 1)) / (s.nq_K[keep_K].sum() * G)
     out = {}
     for mi, m in enumerate(KEY_MODS):
         mean_k = s.k_MKHD[mi][keep_K][:, h].sum(0) / s.nk_MK[mi][keep_K].sum()
-        out[f"logit_{m}_pre"] = float(mean_q @ mean_k / math.sqrt(D))
+        out[f"logit_{m}_pre"] = float(mean_q @ mean_k * scale)
         out[f"logit_{m}_post"] = float(s.pair_MKHq[mi][keep_K][:, grp].sum()
-                                       / (s.npair_MK[mi][keep_K].sum() * G) / math.sqrt(D))
+                                       / (s.npair_MK[mi][keep_K].sum() * G) * scale)
     for sp in ("pre", "post"):
         out[f"gap_{sp}"] = out[f"logit_image_{sp}"] - out[f"logit_text_{sp}"]
     return out
 
 
-def head_rows(s: QGapSums, layer: int, H_heads: list[int], G: int, alpha: float, energy: float) -> list[dict]:
-    """One row per KV head: expected logits, gaps with jackknife intervals, span share."""
+def head_rows(s: QGapSums, layer: int, H_heads: list[int], G: int, alpha: float, energy: float,
+              scale: float | None = None) -> list[dict]:
+    """One row per KV head: expected logits (times ``scale``, default 1/sqrt(D)), gaps with jackknife
+    intervals, span share."""
+    scale = 1.0 / math.sqrt(s.q_KHqD.shape[-1]) if scale is None else scale
     nonempty = (s.nq_K > 0) | (s.nk_MK.sum(0) > 0)
     g = int(nonempty.sum())
     rows = []
     with np.errstate(invalid="ignore", divide="ignore"):
         for h, head in enumerate(H_heads):
-            full = _estimates(s, np.ones_like(nonempty), h, G)
-            loo = [_estimates(s, np.arange(len(nonempty)) != k, h, G) for k in np.flatnonzero(nonempty)]
-            r = {"layer": layer, "head": head, "n_buckets": g, "n_text_queries": int(s.nq_K.sum()),
+            full = _estimates(s, np.ones_like(nonempty), h, G, scale)
+            loo = [_estimates(s, np.arange(len(nonempty)) != k, h, G, scale) for k in np.flatnonzero(nonempty)]
+            r = {"layer": layer, "head": head, "logit_scale": scale, "n_buckets": g, "n_text_queries": int(s.nq_K.sum()),
                  "n_image_keys": int(s.nk_MK[0].sum()), "n_text_keys": int(s.nk_MK[1].sum()), **full}
             for sp in ("pre", "post"):
                 _, se = jackknife(full[f"gap_{sp}"], np.array([x[f"gap_{sp}"] for x in loo]))
@@ -224,14 +229,16 @@ def query_gap(ks, layers: list[int], n_buckets: int, seed: int, alpha: float = 0
               energy: float = 0.99) -> pd.DataFrame:
     """The table of the section "What text queries see": one row per (layer, KV head)."""
     from kscale.store.rope import store_rotary
+    from kscale.store.scaling import attention_scale
 
     m_attrs = ks.attrs["model"]
     G = m_attrs["num_heads"] // m_attrs["num_kv_heads"]
     buckets, rotary = Buckets(n_buckets, seed), store_rotary(ks)
+    scale, source = attention_scale(ks.attrs, ks.head_dim)
     rows = []
     for layer in layers:
-        rows += head_rows(layer_sums(ks, layer, buckets, rotary), layer, ks.heads, G, alpha, energy)
-    return pd.DataFrame(rows)
+        rows += head_rows(layer_sums(ks, layer, buckets, rotary), layer, ks.heads, G, alpha, energy, scale)
+    return pd.DataFrame(rows).assign(scale_source=source)
 
 
 def verdict_sentence(table: pd.DataFrame) -> str:
@@ -247,3 +254,45 @@ def verdict_sentence(table: pd.DataFrame) -> str:
     return (f"Seen from text queries (post-RoPE, as the model scores): image keys score significantly lower than "
             f"text keys in {below} of {n} layer × KV-head cells and higher in {above}{span} — {seen}"
             + ("." if below + above else " in the expected logit."))
+
+
+# --- the common quantity with the attention statistics stored at extraction ------------------------------------
+
+def causal_logit_means(ks, layer: int, rotary=None) -> pd.DataFrame:
+    """Per (sample, stored query head, key modality): the mean post-RoPE logit ``q·k·scale`` over the pairs the
+    extraction's attention statistics average (``kscale.attention.stats``, ``logit_mean`` with
+    ``queries: after_image``): text queries after the sample's first image token, keys of the modality at or
+    before the query (causal). :func:`query_gap` differs on purpose (every stored text query, every pair within
+    a sample, pooled over samples), so this restriction is the quantity both can compute; they agree only on a
+    store holding every token of a sample (no ``extract.sample_tokens``), whose attention statistics were
+    computed over the same keys. Reads the layer in memory: a check for small (debug) stores.
+
+    Columns: sample_id, q_index (position among the stored query heads), modality, logit_mean, n_pairs."""
+    from kscale.store.queries import read_queries
+    from kscale.store.rope import rope_keys, store_rotary
+    from kscale.store.scaling import attention_scale
+
+    rotary = rotary if rotary is not None else store_rotary(ks)
+    scale, _ = attention_scale(ks.attrs, ks.head_dim)
+    m_attrs = ks.attrs["model"]
+    G = m_attrs["num_heads"] // m_attrs["num_kv_heads"]
+    q = np.asarray(read_queries(ks, layer, "text", rope=True, rotary=rotary).compute(), np.float64)
+    tok = {m: ks.tokens(m) for m in KEY_MODS}
+    keys = {m: np.asarray(rope_keys(ks, layer, m, rotary=rotary).compute(), np.float64) for m in KEY_MODS}
+    rows = []
+    for sid in np.unique(tok["text"]["sample_id"]):
+        at = {m: tok[m]["sample_id"] == sid for m in KEY_MODS}
+        if not at["image"].any():
+            continue
+        pos_q = tok["text"]["position"][at["text"]]
+        sel = pos_q > tok["image"]["position"][at["image"]].min()
+        q_QHqD, pos_q = q[at["text"]][sel], pos_q[sel]
+        for m in KEY_MODS:
+            k_KHD, pos_k = keys[m][at[m]], tok[m]["position"][at[m]]
+            visible_QK = pos_k[None, :] <= pos_q[:, None]
+            for i in range(q_QHqD.shape[1]):
+                logits_QK = q_QHqD[:, i] @ k_KHD[:, i // G].T * scale
+                n = int(visible_QK.sum())
+                rows.append({"sample_id": int(sid), "q_index": i, "modality": m, "n_pairs": n,
+                             "logit_mean": float(logits_QK[visible_QK].sum() / n) if n else float("nan")})
+    return pd.DataFrame(rows)

@@ -133,6 +133,16 @@ def sensitivity_table(df: pd.DataFrame, alpha: float) -> str:
             "floor and the layers found significant, not the raw values.</p>" + table)
 
 
+def p_tests_table(df: pd.DataFrame, alpha: float) -> str:
+    """The test behind the p-value of every row family (:func:`verdict.p_tests`), with how many rows reject."""
+    t = V.p_tests(df, alpha)
+    if t.empty:
+        return ""
+    return ("<h2>Tests behind the p-values</h2><p>Every row family of the table with the test that gave its "
+            f"p-values (<i>p_method</i>; docs/analysis.md, \"p-values\") and how many of its rows have p &lt; {alpha:g} "
+            "(unadjusted).</p>" + t.to_html(index=False, border=0, escape=True))
+
+
 PUBLISHED = "the seed study reports cross ≈ 0.408 and intra ≈ 0.012 (docs/reproduce.md)"
 
 
@@ -229,12 +239,16 @@ def directions_section(run: Path) -> str:
     s["store"] = [V.short_store(p) for p in s.store]
     s = s.rename(columns={"sq_mean_diff": "|mean diff|² (= linear MMD²)", "gap_n50": "directions for 50% of gap",
                           "gap_n90": "directions for 90% of gap", "variance_n50": "for 50% of variance",
-                          "variance_n90": "for 90% of variance"})
+                          "variance_n90": "for 90% of variance", "mmd2_rf_dir1": "RF MMD² along direction 1",
+                          "mmd2_rf_max": "largest RF MMD² along one direction", "mmd2_rf_max_at": "at direction"})
     pngs = sorted((run / D.FOLDER).glob("*.png"))
     return ("<h2>Where the gap lives</h2><p>The image − text mean difference projected on the principal directions "
             "of the pooled keys (both modalities, eigenvalues descending): how many leading directions hold 50% "
             "and 90% of its square (which is also the linear MMD²), beside how many hold 50% / 90% of the "
-            "variance. Head −1: KV heads pooled. Per direction: <code>directions.parquet</code>.</p>"
+            "variance. The mean difference sees first moments only: the RF MMD² (1-d RBF, bandwidth the pooled SD "
+            f"along the direction) of the two modalities' projections on each of the {D.MMD_DIRECTIONS} leading "
+            "directions sees their whole distributions. Head −1: KV heads pooled. Per direction: "
+            "<code>directions.parquet</code>.</p>"
             + rep.table_html(s) + (f"<details><summary>one figure per layer</summary>{rep.figures_html(pngs)}"
                                    "</details>" if pngs else ""))
 
@@ -303,7 +317,7 @@ def build_report(run_dir: str | Path) -> Path:
             + f"<p class=\"vector\">Vectors compared: <b>{VECTOR_NAMES[kind]}</b> ({kind}; analyze.vector)</p>"
             + _stores_html(meta, df) + f"<p class=\"muted\">{len(df)} rows; alpha = {alpha:g}.</p>"
             + layer_table(df, alpha, deepstack_marks(meta)) + modality_pairs_section(meta, df)
-            + sensitivity_table(df, alpha) + paper_table(df)
+            + sensitivity_table(df, alpha) + p_tests_table(df, alpha) + paper_table(df)
             + "<h2>Pictures</h2>" + rep.figures_html(pngs)
             + _attention_section(run) + _query_gap_section(qgaps) + directions_section(run) + EXPLAIN
             + "<h2>Rows per estimator and comparison</h2>" + counts.reset_index().to_html(index=False, border=0)

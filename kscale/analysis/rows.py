@@ -165,8 +165,22 @@ def _fieller(a: Replicates, b: Replicates, alpha: float) -> tuple[float, float]:
     return stats.fieller_interval(a.value, b.value, var_a, var_b, cov, alpha)
 
 
-def ratio_rows(ctx: Context, cross: dict, intra: dict, intra_name: str, conv: dict) -> list[dict]:
-    """cross / intra ratio of each random-feature config, Fieller interval from joint replicates."""
+RATIO_P = ("the cross row's p (same kernel): the intra halves are a random split of one modality by sample hash, "
+           "so the population intra MMD^2 is 0 and H0 'cross <= intra' is the cross row's H0 'cross = 0'")
+CROSS_ROW = "cross_row_"  # p_method prefix of rows whose p is the cross row's (verdict.p_test)
+
+
+def _cross_p(cross_row: dict | None) -> dict:
+    """``p`` / ``p_method`` of a ratio row from its cross row (nothing when there is none)."""
+    if cross_row is None or cross_row.get("p_method") is None:
+        return {}
+    return {"p": cross_row["p"], "p_method": CROSS_ROW + cross_row["p_method"]}
+
+
+def ratio_rows(ctx: Context, cross: dict, intra: dict, intra_name: str, conv: dict,
+               cross_rows: dict | None = None) -> list[dict]:
+    """cross / intra ratio of each random-feature config, Fieller interval from joint replicates; the p-value
+    is the cross row's of the same config (``cross_rows``: config key -> row; :data:`RATIO_P` says why)."""
     out = []
     for key, a in cross.items():
         if key not in intra:
@@ -177,30 +191,39 @@ def ratio_rows(ctx: Context, cross: dict, intra: dict, intra_name: str, conv: di
                            normalisation=key[0], multiple=key[2],
                            value=a.value / b.value if b.value != 0 else math.nan, ci_low=lo, ci_high=hi,
                            units="ratio", n_samples=ctx.n_samples["cross"], bandwidth_policy=ctx.policy,
-                           conventions=conv))
+                           conventions={**conv, "p": RATIO_P} if cross_rows else conv,
+                           **_cross_p((cross_rows or {}).get(key))))
     return out
 
 
-def gap_row(ctx: Context, cross: Replicates, intras: list[Replicates], key: tuple, conv: dict) -> list[dict]:
+def gap_row(ctx: Context, cross: Replicates, intras: list[Replicates], key: tuple, conv: dict,
+            cross_row: dict | None = None) -> list[dict]:
     """The headline: cross MMD^2 over the mean intra-modal MMD^2 (the noise floor) of the primary kernel,
-    with a Fieller interval from joint replicates; unbounded when the floor is indistinguishable from 0."""
+    with a Fieller interval from joint replicates; unbounded when the floor is indistinguishable from 0. Its
+    p-value is the primary cross row's (``cross_row``; :data:`RATIO_P`)."""
     if not intras:
         return []
     mean = Replicates(float(np.mean([r.value for r in intras])), np.mean([r.loo_K for r in intras], axis=0),
                       np.any([r.nonempty_K for r in intras], axis=0))
     lo, hi = _fieller(cross, mean, ctx.alpha)
+    conv = {**conv, "intra": len(intras), **({"p": RATIO_P} if cross_row else {})}
     return [ctx.row(comparison="cross/intra", estimator="gap_normalised", kernel=key[1], normalisation=key[0],
                     multiple=key[2], value=cross.value / mean.value if mean.value != 0 else math.nan,
                     ci_low=lo, ci_high=hi, units="ratio", n_samples=ctx.n_samples["cross"],
-                    bandwidth_policy=ctx.policy, conventions={**conv, "intra": len(intras)})]
+                    bandwidth_policy=ctx.policy, conventions=conv, **_cross_p(cross_row))]
+
+
+def hist_sides(ts: TargetSums, comp: Comparison) -> tuple[np.ndarray, np.ndarray]:
+    """Per-bucket histograms (K, P, B) of the comparison's two sides, each restricted to its buckets."""
+    K = len(ts.ncross_K)
+    return (ts.by_mod[comp.mod_x].hist_KPB * _keep(comp, "x", K)[:, None, None],
+            ts.by_mod[comp.mod_y].hist_KPB * _keep(comp, "y", K)[:, None, None])
 
 
 def hist_rows(ctx: Context, ts: TargetSums, comp: Comparison, families: dict[str, np.ndarray],
               units: str, conv: dict) -> list[dict]:
     out = []
-    K = len(ts.ncross_K)
-    x_KPB = ts.by_mod[comp.mod_x].hist_KPB * _keep(comp, "x", K)[:, None, None]
-    y_KPB = ts.by_mod[comp.mod_y].hist_KPB * _keep(comp, "y", K)[:, None, None]
+    x_KPB, y_KPB = hist_sides(ts, comp)
     for fam, cols in families.items():
         if fam.startswith("lda:") and fam != f"lda:{comp.name}":
             continue
@@ -210,11 +233,37 @@ def hist_rows(ctx: Context, ts: TargetSums, comp: Comparison, families: dict[str
         _, se = stats.jackknife(value, reps)
         lo, hi = stats.t_interval(value, se, len(reps), ctx.alpha)
         n_tok = int(x_KPB[:, cols[0]].sum() + y_KPB[:, cols[0]].sum())
+        test = hist_p(x_KPB, y_KPB, cols, comp, fam)
         out.append(ctx.row(comparison=comp.name, estimator=f"jsd_hist_{fam.split(':')[0]}", kernel="histogram",
                        value=to_units(value, units), se=to_units(se, units), ci_low=to_units(lo, units),
-                       ci_high=to_units(hi, units), units=units, n_tokens=n_tok,
-                       n_samples=ctx.n_samples[comp.name], conventions={**conv, "columns": int(len(cols))}))
+                       ci_high=to_units(hi, units), units=units, n_tokens=n_tok, n_samples=ctx.n_samples[comp.name],
+                       conventions={**conv, "columns": int(len(cols)), "p": test.pop("why")}, **test))
     return out
+
+
+HIST_P = ("cross-fit t of the bin frequencies (witness: fold-0 bin frequency differences of every column, its "
+          "mean gap over the fold-1 buckets studentised): H0 equal histograms of the views, i.e. JSD 0")
+LDA_P = ("none: the Fisher direction is fitted to separate these sides on the subsample, whose tokens the test "
+         "folds contain, so a test along it would not hold its level")
+
+
+def hist_p(x_KPB: np.ndarray, y_KPB: np.ndarray, cols: np.ndarray, comp: Comparison, fam: str) -> dict:
+    """p of a histogram JSD row: the cross-MMD t-test (:func:`stats.cross_mmd_p`) with the bin indicators of
+    the row's columns as features (a token adds 1 to one bin per column), i.e. the cross-fit test of the
+    kernel k(a, b) = #columns where a and b share a bin, whose MMD is 0 exactly when every column's
+    histogram is equal on both sides (the JSD row's null). Per-bucket counts are all it reads, at any size.
+    Not for the LDA family (:data:`LDA_P`)."""
+    if fam.startswith("lda"):
+        return {"p": None, "p_method": "none_fitted_direction", "why": LDA_P}
+    K = len(x_KPB)
+
+    def side(h_KPB):
+        feat_KGF = np.asarray(h_KPB[:, cols], np.float64)
+        zero_KG = np.zeros(feat_KGF.shape[:2])
+        return Side(feat_KGF[:, 0].sum(-1), feat_KGF, zero_KG, zero_KG, np.zeros(K))
+
+    p, _ = stats.cross_mmd_p(side(x_KPB), side(y_KPB), comp.fold(np.arange(K)))
+    return {"p": p, "p_method": "cross_hist_t", "why": HIST_P}
 
 
 def _matched(sub, comp: Comparison, heads: list[int], n_exact: int, seed: int):
@@ -247,16 +296,23 @@ def exact_rows(ctx: Context, sub, comp: Comparison, heads: list[int], cfg, targe
                           ids_y=iy, bucket_x=bx, bucket_y=by, n_buckets=cfg.significance.n_buckets,
                           estimator=ctx.estimator)
         g = int(res.nonempty_K.sum())
+        fold_K = comp.fold(np.arange(cfg.significance.n_buckets))
         for i, (kernel, b) in enumerate(pairs):
             value = float(res.value_k[i])
             se = jackknife_se(res.loo_kK[i], res.nonempty_K)
             lo, hi = stats.t_interval(value, se, g, ctx.alpha)
+            bp = res.pairs
+            p, _ = stats.bucket_pair_p(bp.xx_kKK[i], bp.xy_kKK[i], bp.yy_kKK[i], bp.nx_K, bp.ny_K, fold_K)
             out.append(ctx.row(comparison=comp.name, estimator="mmd2_exact", kernel=kernel, normalisation=how,
                                bandwidth=b, multiple=b / bw, value=value, se=se, approx_sd=0.0, ci_low=lo,
-                               ci_high=hi, units="kernel", n_tokens=2 * len(x),
+                               ci_high=hi, p=p, p_method="cross_kernel_t", units="kernel", n_tokens=2 * len(x),
                                n_samples=len(np.union1d(ix, iy)), bandwidth_policy=ctx.policy,
-                               conventions=conv))
+                               conventions={**conv, "p": EXACT_P}))
     return out
+
+
+EXACT_P = ("cross-fit t of the exact kernel on the subsample: witness = kernel mean embedding gap of the fold-0 "
+           "points, its mean gap over the fold-1 buckets studentised (pairs across folds only)")
 
 
 def paper_rows(ctx: Context, sub, comp: Comparison, heads: list[int], n_exact: int, paper) -> list[dict]:
@@ -267,19 +323,22 @@ def paper_rows(ctx: Context, sub, comp: Comparison, heads: list[int], n_exact: i
     sides = _matched(sub, comp, heads, n_exact, ctx.seed)
     if sides is None:
         return []
-    (x, sx, _), (y, sy, _) = sides
+    (x, sx, bx), (y, sy, by) = sides
     bw = median_bandwidth(np.vstack([x, y]), paper.bandwidth_rule, seed=ctx.seed)
     pairs = [("rbf", bw * m) for m in paper.multiples]
-    res = exact_mmd2(x, y, pairs, biased=paper.estimator == "biased")
+    K = int(max(bx.max(), by.max())) + 1
+    res = exact_mmd2(x, y, pairs, biased=paper.estimator == "biased", bucket_x=bx, bucket_y=by, n_buckets=K)
     value = float(res.value_k.sum())
     se, g = stats.clustered_witness_se(res.witness_x_kn.sum(0), sx, res.witness_y_km.sum(0), sy)
     lo, hi = stats.t_interval(value, se, g, ctx.alpha)
+    bp = res.pairs.summed()
+    p, _ = stats.bucket_pair_p(bp.xx_kKK[0], bp.xy_kKK[0], bp.yy_kKK[0], bp.nx_K, bp.ny_K, comp.fold(np.arange(K)))
     conv = {"estimator": paper.estimator, "bandwidth_rule": paper.bandwidth_rule,
             "multiples": list(paper.multiples), "kernel": "sum of rbf exp(-|x-y|^2/2s^2)",
             "normalisation": "none", "n_per_side": len(x), "matched_sizes": True, "pairs": "token-level",
             "note": "biased V-statistic includes k(x,x): its bias ~ (1/n + 1/m)(1 - E k) is in the value"
-            if paper.estimator == "biased" else "unbiased U-statistic"}
+            if paper.estimator == "biased" else "unbiased U-statistic", "p": EXACT_P}
     return [ctx.row(comparison=comp.name, estimator="mmd2_paper", kernel="rbf_sum", normalisation="none",
                     bandwidth=bw, multiple=float(sum(paper.multiples)), value=value, se=se, ci_low=lo,
-                    ci_high=hi, units="kernel", n_tokens=2 * len(x), n_samples=g,
+                    ci_high=hi, p=p, p_method="cross_kernel_t", units="kernel", n_tokens=2 * len(x), n_samples=g,
                     bandwidth_policy=paper.bandwidth_rule, conventions=conv)]

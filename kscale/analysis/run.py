@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from kscale.analysis import rows as R
-from kscale.analysis.directions import DirectionPlan, direction_rows, direction_sums, write_directions
+from kscale.analysis.directions import (DirectionPlan, decompose, direction_mmd_sums, direction_rows, direction_sums,
+                                        merge_mmd, mmd_plan, write_directions)
 from kscale.analysis.directions import merge as merge_directions
 from kscale.analysis.embed import maps as embed_maps
 from kscale.analysis.maps_helper import MapsHelper
@@ -483,8 +484,12 @@ def _direction_rows(lc: LayerContext) -> list[dict]:
     sc = lc.store
     targets = {t: (pos, np.asarray(lc.plans[t].centre_d, np.float64)) for t, pos in lc.targets.items()}
     plan = DirectionPlan(targets, tuple(sc.mods), lc.cfg.mmd.batch_rows)
-    sums = sc.runner.map_reduce(direction_sums, layer_items(lc, sc.heads), plan, merge_directions)
-    return direction_rows(sc.ks.path, lc.layer, sums, sc.mods)
+    items = layer_items(lc, sc.heads)
+    sums = sc.runner.map_reduce(direction_sums, items, plan, merge_directions)
+    decomposed = {t: decompose(by[sc.mods[0]], by[sc.mods[1]]) for t, by in sums.items()}
+    mplan = mmd_plan(plan, decomposed, lc.cfg.seed)  # the second pass: RF MMD^2 along the leading directions
+    mmd = sc.runner.map_reduce(direction_mmd_sums, items, mplan, merge_mmd)
+    return direction_rows(sc.ks.path, lc.layer, sums, sc.mods, mmd)
 
 
 def _n_samples(lc: LayerContext, sums: dict[int, TargetSums]) -> dict[str, int]:
@@ -538,12 +543,14 @@ def _conventions(cfg: AnalyzeConfig, kind: str) -> dict:
 def _target_rows(lc: LayerContext, ctx: R.Context, t: int, ts: TargetSums) -> list[dict]:
     cfg, sc = lc.cfg, lc.store
     plan, want = lc.plans[t], set(cfg.estimators)
-    rows, reps = [], {}
+    rows, reps, cross_rows = [], {}, {}
     for comp in sc.comps:
         if sc.configs:
             rf, reps[comp.name] = R.rf_rows(ctx, ts, comp, sc.configs, plan.bandwidth, _conventions(cfg, "rf"))
             R.permutation_row_update(ctx, rf, ts, comp, sc.buckets, cfg.significance.permutations)
             rows += rf
+            if comp.name == "cross":  # ratio rows take their p from these (rows.RATIO_P)
+                cross_rows = {(c.normalisation, c.kernel, c.multiple): r for c, r in zip(sc.configs, rf)}
         rows += R.linear_rows(ctx, ts, comp, sc.lin_norms, _conventions(cfg, "linear"))
         if "jsd_hist" in want:
             rows += R.hist_rows(ctx, ts, comp, lc.families[t], cfg.jsd.units, _conventions(cfg, "hist"))
@@ -551,16 +558,18 @@ def _target_rows(lc: LayerContext, ctx: R.Context, t: int, ts: TargetSums) -> li
             rows += R.exact_rows(ctx, lc.sub, comp, lc.targets[t], cfg, plan, _conventions(cfg, "exact"))
             if cfg.paper_mode.enabled:
                 rows += R.paper_rows(ctx, lc.sub, comp, lc.targets[t], cfg.exact_subsample, cfg.paper_mode)
-    return rows + _ratio_rows(ctx, reps, sc.configs, cfg)
+    return rows + _ratio_rows(ctx, reps, sc.configs, cfg, cross_rows)
 
 
-def _ratio_rows(ctx: R.Context, reps: dict, configs: list[FeatureConfig], cfg: AnalyzeConfig) -> list[dict]:
+def _ratio_rows(ctx: R.Context, reps: dict, configs: list[FeatureConfig], cfg: AnalyzeConfig,
+                cross_rows: dict) -> list[dict]:
     if "cross" not in reps:
         return []
     conv = _conventions(cfg, "ratio")
     rows = []
     intras = [i for i in ("intra_text", "intra_image") if i in reps]
     for intra in intras:
-        rows += R.ratio_rows(ctx, reps["cross"], reps[intra], intra, conv)
+        rows += R.ratio_rows(ctx, reps["cross"], reps[intra], intra, conv, cross_rows)
     key = (configs[0].normalisation, configs[0].kernel, configs[0].multiple)
-    return R.gap_row(ctx, reps["cross"][key], [reps[i][key] for i in intras], key, conv) + rows
+    return R.gap_row(ctx, reps["cross"][key], [reps[i][key] for i in intras], key, conv,
+                     cross_rows.get(key)) + rows

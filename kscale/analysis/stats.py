@@ -55,14 +55,64 @@ def cross_mmd_p(x: Side, y: Side, fold_K: np.ndarray) -> tuple[float, float]:
         return float("nan"), float("nan")
     delta_F = x0.total() / x0.n - y0.total() / y0.n
     fx_K, fy_K = x1.feat_KF @ delta_F, y1.feat_KF @ delta_F
-    mx, my = fx_K.sum() / x1.n, fy_K.sum() / y1.n
-    r_K = (fx_K - x1.n_K * mx) / x1.n - (fy_K - y1.n_K * my) / y1.n
-    test_K = (fold_K == 1) & ((x1.n_K + y1.n_K) > 0)
+    return witness_t_p(fx_K, x1.n_K, fy_K, y1.n_K, (fold_K == 1) & ((x1.n_K + y1.n_K) > 0))
+
+
+def witness_t_p(fx_K: np.ndarray, nx_K: np.ndarray, fy_K: np.ndarray, ny_K: np.ndarray, test_K: np.ndarray,
+                ) -> tuple[float, float]:
+    """(one-sided p, t) of a witness fitted elsewhere: ``fx_K`` / ``fy_K`` are per-bucket sums of the witness
+    over the x / y points of the test buckets (``test_K``; zero elsewhere), ``nx_K`` / ``ny_K`` their counts.
+    The mean gap mean_x f - mean_y f is studentised by its bucket-clustered SE (ratio-estimator influence),
+    t with G - 1 degrees of freedom over the G test buckets. Shared by every cross-fit test of the table:
+    random features (:func:`cross_mmd_p`), bin indicators (histogram JSD) and exact kernels
+    (:func:`bucket_pair_p`)."""
+    n, m = float(nx_K.sum()), float(ny_K.sum())
+    if min(n, m) < 2:
+        return float("nan"), float("nan")
+    mx, my = fx_K.sum() / n, fy_K.sum() / m
+    r_K = (fx_K - nx_K * mx) / n - (fy_K - ny_K * my) / m
     se = cluster_se(r_K, test_K)
     if not se > 0:
         return float("nan"), float("nan")
     z = (mx - my) / se
     return float(sps.t.sf(z, int(test_K.sum()) - 1)), float(z)
+
+
+def bucket_pair_p(xx_KK: np.ndarray, xy_KK: np.ndarray, yy_KK: np.ndarray, nx_K: np.ndarray, ny_K: np.ndarray,
+                  fold_K: np.ndarray) -> tuple[float, float]:
+    """The cross-fit test of an exact kernel from its bucket-pair sums: ``ab_KK[k, l]`` = sum of k(a_i, b_j)
+    over a-points i of bucket k and b-points j of bucket l. The witness is the kernel mean embedding gap of
+    the fold-0 points, f(z) = mean_{x in fold 0} k(z, x) - mean_{y in fold 0} k(z, y), evaluated at the
+    fold-1 points; only pairs across the folds are read, so no pair of one sample (or i = j) ever enters."""
+    f0, f1 = fold_K == 0, fold_K == 1
+    n0, m0 = float(nx_K[f0].sum()), float(ny_K[f0].sum())
+    if min(n0, m0) < 2:
+        return float("nan"), float("nan")
+    fx_K = (xx_KK[:, f0].sum(1) / n0 - xy_KK[:, f0].sum(1) / m0) * f1
+    fy_K = (xy_KK[f0, :].sum(0) / n0 - yy_KK[:, f0].sum(1) / m0) * f1
+    return witness_t_p(fx_K, nx_K * f1, fy_K, ny_K * f1, f1 & ((nx_K + ny_K) > 0))
+
+
+def difference_t_p(a: float, b: float, var_a: float, var_b: float, cov: float, n_clusters: int,
+                   ) -> tuple[float, float]:
+    """(one-sided p, t) of H0: a <= b from jackknife (co)variances, t with G - 1 degrees of freedom: the test
+    dual to Fieller's interval of a / b at 1 (the interval excludes 1 exactly when |t| exceeds its quantile)."""
+    var = var_a + var_b - 2 * cov
+    if n_clusters < 2 or not var > 0:
+        return float("nan"), float("nan")
+    z = (a - b) / math.sqrt(var)
+    return float(sps.t.sf(z, n_clusters - 1)), float(z)
+
+
+def heldout_bound_p(bound: float, se: float, n_clusters: int) -> tuple[float, float]:
+    """(one-sided p, t) of H0: JSD = 0 from a classifier's held-out bound log 2 - L: under H0 every fixed
+    classifier q has balanced log-loss >= log 2 (pointwise -log q / 2 - log(1 - q) / 2 >= log 2), so the
+    bound's mean is <= 0 and the t-test of bound > 0 over the held-out buckets is valid (conservative unless
+    q = 1/2 everywhere)."""
+    if n_clusters < 2 or not se > 0:
+        return float("nan"), float("nan")
+    z = bound / se
+    return float(sps.t.sf(z, n_clusters - 1)), float(z)
 
 
 def permutation_p(feat_UF: np.ndarray, count_U: np.ndarray, sq_U: np.ndarray, is_x_U: np.ndarray,

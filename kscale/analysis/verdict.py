@@ -12,7 +12,7 @@ Definitions (also printed on the report page, :data:`DEFINITIONS`):
 - **gap over noise** = cross-modal value / noise floor;
 - a layer's gap is **significant** when the cross-modal p-value, Holm-corrected over the layers (or
   over the layer × head cells) of the setting, is below alpha **and** the cross-modal interval lies
-  above the noise floor. Rows without a p-value (exact MMD) use the interval alone;
+  above the noise floor. Rows without a p-value use the interval alone;
 - every layer's p-value is shown with the **test** that gave it (``p_method``, :func:`p_test`): a
   sequence permutation test for small runs, the cross-MMD t-test above
   ``significance.max_permutation_units``, or "none (interval alone)" — never a silent blank.
@@ -187,6 +187,9 @@ def _memo(fn):
     return wrapper
 
 
+GAP_COLUMNS = ("store", "layer", "head", "comparison", "value", "ci_low", "ci_high", "p", "p_method")
+
+
 @_memo
 def gap_table(df: pd.DataFrame, setting: Setting, heads: str = "pooled", alpha: float = 0.05) -> pd.DataFrame:
     """One row per (store, layer, head): cross and intra values, noise floor, gap over noise, significance.
@@ -194,7 +197,8 @@ def gap_table(df: pd.DataFrame, setting: Setting, heads: str = "pooled", alpha: 
     ``heads``: ``"pooled"`` (head -1; the lowest head when no row pools heads) or ``"each"`` (every
     head >= 0; Holm over all layer × head cells of a store).
     """
-    sel = setting.select(df)
+    used = [c for c in df.columns if c in GAP_COLUMNS or c in dict(setting.keys)]
+    sel = setting.select(df[used])  # the columns it reads: every later step copies fewer (the long JSON strings not)
     pooled = (sel["head"] == POOLED).any()
     if heads == "pooled":
         sel = sel[sel["head"] == (POOLED if pooled else sel["head"].min())]
@@ -241,6 +245,10 @@ def p_test(method, p: float) -> str:
         return "none (interval alone)"
     if method is None:
         return "unnamed test"
+    if method.startswith("cross_row_"):  # ratio rows: the cross row's test (rows.RATIO_P)
+        return "cross row's " + p_test(method[len("cross_row_"):], p)
+    if method.startswith("none_"):
+        return P_TESTS.get(method, "none")
     if method.startswith("sequence_permutation_"):
         name = f"sequence permutation ({method.rsplit('_', 1)[-1]})"
     else:
@@ -248,12 +256,29 @@ def p_test(method, p: float) -> str:
     return name if np.isfinite(p) else f"{name}: undefined here"
 
 
-P_TESTS = {"cross_mmd_t": "cross-MMD t"}
+P_TESTS = {"cross_mmd_t": "cross-MMD t", "cross_kernel_t": "cross-fit t (exact kernel)",
+           "cross_hist_t": "cross-fit t (bin frequencies)", "heldout_t": "held-out t",
+           "none_fitted_direction": "none (direction fitted on these tokens)"}
 P_TEST_SENTENCE = {
     "sequence permutation": "a permutation test that reassigns whole samples' sequences between the sides",
     "cross-MMD t": "the cross-MMD t-test (witness from one half of the sample buckets, its mean gap studentised "
                    "over the other half: valid at any number of samples, no permutations)",
+    "cross-fit t (exact kernel)": "the cross-fit t-test of the exact kernel on the subsample (witness from the "
+                                  "fold-0 buckets' points, its mean gap studentised over the fold-1 buckets)",
     "none": "none: these rows have no p-value, so the interval alone decides"}
+
+
+def p_tests(df: pd.DataFrame, alpha: float = 0.05) -> pd.DataFrame:
+    """One line per (estimator, comparison, test): the test in words (:func:`p_test`), rows, rows with a p-value
+    and rows with p < alpha."""
+    if df.empty or "p_method" not in df.columns:
+        return pd.DataFrame()
+    p = pd.to_numeric(df["p"], errors="coerce").to_numpy(float)
+    t = pd.DataFrame({"estimator": df.estimator, "comparison": df.comparison,
+                      "p test": [p_test(m, v).split(":")[0] for m, v in zip(df.p_method, p)],
+                      "has_p": np.isfinite(p), "below": np.isfinite(p) & (p < alpha)})
+    g = t.groupby(["estimator", "comparison", "p test"], sort=True)
+    return pd.DataFrame({"rows": g.size(), "with p": g.has_p.sum(), f"p < {alpha:g}": g.below.sum()}).reset_index()
 
 
 def p_sentence(g: pd.DataFrame, alpha: float) -> str:

@@ -139,3 +139,68 @@ def test_analysis_writes_the_table_the_section_and_the_verdict_sentence(qstore, 
     html = (tmp_path / "run" / "report.html").read_text()
     assert "What text queries see" in html
     assert "Seen from text queries (post-RoPE, as the model scores)" in html.split("<h2>")[0]  # in the verdict box
+
+
+def test_query_gap_scales_logits_as_the_store_records_and_falls_back_to_one_over_sqrt_d(qstore, monkeypatch):
+    """The extraction records the model's scale (``kscale.store.scaling.SCALE_ATTRIBUTE``; 1/sqrt(D) for this
+    model) and the logits use it; without the attribute (older stores) they are scaled by 1/sqrt(D); with
+    another scale recorded every logit and gap is scaled by it instead."""
+    import copy
+
+    from kscale.store.scaling import SCALE_ATTRIBUTE, attention_scale
+
+    _, store = qstore
+    D = store.head_dim
+    assert attention_scale(store.attrs, D) == (1 / math.sqrt(D), "store")
+    recorded = qgap.query_gap(store, store.layers[:1], n_buckets=16, seed=0)
+    assert set(recorded.scale_source) == {"store"}
+    attrs = copy.deepcopy(store.attrs)
+    del attrs["model"][SCALE_ATTRIBUTE]
+    monkeypatch.setattr(store, "attrs", attrs)
+    assert attention_scale(store.attrs, D) == (1 / math.sqrt(D), "1/sqrt(head_dim)")
+    base = qgap.query_gap(store, store.layers[:1], n_buckets=16, seed=0)
+    assert (base.logit_scale == 1 / math.sqrt(D)).all() and set(base.scale_source) == {"1/sqrt(head_dim)"}
+    np.testing.assert_allclose(recorded.gap_post, base.gap_post, rtol=1e-12)
+    attrs = copy.deepcopy(attrs)
+    attrs["model"][SCALE_ATTRIBUTE] = 0.125
+    monkeypatch.setattr(store, "attrs", attrs)
+    got = qgap.query_gap(store, store.layers[:1], n_buckets=16, seed=0)
+    assert set(got.scale_source) == {"store"} and (got.logit_scale == 0.125).all()
+    ratio = 0.125 * math.sqrt(D)
+    for col in ("logit_image_pre", "logit_text_post", "gap_pre", "gap_post", "gap_post_ci_high"):
+        np.testing.assert_allclose(got[col], base[col] * ratio, rtol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def full_store(tmp_path_factory):
+    """Every token stored (no sample_tokens), queries stored, attention statistics of after-image text queries."""
+    tmp = tmp_path_factory.mktemp("qgap_full")
+    d = extract_spec(tmp, data={"generated": {"n_samples": N_SAMPLES, "image_size": 112}, "shard_size": 2},
+                     extract={"batch_size": 2, "key_dtype": "float32",
+                              "attention": {"enabled": True, "queries": "after_image", "store_queries": True}})
+    d["model"]["device"] = "cpu"
+    spec = spec_from_dict(d)
+    run_job(spec, show_bar=False)
+    return kscale.store.open(spec.output.path)
+
+
+def test_causal_logit_means_equal_the_attention_statistics_stored_at_extraction(full_store):
+    """The quantity qgap and the attention statistics both compute: per sample, query head and key modality, the
+    mean post-RoPE logit over (after-image text query, visible key) pairs. From the stored q and k it equals the
+    extraction's ``logit_mean`` (computed beside the forward pass from the hooked projections)."""
+    from kscale.attention.stats import flat_columns
+
+    store = full_store
+    m = store.attrs["model"]
+    heads_q = query_heads(store.heads, m["num_heads"], m["num_kv_heads"])
+    att = pd.DataFrame({k: np.asarray(v) for k, v in flat_columns(dict(store.table("attention"))).items()})
+    checked = 0
+    for layer in store.layers:
+        got = qgap.causal_logit_means(store, layer)
+        assert len(got) and (got.n_pairs > 0).all()
+        for r in got.itertuples():
+            ref = att[(att.sample_id == r.sample_id) & (att.layer == layer) & (att.q_head == heads_q[r.q_index])]
+            assert len(ref) == 1, (r, len(ref))
+            assert r.logit_mean == pytest.approx(float(ref[f"logit_mean_{r.modality}"].iloc[0]), rel=1e-4, abs=1e-5)
+            checked += 1
+    assert checked == len(store.layers) * N_SAMPLES * len(heads_q) * 2

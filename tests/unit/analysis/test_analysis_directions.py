@@ -121,3 +121,43 @@ def test_stage_table_equals_numpy_eigh_of_the_keys_read_in_full(kind, tmp_path):
             np.testing.assert_allclose(got.eigenvalue, evals[::-1], rtol=1e-9, atol=1e-12)
             np.testing.assert_allclose(np.abs(got.mean_diff), np.abs(evecs.T @ delta), rtol=1e-7, atol=1e-12)
             assert (got.n_image.iloc[0], got.n_text.iloc[0]) == (len(x["image"]), len(x["text"]))
+            check_direction_mmd(got, x, evals[::-1], evecs, cfg.seed)
+
+
+def check_direction_mmd(got: pd.DataFrame, x: dict, evals: np.ndarray, evecs: np.ndarray, seed: int) -> None:
+    """The RF MMD^2 of the leading directions equals the same random features computed on every key read in
+    full (numpy), and the exact 1-d RBF MMD^2 (kscale.analysis.mmd.exact_mmd2, token-level U-statistic) within
+    4 random-feature SDs; beyond the leading directions the columns are NaN."""
+    from kscale.analysis.mmd import exact_mmd2
+
+    r = min(D.MMD_DIRECTIONS, len(evals))
+    g = np.random.default_rng([seed, 0xD12]).standard_normal(D.MMD_FEATURES)
+    assert got.mmd2_rf.iloc[r:].isna().all() and got.mmd2_rf.iloc[:r].notna().all()
+    for j in range(r):
+        s = np.sqrt(evals[j])
+        z = {m: x[m] @ evecs[:, j] for m in x}
+        f = {m: np.stack([np.cos(np.outer(z[m], g / s)).sum(0), np.sin(np.outer(z[m], g / s)).sum(0)]) for m in z}
+        n, m = len(z["image"]), len(z["text"])
+        t = (((f["image"] ** 2).sum(0) - n) / (n * (n - 1)) + ((f["text"] ** 2).sum(0) - m) / (m * (m - 1))
+             - 2 * (f["image"] * f["text"]).sum(0) / (n * m))
+        row = got.iloc[j]
+        assert row.mmd2_rf == pytest.approx(t.mean(), rel=1e-7, abs=1e-10)
+        assert row.mmd2_rf_approx_sd == pytest.approx(t.std(ddof=1) / np.sqrt(len(t)), rel=1e-6)
+        exact = exact_mmd2(z["image"][:, None], z["text"][:, None], [("rbf", s)]).value_k[0]
+        assert abs(row.mmd2_rf - exact) <= 4 * row.mmd2_rf_approx_sd + 1e-9, (j, row.mmd2_rf, exact)
+
+
+def test_direction_mmd_sums_merged_over_blocks_equal_the_whole():
+    img, txt, _ = planted(2)
+    sums = streamed(img, txt)
+    decomposed = {0: D.decompose(sums[0]["image"], sums[0]["text"])}
+    plan = D.mmd_plan(D.DirectionPlan({0: ([0], np.zeros(12))}, ("image", "text"), batch_rows=37), decomposed, 3)
+    whole = D.direction_mmd_sums({"image": (img[:, None], None), "text": (txt[:, None], None)}, plan)
+    parts = [D.direction_mmd_sums({"image": (img[a:b, None], None), "text": (txt[c:e, None], None)}, plan)
+             for a, b, c, e in ((0, 100, 0, 333), (100, 300, 333, 500))]
+    merged = D.merge_mmd(*parts)
+    for m in ("image", "text"):
+        assert merged[0][m].n == whole[0][m].n
+        np.testing.assert_allclose(merged[0][m].feat_r2F, whole[0][m].feat_r2F, rtol=1e-12, atol=1e-9)
+    mmd2, sd = D.direction_mmd(whole[0]["image"], whole[0]["text"])
+    assert mmd2.shape == (D.MMD_DIRECTIONS,) and (sd > 0).all()
