@@ -159,6 +159,8 @@ ANALYZE = """
 import json, resource, sys, time
 from kscale.spec.analyze import AnalyzeConfig, MMDConfig, SignificanceConfig, DaskConfig
 from kscale.analysis.run import analyze
+import kscale.store.reader
+kscale.store.reader.DIRECT_READS = sys.argv[3] == "direct"  # the read path under test (zarr: today's)
 cfg = AnalyzeConfig(stores=[sys.argv[1]], layers=[0], heads=[0], pooled=False, comparisons=["cross"],
                     estimators=["mmd_rf"], mmd=MMDConfig(n_features=256), embed=__import__(
                     "kscale.spec.analyze", fromlist=["EmbedConfig"]).EmbedConfig(methods=[]),
@@ -170,9 +172,12 @@ print(json.dumps({"seconds": round(time.perf_counter() - t0, 2),
 """
 
 
-def analysis(path: Path, out: Path) -> dict:
+def analysis(path: Path, out: Path, reads: str = "direct") -> dict:
+    """``kscale.analysis.run.analyze`` of one layer in a fresh process, reading through ``reads``: "direct"
+    (``kscale.store.decode``, the default) or "zarr" (zarr-python, the path before issue 26)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    p = subprocess.run([sys.executable, "-c", ANALYZE, str(path), str(out)], capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, "-c", ANALYZE, str(path), str(out), reads], capture_output=True, text=True,
+                       env=env)
     if p.returncode:
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
     return json.loads(p.stdout.strip().splitlines()[-1])
