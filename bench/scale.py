@@ -9,7 +9,13 @@ needs every sample in one place). It prints one JSON line per store: files per s
 layers), seconds to open (index read), to build ``keys(layer, modality)``, to stream one modality's
 sample ids in coarse blocks (``column_rows``) and per chunk (``token_column``), for ``summary()`` and
 for ``kscale info`` (a fresh process), and the analysis of one layer (random-feature MMD,
-``kscale.analysis.run.analyze`` of this checkout) with the driver's peak RSS. ``--v1`` writes the same
+``kscale.analysis.run.analyze`` of this checkout) with the driver's peak RSS. For format 2 it measures
+the read path both ways in the same run (issue 26): ``read_paths`` times one analysis pass's reads (one
+layer's keys and the sample ids of both modalities in coarse blocks) through zarr-python (today's path
+before) and through ``kscale.store.decode`` (``reader.DIRECT_READS``), and through tensorstore where it
+imports (not a dependency: put it on ``PYTHONPATH``), with ratios and an identity check; the analysis
+runs twice, zarr then direct, with both times, their ratio and ``rows_identical`` (``results.csv`` byte
+for byte). ``--v1`` writes the same
 store with the frozen format-1 writer (``tests/store_v1.py``) for the "before" column.
 Targets (issue 10): open + index + keys graph <= 2 s and ``kscale info`` <= 2 s at 10,000 shards.
 Timings on a shared 2-core machine are noisy.
@@ -159,23 +165,119 @@ ANALYZE = """
 import json, resource, sys, time
 from kscale.spec.analyze import AnalyzeConfig, MMDConfig, SignificanceConfig, DaskConfig
 from kscale.analysis.run import analyze
+import kscale.store.reader
+kscale.store.reader.DIRECT_READS = sys.argv[3] == "direct"  # the read path under test (zarr: today's)
 cfg = AnalyzeConfig(stores=[sys.argv[1]], layers=[0], heads=[0], pooled=False, comparisons=["cross"],
                     estimators=["mmd_rf"], mmd=MMDConfig(n_features=256), embed=__import__(
                     "kscale.spec.analyze", fromlist=["EmbedConfig"]).EmbedConfig(methods=[]),
                     dask=DaskConfig(scheduler="threads", n_workers=2))
-t0 = time.perf_counter()
+t0, c0 = time.perf_counter(), time.process_time()
 analyze(cfg, sys.argv[2])
-print(json.dumps({"seconds": round(time.perf_counter() - t0, 2),
+print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "cpu_s": round(time.process_time() - c0, 2),
                   "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}))
 """
 
 
-def analysis(path: Path, out: Path) -> dict:
+def analysis(path: Path, out: Path, reads: str = "direct") -> dict:
+    """``kscale.analysis.run.analyze`` of one layer in a fresh process, reading through ``reads``: "direct"
+    (``kscale.store.decode``, the default) or "zarr" (zarr-python, the path before issue 26)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
-    p = subprocess.run([sys.executable, "-c", ANALYZE, str(path), str(out)], capture_output=True, text=True, env=env)
+    p = subprocess.run([sys.executable, "-c", ANALYZE, str(path), str(out), reads], capture_output=True, text=True,
+                       env=env)
     if p.returncode:
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def analysis_both(path: Path) -> dict:
+    """The analysis of one layer through zarr-python (today's path before issue 26) and through the direct
+    decoder, one after the other on the same store, with their ratio and whether the rows are identical
+    (``results.csv`` byte for byte)."""
+    out = {}
+    for reads in ("zarr", "direct"):
+        folder = path.parent / f"analysis-{path.name}-{reads}"
+        shutil.rmtree(folder, ignore_errors=True)
+        out[reads] = analysis(path, folder, reads)
+    a, b = (path.parent / f"analysis-{path.name}-{r}" / "results.csv" for r in ("zarr", "direct"))
+    out["rows_identical"] = a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+    if "seconds" in out["zarr"] and "seconds" in out["direct"]:
+        out["ratio_wall"] = round(out["zarr"]["seconds"] / out["direct"]["seconds"], 2)
+        out["ratio_cpu"] = round(out["zarr"]["cpu_s"] / out["direct"]["cpu_s"], 2)
+    return out
+
+
+def _cpu() -> float:
+    return time.process_time()
+
+
+def read_pass(ks, reads: str, block_rows: int = 1 << 16) -> tuple[list, float, float]:
+    """The reads of one analysis pass over one layer, without its arithmetic: both modalities' keys (layer 0,
+    head 0) and sample ids in coarse blocks (``keys_rows`` / ``column_rows``, one task over a run of shards,
+    as ``kscale.analysis`` streams them), synchronously. Returns the arrays, wall and CPU seconds."""
+    import dask
+
+    import kscale.store.reader as reader
+
+    reader.DIRECT_READS, before = reads == "direct", reader.DIRECT_READS
+    t0, c0 = time.perf_counter(), _cpu()
+    try:
+        got = []
+        for m in ("text", "image"):
+            n = ks.n_tokens()[m]
+            for lo in range(0, n, block_rows):
+                hi = min(n, lo + block_rows)
+                got += dask.compute(ks.keys_rows(0, m, lo, hi, heads=[0]), ks.column_rows(m, "sample_id", lo, hi),
+                                    scheduler="sync")
+    finally:
+        reader.DIRECT_READS = before
+    return got, time.perf_counter() - t0, _cpu() - c0
+
+
+def read_pass_tensorstore(ks) -> tuple[list, float, float] | None:
+    """The same reads through tensorstore (an independent Zarr v3 implementation; not a dependency of kscale:
+    measured only where it imports), every (shard, array) of a block opened and read concurrently."""
+    try:
+        import tensorstore as ts
+    except ImportError:
+        return None
+    ctx = ts.Context({"cache_pool": {"total_bytes_limit": 0}})
+    t0, c0 = time.perf_counter(), _cpu()
+    got = []
+    for m in ("text", "image"):
+        spans = ks.spans(m, 0, ks.n_tokens()[m])
+        for array, sel in (("keys", lambda t, s: t[0, s.a:s.b, 0:1]), ("tokens", lambda t, s: t[s.a:s.b, 0])):
+            opened = [ts.open({"driver": "zarr3", "kvstore": {"driver": "file",
+                                                              "path": f"{ks.path}/shards/{s.shard}/{m}/{array}"}},
+                              read=True, context=ctx) for s in spans]
+            reads = [sel(o.result(), s).read() for o, s in zip(opened, spans)]
+            got.append(np.concatenate([r.result() for r in reads]))
+    return got, time.perf_counter() - t0, _cpu() - c0
+
+
+def read_paths(ks) -> dict:
+    """One analysis pass's reads through zarr-python, the direct decoder and (where installed) tensorstore,
+    side by side in one run: seconds (wall and CPU), ratios, and whether every array is identical."""
+    zarr_, tz, cz = read_pass(ks, "zarr")
+    direct, td, cd = read_pass(ks, "direct")
+    same = len(zarr_) == len(direct) and all(a.tobytes() == b.tobytes() for a, b in zip(zarr_, direct))
+    out = {"zarr_s": round(tz, 2), "zarr_cpu_s": round(cz, 2), "direct_s": round(td, 2), "direct_cpu_s": round(cd, 2),
+           "ratio_wall": round(tz / td, 1), "ratio_cpu": round(cz / cd, 1), "identical": same,
+           "bytes": int(sum(a.nbytes for a in direct))}
+    got = read_pass_tensorstore(ks)
+    if got is not None:
+        arrays, t, c = got
+        per_mod = [a for m in ("text", "image") for a in direct_mod(direct, ks, m)]
+        out.update(tensorstore_s=round(t, 2), tensorstore_cpu_s=round(c, 2),
+                   tensorstore_identical=all(np.asarray(a).reshape(-1).tobytes() == b.reshape(-1).tobytes()
+                                             for a, b in zip(arrays, per_mod)))
+    return out
+
+
+def direct_mod(got: list, ks, m: str) -> list:
+    """The keys and the sample ids of modality ``m`` from ``read_pass``'s list (blocks alternate keys, ids)."""
+    blocks = -(-ks.n_tokens()["text"] // (1 << 16))
+    part = got[:2 * blocks] if m == "text" else got[2 * blocks:]
+    return [np.concatenate(part[0::2]), np.concatenate(part[1::2])]
 
 
 def kscale_info(path: Path) -> float:
@@ -206,8 +308,11 @@ def measure(path: Path, n_shards: int, tokens: int, version: int, write_s: float
         from kscale.store.index import build_index
 
         _, row["index_rebuild_s"] = _timed(lambda: build_index(path))
+    if version == 2:
+        row["read_paths"] = read_paths(ks)
     if run_analysis:
-        row["analysis_one_layer"] = analysis(path, path.parent / f"analysis-{path.name}")
+        row["analysis_one_layer"] = (analysis_both(path) if version == 2 else
+                                     analysis(path, path.parent / f"analysis-{path.name}", "zarr"))
     return row
 
 

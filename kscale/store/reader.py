@@ -33,6 +33,7 @@ import zarr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from kscale.store import decode
 from kscale.store.index import Index, load_index, shard_errors, summarize
 from kscale.store.layout import (COLUMN_FILL, MODALITIES, TABLE_COLUMNS, VIDEO_FIELDS, StoreError, field_slice,
                                  keys_chunk_file, read_marker, read_root_attrs, shard_dir, store_token_fields,
@@ -61,10 +62,29 @@ def _open_array(path: str, shape: tuple[int, ...]) -> zarr.Array:
     return arr
 
 
+DIRECT_READS = True  # read_block decodes kscale's chunk files itself (kscale.store.decode); False: zarr-python
+
+
 def read_block(store: str, shard: str, array: str, file: str, shape: tuple[int, ...], sel: tuple,
                dtype: str) -> np.ndarray:
-    """One task of a layout-2 graph: ``STORE/shards/<shard>/<array>[sel]`` read from ``file`` only."""
+    """One task of a layout-2 graph: ``STORE/shards/<shard>/<array>[sel]`` read from ``file`` only. Decoded
+    directly when ``DIRECT_READS`` (~0.1 ms instead of zarr's ~3-5 ms per read), through zarr for what the
+    decoder does not decode (``decode.Unsupported``) or when the switch is off; damage is ``StoreDamaged``
+    either way."""
     path = os.path.join(store, "shards", shard, array)
+    if DIRECT_READS:
+        try:
+            meta = decode.read_meta(path)
+            if meta.shape != shape:
+                raise ValueError(f"shape {meta.shape} differs from the marker's {shape}")
+            return np.asarray(decode.read(path, meta, sel), dtype=dtype)
+        except decode.Unsupported:
+            pass  # zarr decodes it (other codecs, fill values)
+        except FileNotFoundError as e:
+            missing = file if not os.path.isfile(os.path.join(path, file)) else os.path.basename(e.filename or "")
+            raise StoreDamaged(store, shard, array, missing, "file missing") from None
+        except Exception as e:  # noqa: BLE001 - any decode failure is this chunk's damage, named
+            raise StoreDamaged(store, shard, array, file, f"{type(e).__name__}: {e}") from None
     if not os.path.isfile(os.path.join(path, file)):
         raise StoreDamaged(store, shard, array, file, "file missing")
     try:
