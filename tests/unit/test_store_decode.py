@@ -136,10 +136,10 @@ def test_store_reads_equal_with_the_switch_off(tmp_path, monkeypatch):
 
 
 def test_queries_equal_zarrs(tmp_path):
-    """Queries are written by zarr itself (``QueryWriter``: sharded, crc32c only): decoded the same."""
+    """Format-2 queries were written by zarr itself (``QueryWriter``: sharded, crc32c only): decoded the same."""
     import torch  # a dependency of kscale (queries.py needs it)
 
-    from kscale.store.queries import QueryWriter
+    from tests.store_queries_v2 import QueryWriter  # the format-2 query writer (zarr-python itself)
 
     ShardWriter(tmp_path, "s000000", n_layers=3, n_heads=H, head_dim=D, rope_rows=3, key_dtype="float16",
                 chunk_tokens=4)
