@@ -173,7 +173,22 @@ def sweep_staging(store: str | Path) -> list[str]:
     return gone
 
 
-COMMIT_RACE_S = 10.0  # a marker-less shard folder younger than this may be another writer's commit in flight
+COMMIT_RACE_S = 3.0  # a marker-less shard folder younger than this may be another writer's commit in flight
+# (the time between its rename into place and its marker: an fsync of shards/ and one small file; a writer
+# held longer loses nothing: the extraction is deterministic and the later marker names the same bytes)
+
+
+def _repaired_after(store: str | Path, name: str, folder_ctime: float) -> bool:
+    """``kscale verify --repair`` moved the shard's marker aside (``sNNNNNN.damaged-<time>.json``; the rename
+    sets its ctime) after the folder was last renamed or changed: the folder is the damaged one it un-committed,
+    not another writer's commit in flight."""
+    for m in (Path(store) / "shards").glob(f"{name}.damaged-*.json"):
+        try:
+            if m.stat().st_ctime >= folder_ctime:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 class ShardWriter:
@@ -231,7 +246,8 @@ class ShardWriter:
             renamed_at = final.stat().st_ctime
         except FileNotFoundError:
             return
-        self._await_marker(final, time.monotonic() + max(0.0, renamed_at + COMMIT_RACE_S - time.time()))
+        if not _repaired_after(self.store, self.name, renamed_at):  # un-committed by repair: nobody's in flight
+            self._await_marker(final, time.monotonic() + max(0.0, renamed_at + COMMIT_RACE_S - time.time()))
         aside = final.with_name(f".{self.name}.tmp-{os.getpid()}-unmarked")  # swept like a staging folder
         try:
             os.rename(final, aside)
