@@ -310,18 +310,19 @@ def _pair_sums(a_nd, b_md, ids_a, ids_b, bk_a, bk_b, kernels, K: int, exclude: s
             same = keep & (ba[:, None] == bb[None, :])
             out.count += [np.bincount(ba, keep.sum(1), K), np.bincount(bb, keep.sum(0), K),
                           np.bincount(ba, same.sum(1), K)]
-            drop, other = ~keep, ~same
+            drop = ~keep
             dist = np.sqrt(sq) if any(k == "laplacian" for k, _ in kernels) else None
             index = _bucket_pair_index(ba, bb, K)
             for q, (kernel, bw) in enumerate(kernels):
                 kb = kernel_block(sq, kernel, bw, dist)
                 kb[drop] = 0.0
                 _add_bucket_pairs(out.pair_kKK[q], kb, index)
-                out.total_k[q] += kb.sum()
-                out.row_kK[q] += np.bincount(ba, kb.sum(1), K)
-                out.col_kK[q] += np.bincount(bb, kb.sum(0), K)
-                kb[other] = 0.0
-                out.same_kK[q] += np.bincount(ba, kb.sum(1), K)
+    # every other sum is a margin of the bucket-pair sums: row k = pairs with i in bucket k, col l = with j in
+    # bucket l, same = i and j in one bucket (the diagonal), total = all kept pairs
+    out.row_kK[:] = out.pair_kKK.sum(2)
+    out.col_kK[:] = out.pair_kKK.sum(1)
+    out.same_kK[:] = np.diagonal(out.pair_kKK, axis1=1, axis2=2)
+    out.total_k[:] = out.pair_kKK.sum((1, 2))
     return out
 
 
