@@ -34,7 +34,7 @@ from torch import nn
 from kscale.models.facts import resolve_layers
 from kscale.spec.malora import MaLoRAConfig
 from kscale.train.malora.layer import ModalityContext
-from kscale.train.malora.model import ADAPTER_WEIGHTS, _replaying_checkpoint, model_adapter
+from kscale.train.malora.model import ADAPTER_WEIGHTS, enable_replaying_checkpointing, model_adapter
 
 PEFT_PREFIX = "base_model.model."  # PeftModel.save_pretrained's key prefix, which PeftModel.from_pretrained expects
 ADAPTER_NAME = "default"
@@ -122,11 +122,7 @@ class LoRAModel(nn.Module):
 
     def enable_activation_checkpointing(self) -> None:
         """Non-reentrant checkpointing of every decoder layer; recomputes flagged as MaLoRA's are."""
-        self.model.activation_checkpointing_enable({"use_reentrant": False})
-        for module in self.model.modules():
-            func = getattr(module, "_gradient_checkpointing_func", None)
-            if getattr(module, "gradient_checkpointing", False) and func is not None:
-                module._gradient_checkpointing_func = _replaying_checkpoint(func, self.context)
+        enable_replaying_checkpointing(self.model, self.context)
 
     # -- save / load ---------------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:

@@ -124,11 +124,7 @@ class MaLoRAModel(nn.Module):
     # -- activation checkpointing --------------------------------------------------------------------------
     def enable_activation_checkpointing(self) -> None:
         """Non-reentrant checkpointing of every decoder layer, with the modality mask pinned per forward."""
-        self.model.activation_checkpointing_enable({"use_reentrant": False})
-        for module in self.model.modules():
-            func = getattr(module, "_gradient_checkpointing_func", None)
-            if getattr(module, "gradient_checkpointing", False) and func is not None:
-                module._gradient_checkpointing_func = _replaying_checkpoint(func, self.context)
+        enable_replaying_checkpointing(self.model, self.context)
 
     # -- save / load / merge -------------------------------------------------------------------------------
     def adapter_state_dict(self) -> dict[str, torch.Tensor]:
@@ -190,6 +186,16 @@ def load_adapter_config(directory: str | Path) -> MaLoRAConfig:
     if meta.get("format") != "malora":
         raise ValueError(f"{path}: not a MaLoRA adapter config (format={meta.get('format')!r})")
     return MaLoRAConfig.from_dict(meta["malora"])
+
+
+def enable_replaying_checkpointing(model: nn.Module, context: ModalityContext) -> None:
+    """Non-reentrant checkpointing of every decoder layer of ``model`` whose recomputes replay ``context``
+    (the modality mask of the forward they recompute): MaLoRA's and the plain-LoRA baseline's."""
+    model.activation_checkpointing_enable({"use_reentrant": False})
+    for module in model.modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            module._gradient_checkpointing_func = _replaying_checkpoint(func, context)
 
 
 def _replaying_checkpoint(checkpoint_fn: Callable, context: ModalityContext) -> Callable:
