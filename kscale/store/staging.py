@@ -268,7 +268,7 @@ def clear(shards: Path, names: list[str], fs_now: float) -> list[str]:
                 continue
         if owner_dead(data, mtime, fs_now):
             _remove(shards, base, record)
-            gone.append(name)
+            gone += [n for n in (base, record.name) if n in present]
     return gone
 
 
