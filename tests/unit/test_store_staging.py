@@ -3,7 +3,9 @@ folder is never deleted (this process, another process), a dead one's is (killed
 host's with a stale heartbeat), two writers never share a folder (same pid on two hosts), a writer judged dead
 refuses to commit, and the old naming (``.<shard>.tmp-<pid>``) is swept as before."""
 
+import dataclasses
 import gc
+import json
 import multiprocessing as mp
 import os
 import secrets
@@ -180,16 +182,14 @@ def test_an_abandoned_writer_in_this_process_is_dead_once_collected(tmp_path):
     _whole(store, tmp_path)
 
 
-def _foreign(store, shard: str, *, host: str, machine: str, pid: int, age_s: float) -> Path:
-    """A staging folder and owner record as a writer elsewhere makes them, its heartbeat ``age_s`` old."""
-    owner = staging.Owner(host, machine, pid, "12345", secrets.token_hex(8))
+def _foreign(store, shard: str, *, host: str, machine: str, pid: int, age_s: float, pid_start: str = "12345") -> Path:
+    """A staging folder and owner record as another writer makes them, its heartbeat ``age_s`` old."""
+    owner = staging.Owner(host, machine, pid, pid_start, secrets.token_hex(8))
     folder = Path(store) / "shards" / f".{shard}.tmp-{owner.tag}"
     (folder / "image" / "keys").mkdir(parents=True)
     (folder / "image" / "keys" / "c.0.0.0.0").write_bytes(b"partial")
     record = Path(f"{folder}.owner")
-    record.write_text(
-        '{"host": "%s", "machine": "%s", "pid": %d, "pid_start": "12345", "token": "%s"}'
-        % (host, machine, pid, owner.token))
+    record.write_text(json.dumps(dataclasses.asdict(owner)))
     t = time.time() - age_s
     os.utime(record, (t, t))
     return folder
@@ -217,6 +217,23 @@ def test_another_hosts_staging_is_removed_only_when_its_heartbeat_is_stale(tmp_p
     os.utime(fresh_record, (time.time() - staging.STALE_S - 5,) * 2)  # its writer died meanwhile
     sweep_staging(store)
     _whole(store, tmp_path)
+
+
+def test_a_reused_pid_on_this_machine_is_a_dead_writer(tmp_path):
+    """Same machine: a live pid with another start time is another process (the writer died, its pid was
+    reused); with the recorded start time it is the writer, alive (a fresh heartbeat) and kept."""
+    store = make_store(tmp_path / "s", n_shards=1)
+    pid = os.getppid()  # a live process that is not this one
+    here = dict(host=socket.gethostname(), machine=staging._machine(), pid=pid, age_s=1)
+    reused = _foreign(store, "s000001", **here, pid_start="1")
+    alive = _foreign(store, "s000001", **here, pid_start=staging._proc_start(pid))
+    w = _writer(store)
+    assert not reused.exists(), "a reused pid's staging stays"
+    assert alive.is_dir(), "a live process's staging was deleted"
+    w.abort()
+    record = Path(f"{alive}.owner")
+    os.utime(record, (time.time() - staging.STALE_S - 5,) * 2)  # alive, but its writer stopped beating
+    assert sweep_staging(store) == [alive.name, record.name]
 
 
 # --------------------------------------------------------------------------------------- names, commit, old stores
