@@ -7,6 +7,7 @@ Legend: L layers, N kept tokens, H query heads kept, D head dim, B batch, T toke
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +16,7 @@ import zarr
 from zarr.codecs import Crc32cCodec
 
 from kscale.models import MODALITY_CODES
-from kscale.store.layout import FLAT_CHUNKS, staging_dir
+from kscale.store.layout import FLAT_CHUNKS
 
 DIMS = ["layer", "token", "q_head", "head_dim"]
 
@@ -26,7 +27,8 @@ class QueryWriter:
     Sharded like keys: one file per ``chunk_tokens`` rows holding every layer, crc32c on every chunk."""
 
     def __init__(self, store: str | Path, shard_name: str, *, dtype: str, chunk_tokens: int):
-        self.root = zarr.open_group(str(staging_dir(store, shard_name) / "queries"), mode="w")
+        folder, = (p for p in Path(store, "shards").glob(f".{shard_name}.tmp-*-{os.getpid()}-*") if p.is_dir())
+        self.root = zarr.open_group(str(folder / "queries"), mode="w")  # the staging folder of this process's writer
         self.dtype, self.chunk = dtype, chunk_tokens
         self.pending: dict[str, list[np.ndarray]] = {}
         self.arrays: dict[str, zarr.Array] = {}

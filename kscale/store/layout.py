@@ -5,7 +5,8 @@ Version 2 (written today)::
     STORE/                           Zarr v3 group; attrs: see ``extract.run.root_attrs`` (``version: 2``)
       _index.json                    the store index (kscale.store.index): one row per committed shard
       shards/                        Zarr group (``zarr.json``), so plain zarr/xarray can walk the store
-        sNNNNNN/                     one group per committed shard (written as ``.sNNNNNN.tmp-<pid>`` and renamed)
+        sNNNNNN/                     one group per committed shard (written as ``.sNNNNNN.tmp-<host>-<pid>-<token>``
+                                     beside its ``.owner`` record, and renamed)
           <modality>/                text, image, video, special: only those present in the shard
             keys    (layer, token, kv_head, head_dim) float16|float32; Zarr sharding: one file per
                     ``chunk_tokens`` rows holding every layer (shard (L, c, H, D)), inner chunks (1, c, H, D)
@@ -99,9 +100,16 @@ def shard_dir(store: str | Path, shard_name: str) -> Path:
     return Path(store) / "shards" / shard_name
 
 
-def staging_dir(store: str | Path, shard_name: str, pid: int | None = None) -> Path:
-    """Where this process writes ``shard_name`` before the commit renames it to ``shard_dir``."""
-    return Path(store) / "shards" / f".{shard_name}.tmp-{os.getpid() if pid is None else pid}"
+def staging_dir(store: str | Path, shard_name: str, tag: str) -> Path:
+    """Where a writer writes ``shard_name`` before the commit renames it to ``shard_dir``: ``tag`` is
+    ``<host>-<pid>-<token>`` (``kscale.store.staging``: unique across hosts and writers). Stores written before
+    owner records have ``.<name>.tmp-<pid>`` leftovers (no record; swept as before)."""
+    return Path(store) / "shards" / f".{shard_name}.tmp-{tag}"
+
+
+def staging_record(store: str | Path, shard_name: str, tag: str) -> Path:
+    """The owner record beside ``staging_dir``: who writes it, and (its mtime) the writer's heartbeat."""
+    return Path(store) / "shards" / f".{shard_name}.tmp-{tag}.owner"
 
 
 def marker_path(store: str | Path, shard_name: str) -> Path:

@@ -1,15 +1,18 @@
 """Writes one shard of a key store (layout version 2): buffered appends, whole-chunk writes on a
 background thread, a staging folder renamed at commit, and a marker created exclusively, last.
 
-A ``ShardWriter`` writes ``shards/.<name>.tmp-<pid>/`` (``layout.staging_dir``), which no reader and no
-other writer looks at. ``append`` buffers token rows per modality and hands whole ``chunk_tokens``
-blocks to one background thread, so writing overlaps the next forward pass. ``commit`` waits for the
-writes, flushes the tails, lists every file with its size (and the crc32c of each ``zarr.json``),
-fsyncs every file and folder of the staging folder, then (checking right before each step that
-the shard has no marker) deletes a partial ``shards/<name>/`` left by a killed run, renames the staging
-folder into place, fsyncs ``shards/`` and creates the marker exclusively (fsynced too): a committed
-shard is durable, never a marker over files a power loss emptied. A shard with a marker is never deleted or
-written into: the constructor and the commit refuse with ``ShardCommitted``.
+A ``ShardWriter`` writes ``shards/.<name>.tmp-<host>-<pid>-<token>/`` (``layout.staging_dir``), which no
+reader and no other writer looks at; beside it an owner record whose mtime is the writer's heartbeat. Another
+process deletes that folder only when its writer is provably dead (``kscale.store.staging``), so two live
+writers of one shard (a retried task, a node presumed lost) both write on and the commit keeps one.
+``append`` buffers token rows per modality and hands whole ``chunk_tokens`` blocks to one background thread,
+so writing overlaps the next forward pass. ``commit`` waits for the writes, flushes the tails, lists every
+file with its size (and the crc32c of each ``zarr.json``), fsyncs every file and folder of the staging
+folder, then (checking right before each step that the shard has no marker) deletes a partial
+``shards/<name>/`` left by a killed run, checks that its staging folder is still its own (``StagingLost``
+otherwise), renames it into place, fsyncs ``shards/`` and creates the marker exclusively (fsynced too): a
+committed shard is durable, never a marker over files a power loss emptied. A shard with a marker is never
+deleted or written into: the constructor and the commit refuse with ``ShardCommitted``.
 
 Keys use Zarr's sharding codec: one file per ``chunk_tokens`` rows holding every layer, an inner chunk
 per layer (reading one layer reads only its bytes), crc32c on every inner chunk and on the shard index.
@@ -34,6 +37,7 @@ import json
 import os
 import shutil
 import time
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -47,7 +51,8 @@ from kscale.store.chunks import (file_crc32c, fsync_path, write_array_meta, writ
                                  write_table_chunk)
 from kscale.store.layout import (COLUMN_FILL, MODALITIES, SHARD_LAYOUT, STORE_VERSION, TOKEN_DIMS,
                                  VECTOR_DIMS, VECTOR_GROUPS, VIDEO_FIELDS, keys_chunk_file, marker_path, shard_dir,
-                                 staging_dir, token_fields, tokens_chunk_file, vector_array)
+                                 token_fields, tokens_chunk_file, vector_array)
+from kscale.store.staging import Staging, StagingLost, let_die, sweep  # noqa: F401  (StagingLost: re-exported)
 
 
 FSYNC_THREADS = 16  # concurrent fsyncs at commit
@@ -159,18 +164,12 @@ def _check_root(store: Path) -> None:
 
 
 def sweep_staging(store: str | Path) -> list[str]:
-    """Remove what killed writers left in ``shards/`` and return the names: staging folders
-    (``.<shard>.tmp-<pid>``) and the temp files of markers (``.<shard>.done.json.tmp-<pid>-<tid>``: a writer
-    killed between writing one and linking or unlinking it). Nothing a reader looks at. Call it only with
-    the store's lock held and before this run's writers start: a live writer's staging would go too."""
-    gone = []
-    for p in sorted(Path(store, "shards").glob(".*.tmp-*")):
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-        gone.append(p.name)
-    return gone
+    """Remove what dead writers left in ``shards/`` and return the names: staging folders (with their owner
+    records) whose writer is provably dead (``kscale.store.staging``: never a live writer's, on any node),
+    folders of the old naming (``.<shard>.tmp-<pid>``), and the temp files of markers
+    (``.<shard>.done.json.tmp-<pid>-<tid>``: a writer killed between writing one and linking or unlinking it).
+    Nothing a reader looks at. The extraction calls it with the store's lock held, before its writers start."""
+    return sweep(store)
 
 
 COMMIT_RACE_S = 3.0  # a marker-less shard folder younger than this may be another writer's commit in flight
@@ -201,9 +200,10 @@ class ShardWriter:
         self._refuse_committed()  # checked before anything is deleted
         fence(self.store)  # a run whose store lock was taken over writes nothing (kscale.output.fence)
         _check_root(self.store)
-        for old in self.store.joinpath("shards").glob(f".{shard_name}.tmp-*"):  # a killed writer's staging
-            shutil.rmtree(old, ignore_errors=True)
-        self.dir = staging_dir(store, shard_name)
+        # our own folder and owner record, with a heartbeat; dead writers' staging of this shard cleared
+        self.staging = Staging(self.store, shard_name)
+        weakref.finalize(self, let_die, self.staging.owner.token)  # an abandoned writer's heartbeat stops
+        self.dir = self.staging.dir
         write_group_meta(self.dir, {"shard": shard_name})
         self.vectors = tuple(k for k in ("q", "v") if k in vectors)
         for kind in self.vectors:
@@ -223,7 +223,7 @@ class ShardWriter:
     def _refuse_committed(self) -> None:
         if marker_path(self.store, self.name).exists():
             if getattr(self, "dir", None) is not None:
-                shutil.rmtree(self.dir, ignore_errors=True)  # our staging folder: nobody else reads it
+                self.staging.release(remove=True)  # our staging folder: nobody else reads it
             raise ShardCommitted(self.store, self.name)
 
     def _await_marker(self, final: Path, deadline: float) -> None:
@@ -248,7 +248,7 @@ class ShardWriter:
             return
         if not _repaired_after(self.store, self.name, renamed_at):  # un-committed by repair: nobody's in flight
             self._await_marker(final, time.monotonic() + max(0.0, renamed_at + COMMIT_RACE_S - time.time()))
-        aside = final.with_name(f".{self.name}.tmp-{os.getpid()}-unmarked")  # swept like a staging folder
+        aside = final.with_name(f".{self.name}.tmp-{self.staging.owner.tag}.unmarked")  # garbage to a sweep
         try:
             os.rename(final, aside)
         except FileNotFoundError:
@@ -321,7 +321,22 @@ class ShardWriter:
         return dict(sorted(sizes.items())), dict(sorted(sums.items()))
 
     def commit(self, stats: dict, errors: list[dict]) -> dict:
-        """Finish the writes, publish the shard under its name and create its marker; return the marker."""
+        """Finish the writes, publish the shard under its name and create its marker; return the marker.
+        Either way the writer is done: its heartbeat stops, and a failed commit removes its staging folder."""
+        try:
+            marker = self._publish(stats, errors)
+        except BaseException:
+            self.staging.release(remove=True)
+            raise
+        self.staging.release(remove=False)  # the folder is the shard now; its owner record goes
+        return marker
+
+    def abort(self) -> None:
+        """Give the shard up: wait for queued writes, stop the heartbeat, remove the staging folder."""
+        self.pool.shutdown(wait=True)
+        self.staging.release(remove=True)
+
+    def _publish(self, stats: dict, errors: list[dict]) -> dict:
         try:
             for buf in self.buffers.values():
                 buf.flush(final=True)
@@ -340,6 +355,7 @@ class ShardWriter:
         if final.exists():  # a killed run's partial shard, one un-committed by verify --repair, or a commit in flight
             self._clear_unmarked(final)
         self._refuse_committed()
+        self.staging.check_ours()  # StagingLost if another process judged us dead and removed our folder
         try:
             os.rename(self.dir, final)
         except OSError:  # another writer's folder took the name since we cleared it: its marker follows

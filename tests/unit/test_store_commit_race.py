@@ -1,10 +1,13 @@
 """Two live writers of one shard commit at once (a lost node's worker still running and its replacement):
 the commit keeps exactly one, and the committed shard is whole.
 
-The dangerous interleaving is forced with two processes: writer A renames its staging folder into place and
-is held (``fsync`` of ``shards/`` slowed) before it creates the marker; writer B starts its commit right then,
-and is held after any deletion of the shard folder until A's marker exists. Without the in-flight check B
-deleted A's just-renamed folder and A's marker then named nothing (a committed shard without data).
+Both writers are open at once (B is created while A writes: B leaves A's staging folder alone,
+``kscale/store/staging.py``). The dangerous interleaving is forced with two processes: writer A renames its
+staging folder into place and is held (``fsync`` of ``shards/`` slowed) before it creates the marker; writer B
+starts its commit right then, and is held after any deletion of the shard folder until A's marker exists.
+Without the in-flight check B deleted A's just-renamed folder and A's marker then named nothing (a committed
+shard without data); with B's constructor deleting every staging folder of the shard (before owner records)
+A's commit failed.
 """
 
 import multiprocessing as mp
@@ -15,13 +18,13 @@ import numpy as np
 
 import kscale.store
 from kscale.store.verify import verify_store
-from tests.unit.test_store_v2 import make_store, write_shard
+from tests.unit.test_store_v2 import make_store
 
 SHARD = 1  # make_store(n_shards=1) writes s000000; both processes write s000001
 
 
 def _writer_a(store: str, flag: str, out) -> None:
-    """Commit, holding 1.5 s between the rename into place and the marker."""
+    """Write the shard, wait until B is open too, commit, holding 1.5 s between the rename and the marker."""
     import kscale.store.writer as writer
 
     real = writer.fsync_path
@@ -33,11 +36,12 @@ def _writer_a(store: str, flag: str, out) -> None:
             time.sleep(1.5)
 
     writer.fsync_path = slow_fsync
-    _commit(store, out, "A")
+    _commit(store, out, "A", opened=flag + ".a-open", then=flag + ".b-open")
 
 
 def _writer_b(store: str, flag: str, out) -> None:
-    """Commit once A's folder is in place; held 3 s after deleting the shard's folder, if it does."""
+    """Open once A has written, commit once A's folder is in place; held 3 s after deleting the shard's folder,
+    if it does."""
     import kscale.store.writer as writer
 
     real = writer.shutil.rmtree
@@ -48,18 +52,31 @@ def _writer_b(store: str, flag: str, out) -> None:
             time.sleep(3)
 
     writer.shutil.rmtree = slow_rmtree
+    _wait(flag + ".a-open")
+    _commit(store, out, "B", opened=flag + ".b-open", then=flag)
+
+
+def _wait(flag: str) -> None:
     deadline = time.monotonic() + 60
     while not Path(flag).exists():
-        assert time.monotonic() < deadline
+        assert time.monotonic() < deadline, flag
         time.sleep(0.005)
-    _commit(store, out, "B")
 
 
-def _commit(store: str, out, who: str) -> None:
+def _commit(store: str, out, who: str, opened: str, then: str) -> None:
+    """Open a writer and write the shard, say so (``opened``), wait for ``then``, commit."""
     from kscale.store.writer import ShardCommitted
+    from tests.unit.test_store_staging import _append, _commit as commit, _writer
 
     try:
-        write_shard(store, SHARD)
+        w = _writer(store, SHARD)
+        _append(w, SHARD, 0)
+        _append(w, SHARD, 1)
+        open_staging = [p.name for p in (Path(store) / "shards").glob(f".s{SHARD:06d}.tmp-*") if p.is_dir()]
+        out.put((who + " open", len(open_staging)))
+        Path(opened).write_text("open")
+        _wait(then)
+        commit(w, SHARD)
         out.put((who, "committed"))
     except ShardCommitted:
         out.put((who, "yielded"))
@@ -79,7 +96,9 @@ def test_two_writers_committing_one_shard_keep_one_whole_shard(tmp_path):
         p.start()
     for p in procs:
         p.join(timeout=120)
-    results = dict(out.get(timeout=5) for _ in procs)
+    results = dict(out.get(timeout=5) for _ in range(2 * len(procs)))
+    assert results.pop("B open") == 2, "B did not see A's staging folder beside its own"
+    results.pop("A open")
     assert sorted(results.values()) == ["committed", "yielded"], results
     assert results["A"] == "committed", results  # the writer whose folder was in place first keeps the shard
     shards = Path(store) / "shards"

@@ -18,7 +18,7 @@ from zarr.codecs import BloscCodec, BytesCodec, Crc32cCodec, GzipCodec, ZstdCode
 import kscale.store
 import kscale.store.reader as reader
 from kscale.store import decode
-from kscale.store.layout import FLAT_CHUNKS, STORE_FORMAT, staging_dir
+from kscale.store.layout import FLAT_CHUNKS, STORE_FORMAT
 from kscale.store.reader import StoreDamaged, read_block
 from kscale.store.writer import ShardWriter
 
@@ -141,12 +141,12 @@ def test_queries_equal_zarrs(tmp_path):
 
     from tests.store_queries_v2 import QueryWriter  # the format-2 query writer (zarr-python itself)
 
-    ShardWriter(tmp_path, "s000000", n_layers=3, n_heads=H, head_dim=D, rope_rows=3, key_dtype="float16",
-                chunk_tokens=4)
+    w = ShardWriter(tmp_path, "s000000", n_layers=3, n_heads=H, head_dim=D, rope_rows=3, key_dtype="float16",
+                    chunk_tokens=4)
     q = QueryWriter(tmp_path, "s000000", dtype="float16", chunk_tokens=4)
     q.append("image", torch.randn(3, 11, 4, D).numpy())
     q.close()
-    path = str(staging_dir(tmp_path, "s000000") / "queries/image/queries")
+    path = str(w.dir / "queries/image/queries")
     ref = zarr.open_array(path, mode="r")
     meta = decode.read_meta(path)
     assert meta.inner == (1, 4, 4, D) and not meta.zstd
