@@ -346,14 +346,19 @@ def start_shard(spec: JobSpec, shard: Shard, state: ExtractState) -> Future:
             while len(appends) > MAX_IN_FLIGHT:
                 appends.popleft().result()  # back-pressure; a failed append raises here
     except BaseException:
-        for f in appends:  # a retry deletes the shard folder: let this shard's queued appends finish first
+        for f in appends:  # let this shard's queued appends finish, then give its staging folder up
             f.exception()
+        writer.abort()
         raise
 
     def commit() -> dict:
-        for f in appends:  # done already (one thread, in order); re-raise a failed append before any marker
-            f.result()
-        return writer.commit(_stats(shard, n_ok, errors, t0), errors)
+        try:
+            for f in appends:  # done already (one thread, in order); re-raise a failed append before any marker
+                f.result()
+        except BaseException:
+            writer.abort()
+            raise
+        return writer.commit(_stats(shard, n_ok, errors, t0), errors)  # a failed commit removes its staging
 
     return drain.submit(commit)
 
@@ -374,14 +379,19 @@ def _run_sync(spec: JobSpec, shard: Shard, state: ExtractState) -> dict:
     kinds = spec.extract.kinds
     errors: list[dict] = []
     n_ok = 0
-    for recs, batch in _batches(spec, shard, state, errors, attn.enabled and attn.queries == "answer"):
-        cap = forward_capture(state, batch, queries=attn.enabled, kinds=kinds)
-        keys, pos = stacked_keys(state, batch, cap)
-        write_batch(writer, spec, batch, recs, keys, pos, {k: stacked(state, batch, cap, k) for k in kinds if k != "k"})
-        if attn.enabled:
-            from kscale.attention.stats import batch_stats
+    try:
+        for recs, batch in _batches(spec, shard, state, errors, attn.enabled and attn.queries == "answer"):
+            cap = forward_capture(state, batch, queries=attn.enabled, kinds=kinds)
+            keys, pos = stacked_keys(state, batch, cap)
+            write_batch(writer, spec, batch, recs, keys, pos,
+                        {k: stacked(state, batch, cap, k) for k in kinds if k != "k"})
+            if attn.enabled:
+                from kscale.attention.stats import batch_stats
 
-            writer.append_table("attention", batch_stats(state.loaded, state.layers, state.heads, batch, cap, attn,
-                                                         [r.sample_id for r in recs]))
-        n_ok += len(recs)
+                writer.append_table("attention", batch_stats(state.loaded, state.layers, state.heads, batch, cap,
+                                                             attn, [r.sample_id for r in recs]))
+            n_ok += len(recs)
+    except BaseException:
+        writer.abort()  # the shard is given up: its staging folder goes now, not when the writer is collected
+        raise
     return writer.commit(_stats(shard, n_ok, errors, t0), errors)

@@ -100,7 +100,10 @@ def test_bad_key_values_fail_the_shard_before_its_marker(tmp_path, overlap, scal
     shard = plan_shards(len(state.source), spec.data.shard_size)[0]
     with pytest.raises(ValueError, match=message):
         worker.run_shard(spec, shard, state)
-    assert not (Path(spec.output.path) / "shards" / f"{shard.name}.done.json").exists()
+    shards = Path(spec.output.path) / "shards"
+    assert not (shards / f"{shard.name}.done.json").exists()
+    # the failed attempt gave its staging folder (and owner record) up at once, not when its writer is collected
+    assert not list(shards.glob(f".{shard.name}.tmp-*")), sorted(p.name for p in shards.iterdir())
 
 
 @pytest.mark.slow  # ~100 s on 2 shared cores (two Ray actors load the model); the executor logic is also
