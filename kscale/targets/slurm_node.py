@@ -11,7 +11,8 @@ from ``scancel`` or the time limit), the wrapper:
    node's temp dir (``--temp-dir``; gcs_server may ignore SIGTERM): processes whose arguments name that
    path as a whole path (``own_pids_using``; job 1234's dir never matches job 12345's), each re-checked
    against its recorded start time just before the signal (``kill_recorded``: a reused PID is left alone);
-2. copies the node's Ray logs (``<temp-dir>/session_latest/logs``) to ``<logs-to>/<host>/``;
+2. copies the node's Ray logs (``<temp-dir>/session_latest/logs``) to ``<logs-to>/<node>/`` (the Slurm node
+   name: ``node_name``);
 3. removes the node's temp dir and exits 0: the step and the job end without an error.
 
 Before starting the service the wrapper creates the temp dir 0700 (``kscale.private.private_dir``) and
@@ -28,7 +29,7 @@ service's output and logs go to ``<logs-to>/<node name>/`` for the same reason.
 
 All of this runs inside the step, so it works after ``scancel`` too, when the allocation no longer admits a
 new ``srun`` ("job has expired"). The service's own output (Ray's start-up banner with its "run ray stop"
-advice, dask's log lines) goes to ``<logs-to>/<host>/<name>.out``, not to the job's log; if the service dies
+advice, dask's log lines) goes to ``<logs-to>/<node>/<name>.out``, not to the job's log; if the service dies
 on its own, the end of that file is printed to stderr and its exit code returned.
 """
 
@@ -200,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m kscale.targets.slurm_node", description=__doc__.split("\n")[0])
     ap.add_argument("--name", required=True, help="the service: ray-head, ray-worker, dask-scheduler, dask-worker")
     ap.add_argument("--stop-file", required=True, help="stop when this file exists (shared filesystem)")
-    ap.add_argument("--logs-to", required=True, help="folder for <host>/<name>.out and the node's Ray logs")
+    ap.add_argument("--logs-to", required=True, help="folder for <node>/<name>.out and the node's Ray logs")
     ap.add_argument("--temp-dir", default=None, help="the node-local temp dir: logs kept, then removed; "
                     f"{NODE} in it (and in the command) is this node's index in --job-nodes")
     ap.add_argument("--job-nodes", default="", help="the job's nodes, in order, separated by spaces")

@@ -52,7 +52,7 @@ pids=()          # our service steps (srun PIDs) and, at the same index, their n
 services=()
 driver_pid=""
 stop_dir="$KSCALE_RECORD_DIR/$KSCALE_ID.stop"       # stop_dir/NAME asks service NAME to end
-logs_dir="$KSCALE_RECORD_DIR/$KSCALE_RUNTIME-logs/$KSCALE_ID"  # HOST/NAME.out and each node's Ray logs
+logs_dir="$KSCALE_RECORD_DIR/$KSCALE_RUNTIME-logs/$KSCALE_ID"  # NODE/NAME.out and each node's Ray logs
 rm -rf "$stop_dir"
 mkdir -p "$stop_dir"
 cleaned=0
