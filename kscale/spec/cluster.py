@@ -37,8 +37,9 @@ class RayConfig:
                               "keeps it private (reach it with the printed `ssh -L` line).", "127.0.0.1")
     port_base: int | None = doc(
         "First of 10 consecutive ports (GCS, dashboard, client, node manager, object manager, agent, metrics, "
-        "runtime-env agent, dask) for a kscale-started Ray. None: 20000 + 10 x (Slurm job id mod 4000), so "
-        "jobs sharing a node never collide. Must stay outside Ray's worker range 10002-19999.", None)
+        "runtime-env agent, dask) for a kscale-started Ray's head node (Slurm's other nodes take free ports). "
+        "None: 20000 + 10 x (Slurm job id mod 4000), so jobs sharing a node never collide. Must stay outside "
+        "Ray's worker range 10002-19999.", None)
     temp_dir: str = doc("Node-local base directory for the per-job Ray temp dir (keep it short: Ray's "
                         "socket paths must fit in 107 bytes).", "/tmp")
     node_wait_s: int = doc("Seconds to wait for every node of the allocation to join before giving up.", 300,

@@ -5,6 +5,7 @@
   group: never ``ray stop``, which would kill every Ray on the machine.
 - ``slurm``: a private single-node Slurm (munged, slurmctld, slurmd) from ``.ci/start_slurm.sh``, with its
   own config, ports and first job id; skipped with a clear message where Slurm is not installed.
+  ``slurm_two_nodes``: the same with two nodes on this host, each its own ``slurmd -N`` on its own port.
 
 Every test in this folder is marked ``cluster``. They run by default (``-m 'not gpu and not slow'``) and
 take seconds once the software is installed (``.ci/install_slurm.sh``), plus the demo job itself.
@@ -115,15 +116,25 @@ def _stop_process_group(proc: subprocess.Popen, marker: str) -> None:
 
 @pytest.fixture(scope="module")
 def slurm() -> dict:
+    yield from _private_slurm(nodes=1)
+
+
+@pytest.fixture(scope="module")
+def slurm_two_nodes() -> dict:
+    """Two Slurm nodes on this host (``kscale-n1``, ``kscale-n2``): one slurmd each (``slurmd -N``), own port."""
+    yield from _private_slurm(nodes=2)
+
+
+def _private_slurm(nodes: int):
     require_binaries("slurmctld", "slurmd", "sbatch", "munged", install=SLURM_INSTALL)
     require(os.geteuid() == 0, "the private Slurm needs root (munged runs as user munge)",
             "run the cluster tests as root")
     state = Path(tempfile.mkdtemp(prefix="kscale-slurm-", dir="/tmp"))  # pytest's tmp is 0700: munge can't enter
     state.chmod(0o755)
     script = REPO / ".ci" / "start_slurm.sh"
-    ports = [str(free_port_block(1)), str(free_port_block(1))]
+    ports = [str(free_port_block(1)), str(free_port_block(nodes))]
     first_id = str(random.randrange(1000, 900000))
-    p = subprocess.run(["bash", str(script), "start", str(state), *ports, first_id],
+    p = subprocess.run(["bash", str(script), "start", str(state), *ports, first_id, str(nodes)],
                        capture_output=True, text=True, timeout=90)
     try:
         if p.returncode != 0:

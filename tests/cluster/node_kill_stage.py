@@ -2,7 +2,8 @@
 
 Before waiting, the worker writes its PID and its Ray node id to ``<output>/kill-me.json``, so a test kills
 that node's raylet (by the PID the test's own cluster started) while the node holds a known shard. Every other
-attempt runs :mod:`kscale.extract.worker` unchanged.
+attempt runs :mod:`kscale.extract.worker` unchanged. ``run_shard_with`` does the same around another stage's
+worker module (``tests/cluster/bias_node_kill_stage.py``; a bias shard is ``<variant>.s000002``).
 """
 
 import json
@@ -15,15 +16,15 @@ from kscale.extract import worker
 VICTIM = "s000002"
 
 
-def setup(spec):
-    return worker.setup(spec)
+def is_victim(name: str) -> bool:
+    return name == VICTIM or name.endswith("." + VICTIM)
 
 
-def run_shard(spec, shard, state):
+def run_shard_with(stage, spec, shard, state):
     import ray
 
     flag = Path(spec.output.path) / f"attempted-{shard.name}"
-    if shard.name == VICTIM and not flag.exists():
+    if is_victim(shard.name) and not flag.exists():
         flag.write_text(str(os.getpid()))
         note = Path(spec.output.path) / "kill-me.json"
         node = ray.get_runtime_context().get_node_id()
@@ -31,4 +32,12 @@ def run_shard(spec, shard, state):
         note.with_suffix(".tmp").replace(note)
         time.sleep(120)  # the test kills this node's raylet here
         raise AssertionError("the test did not kill the node")
-    return worker.run_shard(spec, shard, state)
+    return stage.run_shard(spec, shard, state)
+
+
+def setup(spec):
+    return worker.setup(spec)
+
+
+def run_shard(spec, shard, state):
+    return run_shard_with(worker, spec, shard, state)

@@ -291,3 +291,90 @@ def test_a_node_that_joins_mid_run_takes_work(tmp_path, nodes, reference):
     p = progress(spec.output.path)
     assert set(p["nodes"]) == {a, c} and p["nodes"][c]["shards_done"] >= 1, p["nodes"]
     stores_equal(reference, spec.output.path)
+
+
+# ----------------------------------------------------------------------------- the bias stage across nodes
+
+BIAS_DATA = {"source": "generated", "shard_size": 2,
+             "generated": {"n_samples": 12, "image_size": 56, "tasks": ["color", "conflict"]}}  # 6 shards
+
+
+def bias_job(tmp_path: Path, model_dir: str, **resources) -> dict:
+    from tests.unit.bias.conftest import bias_job as small_bias_job
+
+    return small_bias_job(tmp_path, model_dir, data=BIAS_DATA,
+                          resources={**WORKERS, "torch_threads": 1, **resources})
+
+
+@pytest.fixture(scope="module")
+def bias_reference(tmp_path_factory, qwen_dir) -> Path:
+    """The bias job in this process (no Ray): the tables every multi-node run must equal."""
+    d = bias_job(tmp_path_factory.mktemp("bias-ref"), qwen_dir)
+    d["resources"] = {"executor": "local", "torch_threads": 1}
+    result = run_job(spec_from_dict(d), show_bar=False)
+    assert result.state == "succeeded" and result.shards_done == 6
+    return Path(result.run_dir)
+
+
+def bias_tables_equal(reference: Path, run_dir: str) -> None:
+    """The per-sample and the aggregate table equal the one-process run's, value for value."""
+    import pandas as pd
+
+    for name in ("samples.parquet", "aggregate.parquet"):
+        pd.testing.assert_frame_equal(pd.read_parquet(Path(run_dir) / name), pd.read_parquet(reference / name),
+                                      check_exact=True)
+
+
+def test_bias_workers_spread_over_nodes_and_the_table_equals_one_process(tmp_path, nodes, qwen_dir, bias_reference):
+    """The bias stage's two workers on two nodes: both nodes score shards, nothing runs on the head, and the
+    per-sample and aggregate tables equal the in-process run's exactly. Each node could hold both workers
+    (4 GPUs): only SPREAD puts them on two; shards wait until both are set up (bias_all_workers_stage)."""
+    import ray
+
+    from kscale.bias.run import run_bias
+    from kscale.executors.ray import RayExecutor
+    from tests.cluster.all_workers_stage import remove_files
+
+    a, b = nodes.add(num_gpus=4), nodes.add(num_gpus=4)
+    head = ray.get_runtime_context().get_node_id()
+    spec = spec_from_dict(bias_job(tmp_path, qwen_dir, cpus_per_worker=0.25))
+    result = run_bias(spec, RayExecutor("tests.cluster.bias_all_workers_stage", show_bar=False))
+    remove_files(spec.output.path)
+    assert result.state == "succeeded" and result.shards_done == 6 and result.shards_failed == 0, result
+    p = progress(spec.output.path)
+    assert set(p["nodes"]) == {a, b} and head not in p["nodes"], p["nodes"]
+    assert all(n["shards_done"] >= 1 for n in p["nodes"].values()), p["nodes"]
+    assert set(p["shard_nodes"]) == {f"base.s{i:06d}" for i in range(6)}, p["shard_nodes"]
+    bias_tables_equal(bias_reference, result.run_dir)
+
+
+def test_a_node_killed_mid_bias_is_replaced_and_the_table_is_identical(tmp_path, nodes, qwen_dir, bias_reference):
+    """SIGKILL the raylet of the node that scores ``base.s000002``: its worker is replaced on the surviving node,
+    the shard is scored again there, and both tables equal the in-process run's exactly."""
+    from kscale.bias.run import run_bias
+    from kscale.executors.ray import RayExecutor
+
+    a, b = nodes.add(), nodes.add()
+    spec = spec_from_dict(bias_job(tmp_path, qwen_dir))
+    note = Path(spec.output.path) / "kill-me.json"
+    result: list = []
+    t = threading.Thread(target=lambda: result.append(
+        run_bias(spec, RayExecutor("tests.cluster.bias_node_kill_stage", show_bar=False))), daemon=True)
+    t.start()
+    deadline = time.monotonic() + 240
+    while not note.exists() and t.is_alive() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert note.exists(), "no worker reached the victim shard"
+    victim = json.loads(note.read_text())
+    os.kill(nodes.raylet_pid(victim["node"]), signal.SIGKILL)
+    t.join(timeout=240)
+    if _alive(victim["pid"]):  # the lost node's worker (see the extraction test): ours, by its PID
+        os.kill(victim["pid"], signal.SIGKILL)
+    assert result, "the bias run did not end within 240 s of the node loss"
+    survivor = ({a, b} - {victim["node"]}).pop()
+    assert victim["shard"] == "base.s000002"
+    assert result[0].shards_done == 6 and result[0].shards_failed == 0, result[0]
+    p = progress(spec.output.path)
+    assert p["nodes"][victim["node"]]["node_lost"] and p["replaced_actors"] == 1, p["nodes"]
+    assert p["shard_nodes"]["base.s000002"] == survivor, p["shard_nodes"]
+    bias_tables_equal(bias_reference, result[0].run_dir)

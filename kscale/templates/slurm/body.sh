@@ -1,8 +1,11 @@
 # ---- kscale Slurm body: start Ray (or dask) across the allocation, run the driver, stop only our own ----
 # Rendered by kscale.targets.slurm below the #SBATCH header and the KSCALE_* settings above; identical
 # for every job, so it can be read (and shellchecked) once. Safe on shared nodes:
-#   - a per-job Ray temp dir on node-local disk (random name, created 0700 and owner-checked), removed at the end;
-#   - ports derived from the job id (20000 + 10 x (id mod 4000)), outside Ray's worker range 10002-19999;
+#   - a per-job, per-node Ray temp dir on node-local disk (random name ending in the node's index in the job,
+#     created 0700 and owner-checked), removed at the end;
+#   - the head's ports derived from the job id (20000 + 10 x (id mod 4000)), outside Ray's worker range
+#     10002-19999; the other nodes' Ray services take free ports from the kernel (none is fixed: nodes that
+#     share a host, and other jobs' blocks, are never in the way);
 #   - CPU and GPU counts passed to Ray explicitly from Slurm's variables, never auto-detected;
 #   - token authentication with a fresh per-job token (in the environment, and for the dashboard in a
 #     0600 file beside the records, removed at the end);
@@ -33,8 +36,9 @@ port_base=${KSCALE_PORT_BASE:-$((20000 + 10 * (job_id % 4000)))}
 gcs_port=$port_base
 dashboard_port=$((port_base + 1))
 dask_port=$((port_base + 9))
-# Node-local and unpredictable; each node's wrapper creates it 0700 and refuses one that exists and is not ours.
-node_tmp="$KSCALE_TMP_BASE/kscale-${SLURM_CLUSTER_NAME:-slurm}-$job_id-$(od -An -tx1 -N4 /dev/urandom | tr -d ' \n')"
+# Node-local and unpredictable; each node's wrapper replaces {node} by the node's index in "${nodes[@]}" (so
+# Slurm nodes sharing a host get their own), creates it 0700 and refuses one that exists and is not ours.
+node_tmp="$KSCALE_TMP_BASE/kscale-${SLURM_CLUSTER_NAME:-slurm}-$job_id-$(od -An -tx1 -N4 /dev/urandom | tr -d ' \n')-n{node}"
 
 RAY_AUTH_TOKEN=$(od -An -tx1 -N32 /dev/urandom | tr -d ' \n')
 export RAY_AUTH_MODE=token RAY_AUTH_TOKEN RAY_USAGE_STATS_ENABLED=0
@@ -48,7 +52,7 @@ pids=()          # our service steps (srun PIDs) and, at the same index, their n
 services=()
 driver_pid=""
 stop_dir="$KSCALE_RECORD_DIR/$KSCALE_ID.stop"       # stop_dir/NAME asks service NAME to end
-logs_dir="$KSCALE_RECORD_DIR/$KSCALE_RUNTIME-logs/$KSCALE_ID"  # HOST/NAME.out and each node's Ray logs
+logs_dir="$KSCALE_RECORD_DIR/$KSCALE_RUNTIME-logs/$KSCALE_ID"  # NODE/NAME.out and each node's Ray logs
 rm -rf "$stop_dir"
 mkdir -p "$stop_dir"
 cleaned=0
@@ -75,7 +79,7 @@ service() {  # service NAME TEMP_DIR_OR_EMPTY SRUN_ARGS... -- COMMAND...
     while [ "$1" != "--" ]; do args+=("$1"); shift; done
     shift
     step "${args[@]}" -- "$KSCALE_PYTHON" -m kscale.targets.slurm_node --name "$name" \
-        --stop-file "$stop_dir/$name" --logs-to "$logs_dir" --temp-dir "$temp" -- "$@" &
+        --stop-file "$stop_dir/$name" --logs-to "$logs_dir" --temp-dir "$temp" --job-nodes "${nodes[*]}" -- "$@" &
     pids+=($!)
     services+=("$name")
 }
@@ -90,9 +94,14 @@ gone_within() {  # gone_within PID SECONDS: true once PID has exited
     return 1
 }
 
+# The head's node services on the job's block; every other node's on free ports the kernel picks (0). The same
+# block on each node is fine on separate hosts but collides where Slurm nodes share one, and a block per node
+# (port_base + 10 x node) would be the next job's: on a shared node that job's head could not start.
 ray_ports=(--node-manager-port=$((port_base + 3)) --object-manager-port=$((port_base + 4))
            --dashboard-agent-grpc-port=$((port_base + 5)) --dashboard-agent-listen-port=$((port_base + 6))
            --metrics-export-port=$((port_base + 7)) --runtime-env-agent-port=$((port_base + 8)))
+worker_ports=(--node-manager-port=0 --object-manager-port=0 --dashboard-agent-grpc-port=0
+              --dashboard-agent-listen-port=0 --metrics-export-port=0 --runtime-env-agent-port=0)
 ray_node=(--block --num-cpus="$cpus" --num-gpus="$gpus" --temp-dir="$node_tmp" --disable-usage-stats)
 [ -n "$KSCALE_OBJECT_STORE_BYTES" ] && ray_node+=(--object-store-memory="$KSCALE_OBJECT_STORE_BYTES")
 
@@ -147,7 +156,7 @@ if [ "$KSCALE_RUNTIME" = ray ]; then
     if [ "$n_nodes" -gt 1 ]; then
         service ray-worker "$node_tmp" --nodes=$((n_nodes - 1)) --ntasks=$((n_nodes - 1)) --ntasks-per-node=1 \
             --cpus-per-task="$cpus" --exclude="$head_node" -- \
-            "$KSCALE_PYTHON" -m ray.scripts.scripts start --address="$head_ip:$gcs_port" "${ray_ports[@]}" \
+            "$KSCALE_PYTHON" -m ray.scripts.scripts start --address="$head_ip:$gcs_port" "${worker_ports[@]}" \
             "${ray_node[@]}"
     fi
     export RAY_ADDRESS="$head_ip:$gcs_port"

@@ -127,3 +127,62 @@ def test_a_pid_is_signalled_only_while_it_is_the_recorded_process(tmp_path):
     finally:
         p.kill()
         p.wait()
+
+
+# ----------------------------------------------------------------------------- issue 26: nodes sharing a host
+
+
+def _start_on(tmp_path: Path, node: str, job_nodes: str) -> subprocess.Popen:
+    """The wrapper as one task of a multi-node step: Slurm node ``node`` of a job on ``job_nodes``, the temp dir
+    named with ``{node}`` in ``--temp-dir`` and in the service's own argument (as body.sh passes ``ray start
+    --temp-dir=...``)."""
+    template = str(tmp_path / "kscale-c-7-abcd-n{node}")
+    (tmp_path / "stop").mkdir(exist_ok=True)
+    script = tmp_path / "service.py"
+    script.write_text(SERVICE)
+    return subprocess.Popen([sys.executable, "-m", "kscale.targets.slurm_node", "--name", "ray-worker",
+                             "--stop-file", str(tmp_path / "stop" / node), "--logs-to", str(tmp_path / "logs"),
+                             "--temp-dir", template, "--job-nodes", job_nodes, "--grace", "5", "--",
+                             sys.executable, str(script), template, "serve"],
+                            cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), "SLURMD_NODENAME": node},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def test_nodes_sharing_a_host_get_their_own_temp_dir_and_log_folder(tmp_path):
+    """Two Slurm nodes on one host (``slurmd -N``), one step: each task's wrapper fills ``{node}`` with its
+    node's index in the job, so the two services run in two temp dirs (each removed by its own wrapper) and
+    their output and Ray logs land in one folder per node name, not one per host."""
+    procs = {node: _start_on(tmp_path, node, "kn1 kn2") for node in ("kn1", "kn2")}
+    temps = {"kn1": tmp_path / "kscale-c-7-abcd-n0", "kn2": tmp_path / "kscale-c-7-abcd-n1"}
+    deadline = time.monotonic() + 30
+    while not all((t / "session_latest" / "logs" / "raylet.out").exists() for t in temps.values()):
+        assert time.monotonic() < deadline, list(tmp_path.iterdir())
+        time.sleep(0.1)
+    assert all(_using(t) for t in temps.values())  # each service named its own dir, not the template
+    for node in ("kn2", "kn1"):
+        (tmp_path / "stop" / node).touch()
+        out, err = procs[node].communicate(timeout=30)
+        assert procs[node].returncode == 0 and out == err == "", (node, out, err)
+    assert sorted(p.name for p in (tmp_path / "logs").iterdir()) == ["kn1", "kn2"]
+    for node, temp in temps.items():
+        assert (tmp_path / "logs" / node / "raylet.out").read_text() == "raylet log\n"
+        assert "ray stop" in (tmp_path / "logs" / node / "ray-worker.out").read_text()
+        assert not temp.exists() and not _using(temp)
+    assert not list(tmp_path.glob("*{node}*"))
+
+
+def test_a_node_outside_the_job_list_is_refused(tmp_path):
+    proc = _start_on(tmp_path, "kn3", "kn1 kn2")
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 1 and "'kn3'" in err and "kn1 kn2" in err, err
+    assert not list(tmp_path.glob("kscale-c-7-*"))  # nothing started, no temp dir made
+
+
+def test_node_index_fills_the_template_and_the_command(monkeypatch):
+    from kscale.targets.slurm_node import for_this_node
+
+    monkeypatch.setenv("SLURMD_NODENAME", "b")
+    path, cmd = for_this_node("/t/k-n{node}", ["ray", "--temp-dir=/t/k-n{node}", "/t/k-n{node}/x", "{node}"],
+                              ["a", "b", "c"])
+    assert path == "/t/k-n1" and cmd == ["ray", "--temp-dir=/t/k-n1", "/t/k-n1/x", "{node}"]
+    assert for_this_node("/t/k", ["ray", "/t/k"], []) == ("/t/k", ["ray", "/t/k"])  # no {node}: as before

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 from pathlib import Path
 
@@ -169,3 +170,20 @@ def test_script_with_hostile_names_passes_shellcheck(tmp_path, monkeypatch):
     script.write_text(text)
     check = subprocess.run(["shellcheck", "--severity=warning", str(script)], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout
+
+
+def test_only_the_head_uses_the_jobs_port_block_and_each_node_has_its_own_temp_dir():
+    """Issue 26: Slurm nodes that share a host (``slurmd -N``) must not collide. The worker nodes' Ray services
+    take ports the kernel picks (all ``=0``), the head keeps the job's block; the node temp dir ends in ``{node}``,
+    which each node's wrapper fills with its index in the job's node list (``--job-nodes``). The real run on two
+    nodes of one host is ``tests/cluster/test_slurm_nodes.py``."""
+    text = _render("slurm_gpu_extract")
+    start = text.index("\nworker_ports=(")
+    worker_ports = text[start: text.index(")", start)]
+    assert len(re.findall(r"--[a-z-]+-port=0\b", worker_ports)) == 6 and "port_base" not in worker_ports
+    worker = text[text.index("service ray-worker"): text.index("export RAY_ADDRESS")]
+    assert '"${worker_ports[@]}"' in worker and "ray_ports" not in worker and "port_base" not in worker
+    head = text[text.index("service ray-head"): text.index("service ray-worker")]
+    assert '"${ray_ports[@]}"' in head
+    assert re.search(r'^node_tmp=".*-n\{node\}"$', text, re.M)
+    assert '--temp-dir "$temp" --job-nodes "${nodes[*]}"' in _function(text, "service")
