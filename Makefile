@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo demo-bias test test-slow test-all test-cluster golden bench clean-runs
+.PHONY: setup demo demo-bias test test-slow test-all test-cluster test-nodes golden bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,6 +41,11 @@ test-all: setup
 
 test-cluster: setup
 	$(PY) -m pytest -q -ra -m cluster tests/cluster
+
+# The multi-node tests (several Ray nodes, a two-node Slurm, a lost head): slow, so not in `make test`; CI runs
+# them after it (.ci/run).
+test-nodes: setup
+	$(PY) -m pytest -q -ra -m "cluster and slow" tests/cluster
 
 golden: setup
 	KSCALE_UPDATE_GOLDEN=1 $(PY) -m pytest -q tests/unit/executors
