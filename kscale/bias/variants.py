@@ -3,14 +3,14 @@
 How it connects: :func:`enumerate_variants` (driver side) turns ``bias.include_base``, ``bias.adapter``
 and ``bias.train_runs`` into :class:`Variant` records, each carried by the shards that score it; before a
 shard the worker's :class:`VariantSlot` (``slot.apply(variant)``) injects MaLoRA into its loaded base model
-(:class:`kscale.train.malora.MaLoRAModel`) and loads that variant's adapter weights, or removes the
+(:class:`kscale.adapters.MaLoRAModel`) and loads that variant's adapter weights, or removes the
 adapter for ``base``. Only the small adapter tensors change between variants; the base stays loaded.
 
 A train run directory (:mod:`kscale.train.layout`) holds ``checkpoints/stepNNNNNNNN/`` (DeepSpeed state:
 the trainable parameters under ``module`` with the prefix ``malora.model.``, the ZeRO stage in
 ``ds_config``) and ``adapter/adapter_config.json`` (how the adapter was built; the same for every
 checkpoint of the run). ZeRO-3 checkpoints keep parameters partitioned: they are gathered with
-DeepSpeed's ``zero_to_fp32``. Only the public MaLoRA library (:mod:`kscale.train.malora`) and the run
+DeepSpeed's ``zero_to_fp32``. Only the adapter library (:mod:`kscale.adapters`) and the run
 directory's names (:mod:`kscale.train.layout`) are used here, never the training stage's code.
 
 ``fingerprint`` (file sizes and modification times) marks which weights a committed shard was scored
@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from kscale.train.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, CHECKPOINTS, STEP_DIR
-from kscale.train.malora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MaLoRAModel, load_adapter_config
+from kscale.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MaLoRAModel, load_adapter_config
 # ZeRO-0/1/2 write mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt
 MODEL_STATES = "*mp_rank_*_model_states.pt"
 
