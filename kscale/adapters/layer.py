@@ -167,7 +167,7 @@ class MaLoRALinear(nn.Module):
                 f"modality mask of shape {tuple(mask_BT.shape)} does not match the layer input "
                 f"{tuple(x_BTC.shape)}; the mask is derived from input_ids of the same call"
             )
-        return mask_BT.unsqueeze(-1).to(x_BTC.dtype)
+        return mask_BT.unsqueeze(-1).to(device=x_BTC.device, dtype=x_BTC.dtype)  # layers may sit on other GPUs
 
     def _active_branches(self) -> bool:
         ctx = self.context
