@@ -57,24 +57,24 @@ def _peft() -> Any:
     return peft
 
 
-def apply_adapter(loaded: Any, spec: Any) -> AppliedAdapter | None:
-    """Inject ``spec``'s adapter into ``loaded`` in place (``loaded.model`` is the adapted model after it);
-    None for ``kind: base`` or no spec. Raises ``ValueError`` when the path holds no adapter of that kind."""
-    if spec is None or spec.kind == "base":
+def apply_adapter(loaded: Any, adapter: Any) -> AppliedAdapter | None:
+    """Inject ``adapter`` (a section with kind, path, merge) into ``loaded`` in place (``loaded.model`` is the adapted model after it);
+    None for ``kind: base`` or no adapter. Raises ``ValueError`` when the path holds no adapter of that kind."""
+    if adapter is None or adapter.kind == "base":
         return None
-    problems = adapter_problems(str(spec.path), spec.kind)
+    problems = adapter_problems(str(adapter.path), adapter.kind)
     if problems:
         raise ValueError("; ".join(m for _, m in problems))
-    directory = adapter_dir(spec.path)
-    if spec.kind == "malora":
+    directory = adapter_dir(adapter.path)
+    if adapter.kind == "malora":
         wrapper: Any = MaLoRAModel.from_pretrained(loaded.model, directory)
-        if spec.merge:
+        if adapter.merge:
             wrapper.merge_text_branch()
     else:
         wrapper = _peft().PeftModel.from_pretrained(loaded.model, str(directory))
-        loaded.model = wrapper.merge_and_unload() if spec.merge else wrapper.base_model.model
+        loaded.model = wrapper.merge_and_unload() if adapter.merge else wrapper.base_model.model
     loaded.model.eval()
-    return AppliedAdapter(spec.kind, directory, bool(spec.merge), wrapper)
+    return AppliedAdapter(adapter.kind, directory, bool(adapter.merge), wrapper)
 
 
 def adapter_files(directory: str | Path) -> list[Path]:
@@ -83,10 +83,10 @@ def adapter_files(directory: str | Path) -> list[Path]:
     return [d / n for n in (ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_BIN_WEIGHTS) if (d / n).is_file()]
 
 
-def adapter_identity(spec: Any) -> dict[str, Any]:
-    """``{kind, path, dir, merge, files: {name: sha256}, fingerprint}`` of ``spec``'s adapter: what the store
+def adapter_identity(adapter: Any) -> dict[str, Any]:
+    """``{kind, path, dir, merge, files: {name: sha256}, fingerprint}`` of an adapter section (kind, path, merge): what the store
     records and what resume compares (``fingerprint``: 16 hex digits over the files' names and hashes)."""
-    directory = adapter_dir(spec.path)
+    directory = adapter_dir(adapter.path)
     files = {}
     for f in adapter_files(directory):
         h = hashlib.sha256()
@@ -95,5 +95,5 @@ def adapter_identity(spec: Any) -> dict[str, Any]:
                 h.update(block)
         files[f.name] = h.hexdigest()
     fingerprint = hashlib.sha256("".join(f"{n}:{h};" for n, h in sorted(files.items())).encode()).hexdigest()[:16]
-    return {"kind": spec.kind, "path": str(spec.path), "dir": str(directory.resolve()), "merge": bool(spec.merge),
+    return {"kind": adapter.kind, "path": str(adapter.path), "dir": str(directory.resolve()), "merge": bool(adapter.merge),
             "files": files, "fingerprint": fingerprint}
