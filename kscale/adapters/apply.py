@@ -58,8 +58,9 @@ def _peft() -> Any:
 
 
 def apply_adapter(loaded: Any, adapter: Any) -> AppliedAdapter | None:
-    """Inject ``adapter`` (a section with kind, path, merge) into ``loaded`` in place (``loaded.model`` is the adapted model after it);
-    None for ``kind: base`` or no adapter. Raises ``ValueError`` when the path holds no adapter of that kind."""
+    """Inject ``adapter`` (a section with kind, path, merge) into ``loaded`` in place (``loaded.model`` is the
+    adapted model after it); None for ``kind: base`` or no adapter. Raises ``ValueError`` when the path holds
+    no adapter of that kind."""
     if adapter is None or adapter.kind == "base":
         return None
     problems = adapter_problems(str(adapter.path), adapter.kind)
@@ -84,8 +85,9 @@ def adapter_files(directory: str | Path) -> list[Path]:
 
 
 def adapter_identity(adapter: Any) -> dict[str, Any]:
-    """``{kind, path, dir, merge, files: {name: sha256}, fingerprint}`` of an adapter section (kind, path, merge): what the store
-    records and what resume compares (``fingerprint``: 16 hex digits over the files' names and hashes)."""
+    """``{kind, path, dir, merge, files: {name: sha256}, fingerprint}`` of an adapter section (kind, path,
+    merge): what the store records and what resume compares (``fingerprint``: 16 hex digits over the files'
+    names and hashes)."""
     directory = adapter_dir(adapter.path)
     files = {}
     for f in adapter_files(directory):
@@ -95,5 +97,5 @@ def adapter_identity(adapter: Any) -> dict[str, Any]:
                 h.update(block)
         files[f.name] = h.hexdigest()
     fingerprint = hashlib.sha256("".join(f"{n}:{h};" for n, h in sorted(files.items())).encode()).hexdigest()[:16]
-    return {"kind": adapter.kind, "path": str(adapter.path), "dir": str(directory.resolve()), "merge": bool(adapter.merge),
-            "files": files, "fingerprint": fingerprint}
+    return {"kind": adapter.kind, "path": str(adapter.path), "dir": str(directory.resolve()),
+            "merge": bool(adapter.merge), "files": files, "fingerprint": fingerprint}
