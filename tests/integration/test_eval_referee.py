@@ -104,7 +104,7 @@ def adapter_mechanism_runs(tmp_path: Path, model_dir: str, adapters: dict[str, P
     for name in ("base", *adapters):
         adapter = {"adapter": {"kind": name, "path": str(adapters[name])}} if name in adapters else {}
         ext = extract_spec(tmp_path / name, model=model_dir,
-                           data={"generated": {"n_samples": 12, "image_size": 112}, "shard_size": 6},
+                           data={"generated": {"n_samples": 6, "image_size": 112}, "shard_size": 6},
                            extract={"attention": {"enabled": True, "store_queries": True}, **adapter})
         run_job(spec_from_dict(ext), show_bar=False)
         runs[name] = tmp_path / name / "analysis"
@@ -149,7 +149,8 @@ def test_adapter_variants_read_stores_extracted_with_their_adapters(tmp_path, qw
     eval_dir = tmp_path / "eval"
     eval_dir.mkdir()
     (eval_dir / "scores.json").write_text(json.dumps([
-        {"variant": v.name, "task": "t", "metric": "acc,none", "score": 0.5, "stderr": 0.1, "n": 12}
+        {"variant": v.name, "task": "t", "metric": "acc,none", "score": 0.5, "stderr": 0.1, "n": 12,
+         "blind_score": 1 / 6, "blind_stderr": 0.1, "blind_n": 12, "gain": 1 / 3, "gain_stderr": 0.14}
         for v in spec.eval.variants]))
     build_report(eval_dir, list(spec.eval.variants))
     check_adapter_rows(pd.read_csv(eval_dir / "mechanism.csv"), adapters, runs)
