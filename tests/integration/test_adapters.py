@@ -4,7 +4,8 @@ the bias stage with a PEFT LoRA (``bias.adapter``).
 References kscale did not compute: for a PEFT LoRA, the ``k_proj`` outputs of PEFT's own
 ``PeftModel.from_pretrained`` on a freshly loaded base model, captured with a plain torch forward hook; for
 MaLoRA, the ``k_proj`` outputs of a :class:`~kscale.adapters.MaLoRAModel` loaded by hand and called
-itself (its own pre-hook sets its modality context from the input ids). Both must differ from the base
+itself (its own pre-hook sets its modality context from the input ids), and at layer 0 the update written
+out from the saved tensors (image branch on image tokens, text branch on the others). Both must differ from the base
 model's keys, on image and on text tokens, so a store extracted without the adapter fails the comparison.
 
 The adapters: random saved ones (both MaLoRA branches and the LoRA update far from zero; the default suite)
@@ -156,10 +157,44 @@ def check_adapted_keys(spec, store, kind: str, directory: Path, moved: float = 1
                 assert np.abs(want[li][rows] - base[li][rows]).max() > moved, (kind, sid, li)
 
 
+def malora_layer0_closed_form(spec, directory: Path, sample_id: int) -> np.ndarray:
+    """(T, H, D) layer-0 keys of MaLoRA written out from the saved file, without kscale's MaLoRA code:
+    ``k = W x + b + s * g_img * B_img A_img x`` on image tokens and ``... g_txt * B_txt A_txt x`` on the others,
+    ``x`` the layer's normed input (the same with or without the adapter: nothing before layer 0 is adapted)."""
+    from safetensors.torch import load_file
+
+    from kscale.data import open_source
+    from kscale.models import load_model
+
+    lm = load_model(spec.model)
+    cfg = json.loads((directory / "adapter_config.json").read_text())["malora"]
+    weights = load_file(str(directory / "adapter_model.safetensors"))
+    rec = open_source(spec.data).get(sample_id)
+    batch = lm.adapter.build_batch(lm, [rec.image], [rec.text])
+    layer = lm.model.model.language_model.layers[0]
+    with torch.no_grad():
+        x_TC = layer.input_layernorm(lm.model(**batch.inputs, output_hidden_states=True).hidden_states[0])[0]
+        k_TO = layer.self_attn.k_proj(x_TC)
+
+        def update(branch: str) -> torch.Tensor:
+            (name,) = [n for n in weights if n.endswith(f"layers.0.self_attn.k_proj.malora_A_{branch}")]
+            w = {p: weights[name.replace("malora_A_", p)] for p in ("malora_A_", "malora_B_", "malora_gate_")}
+            return cfg["alpha"] / cfg["rank"] * w["malora_gate_"] * (x_TC @ w["malora_A_"].T) @ w["malora_B_"].T
+
+        image_T1 = (batch.inputs["input_ids"][0] == lm.model.config.image_token_id)[:, None]
+        k_TO = k_TO + torch.where(image_T1, update("img"), update("txt"))
+    return k_TO.view(k_TO.shape[0], lm.model.config.get_text_config().num_key_value_heads, -1).numpy()
+
+
 @pytest.mark.parametrize("kind", ["malora", "lora"])
 def test_keys_extracted_with_an_adapter_equal_its_own_model(kind, qwen_dir, saved_adapters, tmp_path) -> None:
     spec, store = extract_with(tmp_path, qwen_dir, {"kind": kind, "path": str(saved_adapters[kind])})
     check_adapted_keys(spec, store, kind, saved_adapters[kind])
+    if kind == "malora":  # the gate by modality, independently of MaLoRAModel: each token got its own branch
+        for sid in (0, 3):
+            _, got, _ = sample_keys(store, sid, 0)
+            np.testing.assert_allclose(got, malora_layer0_closed_form(spec, saved_adapters[kind], sid), atol=1e-5,
+                                       rtol=0)
 
 
 @pytest.mark.slow
