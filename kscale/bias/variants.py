@@ -3,14 +3,18 @@
 How it connects: :func:`enumerate_variants` (driver side) turns ``bias.include_base``, ``bias.adapter``
 and ``bias.train_runs`` into :class:`Variant` records, each carried by the shards that score it; before a
 shard the worker's :class:`VariantSlot` (``slot.apply(variant)``) injects MaLoRA into its loaded base model
-(:class:`kscale.train.malora.MaLoRAModel`) and loads that variant's adapter weights, or removes the
+(:class:`kscale.adapters.MaLoRAModel`) and loads that variant's adapter weights, or removes the
 adapter for ``base``. Only the small adapter tensors change between variants; the base stays loaded.
+``bias.adapter`` may also be a PEFT LoRA (a PEFT adapter directory, or a ``kind: train`` run with
+``train.method: lora``; the kind is read from its ``adapter_config.json``): the slot applies it with
+:func:`kscale.adapters.apply_adapter`, the function the extract and eval stages use, and removes it again
+(PEFT's ``unload``) before the next variant.
 
 A train run directory (:mod:`kscale.train.layout`) holds ``checkpoints/stepNNNNNNNN/`` (DeepSpeed state:
 the trainable parameters under ``module`` with the prefix ``malora.model.``, the ZeRO stage in
 ``ds_config``) and ``adapter/adapter_config.json`` (how the adapter was built; the same for every
 checkpoint of the run). ZeRO-3 checkpoints keep parameters partitioned: they are gathered with
-DeepSpeed's ``zero_to_fp32``. Only the public MaLoRA library (:mod:`kscale.train.malora`) and the run
+DeepSpeed's ``zero_to_fp32``. Only the adapter library (:mod:`kscale.adapters`) and the run
 directory's names (:mod:`kscale.train.layout`) are used here, never the training stage's code.
 
 ``fingerprint`` (file sizes and modification times) marks which weights a committed shard was scored
@@ -23,11 +27,15 @@ import hashlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import torch
 
+from kscale.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, AppliedAdapter, MaLoRAModel, adapter_files,
+                             apply_adapter, load_adapter_config)
+from kscale.spec.adapter import adapter_dir, adapter_problems, found_kind
 from kscale.train.layout import ADAPTER_DIR, CHECKPOINT_PREFIX, CHECKPOINTS, STEP_DIR
-from kscale.train.malora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, MaLoRAModel, load_adapter_config
 # ZeRO-0/1/2 write mp_rank_00_model_states.pt, ZeRO-3 zero_pp_rank_0_mp_rank_00_model_states.pt
 MODEL_STATES = "*mp_rank_*_model_states.pt"
 
@@ -41,6 +49,7 @@ class Variant:
     run: str = ""  # train run label ("" outside train runs)
     step: int = -1  # checkpoint step (-1 outside train runs)
     fingerprint: str = "base"
+    method: str = "malora"  # the adapter's kind: malora, or lora (a PEFT LoRA; bias.adapter only)
 
     @property
     def slug(self) -> str:
@@ -57,12 +66,17 @@ def _files_fingerprint(files: list[Path]) -> str:
 
 
 def adapter_variant(directory: str) -> Variant:
-    d = Path(directory).expanduser()
-    if not (d / ADAPTER_CONFIG).is_file() or not (d / ADAPTER_WEIGHTS).is_file():
+    """Variant ``adapter``: a MaLoRA or PEFT LoRA adapter directory, or a train run's ``adapter/``."""
+    problems = adapter_problems(directory)
+    if problems:
+        raise ValueError(f"bias.adapter: {problems[0][1]}")
+    d = adapter_dir(directory)
+    method = found_kind(d)[0]
+    if method == "malora" and not (d / ADAPTER_WEIGHTS).is_file():
         raise ValueError(f"bias.adapter: {str(d)!r} is not a saved MaLoRA adapter "
                          f"(needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
-    return Variant("adapter", "adapter", str(d), str(d), fingerprint=_files_fingerprint(
-        [d / ADAPTER_CONFIG, d / ADAPTER_WEIGHTS]))
+    return Variant("adapter", "adapter", str(d), str(d), fingerprint=_files_fingerprint(adapter_files(d)),
+                   method=str(method))
 
 
 def checkpoint_variants(label: str, run_dir: str, steps: str | list[int]) -> list[Variant]:
@@ -128,22 +142,33 @@ def variant_weights(variant: Variant) -> dict[str, torch.Tensor]:
 
 
 class VariantSlot:
-    """The adapter currently injected into a worker's base model (at most one; re-injected on config change)."""
+    """The adapter currently injected into a worker's base model (at most one): MaLoRA (re-injected on a config
+    change, else only its weights reloaded) or a PEFT LoRA (applied, and removed before any other variant)."""
 
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
+    def __init__(self, loaded: Any):
+        self.loaded = loaded
         self.malora: MaLoRAModel | None = None
+        self.lora: AppliedAdapter | None = None
         self.current: str | None = None
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.loaded.model
 
     def apply(self, variant: Variant) -> None:
         key = f"{variant.name}:{variant.fingerprint}"
         if key == self.current:
             return
-        config = None if variant.kind == "base" else load_adapter_config(variant.config_dir)
+        if self.lora is not None:  # PEFT's layers out first: a MaLoRA or the base model comes next
+            self.loaded.model = self.lora.remove()
+            self.lora = None
+        config = None if variant.kind == "base" or variant.method == "lora" else load_adapter_config(variant.config_dir)
         if self.malora is not None and (config is None or config != self.malora.malora_config):
             self.malora.unload()
             self.malora = None
-        if config is not None:
+        if variant.method == "lora" and variant.kind != "base":
+            self.lora = apply_adapter(self.loaded, SimpleNamespace(kind="lora", path=variant.path, merge=False))
+        elif config is not None:
             if self.malora is None:
                 self.malora = MaLoRAModel(self.model, config)
             self.malora.load_adapter_state_dict(variant_weights(variant))

@@ -62,7 +62,7 @@ def setup(spec: JobSpec) -> BiasState:
                                  "bias.dropping.attention_layers")
     from kscale.data.lineindex import index_dir
 
-    return BiasState(loaded, open_source(spec.data, index_dir(spec.output.path)), VariantSlot(loaded.model), rank_layers)
+    return BiasState(loaded, open_source(spec.data, index_dir(spec.output.path)), VariantSlot(loaded), rank_layers)
 
 
 def score(loaded: LoadedModel, inputs: dict[str, torch.Tensor], answer_mask_BT: torch.Tensor) -> AnswerScores:

@@ -20,6 +20,10 @@ computed them, named per variant in the eval spec (``eval.variants[i].analysis_r
   ``dependency_`` (ll_real - ll_<condition>, bootstrap intervals), for the bias variant labelled
   ``bias_variant`` (default: the eval variant's name).
 
+An adapter variant's analysis run must have read stores extracted with that very adapter
+(``extract.adapter``; the store records the hash of its files): the table refuses one that read stores of
+another model, e.g. the base model's (:func:`check_store_adapter`).
+
 Each stage keeps its own estimator, intervals, sharding and resume, and the table equals their numbers by
 construction (tests/integration/test_eval_referee.py checks it against a real extract + analyze run). Recomputing
 here would make a second implementation of each estimator that could drift from the stage's. The price:
@@ -45,6 +49,7 @@ import numpy as np
 import pandas as pd
 
 from kscale import reporting as rep
+from kscale.store.layout import is_store, read_root_attrs
 
 KEY_MMD = "key_mmd2"
 MEASURES = {  # measure -> what it is (shown on the page)
@@ -101,10 +106,43 @@ def bias_rows(run: str | Path, label: str) -> list[dict]:
              "ci_high": float(r.ci_high), "source": f"{run.name}: {label}"} for m, r in sel.set_index("metric").iterrows()]
 
 
+def analysed_stores(run: str | Path) -> list[Path]:
+    """The key stores an analysis run read, as its ``kscale.json`` recorded them (none if it did not)."""
+    marker = Path(run) / "kscale.json"
+    data = (json.loads(marker.read_text()).get("data") or {}) if marker.is_file() else {}
+    return [Path(p) for p in (data.get("stores") or {})]
+
+
+def check_store_adapter(v: Any) -> None:
+    """An adapter variant's key and attention rows must come from stores extracted *with that adapter*
+    (``extract.adapter``; a base variant's from stores without one): each store the variant's analysis run
+    read records its adapter (kind and a hash of its files, docs/store.md), compared here with the files
+    of the variant's own adapter. A store no longer on disk is not checked."""
+    want = None
+    if v.kind != "base":
+        from kscale.adapters import adapter_identity
+
+        want = adapter_identity(v)
+    for store in analysed_stores(v.analysis_run):
+        if not is_store(store):
+            continue
+        got = read_root_attrs(store).get("adapter")
+        key = [(a["kind"], a["fingerprint"]) if a else None for a in (got, want)]
+        if key[0] != key[1]:
+            said = [f"{a['kind']} adapter {a['path']!r} (files {a['fingerprint']})" if a else "no adapter"
+                    for a in (got, want)]
+            raise ValueError(f"eval.variants ({v.name}).analysis_run: {str(v.analysis_run)!r} analysed store "
+                             f"{str(store)!r}, extracted with {said[0]}, but variant {v.name!r} is the model with "
+                             f"{said[1]}: extract its store with that adapter (extract.adapter, docs/malora.md)")
+
+
 def mechanism_table(variants: list[Any]) -> pd.DataFrame:
-    """All mechanism rows of the eval spec's variants (``analysis_run`` / ``bias_run`` of each)."""
+    """All mechanism rows of the eval spec's variants (``analysis_run`` / ``bias_run`` of each); an analysis
+    run of stores extracted with another adapter than the variant's is refused (:func:`check_store_adapter`)."""
     rows = []
     for v in variants:
+        if v.analysis_run:
+            check_store_adapter(v)
         found = (analysis_rows(v.analysis_run) if v.analysis_run else []) + (
             bias_rows(v.bias_run, v.bias_variant or v.name) if v.bias_run else [])
         rows += [{"variant": v.name, **r} for r in found]

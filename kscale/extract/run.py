@@ -4,7 +4,9 @@ The store is claimed (:mod:`kscale.output`: an exclusive lock, then the policy) 
 written and released at the end; a second run on it is refused (``OutputLocked``, naming the holder).
 Store policy (``output.if_exists``): ``resume`` continues a store written by the
 same spec (its fingerprint must match: a different spec is an error, never a silent mix), ``fail``
-refuses an existing store, ``overwrite`` replaces it. A directory that is not a kscale store (its root
+refuses an existing store, ``overwrite`` replaces it; a store extracted with an adapter
+(``extract.adapter``, recorded with the hash of its files in the root attributes) resumes only with the same
+adapter files (:func:`check_adapter`). A directory that is not a kscale store (its root
 attributes say ``format: kscale-keys``) is never deleted or written into.
 """
 
@@ -68,7 +70,31 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
         "modality_codes": dict(MODALITY_CODES),
         "plan": {"n_samples": n_samples, "shard_size": spec.data.shard_size, "n_shards": shards},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **({"adapter": _adapter_identity(spec)} if spec.extract.adapter else {}),
     }
+
+
+def _adapter_identity(spec: JobSpec) -> dict | None:
+    """What the store records of ``extract.adapter`` (:func:`kscale.adapters.adapter_identity`), None without."""
+    from kscale.adapters import adapter_identity  # torch: only when an adapter is named
+
+    return adapter_identity(spec.extract.adapter) if spec.extract.adapter else None
+
+
+def check_adapter(store: str, recorded: dict | None, now: dict | None) -> None:
+    """Resume only with the adapter the store was extracted with: same kind, merge and file hashes (the spec
+    fingerprint already covers the path; this catches an adapter rewritten in place, e.g. retrained)."""
+    def key(a: dict | None) -> tuple | None:
+        return None if a is None else (a.get("kind"), bool(a.get("merge")), a.get("fingerprint"))
+
+    def said(a: dict | None) -> str:
+        return "no adapter" if a is None else (f"{a.get('kind')} adapter {a.get('path')!r}"
+                                               f"{' (merged)' if a.get('merge') else ''} (files {a.get('fingerprint')})")
+
+    if key(recorded) != key(now):
+        raise StoreExistsError(f"extract.adapter: store {store!r} was extracted with {said(recorded)}; this job "
+                               f"applies {said(now)}: resuming would mix keys of two models. Restore the adapter, "
+                               "or write to another path (or output.if_exists: overwrite)")
 
 
 def store_marker(path: Path) -> dict | None:
@@ -134,11 +160,13 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
 
     with claim_store(spec, attrs) as path:
         store = str(path)
-        version = dict(zarr.open_group(store, mode="r").attrs).get("version")
+        found = dict(zarr.open_group(store, mode="r").attrs)
+        version = found.get("version")
         if version != STORE_VERSION:  # resume never mixes layouts; old stores stay readable
             raise StoreExistsError(f"output.path: store {store!r} has format version {version}; this kscale "
                                    f"writes version {STORE_VERSION}: choose another path or output.if_exists: "
                                    "overwrite")
+        check_adapter(store, found.get("adapter"), _adapter_identity(spec))
         sweep_staging(store)  # a killed run's staging folders and marker temp files (the lock is ours)
         done = set(marker_names(store))
         todo = [s for s in shards if s.name not in done]

@@ -1,6 +1,6 @@
 """The unit of work of extraction: a plain function of (spec, shard), no Ray in it.
 
-``setup(spec)`` loads the model once per worker; ``run_shard(spec, shard, state)`` reads the shard's
+``setup(spec)`` loads the model once per worker (with ``extract.adapter`` applied); ``run_shard(spec, shard, state)`` reads the shard's
 records, runs batched forwards with hooks on the projections of ``extract.vectors`` (q, k, v), tags and samples tokens, and writes the shard through a
 ``ShardWriter`` that commits last. Executors (local, Ray) only decide where this runs.
 
@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from kscale.adapters import apply_adapter
 from kscale.data import Record, Shard, open_source
 from kscale.data.lineindex import index_dir
 from kscale.extract.hooks import NONFINITE, OVERFLOW, HostKeys, capture, capture_keys
@@ -65,9 +66,15 @@ def resolve_heads(heads, n: int) -> list[int]:
 
 
 def setup(spec: JobSpec) -> ExtractState:
+    """Load the model once per worker and apply ``extract.adapter`` (if any) before anything is hooked: the
+    adapter replaces the projections in place (:func:`kscale.adapters.apply_adapter`), so the modules
+    :func:`vector_modules` returns afterwards are the adapted ones and the stored vectors include the
+    low-rank update. MaLoRA's gate reads each forward's modality mask from that call's ``input_ids`` (the
+    pre-hook :class:`kscale.adapters.MaLoRAModel` registers), as in the bias and eval stages."""
     if spec.resources.torch_threads:
         torch.set_num_threads(spec.resources.torch_threads)
     loaded = load_model(spec.model, n_devices=max(1, int(spec.resources.gpus_per_worker)))
+    apply_adapter(loaded, spec.extract.adapter)
     info = loaded.info
     return ExtractState(loaded, resolve_layers(spec.extract.layers, info.num_layers, "extract.layers"),
                         resolve_heads(spec.extract.heads, info.num_kv_heads),

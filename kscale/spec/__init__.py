@@ -12,7 +12,8 @@ The package, from the bottom up (it imports no stage: stages import it):
 - the stage sections, each in its own module: ``analyze.py`` (``AnalyzeConfig``), ``train.py``
   (``TrainConfig``) with ``malora.py`` (``MaLoRAConfig``, also the adapter's saved config), ``bias.py``
   (``BiasConfig``), ``eval.py`` (``EvalStageConfig``), ``cluster.py`` (``ClusterConfig``, the ``cluster:`` section
-  of ``kscale submit``);
+  of ``kscale submit``), ``adapter.py`` (``AdapterSpec``, the ``extract.adapter`` section, and which kind of
+  adapter a directory holds);
 - this module: the common sections (model, data, extract, output, resources), ``JobSpec``, the YAML
   loader and ``explain``. Every name above is importable from ``kscale.spec``.
 """
@@ -32,6 +33,7 @@ import yaml
 
 from kscale.errors import KscaleError, shown
 from kscale.models.facts import FAMILIES, layer_problems
+from kscale.spec.adapter import AdapterSpec  # noqa: F401  (re-exported)
 from kscale.spec.analyze import AnalyzeConfig
 from kscale.spec.bias import BiasConfig
 from kscale.spec.cluster import ClusterConfig, cluster_of  # noqa: F401  (re-exported)
@@ -218,6 +220,10 @@ class ExtractSpec:
         "table lives with them), q (queries, per query head reading the kept KV heads), v (values, per KV head). "
         "q and k are stored pre-RoPE; see docs/store.md.", factory=lambda: ["k"])
     attention: AttentionSpec = doc("Attention statistics (see docs/attention.md).", factory=AttentionSpec)
+    adapter: AdapterSpec | None = doc(
+        "An adapter applied to the model before the hooks (MaLoRA or PEFT LoRA): the stored keys are the adapted "
+        "projections' outputs. Recorded in the store's root attributes (kind, path, a hash of its files); resume "
+        "refuses a store extracted with another adapter. See docs/malora.md.", None)
 
     @property
     def kinds(self) -> tuple[str, ...]:
@@ -316,6 +322,8 @@ class JobSpec:
         d["output"].pop("if_exists", None)
         if (d.get("extract") or {}).get("vectors") == ["k"]:  # the default: fingerprints of older stores hold
             d["extract"].pop("vectors")
+        if "adapter" in (d.get("extract") or {}) and d["extract"]["adapter"] is None:  # likewise: no adapter
+            d["extract"].pop("adapter")
         if (d.get("analyze") or {}).get("vector") == "k":
             d["analyze"].pop("vector")
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:16]

@@ -2,7 +2,7 @@
 
 A bias job scores the correct answer (and, where the record has them, distractors and the text's
 contradicting claim) of every (image, question, answer) record under image counterfactuals, under
-visual/text token dropping, and for every model variant: the base model, a saved MaLoRA adapter, and
+visual/text token dropping, and for every model variant: the base model, a saved adapter (MaLoRA or PEFT LoRA), and
 each checkpoint of ``kind: train`` runs. See docs/bias.md.
 """
 
@@ -61,7 +61,9 @@ class BiasConfig:
         "How candidates are compared: mean per-token log-likelihood (length-fair) or the sum.", "mean")
     dropping: DroppingConfig = _doc("Token dropping (redundancy, the data factor).", factory=DroppingConfig)
     include_base: bool = _doc("Score the base model (variant `base`).", True)
-    adapter: str | None = _doc("A saved MaLoRA adapter directory: adds variant `adapter` (base + adapter).", None)
+    adapter: str | None = _doc("A saved adapter: a MaLoRA or PEFT LoRA adapter directory, or a `kind: train` run "
+                               "directory (its adapter/, MaLoRA or train.method: lora; the kind is read from "
+                               "adapter_config.json): adds variant `adapter` (base + adapter).", None)
     train_runs: dict[str, str] = _doc(
         "Label -> `kind: train` run directory; every checkpoint there (and its final adapter) becomes a variant "
         "`<label>@<step>`, for trends along training (e.g. {lora: runs/no_align, malora: runs/mmd}).", factory=dict)

@@ -162,6 +162,9 @@ def summarize(store: str | Path, attrs: dict[str, Any], index: Index) -> dict[st
         out["query_heads"] = [h * G + g for h in attrs["heads"] for g in range(G)]  # those reading the kept KV heads
     if "attention_scaling" in attrs.get("model", {}):  # what the model multiplies q·k by
         out["attention_scaling"] = attrs["model"]["attention_scaling"]
+    if attrs.get("adapter"):  # extract.adapter: the adapted model's keys
+        a = attrs["adapter"]
+        out["adapter"] = f"{a['kind']} {a['path']}{' (merged)' if a.get('merge') else ''} (files {a['fingerprint']})"
     if "deepstack_layers" in attrs.get("model", {}):  # Qwen3-VL: visual features injected after these layers
         out["deepstack_layers"] = list(attrs["model"]["deepstack_layers"])
     prompt = attrs.get("prompt_template")  # the whole template is in the root attributes

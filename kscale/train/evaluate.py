@@ -50,8 +50,8 @@ from kscale.scoring import answer_positions, answer_scores, condition_image, swa
 from kscale.spec import JobSpec
 from kscale.train.layout import ADAPTER_DIR, SPLIT
 from kscale.train.lora import load_trained
-from kscale.train.malora import MaLoRAModel
-from kscale.train.malora.model import model_adapter
+from kscale.adapters import MaLoRAModel
+from kscale.adapters.model import model_adapter
 from kscale.train.objective import capture_keys
 
 VARIANTS = ("base", "malora", "malora_no_image_branch")

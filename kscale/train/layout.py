@@ -7,7 +7,7 @@ down once::
     metrics.jsonl                      one line per logged step
     split.json                         {"train": [...], "heldout": [...]} sample ids
     checkpoints/stepNNNNNNNN/          DeepSpeed state; adapter tensors under CHECKPOINT_PREFIX
-    adapter/                           the final adapter (kscale.train.malora: safetensors + config)
+    adapter/                           the final adapter (kscale.adapters: safetensors + config)
     eval.json, eval.md                 the before/after table
     errors.json                        samples skipped in this run, with the reason (train.max_seq_len)
     ranks/rankR.json                   parameters rank R holds after loading and at the first step
@@ -19,12 +19,14 @@ from __future__ import annotations
 
 import re
 
+from kscale.spec.adapter import RUN_ADAPTER_DIR
+
 METRICS = "metrics.jsonl"
 SPLIT = "split.json"
 ERRORS = "errors.json"
 RANKS = "ranks"
 CHECKPOINTS = "checkpoints"
-ADAPTER_DIR = "adapter"
+ADAPTER_DIR = RUN_ADAPTER_DIR  # "adapter": named with the spec, which checks `extract.adapter` paths
 # DeepSpeed saves MaLoRAObjective's state: its ``malora`` (MaLoRAModel) wraps the base ``model``
 CHECKPOINT_PREFIX = "malora.model."
 STEP_DIR = re.compile(r"^step(\d+)$")

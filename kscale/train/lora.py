@@ -7,7 +7,7 @@ kscale's objective and DeepSpeed engine with the same data, steps, rank, alpha, 
 layers as a MaLoRA run (all read from ``train.malora``; its gate and branch fields do not apply).
 
 :class:`LoRAModel` has the surface :class:`~kscale.train.objective.MaLoRAObjective`, the training loop and
-:mod:`kscale.train.evaluate` use of :class:`~kscale.train.malora.MaLoRAModel`: ``model`` (the wrapped
+:mod:`kscale.train.evaluate` use of :class:`~kscale.adapters.MaLoRAModel`: ``model`` (the wrapped
 model, adapted in place), ``context`` (only its ``recomputing`` flag matters here: the activation-checkpoint
 wrapper sets it so key capture skips recomputes), ``branches`` (both off: the frozen base, for the
 objective's frozen text reference and the "base" row of the before/after table), ``adapter_parameters``,
@@ -33,8 +33,8 @@ from torch import nn
 
 from kscale.models.facts import resolve_layers
 from kscale.spec.malora import MaLoRAConfig
-from kscale.train.malora.layer import ModalityContext
-from kscale.train.malora.model import ADAPTER_WEIGHTS, enable_replaying_checkpointing, model_adapter
+from kscale.adapters.layer import ModalityContext
+from kscale.adapters.model import ADAPTER_WEIGHTS, enable_replaying_checkpointing, model_adapter
 
 PEFT_PREFIX = "base_model.model."  # PeftModel.save_pretrained's key prefix, which PeftModel.from_pretrained expects
 ADAPTER_NAME = "default"
@@ -176,6 +176,6 @@ def load_trained(model: nn.Module, directory: str | Path) -> Any:
     """The adapter of a train run (MaLoRA or LoRA, as ``adapter_config.json`` says) injected into ``model``."""
     if is_lora_adapter(directory):
         return LoRAModel.from_pretrained(model, directory)
-    from kscale.train.malora import MaLoRAModel
+    from kscale.adapters import MaLoRAModel
 
     return MaLoRAModel.from_pretrained(model, directory)

@@ -37,7 +37,7 @@ from torch import nn
 from kscale.models.registry import IMAGE, TEXT, VIDEO, model_info, resolve_layers
 from kscale.scoring import answer_positions  # the logits the loss needs: those predicting answer tokens
 from kscale.spec.train import AlignConfig
-from kscale.train.malora.model import MaLoRAModel, model_adapter
+from kscale.adapters.model import MaLoRAModel, model_adapter
 
 MEDIAN_SAMPLE = 128  # keys per side used by the median-distance bandwidth heuristic
 

@@ -40,7 +40,7 @@ from kscale.train import engine as ds
 from kscale.spec.train import TrainConfig
 from kscale.train.data import MicroBatchPlan, collate, sequence_check, split_indices
 from kscale.train.layout import ADAPTER_DIR, CHECKPOINTS, ERRORS, METRICS, SPLIT
-from kscale.train.malora import MaLoRAModel
+from kscale.adapters import MaLoRAModel
 from kscale.train.objective import MaLoRAObjective
 
 

@@ -5,13 +5,16 @@ Every ``import kscale.x`` / ``from kscale.x import y`` counts: at the top of a m
 the package that defines it). A package is ``kscale.<name>`` (a folder such as ``kscale.spec``, or a
 top-level module such as ``kscale.scoring``). The layers, top down:
 
-    cli -> runner -> stages (analysis, attention, bias, train, extract, scoring) and executors, targets
+    cli -> runner -> stages (analysis, attention, bias, eval, train, extract, scoring) and executors, targets
+        -> adapters (MaLoRA and PEFT LoRA on a loaded model: the library every stage may apply adapters with)
         -> spec (every section of a job: JobSpec, the stage sections, the cluster section)
         -> {models, data, store}
 
 ``spec`` imports no stage (the stages import their sections from it) and nothing but the lower layers
 and ``errors``; models, data and store never import the spec: ``models`` types the ``model:`` section with
-its own Protocol (``kscale.models.registry.ModelOptions``).
+its own Protocol (``kscale.models.registry.ModelOptions``). ``adapters`` sits between: any stage may import
+it, it imports no stage (only the spec and the lower layers), and neither the spec nor a lower layer
+imports it.
 """
 
 from __future__ import annotations
@@ -24,10 +27,11 @@ import kscale
 
 ROOT = Path(kscale.__file__).parent
 LOWER = ("models", "data", "store")
-STAGES = ("analysis", "attention", "bias", "train", "extract", "scoring", "executors", "targets", "cli",
+STAGES = ("analysis", "attention", "bias", "eval", "train", "extract", "scoring", "executors", "targets", "cli",
           "cli_cluster", "doctor", "runner")
-UPPER = ("spec", "spec_schema", *STAGES)
+UPPER = ("spec", "spec_schema", "adapters", *STAGES)
 SPEC_MAY_IMPORT = ("errors", *LOWER)
+ADAPTERS_MAY_IMPORT = ("errors", "spec", *LOWER)
 
 Edges = dict[str, dict[str, list[str]]]  # package -> imported package -> ["file:line", ...]
 
@@ -134,18 +138,29 @@ def test_the_spec_imports_no_stage() -> None:
     assert not bad, "kscale.spec may import only " + ", ".join(SPEC_MAY_IMPORT) + ": " + "; ".join(bad)
 
 
-def test_malora_is_a_library_outside_the_training_stage() -> None:
-    """Other stages (bias) use kscale.train.malora; it must not pull in the training stage's run, objective
-    or engine."""
-    bad = []
-    for path in sorted((ROOT / "train" / "malora").rglob("*.py")):
-        module = _module_name(path)
-        for node in ast.walk(ast.parse(path.read_text())):
-            bad += [f"{path.name}:{node.lineno} imports {t}"
-                    for t in _imported(node, module, path.name == "__init__.py")
-                    if t.startswith("kscale.train.") and not t.startswith("kscale.train.malora")
-                    or t == "kscale.train"]
-    assert not bad, "; ".join(bad)
+def test_the_adapter_library_imports_no_stage() -> None:
+    """Every stage applies adapters through ``kscale.adapters`` (extract, bias, eval, train); the library itself
+    stands on the spec and the lower layers only, so no stage's import pulls in another stage."""
+    edges = import_graph()
+    assert "adapters" in edges["extract"] and "adapters" in edges["bias"] and "adapters" in edges["eval"]
+    bad = [f"adapters -> {dst} ({', '.join(sites)})" for dst, sites in edges.get("adapters", {}).items()
+           if dst not in ADAPTERS_MAY_IMPORT]
+    assert not bad, "kscale.adapters may import only " + ", ".join(ADAPTERS_MAY_IMPORT) + ": " + "; ".join(bad)
+
+
+def test_the_old_malora_names_are_the_library_itself() -> None:
+    """``kscale.train.malora`` (and its layer/model/export) are the modules of ``kscale.adapters``, not copies:
+    old imports and saved runs get the same classes."""
+    import kscale.adapters
+    import kscale.adapters.model
+    import kscale.train.malora
+    import kscale.train.malora.model
+
+    assert kscale.train.malora.model is kscale.adapters.model
+    assert kscale.train.malora.MaLoRAModel is kscale.adapters.MaLoRAModel
+    defined = [p.name for p in (ROOT / "train" / "malora").glob("*.py")
+               if any(isinstance(n, (ast.ClassDef, ast.FunctionDef)) for n in ast.parse(p.read_text()).body)]
+    assert not defined, f"kscale/train/malora defines code of its own again: {defined}"
 
 
 def test_find_cycle_reports_a_cycle_and_none_without() -> None:

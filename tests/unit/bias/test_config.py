@@ -34,7 +34,12 @@ def test_missing_adapter_is_named(tmp_path, qwen_dir) -> None:
     from kscale.bias.variants import enumerate_variants
 
     spec = spec_from_dict(bias_job(tmp_path, qwen_dir, bias={"adapter": str(tmp_path / "nope")}))
-    with pytest.raises(ValueError, match="bias.adapter: .*nope.* is not a saved MaLoRA adapter"):
+    with pytest.raises(ValueError, match="bias.adapter: adapter directory .*nope.* does not exist"):
+        enumerate_variants(spec.bias)
+    (tmp_path / "ia3").mkdir()
+    (tmp_path / "ia3" / "adapter_config.json").write_text('{"peft_type": "IA3"}')
+    spec = spec_from_dict(bias_job(tmp_path, qwen_dir, bias={"adapter": str(tmp_path / "ia3")}))
+    with pytest.raises(ValueError, match="bias.adapter: .*ia3.* is neither a MaLoRA nor a PEFT LoRA adapter"):
         enumerate_variants(spec.bias)
     spec = spec_from_dict(bias_job(tmp_path, qwen_dir, bias={"train_runs": {"m": str(tmp_path)}}))
     with pytest.raises(ValueError, match="bias.train_runs.m: .*adapter_config.json.* is missing"):

@@ -30,7 +30,7 @@ def _table(tmp_path, lm, n: int, tasks, size: int = 56, **bias):
                                                                  "bootstrap": 500, **bias},
                                    data={"generated": {"n_samples": n, "image_size": size, "tasks": list(tasks)}}))
     src, recs = records(n, tasks=tasks, size=size)
-    state = BiasState(lm, src, VariantSlot(lm.model), [0, 1])
+    state = BiasState(lm, src, VariantSlot(lm), [0, 1])
     df = score_records(spec, state, BiasShard(Variant("base", "base"), 0, 0, n), recs)
     agg = aggregate(df, spec.bias)
     return df, agg[agg.task == "all"].set_index("metric")
