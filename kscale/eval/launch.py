@@ -34,11 +34,17 @@ class EvalRankFailed(KscaleError):
 
 
 def absolute_variant_paths(spec: JobSpec) -> JobSpec:
-    """Adapter and run paths of ``eval.variants`` made absolute against this process's directory: ranks may
-    run elsewhere (a Ray worker's working directory is not the driver's)."""
+    """Adapter and run paths of ``eval.variants`` that exist relative to this process's directory, made
+    absolute: ranks may run elsewhere (a Ray worker's working directory is not the driver's). Anything else
+    (an absolute path, a hub id of a PEFT adapter) is left as written."""
 
     def fix(p: str | None) -> str | None:
-        return None if p is None else str(Path(p).expanduser().resolve())
+        if p is None:
+            return None
+        q = Path(p).expanduser()
+        if q.is_absolute():
+            return str(q)
+        return str(q.resolve()) if q.exists() else p
 
     variants = [dataclasses.replace(v, path=fix(v.path), analysis_run=fix(v.analysis_run), bias_run=fix(v.bias_run))
                 for v in spec.eval.variants]
