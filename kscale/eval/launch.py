@@ -76,6 +76,6 @@ def run_eval_on_ray(spec: JobSpec) -> EvalResult:
         except RankFailed as e:
             done = sorted(p.name for p in (Path(run_dir) / "runs").glob("*.json"))
             raise EvalRankFailed(
-                f"eval {spec.name!r}: {e} while evaluating {in_progress(spec, run_dir)}; the group was stopped. "
-                f"Kept in {run_dir}/runs: {', '.join(done) or 'nothing yet'}; rerun the same job "
-                f"(output.if_exists: resume) to evaluate only what is missing") from None
+                f"eval {spec.name!r} stopped while evaluating {in_progress(spec, run_dir)}: {e}. Kept in "
+                f"{run_dir}/runs: {', '.join(done) or 'nothing yet'}; rerun the same job (output.if_exists: resume) "
+                f"to evaluate only what is missing") from None

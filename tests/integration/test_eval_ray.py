@@ -55,6 +55,7 @@ def _nll(run: Path) -> np.ndarray:
     return np.array([json.loads(c) for c in rows.choice_nll])
 
 
+@pytest.mark.slow  # an embedded Ray, two actors importing lmms-eval and loading the model, and the local run
 def test_ray_ranks_answer_each_document_once_and_equal_the_one_process_run(
         ray_local, qwen_dir, colour_task, one_process, tmp_path) -> None:  # noqa: F811
     task_dir, docs = colour_task
