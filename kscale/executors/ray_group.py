@@ -10,9 +10,10 @@ gathers the answers on rank 0). :func:`run_ranks` gives such work a process grou
 2. one :class:`RankActor` per bundle; each answers where it runs (node id and IP, PID, host);
 3. the rendezvous is the one ``torchrun`` sets up: ``MASTER_ADDR`` is 127.0.0.1 when every rank is on one
    node (and gloo's sockets are bound to the loopback interface), else the rank-0 actor's node IP;
-   ``MASTER_PORT`` a free port there; ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` per
-   actor. The backend is the rank function's business (gloo on CPU, NCCL on GPUs: it calls
-   ``init_process_group``, as it does under torchrun);
+   ``MASTER_PORT`` the port of the rendezvous store, which the rank-0 actor serves bound to that address
+   only (:func:`serve_store`, as torchrun's agent serves it; every rank a client); ``RANK``, ``WORLD_SIZE``,
+   ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE`` per actor. The backend is the rank function's business (gloo on
+   CPU, NCCL on GPUs: it calls ``init_process_group``, as it does under torchrun);
 4. every actor calls the same ``module:function(spec, **kwargs)`` -- the code a torchrun rank runs -- and
    the driver returns rank 0's value.
 
@@ -74,16 +75,30 @@ class RankActor:
         ctx = ray.get_runtime_context()
         return Placement(ctx.get_node_id(), ray.util.get_node_ip_address(), os.getpid(), socket.gethostname())
 
-    def free_port(self, host: str) -> int:
-        """A port free on ``host`` now (the rendezvous binds it moments later, as torchrun's does)."""
-        with socket.socket() as s:
-            s.bind((host, 0))
-            return s.getsockname()[1]
+    def serve_store(self, host: str) -> int:
+        """Host the group's rendezvous store on ``host`` (rank 0's actor); returns its port."""
+        self.store = serve_store(host)
+        return self.store[1]
 
     def run(self, env: dict[str, str], entry: str, spec: Any, kwargs: dict[str, Any]) -> Any:
         os.environ.update(env)
         module, function = entry.split(":")
         return getattr(importlib.import_module(module), function)(spec, **kwargs)
+
+
+def serve_store(host: str) -> tuple[Any, int]:
+    """(store, port): torch's ``TCPStore`` served from a socket bound to ``host`` only, as torchrun's agent
+    serves it; the ranks join it as clients (``TORCHELASTIC_USE_AGENT_STORE``). Left to
+    ``init_process_group``, rank 0 would serve it on every interface. Keep the store alive for the run."""
+    import torch.distributed as dist
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((host, 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    store = dist.TCPStore(host, port, is_master=True, wait_for_workers=False, master_listen_fd=listener.fileno())
+    listener.detach()  # the store owns the descriptor now (and closes it)
+    return store, port
 
 
 def rendezvous(places: list[Placement]) -> tuple[str, bool]:
@@ -97,7 +112,8 @@ def rank_env(places: list[Placement], master: str, port: int, one_node: bool) ->
     envs = []
     for rank, _ in enumerate(places):
         env = {"RANK": str(rank), "WORLD_SIZE": str(len(places)), "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1",
-               "GROUP_RANK": str(rank), "MASTER_ADDR": master, "MASTER_PORT": str(port)}
+               "GROUP_RANK": str(rank), "MASTER_ADDR": master, "MASTER_PORT": str(port),
+               "TORCHELASTIC_USE_AGENT_STORE": "True"}  # every rank a client of serve_store's store
         if one_node and "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in dict(socket.if_nameindex()).values():
             env["GLOO_SOCKET_IFNAME"] = "lo"  # gloo's pair sockets on loopback too (else: the hostname's address)
         envs.append(env)
@@ -130,7 +146,7 @@ def run_ranks(spec: Any, entry: str, kwargs: dict[str, Any] | None = None) -> An
         except ray.exceptions.RayActorError as e:
             raise PlacementError(f"a rank's Ray actor failed to start: {_gist(str(e))}") from None
         master, one_node = rendezvous(places)
-        port = ray.get(actors[0].free_port.remote(master))
+        port = ray.get(actors[0].serve_store.remote(master))
         envs = rank_env(places, master, port, one_node)
         refs = {a.run.remote(env, entry, spec, kwargs or {}): i for i, (a, env) in enumerate(zip(actors, envs))}
         return _gather(refs, places)

@@ -32,3 +32,36 @@ def test_each_rank_gets_its_own_rank_and_the_same_rendezvous(monkeypatch) -> Non
         assert all(e["GLOO_SOCKET_IFNAME"] == "lo" for e in local)  # gloo's own sockets on loopback too
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "eth9")  # the user's choice is kept (the actor inherits it)
     assert all("GLOO_SOCKET_IFNAME" not in e for e in rank_env(places[:2], "127.0.0.1", 29500, one_node=True))
+
+
+def _listening(port: int) -> set[str]:
+    """Local addresses (hex, as /proc/net/tcp{,6} write them) of the sockets listening on ``port``."""
+    out = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in open(table).read().splitlines()[1:]:
+            local, state = line.split()[1], line.split()[3]
+            addr, hex_port = local.split(":")
+            if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+                out.add(addr)
+    return out
+
+
+def test_the_rendezvous_store_listens_on_its_address_only_and_serves_client_ranks(monkeypatch) -> None:
+    """Left to ``init_process_group`` rank 0 serves the store on every interface; served by ``serve_store`` it
+    listens on 127.0.0.1 alone, and a rank that joins it as torchrun's workers do (a client) reads its keys."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from kscale.executors.ray_group import serve_store
+
+    store, port = serve_store("127.0.0.1")
+    try:
+        assert _listening(port) == {"0100007F"}  # 127.0.0.1, and no 0.0.0.0 / :: socket on that port
+        store.set("k", "v")
+        client = dist.TCPStore("127.0.0.1", port, is_master=False, timeout=datetime.timedelta(seconds=10))
+        assert client.get("k") == b"v"
+        env = rank_env(_places(("a", "10.0.0.1"), ("a", "10.0.0.1")), "127.0.0.1", port, one_node=True)
+        assert all(e["TORCHELASTIC_USE_AGENT_STORE"] == "True" for e in env)  # init_process_group: a client
+    finally:
+        del store
