@@ -165,7 +165,8 @@ def validate(job: str, explain: bool, overrides: tuple[str, ...]) -> None:
         stage = STAGES[spec.kind]
         click.echo(f"kind {spec.kind}: {stage.summary}; writes {stage.output} at output.path; needs "
                    f"{', '.join(stage.needs + ('output',))}; a cluster allocation starts "
-                   f"{ {'dask': 'a dask cluster', 'ray': 'a Ray cluster', 'none': 'no service'}[stage.runtime_of(spec)]} first")
+                   f"{ {'dask': 'a dask cluster', 'ray': 'a Ray cluster', 'none': 'no service'}[stage.runtime_of(spec)]} first"
+                   + (f"; resources.workers: {stage.workers}" if stage.workers else ""))
         click.echo("kinds: " + "; ".join(f"{k} ({s.summary})" for k, s in STAGES.items()))
         for name, tp, default, doc in rows():
             click.echo(f"{name:38s} {tp:28s} {default:14s} {doc}")

@@ -15,10 +15,12 @@ Run directory (``output.path``)::
 Each variant loads the model afresh (:func:`kscale.eval.variants.load_variant`); the image and blind runs
 share it (the blind run is the same :class:`~kscale.eval.lmms_model.KscaleLMM` with ``blind=True``). A run
 whose ``runs/*.json`` exists is not repeated on ``output.if_exists: resume`` (same spec only: the marker's
-fingerprint is checked). One process, or one task shard per worker: ``torchrun --nproc_per_node N -m
-kscale.eval job.yaml`` starts N ranks; lmms-eval gives rank r every N-th document from r of each task and
-gathers the per-document results on rank 0, which alone writes the run directory (``runs/*.json`` then
-record ``kscale_shards``: the (task, doc_id) each rank answered).
+fingerprint is checked). One process (``resources.executor: local``), or one task shard per worker: N ranks
+of one process group, each running :func:`run_eval`, started by ``torchrun --nproc_per_node N -m kscale.eval
+job.yaml`` or, with ``resources.executor: ray``, as ``resources.workers`` Ray actors
+(:mod:`kscale.eval.launch`); lmms-eval gives rank r every N-th document from r of each task and gathers the
+per-document results on rank 0, which alone writes the run directory (``runs/*.json`` then record
+``kscale_shards``: the (task, doc_id) each rank answered, and ``kscale_workers``: each rank's PID and host).
 """
 
 from __future__ import annotations
@@ -39,7 +41,15 @@ RUNS = "runs"
 
 
 def stage_entry(spec: JobSpec, ctx) -> EvalResult:
-    """The stage table's entry (``kscale.spec.STAGES``)."""
+    """The stage table's entry (``kscale.spec.STAGES``): with the Ray executor, ``resources.workers`` Ray
+    actors run :func:`run_eval` as the ranks of one process group (:mod:`kscale.eval.launch`); otherwise it
+    runs in this process."""
+    from kscale.eval.launch import absolute_variant_paths, run_eval_on_ray
+
+    spec = absolute_variant_paths(spec)
+    if spec.resources.executor == "ray":
+        with ctx.ray(spec):
+            return run_eval_on_ray(spec)
     return run_eval(spec)
 
 
@@ -49,23 +59,31 @@ def run_file(run_dir: Path, variant: str, blind: bool) -> Path:
 
 def _jsonable(results: dict[str, Any]) -> dict[str, Any]:
     """The parts of lmms-eval's results worth keeping, as JSON (per-document samples go to samples.csv)."""
-    keep = {k: results[k] for k in ("results", "n-samples", "configs", "versions", "higher_is_better", "kscale_shards")
-            if k in results}
+    keep = {k: results[k] for k in ("results", "n-samples", "configs", "versions", "higher_is_better", "kscale_shards",
+                                    "kscale_workers") if k in results}
     return json.loads(json.dumps(keep, default=str))
 
 
-def process_group() -> tuple[int, int]:
-    """(rank, world size) of the launcher's process group (``torchrun --nproc_per_node N -m kscale.eval``
-    sets WORLD_SIZE, RANK and MASTER_*), joined over gloo; (0, 1) for a lone process."""
+def process_group(device: str = "cpu") -> tuple[int, int]:
+    """(rank, world size) of the launcher's process group (``torchrun --nproc_per_node N -m kscale.eval`` and
+    :func:`kscale.executors.ray_group.run_ranks` set WORLD_SIZE, RANK, LOCAL_RANK and MASTER_*), joined over
+    gloo, or NCCL when the model goes to a GPU (``device``: ``model.device``; lmms-eval gathers tensors on the
+    model's device), each rank on GPU ``LOCAL_RANK``; (0, 1) for a lone process."""
     import os
 
+    import torch
     import torch.distributed as dist
+
+    from kscale.models.registry import pick_device
 
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return 0, 1
-    dist.init_process_group(backend="gloo")
+    gpu = pick_device(device).type == "cuda"
+    if gpu:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend="nccl" if gpu else "gloo")
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -80,17 +98,19 @@ def _from_rank0(value: Any, world: int) -> Any:
     return box[0]
 
 
-def run_eval(spec: JobSpec) -> EvalResult:
+def run_eval(spec: JobSpec, output_claimed: bool = False) -> EvalResult:
     """Every variant through lmms-eval (see the module docstring). In a process group of N ranks each rank
     answers its shard of every task's documents (lmms-eval's ``rank::world_size`` split) and rank 0, which
-    alone claims and writes the run directory, gets the merged results; ranks > 0 return no rows."""
-    rank, world = process_group()
+    alone claims and writes the run directory, gets the merged results; ranks > 0 return no rows.
+    ``output_claimed``: the caller (the Ray driver, :mod:`kscale.eval.launch`) holds the run directory's claim
+    already (lock and ``output.if_exists`` applied), so rank 0 writes into it as it is."""
+    rank, world = process_group(spec.model.device)
     if rank != 0:
         return _follow(spec, world)
     t0 = time.time()
     with ExitStack() as stack:
         try:
-            run_dir = stack.enter_context(_claim(spec))
+            run_dir = Path(spec.output.path) if output_claimed else stack.enter_context(claim(spec))
         except OutputError as e:
             _from_rank0(str(e), world)
             raise
@@ -100,7 +120,9 @@ def run_eval(spec: JobSpec) -> EvalResult:
                       rows=rows, table=str(Path(run_dir) / "scores.csv"), seconds=round(time.time() - t0, 1))
 
 
-def _claim(spec: JobSpec):
+def claim(spec: JobSpec):
+    """The run directory, locked and with ``output.if_exists`` applied (a context manager)."""
+
     def create(tmp: Path) -> None:
         (tmp / RUNS).mkdir()
         write_json_atomic(tmp / RUN_MARKER, run_marker("eval", spec.fingerprint()))
@@ -171,10 +193,15 @@ def evaluate_variant(spec: JobSpec, variant, conditions: list[bool], world: int 
         out[blind] = evaluate(model, cfg.tasks, cfg.include_path, cfg.limit, cfg.batch_size, cfg.bootstrap_iters,
                               cfg.seed)
         if world > 1:
+            import os
+            import socket
+
             import torch.distributed as dist
 
             shards: list[Any] = [None] * world
-            dist.all_gather_object(shards, sorted(model.seen))
+            dist.all_gather_object(shards, (os.getpid(), socket.gethostname(), sorted(model.seen)))
             if out[blind] is not None:
-                out[blind]["kscale_shards"] = [[list(d) for d in shard] for shard in shards]
+                out[blind]["kscale_shards"] = [[list(d) for d in seen] for _, _, seen in shards]
+                out[blind]["kscale_workers"] = [{"rank": r, "pid": pid, "host": host}
+                                                for r, (pid, host, _) in enumerate(shards)]
     return out

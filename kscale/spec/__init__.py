@@ -289,7 +289,9 @@ STAGES: dict[str, _stages.Stage] = {s.kind: s for s in (
           "a bias run"),
     _stages.Stage("eval", EvalStageConfig, ("model",), "kscale.eval.run:stage_entry",
           "lmms-eval benchmarks of the base model and its adapters, with and without the image (blind baseline)",
-          "an eval run", path_fields=("include_path",)),
+          "an eval run", path_fields=("include_path",),
+          workers="the ranks of one process group (Ray actors; or torchrun -m kscale.eval), each answering every "
+                  "N-th document of each task, gathered on rank 0"),
 )}
 KINDS = tuple(STAGES)
 

@@ -33,6 +33,7 @@ class Stage:
     final_progress: bool = False  # no shard pool: the runner leaves the final summary in _progress.json
     cluster_cpus: Callable[[Any], int] | None = None  # CPUs per node it needs (None: from `resources`)
     use_scheduler_file: Callable[[Any, str], Any] | None = None  # the spec, set to join a dask scheduler file
+    workers: str | None = None  # what resources.workers are for this kind, when not a pool of shard actors
 
     def runtime_of(self, spec: Any) -> Literal["dask", "ray", "none"]:
         """What a cluster allocation of ``spec`` starts before the driver."""

@@ -220,7 +220,7 @@ def test_eval_job_variants_equal_the_adapters_loaded_by_hand(qwen_dir, colour_ta
                  "variants": [{"name": "base"}, {"name": "malora", "kind": "malora", "path": str(malora)},
                               {"name": "malora_merged", "kind": "malora", "path": str(malora), "merge": True},
                               {"name": "lora", "kind": "lora", "path": str(lora)}]},
-        "output": {"path": str(tmp_path / "eval")}})
+        "output": {"path": str(tmp_path / "eval")}, "resources": {"executor": "local"}})
     result = run_job(spec, show_bar=False)
     scores = pd.read_csv(tmp_path / "eval" / "scores.csv").set_index("variant")
     samples = pd.read_csv(tmp_path / "eval" / "samples.csv")
@@ -301,7 +301,7 @@ def test_trained_malora_and_lora_runs_evaluate_end_to_end(qwen_dir, colour_task,
                  "limit": len(docs),
                  "variants": [{"name": "base"}, {"name": "malora", "kind": "malora", "path": str(runs["malora"])},
                               {"name": "lora", "kind": "lora", "path": str(runs["lora"])}]},
-        "output": {"path": str(tmp_path / "eval")}})
+        "output": {"path": str(tmp_path / "eval")}, "resources": {"executor": "local"}})
     run_job(spec, show_bar=False)
     scores = pd.read_csv(tmp_path / "eval" / "scores.csv").set_index("variant")
     samples = pd.read_csv(tmp_path / "eval" / "samples.csv")
@@ -345,7 +345,7 @@ def test_one_task_shard_per_worker_merges_to_the_single_process_run(qwen_dir, co
     def raw(out: Path) -> dict:
         return {"kind": "eval", "model": {"path": qwen_dir, "device": "cpu", "dtype": "float32"},
                 "eval": {"tasks": [TASK], "include_path": [str(task_dir)], "batch_size": 6, "bootstrap_iters": 100,
-                         "blind": False}, "output": {"path": str(out)}}
+                         "blind": False}, "output": {"path": str(out)}, "resources": {"executor": "local"}}
 
     run_job(spec_from_dict(raw(tmp_path / "one")), show_bar=False)
     job = tmp_path / "two.yaml"

@@ -114,6 +114,21 @@ def test_validate_explain_describes_the_stage(tmp_path) -> None:
     assert "kinds: " + "; ".join(f"{k} ({s.summary})" for k, s in STAGES.items()) in out
 
 
+def test_validate_explain_on_an_eval_job_says_what_its_workers_are(tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from kscale.cli import main
+
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({"kind": "eval", "model": {"path": "debug:qwen2_5_vl", "device": "cpu"},
+                                   "eval": {"tasks": ["mmstar"]}, "output": {"path": str(tmp_path / "ev")},
+                                   "resources": {"executor": "ray", "workers": 2}}))
+    out = CliRunner().invoke(main, ["validate", "--explain", str(job)]).output
+    assert (f"kind eval: {STAGES['eval'].summary}; writes an eval run at output.path; needs model, output; a cluster "
+            f"allocation starts a Ray cluster first; resources.workers: the ranks of one process group") in out
+    assert "eval.variants.path" in out and "resources.workers" in out
+
+
 def test_no_two_spec_sections_share_a_class_name() -> None:
     """The JSON schema names each section's definition by its class name: two sections of one name (the eval
     stage's options and train's held-out evaluation) would make one of them validate against the other."""

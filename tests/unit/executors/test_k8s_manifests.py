@@ -40,7 +40,7 @@ def _schemas() -> Path:
     return SCHEMAS
 
 
-@pytest.mark.parametrize("name", ["k8s_gpu_extract", "k8s_reuse"])
+@pytest.mark.parametrize("name", ["k8s_gpu_extract", "k8s_reuse", "k8s_gpu_eval"])
 def test_rayjob_matches_golden(name):
     assert_golden(f"{name}.rayjob.yaml", k8s.to_yaml(_docs(name)[1]))
 
@@ -66,6 +66,20 @@ def test_rendered_manifests_validate_against_the_crds():
     for s, doc in checked:
         assert k8s.validate_schema(doc, schemas) == [], doc["metadata"]["name"]
         assert k8s.check_manifest(doc, s) == [], doc["metadata"]["name"]
+
+
+def test_an_eval_rayjob_is_an_extraction_s_ray_cluster():
+    """``kind: eval`` with the Ray executor: the same RayJob as an extraction of the same resources (a driver on
+    the head, which takes no work, and one GPU worker pod per rank), valid under the CRD and kscale's checks."""
+    spec, job = _rayjob("k8s_gpu_eval")
+    extract_spec, extract = _rayjob("k8s_gpu_extract")
+    assert spec.resources == extract_spec.resources
+    assert job["spec"]["rayClusterSpec"] == extract["spec"]["rayClusterSpec"]
+    assert job["spec"]["entrypoint"] == extract["spec"]["entrypoint"].replace("qwen-keys", "qwen-eval")
+    (group,) = job["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == spec.resources.workers == 4
+    assert job["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]["num-cpus"] == "0"
+    assert k8s.validate_schema(job, _schemas()) == [] and k8s.check_manifest(job, spec) == []
 
 
 def test_rayjob_carries_the_settings_the_issue_asks_for():

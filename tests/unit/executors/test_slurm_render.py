@@ -7,6 +7,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import yaml
 
 import kscale
 from kscale.targets import slurm
@@ -27,12 +28,12 @@ def _fixed_version(monkeypatch):
     monkeypatch.setattr(kscale, "__version__", "0.0.0")
 
 
-@pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze"])
+@pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze", "slurm_gpu_eval"])
 def test_rendered_script_matches_golden(name):
     assert_golden(f"{name}.sbatch", _render(name))
 
 
-@pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze"])
+@pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze", "slurm_gpu_eval"])
 def test_rendered_script_passes_shellcheck(name, tmp_path):
     require_binaries("shellcheck", install="apt-get install shellcheck, or sudo .ci/install_slurm.sh")
     script = tmp_path / "job.sbatch"
@@ -50,6 +51,20 @@ def test_header_follows_the_spec():
                  "source /shared/runs/qwen-keys.cluster/kscale-golden-0000000000.env", "KSCALE_OBJECT_STORE_BYTES=40000000000"):
         assert line in text.splitlines(), line
     assert "ray stop" not in text.replace("never `ray stop`", "")  # it stops its own processes by PID
+
+
+def test_an_eval_job_on_ray_gets_what_an_extraction_gets():
+    """``kind: eval`` with the Ray executor: the allocation starts the same Ray cluster as an extraction of the
+    same resources (its ranks are Ray actors, :mod:`kscale.eval.launch`); only the job's own lines differ."""
+    text = _render("slurm_gpu_eval")
+    for line in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=h100:4", "#SBATCH --cpus-per-task=24",
+                 "KSCALE_RUNTIME=ray"):
+        assert line in text.splitlines(), line
+    extract = yaml.safe_load((GOLDEN / "slurm_gpu_extract.job.yaml").read_text())
+    evaluate = yaml.safe_load((GOLDEN / "slurm_gpu_eval.job.yaml").read_text())
+    assert evaluate["resources"] == extract["resources"]
+    body = lambda t: t[t.index("\nif [ \"$KSCALE_RUNTIME\" = ray ]"):]  # noqa: E731 - services and driver
+    assert body(text) == body(_render("slurm_gpu_extract"))
 
 
 def test_analysis_jobs_start_dask_not_ray():
@@ -97,7 +112,7 @@ def _function(text: str, name: str) -> str:
     return text[start: text.index("\n}\n", start)]
 
 
-@pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze"])
+@pytest.mark.parametrize("name", ["slurm_gpu_extract", "slurm_analyze", "slurm_gpu_eval"])
 def test_services_run_under_the_node_wrapper_and_end_through_stop_files(name):
     """Clean logs and a cleanup that works after scancel: every service (Ray head/workers, dask scheduler/
     workers) runs under kscale.targets.slurm_node, which keeps its output, Ray logs and temp dir; cleanup
