@@ -188,7 +188,7 @@ def test_eval_job_of_trained_adapters_reports_their_stores_mechanism(tmp_path, q
         "kind": "eval", "model": {"path": qwen_dir, "device": "cpu", "dtype": "float32"},
         "eval": {"tasks": [TASK], "include_path": [str(task_dir)], "batch_size": 6, "bootstrap_iters": 10,
                  "limit": 6, "blind": False, "variants": eval_variants(adapters, runs)},
-        "output": {"path": str(tmp_path / "eval")}})
+        "output": {"path": str(tmp_path / "eval")}, "resources": {"executor": "local"}})
     run_job(spec, show_bar=False)
     check_adapter_rows(pd.read_csv(tmp_path / "eval" / "mechanism.csv"), adapters, runs)
     assert "Mechanism, before and after" in (tmp_path / "eval" / "report.html").read_text()
