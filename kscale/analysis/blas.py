@@ -4,7 +4,8 @@ The analysis already runs its parallel work on dask's threads (``dask.n_workers`
 adds its own threads to every product: after each call they spin-wait for the next, so a driver that
 alternates small products with elementwise work keeps a second core busy for nothing and takes it from
 dask's other thread and from the t-SNE helper. Measured on the demo (under load, 2 cores, CPU seconds of the
-driver): 30-32 s with OpenBLAS's default threads, 19.5 s with one thread, the streamed sums 8.6 -> 3.3 s.
+driver): 30-32 s with OpenBLAS's default threads, 19.5 s with one thread everywhere, 23-25 s with the exact
+rows' exception below (docs/analysis.md).
 
 :func:`single_thread` (around ``run.analyze``) sets every BLAS library loaded in the process to one thread.
 The products of the streamed random features, linear and histogram sums, plans, probes and directions give
@@ -13,9 +14,10 @@ The distance blocks of the exact and paper MMD² rows do not: OpenBLAS computes 
 16 x 557, the demo's cross comparison) with another kernel on one thread, which moves a few laplacian rows
 by ~1e-13 (the square root of a near-zero squared distance). :func:`as_started` gives those computations
 the thread counts the process had before :func:`single_thread`, so the exact rows are the bits they always
-were (``tests/unit/analysis/test_analysis_exactness.py``).
+were (``tests/unit/analysis/test_analysis_blas.py``).
 
-Without threadpoolctl (it comes with scikit-learn, which openTSNE needs) both are no-ops.
+Both are process-wide, as BLAS's thread count is: meant for one analysis at a time in a process (the
+stage's). Without threadpoolctl (a dependency of kscale, and of scikit-learn) both are no-ops.
 """
 
 from __future__ import annotations
