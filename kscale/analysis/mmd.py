@@ -162,9 +162,8 @@ def kernel_block(sqdist_bb: np.ndarray, kernel: str, bandwidth: float, dist_bb: 
     distances sqrt(sqdist), when the caller already has them)."""
     if kernel == "rbf":
         out = np.divide(sqdist_bb, -(2.0 * bandwidth**2))
-    elif kernel == "laplacian":
-        out = np.negative(np.sqrt(sqdist_bb) if dist_bb is None else dist_bb)
-        out /= bandwidth
+    elif kernel == "laplacian":  # r / -s: the bits of -r / s (IEEE division is sign-symmetric), one pass fewer
+        out = np.divide(np.sqrt(sqdist_bb) if dist_bb is None else dist_bb, -bandwidth)
     else:
         raise ValueError(f"unknown kernel {kernel!r}")
     return np.exp(out, out=out)
@@ -183,9 +182,11 @@ def _bucket_pair_index(ba: np.ndarray, bb: np.ndarray, K: int) -> np.ndarray:
 
 
 def _add_bucket_pairs(out_KK: np.ndarray, kb: np.ndarray, index: np.ndarray) -> None:
-    """``out_KK[k, l] += sum of kb over pairs with i in bucket k and j in bucket l`` (one bincount)."""
+    """``out_KK[k, l] += sum of kb over pairs with i in bucket k and j in bucket l`` (one bincount). An index
+    of K * K (:func:`_pair_sums`' left-out pairs) is a spare bin, dropped: bincount adds in element order,
+    so every kept bin gets the additions it got when those pairs were zeroed and counted (x + 0.0 is x)."""
     K = len(out_KK)
-    out_KK += np.bincount(index, kb.ravel(), K * K).reshape(K, K)
+    out_KK += np.bincount(index, kb.ravel(), K * K + 1)[:K * K].reshape(K, K)
 
 
 def _row_sums(a_nd: np.ndarray, b_md: np.ndarray, kernels: list[tuple[str, float]], same: bool,
@@ -310,13 +311,11 @@ def _pair_sums(a_nd, b_md, ids_a, ids_b, bk_a, bk_b, kernels, K: int, exclude: s
             same = keep & (ba[:, None] == bb[None, :])
             out.count += [np.bincount(ba, keep.sum(1), K), np.bincount(bb, keep.sum(0), K),
                           np.bincount(ba, same.sum(1), K)]
-            drop = ~keep
             dist = np.sqrt(sq) if any(k == "laplacian" for k, _ in kernels) else None
             index = _bucket_pair_index(ba, bb, K)
+            index[~keep.ravel()] = K * K  # left-out pairs go to the spare bin: no kernel block is masked
             for q, (kernel, bw) in enumerate(kernels):
-                kb = kernel_block(sq, kernel, bw, dist)
-                kb[drop] = 0.0
-                _add_bucket_pairs(out.pair_kKK[q], kb, index)
+                _add_bucket_pairs(out.pair_kKK[q], kernel_block(sq, kernel, bw, dist), index)
     # every other sum is a margin of the bucket-pair sums: row k = pairs with i in bucket k, col l = with j in
     # bucket l, same = i and j in one bucket (the diagonal), total = all kept pairs
     out.row_kK[:] = out.pair_kKK.sum(2)

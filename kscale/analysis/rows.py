@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kscale.analysis import stats
+from kscale.analysis.blas import as_started
 from kscale.analysis.features import FeatureConfig, TargetSums
 from kscale.analysis.jsd import hist_jsd_with_jackknife, to_units
 from kscale.analysis.mmd import (CrossWithin, Side, jackknife_se, linear_side, mmd2_from_sums,
@@ -292,9 +293,10 @@ def exact_rows(ctx: Context, sub, comp: Comparison, heads: list[int], cfg, targe
     for how in cfg.mmd.normalisations:
         bw = target_plan.bandwidth[how]
         pairs = [(k, bw * m) for k in rf_kernels for m in cfg.mmd.bandwidth_multiples]
-        res = exact_parts(normalise(x, how, target_plan), normalise(y, how, target_plan), pairs, ids_x=ix,
-                          ids_y=iy, bucket_x=bx, bucket_y=by, n_buckets=cfg.significance.n_buckets,
-                          estimator=ctx.estimator)
+        with as_started():  # the distance blocks' bits depend on BLAS's thread count (analysis/blas.py)
+            res = exact_parts(normalise(x, how, target_plan), normalise(y, how, target_plan), pairs, ids_x=ix,
+                              ids_y=iy, bucket_x=bx, bucket_y=by, n_buckets=cfg.significance.n_buckets,
+                              estimator=ctx.estimator)
         g = int(res.nonempty_K.sum())
         fold_K = comp.fold(np.arange(cfg.significance.n_buckets))
         for i, (kernel, b) in enumerate(pairs):
@@ -324,10 +326,11 @@ def paper_rows(ctx: Context, sub, comp: Comparison, heads: list[int], n_exact: i
     if sides is None:
         return []
     (x, sx, bx), (y, sy, by) = sides
-    bw = median_bandwidth(np.vstack([x, y]), paper.bandwidth_rule, seed=ctx.seed)
-    pairs = [("rbf", bw * m) for m in paper.multiples]
-    K = int(max(bx.max(), by.max())) + 1
-    res = exact_mmd2(x, y, pairs, biased=paper.estimator == "biased", bucket_x=bx, bucket_y=by, n_buckets=K)
+    with as_started():  # as in exact_rows: BLAS's thread count changes distance bits (analysis/blas.py)
+        bw = median_bandwidth(np.vstack([x, y]), paper.bandwidth_rule, seed=ctx.seed)
+        pairs = [("rbf", bw * m) for m in paper.multiples]
+        K = int(max(bx.max(), by.max())) + 1
+        res = exact_mmd2(x, y, pairs, biased=paper.estimator == "biased", bucket_x=bx, bucket_y=by, n_buckets=K)
     value = float(res.value_k.sum())
     se, g = stats.clustered_witness_se(res.witness_x_kn.sum(0), sx, res.witness_y_km.sum(0), sy)
     lo, hi = stats.t_interval(value, se, g, ctx.alpha)

@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from kscale.analysis import blas
 from kscale.analysis import rows as R
 from kscale.analysis.directions import (DirectionPlan, decompose, direction_mmd_sums, direction_rows, direction_sums,
                                         merge_mmd, mmd_plan, write_directions)
@@ -129,7 +130,13 @@ def run_analyze(spec: JobSpec, show_bar: bool = True) -> AnalyzeResult:
 def analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] | None = None,
             progress=None) -> pd.DataFrame:
     """Run the analysis; ``stores`` (opened readers) override ``cfg.stores`` (tests pass fakes). ``progress``
-    (a :class:`kscale.executors.progress.StageBar`) advances by one per (store, layer) analysed."""
+    (a :class:`kscale.executors.progress.StageBar`) advances by one per (store, layer) analysed. BLAS runs on
+    one thread (:mod:`kscale.analysis.blas`; the exact rows get the process's own thread counts back)."""
+    with blas.single_thread():
+        return _analyze(cfg, out_dir, stores, progress)
+
+
+def _analyze(cfg: AnalyzeConfig, out_dir: str | Path, stores: list[KeyStoreLike] | None, progress) -> pd.DataFrame:
     problems = [p for p in section_problems(cfg) if stores is None or p[0] != "stores"]
     if problems:
         raise ValueError("analyze: " + "; ".join(f"{k}: {m}" for k, m in problems))
