@@ -247,12 +247,6 @@ class _CoarseRead:
                  take: np.ndarray | None):
         self.store, self.modality, self.spans, self.what, self.take = store, modality, spans, what, take
 
-    def __getstate__(self) -> tuple:
-        return self.store, self.modality, self.spans, self.what, self.take
-
-    def __setstate__(self, state: tuple) -> None:
-        self.store, self.modality, self.spans, self.what, self.take = state
-
 
 def _run_coarse_read(r: _CoarseRead) -> np.ndarray:
     return read_spans(r.store, r.modality, r.spans, r.what, r.take)
