@@ -182,11 +182,14 @@ def analysis(path: Path, out: Path, reads: str = "direct") -> dict:
     """``kscale.analysis.run.analyze`` of one layer in a fresh process, reading through ``reads``: "direct"
     (``kscale.store.decode``, the default) or "zarr" (zarr-python, the path before issue 26)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
+    load = os.getloadavg()[0]
     p = subprocess.run([sys.executable, "-c", ANALYZE, str(path), str(out), reads], capture_output=True, text=True,
                        env=env)
     if p.returncode:
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
-    return json.loads(p.stdout.strip().splitlines()[-1])
+    # the machine's 1-minute load average when the run started and ended: a wall ratio of two runs is only
+    # a speed ratio when their loads were alike (CPU seconds are the steadier number)
+    return {**json.loads(p.stdout.strip().splitlines()[-1]), "load_avg": [round(load, 1), round(os.getloadavg()[0], 1)]}
 
 
 def analysis_both(path: Path) -> dict:

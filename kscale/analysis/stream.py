@@ -16,6 +16,7 @@ connect a client nor run code in the workers.
 from __future__ import annotations
 
 from collections.abc import Callable
+import contextlib
 import shutil
 import tempfile
 import uuid
@@ -45,6 +46,21 @@ def local_security(folder: Path) -> Any:
     return Security(require_encryption=True, tls_ca_file=cert,
                     tls_client_cert=cert, tls_client_key=key, tls_scheduler_cert=cert, tls_scheduler_key=key,
                     tls_worker_cert=cert, tls_worker_key=key)
+
+
+def one_blas_thread():
+    """BLAS held to one thread per call while local dask tasks run (threadpoolctl; process-wide, entered and
+    left by the driver thread around a whole compute). The tasks' products are small (a 128-row projection,
+    a tile's run sums): OpenBLAS's own threads on top of dask's worker threads oversubscribe the cores, and
+    on a loaded machine their spin-waits cost 10-25x the product's CPU (measured: a (32, 128) @ (6, 128, 256)
+    product 0.4 ms of CPU on one thread, 9-10 ms with OpenBLAS's 2; docs/scale.md). A dask.distributed
+    worker already runs with one BLAS thread (distributed sets ``OPENBLAS_NUM_THREADS=1`` in its workers).
+    A no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return contextlib.nullcontext()
+    return threadpool_limits(1, user_api="blas")
 
 
 class Runner:
@@ -98,6 +114,10 @@ class Runner:
     def compute(self, *objs: Any) -> tuple:
         if self.client is not None:
             return tuple(self.client.compute(list(objs), sync=True))
+        with one_blas_thread():
+            return self._compute_local(*objs)
+
+    def _compute_local(self, *objs: Any) -> tuple:
         if self.cfg.scheduler == "sync":
             return dask.compute(*objs, scheduler="sync")
         return dask.compute(*objs, scheduler="threads", num_workers=self.cfg.n_workers)
@@ -109,10 +129,11 @@ class Runner:
         acc = None
         task = delayed(fn, pure=False)
         shared = delayed(shared, name=f"shared-{uuid.uuid4().hex}", traverse=False)
-        for lo in range(0, len(items), self.window):
-            parts = self.compute(*[task(item, shared) for item in items[lo:lo + self.window]])
-            for part in parts:
-                acc = part if acc is None else merge(acc, part)
+        with one_blas_thread():
+            for lo in range(0, len(items), self.window):
+                parts = self._compute_local(*[task(item, shared) for item in items[lo:lo + self.window]])
+                for part in parts:
+                    acc = part if acc is None else merge(acc, part)
         return acc
 
     def _map_reduce_distributed(self, fn, items, shared, merge):

@@ -26,13 +26,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import dask
 import dask.array as da
 import numpy as np
 
 from kscale.store.layout import VECTOR_GROUPS, VECTOR_KINDS, keys_chunk_file, shard_dir, vector_array
-from kscale.store.reader import (CheckedArray, KeysSel, KeyStore, Span, StoreError, _pieces, _read_v1, read_block,
-                                 read_spans)
+from kscale.store.reader import (CheckedArray, KeysSel, KeyStore, Span, StoreError, _pieces, _read_v1, coarse_read,
+                                 read_block)
 
 DIMS = ["layer", "token", "q_head", "head_dim"]  # of stored queries (``layout.VECTOR_DIMS["q"]``)
 
@@ -170,8 +169,7 @@ class VectorView:
 
     def keys_rows(self, layer: int, modality: str, lo: int, hi: int, heads: list[int] | None = None) -> Any:
         what = vector_sel(self.store, self.kind, layer, heads)
-        return dask.delayed(read_spans, pure=False, traverse=False)(self.store.path, modality,
-                                                                     self.store.spans(modality, lo, hi), what)
+        return coarse_read(self.store.path, modality, self.store.spans(modality, lo, hi), what)
 
     def keys_at(self, layer: int, modality: str, index: np.ndarray, heads: list[int] | None = None) -> np.ndarray:
         return self.store._gather(modality, vector_sel(self.store, self.kind, layer, heads), index)

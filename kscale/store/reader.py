@@ -236,6 +236,28 @@ def read_spans(store: str, modality: str, spans: tuple[Span, ...], what: KeysSel
     return out if take is None else out[take]
 
 
+class _CoarseRead:
+    """The arguments of one :func:`read_spans` task, packed in one object that dask does not look into: dask
+    walks a task's arguments for collections, into tuples and dataclasses, and a coarse read's ~100 spans
+    cost ~2,000 such visits per task, more than its file reads at 16 rows per shard (docs/scale.md)."""
+
+    __slots__ = ("store", "modality", "spans", "what", "take")
+
+    def __init__(self, store: str, modality: str, spans: tuple[Span, ...], what: KeysSel | ColumnSel,
+                 take: np.ndarray | None):
+        self.store, self.modality, self.spans, self.what, self.take = store, modality, spans, what, take
+
+
+def _run_coarse_read(r: _CoarseRead) -> np.ndarray:
+    return read_spans(r.store, r.modality, r.spans, r.what, r.take)
+
+
+def coarse_read(store: str, modality: str, spans: tuple[Span, ...], what: KeysSel | ColumnSel,
+                take: np.ndarray | None = None) -> Any:
+    """:func:`read_spans` as one delayed task (not pure: a key of its own, nothing tokenized)."""
+    return dask.delayed(_run_coarse_read, pure=False)(_CoarseRead(store, modality, spans, what, take))
+
+
 @dataclass
 class KeyStore:
     path: str
@@ -464,15 +486,11 @@ class KeyStore:
     def keys_rows(self, layer: int, modality: str, lo: int, hi: int, heads: list[int] | None = None) -> Any:
         """Keys rows [lo, hi) of one layer as one delayed task (``(hi - lo, H, D)``) that reads a run of
         shards: what the analysis streams, so its graph and task count follow its blocks, not the shards."""
-        what = self._keys_sel(layer, heads)
-        return dask.delayed(read_spans, pure=False, traverse=False)(self.path, modality,
-                                                                     self.spans(modality, lo, hi), what)
+        return coarse_read(self.path, modality, self.spans(modality, lo, hi), self._keys_sel(layer, heads))
 
     def column_rows(self, modality: str, name: str, lo: int, hi: int) -> Any:
         """Token column rows [lo, hi) as one delayed task, aligned with :meth:`keys_rows`."""
-        return dask.delayed(read_spans, pure=False, traverse=False)(self.path, modality,
-                                                                     self.spans(modality, lo, hi),
-                                                                     self._column_sel(name))
+        return coarse_read(self.path, modality, self.spans(modality, lo, hi), self._column_sel(name))
 
     def keys_at(self, layer: int, modality: str, index: np.ndarray, heads: list[int] | None = None) -> np.ndarray:
         """Keys rows ``index`` (any order, repeats allowed) of one layer, read in a few coarse tasks."""
@@ -515,8 +533,7 @@ class KeyStore:
             piece = np.repeat(np.arange(lo, hi), last[lo:hi] - first[lo:hi] + 1)
             base = np.concatenate([[0], np.cumsum(b[lo:hi] - a[lo:hi])])[piece - lo]
             take = base + local[first[lo]:last[hi - 1] + 1] - a[piece]
-            tasks.append(dask.delayed(read_spans, pure=False, traverse=False)(
-                self.path, modality, tuple(spans[lo:hi]), what, take))
+            tasks.append(coarse_read(self.path, modality, tuple(spans[lo:hi]), what, take))
         got = np.concatenate(dask.compute(*tasks))
         out = np.empty_like(got)
         out[order] = got
