@@ -16,14 +16,20 @@ by ~1e-13 (the square root of a near-zero squared distance). :func:`as_started` 
 the thread counts the process had before :func:`single_thread`, so the exact rows are the bits they always
 were (``tests/unit/analysis/test_analysis_blas.py``).
 
-Both are process-wide, as BLAS's thread count is: meant for one analysis at a time in a process (the
+:func:`one_thread` holds BLAS to one thread for a stretch of work that runs its own threads (dask's local
+tasks, ``kscale.analysis.stream``; the fast random-feature path's pool, ``kscale.analysis.features``): the
+tasks' products are small, and OpenBLAS's threads on top of those threads oversubscribe the cores (their
+spin-waits cost 10-25x a tile product's CPU on a loaded machine: docs/scale.md). It restores what was set
+before it, so inside :func:`single_thread` it changes nothing.
+
+All are process-wide, as BLAS's thread count is: meant for one analysis at a time in a process (the
 stage's). Without threadpoolctl (a dependency of kscale, and of scikit-learn) both are no-ops.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 
 _STARTED: list[list[tuple[object, int]]] = []  # per active single_thread(): (library controller, its threads)
 
@@ -62,3 +68,13 @@ def as_started() -> Iterator[None]:
     finally:
         for lib, _ in libs:
             lib.set_num_threads(1)
+
+
+def one_thread():
+    """A context manager: BLAS on one thread inside, the previous counts restored after (threadpoolctl's
+    ``threadpool_limits``); a no-op without threadpoolctl."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
+        return nullcontext()
+    return threadpool_limits(1, user_api="blas")

@@ -23,7 +23,6 @@ S samples of a block, U sequences (sample, modality) kept for permutations.
 
 from __future__ import annotations
 
-import contextlib
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -482,14 +481,11 @@ def _per_sample_rf_fast(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, s
 
 
 def _one_blas_thread():
-    """While the fast path's own threads run, BLAS gets one thread per call (threadpoolctl, process-wide
-    for the call's duration): BLAS threads inside each worker oversubscribe the cores (measured: ~1.6x
-    the CPU time with 2 workers x 2 OpenBLAS threads). A no-op without threadpoolctl."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+    """While the fast path's own threads run, BLAS gets one thread per call (:func:`kscale.analysis.blas.one_thread`;
+    measured: ~1.6x the CPU time with 2 workers x 2 OpenBLAS threads)."""
+    from kscale.analysis.blas import one_thread
+
+    return one_thread()
 
 
 def _fast_blocks(n: int, batch_rows: int, block_rows: int) -> list[tuple[int, int]]:

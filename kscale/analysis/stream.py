@@ -16,7 +16,6 @@ connect a client nor run code in the workers.
 from __future__ import annotations
 
 from collections.abc import Callable
-import contextlib
 import shutil
 import tempfile
 import uuid
@@ -49,18 +48,12 @@ def local_security(folder: Path) -> Any:
 
 
 def one_blas_thread():
-    """BLAS held to one thread per call while local dask tasks run (threadpoolctl; process-wide, entered and
-    left by the driver thread around a whole compute). The tasks' products are small (a 128-row projection,
-    a tile's run sums): OpenBLAS's own threads on top of dask's worker threads oversubscribe the cores, and
-    on a loaded machine their spin-waits cost 10-25x the product's CPU (measured: a (32, 128) @ (6, 128, 256)
-    product 0.4 ms of CPU on one thread, 9-10 ms with OpenBLAS's 2; docs/scale.md). A dask.distributed
-    worker already runs with one BLAS thread (distributed sets ``OPENBLAS_NUM_THREADS=1`` in its workers).
-    A no-op without threadpoolctl."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - threadpoolctl comes with scikit-learn
-        return contextlib.nullcontext()
-    return threadpool_limits(1, user_api="blas")
+    """BLAS held to one thread while local dask tasks run (entered and left by the driver thread around a whole
+    compute): :func:`kscale.analysis.blas.one_thread`. A dask.distributed worker already runs with one BLAS
+    thread (distributed sets ``OPENBLAS_NUM_THREADS=1`` in its workers)."""
+    from kscale.analysis.blas import one_thread
+
+    return one_thread()
 
 
 class Runner:
