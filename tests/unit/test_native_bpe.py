@@ -288,8 +288,7 @@ def _messages(s: Sample) -> list[dict]:
 
 def _theirs(family, lm, s: Sample, **kw):
     return _processor(family, lm).apply_chat_template(_messages(s), chat_template=lm.prompt.text, tokenize=True,
-                                                      return_dict=True,
-                                                      return_tensors="pt", **kw)
+                                                      return_dict=True, return_tensors="pt", **kw)
 
 
 def test_the_tokenizers_are_what_real_checkpoints_ship(bpe) -> None:
@@ -310,7 +309,7 @@ def test_native_tokens_and_tags_equal_apply_chat_template(bpe, family) -> None:
     assert lm.prompt.kind == "native" and lm.prompt.text == TEMPLATES[family]
     for s, kw in ((_sample(), {}), (_sample(answer=False), {"add_generation_prompt": True})):
         ours = lm.adapter.batch(lm, [s], with_answers="add_generation_prompt" not in kw)
-        theirs = _theirs(family, lm, s, return_mm_token_type_ids=True, **kw)
+        theirs = _theirs(family, lm, s, processor_kwargs={"return_mm_token_type_ids": True}, **kw)
         assert ours.inputs["input_ids"].tolist() == theirs["input_ids"].tolist(), (
             lm.tokenizer.convert_ids_to_tokens(ours.inputs["input_ids"][0]),
             lm.tokenizer.convert_ids_to_tokens(theirs["input_ids"][0]))
