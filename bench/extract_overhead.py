@@ -72,10 +72,13 @@ def build_scaled_model(out: Path, family: str) -> str:
     if "mrope_section" in rope:
         rope["mrope_section"] = [8, 12, 12]
     tc.rope_parameters = rope
+    # the vision tower keeps its debug width; only an output dim the config names separately must match the LM
     if hasattr(vc, "out_hidden_size"):
         vc.out_hidden_size = 512
-    else:  # Qwen2-VL: the merger's output is vision_config.hidden_size
+    elif cfg.model_type == "qwen2_vl":  # the merger's output is vision_config.hidden_size (embed_dim the width)
         vc.hidden_size = 512
+    if cfg.model_type == "paligemma":  # the projector maps to projection_dim, which must be the LM's width
+        cfg.projection_dim = vc.projection_dim = cfg.hidden_size = 512
     torch.manual_seed(0)
     getattr(transformers, get_adapter(family).model_class)(cfg).save_pretrained(out)
     return str(out)

@@ -153,7 +153,7 @@ def _media_spans(adapter, loaded, sample: Sample, text: str) -> list[tuple[int, 
 def _rendered(adapter, loaded, sample: Sample, add_generation_prompt: bool) -> str:
     """The chat template's text with the text the processor writes around each media block put in."""
     text = render(loaded.tokenizer, loaded.prompt.text, sample, add_generation_prompt)
-    for kind in {p.kind for t in sample.turns for p in t.content if isinstance(p, Media)}:
+    for kind in sorted({p.kind for t in sample.turns for p in t.content if isinstance(p, Media)}):
         before, after = adapter.media_text(loaded, kind)
         if before or after:
             ph = adapter.chat_placeholder(loaded, kind)
