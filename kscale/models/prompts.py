@@ -16,8 +16,8 @@ string is tokenised in one call (``add_special_tokens`` unless it starts with BO
 Each media placeholder the template wrote (:meth:`Adapter.chat_placeholder`; the k-th of a kind is the k-th
 of that kind in the messages, as the processor hands out pixels) becomes the sample's :class:`Media`, which
 ``Adapter.batch`` expands to the family's block. Plain text a processor writes around each block
-(:meth:`Adapter.media_text`: Gemma 3's ``"\n\n"``) is put into the string before tokenising, so a BPE
-tokenizer merges it with the template's neighbouring text (``"\n" + "\n\n"`` is one token) as the processor's
+(:meth:`Adapter.media_text`: Gemma 3's ``"\\n\\n"``) is put into the string before tokenising, so a BPE
+tokenizer merges it with the template's neighbouring text (``"\\n" + "\\n\\n"`` is one token) as the processor's
 single call does; a block itself starts and ends with added tokens, which no merge crosses.
 
 The answer span: every token that overlaps an assistant turn's text (a byte-level BPE token ``" red"`` carries

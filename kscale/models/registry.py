@@ -558,7 +558,7 @@ class Adapter:
 
     def media_text(self, loaded: LoadedModel, kind: str) -> tuple[str, str]:
         """Plain text the processor writes before and after each image (video) block, outside the block's own
-        tokens (Gemma 3: ``"\n\n"`` each side); native prompts tokenise it with the template's text around it."""
+        tokens (Gemma 3: ``"\\n\\n"`` each side); native prompts tokenise it with the template's text around it."""
         return "", ""
 
     def _plan(self, tok, template: str, sample: Sample) -> list:
