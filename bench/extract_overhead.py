@@ -62,11 +62,16 @@ def build_scaled_model(out: Path, family: str) -> str:
     build_debug_model(family, out)
     cfg = AutoConfig.from_pretrained(out)
     tc, vc = cfg.text_config, cfg.vision_config
+    n0 = tc.num_hidden_layers
     tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers = 512, 1376, 8
     tc.num_attention_heads, tc.num_key_value_heads = 8, 4
     if getattr(tc, "head_dim", None):
         tc.head_dim = 64
-    if getattr(tc, "layer_types", None):
+    if getattr(tc, "no_rope_layers", None):  # Llama 4: its per-layer patterns (NoPE, chunked, MoE) repeat
+        tc.no_rope_layers = [tc.no_rope_layers[i % n0] for i in range(8)]
+        tc.layer_types = [tc.layer_types[i % n0] for i in range(8)]
+        tc.moe_layers = [i for i in range(8) if i % n0 in set(tc.moe_layers)]
+    elif getattr(tc, "layer_types", None):
         tc.layer_types = [tc.layer_types[0]] * 8
     rope = dict(tc.rope_parameters)
     if "mrope_section" in rope:
