@@ -11,6 +11,7 @@ written, the split of the synchronous path's time, and the CPU seconds of every 
 per shard (``time.process_time``; on a machine others load, steadier than wall time).
 
     python bench/extract_overhead.py [--family qwen2_5_vl] [--samples 32] [--batch 4] [--repeats 5] [--device cpu]
+                                     [--threads 1]
 """
 
 from __future__ import annotations
@@ -101,7 +102,13 @@ def bench_args(ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     ap.add_argument("--key-dtype", default="float16")
     ap.add_argument("--pipeline-shards", type=int, default=2,
                     help="consecutive shards per timed block (the pipelined path overlaps their commits)")
-    return ap.parse_args()
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default). On a machine others load, use 1: OpenMP threads "
+                         "spin while they wait for a core, which inflates and scatters CPU and wall times")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def bench_setup(args: argparse.Namespace, tmp: Path):
