@@ -49,8 +49,8 @@ QWEN25_VL = (
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}")
 # llava-hf/llava-onevision-qwen2-*-ov-hf chat_template.json, as transformers' own tests vendor it
-# (tests/models/llava_next_video/test_processing_llava_next_video.py, prepare_processor_dict; the collators of
-# zjysteven/lmms-finetune cite the checkpoint's file for the same string).
+# (huggingface/transformers tests/models/llava_next_video/test_processing_llava_next_video.py,
+# prepare_processor_dict).
 ONEVISION = (
     "{% for message in messages %}{{'<|im_start|>' + message['role'] + ' '}}{# Render all images first #}"
     "{% for content in message['content'] | selectattr('type', 'equalto', 'image') %}{{ '<image>' }}{% endfor %}"
