@@ -11,6 +11,7 @@ written, the split of the synchronous path's time, and the CPU seconds of every 
 per shard (``time.process_time``; on a machine others load, steadier than wall time).
 
     python bench/extract_overhead.py [--family qwen2_5_vl] [--samples 32] [--batch 4] [--repeats 5] [--device cpu]
+                                     [--threads 1]
 """
 
 from __future__ import annotations
@@ -62,20 +63,28 @@ def build_scaled_model(out: Path, family: str) -> str:
     build_debug_model(family, out)
     cfg = AutoConfig.from_pretrained(out)
     tc, vc = cfg.text_config, cfg.vision_config
+    n0 = tc.num_hidden_layers
     tc.hidden_size, tc.intermediate_size, tc.num_hidden_layers = 512, 1376, 8
     tc.num_attention_heads, tc.num_key_value_heads = 8, 4
     if getattr(tc, "head_dim", None):
         tc.head_dim = 64
-    if getattr(tc, "layer_types", None):
+    if getattr(tc, "no_rope_layers", None):  # Llama 4: its per-layer patterns (NoPE, chunked, MoE) repeat
+        tc.no_rope_layers = [tc.no_rope_layers[i % n0] for i in range(8)]
+        tc.layer_types = [tc.layer_types[i % n0] for i in range(8)]
+        tc.moe_layers = [i for i in range(8) if i % n0 in set(tc.moe_layers)]
+    elif getattr(tc, "layer_types", None):
         tc.layer_types = [tc.layer_types[0]] * 8
     rope = dict(tc.rope_parameters)
     if "mrope_section" in rope:
         rope["mrope_section"] = [8, 12, 12]
     tc.rope_parameters = rope
+    # the vision tower keeps its debug width; only an output dim the config names separately must match the LM
     if hasattr(vc, "out_hidden_size"):
         vc.out_hidden_size = 512
-    else:  # Qwen2-VL: the merger's output is vision_config.hidden_size
+    elif cfg.model_type == "qwen2_vl":  # the merger's output is vision_config.hidden_size (embed_dim the width)
         vc.hidden_size = 512
+    if cfg.model_type == "paligemma":  # the projector maps to projection_dim, which must be the LM's width
+        cfg.projection_dim = vc.projection_dim = cfg.hidden_size = 512
     torch.manual_seed(0)
     getattr(transformers, get_adapter(family).model_class)(cfg).save_pretrained(out)
     return str(out)
@@ -93,7 +102,13 @@ def bench_args(ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     ap.add_argument("--key-dtype", default="float16")
     ap.add_argument("--pipeline-shards", type=int, default=2,
                     help="consecutive shards per timed block (the pipelined path overlaps their commits)")
-    return ap.parse_args()
+    ap.add_argument("--threads", type=int, default=0,
+                    help="torch threads (0: torch's default). On a machine others load, use 1: OpenMP threads "
+                         "spin while they wait for a core, which inflates and scatters CPU and wall times")
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def bench_setup(args: argparse.Namespace, tmp: Path):

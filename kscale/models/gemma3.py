@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from kscale.models.registry import IMAGE, SPECIAL, TEXT, Adapter, LoadedModel, register
+from kscale.models.registry import IMAGE, SPECIAL, Adapter, LoadedModel, register
 
 BOI, EOI, SOFT = "<start_of_image>", "<end_of_image>", "<image_soft_token>"
 # Gemma 3's chat template, shortened (the checkpoints' also fold a system turn into the first user turn)
@@ -98,10 +98,11 @@ class Gemma3Adapter(Adapter):
 
     def image_block(self, loaded: LoadedModel, n_tokens: int) -> tuple[list[int], list[int]]:
         tok, cfg = loaded.tokenizer, loaded.model.config
-        text = f"\n\n{tok.boi_token}{tok.image_token * n_tokens}{tok.eoi_token}\n\n"
-        ids = tok(text, add_special_tokens=False).input_ids
-        wrappers = {cfg.boi_token_id, cfg.eoi_token_id}
-        return ids, [IMAGE if i == cfg.image_token_id else SPECIAL if i in wrappers else TEXT for i in ids]
+        ids = [cfg.boi_token_id] + [cfg.image_token_id] * n_tokens + [cfg.eoi_token_id]
+        return ids, [IMAGE if i == cfg.image_token_id else SPECIAL for i in ids]
+
+    def media_text(self, loaded: LoadedModel, kind: str) -> tuple[str, str]:
+        return "\n\n", "\n\n"  # Gemma3Processor's full_image_sequence is "\n\n" + block + "\n\n"
 
     def chat_placeholder(self, loaded: LoadedModel, kind: str) -> str:
         return loaded.tokenizer.boi_token  # Gemma3Processor replaces <start_of_image> with the whole block

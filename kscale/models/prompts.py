@@ -15,8 +15,15 @@ sample's turns become messages (content parts ``{"type": "image"}``, ``{"type": 
 string is tokenised in one call (``add_special_tokens`` unless it starts with BOS, as the processor does).
 Each media placeholder the template wrote (:meth:`Adapter.chat_placeholder`; the k-th of a kind is the k-th
 of that kind in the messages, as the processor hands out pixels) becomes the sample's :class:`Media`, which
-``Adapter.batch`` expands to the family's block. An assistant turn's text (found after the rendered prefix
-of the turns before it) and the end-of-sequence token after it are the answer span.
+``Adapter.batch`` expands to the family's block. Plain text a processor writes around each block
+(:meth:`Adapter.media_text`: Gemma 3's ``"\\n\\n"``) is put into the string before tokenising, so a BPE
+tokenizer merges it with the template's neighbouring text (``"\\n" + "\\n\\n"`` is one token) as the processor's
+single call does; a block itself starts and ends with added tokens, which no merge crosses.
+
+The answer span: every token that overlaps an assistant turn's text (a byte-level BPE token ``" red"`` carries
+the space before the answer), found after the rendered turns before it, and the end-of-turn token right after
+it where it is one of the checkpoint's stop tokens (the tokenizer's EOS and ``generation_config.eos_token_id``:
+Gemma 3's ``<end_of_turn>``, Qwen's ``<|im_end|>``).
 """
 
 from __future__ import annotations
@@ -97,10 +104,10 @@ def render(tok, chat_template: str, sample: Sample, add_generation_prompt: bool)
 def plan_native(adapter, loaded, sample: Sample) -> list:
     """``sample`` through the chat template as :meth:`Adapter._plan`'s pieces: ``(token ids, is_answer)``
     and the :class:`Media` to expand, in rendered order."""
-    tok, tmpl = loaded.tokenizer, loaded.prompt.text
+    tok = loaded.tokenizer
     ends_with_answer = bool(sample.turns) and sample.turns[-1].role == "assistant"
-    text = render(tok, tmpl, sample, add_generation_prompt=not ends_with_answer)
-    answers = _answer_spans(tok, tmpl, sample, text)
+    text = _rendered(adapter, loaded, sample, add_generation_prompt=not ends_with_answer)
+    answers = _answer_spans(adapter, loaded, sample, text)
     media = _media_spans(adapter, loaded, sample, text)
     add_special = not (tok.bos_token is not None and text.startswith(tok.bos_token))
     enc = tok(text, add_special_tokens=add_special, return_offsets_mapping=True)
@@ -113,7 +120,7 @@ def plan_native(adapter, loaded, sample: Sample) -> list:
                 plan.append(media[m][2])
                 m += 1
             continue
-        is_answer = b > a and any(s <= a < e for s, e in answers)  # tokens the tokenizer added have no span
+        is_answer = b > a and any(a < e and b > s for s, e in answers)  # tokens the tokenizer added have no span
         if plan and not isinstance(plan[-1], Media) and plan[-1][1] == is_answer:
             plan[-1][0].append(tid)
         else:
@@ -143,19 +150,49 @@ def _media_spans(adapter, loaded, sample: Sample, text: str) -> list[tuple[int, 
     return sorted(spans, key=lambda s: s[0])
 
 
-def _answer_spans(tok, tmpl: str, sample: Sample, text: str) -> list[tuple[int, int]]:
-    """Character spans of each assistant turn's text in ``text`` and the end-of-sequence token after it."""
-    spans = []
+def _rendered(adapter, loaded, sample: Sample, add_generation_prompt: bool) -> str:
+    """The chat template's text with the text the processor writes around each media block put in."""
+    text = render(loaded.tokenizer, loaded.prompt.text, sample, add_generation_prompt)
+    for kind in sorted({p.kind for t in sample.turns for p in t.content if isinstance(p, Media)}):
+        before, after = adapter.media_text(loaded, kind)
+        if before or after:
+            ph = adapter.chat_placeholder(loaded, kind)
+            text = text.replace(ph, before + ph + after)
+    return text
+
+
+def stop_tokens(loaded) -> list[str]:
+    """The text of the end-of-turn tokens that close an answer: the tokenizer's EOS and the checkpoint's
+    generation stop ids (``generation_config.eos_token_id``: Gemma 3's ``<end_of_turn>`` besides ``<eos>``)."""
+    tok = loaded.tokenizer
+    ids = [tok.eos_token_id]
+    gen = getattr(getattr(loaded.model, "generation_config", None), "eos_token_id", None)
+    ids += gen if isinstance(gen, (list, tuple)) else [gen]
+    texts = (tok.decode([i]) for i in dict.fromkeys(i for i in ids if i is not None))
+    return [t for t in texts if t]
+
+
+def _answer_spans(adapter, loaded, sample: Sample, text: str) -> list[tuple[int, int]]:
+    """Character spans of each assistant turn's text in ``text`` and the stop token right after it."""
+    spans: list[tuple[int, int]] = []
+    stops = stop_tokens(loaded)
     for i, turn in enumerate(sample.turns):
         if turn.role != "assistant" or not turn.text.strip():
             continue
-        prefix = render(tok, tmpl, Sample(sample.turns[:i], sample.images, sample.videos), True) if i else ""
-        start = text.find(turn.text.strip(), len(prefix) if text.startswith(prefix) else 0)
+        at = spans[-1][1] if spans else 0
+        head = Sample(sample.turns[:i], sample.images, sample.videos)
+        # the turn starts after the turns before it, as the generation prompt opens it where the template
+        # writes the turn's head that way, else as they render alone (LLaVA-OneVision's "assistant \n" vs "\n")
+        for gen in (True, False):
+            prefix = _rendered(adapter, loaded, head, gen) if i else ""
+            if text.startswith(prefix):
+                at = max(at, len(prefix))
+                break
+        answer = turn.text.strip()
+        start = text.find(answer, at)
         if start < 0:
             raise ValueError(f"the chat template did not write assistant turn {i}'s text")
-        end = start + len(turn.text.strip())
-        eos = tok.eos_token
-        if eos and text.startswith(eos, end):
-            end += len(eos)
+        end = start + len(answer)
+        end += next((len(s) for s in stops if text.startswith(s, end)), 0)
         spans.append((start, end))
     return spans

@@ -535,7 +535,19 @@ class Adapter:
             from kscale.models.prompts import plan_native
 
             return plan_native(self, loaded, sample)
-        return self._plan(loaded.tokenizer, loaded.template, sample)
+        plan = self._plan(loaded.tokenizer, loaded.template, sample)
+        if not any(any(self.media_text(loaded, k)) for k in ("image", "video")):
+            return plan
+        out: list = []
+        for item in plan:  # the text the processor writes around each block, as pieces of their own
+            if not isinstance(item, Media):
+                out.append(item)
+                continue
+            before, after = self.media_text(loaded, item.kind)
+            out += [(loaded.tokenizer(before, add_special_tokens=False).input_ids, False)] if before else []
+            out.append(item)
+            out += [(loaded.tokenizer(after, add_special_tokens=False).input_ids, False)] if after else []
+        return out
 
     def chat_placeholder(self, loaded: LoadedModel, kind: str) -> str:
         """The text a chat template writes for one image (``kind`` image) or video, which the family's
@@ -543,6 +555,11 @@ class Adapter:
         cfg = loaded.model.config
         tid = self.image_token_id(cfg) if kind == "image" else self.video_token_id(cfg)
         return loaded.tokenizer.convert_ids_to_tokens(tid)
+
+    def media_text(self, loaded: LoadedModel, kind: str) -> tuple[str, str]:
+        """Plain text the processor writes before and after each image (video) block, outside the block's own
+        tokens (Gemma 3: ``"\\n\\n"`` each side); native prompts tokenise it with the template's text around it."""
+        return "", ""
 
     def _plan(self, tok, template: str, sample: Sample) -> list:
         """One sample as a list of ``(token ids, is_answer)`` pieces and the :class:`Media` to expand, in order."""
