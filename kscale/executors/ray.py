@@ -120,6 +120,20 @@ def _gist(msg: str) -> str:
     return lines[0][:300] if len(lines) == 1 else f"{lines[0][:300]} ... {lines[-1][:300]}"
 
 
+def alive_node_resources() -> str:
+    """"4 CPU/2 GPU, 2 CPU/0 GPU" for the cluster's alive nodes ("none"; without the list when the GCS does
+    not answer): what a placement error tells the user the cluster has."""
+    nodes = []
+    try:
+        for nd in ray.nodes():
+            if nd.get("Alive"):
+                res = nd.get("Resources", {})
+                nodes.append(f"{res.get('CPU', 0):g} CPU/{res.get('GPU', 0):g} GPU")
+    except Exception:  # noqa: BLE001 - the GCS did not answer: the message goes without the node list
+        pass
+    return ", ".join(nodes) or "none"
+
+
 def node_alive(node_id: str | None) -> bool | None:
     """Whether the GCS still lists Ray node ``node_id`` as alive (None: unknown node or no answer)."""
     if node_id is None:
@@ -284,16 +298,8 @@ class RayExecutor(ShardPool):
     def _unplaceable(spec, waited: float) -> str:
         """Why the run gives up: what one worker asks for, and what the cluster's nodes have."""
         r = spec.resources
-        nodes = []
-        try:
-            for nd in ray.nodes():
-                if nd.get("Alive"):
-                    res = nd.get("Resources", {})
-                    nodes.append(f"{res.get('CPU', 0):g} CPU/{res.get('GPU', 0):g} GPU")
-        except Exception:  # noqa: BLE001 - the GCS did not answer: the message goes without the node list
-            pass
         return (f"no Ray worker could be placed in {waited:.0f} s: each asks for resources.cpus_per_worker="
                 f"{r.cpus_per_worker:g} CPUs and resources.gpus_per_worker={r.gpus_per_worker:g} GPUs on one node, "
-                f"and the cluster's alive nodes have {', '.join(nodes) or 'none'} in all. Lower "
+                f"and the cluster's alive nodes have {alive_node_resources()} in all. Lower "
                 f"resources.gpus_per_worker / resources.cpus_per_worker, add nodes, or wait longer "
                 f"(resources.placement_timeout_s={r.placement_timeout_s:g})")

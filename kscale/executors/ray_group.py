@@ -38,7 +38,7 @@ from typing import Any
 
 import ray
 
-from kscale.executors.ray import PlacementError, RayPoolError, _gist
+from kscale.executors.ray import PlacementError, RayPoolError, _gist, alive_node_resources
 
 _GRACE_S = 10.0  # after the first failure, how long the other ranks get to report theirs (a death outranks
 # the connection errors it causes on its peers)
@@ -189,16 +189,8 @@ def _gather(refs: dict, places: list[Placement]) -> Any:
 
 def _unplaceable(spec: Any, n: int, bundle: dict[str, float]) -> str:
     r = spec.resources
-    nodes = []
-    try:
-        for nd in ray.nodes():
-            if nd.get("Alive"):
-                res = nd.get("Resources", {})
-                nodes.append(f"{res.get('CPU', 0):g} CPU/{res.get('GPU', 0):g} GPU")
-    except Exception:  # noqa: BLE001 - the GCS did not answer: the message goes without the node list
-        pass
     return (f"the {n} ranks (resources.workers) could not all be placed in {r.placement_timeout_s:g} s: they run "
             f"at once, each with resources.cpus_per_worker={r.cpus_per_worker:g} CPUs and "
             f"resources.gpus_per_worker={r.gpus_per_worker:g} GPUs on one node ({bundle}), and the cluster's "
-            f"alive nodes have {', '.join(nodes) or 'none'}. Lower resources.workers or the per-worker "
+            f"alive nodes have {alive_node_resources()}. Lower resources.workers or the per-worker "
             f"resources, add nodes, or wait longer (resources.placement_timeout_s)")
