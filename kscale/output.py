@@ -400,7 +400,8 @@ def fence(output: str | Path) -> None:
         lock.check()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this pid exists on this machine (one of another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -430,7 +431,7 @@ class OutputLock:
 
     def is_stale(self, holder: LockHolder | None, mtime: float) -> bool:
         if holder is not None and holder.host == socket.gethostname():
-            return not _pid_alive(holder.pid) or (
+            return not pid_alive(holder.pid) or (
                 holder.pid_start is not None and _pid_start(holder.pid) not in (None, holder.pid_start))
         return time.time() - mtime > self.stale_after_s  # another host (or unreadable): no heartbeat
 

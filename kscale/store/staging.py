@@ -58,6 +58,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from kscale.output import pid_alive
 from kscale.store.layout import staging_dir, staging_record
 
 HEARTBEAT_S = 10.0  # how often a live writer touches its owner record
@@ -95,16 +96,6 @@ def _proc_start(pid: int) -> str | None:
     """The process's start time (clock ticks since boot, /proc field 22), None where unknown or gone."""
     stat = _read(f"/proc/{pid}/stat")
     return stat.rsplit(")", 1)[1].split()[19] if ")" in stat else None
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # exists, owned by someone else
-        return True
-    return True
 
 
 def _safe_host(host: str) -> str:
@@ -207,7 +198,7 @@ def owner_dead(record: dict | None, mtime: float, fs_now: float) -> bool:
             record.get("machine") or record.get("host") == socket.gethostname()):
         pid = int(record.get("pid", -1))
         start = _proc_start(pid)
-        if pid <= 0 or not _pid_alive(pid) or (record.get("pid_start") and start not in (None, record["pid_start"])):
+        if pid <= 0 or not pid_alive(pid) or (record.get("pid_start") and start not in (None, record["pid_start"])):
             return True
         if pid == os.getpid():
             return not is_live(str(record.get("token")))
