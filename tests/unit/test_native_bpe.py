@@ -48,6 +48,134 @@ QWEN25_VL = (
     "Video {{ video_count.value }}: {% endif %}<|vision_start|><|video_pad|><|vision_end|>{% elif 'text' in content "
     "%}{{ content['text'] }}{% endif %}{% endfor %}<|im_end|>\n{% endif %}{% endfor %}{% if add_generation_prompt %}"
     "<|im_start|>assistant\n{% endif %}")
+# Qwen/Qwen2-VL-7B-Instruct's chat_template.json is the same string as Qwen2.5-VL's (kscale's QWEN_CHAT_TEMPLATE
+# is documented as Qwen2-VL's and serves both).
+QWEN2_VL = QWEN25_VL
+# Qwen/Qwen3-VL-*-Instruct chat_template.json (differs from 2.5's: no default system turn, tool calls, `{%-`
+# whitespace control), verbatim as vendored in NVIDIA's cosmos tao-vl-reason dataset module
+# (QWEN3VL_INSTRUCT_CHAT_TEMPLATE, "byte-identical to the chat templates shipped with ... Qwen/Qwen3-VL-8B-Instruct")
+# and as llama-server logs it for Qwen3-VL-30B-A3B-Instruct (ikawrakow/ik_llama.cpp, an issue of 2025-11-07).
+QWEN3_VL = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' }}
+        {%- if messages[0].content is string %}
+            {{- messages[0].content }}
+        {%- else %}
+            {%- for content in messages[0].content %}
+                {%- if 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- for message in messages %}
+    {%- if message.role == "user" %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content_item in message.content %}
+                {%- if 'text' in content_item %}
+                    {{- content_item.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and message.content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {%- if message.content is string %}
+            {{- message.content }}
+        {%- else %}
+            {%- for content in message.content %}
+                {%- if content.type == 'image' or 'image' in content or 'image_url' in content %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                    {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                    <|vision_start|><|image_pad|><|vision_end|>
+                {%- elif content.type == 'video' or 'video' in content %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                    {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                    <|vision_start|><|video_pad|><|vision_end|>
+                {%- elif 'text' in content %}
+                    {{- content.text }}
+                {%- endif %}
+            {%- endfor %}
+        {%- endif %}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
 # llava-hf/llava-onevision-qwen2-*-ov-hf chat_template.json, as transformers' own tests vendor it
 # (huggingface/transformers tests/models/llava_next_video/test_processing_llava_next_video.py,
 # prepare_processor_dict).
@@ -218,23 +346,30 @@ def _gemma():
 
 QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>",
                 "<|image_pad|>", "<|video_pad|>"]
+QWEN_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+             "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n")
 TOKENIZERS = {
-    "qwen2_5_vl": lambda: _qwen2(QWEN_SPECIAL, "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                                 "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n", "<|im_end|>"),
+    "qwen2_vl": lambda: _qwen2(QWEN_SPECIAL, QWEN_CHAT, "<|im_end|>"),
+    "qwen2_5_vl": lambda: _qwen2(QWEN_SPECIAL, QWEN_CHAT, "<|im_end|>"),
+    # Qwen3-VL's video text "<t seconds>" in the corpus, so " seconds" is one merged token as in Qwen's vocabulary
+    "qwen3_vl": lambda: _qwen2(QWEN_SPECIAL, "<|im_start|>user\n<|vision_start|><0.5 seconds><|vision_start|>"
+                               "<|vision_end|><1.5 seconds>{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n",
+                               "<|im_end|>"),
     "llava_onevision": lambda: _qwen2(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
                                       "<|im_start|>user <image>\n{q}<|im_end|><|im_start|>assistant \n{a}<|im_end|>",
                                       "<|im_end|>"),
     "idefics3": _llama3,
     "gemma3": _gemma,
 }
-TEMPLATES = {"qwen2_5_vl": QWEN25_VL, "llava_onevision": ONEVISION, "idefics3": IDEFICS3, "gemma3": GEMMA3}
+TEMPLATES = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN25_VL, "qwen3_vl": QWEN3_VL, "llava_onevision": ONEVISION, "idefics3": IDEFICS3, "gemma3": GEMMA3}
 # where the end of a turn is not the tokenizer's EOS, the checkpoint's generation config lists it as a stop id
 STOPS = {"idefics3": ["<|end_of_text|>", "<end_of_utterance>"], "gemma3": ["<eos>", "<end_of_turn>"]}
 # the answer's tokens decoded: the assistant text (with the space the template writes before it, which a
 # byte-level token carries) and the end-of-turn token
-ANSWER_TEXT = {"qwen2_5_vl": "red<|im_end|>", "llava_onevision": "red<|im_end|>",
+ANSWER_TEXT = {"qwen2_vl": "red<|im_end|>", "qwen2_5_vl": "red<|im_end|>", "qwen3_vl": "red<|im_end|>", "llava_onevision": "red<|im_end|>",
                "idefics3": " red<end_of_utterance>", "gemma3": "red<end_of_turn>"}
 FAMILIES = list(TEMPLATES)
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def build_bpe_model(family: str, out) -> str:
@@ -267,7 +402,7 @@ def bpe(tmp_path_factory):
 
 
 def _processor(family: str, lm):
-    if family == "qwen2_5_vl":
+    if family in QWEN:
         return family_processor(family, lm.info.path)
     return {"llava_onevision": _llava_onevision_processor, "idefics3": _idefics3_processor,
             "gemma3": _gemma3_processor}[family](lm)
@@ -328,7 +463,7 @@ def test_answer_span_is_the_assistant_text_and_its_end_of_turn(bpe, family) -> N
     where = torch.nonzero(mask).flatten()
     assert len(where) and (torch.diff(where) == 1).all()  # one run
     assert lm.tokenizer.decode(ids[mask]) == ANSWER_TEXT[family]
-    assert int(where[-1]) == len(ids) - 1 - (family in ("qwen2_5_vl", "idefics3", "gemma3"))  # then "\n" or none
+    assert int(where[-1]) == len(ids) - 1 - (family in QWEN + ("idefics3", "gemma3"))  # then "\n" or none
     if family == "llava_onevision":  # its template marks '\n' + answer with {% generation %}: transformers' mask
         theirs = _theirs(family, lm, _sample(), return_assistant_tokens_mask=True)["assistant_masks"][0].bool()
         assert lm.tokenizer.decode(ids[theirs]) == " \nred"  # "assistant " + "\n" + text: " \n" is one token
