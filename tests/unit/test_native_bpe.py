@@ -471,3 +471,47 @@ def test_answer_span_is_the_assistant_text_and_its_end_of_turn(bpe, family) -> N
         eot[int(torch.nonzero(theirs).max()) + 1] = True  # the <|im_end|> after the generation block
         blank = torch.tensor([not lm.tokenizer.decode([i]).strip() for i in ids.tolist()])
         assert torch.equal(mask, (theirs | eot) & ~blank)
+
+
+def _two_images(answer: bool = True) -> Sample:
+    """Two images with text between them, named out of their list order (``images[1]`` first), so the
+    processor's order (the messages') and ``Sample.images``' differ."""
+    user = Turn("user", (Media("image", 1), "the left one , and", Media("image", 0), "the right one ?"))
+    turns = (user,) + ((Turn("assistant", ("red",)),) if answer else ())
+    return Sample(turns, [_image(112, 84), _image(57, 83, seed=1)])
+
+
+def _blocks(mm: torch.Tensor, n: int) -> list[torch.Tensor]:
+    """The processor's image blocks, in its order: runs of ``mm_token_type_ids == 1``; where the template writes
+    the images next to each other (LLaVA-OneVision renders all images first) one run, split evenly (untiled
+    images of a multi-image sample are the same size)."""
+    pos = torch.nonzero(mm == 1).flatten()
+    runs = torch.tensor_split(pos, (torch.nonzero(torch.diff(pos) > 1).flatten() + 1).tolist())
+    if len(runs) == 1 and n > 1:
+        return list(runs[0].chunk(n))
+    assert len(runs) == n, (len(runs), n)
+    return list(runs)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_images_and_text_between_them_equal_apply_chat_template(bpe, family) -> None:
+    lm = bpe(family)
+    order = [1, 0]  # Sample.images index of the processor's first and second image
+    for s, kw in ((_two_images(), {}), (_two_images(answer=False), {"add_generation_prompt": True})):
+        ours = lm.adapter.batch(lm, [s], with_answers="add_generation_prompt" not in kw)
+        theirs = _theirs(family, lm, s, processor_kwargs={"return_mm_token_type_ids": True}, **kw)
+        assert ours.inputs["input_ids"].tolist() == theirs["input_ids"].tolist(), (
+            lm.tokenizer.convert_ids_to_tokens(ours.inputs["input_ids"][0]),
+            lm.tokenizer.convert_ids_to_tokens(theirs["input_ids"][0]))
+        for k in set(ours.inputs) & set(theirs) - {"input_ids"}:  # pixels (in the processor's order), grids, masks
+            assert torch.equal(ours.inputs[k], torch.as_tensor(theirs[k]).to(ours.inputs[k].dtype)), k
+        theirs["image_token_id"] = _processor(family, lm).image_token_ids[0]
+        want = _expected_tags(lm, theirs, _newline_positions(lm, ours.inputs))
+        assert torch.equal(ours.modality_BT, want), (ours.modality_BT, want)
+        mm = theirs["mm_token_type_ids"] if "mm_token_type_ids" in theirs else theirs["token_type_ids"]
+        index = torch.full_like(ours.image_index_BT[0], -1)
+        for k, block in enumerate(_blocks(mm[0], len(order))):
+            index[block] = order[k]
+        index[want[0] != IMAGE] = -1
+        assert torch.equal(ours.image_index_BT[0], index), (ours.image_index_BT[0], index)
+        assert set(index[want[0] == IMAGE].tolist()) == {0, 1}
