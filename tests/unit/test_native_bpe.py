@@ -261,7 +261,7 @@ QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def build_bpe_model(family: str, out) -> str:
-    """The tiny ``family`` model saved with a trained BPE tokenizer and the released chat template."""
+    """The tiny ``family`` model saved with a trained BPE tokenizer and the released chat template (if any)."""
     tok = TOKENIZERS[family]()
     with torch.random.fork_rng():
         torch.manual_seed(0)
@@ -270,7 +270,7 @@ def build_bpe_model(family: str, out) -> str:
         tok = TOKENIZERS[family]()
     if family in STOPS:
         model.generation_config.eos_token_id = tok.convert_tokens_to_ids(STOPS[family])
-    tok.chat_template = TEMPLATES[family]
+    tok.chat_template = TEMPLATES.get(family)  # PaliGemma's checkpoints have none
     model.save_pretrained(out)
     tok.save_pretrained(out)
     proc.save_pretrained(out)
@@ -431,3 +431,27 @@ def test_two_images_and_text_between_them_equal_apply_chat_template(bpe, family)
         index[want[0] != IMAGE] = -1
         assert torch.equal(ours.image_index_BT[0], index), (ours.image_index_BT[0], index)
         assert set(index[want[0] == IMAGE].tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_paligemma_prompt_and_answer_equal_its_processor(bpe, answer) -> None:
+    """PaliGemma has no chat template: its processor writes ``<image>`` x N, BOS, the prompt and ``"\\n"`` (one
+    tokeniser call) and encodes the answer as the pair's second text (``suffix`` + EOS, ``token_type_ids`` 1).
+    kscale's built-in template must give the same ids, and its answer span must be the suffix's tokens."""
+    from tests.unit.test_families_other import _paligemma_processor
+
+    lm = bpe("paligemma")
+    assert lm.prompt.kind == "built-in"
+    s = _sample(answer)
+    ours = lm.adapter.batch(lm, [s])
+    kw = {"suffix": ["red"]} if answer else {}
+    theirs = _paligemma_processor(lm)(text=["<image>is the circle red or blue ?"], images=s.images,
+                                      return_tensors="pt", **kw)
+    assert ours.inputs["input_ids"].tolist() == theirs["input_ids"].tolist(), (
+        lm.tokenizer.convert_ids_to_tokens(ours.inputs["input_ids"][0]),
+        lm.tokenizer.convert_ids_to_tokens(theirs["input_ids"][0]))
+    for k in ("attention_mask", "pixel_values", "token_type_ids"):
+        assert torch.equal(ours.inputs[k], theirs[k].to(ours.inputs[k].dtype)), k
+    assert torch.equal(ours.answer_mask_BT, theirs["token_type_ids"].bool())
+    ids = ours.inputs["input_ids"][0]
+    assert lm.tokenizer.decode(ids[ours.answer_mask_BT[0]]) == ("red<eos>" if answer else "")
