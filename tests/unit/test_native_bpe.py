@@ -325,6 +325,16 @@ def test_the_tokenizers_are_what_real_checkpoints_ship(bpe) -> None:
     assert gemma("red").input_ids[0] == gemma.bos_token_id
     assert "\n\n\n" in gemma.convert_ids_to_tokens(gemma("user\n\n\nis", add_special_tokens=False).input_ids)
     assert len(idefics("<row_1_col_2>", add_special_tokens=False).input_ids) > 1  # plain text, several tokens
+    mistral, llama4, pali = bpe("llava_next").tokenizer, bpe("llama4").tokenizer, bpe("paligemma").tokenizer
+    assert mistral("red").input_ids[0] == mistral.bos_token_id  # loaded as TokenizersBackend: its tokenizer.json
+    assert type(mistral.backend_tokenizer.pre_tokenizer).__name__ == "Metaspace"
+    assert mistral.convert_ids_to_tokens(mistral("red", add_special_tokens=False).input_ids) == ["▁red"]
+    assert llama4("red").input_ids[0] == llama4.bos_token_id and llama4.eos_token == "<|eot|>"
+    intern = bpe("internvl").tokenizer
+    assert intern.convert_tokens_to_ids("<IMG_CONTEXT>") == intern.context_image_token_id
+    q = "is the circle red or blue ?"  # PaliGemma's prompt: pieces tokenised apart are not the whole string's
+    assert pali(q + "\n", add_special_tokens=False).input_ids != (pali(q, add_special_tokens=False).input_ids
+                                                                  + pali("\n", add_special_tokens=False).input_ids)
 
 
 def _want_tags(family: str, lm, ours, theirs) -> torch.Tensor:
