@@ -227,13 +227,14 @@ QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>
                 "<|image_pad|>", "<|video_pad|>"]
 QWEN_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
              "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n")
+QWEN3_CHAT = ("<|im_start|>user\n<|vision_start|><0.5 seconds><|vision_start|><|vision_end|><1.5 seconds>{q}<|im_end|>\n"
+              "<|im_start|>assistant\n{a}<|im_end|>\n")
 TOKENIZERS = {
     "qwen2_vl": lambda: _qwen2(QWEN_SPECIAL, QWEN_CHAT, "<|im_end|>"),
     "qwen2_5_vl": lambda: _qwen2(QWEN_SPECIAL, QWEN_CHAT, "<|im_end|>"),
     # Qwen3-VL's video text "<t seconds>" in the corpus, so " seconds" is one merged token as in Qwen's vocabulary
-    "qwen3_vl": lambda: _qwen2(QWEN_SPECIAL, "<|im_start|>user\n<|vision_start|><0.5 seconds><|vision_start|>"
-                               "<|vision_end|><1.5 seconds>{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n",
-                               "<|im_end|>"),
+    "qwen3_vl": lambda: _qwen2(QWEN_SPECIAL, QWEN3_CHAT, "<|im_end|>"),
+    "qwen3_vl_moe": lambda: _qwen2(QWEN_SPECIAL, QWEN3_CHAT, "<|im_end|>"),
     "llava_onevision": lambda: _qwen2(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>", "<video>"],
                                       "<|im_start|>user <image>\n{q}<|im_end|><|im_start|>assistant \n{a}<|im_end|>",
                                       "<|im_end|>"),
@@ -244,20 +245,21 @@ TOKENIZERS = {
     "llama4": _llama4,
     "paligemma": _paligemma,
 }
-TEMPLATES = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN25_VL, "qwen3_vl": QWEN3_VL, "llava_onevision": ONEVISION,
+TEMPLATES = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN25_VL, "qwen3_vl": QWEN3_VL, "qwen3_vl_moe": QWEN3_VL,
+             "llava_onevision": ONEVISION,
              "idefics3": IDEFICS3, "gemma3": GEMMA3, "llava_next": LLAVA_NEXT, "internvl": INTERNVL, "llama4": LLAMA4}
 # where the end of a turn is not the tokenizer's EOS, the checkpoint's generation config lists it as a stop id
 STOPS = {"idefics3": ["<|end_of_text|>", "<end_of_utterance>"], "gemma3": ["<eos>", "<end_of_turn>"]}
 # the answer's tokens decoded: the assistant text (with the space the template writes before it, which a
 # byte-level token carries) and the end-of-turn token
-ANSWER_TEXT = {"qwen2_vl": "red<|im_end|>", "qwen2_5_vl": "red<|im_end|>", "qwen3_vl": "red<|im_end|>",
+ANSWER_TEXT = {"qwen2_vl": "red<|im_end|>", "qwen2_5_vl": "red<|im_end|>", "qwen3_vl": "red<|im_end|>", "qwen3_vl_moe": "red<|im_end|>",
                "llava_onevision": "red<|im_end|>", "idefics3": " red<end_of_utterance>", "gemma3": "red<end_of_turn>",
                "llava_next": "red</s>", "internvl": "red<|im_end|>", "llama4": "red<|eot|>"}
 # tokens the template writes after the answer's end-of-turn token ("\n", LLaVA-NeXT's " ")
-AFTER_ANSWER = {"qwen2_vl": 1, "qwen2_5_vl": 1, "qwen3_vl": 1, "idefics3": 1, "gemma3": 1, "llava_next": 1,
+AFTER_ANSWER = {"qwen2_vl": 1, "qwen2_5_vl": 1, "qwen3_vl": 1, "qwen3_vl_moe": 1, "idefics3": 1, "gemma3": 1, "llava_next": 1,
                 "internvl": 1}
 FAMILIES = list(TEMPLATES)
-QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl")
+QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
 
 def build_bpe_model(family: str, out) -> str:

@@ -29,10 +29,10 @@ from kscale.models.inputs import Media, Sample, Turn
 from tests.unit.test_native_bpe import TEMPLATES, bpe  # noqa: F401  (the module fixture)
 from tests.unit.test_video_qwen import _video
 
-QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl"]
+QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
 FAMILIES = QWEN + ["llava_onevision"]
 PROCESSORS = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor",
-              "llava_onevision": "LlavaOnevisionProcessor"}
+              "qwen3_vl_moe": "Qwen3VLProcessor", "llava_onevision": "LlavaOnevisionProcessor"}
 
 
 @pytest.fixture(autouse=True)
@@ -157,25 +157,26 @@ def test_native_video_equals_apply_chat_template(bpe, family, n_frames) -> None:
         framed = ours.frame_BT[0] >= 0
         assert (ours.video_index_BT[0][framed] == 0).all() and (ours.video_index_BT[0][~framed] == -1).all()
         assert torch.equal(ours.time_BT[0][framed], torch.tensor(v.timestamps)[ours.frame_BT[0][framed].long()])
-        if family != "qwen3_vl":
+        if not family.startswith("qwen3"):
             assert not (framed & (ours.modality_BT[0] == TEXT)).any()  # no text inside these video blocks
 
 
 @pytest.mark.parametrize("n_frames", [4, 3])
-def test_qwen3_vl_timestamp_text_carries_the_frame_the_processor_puts_it_before(bpe, n_frames) -> None:
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_qwen3_vl_timestamp_text_carries_the_frame_the_processor_puts_it_before(bpe, family, n_frames) -> None:
     """Qwen3-VL writes ``<t seconds>`` before each temporal patch: with byte-level BPE the text merges
     (``" seconds"`` is one token); each of its tokens must carry the frame and time of the patch that
     follows it in the processor's ids, and the tokens before patch k decode to the processor's k-th time."""
-    lm = bpe("qwen3_vl")
-    v = _video(n_frames, _side("qwen3_vl", lm), seed=n_frames, fps=2.0)
+    lm = bpe(family)
+    v = _video(n_frames, _side(family, lm), seed=n_frames, fps=2.0)
     s = _sample(v, answer=False)
     ours = lm.adapter.batch(lm, [s])
-    theirs = _theirs("qwen3_vl", lm, s, add_generation_prompt=True)
+    theirs = _theirs(family, lm, s, add_generation_prompt=True)
     ids = theirs["input_ids"][0]
     assert ours.inputs["input_ids"][0].tolist() == ids.tolist()
     cfg, tok = lm.model.config, lm.tokenizer
     tps = lm.image_processor.temporal_patch_size
-    proc = video_processor("qwen3_vl", lm)
+    proc = video_processor(family, lm)
     times = proc._calculate_timestamps(list(range(n_frames)), v.fps, tps)
     starts = torch.nonzero(ids == cfg.vision_start_token_id).flatten().tolist()
     # the template's own <|vision_start|>, then one per temporal patch, each right after its "<t seconds>"
