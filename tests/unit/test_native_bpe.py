@@ -1,4 +1,4 @@
-"""Native prompts on real tokenizer kinds: byte-level BPE (Qwen2, Llama 3) and Gemma's SentencePiece-style BPE.
+"""Native prompts on real tokenizer kinds: byte-level BPE (Qwen2, Llama 3/4), SentencePiece-style BPE (Gemma, Mistral).
 
 ``test_native_prompts.py`` renders chat templates with the debug models' WordLevel tokenizers, which split on
 whitespace and never merge across a word. Released checkpoints ship byte-level BPE or SentencePiece-style
@@ -7,9 +7,14 @@ processor writes around an image block merges with the template's text next to i
 BOS itself. Here each family gets such a tokenizer built in code: BPE trained on a small corpus of the
 family's own chat text, with the family's special tokens as added tokens, wrapped in transformers' own
 tokenizer class where it has one (``Qwen2Tokenizer``: NFC + Qwen's split regex + ByteLevel; ``GemmaTokenizer``:
-``"▁"`` for spaces, no pre-split, byte fallback, newline runs as added tokens as in Gemma's tokenizer.json), and
-the released checkpoint's chat template (each cited where it is defined). The tiny random model of the family
-is built around it and saved like a checkpoint, so ``load_model`` finds the template and renders natively.
+``"▁"`` for spaces, no pre-split, byte fallback, newline runs as added tokens as in Gemma's tokenizer.json;
+``LlamaTokenizer``: Mistral's SentencePiece kind; Llama 3's and Llama 4's byte-level BPE with their split regexes
+and a BOS post-processor), and the released checkpoint's chat template (``chat_templates.py``, each cited where it
+is defined). Families: every Qwen-VL, LLaVA-OneVision, LLaVA-NeXT, Idefics3, Gemma 3, InternVL, Llama 4, and
+PaliGemma, which has no chat template (its processor's prefix/suffix rule is the reference). Samples: one image
+and a question, with and without the answer, and two images with text between them named out of list order.
+The tiny random model of the family is built around it and saved like a checkpoint, so ``load_model`` finds the
+template and renders natively.
 
 References kscale did not compute: transformers' ``processor.apply_chat_template(messages, tokenize=True)``
 with the family's processor class built in code around the same tokenizer (token ids, pixels), the
@@ -179,8 +184,10 @@ def _internvl():
 
 
 # Llama 4's split regex (transformers' convert_llama4_weights_to_hf.py, O200K_PATTERN)
-O200K_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
-               r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+O200K_REGEX = (r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
+               r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*"
+               r"(?i:'s|'t|'re|'ve|'m|'ll|'d)?|"
                r"\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+")
 LLAMA4_SPECIAL = ["<|begin_of_text|>", "<|end_of_text|>", "<|finetune_right_pad_id|>", "<|header_start|>",
                   "<|header_end|>", "<|eot|>", "<|image_start|>", "<|image_end|>", "<|tile_x_separator|>",
@@ -194,7 +201,8 @@ def _llama4():
     from transformers import PreTrainedTokenizerFast
 
     tk = _byte_level(O200K_REGEX)
-    chat = "<|header_start|>user<|header_end|>\n\n<|image|>{q}<|eot|><|header_start|>assistant<|header_end|>\n\n{a}<|eot|>"
+    chat = ("<|header_start|>user<|header_end|>\n\n<|image|>{q}<|eot|>"
+            "<|header_start|>assistant<|header_end|>\n\n{a}<|eot|>")
     _train(tk, _corpus(chat), LLAMA4_SPECIAL, byte_level=True)
     tk.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
@@ -218,7 +226,8 @@ def _paligemma():
                            byte_level=False)
     for b in range(256):
         vocab.setdefault(f"<0x{b:02X}>", len(vocab))
-    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True, extra_special_tokens={"image_token": "<image>"})
+    tok = GemmaTokenizer(vocab=vocab, merges=merges, add_bos_token=True,
+                         extra_special_tokens={"image_token": "<image>"})
     tok.padding_side = "right"
     return tok
 
@@ -227,7 +236,8 @@ QWEN_SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>
                 "<|image_pad|>", "<|video_pad|>"]
 QWEN_CHAT = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
              "<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n")
-QWEN3_CHAT = ("<|im_start|>user\n<|vision_start|><0.5 seconds><|vision_start|><|vision_end|><1.5 seconds>{q}<|im_end|>\n"
+QWEN3_CHAT = ("<|im_start|>user\n<|vision_start|><0.5 seconds><|vision_start|><|vision_end|><1.5 seconds>"
+              "{q}<|im_end|>\n"
               "<|im_start|>assistant\n{a}<|im_end|>\n")
 TOKENIZERS = {
     "qwen2_vl": lambda: _qwen2(QWEN_SPECIAL, QWEN_CHAT, "<|im_end|>"),
@@ -252,12 +262,13 @@ TEMPLATES = {"qwen2_vl": QWEN2_VL, "qwen2_5_vl": QWEN25_VL, "qwen3_vl": QWEN3_VL
 STOPS = {"idefics3": ["<|end_of_text|>", "<end_of_utterance>"], "gemma3": ["<eos>", "<end_of_turn>"]}
 # the answer's tokens decoded: the assistant text (with the space the template writes before it, which a
 # byte-level token carries) and the end-of-turn token
-ANSWER_TEXT = {"qwen2_vl": "red<|im_end|>", "qwen2_5_vl": "red<|im_end|>", "qwen3_vl": "red<|im_end|>", "qwen3_vl_moe": "red<|im_end|>",
+ANSWER_TEXT = {"qwen2_vl": "red<|im_end|>", "qwen2_5_vl": "red<|im_end|>", "qwen3_vl": "red<|im_end|>",
+               "qwen3_vl_moe": "red<|im_end|>",
                "llava_onevision": "red<|im_end|>", "idefics3": " red<end_of_utterance>", "gemma3": "red<end_of_turn>",
                "llava_next": "red</s>", "internvl": "red<|im_end|>", "llama4": "red<|eot|>"}
 # tokens the template writes after the answer's end-of-turn token ("\n", LLaVA-NeXT's " ")
-AFTER_ANSWER = {"qwen2_vl": 1, "qwen2_5_vl": 1, "qwen3_vl": 1, "qwen3_vl_moe": 1, "idefics3": 1, "gemma3": 1, "llava_next": 1,
-                "internvl": 1}
+AFTER_ANSWER = {"qwen2_vl": 1, "qwen2_5_vl": 1, "qwen3_vl": 1, "qwen3_vl_moe": 1, "idefics3": 1, "gemma3": 1,
+                "llava_next": 1, "internvl": 1}
 FAMILIES = list(TEMPLATES)
 QWEN = ("qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe")
 
