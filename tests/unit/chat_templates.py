@@ -21,9 +21,10 @@ QWEN25_VL = (
 # is documented as Qwen2-VL's and serves both).
 QWEN2_VL = QWEN25_VL
 # Qwen/Qwen3-VL-*-Instruct chat_template.json (differs from 2.5's: no default system turn, tool calls, `{%-`
-# whitespace control), verbatim as vendored in NVIDIA's cosmos tao-vl-reason dataset module
-# (QWEN3VL_INSTRUCT_CHAT_TEMPLATE, "byte-identical to the chat templates shipped with ... Qwen/Qwen3-VL-8B-Instruct")
-# and as llama-server logs it for Qwen3-VL-30B-A3B-Instruct (ikawrakow/ik_llama.cpp, an issue of 2025-11-07).
+# whitespace control), verbatim as two independent copies in the public code index agree: NVIDIA's cosmos-rl
+# tao-vl-reason conversation-dataset module (QWEN3VL_INSTRUCT_CHAT_TEMPLATE, "Byte-identical to the chat templates
+# shipped with `nvidia/Cosmos-Reason2-8B` and `Qwen/Qwen3-VL-8B-Instruct`"; its repository name was not pinned down)
+# and llama-server's log of Qwen3-VL-30B-A3B-Instruct's built-in template (an ikawrakow/ik_llama.cpp issue, 2025-11-07).
 QWEN3_VL = """{%- if tools %}
     {{- '<|im_start|>system\\n' }}
     {%- if messages[0].role == 'system' %}

@@ -194,3 +194,43 @@ def test_qwen3_vl_timestamp_text_carries_the_frame_the_processor_puts_it_before(
         assert (ours.modality_BT[0][span] == TEXT).all()
         seen[span] = True
     assert torch.equal(timed, seen)  # no other text token carries a frame
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_image_and_a_video_in_one_question(bpe, family) -> None:
+    """Text, an image, text, a video: each kind's k-th placeholder is that kind's k-th medium (LLaVA-OneVision's
+    template writes the image, then the video, then the text): ids, both pixel tensors and the tags (1 image,
+    2 video) equal the processor's."""
+    from tests.unit.test_native_bpe import _want_tags
+    from tests.unit.test_processors import _image
+
+    lm = bpe(family)
+    v = _video(4, _side(family, lm), seed=5, fps=2.0)
+    turns = (Turn("user", ("look :", Media("image", 0), "and", Media("video", 0), "what happens ?")),)
+    s = Sample(turns, [_image(112, 84)], [v])
+    ours = lm.adapter.batch(lm, [s])
+    frames = np.stack([np.asarray(f) for f in v.frames])
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "look :"}, {"type": "image", "image": s.images[0]},
+                                         {"type": "text", "text": "and"}, {"type": "video", "video": frames},
+                                         {"type": "text", "text": "what happens ?"}]}]
+    from transformers.video_utils import VideoMetadata
+
+    vk = {"do_resize": False, "do_convert_rgb": False}  # the frames only: the image goes the processor's usual way
+    if family != "llava_onevision":
+        vk.update(do_sample_frames=False, video_metadata=[VideoMetadata(total_num_frames=4, fps=v.fps,
+                                                                        frames_indices=[0, 1, 2, 3])])
+    pk = {"return_mm_token_type_ids": True, "videos_kwargs": vk}
+    theirs = video_processor(family, lm).apply_chat_template(msgs, chat_template=lm.prompt.text, tokenize=True,
+                                                             return_dict=True, return_tensors="pt",
+                                                             add_generation_prompt=True, processor_kwargs=pk)
+    assert ours.inputs["input_ids"].tolist() == theirs["input_ids"].tolist()
+    assert torch.equal(ours.inputs["pixel_values"], theirs["pixel_values"].to(ours.inputs["pixel_values"].dtype))
+    torch.testing.assert_close(ours.inputs["pixel_values_videos"], theirs["pixel_values_videos"], atol=1e-5, rtol=0)
+    mm = theirs["mm_token_type_ids"]
+    want = _want_tags(family, lm, ours, {**theirs, "mm_token_type_ids": torch.where(mm == 2, 0, mm)})
+    want[mm == 2] = VIDEO
+    if family == "llava_onevision":  # the video's closing newline (test_video_onevision: the model's image_newline)
+        want[0, torch.nonzero(mm[0] == 2)[-1]] = SPECIAL
+    assert torch.equal(ours.modality_BT, want), (ours.modality_BT, want)
+    assert (ours.video_index_BT[0][ours.frame_BT[0] >= 0] == 0).all()
+    assert (ours.image_index_BT[0][want[0] == 1] == 0).all()
