@@ -478,3 +478,20 @@ def test_paligemma_prompt_and_answer_equal_its_processor(bpe, answer) -> None:
     assert torch.equal(ours.answer_mask_BT, theirs["token_type_ids"].bool())
     ids = ours.inputs["input_ids"][0]
     assert lm.tokenizer.decode(ids[ours.answer_mask_BT[0]]) == ("red<eos>" if answer else "")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_two_turns_give_two_answer_spans(bpe, family) -> None:
+    """A follow-up question after the first answer: ids equal the processor's, and the answer mask is two runs,
+    each the assistant text of its turn and the end-of-turn token (the second answer's search starts after the
+    first turn as the template renders it, so the first turn's words cannot be taken for the second's)."""
+    lm = bpe(family)
+    s = Sample((Turn("user", (Media("image", 0), "is the circle red or blue ?")), Turn("assistant", ("red",)),
+                Turn("user", ("what color is the square ?",)), Turn("assistant", ("red",))), [_image(112, 84)])
+    ours = lm.adapter.batch(lm, [s])
+    theirs = _theirs(family, lm, s)
+    assert ours.inputs["input_ids"].tolist() == theirs["input_ids"].tolist()
+    ids, mask = ours.inputs["input_ids"][0], ours.answer_mask_BT[0]
+    where = torch.nonzero(mask).flatten()
+    runs = torch.tensor_split(where, (torch.nonzero(torch.diff(where) > 1).flatten() + 1).tolist())
+    assert [lm.tokenizer.decode(ids[r]) for r in runs] == [ANSWER_TEXT[family]] * 2
