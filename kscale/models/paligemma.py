@@ -68,6 +68,7 @@ class PaliGemmaAdapter(Adapter):
             if text:
                 plan.append((tok("".join(text), add_special_tokens=False).input_ids, False))
                 text.clear()
+
         for turn in sample.turns:
             if turn.role == "assistant":
                 flush()
