@@ -13,7 +13,8 @@ References kscale did not compute: the processor's ``input_ids``, ``pixel_values
 (``video_grid_thw``: temporal patches x merged patches) for the frame of every video token, and for Qwen3-VL
 the ``<t seconds>`` text its ``replace_video_token`` writes before each temporal patch: every token of that
 text must carry the frame (and time) of the patch the processor put it in front of, and decode to the
-processor's timestamp (``_calculate_timestamps``).
+processor's timestamp (``_calculate_timestamps``); through a real extraction, the store's text rows with a frame
+are exactly those tokens, with their frame and ``time_ms``. Also an image and a video in one question.
 """
 
 from __future__ import annotations
@@ -24,9 +25,17 @@ import numpy as np
 import pytest
 import torch
 
-from kscale.models import SPECIAL, TEXT, VIDEO
+import kscale.store
+from kscale.data.records import Record, RecordList
+from kscale.extract import run as extract_run
+from kscale.extract import worker
+from kscale.models import SPECIAL, TEXT, VIDEO, load_model
 from kscale.models.inputs import Media, Sample, Turn
-from tests.unit.test_native_bpe import TEMPLATES, bpe  # noqa: F401  (the module fixture)
+from kscale.runner import run_job
+from kscale.spec import ModelSpec, spec_from_dict
+from tests.conftest import extract_spec
+from tests.unit.test_native_bpe import TEMPLATES, _want_tags, bpe, build_bpe_model  # noqa: F401  (bpe: fixture)
+from tests.unit.test_processors import _image
 from tests.unit.test_video_qwen import _video
 
 QWEN = ["qwen2_vl", "qwen2_5_vl", "qwen3_vl", "qwen3_vl_moe"]
@@ -201,20 +210,17 @@ def test_an_image_and_a_video_in_one_question(bpe, family) -> None:
     """Text, an image, text, a video: each kind's k-th placeholder is that kind's k-th medium (LLaVA-OneVision's
     template writes the image, then the video, then the text): ids, both pixel tensors and the tags (1 image,
     2 video) equal the processor's."""
-    from tests.unit.test_native_bpe import _want_tags
-    from tests.unit.test_processors import _image
-
     lm = bpe(family)
     v = _video(4, _side(family, lm), seed=5, fps=2.0)
     turns = (Turn("user", ("look :", Media("image", 0), "and", Media("video", 0), "what happens ?")),)
     s = Sample(turns, [_image(112, 84)], [v])
     ours = lm.adapter.batch(lm, [s])
     frames = np.stack([np.asarray(f) for f in v.frames])
+    from transformers.video_utils import VideoMetadata
+
     msgs = [{"role": "user", "content": [{"type": "text", "text": "look :"}, {"type": "image", "image": s.images[0]},
                                          {"type": "text", "text": "and"}, {"type": "video", "video": frames},
                                          {"type": "text", "text": "what happens ?"}]}]
-    from transformers.video_utils import VideoMetadata
-
     vk = {"do_resize": False, "do_convert_rgb": False}  # the frames only: the image goes the processor's usual way
     if family != "llava_onevision":
         vk.update(do_sample_frames=False, video_metadata=[VideoMetadata(total_num_frames=4, fps=v.fps,
@@ -234,3 +240,39 @@ def test_an_image_and_a_video_in_one_question(bpe, family) -> None:
     assert torch.equal(ours.modality_BT, want), (ours.modality_BT, want)
     assert (ours.video_index_BT[0][ours.frame_BT[0] >= 0] == 0).all()
     assert (ours.image_index_BT[0][want[0] == 1] == 0).all()
+
+
+def test_a_native_qwen3_vl_extraction_stores_the_timestamp_text_with_its_frame(tmp_path, monkeypatch) -> None:
+    """Through a real extraction of the BPE Qwen3-VL checkpoint: the store records the native template, and the
+    text tokens it stores with a frame are exactly the processor's ``<t seconds>`` tokens, each with the frame of
+    the patch the processor puts it before and that frame's ``time_ms``."""
+    path = build_bpe_model("qwen3_vl", tmp_path / "model")
+    lm = load_model(ModelSpec(path=path, device="cpu", dtype="float32"))
+    videos = [_video(n, _side("qwen3_vl", lm), seed=n, fps=2.0) for n in (4, 3)]
+    turns = (Turn("user", (Media("video", 0), "what happens ?")),)
+    src = RecordList([Record(i, str(i), None, "what happens ?", videos=[v], turns=turns)
+                      for i, v in enumerate(videos)])
+    monkeypatch.setattr(extract_run, "open_source", lambda data, *a, **k: src)
+    monkeypatch.setattr(worker, "open_source", lambda data, *a, **k: src)
+    spec = spec_from_dict(extract_spec(tmp_path, model=path, extract={"batch_size": 2, "key_dtype": "float32"},
+                                       data={"shard_size": 2}))
+    run_job(spec, show_bar=False)
+    store = kscale.store.open(spec.output.path)
+    assert store.attrs["prompt_template"]["kind"] == "native"
+    assert store.attrs["prompt_template"]["template"] == TEMPLATES["qwen3_vl"]
+    txt = store.tokens("text")
+    tps = lm.image_processor.temporal_patch_size
+    vs_id, ve_id = lm.model.config.vision_start_token_id, lm.model.config.vision_end_token_id
+    for sid, v in enumerate(videos):
+        ids = _theirs("qwen3_vl", lm, _sample(v, answer=False), add_generation_prompt=True)["input_ids"][0]
+        starts = torch.nonzero(ids == vs_id).flatten().tolist()
+        want_pos, want_frame = [], []
+        for k, at in enumerate(starts[1:]):  # the processor's text between the previous block and patch k
+            prev = starts[0] if k == 0 else int(torch.nonzero(ids[:at] == ve_id).flatten()[-1])
+            want_pos += list(range(prev + 1, at))
+            want_frame += [k * tps] * (at - prev - 1)
+        sel = (txt["sample_id"] == sid) & (txt["frame"] >= 0)
+        order = np.argsort(txt["position"][sel])
+        assert txt["position"][sel][order].tolist() == want_pos
+        assert txt["frame"][sel][order].tolist() == want_frame
+        assert np.array_equal(txt["time_ms"][sel][order], np.round(np.array(v.timestamps)[want_frame] * 1000))
