@@ -290,15 +290,16 @@ def build_bpe_model(family: str, out) -> str:
     return str(out)
 
 
-@pytest.fixture(scope="module")
-def bpe(tmp_path_factory):
-    cache: dict = {}
+_LOADED: dict = {}  # family -> LoadedModel, for the session: test_native_bpe_video imports the fixture too
 
+
+@pytest.fixture(scope="session")
+def bpe(tmp_path_factory):
     def get(family: str):
-        if family not in cache:
+        if family not in _LOADED:
             path = build_bpe_model(family, tmp_path_factory.mktemp(family))
-            cache[family] = load_model(ModelSpec(path=path, device="cpu", dtype="float32"))
-        return cache[family]
+            _LOADED[family] = load_model(ModelSpec(path=path, device="cpu", dtype="float32"))
+        return _LOADED[family]
     return get
 
 
