@@ -298,6 +298,11 @@ class Llama4Adapter(Adapter):
     def image_token_id(self, config) -> int:
         return config.image_token_id  # <|patch|>: the positions the model fills with image features
 
+    def chat_placeholder(self, loaded: LoadedModel, kind: str) -> str:
+        """The released chat template writes ``<|image|>`` per image (``Llama4Processor``'s ``image_token``,
+        which it expands into the whole block); ``config.image_token_id`` is ``<|patch|>``, inside the block."""
+        return IMG
+
     def wrapper_ids(self, config) -> set[int]:
         return {config.boi_token_id, config.eoi_token_id}
 

@@ -4,13 +4,18 @@ The prompt is ``<image>`` x N, BOS, the text and a newline (``PaliGemmaProcessor
 attend to each other both ways, the answer causally. The model learns which tokens form the prefix from
 ``token_type_ids`` (0 prefix, 1 answer): :meth:`PaliGemmaAdapter.batch` passes them, from the answer spans,
 so keys are those of the model as it runs (without them the model falls back to a causal mask).
+
+PaliGemma has no chat template; its built-in template is the processor's layout, and :meth:`PaliGemmaAdapter._plan`
+tokenises as the processor does: the prompt text in one call, the answer (``suffix``) and EOS in another, with no
+space before it. With the tokenizers the checkpoints ship (Gemma's SentencePiece-style BPE, which merges across
+words and newlines) tokenising the template's pieces one by one gave other ids (tests/unit/test_native_bpe.py).
 """
 
 from __future__ import annotations
 
 import torch
 
-from kscale.models.inputs import Sample
+from kscale.models.inputs import Media, Sample
 from kscale.models.registry import Adapter, Batch, LoadedModel, register
 
 
@@ -51,6 +56,32 @@ class PaliGemmaAdapter(Adapter):
 
     def image_block(self, loaded: LoadedModel, n_tokens: int) -> list[int]:
         return [loaded.model.config.image_token_id] * n_tokens
+
+    def _plan(self, tok, template: str, sample: Sample) -> list:
+        """As ``PaliGemmaProcessor`` tokenises: the prompt's text between media (BOS, the question, ``"\\n"``) in
+        one call, so a BPE tokenizer merges across the template's pieces as the processor's single string does;
+        an answer as the pair's second text, ``suffix + EOS`` on its own (no space before it)."""
+        plan: list = []
+        text: list[str] = []
+
+        def flush() -> None:
+            if text:
+                plan.append((tok("".join(text), add_special_tokens=False).input_ids, False))
+                text.clear()
+
+        for turn in sample.turns:
+            if turn.role == "assistant":
+                flush()
+                plan.append((tok(turn.text + tok.eos_token, add_special_tokens=False).input_ids, True))
+                continue
+            for part in self._render_user(template, turn.content) if turn.role == "user" else [turn.text]:
+                if isinstance(part, Media):
+                    flush()
+                    plan.append(part)
+                else:
+                    text.append(part)
+        flush()
+        return plan
 
     def batch(self, loaded: LoadedModel, samples: list[Sample], with_answers: bool = True) -> Batch:
         out = super().batch(loaded, samples, with_answers)

@@ -577,30 +577,32 @@ class Adapter:
 
     @staticmethod
     def _plan_user(tok, template: str, content: tuple) -> list:
-        """A user turn through the template: ``{image}`` is the media that open the turn, ``{text}`` the rest
-        (the whole turn where the template has no ``{image}``)."""
+        """A user turn through the template (:meth:`_render_user`), each text piece tokenised on its own."""
+        return [p if isinstance(p, Media) else (tok(p, add_special_tokens=False).input_ids, False)
+                for p in Adapter._render_user(template, content)]
+
+    @staticmethod
+    def _render_user(template: str, content: tuple) -> list:
+        """A user turn through the template as text pieces and :class:`Media` in order: ``{image}`` is the media
+        that open the turn, ``{text}`` the rest (the whole turn where the template has no ``{image}``)."""
         lead = 0
         if "{image}" in template:
             while lead < len(content) and isinstance(content[lead], Media):
                 lead += 1
-
-        def parts(ps) -> list:
-            return [p if isinstance(p, Media) else (tok(p, add_special_tokens=False).input_ids, False) for p in ps]
-
-        plan: list = []
+        out: list = []
         rest = template
         while rest:
             i_img, i_txt = rest.find("{image}"), rest.find("{text}")
             cands = [(i, k) for i, k in ((i_img, "image"), (i_txt, "text")) if i >= 0]
             if not cands:
-                plan.append((tok(rest, add_special_tokens=False).input_ids, False))
+                out.append(rest)
                 break
             i, k = min(cands)
             if i > 0:
-                plan.append((tok(rest[:i], add_special_tokens=False).input_ids, False))
-            plan += parts(content[:lead] if k == "image" else content[lead:])
+                out.append(rest[:i])
+            out += list(content[:lead] if k == "image" else content[lead:])
             rest = rest[i + len(k) + 2:]
-        return plan
+        return out
 
     def tag(self, loaded: LoadedModel, input_ids_BT: torch.Tensor, attn_BT: torch.Tensor) -> torch.Tensor:
         """Modality tag of every token (PAD where attention_mask is 0): image and video where the processor's
