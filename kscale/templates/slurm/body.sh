@@ -185,7 +185,10 @@ elif [ "$KSCALE_RUNTIME" = dask ]; then
     done
     tls=(--tls-ca-file "$tls_dir/cert.pem" --tls-cert "$tls_dir/cert.pem" --tls-key "$tls_dir/key.pem")
     echo "kscale: starting dask scheduler (TLS) on $head_node:$dask_port, one worker per node ($cpus threads)"
-    service dask-scheduler "" --nodes=1 --ntasks=1 -w "$head_node" -- \
+    # The scheduler's scratch space in a temp dir of its own on the head's node (the head's dask worker has
+    # the node's dir): by default it would be the node's shared /tmp/dask-scratch-space, left behind.
+    service dask-scheduler "$node_tmp-s" --nodes=1 --ntasks=1 -w "$head_node" -- \
+        env DASK_TEMPORARY_DIRECTORY="$node_tmp-s" \
         "$KSCALE_PYTHON" -m distributed.cli.dask_scheduler --protocol tls "${tls[@]}" --host "$head_ip" \
         --port "$dask_port" --dashboard-address "127.0.0.1:$dashboard_port" \
         --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE"
