@@ -6,11 +6,12 @@ keeps its files.
 the environment it submits the sbatch job with; the job's ``dask worker`` and ``dask scheduler`` processes,
 started by the sbatch body, import it and call :func:`dask_setup`. The scheduler writes
 ``$KSCALE_TEST_DASK_TASKS/scheduler.json`` (its Slurm node and ``local_directory``: its scratch space). Each
-worker adds a worker plugin. Whenever the worker finishes executing a task (``executing ->
-memory``: computed here, not a result fetched from another worker) the plugin rewrites
+worker adds a worker plugin. Whenever the worker finishes executing a task (``executing -> memory``: computed
+here, not a result fetched from another worker) the plugin rewrites
 ``$KSCALE_TEST_DASK_TASKS/<slurm node>-<pid>.json``: the worker's address, its Slurm node (``SLURMD_NODENAME``,
 which ``srun`` sets in the worker's step), its ``local_directory`` and the keys it computed, grouped by task
-name (``chunk_sums``: one joint block of the layer streamed). Nothing in kscale or in the body changes; the scheduler places the tasks.
+name (``chunk_sums``: one joint block of the layer streamed). Nothing in kscale or in the body changes; the
+scheduler places the tasks.
 """
 
 from __future__ import annotations
