@@ -5,13 +5,13 @@ keeps its files.
 ``DASK_DISTRIBUTED__SCHEDULER__PRELOAD`` (dask's own ``distributed.{worker,scheduler}.preload`` settings) in
 the environment it submits the sbatch job with; the job's ``dask worker`` and ``dask scheduler`` processes,
 started by the sbatch body, import it and call :func:`dask_setup`. The scheduler writes
-``$KSCALE_TEST_DASK_TASKS/scheduler.json`` (its Slurm node and ``local_directory``: its scratch space). Each
-worker adds a worker plugin. Whenever the worker finishes executing a task (``executing -> memory``: computed
-here, not a result fetched from another worker) the plugin rewrites
+``$KSCALE_TEST_DASK_TASKS/scheduler.json`` (its Slurm node, ``local_directory``: its scratch space, and the
+address its dashboard is bound to). Each worker adds a worker plugin. Whenever the worker finishes executing a
+task (``executing -> memory``: computed here, not a result fetched from another worker) the plugin rewrites
 ``$KSCALE_TEST_DASK_TASKS/<slurm node>-<pid>.json``: the worker's address, its Slurm node (``SLURMD_NODENAME``,
-which ``srun`` sets in the worker's step), its ``local_directory`` and the keys it computed, grouped by task
-name (``chunk_sums``: one joint block of the layer streamed). Nothing in kscale or in the body changes; the
-scheduler places the tasks.
+which ``srun`` sets in the worker's step), its ``local_directory``, its dashboard's bound address and the keys
+it computed, grouped by task name (``chunk_sums``: one joint block of the layer streamed). Nothing in kscale or
+in the body changes; the scheduler places the tasks.
 """
 
 from __future__ import annotations
@@ -47,7 +47,15 @@ class TaskRecord(WorkerPlugin):
     def _write(self) -> None:
         _write_json(self.path, {"node": self.node, "pid": os.getpid(),
                                 "address": getattr(self.worker, "address", None),
-                                "local_directory": getattr(self.worker, "local_directory", None), "tasks": self.tasks})
+                                "local_directory": getattr(self.worker, "local_directory", None),
+                                "dashboard": dashboard(self.worker), "tasks": self.tasks})
+
+
+def dashboard(server) -> str | None:
+    """The address a dask server's HTTP dashboard is bound to (``host:port``; its log prints the node's IP
+    whatever the bind address), None without one."""
+    http = getattr(server, "http_server", None)
+    return f"{http.address}:{http.port}" if http is not None and getattr(http, "address", None) else None
 
 
 def _write_json(path: Path, rec: dict) -> None:
@@ -64,6 +72,7 @@ async def dask_setup(server) -> None:
         return
     if isinstance(server, Scheduler):
         _write_json(Path(folder) / "scheduler.json", {"node": os.environ.get("SLURMD_NODENAME", "?"),
-                                                      "local_directory": server.local_directory})
+                                                      "local_directory": server.local_directory,
+                                                      "dashboard": dashboard(server)})
     else:
         await server.plugin_add(TaskRecord(folder), name=NAME)

@@ -231,6 +231,10 @@ def test_two_slurm_nodes_run_the_analysis_one_dask_worker_per_node(slurm_two_nod
     for i, n in enumerate(NODES):
         assert re.fullmatch(re.escape(node_tmp) + rf"[0-9a-f]{{8}}-n{i}/dask-scratch-space/worker-\w+",
                             by_node[n]["local_directory"]), by_node[n]
+    # Every dask dashboard (plain HTTP, no TLS, no login) bound to the node's loopback only: reached through the
+    # ssh tunnel the log prints, never by other users of the node or the cluster's network.
+    dashboards = [sched["dashboard"], *(r["dashboard"] for r in records)]
+    assert all(d and d.startswith("127.0.0.1:") for d in dashboards), dashboards
 
     # The table equals the in-process threaded run, row by row to 1e-9.
     got = pd.read_parquet(out / "results.parquet")
