@@ -185,14 +185,20 @@ elif [ "$KSCALE_RUNTIME" = dask ]; then
     done
     tls=(--tls-ca-file "$tls_dir/cert.pem" --tls-cert "$tls_dir/cert.pem" --tls-key "$tls_dir/key.pem")
     echo "kscale: starting dask scheduler (TLS) on $head_node:$dask_port, one worker per node ($cpus threads)"
-    service dask-scheduler "" --nodes=1 --ntasks=1 -w "$head_node" -- \
+    # Dashboards are plain HTTP without a login: the scheduler's and every worker's on the node's loopback only
+    # (dask's worker default, ":0", is every interface), reached through the ssh tunnel printed below.
+    # The scheduler's scratch space in a temp dir of its own on the head's node (the head's dask worker has
+    # the node's dir): by default it would be the node's shared /tmp/dask-scratch-space, left behind.
+    service dask-scheduler "$node_tmp-s" --nodes=1 --ntasks=1 -w "$head_node" -- \
+        env DASK_TEMPORARY_DIRECTORY="$node_tmp-s" \
         "$KSCALE_PYTHON" -m distributed.cli.dask_scheduler --protocol tls "${tls[@]}" --host "$head_ip" \
         --port "$dask_port" --dashboard-address "127.0.0.1:$dashboard_port" \
         --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE"
     service dask-worker "$node_tmp" --nodes="$n_nodes" --ntasks="$n_nodes" --ntasks-per-node=1 \
         --cpus-per-task="$cpus" -- \
         "$KSCALE_PYTHON" -m distributed.cli.dask_worker "${tls[@]}" --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
-        --nworkers 1 --nthreads "$cpus" --memory-limit 0 --local-directory "$node_tmp"
+        --nworkers 1 --nthreads "$cpus" --memory-limit 0 --local-directory "$node_tmp" \
+        --dashboard-address 127.0.0.1:0
     step --nodes=1 --ntasks=1 -w "$head_node" -- \
         "$KSCALE_PYTHON" -m kscale.targets.slurm wait-dask --scheduler-file "$KSCALE_DASK_SCHEDULER_FILE" \
         --workers "$n_nodes" --timeout "$KSCALE_NODE_WAIT_S"

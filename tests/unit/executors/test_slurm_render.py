@@ -202,3 +202,22 @@ def test_only_the_head_uses_the_jobs_port_block_and_each_node_has_its_own_temp_d
     assert '"${ray_ports[@]}"' in head
     assert re.search(r'^node_tmp=".*-n\{node\}"$', text, re.M)
     assert '--temp-dir "$temp" --job-nodes "${nodes[*]}"' in _function(text, "service")
+
+
+def test_every_dask_server_keeps_its_scratch_space_in_the_jobs_node_temp_dirs_and_its_dashboard_local():
+    """The dask scheduler runs with a temp dir of its own on the head's node (``$node_tmp-s``: the wrapper creates
+    it 0700 and removes it; ``DASK_TEMPORARY_DIRECTORY`` points the scheduler's scratch space there), the
+    workers with the node's ``-n{node}`` dir as ``--local-directory``. Without it the scheduler used the node's
+    shared ``/tmp/dask-scratch-space`` and left files there (seen in ``tests/cluster/test_slurm_nodes.py``), and
+    the workers' dashboards listened on every interface (``0.0.0.0``, seen there too)."""
+    text = _render("slurm_analyze")
+    sched = " ".join(text[text.index("service dask-scheduler"): text.index("service dask-worker")]
+                     .replace("\\\n", " ").split())
+    assert sched.startswith('service dask-scheduler "$node_tmp-s" ')
+    assert '-- env DASK_TEMPORARY_DIRECTORY="$node_tmp-s" "$KSCALE_PYTHON" -m distributed.cli.dask_scheduler' in sched
+    worker = text[text.index("service dask-worker"): text.index("wait-dask")]
+    assert worker.startswith('service dask-worker "$node_tmp" --nodes="$n_nodes" --ntasks="$n_nodes" '
+                             "--ntasks-per-node=1")
+    assert '--local-directory "$node_tmp"' in worker
+    # dashboards (plain HTTP, no login) on the node's loopback: dask's worker default ":0" is every interface
+    assert '--dashboard-address 127.0.0.1:0' in worker and '--dashboard-address "127.0.0.1:$dashboard_port"' in sched
