@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export RAY_USAGE_STATS_ENABLED ?= 0
 
-.PHONY: setup demo demo-bias test test-slow test-all test-cluster test-nodes golden bench clean-runs
+.PHONY: setup demo demo-bias test test-slow test-all test-cluster test-nodes test-extended golden bench clean-runs
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,11 @@ demo-bias: setup
 
 test: setup
 	$(PY) -m pytest -q -ra
+
+# Heavier tests of paths the default suite also covers more cheaply (marker `extended`): kept out of
+# `make test` so that it stays near 15 minutes; CI runs them after it (.ci/run).
+test-extended: setup
+	$(PY) -m pytest -q -ra -m "extended and not gpu and not slow"
 
 test-slow: setup
 	$(PY) -m pytest -q -ra -m slow

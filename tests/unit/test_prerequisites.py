@@ -51,12 +51,13 @@ def test_missing_prerequisite_fails_in_ci(monkeypatch) -> None:
 
 def _fake_repo(tmp_path: Path, install_rc: int) -> Path:
     """A copy of ``.ci/run`` beside a fake installer (exit ``install_rc``) and a Makefile whose ``test`` and
-    ``test-nodes`` targets only leave marks (and record the CI variable they saw)."""
+    ``test-extended`` and ``test-nodes`` targets only leave marks (and record the CI variable they saw)."""
     (tmp_path / ".ci").mkdir()
     shutil.copy(REPO / ".ci" / "run", tmp_path / ".ci" / "run")
     (tmp_path / ".ci" / "install_slurm.sh").write_text(f"#!/usr/bin/env bash\necho installing\nexit {install_rc}\n")
     (tmp_path / ".ci" / "install_slurm.sh").chmod(0o755)
     (tmp_path / "Makefile").write_text("test:\n\techo \"$$CI\" > suite-ran\n"
+                                       "test-extended:\n\techo \"$$CI\" > extended-ran\n"
                                        "test-nodes:\n\techo \"$$CI\" > nodes-ran\n")
     return tmp_path
 
@@ -78,6 +79,7 @@ def test_ci_run_runs_the_suite_with_ci_set(tmp_path) -> None:
                        env={"PATH": "/usr/bin:/bin"})
     assert p.returncode == 0, p.stdout + p.stderr
     assert (repo / "suite-ran").read_text().strip() == "true"
+    assert (repo / "extended-ran").read_text().strip() == "true"  # the heavier tests kept out of `make test`
     assert (repo / "nodes-ran").read_text().strip() == "true"  # the multi-node cluster tests run after it
 
 
