@@ -144,8 +144,9 @@ def test_probe_reads_of_a_layer_larger_than_chunk_mb(tmp_path, monkeypatch):
     """The probes' own reads (not map-reduces: sequential Adam steps over block pairs in a seeded order, then
     held-out scoring with the trained probes) of a layer above ``dask.chunk_mb``, with the defaults'
     comparisons and epochs: each epoch reads 3 layers (cross: image + text; intra_text: text on both sides;
-    intra_image: image on both sides), 3 epochs, then the scoring the same 3 again: 12 layers of reads per
-    layer while ``jsd.max_train_tokens`` (200,000 per modality and epoch) is not reached. Unchanged here."""
+    intra_image: image on both sides), 3 epochs, then one scoring pass for all comparisons (before: one per
+    comparison, the same 3 layers again): 10 layers of reads per layer (before: 12) while
+    ``jsd.max_train_tokens`` (200,000 per modality and epoch) is not reached."""
     ks = make_store(n_samples=700, layers=(0,), n_heads=1, head_dim=64, image_per_sample=12,
                     text_per_sample=(8, 12), chunk_rows=2000)
     full = layer_bytes(ks, 0, [0])
@@ -156,7 +157,7 @@ def test_probe_reads_of_a_layer_larger_than_chunk_mb(tmp_path, monkeypatch):
                         mmd=MMDConfig(max_accumulator_mb=4))
     c = counted_run(cfg, ks, tmp_path / "out", monkeypatch)
     assert [names for names, _, _ in c.passes] == [("chunk_sums", "direction_sums"), ("direction_mmd_sums",)]
-    assert c.compute_bytes == 12 * full
+    assert c.compute_bytes == 10 * full
     print(f"\nprobes (defaults' comparisons and epochs) over a layer > chunk_mb: {c.compute_bytes / full:g} "
           f"layers read; map_reduce passes {len(c.passes)}")
 
@@ -239,3 +240,49 @@ def test_map_reduce_fused_is_one_pass_with_each_parts_own_result(scheduler):
     assert fused[1] == [it + (7,) for it in items]
     with pytest.raises(ValueError):  # a part without its merge is an error, not a silent drop
         FusedMerge((_concat,))((1, 2), (3, 4))
+
+
+def test_probe_scoring_is_one_pass_for_every_comparison_with_the_same_rows():
+    """The probes' held-out scoring reads each block once for all comparisons (cross, intra_text,
+    intra_image: 1 layer), where a scoring pass per comparison right after its training reads 2 layers (3
+    before this change: an intra comparison's modality was read once per side); the rows equal those of
+    that order (train, score, next comparison) exactly."""
+    from kscale.analysis import probes as P
+
+    ks = make_store(n_samples=16, layers=(0,), n_heads=2, head_dim=8)
+    cfg = AnalyzeConfig(stores=["unused"], estimators=["jsd_clf"], embed=EmbedConfig(methods=[]),
+                        dask=DaskConfig(scheduler="sync"), mmd=MMDConfig(median_subsample=100, max_accumulator_mb=1),
+                        jsd=JSDConfig(classifiers=["logistic", "mlp"], mlp_hidden=8, epochs=1, min_steps=4),
+                        significance=SignificanceConfig(n_buckets=8))
+    counter = Counter()
+    with counter.runner()(cfg.dask) as runner:
+        lc = R._layer_context(R._store_context(cfg, ks, runner, None), 0, False)
+        sc, joint = lc.store, R.layer_items(lc, lc.store.heads)
+        assert len(joint) >= 2 and len(sc.comps) == 3
+        items = {m: [it[m] for it in joint if it[m] is not None] for m in sc.mods}
+        targets = {t: (pos, lc.plans[t]) for t, pos in lc.targets.items()}
+        n_samples = {c.name: 1 for c in sc.comps}
+
+        def ctx_rows(t):
+            return lambda **kw: {"head": t, **kw}
+
+        before, reads_before = [], 0
+        for comp in sc.comps:  # the order before: each comparison trained, then scored alone
+            job = (comp, P._train(cfg, runner, items, comp, targets, sc.buckets))
+            read = counter.compute_bytes
+            [(loss, count)] = P._score_sums(cfg, runner, items, [job], targets, sc.buckets)
+            reads_before += counter.compute_bytes - read
+            before += P._score_rows(cfg, comp, targets, job[1][0], loss, count, ctx_rows)
+        trained = [(comp, P._train(cfg, runner, items, comp, targets, sc.buckets)) for comp in sc.comps]
+        read = counter.compute_bytes
+        sums = P._score_sums(cfg, runner, items, trained, targets, sc.buckets)
+        reads_now = counter.compute_bytes - read
+        now = [r for (comp, (train_K, _)), (loss, count) in zip(trained, sums)
+               for r in P._score_rows(cfg, comp, targets, train_K, loss, count, ctx_rows)]
+        stage = P.probe_rows(lc, n_samples, joint)  # the stage's own entry (the small layer read once first)
+    full = layer_bytes(ks, 0, [0, 1])
+    assert (reads_before, reads_now) == (2 * full, full)
+    assert len(now) == 3 * 3 * 2 and repr(now) == repr(before)  # comparisons x targets x kinds, same numbers
+    assert repr([(r["comparison"], r["head"], r["value"], r["se"], r["p"]) for r in stage]) == repr([
+        (r["comparison"], r["head"], r["value"], r["se"], r["p"]) for r in now])
+    assert all(r["se"] > 0 and np.isfinite(r["value"]) for r in now if r["comparison"] == "cross")
