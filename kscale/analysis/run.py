@@ -13,9 +13,10 @@ Per store: the sample ids are streamed once to cut the samples into sample-align
     pictures (embed.py)    classifier JSD bounds (their own streaming loops)       (probes.py)
                            directions: RF MMD along the leading directions (one more pass)
 
-Passes over a layer's blocks (each a full read of the layer's selected heads): one per head group (one when
-the heads' feature sums fit ``mmd.max_accumulator_mb``, the usual case), plus one for heads pooled when the
-heads are split; the direction sums ride along (:func:`_stream_sums`); the directions' MMD needs the
+Passes over a layer's blocks (each a full read of the layer's selected heads): one per head group (all
+heads in one when their feature sums fit ``mmd.max_accumulator_mb``; with the defaults' 18 configs of 4,096
+features each head is a group and reads its column only), plus one for heads pooled when the heads are
+split; the direction sums ride along (:func:`_stream_sums`); the directions' MMD needs the
 decomposition of those sums, so it is one more pass (:func:`_direction_rows`). The probes (``jsd_clf``)
 read the blocks in their own loops: training is sequential Adam steps over blocks in a seeded order (not a
 map-reduce) and the held-out scoring needs the trained probes (:mod:`kscale.analysis.probes`).
