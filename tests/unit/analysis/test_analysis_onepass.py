@@ -89,9 +89,17 @@ def layer_bytes(ks, layer: int, heads: list[int]) -> int:
     return sum(ks.keys(layer, m, heads).nbytes + 8 * ks.keys(layer, m).shape[0] for m in ("image", "text"))
 
 
-def counted_run(cfg: AnalyzeConfig, ks, out: Path, monkeypatch, fuse: bool = True) -> Counter:
+def counted_run(cfg: AnalyzeConfig, ks, out: Path, monkeypatch, fuse: bool = True, tables_only: bool = False,
+                ) -> Counter:
+    """``analyze`` with the counters; ``tables_only``: without the pictures and report.html (they read no
+    blocks: the tables and the subsample's maps)."""
+    from kscale.analysis import figures, report
+
     counter = Counter()
     with monkeypatch.context() as mp:
+        if tables_only:
+            mp.setattr(figures, "write_pictures", lambda *a, **k: None)
+            mp.setattr(report, "build_report", lambda *a, **k: None)
         mp.setattr(R, "Runner", counter.runner())
         mp.setattr(R, "read_rows", counter.read_rows(R.read_rows))
         mp.setattr(R, "_FUSE_PASSES", fuse)
@@ -123,7 +131,7 @@ def test_passes_and_bytes_per_layer(which, fuse, tmp_path, monkeypatch):
     store a few thousand rows per modality)."""
     ks = make_store(n_samples=12, layers=(0,), n_heads=2, head_dim=8)
     cfg = default_cfg() if which == "default" else demo_cfg()
-    c = counted_run(cfg, ks, tmp_path / "out", monkeypatch, fuse)
+    c = counted_run(cfg, ks, tmp_path / "out", monkeypatch, fuse, tables_only=True)
     full = layer_bytes(ks, 0, [0, 1])
     mmd = ("chunk_sums", "direction_sums") if fuse else ("chunk_sums",)
     want = [(mmd, layer_bytes(ks, 0, heads)) for heads in ([0], [1], [0, 1])]  # groups [[0], [1]], then pooled
@@ -155,7 +163,7 @@ def test_probe_reads_of_a_layer_larger_than_chunk_mb(tmp_path, monkeypatch):
                         dask=DaskConfig(scheduler="sync", chunk_mb=1),
                         jsd=JSDConfig(classifiers=["logistic"], min_steps=1, max_passes=1),
                         mmd=MMDConfig(max_accumulator_mb=4))
-    c = counted_run(cfg, ks, tmp_path / "out", monkeypatch)
+    c = counted_run(cfg, ks, tmp_path / "out", monkeypatch, tables_only=True)
     assert [names for names, _, _ in c.passes] == [("chunk_sums", "direction_sums"), ("direction_mmd_sums",)]
     assert c.compute_bytes == 10 * full
     print(f"\nprobes (defaults' comparisons and epochs) over a layer > chunk_mb: {c.compute_bytes / full:g} "
@@ -191,7 +199,8 @@ def test_fused_tables_equal_the_separate_passes_byte_for_byte(case, tmp_path, mo
         groups, n_blocks = R._head_groups(lc, True), lc.store.blocks.n_blocks
     assert n_blocks >= 3
     assert len(groups) == (2 if case == "split" else 1)
-    runs = {fuse: counted_run(cfg, ks, tmp_path / str(fuse), monkeypatch, fuse) for fuse in (True, False)}
+    runs = {fuse: counted_run(cfg, ks, tmp_path / str(fuse), monkeypatch, fuse, tables_only=True)
+            for fuse in (True, False)}
     assert len(runs[True].passes) == len(runs[False].passes) - len(ks.layers)  # one direction pass less per layer
     for name in ("results.csv", "directions.csv"):
         fused, separate = ((tmp_path / str(f) / name).read_bytes() for f in (True, False))
