@@ -1,15 +1,16 @@
-"""How often the analysis reads a layer (issue 26, "an analysis bound by bytes"), and the fused pass.
+"""How often the analysis reads a layer (issue 26, "an analysis bound by bytes"), and the fused passes.
 
 A counting runner wraps the real :class:`kscale.analysis.stream.Runner` (``run.Runner`` replaced for the
 run): every ``map_reduce`` is one pass over a layer's joint blocks, and its tasks add up the bytes of the
-blocks they were handed; ``compute`` (the probes' reads) adds up the arrays it returns from dask objects; the subsample's
-gathers (``run.read_rows``) are counted apart. Bytes are given in units of the layer: every selected
-head's keys of both modalities plus their sample ids.
+blocks they were handed; ``compute`` (the probes' reads) adds up the arrays it returns from dask objects;
+the subsample's gathers (``run.read_rows``) are counted apart. Bytes are compared with the layer's: every
+selected head's keys of both modalities plus their sample ids.
 
 Claims (``run._FUSE_PASSES``, private, False: the direction sums in a pass of their own, as before):
 per layer, one pass per head group (+ one for heads pooled when the heads are split) with the direction
 sums riding along, then one pass for the directions' RF MMD; before, one more pass for the direction sums.
-The tables (``results.csv``, ``directions.csv``) are byte-identical either way.
+The tables (``results.csv``, ``directions.csv``) are byte-identical either way. The probes score every
+comparison in one pass (``probes._score_sums``), with the rows of a scoring per comparison.
 """
 
 from __future__ import annotations
