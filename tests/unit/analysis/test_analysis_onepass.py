@@ -16,10 +16,11 @@ comparison in one pass (``probes._score_sums``), with the rows of a scoring per 
 from __future__ import annotations
 
 import dataclasses
-import sys
 import threading
+from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from dask.base import is_dask_collection
 
@@ -29,8 +30,6 @@ from kscale.analysis import run as R
 from kscale.analysis.stream import FusedMerge, Runner, fused_map
 from kscale.spec import load_spec
 from kscale.spec.analyze import AnalyzeConfig, DaskConfig, EmbedConfig, JSDConfig, MMDConfig, SignificanceConfig
-
-from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[3]
 
@@ -206,8 +205,6 @@ def test_fused_tables_equal_the_separate_passes_byte_for_byte(case, tmp_path, mo
     for name in ("results.csv", "directions.csv"):
         fused, separate = ((tmp_path / str(f) / name).read_bytes() for f in (True, False))
         assert fused == separate, name
-    import pandas as pd
-
     table = pd.read_csv(tmp_path / "True" / "directions.csv")
     assert set(table["head"]) == {*ks.heads, R.POOLED} and table.mmd2_rf.notna().any()
     assert pd.read_csv(tmp_path / "True" / "results.csv").value.notna().all()
