@@ -32,13 +32,13 @@ from kscale.spec import load_spec  # noqa: E402
 
 PHASES = [  # (module, function, label)
     (run, "_layer_context", "plans (subsample, bandwidths, bins)"),
-    (run, "_stream_sums", "streamed RF / linear / histogram sums"),
+    (run, "_stream_sums", "streamed RF / linear / histogram + direction sums"),
     (R, "rf_rows", "RF rows (jackknife, cross-MMD p)"),
     (R, "permutation_row_update", "permutation p"),
     (R, "exact_rows", "exact MMD rows"),
     (R, "paper_rows", "paper MMD rows"),
     (run, "probe_rows", "classifier probes"),
-    (run, "_direction_rows", "directions pass (where the gap lives)"),
+    (run, "_direction_rows", "directions' MMD pass (where the gap lives)"),
     (run, "queries_beside_gap", "query-visible gap"),
     (E, "resolved", "waiting for t-SNE maps (helper process)"),
     (FIG, "write_pictures", "pictures"),

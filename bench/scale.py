@@ -15,7 +15,10 @@ layer's keys and the sample ids of both modalities in coarse blocks) through zar
 before) and through ``kscale.store.decode`` (``reader.DIRECT_READS``), and through tensorstore where it
 imports (not a dependency: put it on ``PYTHONPATH``), with ratios and an identity check; the analysis
 runs twice, zarr then direct, with both times, their ratio and ``rows_identical`` (``results.csv`` byte
-for byte). ``--v1`` writes the same
+for byte); then once more with the passes unfused (``analysis_passes``: the direction sums in a pass of their
+own, as before they rode along the MMD's: ``run._FUSE_PASSES``) beside the direct run, with the ratio and
+whether ``results.csv`` and ``directions.csv`` are identical (``--passes-only``: only that comparison,
+separate then fused). ``--v1`` writes the same
 store with the frozen format-1 writer (``tests/store_v1.py``) for the "before" column.
 Targets (issue 10): open + index + keys graph <= 2 s and ``kscale info`` <= 2 s at 10,000 shards.
 Timings on a shared 2-core machine are noisy.
@@ -167,6 +170,8 @@ from kscale.spec.analyze import AnalyzeConfig, MMDConfig, SignificanceConfig, Da
 from kscale.analysis.run import analyze
 import kscale.store.reader
 kscale.store.reader.DIRECT_READS = sys.argv[3] == "direct"  # the read path under test (zarr: today's)
+import kscale.analysis.run
+kscale.analysis.run._FUSE_PASSES = sys.argv[4] == "fused"  # separate: the direction sums in a pass of their own
 cfg = AnalyzeConfig(stores=[sys.argv[1]], layers=[0], heads=[0], pooled=False, comparisons=["cross"],
                     estimators=["mmd_rf"], mmd=MMDConfig(n_features=256), embed=__import__(
                     "kscale.spec.analyze", fromlist=["EmbedConfig"]).EmbedConfig(methods=[]),
@@ -178,13 +183,14 @@ print(json.dumps({"seconds": round(time.perf_counter() - t0, 2), "cpu_s": round(
 """
 
 
-def analysis(path: Path, out: Path, reads: str = "direct") -> dict:
+def analysis(path: Path, out: Path, reads: str = "direct", passes: str = "fused") -> dict:
     """``kscale.analysis.run.analyze`` of one layer in a fresh process, reading through ``reads``: "direct"
-    (``kscale.store.decode``, the default) or "zarr" (zarr-python, the path before issue 26)."""
+    (``kscale.store.decode``, the default) or "zarr" (zarr-python, the path before issue 26); ``passes``
+    "fused" (the direction sums in the MMD's pass, the default) or "separate" (in a pass of their own)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}:{os.environ.get('PYTHONPATH', '')}"}
     load = os.getloadavg()[0]
-    p = subprocess.run([sys.executable, "-c", ANALYZE, str(path), str(out), reads], capture_output=True, text=True,
-                       env=env)
+    p = subprocess.run([sys.executable, "-c", ANALYZE, str(path), str(out), reads, passes], capture_output=True,
+                       text=True, env=env)
     if p.returncode:
         return {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"exit {p.returncode}"}
     # the machine's 1-minute load average when the run started and ended: a wall ratio of two runs is only
@@ -206,6 +212,29 @@ def analysis_both(path: Path) -> dict:
     if "seconds" in out["zarr"] and "seconds" in out["direct"]:
         out["ratio_wall"] = round(out["zarr"]["seconds"] / out["direct"]["seconds"], 2)
         out["ratio_cpu"] = round(out["zarr"]["cpu_s"] / out["direct"]["cpu_s"], 2)
+    return out
+
+
+def analysis_passes(path: Path, fused: dict | None = None) -> dict:
+    """The analysis of one layer (direct reads) with the passes unfused (before) and fused (now), side by side:
+    both times, their ratios, and whether ``results.csv`` and ``directions.csv`` are identical byte for byte.
+    ``fused``: the fused run just made by :func:`analysis_both` (its folder ``analysis-<store>-direct``);
+    without it, separate then fused here."""
+    folders = {"separate": path.parent / f"analysis-{path.name}-separate",
+               "fused": path.parent / f"analysis-{path.name}-{'direct' if fused else 'fused'}"}
+    out = {}
+    for passes in ("separate", "fused"):
+        if passes == "fused" and fused is not None:
+            out[passes] = fused
+            continue
+        shutil.rmtree(folders[passes], ignore_errors=True)
+        out[passes] = analysis(path, folders[passes], "direct", passes)
+    for name in ("results.csv", "directions.csv"):
+        a, b = (folders[p] / name for p in ("separate", "fused"))
+        out[f"{name.split('.')[0]}_identical"] = a.is_file() and b.is_file() and a.read_bytes() == b.read_bytes()
+    if "seconds" in out["separate"] and "seconds" in out["fused"]:
+        out["ratio_wall"] = round(out["separate"]["seconds"] / out["fused"]["seconds"], 2)
+        out["ratio_cpu"] = round(out["separate"]["cpu_s"] / out["fused"]["cpu_s"], 2)
     return out
 
 
@@ -292,7 +321,7 @@ def kscale_info(path: Path) -> float:
 
 
 def measure(path: Path, n_shards: int, tokens: int, version: int, write_s: float, files_2_layers: float | None,
-            run_analysis: bool) -> dict:
+            run_analysis: bool, passes_only: bool = False) -> dict:
     import kscale.store.reader  # imported before timing: zarr + dask take seconds to import on a loaded machine
 
     ks, t_open = _timed(lambda: kscale.store.reader.open_store(path))
@@ -313,9 +342,13 @@ def measure(path: Path, n_shards: int, tokens: int, version: int, write_s: float
         _, row["index_rebuild_s"] = _timed(lambda: build_index(path))
     if version == 2:
         row["read_paths"] = read_paths(ks)
-    if run_analysis:
+    if run_analysis and passes_only:
+        row["analysis_passes"] = analysis_passes(path)
+    elif run_analysis:
         row["analysis_one_layer"] = (analysis_both(path) if version == 2 else
                                      analysis(path, path.parent / f"analysis-{path.name}", "zarr"))
+        if version == 2:
+            row["analysis_passes"] = analysis_passes(path, row["analysis_one_layer"]["direct"])
     return row
 
 
@@ -330,6 +363,8 @@ def main() -> None:
     ap.add_argument("--no-v1-analysis", action="store_true", help="measure the analysis on format-2 stores only")
     ap.add_argument("--analysis-max", type=int, default=None, help="skip the analysis above this many shards")
     ap.add_argument("--keep", action="store_true", help="keep the stores; with --dir, a later run reuses them")
+    ap.add_argument("--passes-only", action="store_true",
+                    help="analysis: only the passes separate vs fused (direct reads), not zarr vs direct")
     a = ap.parse_args()
     base = Path(a.dir or tempfile.mkdtemp(prefix="kscale-scale-"))
     base.mkdir(parents=True, exist_ok=True)
@@ -346,7 +381,7 @@ def main() -> None:
                 analyse = not a.no_analysis and not (version == 1 and a.no_v1_analysis) and (
                     a.analysis_max is None or n <= a.analysis_max)
                 print(json.dumps(measure(path, n, a.tokens, version, write_s, files_2 if version == 2 else None,
-                                         analyse)), flush=True)
+                                         analyse, a.passes_only and version == 2)), flush=True)
                 if not a.keep:
                     shutil.rmtree(path)
     finally:

@@ -1,7 +1,8 @@
 """Where the gap lives: the image/text mean difference along the principal directions of the pooled keys.
 
-Per layer and target (a KV head, or the heads pooled as extra vectors like the MMD's pooled target), one
-streaming pass over the layer's joint blocks (``run.layer_items``, the same blocks the MMD streams) sums,
+Per layer and target (a KV head, or the heads pooled as extra vectors like the MMD's pooled target), the
+MMD's streaming pass over the layer's joint blocks (``run.layer_items``; :func:`direction_sums` rides along
+``features.chunk_sums`` in one task per block: ``stream.Runner.map_reduce_fused``) also sums,
 per modality, the count n, the vector sum s_d and the second-moment matrix S_dd of the keys shifted by a
 fixed centre c (the standardisation centre of the layer's subsample: it only keeps S - n mu mu^T free of
 cancellation). :class:`DirectionSums` merge by addition, so blocks, threads and dask workers reduce

@@ -2,10 +2,16 @@
 
 For one layer and one comparison, blocks of keys are read one at a time (all selected heads at once);
 every target (each head, heads pooled) and every probe kind takes balanced Adam steps on the tokens of
-training buckets. A second pass scores held-out buckets: per-bucket sums of log-loss give the balanced
-held-out log-loss, the bound ``log 2 - L`` and a clustered SE. Memory: one block plus small models; a
-layer no larger than ``dask.chunk_mb`` is read once and kept (tiny stores: the reads would cost more
-than the probes).
+training buckets. Once every comparison's probes are trained, one more pass scores held-out buckets for
+all comparisons at once (each block of each modality read once, whichever comparisons and sides use it:
+:func:`_score_sums`): per-bucket sums of log-loss give the balanced held-out log-loss, the bound
+``log 2 - L`` and a clustered SE. Memory: one block plus small models; a layer no larger than
+``dask.chunk_mb`` is read once and kept (tiny stores: the reads would cost more than the probes).
+
+Reads per layer above ``dask.chunk_mb``: training reads a block pair per step (an intra comparison's pair
+from one modality), ``jsd.epochs`` passes per comparison while ``jsd.max_train_tokens`` is not reached
+(3 layers per epoch with the default comparisons); the scoring one layer. Training is sequential Adam steps
+over blocks in a seeded order, so it cannot share a map-reduce pass, and the scoring needs its result.
 """
 
 from __future__ import annotations
@@ -58,20 +64,21 @@ def probe_rows(lc, n_samples: dict[str, int], joint: list[dict]) -> list[dict]:
         return lambda **kw: R.row(store=sc.ks.path, layer=lc.layer, head=t,
                                   n_samples=n_samples[kw["comparison"]], **kw)
 
+    trained = [(comp, _train(lc.cfg, sc.runner, items, comp, targets, sc.buckets)) for comp in sc.comps]
+    sums = _score_sums(lc.cfg, sc.runner, items, trained, targets, sc.buckets)  # one pass for every comparison
     out = []
-    for comp in sc.comps:
-        out += _probe_comparison(lc.cfg, sc.runner, items, comp, targets, sc.buckets, ctx_rows)
+    for (comp, (train_K, _)), (loss, count) in zip(trained, sums):
+        out += _score_rows(lc.cfg, comp, targets, train_K, loss, count, ctx_rows)
     return out
 
 
-def _probe_comparison(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Comparison,
-                      targets: dict[int, tuple[list[int], TargetPlan]], buckets: Buckets, ctx_rows,
-                      ) -> list[dict]:
-    """Train and score every probe kind for every target on one comparison; returns table rows.
+def _train(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: Comparison,
+           targets: dict[int, tuple[list[int], TargetPlan]], buckets: Buckets) -> tuple[np.ndarray, dict]:
+    """Train every probe kind for every target on one comparison: (training buckets (K,) bool, probes by
+    (target, kind)).
 
     ``items[mod]`` are (delayed block, delayed sample ids) pairs of the layer (all selected heads);
-    ``targets`` maps target id -> (positions of its heads in the block, plan); ``ctx_rows(tid)`` gives
-    the row factory for a target.
+    ``targets`` maps target id -> (positions of its heads in the block, plan).
     """
     K = buckets.n_buckets
     train_K = np.ones(K, bool)
@@ -98,8 +105,7 @@ def _probe_comparison(cfg: AnalyzeConfig, runner, items: dict[str, list], comp: 
                 yn, _ = _side_rows(comp, "y", y, buckets.of(sy), train_K, True)
                 data.update({(t, k): (xp, yn) for k in cfg.jsd.classifiers})
             bank.fit_chunk(data, _steps(cfg, data, min_steps))
-    probes = bank.models
-    return _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows)
+    return train_K, bank.models
 
 
 def _steps(cfg: AnalyzeConfig, data: dict, min_steps: int) -> int:
@@ -123,22 +129,37 @@ def heldout_stats(loss_x_K: np.ndarray, nx_K: np.ndarray, loss_y_K: np.ndarray, 
     return {"bound": bound, "se": se, "lo": lo, "hi": hi, "p": p}
 
 
-def _score(cfg, runner, items, comp, targets, buckets, train_K, probes, ctx_rows) -> list[dict]:
+def _score_sums(cfg, runner, items, trained: list, targets, buckets) -> list[tuple[dict, dict]]:
+    """Held-out per-bucket log-loss sums and token counts of every trained comparison (``trained``: (comparison,
+    (train_K, probes)) each), in one pass: each block of each modality is read once and scored for every
+    comparison and side of that modality. Per comparison, side, target and kind the sums add the blocks in
+    the order a pass of that comparison alone adds them (the same numbers). Returns (loss, count) per
+    comparison, in order."""
     K = buckets.n_buckets
-    loss = {(t, k, s): np.zeros(K) for t in targets for k in cfg.jsd.classifiers for s in "xy"}
-    count = {(t, s): np.zeros(K) for t in targets for s in "xy"}
-    for side, mod in (("x", comp.mod_x), ("y", comp.mod_y)):
+    sums = [({(t, k, s): np.zeros(K) for t in targets for k in cfg.jsd.classifiers for s in "xy"},
+             {(t, s): np.zeros(K) for t in targets for s in "xy"}) for _ in trained]
+    for mod in dict.fromkeys(m for comp, _ in trained for m in (comp.mod_x, comp.mod_y)):
+        uses = [(i, side) for side in "xy" for i, (comp, _) in enumerate(trained)
+                if (comp.mod_x if side == "x" else comp.mod_y) == mod]
         for blk, sid_blk in items[mod]:
             arr, sid = runner.compute(blk, sid_blk)
-            if not (~train_K[buckets.of(np.unique(sid))]).any():
-                continue
-            for t, (heads, plan) in targets.items():
-                x, s = _rows_of(arr, sid, heads, plan)
-                xs, bk = _side_rows(comp, side, x, buckets.of(s), train_K, False)
-                count[(t, side)] += np.bincount(bk, minlength=K)
-                for k in cfg.jsd.classifiers:
-                    ll = token_log_loss(probes[(t, k)], xs, 1 if side == "x" else 0)
-                    loss[(t, k, side)] += np.bincount(bk, weights=ll, minlength=K)
+            for i, side in uses:
+                comp, (train_K, probes) = trained[i]
+                loss, count = sums[i]
+                if not (~train_K[buckets.of(np.unique(sid))]).any():
+                    continue
+                for t, (heads, plan) in targets.items():
+                    x, s = _rows_of(arr, sid, heads, plan)
+                    xs, bk = _side_rows(comp, side, x, buckets.of(s), train_K, False)
+                    count[(t, side)] += np.bincount(bk, minlength=K)
+                    for k in cfg.jsd.classifiers:
+                        ll = token_log_loss(probes[(t, k)], xs, 1 if side == "x" else 0)
+                        loss[(t, k, side)] += np.bincount(bk, weights=ll, minlength=K)
+    return sums
+
+
+def _score_rows(cfg, comp, targets, train_K, loss, count, ctx_rows) -> list[dict]:
+    """Rows of one comparison from its held-out sums (:func:`_score_sums`)."""
     out = []
     for t in targets:
         nx, ny = count[(t, "x")], count[(t, "y")]

@@ -7,14 +7,23 @@ Per store: the sample ids are streamed once to cut the samples into sample-align
          │                      │
          │                      ▼
          │        stream every joint block ──▶ mergeable TargetSums per head / pooled (features.py, stream.py)
-         │                      │
+         │                      │   + the direction sums, in the same pass (directions.py)
          ▼                      ▼
     exact + paper MMD      RF / linear MMD, histogram JSD, p-values, ratios        (rows.py, stats.py)
-    pictures (embed.py)    classifier JSD bounds (second streaming loop)           (probes.py)
+    pictures (embed.py)    classifier JSD bounds (their own streaming loops)       (probes.py)
+                           directions: RF MMD along the leading directions (one more pass)
+
+Passes over a layer's blocks (each a full read of the layer's selected heads): one per head group (all
+heads in one when their feature sums fit ``mmd.max_accumulator_mb``; with the defaults' 18 configs of 4,096
+features each head is a group and reads its column only), plus one for heads pooled when the heads are
+split; the direction sums ride along (:func:`_stream_sums`); the directions' MMD needs the
+decomposition of those sums, so it is one more pass (:func:`_direction_rows`). The probes (``jsd_clf``)
+read the blocks in their own loops: training is sequential Adam steps over blocks in a seeded order (not a
+map-reduce) and the held-out scoring needs the trained probes (:mod:`kscale.analysis.probes`).
 
 Outputs in ``out_dir``: ``results.parquet`` / ``results.csv`` (the tidy table, columns in
-``rows.COLUMNS``), ``directions.parquet`` / ``.csv`` (where the gap lives: :mod:`kscale.analysis.directions`,
-one more pass per layer), ``meta.json`` (config, versions, conventions), PNGs (:mod:`kscale.analysis.figures`)
+``rows.COLUMNS``), ``directions.parquet`` / ``.csv`` (where the gap lives: :mod:`kscale.analysis.directions`),
+``meta.json`` (config, versions, conventions), PNGs (:mod:`kscale.analysis.figures`)
 and ``report.html`` (:func:`kscale.analysis.report.build_report`, which ``kscale report RUN_DIR`` calls).
 """
 
@@ -32,8 +41,8 @@ import pandas as pd
 
 from kscale.analysis import blas
 from kscale.analysis import rows as R
-from kscale.analysis.directions import (DirectionPlan, decompose, direction_mmd_sums, direction_rows, direction_sums,
-                                        merge_mmd, mmd_plan, write_directions)
+from kscale.analysis.directions import (DirectionPlan, DirectionSums, decompose, direction_mmd_sums, direction_rows,
+                                        direction_sums, merge_mmd, mmd_plan, write_directions)
 from kscale.analysis.directions import merge as merge_directions
 from kscale.analysis.embed import maps as embed_maps
 from kscale.analysis.maps_helper import MapsHelper
@@ -52,6 +61,9 @@ from kscale.output import (RUN_MARKER, OutputKind, claim_output, fence, recorded
 from kscale.results import AnalyzeResult
 from kscale.spec import JobSpec, section_problems
 
+
+_FUSE_PASSES = True  # False: the direction sums take a pass of their own, as before they shared the MMD's
+# (private: tests/unit/analysis/test_analysis_onepass.py and bench/scale.py compare the two; same rows)
 
 ANALYZE_KIND = OutputKind("analysis run", run_marker_reader("analyze"))  # resume: same spec and stores only
 
@@ -385,9 +397,10 @@ def analyze_store(cfg: AnalyzeConfig, ks: KeyStoreLike, runner: Runner, referenc
         if layer in embed_layers:
             embeds.append({"store": ks.path, "layer": layer, "heads": sc.heads, "maps": embed_maps(
                 lc.sub.keys, cfg.embed.methods, cfg.embed.subsample, cfg.embed.perplexity, cfg.seed, helper)})
-        rows += _layer_rows(lc)
+        sums, dir_sums = _stream_sums(lc, directions=directions is not None and _FUSE_PASSES)
+        rows += _layer_rows(lc, sums)
         if directions is not None:
-            directions += _direction_rows(lc)
+            directions += _direction_rows(lc, dir_sums)
         if progress is not None:  # keys streamed for this layer: every selected head of both modalities
             progress.advance(1, nbytes=sum(_n_rows(ks, layer, m) for m in sc.mods) * _row_bytes(ks, sc.heads, layer),
                              detail=f"{Path(ks.path).name} layer {layer}")
@@ -435,13 +448,15 @@ def _layer_context(sc: StoreContext, layer: int, for_embed: bool) -> LayerContex
     return LayerContext(sc, layer, sub, targets, plans, families)
 
 
-def _head_groups(lc: LayerContext) -> list[list[int]]:
-    """Split heads so that (window + 1) partial sums of a group (+ pooled) fit the memory budget."""
+def _head_groups(lc: LayerContext, directions: bool = False) -> list[list[int]]:
+    """Split heads so that (window + 1) partial sums of a group (+ pooled) fit the memory budget
+    (``directions``: with the direction sums riding along, (d + 1) x d per modality and target)."""
     cfg, sc = lc.cfg, lc.store
     plan0 = next(iter(lc.plans.values()))
     n_hist = 0 if plan0.proj_dP is None else plan0.proj_dP.shape[1]
-    K, D = cfg.significance.n_buckets, cfg.mmd.n_features
-    per_target = len(sc.mods) * K * (len(sc.configs) * 3 * D + n_hist * cfg.jsd.bins + 2 * sc.ks.head_dim) * 8
+    K, D, d = cfg.significance.n_buckets, cfg.mmd.n_features, sc.ks.head_dim
+    per_target = len(sc.mods) * (K * (len(sc.configs) * 3 * D + n_hist * cfg.jsd.bins + 2 * d)
+                                 + (d + 1) * d * directions) * 8
     fit = int(cfg.mmd.max_accumulator_mb * 2**20 // ((sc.runner.window + 1) * per_target)) - 1
     size = max(1, min(len(sc.heads), fit))
     return [sc.heads[i:i + size] for i in range(0, len(sc.heads), size)]
@@ -467,32 +482,59 @@ def layer_items(lc: LayerContext, heads: list[int]) -> list[dict]:
     return joint_items(keys, ids, sc.blocks)
 
 
-def _stream_sums(lc: LayerContext) -> dict[int, TargetSums]:
+def _direction_plan(lc: LayerContext, group: list[int], singles: bool, pooled: bool) -> DirectionPlan:
+    """The direction sums' plan for one pass over ``group``'s heads (as :func:`_chunk_plan`: each head of the
+    group, heads pooled when ``pooled``); centres are the standardisation centres of the layer's plans."""
+    def centre(t: int) -> np.ndarray:
+        return np.asarray(lc.plans[t].centre_d, np.float64)
+
+    targets = {h: ([group.index(h)], centre(h)) for h in group} if singles else {}
+    if pooled:
+        targets[POOLED] = (list(range(len(group))), centre(POOLED))
+    return DirectionPlan(targets, tuple(lc.store.mods), lc.cfg.mmd.batch_rows)
+
+
+def _stream_sums(lc: LayerContext, directions: bool = False,
+                 ) -> tuple[dict[int, TargetSums], dict[int, dict[str, DirectionSums]] | None]:
     """Streamed TargetSums per target; heads in memory-bounded groups. Heads pooled need every head of a
-    sample in one pass (its per-sample sums span heads), so when heads are split pooled gets its own pass."""
+    sample in one pass (its per-sample sums span heads), so when heads are split pooled gets its own pass.
+    With ``directions`` the direction sums (:func:`kscale.analysis.directions.direction_sums`) of each pass's
+    targets are summed in the same pass (:meth:`Runner.map_reduce_fused`: one read of the blocks, each part's
+    sums and merge order as in a pass of its own); else the second value is None."""
     cfg, sc = lc.cfg, lc.store
     freqs = draw_frequencies(sc.ks.head_dim, cfg.mmd.n_features, orthogonal=cfg.mmd.orthogonal,
                              seed=cfg.seed) if sc.configs else None
     merge = merger(cfg.significance.max_permutation_units)
-    groups, pooled = _head_groups(lc), POOLED in lc.plans
+    groups, pooled = _head_groups(lc, directions), POOLED in lc.plans
     passes = [(g, True, pooled and len(groups) == 1) for g in groups]
     if pooled and len(groups) > 1:
         passes.append((sc.heads, False, True))
     out: dict[int, TargetSums] = {}
+    dirs: dict[int, dict[str, DirectionSums]] = {}
     for group, singles, with_pooled in passes:
         plan = _chunk_plan(lc, group, freqs, singles, with_pooled)
-        out.update(sc.runner.map_reduce(chunk_sums, layer_items(lc, group), plan, merge))
-    return out
+        items = layer_items(lc, group)
+        if directions:
+            sums, dsums = sc.runner.map_reduce_fused(items, [
+                (chunk_sums, plan, merge),
+                (direction_sums, _direction_plan(lc, group, singles, with_pooled), merge_directions)])
+            dirs.update(dsums)
+        else:
+            sums = sc.runner.map_reduce(chunk_sums, items, plan, merge)
+        out.update(sums)
+    return out, ({t: dirs[t] for t in lc.targets} if directions else None)
 
 
-def _direction_rows(lc: LayerContext) -> list[dict]:
-    """Where the gap lives: one more pass over the layer's joint blocks summing per-modality second moments
-    (:mod:`kscale.analysis.directions`), separate from the MMD's so that its sums and rows stay as they are."""
+def _direction_rows(lc: LayerContext, sums: dict[int, dict[str, DirectionSums]] | None = None) -> list[dict]:
+    """Where the gap lives (:mod:`kscale.analysis.directions`): the per-modality second moments ``sums`` (per
+    target, from :func:`_stream_sums`; None: summed here in a pass of their own, as before the fusion) are
+    decomposed, then one more pass sums the RF features along each target's leading directions."""
     sc = lc.store
-    targets = {t: (pos, np.asarray(lc.plans[t].centre_d, np.float64)) for t, pos in lc.targets.items()}
-    plan = DirectionPlan(targets, tuple(sc.mods), lc.cfg.mmd.batch_rows)
+    plan = DirectionPlan({t: (pos, np.asarray(lc.plans[t].centre_d, np.float64)) for t, pos in lc.targets.items()},
+                         tuple(sc.mods), lc.cfg.mmd.batch_rows)
     items = layer_items(lc, sc.heads)
-    sums = sc.runner.map_reduce(direction_sums, items, plan, merge_directions)
+    if sums is None:
+        sums = sc.runner.map_reduce(direction_sums, items, plan, merge_directions)
     decomposed = {t: decompose(by[sc.mods[0]], by[sc.mods[1]]) for t, by in sums.items()}
     mplan = mmd_plan(plan, decomposed, lc.cfg.seed)  # the second pass: RF MMD^2 along the leading directions
     mmd = sc.runner.map_reduce(direction_mmd_sums, items, mplan, merge_mmd)
@@ -507,9 +549,9 @@ def _n_samples(lc: LayerContext, sums: dict[int, TargetSums]) -> dict[str, int]:
     return out
 
 
-def _layer_rows(lc: LayerContext) -> list[dict]:
+def _layer_rows(lc: LayerContext, sums: dict[int, TargetSums]) -> list[dict]:
+    """The layer's table rows from its streamed sums (:func:`_stream_sums`) and subsample, and the probes'."""
     cfg, sc = lc.cfg, lc.store
-    sums = _stream_sums(lc)
     n_samples = _n_samples(lc, sums)
     rows = []
     for t in lc.targets:

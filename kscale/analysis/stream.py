@@ -5,6 +5,9 @@ Work is a list of items (anything holding delayed blocks: the analysis passes on
 modality -> (delayed keys, delayed sample ids)) and one function ``fn(item, shared)`` returning
 mergeable partial results. At most ``window`` tasks are in flight and every result is
 merged into one accumulator as it arrives, so memory is bounded by the window, not by the data.
+:meth:`Runner.map_reduce_fused` runs several such (function, shared, merge) parts in ONE pass: each item is
+read once and every part's function sees it (:func:`fused_map`); each part keeps its own accumulator and
+merge (:class:`FusedMerge`), so its result is the one a pass of its own gives (merged in the same order).
 
 The LocalCluster (``scheduler: distributed`` without an address) is private to this run, like the Slurm
 target's dask cluster: every comm is TLS with a per-run self-signed certificate that each role must present
@@ -15,7 +18,8 @@ connect a client nor run code in the workers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 import shutil
 import tempfile
 import uuid
@@ -54,6 +58,30 @@ def one_blas_thread():
     from kscale.analysis.blas import one_thread
 
     return one_thread()
+
+
+@dataclass(frozen=True)
+class Fused:
+    """The shared object of a fused pass: each part's map function and its own shared object."""
+
+    parts: tuple[tuple[Callable, Any], ...]
+
+
+def fused_map(item: Any, plan: Fused) -> tuple:
+    """One item through every part's function, in order: the tuple of their partial results. The functions
+    must not modify the item (the next part reads the same arrays)."""
+    return tuple(fn(item, shared) for fn, shared in plan.parts)
+
+
+@dataclass(frozen=True)
+class FusedMerge:
+    """The reduce step of :func:`fused_map` results: part i merged with merge i (a module-level class:
+    picklable for dask.distributed)."""
+
+    merges: tuple[Callable[[Any, Any], Any], ...]
+
+    def __call__(self, a: tuple, b: tuple) -> tuple:
+        return tuple(merge(x, y) for merge, x, y in zip(self.merges, a, b, strict=True))
 
 
 class Runner:
@@ -128,6 +156,13 @@ class Runner:
                 for part in parts:
                     acc = part if acc is None else merge(acc, part)
         return acc
+
+    def map_reduce_fused(self, items: list[Any], parts: Sequence[tuple[Callable, Any, Callable[[Any, Any], Any]]],
+                         ) -> tuple:
+        """Several map-reduces over the same ``items`` in one pass (each item read once): ``parts`` are
+        (fn, shared, merge) as :meth:`map_reduce` takes them; returns each part's merged result, in order."""
+        plan = Fused(tuple((fn, shared) for fn, shared, _ in parts))
+        return self.map_reduce(fused_map, items, plan, FusedMerge(tuple(merge for _, _, merge in parts)))
 
     def _map_reduce_distributed(self, fn, items, shared, merge):
         from distributed import as_completed

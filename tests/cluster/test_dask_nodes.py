@@ -117,7 +117,8 @@ def dask_nodes(tmp_path_factory):
 
 class LayerTasks(WorkerPlugin):
     """A worker plugin (pickled by reference: the workers import this module from the repository) that
-    counts the layer's streaming tasks (``chunk_sums``) each node finished. With ``stop_flag``: once one
+    counts the layer's streaming tasks (``fused_map``: the MMD and direction sums of a block; ``chunk_sums``
+    where a pass has the MMD's alone) each node finished. With ``stop_flag``: once one
     such task finished anywhere (``<stop_flag>.first-done``), the first node to start executing another
     claims the flag file (O_EXCL: exactly one node wins), writes its worker PID and process group there,
     and stops itself (SIGSTOP) before running it: that node then holds a task of a layer already under way,
@@ -133,7 +134,7 @@ class LayerTasks(WorkerPlugin):
     def transition(self, key, start, finish, **kwargs) -> None:
         from dask.utils import key_split
 
-        if key_split(key) != "chunk_sums":
+        if key_split(key) not in ("fused_map", "chunk_sums"):
             return
         if finish == "memory":
             self.finished += 1
