@@ -505,7 +505,7 @@ def _fast_blocks(n: int, batch_rows: int, block_rows: int) -> list[tuple[int, in
 
 
 class _FastWork:
-    """The work of :func:`_per_sample_rf_fast` on one block of rows; buffers are per thread and reused.
+    """The work of :func:`_per_sample_rf_fast_v1` on one block of rows; buffers are per thread and reused.
 
     A normalisation's configs are one group: their arguments are stacked (G, T, D) so that one cos, one
     sin and one run reduction per part serve the whole group (fewer, larger numpy calls)."""
@@ -679,6 +679,7 @@ class _Stack:
     bases: list[tuple[str, int, int, np.ndarray]]
     derived: list[tuple[int, int, slice, float]]
     n_base: int
+    scale_HkD: np.ndarray | None  # the bases' scales (normalisation, k, D) when each has k bases, else None
 
     @staticmethod
     def of(plan: ChunkPlan, target: TargetPlan) -> _Stack:
@@ -707,7 +708,9 @@ class _Stack:
                 derived[-1] = (d0, dst + 1, slice(srcs.start, src + 1, step), f)
             else:
                 derived.append((dst, dst + 1, slice(src, src + 1, 1), st.factor))
-        return _Stack(np.array(order), bases, derived, n_base)
+        ks = {s1 - s0 for _, s0, s1, _ in bases}
+        scale_HkD = np.stack([sc for *_, sc in bases]) if len(ks) == 1 else None
+        return _Stack(np.array(order), bases, derived, n_base, scale_HkD)
 
 
 def _extends(srcs: slice, src: int) -> bool:
@@ -736,9 +739,8 @@ class _StackWork:
         buf = getattr(self.local, "buf", None)
         if buf is None:
             T, W, C, dt = self.tile, self.chunk, self.C, self.dtype
-            projected = {"none" if how == "l2" else how for how, *_ in self.stack.bases}
-            buf = SimpleNamespace(z={how: np.empty((self.rows, self.D)) for how in projected},
-                                  zl2=np.empty(T * W), base=np.empty(T * self.stack.n_base * W),
+            buf = SimpleNamespace(z=np.empty((self.rows, len(self.stack.bases), self.D)),
+                                  base=np.empty(T * self.stack.n_base * W),
                                   args=np.empty(T * C * W, dt), vals=np.empty(T * 2 * C * W, dt),
                                   vals64=np.empty(T * 2 * C * W), acc=np.empty(2 * C * W),
                                   ones=np.ones((1, T)))
@@ -752,8 +754,7 @@ class _StackWork:
         shared = int(idx_N[a]) if a > 0 and idx_N[a] == idx_N[a - 1] else -1
         private = np.zeros((C, 2, D)) if shared >= 0 else None
         buf = self._buffers()
-        l2 = any(how == "l2" for how, *_ in self.stack.bases)
-        z, norm_N1 = _block_projections(self.x_Nd, a, b, self.target, self.U_dD, buf.z, l2)
+        z = self._project(a, b, buf)
         samples = idx_N[a:b].tolist()
         for c0 in range(0, D, self.chunk):
             c1 = min(c0 + self.chunk, D)
@@ -761,23 +762,38 @@ class _StackWork:
             acc[...] = 0.0
             current = samples[0]
             for t in range(a, b, self.tile):
-                vals = self._tile(z, norm_N1, t - a, min(t + self.tile, b) - a, c0, c1, buf)
+                vals = self._tile(z, t - a, min(t + self.tile, b) - a, c0, c1, buf)
                 current = self._sum_rows(vals, samples[t - a:t - a + len(vals)], current, acc, c0, c1,
                                          shared, private, buf)
             self._flush(current, acc, c0, c1, shared, private)
         return shared, private
 
-    def _tile(self, z: dict[str, np.ndarray], norm_N1: np.ndarray | None, lo: int, hi: int, c0: int, c1: int,
-              buf: SimpleNamespace) -> np.ndarray:
+    def _project(self, a: int, b: int, buf: SimpleNamespace) -> np.ndarray:
+        """The reference's float64 projections of rows [a, b), (rows, normalisation, D) in the stack's
+        order of normalisations: ``X U^T`` per normalisation (numpy's BLAS writes the strided rows with the
+        bits of a contiguous product), l2 as the raw one / max(|x|, 1e-30), as the reference."""
+        xb_Nd = np.asarray(self.x_Nd[a:b], np.float64)
+        z = buf.z[:b - a]
+        hows = [how for how, *_ in self.stack.bases]
+        for h, how in enumerate(hows):
+            if how != "l2":
+                np.matmul(normalise(xb_Nd, how, self.target), self.U_dD, out=z[:, h])
+        if "l2" in hows:
+            h = hows.index("l2")
+            raw = z[:, hows.index("none")] if "none" in hows else np.matmul(xb_Nd, self.U_dD, out=z[:, h])
+            np.divide(raw, np.maximum(np.linalg.norm(xb_Nd, axis=1, keepdims=True), 1e-30), out=z[:, h])
+        return z
+
+    def _tile(self, z: np.ndarray, lo: int, hi: int, c0: int, c1: int, buf: SimpleNamespace) -> np.ndarray:
         """cos/sin values (rows, 2, C, chunk) of rows [lo, hi) of the block, frequencies [c0, c1)."""
         n, w, C, st = hi - lo, c1 - c0, self.C, self.stack
         base = buf.base[:n * st.n_base * w].reshape(n, st.n_base, w)
-        for how, s0, s1, scale_kD in st.bases:
-            if how == "l2":
-                z_nw = np.divide(z["none"][lo:hi, c0:c1], norm_N1[lo:hi], out=buf.zl2[:n * w].reshape(n, w))
-            else:
-                z_nw = z[how][lo:hi, c0:c1]
-            np.multiply(z_nw[:, None, :], scale_kD[None, :, c0:c1], out=base[:, s0:s1])
+        if st.scale_HkD is not None:  # every normalisation has k bases: one product
+            H, k = st.scale_HkD.shape[:2]
+            np.multiply(z[lo:hi, :, None, c0:c1], st.scale_HkD[None, :, :, c0:c1], out=base.reshape(n, H, k, w))
+        else:
+            for h, (_, s0, s1, scale_kD) in enumerate(st.bases):
+                np.multiply(z[lo:hi, h, None, c0:c1], scale_kD[None, :, c0:c1], out=base[:, s0:s1])
         args = buf.args[:n * C * w].reshape(n, C, w)
         np.copyto(args[:, :st.n_base], base, casting="same_kind")
         for d0, d1, srcs, f in st.derived:
