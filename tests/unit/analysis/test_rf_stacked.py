@@ -25,10 +25,11 @@ NORMS = ("none", "l2", "standardize")
 
 def _plan(d: int, D: int, *, dtype: str = "float32", batch_rows: int = 2048, threads: int = 1,
           multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0), shuffle: bool = False,
+          norms: tuple[str, ...] = NORMS, kernels: tuple[str, ...] = F.RF_KERNELS,
           ) -> tuple[F.ChunkPlan, F.TargetPlan]:
     target = F.TargetPlan(heads=[0], bandwidth={"none": 3.0, "l2": 0.7, "standardize": 4.5},
                           centre_d=np.linspace(-0.2, 0.3, d), scale_d=np.linspace(0.8, 1.4, d))
-    configs = [F.FeatureConfig(n, k, m) for n in NORMS for k in F.RF_KERNELS for m in multiples]
+    configs = [F.FeatureConfig(n, k, m) for n in norms for k in kernels for m in multiples]
     if shuffle:  # normalisations interleaved: a slot's config is far from its neighbours' in the configs axis
         configs = [configs[i] for i in np.random.default_rng(5).permutation(len(configs))]
     ids = np.arange(400)
@@ -76,6 +77,38 @@ def test_stacked_sums_equal_the_reference_per_row(layout, dtype, shuffle, thread
     ref = F._per_sample_rf_reference(plan, target, x, smp)
     assert got.shape == (len(smp.ids_S), len(plan.configs), 2, 24)
     _assert_rows_close(got, ref)
+
+
+@pytest.mark.parametrize("norms,kernels,multiples", [
+    (("l2",), F.RF_KERNELS, (1.0, 2.0)),  # l2 without none: the raw projection goes to l2's own slot
+    (("standardize",), ("laplacian",), (0.5, 0.75, 1.0)),  # 0.75: a base of its own
+    (("l2", "none"), ("rbf",), (1.0, 4.0)),  # l2 listed before none
+    (("none", "standardize", "l2"), F.RF_KERNELS, (2.0,)),
+])
+def test_stacked_sums_with_other_config_sets(norms, kernels, multiples, monkeypatch):
+    """Subsets and orders of normalisations, one kernel, multiples with and without power-of-two partners."""
+    monkeypatch.setattr(F, "_STACK_TILE_ROWS", 3)
+    monkeypatch.setattr(F, "_STACK_CHUNK", 7)
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((90, 8)) * 2).astype(np.float16)
+    smp = F.BlockSamples.of(np.sort(rng.integers(0, 9, 90)))
+    plan, target = _plan(8, 20, norms=norms, kernels=kernels, multiples=multiples, batch_rows=32, threads=2)
+    _assert_rows_close(F._per_sample_rf_fast(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp))
+
+
+def test_stacked_sums_when_normalisations_have_different_numbers_of_bases(monkeypatch):
+    """none: 2 bases, l2: 1, standardize: 3 (one product per normalisation instead of one for all)."""
+    monkeypatch.setattr(F, "_STACK_CHUNK", 9)
+    plan, target = _plan(8, 20, threads=2, batch_rows=32)
+    plan.configs = [F.FeatureConfig(*c) for c in [("standardize", "rbf", 3.0), ("none", "rbf", 1.0),
+                                                  ("l2", "laplacian", 1.0), ("none", "laplacian", 1.0),
+                                                  ("standardize", "rbf", 1.7), ("l2", "laplacian", 0.25),
+                                                  ("standardize", "laplacian", 1.0), ("none", "rbf", 0.5)]]
+    assert F._Stack.of(plan, target).scale_HkD is None
+    rng = np.random.default_rng(12)
+    x = (rng.standard_normal((70, 8)) * 2).astype(np.float16)
+    smp = F.BlockSamples.of(np.sort(rng.integers(0, 9, 70)))
+    _assert_rows_close(F._per_sample_rf_fast(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp))
 
 
 def test_stacked_sums_at_the_bench_shape_equal_the_reference():
