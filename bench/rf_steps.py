@@ -60,7 +60,7 @@ def main() -> None:
             for W in a.chunks:
                 stacked_steps(T, W, a.calls, a.repeats)
     if "end_to_end" in a.only:
-        end_to_end(a.keys, a.repeats, [(T, W, sums) for T in a.tiles for W in a.chunks for sums in ("rows", "gemv")])
+        end_to_end(a.keys, a.repeats, [(T, W) for T in a.tiles for W in a.chunks])
     if "v1" not in a.only:
         return
     rng = np.random.default_rng(0)
@@ -160,7 +160,7 @@ def stacked_steps(T: int, W: int, calls: int, repeats: int) -> None:
                                               calls, repeats), chunks / 256, chunk=W)
 
 
-def end_to_end(n: int, repeats: int, settings: list[tuple[int, int, str]]) -> None:
+def end_to_end(n: int, repeats: int, settings: list[tuple[int, int]]) -> None:
     """Thread CPU microseconds per key of the whole v1 and stacked paths (bench's plan, one thread)."""
     import sys
 
@@ -178,12 +178,12 @@ def end_to_end(n: int, repeats: int, settings: list[tuple[int, int, str]]) -> No
     ref = F._per_sample_rf_fast_v1(plan, target, x, smp)
     t = timed(lambda: F._per_sample_rf_fast_v1(plan, target, x, smp), 1, repeats)
     report("end_to_end_fast_v1", 0, t, 1 / n)
-    for tile, chunk, sums in settings:
-        F._STACK_TILE_ROWS, F._STACK_CHUNK, F._STACK_SUMS = tile, chunk, sums
+    for tile, chunk in settings:
+        F._STACK_TILE_ROWS, F._STACK_CHUNK = tile, chunk
         got = F._per_sample_rf_fast(plan, target, x, smp)
         err = float(np.abs(got - ref).max() / np.abs(ref).max())
         t = timed(lambda: F._per_sample_rf_fast(plan, target, x, smp), 1, repeats)
-        report("end_to_end_stacked", tile, t, 1 / n, chunk=chunk, sums=sums, max_rel_diff_vs_v1=err)
+        report("end_to_end_stacked", tile, t, 1 / n, chunk=chunk, max_rel_diff_vs_v1=err)
 
 
 if __name__ == "__main__":

@@ -628,9 +628,8 @@ class _RunSums:
             dest[configs, part] += sums_GRD[:, r]
 
 
-_STACK_TILE_ROWS = 4  # rows of one tile of the stacked path
-_STACK_CHUNK = 1024  # frequencies of one chunk of the stacked path (its buffers stay in a core's L2)
-_STACK_SUMS = "rows"  # rows: one mixed float32 + float64 add per row | gemv: float64 values, one product per tile
+_STACK_TILE_ROWS = 2  # rows of one tile of the stacked path
+_STACK_CHUNK = 1024  # frequencies of one chunk: a tile's arguments, values and accumulator stay in a core's L2
 
 
 def _per_sample_rf_fast(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
@@ -680,6 +679,7 @@ class _Stack:
     derived: list[tuple[int, int, slice, float]]
     n_base: int
     scale_HkD: np.ndarray | None  # the bases' scales (normalisation, k, D) when each has k bases, else None
+    fused: tuple[int, int, slice, np.ndarray] | None  # every derived step as one broadcast multiply, or None
 
     @staticmethod
     def of(plan: ChunkPlan, target: TargetPlan) -> _Stack:
@@ -710,7 +710,16 @@ class _Stack:
                 derived.append((dst, dst + 1, slice(src, src + 1, 1), st.factor))
         ks = {s1 - s0 for _, s0, s1, _ in bases}
         scale_HkD = np.stack([sc for *_, sc in bases]) if len(ks) == 1 else None
-        return _Stack(np.array(order), bases, derived, n_base, scale_HkD)
+        return _Stack(np.array(order), bases, derived, n_base, scale_HkD, _fused(derived))
+
+
+def _fused(derived: list[tuple[int, int, slice, float]]) -> tuple[int, int, slice, np.ndarray] | None:
+    """(first slot, last slot + 1, sources, factors (F, 1, 1)) when the derived steps are F runs over the
+    same source slots that follow each other (the default 0.5, 1, 2: x2 and x4 of every base), else None."""
+    if len(derived) < 2 or any(d[2] != derived[0][2] or d[0] != derived[0][0] + i * (derived[0][1] - derived[0][0])
+                               or d[1] - d[0] != derived[0][1] - derived[0][0] for i, d in enumerate(derived)):
+        return None
+    return derived[0][0], derived[-1][1], derived[0][2], np.array([d[3] for d in derived])[:, None, None]
 
 
 def _extends(srcs: slice, src: int) -> bool:
@@ -727,6 +736,7 @@ class _StackWork:
                  out: np.ndarray):
         self.plan, self.target, self.x_Nd, self.idx_N, self.out = plan, target, x_Nd, idx_N, out
         self.stack = _Stack.of(plan, target)
+        self.factors_F11 = None if self.stack.fused is None else self.stack.fused[3].astype(plan.dtype)
         self.U_dD = plan.freqs.directions_Dd.T
         self.D, self.C = self.U_dD.shape[1], len(plan.configs)
         self.dtype = np.dtype(plan.dtype)
@@ -742,8 +752,7 @@ class _StackWork:
             buf = SimpleNamespace(z=np.empty((self.rows, len(self.stack.bases), self.D)),
                                   base=np.empty(T * self.stack.n_base * W),
                                   args=np.empty(T * C * W, dt), vals=np.empty(T * 2 * C * W, dt),
-                                  vals64=np.empty(T * 2 * C * W), acc=np.empty(2 * C * W),
-                                  ones=np.ones((1, T)))
+                                  acc=np.empty(2 * C * W))
             self.local.buf = buf
         return buf
 
@@ -764,7 +773,7 @@ class _StackWork:
             for t in range(a, b, self.tile):
                 vals = self._tile(z, t - a, min(t + self.tile, b) - a, c0, c1, buf)
                 current = self._sum_rows(vals, samples[t - a:t - a + len(vals)], current, acc, c0, c1,
-                                         shared, private, buf)
+                                         shared, private)
             self._flush(current, acc, c0, c1, shared, private)
         return shared, private
 
@@ -796,22 +805,20 @@ class _StackWork:
                 np.multiply(z[lo:hi, h, None, c0:c1], scale_kD[None, :, c0:c1], out=base[:, s0:s1])
         args = buf.args[:n * C * w].reshape(n, C, w)
         np.copyto(args[:, :st.n_base], base, casting="same_kind")
-        for d0, d1, srcs, f in st.derived:
-            np.multiply(args[:, srcs], self.dtype.type(f), out=args[:, d0:d1])
+        if st.fused is not None:
+            d0, d1, srcs, f_F11 = st.fused
+            np.multiply(args[:, None, srcs], self.factors_F11, out=args[:, d0:d1].reshape(n, len(f_F11), -1, w))
+        else:
+            for d0, d1, srcs, f in st.derived:
+                np.multiply(args[:, srcs], self.dtype.type(f), out=args[:, d0:d1])
         vals = buf.vals[:n * 2 * C * w].reshape(n, 2, C, w)
         np.cos(args, out=vals[:, 0])
         np.sin(args, out=vals[:, 1])
         return vals
 
     def _sum_rows(self, vals: np.ndarray, samples: list[int], current: int, acc: np.ndarray, c0: int, c1: int,
-                  shared: int, private: np.ndarray | None, buf: SimpleNamespace) -> int:
+                  shared: int, private: np.ndarray | None) -> int:
         """Add each row's values into the accumulator of its sample (flushing at sample changes)."""
-        if _STACK_SUMS == "gemv" and samples[0] == current == samples[-1]:
-            n = len(samples)
-            v64 = buf.vals64[:vals.size].reshape(n, -1)
-            np.copyto(v64, vals.reshape(n, -1))
-            acc += np.matmul(buf.ones[:, :n], v64).reshape(acc.shape)
-            return current
         for r, s in enumerate(samples):
             if s != current:
                 self._flush(current, acc, c0, c1, shared, private)
