@@ -161,7 +161,7 @@ def stacked_steps(T: int, W: int, calls: int, repeats: int) -> None:
 
 
 def end_to_end(n: int, repeats: int, settings: list[tuple[int, int]]) -> None:
-    """Thread CPU microseconds per key of the whole v1 and stacked paths (bench's plan, one thread)."""
+    """Thread CPU microseconds per key of the whole fast and stacked paths (bench's plan, one thread)."""
     import sys
 
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -175,15 +175,15 @@ def end_to_end(n: int, repeats: int, settings: list[tuple[int, int]]) -> None:
     plan, target = bench.plan_for(a, "numpy")
     x = (np.random.default_rng(1).standard_normal((n, d)) * 3).astype(np.float16)
     smp = F.BlockSamples.of(np.arange(n) // 256)
-    ref = F._per_sample_rf_fast_v1(plan, target, x, smp)
-    t = timed(lambda: F._per_sample_rf_fast_v1(plan, target, x, smp), 1, repeats)
-    report("end_to_end_fast_v1", 0, t, 1 / n)
+    ref = F._per_sample_rf_fast(plan, target, x, smp)
+    t = timed(lambda: F._per_sample_rf_fast(plan, target, x, smp), 1, repeats)
+    report("end_to_end_fast", 0, t, 1 / n)
     for tile, chunk in settings:
         F._STACK_TILE_ROWS, F._STACK_CHUNK = tile, chunk
-        got = F._per_sample_rf_fast(plan, target, x, smp)
+        got = F._per_sample_rf_stacked(plan, target, x, smp)
         err = float(np.abs(got - ref).max() / np.abs(ref).max())
-        t = timed(lambda: F._per_sample_rf_fast(plan, target, x, smp), 1, repeats)
-        report("end_to_end_stacked", tile, t, 1 / n, chunk=chunk, max_rel_diff_vs_v1=err)
+        t = timed(lambda: F._per_sample_rf_stacked(plan, target, x, smp), 1, repeats)
+        report("end_to_end_stacked", tile, t, 1 / n, chunk=chunk, max_rel_diff_vs_fast=err)
 
 
 if __name__ == "__main__":

@@ -447,11 +447,9 @@ _BLOCK_ROWS = 128  # rows of one work item of the fast path: its own projections
 _FAST_TILE_VALUES = 2**15  # rows x D values of one elementwise tile of the fast path (16 rows at D = 4096)
 
 
-def _per_sample_rf_fast_v1(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
-                           ) -> np.ndarray:
-    """The fast path before :func:`_per_sample_rf_fast` (kept for ``bench/rf_throughput.py`` and its tests).
-
-    Per-sample cos/sin sums (S, C, 2, D) of every config, the values of :func:`_per_sample_rf_reference`
+def _per_sample_rf_fast(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
+                        ) -> np.ndarray:
+    """Per-sample cos/sin sums (S, C, 2, D) of every config, the values of :func:`_per_sample_rf_reference`
     to float64 rounding (the float32 arguments and cos/sin values are the same bits; only the order of the
     float64 sums differs), at several times its speed (issue 26; ``bench/rf_throughput.py``).
 
@@ -505,7 +503,7 @@ def _fast_blocks(n: int, batch_rows: int, block_rows: int) -> list[tuple[int, in
 
 
 class _FastWork:
-    """The work of :func:`_per_sample_rf_fast_v1` on one block of rows; buffers are per thread and reused.
+    """The work of :func:`_per_sample_rf_fast` on one block of rows; buffers are per thread and reused.
 
     A normalisation's configs are one group: their arguments are stacked (G, T, D) so that one cos, one
     sin and one run reduction per part serve the whole group (fewer, larger numpy calls)."""
@@ -632,13 +630,15 @@ _STACK_TILE_ROWS = 2  # rows of one tile of the stacked path
 _STACK_CHUNK = 1024  # frequencies of one chunk: a tile's arguments, values and accumulator stay in a core's L2
 
 
-def _per_sample_rf_fast(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
-                        ) -> np.ndarray:
+def _per_sample_rf_stacked(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
+                           ) -> np.ndarray:
     """Per-sample cos/sin sums (S, C, 2, D) of every config, the values of :func:`_per_sample_rf_reference`
     to float64 rounding (the float32 arguments and cos/sin values are the same bits; only the order of the
-    float64 sums differs), at several times its speed (issue 26; ``bench/rf_throughput.py``).
+    float64 sums differs): a second layout of :func:`_per_sample_rf_fast`'s work (issue 26), kept for
+    ``bench/rf_throughput.py`` (backend ``stacked``) and its tests. Measured under load it is not faster
+    than the fast path (``docs/scale.md``, "Where a key's time goes"), so the analysis does not run it.
 
-    Rows are cut into blocks as in :func:`_per_sample_rf_fast_v1` (same projections, same threads, same
+    Rows are cut into blocks as in :func:`_per_sample_rf_fast` (same projections, same threads, same
     private row for a sample that started in an earlier block). A block then walks chunks of
     ``_STACK_CHUNK`` frequencies and, inside a chunk, tiles of ``_STACK_TILE_ROWS`` rows; every config's
     argument of a tile is one slot of a (rows, C, chunk) stack (:class:`_Stack`): one broadcast float64
@@ -730,7 +730,7 @@ def _extends(srcs: slice, src: int) -> bool:
 
 
 class _StackWork:
-    """The work of :func:`_per_sample_rf_fast` on one block of rows; buffers are per thread and reused."""
+    """The work of :func:`_per_sample_rf_stacked` on one block of rows; buffers are per thread and reused."""
 
     def __init__(self, plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, idx_N: np.ndarray,
                  out: np.ndarray):

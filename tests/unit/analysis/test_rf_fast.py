@@ -1,6 +1,4 @@
-"""The first fast numpy random features (``features._per_sample_rf_fast_v1``, issue 26; the analysis now
-runs the stacked path, test_rf_stacked.py, and the bench keeps this one as "the previous fast path") give
-today's sums.
+"""The fast numpy random features (``features._per_sample_rf_fast``, issue 26) give today's sums.
 
 The reference is ``features._per_sample_rf_reference``, the numpy path every earlier row was computed with
 (itself checked bit for bit against ``np.add.reduceat`` in test_analysis_exactness.py). Equal means to
@@ -64,7 +62,7 @@ def test_fast_sums_equal_the_reference(layout, dtype, shuffle, threads, batch_ro
     x = (rng.standard_normal((n, d)) * 2).astype(np.float16)
     smp = F.BlockSamples.of(_sample_ids(layout, n, rng))
     plan, target = _plan(d, 24, dtype=dtype, batch_rows=batch_rows, threads=threads, shuffle=shuffle)
-    got = F._per_sample_rf_fast_v1(plan, target, x, smp)
+    got = F._per_sample_rf_fast(plan, target, x, smp)
     ref = F._per_sample_rf_reference(plan, target, x, smp)
     assert got.shape == ref.shape == (len(smp.ids_S), len(plan.configs), 2, 24)
     _assert_close(got, ref)
@@ -81,7 +79,7 @@ def test_fast_sums_at_the_bench_shape_equal_the_reference():
                        F.Buckets(8, 0), "float32", 2048, threads=2)
     x = (rng.standard_normal((300, 128)) * 3).astype(np.float16)
     smp = F.BlockSamples.of(np.arange(300) // 100)
-    got, ref = F._per_sample_rf_fast_v1(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp)
+    got, ref = F._per_sample_rf_fast(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp)
     row_err = np.abs(got - ref).max(axis=3) / np.abs(ref).max(axis=3)
     assert row_err.max() <= 1e-9
 
@@ -101,7 +99,7 @@ def test_blocks_cover_the_rows_inside_batches_and_never_hold_one_row_alone():
 
 
 def test_numpy_backend_runs_the_fast_path(monkeypatch):
-    """``_per_sample_rf`` (what chunk_sums calls) runs the fast (stacked) path for the numpy backend."""
+    """``_per_sample_rf`` (what chunk_sums calls) runs the fast path for the numpy backend."""
     calls = []
     monkeypatch.setattr(F, "_per_sample_rf_fast", lambda *a: calls.append(a) or "fast")
     plan, target = _plan(4, 8)
@@ -118,7 +116,6 @@ def test_fast_sums_merge_over_halves_and_equal_the_reference(threads, monkeypatc
     """Sums over two halves of a block merged == sums over the whole == the reference path's sums."""
     monkeypatch.setattr(F, "_BLOCK_ROWS", 9)
     monkeypatch.setattr(F, "_FAST_TILE_VALUES", 4 * 24)
-    monkeypatch.setattr(F, "_per_sample_rf_fast", F._per_sample_rf_fast_v1)  # side_block runs the v1 path
     rng = np.random.default_rng(3)
     n, d = 400, 8
     x = (rng.standard_normal((n, d)) * 2).astype(np.float16)

@@ -1,5 +1,6 @@
-"""The stacked fast random features (``features._per_sample_rf_fast``, issue 26: the numpy path the analysis
-runs) give the reference's sums, row by row, and merge.
+"""The stacked random features (``features._per_sample_rf_stacked``, issue 26: a second layout of the fast
+path's work, run by ``bench/rf_throughput.py --backends stacked``) give the reference's sums, row by row,
+and merge.
 
 The reference is ``features._per_sample_rf_reference``, the numpy path every earlier row was computed with
 (itself checked bit for bit against ``np.add.reduceat`` in test_analysis_exactness.py). Equal means: in
@@ -73,7 +74,7 @@ def test_stacked_sums_equal_the_reference_per_row(layout, dtype, shuffle, thread
     x = (rng.standard_normal((n, d)) * 2).astype(np.float16)
     smp = F.BlockSamples.of(_sample_ids(layout, n, rng))
     plan, target = _plan(d, 24, dtype=dtype, batch_rows=batch_rows, threads=threads, shuffle=shuffle)
-    got = F._per_sample_rf_fast(plan, target, x, smp)
+    got = F._per_sample_rf_stacked(plan, target, x, smp)
     ref = F._per_sample_rf_reference(plan, target, x, smp)
     assert got.shape == (len(smp.ids_S), len(plan.configs), 2, 24)
     _assert_rows_close(got, ref)
@@ -93,7 +94,7 @@ def test_stacked_sums_with_other_config_sets(norms, kernels, multiples, monkeypa
     x = (rng.standard_normal((90, 8)) * 2).astype(np.float16)
     smp = F.BlockSamples.of(np.sort(rng.integers(0, 9, 90)))
     plan, target = _plan(8, 20, norms=norms, kernels=kernels, multiples=multiples, batch_rows=32, threads=2)
-    _assert_rows_close(F._per_sample_rf_fast(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp))
+    _assert_rows_close(F._per_sample_rf_stacked(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp))
 
 
 def test_stacked_sums_when_normalisations_have_different_numbers_of_bases(monkeypatch):
@@ -108,7 +109,7 @@ def test_stacked_sums_when_normalisations_have_different_numbers_of_bases(monkey
     rng = np.random.default_rng(12)
     x = (rng.standard_normal((70, 8)) * 2).astype(np.float16)
     smp = F.BlockSamples.of(np.sort(rng.integers(0, 9, 70)))
-    _assert_rows_close(F._per_sample_rf_fast(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp))
+    _assert_rows_close(F._per_sample_rf_stacked(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp))
 
 
 def test_stacked_sums_at_the_bench_shape_equal_the_reference():
@@ -122,7 +123,7 @@ def test_stacked_sums_at_the_bench_shape_equal_the_reference():
                        F.Buckets(8, 0), "float32", 2048, threads=2)
     x = (rng.standard_normal((300, 128)) * 3).astype(np.float16)
     smp = F.BlockSamples.of(np.arange(300) // 100)
-    _assert_rows_close(F._per_sample_rf_fast(plan, target, x, smp),
+    _assert_rows_close(F._per_sample_rf_stacked(plan, target, x, smp),
                        F._per_sample_rf_reference(plan, target, x, smp))
 
 
@@ -153,6 +154,7 @@ def test_stacked_sums_merge_over_halves(threads, monkeypatch):
     monkeypatch.setattr(F, "_BLOCK_ROWS", 9)
     monkeypatch.setattr(F, "_STACK_TILE_ROWS", 4)
     monkeypatch.setattr(F, "_STACK_CHUNK", 10)
+    monkeypatch.setattr(F, "_per_sample_rf_fast", F._per_sample_rf_stacked)  # side_block runs the stacked path
     rng = np.random.default_rng(3)
     n, d = 400, 8
     x = (rng.standard_normal((n, d)) * 2).astype(np.float16)
@@ -166,4 +168,4 @@ def test_stacked_sums_merge_over_halves(threads, monkeypatch):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12 * np.abs(b).max())
     assert whole.rf_KC2D.any()
     smp = F.BlockSamples.of(ids)
-    _assert_rows_close(F._per_sample_rf_fast(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp))
+    _assert_rows_close(F._per_sample_rf_stacked(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp))
