@@ -5,9 +5,13 @@ one thread, median of ``--repeats`` timings of ``--calls`` calls each) at the be
 D 4096, 18 configs = 3 normalisations x 6 configs; per normalisation 2 float64 products rounded to
 float32 and 4 exact power-of-two multiples) and reports microseconds per key for each step, scaled by
 how many such calls one key needs. The variants of a step are alternatives for the same values
-(``docs/scale.md``, "Where a key's time goes"). One JSON line per step and tile size.
+(``docs/scale.md``, "Random features at the CPU's limit"). One JSON line per step and tile size.
+Sections (``--only``): ``v1``, the calls of ``features._per_sample_rf_fast`` (tiles of T rows x one
+normalisation's 6 configs x D); ``stacked``, the calls of ``features._per_sample_rf_stacked`` (tiles of
+T rows x 18 configs x a chunk of W frequencies, ``--chunks``); ``end_to_end``, both whole paths (thread
+CPU us per key on ``--keys`` keys) at every (T, W) of the stacked one.
 
-    OPENBLAS_NUM_THREADS=1 python bench/rf_steps.py [--tiles 1 2 4 8 16] [--repeats 5]
+    OPENBLAS_NUM_THREADS=1 python bench/rf_steps.py [--tiles 1 2 4 8] [--chunks 1024 4096] [--only v1]
 """
 
 from __future__ import annotations

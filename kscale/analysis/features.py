@@ -627,7 +627,7 @@ class _RunSums:
 
 
 _STACK_TILE_ROWS = 2  # rows of one tile of the stacked path
-_STACK_CHUNK = 1024  # frequencies of one chunk: a tile's arguments, values and accumulator stay in a core's L2
+_STACK_CHUNK = 4096  # frequencies of one chunk (1024 keeps a tile's arguments, values and accumulator in a core's L2)
 
 
 def _per_sample_rf_stacked(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
@@ -635,19 +635,20 @@ def _per_sample_rf_stacked(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray
     """Per-sample cos/sin sums (S, C, 2, D) of every config, the values of :func:`_per_sample_rf_reference`
     to float64 rounding (the float32 arguments and cos/sin values are the same bits; only the order of the
     float64 sums differs): a second layout of :func:`_per_sample_rf_fast`'s work (issue 26), kept for
-    ``bench/rf_throughput.py`` (backend ``stacked``) and its tests. Measured under load it is not faster
-    than the fast path (``docs/scale.md``, "Where a key's time goes"), so the analysis does not run it.
+    ``bench/rf_throughput.py`` (backend ``stacked``) and its tests. Measured under load it is no faster
+    than the fast path on one thread and slower on two (``docs/scale.md``, "Random features at the CPU's
+    limit"), so the analysis does not run it.
 
     Rows are cut into blocks as in :func:`_per_sample_rf_fast` (same projections, same threads, same
     private row for a sample that started in an earlier block). A block then walks chunks of
     ``_STACK_CHUNK`` frequencies and, inside a chunk, tiles of ``_STACK_TILE_ROWS`` rows; every config's
     argument of a tile is one slot of a (rows, C, chunk) stack (:class:`_Stack`): one broadcast float64
-    product per normalisation and one cast to the dtype make the base arguments, one multiply per run of
-    equal power-of-two factors the others, one cos and one sin the whole stack's values, and each row's
-    cos/sin values are added into the current sample's float64 accumulator in one call (numpy casts in an
-    L1-sized buffer). The accumulator, (2, C, chunk), is added into ``out`` when the sample ends. The
-    chunk keeps every buffer of a thread inside its core's cache; the stack keeps the numpy calls per key
-    few (``docs/scale.md``, "Where a key's time goes").
+    product (per normalisation when they have different numbers of bases) and one cast to the dtype make
+    the base arguments, one broadcast multiply the power-of-two multiples (or one per run of equal
+    factors), one cos and one sin the whole stack's values, and each row's cos/sin values are added into
+    the current sample's float64 accumulator in one call (numpy casts in an L1-sized buffer). The
+    accumulator, (2, C, chunk), is added into ``out`` when the sample ends. The stack keeps the numpy calls
+    per key few; a chunk of 1024 would keep a thread's buffers in its core's L2 (measured no faster).
     """
     D, C = plan.freqs.directions_Dd.shape[0], len(plan.configs)
     out = np.zeros((len(smp.ids_S), C, 2, D))

@@ -58,7 +58,7 @@ def _assert_rows_close(got: np.ndarray, ref: np.ndarray, rtol: float = 1e-9) -> 
                                                   ("whole", "float32", False), ("mixed", "float32", True),
                                                   ("mixed", "float64", False), ("whole", "float64", True)])
 @pytest.mark.parametrize("threads,batch_rows,block_rows,tile_rows,chunk", [
-    (1, 2048, 128, 4, 1024),  # the defaults: one tile chunk holds all 24 frequencies
+    (1, 2048, 128, 2, 4096),  # the defaults: one chunk holds all 24 frequencies
     (2, 64, 10, 3, 10),  # chunks of 10, 10, 4 frequencies; samples cross tiles, blocks and threads
     (3, 7, 3, 2, 7),  # 302 rows = 43 batches of 7 + a one-row batch
     (2, 1, 128, 4, 5),  # one-row batches: every block is one row
