@@ -561,14 +561,19 @@ class _FastWork:
         return shared, private
 
     def _project(self, a: int, b: int, buf: SimpleNamespace) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
-        """The reference's float64 projections of rows [a, b) (and the l2 row norms), in ``buf``."""
-        xb_Nd = np.asarray(self.x_Nd[a:b], np.float64)
-        z = {how: np.matmul(normalise(xb_Nd, how, self.target), self.U_dD, out=zbuf[:b - a])
-             for how, zbuf in buf.z.items()}
-        norm_N1 = None
-        if "l2" in self.groups:  # the reference's l2 projection, row by row: raw / max(|x|, 1e-30)
-            norm_N1 = np.maximum(np.linalg.norm(xb_Nd, axis=1, keepdims=True), 1e-30)
-        return z, norm_N1
+        return _block_projections(self.x_Nd, a, b, self.target, self.U_dD, buf.z, "l2" in self.groups)
+
+
+def _block_projections(x_Nd: np.ndarray, a: int, b: int, target: TargetPlan, U_dD: np.ndarray,
+                       zbufs: dict[str, np.ndarray], l2: bool) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """The reference's float64 projections of rows [a, b) into ``zbufs`` (normalisation -> buffer), and
+    the l2 row norms when ``l2``."""
+    xb_Nd = np.asarray(x_Nd[a:b], np.float64)
+    z = {how: np.matmul(normalise(xb_Nd, how, target), U_dD, out=zbuf[:b - a]) for how, zbuf in zbufs.items()}
+    norm_N1 = None
+    if l2:  # the reference's l2 projection, row by row: raw / max(|x|, 1e-30)
+        norm_N1 = np.maximum(np.linalg.norm(xb_Nd, axis=1, keepdims=True), 1e-30)
+    return z, norm_N1
 
 
 @dataclass(frozen=True)
@@ -619,6 +624,214 @@ class _RunSums:
             sums_GRD = np.matmul(self.ind_RT, vals64)
         for r, dest in enumerate(self.dest):
             dest[configs, part] += sums_GRD[:, r]
+
+
+_STACK_TILE_ROWS = 2  # rows of one tile of the stacked path
+_STACK_CHUNK = 4096  # frequencies of one chunk (1024 keeps a tile's arguments, values and accumulator in a core's L2)
+
+
+def _per_sample_rf_stacked(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
+                           ) -> np.ndarray:
+    """Per-sample cos/sin sums (S, C, 2, D) of every config, the values of :func:`_per_sample_rf_reference`
+    to float64 rounding (the float32 arguments and cos/sin values are the same bits; only the order of the
+    float64 sums differs): a second layout of :func:`_per_sample_rf_fast`'s work (issue 26), kept for
+    ``bench/rf_throughput.py`` (backend ``stacked``) and its tests. Measured under load it is no faster
+    than the fast path on one thread and slower on two (``docs/scale.md``, "Random features at the CPU's
+    limit"), so the analysis does not run it.
+
+    Rows are cut into blocks as in :func:`_per_sample_rf_fast` (same projections, same threads, same
+    private row for a sample that started in an earlier block). A block then walks chunks of
+    ``_STACK_CHUNK`` frequencies and, inside a chunk, tiles of ``_STACK_TILE_ROWS`` rows; every config's
+    argument of a tile is one slot of a (rows, C, chunk) stack (:class:`_Stack`): one broadcast float64
+    product (per normalisation when they have different numbers of bases) and one cast to the dtype make
+    the base arguments, one broadcast multiply the power-of-two multiples (or one per run of equal
+    factors), one cos and one sin the whole stack's values, and each row's cos/sin values are added into
+    the current sample's float64 accumulator in one call (numpy casts in an L1-sized buffer). The
+    accumulator, (2, C, chunk), is added into ``out`` when the sample ends. The stack keeps the numpy calls
+    per key few; a chunk of 1024 would keep a thread's buffers in its core's L2 (measured no faster).
+    """
+    D, C = plan.freqs.directions_Dd.shape[0], len(plan.configs)
+    out = np.zeros((len(smp.ids_S), C, 2, D))
+    blocks = _fast_blocks(len(x_Nd), _batch_rows(plan), _BLOCK_ROWS)
+    work = _StackWork(plan, target, x_Nd, smp.index_N, out)
+    threads = max(1, min(plan.threads, len(blocks)))
+    if threads == 1:
+        shared = [work.run(a, b) for a, b in blocks]
+    else:
+        with _one_blas_thread(), ThreadPoolExecutor(threads) as pool:
+            shared = list(pool.map(lambda ab: work.run(*ab), blocks))
+    for sample, row in shared:
+        if row is not None:
+            out[sample] += row
+    return out
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """Where each config's argument lies in the stack of a tile: ``configs[slot]`` is the config of a slot.
+
+    Slots [0, n_base) are base arguments, grouped per normalisation (``bases``: normalisation, slot range,
+    scales (k, D)); the other slots are exact power-of-two multiples of a base, ordered by factor and
+    source slot so that one multiply serves every run of them (``derived``: destination range, source
+    slots (a slice: an arithmetic progression), factor)."""
+
+    configs: np.ndarray
+    bases: list[tuple[str, int, int, np.ndarray]]
+    derived: list[tuple[int, int, slice, float]]
+    n_base: int
+    scale_HkD: np.ndarray | None  # the bases' scales (normalisation, k, D) when each has k bases, else None
+    fused: tuple[int, int, slice, np.ndarray] | None  # every derived step as one broadcast multiply, or None
+
+    @staticmethod
+    def of(plan: ChunkPlan, target: TargetPlan) -> _Stack:
+        steps = _arg_steps(plan, target)
+        order: list[int] = []
+        slot: dict[int, int] = {}
+        bases = []
+        for how, group in steps.items():
+            lo = len(order)
+            for st in group:
+                if st.source < 0:
+                    slot[st.config] = len(order)
+                    order.append(st.config)
+            bases.append((how, lo, len(order), np.stack([st.scale_D for st in group if st.source < 0])))
+        n_base = len(order)
+        rest = sorted((st for group in steps.values() for st in group if st.source >= 0),
+                      key=lambda st: (st.factor, slot[st.source]))
+        derived: list[tuple[int, int, slice, float]] = []
+        for st in rest:
+            dst, src = len(order), slot[st.source]
+            slot[st.config] = dst
+            order.append(st.config)
+            if derived and derived[-1][3] == st.factor and _extends(derived[-1][2], src):
+                d0, _, srcs, f = derived[-1]
+                step = src - srcs.start if srcs.stop - srcs.start == 1 else srcs.step
+                derived[-1] = (d0, dst + 1, slice(srcs.start, src + 1, step), f)
+            else:
+                derived.append((dst, dst + 1, slice(src, src + 1, 1), st.factor))
+        ks = {s1 - s0 for _, s0, s1, _ in bases}
+        scale_HkD = np.stack([sc for *_, sc in bases]) if len(ks) == 1 else None
+        return _Stack(np.array(order), bases, derived, n_base, scale_HkD, _fused(derived))
+
+
+def _fused(derived: list[tuple[int, int, slice, float]]) -> tuple[int, int, slice, np.ndarray] | None:
+    """(first slot, last slot + 1, sources, factors (F, 1, 1)) when the derived steps are F runs over the
+    same source slots that follow each other (the default 0.5, 1, 2: x2 and x4 of every base), else None."""
+    if len(derived) < 2 or any(d[2] != derived[0][2] or d[0] != derived[0][0] + i * (derived[0][1] - derived[0][0])
+                               or d[1] - d[0] != derived[0][1] - derived[0][0] for i, d in enumerate(derived)):
+        return None
+    return derived[0][0], derived[-1][1], derived[0][2], np.array([d[3] for d in derived])[:, None, None]
+
+
+def _extends(srcs: slice, src: int) -> bool:
+    """Whether source slot ``src`` continues the arithmetic progression of the slots ``srcs``."""
+    if srcs.stop - srcs.start == 1:
+        return src > srcs.start
+    return src == srcs.stop - 1 + srcs.step
+
+
+class _StackWork:
+    """The work of :func:`_per_sample_rf_stacked` on one block of rows; buffers are per thread and reused."""
+
+    def __init__(self, plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, idx_N: np.ndarray,
+                 out: np.ndarray):
+        self.plan, self.target, self.x_Nd, self.idx_N, self.out = plan, target, x_Nd, idx_N, out
+        self.stack = _Stack.of(plan, target)
+        self.factors_F11 = None if self.stack.fused is None else self.stack.fused[3].astype(plan.dtype)
+        self.U_dD = plan.freqs.directions_Dd.T
+        self.D, self.C = self.U_dD.shape[1], len(plan.configs)
+        self.dtype = np.dtype(plan.dtype)
+        self.chunk = max(1, min(self.D, _STACK_CHUNK))
+        self.tile = max(1, _STACK_TILE_ROWS)
+        self.rows = max((b - a for a, b in _fast_blocks(len(x_Nd), _batch_rows(plan), _BLOCK_ROWS)), default=0)
+        self.local = threading.local()
+
+    def _buffers(self) -> SimpleNamespace:
+        buf = getattr(self.local, "buf", None)
+        if buf is None:
+            T, W, C, dt = self.tile, self.chunk, self.C, self.dtype
+            buf = SimpleNamespace(z=np.empty((self.rows, len(self.stack.bases), self.D)),
+                                  base=np.empty(T * self.stack.n_base * W),
+                                  args=np.empty(T * C * W, dt), vals=np.empty(T * 2 * C * W, dt),
+                                  acc=np.empty(2 * C * W))
+            self.local.buf = buf
+        return buf
+
+    def run(self, a: int, b: int) -> tuple[int, np.ndarray | None]:
+        """Add the sums of rows [a, b) into ``out``; returns (sample, row) of the sample shared with the
+        rows before ``a`` (row None when there is none), which the caller adds after every block is done."""
+        idx_N, D, C = self.idx_N, self.D, self.C
+        shared = int(idx_N[a]) if a > 0 and idx_N[a] == idx_N[a - 1] else -1
+        private = np.zeros((C, 2, D)) if shared >= 0 else None
+        buf = self._buffers()
+        z = self._project(a, b, buf)
+        samples = idx_N[a:b].tolist()
+        for c0 in range(0, D, self.chunk):
+            c1 = min(c0 + self.chunk, D)
+            acc = buf.acc[:2 * C * (c1 - c0)].reshape(2, C, c1 - c0)
+            acc[...] = 0.0
+            current = samples[0]
+            for t in range(a, b, self.tile):
+                vals = self._tile(z, t - a, min(t + self.tile, b) - a, c0, c1, buf)
+                current = self._sum_rows(vals, samples[t - a:t - a + len(vals)], current, acc, c0, c1,
+                                         shared, private)
+            self._flush(current, acc, c0, c1, shared, private)
+        return shared, private
+
+    def _project(self, a: int, b: int, buf: SimpleNamespace) -> np.ndarray:
+        """The reference's float64 projections of rows [a, b), (rows, normalisation, D) in the stack's
+        order of normalisations: ``X U^T`` per normalisation (numpy's BLAS writes the strided rows with the
+        bits of a contiguous product), l2 as the raw one / max(|x|, 1e-30), as the reference."""
+        xb_Nd = np.asarray(self.x_Nd[a:b], np.float64)
+        z = buf.z[:b - a]
+        hows = [how for how, *_ in self.stack.bases]
+        for h, how in enumerate(hows):
+            if how != "l2":
+                np.matmul(normalise(xb_Nd, how, self.target), self.U_dD, out=z[:, h])
+        if "l2" in hows:
+            h = hows.index("l2")
+            raw = z[:, hows.index("none")] if "none" in hows else np.matmul(xb_Nd, self.U_dD, out=z[:, h])
+            np.divide(raw, np.maximum(np.linalg.norm(xb_Nd, axis=1, keepdims=True), 1e-30), out=z[:, h])
+        return z
+
+    def _tile(self, z: np.ndarray, lo: int, hi: int, c0: int, c1: int, buf: SimpleNamespace) -> np.ndarray:
+        """cos/sin values (rows, 2, C, chunk) of rows [lo, hi) of the block, frequencies [c0, c1)."""
+        n, w, C, st = hi - lo, c1 - c0, self.C, self.stack
+        base = buf.base[:n * st.n_base * w].reshape(n, st.n_base, w)
+        if st.scale_HkD is not None:  # every normalisation has k bases: one product
+            H, k = st.scale_HkD.shape[:2]
+            np.multiply(z[lo:hi, :, None, c0:c1], st.scale_HkD[None, :, :, c0:c1], out=base.reshape(n, H, k, w))
+        else:
+            for h, (_, s0, s1, scale_kD) in enumerate(st.bases):
+                np.multiply(z[lo:hi, h, None, c0:c1], scale_kD[None, :, c0:c1], out=base[:, s0:s1])
+        args = buf.args[:n * C * w].reshape(n, C, w)
+        np.copyto(args[:, :st.n_base], base, casting="same_kind")
+        if st.fused is not None:
+            d0, d1, srcs, f_F11 = st.fused
+            np.multiply(args[:, None, srcs], self.factors_F11, out=args[:, d0:d1].reshape(n, len(f_F11), -1, w))
+        else:
+            for d0, d1, srcs, f in st.derived:
+                np.multiply(args[:, srcs], self.dtype.type(f), out=args[:, d0:d1])
+        vals = buf.vals[:n * 2 * C * w].reshape(n, 2, C, w)
+        np.cos(args, out=vals[:, 0])
+        np.sin(args, out=vals[:, 1])
+        return vals
+
+    def _sum_rows(self, vals: np.ndarray, samples: list[int], current: int, acc: np.ndarray, c0: int, c1: int,
+                  shared: int, private: np.ndarray | None) -> int:
+        """Add each row's values into the accumulator of its sample (flushing at sample changes)."""
+        for r, s in enumerate(samples):
+            if s != current:
+                self._flush(current, acc, c0, c1, shared, private)
+                acc[...] = 0.0
+                current = s
+            np.add(acc, vals[r], out=acc)
+        return current
+
+    def _flush(self, sample: int, acc: np.ndarray, c0: int, c1: int, shared: int,
+               private: np.ndarray | None) -> None:
+        dest = private if sample == shared else self.out[sample]
+        dest[self.stack.configs, :, c0:c1] += acc.transpose(1, 0, 2)
 
 
 def _runs(idx_N: np.ndarray) -> list[tuple[int, int]]:
