@@ -98,7 +98,8 @@ class HostKeys:
             e.synchronize()
         self.events.clear()
         if self.cpu_layers:
-            self._cast_cpu_rows()
+            with torch.inference_mode():  # the buffers were made in the forward's inference mode
+                self._cast_cpu_rows()
 
     def _cast_cpu_rows(self) -> None:
         src, layers = self.cpu_LNHD, self.cpu_layers

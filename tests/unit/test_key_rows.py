@@ -66,11 +66,11 @@ class Layer(torch.nn.Module):
 
 def run(layout: str, heads, key_dtype, x_LBTHD: torch.Tensor, rows_N: torch.Tensor):
     mods = {i: Layer(layout) for i in range(L)}
-    with capture_keys(mods, None, rows_N, HKV, heads, key_dtype) as got:
-        for i, m in mods.items():
+    with torch.inference_mode(), capture_keys(mods, None, rows_N, HKV, heads, key_dtype) as got:
+        for i, m in mods.items():  # as forward_keys runs the model: buffers made in inference mode
             m(x_LBTHD[i])
     host = got.value
-    host.wait()
+    host.wait()  # as the drain thread does: outside inference mode
     return host
 
 
@@ -112,7 +112,7 @@ def test_hooks_copy_no_layer_output(layout):
     x = torch.randn(L, 2, 20, HKV, D)
     outs = [Layer(layout)(x[i]) for i in range(L)]
     mods = {i: torch.nn.Identity() for i in range(L)}
-    with capture_keys(mods, None, rows_N, HKV, None, torch.float16) as got:
+    with torch.inference_mode(), capture_keys(mods, None, rows_N, HKV, None, torch.float16) as got:
         with Ops() as ops:
             for i, m in mods.items():
                 m(outs[i])
