@@ -110,6 +110,28 @@ def main() -> None:
             ACC["_paired plain"] += t1 - t
             return out
         worker.forward_keys = paired
+        from kscale.extract import hooks
+
+        hooked = hooks._hooked
+
+        def timed_hooks(modules, hook_for, rotary, on_rotary):
+            def timed_for(key):
+                fn = hook_for(key)
+
+                def hook(*a):
+                    t = time.thread_time()
+                    fn(*a)
+                    ACC["fwd:   of it hook bodies (k, rotary)"] += time.thread_time() - t
+                return hook
+
+            def rot(*a):
+                t = time.thread_time()
+                fn = on_rotary(*a)
+                ACC["fwd:   of it hook bodies (k, rotary)"] += time.thread_time() - t
+                return fn
+            return hooked(modules, timed_for, rotary, rot)
+        hooks._hooked = timed_hooks
+        timed(hooks.HostKeys, "wait", "drain:   of it HostKeys.wait")
         timed(worker, "keep_rows", "fwd: keep_rows")
         timed(worker, "_writer", "fwd: ShardWriter() setup")
         timed(worker, "write_host_keys", "drain: write_host_keys")
