@@ -92,6 +92,19 @@ def test_one_index_per_batch_reads_every_layers_kept_rows(layout, heads):
         assert torch.equal(host.flags_LN, torch.stack([reference_flags(w, torch.float16) for w in want]))
 
 
+def test_bfloat16_model_float16_keys():
+    """A bfloat16 model's rows are selected in bfloat16 and cast per batch: the same bytes and flags as per layer."""
+    b, recs = batch(3, 24, 5)
+    rows_N, _ = keep_rows(b, recs, SampleTokens())
+    x = torch.randn(L, 3, 24, HKV, D, generator=torch.Generator().manual_seed(5)).bfloat16()
+    x[0, 2, 20, 1, 1] = 7e4  # overflows float16
+    host = run("heads", None, torch.float16, x, rows_N)
+    want = x.reshape(L, 72, HKV, D)[:, rows_N]
+    assert same_bytes(host.keys_LNHD, want.to(torch.float16))
+    flags = torch.stack([reference_flags(w, torch.float16) for w in want])
+    assert torch.equal(host.flags_LN, flags) and bool((flags == OVERFLOW).any())
+
+
 @pytest.mark.parametrize("layout", ["heads", "head-major"])
 def test_hooks_copy_no_layer_output(layout):
     """During the forward the hooks only view and index (no clone/copy of a layer's output: Gemma 3's
