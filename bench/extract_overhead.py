@@ -199,10 +199,11 @@ def main() -> None:
         per = args.pipeline_shards
         tp, tb, ta = [], [], []
         cpu: dict[str, list[float]] = {"plain": [], "before": [], "after": []}
-        for _ in range(args.repeats):  # interleaved, so drift hits all three
-            for name, runs, fn in (("plain", tp, lambda: [plain() for _ in range(per)]),
-                                   ("before", tb, lambda: [before() for _ in range(per)]),
-                                   ("after", ta, lambda: after(per))):
+        variants = [("plain", tp, lambda: [plain() for _ in range(per)]),
+                    ("before", tb, lambda: [before() for _ in range(per)]),
+                    ("after", ta, lambda: after(per))]
+        for k in range(args.repeats):  # interleaved, so drift hits all three; the order rotates each round,
+            for name, runs, fn in variants[k % 3:] + variants[:k % 3]:  # so none always follows another
                 t, c = time.perf_counter(), time.process_time()
                 fn()
                 runs.append((time.perf_counter() - t) / per)
