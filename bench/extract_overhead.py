@@ -6,11 +6,12 @@ Three variants per round, interleaved: the plain forward, the synchronous hooked
 outputs to the host, select, cast, append, commit in turn) and the pipelined path (after: select and
 cast where the layer ran, writes and the commit on the drain thread behind the next forwards). Each is
 timed over ``--pipeline-shards`` consecutive shards of ``--samples`` samples (the pipelined path waits for
-its last commit inside the time). Prints medians per shard, the ratios (goal <= 1.10 on CPU), MB/s
+its last commit inside the time). Prints medians per shard, the ratios (goal <= 1.10 on CPU: each round's
+hooked time over the same round's plain forward, median, quartiles and range over rounds), MB/s
 written, the split of the synchronous path's time, and the CPU seconds of every thread of the process
 per shard (``time.process_time``; on a machine others load, steadier than wall time).
 
-    python bench/extract_overhead.py [--family qwen2_5_vl] [--samples 32] [--batch 4] [--repeats 5] [--device cpu]
+    python bench/extract_overhead.py [--family qwen2_5_vl] [--samples 32] [--batch 4] [--repeats 9] [--device cpu]
                                      [--threads 1]
 """
 
@@ -96,7 +97,8 @@ def bench_args(ap: argparse.ArgumentParser | None = None) -> argparse.Namespace:
     ap.add_argument("--family", default="qwen2_5_vl", help="model family (debug:<family> scaled up)")
     ap.add_argument("--samples", type=int, default=32)
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--repeats", type=int, default=9,
+                    help="interleaved rounds; the ratios are medians of per-round ratios, with their spread")
     ap.add_argument("--image-size", type=int, default=224)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--key-dtype", default="float16")
@@ -197,10 +199,11 @@ def main() -> None:
         per = args.pipeline_shards
         tp, tb, ta = [], [], []
         cpu: dict[str, list[float]] = {"plain": [], "before": [], "after": []}
-        for _ in range(args.repeats):  # interleaved, so drift hits all three
-            for name, runs, fn in (("plain", tp, lambda: [plain() for _ in range(per)]),
-                                   ("before", tb, lambda: [before() for _ in range(per)]),
-                                   ("after", ta, lambda: after(per))):
+        variants = [("plain", tp, lambda: [plain() for _ in range(per)]),
+                    ("before", tb, lambda: [before() for _ in range(per)]),
+                    ("after", ta, lambda: after(per))]
+        for k in range(args.repeats):  # interleaved, so drift hits all three; the order rotates each round,
+            for name, runs, fn in variants[k % 3:] + variants[:k % 3]:  # so none always follows another
                 t, c = time.perf_counter(), time.process_time()
                 fn()
                 runs.append((time.perf_counter() - t) / per)
@@ -215,9 +218,16 @@ def main() -> None:
                               ("after: pipelined", ma, ta)):
             print(f"{name:19s} median {m:.3f} s  ({args.samples / m:.1f} samples/s)   "
                   f"runs {[round(x, 3) for x in runs]}")
-        print(f"ratio hooked/plain before {mb / mp:.3f}   after {ma / mp:.3f}  (goal <= 1.10)")
-        print(f"CPU seconds (all threads) per shard: plain {cp:.3f}, before {cb:.3f}, after {ca:.3f}; "
-              f"ratio before {cb / cp:.3f}, after {ca / cp:.3f} (steadier than wall time on a busy machine)")
+        # each round's ratio against that round's plain forward (drift and load bursts hit a round's three
+        # variants alike), then the median and spread over rounds
+        for what, t in (("wall", (tp, tb, ta)), ("CPU", (cpu["plain"], cpu["before"], cpu["after"]))):
+            for name, runs in (("before", t[1]), ("after", t[2])):
+                r = sorted(x / p for x, p in zip(runs, t[0]))
+                q1, q3 = (statistics.quantiles(r, n=4)[::2] if len(r) > 1 else (r[0], r[0]))
+                print(f"ratio {what:4s} {name:6s} median {statistics.median(r):.3f}  quartiles {q1:.3f}-{q3:.3f}  "
+                      f"range {r[0]:.3f}-{r[-1]:.3f}  ({len(r)} rounds; goal <= 1.10)")
+        print(f"CPU seconds (all threads) per shard: plain {cp:.3f}, before {cb:.3f}, after {ca:.3f} "
+              "(steadier than wall time on a busy machine)")
         print(f"written            {written[0] / 1e6:.2f} MB of keys per shard, {written[0] / 1e6 / ma:.1f} MB/s after")
         tot = sum(parts.values())
         print("before: time split " + ", ".join(f"{k} {v / tot:.1%}" for k, v in parts.items()))

@@ -67,11 +67,15 @@ def capture(modules: dict[Hashable, torch.nn.Module], rotary: torch.nn.Module | 
 # ----------------------------------------------------------------------------- keys straight to the host
 #
 # The fast path of extraction. Each hooked projection's output is reduced *on the device that computed
-# it* to the rows kscale stores (kept tokens, kept heads), cast to the key dtype, checked for non-finite
-# values, and copied into one host buffer (L, N, H, D). On CUDA the copy is ``non_blocking`` from a side
-# stream into pinned memory and the forward never waits for it; ``HostKeys.wait()`` (called by the
-# writer thread, not by the forward) blocks on the copies' events. On CPU the same code runs and the
-# copies are synchronous. Legend: N kept tokens of the batch (grouped by modality), F flag bits.
+# it* to the rows kscale stores (kept tokens, kept heads) with one ``index_select`` through a flat row
+# index computed once per batch and shared by every layer (:class:`_RowIndex`), and copied into one host
+# buffer (L, N, H, D). On CUDA each layer's rows are cast to the key dtype and checked for non-finite
+# values on the GPU, the copy is ``non_blocking`` from a side stream into pinned memory and the forward never
+# waits for it; ``HostKeys.wait()`` (called by the writer thread, not by the forward) blocks on the copies'
+# events. On CPU the hook only selects (into a buffer of the model's dtype); ``HostKeys.wait()``, on the
+# writer thread, casts and checks the whole (L, N, H, D) block at once: the same bytes and flags, a few
+# tensor ops per batch instead of ~20 per layer on the forward's thread. Legend: N kept tokens of the batch
+# (grouped by modality), F flag bits.
 
 NONFINITE, OVERFLOW = 1, 2  # flag bits per (layer, kept token): non-finite in the model, inf after the cast
 
@@ -84,12 +88,32 @@ class HostKeys:
     flags_LN: torch.Tensor  # int8, NONFINITE | OVERFLOW per layer and kept token
     positions_NR: torch.Tensor | None = None
     events: list = field(default_factory=list)
+    cpu_LNHD: torch.Tensor | None = None  # the model's dtype: selected rows of the layers computed on the CPU
+    cpu_layers: list[int] = field(default_factory=list)  # which layers those are (cast in ``wait``)
 
     def wait(self) -> None:
-        """Block until every copy has landed (the caller is the writer thread; the GPU keeps going)."""
+        """Block until every copy has landed (the caller is the writer thread; the GPU keeps going); cast
+        and flag the rows that CPU layers left in ``cpu_LNHD``."""
         for e in self.events:
             e.synchronize()
         self.events.clear()
+        if self.cpu_layers:
+            with torch.inference_mode():  # the buffers were made in the forward's inference mode
+                self._cast_cpu_rows()
+
+    def _cast_cpu_rows(self) -> None:
+        src, layers = self.cpu_LNHD, self.cpu_layers
+        if len(layers) < len(src):  # a model spread over CPU and GPUs: the CPU layers only
+            src = src[layers]
+        flags = _block_flags(src, self.keys_LNHD.dtype)
+        if len(layers) == len(self.keys_LNHD):
+            self.keys_LNHD.copy_(src)
+            self.flags_LN.copy_(flags)
+        else:
+            at = torch.tensor(layers)
+            self.keys_LNHD.index_copy_(0, at, src.to(self.keys_LNHD.dtype))
+            self.flags_LN.index_copy_(0, at, flags)
+        self.cpu_LNHD, self.cpu_layers = None, []
 
 
 def _flags_N(sel_NHD: torch.Tensor, key_dtype: torch.dtype) -> torch.Tensor:
@@ -102,18 +126,76 @@ def _flags_N(sel_NHD: torch.Tensor, key_dtype: torch.dtype) -> torch.Tensor:
     return flags | (~torch.isfinite(ext_N2.to(key_dtype)).all(1)).to(torch.int8) * OVERFLOW
 
 
-class _DeviceRows:
-    """The kept-row indices (and kept heads) on each device that asks for them, moved there once."""
+def _block_flags(x_LNHD: torch.Tensor, key_dtype: torch.dtype) -> torch.Tensor:
+    """(L, N) flags of a whole block, equal to :func:`_flags_N` per row: all zero when the block's min and max
+    are finite and stay finite in ``key_dtype`` (then so does every row's, by the same monotone-cast argument),
+    else per row."""
+    L, N = x_LNHD.shape[:2]
+    if x_LNHD.numel():
+        lo, hi = torch.aminmax(x_LNHD)
+        ext = torch.stack([lo, hi])
+        if bool(torch.isfinite(ext).all()) and bool(torch.isfinite(ext.to(key_dtype)).all()):
+            return torch.zeros((L, N), dtype=torch.int8)
+    return _flags_N(x_LNHD.reshape(L * N, *x_LNHD.shape[2:]), key_dtype).view(L, N)
 
-    def __init__(self, rows_N: torch.Tensor, heads: torch.Tensor | None):
-        self.rows_N, self.heads = rows_N, heads
-        self._on: dict[torch.device, tuple[torch.Tensor, torch.Tensor | None]] = {}
 
-    def on(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor | None]:
-        if device not in self._on:
-            h = None if self.heads is None else self.heads.to(device, non_blocking=True)
-            self._on[device] = (self.rows_N.to(device, non_blocking=True), h)
-        return self._on[device]
+class _RowIndex:
+    """The kept rows of a batch as flat indices into a layer's output, computed once per (device, layout)
+    and shared by every layer of the batch (and made on each device that asks, moved there once).
+
+    A layer's output is (B, T, H*D) or (B, T, H, D), stored token-major (``k_proj``, Qwen3's ``k_norm``) or
+    head-major (a (B, T, H, D) view of a (B, H, T, D) tensor: Gemma 3's ``k_norm``). :meth:`select` reads the
+    kept tokens (``rows_N``: flat indices into B*T) and kept heads from either without a copy of the output:
+    one ``index_select`` over rows of D values (token-major with all heads: over rows of H*D)."""
+
+    def __init__(self, rows_N: torch.Tensor, n_heads: int, heads: list[int] | None):
+        self.rows_N, self.n_heads = rows_N, n_heads
+        self.heads = torch.arange(n_heads) if heads is None else torch.tensor(heads, dtype=torch.long)
+        self.all_heads = heads is None
+        self._index: dict[tuple, torch.Tensor] = {}
+
+    def _flat(self, layout: str, T: int) -> torch.Tensor:
+        r, h = self.rows_N, self.heads
+        if layout == "tokens":
+            return r
+        if layout == "token-major":  # (B*T, Hkv[, D]) rows
+            return r if self.all_heads else (r[:, None] * self.n_heads + h[None]).flatten()
+        b, t = r // T, r % T  # head-major: (B*Hkv*T, D) rows
+        return ((b[:, None] * self.n_heads + h[None]) * T + t[:, None]).flatten()
+
+    def tokens(self, device: torch.device) -> torch.Tensor:
+        """``rows_N`` on ``device`` (the rows of per-token tensors: RoPE positions)."""
+        return self.index(device, "tokens", 0)
+
+    def index(self, device: torch.device, layout: str, T: int) -> torch.Tensor:
+        key = (device, layout, T)
+        if key not in self._index:
+            self._index[key] = self._flat(layout, T).to(device, non_blocking=True)
+        return self._index[key]
+
+    def select(self, out: torch.Tensor, out_NHD: torch.Tensor | None = None) -> torch.Tensor:
+        """The kept (N, H, D) rows of one layer's output (into ``out_NHD`` when given: same dtype)."""
+        B, T = out.shape[:2]
+        x = out.detach()
+        if x.ndim == 3:
+            x = x.unflatten(-1, (self.n_heads, -1))  # a view
+        D = x.shape[-1]
+        if x.is_contiguous():
+            layout, flat = "token-major", x.view(B * T, -1) if self.all_heads else x.view(-1, D)
+        elif x.transpose(1, 2).is_contiguous():
+            layout, flat = "head-major", x.transpose(1, 2).view(-1, D)
+        else:  # no family gives this today: one copy
+            x = x.contiguous()
+            layout, flat = "token-major", x.view(B * T, -1) if self.all_heads else x.view(-1, D)
+        idx = self.index(x.device, layout, T)
+        N, H = len(self.rows_N), len(self.heads)
+        if out_NHD is None:
+            return flat.index_select(0, idx).view(N, H, D)
+        if out_NHD.dtype == flat.dtype:
+            torch.index_select(flat, 0, idx, out=out_NHD.view(len(idx), -1))
+        else:
+            out_NHD.view(len(idx), -1).copy_(flat.index_select(0, idx))
+        return out_NHD
 
 
 def _side_stream(device: torch.device, streams: dict):
@@ -139,8 +221,7 @@ def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | 
     pin = any(p.is_cuda for m in modules.values() for p in m.parameters(recurse=False))
     H = n_kv_heads if heads is None else len(heads)
     host: HostKeys | None = None
-    rows = _DeviceRows(rows_N.pin_memory() if pin else rows_N,
-                       None if heads is None else torch.tensor(heads, dtype=torch.long))
+    rows = _RowIndex(rows_N.pin_memory() if pin else rows_N, n_kv_heads, heads)
     streams = {} if streams is None else streams
     used: set[torch.device] = set()
 
@@ -158,18 +239,20 @@ def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | 
     def on_key(pos: int):
         def hook(_mod, _inp, out):
             nonlocal host
-            r, h = rows.on(out.device)
-            D = out[0, 0].numel() // n_kv_heads  # (B, T, H*D) from k_proj, (B, T, H, D) from a QK-norm
-            sel = out.detach().reshape(-1, n_kv_heads, D).index_select(0, r)  # (N, Hkv, D)
-            if h is not None:
-                sel = sel.index_select(1, h)
-            flags = _flags_N(sel, key_dtype)
-            cast = sel.to(key_dtype) if sel.is_cuda else sel  # on a GPU half the bytes cross; on CPU copy_ casts
-            if host is None:
-                host = HostKeys(torch.empty((L, N, H, D), dtype=key_dtype, pin_memory=pin),
-                                torch.empty((L, N), dtype=torch.int8, pin_memory=pin))
-            to_host(host.keys_LNHD[pos], cast)
-            to_host(host.flags_LN[pos], flags)
+            D = out.shape[-1] if out.ndim == 4 else out.shape[-1] // n_kv_heads
+            if host is None:  # pinned when the model is on a GPU (a tap module holds no parameters to tell)
+                pinned = pin or out.is_cuda
+                host = HostKeys(torch.empty((L, N, H, D), dtype=key_dtype, pin_memory=pinned),
+                                torch.empty((L, N), dtype=torch.int8, pin_memory=pinned))
+            if not out.is_cuda:  # selected here, cast and flagged per batch in ``HostKeys.wait``
+                if host.cpu_LNHD is None:
+                    host.cpu_LNHD = torch.empty((L, N, H, D), dtype=out.dtype)
+                rows.select(out, host.cpu_LNHD[pos])
+                host.cpu_layers.append(pos)
+                return
+            sel = rows.select(out)  # (N, H, D)
+            to_host(host.keys_LNHD[pos], sel.to(key_dtype))  # half the bytes cross
+            to_host(host.flags_LN[pos], _flags_N(sel, key_dtype))
         return hook
 
     positions: list[torch.Tensor] = []
@@ -177,8 +260,7 @@ def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | 
     def on_rotary(_mod, args, kwargs):
         x = args[0] if args else kwargs["x"]
         p = _positions_BTR(args[1] if len(args) > 1 else kwargs["position_ids"], x.shape[0]).detach()
-        r, _ = rows.on(p.device)
-        positions.append(p.reshape(-1, p.shape[-1]).index_select(0, r).to(torch.int32))
+        positions.append(p.reshape(-1, p.shape[-1]).index_select(0, rows.tokens(p.device)).to(torch.int32))
 
     out = _Lazy()
     with _hooked(modules, on_key, rotary, on_rotary):
@@ -186,7 +268,7 @@ def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | 
     assert host is not None, "no hooked projection ran"
     if positions:
         p = positions[-1]  # the language model's call (the last, as in ``capture``)
-        host.positions_NR = torch.empty(p.shape, dtype=p.dtype, pin_memory=pin)
+        host.positions_NR = torch.empty(p.shape, dtype=p.dtype, pin_memory=host.keys_LNHD.is_pinned())
         to_host(host.positions_NR, p)
     for dev in used:
         ev = torch.cuda.Event()

@@ -5,9 +5,10 @@ records, runs batched forwards with hooks on the projections of ``extract.vector
 ``ShardWriter`` that commits last. Executors (local, Ray) only decide where this runs.
 
 Two paths write the same store. The default (``ExtractState.overlap``) is a pipeline: the hooks of
-:func:`kscale.extract.hooks.capture_keys` select the kept tokens and heads and cast on the device that
-computed them, copy to the host without stalling the forward, and one writer thread per worker (the
-*drain*) waits for those copies, appends to the ``ShardWriter`` and finally commits, while the main
+:func:`kscale.extract.hooks.capture_keys` select the kept tokens and heads on the device that computed
+them (on a GPU they also cast there), copy to the host without stalling the forward, and one writer thread
+per worker (the *drain*) waits for those copies (on CPU: casts and checks the batch's block), appends to the
+``ShardWriter`` and finally commits, while the main
 thread already runs the next forwards. ``start_shard`` returns the commit as a ``Future``: an executor
 that calls it for shard k+1 before resolving shard k's future overlaps k's commit with k+1's forwards,
 and reports shard k done only when the future resolved (the marker is on disk). The synchronous path
