@@ -71,7 +71,7 @@ def _assert_clean_log(text: str) -> None:
         assert noise not in text.replace("never `ray stop`", ""), f"{noise!r} in the job's log:\n{text[-4000:]}"
 
 
-@pytest.mark.parametrize("how", ["stop", "stop twice (scancel)"])
+@pytest.mark.parametrize("how", ["stop", pytest.param("stop twice (scancel)", marks=pytest.mark.extended)])
 def test_stop_ends_the_job_cleanly_and_status_says_stopped(slurm, tmp_path, how):
     """`kscale stop` asks the driver to stop through its stop file: it shuts down with the cluster still up and
     the script stops the services in order. A second `kscale stop` cancels the job (scancel): every step gets

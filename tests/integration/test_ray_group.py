@@ -28,6 +28,7 @@ def test_actors_form_one_group_and_the_driver_gets_rank_0s_value(tmp_path, ray_l
     assert {g[2] for g in got} == {"127.0.0.1"}  # one node: the rendezvous on loopback
 
 
+@pytest.mark.extended  # ~13 s: a Ray group of two ranks; the group's gloo meeting stays in the default suite
 def test_a_rank_that_raises_stops_the_group_and_is_named(tmp_path, ray_local) -> None:
     with pytest.raises(RankFailed, match=r"rank 1 of 2 \(Ray actor pid \d+ on .*\) raised ValueError: rank 1 refuses"):
         run_ranks(_spec(tmp_path), "tests.integration.group_ranks:gather_pids", {"fail_rank": 1})

@@ -160,7 +160,7 @@ def _assert_follows(losses: list[float], reference: list[float]) -> None:
     assert reference[-1] < reference[0]  # the run learns: the comparison is over a moving curve
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.extended)])  # ZeRO-3: test_train_zero3_*
 def test_zero_single_process_follows_plain_pytorch(model_dir, tmp_path, stage) -> None:
     raw = _raw_spec(model_dir, tmp_path / f"zero{stage}", _generated(), deepspeed={"zero_stage": stage},
                     activation_checkpointing=True)
@@ -187,7 +187,7 @@ def _ranks_disagree_on_images(raw: dict, world: int) -> bool:
     return False
 
 
-@pytest.mark.parametrize("stage", [2, 3])
+@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=pytest.mark.extended)])
 def test_zero_two_processes_follow_plain_pytorch_without_hanging(model_dir, manifest, tmp_path, stage) -> None:
     raw = _raw_spec(model_dir, tmp_path / f"zero{stage}x2", {"source": "manifest", "path": manifest},
                     deepspeed={"zero_stage": stage}, micro_batch_size=1)
@@ -288,6 +288,7 @@ def test_zero3_with_optimizer_and_parameter_offload_follows_plain_pytorch(model_
         assert isinstance(load_weights_only(path), dict)
 
 
+@pytest.mark.extended  # ~28 s; the if_exists rules of every stage: tests/unit/test_output.py
 def test_if_exists_fail_refuses_and_overwrite_starts_over(model_dir, tmp_path) -> None:
     raw = _raw_spec(model_dir, tmp_path / "again", _generated(), max_steps=3)
     first = _run(raw, tmp_path / "again")

@@ -74,7 +74,7 @@ def test_distributed_local_cluster_equals_threads(tmp_path):
     assert dist == pytest.approx(threads, rel=1e-9)
 
 
-@pytest.mark.parametrize("store", ["fake", "real"])
+@pytest.mark.parametrize("store", [pytest.param("fake", marks=pytest.mark.extended), "real"])
 def test_distributed_analysis_equals_threaded(tmp_path, store):
     """A dask.distributed LocalCluster of 2 worker processes gives the threaded run's table (mergeable sums):
     over dask arrays (a fake store) and over a real store's coarse reads (tasks carry their shards' spans)."""
