@@ -9,7 +9,7 @@ driver's Ray processes and everything below them (pid and creation time, one sca
 0.25 s) and learns the Ray session folder (``.../session_<date>_<PID>``) from the head's arguments. As soon
 as its stdin pipe from the driver closes (the driver died, or shut Ray down and called :func:`stop_reaper`)
 it adds the Ray processes holding a file of that session open (orphans started after the last scan inherit
-the raylet's log file), gives the list ``grace_s`` to exit if the driver still lives (none if it died), then
+the raylet's log file) and those whose ``RAY_RAYLET_PID`` names a process of the tree, gives the list ``grace_s`` to exit if the driver still lives (none if it died), then
 SIGTERMs and finally SIGKILLs those still there. Each pid is checked against its recorded creation time, so
 a reused pid is never touched, and nothing outside this driver's tree or session is.
 """
@@ -114,6 +114,27 @@ def _session_members(session: str, since: float) -> dict[int, float]:
     return out
 
 
+def _raylet_orphans(known: dict[int, float], since: float) -> dict[int, float]:
+    """Ray processes started since ``since`` whose ``RAY_RAYLET_PID`` (Ray sets it in every agent and worker
+    the raylet starts) names a process of ``known`` created before them: an agent the raylet started just
+    before it died with the driver, orphaned before a poll saw it and before it opened a session file (seen:
+    ``ray::RuntimeEnvAgent`` alive 10 s after the driver's SIGKILL)."""
+    import psutil
+
+    out: dict[int, float] = {}
+    for p in psutil.process_iter(["create_time"]):
+        created = p.info["create_time"] or 0.0
+        if created < since - 0.05 or p.pid == os.getpid() or p.pid in known:
+            continue
+        try:
+            parent = int(p.environ().get("RAY_RAYLET_PID", "-1"))
+            if parent in known and known[parent] <= created + 0.01 and _is_ray(p):
+                out[p.pid] = created
+        except (psutil.Error, ValueError):
+            pass
+    return out
+
+
 def _alive(pid: int, created: float):
     import psutil
 
@@ -149,6 +170,7 @@ def watch(driver_pid: int, grace_s: float, poll_s: float = 0.25) -> None:
         known = _ray_tree(driver_pid, known)  # what the dying tree started meanwhile
         if session:
             known = {**_session_members(session, driver_created), **known}
+        known = {**_raylet_orphans(known, driver_created), **known}
         left = [p for p in (_alive(p, c) for p, c in known.items()) if p is not None]
         for p in left:
             try:
