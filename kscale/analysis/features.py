@@ -464,10 +464,17 @@ def _per_sample_rf_fast(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, s
     of ``out`` of the samples that start in it; the sum of a sample that started in an earlier block goes
     to a private row added after the join.
     """
+    return _run_blocks(_FastWork, plan, target, x_Nd, smp)
+
+
+def _run_blocks(work_cls, plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples) -> np.ndarray:
+    """The (S, C, 2, D) sums of a block-parallel layout (``work_cls``: :class:`_FastWork` or
+    :class:`_StackWork`): its blocks of rows on ``plan.threads`` threads (BLAS on one thread each), then
+    the private rows of samples shared with an earlier block added after the join."""
     D, C = plan.freqs.directions_Dd.shape[0], len(plan.configs)
     out = np.zeros((len(smp.ids_S), C, 2, D))
     blocks = _fast_blocks(len(x_Nd), _batch_rows(plan), _BLOCK_ROWS)
-    work = _FastWork(plan, target, x_Nd, smp.index_N, out)
+    work = work_cls(plan, target, x_Nd, smp.index_N, out)
     threads = max(1, min(plan.threads, len(blocks)))
     if threads == 1:
         shared = [work.run(a, b) for a, b in blocks]
@@ -650,20 +657,7 @@ def _per_sample_rf_stacked(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray
     accumulator, (2, C, chunk), is added into ``out`` when the sample ends. The stack keeps the numpy calls
     per key few; a chunk of 1024 would keep a thread's buffers in its core's L2 (measured no faster).
     """
-    D, C = plan.freqs.directions_Dd.shape[0], len(plan.configs)
-    out = np.zeros((len(smp.ids_S), C, 2, D))
-    blocks = _fast_blocks(len(x_Nd), _batch_rows(plan), _BLOCK_ROWS)
-    work = _StackWork(plan, target, x_Nd, smp.index_N, out)
-    threads = max(1, min(plan.threads, len(blocks)))
-    if threads == 1:
-        shared = [work.run(a, b) for a, b in blocks]
-    else:
-        with _one_blas_thread(), ThreadPoolExecutor(threads) as pool:
-            shared = list(pool.map(lambda ab: work.run(*ab), blocks))
-    for sample, row in shared:
-        if row is not None:
-            out[sample] += row
-    return out
+    return _run_blocks(_StackWork, plan, target, x_Nd, smp)
 
 
 @dataclass(frozen=True)
