@@ -134,7 +134,13 @@ def test_sigint_stops_cleanly_and_noop_rerun_keeps_progress(tmp_path):
     bigger = {**OVER["data"], "generated": {**OVER["data"]["generated"], "n_samples": 96}}
     job, d = _write_job(tmp_path, "ctrlc", data=bigger)
     store = Path(d["output"]["path"])
-    proc = _start(tmp_path, job)
+    # started from a thread that blocks SIGINT and SIGTERM (the child inherits the mask): kscale unblocks them
+    # (without that the run went on to the end with SIGINT pending, as seen once in the full suite)
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        proc = _start(tmp_path, job)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old_mask)
     _wait_markers(store, 2, proc)
     proc.send_signal(signal.SIGINT)
     proc.wait(timeout=120)
