@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import shutil
+import time
 from types import ModuleType
 
 import pytest
@@ -45,3 +46,19 @@ def require_module(name: str, install: str) -> ModuleType:
     except ImportError as e:
         require(False, f"cannot import {name} ({e})", install)
         raise  # not reached: require skipped or failed
+
+
+def process_gone(pid: int, within: float = 20.0) -> bool:
+    """The process ``pid`` (one the test started) has exited within ``within`` s (a zombie waiting for whoever
+    adopted it counts as exited)."""
+    import psutil
+
+    end = time.monotonic() + within
+    while time.monotonic() < end:
+        try:
+            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        time.sleep(0.1)
+    return False

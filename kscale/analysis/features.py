@@ -495,6 +495,13 @@ def _one_blas_thread():
     return one_thread()
 
 
+def _shared_sample(idx_N: np.ndarray, a: int, C: int, D: int) -> tuple[int, np.ndarray | None]:
+    """The sample a block starting at row ``a`` shares with the rows before it (-1: none) and the private
+    (C, 2, D) row its sums go to (added by :func:`_run_blocks` after the join), for both layouts."""
+    shared = int(idx_N[a]) if a > 0 and idx_N[a] == idx_N[a - 1] else -1
+    return shared, (np.zeros((C, 2, D)) if shared >= 0 else None)
+
+
 def _fast_blocks(n: int, batch_rows: int, block_rows: int) -> list[tuple[int, int]]:
     """Row ranges [a, b) of about ``block_rows`` that never cross a reference batch of ``batch_rows`` and
     never hold one row unless that batch does (a one-row product is a matrix-vector product in BLAS: other
@@ -542,8 +549,7 @@ class _FastWork:
         """Add the sums of rows [a, b) into ``out``; returns (sample, row) of the sample shared with the
         rows before ``a`` (row None when there is none), which the caller adds after every block is done."""
         idx_N, D, C = self.idx_N, self.D, self.C
-        shared = int(idx_N[a]) if a > 0 and idx_N[a] == idx_N[a - 1] else -1
-        private = np.zeros((C, 2, D)) if shared >= 0 else None
+        shared, private = _shared_sample(idx_N, a, C, D)
         buf = self._buffers()
         z, norm_N1 = self._project(a, b, buf)
         dtype = np.dtype(self.plan.dtype)
@@ -755,8 +761,7 @@ class _StackWork:
         """Add the sums of rows [a, b) into ``out``; returns (sample, row) of the sample shared with the
         rows before ``a`` (row None when there is none), which the caller adds after every block is done."""
         idx_N, D, C = self.idx_N, self.D, self.C
-        shared = int(idx_N[a]) if a > 0 and idx_N[a] == idx_N[a - 1] else -1
-        private = np.zeros((C, 2, D)) if shared >= 0 else None
+        shared, private = _shared_sample(idx_N, a, C, D)
         buf = self._buffers()
         z = self._project(a, b, buf)
         samples = idx_N[a:b].tolist()

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import psutil
 
+from tests.testing_utils import process_gone
+
 RAYLET = """
 import os, subprocess, sys, time
 time.sleep(1.5)  # the reaper polls every 0.25 s: it has seen this process by now
@@ -50,18 +52,6 @@ def _wait_file(path: Path, timeout: float = 30) -> int:
     raise AssertionError(f"{path} not written")
 
 
-def _gone(pid: int, timeout: float) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
-
-
 def test_an_agent_orphaned_before_a_poll_saw_it_is_reaped_by_its_raylet_pid(tmp_path) -> None:
     ray = tmp_path / "ray"
     ray.mkdir()
@@ -82,7 +72,7 @@ def test_an_agent_orphaned_before_a_poll_saw_it_is_reaped_by_its_raylet_pid(tmp_
         time.sleep(0.5)
         driver.send_signal(signal.SIGKILL)
         driver.wait()
-        assert _gone(agent, 8), "the orphaned agent outlived the driver's SIGKILL by 8 s"
+        assert process_gone(agent, 8), "the orphaned agent outlived the driver's SIGKILL by 8 s"
         assert bystander.poll() is None, "the reaper killed a process outside the driver's Ray tree"
     finally:
         for pid in (agent, driver.pid, bystander.pid):

@@ -19,7 +19,7 @@ import pytest
 
 from kscale.analysis import embed as E
 from kscale.analysis.maps_helper import HelperDied, MapsHelper
-from tests.testing_utils import require_module
+from tests.testing_utils import process_gone, require_module
 
 require_module("openTSNE", install="pip install -e '.[analysis]'")
 
@@ -29,17 +29,6 @@ def _keys(seed: int) -> dict[str, np.ndarray]:
     return {"image": rng.normal(1.0, 1.0, size=(90, 2, 4)), "text": rng.normal(0.0, 1.0, size=(70, 2, 4))}
 
 
-def _gone(pid: int, within: float = 20.0) -> bool:
-    """The process has exited (a zombie waiting for whoever adopted it counts as exited)."""
-    end = time.monotonic() + within
-    while time.monotonic() < end:
-        try:
-            if psutil.Process(pid).status() == psutil.STATUS_ZOMBIE:
-                return True
-        except psutil.NoSuchProcess:
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def test_helper_maps_equal_maps_in_place_and_run_at_lowest_priority():
@@ -51,7 +40,7 @@ def test_helper_maps_equal_maps_in_place_and_run_at_lowest_priority():
         pending = [E.maps(keys, ["pca", "tsne"], 60, 10.0, 3, helper) for _ in range(2)]  # queued, in order
         assert isinstance(pending[0]["tsne"], E._Pending)  # computed over there
         got = [E.resolved(p, 10.0, 3) for p in pending]
-    assert _gone(pid)  # closed: the helper ended with its input
+    assert process_gone(pid)  # closed: the helper ended with its input
     for g in got:
         np.testing.assert_array_equal(g["labels"], here["labels"])
         for method in ("pca", "tsne"):
@@ -104,7 +93,7 @@ def test_the_helper_starts_from_a_script_on_stdin_and_ends_with_a_killed_driver(
     finally:
         driver.kill()  # the driver this test started
         driver.wait()
-    assert _gone(helper_pid), "the helper outlived its killed driver"
+    assert process_gone(helper_pid), "the helper outlived its killed driver"
     assert "Traceback" not in driver.stderr.read()
 
 
@@ -238,4 +227,4 @@ def test_a_stuck_helper_is_given_up_after_the_stall_bound(tmp_path):
         got = _within(60, lambda: E.resolved(pending, 8.0, 1))  # result() without a timeout, bounded
         assert 2.0 <= time.monotonic() - t0 < 60
     np.testing.assert_array_equal(got["tsne"][0], here["tsne"][0])
-    assert _gone(pid)
+    assert process_gone(pid)
