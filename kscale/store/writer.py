@@ -92,13 +92,15 @@ def _take_write_thread() -> ThreadPoolExecutor:
         idle = _pools()["idle"]
         if idle:
             return idle.pop()
-    return ThreadPoolExecutor(1, thread_name_prefix="kscale-write")
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kscale-write")
+    pool.kscale_pid = os.getpid()  # whose thread it has
+    return pool
 
 
 def _give_back_write_thread(pool: ThreadPoolExecutor) -> None:
     """Keep a writer's executor (every write of it finished) for the next writer, or end its thread."""
-    if getattr(pool, "_shutdown", False):  # shut down by its user (tests wait for writes so): not reusable
-        return
+    if getattr(pool, "_shutdown", False) or getattr(pool, "kscale_pid", None) != os.getpid():
+        return  # shut down by its user (tests wait for writes so), or a parent process's: not reusable
     with _POOLS_LOCK:
         idle = _pools()["idle"]
         if len(idle) < IDLE_WRITE_THREADS:

@@ -3,7 +3,7 @@ flag the CPU rows per batch: the same keys and flags as selecting each layer's o
 
 ``capture_keys`` computes the flat row index of the kept tokens (and heads) once per batch and layout
 (``_RowIndex``) and shares it across layers; on CPU the hooks only select, and ``HostKeys.wait`` casts and
-flags the whole (L, N, H, D) block (``_block_flags``). The reference here is the plain reading: reshape
+flags the whole (L, N, H, D) block (``_cast_flags``: from its cast, checked by bits). The reference here is the plain reading: reshape
 the layer's output to (B*T, H, D), take the kept rows and heads, cast, and flag each row with ``isfinite``.
 Batches have several images, padding and sampled tokens (rows grouped by modality, not ascending), and
 outputs come token-major (``k_proj``'s (B, T, H*D), Qwen3's ``k_norm`` (B, T, H, D)) and head-major (a
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kscale.extract.hooks import NONFINITE, OVERFLOW, _block_flags, _flags_N, capture_keys
+from kscale.extract.hooks import NONFINITE, OVERFLOW, _all_finite, _cast_flags, _flags_N, capture_keys
 from kscale.extract.worker import keep_rows
 from kscale.models.facts import IMAGE, PAD, SPECIAL, TEXT
 from kscale.spec import SampleTokens
@@ -139,14 +139,32 @@ def test_hooks_copy_no_layer_output(layout):
 def test_block_flags_equal_each_rows_flags(key_dtype):
     g = torch.Generator().manual_seed(2)
     clean = torch.randn(3, 10, 2, 4, generator=g)
-    assert torch.equal(_block_flags(clean, key_dtype), torch.zeros(3, 10, dtype=torch.int8))
-    for value in (float("nan"), float("inf"), -float("inf"), 65520.0, -70000.0, 3.4e38):
+    assert torch.equal(_cast_flags(clean, clean.to(key_dtype)), torch.zeros(3, 10, dtype=torch.int8))
+    for value in (float("nan"), -float("nan"), float("inf"), -float("inf"), 65504.0, 65520.0, -70000.0, 3.4e38,
+                  3.39e38, 1e-45, -0.0):
         x = clean.clone()
         x[1, 4, 1, 2] = value
         want = torch.stack([reference_flags(x[i], key_dtype) for i in range(3)])
-        assert torch.equal(_block_flags(x, key_dtype), want), value
+        assert torch.equal(_cast_flags(x, x.to(key_dtype)), want), value
         assert torch.equal(_flags_N(x.reshape(30, 2, 4), key_dtype).view(3, 10), want)
-    assert _block_flags(torch.zeros(3, 0, 2, 4), key_dtype).shape == (3, 0)
+    assert _cast_flags(torch.zeros(3, 0, 2, 4), torch.zeros(3, 0, 2, 4, dtype=key_dtype)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_all_finite_by_bits_equals_isfinite(dtype):
+    """``_all_finite`` reads the bits (magnitude below inf's): equal to ``isfinite(x).all()`` at every edge --
+    the largest finite values, inf, NaNs of either sign and payload, subnormals, -0 -- and off its fast path."""
+    info = torch.finfo(dtype)
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+    edges = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, -0.0, 1.0], dtype=dtype)
+    nans = torch.tensor([float("nan"), -float("nan")], dtype=dtype)
+    odd_nan = (nans.view(bits) | 1).view(dtype)  # another payload
+    for extra in (None, float("inf"), -float("inf"), *nans, *odd_nan):
+        x = edges.clone() if extra is None else torch.cat([edges, torch.tensor([extra], dtype=dtype)])
+        want = bool(torch.isfinite(x).all())
+        assert _all_finite(x) == want, (dtype, extra)
+        assert _all_finite(x.view(-1, 1).expand(-1, 2).t()) == want  # not contiguous: the plain check
+    assert _all_finite(torch.zeros(0, dtype=dtype))
 
 
 def test_gemma3_tap_hands_over_a_view_of_the_norm_output():
