@@ -10,6 +10,9 @@ Legend: B batch, T tokens, R rope rows, L hooked layers.
 
 from __future__ import annotations
 
+import math
+import os
+import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -91,6 +94,7 @@ class HostKeys:
     events: list = field(default_factory=list)
     cpu_LNHD: torch.Tensor | None = None  # the model's dtype: selected rows of the layers computed on the CPU
     cpu_layers: list[int] = field(default_factory=list)  # which layers those are (cast in ``wait``)
+    cpu_flat: torch.Tensor | None = None  # the reusable buffer ``cpu_LNHD`` is a view of (``_RowBuffers``)
 
     def wait(self) -> None:
         """Block until every copy has landed (the caller is the writer thread; the GPU keeps going); cast
@@ -114,7 +118,45 @@ class HostKeys:
             cast = src.to(self.keys_LNHD.dtype)
             self.keys_LNHD.index_copy_(0, at, cast)
             self.flags_LN.index_copy_(0, at, _cast_flags(src, cast))
-        self.cpu_LNHD, self.cpu_layers = None, []
+        if self.cpu_flat is not None:
+            ROW_BUFFERS.give(self.cpu_flat)  # cast: a later batch may select into it
+        self.cpu_LNHD, self.cpu_layers, self.cpu_flat = None, [], None
+
+
+class _RowBuffers:
+    """Flat CPU buffers the hooks select a batch's rows into (``HostKeys.cpu_LNHD``, the model's dtype),
+    handed back by ``HostKeys.wait`` once cast and reused by later batches: a fresh (L, N, H, D) buffer per
+    batch (~2 MB here) cost its page faults on the forward's thread. At most ``KEEP`` are kept; one is made
+    a quarter larger than asked, so batches of a few more rows reuse it. A forked child starts empty."""
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a flat buffer, its first prod(shape) values viewed as ``shape``)."""
+        n = math.prod(shape)
+        with self.lock:
+            for i, flat in enumerate(self.free):
+                if flat.dtype == dtype and flat.numel() >= n:
+                    flat = self.free.pop(i)
+                    return flat, flat[:n].view(shape)
+        flat = torch.empty(n + n // 4, dtype=dtype)
+        return flat, flat[:n].view(shape)
+
+    def give(self, flat: torch.Tensor) -> None:
+        with self.lock:
+            if len(self.free) < self.KEEP:
+                self.free.append(flat)
+
+    def after_fork(self) -> None:
+        self.free, self.lock = [], threading.Lock()
+
+
+ROW_BUFFERS = _RowBuffers()
+os.register_at_fork(after_in_child=ROW_BUFFERS.after_fork)
 
 
 def _flags_N(sel_NHD: torch.Tensor, key_dtype: torch.dtype) -> torch.Tensor:
@@ -262,7 +304,7 @@ def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | 
                                 torch.empty((L, N), dtype=torch.int8, pin_memory=pinned))
             if not out.is_cuda:  # selected here, cast and flagged per batch in ``HostKeys.wait``
                 if host.cpu_LNHD is None:
-                    host.cpu_LNHD = torch.empty((L, N, H, D), dtype=out.dtype)
+                    host.cpu_flat, host.cpu_LNHD = ROW_BUFFERS.take((L, N, H, D), out.dtype)
                 rows.select(out, host.cpu_LNHD[pos])
                 host.cpu_layers.append(pos)
                 return

@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kscale.extract.hooks import NONFINITE, OVERFLOW, _all_finite, _cast_flags, _flags_N, capture_keys
+from kscale.extract.hooks import ROW_BUFFERS, NONFINITE, OVERFLOW, _all_finite, _cast_flags, _flags_N, capture_keys
 from kscale.extract.worker import keep_rows
 from kscale.models.facts import IMAGE, PAD, SPECIAL, TEXT
 from kscale.spec import SampleTokens
@@ -90,6 +90,36 @@ def test_one_index_per_batch_reads_every_layers_kept_rows(layout, heads):
         want = x.reshape(L, B * T, HKV, D)[:, rows_N][:, :, kept]
         assert same_bytes(host.keys_LNHD, want.to(torch.float16))
         assert torch.equal(host.flags_LN, torch.stack([reference_flags(w, torch.float16) for w in want]))
+
+
+def test_row_buffers_are_reused_only_once_cast(monkeypatch):
+    """The model-dtype buffer a batch's rows are selected into is handed back only once ``wait`` cast it, and
+    reused by a later batch, never while it is still to be cast: batches forwarded before the first is
+    drained (the pipeline keeps up to ``MAX_IN_FLIGHT`` of them) get buffers of their own."""
+    ROW_BUFFERS.free.clear()
+    mods = {i: Layer("heads") for i in range(L)}
+
+    def forward(seed: int, B: int, T: int):
+        b, recs = batch(B, T, seed)
+        rows_N, _ = keep_rows(b, recs, SampleTokens())
+        x = torch.randn(L, B, T, HKV, D, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode(), capture_keys(mods, None, rows_N, HKV, None, torch.float16) as got:
+            for i, m in mods.items():
+                m(x[i])
+        return got.value, x.reshape(L, B * T, HKV, D)[:, rows_N].half()
+
+    at_give = []
+    give = ROW_BUFFERS.give
+    monkeypatch.setattr(ROW_BUFFERS, "give", lambda flat: (at_give.append(host.keys_LNHD.clone()), give(flat)))
+    host, want = forward(0, 3, 24)
+    first = host.cpu_flat
+    host.wait()
+    assert same_bytes(at_give[-1], want)  # handed back with the keys already cast out of it
+    pending = [forward(seed, B, T) for seed, (B, T) in enumerate([(2, 24), (3, 20)], 1)]  # both fit in `first`
+    assert pending[0][0].cpu_flat is first and pending[1][0].cpu_flat is not first  # none shared in flight
+    for host, want in pending:
+        host.wait()
+        assert same_bytes(host.keys_LNHD, want) and same_bytes(at_give[-1], want)
 
 
 def test_bfloat16_model_float16_keys():
