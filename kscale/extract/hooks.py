@@ -126,10 +126,13 @@ class HostKeys:
 class _RowBuffers:
     """Flat CPU buffers the hooks select a batch's rows into (``HostKeys.cpu_LNHD``, the model's dtype),
     handed back by ``HostKeys.wait`` once cast and reused by later batches: a fresh (L, N, H, D) buffer per
-    batch (~2 MB here) cost its page faults on the forward's thread. At most ``KEEP`` are kept; one is made
-    a quarter larger than asked, so batches of a few more rows reuse it. A forked child starts empty."""
+    batch (~2 MB in the benchmark) cost its page faults on the forward's thread. A batch takes the smallest
+    that fits (else a new one, a quarter larger than asked, so batches of a few more rows reuse it); at most
+    ``KEEP`` are kept, the largest: as many as can be in use at once (the batch being forwarded and
+    ``MAX_IN_FLIGHT`` = 2 waiting for the drain), so no more memory than the pipeline's peak stays held.
+    A forked child starts empty."""
 
-    KEEP = 4
+    KEEP = 3
 
     def __init__(self) -> None:
         self.free: list[torch.Tensor] = []
@@ -139,17 +142,18 @@ class _RowBuffers:
         """(a flat buffer, its first prod(shape) values viewed as ``shape``)."""
         n = math.prod(shape)
         with self.lock:
-            for i, flat in enumerate(self.free):
-                if flat.dtype == dtype and flat.numel() >= n:
-                    flat = self.free.pop(i)
-                    return flat, flat[:n].view(shape)
+            fits = [i for i, flat in enumerate(self.free) if flat.dtype == dtype and flat.numel() >= n]
+            if fits:
+                flat = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+                return flat, flat[:n].view(shape)
         flat = torch.empty(n + n // 4, dtype=dtype)
         return flat, flat[:n].view(shape)
 
     def give(self, flat: torch.Tensor) -> None:
         with self.lock:
-            if len(self.free) < self.KEEP:
-                self.free.append(flat)
+            self.free.append(flat)
+            if len(self.free) > self.KEEP:  # drop the smallest
+                del self.free[min(range(len(self.free)), key=lambda i: self.free[i].numel())]
 
     def after_fork(self) -> None:
         self.free, self.lock = [], threading.Lock()

@@ -122,6 +122,20 @@ def test_row_buffers_are_reused_only_once_cast(monkeypatch):
         assert same_bytes(host.keys_LNHD, want) and same_bytes(at_give[-1], want)
 
 
+def test_row_buffers_hold_at_most_the_pipelines_peak():
+    """At most ``KEEP`` buffers stay held (the largest); a batch takes the smallest that fits."""
+    from kscale.extract.hooks import _RowBuffers
+
+    pool = _RowBuffers()
+    for n in (40, 10, 50, 20, 30):
+        pool.give(torch.empty(n))
+    assert sorted(t.numel() for t in pool.free) == [30, 40, 50] and pool.KEEP == 3
+    flat, view = pool.take((5, 7), torch.float32)
+    assert flat.numel() == 40 and view.shape == (5, 7) and view.data_ptr() == flat.data_ptr()
+    flat, _ = pool.take((60,), torch.float32)  # none fits: a new one, with room for a few more rows
+    assert flat.numel() == 75 and sorted(t.numel() for t in pool.free) == [30, 50]
+
+
 def test_bfloat16_model_float16_keys():
     """A bfloat16 model's rows are selected in bfloat16 and cast per batch: the same bytes and flags as per layer."""
     b, recs = batch(3, 24, 5)
