@@ -76,10 +76,11 @@ def capture(modules: dict[Hashable, torch.nn.Module], rotary: torch.nn.Module | 
 # buffer (L, N, H, D). On CUDA each layer's rows are cast to the key dtype and checked for non-finite
 # values on the GPU, the copy is ``non_blocking`` from a side stream into pinned memory and the forward never
 # waits for it; ``HostKeys.wait()`` (called by the writer thread, not by the forward) blocks on the copies'
-# events. On CPU the hook only selects (into a buffer of the model's dtype); ``HostKeys.wait()``, on the
-# writer thread, casts and checks the whole (L, N, H, D) block at once: the same bytes and flags, a few
-# tensor ops per batch instead of ~20 per layer on the forward's thread. Legend: N kept tokens of the batch
-# (grouped by modality), F flag bits.
+# events. On CPU the hook only selects (into a buffer of the model's dtype, reused across batches:
+# ``ROW_BUFFERS``); ``HostKeys.wait()``, on the writer thread, casts the whole (L, N, H, D) block at once
+# and flags it from the cast (``_cast_flags``): the same bytes and flags, a few tensor ops per batch instead
+# of ~20 per layer on the forward's thread. Legend: N kept tokens of the batch (grouped by modality), F flag
+# bits.
 
 NONFINITE, OVERFLOW = 1, 2  # flag bits per (layer, kept token): non-finite in the model, inf after the cast
 
