@@ -180,8 +180,9 @@ def main() -> None:
             for k, v in ACC.items():
                 rows[k].append(v)
             threads = {"thread main (forwards: minus paired plain)": main_t - paired_plain}
-            for name, v in live1.items():
-                threads[f"thread {name.split('_')[0]}"] = v - live0.get(name, 0.0)
+            for name, v in live1.items():  # threads of one pool (kscale-fsync_0, _1, ...) summed
+                key = f"thread {name.split('_')[0]}"
+                threads[key] = threads.get(key, 0.0) + v - live0.get(name, 0.0)
             for name, v in THREADS.items():
                 threads[f"thread {name} (ended)"] = threads.get(f"thread {name} (ended)", 0.0) + v
             for k, v in threads.items():

@@ -10,10 +10,14 @@ Legend: B batch, T tokens, R rope rows, L hooked layers.
 
 from __future__ import annotations
 
+import math
+import os
+import threading
 from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 
@@ -72,10 +76,11 @@ def capture(modules: dict[Hashable, torch.nn.Module], rotary: torch.nn.Module | 
 # buffer (L, N, H, D). On CUDA each layer's rows are cast to the key dtype and checked for non-finite
 # values on the GPU, the copy is ``non_blocking`` from a side stream into pinned memory and the forward never
 # waits for it; ``HostKeys.wait()`` (called by the writer thread, not by the forward) blocks on the copies'
-# events. On CPU the hook only selects (into a buffer of the model's dtype); ``HostKeys.wait()``, on the
-# writer thread, casts and checks the whole (L, N, H, D) block at once: the same bytes and flags, a few
-# tensor ops per batch instead of ~20 per layer on the forward's thread. Legend: N kept tokens of the batch
-# (grouped by modality), F flag bits.
+# events. On CPU the hook only selects (into a buffer of the model's dtype, reused across batches:
+# ``ROW_BUFFERS``); ``HostKeys.wait()``, on the writer thread, casts the whole (L, N, H, D) block at once
+# and flags it from the cast (``_cast_flags``): the same bytes and flags, a few tensor ops per batch instead
+# of ~20 per layer on the forward's thread. Legend: N kept tokens of the batch (grouped by modality), F flag
+# bits.
 
 NONFINITE, OVERFLOW = 1, 2  # flag bits per (layer, kept token): non-finite in the model, inf after the cast
 
@@ -90,6 +95,7 @@ class HostKeys:
     events: list = field(default_factory=list)
     cpu_LNHD: torch.Tensor | None = None  # the model's dtype: selected rows of the layers computed on the CPU
     cpu_layers: list[int] = field(default_factory=list)  # which layers those are (cast in ``wait``)
+    cpu_flat: torch.Tensor | None = None  # the reusable buffer ``cpu_LNHD`` is a view of (``_RowBuffers``)
 
     def wait(self) -> None:
         """Block until every copy has landed (the caller is the writer thread; the GPU keeps going); cast
@@ -105,15 +111,57 @@ class HostKeys:
         src, layers = self.cpu_LNHD, self.cpu_layers
         if len(layers) < len(src):  # a model spread over CPU and GPUs: the CPU layers only
             src = src[layers]
-        flags = _block_flags(src, self.keys_LNHD.dtype)
         if len(layers) == len(self.keys_LNHD):
             self.keys_LNHD.copy_(src)
-            self.flags_LN.copy_(flags)
+            self.flags_LN.copy_(_cast_flags(src, self.keys_LNHD))
         else:
             at = torch.tensor(layers)
-            self.keys_LNHD.index_copy_(0, at, src.to(self.keys_LNHD.dtype))
-            self.flags_LN.index_copy_(0, at, flags)
-        self.cpu_LNHD, self.cpu_layers = None, []
+            cast = src.to(self.keys_LNHD.dtype)
+            self.keys_LNHD.index_copy_(0, at, cast)
+            self.flags_LN.index_copy_(0, at, _cast_flags(src, cast))
+        if self.cpu_flat is not None:
+            ROW_BUFFERS.give(self.cpu_flat)  # cast: a later batch may select into it
+        self.cpu_LNHD, self.cpu_layers, self.cpu_flat = None, [], None
+
+
+class _RowBuffers:
+    """Flat CPU buffers the hooks select a batch's rows into (``HostKeys.cpu_LNHD``, the model's dtype),
+    handed back by ``HostKeys.wait`` once cast and reused by later batches: a fresh (L, N, H, D) buffer per
+    batch (~2 MB in the benchmark) cost its page faults on the forward's thread. A batch takes the smallest
+    that fits (else a new one, a quarter larger than asked, so batches of a few more rows reuse it); at most
+    ``KEEP`` are kept, the largest: as many as can be in use at once (the batch being forwarded and
+    ``MAX_IN_FLIGHT`` = 2 waiting for the drain), so no more memory than the pipeline's peak stays held.
+    A forked child starts empty."""
+
+    KEEP = 3
+
+    def __init__(self) -> None:
+        self.free: list[torch.Tensor] = []
+        self.lock = threading.Lock()
+
+    def take(self, shape: tuple[int, ...], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """(a flat buffer, its first prod(shape) values viewed as ``shape``)."""
+        n = math.prod(shape)
+        with self.lock:
+            fits = [i for i, flat in enumerate(self.free) if flat.dtype == dtype and flat.numel() >= n]
+            if fits:
+                flat = self.free.pop(min(fits, key=lambda i: self.free[i].numel()))
+                return flat, flat[:n].view(shape)
+        flat = torch.empty(n + n // 4, dtype=dtype)
+        return flat, flat[:n].view(shape)
+
+    def give(self, flat: torch.Tensor) -> None:
+        with self.lock:
+            self.free.append(flat)
+            if len(self.free) > self.KEEP:  # drop the smallest
+                del self.free[min(range(len(self.free)), key=lambda i: self.free[i].numel())]
+
+    def after_fork(self) -> None:
+        self.free, self.lock = [], threading.Lock()
+
+
+ROW_BUFFERS = _RowBuffers()
+os.register_at_fork(after_in_child=ROW_BUFFERS.after_fork)
 
 
 def _flags_N(sel_NHD: torch.Tensor, key_dtype: torch.dtype) -> torch.Tensor:
@@ -126,17 +174,32 @@ def _flags_N(sel_NHD: torch.Tensor, key_dtype: torch.dtype) -> torch.Tensor:
     return flags | (~torch.isfinite(ext_N2.to(key_dtype)).all(1)).to(torch.int8) * OVERFLOW
 
 
-def _block_flags(x_LNHD: torch.Tensor, key_dtype: torch.dtype) -> torch.Tensor:
-    """(L, N) flags of a whole block, equal to :func:`_flags_N` per row: all zero when the block's min and max
-    are finite and stay finite in ``key_dtype`` (then so does every row's, by the same monotone-cast argument),
-    else per row."""
-    L, N = x_LNHD.shape[:2]
-    if x_LNHD.numel():
-        lo, hi = torch.aminmax(x_LNHD)
-        ext = torch.stack([lo, hi])
-        if bool(torch.isfinite(ext).all()) and bool(torch.isfinite(ext.to(key_dtype)).all()):
-            return torch.zeros((L, N), dtype=torch.int8)
-    return _flags_N(x_LNHD.reshape(L * N, *x_LNHD.shape[2:]), key_dtype).view(L, N)
+# the bits of a float's magnitude, and the exponent bits all set (inf or NaN), per key dtype
+_NONFINITE_BITS = {torch.float16: (torch.int16, np.uint16, 0x7FFF, 0x7C00),
+                   torch.bfloat16: (torch.int16, np.uint16, 0x7FFF, 0x7F80),
+                   torch.float32: (torch.int32, np.uint32, 0x7FFFFFFF, 0x7F800000)}
+
+
+def _all_finite(x: torch.Tensor) -> bool:
+    """Whether every value of ``x`` is finite: its largest magnitude's bits below those of inf (a NaN's are
+    above), two passes of integer ops over the block (``isfinite(x).all()`` costs ~20x more on CPU)."""
+    bits = _NONFINITE_BITS.get(x.dtype)
+    if bits is None or not x.is_contiguous() or x.device.type != "cpu":
+        return bool(torch.isfinite(x).all())
+    as_int, as_uint, magnitude, inf = bits
+    return not x.numel() or int(np.bitwise_and(x.view(as_int).numpy().view(as_uint), magnitude).max()) < inf
+
+
+def _cast_flags(src_LNHD: torch.Tensor, cast_LNHD: torch.Tensor) -> torch.Tensor:
+    """(L, N) flags of a block from its cast to the key dtype (``cast_LNHD``, already made), equal to
+    :func:`_flags_N` per row: all zero when every cast value is finite (the cast keeps NaN and inf, and a
+    finite value that overflows becomes inf, so then no source value is non-finite and none overflowed),
+    else per row from the source. One check over the key-dtype bytes (before: a min and max over the source's,
+    then the cast)."""
+    L, N = src_LNHD.shape[:2]
+    if _all_finite(cast_LNHD):
+        return torch.zeros((L, N), dtype=torch.int8)
+    return _flags_N(src_LNHD.reshape(L * N, *src_LNHD.shape[2:]), cast_LNHD.dtype).view(L, N)
 
 
 class _RowIndex:
@@ -246,7 +309,7 @@ def capture_keys(modules: dict[int, torch.nn.Module], rotary: torch.nn.Module | 
                                 torch.empty((L, N), dtype=torch.int8, pin_memory=pinned))
             if not out.is_cuda:  # selected here, cast and flagged per batch in ``HostKeys.wait``
                 if host.cpu_LNHD is None:
-                    host.cpu_LNHD = torch.empty((L, N, H, D), dtype=out.dtype)
+                    host.cpu_flat, host.cpu_LNHD = ROW_BUFFERS.take((L, N, H, D), out.dtype)
                 rows.select(out, host.cpu_LNHD[pos])
                 host.cpu_layers.append(pos)
                 return

@@ -36,10 +36,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import threading
 import time
 import weakref
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 
 import numpy as np
@@ -56,6 +57,65 @@ from kscale.store.staging import Staging, StagingLost, let_die, sweep  # noqa: F
 
 
 FSYNC_THREADS = 16  # concurrent fsyncs at commit
+
+IDLE_WRITE_THREADS = 4  # writer threads kept for the next writers of this process
+
+# Threads are made once per process and reused, not started per shard (a shard started ~12: its writer
+# thread and up to 16 fsync threads, ~2-3 ms of CPU, ~5% of a cheap shard's fixed costs): one pool of
+# ``FSYNC_THREADS`` fsync threads made at the first commit, and the single-thread executors of finished
+# writers, handed to the next writers (each writer still has one thread of its own while it is open: its
+# writes run in order). A forked child starts without them (the parent's threads do not exist there):
+# ``_after_fork`` forgets them, and the pid check covers a fork that ran no at-fork handlers.
+_POOLS: dict = {"pid": None, "fsync": None, "idle": []}
+_POOLS_LOCK = threading.Lock()
+
+
+def _pools() -> dict:
+    """This process's pools (the caller holds ``_POOLS_LOCK``); emptied in a process other than theirs."""
+    if _POOLS["pid"] != os.getpid():
+        _POOLS.update(pid=os.getpid(), fsync=None, idle=[])
+    return _POOLS
+
+
+def fsync_pool() -> ThreadPoolExecutor:
+    """This process's fsync threads (``FSYNC_THREADS``), made on first use."""
+    with _POOLS_LOCK:
+        pools = _pools()
+        if pools["fsync"] is None:
+            pools["fsync"] = ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="kscale-fsync")
+        return pools["fsync"]
+
+
+def _take_write_thread() -> ThreadPoolExecutor:
+    """A single-thread executor for one writer's writes: an idle one of this process, else a new one."""
+    with _POOLS_LOCK:
+        idle = _pools()["idle"]
+        if idle:
+            return idle.pop()
+    pool = ThreadPoolExecutor(1, thread_name_prefix="kscale-write")
+    pool.kscale_pid = os.getpid()  # whose thread it has
+    return pool
+
+
+def _give_back_write_thread(pool: ThreadPoolExecutor) -> None:
+    """Keep a writer's executor (every write of it finished) for the next writer, or end its thread."""
+    if getattr(pool, "_shutdown", False) or getattr(pool, "kscale_pid", None) != os.getpid():
+        return  # shut down by its user (tests wait for writes so), or a parent process's: not reusable
+    with _POOLS_LOCK:
+        idle = _pools()["idle"]
+        if len(idle) < IDLE_WRITE_THREADS:
+            idle.append(pool)
+            return
+    pool.shutdown(wait=False)
+
+
+def _after_fork() -> None:
+    global _POOLS_LOCK
+    _POOLS.update(pid=None, fsync=None, idle=[])
+    _POOLS_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork)
 
 
 class ShardCommitted(RuntimeError):
@@ -146,14 +206,17 @@ class _ModalityBuffer:
 
 
 def _root_attrs(store: Path) -> dict:
-    meta = store / "zarr.json"
-    return json.loads(meta.read_text()).get("attributes", {}) if meta.is_file() else {}
+    try:
+        with open(store / "zarr.json", "rb") as f:
+            return json.loads(f.read()).get("attributes", {})
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        return {}
 
 
-def _check_root(store: Path) -> None:
-    meta = store / "zarr.json"
-    if meta.is_file():
-        version = json.loads(meta.read_text()).get("attributes", {}).get("version", STORE_VERSION)
+def _check_root(store: Path, attrs: dict) -> None:
+    """``attrs``: the root's attributes (``_root_attrs``; empty without a root ``zarr.json``)."""
+    if attrs:
+        version = attrs.get("version", STORE_VERSION)
         if version != STORE_VERSION:
             raise ValueError(f"store {store} has format version {version}; this kscale writes version "
                              f"{STORE_VERSION}: write to a new output.path (version {version} stores stay readable)")
@@ -199,7 +262,8 @@ class ShardWriter:
         self.store, self.name, self.dir = Path(store), shard_name, None
         self._refuse_committed()  # checked before anything is deleted
         fence(self.store)  # a run whose store lock was taken over writes nothing (kscale.output.fence)
-        _check_root(self.store)
+        root = _root_attrs(self.store)  # read once: its version checked, its token fields used
+        _check_root(self.store, root)
         # our own folder and owner record, with a heartbeat; dead writers' staging of this shard cleared
         self.staging = Staging(self.store, shard_name)
         weakref.finalize(self, let_die, self.staging.owner.token)  # an abandoned writer's heartbeat stops
@@ -208,11 +272,11 @@ class ShardWriter:
         self.vectors = tuple(k for k in ("q", "v") if k in vectors)
         for kind in self.vectors:
             write_group_meta(self.dir / VECTOR_GROUPS[kind], {})
-        self.pool = ThreadPoolExecutor(1, thread_name_prefix=f"kscale-write-{shard_name}")
+        self.pool: ThreadPoolExecutor | None = _take_write_thread()  # None once the writer is done
         self.inflight: deque[Future] = deque()
         self.max_inflight = max_inflight
         self.L, self.H, self.D, self.R = n_layers, n_heads, head_dim, rope_rows
-        self.video = _root_attrs(self.store).get("token_fields") == list(token_fields(rope_rows, video=True))
+        self.video = root.get("token_fields") == list(token_fields(rope_rows, video=True))
         self.key_dtype, self.chunk, self.compress_keys = key_dtype, chunk_tokens, compress_keys
         self.buffers: dict[str, _ModalityBuffer] = {}
         self.tables: dict[str, list[dict[str, np.ndarray]]] = {}
@@ -257,6 +321,8 @@ class ShardWriter:
 
     def submit(self, fn, *args) -> None:
         """Queue a write on the background thread; wait for the oldest beyond ``max_inflight``."""
+        if self.pool is None:
+            raise RuntimeError(f"shard {self.name}: the writer was committed or aborted")
         while len(self.inflight) >= self.max_inflight:
             self.inflight.popleft().result()  # re-raises a failed write here, before any commit marker
         self.inflight.append(self.pool.submit(fn, *args))
@@ -299,25 +365,35 @@ class ShardWriter:
 
     def _files(self) -> tuple[dict[str, int], dict[str, str]]:
         """Every file of the staging folder with its size, and the crc32c of each metadata file
-        (``zarr.json``: chunk files carry their own crc32c, metadata has none). Each file is fsynced as it is
-        listed, and then every folder (deepest first): the marker must never point at data that a power
-        loss could still take back."""
+        (``zarr.json``: chunk files carry their own crc32c, metadata has none; read back from disk, so the
+        marker names what is there). Then every file and every folder is fsynced: the marker must never
+        point at data that a power loss could still take back."""
         sizes, sums = {}, {}
         files, folders = [], []
-        for dirpath, _, names in os.walk(self.dir):
-            folders.append(Path(dirpath))
-            for n in names:
-                p = Path(dirpath) / n
-                rel = p.relative_to(self.dir).as_posix()
-                sizes[rel] = p.stat().st_size
-                if n == "zarr.json":
-                    sums[rel] = file_crc32c(p)
-                files.append(p)
+        top = str(self.dir)
+        stack = [(top, "")]
+        while stack:  # os.walk's listing, without its Path objects
+            path, rel = stack.pop()
+            folders.append(path)
+            with os.scandir(path) as it:
+                for e in it:
+                    r = f"{rel}{e.name}"
+                    if e.is_dir(follow_symlinks=False):
+                        stack.append((e.path, f"{r}/"))
+                        continue
+                    sizes[r] = e.stat().st_size
+                    if e.name == "zarr.json":
+                        sums[r] = file_crc32c(e.path)
+                    files.append(e.path)
         # In parallel: concurrent fsyncs share the filesystem's journal commits (one at a time cost ~4 ms
-        # each on this machine's disk, ~80 per shard); all of them finish before the rename.
-        with ThreadPoolExecutor(FSYNC_THREADS, thread_name_prefix="kscale-fsync") as pool:
-            list(pool.map(fsync_path, files))
-            list(pool.map(fsync_path, folders))
+        # each on this machine's disk, ~80 per shard); every file's fsync, then every folder's, finish
+        # before the rename.
+        pool = fsync_pool()
+        for paths in (files, folders):
+            done = [pool.submit(fsync_path, Path(p)) for p in paths]
+            wait(done)  # all of them, even when one failed: nothing still touches the folder after a failure
+            for f in done:
+                f.result()
         return dict(sorted(sizes.items())), dict(sorted(sums.items()))
 
     def commit(self, stats: dict, errors: list[dict]) -> dict:
@@ -333,8 +409,17 @@ class ShardWriter:
 
     def abort(self) -> None:
         """Give the shard up: wait for queued writes, stop the heartbeat, remove the staging folder."""
-        self.pool.shutdown(wait=True)
+        self._close_writes()
         self.staging.release(remove=True)
+
+    def _close_writes(self) -> None:
+        """Wait for every queued write (failed ones too), then hand the writer thread on; idempotent."""
+        if self.pool is None:
+            return
+        wait(self.inflight)
+        self.inflight.clear()
+        pool, self.pool = self.pool, None
+        _give_back_write_thread(pool)
 
     def _publish(self, stats: dict, errors: list[dict]) -> dict:
         try:
@@ -344,7 +429,7 @@ class ShardWriter:
                 self.inflight.popleft().result()
             self._write_tables()
         finally:
-            self.pool.shutdown(wait=True)
+            self._close_writes()
         files, checksums = self._files()  # fsyncs every file and folder of the shard
         marker = {**stats, "tokens": self.tokens, "key_bytes": self.bytes_written, "errors": errors,
                   **({"vector_bytes": self.vector_bytes} if self.vectors else {}), "layout": SHARD_LAYOUT, "chunk_tokens": self.chunk, "files": files, "meta_crc32c": checksums,

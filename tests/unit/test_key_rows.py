@@ -3,7 +3,7 @@ flag the CPU rows per batch: the same keys and flags as selecting each layer's o
 
 ``capture_keys`` computes the flat row index of the kept tokens (and heads) once per batch and layout
 (``_RowIndex``) and shares it across layers; on CPU the hooks only select, and ``HostKeys.wait`` casts and
-flags the whole (L, N, H, D) block (``_block_flags``). The reference here is the plain reading: reshape
+flags the whole (L, N, H, D) block (``_cast_flags``: from its cast, checked by bits). The reference here is the plain reading: reshape
 the layer's output to (B*T, H, D), take the kept rows and heads, cast, and flag each row with ``isfinite``.
 Batches have several images, padding and sampled tokens (rows grouped by modality, not ascending), and
 outputs come token-major (``k_proj``'s (B, T, H*D), Qwen3's ``k_norm`` (B, T, H, D)) and head-major (a
@@ -17,7 +17,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kscale.extract.hooks import NONFINITE, OVERFLOW, _block_flags, _flags_N, capture_keys
+from kscale.extract.hooks import ROW_BUFFERS, NONFINITE, OVERFLOW, _all_finite, _cast_flags, _flags_N, capture_keys
 from kscale.extract.worker import keep_rows
 from kscale.models.facts import IMAGE, PAD, SPECIAL, TEXT
 from kscale.spec import SampleTokens
@@ -92,6 +92,50 @@ def test_one_index_per_batch_reads_every_layers_kept_rows(layout, heads):
         assert torch.equal(host.flags_LN, torch.stack([reference_flags(w, torch.float16) for w in want]))
 
 
+def test_row_buffers_are_reused_only_once_cast(monkeypatch):
+    """The model-dtype buffer a batch's rows are selected into is handed back only once ``wait`` cast it, and
+    reused by a later batch, never while it is still to be cast: batches forwarded before the first is
+    drained (the pipeline keeps up to ``MAX_IN_FLIGHT`` of them) get buffers of their own."""
+    ROW_BUFFERS.free.clear()
+    mods = {i: Layer("heads") for i in range(L)}
+
+    def forward(seed: int, B: int, T: int):
+        b, recs = batch(B, T, seed)
+        rows_N, _ = keep_rows(b, recs, SampleTokens())
+        x = torch.randn(L, B, T, HKV, D, generator=torch.Generator().manual_seed(seed))
+        with torch.inference_mode(), capture_keys(mods, None, rows_N, HKV, None, torch.float16) as got:
+            for i, m in mods.items():
+                m(x[i])
+        return got.value, x.reshape(L, B * T, HKV, D)[:, rows_N].half()
+
+    at_give = []
+    give = ROW_BUFFERS.give
+    monkeypatch.setattr(ROW_BUFFERS, "give", lambda flat: (at_give.append(host.keys_LNHD.clone()), give(flat)))
+    host, want = forward(0, 3, 24)
+    first = host.cpu_flat
+    host.wait()
+    assert same_bytes(at_give[-1], want)  # handed back with the keys already cast out of it
+    pending = [forward(seed, B, T) for seed, (B, T) in enumerate([(2, 24), (3, 20)], 1)]  # both fit in `first`
+    assert pending[0][0].cpu_flat is first and pending[1][0].cpu_flat is not first  # none shared in flight
+    for host, want in pending:
+        host.wait()
+        assert same_bytes(host.keys_LNHD, want) and same_bytes(at_give[-1], want)
+
+
+def test_row_buffers_hold_at_most_the_pipelines_peak():
+    """At most ``KEEP`` buffers stay held (the largest); a batch takes the smallest that fits."""
+    from kscale.extract.hooks import _RowBuffers
+
+    pool = _RowBuffers()
+    for n in (40, 10, 50, 20, 30):
+        pool.give(torch.empty(n))
+    assert sorted(t.numel() for t in pool.free) == [30, 40, 50] and pool.KEEP == 3
+    flat, view = pool.take((5, 7), torch.float32)
+    assert flat.numel() == 40 and view.shape == (5, 7) and view.data_ptr() == flat.data_ptr()
+    flat, _ = pool.take((60,), torch.float32)  # none fits: a new one, with room for a few more rows
+    assert flat.numel() == 75 and sorted(t.numel() for t in pool.free) == [30, 50]
+
+
 def test_bfloat16_model_float16_keys():
     """A bfloat16 model's rows are selected in bfloat16 and cast per batch: the same bytes and flags as per layer."""
     b, recs = batch(3, 24, 5)
@@ -139,14 +183,32 @@ def test_hooks_copy_no_layer_output(layout):
 def test_block_flags_equal_each_rows_flags(key_dtype):
     g = torch.Generator().manual_seed(2)
     clean = torch.randn(3, 10, 2, 4, generator=g)
-    assert torch.equal(_block_flags(clean, key_dtype), torch.zeros(3, 10, dtype=torch.int8))
-    for value in (float("nan"), float("inf"), -float("inf"), 65520.0, -70000.0, 3.4e38):
+    assert torch.equal(_cast_flags(clean, clean.to(key_dtype)), torch.zeros(3, 10, dtype=torch.int8))
+    for value in (float("nan"), -float("nan"), float("inf"), -float("inf"), 65504.0, 65520.0, -70000.0, 3.4e38,
+                  3.39e38, 1e-45, -0.0):
         x = clean.clone()
         x[1, 4, 1, 2] = value
         want = torch.stack([reference_flags(x[i], key_dtype) for i in range(3)])
-        assert torch.equal(_block_flags(x, key_dtype), want), value
+        assert torch.equal(_cast_flags(x, x.to(key_dtype)), want), value
         assert torch.equal(_flags_N(x.reshape(30, 2, 4), key_dtype).view(3, 10), want)
-    assert _block_flags(torch.zeros(3, 0, 2, 4), key_dtype).shape == (3, 0)
+    assert _cast_flags(torch.zeros(3, 0, 2, 4), torch.zeros(3, 0, 2, 4, dtype=key_dtype)).shape == (3, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_all_finite_by_bits_equals_isfinite(dtype):
+    """``_all_finite`` reads the bits (magnitude below inf's): equal to ``isfinite(x).all()`` at every edge --
+    the largest finite values, inf, NaNs of either sign and payload, subnormals, -0 -- and off its fast path."""
+    info = torch.finfo(dtype)
+    bits = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}[dtype]
+    edges = torch.tensor([info.max, -info.max, info.tiny, info.tiny / 4, -0.0, 1.0], dtype=dtype)
+    nans = torch.tensor([float("nan"), -float("nan")], dtype=dtype)
+    odd_nan = (nans.view(bits) | 1).view(dtype)  # another payload
+    for extra in (None, float("inf"), -float("inf"), *nans, *odd_nan):
+        x = edges.clone() if extra is None else torch.cat([edges, torch.tensor([extra], dtype=dtype)])
+        want = bool(torch.isfinite(x).all())
+        assert _all_finite(x) == want, (dtype, extra)
+        assert _all_finite(x.view(-1, 1).expand(-1, 2).t()) == want  # not contiguous: the plain check
+    assert _all_finite(torch.zeros(0, dtype=dtype))
 
 
 def test_gemma3_tap_hands_over_a_view_of_the_norm_output():
