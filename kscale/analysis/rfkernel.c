@@ -1,0 +1,107 @@
+/* The random-feature kernel of kscale's analysis (issue 26): the float32 arguments and the float64 run sums
+ * of features._per_sample_rf_fast, in plain loops over raw pointers, called through ctypes
+ * (kscale/analysis/rfkernel.py builds this file with the system C compiler and loads it).
+ *
+ * Rows must stay equal to the numpy path's to 1e-9, so every value is the one numpy computes:
+ *   - a base argument is (float)(z * scale): one float64 product rounded once to float32, as numpy's
+ *     np.multiply(z, scale, out=float32, casting="same_kind"); for l2 rows z is (raw / norm) in float64,
+ *     as np.divide(raw, norm);
+ *   - a derived argument is a float32 product src * factor (factor an exact power of two), as numpy's
+ *     float32 multiply;
+ *   - the run sums add each float32 value, converted exactly to float64, into a float64 accumulator in row
+ *     order; one accumulator per frequency d, never reassociated across rows.
+ * Built with -O3 -ffp-contract=off and never -ffast-math: each operation is one IEEE-754 operation rounded
+ * to nearest, so the bits do not depend on the instructions (SSE2, AVX2, AVX-512) the compiler picks; the
+ * loops vectorise across d only. cos and sin stay numpy's (their float32 bits are the reference's).
+ */
+#include <stddef.h>
+#include <stdint.h>
+
+#define KS_W 32 /* frequencies whose accumulators one pass over a run's rows keeps in registers */
+#define KS_L2_CHUNK 512 /* frequencies of one l2 row quotient kept on the stack */
+
+/* Column sums of rows [t0, t1) of v (row stride D), added to o[0..D). */
+static void sum_rows(const float *restrict v, int64_t t0, int64_t t1, int64_t D, double *restrict o)
+{
+    int64_t d0 = 0;
+    for (; d0 + KS_W <= D; d0 += KS_W) {
+        double acc[KS_W];
+        for (int j = 0; j < KS_W; j++)
+            acc[j] = 0.0;
+        for (int64_t t = t0; t < t1; t++) {
+            const float *restrict row = v + t * D + d0;
+            for (int j = 0; j < KS_W; j++)
+                acc[j] += (double)row[j];
+        }
+        for (int j = 0; j < KS_W; j++)
+            o[d0 + j] += acc[j];
+    }
+    for (int64_t d = d0; d < D; d++) {
+        double acc = 0.0;
+        for (int64_t t = t0; t < t1; t++)
+            acc += (double)v[t * D + d];
+        o[d] += acc;
+    }
+}
+
+/* Run sums of one tile of one group of configs.
+ * cosv, sinv: (G, T, D) float32 values; bounds: R + 1 row bounds of the tile's runs (one sample each);
+ * dest: R pointers to the (C, 2, D) float64 sums of each run's sample; config: G configs of the stack.
+ * dest[r][config[g]][0][:] += sum over rows of run r of cosv[g], [1] likewise of sinv[g]; a NULL cosv or
+ * sinv skips that part (the caller may sum cos before numpy overwrites the buffer with sin). */
+void kscale_rf_sums(const float *cosv, const float *sinv, int64_t G, int64_t T, int64_t D,
+                    const int64_t *bounds, int64_t R, double *const *dest, const int64_t *config)
+{
+    for (int64_t r = 0; r < R; r++) {
+        for (int64_t g = 0; g < G; g++) {
+            double *o = dest[r] + config[g] * 2 * D;
+            if (cosv)
+                sum_rows(cosv + g * T * D, bounds[r], bounds[r + 1], D, o);
+            if (sinv)
+                sum_rows(sinv + g * T * D, bounds[r], bounds[r + 1], D, o + D);
+        }
+    }
+}
+
+/* The float32 arguments of one tile of one group: args (G, T, D).
+ * z: (T, D) float64 projections (row stride D); norm: T float64 row norms (l2) or NULL;
+ * scale: (B, D) float64 scales of the B base configs, written to stack rows base_slot[b];
+ * the ND derived configs: args[dst[k]] = args[src[k]] * factor[k] (src a base slot). */
+void kscale_rf_args(const double *restrict z, const double *restrict norm, int64_t T, int64_t D,
+                    const double *restrict scale, const int64_t *base_slot, int64_t B,
+                    const int64_t *src, const int64_t *dst, const float *factor, int64_t ND,
+                    float *restrict args)
+{
+    for (int64_t t = 0; t < T; t++) {
+        const double *restrict zr = z + t * D;
+        if (norm) {
+            const double n = norm[t];
+            double q[KS_L2_CHUNK];
+            for (int64_t d0 = 0; d0 < D; d0 += KS_L2_CHUNK) {
+                const int64_t w = D - d0 < KS_L2_CHUNK ? D - d0 : KS_L2_CHUNK;
+                for (int64_t j = 0; j < w; j++)
+                    q[j] = zr[d0 + j] / n;
+                for (int64_t b = 0; b < B; b++) {
+                    const double *restrict s = scale + b * D + d0;
+                    float *restrict a = args + (base_slot[b] * T + t) * D + d0;
+                    for (int64_t j = 0; j < w; j++)
+                        a[j] = (float)(q[j] * s[j]);
+                }
+            }
+        } else {
+            for (int64_t b = 0; b < B; b++) {
+                const double *restrict s = scale + b * D;
+                float *restrict a = args + (base_slot[b] * T + t) * D;
+                for (int64_t d = 0; d < D; d++)
+                    a[d] = (float)(zr[d] * s[d]);
+            }
+        }
+        for (int64_t k = 0; k < ND; k++) {
+            const float *restrict sa = args + (src[k] * T + t) * D;
+            float *restrict da = args + (dst[k] * T + t) * D;
+            const float f = factor[k];
+            for (int64_t d = 0; d < D; d++)
+                da[d] = sa[d] * f;
+        }
+    }
+}
