@@ -18,7 +18,7 @@
 #include <stdint.h>
 
 #define KS_W 32 /* frequencies whose accumulators one pass over a run's rows keeps in registers */
-#define KS_L2_CHUNK 512 /* frequencies of one l2 row quotient kept on the stack */
+#define KS_CHUNK 512 /* frequencies of one chunk of a row's arguments (L1-resident) */
 
 /* Column sums of rows [t0, t1) of v (row stride D), added to o[0..D). */
 static void sum_rows(const float *restrict v, int64_t t0, int64_t t1, int64_t D, double *restrict o)
@@ -66,42 +66,37 @@ void kscale_rf_sums(const float *cosv, const float *sinv, int64_t G, int64_t T, 
 /* The float32 arguments of one tile of one group: args (G, T, D).
  * z: (T, D) float64 projections (row stride D); norm: T float64 row norms (l2) or NULL;
  * scale: (B, D) float64 scales of the B base configs, written to stack rows base_slot[b];
- * the ND derived configs: args[dst[k]] = args[src[k]] * factor[k] (src a base slot). */
+ * the ND derived configs: args[dst[k]] = args[src[k]] * factor[k] (src a base slot).
+ * Per row, chunks of KS_CHUNK frequencies: a chunk's bases are still in L1 when its multiples read them. */
 void kscale_rf_args(const double *restrict z, const double *restrict norm, int64_t T, int64_t D,
                     const double *restrict scale, const int64_t *base_slot, int64_t B,
                     const int64_t *src, const int64_t *dst, const float *factor, int64_t ND,
                     float *restrict args)
 {
+    double q[KS_CHUNK];
     for (int64_t t = 0; t < T; t++) {
-        const double *restrict zr = z + t * D;
-        if (norm) {
-            const double n = norm[t];
-            double q[KS_L2_CHUNK];
-            for (int64_t d0 = 0; d0 < D; d0 += KS_L2_CHUNK) {
-                const int64_t w = D - d0 < KS_L2_CHUNK ? D - d0 : KS_L2_CHUNK;
+        for (int64_t d0 = 0; d0 < D; d0 += KS_CHUNK) {
+            const int64_t w = D - d0 < KS_CHUNK ? D - d0 : KS_CHUNK;
+            const double *restrict zr = z + t * D + d0;
+            if (norm) { /* the l2 projection, as numpy's raw / norm */
+                const double n = norm[t];
                 for (int64_t j = 0; j < w; j++)
-                    q[j] = zr[d0 + j] / n;
-                for (int64_t b = 0; b < B; b++) {
-                    const double *restrict s = scale + b * D + d0;
-                    float *restrict a = args + (base_slot[b] * T + t) * D + d0;
-                    for (int64_t j = 0; j < w; j++)
-                        a[j] = (float)(q[j] * s[j]);
-                }
+                    q[j] = zr[j] / n;
+                zr = q;
             }
-        } else {
             for (int64_t b = 0; b < B; b++) {
-                const double *restrict s = scale + b * D;
-                float *restrict a = args + (base_slot[b] * T + t) * D;
-                for (int64_t d = 0; d < D; d++)
-                    a[d] = (float)(zr[d] * s[d]);
+                const double *restrict s = scale + b * D + d0;
+                float *restrict a = args + (base_slot[b] * T + t) * D + d0;
+                for (int64_t j = 0; j < w; j++)
+                    a[j] = (float)(zr[j] * s[j]);
             }
-        }
-        for (int64_t k = 0; k < ND; k++) {
-            const float *restrict sa = args + (src[k] * T + t) * D;
-            float *restrict da = args + (dst[k] * T + t) * D;
-            const float f = factor[k];
-            for (int64_t d = 0; d < D; d++)
-                da[d] = sa[d] * f;
+            for (int64_t k = 0; k < ND; k++) {
+                const float *restrict sa = args + (src[k] * T + t) * D + d0;
+                float *restrict da = args + (dst[k] * T + t) * D + d0;
+                const float f = factor[k];
+                for (int64_t j = 0; j < w; j++)
+                    da[j] = sa[j] * f;
+            }
         }
     }
 }
