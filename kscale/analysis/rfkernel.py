@@ -100,8 +100,12 @@ def load(cache: Path, cc: list[str], *, check: bool = True) -> RFKernel:
     path = build(cache, cc)
     try:
         lib = ctypes.CDLL(str(path))
-    except OSError as e:
-        raise KernelUnavailable(f"cannot load {path}: {e}") from e
+    except OSError:  # a damaged cached file (a full disk, a killed copy): build it again, once
+        path = build(cache, cc, again=True)
+        try:
+            lib = ctypes.CDLL(str(path))
+        except OSError as e:
+            raise KernelUnavailable(f"cannot load {path}: {e}") from e
     lib.kscale_rf_args.argtypes = [_P, _P, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P]
     lib.kscale_rf_sums.argtypes = [_P, _P, _I, _I, _I, _P, _I, _P, _P]
     lib.kscale_rf_args.restype = lib.kscale_rf_sums.restype = None
@@ -111,8 +115,9 @@ def load(cache: Path, cc: list[str], *, check: bool = True) -> RFKernel:
     return k
 
 
-def build(cache: Path, cc: list[str]) -> Path:
-    """The cached library for this source, compiler, flags and CPU, compiled if missing (atomic rename)."""
+def build(cache: Path, cc: list[str], *, again: bool = False) -> Path:
+    """The cached library for this source, compiler, flags and CPU, compiled if missing or ``again``
+    (written to a temporary name, then renamed over the final one: atomic)."""
     if not cc or shutil.which(cc[0]) is None:
         raise KernelUnavailable(f"no C compiler: {cc[0] if cc else '$CC'!r} not found")
     if not SOURCE.is_file():
@@ -122,7 +127,7 @@ def build(cache: Path, cc: list[str]) -> Path:
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{cc[0]} --version failed: {e}") from e
     path = cache / f"rfkernel-{build_key(version)}.so"
-    if path.is_file():
+    if path.is_file() and not again:
         return path
     try:
         cache.mkdir(parents=True, exist_ok=True)

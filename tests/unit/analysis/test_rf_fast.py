@@ -115,7 +115,9 @@ def _side(plan, target, x, ids):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fast_sums_merge_over_halves_and_equal_the_reference(threads, monkeypatch):
-    """Sums over two halves of a block merged == sums over the whole == the reference path's sums."""
+    """Sums over two halves of a block merged == sums over the whole == the reference path's sums (the
+    numpy path: the compiled kernel off; with it, test_rf_kernel.py)."""
+    monkeypatch.setenv("KSCALE_RF_KERNEL", "0")
     monkeypatch.setattr(F, "_BLOCK_ROWS", 9)
     monkeypatch.setattr(F, "_FAST_TILE_VALUES", 4 * 24)
     rng = np.random.default_rng(3)

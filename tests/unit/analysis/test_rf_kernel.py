@@ -149,7 +149,7 @@ def test_kernel_sums_merge_over_halves(kern, threads, monkeypatch):
     """chunk_sums through ``_per_sample_rf`` with the kernel: two halves of a block merged equal the whole
     to 1e-12, and the whole equals the numpy path's to 1e-9 per row."""
     monkeypatch.setattr(F, "_BLOCK_ROWS", 9)
-    monkeypatch.setattr(F, "_KERNEL_TILE_VALUES", 4 * 24)
+    monkeypatch.setattr(F, "_KERNEL_TILE_VALUES", 4 * 45)
     monkeypatch.setattr(F, "_rf_kernel", lambda plan: kern)
     rng = np.random.default_rng(3)
     n, d = 400, 8
@@ -160,7 +160,7 @@ def test_kernel_sums_merge_over_halves(kern, threads, monkeypatch):
     def side(lo, hi):
         return F.side_block(plan, target, x[lo:hi, None, :], ids[lo:hi]).sums
 
-    plan, target = _plan(d, 24, threads=threads, batch_rows=64)
+    plan, target = _plan(d, 45, threads=threads, batch_rows=64)
     whole = side(0, n)
     halves = side(0, cut).merge(side(cut, n))
     monkeypatch.setattr(F, "_rf_kernel", lambda plan: None)
@@ -265,6 +265,15 @@ def test_two_processes_building_at_once_both_load(tmp_path):
     paths = {o.strip() for o, _ in outs}
     assert len(paths) == 1
     assert [p.name for p in cache.iterdir()] == [Path(paths.pop()).name]
+
+
+def test_a_damaged_cached_library_is_built_again(tmp_path):
+    """A cached library that does not load (here: empty, as a killed copy would leave it) is rebuilt once."""
+    _need_cc()
+    first = rfkernel.build(tmp_path, rfkernel.compiler())  # built, not loaded (truncating a mapped library: SIGBUS)
+    first.write_bytes(b"")
+    again = rfkernel.load(tmp_path, rfkernel.compiler())
+    assert again.path == first and first.stat().st_size > 0
 
 
 def test_cache_key_changes_with_cpu_flags_and_compiler(monkeypatch):
