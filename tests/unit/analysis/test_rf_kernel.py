@@ -227,10 +227,14 @@ def test_no_compiler_falls_back_to_numpy_with_one_warning(how, fresh, tmp_path, 
 
 
 _SLOW_CC = """#!/bin/sh
-# cc, but the output file exists (empty) for a while before the compiler writes it
+# cc, but its output file exists (empty) until two builds have started (at most 10 s), then 1 s more
 prev=""; out=""
 for a in "$@"; do [ "$prev" = "-o" ] && out="$a"; prev="$a"; done
-if [ -n "$out" ]; then : > "$out"; sleep 2; fi
+if [ -n "$out" ]; then
+  : > "$out"; echo "$out" >> "$(dirname "$out")/../builds.log"; i=0
+  while [ "$(ls -A "$(dirname "$out")" | wc -l)" -lt 2 ] && [ $i -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+  sleep 1
+fi
 exec cc "$@"
 """
 
@@ -243,10 +247,18 @@ print(k.path)
 """
 
 
+def _size(f: Path) -> int:
+    try:
+        return f.stat().st_size
+    except FileNotFoundError:
+        return -1
+
+
 def test_two_processes_building_at_once_both_load(tmp_path):
     """Two processes build into an empty cache at once (the second starts while the first compiles, with a
-    compiler whose output file lies empty for 2 s): both load a self-checked library, one file remains,
-    no temporary file is left (a build written straight to the final name fails the second)."""
+    compiler whose output file lies empty until both builds have started): the final name never holds a
+    partial library, both
+    load a self-checked library, one file remains and no temporary file is left."""
     _need_cc()
     cc = tmp_path / "slowcc"
     cc.write_text(_SLOW_CC)
@@ -260,8 +272,15 @@ def test_two_processes_building_at_once_both_load(tmp_path):
         assert time.monotonic() < deadline and first.poll() is None, first.communicate()
         time.sleep(0.02)
     second = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    partial = set()  # final names seen before their library was whole (the retry of load() would hide them)
+    while first.poll() is None or second.poll() is None:
+        assert time.monotonic() < deadline + 120
+        partial |= {f.name for f in cache.glob("rfkernel-*.so") if _size(f) == 0}
+        time.sleep(0.01)
+    assert not partial
     outs = [p.communicate(timeout=120) for p in (first, second)]
     assert [p.returncode for p in (first, second)] == [0, 0], outs
+    assert len((tmp_path / "builds.log").read_text().split()) == 2  # both built, at once (the barrier)
     paths = {o.strip() for o, _ in outs}
     assert len(paths) == 1
     assert [p.name for p in cache.iterdir()] == [Path(paths.pop()).name]
