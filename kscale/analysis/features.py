@@ -737,7 +737,8 @@ class _KernelWork(_FastWork):
                       kg.base_slot.ctypes.data, len(kg.base_slot), kg.src.ctypes.data, kg.dst.ctypes.data,
                       kg.factor.ctypes.data, len(kg.src), kg.config.ctypes.data)
                 for how, kg in self.kgroups.items()}
-        norm_p = None if norm_N1 is None else np.ascontiguousarray(norm_N1).ctypes.data
+        norm = None if norm_N1 is None else np.ascontiguousarray(norm_N1)  # held: C reads it below
+        norm_p = None if norm is None else norm.ctypes.data
         args_p, cos_p, sin_p = buf.args.ctypes.data, buf.cos.ctypes.data, buf.sin.ctypes.data
         for t in range(a, b, self.tile):
             te = min(t + self.tile, b)
