@@ -295,6 +295,20 @@ def test_a_damaged_cached_library_is_built_again(tmp_path):
     assert again.path == first and first.stat().st_size > 0
 
 
+def test_rows_do_not_depend_on_the_instruction_set(kern, tmp_path, monkeypatch):
+    """The kernel built for the baseline x86-64 / generic ISA (no ``-march=native``) gives the native
+    build's sums bit for bit: no contraction, no reassociation, so the vector width changes no value."""
+    monkeypatch.setattr(rfkernel, "FLAGS", tuple(f for f in rfkernel.FLAGS if not f.startswith("-march")))
+    generic = rfkernel.load(tmp_path, rfkernel.compiler())
+    assert generic.path != kern.path
+    rng = np.random.default_rng(11)
+    x = (rng.standard_normal((203, 16)) * 2).astype(np.float16)
+    smp = F.BlockSamples.of(np.sort(rng.integers(0, 9, 203)))
+    plan, target = _plan(16, 100, threads=2, batch_rows=64)
+    native_sums = F._per_sample_rf_kernel(plan, target, x, smp, kern)
+    np.testing.assert_array_equal(F._per_sample_rf_kernel(plan, target, x, smp, generic), native_sums)
+
+
 def test_cache_key_changes_with_cpu_flags_and_compiler(monkeypatch):
     """The library's name hashes the CPU's feature flags (``-march=native``: a shared cache never loads a
     library built for another CPU) and the compiler's version."""
