@@ -10,12 +10,12 @@ untimed warm-up, median of ``--repeats``. The backends:
   on one thread, batch_rows x D temporaries, float64 run sums value by value);
 - ``tiled``: ``features._per_sample_rf_tiled``, the path the analysis ran until the fast one (one
   2048-row projection, tiles of one config at a time, cos/sin written as float64) on ``--threads``;
-- ``numpy``: ``features._per_sample_rf_fast``, the numpy path the analysis runs without a C compiler (blocks of 128 rows,
-  tiles of 8 rows x one normalisation's configs, float64 casts + products for the run sums), on
+- ``numpy``: ``features._per_sample_rf_fast``, the numpy path the analysis runs without a C compiler (blocks
+  of 128 rows, tiles of 8 rows x one normalisation's configs, float64 casts + products for the run sums), on
   ``--threads`` threads (default: the CPUs this process may use);
 - ``kernel``: ``features._per_sample_rf_kernel``, the fast path's blocks and tiles with the compiled kernel
   (``kscale/analysis/rfkernel.c``: the float32 arguments and the float64 run sums in C, numpy's cos/sin):
-  what the analysis runs when the kernel builds (float32 only; exits when it is unavailable);
+  what the analysis runs when the kernel builds (float32 only; a ``skipped`` line when it is unavailable);
 - ``stacked``: ``features._per_sample_rf_stacked``, the same work in another layout (every config's
   arguments in one stack per tile of 2 rows x 1024 frequencies that stays in a core's L2, one mixed-dtype
   add per row for the run sums), on ``--threads``; not faster under load (docs/scale.md);
@@ -23,8 +23,9 @@ untimed warm-up, median of ``--repeats``. The backends:
 
 The timed calls of the chosen backends alternate (reference, numpy, kernel, reference, ...) so that all
 see the same machine load; each line gives the median and ``ratio_vs_reference`` / ``ratio_vs_tiled`` /
-``ratio_vs_numpy`` / ``ratio_vs_kernel`` (that path's median / this median), ``keys_per_cpu_s`` (keys per second of this process's CPU time, all its
-threads: what other load on the machine distorts least) and, against the reference's sums,
+``ratio_vs_numpy`` / ``ratio_vs_kernel`` (that path's median / this median), ``keys_per_cpu_s`` (keys per
+second of this process's CPU time, all its threads: what other load on the machine distorts least) and,
+against the reference's sums,
 ``max_rel_diff_vs_reference`` (max |this - reference| / max |reference|), ``max_rel_diff_per_config``
 (the same per config and cos/sin part, worst of them) and ``max_rel_diff_per_row`` (per sample, config and
 part, relative to that row's largest |value|, worst row); the goal is <= 1e-9 (the numpy paths give
@@ -104,10 +105,13 @@ def main() -> None:
     x_Nd = (np.random.default_rng(1).standard_normal((a.n, a.d)) * 3).astype(np.float16)
     smp = BlockSamples.of(np.arange(a.n) // a.tokens_per_sample)
     lib = rfkernel.kernel() if "kernel" in a.backends else None
-    if "kernel" in a.backends and (lib is None or a.compute_dtype != "float32"):
-        raise SystemExit("backend kernel: the compiled kernel is not available (see the warning; float32 only)")
+    backends = list(a.backends)
+    if "kernel" in backends and (lib is None or a.compute_dtype != "float32"):
+        print(json.dumps({"backend": "kernel", "skipped": "the compiled kernel is not available (float32 only; "
+                          "see the warning)"}), flush=True)
+        backends.remove("kernel")
     calls = {}
-    for backend in a.backends:
+    for backend in backends:
         plan, target = plan_for(a, backend)
         fn = {"reference": _per_sample_rf_reference, "tiled": _per_sample_rf_tiled, "numpy": _per_sample_rf_fast,
               "kernel": lambda *args: _per_sample_rf_kernel(*args, lib=lib),

@@ -194,7 +194,8 @@ def test_kernel_off_runs_numpy_without_a_warning(fresh, monkeypatch):
         plan, target = _plan(8, 24)
         x = np.random.default_rng(0).standard_normal((50, 8))
         smp = F.BlockSamples.of(np.arange(50) // 7)
-        np.testing.assert_array_equal(F._per_sample_rf(plan, target, x, smp), F._per_sample_rf_fast(plan, target, x, smp))
+        got = F._per_sample_rf(plan, target, x, smp)
+        np.testing.assert_array_equal(got, F._per_sample_rf_fast(plan, target, x, smp))
 
 
 @pytest.mark.parametrize("how", ["CC=/nonexistent", "PATH without cc", "CC=false"])
