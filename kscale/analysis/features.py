@@ -727,6 +727,8 @@ class _KernelWork(_FastWork):
     def run(self, a: int, b: int) -> tuple[int, np.ndarray | None]:
         """Add the sums of rows [a, b) into ``out``; returns (sample, row) of the sample shared with the
         rows before ``a`` (row None when there is none), which the caller adds after every block is done."""
+        if self.lib.loops is not None:
+            return self._run_fused(a, b)
         idx_N, D, lib = self.idx_N, self.D, self.lib
         shared, private = _shared_sample(idx_N, a, self.C, D)
         buf = self._buffers()
@@ -751,6 +753,27 @@ class _KernelWork(_FastWork):
                 np.cos(args, out=buf.cos[:G * n * D].reshape(G, n, D))
                 np.sin(args, out=buf.sin[:G * n * D].reshape(G, n, D))
                 lib.sums(cos_p, sin_p, G, n, D, bounds_p, R, dests_p, config_p)
+        return shared, private
+
+    def _run_fused(self, a: int, b: int) -> tuple[int, np.ndarray | None]:
+        """The fused pass (``kscale_rf_block``: numpy's cos/sin loops called from C on chunks of a row that
+        stay in cache): one call per normalisation for the whole block, its runs and their destinations."""
+        idx_N, D, lib = self.idx_N, self.D, self.lib
+        shared, private = _shared_sample(idx_N, a, self.C, D)
+        z, norm_N1 = self._project(a, b, self._buffers())
+        starts = run_starts(idx_N[a:b])
+        bounds = np.append(starts, b - a).astype(np.int64)
+        out_p, private_p = self.out.ctypes.data, None if private is None else private.ctypes.data
+        dests = np.array([private_p if s == shared else out_p + s * self.row_bytes
+                          for s in idx_N[a + starts].tolist()], np.uint64)
+        norm = None if norm_N1 is None else np.ascontiguousarray(norm_N1)  # held: C reads it below
+        for how, kg in self.kgroups.items():
+            z_p = z["none" if how == "l2" else how].ctypes.data
+            if lib.block(z_p, None if how != "l2" else norm.ctypes.data, D, kg.scale_BD.ctypes.data,
+                         kg.base_slot.ctypes.data, len(kg.base_slot), kg.src.ctypes.data, kg.dst.ctypes.data,
+                         kg.factor.ctypes.data, len(kg.src), len(kg.config), b - a, bounds.ctypes.data, len(starts),
+                         dests.ctypes.data, kg.config.ctypes.data, *lib.loops) != 0:
+                raise MemoryError("kscale_rf_block: out of memory")
         return shared, private
 
     def _runs(self, t: int, te: int, shared: int, out_p: int, private_p: int | None, buf: SimpleNamespace) -> int:

@@ -16,30 +16,32 @@
  */
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define KS_W 32 /* frequencies whose accumulators one pass over a run's rows keeps in registers */
 #define KS_CHUNK 512 /* frequencies of one chunk of a row's arguments (L1-resident) */
 
-/* Column sums of rows [t0, t1) of v (row stride D), added to o[0..D). */
-static void sum_rows(const float *restrict v, int64_t t0, int64_t t1, int64_t D, double *restrict o)
+/* Column sums of rows [t0, t1) of v (row stride `stride`, `width` columns), added to o[0..width). */
+static void sum_rows(const float *restrict v, int64_t t0, int64_t t1, int64_t stride, int64_t width,
+                     double *restrict o)
 {
     int64_t d0 = 0;
-    for (; d0 + KS_W <= D; d0 += KS_W) {
+    for (; d0 + KS_W <= width; d0 += KS_W) {
         double acc[KS_W];
         for (int j = 0; j < KS_W; j++)
             acc[j] = 0.0;
         for (int64_t t = t0; t < t1; t++) {
-            const float *restrict row = v + t * D + d0;
+            const float *restrict row = v + t * stride + d0;
             for (int j = 0; j < KS_W; j++)
                 acc[j] += (double)row[j];
         }
         for (int j = 0; j < KS_W; j++)
             o[d0 + j] += acc[j];
     }
-    for (int64_t d = d0; d < D; d++) {
+    for (int64_t d = d0; d < width; d++) {
         double acc = 0.0;
         for (int64_t t = t0; t < t1; t++)
-            acc += (double)v[t * D + d];
+            acc += (double)v[t * stride + d];
         o[d] += acc;
     }
 }
@@ -56,10 +58,39 @@ void kscale_rf_sums(const float *cosv, const float *sinv, int64_t G, int64_t T, 
         for (int64_t g = 0; g < G; g++) {
             double *o = dest[r] + config[g] * 2 * D;
             if (cosv)
-                sum_rows(cosv + g * T * D, bounds[r], bounds[r + 1], D, o);
+                sum_rows(cosv + g * T * D, bounds[r], bounds[r + 1], D, D, o);
             if (sinv)
-                sum_rows(sinv + g * T * D, bounds[r], bounds[r + 1], D, o + D);
+                sum_rows(sinv + g * T * D, bounds[r], bounds[r + 1], D, D, o + D);
         }
+    }
+}
+
+/* The float32 arguments of one row and w frequencies of one group: zr the row's float64 projections
+ * (w values; divided by *n first unless n is NULL: the l2 projection, as numpy's raw / norm), scale the B base
+ * configs' scales (row stride lds); base b goes to out + base_slot[b] * ldo, derived k to out + dst[k] * ldo
+ * (= out + src[k] * ldo times factor[k]). q: w doubles of scratch. */
+static void row_args(const double *restrict zr, const double *n, int64_t w, const double *restrict scale, int64_t lds,
+                     const int64_t *base_slot, int64_t B, const int64_t *src, const int64_t *dst,
+                     const float *factor, int64_t ND, float *out, int64_t ldo, double *restrict q)
+{
+    if (n) {
+        const double nv = *n;
+        for (int64_t j = 0; j < w; j++)
+            q[j] = zr[j] / nv;
+        zr = q;
+    }
+    for (int64_t b = 0; b < B; b++) {
+        const double *restrict s = scale + b * lds;
+        float *restrict a = out + base_slot[b] * ldo;
+        for (int64_t j = 0; j < w; j++)
+            a[j] = (float)(zr[j] * s[j]);
+    }
+    for (int64_t k = 0; k < ND; k++) {
+        const float *restrict sa = out + src[k] * ldo;
+        float *restrict da = out + dst[k] * ldo;
+        const float f = factor[k];
+        for (int64_t j = 0; j < w; j++)
+            da[j] = sa[j] * f;
     }
 }
 
@@ -74,29 +105,67 @@ void kscale_rf_args(const double *restrict z, const double *restrict norm, int64
                     float *restrict args)
 {
     double q[KS_CHUNK];
-    for (int64_t t = 0; t < T; t++) {
-        for (int64_t d0 = 0; d0 < D; d0 += KS_CHUNK) {
-            const int64_t w = D - d0 < KS_CHUNK ? D - d0 : KS_CHUNK;
-            const double *restrict zr = z + t * D + d0;
-            if (norm) { /* the l2 projection, as numpy's raw / norm */
-                const double n = norm[t];
-                for (int64_t j = 0; j < w; j++)
-                    q[j] = zr[j] / n;
-                zr = q;
-            }
-            for (int64_t b = 0; b < B; b++) {
-                const double *restrict s = scale + b * D + d0;
-                float *restrict a = args + (base_slot[b] * T + t) * D + d0;
-                for (int64_t j = 0; j < w; j++)
-                    a[j] = (float)(zr[j] * s[j]);
-            }
-            for (int64_t k = 0; k < ND; k++) {
-                const float *restrict sa = args + (src[k] * T + t) * D + d0;
-                float *restrict da = args + (dst[k] * T + t) * D + d0;
-                const float f = factor[k];
-                for (int64_t j = 0; j < w; j++)
-                    da[j] = sa[j] * f;
+    for (int64_t t = 0; t < T; t++)
+        for (int64_t d0 = 0; d0 < D; d0 += KS_CHUNK)
+            row_args(z + t * D + d0, norm ? norm + t : NULL, D - d0 < KS_CHUNK ? D - d0 : KS_CHUNK, scale + d0, D,
+                     base_slot, B, src, dst, factor, ND, args + t * D + d0, T * D, q);
+}
+
+/* ---- The fused pass: numpy's own float32 cos/sin loops called from here ----
+ * numpy's ufunc inner loop (PyUFuncGenericFunction; rfkernel.py takes np.cos's and np.sin's 'f->f' entries
+ * from the ufunc's public loop table and checks their bits against np.cos/np.sin at load) applied to chunks
+ * of KS_F frequencies of one row's stacked arguments, so that arguments, cos, sin and the float64
+ * accumulators of a run stay in a core's L1/L2 instead of travelling through memory in numpy-sized tiles. */
+typedef void (*ks_loop)(char **args, const intptr_t *dimensions, const intptr_t *steps, void *data);
+
+#define KS_F 64 /* frequencies of one chunk of the fused pass */
+
+static void ks_trig(void *fn, void *data, const float *in, float *out, int64_t n)
+{
+    char *args[2] = {(char *)in, (char *)out};
+    intptr_t dims[1] = {(intptr_t)n};
+    intptr_t steps[2] = {sizeof(float), sizeof(float)};
+    ((ks_loop)fn)(args, dims, steps, data);
+}
+
+/* numpy's loop fn on n values, in chunks of `chunk` (the self-check: the bits do not depend on the cut). */
+void kscale_rf_trig(void *fn, void *data, const float *in, float *out, int64_t n, int64_t chunk)
+{
+    for (int64_t i = 0; i < n; i += chunk)
+        ks_trig(fn, data, in + i, out + i, n - i < chunk ? n - i : chunk);
+}
+
+/* One block of T rows and one group of G configs, fused, chunk by chunk of KS_F frequencies: the chunk's
+ * arguments of every row (as kscale_rf_args; laid out [row][config][frequency]), numpy's cos and sin of
+ * them (one loop call each), then each run's column sums (rows [bounds[r], bounds[r+1]), one sample, in
+ * row order, KS_W accumulators in registers) added to dest[r][config[g]][part][chunk]. A chunk's arrays
+ * (3 x T x G x KS_F float32) stay in a core's L2. Returns 0, or -1 when memory ran out (nothing added). */
+int kscale_rf_block(const double *restrict z, const double *restrict norm, int64_t D,
+                    const double *restrict scale, const int64_t *base_slot, int64_t B,
+                    const int64_t *src, const int64_t *dst, const float *factor, int64_t ND, int64_t G,
+                    int64_t T, const int64_t *bounds, int64_t R, double *const *dest, const int64_t *config,
+                    void *cos_fn, void *cos_data, void *sin_fn, void *sin_data)
+{
+    float *buf = (float *)malloc(sizeof(float) * 3 * T * G * KS_F);
+    if (!buf)
+        return -1;
+    double q[KS_F];
+    for (int64_t d0 = 0; d0 < D; d0 += KS_F) {
+        const int64_t w = D - d0 < KS_F ? D - d0 : KS_F, row = G * w;
+        float *args = buf, *cv = buf + T * row, *sv = buf + 2 * T * row;
+        for (int64_t t = 0; t < T; t++)
+            row_args(z + t * D + d0, norm ? norm + t : NULL, w, scale + d0, D, base_slot, B, src, dst, factor, ND,
+                     args + t * row, w, q);
+        ks_trig(cos_fn, cos_data, args, cv, T * row);
+        ks_trig(sin_fn, sin_data, args, sv, T * row);
+        for (int64_t r = 0; r < R; r++) {
+            for (int64_t g = 0; g < G; g++) {
+                double *o = dest[r] + config[g] * 2 * D + d0;
+                sum_rows(cv + g * w, bounds[r], bounds[r + 1], row, w, o);
+                sum_rows(sv + g * w, bounds[r], bounds[r + 1], row, w, o + D);
             }
         }
     }
+    free(buf);
+    return 0;
 }

@@ -31,7 +31,7 @@ import subprocess
 import tempfile
 import threading
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,11 +47,23 @@ class KernelUnavailable(RuntimeError):
 
 @dataclass(frozen=True)
 class RFKernel:
-    """The loaded library: ``args`` and ``sums`` are the C functions (pointers as ints, sizes as int64)."""
+    """The loaded library: the C functions (pointers as ints, sizes as int64) and, when the fused pass is
+    on, numpy's float32 cos and sin loops (``loops``: cos function, cos data, sin function, sin data, as
+    ints) that ``kscale_rf_block`` calls; ``loops`` is None (``fused_off`` says why) when numpy's loop
+    table could not be read or its bits disagreed, and the analysis then runs the tiles (``args``, numpy's
+    cos/sin, ``sums``)."""
 
     path: Path
     args: object  # kscale_rf_args
     sums: object  # kscale_rf_sums
+    block: object = None  # kscale_rf_block
+    trig: object = None  # kscale_rf_trig
+    loops: tuple[int, int, int, int] | None = None
+    fused_off: str = ""
+
+    @property
+    def mode(self) -> str:
+        return "fused" if self.loops is not None else "tiles"
 
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
@@ -108,11 +120,20 @@ def load(cache: Path, cc: list[str], *, check: bool = True) -> RFKernel:
             raise KernelUnavailable(f"cannot load {path}: {e}") from e
     lib.kscale_rf_args.argtypes = [_P, _P, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P]
     lib.kscale_rf_sums.argtypes = [_P, _P, _I, _I, _I, _P, _I, _P, _P]
-    lib.kscale_rf_args.restype = lib.kscale_rf_sums.restype = None
-    k = RFKernel(path, lib.kscale_rf_args, lib.kscale_rf_sums)
+    lib.kscale_rf_block.argtypes = [_P, _P, _I, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P]
+    lib.kscale_rf_trig.argtypes = [_P, _P, _P, _P, _I, _I]
+    lib.kscale_rf_args.restype = lib.kscale_rf_sums.restype = lib.kscale_rf_trig.restype = None
+    lib.kscale_rf_block.restype = ctypes.c_int
+    k = RFKernel(path, lib.kscale_rf_args, lib.kscale_rf_sums, lib.kscale_rf_block, lib.kscale_rf_trig)
     if check:
         self_check(k)
-    return k
+    try:
+        fused = replace(k, loops=numpy_loops())
+        if check:
+            self_check_fused(fused)
+        return fused
+    except KernelUnavailable as e:
+        return replace(k, fused_off=str(e))
 
 
 def build(cache: Path, cc: list[str], *, again: bool = False) -> Path:
@@ -226,3 +247,85 @@ def self_check(k: RFKernel) -> None:
             want_sums[c, 1] += sin[g, bounds[r]:bounds[r + 1]].sum(0, dtype=np.float64)
         if not np.allclose(dest, want_sums, rtol=1e-12, atol=0):
             raise KernelUnavailable(f"self-check failed: run sums differ from numpy's ({k.path})")
+
+
+class _UFuncHead(ctypes.Structure):
+    """The leading fields of numpy's ``PyUFuncObject`` (``numpy/ufuncobject.h``, part of numpy's stable
+    C ABI): its inner-loop table ``functions`` / ``data`` and the ``types`` of each loop."""
+
+    _fields_ = [("ob_refcnt", ctypes.c_ssize_t), ("ob_type", ctypes.c_void_p), ("nin", ctypes.c_int),
+                ("nout", ctypes.c_int), ("nargs", ctypes.c_int), ("identity", ctypes.c_int),
+                ("functions", ctypes.c_void_p), ("data", ctypes.c_void_p), ("ntypes", ctypes.c_int),
+                ("reserved1", ctypes.c_int), ("name", ctypes.c_char_p), ("types", ctypes.c_void_p)]
+
+
+def numpy_loop(ufunc: np.ufunc) -> tuple[int, int]:
+    """(function, data) of ``ufunc``'s float32 -> float32 inner loop, read from its loop table (the loop
+    ``np.cos(float32)`` runs: :func:`self_check_fused` compares their bits); raises KernelUnavailable."""
+    import sys
+
+    if getattr(sys, "_is_gil_enabled", lambda: True)() is False or not hasattr(sys, "getrefcount"):
+        raise KernelUnavailable("numpy's loop table is not read on this Python build")
+    head = _UFuncHead.from_address(id(ufunc))
+    types = list(ufunc.types)
+    if (head.name != ufunc.__name__.encode() or (head.nin, head.nout, head.nargs) != (1, 1, 2)
+            or head.ntypes != len(types) or "f->f" not in types):
+        raise KernelUnavailable(f"numpy's {ufunc.__name__} loop table is not laid out as expected")
+    codes = (ctypes.c_char * (2 * head.ntypes)).from_address(head.types).raw
+    i = types.index("f->f")
+    if codes[2 * i] != np.dtype(np.float32).num or codes[2 * i + 1] != np.dtype(np.float32).num:
+        raise KernelUnavailable(f"numpy's {ufunc.__name__} loop types are not laid out as expected")
+    fn = (ctypes.c_void_p * head.ntypes).from_address(head.functions)[i]
+    data = (ctypes.c_void_p * head.ntypes).from_address(head.data)[i] if head.data else None
+    if not fn:
+        raise KernelUnavailable(f"numpy's {ufunc.__name__} float32 loop is missing")
+    return fn, data or 0
+
+
+def numpy_loops() -> tuple[int, int, int, int]:
+    return (*numpy_loop(np.cos), *numpy_loop(np.sin))
+
+
+def self_check_fused(k: RFKernel) -> None:
+    """numpy's loops called from C give ``np.cos`` / ``np.sin``'s bits (values from 1e-30 to 1e6, the
+    large ones on numpy's slow path, cut into chunks of 1, 7 and 256), and ``kscale_rf_block`` gives the
+    tiles' sums to 1e-12 (a one-ulp cos/sin difference would show); raises KernelUnavailable."""
+    rng = np.random.default_rng(27)
+    x = (rng.standard_normal(3000) * np.exp(rng.uniform(-69, 14, 3000))).astype(np.float32)
+    cf, cd, sf, sd = k.loops
+    for fn, data, ufunc in ((cf, cd, np.cos), (sf, sd, np.sin)):
+        for chunk in (1, 7, 256, len(x)):
+            got = np.full_like(x, np.nan)
+            k.trig(fn, data, _ptr(x), _ptr(got), len(x), chunk)
+            if not np.array_equal(got.view(np.uint32), ufunc(x).view(np.uint32)):
+                raise KernelUnavailable(f"numpy's {ufunc.__name__} loop called from C gives other bits")
+    T, D, C = 6, 300, 5
+    z = rng.standard_normal((T, D)) * 40
+    norm = rng.uniform(0.5, 3, T)
+    scale = np.ascontiguousarray(rng.uniform(0.1, 2, (2, D)))
+    base, src, dst = np.array([2, 0]), np.array([2, 0, 2]), np.array([1, 3, 4])
+    factor = np.array([2.0, 0.5, 4.0], np.float32)
+    config = np.array([3, 0, 4, 1, 2], np.int64)
+    bounds = np.array([0, 4, 6], np.int64)
+    for nrm in (None, norm):
+        want = [np.zeros((C, 2, D)), np.ones((C, 2, D))]
+        args = np.empty((5, T, D), np.float32)
+        call_args(k, z, nrm, scale, base.astype(np.int64), src.astype(np.int64), dst.astype(np.int64), factor, args)
+        call_sums(k, np.cos(args), np.sin(args), bounds, want, config)
+        got = [np.zeros((C, 2, D)), np.ones((C, 2, D))]
+        call_block(k, z, nrm, scale, base.astype(np.int64), src.astype(np.int64), dst.astype(np.int64), factor,
+                   bounds, got, config)
+        if not all(np.allclose(g, w, rtol=1e-12, atol=0) for g, w in zip(got, want)):
+            raise KernelUnavailable(f"self-check failed: the fused pass's sums differ from the tiles' ({k.path})")
+
+
+def call_block(k: RFKernel, z_TD: np.ndarray, norm_T: np.ndarray | None, scale_BD: np.ndarray,
+               base_slot: np.ndarray, src: np.ndarray, dst: np.ndarray, factor: np.ndarray, bounds: np.ndarray,
+               dests: list[np.ndarray], config: np.ndarray) -> None:
+    """``kscale_rf_block`` on contiguous arrays: runs ``bounds`` of the rows of ``z_TD`` into ``dests``."""
+    T, D = z_TD.shape
+    ptrs = np.array([_ptr(d) for d in dests], np.uint64)
+    if k.block(_ptr(z_TD), None if norm_T is None else _ptr(norm_T), D, _ptr(scale_BD), _ptr(base_slot),
+               len(base_slot), _ptr(src), _ptr(dst), _ptr(factor), len(src), len(config), T, _ptr(bounds),
+               len(dests), _ptr(ptrs), _ptr(config), *k.loops) != 0:
+        raise MemoryError("kscale_rf_block: out of memory")

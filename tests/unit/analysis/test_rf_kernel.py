@@ -7,7 +7,9 @@ self-check (``load(check=False)``), so that a broken kernel fails them instead o
 replaced by the numpy path. Cases: the three normalisations, both kernels, bandwidth multiples that are
 powers of two of each other and one that is not (3), configs out of normalisation order, D not a multiple
 of the kernel's widths (45, 100), blocks and tiles small enough that runs cross tiles, blocks and threads,
-one-row batches and one-row samples, threads 1-3. Then: arguments bit-equal to numpy's, mergeability,
+one-row batches and one-row samples, threads 1-3, in both modes of the kernel path (the fused pass and the
+tiles). Then: arguments bit-equal to numpy's, numpy's cos/sin loops called from C bit-equal to np.cos/np.sin,
+mergeability,
 the fallback without a compiler, the atomic build by two processes at once, ``KSCALE_RF_KERNEL=0``, and
 the self-check refusing a wrong kernel.
 """
@@ -20,6 +22,7 @@ import subprocess
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -39,9 +42,19 @@ def _need_cc() -> None:
 
 @pytest.fixture(scope="module")
 def kern(tmp_path_factory) -> rfkernel.RFKernel:
-    """The kernel built from this tree's source into a fresh cache, not self-checked (see module doc)."""
+    """The kernel built from this tree's source into a fresh cache, not self-checked (see module doc), with
+    numpy's cos/sin loops for the fused pass (readable with the pinned numpy)."""
     _need_cc()
-    return rfkernel.load(tmp_path_factory.mktemp("rfkernel"), rfkernel.compiler(), check=False)
+    k = rfkernel.load(tmp_path_factory.mktemp("rfkernel"), rfkernel.compiler(), check=False)
+    assert k.mode == "fused", k.fused_off
+    return k
+
+
+@pytest.fixture(params=["fused", "tiles"])
+def lib(request, kern) -> rfkernel.RFKernel:
+    """Both modes of the kernel path: the fused pass (``kscale_rf_block``) and the tiles (``kscale_rf_args``,
+    numpy's cos/sin, ``kscale_rf_sums``: what runs when numpy's loop table cannot be read)."""
+    return kern if request.param == "fused" else replace(kern, loops=None)
 
 
 @pytest.fixture
@@ -84,7 +97,7 @@ def _row_err(got: np.ndarray, ref: np.ndarray) -> float:
     ("mixed", 100, False, (0.25, 1.0, 4.0))])
 @pytest.mark.parametrize("threads,batch_rows,block_rows,tile_rows", [(1, 2048, 128, 16), (2, 64, 10, 3),
                                                                      (3, 3, 3, 2)])
-def test_kernel_sums_equal_the_reference(kern, layout, D, shuffle, multiples, threads, batch_rows, block_rows,
+def test_kernel_sums_equal_the_reference(lib, layout, D, shuffle, multiples, threads, batch_rows, block_rows,
                                          tile_rows, monkeypatch):
     """Every (sample, config, part) row of the kernel's sums equals the reference's to 1e-9 relative
     (batches of 3 rows over 301 rows end in a one-row batch)."""
@@ -95,14 +108,14 @@ def test_kernel_sums_equal_the_reference(kern, layout, D, shuffle, multiples, th
     x = (rng.standard_normal((n, d)) * 2).astype(np.float16)
     smp = F.BlockSamples.of(_ids(layout, n, rng))
     plan, target = _plan(d, D, batch_rows=batch_rows, threads=threads, multiples=multiples, shuffle=shuffle)
-    got = F._per_sample_rf_kernel(plan, target, x, smp, kern)
+    got = F._per_sample_rf_kernel(plan, target, x, smp, lib)
     ref = F._per_sample_rf_reference(plan, target, x, smp)
     assert got.shape == ref.shape == (len(smp.ids_S), len(plan.configs), 2, D)
     assert np.abs(ref).min(axis=-1).max() > 0
     assert _row_err(got, ref) <= 1e-9
 
 
-def test_kernel_sums_at_the_bench_shape_equal_the_reference(kern):
+def test_kernel_sums_at_the_bench_shape_equal_the_reference(lib):
     """The bench's shape (d 128, D 4096, the 18 default configs, samples of 100 rows crossing blocks and
     tiles), two threads: every row equal to 1e-9 relative."""
     rng = np.random.default_rng(0)
@@ -113,7 +126,7 @@ def test_kernel_sums_at_the_bench_shape_equal_the_reference(kern):
                        F.Buckets(8, 0), "float32", 2048, threads=2)
     x = (rng.standard_normal((300, 128)) * 3).astype(np.float16)
     smp = F.BlockSamples.of(np.arange(300) // 100)
-    got = F._per_sample_rf_kernel(plan, target, x, smp, kern)
+    got = F._per_sample_rf_kernel(plan, target, x, smp, lib)
     assert _row_err(got, F._per_sample_rf_reference(plan, target, x, smp)) <= 1e-9
 
 
@@ -145,12 +158,12 @@ def test_kernel_arguments_are_numpys_bits(kern, D, l2):
 
 
 @pytest.mark.parametrize("threads", [1, 2])
-def test_kernel_sums_merge_over_halves(kern, threads, monkeypatch):
+def test_kernel_sums_merge_over_halves(lib, threads, monkeypatch):
     """chunk_sums through ``_per_sample_rf`` with the kernel: two halves of a block merged equal the whole
     to 1e-12, and the whole equals the numpy path's to 1e-9 per row."""
     monkeypatch.setattr(F, "_BLOCK_ROWS", 9)
     monkeypatch.setattr(F, "_KERNEL_TILE_VALUES", 4 * 45)
-    monkeypatch.setattr(F, "_rf_kernel", lambda plan: kern)
+    monkeypatch.setattr(F, "_rf_kernel", lambda plan: lib)
     rng = np.random.default_rng(3)
     n, d = 400, 8
     x = (rng.standard_normal((n, d)) * 2).astype(np.float16)
@@ -296,18 +309,48 @@ def test_a_damaged_cached_library_is_built_again(tmp_path):
     assert again.path == first and first.stat().st_size > 0
 
 
-def test_rows_do_not_depend_on_the_instruction_set(kern, tmp_path, monkeypatch):
+def test_rows_do_not_depend_on_the_instruction_set(lib, tmp_path, monkeypatch):
     """The kernel built for the baseline x86-64 / generic ISA (no ``-march=native``) gives the native
     build's sums bit for bit: no contraction, no reassociation, so the vector width changes no value."""
     monkeypatch.setattr(rfkernel, "FLAGS", tuple(f for f in rfkernel.FLAGS if not f.startswith("-march")))
-    generic = rfkernel.load(tmp_path, rfkernel.compiler())
-    assert generic.path != kern.path
+    generic = replace(rfkernel.load(tmp_path, rfkernel.compiler()), loops=lib.loops)
+    assert generic.path != lib.path
     rng = np.random.default_rng(11)
     x = (rng.standard_normal((203, 16)) * 2).astype(np.float16)
     smp = F.BlockSamples.of(np.sort(rng.integers(0, 9, 203)))
     plan, target = _plan(16, 100, threads=2, batch_rows=64)
-    native_sums = F._per_sample_rf_kernel(plan, target, x, smp, kern)
+    native_sums = F._per_sample_rf_kernel(plan, target, x, smp, lib)
     np.testing.assert_array_equal(F._per_sample_rf_kernel(plan, target, x, smp, generic), native_sums)
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 64, 4099])
+def test_numpys_loops_called_from_c_give_numpys_bits(kern, chunk):
+    """numpy's float32 cos/sin inner loops, read from the ufuncs' loop table and called from C in chunks,
+    give ``np.cos`` / ``np.sin``'s bits, small and huge arguments alike (numpy's slow path above ~7e4)."""
+    rng = np.random.default_rng(chunk)
+    x = (rng.standard_normal(4099) * np.exp(rng.uniform(-60, 16, 4099))).astype(np.float32)
+    cf, cd, sf, sd = kern.loops
+    for fn, data, ufunc in ((cf, cd, np.cos), (sf, sd, np.sin)):
+        got = np.full_like(x, np.nan)
+        kern.trig(fn, data, x.ctypes.data, got.ctypes.data, len(x), chunk)
+        assert np.array_equal(got.view(np.uint32), ufunc(x).view(np.uint32)), ufunc
+
+
+def test_fused_pass_off_when_the_loops_disagree(tmp_path, monkeypatch):
+    """Loops that are not numpy's cos and sin (here swapped) fail the fused self-check: the kernel loads in
+    tiles mode, saying why; a loop table that cannot be read does the same."""
+    _need_cc()
+    cf, cd, sf, sd = rfkernel.numpy_loops()
+    monkeypatch.setattr(rfkernel, "numpy_loops", lambda: (sf, sd, cf, cd))
+    k = rfkernel.load(tmp_path, rfkernel.compiler())
+    assert k.mode == "tiles" and "other bits" in k.fused_off
+
+    def unreadable():
+        raise rfkernel.KernelUnavailable("numpy's cos loop table is not laid out as expected")
+
+    monkeypatch.setattr(rfkernel, "numpy_loops", unreadable)
+    k = rfkernel.load(tmp_path, rfkernel.compiler())
+    assert k.mode == "tiles" and "laid out" in k.fused_off
 
 
 def test_cache_key_changes_with_cpu_flags_and_compiler(monkeypatch):
