@@ -184,6 +184,20 @@ def test_kernel_sums_merge_over_halves(lib, threads, monkeypatch):
     assert whole.rf_KC2D.any()
 
 
+def test_a_nan_key_poisons_only_its_own_sample(lib):
+    """A key with a NaN makes its own sample's sums NaN and no other's, as in the reference (the numpy fast
+    path's run indicator products, 0 x NaN, spread it over the samples of its tile)."""
+    x = np.random.default_rng(0).standard_normal((100, 8))
+    x[17, 3] = np.nan
+    smp = F.BlockSamples.of(np.arange(100) // 9)
+    plan, target = _plan(8, 45, threads=2, batch_rows=64)
+    got = F._per_sample_rf_kernel(plan, target, x, smp, lib)
+    ref = F._per_sample_rf_reference(plan, target, x, smp)
+    assert np.flatnonzero(np.isnan(got).any(axis=(1, 2, 3))).tolist() == [1]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    assert _row_err(np.nan_to_num(got), np.nan_to_num(ref)) <= 1e-9
+
+
 def test_per_sample_rf_runs_the_kernel_for_float32_and_numpy_for_float64(kern, monkeypatch):
     """``_per_sample_rf`` (what the analysis runs) takes the kernel path for float32 plans when the kernel
     loads, the numpy fast path for float64 plans (the kernel is float32 only)."""
