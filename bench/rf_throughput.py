@@ -13,9 +13,10 @@ untimed warm-up, median of ``--repeats``. The backends:
 - ``numpy``: ``features._per_sample_rf_fast``, the numpy path the analysis runs without a C compiler (blocks
   of 128 rows, tiles of 8 rows x one normalisation's configs, float64 casts + products for the run sums), on
   ``--threads`` threads (default: the CPUs this process may use);
-- ``kernel``: ``features._per_sample_rf_kernel``, the fast path's blocks and tiles with the compiled kernel
-  (``kscale/analysis/rfkernel.c``: the float32 arguments and the float64 run sums in C, numpy's cos/sin):
-  what the analysis runs when the kernel builds (float32 only; a ``skipped`` line when it is unavailable);
+- ``kernel``: ``features._per_sample_rf_kernel``, the fast path's blocks with the compiled kernel
+  (``kscale/analysis/rfkernel.c``: the float32 arguments and the float64 run sums in C, numpy's own cos/sin
+  loops; ``kernel_mode`` fused or tiles): what the analysis runs when the kernel builds (float32 only; a
+  ``skipped`` line when it is unavailable);
 - ``stacked``: ``features._per_sample_rf_stacked``, the same work in another layout (every config's
   arguments in one stack per tile of 2 rows x 1024 frequencies that stays in a core's L2, one mixed-dtype
   add per row for the run sums), on ``--threads``; not faster under load (docs/scale.md);
@@ -139,7 +140,7 @@ def main() -> None:
                "cpu_seconds": round(statistics.median(cpu[backend]), 4),
                "keys_per_cpu_s": round(a.n / statistics.median(cpu[backend]))}
         if backend == "kernel":
-            row["kernel_library"] = lib.path.name
+            row.update(kernel_library=lib.path.name, kernel_mode=lib.mode)
         for base in ("reference", "tiled", "numpy", "kernel"):
             if base in times:
                 row[f"ratio_vs_{base}"] = round(statistics.median(times[base]) / secs, 3)
