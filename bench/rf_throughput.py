@@ -16,7 +16,7 @@ untimed warm-up, median of ``--repeats``. The backends:
 - ``kernel``: ``features._per_sample_rf_kernel``, the fast path's blocks with the compiled kernel
   (``kscale/analysis/rfkernel.c``: the float32 arguments and the float64 run sums in C, numpy's own cos/sin
   loops; ``kernel_mode`` fused or tiles): what the analysis runs when the kernel builds (float32 only; a
-  ``skipped`` line when it is unavailable);
+  ``skipped`` line when it is unavailable); ``kernel-tiles``: the same kernel in its tiles mode;
 - ``stacked``: ``features._per_sample_rf_stacked``, the same work in another layout (every config's
   arguments in one stack per tile of 2 rows x 1024 frequencies that stays in a core's L2, one mixed-dtype
   add per row for the run sums), on ``--threads``; not faster under load (docs/scale.md);
@@ -43,6 +43,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -57,7 +58,7 @@ def args_() -> argparse.Namespace:
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", nargs="+", default=["reference", "numpy", "kernel", "stacked", "torch"],
-                    choices=["reference", "tiled", "numpy", "kernel", "stacked", "torch"])
+                    choices=["reference", "tiled", "numpy", "kernel", "kernel-tiles", "stacked", "torch"])
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of the tiled numpy path and cap of BLAS/torch threads (default: usable CPUs)")
     return ap.parse_args()
@@ -105,17 +106,20 @@ def main() -> None:
         torch.set_num_threads(a.threads)
     x_Nd = (np.random.default_rng(1).standard_normal((a.n, a.d)) * 3).astype(np.float16)
     smp = BlockSamples.of(np.arange(a.n) // a.tokens_per_sample)
-    lib = rfkernel.kernel() if "kernel" in a.backends else None
+    kernels = [b for b in a.backends if b.startswith("kernel")]
+    lib = rfkernel.kernel() if kernels else None
     backends = list(a.backends)
-    if "kernel" in backends and (lib is None or a.compute_dtype != "float32"):
-        print(json.dumps({"backend": "kernel", "skipped": "the compiled kernel is not available (float32 only; "
-                          "see the warning)"}), flush=True)
-        backends.remove("kernel")
+    for b in kernels if lib is None or a.compute_dtype != "float32" else []:
+        print(json.dumps({"backend": b, "skipped": "the compiled kernel is not available (float32 only; see the "
+                          "warning)"}), flush=True)
+        backends.remove(b)
+    libs = {"kernel": lib, "kernel-tiles": None if lib is None else replace(lib, loops=None)}
     calls = {}
     for backend in backends:
         plan, target = plan_for(a, backend)
         fn = {"reference": _per_sample_rf_reference, "tiled": _per_sample_rf_tiled, "numpy": _per_sample_rf_fast,
-              "kernel": lambda *args: _per_sample_rf_kernel(*args, lib=lib),
+              "kernel": lambda *args: _per_sample_rf_kernel(*args, lib=libs["kernel"]),
+              "kernel-tiles": lambda *args: _per_sample_rf_kernel(*args, lib=libs["kernel-tiles"]),
               "stacked": _per_sample_rf_stacked}.get(backend, _per_sample_rf)
         calls[backend] = (plan, lambda plan=plan, target=target, fn=fn: fn(plan, target, x_Nd, smp))
     outs, times, cpu = {}, {b: [] for b in calls}, {b: [] for b in calls}
@@ -139,8 +143,8 @@ def main() -> None:
                "GB_per_s_fp16": round(x_Nd.nbytes / 1e9 / secs, 4), "keys_per_s": round(a.n / secs),
                "cpu_seconds": round(statistics.median(cpu[backend]), 4),
                "keys_per_cpu_s": round(a.n / statistics.median(cpu[backend]))}
-        if backend == "kernel":
-            row.update(kernel_library=lib.path.name, kernel_mode=lib.mode)
+        if backend.startswith("kernel"):
+            row.update(kernel_library=lib.path.name, kernel_mode=libs[backend].mode)
         for base in ("reference", "tiled", "numpy", "kernel"):
             if base in times:
                 row[f"ratio_vs_{base}"] = round(statistics.median(times[base]) / secs, 3)
