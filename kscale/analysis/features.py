@@ -659,12 +659,13 @@ _KERNEL_TILE_VALUES = 2**15  # rows x D values of one tile of the kernel path (8
 def _per_sample_rf_kernel(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
                           lib=None) -> np.ndarray:
     """Per-sample cos/sin sums (S, C, 2, D) of every config with the compiled kernel (``rfkernel.c``, issue
-    26): :func:`_per_sample_rf_fast`'s blocks, threads, projections and tiles (:class:`_KernelWork`, a
-    :class:`_FastWork`), with each tile's float32 arguments made in one C call per normalisation and the
-    float64 run sums of numpy's cos/sin values in another (each float32 read once, the accumulators in
-    registers). The values are the numpy path's: the same argument bits, the same cos/sin bits, float64
-    sums in row order (only where a run is cut into tiles and blocks do the partial sums add in another
-    order, as in the numpy path). ``lib``: an :class:`~kscale.analysis.rfkernel.RFKernel`; None asks
+    26; ``docs/scale.md``, "A compiled kernel"): :func:`_per_sample_rf_fast`'s blocks, threads and
+    projections (:class:`_KernelWork`, a :class:`_FastWork`); per block and normalisation either one fused
+    C call (arguments, numpy's own cos/sin loops and run sums, chunk by chunk of frequencies) or, in tiles
+    mode, per tile one C call for the float32 arguments, numpy's ``cos``/``sin``, one C call for the float64
+    run sums. The values are the numpy path's: the same argument bits, the same cos/sin bits, float64 sums in
+    row order (only where a run is cut into chunks, tiles and blocks do partial sums add in another order,
+    as in the numpy path). ``lib``: an :class:`~kscale.analysis.rfkernel.RFKernel`; None asks
     :func:`kscale.analysis.rfkernel.kernel` and runs the numpy path when there is none. float64 plans run
     the numpy path (the kernel is float32 only)."""
     lib = lib if lib is not None else _rf_kernel(plan)
@@ -699,9 +700,10 @@ class _KernelGroup:
 
 
 class _KernelWork(_FastWork):
-    """The work of :func:`_per_sample_rf_kernel` on one block of rows: :class:`_FastWork`'s projections and
-    tiles; per tile and normalisation one ``kscale_rf_args`` call, numpy's ``cos`` and ``sin`` of the
-    stack, one ``kscale_rf_sums`` call into ``out`` (or the block's private row of its shared sample)."""
+    """The work of :func:`_per_sample_rf_kernel` on one block of rows: :class:`_FastWork`'s projections,
+    then, fused, one ``kscale_rf_block`` call per normalisation, or, in tiles mode, per tile and
+    normalisation one ``kscale_rf_args`` call, numpy's ``cos`` and ``sin`` of the stack and one
+    ``kscale_rf_sums`` call; sums go into ``out`` (or the block's private row of its shared sample)."""
 
     def __init__(self, plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, idx_N: np.ndarray,
                  out: np.ndarray, lib):
@@ -715,7 +717,7 @@ class _KernelWork(_FastWork):
         buf = getattr(self.local, "kbuf", None)
         if buf is None:
             G = max(len(g.steps) for g in self.groups.values())
-            size = G * self.tile * self.D
+            size = 0 if self.lib.loops is not None else G * self.tile * self.D  # tiles mode only
             projected = {"none" if how == "l2" else how for how in self.groups}
             buf = SimpleNamespace(z={how: np.empty((self.rows, self.D)) for how in projected},
                                   args=np.empty(size, np.float32), cos=np.empty(size, np.float32),

@@ -1,9 +1,11 @@
 """The compiled random-feature kernel (``rfkernel.c``): built on first use with the system C compiler,
 cached, loaded with ctypes; the numpy path when it cannot be.
 
-:func:`kernel` is what ``features._per_sample_rf`` asks: an :class:`RFKernel` (the two C functions of
-``rfkernel.c``: a tile's float32 arguments, and its float64 run sums after numpy's own cos/sin), or None,
-in which case the analysis runs the numpy fast path (same rows, slower). It returns None when
+:func:`kernel` is what ``features._per_sample_rf`` asks: an :class:`RFKernel` (the C functions of
+``rfkernel.c``: the fused pass over a block, which calls numpy's own float32 cos/sin inner loops read from
+the ufuncs' loop table (:func:`numpy_loop`); or, in tiles mode, a tile's float32 arguments and its float64
+run sums around numpy's ``np.cos``/``np.sin``), or None, in which case the analysis runs the numpy fast
+path (same rows, slower). It returns None when
 ``KSCALE_RF_KERNEL=0``, and, with one warning naming the reason, when there is no compiler, the build
 fails, the library does not load or its self-check disagrees with numpy. Never an error.
 
@@ -14,7 +16,8 @@ flags: a cache shared by nodes of different CPUs holds one library per CPU kind 
 for another (SIGILL). Written to a temporary name in the same directory and renamed (atomic), so
 processes building at once all end with a whole, loadable library. ``-ffp-contract=off`` and no
 ``-ffast-math``: every value is numpy's (``rfkernel.c``'s header says why), which :func:`self_check`
-verifies at load on a small tile (arguments bit-equal, sums to 1e-12).
+verifies at load on a small tile (arguments bit-equal, sums to 1e-12); :func:`self_check_fused` then checks
+numpy's loops called from C against ``np.cos``/``np.sin`` bit for bit (else tiles mode, no warning).
 
 ctypes calls release the GIL, so the analysis' block threads run the kernel in parallel.
 """
