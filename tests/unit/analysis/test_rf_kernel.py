@@ -367,13 +367,34 @@ def test_fused_pass_off_when_the_loops_disagree(tmp_path, monkeypatch):
     assert k.mode == "tiles" and "laid out" in k.fused_off
 
 
+_NO_NATIVE_CC = """#!/bin/sh
+for a in "$@"; do [ "$a" = "-march=native" ] && { echo "unsupported argument 'native'" >&2; exit 1; }; done
+exec cc "$@"
+"""
+
+
+def test_a_compiler_without_march_native_builds_portable_code(tmp_path, monkeypatch):
+    """A compiler that rejects ``-march=native`` builds the library without it (a name of its own), which
+    loads and passes the self-checks (a build without it gives the native build's rows:
+    test_rows_do_not_depend_on_the_instruction_set)."""
+    _need_cc()
+    cc = tmp_path / "nonative"
+    cc.write_text(_NO_NATIVE_CC)
+    cc.chmod(cc.stat().st_mode | stat.S_IXUSR)
+    k = rfkernel.load(tmp_path / "cache", [str(cc)])
+    version = subprocess.run([str(cc), "--version"], capture_output=True, text=True).stdout
+    portable = tuple(f for f in rfkernel.FLAGS if not f.startswith("-march"))
+    assert k.path.name == f"rfkernel-{rfkernel.build_key(version, portable)}.so" and k.mode == "fused"
+
+
 def test_cache_key_changes_with_cpu_flags_and_compiler(monkeypatch):
     """The library's name hashes the CPU's feature flags (``-march=native``: a shared cache never loads a
     library built for another CPU) and the compiler's version."""
-    key = rfkernel.build_key("cc 12")
-    assert rfkernel.build_key("cc 13") != key
+    key = rfkernel.build_key("cc 12", rfkernel.FLAGS)
+    assert rfkernel.build_key("cc 13", rfkernel.FLAGS) != key
+    assert rfkernel.build_key("cc 12", rfkernel.FLAGS[1:]) != key
     monkeypatch.setattr(rfkernel, "cpu_flags", lambda: "sse2")
-    assert rfkernel.build_key("cc 12") != key
+    assert rfkernel.build_key("cc 12", rfkernel.FLAGS) != key
     assert "-march=native" in rfkernel.FLAGS and "-ffp-contract=off" in rfkernel.FLAGS
     assert not any("fast-math" in f and not f.startswith("-fno") for f in rfkernel.FLAGS)
 
