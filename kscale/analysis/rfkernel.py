@@ -141,7 +141,9 @@ def load(cache: Path, cc: list[str], *, check: bool = True) -> RFKernel:
 
 def build(cache: Path, cc: list[str], *, again: bool = False) -> Path:
     """The cached library for this source, compiler, flags and CPU, compiled if missing or ``again``
-    (written to a temporary name, then renamed over the final one: atomic)."""
+    (written to a temporary name, then renamed over the final one: atomic). A compiler that rejects
+    ``-march=native`` (gcc on ppc64le, old Apple clang) builds with the other flags (portable code, the
+    same values: the library's name hashes its flags)."""
     if not cc or shutil.which(cc[0]) is None:
         raise KernelUnavailable(f"no C compiler: {cc[0] if cc else '$CC'!r} not found")
     if not SOURCE.is_file():
@@ -150,7 +152,20 @@ def build(cache: Path, cc: list[str], *, again: bool = False) -> Path:
         version = subprocess.run([*cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     except (OSError, subprocess.SubprocessError) as e:
         raise KernelUnavailable(f"{cc[0]} --version failed: {e}") from e
-    path = cache / f"rfkernel-{build_key(version)}.so"
+    portable = tuple(f for f in FLAGS if not f.startswith("-march"))
+    try:
+        return _build_with(cache, cc, version, FLAGS, again)
+    except KernelUnavailable as native:
+        if portable == FLAGS:
+            raise
+        try:
+            return _build_with(cache, cc, version, portable, again)
+        except KernelUnavailable:
+            raise native from None
+
+
+def _build_with(cache: Path, cc: list[str], version: str, flags: tuple[str, ...], again: bool) -> Path:
+    path = cache / f"rfkernel-{build_key(version, flags)}.so"
     if path.is_file() and not again:
         return path
     try:
@@ -160,7 +175,7 @@ def build(cache: Path, cc: list[str], *, again: bool = False) -> Path:
     except OSError as e:
         raise KernelUnavailable(f"cannot write the kernel cache {cache}: {e}") from e
     try:
-        done = subprocess.run([*cc, *FLAGS, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
+        done = subprocess.run([*cc, *flags, "-o", tmp, str(SOURCE)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             raise KernelUnavailable(f"{shlex.join(cc)} failed ({done.returncode}): {done.stderr.strip()[-500:]}")
@@ -173,10 +188,10 @@ def build(cache: Path, cc: list[str], *, again: bool = False) -> Path:
     return path
 
 
-def build_key(compiler_version: str) -> str:
+def build_key(compiler_version: str, flags: tuple[str, ...]) -> str:
     """Hash of what the library's code depends on: source, flags, compiler, machine and CPU features."""
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), compiler_version.encode(),
+    for part in (SOURCE.read_bytes(), " ".join(flags).encode(), compiler_version.encode(),
                  platform.machine().encode(), cpu_flags().encode()):
         h.update(hashlib.sha256(part).digest())
     return h.hexdigest()[:24]
