@@ -10,25 +10,30 @@ untimed warm-up, median of ``--repeats``. The backends:
   on one thread, batch_rows x D temporaries, float64 run sums value by value);
 - ``tiled``: ``features._per_sample_rf_tiled``, the path the analysis ran until the fast one (one
   2048-row projection, tiles of one config at a time, cos/sin written as float64) on ``--threads``;
-- ``numpy``: ``features._per_sample_rf_fast``, the numpy path the analysis runs now (blocks of 128 rows,
-  tiles of 8 rows x one normalisation's configs, float64 casts + products for the run sums), on
+- ``numpy``: ``features._per_sample_rf_fast``, the numpy path the analysis runs without a C compiler (blocks
+  of 128 rows, tiles of 8 rows x one normalisation's configs, float64 casts + products for the run sums), on
   ``--threads`` threads (default: the CPUs this process may use);
+- ``kernel``: ``features._per_sample_rf_kernel``, the fast path's blocks with the compiled kernel
+  (``kscale/analysis/rfkernel.c``: the float32 arguments and the float64 run sums in C, numpy's own cos/sin
+  loops; ``kernel_mode`` fused or tiles): what the analysis runs when the kernel builds (float32 only; a
+  ``skipped`` line when it is unavailable); ``kernel-tiles``: the same kernel in its tiles mode;
 - ``stacked``: ``features._per_sample_rf_stacked``, the same work in another layout (every config's
   arguments in one stack per tile of 2 rows x 1024 frequencies that stays in a core's L2, one mixed-dtype
   add per row for the run sums), on ``--threads``; not faster under load (docs/scale.md);
 - ``torch``: ``kscale.analysis.gpu`` on CUDA when visible, else torch on the CPU.
 
-The timed calls of the chosen backends alternate (reference, numpy, stacked, reference, ...) so that all
+The timed calls of the chosen backends alternate (reference, numpy, kernel, reference, ...) so that all
 see the same machine load; each line gives the median and ``ratio_vs_reference`` / ``ratio_vs_tiled`` /
-``ratio_vs_numpy`` (that path's median / this median), ``keys_per_cpu_s`` (keys per second of this process's CPU time, all its
-threads: what other load on the machine distorts least) and, against the reference's sums,
+``ratio_vs_numpy`` / ``ratio_vs_kernel`` (that path's median / this median), ``keys_per_cpu_s`` (keys per
+second of this process's CPU time, all its threads: what other load on the machine distorts least) and,
+against the reference's sums,
 ``max_rel_diff_vs_reference`` (max |this - reference| / max |reference|), ``max_rel_diff_per_config``
 (the same per config and cos/sin part, worst of them) and ``max_rel_diff_per_row`` (per sample, config and
 part, relative to that row's largest |value|, worst row); the goal is <= 1e-9 (the numpy paths give
 the same bits in float32). Goals: issue 26, >= 1e4 keys/s on 2 cores; issue 10, GPU >= 20x the 2-core
 CPU figure. Prints one JSON line per backend.
 
-    python bench/rf_throughput.py [--n 200000] [--d 128] [--features 4096] [--backends reference numpy stacked]
+    python bench/rf_throughput.py [--n 200000] [--d 128] [--features 4096] [--backends reference numpy kernel]
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ import json
 import os
 import statistics
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -51,8 +57,8 @@ def args_() -> argparse.Namespace:
     ap.add_argument("--configs", type=int, choices=[1, 18], default=18)
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", nargs="+", default=["reference", "numpy", "stacked", "torch"],
-                    choices=["reference", "tiled", "numpy", "stacked", "torch"])
+    ap.add_argument("--backends", nargs="+", default=["reference", "numpy", "kernel", "stacked", "torch"],
+                    choices=["reference", "tiled", "numpy", "kernel", "kernel-tiles", "stacked", "torch"])
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of the tiled numpy path and cap of BLAS/torch threads (default: usable CPUs)")
     return ap.parse_args()
@@ -92,17 +98,28 @@ def main() -> None:
         os.environ["OMP_NUM_THREADS"] = str(a.threads)
     import torch
 
-    from kscale.analysis.features import (BlockSamples, _per_sample_rf, _per_sample_rf_reference,
-                                          _per_sample_rf_stacked, _per_sample_rf_tiled)
+    from kscale.analysis import rfkernel
+    from kscale.analysis.features import (BlockSamples, _per_sample_rf, _per_sample_rf_fast, _per_sample_rf_kernel,
+                                          _per_sample_rf_reference, _per_sample_rf_stacked, _per_sample_rf_tiled)
 
     if a.threads:
         torch.set_num_threads(a.threads)
     x_Nd = (np.random.default_rng(1).standard_normal((a.n, a.d)) * 3).astype(np.float16)
     smp = BlockSamples.of(np.arange(a.n) // a.tokens_per_sample)
+    kernels = [b for b in a.backends if b.startswith("kernel")]
+    lib = rfkernel.kernel() if kernels else None
+    backends = list(a.backends)
+    for b in kernels if lib is None or a.compute_dtype != "float32" else []:
+        print(json.dumps({"backend": b, "skipped": "the compiled kernel is not available (float32 only; see the "
+                          "warning)"}), flush=True)
+        backends.remove(b)
+    libs = {"kernel": lib, "kernel-tiles": None if lib is None else replace(lib, loops=None)}
     calls = {}
-    for backend in a.backends:
+    for backend in backends:
         plan, target = plan_for(a, backend)
-        fn = {"reference": _per_sample_rf_reference, "tiled": _per_sample_rf_tiled,
+        fn = {"reference": _per_sample_rf_reference, "tiled": _per_sample_rf_tiled, "numpy": _per_sample_rf_fast,
+              "kernel": lambda *args: _per_sample_rf_kernel(*args, lib=libs["kernel"]),
+              "kernel-tiles": lambda *args: _per_sample_rf_kernel(*args, lib=libs["kernel-tiles"]),
               "stacked": _per_sample_rf_stacked}.get(backend, _per_sample_rf)
         calls[backend] = (plan, lambda plan=plan, target=target, fn=fn: fn(plan, target, x_Nd, smp))
     outs, times, cpu = {}, {b: [] for b in calls}, {b: [] for b in calls}
@@ -126,7 +143,9 @@ def main() -> None:
                "GB_per_s_fp16": round(x_Nd.nbytes / 1e9 / secs, 4), "keys_per_s": round(a.n / secs),
                "cpu_seconds": round(statistics.median(cpu[backend]), 4),
                "keys_per_cpu_s": round(a.n / statistics.median(cpu[backend]))}
-        for base in ("reference", "tiled", "numpy"):
+        if backend.startswith("kernel"):
+            row.update(kernel_library=lib.path.name, kernel_mode=libs[backend].mode)
+        for base in ("reference", "tiled", "numpy", "kernel"):
             if base in times:
                 row[f"ratio_vs_{base}"] = round(statistics.median(times[base]) / secs, 3)
         if ref is not None:

@@ -235,6 +235,7 @@ class BlockSamples:
 def _per_sample_rf(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
                    ) -> np.ndarray:
     """Per-sample cos/sin sums (S, C, 2, D) of every config: torch where ``plan.backend`` asks for it,
+    else the compiled kernel's path (:func:`_per_sample_rf_kernel`) for float32 when the kernel loads,
     else the fast numpy path (:func:`_per_sample_rf_fast`)."""
     if plan.backend != "numpy":
         from kscale.analysis.gpu import per_sample_rf_torch, torch_device
@@ -242,7 +243,20 @@ def _per_sample_rf(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: B
         device = torch_device(plan.backend)
         if device is not None:
             return per_sample_rf_torch(plan, target, x_Nd, smp, device)
+    lib = _rf_kernel(plan)
+    if lib is not None:
+        return _per_sample_rf_kernel(plan, target, x_Nd, smp, lib)
     return _per_sample_rf_fast(plan, target, x_Nd, smp)
+
+
+def _rf_kernel(plan: ChunkPlan):
+    """The compiled kernel (:mod:`kscale.analysis.rfkernel`) for float32 plans when it loads, else None
+    (float64 plans always run the numpy path)."""
+    if np.dtype(plan.dtype) != np.float32:
+        return None
+    from kscale.analysis import rfkernel
+
+    return rfkernel.kernel()
 
 
 def _per_sample_rf_reference(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
@@ -637,6 +651,149 @@ class _RunSums:
             sums_GRD = np.matmul(self.ind_RT, vals64)
         for r, dest in enumerate(self.dest):
             dest[configs, part] += sums_GRD[:, r]
+
+
+_KERNEL_TILE_VALUES = 2**15  # rows x D values of one tile of the kernel path (8 rows at D = 4096)
+
+
+def _per_sample_rf_kernel(plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, smp: BlockSamples,
+                          lib=None) -> np.ndarray:
+    """Per-sample cos/sin sums (S, C, 2, D) of every config with the compiled kernel (``rfkernel.c``, issue
+    26; ``docs/scale.md``, "A compiled kernel"): :func:`_per_sample_rf_fast`'s blocks, threads and
+    projections (:class:`_KernelWork`, a :class:`_FastWork`); per block and normalisation either one fused
+    C call (arguments, numpy's own cos/sin loops and run sums, chunk by chunk of frequencies) or, in tiles
+    mode, per tile one C call for the float32 arguments, numpy's ``cos``/``sin``, one C call for the float64
+    run sums. The values are the numpy path's: the same argument bits, the same cos/sin bits, float64 sums in
+    row order (only where a run is cut into chunks, tiles and blocks do partial sums add in another order,
+    as in the numpy path). ``lib``: an :class:`~kscale.analysis.rfkernel.RFKernel`; None asks
+    :func:`kscale.analysis.rfkernel.kernel` and runs the numpy path when there is none. float64 plans run
+    the numpy path (the kernel is float32 only)."""
+    lib = lib if lib is not None else _rf_kernel(plan)
+    if lib is None or np.dtype(plan.dtype) != np.float32:
+        return _per_sample_rf_fast(plan, target, x_Nd, smp)
+    return _run_blocks(lambda *a: _KernelWork(*a, lib=lib), plan, target, x_Nd, smp)
+
+
+@dataclass(frozen=True)
+class _KernelGroup:
+    """One normalisation's stack for ``kscale_rf_args``/``kscale_rf_sums``: base slots and their scales
+    (B, D), derived slots (source slot, destination slot, float32 factor) and the config of every slot."""
+
+    scale_BD: np.ndarray
+    base_slot: np.ndarray
+    src: np.ndarray
+    dst: np.ndarray
+    factor: np.ndarray
+    config: np.ndarray
+
+    @staticmethod
+    def of(grp: _Group) -> _KernelGroup:
+        base = [(g, st) for g, st in enumerate(grp.steps) if st.source < 0]
+        derived = [(g, st) for g, st in enumerate(grp.steps) if st.source >= 0]
+        i64 = np.int64
+        return _KernelGroup(np.ascontiguousarray(np.stack([st.scale_D for _, st in base]), np.float64),
+                            np.array([g for g, _ in base], i64),
+                            np.array([grp.slot[st.source] for _, st in derived], i64),
+                            np.array([g for g, _ in derived], i64),
+                            np.array([st.factor for _, st in derived], np.float32),
+                            np.array([st.config for st in grp.steps], i64))
+
+
+class _KernelWork(_FastWork):
+    """The work of :func:`_per_sample_rf_kernel` on one block of rows: :class:`_FastWork`'s projections,
+    then, fused, one ``kscale_rf_block`` call per normalisation, or, in tiles mode, per tile and
+    normalisation one ``kscale_rf_args`` call, numpy's ``cos`` and ``sin`` of the stack and one
+    ``kscale_rf_sums`` call; sums go into ``out`` (or the block's private row of its shared sample)."""
+
+    def __init__(self, plan: ChunkPlan, target: TargetPlan, x_Nd: np.ndarray, idx_N: np.ndarray,
+                 out: np.ndarray, lib):
+        super().__init__(plan, target, x_Nd, idx_N, out)
+        self.lib = lib
+        self.kgroups = {how: _KernelGroup.of(grp) for how, grp in self.groups.items()}
+        self.tile = max(1, min(_TILE_ROWS, _KERNEL_TILE_VALUES // self.D))
+        self.row_bytes = self.C * 2 * self.D * 8  # one sample's (C, 2, D) float64 sums
+
+    def _buffers(self) -> SimpleNamespace:
+        buf = getattr(self.local, "kbuf", None)
+        if buf is None:
+            G = max(len(g.steps) for g in self.groups.values())
+            size = 0 if self.lib.loops is not None else G * self.tile * self.D  # tiles mode only
+            projected = {"none" if how == "l2" else how for how in self.groups}
+            buf = SimpleNamespace(z={how: np.empty((self.rows, self.D)) for how in projected},
+                                  args=np.empty(size, np.float32), cos=np.empty(size, np.float32),
+                                  sin=np.empty(size, np.float32), bounds=np.empty(self.tile + 1, np.int64),
+                                  dests=np.empty(self.tile, np.uint64))
+            self.local.kbuf = buf
+        return buf
+
+    def run(self, a: int, b: int) -> tuple[int, np.ndarray | None]:
+        """Add the sums of rows [a, b) into ``out``; returns (sample, row) of the sample shared with the
+        rows before ``a`` (row None when there is none), which the caller adds after every block is done."""
+        if self.lib.loops is not None:
+            return self._run_fused(a, b)
+        idx_N, D, lib = self.idx_N, self.D, self.lib
+        shared, private = _shared_sample(idx_N, a, self.C, D)
+        buf = self._buffers()
+        z, norm_N1 = self._project(a, b, buf)
+        out_p, private_p = self.out.ctypes.data, None if private is None else private.ctypes.data
+        bounds_p, dests_p = buf.bounds.ctypes.data, buf.dests.ctypes.data
+        ptrs = {how: (z["none" if how == "l2" else how].ctypes.data, kg, len(kg.config), kg.scale_BD.ctypes.data,
+                      kg.base_slot.ctypes.data, len(kg.base_slot), kg.src.ctypes.data, kg.dst.ctypes.data,
+                      kg.factor.ctypes.data, len(kg.src), kg.config.ctypes.data)
+                for how, kg in self.kgroups.items()}
+        norm = None if norm_N1 is None else np.ascontiguousarray(norm_N1)  # held: C reads it below
+        norm_p = None if norm is None else norm.ctypes.data
+        args_p, cos_p, sin_p = buf.args.ctypes.data, buf.cos.ctypes.data, buf.sin.ctypes.data
+        for t in range(a, b, self.tile):
+            te = min(t + self.tile, b)
+            n, lo = te - t, t - a
+            R = self._runs(t, te, shared, out_p, private_p, buf)
+            for how, (z_p, kg, G, scale_p, base_p, B, src_p, dst_p, fac_p, ND, config_p) in ptrs.items():
+                lib.args(z_p + lo * D * 8, None if how != "l2" else norm_p + lo * 8, n, D, scale_p, base_p, B,
+                         src_p, dst_p, fac_p, ND, args_p)
+                args = buf.args[:G * n * D].reshape(G, n, D)
+                np.cos(args, out=buf.cos[:G * n * D].reshape(G, n, D))
+                np.sin(args, out=buf.sin[:G * n * D].reshape(G, n, D))
+                lib.sums(cos_p, sin_p, G, n, D, bounds_p, R, dests_p, config_p)
+        return shared, private
+
+    def _run_fused(self, a: int, b: int) -> tuple[int, np.ndarray | None]:
+        """The fused pass (``kscale_rf_block``: numpy's cos/sin loops called from C on chunks of a row that
+        stay in cache): one call per normalisation for the whole block, its runs and their destinations."""
+        idx_N, D, lib = self.idx_N, self.D, self.lib
+        shared, private = _shared_sample(idx_N, a, self.C, D)
+        z, norm_N1 = self._project(a, b, self._buffers())
+        starts = run_starts(idx_N[a:b])
+        bounds = np.append(starts, b - a).astype(np.int64)
+        out_p, private_p = self.out.ctypes.data, None if private is None else private.ctypes.data
+        dests = np.array([private_p if s == shared else out_p + s * self.row_bytes
+                          for s in idx_N[a + starts].tolist()], np.uint64)
+        norm = None if norm_N1 is None else np.ascontiguousarray(norm_N1)  # held: C reads it below
+        for how, kg in self.kgroups.items():
+            z_p = z["none" if how == "l2" else how].ctypes.data
+            if lib.block(z_p, None if how != "l2" else norm.ctypes.data, D, kg.scale_BD.ctypes.data,
+                         kg.base_slot.ctypes.data, len(kg.base_slot), kg.src.ctypes.data, kg.dst.ctypes.data,
+                         kg.factor.ctypes.data, len(kg.src), len(kg.config), b - a, bounds.ctypes.data, len(starts),
+                         dests.ctypes.data, kg.config.ctypes.data, *lib.loops) != 0:
+                raise MemoryError("kscale_rf_block: out of memory")
+        return shared, private
+
+    def _runs(self, t: int, te: int, shared: int, out_p: int, private_p: int | None, buf: SimpleNamespace) -> int:
+        """The runs of tile [t, te) into ``buf.bounds`` (R + 1 row bounds) and ``buf.dests`` (R pointers to
+        the sample's (C, 2, D) sums: ``out[sample]``, or the private row of the shared sample); returns R."""
+        idx_N = self.idx_N
+        first, last = int(idx_N[t]), int(idx_N[te - 1])
+        if first == last:
+            buf.bounds[0], buf.bounds[1] = 0, te - t
+            buf.dests[0] = private_p if first == shared else out_p + first * self.row_bytes
+            return 1
+        starts = run_starts(idx_N[t:te])
+        R = len(starts)
+        buf.bounds[:R] = starts
+        buf.bounds[R] = te - t
+        for r, s in enumerate(idx_N[t + starts].tolist()):
+            buf.dests[r] = private_p if s == shared else out_p + s * self.row_bytes
+        return R
 
 
 _STACK_TILE_ROWS = 2  # rows of one tile of the stacked path

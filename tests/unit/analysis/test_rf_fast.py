@@ -99,7 +99,9 @@ def test_blocks_cover_the_rows_inside_batches_and_never_hold_one_row_alone():
 
 
 def test_numpy_backend_runs_the_fast_path(monkeypatch):
-    """``_per_sample_rf`` (what chunk_sums calls) runs the fast path for the numpy backend."""
+    """``_per_sample_rf`` (what chunk_sums calls) runs the fast path for the numpy backend when the compiled
+    kernel is off (``KSCALE_RF_KERNEL=0``; with it, test_rf_kernel.py)."""
+    monkeypatch.setenv("KSCALE_RF_KERNEL", "0")
     calls = []
     monkeypatch.setattr(F, "_per_sample_rf_fast", lambda *a: calls.append(a) or "fast")
     plan, target = _plan(4, 8)
@@ -113,7 +115,9 @@ def _side(plan, target, x, ids):
 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_fast_sums_merge_over_halves_and_equal_the_reference(threads, monkeypatch):
-    """Sums over two halves of a block merged == sums over the whole == the reference path's sums."""
+    """Sums over two halves of a block merged == sums over the whole == the reference path's sums (the
+    numpy path: the compiled kernel off; with it, test_rf_kernel.py)."""
+    monkeypatch.setenv("KSCALE_RF_KERNEL", "0")
     monkeypatch.setattr(F, "_BLOCK_ROWS", 9)
     monkeypatch.setattr(F, "_FAST_TILE_VALUES", 4 * 24)
     rng = np.random.default_rng(3)
