@@ -622,9 +622,9 @@ class _Group:
 
 class _RunSums:
     """Float64 column sums of the runs (one sample's rows) of a tile [t, te), added to ``out[sample]`` or
-    to ``private`` for the block's shared sample: the values cast to float64 once, then one product
-    (run indicator (R, T) @ values (G, T, D); R = 1 for most tiles), measured faster than numpy's casting
-    reduction."""
+    to ``private`` for the block's shared sample: the values cast to float64 once, then one product per
+    run (ones (1, rows) @ the run's values (G, rows, D); one run for most tiles), measured faster than
+    numpy's casting reduction."""
 
     def __init__(self, idx_N: np.ndarray, t: int, te: int, out: np.ndarray, shared: int,
                  private: np.ndarray | None, buf: SimpleNamespace):
@@ -635,9 +635,7 @@ class _RunSums:
             return
         starts = run_starts(idx_N[t:te])
         self.dest = [private if s == shared else out[s] for s in idx_N[t + starts].tolist()]
-        self.ind_RT = np.zeros((len(starts), te - t))
-        for r, (s0, s1) in enumerate(zip(starts.tolist(), np.r_[starts[1:], te - t].tolist())):
-            self.ind_RT[r, s0:s1] = 1.0
+        self.bounds = list(zip(starts.tolist(), np.r_[starts[1:], te - t].tolist()))
 
     def add(self, vals_GTD: np.ndarray, configs: slice | np.ndarray, part: int) -> None:
         G, T, D = vals_GTD.shape
@@ -647,10 +645,12 @@ class _RunSums:
             np.copyto(vals64, vals_GTD)
         if len(self.dest) == 1:
             sums_GRD = np.matmul(self.ind_RT, vals64, out=self.buf.sums_G1D[:G])
-        else:
-            sums_GRD = np.matmul(self.ind_RT, vals64)
-        for r, dest in enumerate(self.dest):
-            dest[configs, part] += sums_GRD[:, r]
+            self.dest[0][configs, part] += sums_GRD[:, 0]
+            return
+        # several runs: each summed over its own rows (an indicator over the whole tile would multiply a
+        # NaN of one sample's key by 0 and spread it to the tile's other samples; the reference does not)
+        for (s0, s1), dest in zip(self.bounds, self.dest):
+            dest[configs, part] += np.matmul(self.buf.ones_1T[:, :s1 - s0], vals64[:, s0:s1])[:, 0]
 
 
 _KERNEL_TILE_VALUES = 2**15  # rows x D values of one tile of the kernel path (8 rows at D = 4096)

@@ -134,3 +134,20 @@ def test_fast_sums_merge_over_halves_and_equal_the_reference(threads, monkeypatc
         _assert_close(getattr(halves, name), getattr(whole, name))
         _assert_close(getattr(whole, name), getattr(ref, name))
     assert whole.rf_KC2D.any()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_nan_key_poisons_only_its_own_sample(dtype, monkeypatch):
+    """A key with a NaN makes its own sample's sums NaN and no other's, as in the reference: the fast path
+    (float64 plans, and float32 without the compiled kernel) sums each run of a tile over its own rows, so
+    the NaN is never multiplied by the 0 of another sample's run."""
+    monkeypatch.setattr(F, "_FAST_TILE_VALUES", 16 * 24)  # tiles of 16 rows: samples of 9 rows share them
+    x = np.random.default_rng(0).standard_normal((100, 8))
+    x[17, 3] = np.nan  # sample 1 (rows 9-17), in a tile with samples 0 and 1
+    smp = F.BlockSamples.of(np.arange(100) // 9)
+    plan, target = _plan(8, 24, dtype=dtype, batch_rows=64, threads=2)
+    got = F._per_sample_rf_fast(plan, target, x, smp)
+    ref = F._per_sample_rf_reference(plan, target, x, smp)
+    assert np.flatnonzero(np.isnan(got).any(axis=(1, 2, 3))).tolist() == [1]
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(ref))
+    _assert_close(np.nan_to_num(got), np.nan_to_num(ref))

@@ -185,8 +185,8 @@ def test_kernel_sums_merge_over_halves(lib, threads, monkeypatch):
 
 
 def test_a_nan_key_poisons_only_its_own_sample(lib):
-    """A key with a NaN makes its own sample's sums NaN and no other's, as in the reference (the numpy fast
-    path's run indicator products, 0 x NaN, spread it over the samples of its tile)."""
+    """A key with a NaN makes its own sample's sums NaN and no other's, as in the reference (and the numpy fast
+    path, ``test_rf_fast.py``)."""
     x = np.random.default_rng(0).standard_normal((100, 8))
     x[17, 3] = np.nan
     smp = F.BlockSamples.of(np.arange(100) // 9)
