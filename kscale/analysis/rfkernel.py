@@ -382,7 +382,8 @@ def sincos_check_values() -> np.ndarray:
     """float32 values where a sincos that is not numpy's would show (~150,000): +-0, the smallest and
     largest normals and subnormals, +-inf, NaNs (quiet, signalling, negative), the largest float; 200 ulps
     either side of numpy's fast-path bounds (71476.0625 for cos, 117435.992 for sin); 4 ulps either side of
-    k pi/2 for |k| <= 80000 step 7 (quadrant and octant edges); and random bit patterns of every exponent."""
+    k pi/2 and (k + 1/2) pi/2 for |k| <= 80000 step 7 (where the reduced argument changes sign, and where the
+    quadrant's rounding decides between two polynomials); and random bit patterns of every exponent."""
     f32 = np.float32
     special = np.array([0.0, -0.0, np.inf, -np.inf, np.finfo(f32).max, -np.finfo(f32).max, np.finfo(f32).tiny,
                         -np.finfo(f32).tiny, np.finfo(f32).smallest_subnormal, 1.0, -1.0], f32)
@@ -390,7 +391,7 @@ def sincos_check_values() -> np.ndarray:
     bounds = np.array([71476.0625, 117435.992], f32).view(np.int32)
     near_bounds = (bounds[:, None] + np.arange(-200, 201, dtype=np.int32)).ravel().view(f32)
     k = np.arange(-80000, 80001, 7, dtype=np.float64)
-    edges = (k * (np.pi / 2)).astype(f32).view(np.int32)
+    edges = (np.concatenate([k, k + 0.5]) * (np.pi / 2)).astype(f32).view(np.int32)
     near_edges = (edges[:, None] + np.arange(-4, 5, dtype=np.int32)).ravel().view(f32)
     rng = np.random.default_rng(28)
     bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(f32)
