@@ -12,7 +12,8 @@
  *     order; one accumulator per frequency d, never reassociated across rows.
  * Built with -O3 -ffp-contract=off and never -ffast-math: each operation is one IEEE-754 operation rounded
  * to nearest, so the bits do not depend on the instructions (SSE2, AVX2, AVX-512) the compiler picks; the
- * loops vectorise across d only. cos and sin stay numpy's (their float32 bits are the reference's).
+ * loops vectorise across d only. cos and sin are numpy's float32 bits (the reference's): numpy's own loops, or
+ * kscale_rf_sincos below (numpy's algorithm, one range reduction for both, checked bit for bit at load).
  */
 #include <stddef.h>
 #include <stdint.h>

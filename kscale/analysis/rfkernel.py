@@ -17,7 +17,10 @@ for another (SIGILL). Written to a temporary name in the same directory and rena
 processes building at once all end with a whole, loadable library. ``-ffp-contract=off`` and no
 ``-ffast-math``: every value is numpy's (``rfkernel.c``'s header says why), which :func:`self_check`
 verifies at load on a small tile (arguments bit-equal, sums to 1e-12); :func:`self_check_fused` then checks
-numpy's loops called from C against ``np.cos``/``np.sin`` bit for bit (else tiles mode, no warning).
+numpy's loops called from C against ``np.cos``/``np.sin`` bit for bit (else tiles mode, no warning), and
+:func:`self_check_sincos` checks ``kscale_rf_sincos`` (numpy 2.4's float32 cos and sin in one pass, one range
+reduction for both) against them bit for bit: the fused pass uses it when it agrees, the build has hardware
+FMA and ``KSCALE_RF_SINCOS`` is not off, numpy's two loops otherwise (``RFKernel.trig_kind``).
 
 ctypes calls release the GIL, so the analysis' block threads run the kernel in parallel.
 """
