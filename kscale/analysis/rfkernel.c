@@ -141,7 +141,9 @@ void kscale_rf_trig(void *fn, void *data, const float *in, float *out, int64_t n
  * numpy's FLOAT_cos / FLOAT_sin (numpy/_core/src/umath/loops_trigonometric.dispatch.cpp, simd_sincos_f32,
  * unchanged from 2.4.x to main; the NPY_SIMD_FMA3 branch, which numpy's dispatch takes on every x86 CPU with
  * FMA3) compute per value, hn::MulAdd being one fused multiply-add:
- *   q = rint(x * 2/pi) as (x * 0x1.45f306p-1f + 0x1.8p23f) - 0x1.8p23f (a mul, an add, a sub; no FMA);
+ *   q = rint(x * 2/pi) as fma(x, 0x1.45f306p-1f, 0x1.8p23f) - 0x1.8p23f: the source writes hn::Mul then
+ *       hn::Add, but numpy's compiler contracted them (2.4.6 wheel, X86_V3 and X86_V4: vfmadd213ps, vaddps);
+ *       a mul and an add give one-ulp differences where q's rounding picks the other polynomial;
  *   r = x + q * -pi/2 in three fmas (Cody-Waite: -0x1.921fb0p+0, -0x1.5110b4p-22, -0x1.846988p-48); r2 = r * r;
  *   cos poly: four fmas from 0x1.98e616p-16 down to 1; sin poly: three fmas, fma(p, r2, +0), fma(p, r, r);
  *   k = (int)q, plus 1 for cos; the sin poly where k is even, else the cos poly; 0 - value where k & 2.
