@@ -14,9 +14,11 @@ untimed warm-up, median of ``--repeats``. The backends:
   of 128 rows, tiles of 8 rows x one normalisation's configs, float64 casts + products for the run sums), on
   ``--threads`` threads (default: the CPUs this process may use);
 - ``kernel``: ``features._per_sample_rf_kernel``, the fast path's blocks with the compiled kernel
-  (``kscale/analysis/rfkernel.c``: the float32 arguments and the float64 run sums in C, numpy's own cos/sin
-  loops; ``kernel_mode`` fused or tiles): what the analysis runs when the kernel builds (float32 only; a
-  ``skipped`` line when it is unavailable); ``kernel-tiles``: the same kernel in its tiles mode;
+  (``kscale/analysis/rfkernel.c``: the float32 arguments and the float64 run sums in C, cos/sin by
+  ``kscale_rf_sincos``, numpy's bits with one range reduction for both; ``kernel_mode`` fused or tiles,
+  ``kernel_trig`` sincos, numpy or ufunc): what the analysis runs when the kernel builds (float32 only; a
+  ``skipped`` line when it is unavailable); ``kernel-numpy-trig``: the same fused pass calling numpy's own
+  cos and sin loops (as with ``KSCALE_RF_SINCOS=0``); ``kernel-tiles``: the same kernel in its tiles mode;
 - ``stacked``: ``features._per_sample_rf_stacked``, the same work in another layout (every config's
   arguments in one stack per tile of 2 rows x 1024 frequencies that stays in a core's L2, one mixed-dtype
   add per row for the run sums), on ``--threads``; not faster under load (docs/scale.md);
@@ -24,7 +26,7 @@ untimed warm-up, median of ``--repeats``. The backends:
 
 The timed calls of the chosen backends alternate (reference, numpy, kernel, reference, ...) so that all
 see the same machine load; each line gives the median and ``ratio_vs_reference`` / ``ratio_vs_tiled`` /
-``ratio_vs_numpy`` / ``ratio_vs_kernel`` (that path's median / this median), ``keys_per_cpu_s`` (keys per
+``ratio_vs_numpy`` / ``ratio_vs_kernel`` / ``ratio_vs_kernel-numpy-trig`` (that path's median / this median), ``keys_per_cpu_s`` (keys per
 second of this process's CPU time, all its threads: what other load on the machine distorts least) and,
 against the reference's sums,
 ``max_rel_diff_vs_reference`` (max |this - reference| / max |reference|), ``max_rel_diff_per_config``
@@ -58,7 +60,8 @@ def args_() -> argparse.Namespace:
     ap.add_argument("--compute-dtype", default="float32", choices=["float32", "float64"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", nargs="+", default=["reference", "numpy", "kernel", "stacked", "torch"],
-                    choices=["reference", "tiled", "numpy", "kernel", "kernel-tiles", "stacked", "torch"])
+                    choices=["reference", "tiled", "numpy", "kernel", "kernel-numpy-trig", "kernel-tiles", "stacked",
+                             "torch"])
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of the tiled numpy path and cap of BLAS/torch threads (default: usable CPUs)")
     return ap.parse_args()
@@ -113,13 +116,15 @@ def main() -> None:
         print(json.dumps({"backend": b, "skipped": "the compiled kernel is not available (float32 only; see the "
                           "warning)"}), flush=True)
         backends.remove(b)
-    libs = {"kernel": lib, "kernel-tiles": None if lib is None else replace(lib, loops=None)}
+    libs = {"kernel": lib, "kernel-tiles": None if lib is None else replace(lib, loops=None),
+            "kernel-numpy-trig": None if lib is None else replace(lib, own_trig=False)}
     calls = {}
     for backend in backends:
         plan, target = plan_for(a, backend)
         fn = {"reference": _per_sample_rf_reference, "tiled": _per_sample_rf_tiled, "numpy": _per_sample_rf_fast,
               "kernel": lambda *args: _per_sample_rf_kernel(*args, lib=libs["kernel"]),
               "kernel-tiles": lambda *args: _per_sample_rf_kernel(*args, lib=libs["kernel-tiles"]),
+              "kernel-numpy-trig": lambda *args: _per_sample_rf_kernel(*args, lib=libs["kernel-numpy-trig"]),
               "stacked": _per_sample_rf_stacked}.get(backend, _per_sample_rf)
         calls[backend] = (plan, lambda plan=plan, target=target, fn=fn: fn(plan, target, x_Nd, smp))
     outs, times, cpu = {}, {b: [] for b in calls}, {b: [] for b in calls}
@@ -144,8 +149,9 @@ def main() -> None:
                "cpu_seconds": round(statistics.median(cpu[backend]), 4),
                "keys_per_cpu_s": round(a.n / statistics.median(cpu[backend]))}
         if backend.startswith("kernel"):
-            row.update(kernel_library=lib.path.name, kernel_mode=libs[backend].mode)
-        for base in ("reference", "tiled", "numpy", "kernel"):
+            row.update(kernel_library=lib.path.name, kernel_mode=libs[backend].mode,
+                       kernel_trig=libs[backend].trig_kind)
+        for base in ("reference", "tiled", "numpy", "kernel", "kernel-numpy-trig"):
             if base in times:
                 row[f"ratio_vs_{base}"] = round(statistics.median(times[base]) / secs, 3)
         if ref is not None:

@@ -758,8 +758,9 @@ class _KernelWork(_FastWork):
         return shared, private
 
     def _run_fused(self, a: int, b: int) -> tuple[int, np.ndarray | None]:
-        """The fused pass (``kscale_rf_block``: numpy's cos/sin loops called from C on chunks of a row that
-        stay in cache): one call per normalisation for the whole block, its runs and their destinations."""
+        """The fused pass (``kscale_rf_block``: cos/sin on chunks of a row that stay in cache, by
+        ``kscale_rf_sincos`` (numpy's bits, one range reduction for both) or numpy's own loops called from C,
+        ``lib.trig_kind``): one call per normalisation for the whole block, its runs and their destinations."""
         idx_N, D, lib = self.idx_N, self.D, self.lib
         shared, private = _shared_sample(idx_N, a, self.C, D)
         z, norm_N1 = self._project(a, b, self._buffers())
@@ -774,7 +775,7 @@ class _KernelWork(_FastWork):
             if lib.block(z_p, None if how != "l2" else norm.ctypes.data, D, kg.scale_BD.ctypes.data,
                          kg.base_slot.ctypes.data, len(kg.base_slot), kg.src.ctypes.data, kg.dst.ctypes.data,
                          kg.factor.ctypes.data, len(kg.src), len(kg.config), b - a, bounds.ctypes.data, len(starts),
-                         dests.ctypes.data, kg.config.ctypes.data, *lib.loops) != 0:
+                         dests.ctypes.data, kg.config.ctypes.data, *lib.loops, lib.trig_flag) != 0:
                 raise MemoryError("kscale_rf_block: out of memory")
         return shared, private
 

@@ -12,11 +12,13 @@
  *     order; one accumulator per frequency d, never reassociated across rows.
  * Built with -O3 -ffp-contract=off and never -ffast-math: each operation is one IEEE-754 operation rounded
  * to nearest, so the bits do not depend on the instructions (SSE2, AVX2, AVX-512) the compiler picks; the
- * loops vectorise across d only. cos and sin stay numpy's (their float32 bits are the reference's).
+ * loops vectorise across d only. cos and sin are numpy's float32 bits (the reference's): numpy's own loops, or
+ * kscale_rf_sincos below (numpy's algorithm, one range reduction for both, checked bit for bit at load).
  */
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <math.h>
 
 #define KS_W 32 /* frequencies whose accumulators one pass over a run's rows keeps in registers */
 #define KS_CHUNK 512 /* frequencies of one chunk of a row's arguments (L1-resident) */
@@ -135,6 +137,78 @@ void kscale_rf_trig(void *fn, void *data, const float *in, float *out, int64_t n
         ks_trig(fn, data, in + i, out + i, n - i < chunk ? n - i : chunk);
 }
 
+/* ---- A fused sincos: numpy 2.4's float32 cos and sin bits, the range reduction done once for both ----
+ * numpy's FLOAT_cos / FLOAT_sin (numpy/_core/src/umath/loops_trigonometric.dispatch.cpp, simd_sincos_f32,
+ * unchanged from 2.4.x to main; the NPY_SIMD_FMA3 branch, which numpy's dispatch takes on every x86 CPU with
+ * FMA3) compute per value, hn::MulAdd being one fused multiply-add:
+ *   q = rint(x * 2/pi) as fma(x, 0x1.45f306p-1f, 0x1.8p23f) - 0x1.8p23f: the source writes hn::Mul then
+ *       hn::Add, but numpy's compiler contracted them (2.4.6 wheel, X86_V3 and X86_V4: vfmadd213ps, vaddps);
+ *       a mul and an add give one-ulp differences where q's rounding picks the other polynomial;
+ *   r = x + q * -pi/2 in three fmas (Cody-Waite: -0x1.921fb0p+0, -0x1.5110b4p-22, -0x1.846988p-48); r2 = r * r;
+ *   cos poly: four fmas from 0x1.98e616p-16 down to 1; sin poly: three fmas, fma(p, r2, +0), fma(p, r, r);
+ *   k = (int)q, plus 1 for cos; the sin poly where k is even, else the cos poly; 0 - value where k & 2.
+ * Values with !(|x| <= 71476.0625f) for cos, !(|x| <= 117435.992f) for sin (inf and NaN included) are not
+ * computed here: numpy's own loop (fn, data) runs on each of them (libm's cosf/sinf there, NPY_NANF for NaN),
+ * so every value is numpy's. rfkernel.py checks the bits against np.cos/np.sin at load and refuses this
+ * function (numpy's loops then, KS_TRIG_NUMPY) on any difference, e.g. a numpy whose dispatch has no FMA. */
+#define KS_TRIG_NUMPY 0 /* kscale_rf_block's trig: numpy's cos and sin loops, one call each per chunk */
+#define KS_TRIG_SINCOS 1 /* kscale_rf_sincos: both in one pass */
+#define KS_COS_MAX 71476.0625f
+#define KS_SIN_MAX 117435.992f
+
+void kscale_rf_sincos(const float *restrict x, float *restrict c, float *restrict s, int64_t n,
+                      void *cos_fn, void *cos_data, void *sin_fn, void *sin_data)
+{
+    int slow = 0;
+    for (int64_t j = 0; j < n; j++) {
+        const float xi = x[j];
+        const int in = fabsf(xi) <= KS_SIN_MAX;
+        slow |= !(fabsf(xi) <= KS_COS_MAX);
+        const float xv = in ? xi : 0.0f;
+        const float q = fmaf(xv, 0x1.45f306p-1f, 0x1.8p23f) - 0x1.8p23f;
+        float r = fmaf(q, -0x1.921fb0p+00f, xv);
+        r = fmaf(q, -0x1.5110b4p-22f, r);
+        r = fmaf(q, -0x1.846988p-48f, r);
+        const float r2 = r * r;
+        float pc = fmaf(0x1.98e616p-16f, r2, -0x1.6c06dcp-10f);
+        pc = fmaf(pc, r2, 0x1.55553cp-05f);
+        pc = fmaf(pc, r2, -0x1.000000p-01f);
+        pc = fmaf(pc, r2, 0x1.000000p+00f);
+        float ps = fmaf(0x1.7d3bbcp-19f, r2, -0x1.a06bbap-13f);
+        ps = fmaf(ps, r2, 0x1.11119ap-07f);
+        ps = fmaf(ps, r2, -0x1.555556p-03f);
+        ps = fmaf(ps, r2, 0.0f);
+        ps = fmaf(ps, r, r);
+        const int32_t k = (int32_t)q, kc = k + 1;
+        float sv = (k & 1) ? pc : ps, cv = (kc & 1) ? pc : ps;
+        sv = (k & 2) ? 0.0f - sv : sv;
+        cv = (kc & 2) ? 0.0f - cv : cv;
+        c[j] = cv;
+        s[j] = sv;
+    }
+    if (!slow)
+        return;
+    for (int64_t j = 0; j < n; j++) {
+        const float ax = fabsf(x[j]);
+        if (!(ax <= KS_COS_MAX))
+            ks_trig(cos_fn, cos_data, x + j, c + j, 1);
+        if (!(ax <= KS_SIN_MAX))
+            ks_trig(sin_fn, sin_data, x + j, s + j, 1);
+    }
+}
+
+/* 1 when this build has a hardware fused multiply-add (fmaf one instruction, the loop above vectorised),
+ * 0 when fmaf is a libm call (a portable build): exact either way, but rfkernel.py uses the sincos only
+ * where it is fast. */
+int kscale_rf_sincos_native(void)
+{
+#ifdef FP_FAST_FMAF
+    return 1;
+#else
+    return 0;
+#endif
+}
+
 /* One block of T rows and one group of G configs, fused, chunk by chunk of KS_F frequencies: the chunk's
  * arguments of every row (as kscale_rf_args; laid out [row][config][frequency]), numpy's cos and sin of
  * them (one loop call each), then each run's column sums (rows [bounds[r], bounds[r+1]), one sample, in
@@ -144,7 +218,7 @@ int kscale_rf_block(const double *restrict z, const double *restrict norm, int64
                     const double *restrict scale, const int64_t *base_slot, int64_t B,
                     const int64_t *src, const int64_t *dst, const float *factor, int64_t ND, int64_t G,
                     int64_t T, const int64_t *bounds, int64_t R, double *const *dest, const int64_t *config,
-                    void *cos_fn, void *cos_data, void *sin_fn, void *sin_data)
+                    void *cos_fn, void *cos_data, void *sin_fn, void *sin_data, int trig)
 {
     float *buf = (float *)malloc(sizeof(float) * 3 * T * G * KS_F);
     if (!buf)
@@ -156,8 +230,12 @@ int kscale_rf_block(const double *restrict z, const double *restrict norm, int64
         for (int64_t t = 0; t < T; t++)
             row_args(z + t * D + d0, norm ? norm + t : NULL, w, scale + d0, D, base_slot, B, src, dst, factor, ND,
                      args + t * row, w, q);
-        ks_trig(cos_fn, cos_data, args, cv, T * row);
-        ks_trig(sin_fn, sin_data, args, sv, T * row);
+        if (trig == KS_TRIG_SINCOS) {
+            kscale_rf_sincos(args, cv, sv, T * row, cos_fn, cos_data, sin_fn, sin_data);
+        } else {
+            ks_trig(cos_fn, cos_data, args, cv, T * row);
+            ks_trig(sin_fn, sin_data, args, sv, T * row);
+        }
         for (int64_t r = 0; r < R; r++) {
             for (int64_t g = 0; g < G; g++) {
                 double *o = dest[r] + config[g] * 2 * D + d0;

@@ -17,7 +17,10 @@ for another (SIGILL). Written to a temporary name in the same directory and rena
 processes building at once all end with a whole, loadable library. ``-ffp-contract=off`` and no
 ``-ffast-math``: every value is numpy's (``rfkernel.c``'s header says why), which :func:`self_check`
 verifies at load on a small tile (arguments bit-equal, sums to 1e-12); :func:`self_check_fused` then checks
-numpy's loops called from C against ``np.cos``/``np.sin`` bit for bit (else tiles mode, no warning).
+numpy's loops called from C against ``np.cos``/``np.sin`` bit for bit (else tiles mode, no warning), and
+:func:`self_check_sincos` checks ``kscale_rf_sincos`` (numpy 2.4's float32 cos and sin in one pass, one range
+reduction for both) against them bit for bit: the fused pass uses it when it agrees, the build has hardware
+FMA and ``KSCALE_RF_SINCOS`` is not off, numpy's two loops otherwise (``RFKernel.trig_kind``).
 
 ctypes calls release the GIL, so the analysis' block threads run the kernel in parallel.
 """
@@ -63,15 +66,38 @@ class RFKernel:
     trig: object = None  # kscale_rf_trig
     loops: tuple[int, int, int, int] | None = None
     fused_off: str = ""
+    sincos: object = None  # kscale_rf_sincos
+    own_trig: bool = False
+    sincos_off: str = ""
 
     @property
     def mode(self) -> str:
         return "fused" if self.loops is not None else "tiles"
 
+    @property
+    def trig_kind(self) -> str:
+        """What computes cos and sin in the fused pass: ``sincos`` (``kscale_rf_sincos``, numpy's bits in one
+        pass, checked at load by :func:`self_check_sincos`), ``numpy`` (numpy's two loops; ``sincos_off``
+        says why), or ``ufunc`` in tiles mode (np.cos/np.sin from Python)."""
+        if self.loops is None:
+            return "ufunc"
+        return "sincos" if self.own_trig else "numpy"
+
+    @property
+    def trig_flag(self) -> int:
+        """``kscale_rf_block``'s last argument: KS_TRIG_SINCOS (1) or KS_TRIG_NUMPY (0)."""
+        return 1 if self.own_trig and self.loops is not None else 0
+
 
 _P, _I = ctypes.c_void_p, ctypes.c_int64
 _lock = threading.Lock()
 _state: dict[str, object] = {}
+
+
+def sincos_enabled() -> bool:
+    """False when ``KSCALE_RF_SINCOS`` says 0/false/no/off: the fused pass calls numpy's cos and sin loops
+    (the bench's ``kernel-numpy-trig``), not ``kscale_rf_sincos``."""
+    return os.environ.get("KSCALE_RF_SINCOS", "1").strip().lower() not in OFF_VALUES
 
 
 def enabled() -> bool:
@@ -123,20 +149,33 @@ def load(cache: Path, cc: list[str], *, check: bool = True) -> RFKernel:
             raise KernelUnavailable(f"cannot load {path}: {e}") from e
     lib.kscale_rf_args.argtypes = [_P, _P, _I, _I, _P, _P, _I, _P, _P, _P, _I, _P]
     lib.kscale_rf_sums.argtypes = [_P, _P, _I, _I, _I, _P, _I, _P, _P]
-    lib.kscale_rf_block.argtypes = [_P, _P, _I, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P]
+    lib.kscale_rf_block.argtypes = [_P, _P, _I, _P, _P, _I, _P, _P, _P, _I, _I, _I, _P, _I, _P, _P, _P, _P, _P, _P,
+                                     ctypes.c_int]
     lib.kscale_rf_trig.argtypes = [_P, _P, _P, _P, _I, _I]
+    lib.kscale_rf_sincos.argtypes = [_P, _P, _P, _I, _P, _P, _P, _P]
+    lib.kscale_rf_sincos_native.argtypes = []
     lib.kscale_rf_args.restype = lib.kscale_rf_sums.restype = lib.kscale_rf_trig.restype = None
-    lib.kscale_rf_block.restype = ctypes.c_int
-    k = RFKernel(path, lib.kscale_rf_args, lib.kscale_rf_sums, lib.kscale_rf_block, lib.kscale_rf_trig)
+    lib.kscale_rf_sincos.restype = None
+    lib.kscale_rf_block.restype = lib.kscale_rf_sincos_native.restype = ctypes.c_int
+    k = RFKernel(path, lib.kscale_rf_args, lib.kscale_rf_sums, lib.kscale_rf_block, lib.kscale_rf_trig,
+                 sincos=lib.kscale_rf_sincos)
     if check:
         self_check(k)
     try:
         fused = replace(k, loops=numpy_loops())
         if check:
             self_check_fused(fused)
-        return fused
     except KernelUnavailable as e:
         return replace(k, fused_off=str(e))
+    try:
+        if not sincos_enabled():
+            raise KernelUnavailable("KSCALE_RF_SINCOS is off")
+        if not lib.kscale_rf_sincos_native():
+            raise KernelUnavailable("this build has no hardware fused multiply-add (fmaf would be a libm call)")
+        self_check_sincos(fused)  # always, even with check=False: it decides the trig, not the tests' load
+        return replace(fused, own_trig=True)
+    except KernelUnavailable as e:
+        return replace(fused, sincos_off=str(e))
 
 
 def build(cache: Path, cc: list[str], *, again: bool = False) -> Path:
@@ -337,6 +376,52 @@ def self_check_fused(k: RFKernel) -> None:
             raise KernelUnavailable(f"self-check failed: the fused pass's sums differ from the tiles' ({k.path})")
 
 
+def call_sincos(k: RFKernel, x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> None:
+    """``kscale_rf_sincos`` on contiguous float32 arrays (numpy's loops ``k.loops`` for its slow values)."""
+    k.sincos(_ptr(x), _ptr(cos), _ptr(sin), len(x), *k.loops)
+
+
+def sincos_check_values() -> np.ndarray:
+    """float32 values where a sincos that is not numpy's would show (~150,000): +-0, the smallest and
+    largest normals and subnormals, +-inf, NaNs (quiet, signalling, negative), the largest float; 200 ulps
+    either side of numpy's fast-path bounds (71476.0625 for cos, 117435.992 for sin); 4 ulps either side of
+    k pi/2 and (k + 1/2) pi/2 for |k| <= 80000 step 7 (where the reduced argument changes sign, and where the
+    quadrant's rounding decides between two polynomials); and random bit patterns of every exponent."""
+    f32 = np.float32
+    special = np.array([0.0, -0.0, np.inf, -np.inf, np.finfo(f32).max, -np.finfo(f32).max, np.finfo(f32).tiny,
+                        -np.finfo(f32).tiny, np.finfo(f32).smallest_subnormal, 1.0, -1.0], f32)
+    nans = np.array([0x7FC00000, 0xFFC00000, 0x7FC00001, 0x7F800001, 0xFF800001], np.uint32).view(f32)
+    bounds = np.array([71476.0625, 117435.992], f32).view(np.int32)
+    near_bounds = (bounds[:, None] + np.arange(-200, 201, dtype=np.int32)).ravel().view(f32)
+    k = np.arange(-80000, 80001, 7, dtype=np.float64)
+    edges = (np.concatenate([k, k + 0.5]) * (np.pi / 2)).astype(f32).view(np.int32)
+    near_edges = (edges[:, None] + np.arange(-4, 5, dtype=np.int32)).ravel().view(f32)
+    rng = np.random.default_rng(28)
+    bits = rng.integers(0, 2**32, 20000, dtype=np.uint64).astype(np.uint32).view(f32)
+    small = rng.uniform(-300, 300, 20000).astype(f32)
+    return np.concatenate([special, nans, near_bounds, -near_bounds, near_edges, bits, small]).astype(f32)
+
+
+def self_check_sincos(k: RFKernel) -> None:
+    """``kscale_rf_sincos`` gives ``np.cos`` / ``np.sin``'s bits on :func:`sincos_check_values`, whole and
+    cut into chunks of 1 and 61 (the slow values' calls of numpy's loop do not depend on the cut); raises
+    KernelUnavailable (the fused pass then calls numpy's loops). A numpy whose dispatch takes another path
+    (no FMA, another polynomial or reduction) fails here."""
+    x = sincos_check_values()
+    with np.errstate(invalid="ignore"):
+        want_c, want_s = np.cos(x).view(np.uint32), np.sin(x).view(np.uint32)
+    for chunk, n in ((len(x), len(x)), (61, len(x)), (1, 2000)):  # chunks of 1: the specials and the bounds
+        got_c, got_s = np.full(n, np.nan, np.float32), np.full(n, np.nan, np.float32)
+        for i in range(0, n, chunk):
+            k.sincos(_ptr(x) + 4 * i, _ptr(got_c) + 4 * i, _ptr(got_s) + 4 * i, min(chunk, n - i), *k.loops)
+        for name, got, want in (("cos", got_c, want_c[:n]), ("sin", got_s, want_s[:n])):
+            bad = np.flatnonzero(got.view(np.uint32) != want)
+            if len(bad):
+                i = bad[0]
+                raise KernelUnavailable(f"kscale_rf_sincos's {name} differs from numpy's at {len(bad)} values, "
+                                        f"e.g. {x[i]!r}: {got[i]!r} != {want.view(np.float32)[i]!r}")
+
+
 def call_block(k: RFKernel, z_TD: np.ndarray, norm_T: np.ndarray | None, scale_BD: np.ndarray,
                base_slot: np.ndarray, src: np.ndarray, dst: np.ndarray, factor: np.ndarray, bounds: np.ndarray,
                dests: list[np.ndarray], config: np.ndarray) -> None:
@@ -345,5 +430,5 @@ def call_block(k: RFKernel, z_TD: np.ndarray, norm_T: np.ndarray | None, scale_B
     ptrs = np.array([_ptr(d) for d in dests], np.uint64)
     if k.block(_ptr(z_TD), None if norm_T is None else _ptr(norm_T), D, _ptr(scale_BD), _ptr(base_slot),
                len(base_slot), _ptr(src), _ptr(dst), _ptr(factor), len(src), len(config), T, _ptr(bounds),
-               len(dests), _ptr(ptrs), _ptr(config), *k.loops) != 0:
+               len(dests), _ptr(ptrs), _ptr(config), *k.loops, k.trig_flag) != 0:
         raise MemoryError("kscale_rf_block: out of memory")

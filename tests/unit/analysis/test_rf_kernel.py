@@ -50,11 +50,15 @@ def kern(tmp_path_factory) -> rfkernel.RFKernel:
     return k
 
 
-@pytest.fixture(params=["fused", "tiles"])
+@pytest.fixture(params=["fused", "fused-numpy-trig", "tiles"])
 def lib(request, kern) -> rfkernel.RFKernel:
-    """Both modes of the kernel path: the fused pass (``kscale_rf_block``) and the tiles (``kscale_rf_args``,
-    numpy's cos/sin, ``kscale_rf_sums``: what runs when numpy's loop table cannot be read)."""
-    return kern if request.param == "fused" else replace(kern, loops=None)
+    """Both modes of the kernel path: the fused pass (``kscale_rf_block``; cos/sin by ``kscale_rf_sincos``, or
+    by numpy's loops called from C) and the tiles (``kscale_rf_args``, numpy's cos/sin, ``kscale_rf_sums``:
+    what runs when numpy's loop table cannot be read)."""
+    if request.param == "fused":
+        assert kern.trig_kind == "sincos", kern.sincos_off
+        return kern
+    return replace(kern, own_trig=False) if request.param == "fused-numpy-trig" else replace(kern, loops=None)
 
 
 @pytest.fixture
