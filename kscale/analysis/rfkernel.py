@@ -270,16 +270,19 @@ def call_sums(k: RFKernel, cos_GTD: np.ndarray, sin_GTD: np.ndarray, bounds: np.
     k.sums(_ptr(cos_GTD), _ptr(sin_GTD), G, T, D, _ptr(bounds), len(dests), _ptr(ptrs), _ptr(config))
 
 
+def _check_tile(rng: np.random.Generator, T: int, D: int) -> tuple:
+    """The self-checks' tile: projections (T, D), l2 norms, two base configs' scales written to stack slots
+    2 and 0 (out of order), three power-of-two multiples of them into slots 1, 3 and 4."""
+    return (rng.standard_normal((T, D)) * 40, rng.uniform(0.5, 3, T),
+            np.ascontiguousarray(rng.uniform(0.1, 2, (2, D))), np.array([2, 0]), np.array([2, 0, 2]),
+            np.array([1, 3, 4]), np.array([2.0, 0.5, 4.0], np.float32))
+
+
 def self_check(k: RFKernel) -> None:
     """A small tile (D not a multiple of the kernel's widths, an l2 tile, two runs, configs out of order)
     against numpy: arguments bit-equal, sums to 1e-12 relative; raises KernelUnavailable otherwise."""
-    rng = np.random.default_rng(26)
     T, D, C = 5, 45, 5
-    z = rng.standard_normal((T, D)) * 40
-    norm = rng.uniform(0.5, 3, T)
-    scale = np.ascontiguousarray(rng.uniform(0.1, 2, (2, D)))
-    base, src, dst = np.array([2, 0]), np.array([2, 0, 2]), np.array([1, 3, 4])
-    factor = np.array([2.0, 0.5, 4.0], np.float32)
+    z, norm, scale, base, src, dst, factor = _check_tile(np.random.default_rng(26), T, D)
     for nrm in (None, norm):
         zz = z if nrm is None else z / nrm[:, None]
         want = np.empty((5, T, D), np.float32)
@@ -357,11 +360,7 @@ def self_check_fused(k: RFKernel) -> None:
             if not np.array_equal(got.view(np.uint32), ufunc(x).view(np.uint32)):
                 raise KernelUnavailable(f"numpy's {ufunc.__name__} loop called from C gives other bits")
     T, D, C = 6, 300, 5
-    z = rng.standard_normal((T, D)) * 40
-    norm = rng.uniform(0.5, 3, T)
-    scale = np.ascontiguousarray(rng.uniform(0.1, 2, (2, D)))
-    base, src, dst = np.array([2, 0]), np.array([2, 0, 2]), np.array([1, 3, 4])
-    factor = np.array([2.0, 0.5, 4.0], np.float32)
+    z, norm, scale, base, src, dst, factor = _check_tile(rng, T, D)
     config = np.array([3, 0, 4, 1, 2], np.int64)
     bounds = np.array([0, 4, 6], np.int64)
     for nrm in (None, norm):

@@ -21,30 +21,7 @@ import pytest
 
 from kscale.analysis import features as F
 
-NORMS = ("none", "l2", "standardize")
-
-
-def _plan(d: int, D: int, *, dtype: str = "float32", batch_rows: int = 2048, threads: int = 1,
-          multiples: tuple[float, ...] = (0.5, 1.0, 2.0, 3.0), shuffle: bool = False,
-          norms: tuple[str, ...] = NORMS, kernels: tuple[str, ...] = F.RF_KERNELS,
-          ) -> tuple[F.ChunkPlan, F.TargetPlan]:
-    target = F.TargetPlan(heads=[0], bandwidth={"none": 3.0, "l2": 0.7, "standardize": 4.5},
-                          centre_d=np.linspace(-0.2, 0.3, d), scale_d=np.linspace(0.8, 1.4, d))
-    configs = [F.FeatureConfig(n, k, m) for n in norms for k in kernels for m in multiples]
-    if shuffle:  # normalisations interleaved: a slot's config is far from its neighbours' in the configs axis
-        configs = [configs[i] for i in np.random.default_rng(5).permutation(len(configs))]
-    ids = np.arange(400)
-    plan = F.ChunkPlan(F.draw_frequencies(d, D, orthogonal=True, seed=3), configs, [], {0: target},
-                       F.TableBuckets(ids, ids % 5, 5), dtype, batch_rows, threads=threads)
-    return plan, target
-
-
-def _sample_ids(layout: str, n: int, rng: np.random.Generator) -> np.ndarray:
-    if layout == "whole":
-        return np.zeros(n, np.int64)
-    if layout == "rows":
-        return np.arange(n)
-    return np.sort(rng.integers(0, 30, n))
+from tests.unit.analysis.rf_plans import NORMS, rf_plan as _plan, sample_ids as _sample_ids  # noqa: F401
 
 
 def _assert_rows_close(got: np.ndarray, ref: np.ndarray, rtol: float = 1e-9) -> None:
