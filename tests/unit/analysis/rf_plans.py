@@ -34,3 +34,16 @@ def sample_ids(layout: str, n: int, rng: np.random.Generator) -> np.ndarray:
     if layout == "rows":
         return np.arange(n)
     return np.sort(rng.integers(0, 30, n))
+
+
+def bench_shape_case() -> tuple[F.ChunkPlan, F.TargetPlan, np.ndarray, F.BlockSamples]:
+    """``bench/rf_throughput.py``'s shape on 300 rows: d 128, D 4096, the 18 default configs, two threads,
+    samples of 100 rows that cross tiles and a block boundary."""
+    rng = np.random.default_rng(0)
+    target = F.TargetPlan([0], {"none": 11.0, "l2": 0.9, "standardize": 15.0}, rng.standard_normal(128),
+                          rng.uniform(0.5, 2, 128))
+    configs = [F.FeatureConfig(n, k, m) for n in NORMS for k in F.RF_KERNELS for m in (0.5, 1.0, 2.0)]
+    plan = F.ChunkPlan(F.draw_frequencies(128, 4096, orthogonal=False, seed=1), configs, [], {0: target},
+                       F.Buckets(8, 0), "float32", 2048, threads=2)
+    x = (rng.standard_normal((300, 128)) * 3).astype(np.float16)
+    return plan, target, x, F.BlockSamples.of(np.arange(300) // 100)

@@ -18,7 +18,9 @@ import pytest
 
 from kscale.analysis import features as F
 
-from tests.unit.analysis.rf_plans import NORMS, rf_plan as _plan, sample_ids as _sample_ids  # noqa: F401
+from tests.unit.analysis.rf_plans import (  # noqa: F401
+    NORMS, bench_shape_case, rf_plan as _plan, sample_ids as _sample_ids,
+)
 
 
 def _assert_close(got: np.ndarray, ref: np.ndarray) -> None:
@@ -49,14 +51,7 @@ def test_fast_sums_equal_the_reference(layout, dtype, shuffle, threads, batch_ro
 def test_fast_sums_at_the_bench_shape_equal_the_reference():
     """The bench's shape (d 128, D 4096, the 18 default configs, samples of 256 rows, one crossing a block
     boundary), on fewer rows: equal to 1e-9 relative in every (sample, config, part) row."""
-    rng = np.random.default_rng(0)
-    target = F.TargetPlan([0], {"none": 11.0, "l2": 0.9, "standardize": 15.0}, rng.standard_normal(128),
-                          rng.uniform(0.5, 2, 128))
-    configs = [F.FeatureConfig(n, k, m) for n in NORMS for k in F.RF_KERNELS for m in (0.5, 1.0, 2.0)]
-    plan = F.ChunkPlan(F.draw_frequencies(128, 4096, orthogonal=False, seed=1), configs, [], {0: target},
-                       F.Buckets(8, 0), "float32", 2048, threads=2)
-    x = (rng.standard_normal((300, 128)) * 3).astype(np.float16)
-    smp = F.BlockSamples.of(np.arange(300) // 100)
+    plan, target, x, smp = bench_shape_case()
     got, ref = F._per_sample_rf_fast(plan, target, x, smp), F._per_sample_rf_reference(plan, target, x, smp)
     row_err = np.abs(got - ref).max(axis=3) / np.abs(ref).max(axis=3)
     assert row_err.max() <= 1e-9

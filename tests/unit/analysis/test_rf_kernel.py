@@ -32,7 +32,9 @@ from kscale.analysis import features as F
 from kscale.analysis import rfkernel
 from tests.testing_utils import require_binaries
 
-from tests.unit.analysis.rf_plans import NORMS, rf_plan as _plan, sample_ids as _ids  # noqa: F401
+from tests.unit.analysis.rf_plans import (  # noqa: F401
+    NORMS, bench_shape_case, rf_plan as _plan, sample_ids as _ids,
+)
 REPO = Path(__file__).resolve().parents[3]
 
 
@@ -101,14 +103,7 @@ def test_kernel_sums_equal_the_reference(lib, layout, D, shuffle, multiples, thr
 def test_kernel_sums_at_the_bench_shape_equal_the_reference(lib):
     """The bench's shape (d 128, D 4096, the 18 default configs, samples of 100 rows crossing blocks and
     tiles), two threads: every row equal to 1e-9 relative."""
-    rng = np.random.default_rng(0)
-    target = F.TargetPlan([0], {"none": 11.0, "l2": 0.9, "standardize": 15.0}, rng.standard_normal(128),
-                          rng.uniform(0.5, 2, 128))
-    configs = [F.FeatureConfig(n, k, m) for n in NORMS for k in F.RF_KERNELS for m in (0.5, 1.0, 2.0)]
-    plan = F.ChunkPlan(F.draw_frequencies(128, 4096, orthogonal=False, seed=1), configs, [], {0: target},
-                       F.Buckets(8, 0), "float32", 2048, threads=2)
-    x = (rng.standard_normal((300, 128)) * 3).astype(np.float16)
-    smp = F.BlockSamples.of(np.arange(300) // 100)
+    plan, target, x, smp = bench_shape_case()
     got = F._per_sample_rf_kernel(plan, target, x, smp, lib)
     assert _row_err(got, F._per_sample_rf_reference(plan, target, x, smp)) <= 1e-9
 

@@ -21,7 +21,9 @@ import pytest
 
 from kscale.analysis import features as F
 
-from tests.unit.analysis.rf_plans import NORMS, rf_plan as _plan, sample_ids as _sample_ids  # noqa: F401
+from tests.unit.analysis.rf_plans import (  # noqa: F401
+    NORMS, rf_plan as _plan, sample_ids as _sample_ids,
+)
 
 
 def _assert_close(got: np.ndarray, ref: np.ndarray) -> None:
