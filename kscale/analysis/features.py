@@ -551,8 +551,7 @@ class _FastWork:
         if buf is None:
             n, D, dt = self.tile, self.D, self.plan.dtype
             G = max(len(g.steps) for g in self.groups.values())
-            projected = {"none" if how == "l2" else how for how in self.groups}
-            buf = SimpleNamespace(z={how: np.empty((self.rows, D)) for how in projected}, zl2=np.empty((n, D)),
+            buf = SimpleNamespace(z=self._projection_buffers(), zl2=np.empty((n, D)),
                                   args=np.empty((G, n, D), dt), vals=np.empty((G, n, D), dt),
                                   vals64=np.empty((G, n, D)), sums_G1D=np.empty((G, 1, D)),
                                   ones_1T=np.ones((1, n)))
@@ -586,6 +585,10 @@ class _FastWork:
                 for part, trig in ((0, np.cos), (1, np.sin)):
                     sums.add(trig(args, out=vals), grp.configs, part)
         return shared, private
+
+    def _projection_buffers(self) -> dict[str, np.ndarray]:
+        """One thread's (rows, D) float64 buffers, one per projection a block makes (l2 reuses ``none``)."""
+        return {how: np.empty((self.rows, self.D)) for how in {"none" if h == "l2" else h for h in self.groups}}
 
     def _project(self, a: int, b: int, buf: SimpleNamespace) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
         return _block_projections(self.x_Nd, a, b, self.target, self.U_dD, buf.z, "l2" in self.groups)
@@ -718,8 +721,7 @@ class _KernelWork(_FastWork):
         if buf is None:
             G = max(len(g.steps) for g in self.groups.values())
             size = 0 if self.lib.loops is not None else G * self.tile * self.D  # tiles mode only
-            projected = {"none" if how == "l2" else how for how in self.groups}
-            buf = SimpleNamespace(z={how: np.empty((self.rows, self.D)) for how in projected},
+            buf = SimpleNamespace(z=self._projection_buffers(),
                                   args=np.empty(size, np.float32), cos=np.empty(size, np.float32),
                                   sin=np.empty(size, np.float32), bounds=np.empty(self.tile + 1, np.int64),
                                   dests=np.empty(self.tile, np.uint64))
