@@ -55,7 +55,8 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
                   "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
                   "config": config,  # makes the store self-contained (post-RoPE rebuild)
                   **get_adapter(info.family).attention_facts(config),  # attention_scaling (q·k multiplier)
-                  **get_adapter(info.family).model_facts(config)},  # e.g. Qwen3-VL's deepstack_layers
+                  **get_adapter(info.family).model_facts(config),  # e.g. Qwen3-VL's deepstack_layers
+                  "tokens_revision": get_adapter(info.family).tokens_revision},
         "processor": processor_settings,
         "prompt_template": _prompt_template(spec, info),  # which template made the tokens: native, override, built-in
         "spec": redact_env(to_dict(spec)), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
@@ -95,6 +96,18 @@ def check_adapter(store: str, recorded: dict | None, now: dict | None) -> None:
         raise StoreExistsError(f"extract.adapter: store {store!r} was extracted with {said(recorded)}; this job "
                                f"applies {said(now)}: resuming would mix keys of two models. Restore the adapter, "
                                "or write to another path (or output.if_exists: overwrite)")
+
+
+def check_tokens_revision(store: str, model: dict, adapter) -> None:
+    """Resume only where this kscale renders a family's samples into the tokens the store's shards hold
+    (``Adapter.tokens_revision``; stores from before the attribute are revision 1)."""
+    recorded = model.get("tokens_revision", 1)
+    if recorded != adapter.tokens_revision:
+        raise StoreExistsError(
+            f"model.tokens_revision: store {store!r} holds {adapter.family} tokens of revision {recorded}; this "
+            f"kscale renders revision {adapter.tokens_revision} (docs/models.md, footnote 1): resuming would mix "
+            "two tokenisations in one store. Finish it with the kscale that started it, or write to another path "
+            "(or output.if_exists: overwrite)")
 
 
 def store_marker(path: Path) -> dict | None:
@@ -167,6 +180,7 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
                                    f"writes version {STORE_VERSION}: choose another path or output.if_exists: "
                                    "overwrite")
         check_adapter(store, found.get("adapter"), _adapter_identity(spec))
+        check_tokens_revision(store, found.get("model") or {}, get_adapter(info.family))
         sweep_staging(store)  # a killed run's staging folders and marker temp files (the lock is ours)
         done = set(marker_names(store))
         todo = [s for s in shards if s.name not in done]

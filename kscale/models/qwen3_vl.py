@@ -25,6 +25,7 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
     debug_patch = 16
     key_source = "k_norm"  # QK-norm: the key is k_norm(k_proj(x))
     debug_tokens = {**Qwen2_5_VLAdapter.debug_tokens, "words": ["<", ">", "seconds"]}
+    tokens_revision = 2  # 2: no vision pair around a whole video (video_block)
 
     def debug_config(self, text: dict, ids: dict):
         from transformers import Qwen3VLConfig
@@ -60,19 +61,22 @@ class Qwen3VLAdapter(Qwen2_5_VLAdapter):
                             min_pixels=vs["min_pixels"], max_pixels=vs["max_pixels"])
 
     def video_block(self, loaded: LoadedModel, video: Video, n_tokens: int) -> tuple[list[int], list[int]]:
-        """The chat template's ``<|vision_start|><|video_pad|><|vision_end|>`` with the placeholder expanded as
-        ``Qwen3VLProcessor.replace_video_token`` does: per temporal patch ``<t seconds>``, then
-        ``<|vision_start|>``, the patch's tokens, ``<|vision_end|>``. The time text carries its patch's frame."""
+        """The chat template's ``<|vision_start|><|video_pad|><|vision_end|>`` replaced whole, as
+        ``Qwen3VLProcessor`` does: per temporal patch ``<t seconds>``, then ``<|vision_start|>``, the patch's
+        tokens, ``<|vision_end|>``, and no outer wrapper around all patches (transformers 4.57 and >= 5.25,
+        and Qwen's own processing; 5.0-5.24 kept the template's pair around the whole video, a regression that
+        5.25 fixed). The time text carries its patch's frame."""
         cfg, tok = loaded.model.config, loaded.tokenizer
         vs_id, ve_id = cfg.vision_start_token_id, cfg.vision_end_token_id
         first = self.patch_first_frames(video, self.video_settings(loaded)["tps"])
         per = n_tokens // len(first)
-        ids, frames = [vs_id], [-1]
+        ids: list[int] = []
+        frames: list[int] = []
         for f, t in zip(first, self.patch_times(video, len(first))):
             text = tok(f"<{t:.1f} seconds>", add_special_tokens=False).input_ids
             ids += text + [vs_id] + [cfg.video_token_id] * per + [ve_id]
             frames += [f] * len(text) + [-1] + [f] * per + [-1]
-        return ids + [ve_id], frames + [-1]
+        return ids, frames
 
     @staticmethod
     def patch_times(video: Video, n_patches: int) -> list[float]:

@@ -255,6 +255,10 @@ class Adapter:
     # ``k_proj``, or ``k_norm`` where the model normalises keys per head before RoPE (QK-norm).
     key_source: str = "k_proj"
     add_bos: bool = False  # prepend the tokenizer's BOS (Llama-style tokenizers add it themselves)
+    # Raised when the tokens this family renders for the same sample change (Qwen3-VL's video block, 2026-12-03):
+    # a store records it (``model.tokens_revision``, absent = 1) and a resume refuses another, so that no store
+    # mixes two tokenisations.
+    tokens_revision: int = 1
     # The tiny random model of ``debug:<family>`` (kscale.models.debug): its tokenizer's special tokens
     # ("special": the first ids, in order) and PreTrainedTokenizerFast arguments, and debug_model().
     debug_tokens: dict = {}

@@ -63,6 +63,7 @@ def family_processor(family: str, path: str):
     class _ImageOnly(getattr(transformers, PROCESSORS[family])):
         def __init__(self, image_processor=None, tokenizer=None, chat_template=None, **kwargs):
             self.image_token, self.video_token = IMG, "<|video_pad|>"
+            self.vision_start_token, self.vision_end_token = VS, VE  # Qwen3-VL's processor reads them (>= 5.25)
             self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
             self.video_token_id = tokenizer.convert_tokens_to_ids(self.video_token)
             ProcessorMixin.__init__(self, image_processor, tokenizer, chat_template=chat_template)

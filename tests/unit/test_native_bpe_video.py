@@ -111,6 +111,21 @@ def _theirs(family: str, lm, s: Sample, **kw):
                                                            processor_kwargs=pk, **kw)
 
 
+def _time_spans(ids: torch.Tensor, lm, texts: list[str]) -> list[slice]:
+    """Where the processor's ids hold each temporal patch's ``<t seconds>``: patch k's text is what lies between
+    the previous patch's ``<|vision_end|>`` and patch k's ``<|vision_start|>``; the first patch's has no block before
+    it, so its span is the shortest run of ids before the first ``<|vision_start|>`` that decodes to ``texts[0]``."""
+    cfg, tok = lm.model.config, lm.tokenizer
+    starts = torch.nonzero(ids == cfg.vision_start_token_id).flatten().tolist()
+    assert len(starts) == len(texts), (starts, texts)
+    first = next((j for j in range(starts[0] - 1, -1, -1) if tok.decode(ids[j:starts[0]]) == texts[0]), None)
+    assert first is not None, tok.decode(ids[:starts[0]])
+    spans = [slice(first, starts[0])]
+    for at in starts[1:]:
+        spans.append(slice(int(torch.nonzero(ids[:at] == cfg.vision_end_token_id).flatten()[-1]) + 1, at))
+    return spans
+
+
 def _processor_tags(lm, theirs) -> torch.Tensor:
     """Tags from the processor's output: 2 video, the tokenizer's special tokens (and the wrappers: Qwen's
     vision start/end) special, text otherwise; LLaVA-OneVision's closing newline (its last video position,
@@ -187,14 +202,11 @@ def test_qwen3_vl_timestamp_text_carries_the_frame_the_processor_puts_it_before(
     tps = lm.image_processor.temporal_patch_size
     proc = video_processor(family, lm)
     times = proc._calculate_timestamps(list(range(n_frames)), v.fps, tps)
-    starts = torch.nonzero(ids == cfg.vision_start_token_id).flatten().tolist()
-    # the template's own <|vision_start|>, then one per temporal patch, each right after its "<t seconds>"
-    assert len(starts) == 1 + len(times)
+    # one <|vision_start|> per temporal patch, each right after its "<t seconds>"; none around the whole video
+    assert (ids == cfg.vision_start_token_id).sum() == len(times)
     timed = (ours.modality_BT[0] == TEXT) & (ours.frame_BT[0] >= 0)
     seen = torch.zeros_like(timed)
-    for k, (before, at) in enumerate(zip(starts, starts[1:])):
-        prev = before if k == 0 else int(torch.nonzero(ids[:at] == cfg.vision_end_token_id).flatten()[-1])
-        span = slice(prev + 1, at)  # the processor's text between the previous block and patch k
+    for k, span in enumerate(_time_spans(ids, lm, [f"<{t:.1f} seconds>" for t in times])):
         text = ids[span]
         assert tok.decode(text) == f"<{times[k]:.1f} seconds>"
         assert len(text) < len(tok.decode(text))  # merged: fewer tokens than characters
@@ -262,15 +274,14 @@ def test_a_native_qwen3_vl_extraction_stores_the_timestamp_text_with_its_frame(t
     assert store.attrs["prompt_template"]["template"] == TEMPLATES["qwen3_vl"]
     txt = store.tokens("text")
     tps = lm.image_processor.temporal_patch_size
-    vs_id, ve_id = lm.model.config.vision_start_token_id, lm.model.config.vision_end_token_id
+    proc = video_processor("qwen3_vl", lm)
     for sid, v in enumerate(videos):
         ids = _theirs("qwen3_vl", lm, _sample(v, answer=False), add_generation_prompt=True)["input_ids"][0]
-        starts = torch.nonzero(ids == vs_id).flatten().tolist()
+        times = proc._calculate_timestamps(list(range(len(v.frames))), v.fps, tps)
         want_pos, want_frame = [], []
-        for k, at in enumerate(starts[1:]):  # the processor's text between the previous block and patch k
-            prev = starts[0] if k == 0 else int(torch.nonzero(ids[:at] == ve_id).flatten()[-1])
-            want_pos += list(range(prev + 1, at))
-            want_frame += [k * tps] * (at - prev - 1)
+        for k, span in enumerate(_time_spans(ids, lm, [f"<{t:.1f} seconds>" for t in times])):
+            want_pos += list(range(span.start, span.stop))
+            want_frame += [k * tps] * (span.stop - span.start)
         sel = (txt["sample_id"] == sid) & (txt["frame"] >= 0)
         order = np.argsort(txt["position"][sel])
         assert txt["position"][sel][order].tolist() == want_pos

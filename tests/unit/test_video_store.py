@@ -87,3 +87,42 @@ def test_a_store_without_video_columns_reads_them_as_minus_one(tmp_path, monkeyp
     # the other columns read as before: positions and rope rows of the legacy layout
     assert np.array_equal(np.sort(store.tokens("video")["position"]), np.sort(vid["position"]))
     assert store.tokens("video")["rope_pos"].shape[1] == 3
+
+
+def test_a_qwen3_vl_store_of_the_old_video_tokens_is_never_resumed_into(tmp_path, monkeypatch) -> None:
+    """Qwen3-VL's video block lost its outer vision pair (transformers 5.25, docs/models.md footnote 1), so a
+    store whose shards hold the old tokens (revision 1, written before the store recorded one) must not get new
+    shards of the other form: an unfinished one is refused, naming the field, and no shard is written; a store of
+    this revision resumes its missing shard."""
+    from kscale.models import get_adapter
+    from kscale.output import OutputError
+    from kscale.store.layout import marker_names, marker_path
+
+    orig = extract_run.root_attrs
+
+    def old_attrs(*a, **k):
+        attrs = orig(*a, **k)
+        return {**attrs, "model": {k_: v for k_, v in attrs["model"].items() if k_ != "tokens_revision"}}
+
+    cls = type(get_adapter("qwen3_vl"))
+    with monkeypatch.context() as m:  # the kscale before: revision 1, not recorded
+        m.setattr(extract_run, "root_attrs", old_attrs)
+        m.setattr(cls, "tokens_revision", 1)
+        spec, _, store = _extract(tmp_path, "qwen3_vl", monkeypatch)
+    assert "tokens_revision" not in store.attrs["model"] and cls.tokens_revision == 2
+    path = spec.output.path
+    first, *rest = marker_names(path)
+    marker_path(path, first).unlink()  # an unfinished store: one shard still to do
+    with pytest.raises(OutputError, match=r"model\.tokens_revision: .* holds qwen3_vl tokens of revision 1; "
+                                          r"this kscale renders revision 2"):
+        run_job(spec, show_bar=False)
+    assert marker_names(path) == rest  # nothing written
+
+    new = tmp_path / "new"
+    new.mkdir()
+    spec2, _, store2 = _extract(new, "qwen3_vl", monkeypatch)
+    assert store2.attrs["model"]["tokens_revision"] == 2
+    names = marker_names(spec2.output.path)
+    marker_path(spec2.output.path, names[0]).unlink()
+    run_job(spec2, show_bar=False)  # the same revision: resumes
+    assert marker_names(spec2.output.path) == names
