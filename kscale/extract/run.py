@@ -47,6 +47,7 @@ def _versions() -> dict:
 def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int], heads: list[int], n_samples: int,
                shards: int) -> dict:
     config = read_config_json(spec.model)[0]
+    adapter = get_adapter(info.family)
     return {
         "format": STORE_FORMAT, "version": STORE_VERSION,
         "model": {"path": spec.model.path, "resolved_path": info.path, "family": info.family,
@@ -54,9 +55,9 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
                   "num_layers": info.num_layers, "num_heads": info.num_heads, "num_kv_heads": info.num_kv_heads,
                   "dtype": spec.model.dtype, "attn_implementation": spec.model.attn_implementation,
                   "config": config,  # makes the store self-contained (post-RoPE rebuild)
-                  **get_adapter(info.family).attention_facts(config),  # attention_scaling (q·k multiplier)
-                  **get_adapter(info.family).model_facts(config),  # e.g. Qwen3-VL's deepstack_layers
-                  "tokens_revision": get_adapter(info.family).tokens_revision},
+                  **adapter.attention_facts(config),  # attention_scaling (q·k multiplier)
+                  **adapter.model_facts(config),  # e.g. Qwen3-VL's deepstack_layers
+                  "tokens_revision": adapter.tokens_revision},
         "processor": processor_settings,
         "prompt_template": _prompt_template(spec, info),  # which template made the tokens: native, override, built-in
         "spec": redact_env(to_dict(spec)), "spec_fingerprint": spec.fingerprint(), "data": data_identity(spec.data),
@@ -65,9 +66,9 @@ def root_attrs(spec: JobSpec, info, processor_settings: dict, layers: list[int],
                  **{VECTOR_GROUPS[k]: list(VECTOR_DIMS[k]) for k in spec.extract.kinds if k != "k"}},
         "vectors": list(spec.extract.kinds),  # q, k, v: what the store holds (layout.store_vectors)
         "layers": layers, "heads": heads, "head_dim": info.head_dim, "key_dtype": spec.extract.key_dtype,
-        "key_space": "pre_rope", "key_source": get_adapter(info.family).key_source,
-        "rope_rows": get_adapter(info.family).rope_rows,
-        "token_fields": list(token_fields(get_adapter(info.family).rope_rows, video=True)),
+        "key_space": "pre_rope", "key_source": adapter.key_source,
+        "rope_rows": adapter.rope_rows,
+        "token_fields": list(token_fields(adapter.rope_rows, video=True)),
         "modality_codes": dict(MODALITY_CODES),
         "plan": {"n_samples": n_samples, "shard_size": spec.data.shard_size, "n_shards": shards},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -161,14 +162,15 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
     from kscale.extract.worker import resolve_heads
 
     info = read_model_config(spec.model)
-    _check_supported(spec, get_adapter(info.family))
+    adapter = get_adapter(info.family)
+    _check_supported(spec, adapter)
     n = len(open_source(spec.data, index_dir(spec.output.path), plan=True))  # builds the data indexes once
     shards = plan_shards(n, spec.data.shard_size)
     layers = resolve_layers(spec.extract.layers, info.num_layers, "extract.layers")
     heads = resolve_heads(spec.extract.heads, info.num_kv_heads)
 
     def attrs():
-        settings = _processor_settings(spec, info, get_adapter(info.family))
+        settings = _processor_settings(spec, info, adapter)
         return root_attrs(spec, info, settings, layers, heads, n, len(shards))
 
     with claim_store(spec, attrs) as path:
@@ -180,7 +182,7 @@ def run_extract(spec: JobSpec, executor) -> ExtractResult:
                                    f"writes version {STORE_VERSION}: choose another path or output.if_exists: "
                                    "overwrite")
         check_adapter(store, found.get("adapter"), _adapter_identity(spec))
-        check_tokens_revision(store, found.get("model") or {}, get_adapter(info.family))
+        check_tokens_revision(store, found.get("model") or {}, adapter)
         sweep_staging(store)  # a killed run's staging folders and marker temp files (the lock is ours)
         done = set(marker_names(store))
         todo = [s for s in shards if s.name not in done]
